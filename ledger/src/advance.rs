@@ -45,9 +45,15 @@ impl EndUserState {
         Ok(self.next_due_item(catalog)?.map(|(at, _)| at))
     }
 
-    pub(crate) fn advance_into(&mut self, cx: &mut Cx<'_>, journal: &mut Journal) -> Result<(), Refusal> {
+    pub(crate) fn advance_into(
+        &mut self,
+        cx: &mut Cx<'_>,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
         for _ in 0..ADVANCE_STEPS_MAX {
-            let Some((at, due)) = self.next_due_item(cx.catalog)? else { break };
+            let Some((at, due)) = self.next_due_item(cx.catalog)? else {
+                break;
+            };
             if at > cx.now {
                 break;
             }
@@ -55,14 +61,25 @@ impl EndUserState {
             self.settle_debts(cx, at, journal)?;
             self.advanced_to = self.advanced_to.max(at);
         }
-        if self.next_due_item(cx.catalog)?.is_some_and(|(at, _)| at <= cx.now) {
-            return Err(Refusal::Invariant(format!("due work did not finish in {ADVANCE_STEPS_MAX} steps")));
+        if self
+            .next_due_item(cx.catalog)?
+            .is_some_and(|(at, _)| at <= cx.now)
+        {
+            return Err(Refusal::Invariant(format!(
+                "due work did not finish in {ADVANCE_STEPS_MAX} steps"
+            )));
         }
         self.advanced_to = self.advanced_to.max(cx.now);
         Ok(())
     }
 
-    fn do_due(&mut self, cx: &mut Cx<'_>, at: Timestamp, due: Due, journal: &mut Journal) -> Result<(), Refusal> {
+    fn do_due(
+        &mut self,
+        cx: &mut Cx<'_>,
+        at: Timestamp,
+        due: Due,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
         match due {
             Due::ReservationExpiry(id) => self.expire_reservation(cx, id, at, journal),
             Due::BlockExpiry(id) => self.expire_block(cx, id, at, journal),
@@ -80,7 +97,10 @@ impl EndUserState {
         let mut candidates: Vec<(Timestamp, Due)> = Vec::new();
         for reservation in &self.reservations {
             if reservation.status == ReservationStatus::Active {
-                candidates.push((reservation.expires_at, Due::ReservationExpiry(reservation.id)));
+                candidates.push((
+                    reservation.expires_at,
+                    Due::ReservationExpiry(reservation.id),
+                ));
             }
         }
         for block in &self.blocks {
@@ -90,8 +110,14 @@ impl EndUserState {
             {
                 candidates.push((expires_at, Due::BlockExpiry(block.id)));
             }
-            if block.effective_at > self.advanced_to && block.settles_debt && block.voided_at.is_none() {
-                let owed = self.debt.iter().any(|(feature, debt)| debt.is_positive() && block.applies_to(feature));
+            if block.effective_at > self.advanced_to
+                && block.settles_debt
+                && block.voided_at.is_none()
+            {
+                let owed = self
+                    .debt
+                    .iter()
+                    .any(|(feature, debt)| debt.is_positive() && block.applies_to(feature));
                 if owed {
                     candidates.push((block.effective_at, Due::BlockEffective(block.id)));
                 }
@@ -112,9 +138,14 @@ impl EndUserState {
                     }
                 }
                 SubscriptionStatus::PastDue => {
-                    candidates.push((EndUserState::grace_end(catalog, subscription)?, Due::GraceEnd(id)));
+                    candidates.push((
+                        EndUserState::grace_end(catalog, subscription)?,
+                        Due::GraceEnd(id),
+                    ));
                 }
-                SubscriptionStatus::Paused | SubscriptionStatus::Canceled | SubscriptionStatus::Expired => {}
+                SubscriptionStatus::Paused
+                | SubscriptionStatus::Canceled
+                | SubscriptionStatus::Expired => {}
             }
         }
         Ok(candidates.into_iter().min())

@@ -258,7 +258,10 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), InvalidCatalog> {
         return Err(invalid("pricing.tiers", "must have at least one tier"));
     };
     if last.up_to.is_some() {
-        return Err(invalid("pricing.tiers", "the last tier must have `up_to: null`"));
+        return Err(invalid(
+            "pricing.tiers",
+            "the last tier must have `up_to: null`",
+        ));
     }
     let mut previous = 0u64;
     for (index, tier) in rest.iter().enumerate() {
@@ -277,7 +280,10 @@ fn validate_tiers(tiers: &[Tier]) -> Result<(), InvalidCatalog> {
         previous = up_to;
     }
     if let Some(index) = tiers.iter().position(|tier| tier.unit_cost.is_negative()) {
-        return Err(invalid(&format!("pricing.tiers[{index}].unit_cost"), "must not be negative"));
+        return Err(invalid(
+            &format!("pricing.tiers[{index}].unit_cost"),
+            "must not be negative",
+        ));
     }
     Ok(())
 }
@@ -294,10 +300,16 @@ impl GrantTemplate {
             return Err(invalid("amount", "must be positive"));
         }
         if self.priority > PRIORITY_MAX {
-            return Err(invalid("priority", format!("must be at most {PRIORITY_MAX}")));
+            return Err(invalid(
+                "priority",
+                format!("must be at most {PRIORITY_MAX}"),
+            ));
         }
         if self.anchor == GrantAnchor::FirstUse && self.every == GrantEvery::Period {
-            return Err(invalid("anchor", "`first_use` needs `every` to be a duration such as \"5h\""));
+            return Err(invalid(
+                "anchor",
+                "`first_use` needs `every` to be a duration such as \"5h\"",
+            ));
         }
         if let ExpireAfter::After(span) = self.expire_after
             && !span.is_positive()
@@ -318,7 +330,10 @@ impl GrantTemplate {
         if let Some(keys) = &self.feature_keys
             && keys.is_empty()
         {
-            return Err(invalid("feature_keys", "must name at least one feature when present"));
+            return Err(invalid(
+                "feature_keys",
+                "must name at least one feature when present",
+            ));
         }
         Ok(())
     }

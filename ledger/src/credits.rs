@@ -83,16 +83,30 @@ fn invalid(field: &'static str, message: impl Into<String>) -> Refusal {
 }
 
 /// Checks that every named feature exists and is metered.
-pub(crate) fn check_feature_keys(catalog: &Catalog, keys: Option<&[FeatureKey]>) -> Result<(), Refusal> {
+pub(crate) fn check_feature_keys(
+    catalog: &Catalog,
+    keys: Option<&[FeatureKey]>,
+) -> Result<(), Refusal> {
     let Some(keys) = keys else { return Ok(()) };
     if keys.is_empty() {
-        return Err(invalid("feature_keys", "must name at least one feature when present"));
+        return Err(invalid(
+            "feature_keys",
+            "must name at least one feature when present",
+        ));
     }
     for key in keys {
         match catalog.feature(key) {
-            None => return Err(invalid("feature_keys", format!("feature `{key}` does not exist"))),
+            None => {
+                return Err(invalid(
+                    "feature_keys",
+                    format!("feature `{key}` does not exist"),
+                ));
+            }
             Some(feature) if feature.feature_type != FeatureType::Metered => {
-                return Err(invalid("feature_keys", format!("feature `{key}` is boolean and cannot hold credits")));
+                return Err(invalid(
+                    "feature_keys",
+                    format!("feature `{key}` is boolean and cannot hold credits"),
+                ));
             }
             Some(_) => {}
         }
@@ -101,7 +115,10 @@ pub(crate) fn check_feature_keys(catalog: &Catalog, keys: Option<&[FeatureKey]>)
 }
 
 /// The metered feature `key`, or the refusal that says why not.
-pub(crate) fn metered_feature<'c>(catalog: &'c Catalog, key: &FeatureKey) -> Result<&'c Feature, Refusal> {
+pub(crate) fn metered_feature<'c>(
+    catalog: &'c Catalog,
+    key: &FeatureKey,
+) -> Result<&'c Feature, Refusal> {
     let feature = catalog
         .feature(key)
         .ok_or_else(|| Refusal::FeatureNotFound(key.clone()))?;
@@ -121,13 +138,20 @@ impl EndUserState {
     /// `Invalid` for a non-positive amount, a priority above 1000, an expiry not after
     /// the effective instant or not in the future, unknown or boolean feature keys, or a
     /// negative price.
-    pub fn grant(&mut self, cx: &mut Cx<'_>, request: GrantRequest) -> Result<Applied<BlockId>, Refusal> {
+    pub fn grant(
+        &mut self,
+        cx: &mut Cx<'_>,
+        request: GrantRequest,
+    ) -> Result<Applied<BlockId>, Refusal> {
         let now = cx.now;
         if !request.amount.is_positive() {
             return Err(invalid("amount", "must be positive"));
         }
         if request.priority > PRIORITY_MAX {
-            return Err(invalid("priority", format!("must be at most {PRIORITY_MAX}")));
+            return Err(invalid(
+                "priority",
+                format!("must be at most {PRIORITY_MAX}"),
+            ));
         }
         let effective_at = request.effective_at.unwrap_or(now);
         if let Some(expires_at) = request.expires_at {
@@ -156,8 +180,14 @@ impl EndUserState {
     /// # Errors
     /// `BlockNotFound` when the block is not live (spent, expired or unknown);
     /// `BlockAlreadyVoided`; `Conflict` for a block that has already expired.
-    pub fn void_block(&mut self, cx: &mut Cx<'_>, block_id: BlockId) -> Result<Applied<Credits>, Refusal> {
-        self.transact(cx, |state, cx, journal| state.void_now(cx, block_id, cx.now, journal))
+    pub fn void_block(
+        &mut self,
+        cx: &mut Cx<'_>,
+        block_id: BlockId,
+    ) -> Result<Applied<Credits>, Refusal> {
+        self.transact(cx, |state, cx, journal| {
+            state.void_now(cx, block_id, cx.now, journal)
+        })
     }
 
     pub(crate) fn void_now(
@@ -167,24 +197,35 @@ impl EndUserState {
         at: Timestamp,
         journal: &mut Journal,
     ) -> Result<Credits, Refusal> {
-        let block = self.block_mut(block_id).ok_or(Refusal::BlockNotFound(block_id))?;
+        let block = self
+            .block_mut(block_id)
+            .ok_or(Refusal::BlockNotFound(block_id))?;
         if block.voided_at.is_some() {
             return Err(Refusal::BlockAlreadyVoided(block_id));
         }
         if block.is_expired(at) {
-            return Err(Refusal::Conflict(format!("block {block_id} has already expired")));
+            return Err(Refusal::Conflict(format!(
+                "block {block_id} has already expired"
+            )));
         }
         let amount = block.unheld();
         block.void(amount)?;
         block.voided_at = Some(at);
         self.totals.voided = self.totals.voided.checked_add(amount)?;
-        let entry = self.entry(cx, EntryType::Void, at, EntryDraft {
-            amount,
-            parts: vec![crate::block::Part { block_id, amount }],
-            ..EntryDraft::default()
-        })?;
+        let entry = self.entry(
+            cx,
+            EntryType::Void,
+            at,
+            EntryDraft {
+                amount,
+                parts: vec![crate::block::Part { block_id, amount }],
+                ..EntryDraft::default()
+            },
+        )?;
         journal.entries.push(entry);
-        journal.events.push(self.event(at, EventKind::CreditsVoided { block_id, amount }));
+        journal
+            .events
+            .push(self.event(at, EventKind::CreditsVoided { block_id, amount }));
         Ok(amount)
     }
 
@@ -195,7 +236,11 @@ impl EndUserState {
     /// # Errors
     /// `Invalid` for zero or bad feature keys; `InsufficientBalance` when a negative
     /// adjustment exceeds what is available.
-    pub fn adjust(&mut self, cx: &mut Cx<'_>, request: AdjustRequest) -> Result<Applied<Option<BlockId>>, Refusal> {
+    pub fn adjust(
+        &mut self,
+        cx: &mut Cx<'_>,
+        request: AdjustRequest,
+    ) -> Result<Applied<Option<BlockId>>, Refusal> {
         if request.amount.is_zero() {
             return Err(invalid("amount", "must not be zero"));
         }
@@ -215,14 +260,22 @@ impl EndUserState {
             let scope = keys.as_deref().map_or(Scope::All, Scope::AnyOf);
             let available = state.available_in(scope, now)?;
             if available < wanted {
-                return Err(Refusal::InsufficientBalance { needed: wanted, available });
+                return Err(Refusal::InsufficientBalance {
+                    needed: wanted,
+                    available,
+                });
             }
             let parts = state.take(scope, wanted, now, false)?;
-            let entry = state.entry(cx, EntryType::Adjust, now, EntryDraft {
-                amount: request.amount,
-                parts,
-                ..EntryDraft::default()
-            })?;
+            let entry = state.entry(
+                cx,
+                EntryType::Adjust,
+                now,
+                EntryDraft {
+                    amount: request.amount,
+                    parts,
+                    ..EntryDraft::default()
+                },
+            )?;
             journal.entries.push(entry);
             Ok(None)
         })
@@ -234,7 +287,11 @@ impl EndUserState {
     /// # Errors
     /// `FeatureNotFound`, `FeatureNotMetered`; with `strict`, the decision's refusal
     /// (`InsufficientBalance`, `NotInPlan`, `SubscriptionPaused`, `SubscriptionPastDue`).
-    pub fn record_usage(&mut self, cx: &mut Cx<'_>, request: UsageRequest) -> Result<Applied<UsageOutcome>, Refusal> {
+    pub fn record_usage(
+        &mut self,
+        cx: &mut Cx<'_>,
+        request: UsageRequest,
+    ) -> Result<Applied<UsageOutcome>, Refusal> {
         metered_feature(cx.catalog, &request.feature_key)?;
         self.transact(cx, |state, cx, journal| {
             let now = cx.now;
@@ -242,11 +299,24 @@ impl EndUserState {
                 state.require_allowed(cx.catalog, &request.feature_key, request.units, now)?;
             }
             state.open_first_use_windows(cx, &request.feature_key, now, journal)?;
-            let cost = state.count_and_price(cx.catalog, &request.feature_key, request.units, now)?;
-            let (entry_id, covered, debt) =
-                state.charge(cx, &request.feature_key, cost, Some(request.units), None, journal)?;
+            let cost =
+                state.count_and_price(cx.catalog, &request.feature_key, request.units, now)?;
+            let (entry_id, covered, debt) = state.charge(
+                cx,
+                &request.feature_key,
+                cost,
+                Some(request.units),
+                None,
+                journal,
+            )?;
             let balance = state.available(Some(&request.feature_key), now)?;
-            Ok(UsageOutcome { entry_id, cost, covered, debt, balance })
+            Ok(UsageOutcome {
+                entry_id,
+                cost,
+                covered,
+                debt,
+                balance,
+            })
         })
     }
 
@@ -268,7 +338,13 @@ impl EndUserState {
     }
 
     /// What `units` of `feature` would cost at `now`, without counting them.
-    pub(crate) fn quote(&self, catalog: &Catalog, feature_key: &FeatureKey, units: Units, now: Timestamp) -> Result<Credits, Refusal> {
+    pub(crate) fn quote(
+        &self,
+        catalog: &Catalog,
+        feature_key: &FeatureKey,
+        units: Units,
+        now: Timestamp,
+    ) -> Result<Credits, Refusal> {
         let feature = metered_feature(catalog, feature_key)?;
         let period_start = self.usage_period_start(now)?;
         let before = self.units_before(feature_key, period_start);
@@ -294,15 +370,20 @@ impl EndUserState {
             let total = self.debt(feature_key).checked_add(debt)?;
             self.set_debt(feature_key, total);
         }
-        let entry = self.entry(cx, EntryType::Debit, now, EntryDraft {
-            feature_key: Some(feature_key.clone()),
-            amount: cost,
-            parts,
-            debt,
-            units,
-            reservation_id,
-            ..EntryDraft::default()
-        })?;
+        let entry = self.entry(
+            cx,
+            EntryType::Debit,
+            now,
+            EntryDraft {
+                feature_key: Some(feature_key.clone()),
+                amount: cost,
+                parts,
+                debt,
+                units,
+                reservation_id,
+                ..EntryDraft::default()
+            },
+        )?;
         let entry_id = entry.id;
         journal.entries.push(entry);
         Ok((entry_id, covered, debt))
@@ -320,7 +401,12 @@ impl EndUserState {
 }
 
 /// A block with the terms of `request`, created at `now`.
-pub(crate) fn new_block(cx: &mut Cx<'_>, request: &GrantRequest, now: Timestamp, source: BlockSource) -> Block {
+pub(crate) fn new_block(
+    cx: &mut Cx<'_>,
+    request: &GrantRequest,
+    now: Timestamp,
+    source: BlockSource,
+) -> Block {
     Block {
         id: BlockId::new(cx.ids),
         amount: request.amount,

@@ -76,7 +76,11 @@ impl EndUserState {
         if self.next_due(catalog)?.is_some_and(|due| due <= now) {
             let mut advanced = self.clone();
             let mut ids = SequentialIds::default();
-            let mut cx = Cx { now, catalog, ids: &mut ids };
+            let mut cx = Cx {
+                now,
+                catalog,
+                ids: &mut ids,
+            };
             advanced.advance_into(&mut cx, &mut Journal::default())?;
             return advanced.decide_current(catalog, feature_key, units, local_pending, now);
         }
@@ -102,7 +106,16 @@ impl EndUserState {
                 Access::Open { .. } => (true, None),
                 Access::Denied(reason) => (false, Some(reason)),
             };
-            return Ok(Decision { allowed, reason, balance: None, cost: None, debt, resets_at: None, plan_id, subscription_status });
+            return Ok(Decision {
+                allowed,
+                reason,
+                balance: None,
+                cost: None,
+                debt,
+                resets_at: None,
+                plan_id,
+                subscription_status,
+            });
         }
         let cost = self.quote(catalog, feature_key, units, now)?;
         let pending_grants = self.pending_first_use_credits(catalog, feature_key, now)?;
@@ -113,8 +126,12 @@ impl EndUserState {
         let (allowed, reason) = match access {
             Access::Denied(reason) => (false, Some(reason)),
             Access::Open { .. } if balance >= cost => (true, None),
-            Access::Open { overage: OveragePolicy::Allow } => (true, None),
-            Access::Open { overage: OveragePolicy::Block } => (false, Some(DenyReason::InsufficientBalance)),
+            Access::Open {
+                overage: OveragePolicy::Allow,
+            } => (true, None),
+            Access::Open {
+                overage: OveragePolicy::Block,
+            } => (false, Some(DenyReason::InsufficientBalance)),
         };
         Ok(Decision {
             allowed,
@@ -122,19 +139,36 @@ impl EndUserState {
             balance: Some(balance),
             cost: Some(cost),
             debt,
-            resets_at: self.resets_at(feature_key, now),
+            resets_at: self.resets_at(catalog, feature_key, now)?,
             plan_id,
             subscription_status,
         })
     }
 
-    /// The soonest expiry among usable blocks for `feature` issued by a recurring grant.
-    fn resets_at(&self, feature_key: &FeatureKey, now: Timestamp) -> Option<Timestamp> {
-        self.blocks
+    /// When the feature's recurring quota resets: the soonest expiry among usable blocks
+    /// for it issued by a recurring grant, or the next recurring grant for it if sooner
+    /// (a spent window's block is gone, but its reset is still coming).
+    fn resets_at(
+        &self,
+        catalog: &Catalog,
+        feature_key: &FeatureKey,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, Refusal> {
+        let expiring = self
+            .blocks
             .iter()
-            .filter(|block| block.template.is_some() && block.applies_to(feature_key) && self.is_usable(block, now))
+            .filter(|block| {
+                block.template.is_some()
+                    && block.applies_to(feature_key)
+                    && self.is_usable(block, now)
+            })
             .filter_map(|block| block.expires_at)
-            .min()
+            .min();
+        let refill = self.next_refill(catalog, feature_key, now)?;
+        Ok(match (expiring, refill) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
     }
 
     /// The base subscription's plan and status, or the free plan when there is none.
@@ -191,7 +225,8 @@ impl EndUserState {
             let overage = plans
                 .iter()
                 .find(|(plan, subscription)| {
-                    plan.kind == crate::catalog::PlanKind::Base && subscription_access(catalog, *subscription).is_ok()
+                    plan.kind == crate::catalog::PlanKind::Base
+                        && subscription_access(catalog, *subscription).is_ok()
                 })
                 .map_or(OveragePolicy::Block, |(plan, _)| plan.overage_policy);
             return Access::Open { overage };
@@ -200,18 +235,34 @@ impl EndUserState {
     }
 
     /// Refuses unless the feature is open to the end user (balance aside).
-    pub(crate) fn require_access(&self, catalog: &Catalog, feature_key: &FeatureKey, _now: Timestamp) -> Result<(), Refusal> {
+    pub(crate) fn require_access(
+        &self,
+        catalog: &Catalog,
+        feature_key: &FeatureKey,
+        _now: Timestamp,
+    ) -> Result<(), Refusal> {
         let feature = catalog
             .feature(feature_key)
             .ok_or_else(|| Refusal::FeatureNotFound(feature_key.clone()))?;
         match self.access(catalog, feature) {
             Access::Open { .. } => Ok(()),
-            Access::Denied(reason) => Err(refusal_for(reason, feature_key, Credits::ZERO, Credits::ZERO)),
+            Access::Denied(reason) => Err(refusal_for(
+                reason,
+                feature_key,
+                Credits::ZERO,
+                Credits::ZERO,
+            )),
         }
     }
 
     /// Refuses unless the decision allows `units` now.
-    pub(crate) fn require_allowed(&self, catalog: &Catalog, feature_key: &FeatureKey, units: Units, now: Timestamp) -> Result<(), Refusal> {
+    pub(crate) fn require_allowed(
+        &self,
+        catalog: &Catalog,
+        feature_key: &FeatureKey,
+        units: Units,
+        now: Timestamp,
+    ) -> Result<(), Refusal> {
         let decision = self.decide_current(catalog, feature_key, units, Credits::ZERO, now)?;
         match decision.reason {
             None => Ok(()),
@@ -227,22 +278,36 @@ impl EndUserState {
 
 /// Whether a plan reached through `subscription` (`None`: the implicit free plan) gives
 /// access now.
-fn subscription_access(catalog: &Catalog, subscription: Option<&Subscription>) -> Result<(), DenyReason> {
-    let Some(subscription) = subscription else { return Ok(()) };
+fn subscription_access(
+    catalog: &Catalog,
+    subscription: Option<&Subscription>,
+) -> Result<(), DenyReason> {
+    let Some(subscription) = subscription else {
+        return Ok(());
+    };
     match subscription.status {
         SubscriptionStatus::Trialing | SubscriptionStatus::Active => Ok(()),
         SubscriptionStatus::PastDue => {
             let allowed = catalog
                 .variant(subscription.plan_variant_id)
                 .is_some_and(|variant| variant.allow_usage_while_past_due);
-            if allowed { Ok(()) } else { Err(DenyReason::SubscriptionPastDue) }
+            if allowed {
+                Ok(())
+            } else {
+                Err(DenyReason::SubscriptionPastDue)
+            }
         }
         SubscriptionStatus::Paused => Err(DenyReason::SubscriptionPaused),
         SubscriptionStatus::Canceled | SubscriptionStatus::Expired => Err(DenyReason::NotInPlan),
     }
 }
 
-fn refusal_for(reason: DenyReason, feature_key: &FeatureKey, needed: Credits, available: Credits) -> Refusal {
+fn refusal_for(
+    reason: DenyReason,
+    feature_key: &FeatureKey,
+    needed: Credits,
+    available: Credits,
+) -> Refusal {
     match reason {
         DenyReason::InsufficientBalance => Refusal::InsufficientBalance { needed, available },
         DenyReason::NotInPlan => Refusal::NotInPlan(feature_key.clone()),

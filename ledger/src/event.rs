@@ -23,31 +23,73 @@ pub struct PeriodUsage {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EventKind {
-    CreditsGranted { block_id: BlockId, amount: Credits, source: BlockSource },
-    CreditsExpired { block_id: BlockId, amount: Credits },
-    CreditsVoided { block_id: BlockId, amount: Credits },
+    CreditsGranted {
+        block_id: BlockId,
+        amount: Credits,
+        source: BlockSource,
+    },
+    CreditsExpired {
+        block_id: BlockId,
+        amount: Credits,
+    },
+    CreditsVoided {
+        block_id: BlockId,
+        amount: Credits,
+    },
     /// Available credits (over every usable block) fell below the threshold.
-    CreditsLow { available: Credits, threshold: Credits },
+    CreditsLow {
+        available: Credits,
+        threshold: Credits,
+    },
     /// Available credits fell to zero.
     CreditsDepleted,
-    ReservationCreated { reservation_id: ReservationId, feature_key: FeatureKey, amount: Credits },
-    ReservationCommitted { reservation_id: ReservationId, amount: Credits, units: Option<Units> },
-    ReservationReleased { reservation_id: ReservationId, amount: Credits },
-    ReservationExpired { reservation_id: ReservationId, amount: Credits },
-    Subscription { subscription_id: SubscriptionId, status: SubscriptionStatus, change: SubscriptionChange },
+    ReservationCreated {
+        reservation_id: ReservationId,
+        feature_key: FeatureKey,
+        amount: Credits,
+    },
+    ReservationCommitted {
+        reservation_id: ReservationId,
+        amount: Credits,
+        units: Option<Units>,
+    },
+    ReservationReleased {
+        reservation_id: ReservationId,
+        amount: Credits,
+    },
+    ReservationExpired {
+        reservation_id: ReservationId,
+        amount: Credits,
+    },
+    Subscription {
+        subscription_id: SubscriptionId,
+        status: SubscriptionStatus,
+        change: SubscriptionChange,
+    },
 }
 
 /// What happened to a subscription.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubscriptionChange {
     Created,
-    TrialEnding { trial_end: Timestamp },
-    RenewalDue { period_end: Timestamp },
-    Renewed { period_start: Timestamp, period_end: Timestamp, usage: Vec<PeriodUsage> },
+    TrialEnding {
+        trial_end: Timestamp,
+    },
+    RenewalDue {
+        period_end: Timestamp,
+    },
+    Renewed {
+        period_start: Timestamp,
+        period_end: Timestamp,
+        usage: Vec<PeriodUsage>,
+    },
     PastDue,
     Paused,
     Resumed,
-    Changed { from_variant_id: VariantId, to_variant_id: VariantId },
+    Changed {
+        from_variant_id: VariantId,
+        to_variant_id: VariantId,
+    },
     Canceled,
     Expired,
 }

@@ -26,7 +26,11 @@
 //!   to `now` in time order, so background jobs and test clocks share one code path, and
 //!   every operation catches up first.
 
-#![deny(clippy::arithmetic_side_effects, clippy::as_conversions, clippy::float_arithmetic)]
+#![deny(
+    clippy::arithmetic_side_effects,
+    clippy::as_conversions,
+    clippy::float_arithmetic
+)]
 
 mod advance;
 mod amount;
@@ -51,26 +55,33 @@ mod time;
 pub use amount::{Credits, Overflow, UNITS_MAX, Units};
 pub use block::{Block, BlockSource, Part, TemplateRef, burn_order};
 pub use catalog::{
-    BillingMode, Catalog, ExpireAfter, Feature, FeatureType, GrantAnchor, GrantEvery, GrantTemplate, InvalidCatalog,
-    OveragePolicy, PRIORITY_DEFAULT, PRIORITY_MAX, Plan, PlanKind, Price, Pricing, Rollover, Settings, Tier, TierMode,
-    Variant,
+    BillingMode, Catalog, ExpireAfter, Feature, FeatureType, GrantAnchor, GrantEvery,
+    GrantTemplate, InvalidCatalog, OveragePolicy, PRIORITY_DEFAULT, PRIORITY_MAX, Plan, PlanKind,
+    Price, Pricing, Rollover, Settings, Tier, TierMode, Variant,
 };
 pub use credits::{AdjustRequest, GrantRequest, UsageOutcome, UsageRequest};
 pub use decide::{Decision, DenyReason};
 pub use entry::{Entry, EntryType};
 pub use event::{Event, EventKind, PeriodUsage, SubscriptionChange};
 pub use id::{
-    BlockId, EndUserId, EntryId, EventId, FeatureKey, IdSource, InvalidName, PlanId, ReservationId, SequentialIds,
-    SubscriptionId, VariantId,
+    BlockId, EndUserId, EntryId, EventId, FeatureKey, IdSource, InvalidName, PlanId, ReservationId,
+    SequentialIds, SubscriptionId, VariantId,
 };
 pub use lifecycle::{CancelAt, ChangeAt, SubscribeRequest, TRIAL_ENDING_NOTICE_DAYS, is_upgrade};
 pub use pricing::cost;
 pub use refusal::Refusal;
 pub use replay::{ReplayError, Replayed, replay};
-pub use reservation::{CommitSize, HoldSize, Reservation, ReservationStatus, TTL_DEFAULT_SECS, TTL_MAX_SECS};
+pub use reservation::{
+    CommitSize, HoldSize, Reservation, ReservationStatus, TTL_DEFAULT_SECS, TTL_MAX_SECS,
+};
 pub use reserve::ReserveRequest;
-pub use state::{ADVANCE_STEPS_MAX, Applied, Cx, EndUserState, InvariantViolation, StateParts, Totals, UsageCounter};
-pub use subscription::{GrantSchedule, PendingChange, PeriodTally, Subscription, SubscriptionStatus};
+pub use state::{
+    ADVANCE_STEPS_MAX, Applied, Cx, EndUserState, InvariantViolation, StateParts, Totals,
+    UsageCounter,
+};
+pub use subscription::{
+    GrantSchedule, PendingChange, PeriodTally, Subscription, SubscriptionStatus,
+};
 pub use time::{Interval, IntervalUnit, Span, Timestamp};
 
 pub use ulid::Ulid;

@@ -10,7 +10,11 @@ use crate::catalog::{Pricing, Tier, TierMode};
 ///
 /// # Errors
 /// [`Overflow`] when the cost does not fit in credits.
-pub fn cost(pricing: Option<&Pricing>, units: Units, units_before: u64) -> Result<Credits, Overflow> {
+pub fn cost(
+    pricing: Option<&Pricing>,
+    units: Units,
+    units_before: u64,
+) -> Result<Credits, Overflow> {
     let units_wide = i128::from(units.get());
     match pricing {
         None => Credits::try_from_i128(units_wide),
@@ -36,7 +40,11 @@ pub fn cost(pricing: Option<&Pricing>, units: Units, units_before: u64) -> Resul
 fn ceil_div(numerator: i128, denominator: i128) -> Option<i128> {
     let quotient = numerator.checked_div(denominator)?;
     let remainder = numerator.checked_rem(denominator)?;
-    if remainder > 0 { quotient.checked_add(1) } else { Some(quotient) }
+    if remainder > 0 {
+        quotient.checked_add(1)
+    } else {
+        Some(quotient)
+    }
 }
 
 /// Prices each unit of positions `units_before + 1 ..= units_before + units` by the tier

@@ -13,14 +13,20 @@ use crate::subscription::{GrantSchedule, Subscription};
 use crate::time::{Span, Timestamp};
 
 /// The variant of a subscription, or the refusal saying the catalog lost it.
-pub(crate) fn variant_of<'c>(catalog: &'c Catalog, subscription: &Subscription) -> Result<&'c Variant, Refusal> {
+pub(crate) fn variant_of<'c>(
+    catalog: &'c Catalog,
+    subscription: &Subscription,
+) -> Result<&'c Variant, Refusal> {
     catalog
         .variant(subscription.plan_variant_id)
         .ok_or(Refusal::VariantNotFound(subscription.plan_variant_id))
 }
 
 fn template_index(index: usize) -> Result<u16, Refusal> {
-    u16::try_from(index).map_err(|_| Refusal::Invalid { field: "grants", message: "too many grant templates".into() })
+    u16::try_from(index).map_err(|_| Refusal::Invalid {
+        field: "grants",
+        message: "too many grant templates".into(),
+    })
 }
 
 // === impl EndUserState ===
@@ -44,8 +50,15 @@ impl EndUserState {
     }
 
     /// `wanted`, reduced so that the template's live credits stay within its cap.
-    fn capped(&self, template: &GrantTemplate, reference: TemplateRef, wanted: Credits) -> Result<Credits, Refusal> {
-        let Some(cap) = template.cap else { return Ok(wanted) };
+    fn capped(
+        &self,
+        template: &GrantTemplate,
+        reference: TemplateRef,
+        wanted: Credits,
+    ) -> Result<Credits, Refusal> {
+        let Some(cap) = template.cap else {
+            return Ok(wanted);
+        };
         let room = cap.saturating_sub_floor(self.live_from_template(reference)?);
         Ok(wanted.min(room))
     }
@@ -62,8 +75,13 @@ impl EndUserState {
     ) -> Result<(), Refusal> {
         let subscription = &self.subscriptions[self.subscription_index(subscription_id)?];
         let variant = variant_of(cx.catalog, subscription)?;
-        let Some(template) = variant.grants.get(index) else { return Ok(()) };
-        let reference = TemplateRef { subscription_id, template_index: template_index(index)? };
+        let Some(template) = variant.grants.get(index) else {
+            return Ok(());
+        };
+        let reference = TemplateRef {
+            subscription_id,
+            template_index: template_index(index)?,
+        };
         let amount = self.capped(template, reference, template.amount)?;
         if !amount.is_positive() {
             return Ok(());
@@ -77,7 +95,15 @@ impl EndUserState {
             ExpireAfter::Never => None,
             ExpireAfter::After(span) => Some(at.checked_add(span)?),
         };
-        let block = template_block(cx, template, reference, amount, at, expires_at, BlockSource::Plan);
+        let block = template_block(
+            cx,
+            template,
+            reference,
+            amount,
+            at,
+            expires_at,
+            BlockSource::Plan,
+        );
         self.add_block(cx, block, EntryType::Grant, journal)?;
         Ok(())
     }
@@ -137,9 +163,14 @@ impl EndUserState {
         let index = usize::from(schedule.template_index);
         let span = match variant.grants.get(index).map(|template| template.every) {
             Some(GrantEvery::Span(span)) => span,
-            _ => return Err(Refusal::Invariant(format!("schedule for template {index} has no span"))),
+            _ => {
+                return Err(Refusal::Invariant(format!(
+                    "schedule for template {index} has no span"
+                )));
+            }
         };
-        self.subscriptions[position].schedules[template_position].next_at = Some(at.checked_add(span)?);
+        self.subscriptions[position].schedules[template_position].next_at =
+            Some(at.checked_add(span)?);
         self.issue_template_grant(cx, subscription_id, index, at, journal)
     }
 
@@ -153,9 +184,12 @@ impl EndUserState {
         now: Timestamp,
         journal: &mut Journal,
     ) -> Result<(), Refusal> {
-        for (subscription_id, template_position, index, span) in self.closed_first_use_windows(cx.catalog, feature, now)? {
+        for (subscription_id, template_position, index, span) in
+            self.closed_first_use_windows(cx.catalog, feature, now)?
+        {
             let position = self.subscription_index(subscription_id)?;
-            self.subscriptions[position].schedules[template_position].window_ends_at = Some(now.checked_add(span)?);
+            self.subscriptions[position].schedules[template_position].window_ends_at =
+                Some(now.checked_add(span)?);
             self.issue_template_grant(cx, subscription_id, index, now, journal)?;
         }
         Ok(())
@@ -163,16 +197,76 @@ impl EndUserState {
 
     /// What the next use of `feature` would grant by opening first-use windows (so that a
     /// check before the first use sees the quota).
-    pub(crate) fn pending_first_use_credits(&self, catalog: &Catalog, feature: &FeatureKey, now: Timestamp) -> Result<Credits, Refusal> {
+    pub(crate) fn pending_first_use_credits(
+        &self,
+        catalog: &Catalog,
+        feature: &FeatureKey,
+        now: Timestamp,
+    ) -> Result<Credits, Refusal> {
         let mut total = Credits::ZERO;
-        for (subscription_id, _, index, _) in self.closed_first_use_windows(catalog, feature, now)? {
+        for (subscription_id, _, index, _) in
+            self.closed_first_use_windows(catalog, feature, now)?
+        {
             let subscription = &self.subscriptions[self.subscription_index(subscription_id)?];
             let variant = variant_of(catalog, subscription)?;
-            let Some(template) = variant.grants.get(index) else { continue };
-            let reference = TemplateRef { subscription_id, template_index: template_index(index)? };
+            let Some(template) = variant.grants.get(index) else {
+                continue;
+            };
+            let reference = TemplateRef {
+                subscription_id,
+                template_index: template_index(index)?,
+            };
             total = total.checked_add(self.capped(template, reference, template.amount)?)?;
         }
         Ok(total)
+    }
+
+    /// When the next recurring grant for `feature` arrives: the next window of a
+    /// period-anchored template, the end of an open first-use window, or the end of the
+    /// period for period templates.
+    pub(crate) fn next_refill(
+        &self,
+        catalog: &Catalog,
+        feature: &FeatureKey,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, Refusal> {
+        let mut soonest: Option<Timestamp> = None;
+        for subscription in self
+            .subscriptions
+            .iter()
+            .filter(|subscription| subscription.status.issues_grants())
+        {
+            let variant = variant_of(catalog, subscription)?;
+            for template in variant
+                .grants
+                .iter()
+                .filter(|template| template.applies_to(feature))
+            {
+                if template.every == GrantEvery::Period {
+                    let end = subscription.current_period_end;
+                    soonest = Some(soonest.map_or(end, |current| current.min(end)));
+                }
+            }
+            for schedule in &subscription.schedules {
+                let Some(template) = variant.grants.get(usize::from(schedule.template_index))
+                else {
+                    continue;
+                };
+                if !template.applies_to(feature) {
+                    continue;
+                }
+                let next = match template.anchor {
+                    GrantAnchor::Period => schedule.next_at,
+                    GrantAnchor::FirstUse => {
+                        schedule.window_ends_at.filter(|ends_at| now < *ends_at)
+                    }
+                };
+                if let Some(next) = next {
+                    soonest = Some(soonest.map_or(next, |current| current.min(next)));
+                }
+            }
+        }
+        Ok(soonest)
     }
 
     /// `(subscription, schedule position, template index, span)` of each first-use
@@ -184,14 +278,23 @@ impl EndUserState {
         now: Timestamp,
     ) -> Result<Vec<(SubscriptionId, usize, usize, Span)>, Refusal> {
         let mut closed = Vec::new();
-        for subscription in self.subscriptions.iter().filter(|subscription| subscription.status.issues_grants()) {
+        for subscription in self
+            .subscriptions
+            .iter()
+            .filter(|subscription| subscription.status.issues_grants())
+        {
             let variant = variant_of(catalog, subscription)?;
             for (position, schedule) in subscription.schedules.iter().enumerate() {
                 let index = usize::from(schedule.template_index);
-                let Some(template) = variant.grants.get(index) else { continue };
-                let GrantEvery::Span(span) = template.every else { continue };
+                let Some(template) = variant.grants.get(index) else {
+                    continue;
+                };
+                let GrantEvery::Span(span) = template.every else {
+                    continue;
+                };
                 let open = schedule.window_ends_at.is_some_and(|ends_at| now < ends_at);
-                if template.anchor == GrantAnchor::FirstUse && !open && template.applies_to(feature) {
+                if template.anchor == GrantAnchor::FirstUse && !open && template.applies_to(feature)
+                {
                     closed.push((subscription.id, position, index, span));
                 }
             }
@@ -201,22 +304,39 @@ impl EndUserState {
 
     /// Expires a block's unheld remainder at its `expires_at` (due work), then rolls part
     /// of it over when its template says so.
-    pub(crate) fn expire_block(&mut self, cx: &mut Cx<'_>, block_id: BlockId, at: Timestamp, journal: &mut Journal) -> Result<(), Refusal> {
-        let block = self.block_mut(block_id).ok_or(Refusal::BlockNotFound(block_id))?;
+    pub(crate) fn expire_block(
+        &mut self,
+        cx: &mut Cx<'_>,
+        block_id: BlockId,
+        at: Timestamp,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
+        let block = self
+            .block_mut(block_id)
+            .ok_or(Refusal::BlockNotFound(block_id))?;
         let amount = block.unheld();
         if !amount.is_positive() {
             return Ok(());
         }
         block.expire(amount)?;
-        let template = block.template.filter(|_| block.source != BlockSource::Rollover);
+        let template = block
+            .template
+            .filter(|_| block.source != BlockSource::Rollover);
         self.totals.expired = self.totals.expired.checked_add(amount)?;
-        let entry = self.entry(cx, EntryType::Expire, at, EntryDraft {
-            amount,
-            parts: vec![Part { block_id, amount }],
-            ..EntryDraft::default()
-        })?;
+        let entry = self.entry(
+            cx,
+            EntryType::Expire,
+            at,
+            EntryDraft {
+                amount,
+                parts: vec![Part { block_id, amount }],
+                ..EntryDraft::default()
+            },
+        )?;
         journal.entries.push(entry);
-        journal.events.push(self.event(at, EventKind::CreditsExpired { block_id, amount }));
+        journal
+            .events
+            .push(self.event(at, EventKind::CreditsExpired { block_id, amount }));
         if let Some(reference) = template {
             self.roll_over(cx, reference, amount, at, journal)?;
         }
@@ -225,11 +345,24 @@ impl EndUserState {
 
     /// Moves `percent` of an expired template block's remainder (at most `max`, within the
     /// cap) into a new block expiring one interval later, if the subscription still lives.
-    fn roll_over(&mut self, cx: &mut Cx<'_>, reference: TemplateRef, expired: Credits, at: Timestamp, journal: &mut Journal) -> Result<(), Refusal> {
-        let Ok(position) = self.subscription_index(reference.subscription_id) else { return Ok(()) };
+    fn roll_over(
+        &mut self,
+        cx: &mut Cx<'_>,
+        reference: TemplateRef,
+        expired: Credits,
+        at: Timestamp,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
+        let Ok(position) = self.subscription_index(reference.subscription_id) else {
+            return Ok(());
+        };
         let variant = variant_of(cx.catalog, &self.subscriptions[position])?;
-        let Some(template) = variant.grants.get(usize::from(reference.template_index)) else { return Ok(()) };
-        let Some(rollover) = template.rollover else { return Ok(()) };
+        let Some(template) = variant.grants.get(usize::from(reference.template_index)) else {
+            return Ok(());
+        };
+        let Some(rollover) = template.rollover else {
+            return Ok(());
+        };
         let share = i128::from(expired.get())
             .checked_mul(i128::from(rollover.percent))
             .and_then(|product| product.checked_div(100))
@@ -247,17 +380,35 @@ impl EndUserState {
             GrantEvery::Span(span) => at.checked_add(span)?,
         };
         let template = template.clone();
-        let block = template_block(cx, &template, reference, amount, at, Some(expires_at), BlockSource::Rollover);
+        let block = template_block(
+            cx,
+            &template,
+            reference,
+            amount,
+            at,
+            Some(expires_at),
+            BlockSource::Rollover,
+        );
         self.add_block(cx, block, EntryType::Grant, journal)?;
         Ok(())
     }
 
     /// Voids the unheld remainder of every live block a subscription granted.
-    pub(crate) fn void_subscription_blocks(&mut self, cx: &mut Cx<'_>, subscription_id: SubscriptionId, at: Timestamp, journal: &mut Journal) -> Result<(), Refusal> {
+    pub(crate) fn void_subscription_blocks(
+        &mut self,
+        cx: &mut Cx<'_>,
+        subscription_id: SubscriptionId,
+        at: Timestamp,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
         let ids: Vec<BlockId> = self
             .blocks
             .iter()
-            .filter(|block| block.subscription_id == Some(subscription_id) && block.voided_at.is_none() && !block.is_expired(at))
+            .filter(|block| {
+                block.subscription_id == Some(subscription_id)
+                    && block.voided_at.is_none()
+                    && !block.is_expired(at)
+            })
             .map(|block| block.id)
             .collect();
         for id in ids {

@@ -33,12 +33,18 @@ pub enum Refusal {
     #[error("plan variant {0} does not exist")]
     VariantNotFound(VariantId),
     #[error("cannot {operation} a subscription that is {from}")]
-    InvalidTransition { from: SubscriptionStatus, operation: &'static str },
+    InvalidTransition {
+        from: SubscriptionStatus,
+        operation: &'static str,
+    },
     #[error("{0}")]
     Conflict(String),
     /// A request value the rules cannot accept; `field` names it.
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("arithmetic overflow")]
     Overflow,
     /// A broken invariant: a bug or corrupted storage. Nothing was changed.
@@ -61,14 +67,16 @@ impl Refusal {
             Refusal::SubscriptionPaused(_) => "subscription_paused",
             Refusal::SubscriptionPastDue(_) => "subscription_past_due",
             Refusal::FeatureNotFound(_) => "feature_not_found",
-            Refusal::BlockNotFound(_) | Refusal::ReservationNotFound(_) | Refusal::SubscriptionNotFound(_) => {
-                "not_found"
-            }
+            Refusal::BlockNotFound(_)
+            | Refusal::ReservationNotFound(_)
+            | Refusal::SubscriptionNotFound(_) => "not_found",
             Refusal::VariantNotFound(_) => "not_found",
             Refusal::ReservationNotActive { .. } => "reservation_not_active",
             Refusal::InvalidTransition { .. } => "invalid_transition",
             Refusal::BlockAlreadyVoided(_) | Refusal::Conflict(_) => "conflict",
-            Refusal::FeatureNotMetered(_) | Refusal::Invalid { .. } | Refusal::Overflow => "invalid_request",
+            Refusal::FeatureNotMetered(_) | Refusal::Invalid { .. } | Refusal::Overflow => {
+                "invalid_request"
+            }
             Refusal::Invariant(_) => "internal",
         }
     }

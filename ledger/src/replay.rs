@@ -32,7 +32,10 @@ pub struct ReplayError {
 pub fn replay(entries: &[Entry]) -> Result<Replayed, ReplayError> {
     let mut replayed = Replayed::default();
     for entry in entries {
-        apply(&mut replayed, entry).map_err(|message| ReplayError { entry: entry.id.to_string(), message })?;
+        apply(&mut replayed, entry).map_err(|message| ReplayError {
+            entry: entry.id.to_string(),
+            message,
+        })?;
     }
     Ok(replayed)
 }
@@ -49,8 +52,12 @@ fn apply(replayed: &mut Replayed, entry: &Entry) -> Result<(), String> {
             .get_mut(&part.block_id)
             .ok_or_else(|| format!("unknown block {}", part.block_id))?;
         match (entry.entry_type, entry.reservation_id.is_some()) {
-            (EntryType::Debit | EntryType::Adjust | EntryType::Settle, _) => block.burn(part.amount).map_err(overflow)?,
-            (EntryType::Hold, _) => block.held = block.held.checked_add(part.amount).map_err(overflow)?,
+            (EntryType::Debit | EntryType::Adjust | EntryType::Settle, _) => {
+                block.burn(part.amount).map_err(overflow)?
+            }
+            (EntryType::Hold, _) => {
+                block.held = block.held.checked_add(part.amount).map_err(overflow)?
+            }
             (EntryType::Commit, _) => {
                 block.held = block.held.checked_sub(part.amount).map_err(overflow)?;
                 block.burn(part.amount).map_err(overflow)?;
@@ -65,7 +72,8 @@ fn apply(replayed: &mut Replayed, entry: &Entry) -> Result<(), String> {
             }
             (EntryType::Grant, _) => return Err("grant without its block".into()),
         }
-        if block.held.is_negative() || block.held > block.remaining || block.remaining.is_negative() {
+        if block.held.is_negative() || block.held > block.remaining || block.remaining.is_negative()
+        {
             return Err(format!("block {} out of bounds", part.block_id));
         }
     }

@@ -24,7 +24,9 @@ pub struct Cx<'a> {
 
 impl std::fmt::Debug for Cx<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cx").field("now", &self.now).finish_non_exhaustive()
+        f.debug_struct("Cx")
+            .field("now", &self.now)
+            .finish_non_exhaustive()
     }
 }
 
@@ -181,7 +183,9 @@ impl EndUserState {
     }
 
     pub fn reservation(&self, id: ReservationId) -> Option<&Reservation> {
-        self.reservations.iter().find(|reservation| reservation.id == id)
+        self.reservations
+            .iter()
+            .find(|reservation| reservation.id == id)
     }
 
     /// Subscriptions that are not terminal.
@@ -190,7 +194,9 @@ impl EndUserState {
     }
 
     pub fn subscription(&self, id: SubscriptionId) -> Option<&Subscription> {
-        self.subscriptions.iter().find(|subscription| subscription.id == id)
+        self.subscriptions
+            .iter()
+            .find(|subscription| subscription.id == id)
     }
 
     /// Unsettled debt per feature.
@@ -250,16 +256,29 @@ impl EndUserState {
 
     /// `credits.low` and `credits.depleted` when this operation made available credits
     /// cross the threshold or reach zero.
-    fn balance_events(&self, cx: &Cx<'_>, before: Credits, journal: &mut Journal) -> Result<(), Refusal> {
+    fn balance_events(
+        &self,
+        cx: &Cx<'_>,
+        before: Credits,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
         let after = self.available(None, cx.now)?;
         if let Some(threshold) = cx.catalog.settings.low_balance_threshold
             && before >= threshold
             && after < threshold
         {
-            journal.events.push(self.event(cx.now, EventKind::CreditsLow { available: after, threshold }));
+            journal.events.push(self.event(
+                cx.now,
+                EventKind::CreditsLow {
+                    available: after,
+                    threshold,
+                },
+            ));
         }
         if before.is_positive() && after.is_zero() {
-            journal.events.push(self.event(cx.now, EventKind::CreditsDepleted));
+            journal
+                .events
+                .push(self.event(cx.now, EventKind::CreditsDepleted));
         }
         Ok(())
     }
@@ -276,9 +295,9 @@ impl EndUserState {
     /// while it is).
     fn is_frozen(&self, block: &Block) -> bool {
         block.subscription_id.is_some_and(|id| {
-            self.subscriptions
-                .iter()
-                .any(|subscription| subscription.id == id && subscription.status == SubscriptionStatus::Paused)
+            self.subscriptions.iter().any(|subscription| {
+                subscription.id == id && subscription.status == SubscriptionStatus::Paused
+            })
         })
     }
 
@@ -304,11 +323,18 @@ impl EndUserState {
     ///
     /// # Errors
     /// [`Overflow`] if the sum does not fit.
-    pub fn available(&self, feature: Option<&FeatureKey>, t: Timestamp) -> Result<Credits, Overflow> {
+    pub fn available(
+        &self,
+        feature: Option<&FeatureKey>,
+        t: Timestamp,
+    ) -> Result<Credits, Overflow> {
         Credits::sum(
             self.blocks
                 .iter()
-                .filter(|block| self.is_usable(block, t) && feature.is_none_or(|feature| block.applies_to(feature)))
+                .filter(|block| {
+                    self.is_usable(block, t)
+                        && feature.is_none_or(|feature| block.applies_to(feature))
+                })
                 .map(Block::unheld),
         )
     }
@@ -405,16 +431,31 @@ impl EndUserState {
         let source = block.source;
         let subscription_id = block.subscription_id;
         self.blocks.push(block.clone());
-        let entry = self.entry(cx, entry_type, at, EntryDraft {
-            amount,
-            parts: vec![Part { block_id: id, amount }],
-            subscription_id,
-            block: Some(Box::new(block)),
-            ..EntryDraft::default()
-        })?;
+        let entry = self.entry(
+            cx,
+            entry_type,
+            at,
+            EntryDraft {
+                amount,
+                parts: vec![Part {
+                    block_id: id,
+                    amount,
+                }],
+                subscription_id,
+                block: Some(Box::new(block)),
+                ..EntryDraft::default()
+            },
+        )?;
         let entry_id = entry.id;
         journal.entries.push(entry);
-        journal.events.push(self.event(at, EventKind::CreditsGranted { block_id: id, amount, source }));
+        journal.events.push(self.event(
+            at,
+            EventKind::CreditsGranted {
+                block_id: id,
+                amount,
+                source,
+            },
+        ));
         Ok(entry_id)
     }
 
@@ -447,7 +488,12 @@ impl EndUserState {
     /// Pays debt from usable blocks that settle debt, feature by feature (key order), in
     /// burn order. After it, no feature has debt while a usable block that applies to it
     /// and settles debt has unheld credits.
-    pub(crate) fn settle_debts(&mut self, cx: &mut Cx<'_>, t: Timestamp, journal: &mut Journal) -> Result<(), Refusal> {
+    pub(crate) fn settle_debts(
+        &mut self,
+        cx: &mut Cx<'_>,
+        t: Timestamp,
+        journal: &mut Journal,
+    ) -> Result<(), Refusal> {
         let features: Vec<FeatureKey> = self
             .debt
             .iter()
@@ -473,19 +519,27 @@ impl EndUserState {
                 block.burn(take)?;
                 self.totals.burned = self.totals.burned.checked_add(take)?;
                 left = left.checked_sub(take)?;
-                parts.push(Part { block_id: block.id, amount: take });
+                parts.push(Part {
+                    block_id: block.id,
+                    amount: take,
+                });
             }
             if parts.is_empty() {
                 continue;
             }
             let settled = owed.checked_sub(left)?;
             self.set_debt(&feature, left);
-            let entry = self.entry(cx, EntryType::Settle, t, EntryDraft {
-                feature_key: Some(feature),
-                amount: settled,
-                parts,
-                ..EntryDraft::default()
-            })?;
+            let entry = self.entry(
+                cx,
+                EntryType::Settle,
+                t,
+                EntryDraft {
+                    feature_key: Some(feature),
+                    amount: settled,
+                    parts,
+                    ..EntryDraft::default()
+                },
+            )?;
             journal.entries.push(entry);
         }
         Ok(())
@@ -506,10 +560,21 @@ impl EndUserState {
 
     /// Records `units` used of `feature` in the usage period starting at `period_start`,
     /// returning the units counted before them in that period.
-    pub(crate) fn count_units(&mut self, feature: &FeatureKey, period_start: Timestamp, units: Units) -> Result<u64, Overflow> {
+    pub(crate) fn count_units(
+        &mut self,
+        feature: &FeatureKey,
+        period_start: Timestamp,
+        units: Units,
+    ) -> Result<u64, Overflow> {
         let before = self.units_before(feature, period_start);
         let total = before.checked_add(units.get()).ok_or(Overflow)?;
-        self.counters.insert(feature.clone(), UsageCounter { period_start, units: total });
+        self.counters.insert(
+            feature.clone(),
+            UsageCounter {
+                period_start,
+                units: total,
+            },
+        );
         Ok(before)
     }
 
@@ -539,8 +604,12 @@ impl EndUserState {
             let mut total = Credits::ZERO;
             for part in &reservation.parts {
                 let slot = held_by_reservations.entry(part.block_id).or_default();
-                *slot = slot.checked_add(part.amount).map_err(|_| fail("held overflows".into()))?;
-                total = total.checked_add(part.amount).map_err(|_| fail("held overflows".into()))?;
+                *slot = slot
+                    .checked_add(part.amount)
+                    .map_err(|_| fail("held overflows".into()))?;
+                total = total
+                    .checked_add(part.amount)
+                    .map_err(|_| fail("held overflows".into()))?;
             }
             if total != reservation.amount {
                 return Err(fail(format!(
@@ -549,7 +618,10 @@ impl EndUserState {
                 )));
             }
             if reservation.status != crate::reservation::ReservationStatus::Active {
-                return Err(fail(format!("reservation {} is live but not active", reservation.id)));
+                return Err(fail(format!(
+                    "reservation {} is live but not active",
+                    reservation.id
+                )));
             }
         }
         let mut remaining_total = Credits::ZERO;
@@ -557,18 +629,28 @@ impl EndUserState {
             check_block(block).map_err(fail)?;
             let held = held_by_reservations.remove(&block.id).unwrap_or_default();
             if held != block.held {
-                return Err(fail(format!("block {} says held {} but reservations hold {held}", block.id, block.held)));
+                return Err(fail(format!(
+                    "block {} says held {} but reservations hold {held}",
+                    block.id, block.held
+                )));
             }
             remaining_total = remaining_total
                 .checked_add(block.remaining)
                 .map_err(|_| fail("remaining overflows".into()))?;
         }
         if let Some((block_id, _)) = held_by_reservations.into_iter().next() {
-            return Err(fail(format!("a reservation holds credits on block {block_id}, which is not live")));
+            return Err(fail(format!(
+                "a reservation holds credits on block {block_id}, which is not live"
+            )));
         }
         let totals = self.totals;
-        let outflow = Credits::sum([totals.burned, totals.expired, totals.voided, remaining_total])
-            .map_err(|_| fail("totals overflow".into()))?;
+        let outflow = Credits::sum([
+            totals.burned,
+            totals.expired,
+            totals.voided,
+            remaining_total,
+        ])
+        .map_err(|_| fail("totals overflow".into()))?;
         if outflow != totals.granted {
             return Err(fail(format!(
                 "granted {} != burned {} + expired {} + voided {} + remaining {remaining_total}",
@@ -586,8 +668,15 @@ impl EndUserState {
         if bases > 1 {
             return Err(fail(format!("{bases} live base subscriptions")));
         }
-        if let Some(subscription) = self.subscriptions.iter().find(|subscription| subscription.status.is_terminal()) {
-            return Err(fail(format!("terminal subscription {} is still live", subscription.id)));
+        if let Some(subscription) = self
+            .subscriptions
+            .iter()
+            .find(|subscription| subscription.status.is_terminal())
+        {
+            return Err(fail(format!(
+                "terminal subscription {} is still live",
+                subscription.id
+            )));
         }
         Ok(())
     }

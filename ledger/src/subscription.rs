@@ -32,12 +32,18 @@ impl SubscriptionStatus {
 
     /// `canceled` and `expired` never change again.
     pub fn is_terminal(self) -> bool {
-        matches!(self, SubscriptionStatus::Canceled | SubscriptionStatus::Expired)
+        matches!(
+            self,
+            SubscriptionStatus::Canceled | SubscriptionStatus::Expired
+        )
     }
 
     /// Whether recurring grants are issued in this state.
     pub fn issues_grants(self) -> bool {
-        matches!(self, SubscriptionStatus::Trialing | SubscriptionStatus::Active)
+        matches!(
+            self,
+            SubscriptionStatus::Trialing | SubscriptionStatus::Active
+        )
     }
 }
 

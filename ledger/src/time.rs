@@ -104,7 +104,10 @@ impl Timestamp {
 impl fmt::Display for Timestamp {
     /// RFC 3339 in UTC, e.g. `2026-11-24T10:00:00Z` (fractional seconds only when present).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.to_datetime().and_then(|datetime| datetime.format(&Rfc3339).ok()) {
+        match self
+            .to_datetime()
+            .and_then(|datetime| datetime.format(&Rfc3339).ok())
+        {
             Some(text) => f.write_str(&text),
             None => write!(f, "@{}ms", self.0),
         }
@@ -165,7 +168,11 @@ impl FromStr for Span {
             "h" => MILLIS_PER_HOUR,
             "d" => MILLIS_PER_DAY,
             "w" => MILLIS_PER_WEEK,
-            other => return Err(format!("duration unit `{other}` is not one of s, m, h, d, w")),
+            other => {
+                return Err(format!(
+                    "duration unit `{other}` is not one of s, m, h, d, w"
+                ));
+            }
         };
         let span = count
             .checked_mul(per_unit)
@@ -231,7 +238,9 @@ impl Interval {
         match self.unit {
             IntervalUnit::Hour => anchor.checked_add(Span::from_hours(steps)?),
             IntervalUnit::Day => anchor.checked_add(Span::from_days(steps)?),
-            IntervalUnit::Week => anchor.checked_add(Span::from_days(steps.checked_mul(7).ok_or(Overflow)?)?),
+            IntervalUnit::Week => {
+                anchor.checked_add(Span::from_days(steps.checked_mul(7).ok_or(Overflow)?)?)
+            }
             IntervalUnit::Month => anchor.add_months(steps),
             IntervalUnit::Year => anchor.add_months(steps.checked_mul(12).ok_or(Overflow)?),
         }

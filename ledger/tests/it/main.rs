@@ -1,6 +1,9 @@
 //! The ledger's one integration-test binary: example tests through one `World` fixture
 //! per area, the property suite against a naive model, and the seeded simulation.
 
+// This whole crate is tests: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod credits;
 mod dependencies;
 mod entitlements;

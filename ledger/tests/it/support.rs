@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ledger::{
-    Applied, BillingMode, Catalog, Credits, Cx, EndUserId, EndUserState, Entry, Event, ExpireAfter, Feature,
-    FeatureKey, FeatureType, GrantAnchor, GrantEvery, GrantRequest, GrantTemplate, Interval, IntervalUnit,
-    OveragePolicy, PRIORITY_DEFAULT, Plan, PlanId, PlanKind, Price, Pricing, Refusal, SequentialIds, Span, Timestamp,
-    Ulid, Units, UsageOutcome, UsageRequest, Variant, VariantId,
+    Applied, BillingMode, Catalog, Credits, Cx, EndUserId, EndUserState, Entry, Event, ExpireAfter,
+    Feature, FeatureKey, FeatureType, GrantAnchor, GrantEvery, GrantRequest, GrantTemplate,
+    Interval, IntervalUnit, OveragePolicy, PRIORITY_DEFAULT, Plan, PlanId, PlanKind, Price,
+    Pricing, Refusal, SequentialIds, Span, Timestamp, Ulid, Units, UsageOutcome, UsageRequest,
+    Variant, VariantId,
 };
 
 /// 2026-01-01T00:00:00Z.
@@ -92,9 +93,15 @@ pub fn monthly(price: i64, grants: Vec<GrantTemplate>) -> Variant {
         id: VariantId(Ulid(0)),
         plan_id: PlanId(Ulid(0)),
         key: Arc::from("monthly"),
-        interval: Interval { every: 1, unit: IntervalUnit::Month },
+        interval: Interval {
+            every: 1,
+            unit: IntervalUnit::Month,
+        },
         billing_mode: BillingMode::Prepaid,
-        price: (price > 0).then(|| Price { amount: price, currency: Arc::from("usd") }),
+        price: (price > 0).then(|| Price {
+            amount: price,
+            currency: Arc::from("usd"),
+        }),
         trial_days: 0,
         grace_days: 3,
         renewal_due_days: 3,
@@ -121,7 +128,13 @@ impl World {
         let mut catalog = Catalog::default();
         for feature in [
             metered("api_calls", None),
-            metered("tokens", Some(Pricing::PerUnit { unit_cost: credits(3), per: 1000 })),
+            metered(
+                "tokens",
+                Some(Pricing::PerUnit {
+                    unit_cost: credits(3),
+                    per: 1000,
+                }),
+            ),
             metered("images", None),
             boolean("sso"),
         ] {
@@ -144,14 +157,23 @@ impl World {
 
     /// Adds a plan with `features` enabled and the given variants; returns the variants'
     /// ids in order.
-    pub fn add_plan(&mut self, kind: PlanKind, features: &[&str], overage: OveragePolicy, variants: Vec<Variant>) -> Vec<VariantId> {
+    pub fn add_plan(
+        &mut self,
+        kind: PlanKind,
+        features: &[&str],
+        overage: OveragePolicy,
+        variants: Vec<Variant>,
+    ) -> Vec<VariantId> {
         self.next_catalog_id += 1;
         let plan_id = PlanId(Ulid(self.next_catalog_id));
         let plan = Plan {
             id: plan_id,
             key: Arc::from(format!("plan{}", self.next_catalog_id).as_str()),
             kind,
-            features: features.iter().map(|name| (key(name), true)).collect::<BTreeMap<_, _>>(),
+            features: features
+                .iter()
+                .map(|name| (key(name), true))
+                .collect::<BTreeMap<_, _>>(),
             overage_policy: overage,
         };
         self.catalog.plans.insert(plan_id, plan);
@@ -174,7 +196,11 @@ impl World {
         operation: impl FnOnce(&mut EndUserState, &mut Cx<'_>) -> Result<Applied<T>, Refusal>,
     ) -> Result<T, Refusal> {
         let before = self.state.clone();
-        let mut cx = Cx { now: self.now, catalog: &self.catalog, ids: &mut self.ids };
+        let mut cx = Cx {
+            now: self.now,
+            catalog: &self.catalog,
+            ids: &mut self.ids,
+        };
         match operation(&mut self.state, &mut cx) {
             Ok(applied) => {
                 self.entries.extend(applied.entries);
@@ -194,11 +220,19 @@ impl World {
         self.state.check_invariants().expect("invariants hold");
         let replayed = ledger::replay(&self.entries).expect("entries replay");
         for block in self.state.blocks() {
-            assert_eq!(replayed.blocks.get(&block.id), Some(block), "replayed block differs");
+            assert_eq!(
+                replayed.blocks.get(&block.id),
+                Some(block),
+                "replayed block differs"
+            );
         }
         for (id, block) in &replayed.blocks {
             if !self.state.blocks().iter().any(|live| live.id == *id) {
-                assert!(block.remaining.is_zero(), "block {id} left the live state with {} remaining", block.remaining);
+                assert!(
+                    block.remaining.is_zero(),
+                    "block {id} left the live state with {} remaining",
+                    block.remaining
+                );
             }
         }
         assert_eq!(&replayed.debt, self.state.debts(), "replayed debt differs");
@@ -217,7 +251,8 @@ impl World {
     }
 
     pub fn grant(&mut self, request: GrantRequest) -> ledger::BlockId {
-        self.apply(|state, cx| state.grant(cx, request)).expect("grant")
+        self.apply(|state, cx| state.grant(cx, request))
+            .expect("grant")
     }
 
     pub fn grant_amount(&mut self, amount: i64) -> ledger::BlockId {
@@ -228,17 +263,32 @@ impl World {
         self.try_usage(feature, count, false).expect("usage")
     }
 
-    pub fn try_usage(&mut self, feature: &str, count: u64, strict: bool) -> Result<UsageOutcome, Refusal> {
-        let request = UsageRequest { feature_key: key(feature), units: units(count), strict };
+    pub fn try_usage(
+        &mut self,
+        feature: &str,
+        count: u64,
+        strict: bool,
+    ) -> Result<UsageOutcome, Refusal> {
+        let request = UsageRequest {
+            feature_key: key(feature),
+            units: units(count),
+            strict,
+        };
         self.apply(|state, cx| state.record_usage(cx, request))
     }
 
     pub fn available(&self, feature: &str) -> i64 {
-        self.state.available(Some(&key(feature)), self.now).expect("available").get()
+        self.state
+            .available(Some(&key(feature)), self.now)
+            .expect("available")
+            .get()
     }
 
     pub fn available_all(&self) -> i64 {
-        self.state.available(None, self.now).expect("available").get()
+        self.state
+            .available(None, self.now)
+            .expect("available")
+            .get()
     }
 
     pub fn debt(&self, feature: &str) -> i64 {
@@ -255,14 +305,24 @@ impl World {
     }
 
     pub fn remaining_of(&self, id: ledger::BlockId) -> i64 {
-        self.state.blocks().iter().find(|block| block.id == id).map_or(0, |block| block.remaining.get())
+        self.state
+            .blocks()
+            .iter()
+            .find(|block| block.id == id)
+            .map_or(0, |block| block.remaining.get())
     }
 
     pub fn event_types(&self) -> Vec<&'static str> {
-        self.events.iter().map(|event| event.kind.type_name()).collect()
+        self.events
+            .iter()
+            .map(|event| event.kind.type_name())
+            .collect()
     }
 
     pub fn entry_types(&self) -> Vec<&'static str> {
-        self.entries.iter().map(|entry| entry.entry_type.as_str()).collect()
+        self.entries
+            .iter()
+            .map(|entry| entry.entry_type.as_str())
+            .collect()
     }
 }
