@@ -14,6 +14,7 @@ pub struct Overflow;
 /// differences can be expressed; balances themselves are never negative (debt records
 /// shortfall instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Credits(i64);
 
 // === impl Credits ===
@@ -90,7 +91,23 @@ pub const UNITS_MAX: u64 = 1_000_000_000_000;
 
 /// A positive count of feature units (API calls, tokens, messages), at most [`UNITS_MAX`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(try_from = "u64", into = "u64"))]
 pub struct Units(u64);
+
+impl TryFrom<u64> for Units {
+    type Error = String;
+
+    fn try_from(value: u64) -> Result<Units, String> {
+        Units::new(value).ok_or_else(|| format!("units must be 1 to {UNITS_MAX}, not {value}"))
+    }
+}
+
+impl From<Units> for u64 {
+    fn from(units: Units) -> u64 {
+        units.0
+    }
+}
 
 // === impl Units ===
 

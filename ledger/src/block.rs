@@ -9,6 +9,8 @@ use crate::time::Timestamp;
 
 /// Where a block's credits came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BlockSource {
     Purchase,
     Promotion,
@@ -20,6 +22,7 @@ pub enum BlockSource {
 /// Which recurring grant template issued a block: the subscription and the template's
 /// position in its variant's `grants`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TemplateRef {
     pub subscription_id: SubscriptionId,
     pub template_index: u16,
@@ -28,6 +31,7 @@ pub struct TemplateRef {
 /// One grant of credits. Blocks never merge; their terms never change after creation.
 /// Only `remaining`, `held`, the three outflow counters and `voided_at` move.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Block {
     pub id: BlockId,
     pub amount: Credits,
@@ -131,6 +135,7 @@ pub fn burn_order(a: &Block, b: &Block) -> Ordering {
 
 /// How much of a debit, hold, expiry or void fell on one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Part {
     pub block_id: BlockId,
     pub amount: Credits,

@@ -10,6 +10,8 @@ use crate::time::{Interval, Span};
 
 /// Whether a feature costs credits or is simply on or off by plan.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum FeatureType {
     Metered,
     Boolean,
@@ -17,6 +19,8 @@ pub enum FeatureType {
 
 /// How tiers price the units of one event (SPEC 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum TierMode {
     /// Each unit is priced by the tier its cumulative position falls in.
     Graduated,
@@ -27,6 +31,7 @@ pub enum TierMode {
 /// One tier: units up to `up_to` (cumulative, inclusive) cost `unit_cost` each; `None` is
 /// the last, unbounded tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Tier {
     pub up_to: Option<u64>,
     pub unit_cost: Credits,
@@ -34,6 +39,8 @@ pub struct Tier {
 
 /// A metered feature's pricing rule, turning units into a credit cost.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Pricing {
     /// `ceil(units * unit_cost / per)`.
     PerUnit { unit_cost: Credits, per: u64 },
@@ -45,6 +52,7 @@ pub enum Pricing {
 
 /// A feature the tenant sells or gates.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Feature {
     pub key: FeatureKey,
     pub feature_type: FeatureType,
@@ -57,6 +65,8 @@ pub struct Feature {
 
 /// Whether a plan is the end user's one base plan or an addon on top of it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum PlanKind {
     Base,
     Addon,
@@ -64,6 +74,8 @@ pub enum PlanKind {
 
 /// What happens when a metered feature's balance is short.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum OveragePolicy {
     /// Deny (`insufficient_balance`).
     #[default]
@@ -73,6 +85,7 @@ pub enum OveragePolicy {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Plan {
     pub id: PlanId,
     pub key: Arc<str>,
@@ -84,6 +97,8 @@ pub struct Plan {
 
 /// Whether a variant is paid before (renewal needs `/renew`) or after its periods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BillingMode {
     Prepaid,
     Postpaid,
@@ -91,12 +106,14 @@ pub enum BillingMode {
 
 /// A price in the currency's minor unit. Money the tenant charges, not credits.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Price {
     pub amount: i64,
     pub currency: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Variant {
     pub id: VariantId,
     pub plan_id: PlanId,
@@ -113,6 +130,8 @@ pub struct Variant {
 
 /// How often a grant template issues a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum GrantEvery {
     /// At the start of every billing period.
     Period,
@@ -122,6 +141,8 @@ pub enum GrantEvery {
 
 /// Where a template's windows start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum GrantAnchor {
     /// Windows follow the subscription's period start.
     #[default]
@@ -132,6 +153,8 @@ pub enum GrantAnchor {
 
 /// When a template's blocks expire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum ExpireAfter {
     /// At the end of the window (or period) that issued them: a resetting quota.
     #[default]
@@ -142,6 +165,7 @@ pub enum ExpireAfter {
 
 /// What is left of an expiring template block that moves into a new block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Rollover {
     /// 0 to 100.
     pub percent: u8,
@@ -150,6 +174,7 @@ pub struct Rollover {
 
 /// A recurring grant a variant issues to each of its subscriptions.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GrantTemplate {
     pub amount: Credits,
     pub every: GrantEvery,
@@ -165,6 +190,7 @@ pub struct GrantTemplate {
 
 /// Per-environment settings the rules depend on.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Settings {
     /// The variant an end user falls back to when their base subscription ends.
     pub free_plan_variant_id: Option<VariantId>,

@@ -20,6 +20,8 @@ use crate::time::Timestamp;
 /// | `Adjust` | negative: burns | positive: creates `block` |
 /// | `Settle` | burns | subtracts `amount` from the feature's debt |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum EntryType {
     Grant,
     Debit,
@@ -50,6 +52,7 @@ impl EntryType {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Entry {
     pub id: EntryId,
     pub entry_type: EntryType,

@@ -9,6 +9,8 @@ use crate::id::{EndUserId, FeatureKey, ReservationId};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum ReservationStatus {
     Active,
     Committed,
@@ -34,6 +36,7 @@ impl fmt::Display for ReservationStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Reservation {
     pub id: ReservationId,
     pub end_user_id: EndUserId,

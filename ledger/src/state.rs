@@ -56,6 +56,7 @@ pub(crate) struct Journal {
 
 /// Usage counted in one usage period, for tiered pricing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct UsageCounter {
     pub period_start: Timestamp,
     pub units: u64,
@@ -64,6 +65,7 @@ pub struct UsageCounter {
 /// Lifetime totals across every block the end user ever had, live or gone, so that
 /// `granted = burned + expired + voided + remaining` can be checked per end user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Totals {
     pub granted: Credits,
     pub burned: Credits,
@@ -92,6 +94,7 @@ pub struct EndUserState {
 
 /// The parts an [`EndUserState`] is stored as; [`EndUserState::from_parts`] checks them.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct StateParts {
     pub end_user_id: EndUserId,
     pub blocks: Vec<Block>,

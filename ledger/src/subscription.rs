@@ -9,6 +9,8 @@ use crate::id::{EndUserId, FeatureKey, PlanId, SubscriptionId, VariantId};
 use crate::time::Timestamp;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum SubscriptionStatus {
     Trialing,
     Active,
@@ -55,6 +57,7 @@ impl fmt::Display for SubscriptionStatus {
 
 /// A change of variant waiting for its moment (a downgrade at period end, by default).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PendingChange {
     pub plan_variant_id: VariantId,
     pub effective_at: Timestamp,
@@ -62,6 +65,7 @@ pub struct PendingChange {
 
 /// The clock of one fixed-span grant template (`every: "5h"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct GrantSchedule {
     pub template_index: u16,
     /// `anchor: period`: when the next window starts.
@@ -73,12 +77,14 @@ pub struct GrantSchedule {
 
 /// Units and credits used in the current period, reported at renewal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PeriodTally {
     pub units: u64,
     pub cost: Credits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Subscription {
     pub id: SubscriptionId,
     pub end_user_id: EndUserId,

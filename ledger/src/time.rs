@@ -10,10 +10,12 @@ use crate::amount::Overflow;
 
 /// An instant in UTC, as milliseconds since the Unix epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Timestamp(i64);
 
 /// A signed length of time in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Span(i64);
 
 const MILLIS_PER_SEC: i64 = 1_000;
@@ -208,6 +210,8 @@ impl fmt::Display for Span {
 
 /// The unit of a billing interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum IntervalUnit {
     Hour,
     Day,
@@ -218,6 +222,7 @@ pub enum IntervalUnit {
 
 /// A billing interval: `every` units (`1 month`, `3 months`, `12 hours`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Interval {
     pub every: u32,
     pub unit: IntervalUnit,
