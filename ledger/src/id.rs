@@ -92,9 +92,13 @@ macro_rules! name_serde {
 
         #[cfg(feature = "serde")]
         impl<'de> serde::Deserialize<'de> for $name {
-            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<$name, D::Error> {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                deserializer: D,
+            ) -> Result<$name, D::Error> {
                 let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-                $name::new(&text).map_err(|error| serde::de::Error::custom(format!("{}: {error}", stringify!($name))))
+                $name::new(&text).map_err(|error| {
+                    serde::de::Error::custom(format!("{}: {error}", stringify!($name)))
+                })
             }
         }
     };

@@ -43,6 +43,8 @@ pub struct Applied<T> {
     pub finished_reservations: Vec<Reservation>,
     /// Subscriptions that left the live state (canceled, expired).
     pub finished_subscriptions: Vec<Subscription>,
+    /// Blocks that left the live state (spent, expired or voided), as they ended.
+    pub finished_blocks: Vec<Block>,
 }
 
 /// Everything an operation wrote, collected as it runs.
@@ -52,6 +54,7 @@ pub(crate) struct Journal {
     pub(crate) events: Vec<Event>,
     pub(crate) finished_reservations: Vec<Reservation>,
     pub(crate) finished_subscriptions: Vec<Subscription>,
+    pub(crate) finished_blocks: Vec<Block>,
 }
 
 /// Usage counted in one usage period, for tiered pricing.
@@ -242,7 +245,7 @@ impl EndUserState {
         let value = operation(&mut next, cx, &mut journal)?;
         next.advance_into(cx, &mut journal)?;
         next.settle_debts(cx, cx.now, &mut journal)?;
-        next.drop_dead();
+        journal.finished_blocks = next.drop_dead();
         next.balance_events(cx, available_before, &mut journal)?;
         next.version = next.version.saturating_add(1);
         next.check_invariants()
@@ -254,6 +257,7 @@ impl EndUserState {
             events: journal.events,
             finished_reservations: journal.finished_reservations,
             finished_subscriptions: journal.finished_subscriptions,
+            finished_blocks: journal.finished_blocks,
         })
     }
 
@@ -556,9 +560,13 @@ impl EndUserState {
         }
     }
 
-    /// Removes blocks with nothing left: their history is in the ledger.
-    pub(crate) fn drop_dead(&mut self) {
-        self.blocks.retain(|block| block.remaining.is_positive());
+    /// Removes blocks with nothing left (their history is in the ledger) and returns them.
+    pub(crate) fn drop_dead(&mut self) -> Vec<Block> {
+        let (live, dead) = std::mem::take(&mut self.blocks)
+            .into_iter()
+            .partition(|block| block.remaining.is_positive());
+        self.blocks = live;
+        dead
     }
 
     /// Records `units` used of `feature` in the usage period starting at `period_start`,

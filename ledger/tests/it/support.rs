@@ -236,7 +236,8 @@ impl World {
             }
         }
         assert_eq!(&replayed.debt, self.state.debts(), "replayed debt differs");
-        let stored = serde_json::to_string(&self.state.clone().into_parts()).expect("state serializes");
+        let stored =
+            serde_json::to_string(&self.state.clone().into_parts()).expect("state serializes");
         let parts: ledger::StateParts = serde_json::from_str(&stored).expect("state deserializes");
         let loaded = EndUserState::from_parts(parts).expect("stored state passes the invariants");
         assert_eq!(loaded, self.state, "state survives a serde round trip");

@@ -1,0 +1,371 @@
+//! Configuration in two stages: the raw TOML (unknown keys are errors), then a validated
+//! [`Config`] with typed addresses, sizes and durations. Secrets redact themselves.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A secret string: usable, never printed.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    database: RawDatabase,
+    #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
+    rate_limit: RawRateLimit,
+    #[serde(default)]
+    idempotency: RawIdempotency,
+    #[serde(default)]
+    jobs: RawJobs,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    body_limit_bytes: Option<usize>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    url: Option<String>,
+    synchronous: Option<String>,
+    read_connections: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    operator_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_second: Option<u32>,
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdempotency {
+    retention_hours: Option<u64>,
+    usage_retention_days: Option<u64>,
+    wait_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    interval_ms: Option<u64>,
+    batch_len_max: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+/// How SQLite syncs commits to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synchronous {
+    /// fsync on every commit: nothing acknowledged is ever lost.
+    Full,
+    /// WAL with fsync at checkpoints: survives a process crash, not a power cut.
+    Normal,
+}
+
+/// Where the data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DatabaseUrl {
+    /// A SQLite file (created if missing).
+    SqliteFile(String),
+    /// A private in-memory SQLite database (tests).
+    SqliteMemory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Request bodies larger than this answer 413 (default 1 MiB).
+    pub body_limit_bytes: usize,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+    pub database: DatabaseUrl,
+    pub synchronous: Synchronous,
+    /// Reader connections beside the single writer (SQLite).
+    pub read_connections: u32,
+    /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
+    pub operator_token: Option<Secret>,
+    /// Per tenant and environment (SPEC 2: default 2000/s, burst 4000).
+    pub rate_limit_per_second: u32,
+    pub rate_limit_burst: u32,
+    /// How long idempotency keys are kept (SPEC 9: at least 24 h).
+    pub idempotency_retention: Duration,
+    /// How long usage event keys are kept (SPEC 9: 35 days).
+    pub usage_key_retention: Duration,
+    /// How long a request waits for an in-flight twin before answering 409 (SPEC 9: 10 s).
+    pub idempotency_wait: Duration,
+    /// How often the scheduler looks for due work.
+    pub jobs_interval: Duration,
+    /// The most end users one scheduler pass advances.
+    pub jobs_batch_len_max: u32,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// Values given on the command line or in the environment, which win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub database_url: Option<String>,
+    pub operator_token: Option<String>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file, then applies `overrides`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or the field at fault.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses and validates configuration text (`origin` names it in errors).
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn parse(text: &str, origin: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: error.to_string(),
+        })?;
+        Config::validate(raw, overrides)
+    }
+
+    /// The defaults alone (an in-memory database on a random port): for tests.
+    pub fn for_tests() -> Config {
+        let overrides = Overrides {
+            database_url: Some(":memory:".into()),
+            listen: Some("127.0.0.1:0".into()),
+            ..Overrides::default()
+        };
+        let mut config = Config::validate(RawConfig::default(), &overrides)
+            .unwrap_or_else(|error| unreachable!("defaults are valid: {error}"));
+        config.jobs_interval = Duration::from_millis(50);
+        config
+    }
+
+    fn validate(raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let listen = overrides
+            .listen
+            .clone()
+            .or(raw.server.listen)
+            .unwrap_or_else(|| "127.0.0.1:8080".into());
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("`{listen}` is not an address such as 127.0.0.1:8080"),
+            )
+        })?;
+        let body_limit_bytes = raw.server.body_limit_bytes.unwrap_or(1024 * 1024);
+        if !(1024..=64 * 1024 * 1024).contains(&body_limit_bytes) {
+            return Err(invalid(
+                "server.body_limit_bytes",
+                "must be 1 KiB to 64 MiB",
+            ));
+        }
+        let url = overrides
+            .database_url
+            .clone()
+            .or(raw.database.url)
+            .unwrap_or_else(|| "sqlite://data/quotastack.db".into());
+        let database = parse_database_url(&url)?;
+        let synchronous = match raw.database.synchronous.as_deref().unwrap_or("full") {
+            "full" => Synchronous::Full,
+            "normal" => Synchronous::Normal,
+            other => {
+                return Err(invalid(
+                    "database.synchronous",
+                    format!("`{other}` is not `full` or `normal`"),
+                ));
+            }
+        };
+        let read_connections = raw.database.read_connections.unwrap_or(4);
+        if !(1..=64).contains(&read_connections) {
+            return Err(invalid("database.read_connections", "must be 1 to 64"));
+        }
+        let operator_token = overrides
+            .operator_token
+            .clone()
+            .map(Secret::new)
+            .or(raw.auth.operator_token);
+        if let Some(token) = &operator_token
+            && token.expose().len() < 16
+        {
+            return Err(invalid(
+                "auth.operator_token",
+                "must be at least 16 characters",
+            ));
+        }
+        let rate_limit_per_second = raw.rate_limit.requests_per_second.unwrap_or(2000);
+        let rate_limit_burst = raw.rate_limit.burst.unwrap_or(4000);
+        if rate_limit_per_second == 0 || rate_limit_burst == 0 {
+            return Err(invalid(
+                "rate_limit",
+                "requests_per_second and burst must be positive",
+            ));
+        }
+        let retention_hours = raw.idempotency.retention_hours.unwrap_or(24);
+        if retention_hours < 24 {
+            return Err(invalid(
+                "idempotency.retention_hours",
+                "must be at least 24 (SPEC 9)",
+            ));
+        }
+        let usage_days = raw.idempotency.usage_retention_days.unwrap_or(35);
+        if usage_days < 35 {
+            return Err(invalid(
+                "idempotency.usage_retention_days",
+                "must be at least 35 (SPEC 9)",
+            ));
+        }
+        let log_format = match overrides
+            .log_format
+            .clone()
+            .or(raw.log.format)
+            .as_deref()
+            .unwrap_or("text")
+        {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(invalid(
+                    "log.format",
+                    format!("`{other}` is not `text` or `json`"),
+                ));
+            }
+        };
+        let jobs_interval_ms = raw.jobs.interval_ms.unwrap_or(1000);
+        if !(10..=60_000).contains(&jobs_interval_ms) {
+            return Err(invalid("jobs.interval_ms", "must be 10 to 60000"));
+        }
+        Ok(Config {
+            listen,
+            body_limit_bytes,
+            shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs.unwrap_or(10)),
+            database,
+            synchronous,
+            read_connections,
+            operator_token,
+            rate_limit_per_second,
+            rate_limit_burst,
+            idempotency_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
+            usage_key_retention: Duration::from_secs(usage_days.saturating_mul(86_400)),
+            idempotency_wait: Duration::from_secs(raw.idempotency.wait_secs.unwrap_or(10)),
+            jobs_interval: Duration::from_millis(jobs_interval_ms),
+            jobs_batch_len_max: raw.jobs.batch_len_max.unwrap_or(500).clamp(1, 10_000),
+            log_format,
+            log_level: overrides
+                .log_level
+                .clone()
+                .or(raw.log.level)
+                .unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
+    if url == ":memory:" || url == "sqlite::memory:" {
+        return Ok(DatabaseUrl::SqliteMemory);
+    }
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        if path.is_empty() {
+            return Err(invalid("database.url", "names no file"));
+        }
+        return Ok(DatabaseUrl::SqliteFile(path.to_owned()));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Err(invalid(
+            "database.url",
+            "PostgreSQL is not supported yet; use sqlite://<file>",
+        ));
+    }
+    Err(invalid(
+        "database.url",
+        format!("`{url}` is not sqlite://<file> or :memory:"),
+    ))
+}

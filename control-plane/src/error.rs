@@ -1,0 +1,276 @@
+//! The one error type of the HTTP API, and its mapping to RFC 9457 problem bodies with
+//! the stable codes of SPEC 13. 5xx answers say little; the log says everything.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use ledger::Refusal;
+use protocol::{FieldError, PROBLEM_CONTENT_TYPE, Problem};
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{detail}")]
+    BadRequest {
+        field: Option<String>,
+        detail: String,
+    },
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("this key lacks the `{0}` scope")]
+    MissingScope(&'static str),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("engine refused: {0}")]
+    Refused(Refusal),
+    #[error("{detail}")]
+    ReservationNotActive { status: String, detail: String },
+    #[error("{detail}")]
+    InvalidTransition { status: String, detail: String },
+    #[error("the idempotency key was used with a different request")]
+    IdempotencyKeyReused,
+    #[error("a request with this idempotency key is still running")]
+    IdempotencyKeyInFlight,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("rate limit exceeded")]
+    RateLimited { retry_after_secs: u64 },
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
+        ApiError::BadRequest {
+            field: Some(field.into()),
+            detail: detail.into(),
+        }
+    }
+
+    /// The problem body and HTTP status.
+    pub fn problem(&self) -> Problem {
+        match self {
+            ApiError::BadRequest { field, detail } => {
+                let mut problem =
+                    Problem::new(400, "invalid_request", "Invalid request", detail.clone());
+                problem.field.clone_from(field);
+                problem
+            }
+            ApiError::UnsupportedMediaType(detail) => Problem::new(
+                415,
+                "invalid_request",
+                "Unsupported media type",
+                detail.clone(),
+            ),
+            ApiError::Unauthorized => Problem::new(
+                401,
+                "unauthorized",
+                "Unauthorized",
+                "send a valid API key as `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+            ),
+            ApiError::MissingScope(scope) => Problem::new(
+                403,
+                "missing_scope",
+                "Missing scope",
+                format!("this key lacks the `{scope}` scope"),
+            ),
+            ApiError::NotFound(what) => {
+                Problem::new(404, "not_found", "Not found", format!("{what} not found"))
+            }
+            ApiError::Refused(refusal) => refusal_problem(refusal),
+            ApiError::ReservationNotActive { status, detail } => {
+                let mut problem = Problem::new(
+                    409,
+                    "reservation_not_active",
+                    "Reservation not active",
+                    detail.clone(),
+                );
+                problem.current_status = Some(status.clone());
+                problem
+            }
+            ApiError::InvalidTransition { status, detail } => {
+                let mut problem = Problem::new(
+                    409,
+                    "invalid_transition",
+                    "Invalid transition",
+                    detail.clone(),
+                );
+                problem.current_status = Some(status.clone());
+                problem
+            }
+            ApiError::IdempotencyKeyReused => Problem::new(
+                409,
+                "idempotency_key_reused",
+                "Idempotency key reused",
+                "this idempotency key was already used with a different method, path or body",
+            ),
+            ApiError::IdempotencyKeyInFlight => Problem::new(
+                409,
+                "idempotency_key_in_flight",
+                "Idempotency key in flight",
+                "a request with this idempotency key is still running; retry later",
+            ),
+            ApiError::Conflict(detail) => Problem::new(409, "conflict", "Conflict", detail.clone()),
+            ApiError::RateLimited { retry_after_secs } => Problem::new(
+                429,
+                "rate_limited",
+                "Too many requests",
+                format!("rate limit exceeded; retry after {retry_after_secs} s"),
+            ),
+            ApiError::PayloadTooLarge { limit } => Problem::new(
+                413,
+                "payload_too_large",
+                "Payload too large",
+                format!("request bodies are limited to {limit} bytes"),
+            ),
+            ApiError::Internal(_) => Problem::new(
+                500,
+                "internal",
+                "Internal error",
+                "something went wrong; it has been logged",
+            ),
+        }
+    }
+
+    /// Whether an idempotent request that ended with this error keeps its answer (SPEC 9:
+    /// business refusals do; validation, auth, rate limits and 5xx do not).
+    pub fn is_stored_decision(&self) -> bool {
+        matches!(self.problem().status, 402 | 404 | 409)
+            && !matches!(
+                self,
+                ApiError::IdempotencyKeyReused | ApiError::IdempotencyKeyInFlight
+            )
+    }
+}
+
+fn refusal_problem(refusal: &Refusal) -> Problem {
+    let detail = refusal.to_string();
+    match refusal {
+        Refusal::InsufficientBalance { needed, available } => {
+            let mut problem =
+                Problem::new(402, "insufficient_balance", "Insufficient balance", detail);
+            problem.needed = Some(needed.get());
+            problem.available = Some(available.get());
+            problem
+        }
+        Refusal::NotInPlan(_) => Problem::new(403, "not_in_plan", "Not in plan", detail),
+        Refusal::SubscriptionPaused(_) => {
+            Problem::new(403, "subscription_paused", "Subscription paused", detail)
+        }
+        Refusal::SubscriptionPastDue(_) => Problem::new(
+            403,
+            "subscription_past_due",
+            "Subscription past due",
+            detail,
+        ),
+        Refusal::FeatureNotFound(_) => {
+            Problem::new(404, "feature_not_found", "Feature not found", detail)
+        }
+        Refusal::BlockNotFound(_)
+        | Refusal::ReservationNotFound(_)
+        | Refusal::SubscriptionNotFound(_)
+        | Refusal::VariantNotFound(_) => Problem::new(404, "not_found", "Not found", detail),
+        Refusal::ReservationNotActive { status } => {
+            let mut problem = Problem::new(
+                409,
+                "reservation_not_active",
+                "Reservation not active",
+                detail,
+            );
+            problem.current_status = Some(status.as_str().to_owned());
+            problem
+        }
+        Refusal::InvalidTransition { from, .. } => {
+            let mut problem = Problem::new(409, "invalid_transition", "Invalid transition", detail);
+            problem.current_status = Some(from.as_str().to_owned());
+            problem
+        }
+        Refusal::BlockAlreadyVoided(_) | Refusal::Conflict(_) => {
+            Problem::new(409, "conflict", "Conflict", detail)
+        }
+        Refusal::Invalid { field, .. } => {
+            let mut problem = Problem::new(400, "invalid_request", "Invalid request", detail);
+            problem.field = Some((*field).to_owned());
+            problem
+        }
+        Refusal::FeatureNotMetered(_) => {
+            Problem::new(400, "invalid_request", "Invalid request", detail)
+        }
+        Refusal::Overflow => Problem::new(
+            400,
+            "invalid_request",
+            "Invalid request",
+            "an amount is too large: the arithmetic overflows",
+        ),
+        Refusal::Invariant(_) => Problem::new(
+            500,
+            "internal",
+            "Internal error",
+            "something went wrong; it has been logged",
+        ),
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> ApiError {
+        match refusal {
+            Refusal::Invariant(message) => ApiError::Internal(message),
+            other => ApiError::Refused(other),
+        }
+    }
+}
+
+impl From<ledger::Overflow> for ApiError {
+    fn from(_: ledger::Overflow) -> ApiError {
+        ApiError::Refused(Refusal::Overflow)
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(error: FieldError) -> ApiError {
+        ApiError::BadRequest {
+            detail: error.to_string(),
+            field: Some(error.field),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        match error {
+            StoreError::Conflict(detail) => ApiError::Conflict(detail),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Renders a problem as a response with the problem media type.
+pub fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(PROBLEM_CONTENT_TYPE),
+    );
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(message) = &self {
+            tracing::error!(error = %message, "internal error");
+        }
+        let mut response = problem_response(&self.problem());
+        if let ApiError::RateLimited { retry_after_secs } = self
+            && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        response
+    }
+}

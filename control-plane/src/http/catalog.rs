@@ -1,0 +1,417 @@
+//! The catalog (SPEC 10.1): features, plans, variants and settings.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ledger::{PlanId, VariantId};
+use protocol::{
+    CreateFeature, CreatePlan, CreateVariant, Feature, Page, Plan, PlanFeature, Problem, Settings,
+    UpdateSettings, Variant,
+};
+
+use super::extract::parse_json;
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::clock::UlidSource;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller, CatalogView};
+use crate::store::{CatalogRecord, EnvRecord};
+
+fn feature_wire(record: &CatalogRecord<CreateFeature>) -> Feature {
+    Feature {
+        id: record.id.clone(),
+        key: record.key.clone(),
+        name: record.body.name.clone(),
+        feature_type: record.body.feature_type,
+        pricing: record.body.pricing.clone(),
+        requires_plan: record.body.requires_plan,
+        created_at: record.created_at.into(),
+    }
+}
+
+fn plan_wire(view: &CatalogView, record: &CatalogRecord<CreatePlan>) -> Plan {
+    let variants = view
+        .variants
+        .iter()
+        .filter(|variant| variant.parent_id.as_deref() == Some(record.id.as_str()))
+        .map(|variant| {
+            Variant::from_request(&variant.id, &record.id, &variant.body, variant.archived)
+        })
+        .collect();
+    Plan {
+        id: record.id.clone(),
+        key: record.key.clone(),
+        name: record.body.name.clone(),
+        kind: record.body.kind,
+        features: record
+            .body
+            .features
+            .iter()
+            .map(|(key, feature)| {
+                (
+                    key.clone(),
+                    PlanFeature {
+                        enabled: feature.enabled,
+                    },
+                )
+            })
+            .collect(),
+        overage_policy: record.body.overage_policy,
+        variants,
+        created_at: record.created_at.into(),
+    }
+}
+
+/// Runs a catalog write under the request's idempotency key and drops the cached catalog.
+async fn catalog_write<T, F, Fut>(
+    state: &AppState,
+    caller: &Caller,
+    incoming: &Incoming,
+    status: StatusCode,
+    write: F,
+) -> Response
+where
+    T: serde::Serialize,
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    if let Err(error) = caller.require(Scope::Admin) {
+        return error.into_response();
+    }
+    let env = &caller.env;
+    idempotency::run(state, env, incoming, |_key| async move {
+        let answer = write().await;
+        state.invalidate(env);
+        Done::json(status, &answer?)
+    })
+    .await
+}
+
+/// `POST /v1/features`.
+#[utoipa::path(post, path = "/v1/features", tag = "catalog", request_body = CreateFeature,
+    responses((status = 201, body = Feature), (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn create_feature(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)
+        .and_then(|request| request.to_ledger().map(|_| request).map_err(ApiError::from))
+    {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(
+        &state,
+        &caller,
+        &incoming,
+        StatusCode::CREATED,
+        || async move {
+            let now = state_ref.real_now();
+            let record = CatalogRecord {
+                id: format!(
+                    "feat_{}",
+                    ledger::IdSource::next_id(&mut UlidSource::at(now))
+                ),
+                key: request.key.clone(),
+                parent_id: None,
+                body: request,
+                archived: false,
+                created_at: now,
+            };
+            state_ref.store().insert_feature(env, &record).await?;
+            Ok(feature_wire(&record))
+        },
+    )
+    .await
+}
+
+/// `GET /v1/features`.
+#[utoipa::path(get, path = "/v1/features", tag = "catalog", responses((status = 200, body = Page<Feature>)))]
+pub async fn list_features(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Page<Feature>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let view = state.view(&caller.env).await?;
+    Ok(Json(Page {
+        data: view.features.iter().map(feature_wire).collect(),
+        next_cursor: None,
+    }))
+}
+
+/// `GET /v1/features/{id_or_key}`.
+#[utoipa::path(get, path = "/v1/features/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
+    responses((status = 200, body = Feature), (status = 404, body = Problem)))]
+pub async fn get_feature(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Feature>, ApiError> {
+    caller.require(Scope::Read)?;
+    let view = state.view(&caller.env).await?;
+    let record = view
+        .features
+        .iter()
+        .find(|record| record.id == id || record.key == id)
+        .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
+    Ok(Json(feature_wire(record)))
+}
+
+/// `POST /v1/plans`.
+#[utoipa::path(post, path = "/v1/plans", tag = "catalog", request_body = CreatePlan,
+    responses((status = 201, body = Plan), (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn create_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(
+        &state,
+        &caller,
+        &incoming,
+        StatusCode::CREATED,
+        || async move {
+            let now = state_ref.real_now();
+            let id = PlanId::new(&mut UlidSource::at(now));
+            request.to_ledger(id)?;
+            let view = state_ref.view(env).await?;
+            if let Some(unknown) = request
+                .features
+                .keys()
+                .find(|key| view.features.iter().all(|feature| &feature.key != *key))
+            {
+                return Err(ApiError::bad_request(
+                    format!("features.{unknown}"),
+                    format!("feature `{unknown}` does not exist"),
+                ));
+            }
+            let record = CatalogRecord {
+                id: id.to_string(),
+                key: request.key.clone(),
+                parent_id: None,
+                body: request,
+                archived: false,
+                created_at: now,
+            };
+            state_ref.store().insert_plan(env, &record).await?;
+            state_ref.invalidate(env);
+            let view = state_ref.view(env).await?;
+            Ok(plan_wire(&view, &record))
+        },
+    )
+    .await
+}
+
+/// `GET /v1/plans`.
+#[utoipa::path(get, path = "/v1/plans", tag = "catalog", responses((status = 200, body = Page<Plan>)))]
+pub async fn list_plans(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Page<Plan>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let view = state.view(&caller.env).await?;
+    Ok(Json(Page {
+        data: view
+            .plans
+            .iter()
+            .map(|record| plan_wire(&view, record))
+            .collect(),
+        next_cursor: None,
+    }))
+}
+
+/// `GET /v1/plans/{id_or_key}`.
+#[utoipa::path(get, path = "/v1/plans/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
+    responses((status = 200, body = Plan), (status = 404, body = Problem)))]
+pub async fn get_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Plan>, ApiError> {
+    caller.require(Scope::Read)?;
+    let view = state.view(&caller.env).await?;
+    let record = view
+        .find_plan(&id)
+        .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
+    Ok(Json(plan_wire(&view, record)))
+}
+
+/// `POST /v1/plans/{id_or_key}/variants`.
+#[utoipa::path(post, path = "/v1/plans/{id_or_key}/variants", tag = "catalog", params(("id_or_key" = String, Path)), request_body = CreateVariant,
+    responses((status = 201, body = Variant), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn create_variant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(plan): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<CreateVariant>(&incoming.headers, &incoming.body, false) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(
+        &state,
+        &caller,
+        &incoming,
+        StatusCode::CREATED,
+        || async move {
+            let view = state_ref.view(env).await?;
+            let plan = view
+                .find_plan(&plan)
+                .ok_or_else(|| ApiError::NotFound(format!("plan `{plan}`")))?;
+            let plan_id: PlanId = plan.id.parse().map_err(ApiError::Internal)?;
+            let now = state_ref.real_now();
+            let id = VariantId::new(&mut UlidSource::at(now));
+            let variant = request.to_ledger(id, plan_id)?;
+            for (index, template) in variant.grants.iter().enumerate() {
+                if let Some(keys) = &template.feature_keys
+                    && let Some(unknown) =
+                        keys.iter().find(|key| view.catalog.feature(key).is_none())
+                {
+                    return Err(ApiError::bad_request(
+                        format!("grants[{index}].feature_keys"),
+                        format!("feature `{unknown}` does not exist"),
+                    ));
+                }
+            }
+            let record = CatalogRecord {
+                id: id.to_string(),
+                key: request.key.clone(),
+                parent_id: Some(plan.id.clone()),
+                body: request,
+                archived: false,
+                created_at: now,
+            };
+            state_ref.store().insert_variant(env, &record).await?;
+            Ok(Variant::from_request(
+                &record.id,
+                &plan.id,
+                &record.body,
+                false,
+            ))
+        },
+    )
+    .await
+}
+
+/// `POST /v1/plans/{plan}/variants/{variant}/archive`: a variant with subscriptions is
+/// never deleted; archived, it takes no new subscriptions.
+#[utoipa::path(post, path = "/v1/plans/{plan}/variants/{variant}/archive", tag = "catalog",
+    params(("plan" = String, Path), ("variant" = String, Path)),
+    responses((status = 200, body = Variant), (status = 404, body = Problem)))]
+pub async fn archive_variant(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((plan, variant)): Path<(String, String)>,
+    incoming: Incoming,
+) -> Response {
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+        let view = state_ref.view(env).await?;
+        let plan = view
+            .find_plan(&plan)
+            .ok_or_else(|| ApiError::NotFound(format!("plan `{plan}`")))?;
+        let record = view
+            .variants
+            .iter()
+            .find(|record| {
+                record.parent_id.as_deref() == Some(plan.id.as_str())
+                    && (record.id == variant || record.key == variant)
+            })
+            .ok_or_else(|| ApiError::NotFound(format!("variant `{variant}`")))?;
+        state_ref
+            .store()
+            .set_variant_archived(env, &record.id, true)
+            .await?;
+        Ok(Variant::from_request(
+            &record.id,
+            &plan.id,
+            &record.body,
+            true,
+        ))
+    })
+    .await
+}
+
+/// `GET /v1/settings`.
+#[utoipa::path(get, path = "/v1/settings", tag = "catalog", responses((status = 200, body = Settings)))]
+pub async fn get_settings(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Settings>, ApiError> {
+    caller.require(Scope::Read)?;
+    Ok(Json(state.view(&caller.env).await?.env.settings.clone()))
+}
+
+/// `PATCH /v1/settings`: the free plan variant and the low-balance threshold.
+#[utoipa::path(patch, path = "/v1/settings", tag = "catalog", request_body = UpdateSettings,
+    responses((status = 200, body = Settings), (status = 400, body = Problem)))]
+pub async fn update_settings(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<UpdateSettings>(&incoming.headers, &incoming.body, false) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+        let view = state_ref.view(env).await?;
+        let mut settings = view.env.settings.clone();
+        if let Some(variant) = request.free_plan_variant_id {
+            settings.free_plan_variant_id = match variant {
+                None => None,
+                Some(text) => {
+                    let record = view.find_variant(&text).ok_or_else(|| {
+                        ApiError::bad_request(
+                            "free_plan_variant_id",
+                            format!("no plan variant `{text}`"),
+                        )
+                    })?;
+                    let plan = view
+                        .plans
+                        .iter()
+                        .find(|plan| Some(plan.id.as_str()) == record.parent_id.as_deref());
+                    if plan.is_none_or(|plan| plan.body.kind != protocol::PlanKindWire::Base) {
+                        return Err(ApiError::bad_request(
+                            "free_plan_variant_id",
+                            "must be a variant of a base plan",
+                        ));
+                    }
+                    Some(record.id.clone())
+                }
+            };
+        }
+        if let Some(threshold) = request.low_balance_threshold {
+            if threshold.is_some_and(|value| value < 0) {
+                return Err(ApiError::bad_request(
+                    "low_balance_threshold",
+                    "must not be negative",
+                ));
+            }
+            settings.low_balance_threshold = threshold;
+        }
+        state_ref
+            .store()
+            .put_env_record(
+                env,
+                &EnvRecord {
+                    settings: settings.clone(),
+                    clock_offset_ms: view.env.clock_offset_ms,
+                },
+            )
+            .await?;
+        Ok(settings)
+    })
+    .await
+}

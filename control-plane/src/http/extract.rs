@@ -1,0 +1,120 @@
+//! Extractors that answer in the API's own problem shape: the authenticated caller, JSON
+//! bodies and query strings.
+
+use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+use crate::service::{AppState, Caller};
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+        let secret = presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        let caller = state.authenticate(&secret).await?;
+        parts.extensions.insert(caller.env.clone());
+        Ok(caller)
+    }
+}
+
+impl OptionalFromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Caller>, ApiError> {
+        if presented_key(&parts.headers).is_none() {
+            return Ok(None);
+        }
+        <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state)
+            .await
+            .map(Some)
+    }
+}
+
+/// `Authorization: Bearer <key>` or `X-API-Key: <key>`.
+pub fn presented_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    {
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    headers
+        .get("x-api-key")
+        .and_then(|value| value.to_str().ok())
+        .map(|value| value.trim().to_owned())
+}
+
+/// Parses a JSON request body. An empty body parses as `{}` when `empty_ok`.
+///
+/// # Errors
+/// 415 without a JSON content type; 400 naming the problem for malformed JSON, unknown
+/// fields, wrong types or out-of-range numbers.
+pub fn parse_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+    empty_ok: bool,
+) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) && empty_ok {
+        return serde_json::from_slice(b"{}").map_err(|error| ApiError::BadRequest {
+            field: None,
+            detail: error.to_string(),
+        });
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !(essence.eq_ignore_ascii_case("application/json")
+        || essence.to_ascii_lowercase().ends_with("+json"))
+    {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "send the body as JSON with `Content-Type: application/json` (got `{content_type}`)"
+        )));
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_error(&mut deserializer)?;
+    deserializer.end().map_err(|error| ApiError::BadRequest {
+        field: None,
+        detail: format!("malformed JSON: {error}"),
+    })?;
+    Ok(value)
+}
+
+fn serde_path_error<T: DeserializeOwned>(
+    deserializer: &mut serde_json::Deserializer<serde_json::de::SliceRead<'_>>,
+) -> Result<T, ApiError> {
+    T::deserialize(deserializer).map_err(|error| {
+        let detail = if error.is_syntax() || error.is_eof() {
+            format!("malformed JSON: {error}")
+        } else {
+            format!("invalid body: {error}")
+        };
+        ApiError::BadRequest {
+            field: None,
+            detail,
+        }
+    })
+}
+
+/// Parses the request's query string into `T`.
+///
+/// # Errors
+/// 400 naming the parameter.
+pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, ApiError> {
+    axum::extract::Query::<T>::try_from_uri(uri)
+        .map(|query| query.0)
+        .map_err(|rejection| ApiError::BadRequest {
+            field: None,
+            detail: format!("invalid query: {}", rejection.body_text()),
+        })
+}

@@ -1,0 +1,191 @@
+//! Reservations (SPEC 7): hold, get, commit, release, extend.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ledger::{Refusal, ReservationId, ReservationStatus};
+use protocol::{CommitReservation, CreateReservation, ExtendReservation, Problem, Reservation};
+
+use super::extract::parse_json;
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller};
+use crate::store::{Annotations, Changes, Env};
+
+/// `POST /v1/reservations`: holds credits for a long job.
+#[utoipa::path(post, path = "/v1/reservations", tag = "reservations", request_body = CreateReservation,
+    responses((status = 201, body = Reservation), (status = 400, body = Problem), (status = 402, body = Problem)))]
+pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        let request: CreateReservation = parse_json(&incoming.headers, &incoming.body, false)?;
+        Ok::<_, ApiError>(request.to_ledger()?)
+    })();
+    let (end_user, request) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |key| async move {
+        let reservation = state
+            .mutate(
+                env,
+                &end_user,
+                key.as_deref(),
+                Annotations::default(),
+                201,
+                |user, cx, _| {
+                    let (reservation, changes) =
+                        Changes::from_applied(user.reserve(cx, request.clone())?);
+                    Ok((Reservation::from(&reservation), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::CREATED, &reservation)
+    })
+    .await
+}
+
+fn parse_reservation_id(id: &str) -> Result<ReservationId, ApiError> {
+    ReservationId::parse(id).ok_or_else(|| ApiError::NotFound(format!("reservation `{id}`")))
+}
+
+/// The stored reservation, which must belong to the caller's environment.
+async fn stored(
+    state: &AppState,
+    env: &Env,
+    id: ReservationId,
+) -> Result<ledger::Reservation, ApiError> {
+    state
+        .store()
+        .reservation(env, &id.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("reservation {id}")))
+}
+
+/// `GET /v1/reservations/{id}`.
+#[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations", params(("id" = String, Path)),
+    responses((status = 200, body = Reservation), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Reservation>, ApiError> {
+    caller.require(Scope::Read)?;
+    let reservation = stored(&state, &caller.env, parse_reservation_id(&id)?).await?;
+    Ok(Json(Reservation::from(&reservation)))
+}
+
+/// Which resolution a request asks for.
+#[derive(Debug, Clone, Copy)]
+enum Resolve {
+    Commit(ledger::CommitSize),
+    Release,
+    Extend(i64),
+}
+
+async fn resolve(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    incoming: Incoming,
+    parse: fn(&HeaderMap, &[u8]) -> Result<Resolve, ApiError>,
+) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        let action = parse(&incoming.headers, &incoming.body)?;
+        Ok::<_, ApiError>((parse_reservation_id(&id)?, action))
+    })();
+    let (id, action) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |key| async move {
+        let current = stored(state, env, id).await?;
+        if current.status != ReservationStatus::Active {
+            return Err(not_active(id, current.status));
+        }
+        let reservation = state
+            .mutate(
+                env,
+                &current.end_user_id,
+                key.as_deref(),
+                Annotations::default(),
+                200,
+                |user, cx, _| {
+                    let applied = match action {
+                        Resolve::Commit(size) => user.commit(cx, id, size),
+                        Resolve::Release => user.release(cx, id),
+                        Resolve::Extend(ttl) => user.extend(cx, id, ttl),
+                    };
+                    let applied = applied.map_err(|refusal| match refusal {
+                        Refusal::ReservationNotActive { status } => not_active(id, status),
+                        other => other.into(),
+                    })?;
+                    let (reservation, changes) = Changes::from_applied(applied);
+                    Ok((Reservation::from(&reservation), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::OK, &reservation)
+    })
+    .await
+}
+
+fn not_active(id: ReservationId, status: ReservationStatus) -> ApiError {
+    ApiError::ReservationNotActive {
+        status: status.as_str().to_owned(),
+        detail: format!("reservation {id} is {status}, not active"),
+    }
+}
+
+/// `POST /v1/reservations/{id}/commit`: debits the actual cost and releases the rest.
+#[utoipa::path(post, path = "/v1/reservations/{id}/commit", tag = "reservations", params(("id" = String, Path)), request_body = Option<CommitReservation>,
+    responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn commit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    resolve(state, caller, id, incoming, |headers, body| {
+        let request: CommitReservation = parse_json(headers, body, true)?;
+        Ok(Resolve::Commit(request.to_ledger()?))
+    })
+    .await
+}
+
+/// `POST /v1/reservations/{id}/release`: releases everything held.
+#[utoipa::path(post, path = "/v1/reservations/{id}/release", tag = "reservations", params(("id" = String, Path)),
+    responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    resolve(state, caller, id, incoming, |headers, body| {
+        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+        Ok(Resolve::Release)
+    })
+    .await
+}
+
+/// `POST /v1/reservations/{id}/extend`: a heartbeat for long jobs.
+#[utoipa::path(post, path = "/v1/reservations/{id}/extend", tag = "reservations", params(("id" = String, Path)), request_body = ExtendReservation,
+    responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn extend(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    resolve(state, caller, id, incoming, |headers, body| {
+        let request: ExtendReservation = parse_json(headers, body, false)?;
+        Ok(Resolve::Extend(request.ttl_seconds))
+    })
+    .await
+}

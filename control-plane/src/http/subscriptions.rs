@@ -1,0 +1,453 @@
+//! Subscriptions (SPEC 10.2) and the test clock (SPEC 10.3).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ledger::{CancelAt, ChangeAt, Refusal, SubscriptionId, VariantId};
+use protocol::{
+    AdvanceTestClock, CancelSubscription, ChangeSubscription, CreateSubscription, Page, Problem,
+    RenewSubscription, Subscription, TestClock, WhenWire,
+};
+use serde::Deserialize;
+
+use super::credits::page_limit;
+use super::extract::{parse_json, parse_query};
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller, CatalogView};
+use crate::store::{Annotations, Changes, Env, EnvRecord, Environment};
+
+/// A variant named by id, `<plan>/<variant>` or an unambiguous key, not archived.
+fn resolve_variant(view: &CatalogView, field: &str, text: &str) -> Result<VariantId, ApiError> {
+    let record = view
+        .find_variant(text)
+        .ok_or_else(|| ApiError::bad_request(field, format!("no plan variant `{text}`")))?;
+    if record.archived {
+        return Err(ApiError::bad_request(
+            field,
+            format!("plan variant `{text}` is archived"),
+        ));
+    }
+    record
+        .id
+        .parse()
+        .map_err(|error: String| ApiError::Internal(error))
+}
+
+fn wire(view: &CatalogView, subscription: &ledger::Subscription) -> Subscription {
+    Subscription::new(
+        subscription,
+        view.catalog.variant(subscription.plan_variant_id),
+    )
+}
+
+/// `POST /v1/subscriptions`.
+#[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", request_body = CreateSubscription,
+    responses((status = 201, body = Subscription), (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        let request: CreateSubscription = parse_json(&incoming.headers, &incoming.body, false)?;
+        let end_user = request.end_user()?;
+        Ok::<_, ApiError>((request, end_user))
+    })();
+    let (request, end_user) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |key| async move {
+        let view = state.view(env).await?;
+        let variant = resolve_variant(&view, "plan_variant_id", &request.plan_variant_id)?;
+        let subscribe = ledger::SubscribeRequest {
+            plan_variant_id: variant,
+            trial_days: request.trial_days,
+            start_at: request.start_at.map(|time| time.0),
+        };
+        let subscription = state
+            .mutate(
+                env,
+                &end_user,
+                key.as_deref(),
+                Annotations::default(),
+                201,
+                |user, cx, view| {
+                    let (subscription, changes) =
+                        Changes::from_applied(user.subscribe(cx, subscribe.clone())?);
+                    Ok((wire(view, &subscription), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::CREATED, &subscription)
+    })
+    .await
+}
+
+fn parse_subscription_id(id: &str) -> Result<SubscriptionId, ApiError> {
+    SubscriptionId::parse(id).ok_or_else(|| ApiError::NotFound(format!("subscription `{id}`")))
+}
+
+/// `GET /v1/subscriptions/{id}`.
+#[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = String, Path)),
+    responses((status = 200, body = Subscription), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Subscription>, ApiError> {
+    caller.require(Scope::Read)?;
+    let id = parse_subscription_id(&id)?;
+    let subscription = state
+        .store()
+        .subscription(&caller.env, &id.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
+    let view = state.view(&caller.env).await?;
+    Ok(Json(wire(&view, &subscription)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default)]
+    pub end_user_id: Option<String>,
+    #[serde(default)]
+    pub cursor: Option<String>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/subscriptions`: ordered by id, optionally for one end user.
+#[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", params(ListQuery),
+    responses((status = 200, body = Page<Subscription>), (status = 400, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<Page<Subscription>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let query: ListQuery = parse_query(&uri)?;
+    if let Some(end_user) = &query.end_user_id {
+        protocol::end_user_id("end_user_id", end_user)?;
+    }
+    let limit = page_limit(query.limit)?;
+    if let Some(cursor) = &query.cursor
+        && SubscriptionId::parse(cursor).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "cursor",
+            "is not a cursor from this list",
+        ));
+    }
+    let rows = state
+        .store()
+        .subscriptions(
+            &caller.env,
+            query.end_user_id.as_deref(),
+            query.cursor.as_deref(),
+            limit,
+        )
+        .await?;
+    let view = state.view(&caller.env).await?;
+    let next_cursor = (rows.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+        .then(|| rows.last().map(|row| row.id.to_string()))
+        .flatten();
+    Ok(Json(Page {
+        data: rows.iter().map(|row| wire(&view, row)).collect(),
+        next_cursor,
+    }))
+}
+
+/// A lifecycle operation.
+#[derive(Debug, Clone)]
+enum Lifecycle {
+    Renew(u32),
+    Pause,
+    Resume,
+    Cancel(CancelAt, bool),
+    Change(String, Option<ChangeAt>),
+}
+
+impl Lifecycle {
+    fn name(&self) -> &'static str {
+        match self {
+            Lifecycle::Renew(_) => "renew",
+            Lifecycle::Pause => "pause",
+            Lifecycle::Resume => "resume",
+            Lifecycle::Cancel(..) => "cancel",
+            Lifecycle::Change(..) => "change",
+        }
+    }
+}
+
+async fn lifecycle(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    incoming: Incoming,
+    parse: fn(&HeaderMap, &[u8]) -> Result<Lifecycle, ApiError>,
+) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        let operation = parse(&incoming.headers, &incoming.body)?;
+        Ok::<_, ApiError>((parse_subscription_id(&id)?, operation))
+    })();
+    let (id, operation) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |key| async move {
+        let current = state
+            .store()
+            .subscription(env, &id.to_string())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
+        if current.status.is_terminal() {
+            return Err(ApiError::InvalidTransition {
+                status: current.status.as_str().to_owned(),
+                detail: format!(
+                    "cannot {} a subscription that is {}",
+                    operation.name(),
+                    current.status
+                ),
+            });
+        }
+        let view = state.view(env).await?;
+        let target = match &operation {
+            Lifecycle::Change(text, _) => Some(resolve_variant(&view, "plan_variant_id", text)?),
+            _ => None,
+        };
+        let subscription = state
+            .mutate(
+                env,
+                &current.end_user_id,
+                key.as_deref(),
+                Annotations::default(),
+                200,
+                |user, cx, view| {
+                    let applied = match (&operation, target) {
+                        (Lifecycle::Renew(periods), _) => user.renew(cx, id, *periods),
+                        (Lifecycle::Pause, _) => user.pause(cx, id),
+                        (Lifecycle::Resume, _) => user.resume(cx, id),
+                        (Lifecycle::Cancel(at, revoke), _) => user.cancel(cx, id, *at, *revoke),
+                        (Lifecycle::Change(_, at), Some(variant)) => {
+                            user.change(cx, id, variant, *at)
+                        }
+                        (Lifecycle::Change(..), None) => {
+                            return Err(ApiError::Internal("change without a variant".into()));
+                        }
+                    };
+                    let applied = applied.map_err(|refusal| match refusal {
+                        // Due work may have ended it just now.
+                        Refusal::SubscriptionNotFound(_) => ApiError::InvalidTransition {
+                            status: "ended".into(),
+                            detail: format!("subscription {id} has just ended"),
+                        },
+                        other => other.into(),
+                    })?;
+                    let (subscription, changes) = Changes::from_applied(applied);
+                    Ok((wire(view, &subscription), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::OK, &subscription)
+    })
+    .await
+}
+
+fn when(at: WhenWire) -> (CancelAt, ChangeAt) {
+    match at {
+        WhenWire::PeriodEnd => (CancelAt::PeriodEnd, ChangeAt::PeriodEnd),
+        WhenWire::Immediate => (CancelAt::Immediate, ChangeAt::Immediate),
+    }
+}
+
+/// `POST /v1/subscriptions/{id}/renew`: records payment for coming periods.
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/renew", tag = "subscriptions", params(("id" = String, Path)), request_body = Option<RenewSubscription>,
+    responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn renew(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    lifecycle(state, caller, id, incoming, |headers, body| {
+        let request: RenewSubscription = parse_json(headers, body, true)?;
+        Ok(Lifecycle::Renew(request.periods))
+    })
+    .await
+}
+
+/// `POST /v1/subscriptions/{id}/pause`.
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/pause", tag = "subscriptions", params(("id" = String, Path)),
+    responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    lifecycle(state, caller, id, incoming, |headers, body| {
+        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+        Ok(Lifecycle::Pause)
+    })
+    .await
+}
+
+/// `POST /v1/subscriptions/{id}/resume`.
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/resume", tag = "subscriptions", params(("id" = String, Path)),
+    responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    lifecycle(state, caller, id, incoming, |headers, body| {
+        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+        Ok(Lifecycle::Resume)
+    })
+    .await
+}
+
+/// `POST /v1/subscriptions/{id}/cancel`.
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/cancel", tag = "subscriptions", params(("id" = String, Path)), request_body = Option<CancelSubscription>,
+    responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    lifecycle(state, caller, id, incoming, |headers, body| {
+        let request: CancelSubscription = parse_json(headers, body, true)?;
+        Ok(Lifecycle::Cancel(
+            when(request.at).0,
+            request.revoke_credits,
+        ))
+    })
+    .await
+}
+
+/// `POST /v1/subscriptions/{id}/change`: upgrade (now by default) or downgrade (at period end).
+#[utoipa::path(post, path = "/v1/subscriptions/{id}/change", tag = "subscriptions", params(("id" = String, Path)), request_body = ChangeSubscription,
+    responses((status = 200, body = Subscription), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
+pub async fn change(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    lifecycle(state, caller, id, incoming, |headers, body| {
+        let request: ChangeSubscription = parse_json(headers, body, false)?;
+        Ok(Lifecycle::Change(
+            request.plan_variant_id,
+            request.at.map(|at| when(at).1),
+        ))
+    })
+    .await
+}
+
+fn test_clock(view: &CatalogView, state: &AppState) -> TestClock {
+    TestClock {
+        now: state.env_now(view).into(),
+        offset_seconds: view.env.clock_offset_ms / 1000,
+    }
+}
+
+/// `GET /v1/test-clock`: the environment's instant (`live` always shows the real clock).
+#[utoipa::path(get, path = "/v1/test-clock", tag = "test clock", responses((status = 200, body = TestClock)))]
+pub async fn get_clock(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<TestClock>, ApiError> {
+    caller.require(Scope::Read)?;
+    let view = state.view(&caller.env).await?;
+    Ok(Json(test_clock(&view, &state)))
+}
+
+/// `POST /v1/test-clock/advance`: moves the `test` environment's clock forward and runs
+/// every job due in between before answering.
+#[utoipa::path(post, path = "/v1/test-clock/advance", tag = "test clock", request_body = AdvanceTestClock,
+    responses((status = 200, body = TestClock), (status = 400, body = Problem), (status = 409, body = Problem)))]
+pub async fn advance_clock(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        if caller.env.environment != Environment::Test {
+            return Err(ApiError::Conflict(
+                "the live environment always uses the real clock; use a qs_test_ key".into(),
+            ));
+        }
+        let request: AdvanceTestClock = parse_json(&incoming.headers, &incoming.body, false)?;
+        Ok::<_, ApiError>(request)
+    })();
+    let request = match prepared {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let clock = advance(state, env, request).await?;
+        Done::json(StatusCode::OK, &clock)
+    })
+    .await
+}
+
+async fn advance(
+    state: &AppState,
+    env: &Env,
+    request: AdvanceTestClock,
+) -> Result<TestClock, ApiError> {
+    let view = state.view(env).await?;
+    let now = state.env_now(&view);
+    let step_millis = match (request.seconds, request.to) {
+        (Some(seconds), None) => {
+            if seconds <= 0 {
+                return Err(ApiError::bad_request(
+                    "seconds",
+                    "must be positive: the clock only moves forward",
+                ));
+            }
+            seconds
+                .checked_mul(1000)
+                .ok_or_else(|| ApiError::bad_request("seconds", "is too large"))?
+        }
+        (None, Some(to)) => {
+            let step = to.0.since(now)?.as_millis();
+            if step <= 0 {
+                return Err(ApiError::bad_request(
+                    "to",
+                    "must be after the clock's current time: it only moves forward",
+                ));
+            }
+            step
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "seconds",
+                "give exactly one of `seconds` and `to`",
+            ));
+        }
+    };
+    let offset = view
+        .env
+        .clock_offset_ms
+        .checked_add(step_millis)
+        .ok_or_else(|| ApiError::bad_request("seconds", "is too large"))?;
+    let record = EnvRecord {
+        settings: view.env.settings.clone(),
+        clock_offset_ms: offset,
+    };
+    state.store().put_env_record(env, &record).await?;
+    state.invalidate(env);
+    crate::jobs::run_due(state, env).await?;
+    let view = state.view(env).await?;
+    Ok(test_clock(&view, state))
+}

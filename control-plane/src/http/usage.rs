@@ -1,0 +1,418 @@
+//! Usage metering (SPEC 6) and entitlement checks (SPEC 5).
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ledger::{Credits, EndUserId, Refusal};
+use protocol::{
+    BatchResult, BatchStatus, DecisionSource, EntitlementCheck, Page, Problem, RecordUsage,
+    UsageBatch, UsageBatchRecorded, UsageRecorded,
+};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::extract::{parse_json, parse_query};
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller};
+use crate::store::{Annotations, Changes, UsageKeyRecord};
+
+/// `POST /v1/usage`: records usage that happened.
+#[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = RecordUsage,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the event exactly-once (kept 35 days)")),
+    responses((status = 201, body = UsageRecorded), (status = 400, body = Problem), (status = 402, body = Problem), (status = 404, body = Problem)))]
+pub async fn record_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Write)?;
+        let request: RecordUsage = parse_json(&incoming.headers, &incoming.body, false)?;
+        if request.idempotency_key.is_some() {
+            return Err(ApiError::bad_request(
+                "idempotency_key",
+                "is for batch events; send the `Idempotency-Key` header instead",
+            ));
+        }
+        Ok::<_, ApiError>(request)
+    })();
+    let request = match prepared {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |key| async move {
+        let view = state.view(env).await?;
+        let (end_user, usage, timestamp) = request.to_ledger("", state.env_now(&view))?;
+        let annotations = Annotations {
+            metadata: request.metadata.clone(),
+            ..Annotations::default()
+        };
+        let answer = state
+            .mutate(
+                env,
+                &end_user,
+                key.as_deref(),
+                annotations,
+                201,
+                |user, cx, _| {
+                    let (outcome, changes) =
+                        Changes::from_applied(user.record_usage(cx, usage.clone())?);
+                    Ok((recorded(&end_user, &usage, &outcome, timestamp), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::CREATED, &answer)
+    })
+    .await
+}
+
+fn recorded(
+    end_user: &EndUserId,
+    usage: &ledger::UsageRequest,
+    outcome: &ledger::UsageOutcome,
+    timestamp: ledger::Timestamp,
+) -> UsageRecorded {
+    UsageRecorded {
+        id: outcome.entry_id.to_string(),
+        end_user_id: end_user.to_string(),
+        feature_key: usage.feature_key.to_string(),
+        units: usage.units.get(),
+        cost: outcome.cost.get(),
+        covered: outcome.covered.get(),
+        debt: outcome.debt.get(),
+        balance: outcome.balance.get(),
+        timestamp: timestamp.into(),
+    }
+}
+
+/// A usage event's fingerprint: what makes a repeat "the same event".
+fn event_fingerprint(event: &RecordUsage) -> [u8; 32] {
+    let canonical = serde_json::json!({
+        "end_user_id": event.end_user_id, "feature_key": event.feature_key, "units": event.units,
+        "timestamp": event.timestamp, "strict": event.strict, "metadata": event.metadata,
+    });
+    Sha256::digest(canonical.to_string().as_bytes()).into()
+}
+
+fn error_result(index: usize, error: &ApiError) -> BatchResult {
+    BatchResult {
+        index,
+        status: BatchStatus::Error,
+        id: None,
+        cost: None,
+        covered: None,
+        debt: None,
+        error: Some(error.problem()),
+    }
+}
+
+/// One batch event, checked and ready for its end user's transaction.
+struct Prepared {
+    index: usize,
+    key: String,
+    fingerprint: [u8; 32],
+    usage: ledger::UsageRequest,
+    timestamp: ledger::Timestamp,
+}
+
+/// `POST /v1/usage/batch`: up to 1000 independent events, each with its own idempotency
+/// key. Each end user's events are applied in one transaction.
+#[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", request_body = UsageBatch,
+    responses((status = 200, body = UsageBatchRecorded), (status = 400, body = Problem)))]
+pub async fn record_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Response {
+    let prepared = (|| {
+        if !(crate::auth::allows(&caller.scopes, Scope::Write)
+            || crate::auth::allows(&caller.scopes, Scope::Sync))
+        {
+            return Err(ApiError::MissingScope("write"));
+        }
+        let batch: UsageBatch = parse_json(&incoming.headers, &incoming.body, false)?;
+        if batch.events.is_empty() || batch.events.len() > protocol::BATCH_EVENTS_MAX {
+            return Err(ApiError::bad_request(
+                "events",
+                format!("must hold 1 to {} events", protocol::BATCH_EVENTS_MAX),
+            ));
+        }
+        Ok::<_, ApiError>(batch)
+    })();
+    let batch = match prepared {
+        Ok(batch) => batch,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let results = apply_batch(state, env, &batch).await?;
+        Done::json(StatusCode::OK, &UsageBatchRecorded { results })
+    })
+    .await
+}
+
+async fn apply_batch(
+    state: &AppState,
+    env: &crate::store::Env,
+    batch: &UsageBatch,
+) -> Result<Vec<BatchResult>, ApiError> {
+    let view = state.view(env).await?;
+    let now = state.env_now(&view);
+    let keep_until = now.checked_add(ledger::Span::from_millis(
+        i64::try_from(state.config().usage_key_retention.as_millis()).unwrap_or(i64::MAX),
+    ))?;
+    let mut results: Vec<Option<BatchResult>> = vec![None; batch.events.len()];
+    let mut groups: BTreeMap<EndUserId, Vec<Prepared>> = BTreeMap::new();
+    let mut first_in_batch: BTreeMap<String, (usize, [u8; 32])> = BTreeMap::new();
+    // Events repeating an earlier event of the same batch: (index, first index).
+    let mut repeats: Vec<(usize, usize)> = Vec::new();
+    for (index, event) in batch.events.iter().enumerate() {
+        let prefix = format!("events[{index}].");
+        let parsed = event
+            .to_ledger(&prefix, now)
+            .map_err(ApiError::from)
+            .and_then(|parsed| {
+                let key = event.idempotency_key.clone().ok_or_else(|| {
+                    ApiError::bad_request(
+                        format!("{prefix}idempotency_key"),
+                        "is required for batch events",
+                    )
+                })?;
+                Ok((parsed, key))
+            });
+        let ((end_user, usage, timestamp), key) = match parsed {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                results[index] = Some(error_result(index, &error));
+                continue;
+            }
+        };
+        let fingerprint = event_fingerprint(event);
+        if let Some((first, first_fingerprint)) = first_in_batch.get(&key) {
+            if *first_fingerprint == fingerprint {
+                repeats.push((index, *first));
+            } else {
+                results[index] = Some(error_result(index, &ApiError::IdempotencyKeyReused));
+            }
+            continue;
+        }
+        first_in_batch.insert(key.clone(), (index, fingerprint));
+        if let Some(stored) = state.store().usage_key(env, &key).await? {
+            results[index] = Some(if stored.fingerprint == fingerprint {
+                duplicate_of(index, &stored.result)
+            } else {
+                error_result(index, &ApiError::IdempotencyKeyReused)
+            });
+            continue;
+        }
+        groups.entry(end_user).or_default().push(Prepared {
+            index,
+            key,
+            fingerprint,
+            usage,
+            timestamp,
+        });
+    }
+    for (end_user, events) in groups {
+        let applied = state
+            .mutate(
+                env,
+                &end_user,
+                None,
+                Annotations::default(),
+                200,
+                |user, cx, _| {
+                    let mut all = Changes::default();
+                    let mut outcomes = Vec::new();
+                    for event in &events {
+                        match user.record_usage(cx, event.usage.clone()) {
+                            Ok(applied) => {
+                                let (outcome, mut changes) = Changes::from_applied(applied);
+                                let answer =
+                                    recorded(&end_user, &event.usage, &outcome, event.timestamp);
+                                changes.usage_keys.push(UsageKeyRecord {
+                                    key: event.key.clone(),
+                                    fingerprint: event.fingerprint,
+                                    entry_id: answer.id.clone(),
+                                    result: serde_json::to_value(&answer)
+                                        .map_err(|error| ApiError::Internal(error.to_string()))?,
+                                    keep_until,
+                                });
+                                all.extend(changes);
+                                outcomes.push((event.index, Ok(answer)));
+                            }
+                            Err(Refusal::Invariant(message)) => {
+                                return Err(ApiError::Internal(message));
+                            }
+                            Err(refusal) => {
+                                outcomes.push((event.index, Err(ApiError::from(refusal).problem())))
+                            }
+                        }
+                    }
+                    Ok((outcomes, all))
+                },
+            )
+            .await;
+        match applied {
+            Ok(outcomes) => {
+                for (index, outcome) in outcomes {
+                    results[index] = Some(match outcome {
+                        Ok(answer) => BatchResult {
+                            index,
+                            status: BatchStatus::Created,
+                            id: Some(answer.id),
+                            cost: Some(answer.cost),
+                            covered: Some(answer.covered),
+                            debt: Some(answer.debt),
+                            error: None,
+                        },
+                        Err(problem) => BatchResult {
+                            index,
+                            status: BatchStatus::Error,
+                            id: None,
+                            cost: None,
+                            covered: None,
+                            debt: None,
+                            error: Some(problem),
+                        },
+                    });
+                }
+            }
+            Err(error @ ApiError::Internal(_)) => return Err(error),
+            Err(error) => {
+                for event in &events {
+                    results[event.index] = Some(error_result(event.index, &error));
+                }
+            }
+        }
+    }
+    for (index, first) in repeats {
+        let original = results[first].clone();
+        results[index] = original.map(|original| match original.status {
+            BatchStatus::Created | BatchStatus::Duplicate => BatchResult {
+                index,
+                status: BatchStatus::Duplicate,
+                ..original
+            },
+            BatchStatus::Error => BatchResult { index, ..original },
+        });
+    }
+    Ok(results
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| {
+            result.unwrap_or_else(|| {
+                error_result(index, &ApiError::Internal("event was not processed".into()))
+            })
+        })
+        .collect())
+}
+
+/// A duplicate of an earlier event: its original entry id and amounts.
+fn duplicate_of(index: usize, original: &serde_json::Value) -> BatchResult {
+    let number = |name: &str| original.get(name).and_then(serde_json::Value::as_i64);
+    BatchResult {
+        index,
+        status: BatchStatus::Duplicate,
+        id: original
+            .get("id")
+            .and_then(|id| id.as_str())
+            .map(str::to_owned),
+        cost: number("cost"),
+        covered: number("covered"),
+        debt: number("debt"),
+        error: None,
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct CheckQuery {
+    pub end_user_id: String,
+    pub feature_key: String,
+    /// Default 1.
+    #[serde(default)]
+    pub units: Option<u64>,
+}
+
+/// `GET /v1/entitlements/check`: may the end user do `units` of the feature now?
+#[utoipa::path(get, path = "/v1/entitlements/check", tag = "entitlements", params(CheckQuery),
+    responses((status = 200, body = EntitlementCheck), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<EntitlementCheck>, ApiError> {
+    caller.require(Scope::Read)?;
+    let query: CheckQuery = parse_query(&uri)?;
+    let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
+    let feature = protocol::feature_key("feature_key", &query.feature_key)?;
+    let units = protocol::units("units", query.units.unwrap_or(1))?;
+    let view = state.view(&caller.env).await?;
+    let now = state.env_now(&view);
+    let user = state.state(&caller.env, &end_user, now).await?;
+    let decision = user.decide(&view.catalog, &feature, units, Credits::ZERO, now)?;
+    let plan = decision.plan_id.and_then(|id| view.plan_key(id));
+    metrics::counter!("quotastack_checks_total", "allowed" => if decision.allowed { "true" } else { "false" }).increment(1);
+    Ok(Json(EntitlementCheck::new(
+        &decision,
+        &end_user,
+        &feature,
+        units,
+        plan,
+        DecisionSource::Ledger,
+        now,
+    )))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub end_user_id: String,
+}
+
+/// `GET /v1/entitlements`: every feature's answer for one end user (for UIs).
+#[utoipa::path(get, path = "/v1/entitlements", tag = "entitlements", params(ListQuery),
+    responses((status = 200, body = Page<EntitlementCheck>), (status = 400, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<Page<EntitlementCheck>>, ApiError> {
+    caller.require(Scope::Read)?;
+    let query: ListQuery = parse_query(&uri)?;
+    let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
+    let view = state.view(&caller.env).await?;
+    let now = state.env_now(&view);
+    let user = state.state(&caller.env, &end_user, now).await?;
+    let mut data = Vec::new();
+    for feature in view.catalog.features.keys() {
+        let decision = user.decide(
+            &view.catalog,
+            feature,
+            ledger::Units::ONE,
+            Credits::ZERO,
+            now,
+        )?;
+        let plan = decision.plan_id.and_then(|id| view.plan_key(id));
+        data.push(EntitlementCheck::new(
+            &decision,
+            &end_user,
+            feature,
+            ledger::Units::ONE,
+            plan,
+            DecisionSource::Ledger,
+            now,
+        ));
+    }
+    Ok(Json(Page {
+        data,
+        next_cursor: None,
+    }))
+}

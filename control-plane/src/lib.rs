@@ -1,0 +1,78 @@
+//! `control-plane`: QuotaStack's authority. It owns the ledger (through [`store`]), serves
+//! the REST API ([`http`]), runs due work ([`jobs`]) and keeps the event log.
+//!
+//! Invariants it keeps:
+//! - every billing rule comes from `ledger`; this crate only loads, calls and persists;
+//! - one end user's mutation — state, entries, blocks, events, idempotency answer — is one
+//!   database transaction;
+//! - only [`clock`] reads the system clock; everything else takes `now` from it, moved by
+//!   the test clock's offset in `test` environments.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod jobs;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::service::AppState;
+use crate::store::Store;
+use crate::store::sqlite::SqliteStore;
+
+/// Opens the configured store (running migrations).
+///
+/// # Errors
+/// When the database cannot be opened.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let store = SqliteStore::open(
+        &config.database,
+        config.synchronous,
+        config.read_connections,
+    )
+    .await?;
+    Ok(Arc::new(store))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then stops taking requests,
+/// finishes the ones in flight (up to the configured grace) and stops the jobs.
+///
+/// # Errors
+/// When serving fails.
+pub async fn run(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
+    let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped));
+    let app = http::app(state.clone());
+    tracing::info!(address = %listener.local_addr()?, "control plane listening");
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = stop_jobs.send(true);
+    if let Err(error) = jobs.await {
+        tracing::error!(%error, "the job scheduler panicked");
+    }
+    served?;
+    Ok(())
+}
+
+/// Builds the shared state with the real clock.
+pub fn state(
+    config: Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> AppState {
+    AppState::new(config, store, clock, metrics)
+}

@@ -1,0 +1,186 @@
+//! `quotastack-control-plane`: flags, logging, then `serve`, `tenant create` or
+//! `openapi`. Everything else lives in the library.
+
+// A command-line program: printing its answers to stdout is its job.
+#![allow(clippy::print_stdout)]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use control_plane::clock::SystemClock;
+use control_plane::config::{Config, LogFormat, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "quotastack-control-plane",
+    version,
+    about = "QuotaStack's control plane: the billing API over SQLite."
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(
+        long,
+        env = "QS_CONFIG",
+        default_value = "config/control-plane.toml",
+        global = true
+    )]
+    config: PathBuf,
+    /// Validate the configuration and exit.
+    #[arg(long, global = true)]
+    check_config: bool,
+    /// Address to listen on (overrides `server.listen`).
+    #[arg(long, env = "QS_LISTEN", global = true)]
+    listen: Option<String>,
+    /// `sqlite://<file>` or `:memory:` (overrides `database.url`).
+    #[arg(long, env = "QS_DATABASE_URL", global = true)]
+    database_url: Option<String>,
+    /// Token for `POST /v1/operator/tenants` (overrides `auth.operator_token`).
+    #[arg(long, env = "QS_OPERATOR_TOKEN", global = true, hide_env_values = true)]
+    operator_token: Option<String>,
+    /// `text` or `json` (overrides `log.format`).
+    #[arg(long, env = "QS_LOG_FORMAT", global = true)]
+    log_format: Option<String>,
+    /// A tracing filter such as `info` or `control_plane=debug` (overrides `log.level`).
+    #[arg(long, env = "QS_LOG_LEVEL", global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API (the default).
+    Serve,
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and print one all-scope key per environment (shown once).
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        listen: cli.listen.clone(),
+        database_url: cli.database_url.clone(),
+        operator_token: cli.operator_token.clone(),
+        log_format: cli.log_format.clone(),
+        log_level: cli.log_level.clone(),
+    };
+    let config = Config::load(&cli.config, &overrides)
+        .with_context(|| format!("invalid configuration in {}", cli.config.display()))?;
+    if cli.check_config {
+        println!("{}: ok", cli.config.display());
+        return Ok(());
+    }
+    init_tracing(&config);
+    tracing::debug!(?config, "configuration");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(config).await,
+            Command::Tenant {
+                command: TenantCommand::Create { name },
+            } => {
+                let store = control_plane::open_store(&config).await?;
+                let state = control_plane::state(config, store, Arc::new(SystemClock), None);
+                let created = control_plane::http::tenancy::create_tenant(&state, &name)
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{error}"))?;
+                println!("{}", serde_json::to_string_pretty(&created)?);
+                Ok(())
+            }
+            Command::Openapi => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&control_plane::http::openapi())?
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let store = control_plane::open_store(&config).await?;
+    let grace = config.shutdown_grace;
+    let state = control_plane::state(config, store, Arc::new(SystemClock), Some(metrics));
+    println!("QuotaStack control plane listening on http://{address}");
+    println!("  create a tenant and its keys:  quotastack-control-plane tenant create --name acme");
+    println!(
+        "  (or POST /v1/operator/tenants with the operator token; API described at http://{address}/openapi.json)"
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(control_plane::run(state, listener, async move {
+        let _ = stopped.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: finishing requests in flight"
+    );
+    let _ = stop.send(());
+    match tokio::time::timeout(grace, server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!("requests still running after the grace period; stopping anyway"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(error) => {
+                    tracing::error!(%error, "cannot listen for SIGTERM");
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,398 @@
+//! The service layer: shared state (store, clock, catalog cache, key cache, rate limits)
+//! and the one way every end-user operation runs — load, call `ledger`, persist in one
+//! transaction. Handlers parse and authenticate, then call in here.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use ledger::{Catalog, Cx, EndUserId, EndUserState, PlanId, Timestamp, VariantId};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth;
+use crate::clock::{Clock, UlidSource};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::store::{
+    Annotations, ApiKeyRecord, CatalogRecord, Changes, Env, EnvRecord, IdempotencyAnswer, Store,
+};
+
+/// Everything one environment's decisions depend on, built from the store and cached
+/// until this process changes it.
+#[derive(Debug)]
+pub struct CatalogView {
+    pub catalog: Catalog,
+    pub features: Vec<CatalogRecord<protocol::CreateFeature>>,
+    pub plans: Vec<CatalogRecord<protocol::CreatePlan>>,
+    pub variants: Vec<CatalogRecord<protocol::CreateVariant>>,
+    pub env: EnvRecord,
+}
+
+impl CatalogView {
+    /// Builds the engine's catalog from stored records.
+    ///
+    /// # Errors
+    /// A stored record that no longer validates (corruption).
+    pub fn build(
+        features: Vec<CatalogRecord<protocol::CreateFeature>>,
+        plans: Vec<CatalogRecord<protocol::CreatePlan>>,
+        variants: Vec<CatalogRecord<protocol::CreateVariant>>,
+        env: EnvRecord,
+    ) -> Result<CatalogView, ApiError> {
+        let corrupt = |what: &str, error: protocol::FieldError| {
+            ApiError::Internal(format!("stored {what} no longer validates: {error}"))
+        };
+        let mut catalog = Catalog::default();
+        for record in &features {
+            let feature = record
+                .body
+                .to_ledger()
+                .map_err(|error| corrupt("feature", error))?;
+            catalog.features.insert(feature.key.clone(), feature);
+        }
+        for record in &plans {
+            let id = parse_id::<PlanId>(&record.id)?;
+            catalog.plans.insert(
+                id,
+                record
+                    .body
+                    .to_ledger(id)
+                    .map_err(|error| corrupt("plan", error))?,
+            );
+        }
+        for record in &variants {
+            let id = parse_id::<VariantId>(&record.id)?;
+            let plan_id = parse_id::<PlanId>(record.parent_id.as_deref().unwrap_or_default())?;
+            catalog.variants.insert(
+                id,
+                record
+                    .body
+                    .to_ledger(id, plan_id)
+                    .map_err(|error| corrupt("variant", error))?,
+            );
+        }
+        catalog.settings = ledger::Settings {
+            free_plan_variant_id: env
+                .settings
+                .free_plan_variant_id
+                .as_deref()
+                .map(parse_id::<VariantId>)
+                .transpose()?,
+            low_balance_threshold: env.settings.low_balance_threshold.map(ledger::Credits::new),
+        };
+        Ok(CatalogView {
+            catalog,
+            features,
+            plans,
+            variants,
+            env,
+        })
+    }
+
+    /// The plan's key, for answers that name plans by key.
+    pub fn plan_key(&self, id: PlanId) -> Option<String> {
+        self.catalog.plan(id).map(|plan| plan.key.to_string())
+    }
+
+    /// A plan by id or key.
+    pub fn find_plan(&self, id_or_key: &str) -> Option<&CatalogRecord<protocol::CreatePlan>> {
+        self.plans
+            .iter()
+            .find(|record| record.id == id_or_key || record.key == id_or_key)
+    }
+
+    /// A variant by id, by `<plan key>/<variant key>`, or by a variant key that only one
+    /// plan uses.
+    pub fn find_variant(&self, text: &str) -> Option<&CatalogRecord<protocol::CreateVariant>> {
+        if let Some(record) = self.variants.iter().find(|record| record.id == text) {
+            return Some(record);
+        }
+        if let Some((plan, key)) = text.split_once('/') {
+            let plan = self.find_plan(plan)?;
+            return self.variants.iter().find(|record| {
+                record.parent_id.as_deref() == Some(plan.id.as_str()) && record.key == key
+            });
+        }
+        let mut matching = self.variants.iter().filter(|record| record.key == text);
+        let first = matching.next()?;
+        matching.next().is_none().then_some(first)
+    }
+}
+
+fn parse_id<T: std::str::FromStr<Err = String>>(text: &str) -> Result<T, ApiError> {
+    text.parse()
+        .map_err(|error: String| ApiError::Internal(format!("stored id: {error}")))
+}
+
+/// A cached API key lookup.
+#[derive(Debug, Clone)]
+struct CachedKey {
+    record: Option<ApiKeyRecord>,
+    fetched_at: Timestamp,
+}
+
+/// How long a key lookup is trusted before the store is asked again (revocations made
+/// through another replica take at most this long to apply here).
+const KEY_CACHE_MILLIS: i64 = 5_000;
+
+/// The authenticated caller: a key of one tenant's environment, with its scopes.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub env: Env,
+    pub key_id: String,
+    pub scopes: Vec<String>,
+}
+
+impl Caller {
+    /// # Errors
+    /// `MissingScope` when the key lacks `scope`.
+    pub fn require(&self, scope: auth::Scope) -> Result<(), ApiError> {
+        if auth::allows(&self.scopes, scope) {
+            Ok(())
+        } else {
+            Err(ApiError::MissingScope(scope.as_str()))
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    catalogs: Mutex<HashMap<Env, Arc<CatalogView>>>,
+    keys: Mutex<HashMap<[u8; 32], CachedKey>>,
+    limiter: DefaultKeyedRateLimiter<Env>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// The state every handler and job shares. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+impl AppState {
+    pub fn new(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        metrics: Option<PrometheusHandle>,
+    ) -> AppState {
+        let per_second = NonZeroU32::new(config.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
+        let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
+        AppState {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                clock,
+                catalogs: Mutex::new(HashMap::new()),
+                keys: Mutex::new(HashMap::new()),
+                limiter,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &dyn Store {
+        self.inner.store.as_ref()
+    }
+
+    pub fn metrics(&self) -> Option<&PrometheusHandle> {
+        self.inner.metrics.as_ref()
+    }
+
+    /// The real clock's instant.
+    pub fn real_now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The environment's instant: the real clock, moved by the test clock's offset.
+    pub fn env_now(&self, view: &CatalogView) -> Timestamp {
+        let now = self.real_now();
+        now.checked_add(ledger::Span::from_millis(view.env.clock_offset_ms))
+            .unwrap_or(now)
+    }
+
+    /// The environment's catalog, settings and clock offset (cached).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn view(&self, env: &Env) -> Result<Arc<CatalogView>, ApiError> {
+        if let Some(view) = self.lock_catalogs().get(env) {
+            return Ok(Arc::clone(view));
+        }
+        let store = self.store();
+        let view = Arc::new(CatalogView::build(
+            store.features(env).await?,
+            store.plans(env).await?,
+            store.variants(env).await?,
+            store.env_record(env).await?,
+        )?);
+        self.lock_catalogs().insert(env.clone(), Arc::clone(&view));
+        Ok(view)
+    }
+
+    /// Forgets the cached catalog after this process changed it.
+    pub fn invalidate(&self, env: &Env) {
+        self.lock_catalogs().remove(env);
+    }
+
+    fn lock_catalogs(&self) -> std::sync::MutexGuard<'_, HashMap<Env, Arc<CatalogView>>> {
+        self.inner
+            .catalogs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Authenticates a presented key: known, not revoked, matching its prefix's
+    /// environment; then applies the environment's rate limit.
+    ///
+    /// # Errors
+    /// `Unauthorized`, `RateLimited`, or store failures.
+    pub async fn authenticate(&self, secret: &str) -> Result<Caller, ApiError> {
+        let claimed = auth::key_environment(secret).ok_or(ApiError::Unauthorized)?;
+        let hash = auth::hash_key(secret);
+        let now = self.real_now();
+        let cached = self
+            .inner
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&hash)
+            .cloned();
+        let record = match cached {
+            Some(entry)
+                if now
+                    .since(entry.fetched_at)
+                    .is_ok_and(|age| age.as_millis() < KEY_CACHE_MILLIS) =>
+            {
+                entry.record
+            }
+            _ => {
+                let record = self.store().api_key_by_hash(&hash).await?;
+                self.inner
+                    .keys
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(
+                        hash,
+                        CachedKey {
+                            record: record.clone(),
+                            fetched_at: now,
+                        },
+                    );
+                record
+            }
+        };
+        let record = record.ok_or(ApiError::Unauthorized)?;
+        if !auth::hashes_equal(&record.key_hash, &hash)
+            || record.revoked_at.is_some()
+            || record.environment != claimed
+        {
+            return Err(ApiError::Unauthorized);
+        }
+        let env = Env {
+            tenant_id: record.tenant_id,
+            environment: record.environment,
+        };
+        if let Err(not_until) = self.inner.limiter.check_key(&env) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(ApiError::RateLimited {
+                retry_after_secs: wait.as_secs().max(1),
+            });
+        }
+        Ok(Caller {
+            env,
+            key_id: record.id,
+            scopes: record.scopes,
+        })
+    }
+
+    /// Drops a key from the lookup cache (after a revocation).
+    pub fn forget_key(&self, hash: &[u8; 32]) {
+        self.inner
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(hash);
+    }
+
+    /// Runs one operation on an end user: loads the state, calls `operation` with the
+    /// environment's `now`, persists the new state and its changes in one transaction
+    /// (with the idempotent answer, when `idempotency_key` is given), and returns the
+    /// operation's value.
+    ///
+    /// # Errors
+    /// The operation's refusal, or store failures; nothing is written then.
+    pub async fn mutate<T, F>(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        idempotency_key: Option<&str>,
+        annotations: Annotations,
+        status: u16,
+        mut operation: F,
+    ) -> Result<T, ApiError>
+    where
+        T: serde::Serialize + Send,
+        F: FnMut(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+            + Send,
+    {
+        let view = self.view(env).await?;
+        let now = self.env_now(&view);
+        let mut result: Option<T> = None;
+        let mut run = |state: &mut EndUserState| -> Result<Changes, ApiError> {
+            let mut ids = UlidSource::at(now);
+            let mut cx = Cx {
+                now,
+                catalog: &view.catalog,
+                ids: &mut ids,
+            };
+            let (value, mut changes) = operation(state, &mut cx, &view)?;
+            changes.next_due = state.next_due(&view.catalog)?;
+            changes.annotations = Annotations {
+                idempotency_key: idempotency_key.map(str::to_owned),
+                ..annotations.clone()
+            };
+            if let Some(key) = idempotency_key {
+                let body = serde_json::to_vec(&value)
+                    .map_err(|error| ApiError::Internal(error.to_string()))?;
+                changes.idempotency = Some(IdempotencyAnswer {
+                    key: key.to_owned(),
+                    status,
+                    body,
+                });
+            }
+            result = Some(value);
+            Ok(changes)
+        };
+        self.store().mutate(env, end_user, now, &mut run).await?;
+        result.ok_or_else(|| ApiError::Internal("mutation finished without a result".into()))
+    }
+
+    /// The end user's state as stored (a new, empty one if unknown).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+    ) -> Result<EndUserState, ApiError> {
+        Ok(self
+            .store()
+            .load_state(env, end_user)
+            .await?
+            .unwrap_or_else(|| EndUserState::new(end_user.clone(), now)))
+    }
+}

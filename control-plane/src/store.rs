@@ -1,0 +1,350 @@
+//! The storage boundary: one [`Store`] trait, implemented for SQLite (`store/sqlite.rs`).
+//!
+//! The store keeps what the engine decides from (each end user's live state, the catalog,
+//! settings) and the history it produced (entries, every block, reservations and
+//! subscriptions as they end, events), plus tenancy and idempotency records. A mutation
+//! of one end user — load the state, run the engine, persist the new state with its
+//! entries, blocks, events and idempotency record — happens in one database transaction,
+//! and mutations of one end user are serialised.
+
+pub mod sqlite;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use ledger::{Block, EndUserId, EndUserState, Entry, Reservation, Subscription, Timestamp};
+
+use crate::error::ApiError;
+
+/// `live` or `test`: every tenant has both, and they share nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Environment {
+    Live,
+    Test,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Live => "live",
+            Environment::Test => "test",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Environment> {
+        match text {
+            "live" => Some(Environment::Live),
+            "test" => Some(Environment::Test),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A tenant's environment: the scope of every object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Env {
+    pub tenant_id: String,
+    pub environment: Environment,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken (a feature key that exists, say).
+    #[error("{0}")]
+    Conflict(String),
+    /// Stored data that does not parse or breaks an invariant.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database failed; `transient` when a retry may succeed.
+    #[error("database error: {message}")]
+    Database { message: String, transient: bool },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> StoreError {
+        let transient = matches!(
+            error,
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+        );
+        StoreError::Database {
+            message: error.to_string(),
+            transient,
+        }
+    }
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(error: serde_json::Error) -> StoreError {
+        StoreError::Corrupt(error.to_string())
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone)]
+pub struct TenantRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: Timestamp,
+}
+
+/// An API key as stored: only a hash of its secret.
+#[derive(Debug, Clone)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub tenant_id: String,
+    pub environment: Environment,
+    pub name: Option<String>,
+    pub scopes: Vec<String>,
+    pub prefix: String,
+    pub key_hash: [u8; 32],
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// A catalog object: its id, key, the request that created it (the wire form is its
+/// source of truth) and when.
+#[derive(Debug, Clone)]
+pub struct CatalogRecord<T> {
+    pub id: String,
+    pub key: String,
+    pub parent_id: Option<String>,
+    pub body: T,
+    pub archived: bool,
+    pub created_at: Timestamp,
+}
+
+/// Per-environment state outside the catalog.
+#[derive(Debug, Clone, Default)]
+pub struct EnvRecord {
+    pub settings: protocol::Settings,
+    /// The test clock's offset from the real clock (always 0 in `live`).
+    pub clock_offset_ms: i64,
+}
+
+/// Annotations the API keeps beside engine objects.
+#[derive(Debug, Clone, Default)]
+pub struct Annotations {
+    /// The idempotency key of the request that wrote these entries.
+    pub idempotency_key: Option<String>,
+    /// The request's metadata, kept on its entries (and on a granted block).
+    pub metadata: Option<serde_json::Value>,
+    pub external_payment_id: Option<String>,
+}
+
+/// A usage event key kept for batch deduplication (SPEC 9: 35 days).
+#[derive(Debug, Clone)]
+pub struct UsageKeyRecord {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    pub entry_id: String,
+    /// The answer first given (`UsageRecorded`).
+    pub result: serde_json::Value,
+    pub keep_until: Timestamp,
+}
+
+/// What an operation on one end user wrote, beside the new state itself.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub entries: Vec<Entry>,
+    pub events: Vec<ledger::Event>,
+    pub finished_reservations: Vec<Reservation>,
+    pub finished_subscriptions: Vec<Subscription>,
+    pub finished_blocks: Vec<Block>,
+    pub annotations: Annotations,
+    /// When the end user next has due work (by the environment's clock).
+    pub next_due: Option<Timestamp>,
+    /// The idempotent request's answer, stored in the same transaction.
+    pub idempotency: Option<IdempotencyAnswer>,
+    pub usage_keys: Vec<UsageKeyRecord>,
+}
+
+impl Changes {
+    pub fn from_applied<T>(applied: ledger::Applied<T>) -> (T, Changes) {
+        let changes = Changes {
+            entries: applied.entries,
+            events: applied.events,
+            finished_reservations: applied.finished_reservations,
+            finished_subscriptions: applied.finished_subscriptions,
+            finished_blocks: applied.finished_blocks,
+            ..Changes::default()
+        };
+        (applied.value, changes)
+    }
+
+    /// Appends another operation's changes (a batch applies many in one transaction).
+    pub fn extend(&mut self, other: Changes) {
+        self.entries.extend(other.entries);
+        self.events.extend(other.events);
+        self.finished_reservations
+            .extend(other.finished_reservations);
+        self.finished_subscriptions
+            .extend(other.finished_subscriptions);
+        self.finished_blocks.extend(other.finished_blocks);
+        self.usage_keys.extend(other.usage_keys);
+    }
+}
+
+/// A completed idempotent request's stored answer.
+#[derive(Debug, Clone)]
+pub struct IdempotencyAnswer {
+    pub key: String,
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// What a new idempotent request finds.
+#[derive(Debug, Clone)]
+pub enum IdempotencyBegin {
+    /// The key is new (or its earlier holder died): this request runs.
+    Started,
+    /// Done before with the same request: replay this answer.
+    Replay { status: u16, body: Vec<u8> },
+    /// Used before with a different method, path or body.
+    Mismatch,
+    /// Another request with this key is running.
+    InFlight,
+}
+
+/// The operation run inside a mutation: gets the loaded (or new) state and returns what
+/// it wrote, or an error that rolls everything back.
+pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> Result<Changes, ApiError> + Send + 'a;
+
+/// Filters for `GET /v1/ledger`.
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    pub end_user_id: Option<String>,
+    pub entry_type: Option<String>,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    /// Entries older than this sequence number (the cursor).
+    pub before_seq: Option<i64>,
+    pub limit: u32,
+}
+
+/// A block as the store keeps it: with its owner and the request's annotations.
+#[derive(Debug, Clone)]
+pub struct StoredBlock {
+    pub end_user_id: EndUserId,
+    pub block: Block,
+    pub annotations: Annotations,
+}
+
+/// A stored event with its position in the environment's log.
+#[derive(Debug, Clone)]
+pub struct EventRecord {
+    pub seq: i64,
+    pub event: protocol::Event,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    // --- tenancy
+    async fn create_tenant(&self, tenant: &TenantRecord, keys: &[ApiKeyRecord]) -> StoreResult<()>;
+    async fn api_key_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>>;
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()>;
+    async fn list_api_keys(&self, env: &Env) -> StoreResult<Vec<ApiKeyRecord>>;
+    async fn revoke_api_key(
+        &self,
+        env: &Env,
+        id: &str,
+        at: Timestamp,
+    ) -> StoreResult<Option<ApiKeyRecord>>;
+
+    // --- environment and catalog
+    async fn env_record(&self, env: &Env) -> StoreResult<EnvRecord>;
+    async fn put_env_record(&self, env: &Env, record: &EnvRecord) -> StoreResult<()>;
+    async fn insert_feature(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateFeature>,
+    ) -> StoreResult<()>;
+    async fn features(&self, env: &Env)
+    -> StoreResult<Vec<CatalogRecord<protocol::CreateFeature>>>;
+    async fn insert_plan(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreatePlan>,
+    ) -> StoreResult<()>;
+    async fn plans(&self, env: &Env) -> StoreResult<Vec<CatalogRecord<protocol::CreatePlan>>>;
+    async fn insert_variant(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateVariant>,
+    ) -> StoreResult<()>;
+    async fn variants(&self, env: &Env)
+    -> StoreResult<Vec<CatalogRecord<protocol::CreateVariant>>>;
+    async fn set_variant_archived(&self, env: &Env, id: &str, archived: bool) -> StoreResult<bool>;
+    /// Environments that exist, with their clock offsets: what the scheduler walks.
+    async fn environments(&self) -> StoreResult<Vec<(Env, i64)>>;
+
+    // --- end users
+    /// Loads the end user's state (a new one if unknown), runs `operation`, and persists
+    /// the new state with its changes in one transaction. Nothing is written when
+    /// `operation` fails.
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        operation: &mut MutateFn<'_>,
+    ) -> Result<(), ApiError>;
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>>;
+    /// End users with due work at or before `now`.
+    async fn due_end_users(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserId>>;
+
+    // --- history
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>>;
+    async fn entries(
+        &self,
+        env: &Env,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>>;
+    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>>;
+    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>>;
+    async fn subscriptions(
+        &self,
+        env: &Env,
+        end_user: Option<&str>,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Subscription>>;
+    async fn events(
+        &self,
+        env: &Env,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>>;
+    async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>>;
+
+    // --- idempotency
+    async fn idempotency_begin(
+        &self,
+        env: &Env,
+        key: &str,
+        fingerprint: &[u8; 32],
+        now: Timestamp,
+        lease_ms: i64,
+        keep_until: Timestamp,
+    ) -> StoreResult<IdempotencyBegin>;
+    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()>;
+    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()>;
+    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>>;
+    /// Deletes idempotency records and usage keys kept past their time.
+    async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64>;
+}

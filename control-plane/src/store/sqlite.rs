@@ -1,0 +1,927 @@
+//! The SQLite store: one file in WAL mode (or a private in-memory database for tests),
+//! one writer connection (SQLite allows one writer at a time, so every mutation is
+//! serialised there, end users included) and a pool of readers.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ledger::{
+    Block, EndUserId, EndUserState, EventId, Reservation, StateParts, Subscription, Timestamp,
+};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+
+use super::{
+    Annotations, ApiKeyRecord, CatalogRecord, Changes, EntryFilter, Env, EnvRecord, Environment,
+    EventRecord, IdempotencyAnswer, IdempotencyBegin, MutateFn, Store, StoreError, StoreResult,
+    StoredBlock, TenantRecord, UsageKeyRecord,
+};
+use crate::clock::UlidSource;
+use crate::config::{DatabaseUrl, Synchronous};
+use crate::error::ApiError;
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+fn millis(value: Timestamp) -> i64 {
+    value.as_millis()
+}
+
+fn corrupt(message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(message.into())
+}
+
+fn environment(row: &SqliteRow) -> StoreResult<Environment> {
+    let text: String = row.try_get("environment")?;
+    Environment::parse(&text).ok_or_else(|| corrupt(format!("environment `{text}`")))
+}
+
+fn unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database and runs the migrations.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the file cannot be opened or migrated.
+    pub async fn open(
+        url: &DatabaseUrl,
+        synchronous: Synchronous,
+        read_connections: u32,
+    ) -> StoreResult<SqliteStore> {
+        let sync = match synchronous {
+            Synchronous::Full => SqliteSynchronous::Full,
+            Synchronous::Normal => SqliteSynchronous::Normal,
+        };
+        let store = match url {
+            DatabaseUrl::SqliteMemory => {
+                let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+                // One connection holds the private database; it must never be recycled.
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with(options)
+                    .await?;
+                SqliteStore {
+                    writer: pool.clone(),
+                    reader: pool,
+                }
+            }
+            DatabaseUrl::SqliteFile(path) => {
+                if let Some(parent) = std::path::Path::new(path).parent()
+                    && !parent.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(parent).map_err(|error| StoreError::Database {
+                        message: format!("cannot create {}: {error}", parent.display()),
+                        transient: false,
+                    })?;
+                }
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(sync)
+                    .busy_timeout(Duration::from_secs(5))
+                    .foreign_keys(true);
+                let writer = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(options.clone())
+                    .await?;
+                let reader = SqlitePoolOptions::new()
+                    .max_connections(read_connections)
+                    .connect_with(options.read_only(true))
+                    .await?;
+                SqliteStore { writer, reader }
+            }
+        };
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&store.writer)
+            .await
+            .map_err(|error| StoreError::Database {
+                message: format!("migrations failed: {error}"),
+                transient: false,
+            })?;
+        Ok(store)
+    }
+
+    async fn catalog_insert<T: serde::Serialize + Sync>(
+        &self,
+        env: &Env,
+        kind: &str,
+        record: &CatalogRecord<T>,
+    ) -> StoreResult<()> {
+        let body = serde_json::to_string(&record.body)?;
+        let result = sqlx::query(
+            "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at, seq)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM catalog))",
+        )
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(kind)
+        .bind(&record.key)
+        .bind(&record.parent_id)
+        .bind(body)
+        .bind(record.archived)
+        .bind(millis(record.created_at))
+        .execute(&self.writer)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if unique_violation(&error) => Err(StoreError::Conflict(format!(
+                "a {kind} with key `{}` already exists",
+                record.key
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn catalog_list<T: serde::de::DeserializeOwned>(
+        &self,
+        env: &Env,
+        kind: &str,
+    ) -> StoreResult<Vec<CatalogRecord<T>>> {
+        let rows = sqlx::query(
+            "SELECT id, key, parent_id, body, archived, created_at FROM catalog
+             WHERE tenant_id = ? AND environment = ? AND kind = ? ORDER BY seq",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(kind)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CatalogRecord {
+                    id: row.try_get("id")?,
+                    key: row.try_get("key")?,
+                    parent_id: row.try_get("parent_id")?,
+                    body: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                    archived: row.try_get("archived")?,
+                    created_at: Timestamp::from_millis(row.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        environment: environment(row)?,
+        name: row.try_get("name")?,
+        scopes: serde_json::from_str(&row.try_get::<String, _>("scopes")?)?,
+        prefix: row.try_get("prefix")?,
+        key_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(Timestamp::from_millis),
+    })
+}
+
+async fn insert_key(executor: &mut sqlx::SqliteConnection, key: &ApiKeyRecord) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, environment, name, scopes, prefix, key_hash, created_at, revoked_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&key.id)
+    .bind(&key.tenant_id)
+    .bind(key.environment.as_str())
+    .bind(&key.name)
+    .bind(serde_json::to_string(&key.scopes)?)
+    .bind(&key.prefix)
+    .bind(key.key_hash.as_slice())
+    .bind(millis(key.created_at))
+    .bind(key.revoked_at.map(millis))
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_tenant(&self, tenant: &TenantRecord, keys: &[ApiKeyRecord]) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
+            .bind(&tenant.id)
+            .bind(&tenant.name)
+            .bind(millis(tenant.created_at))
+            .execute(&mut *tx)
+            .await?;
+        for environment in [Environment::Live, Environment::Test] {
+            sqlx::query(
+                "INSERT INTO environments (tenant_id, environment, settings) VALUES (?, ?, ?)",
+            )
+            .bind(&tenant.id)
+            .bind(environment.as_str())
+            .bind(serde_json::to_string(&protocol::Settings::default())?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for key in keys {
+            insert_key(&mut tx, key).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE key_hash = ?")
+            .bind(hash.as_slice())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        let mut connection = self.writer.acquire().await?;
+        insert_key(&mut connection, key).await
+    }
+
+    async fn list_api_keys(&self, env: &Env) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query("SELECT * FROM api_keys WHERE tenant_id = ? AND environment = ? ORDER BY created_at, id")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(
+        &self,
+        env: &Env,
+        id: &str,
+        at: Timestamp,
+    ) -> StoreResult<Option<ApiKeyRecord>> {
+        sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND tenant_id = ? AND environment = ?")
+            .bind(millis(at))
+            .bind(id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .execute(&self.writer)
+            .await?;
+        let row = sqlx::query(
+            "SELECT * FROM api_keys WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.writer)
+        .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn env_record(&self, env: &Env) -> StoreResult<EnvRecord> {
+        let row = sqlx::query("SELECT settings, clock_offset_ms FROM environments WHERE tenant_id = ? AND environment = ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else {
+            return Ok(EnvRecord::default());
+        };
+        Ok(EnvRecord {
+            settings: serde_json::from_str(&row.try_get::<String, _>("settings")?)?,
+            clock_offset_ms: row.try_get("clock_offset_ms")?,
+        })
+    }
+
+    async fn put_env_record(&self, env: &Env, record: &EnvRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (tenant_id, environment) DO UPDATE SET settings = excluded.settings, clock_offset_ms = excluded.clock_offset_ms",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(serde_json::to_string(&record.settings)?)
+        .bind(record.clock_offset_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_feature(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateFeature>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "feature", record).await
+    }
+
+    async fn features(
+        &self,
+        env: &Env,
+    ) -> StoreResult<Vec<CatalogRecord<protocol::CreateFeature>>> {
+        self.catalog_list(env, "feature").await
+    }
+
+    async fn insert_plan(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreatePlan>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "plan", record).await
+    }
+
+    async fn plans(&self, env: &Env) -> StoreResult<Vec<CatalogRecord<protocol::CreatePlan>>> {
+        self.catalog_list(env, "plan").await
+    }
+
+    async fn insert_variant(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateVariant>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "variant", record).await
+    }
+
+    async fn variants(
+        &self,
+        env: &Env,
+    ) -> StoreResult<Vec<CatalogRecord<protocol::CreateVariant>>> {
+        self.catalog_list(env, "variant").await
+    }
+
+    async fn set_variant_archived(&self, env: &Env, id: &str, archived: bool) -> StoreResult<bool> {
+        let result = sqlx::query("UPDATE catalog SET archived = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND kind = 'variant'")
+            .bind(archived)
+            .bind(id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn environments(&self) -> StoreResult<Vec<(Env, i64)>> {
+        let rows = sqlx::query("SELECT tenant_id, environment, clock_offset_ms FROM environments ORDER BY tenant_id, environment")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    Env {
+                        tenant_id: row.try_get("tenant_id")?,
+                        environment: environment(row)?,
+                    },
+                    row.try_get("clock_offset_ms")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        operation: &mut MutateFn<'_>,
+    ) -> Result<(), ApiError> {
+        let mut tx = self.writer.begin().await.map_err(StoreError::from)?;
+        let old = load_state_in(&mut tx, env, end_user)
+            .await?
+            .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+        let mut state = old.clone();
+        let changes = operation(&mut state)?;
+        persist(&mut tx, env, &old, &state, &changes, now).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>> {
+        let row = sqlx::query("SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| parse_state(&row.try_get::<String, _>("state")?))
+            .transpose()
+    }
+
+    async fn due_end_users(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserId>> {
+        let rows = sqlx::query(
+            "SELECT end_user_id FROM end_users WHERE tenant_id = ? AND environment = ? AND next_due_at IS NOT NULL AND next_due_at <= ?
+             ORDER BY next_due_at LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(now))
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("end_user_id")?;
+                EndUserId::new(&id).map_err(|error| corrupt(format!("end user id `{id}`: {error}")))
+            })
+            .collect()
+    }
+
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
+        let row = sqlx::query("SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = ? AND tenant_id = ? AND environment = ?")
+            .bind(id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let metadata = row
+            .try_get::<Option<String>, _>("metadata")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?;
+        let owner: String = row.try_get("end_user_id")?;
+        Ok(Some(StoredBlock {
+            end_user_id: EndUserId::new(&owner)
+                .map_err(|error| corrupt(format!("end user id `{owner}`: {error}")))?,
+            block,
+            annotations: Annotations {
+                idempotency_key: None,
+                metadata,
+                external_payment_id: row.try_get("external_payment_id")?,
+            },
+        }))
+    }
+
+    async fn entries(
+        &self,
+        env: &Env,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM entries WHERE tenant_id = ? AND environment = ?
+               AND (? IS NULL OR end_user_id = ?) AND (? IS NULL OR type = ?)
+               AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
+               AND (? IS NULL OR seq < ?)
+             ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&filter.end_user_id)
+        .bind(&filter.end_user_id)
+        .bind(&filter.entry_type)
+        .bind(&filter.entry_type)
+        .bind(filter.from.map(millis))
+        .bind(filter.from.map(millis))
+        .bind(filter.to.map(millis))
+        .bind(filter.to.map(millis))
+        .bind(filter.before_seq)
+        .bind(filter.before_seq)
+        .bind(filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("seq")?,
+                    serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
+        let row = sqlx::query(
+            "SELECT body FROM reservations WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(
+            "SELECT body FROM subscriptions WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscriptions(
+        &self,
+        env: &Env,
+        end_user: Option<&str>,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(
+            "SELECT body FROM subscriptions WHERE tenant_id = ? AND environment = ?
+               AND (? IS NULL OR end_user_id = ?) AND (? IS NULL OR id > ?)
+             ORDER BY id LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(end_user)
+        .bind(after_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+
+    async fn events(
+        &self,
+        env: &Env,
+        after_seq: Option<i64>,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events WHERE tenant_id = ? AND environment = ? AND (? IS NULL OR seq > ?) ORDER BY seq LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after_seq)
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventRecord {
+                    seq: row.try_get("seq")?,
+                    event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
+        let row = sqlx::query(
+            "SELECT seq, body FROM events WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| {
+            Ok(EventRecord {
+                seq: row.try_get("seq")?,
+                event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn idempotency_begin(
+        &self,
+        env: &Env,
+        key: &str,
+        fingerprint: &[u8; 32],
+        now: Timestamp,
+        lease_ms: i64,
+        keep_until: Timestamp,
+    ) -> StoreResult<IdempotencyBegin> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let locked_until = now.as_millis().saturating_add(lease_ms);
+        if let Some(row) = row {
+            let stored: Vec<u8> = row.try_get("fingerprint")?;
+            if stored.as_slice() != fingerprint.as_slice() {
+                return Ok(IdempotencyBegin::Mismatch);
+            }
+            if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
+                let body: Vec<u8> = row
+                    .try_get::<Option<Vec<u8>>, _>("body")?
+                    .unwrap_or_default();
+                let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
+                return Ok(IdempotencyBegin::Replay { status, body });
+            }
+            let holder_until: i64 = row.try_get("locked_until")?;
+            if holder_until > now.as_millis() {
+                return Ok(IdempotencyBegin::InFlight);
+            }
+            // The first holder died without finishing: take the key over.
+            sqlx::query("UPDATE idempotency SET locked_until = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
+                .bind(locked_until)
+                .bind(&env.tenant_id)
+                .bind(env.environment.as_str())
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query("INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?)")
+                .bind(&env.tenant_id)
+                .bind(env.environment.as_str())
+                .bind(key)
+                .bind(fingerprint.as_slice())
+                .bind(locked_until)
+                .bind(millis(keep_until))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(IdempotencyBegin::Started)
+    }
+
+    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
+        let mut connection = self.writer.acquire().await?;
+        finish_idempotency(&mut connection, env, answer).await
+    }
+
+    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(key)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>> {
+        let row = sqlx::query(
+            "SELECT * FROM usage_keys WHERE tenant_id = ? AND environment = ? AND key = ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(key)
+        .fetch_optional(&self.writer)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+        Ok(Some(UsageKeyRecord {
+            key: row.try_get("key")?,
+            fingerprint: fingerprint
+                .try_into()
+                .map_err(|_| corrupt("usage key fingerprint"))?,
+            entry_id: row.try_get("entry_id")?,
+            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
+        }))
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
+        let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < ?")
+            .bind(millis(now))
+            .execute(&self.writer)
+            .await?;
+        let usage = sqlx::query("DELETE FROM usage_keys WHERE keep_until < ?")
+            .bind(millis(now))
+            .execute(&self.writer)
+            .await?;
+        Ok(idempotency
+            .rows_affected()
+            .saturating_add(usage.rows_affected()))
+    }
+}
+
+fn parse_state(text: &str) -> StoreResult<EndUserState> {
+    let parts: StateParts = serde_json::from_str(text)?;
+    EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
+}
+
+async fn load_state_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    end_user: &EndUserId,
+) -> StoreResult<Option<EndUserState>> {
+    let row = sqlx::query(
+        "SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.map(|row| parse_state(&row.try_get::<String, _>("state")?))
+        .transpose()
+}
+
+async fn finish_idempotency(
+    connection: &mut sqlx::SqliteConnection,
+    env: &Env,
+    answer: &IdempotencyAnswer,
+) -> StoreResult<()> {
+    sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
+        .bind(i64::from(answer.status))
+        .bind(answer.body.as_slice())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&answer.key)
+        .execute(connection)
+        .await?;
+    Ok(())
+}
+
+/// Writes the new state and everything the operation produced.
+async fn persist(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+    now: Timestamp,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    let state = serde_json::to_string(&new.clone().into_parts())?;
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user)
+    .bind(state)
+    .bind(i64::try_from(new.version()).unwrap_or(i64::MAX))
+    .bind(changes.next_due.map(millis))
+    .bind(millis(now))
+    .execute(&mut **tx)
+    .await?;
+
+    let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
+    let created: Vec<ledger::BlockId> = changes
+        .entries
+        .iter()
+        .filter_map(|entry| entry.block.as_ref().map(|block| block.id))
+        .collect();
+    for block in new.blocks().iter().chain(&changes.finished_blocks) {
+        if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
+            continue;
+        }
+        let annotated = created.contains(&block.id);
+        sqlx::query(
+            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        )
+        .bind(block.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(serde_json::to_string(block)?)
+        .bind(if annotated { changes.annotations.metadata.as_ref().map(ToString::to_string) } else { None })
+        .bind(if annotated { changes.annotations.external_payment_id.clone() } else { None })
+        .bind(millis(block.created_at))
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    for entry in &changes.entries {
+        let wire = protocol::LedgerEntry::new(
+            entry,
+            changes.annotations.idempotency_key.clone(),
+            changes.annotations.metadata.clone(),
+        );
+        sqlx::query("INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(entry.id.to_string())
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user)
+            .bind(entry.entry_type.as_str())
+            .bind(millis(entry.created_at))
+            .bind(serde_json::to_string(&wire)?)
+            .execute(&mut **tx)
+            .await?;
+    }
+
+    let old_reservations: BTreeMap<_, _> = old
+        .reservations()
+        .iter()
+        .map(|reservation| (reservation.id, reservation))
+        .collect();
+    for reservation in new
+        .reservations()
+        .iter()
+        .chain(&changes.finished_reservations)
+    {
+        if old_reservations
+            .get(&reservation.id)
+            .is_some_and(|old| *old == reservation)
+        {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )
+        .bind(reservation.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(reservation.status.as_str())
+        .bind(serde_json::to_string(reservation)?)
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    let old_subscriptions: BTreeMap<_, _> = old
+        .subscriptions()
+        .iter()
+        .map(|subscription| (subscription.id, subscription))
+        .collect();
+    for subscription in new
+        .subscriptions()
+        .iter()
+        .chain(&changes.finished_subscriptions)
+    {
+        if old_subscriptions
+            .get(&subscription.id)
+            .is_some_and(|old| *old == subscription)
+        {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )
+        .bind(subscription.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(subscription.status.as_str())
+        .bind(serde_json::to_string(subscription)?)
+        .execute(&mut **tx)
+        .await?;
+    }
+
+    for event in &changes.events {
+        insert_event(tx, env, event).await?;
+    }
+
+    for usage_key in &changes.usage_keys {
+        sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(&usage_key.key)
+            .bind(usage_key.fingerprint.as_slice())
+            .bind(&usage_key.entry_id)
+            .bind(usage_key.result.to_string())
+            .bind(millis(usage_key.keep_until))
+            .execute(&mut **tx)
+            .await?;
+    }
+
+    if let Some(answer) = &changes.idempotency {
+        finish_idempotency(tx, env, answer).await?;
+    }
+    Ok(())
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    event: &ledger::Event,
+) -> StoreResult<()> {
+    let id = EventId::new(&mut UlidSource::at(event.at));
+    let wire = protocol::Event {
+        id: id.to_string(),
+        event_type: event.kind.type_name().to_owned(),
+        end_user_id: Some(event.end_user_id.to_string()),
+        created_at: event.at.into(),
+        data: protocol::event_data(&event.kind),
+        deliveries: Vec::new(),
+    };
+    sqlx::query("INSERT INTO events (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)")
+        .bind(&wire.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(event.end_user_id.as_str())
+        .bind(&wire.event_type)
+        .bind(millis(event.at))
+        .bind(serde_json::to_string(&wire)?)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

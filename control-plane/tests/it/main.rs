@@ -1,0 +1,1 @@
+//! The control plane through its router (being written).
