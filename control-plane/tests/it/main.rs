@@ -1,1 +1,8 @@
-//! The control plane through its router (being written).
+//! The control plane's one integration-test binary: the API through its router, in
+//! process, on SQLite.
+
+// This whole crate is tests: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod api;
+mod support;
