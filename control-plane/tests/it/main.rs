@@ -5,4 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod clock_walk;
+mod concurrency;
+mod errors;
+mod isolation;
+mod openapi;
+mod restart;
 mod support;

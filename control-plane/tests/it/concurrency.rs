@@ -1,0 +1,179 @@
+//! Races on one end user: concurrent strict usage never over-spends, and one idempotency
+//! key sent many times at once has exactly one effect.
+
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+
+use crate::support::Harness;
+
+// 200 concurrent strict usages of 1 credit against 100 credits: exactly 100 succeed,
+// the balance ends at 0, and the ledger holds exactly 100 debits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strict_usage_never_overspends() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let harness = Harness::on_file(&directory.path().join("race.db")).await;
+    let key = harness.tenant("acme").await.test;
+    harness.catalog(&key).await;
+    harness.grant(&key, "hot", 100).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let (harness, key) = (harness.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            harness.post("/v1/usage", &key, json!({"end_user_id": "hot", "feature_key": "api_calls", "units": 1, "strict": true})).await.status
+        }));
+    }
+    let mut created = 0;
+    let mut refused = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            StatusCode::CREATED => created += 1,
+            StatusCode::PAYMENT_REQUIRED => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!((created, refused), (100, 100));
+    let balance = harness
+        .get("/v1/credits/balance?end_user_id=hot", &key)
+        .await;
+    assert_eq!(
+        (
+            balance.body["available"].as_i64(),
+            balance.body["debt"].as_i64()
+        ),
+        (Some(0), Some(0))
+    );
+    let debits = harness
+        .get("/v1/ledger?end_user_id=hot&type=debit&limit=500", &key)
+        .await;
+    assert_eq!(debits.body["data"].as_array().map(Vec::len), Some(100));
+}
+
+// 50 requests with one idempotency key at once: one effect, and every answer is the same
+// status and body (replays say so in a header).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_idempotency_key_in_flight_many_times() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let harness = Harness::on_file(&directory.path().join("idem.db")).await;
+    let key = harness.tenant("acme").await.test;
+    harness.catalog(&key).await;
+    harness.grant(&key, "u1", 1000).await;
+
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let (harness, key) = (harness.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            harness
+                .send(
+                    Method::POST,
+                    "/v1/usage",
+                    Some(&key),
+                    Some(json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 7})),
+                    &[("idempotency-key", "same-key")],
+                )
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.expect("task"));
+    }
+    let first = &answers[0];
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(
+        answers
+            .iter()
+            .all(|answer| answer.status == first.status && answer.body == first.body),
+        "every answer is identical"
+    );
+    let replays = answers
+        .iter()
+        .filter(|answer| answer.headers.contains_key("idempotent-replayed"))
+        .count();
+    assert_eq!(replays, 49, "all but the first are replays");
+    assert_eq!(harness.available(&key, "u1").await, 993, "charged once");
+
+    let reused = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 8})),
+            &[("idempotency-key", "same-key")],
+        )
+        .await;
+    assert_eq!(
+        (reused.status, reused.code()),
+        (StatusCode::CONFLICT, "idempotency_key_reused")
+    );
+}
+
+// Refusals are stored decisions too: a replay of a 402 answers the same 402, even after
+// credits arrive; a 400 is not stored and may be retried with the key.
+#[tokio::test]
+async fn stored_refusals_and_retriable_errors() {
+    let harness = Harness::new().await;
+    let key = harness.tenant("acme").await.test;
+    harness.catalog(&key).await;
+    let strict =
+        json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 5, "strict": true});
+    let first = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(strict.clone()),
+            &[("idempotency-key", "k402")],
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::PAYMENT_REQUIRED);
+    harness.grant(&key, "u1", 100).await;
+    let replay = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(strict),
+            &[("idempotency-key", "k402")],
+        )
+        .await;
+    assert_eq!(
+        (replay.status, replay.body.clone()),
+        (StatusCode::PAYMENT_REQUIRED, first.body)
+    );
+    assert_eq!(replay.content_type(), "application/problem+json");
+
+    let bad = json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 0});
+    let invalid = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(bad),
+            &[("idempotency-key", "k400")],
+        )
+        .await;
+    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    let fixed = json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1});
+    let retried = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(fixed),
+            &[("idempotency-key", "k400")],
+        )
+        .await;
+    assert_eq!(retried.status, StatusCode::CREATED);
+    let valid = json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1});
+    let bad_key = harness
+        .send(
+            Method::POST,
+            "/v1/usage",
+            Some(&key),
+            Some(valid),
+            &[("idempotency-key", "")],
+        )
+        .await;
+    assert_eq!(bad_key.body["field"], "Idempotency-Key");
+}
