@@ -13,6 +13,7 @@ async fn other_tenants_and_environments_get_404() {
     let harness = Harness::new().await;
     let a = harness.tenant("a").await;
     let b = harness.tenant("b").await;
+    assert!(a.id.starts_with("ten_") && a.id != b.id);
     harness.catalog(&a.test).await;
     harness.catalog(&b.test).await;
     let block = harness.grant(&a.test, "shared_user", 100).await;
