@@ -62,12 +62,23 @@ enum Command {
     Openapi,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrintWhat {
+    Json,
+    LiveKey,
+    TestKey,
+}
+
 #[derive(Debug, Subcommand)]
 enum TenantCommand {
     /// Create a tenant and print one all-scope key per environment (shown once).
     Create {
         #[arg(long)]
         name: String,
+        /// What to print on stdout: the whole answer as JSON, or only one key (the JSON
+        /// still goes to stderr, so the other key is not lost).
+        #[arg(long, value_enum, default_value = "json")]
+        print: PrintWhat,
     },
 }
 
@@ -95,14 +106,25 @@ fn main() -> anyhow::Result<()> {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(config).await,
             Command::Tenant {
-                command: TenantCommand::Create { name },
+                command: TenantCommand::Create { name, print },
             } => {
                 let store = control_plane::open_store(&config).await?;
                 let state = control_plane::state(config, store, Arc::new(SystemClock), None);
                 let created = control_plane::http::tenancy::create_tenant(&state, &name)
                     .await
                     .map_err(|error| anyhow::anyhow!("{error}"))?;
-                println!("{}", serde_json::to_string_pretty(&created)?);
+                let json = serde_json::to_string_pretty(&created)?;
+                match print {
+                    PrintWhat::Json => println!("{json}"),
+                    PrintWhat::LiveKey => {
+                        eprintln!("{json}");
+                        println!("{}", created.api_keys.live);
+                    }
+                    PrintWhat::TestKey => {
+                        eprintln!("{json}");
+                        println!("{}", created.api_keys.test);
+                    }
+                }
                 Ok(())
             }
             Command::Openapi => {
