@@ -369,3 +369,69 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
         format!("`{url}` is not sqlite://<file> or :memory:"),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The shipped file parses and validates as it is.
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/control-plane.toml");
+        let config =
+            Config::load(&path, &Overrides::default()).expect("config/control-plane.toml is valid");
+        assert_eq!(config.listen.port(), 8080);
+        assert_eq!(
+            config.database,
+            DatabaseUrl::SqliteFile("data/quotastack.db".into())
+        );
+    }
+
+    // Unknown keys, bad values and unsupported URLs are errors that name what is wrong;
+    // overrides win over the file; secrets never print.
+    #[test]
+    fn bad_configs_are_refused_clearly() {
+        let none = Overrides::default();
+        let unknown = Config::parse(
+            "[server]\nlisten = \"127.0.0.1:1\"\nlisen = 3\n",
+            "t.toml",
+            &none,
+        )
+        .expect_err("unknown key");
+        assert!(unknown.to_string().contains("lisen"), "{unknown}");
+        let listen = Config::parse("[server]\nlisten = \"nowhere\"\n", "t.toml", &none)
+            .expect_err("bad address");
+        assert!(listen.to_string().starts_with("server.listen"), "{listen}");
+        let database = Config::parse("[database]\nurl = \"mysql://x\"\n", "t.toml", &none)
+            .expect_err("bad url");
+        assert!(
+            database.to_string().starts_with("database.url"),
+            "{database}"
+        );
+        let short = Config::parse("[auth]\noperator_token = \"short\"\n", "t.toml", &none)
+            .expect_err("short token");
+        assert!(
+            short.to_string().starts_with("auth.operator_token"),
+            "{short}"
+        );
+        let retention = Config::parse("[idempotency]\nretention_hours = 1\n", "t.toml", &none)
+            .expect_err("retention");
+        assert!(
+            retention.to_string().contains("retention_hours"),
+            "{retention}"
+        );
+
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:9999".into()),
+            operator_token: Some("a-long-operator-token".into()),
+            ..Overrides::default()
+        };
+        let config = Config::parse("[server]\nlisten = \"127.0.0.1:1\"\n", "t.toml", &overrides)
+            .expect("valid");
+        assert_eq!(config.listen.port(), 9999);
+        assert!(
+            !format!("{config:?}").contains("a-long-operator-token"),
+            "secrets are redacted in Debug"
+        );
+    }
+}

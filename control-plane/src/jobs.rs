@@ -54,11 +54,21 @@ pub async fn run_due(state: &AppState, env: &Env) -> Result<usize, ApiError> {
             .store()
             .due_end_users(env, now, state.config().jobs_batch_len_max)
             .await?;
+        // How far behind the scheduler runs: the oldest due work still waiting.
+        let lag_millis = due
+            .first()
+            .and_then(|(_, oldest)| now.since(*oldest).ok())
+            .map_or(0, |span| span.as_millis());
+        metrics::gauge!("quotastack_jobs_lag_seconds", "environment" => env.environment.as_str())
+            .set(
+                std::time::Duration::from_millis(u64::try_from(lag_millis).unwrap_or(0))
+                    .as_secs_f64(),
+            );
         if due.is_empty() {
             return Ok(advanced);
         }
         let batch_len = due.len();
-        for end_user in due {
+        for (end_user, _) in due {
             let result = state
                 .mutate(
                     env,

@@ -300,13 +300,13 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         env: &Env,
         end_user: &EndUserId,
     ) -> StoreResult<Option<EndUserState>>;
-    /// End users with due work at or before `now`.
+    /// End users with due work at or before `now`, oldest due first, with when it fell due.
     async fn due_end_users(
         &self,
         env: &Env,
         now: Timestamp,
         limit: u32,
-    ) -> StoreResult<Vec<EndUserId>>;
+    ) -> StoreResult<Vec<(EndUserId, Timestamp)>>;
 
     // --- history
     async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>>;

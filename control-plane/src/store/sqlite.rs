@@ -421,9 +421,9 @@ impl Store for SqliteStore {
         env: &Env,
         now: Timestamp,
         limit: u32,
-    ) -> StoreResult<Vec<EndUserId>> {
+    ) -> StoreResult<Vec<(EndUserId, Timestamp)>> {
         let rows = sqlx::query(
-            "SELECT end_user_id FROM end_users WHERE tenant_id = ? AND environment = ? AND next_due_at IS NOT NULL AND next_due_at <= ?
+            "SELECT end_user_id, next_due_at FROM end_users WHERE tenant_id = ? AND environment = ? AND next_due_at IS NOT NULL AND next_due_at <= ?
              ORDER BY next_due_at LIMIT ?",
         )
         .bind(&env.tenant_id)
@@ -435,7 +435,12 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| {
                 let id: String = row.try_get("end_user_id")?;
-                EndUserId::new(&id).map_err(|error| corrupt(format!("end user id `{id}`: {error}")))
+                let due = Timestamp::from_millis(row.try_get("next_due_at")?);
+                Ok((
+                    EndUserId::new(&id)
+                        .map_err(|error| corrupt(format!("end user id `{id}`: {error}")))?,
+                    due,
+                ))
             })
             .collect()
     }
