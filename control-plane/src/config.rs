@@ -46,6 +46,16 @@ struct RawConfig {
     jobs: RawJobs,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    webhooks: RawWebhooks,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawWebhooks {
+    allow_private_addresses: Option<bool>,
+    timeout_secs: Option<u64>,
+    concurrency: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -152,6 +162,13 @@ pub struct Config {
     pub jobs_batch_len_max: u32,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Whether webhook URLs may point at private, loopback or link-local addresses
+    /// (server-side request forgery guard; allow only for development).
+    pub webhooks_allow_private: bool,
+    /// How long one webhook delivery may take (SPEC 11: 10 s).
+    pub webhook_timeout: Duration,
+    /// How many deliveries run at once.
+    pub webhook_concurrency: usize,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -223,6 +240,8 @@ impl Config {
         let mut config = Config::validate(RawConfig::default(), &overrides)
             .unwrap_or_else(|error| unreachable!("defaults are valid: {error}"));
         config.jobs_interval = Duration::from_millis(50);
+        // Tests run their webhook receivers on loopback.
+        config.webhooks_allow_private = true;
         config
     }
 
@@ -341,6 +360,11 @@ impl Config {
                 .clone()
                 .or(raw.log.level)
                 .unwrap_or_else(|| "info".into()),
+            webhooks_allow_private: raw.webhooks.allow_private_addresses.unwrap_or(false),
+            webhook_timeout: Duration::from_secs(
+                raw.webhooks.timeout_secs.unwrap_or(10).clamp(1, 60),
+            ),
+            webhook_concurrency: raw.webhooks.concurrency.unwrap_or(16).clamp(1, 256),
         })
     }
 }

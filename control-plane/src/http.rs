@@ -8,6 +8,7 @@ pub mod reservations;
 pub mod subscriptions;
 pub mod tenancy;
 pub mod usage;
+pub mod webhooks;
 
 use std::time::Instant;
 
@@ -94,6 +95,10 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::change))
         .routes(routes!(subscriptions::get_clock))
         .routes(routes!(subscriptions::advance_clock))
+        .routes(routes!(webhooks::create, webhooks::list))
+        .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
+        .routes(routes!(webhooks::test))
+        .routes(routes!(webhooks::redeliver))
 }
 
 /// The OpenAPI document (3.1) of the whole API.

@@ -35,6 +35,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
 pub async fn tick(state: &AppState) -> Result<(), ApiError> {
     for (env, _) in state.store().environments().await? {
         run_due(state, &env).await?;
+        crate::webhooks::deliver_due(state, &env).await?;
     }
     state.store().purge_expired(state.real_now()).await?;
     Ok(())

@@ -16,6 +16,7 @@ pub mod http;
 pub mod jobs;
 pub mod service;
 pub mod store;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;

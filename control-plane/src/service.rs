@@ -165,6 +165,7 @@ struct Inner {
     keys: Mutex<HashMap<[u8; 32], CachedKey>>,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
+    webhook_client: reqwest::Client,
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -183,6 +184,19 @@ impl AppState {
         let per_second = NonZeroU32::new(config.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
+        let webhook_client =
+            crate::webhooks::client(config.webhook_timeout, config.webhooks_allow_private)
+                .unwrap_or_else(|error| {
+                    // Building a client fails only when the TLS backend cannot start; deliveries
+                    // then fail (and retry) with that error rather than going out unguarded.
+                    tracing::error!(%error, "cannot build the webhook client");
+                    reqwest::Client::builder()
+                        .timeout(config.webhook_timeout)
+                        .redirect(reqwest::redirect::Policy::none())
+                        .dns_resolver(std::sync::Arc::new(NoResolver))
+                        .build()
+                        .unwrap_or_default()
+                });
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -192,6 +206,7 @@ impl AppState {
                 keys: Mutex::new(HashMap::new()),
                 limiter,
                 metrics,
+                webhook_client,
             }),
         }
     }
@@ -202,6 +217,11 @@ impl AppState {
 
     pub fn store(&self) -> &dyn Store {
         self.inner.store.as_ref()
+    }
+
+    /// The client webhook deliveries use (no redirects, timeout, SSRF-guarded resolver).
+    pub fn webhook_client(&self) -> &reqwest::Client {
+        &self.inner.webhook_client
     }
 
     pub fn metrics(&self) -> Option<&PrometheusHandle> {
@@ -394,5 +414,20 @@ impl AppState {
             .load_state(env, end_user)
             .await?
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now)))
+    }
+}
+
+/// A resolver that resolves nothing: the fallback client must not reach anything.
+#[derive(Debug, Clone, Copy)]
+struct NoResolver;
+
+impl reqwest::dns::Resolve for NoResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let error: Box<dyn std::error::Error + Send + Sync> =
+                format!("the webhook client is unavailable; not resolving {host}").into();
+            Err(error)
+        })
     }
 }

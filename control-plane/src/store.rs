@@ -236,6 +236,53 @@ pub struct StoredBlock {
     pub annotations: Annotations,
 }
 
+/// A webhook endpoint as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointRecord {
+    pub id: String,
+    pub url: String,
+    /// `None`: every event type.
+    pub event_types: Option<Vec<String>>,
+    /// `whsec_<base64>`.
+    pub secret: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+impl EndpointRecord {
+    /// Whether this endpoint wants events of `event_type`.
+    pub fn wants(&self, event_type: &str) -> bool {
+        event_type == "webhook.test"
+            || self
+                .event_types
+                .as_ref()
+                .is_none_or(|types| types.iter().any(|wanted| wanted == event_type))
+    }
+}
+
+/// A delivery claimed for one attempt.
+#[derive(Debug, Clone)]
+pub struct DeliveryJob {
+    pub delivery_id: i64,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub endpoint: EndpointRecord,
+    pub event: protocol::Event,
+}
+
+/// What one delivery attempt came to.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub delivery_id: i64,
+    pub attempt: u32,
+    pub at: Timestamp,
+    pub succeeded: bool,
+    pub response_status: Option<u16>,
+    pub error: Option<String>,
+    /// When to try again; `None` ends the delivery (succeeded, or failed for good).
+    pub retry_at: Option<Timestamp>,
+}
+
 /// A stored event with its position in the environment's log.
 #[derive(Debug, Clone)]
 pub struct EventRecord {
@@ -331,6 +378,34 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: u32,
     ) -> StoreResult<Vec<EventRecord>>;
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>>;
+
+    // --- webhooks
+    async fn insert_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<()>;
+    async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>>;
+    async fn update_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<bool>;
+    async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool>;
+    /// Writes an event that concerns no end user (a test ping) with a delivery to one
+    /// endpoint only.
+    async fn insert_ping(
+        &self,
+        env: &Env,
+        event: &protocol::Event,
+        endpoint_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<()>;
+    /// Queues the event again for every live endpoint that wants it; returns how many.
+    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize>;
+    /// Claims up to `limit` deliveries due by `now`, each the oldest pending one of its
+    /// endpoint and end user (so a failing event holds back only that end user's later
+    /// events), leasing them for `lease_ms`.
+    async fn claim_deliveries(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        lease_ms: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<DeliveryJob>>;
+    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()>;
 
     // --- idempotency
     async fn idempotency_begin(

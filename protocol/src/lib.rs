@@ -14,6 +14,7 @@ mod subscriptions;
 mod tenancy;
 mod time;
 mod usage;
+mod webhooks;
 
 pub use catalog::*;
 pub use credits::*;
@@ -23,6 +24,7 @@ pub use subscriptions::*;
 pub use tenancy::*;
 pub use time::WireTime;
 pub use usage::*;
+pub use webhooks::*;
 
 use serde::{Deserialize, Serialize};
 

@@ -448,6 +448,7 @@ async fn advance(
     state.store().put_env_record(env, &record).await?;
     state.invalidate(env);
     crate::jobs::run_due(state, env).await?;
+    crate::webhooks::deliver_due(state, env).await?;
     let view = state.view(env).await?;
     Ok(test_clock(&view, state))
 }

@@ -12,3 +12,4 @@ mod isolation;
 mod openapi;
 mod restart;
 mod support;
+mod webhooks;

@@ -54,6 +54,13 @@ async fn openapi_covers_every_endpoint() {
         ("post", "/v1/test-clock/advance"),
         ("get", "/v1/events"),
         ("get", "/v1/events/{id}"),
+        ("post", "/v1/events/{id}/redeliver"),
+        ("post", "/v1/webhook-endpoints"),
+        ("get", "/v1/webhook-endpoints"),
+        ("get", "/v1/webhook-endpoints/{id}"),
+        ("patch", "/v1/webhook-endpoints/{id}"),
+        ("delete", "/v1/webhook-endpoints/{id}"),
+        ("post", "/v1/webhook-endpoints/{id}/test"),
     ];
     for (method, path) in expected {
         assert!(

@@ -1,0 +1,228 @@
+//! Webhook endpoints and redelivery (SPEC 11).
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use protocol::{CreateWebhookEndpoint, Page, Problem, UpdateWebhookEndpoint, WebhookEndpoint};
+
+use super::extract::parse_json;
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::clock::UlidSource;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller};
+use crate::store::{EndpointRecord, Env};
+use crate::webhooks;
+
+fn wire(record: &EndpointRecord, secret: Option<String>) -> WebhookEndpoint {
+    WebhookEndpoint {
+        id: record.id.clone(),
+        url: record.url.clone(),
+        event_types: record.event_types.clone(),
+        created_at: record.created_at.into(),
+        updated_at: record.updated_at.into(),
+        secret,
+    }
+}
+
+fn check_event_types(types: Option<&[String]>) -> Result<(), ApiError> {
+    let Some(types) = types else { return Ok(()) };
+    if types.is_empty() {
+        return Err(ApiError::bad_request(
+            "event_types",
+            "must list at least one type when present (omit it for all)",
+        ));
+    }
+    if let Some(unknown) = types
+        .iter()
+        .find(|event_type| !protocol::EVENT_TYPES.contains(&event_type.as_str()))
+    {
+        return Err(ApiError::bad_request(
+            "event_types",
+            format!("`{unknown}` is not an event type"),
+        ));
+    }
+    Ok(())
+}
+
+async fn find(state: &AppState, env: &Env, id: &str) -> Result<EndpointRecord, ApiError> {
+    let endpoints = state.store().endpoints(env).await?;
+    endpoints
+        .into_iter()
+        .find(|endpoint| endpoint.id == id)
+        .ok_or_else(|| ApiError::NotFound(format!("webhook endpoint `{id}`")))
+}
+
+/// `POST /v1/webhook-endpoints`: the secret is shown once.
+#[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks", request_body = CreateWebhookEndpoint,
+    responses((status = 201, body = WebhookEndpoint), (status = 400, body = Problem)))]
+pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
+    let prepared = (|| {
+        caller.require(Scope::Admin)?;
+        let request: CreateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
+        webhooks::validate_url(&request.url, state.config().webhooks_allow_private)
+            .map_err(|message| ApiError::bad_request("url", message))?;
+        check_event_types(request.event_types.as_deref())?;
+        Ok::<_, ApiError>(request)
+    })();
+    let request = match prepared {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let now = state.real_now();
+        let record = EndpointRecord {
+            id: format!("we_{}", ledger::IdSource::next_id(&mut UlidSource::at(now))),
+            url: request.url.clone(),
+            event_types: request.event_types.clone(),
+            secret: webhooks::generate_secret(),
+            created_at: now,
+            updated_at: now,
+        };
+        state.store().insert_endpoint(env, &record).await?;
+        Done::json(
+            StatusCode::CREATED,
+            &wire(&record, Some(record.secret.clone())),
+        )
+    })
+    .await
+}
+
+/// `GET /v1/webhook-endpoints`.
+#[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks", responses((status = 200, body = Page<WebhookEndpoint>)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let endpoints = state.store().endpoints(&caller.env).await?;
+    Ok(Json(Page {
+        data: endpoints.iter().map(|record| wire(record, None)).collect(),
+        next_cursor: None,
+    }))
+}
+
+/// `GET /v1/webhook-endpoints/{id}`.
+#[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)),
+    responses((status = 200, body = WebhookEndpoint), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<WebhookEndpoint>, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok(Json(wire(&find(&state, &caller.env, &id).await?, None)))
+}
+
+/// `PATCH /v1/webhook-endpoints/{id}`.
+#[utoipa::path(patch, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)), request_body = UpdateWebhookEndpoint,
+    responses((status = 200, body = WebhookEndpoint), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Result<Json<WebhookEndpoint>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let request: UpdateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
+    let mut record = find(&state, &caller.env, &id).await?;
+    if let Some(url) = request.url {
+        webhooks::validate_url(&url, state.config().webhooks_allow_private)
+            .map_err(|message| ApiError::bad_request("url", message))?;
+        record.url = url;
+    }
+    if let Some(types) = request.event_types {
+        check_event_types(types.as_deref())?;
+        record.event_types = types;
+    }
+    record.updated_at = state.real_now();
+    if !state.store().update_endpoint(&caller.env, &record).await? {
+        return Err(ApiError::NotFound(format!("webhook endpoint `{id}`")));
+    }
+    Ok(Json(wire(&record, None)))
+}
+
+/// `DELETE /v1/webhook-endpoints/{id}`: pending deliveries to it are dropped.
+#[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = Problem)))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Scope::Admin)?;
+    if state
+        .store()
+        .delete_endpoint(&caller.env, &id, state.real_now())
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("webhook endpoint `{id}`")))
+    }
+}
+
+/// `POST /v1/webhook-endpoints/{id}/test`: sends a `webhook.test` event to this endpoint
+/// now and answers the event (its delivery attempt included).
+#[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/test", tag = "webhooks", params(("id" = String, Path)),
+    responses((status = 200, body = protocol::Event), (status = 404, body = Problem)))]
+pub async fn test(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<protocol::Event>, ApiError> {
+    caller.require(Scope::Admin)?;
+    let endpoint = find(&state, &caller.env, &id).await?;
+    let view = state.view(&caller.env).await?;
+    let now = state.env_now(&view);
+    let event = protocol::Event {
+        id: ledger::EventId::new(&mut UlidSource::at(now)).to_string(),
+        event_type: "webhook.test".into(),
+        end_user_id: None,
+        created_at: now.into(),
+        data: serde_json::json!({ "endpoint_id": endpoint.id }),
+        deliveries: Vec::new(),
+    };
+    state
+        .store()
+        .insert_ping(&caller.env, &event, &endpoint.id, now)
+        .await?;
+    webhooks::deliver_due(&state, &caller.env).await?;
+    let stored = state
+        .store()
+        .event(&caller.env, &event.id)
+        .await?
+        .ok_or_else(|| ApiError::Internal("the test event vanished".into()))?;
+    Ok(Json(stored.event))
+}
+
+/// `POST /v1/events/{id}/redeliver`: queues the event again for every endpoint that
+/// wants it, and tries at once.
+#[utoipa::path(post, path = "/v1/events/{id}/redeliver", tag = "events", params(("id" = String, Path)),
+    responses((status = 202, body = protocol::Event), (status = 404, body = Problem)))]
+pub async fn redeliver(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let view = state.view(&caller.env).await?;
+    state
+        .store()
+        .event(&caller.env, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+    state
+        .store()
+        .redeliver(&caller.env, &id, state.env_now(&view))
+        .await?;
+    webhooks::deliver_due(&state, &caller.env).await?;
+    let stored = state
+        .store()
+        .event(&caller.env, &id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+    Ok((StatusCode::ACCEPTED, Json(stored.event)).into_response())
+}
