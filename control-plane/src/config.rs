@@ -48,6 +48,14 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     webhooks: RawWebhooks,
+    #[serde(default)]
+    sync: RawSync,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSync {
+    feed_retention_hours: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -169,6 +177,8 @@ pub struct Config {
     pub webhook_timeout: Duration,
     /// How many deliveries run at once.
     pub webhook_concurrency: usize,
+    /// How long the change feed keeps entries; a proxy further behind re-snapshots.
+    pub feed_retention: Duration,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -365,6 +375,13 @@ impl Config {
                 raw.webhooks.timeout_secs.unwrap_or(10).clamp(1, 60),
             ),
             webhook_concurrency: raw.webhooks.concurrency.unwrap_or(16).clamp(1, 256),
+            feed_retention: Duration::from_secs(
+                raw.sync
+                    .feed_retention_hours
+                    .unwrap_or(168)
+                    .clamp(1, 24 * 365)
+                    .saturating_mul(3600),
+            ),
         })
     }
 }

@@ -6,6 +6,7 @@ pub mod extract;
 pub mod idempotency;
 pub mod reservations;
 pub mod subscriptions;
+pub mod sync;
 pub mod tenancy;
 pub mod usage;
 pub mod webhooks;
@@ -99,6 +100,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::get, webhooks::update, webhooks::delete))
         .routes(routes!(webhooks::test))
         .routes(routes!(webhooks::redeliver))
+        .routes(routes!(sync::snapshot))
+        .routes(routes!(sync::stream))
 }
 
 /// The OpenAPI document (3.1) of the whole API.

@@ -37,7 +37,14 @@ pub async fn tick(state: &AppState) -> Result<(), ApiError> {
         run_due(state, &env).await?;
         crate::webhooks::deliver_due(state, &env).await?;
     }
-    state.store().purge_expired(state.real_now()).await?;
+    let now = state.real_now();
+    state.store().purge_expired(now).await?;
+    let feed_retention = ledger::Span::from_millis(
+        i64::try_from(state.config().feed_retention.as_millis()).unwrap_or(i64::MAX),
+    );
+    if let Ok(before) = now.checked_sub(feed_retention) {
+        state.store().purge_changes(before).await?;
+    }
     Ok(())
 }
 

@@ -166,6 +166,8 @@ struct Inner {
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
     webhook_client: reqwest::Client,
+    /// Bumped after every committed change, so change streams wake at once.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -207,6 +209,7 @@ impl AppState {
                 limiter,
                 metrics,
                 webhook_client,
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -262,6 +265,32 @@ impl AppState {
     /// Forgets the cached catalog after this process changed it.
     pub fn invalidate(&self, env: &Env) {
         self.lock_catalogs().remove(env);
+    }
+
+    /// After a catalog, settings or clock change: forget the cached catalog, append to the
+    /// change feed, and wake change streams.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn catalog_changed(&self, env: &Env) -> Result<(), ApiError> {
+        self.invalidate(env);
+        self.store()
+            .record_catalog_change(env, self.real_now())
+            .await?;
+        self.notify_changes();
+        Ok(())
+    }
+
+    /// Wakes every change stream (they look for new feed entries).
+    pub fn notify_changes(&self) {
+        self.inner
+            .changes
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value after each committed change.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
     }
 
     fn lock_catalogs(&self) -> std::sync::MutexGuard<'_, HashMap<Env, Arc<CatalogView>>> {
@@ -396,6 +425,7 @@ impl AppState {
             Ok(changes)
         };
         self.store().mutate(env, end_user, now, &mut run).await?;
+        self.notify_changes();
         result.ok_or_else(|| ApiError::Internal("mutation finished without a result".into()))
     }
 

@@ -283,6 +283,14 @@ pub struct AttemptRecord {
     pub retry_at: Option<Timestamp>,
 }
 
+/// One entry of the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    pub seq: i64,
+    /// `None`: the catalog or settings changed.
+    pub end_user_id: Option<EndUserId>,
+}
+
 /// A stored event with its position in the environment's log.
 #[derive(Debug, Clone)]
 pub struct EventRecord {
@@ -378,6 +386,30 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         limit: u32,
     ) -> StoreResult<Vec<EventRecord>>;
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>>;
+
+    // --- change feed
+    /// Changes after `cursor`, oldest first.
+    async fn changes_after(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ChangeRecord>>;
+    /// The newest change's position (0 before any).
+    async fn last_change(&self, env: &Env) -> StoreResult<i64>;
+    /// Changes up to this position were purged (0 when none were).
+    async fn purged_through(&self, env: &Env) -> StoreResult<i64>;
+    /// Records a catalog or settings change.
+    async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()>;
+    /// End users with stored state, by id after `after`, with their states.
+    async fn end_user_states(
+        &self,
+        env: &Env,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserState>>;
+    /// Deletes feed entries older than `before`, moving each environment's watermark.
+    async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64>;
 
     // --- webhooks
     async fn insert_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<()>;

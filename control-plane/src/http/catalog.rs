@@ -83,7 +83,9 @@ where
     idempotency::run(state, env, incoming, |_key| async move {
         let answer = write().await;
         state.invalidate(env);
-        Done::json(status, &answer?)
+        let answer = answer?;
+        state.catalog_changed(env).await?;
+        Done::json(status, &answer)
     })
     .await
 }

@@ -446,7 +446,7 @@ async fn advance(
         clock_offset_ms: offset,
     };
     state.store().put_env_record(env, &record).await?;
-    state.invalidate(env);
+    state.catalog_changed(env).await?;
     crate::jobs::run_due(state, env).await?;
     crate::webhooks::deliver_due(state, env).await?;
     let view = state.view(env).await?;

@@ -12,4 +12,5 @@ mod isolation;
 mod openapi;
 mod restart;
 mod support;
+mod sync;
 mod webhooks;

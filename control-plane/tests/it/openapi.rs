@@ -61,6 +61,8 @@ async fn openapi_covers_every_endpoint() {
         ("patch", "/v1/webhook-endpoints/{id}"),
         ("delete", "/v1/webhook-endpoints/{id}"),
         ("post", "/v1/webhook-endpoints/{id}/test"),
+        ("get", "/v1/sync/snapshot"),
+        ("get", "/v1/sync/stream"),
     ];
     for (method, path) in expected {
         assert!(

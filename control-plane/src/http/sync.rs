@@ -1,0 +1,262 @@
+//! Replication for proxies (scope `sync`): a streamed snapshot of an environment, then a
+//! long-lived NDJSON stream of every change after a cursor, with heartbeats.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use protocol::{CatalogItem, CatalogSnapshot, Problem, SyncRecord};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::extract::parse_query;
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller, CatalogView};
+use crate::store::Env;
+
+/// How often an idle stream says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often an idle stream looks for changes committed by other replicas.
+const POLL: Duration = Duration::from_millis(250);
+/// Lines buffered between the producer and a slow reader.
+const BUFFER_LINES: usize = 256;
+/// End users read per page of a snapshot, and feed entries per read of a stream.
+const PAGE_LEN: u32 = 500;
+
+fn catalog_snapshot(view: &CatalogView) -> CatalogSnapshot {
+    fn items<T: Clone>(records: &[crate::store::CatalogRecord<T>]) -> Vec<CatalogItem<T>> {
+        records
+            .iter()
+            .map(|record| CatalogItem {
+                id: record.id.clone(),
+                key: record.key.clone(),
+                parent_id: record.parent_id.clone(),
+                archived: record.archived,
+                body: record.body.clone(),
+            })
+            .collect()
+    }
+    CatalogSnapshot {
+        features: items(&view.features),
+        plans: items(&view.plans),
+        variants: items(&view.variants),
+        settings: view.env.settings.clone(),
+    }
+}
+
+fn line(record: &SyncRecord) -> Result<Bytes, ApiError> {
+    let mut bytes =
+        serde_json::to_vec(record).map_err(|error| ApiError::Internal(error.to_string()))?;
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
+}
+
+fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
+    let mut response = Body::from_stream(ReceiverStream::new(receiver)).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(protocol::NDJSON),
+    );
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `GET /v1/sync/snapshot`: the header (cursor and clock), the catalog, every end user's
+/// state, and an end line. Streamed page by page. Apply `/v1/sync/stream?cursor=` from
+/// the header's cursor afterwards: a state newer than the cursor may appear in both;
+/// versions say which is newest.
+#[utoipa::path(get, path = "/v1/sync/snapshot", tag = "sync",
+    responses((status = 200, description = "NDJSON lines of SyncRecord", content_type = "application/x-ndjson"), (status = 403, body = Problem)))]
+pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require(Scope::Sync)?;
+    let env = caller.env;
+    // The cursor is read first: anything committed later is in the stream after it.
+    let cursor = state.store().last_change(&env).await?;
+    state.invalidate(&env);
+    let view = state.view(&env).await?;
+    let (sender, receiver) = mpsc::channel(BUFFER_LINES);
+    let header = SyncRecord::Header {
+        cursor,
+        clock_offset_ms: view.env.clock_offset_ms,
+        now: state.env_now(&view).into(),
+    };
+    let catalog = SyncRecord::Catalog {
+        cursor,
+        catalog: catalog_snapshot(&view),
+    };
+    tokio::spawn(async move {
+        if let Err(error) = send_snapshot(&state, &env, cursor, [header, catalog], &sender).await {
+            tracing::warn!(%error, "snapshot stream ended early");
+        }
+    });
+    Ok(ndjson(receiver))
+}
+
+async fn send_snapshot(
+    state: &AppState,
+    env: &Env,
+    cursor: i64,
+    first: [SyncRecord; 2],
+    sender: &mpsc::Sender<Result<Bytes, Infallible>>,
+) -> Result<(), ApiError> {
+    let send = |record: SyncRecord| async move {
+        sender
+            .send(Ok(line(&record)?))
+            .await
+            .map_err(|_| ApiError::Internal("the reader went away".into()))
+    };
+    for record in first {
+        send(record).await?;
+    }
+    let mut after: Option<String> = None;
+    let mut count = 0u64;
+    loop {
+        let page = state
+            .store()
+            .end_user_states(env, after.as_deref(), PAGE_LEN)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.end_user_id().to_string());
+        for user in page {
+            count = count.saturating_add(1);
+            send(SyncRecord::EndUser {
+                cursor,
+                end_user_id: user.end_user_id().to_string(),
+                version: user.version(),
+                state: user.into_parts(),
+            })
+            .await?;
+        }
+    }
+    send(SyncRecord::End { end_users: count }).await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// The cursor of the snapshot's header, or of the last record applied.
+    pub cursor: i64,
+}
+
+/// `GET /v1/sync/stream?cursor=`: every change after `cursor`, in order, each carrying the
+/// new state of what changed and its cursor; a heartbeat at once and every 2 s when idle.
+/// A cursor older than the retained feed answers 410 (`cursor_expired`): re-snapshot.
+#[utoipa::path(get, path = "/v1/sync/stream", tag = "sync", params(StreamQuery),
+    responses((status = 200, description = "NDJSON lines of SyncRecord, open until the client leaves", content_type = "application/x-ndjson"),
+        (status = 410, body = Problem)))]
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Sync)?;
+    let query: StreamQuery = parse_query(&uri)?;
+    if query.cursor < 0 {
+        return Err(ApiError::bad_request("cursor", "must not be negative"));
+    }
+    let env = caller.env;
+    let purged = state.store().purged_through(&env).await?;
+    if query.cursor < purged {
+        let mut problem = Problem::new(
+            410,
+            "cursor_expired",
+            "Cursor expired",
+            format!("changes up to {purged} are no longer kept; take a new snapshot"),
+        );
+        problem.current_status = Some(purged.to_string());
+        let mut response = crate::error::problem_response(&problem);
+        *response.status_mut() = StatusCode::GONE;
+        return Ok(response);
+    }
+    let (sender, receiver) = mpsc::channel(BUFFER_LINES);
+    tokio::spawn(async move {
+        if let Err(error) = follow(&state, &env, query.cursor, &sender).await {
+            tracing::debug!(%error, "change stream ended");
+        }
+    });
+    Ok(ndjson(receiver))
+}
+
+async fn follow(
+    state: &AppState,
+    env: &Env,
+    mut cursor: i64,
+    sender: &mpsc::Sender<Result<Bytes, Infallible>>,
+) -> Result<(), ApiError> {
+    let mut changed = state.subscribe_changes();
+    let send = |record: SyncRecord| async move {
+        sender
+            .send(Ok(line(&record)?))
+            .await
+            .map_err(|_| ApiError::Internal("the reader went away".into()))
+    };
+    let mut next_heartbeat = tokio::time::Instant::now();
+    loop {
+        let changes = state.store().changes_after(env, cursor, PAGE_LEN).await?;
+        if let Some(last) = changes.last() {
+            // Each end user once, at the position of its last change in this read, in
+            // position order; the catalog likewise.
+            let mut latest: BTreeMap<Option<ledger::EndUserId>, i64> = BTreeMap::new();
+            for change in &changes {
+                latest.insert(change.end_user_id.clone(), change.seq);
+            }
+            let mut ordered: Vec<(i64, Option<ledger::EndUserId>)> =
+                latest.into_iter().map(|(user, seq)| (seq, user)).collect();
+            ordered.sort();
+            for (seq, user) in ordered {
+                match user {
+                    Some(end_user) => {
+                        if let Some(user) = state.store().load_state(env, &end_user).await? {
+                            send(SyncRecord::EndUser {
+                                cursor: seq,
+                                end_user_id: end_user.to_string(),
+                                version: user.version(),
+                                state: user.into_parts(),
+                            })
+                            .await?;
+                        }
+                    }
+                    None => {
+                        state.invalidate(env);
+                        let view = state.view(env).await?;
+                        send(SyncRecord::Catalog {
+                            cursor: seq,
+                            catalog: catalog_snapshot(&view),
+                        })
+                        .await?;
+                        send(SyncRecord::Clock {
+                            cursor: seq,
+                            clock_offset_ms: view.env.clock_offset_ms,
+                        })
+                        .await?;
+                    }
+                }
+            }
+            cursor = last.seq;
+            continue;
+        }
+        if tokio::time::Instant::now() >= next_heartbeat {
+            let view = state.view(env).await?;
+            send(SyncRecord::Heartbeat {
+                cursor,
+                now: state.env_now(&view).into(),
+            })
+            .await?;
+            next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
+        }
+        let wait = POLL.min(next_heartbeat.saturating_duration_since(tokio::time::Instant::now()));
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+            () = sender.closed() => return Ok(()),
+        }
+    }
+}

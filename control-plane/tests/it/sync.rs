@@ -1,0 +1,362 @@
+//! Replication for proxies: a snapshot, then 1,000 mixed mutations followed through the
+//! change stream, leave a follower with exactly the control plane's state for every end
+//! user; a reconnect from a mid-stream cursor loses nothing; an expired cursor gets 410.
+
+use std::collections::BTreeMap;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use protocol::SyncRecord;
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::support::Harness;
+
+/// Reads NDJSON records from a streamed response body as they arrive.
+struct Lines {
+    body: Body,
+    buffer: Vec<u8>,
+}
+
+impl Lines {
+    async fn open(harness: &Harness, path: &str, key: &str) -> (StatusCode, Lines) {
+        let request = Request::get(path)
+            .header("authorization", format!("Bearer {key}"))
+            .body(Body::empty())
+            .expect("request");
+        let response = harness
+            .app
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("response");
+        (
+            response.status(),
+            Lines {
+                body: response.into_body(),
+                buffer: Vec::new(),
+            },
+        )
+    }
+
+    /// The next record, or `None` when the body ended.
+    async fn next(&mut self) -> Option<SyncRecord> {
+        loop {
+            if let Some(position) = self.buffer.iter().position(|byte| *byte == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=position).collect();
+                return Some(
+                    serde_json::from_slice(&line[..line.len() - 1]).expect("a sync record"),
+                );
+            }
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), self.body.frame())
+                .await
+                .expect("a record within 10 s")?;
+            if let Ok(data) = frame.expect("frame").into_data() {
+                self.buffer.extend_from_slice(&data);
+            }
+        }
+    }
+}
+
+/// What a follower keeps: each end user's newest state, and its cursor.
+#[derive(Debug, Default, Clone)]
+struct Follower {
+    cursor: i64,
+    users: BTreeMap<String, (u64, ledger::StateParts)>,
+    clock_offset_ms: i64,
+    catalog_seen: bool,
+}
+
+impl Follower {
+    fn apply(&mut self, record: SyncRecord) {
+        if let Some(cursor) = record.cursor() {
+            assert!(
+                cursor >= self.cursor,
+                "cursors never go back: {cursor} after {}",
+                self.cursor
+            );
+            self.cursor = cursor;
+        }
+        match record {
+            SyncRecord::EndUser {
+                end_user_id,
+                version,
+                state,
+                ..
+            } => {
+                let newer = self
+                    .users
+                    .get(&end_user_id)
+                    .is_none_or(|(known, _)| version > *known);
+                if newer {
+                    self.users.insert(end_user_id, (version, state));
+                }
+            }
+            SyncRecord::Header {
+                clock_offset_ms, ..
+            }
+            | SyncRecord::Clock {
+                clock_offset_ms, ..
+            } => self.clock_offset_ms = clock_offset_ms,
+            SyncRecord::Catalog { catalog, .. } => {
+                catalog.to_ledger().expect("the replicated catalog builds");
+                self.catalog_seen = true;
+            }
+            SyncRecord::Heartbeat { .. } | SyncRecord::End { .. } => {}
+        }
+    }
+
+    async fn snapshot(harness: &Harness, key: &str) -> Follower {
+        let (status, mut lines) = Lines::open(harness, "/v1/sync/snapshot", key).await;
+        assert_eq!(status, StatusCode::OK);
+        let mut follower = Follower::default();
+        while let Some(record) = lines.next().await {
+            let end = matches!(record, SyncRecord::End { .. });
+            follower.apply(record);
+            if end {
+                return follower;
+            }
+        }
+        panic!("the snapshot ended without its end line");
+    }
+
+    /// Follows the stream until the cursor reaches `until` (or stops after `stop_after`
+    /// records, to simulate a dropped connection).
+    async fn follow(
+        &mut self,
+        harness: &Harness,
+        key: &str,
+        until: i64,
+        stop_after: Option<usize>,
+    ) {
+        let (status, mut lines) = Lines::open(
+            harness,
+            &format!("/v1/sync/stream?cursor={}", self.cursor),
+            key,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let mut seen = 0usize;
+        while self.cursor < until {
+            let record = lines.next().await.expect("the stream stays open");
+            self.apply(record);
+            seen += 1;
+            if stop_after.is_some_and(|limit| seen >= limit) {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_stream_replicates_exactly() {
+    let harness = Harness::new().await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    for user in 0..5 {
+        harness.grant(key, &format!("early_{user}"), 50).await;
+    }
+    let mut follower = Follower::snapshot(&harness, key).await;
+    assert!(follower.catalog_seen);
+    assert_eq!(follower.users.len(), 5);
+    let mut mid_follower: Option<Follower> = None;
+
+    // 1,000 mixed mutations over 20 end users (each starts with some credits).
+    for user in 0..20 {
+        harness.grant(key, &format!("user_{user}"), 100).await;
+    }
+    let mut reservations: Vec<String> = Vec::new();
+    for step in 0..1000u32 {
+        let user = format!("user_{}", step % 20);
+        match step % 10 {
+            0 | 1 => {
+                harness
+                    .grant(key, &user, i64::from(step % 7 + 1) * 10)
+                    .await;
+            }
+            2..=4 => {
+                harness.ok("/v1/usage", key, json!({"end_user_id": user, "feature_key": "api_calls", "units": step % 5 + 1}), 201).await;
+            }
+            5 => {
+                let answer = harness
+                    .post(
+                        "/v1/reservations",
+                        key,
+                        json!({"end_user_id": user, "feature_key": "api_calls", "amount": 2}),
+                    )
+                    .await;
+                if answer.status == StatusCode::CREATED {
+                    reservations.push(answer.body["id"].as_str().expect("id").to_owned());
+                }
+            }
+            6 => {
+                if let Some(id) = reservations.pop() {
+                    harness
+                        .post(
+                            &format!("/v1/reservations/{id}/commit"),
+                            key,
+                            json!({"amount": 1}),
+                        )
+                        .await;
+                }
+            }
+            7 => {
+                harness
+                    .post(
+                        "/v1/subscriptions",
+                        key,
+                        json!({"end_user_id": user, "plan_variant_id": "pro/monthly"}),
+                    )
+                    .await;
+            }
+            8 => {
+                harness
+                    .ok(
+                        "/v1/credits/adjustments",
+                        key,
+                        json!({"end_user_id": user, "amount": 3, "reason": "goodwill"}),
+                        201,
+                    )
+                    .await;
+            }
+            _ => {
+                harness.post("/v1/usage", key, json!({"end_user_id": user, "feature_key": "tokens", "units": 1500, "strict": true})).await;
+            }
+        }
+        if step == 500 {
+            // A second follower catches up to here, then drops its connection.
+            let mut second = follower.clone();
+            let here = harness
+                .state
+                .store()
+                .last_change(&env(&tenant))
+                .await
+                .expect("cursor");
+            second.follow(&harness, key, here, Some(25)).await;
+            mid_follower = Some(second);
+        }
+    }
+    let last = harness
+        .state
+        .store()
+        .last_change(&env(&tenant))
+        .await
+        .expect("cursor");
+    follower.follow(&harness, key, last, None).await;
+    assert_states_match(&harness, &tenant, &follower).await;
+
+    // The dropped follower reconnects from its own cursor and loses nothing.
+    let mut second = mid_follower.expect("the mid-stream follower");
+    assert!(second.cursor > 0 && second.cursor < last);
+    second.follow(&harness, key, last, None).await;
+    assert_states_match(&harness, &tenant, &second).await;
+}
+
+fn env(tenant: &crate::support::Tenant) -> control_plane::store::Env {
+    control_plane::store::Env {
+        tenant_id: tenant.id.clone(),
+        environment: control_plane::store::Environment::Test,
+    }
+}
+
+async fn assert_states_match(
+    harness: &Harness,
+    tenant: &crate::support::Tenant,
+    follower: &Follower,
+) {
+    let mut stored = BTreeMap::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = harness
+            .state
+            .store()
+            .end_user_states(&env(tenant), after.as_deref(), 100)
+            .await
+            .expect("states");
+        let Some(last) = page.last() else { break };
+        after = Some(last.end_user_id().to_string());
+        for user in page {
+            stored.insert(user.end_user_id().to_string(), user.into_parts());
+        }
+    }
+    assert_eq!(stored.len(), 25);
+    assert_eq!(
+        follower.users.len(),
+        stored.len(),
+        "the follower knows every end user"
+    );
+    for (id, state) in &stored {
+        assert_eq!(
+            follower.users.get(id).map(|(_, parts)| parts),
+            Some(state),
+            "replica of {id} differs"
+        );
+    }
+}
+
+// The stream says it is alive at once, carries catalog and clock changes, and a cursor
+// behind the retained feed answers 410.
+#[tokio::test]
+async fn heartbeats_clock_and_expired_cursors() {
+    let harness = Harness::new().await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    let follower = Follower::snapshot(&harness, key).await;
+    let (_, mut lines) = Lines::open(
+        &harness,
+        &format!("/v1/sync/stream?cursor={}", follower.cursor),
+        key,
+    )
+    .await;
+    assert!(
+        matches!(lines.next().await, Some(SyncRecord::Heartbeat { .. })),
+        "a heartbeat first"
+    );
+    harness.advance(key, 3600).await;
+    let mut clock = None;
+    while clock.is_none() {
+        if let Some(SyncRecord::Clock {
+            clock_offset_ms, ..
+        }) = lines.next().await
+        {
+            clock = Some(clock_offset_ms);
+        }
+    }
+    assert_eq!(
+        clock,
+        Some(3_600_000),
+        "followers learn the test clock's offset"
+    );
+
+    let no_scope = harness
+        .ok("/v1/api-keys", key, json!({"scopes": ["read"]}), 201)
+        .await;
+    let (forbidden, _) = Lines::open(
+        &harness,
+        "/v1/sync/snapshot",
+        no_scope["secret"].as_str().expect("secret"),
+    )
+    .await;
+    assert_eq!(forbidden, StatusCode::FORBIDDEN);
+
+    let far_future = ledger::Timestamp::from_millis(i64::MAX / 2);
+    harness
+        .state
+        .store()
+        .purge_changes(far_future)
+        .await
+        .expect("purge");
+    let (gone, _) = Lines::open(&harness, "/v1/sync/stream?cursor=0", key).await;
+    assert_eq!(gone, StatusCode::GONE);
+    let current = harness
+        .state
+        .store()
+        .last_change(&env(&tenant))
+        .await
+        .expect("cursor");
+    let (fine, _) = Lines::open(&harness, &format!("/v1/sync/stream?cursor={current}"), key).await;
+    assert_eq!(fine, StatusCode::OK, "a follower at the watermark is fine");
+}
