@@ -1,6 +1,8 @@
 //! The SQLite store: one file in WAL mode (or a private in-memory database for tests),
 //! one writer connection (SQLite allows one writer at a time, so every mutation is
-//! serialised there, end users included) and a pool of readers.
+//! serialised there, end users included) and a pool of readers. Write transactions start
+//! with `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
+//! (`busy_timeout`) instead of failing to upgrade a read.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -215,7 +217,7 @@ async fn insert_key(executor: &mut sqlx::SqliteConnection, key: &ApiKeyRecord) -
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_tenant(&self, tenant: &TenantRecord, keys: &[ApiKeyRecord]) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
             .bind(&tenant.id)
             .bind(&tenant.name)
@@ -391,7 +393,11 @@ impl Store for SqliteStore {
         now: Timestamp,
         operation: &mut MutateFn<'_>,
     ) -> Result<(), ApiError> {
-        let mut tx = self.writer.begin().await.map_err(StoreError::from)?;
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from)?;
         let old = load_state_in(&mut tx, env, end_user)
             .await?
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
@@ -701,7 +707,7 @@ impl Store for SqliteStore {
     }
 
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO change_watermarks (tenant_id, environment, purged_through)
              SELECT tenant_id, environment, MAX(seq) FROM changes WHERE created_at < ? GROUP BY tenant_id, environment
@@ -756,7 +762,7 @@ impl Store for SqliteStore {
     }
 
     async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let result = sqlx::query("UPDATE webhook_endpoints SET deleted_at = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND deleted_at IS NULL")
             .bind(millis(at))
             .bind(id)
@@ -780,7 +786,7 @@ impl Store for SqliteStore {
         endpoint_id: &str,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let seq = insert_wire_event(&mut tx, env, event, None).await?;
         insert_delivery(&mut tx, env, endpoint_id, &event.id, seq, None, now).await?;
         tx.commit().await?;
@@ -788,7 +794,7 @@ impl Store for SqliteStore {
     }
 
     async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query("SELECT seq, end_user_id, type FROM events WHERE id = ? AND tenant_id = ? AND environment = ?")
             .bind(event_id)
             .bind(&env.tenant_id)
@@ -830,7 +836,7 @@ impl Store for SqliteStore {
         lease_ms: i64,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
             "SELECT d.id, d.attempts, d.endpoint_id, e.body AS event_body,
                     w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
@@ -882,7 +888,7 @@ impl Store for SqliteStore {
     }
 
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query("SELECT endpoint_id, event_id FROM webhook_deliveries WHERE id = ?")
             .bind(attempt.delivery_id)
             .fetch_one(&mut *tx)
@@ -925,7 +931,7 @@ impl Store for SqliteStore {
         lease_ms: i64,
         keep_until: Timestamp,
     ) -> StoreResult<IdempotencyBegin> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())

@@ -360,3 +360,31 @@ async fn heartbeats_clock_and_expired_cursors() {
     let (fine, _) = Lines::open(&harness, &format!("/v1/sync/stream?cursor={current}"), key).await;
     assert_eq!(fine, StatusCode::OK, "a follower at the watermark is fine");
 }
+
+// Two control-plane processes on one database: a follower connected to one sees the
+// changes committed through the other, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_of_one_replica_sees_writes_through_another() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let path = directory.path().join("shared.db");
+    let writer = Harness::on_file(&path).await;
+    let tenant = writer.tenant("acme").await;
+    let key = tenant.test.as_str();
+    writer.catalog(key).await;
+    let reader = Harness::on_file(&path).await;
+    let mut follower = Follower::snapshot(&reader, key).await;
+    for amount in 1..=20 {
+        writer.grant(key, "shared", amount).await;
+    }
+    let last = writer
+        .state
+        .store()
+        .last_change(&env(&tenant))
+        .await
+        .expect("cursor");
+    follower.follow(&reader, key, last, None).await;
+    let (version, state) = follower.users.get("shared").expect("the end user").clone();
+    assert_eq!(version, 20);
+    let total: i64 = state.blocks.iter().map(|block| block.remaining.get()).sum();
+    assert_eq!(total, (1..=20).sum::<i64>());
+}
