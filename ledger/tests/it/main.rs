@@ -8,6 +8,8 @@ mod credits;
 mod dependencies;
 mod entitlements;
 mod model;
+mod month;
+mod naive;
 mod pricing;
 mod properties;
 mod recurring;

@@ -282,6 +282,20 @@ impl World {
         self.apply(|state, cx| state.record_usage(cx, request))
     }
 
+    /// A copy of the state with the work due by now done (the state itself only moves
+    /// when an operation goes through).
+    pub fn settled(&self) -> EndUserState {
+        let mut copy = self.state.clone();
+        let mut ids = SequentialIds::default();
+        let mut cx = Cx {
+            now: self.now,
+            catalog: &self.catalog,
+            ids: &mut ids,
+        };
+        copy.advance(&mut cx).expect("due work");
+        copy
+    }
+
     pub fn available(&self, feature: &str) -> i64 {
         self.state
             .available(Some(&key(feature)), self.now)
