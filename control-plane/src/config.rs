@@ -80,6 +80,7 @@ struct RawDatabase {
     url: Option<String>,
     synchronous: Option<String>,
     read_connections: Option<u32>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -127,12 +128,55 @@ pub enum Synchronous {
 }
 
 /// Where the data lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum DatabaseUrl {
     /// A SQLite file (created if missing).
     SqliteFile(String),
     /// A private in-memory SQLite database (tests).
     SqliteMemory,
+    /// A PostgreSQL database: the `postgres://` (or `postgresql://`) URL as given, with
+    /// any connection parameters (`?options=-c search_path=...`, `sslmode=...`).
+    Postgres(String),
+}
+
+/// By hand so that a password in a PostgreSQL URL never reaches a log (the whole
+/// configuration is logged at debug level).
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DatabaseUrl::SqliteFile(path) => f.debug_tuple("SqliteFile").field(path).finish(),
+            DatabaseUrl::SqliteMemory => f.write_str("SqliteMemory"),
+            DatabaseUrl::Postgres(url) => f
+                .debug_tuple("Postgres")
+                .field(&redact_password(url))
+                .finish(),
+        }
+    }
+}
+
+/// The URL with its password (in the user info or a `password` parameter) replaced.
+fn redact_password(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return "<unparsable URL>".into();
+    };
+    if url.password().is_some() && url.set_password(Some("redacted")).is_err() {
+        return "<unparsable URL>".into();
+    }
+    if url.query_pairs().any(|(name, _)| name == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if name == "password" {
+                    "redacted".into()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +197,9 @@ pub struct Config {
     pub synchronous: Synchronous,
     /// Reader connections beside the single writer (SQLite).
     pub read_connections: u32,
+    /// The most connections the PostgreSQL pool opens (default 16). Every in-flight
+    /// mutation holds one for its transaction, so this bounds concurrent writes.
+    pub max_connections: u32,
     /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
     pub operator_token: Option<Secret>,
     /// Per tenant and environment (SPEC 2: default 2000/s, burst 4000).
@@ -294,6 +341,10 @@ impl Config {
         if !(1..=64).contains(&read_connections) {
             return Err(invalid("database.read_connections", "must be 1 to 64"));
         }
+        let max_connections = raw.database.max_connections.unwrap_or(16);
+        if !(1..=256).contains(&max_connections) {
+            return Err(invalid("database.max_connections", "must be 1 to 256"));
+        }
         let operator_token = overrides
             .operator_token
             .clone()
@@ -356,6 +407,7 @@ impl Config {
             database,
             synchronous,
             read_connections,
+            max_connections,
             operator_token,
             rate_limit_per_second,
             rate_limit_burst,
@@ -400,14 +452,11 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
         return Ok(DatabaseUrl::SqliteFile(path.to_owned()));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(invalid(
-            "database.url",
-            "PostgreSQL is not supported yet; use sqlite://<file>",
-        ));
+        return Ok(DatabaseUrl::Postgres(url.to_owned()));
     }
     Err(invalid(
         "database.url",
-        format!("`{url}` is not sqlite://<file> or :memory:"),
+        format!("`{url}` is not sqlite://<file>, :memory: or postgres://…"),
     ))
 }
 
@@ -473,6 +522,34 @@ mod tests {
         assert!(
             !format!("{config:?}").contains("a-long-operator-token"),
             "secrets are redacted in Debug"
+        );
+    }
+
+    // PostgreSQL URLs are accepted as given, their passwords never print, and the pool
+    // size is bounded.
+    #[test]
+    fn postgres_urls_and_pool_size() {
+        let none = Overrides::default();
+        for url in [
+            "postgres://qs:hunter2@db.internal:5432/quotastack?sslmode=require",
+            "postgresql://qs@db.internal/quotastack?password=hunter2",
+        ] {
+            let config = Config::parse(&format!("[database]\nurl = \"{url}\"\n"), "t.toml", &none)
+                .expect("valid");
+            assert_eq!(config.database, DatabaseUrl::Postgres(url.into()));
+            assert_eq!(config.max_connections, 16);
+            let printed = format!("{config:?}");
+            assert!(!printed.contains("hunter2"), "{printed}");
+            assert!(printed.contains("db.internal"), "{printed}");
+        }
+        let sized =
+            Config::parse("[database]\nmax_connections = 64\n", "t.toml", &none).expect("valid");
+        assert_eq!(sized.max_connections, 64);
+        let zero = Config::parse("[database]\nmax_connections = 0\n", "t.toml", &none)
+            .expect_err("zero connections");
+        assert!(
+            zero.to_string().starts_with("database.max_connections"),
+            "{zero}"
         );
     }
 }

@@ -24,16 +24,22 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, DatabaseUrl};
 use crate::service::AppState;
 use crate::store::Store;
+use crate::store::postgres::PostgresStore;
 use crate::store::sqlite::SqliteStore;
 
-/// Opens the configured store (running migrations).
+/// Opens the configured store (running migrations): PostgreSQL for a `postgres://` URL,
+/// SQLite otherwise.
 ///
 /// # Errors
 /// When the database cannot be opened.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if let DatabaseUrl::Postgres(url) = &config.database {
+        let store = PostgresStore::open(url, config.max_connections).await?;
+        return Ok(Arc::new(store));
+    }
     let store = SqliteStore::open(
         &config.database,
         config.synchronous,

@@ -1,4 +1,5 @@
-//! The storage boundary: one [`Store`] trait, implemented for SQLite (`store/sqlite.rs`).
+//! The storage boundary: one [`Store`] trait, implemented for SQLite (`store/sqlite.rs`)
+//! and PostgreSQL (`store/postgres.rs`).
 //!
 //! The store keeps what the engine decides from (each end user's live state, the catalog,
 //! settings) and the history it produced (entries, every block, reservations and
@@ -7,6 +8,7 @@
 //! entries, blocks, events and idempotency record — happens in one database transaction,
 //! and mutations of one end user are serialised.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::fmt;

@@ -106,6 +106,12 @@ impl SqliteStore {
                     .await?;
                 SqliteStore { writer, reader }
             }
+            DatabaseUrl::Postgres(_) => {
+                return Err(StoreError::Database {
+                    message: "a postgres:// URL is not a SQLite database".into(),
+                    transient: false,
+                });
+            }
         };
         sqlx::migrate!("./migrations/sqlite")
             .run(&store.writer)
@@ -771,8 +777,10 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         // Nothing more goes to a deleted endpoint.
-        sqlx::query("UPDATE webhook_deliveries SET status = 'failed' WHERE endpoint_id = ? AND status = 'pending'")
+        sqlx::query("UPDATE webhook_deliveries SET status = 'failed' WHERE endpoint_id = ? AND tenant_id = ? AND environment = ? AND status = 'pending'")
             .bind(id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;

@@ -4,11 +4,12 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 // The seed's three steps: subscribe, check, record usage.
-#[tokio::test]
-async fn subscribe_check_record_usage() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn subscribe_check_record_usage(backend) {
+    let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let key = &tenant.test;
     harness.catalog(key).await;
@@ -59,12 +60,13 @@ async fn subscribe_check_record_usage() {
             .as_str()
             .is_some_and(|id| id.starts_with("led_"))
     );
+    }
 }
 
 // Entitlement checks: boolean features, gated features, every denial, unknown features.
-#[tokio::test]
-async fn entitlement_checks() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn entitlement_checks(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     let check = |feature: &'static str| {
@@ -132,13 +134,14 @@ async fn entitlement_checks() {
         (bad.status, bad.code()),
         (StatusCode::BAD_REQUEST, "invalid_request")
     );
+    }
 }
 
 // Grants, the balance in burn order, voids, adjustments and the ledger with filters and
 // cursor pagination.
-#[tokio::test]
-async fn credits_and_ledger() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn credits_and_ledger(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     let block = harness
@@ -260,12 +263,13 @@ async fn credits_and_ledger() {
     );
     let bad_limit = harness.get("/v1/ledger?limit=501", key).await;
     assert_eq!(bad_limit.body["field"], "limit");
+    }
 }
 
 // Usage: debt when short, strict refusal, validation of units and timestamps.
-#[tokio::test]
-async fn usage_debt_and_strict() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn usage_debt_and_strict(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     harness.grant(key, "u1", 5).await;
@@ -350,13 +354,14 @@ async fn usage_debt_and_strict() {
         )
         .await;
     assert_eq!(unknown.code(), "feature_not_found");
+    }
 }
 
 // Batches: independent results, per-event keys deduplicated within and across batches,
 // a reused key with another body refused for that event only.
-#[tokio::test]
-async fn usage_batches() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn usage_batches(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     harness.grant(key, "u1", 100).await;
@@ -407,12 +412,13 @@ async fn usage_batches() {
         .post("/v1/usage/batch", key, json!({"events": []}))
         .await;
     assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    }
 }
 
 // Reservations: create, get, commit (more than held), release, extend, and refusals.
-#[tokio::test]
-async fn reservations() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn reservations(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     harness.grant(key, "u1", 100).await;
@@ -510,12 +516,13 @@ async fn reservations() {
         .get("/v1/reservations/rsv_01ARZ3NDEKTSV4RRFFQ69G5FAV", key)
         .await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    }
 }
 
 // Subscriptions: create, get, list, renew, change, cancel, and invalid transitions.
-#[tokio::test]
-async fn subscription_lifecycle() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn subscription_lifecycle(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     let created = harness
@@ -614,12 +621,13 @@ async fn subscription_lifecycle() {
         )
         .await;
     assert_eq!(unknown.body["field"], "plan_variant_id");
+    }
 }
 
 // Catalog: features, plans, variants (by id or key), settings, duplicate keys, archive.
-#[tokio::test]
-async fn catalog_endpoints() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn catalog_endpoints(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     assert_eq!(
@@ -711,12 +719,13 @@ async fn catalog_endpoints() {
         ),
         (true, Some(5))
     );
+    }
 }
 
 // API keys: create with scopes, list without secrets, revoke; scopes are enforced.
-#[tokio::test]
-async fn api_keys_and_scopes() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn api_keys_and_scopes(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     let reader = harness
@@ -788,16 +797,17 @@ async fn api_keys_and_scopes() {
         )
         .await;
     assert_eq!(x_api_key.status, StatusCode::OK);
+    }
 }
 
 // The operator endpoint needs the operator token.
-#[tokio::test]
-async fn operator_creates_tenants() {
+store_test! {
+    async fn operator_creates_tenants(backend) {
     let mut config = control_plane::config::Config::for_tests();
     config.operator_token = Some(control_plane::config::Secret::new(
         "operator-secret-0123456789",
     ));
-    let harness = Harness::with_config(config).await;
+    let harness = Harness::start_with(backend, config).await;
     let wrong = harness
         .post(
             "/v1/operator/tenants",
@@ -819,12 +829,13 @@ async fn operator_creates_tenants() {
         harness.get("/v1/features", live).await.status,
         StatusCode::OK
     );
+    }
 }
 
 // Events: every state change is in the log, in order, resumable by cursor.
-#[tokio::test]
-async fn event_log() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn event_log(backend) {
+    let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
     harness
@@ -867,4 +878,5 @@ async fn event_log() {
         harness.get(&format!("/v1/events/{id}"), key).await.body["id"],
         id
     );
+    }
 }

@@ -5,13 +5,14 @@
 use serde_json::json;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
 
-#[tokio::test]
-async fn a_month_on_the_test_clock() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn a_month_on_the_test_clock(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     let key = key.as_str();
     harness
@@ -190,12 +191,13 @@ async fn a_month_on_the_test_clock() {
         clock["offset_seconds"],
         5 * HOUR + 31 * DAY + 28 * DAY + 3 * DAY
     );
+    }
 }
 
 // The test clock moves only forward, and only in the test environment.
-#[tokio::test]
-async fn the_test_clock_is_guarded() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn the_test_clock_is_guarded(backend) {
+    let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let backwards = harness
         .post(
@@ -234,4 +236,5 @@ async fn the_test_clock_is_guarded() {
         harness.get("/v1/test-clock", &tenant.live).await.body["offset_seconds"],
         0
     );
+    }
 }

@@ -5,13 +5,13 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 // 200 concurrent strict usages of 1 credit against 100 credits: exactly 100 succeed,
 // the balance ends at 0, and the ledger holds exactly 100 debits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn strict_usage_never_overspends() {
-    let directory = tempfile::tempdir().expect("temp dir");
-    let harness = Harness::on_file(&directory.path().join("race.db")).await;
+store_test! {
+    async fn strict_usage_never_overspends(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     harness.catalog(&key).await;
     harness.grant(&key, "hot", 100).await;
@@ -47,14 +47,14 @@ async fn strict_usage_never_overspends() {
         .get("/v1/ledger?end_user_id=hot&type=debit&limit=500", &key)
         .await;
     assert_eq!(debits.body["data"].as_array().map(Vec::len), Some(100));
+    }
 }
 
 // 50 requests with one idempotency key at once: one effect, and every answer is the same
 // status and body (replays say so in a header).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn one_idempotency_key_in_flight_many_times() {
-    let directory = tempfile::tempdir().expect("temp dir");
-    let harness = Harness::on_file(&directory.path().join("idem.db")).await;
+store_test! {
+    async fn one_idempotency_key_in_flight_many_times(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     harness.catalog(&key).await;
     harness.grant(&key, "u1", 1000).await;
@@ -106,13 +106,14 @@ async fn one_idempotency_key_in_flight_many_times() {
         (reused.status, reused.code()),
         (StatusCode::CONFLICT, "idempotency_key_reused")
     );
+    }
 }
 
 // Refusals are stored decisions too: a replay of a 402 answers the same 402, even after
 // credits arrive; a 400 is not stored and may be retried with the key.
-#[tokio::test]
-async fn stored_refusals_and_retriable_errors() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn stored_refusals_and_retriable_errors(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     harness.catalog(&key).await;
     let strict =
@@ -176,4 +177,5 @@ async fn stored_refusals_and_retriable_errors() {
         )
         .await;
     assert_eq!(bad_key.body["field"], "Idempotency-Key");
+    }
 }

@@ -9,6 +9,7 @@ use serde_json::json;
 use tower::ServiceExt;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 async fn raw(
     harness: &Harness,
@@ -49,9 +50,9 @@ async fn raw(
     )
 }
 
-#[tokio::test]
-async fn failures_are_problems() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn failures_are_problems(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
         (
@@ -152,15 +153,16 @@ async fn failures_are_problems() {
         (StatusCode::UNAUTHORIZED, "unauthorized")
     );
     let _ = json!({});
+    }
 }
 
 // Over the rate limit: 429 with Retry-After.
-#[tokio::test]
-async fn rate_limit_answers_429() {
+store_test! {
+    async fn rate_limit_answers_429(backend) {
     let mut config = control_plane::config::Config::for_tests();
     config.rate_limit_per_second = 1;
     config.rate_limit_burst = 3;
-    let harness = Harness::with_config(config).await;
+    let harness = Harness::start_with(backend, config).await;
     let key = harness.tenant("acme").await.test;
     let mut statuses = Vec::new();
     for _ in 0..5 {
@@ -172,4 +174,5 @@ async fn rate_limit_answers_429() {
         .expect("a 429");
     assert_eq!(limited.code(), "rate_limited");
     assert!(limited.headers.get("retry-after").is_some());
+    }
 }

@@ -5,12 +5,13 @@ use axum::http::StatusCode;
 use serde_json::json;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 // A key of tenant B, or of tenant A's `live` environment, cannot see or touch objects
 // made with tenant A's `test` key.
-#[tokio::test]
-async fn other_tenants_and_environments_get_404() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn other_tenants_and_environments_get_404(backend) {
+    let harness = Harness::start(backend).await;
     let a = harness.tenant("a").await;
     let b = harness.tenant("b").await;
     assert!(a.id.starts_with("ten_") && a.id != b.id);
@@ -125,4 +126,5 @@ async fn other_tenants_and_environments_get_404() {
     // And A's own test key still sees everything: 100 granted, 1000 and a 45-credit window
     // from the plan, 5 held.
     assert_eq!(harness.available(&a.test, "shared_user").await, 1140);
+    }
 }

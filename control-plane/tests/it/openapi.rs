@@ -1,10 +1,11 @@
 //! `/openapi.json` describes every endpoint the API serves.
 
 use crate::support::Harness;
+use crate::support::store_test;
 
-#[tokio::test]
-async fn openapi_covers_every_endpoint() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn openapi_covers_every_endpoint(backend) {
+    let harness = Harness::start(backend).await;
     let key = harness.tenant("acme").await.test;
     let document = harness.get("/openapi.json", &key).await.body;
     assert!(
@@ -82,4 +83,5 @@ async fn openapi_covers_every_endpoint() {
         "every documented operation is listed here too"
     );
     assert!(document["components"]["schemas"]["Problem"].is_object());
+    }
 }

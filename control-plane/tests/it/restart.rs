@@ -2,14 +2,14 @@
 
 use serde_json::json;
 
-use crate::support::{Harness, T0};
+use crate::support::store_test;
+use crate::support::{Harness, Storage, T0};
 
-#[tokio::test]
-async fn everything_survives_a_restart_and_jobs_resume() {
-    let directory = tempfile::tempdir().expect("temp dir");
-    let path = directory.path().join("quotastack.db");
+store_test! {
+    async fn everything_survives_a_restart_and_jobs_resume(backend) {
+    let storage = Storage::new(backend).await;
     let (key, reservation) = {
-        let harness = Harness::on_file(&path).await;
+        let harness = Harness::on(&storage).await;
         let key = harness.tenant("acme").await.test;
         harness.catalog(&key).await;
         harness.grant(&key, "u1", 100).await;
@@ -28,7 +28,7 @@ async fn everything_survives_a_restart_and_jobs_resume() {
     };
 
     // A new process on the same file: everything is there.
-    let harness = Harness::on_file(&path).await;
+    let harness = Harness::on(&storage).await;
     assert_eq!(harness.available(&key, "u1").await, 1115);
     assert_eq!(
         harness
@@ -60,4 +60,5 @@ async fn everything_survives_a_restart_and_jobs_resume() {
         "expired"
     );
     assert_eq!(harness.available(&key, "u1").await, 1145);
+    }
 }

@@ -1,5 +1,6 @@
-//! A control plane in process: the router over an in-memory (or file) SQLite store with a
-//! manual clock, driven through `tower::ServiceExt::oneshot` like a client would.
+//! A control plane in process: the router over a fresh SQLite file or PostgreSQL schema
+//! with a manual clock, driven through `tower::ServiceExt::oneshot` like a client would.
+//! `store_test!` stamps each test out once per store backend.
 
 use std::sync::Arc;
 
@@ -9,11 +10,37 @@ use axum::http::{HeaderMap, Method, Request, StatusCode};
 use control_plane::clock::ManualClock;
 use control_plane::config::{Config, DatabaseUrl};
 use control_plane::service::AppState;
-use control_plane::store::sqlite::SqliteStore;
 use http_body_util::BodyExt;
 use ledger::Timestamp;
 use serde_json::{Value, json};
 use tower::ServiceExt;
+
+/// Stamps each `async fn name(backend) { … }` out as a module with one test per store:
+/// `name::sqlite` always, `name::postgres` when `QS_TEST_POSTGRES_URL` is set.
+macro_rules! store_test {
+    ($(async fn $name:ident($backend:ident) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn case($backend: &$crate::support::Backend) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                case(&$crate::support::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(backend) = $crate::support::Backend::postgres() {
+                    case(&backend).await;
+                }
+            }
+        }
+    )*};
+}
+
+pub(crate) use store_test;
 
 /// 2026-01-01T00:00:00Z.
 pub const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -39,11 +66,109 @@ impl Answer {
     }
 }
 
+/// Which store a test runs on. Every store test runs once per backend (see
+/// `store_test!`): SQLite always, PostgreSQL when `QS_TEST_POSTGRES_URL` is set.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Sqlite,
+    Postgres { url: String },
+}
+
+impl Backend {
+    /// PostgreSQL from `QS_TEST_POSTGRES_URL`, or `None` to skip. Under CI the variable
+    /// must be set: a CI run that silently skipped PostgreSQL would prove nothing.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var("QS_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Backend::Postgres { url }),
+            _ => {
+                assert!(
+                    std::env::var("CI").is_err(),
+                    "CI must set QS_TEST_POSTGRES_URL so the PostgreSQL half of the suite runs"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Where a test's data lives: a temporary SQLite file, or a fresh PostgreSQL schema.
+/// Several harnesses on one `Storage` are several processes on one database.
+#[derive(Debug)]
+pub struct Storage {
+    pub database: DatabaseUrl,
+    _directory: Option<tempfile::TempDir>,
+    /// The server and schema to drop when the test is done.
+    schema: Option<(String, String)>,
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        let Some((url, schema)) = self.schema.take() else {
+            return;
+        };
+        // Drop runs inside the test's runtime, which cannot block on itself: clean up on a
+        // thread of its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                if let Ok(admin) = sqlx::PgPool::connect(&url).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                    )))
+                    .execute(&admin)
+                    .await;
+                    admin.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+impl Storage {
+    pub async fn new(backend: &Backend) -> Storage {
+        match backend {
+            Backend::Sqlite => {
+                let directory = tempfile::tempdir().expect("temp dir");
+                let path = directory.path().join("quotastack.db").display().to_string();
+                Storage {
+                    database: DatabaseUrl::SqliteFile(path),
+                    _directory: Some(directory),
+                    schema: None,
+                }
+            }
+            Backend::Postgres { url } => {
+                let schema = format!("qs_t_{:016x}", rand::random::<u64>());
+                let admin = sqlx::PgPool::connect(url)
+                    .await
+                    .expect("QS_TEST_POSTGRES_URL answers");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create schema");
+                admin.close().await;
+                let separator = if url.contains('?') { '&' } else { '?' };
+                let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+                Storage {
+                    database: DatabaseUrl::Postgres(scoped),
+                    _directory: None,
+                    schema: Some((url.clone(), schema)),
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Harness {
     pub state: AppState,
     pub app: Router,
     pub clock: ManualClock,
+    /// Keeps the temporary database alive as long as any clone of the harness.
+    _storage: Option<Arc<Storage>>,
 }
 
 /// One tenant's keys.
@@ -55,32 +180,38 @@ pub struct Tenant {
 }
 
 impl Harness {
-    /// A control plane on a private in-memory database.
-    pub async fn new() -> Harness {
-        Harness::with_config(Config::for_tests()).await
+    /// A control plane on its own fresh database.
+    pub async fn start(backend: &Backend) -> Harness {
+        Harness::start_with(backend, Config::for_tests()).await
     }
 
-    /// A control plane on a SQLite file (writer and readers, as in production).
-    pub async fn on_file(path: &std::path::Path) -> Harness {
-        let mut config = Config::for_tests();
-        config.database = DatabaseUrl::SqliteFile(path.display().to_string());
-        Harness::with_config(config).await
+    /// The same, with a configuration of the test's own.
+    pub async fn start_with(backend: &Backend, config: Config) -> Harness {
+        let storage = Arc::new(Storage::new(backend).await);
+        let mut harness = Harness::on_with(&storage, config).await;
+        harness._storage = Some(storage);
+        harness
     }
 
-    pub async fn with_config(config: Config) -> Harness {
+    /// A control plane on `storage` (call twice for two processes on one database).
+    pub async fn on(storage: &Storage) -> Harness {
+        Harness::on_with(storage, Config::for_tests()).await
+    }
+
+    async fn on_with(storage: &Storage, mut config: Config) -> Harness {
+        config.database = storage.database.clone();
+        // Tests need no power-cut durability; fsync on every commit only slows them.
+        config.synchronous = control_plane::config::Synchronous::Normal;
         let clock = ManualClock::new(T0);
-        let store = SqliteStore::open(
-            &config.database,
-            config.synchronous,
-            config.read_connections,
-        )
-        .await
-        .expect("store opens");
-        let state = AppState::new(config, Arc::new(store), Arc::new(clock.clone()), None);
+        let store = control_plane::open_store(&config)
+            .await
+            .expect("store opens");
+        let state = AppState::new(config, store, Arc::new(clock.clone()), None);
         Harness {
             app: control_plane::http::app(state.clone()),
             state,
             clock,
+            _storage: None,
         }
     }
 

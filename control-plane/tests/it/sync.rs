@@ -12,6 +12,7 @@ use serde_json::json;
 use tower::ServiceExt;
 
 use crate::support::Harness;
+use crate::support::store_test;
 
 /// Reads NDJSON records from a streamed response body as they arrive.
 struct Lines {
@@ -149,9 +150,9 @@ impl Follower {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn snapshot_then_stream_replicates_exactly() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn snapshot_then_stream_replicates_exactly(backend) {
+    let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.as_str();
     harness.catalog(key).await;
@@ -252,6 +253,7 @@ async fn snapshot_then_stream_replicates_exactly() {
     assert!(second.cursor > 0 && second.cursor < last);
     second.follow(&harness, key, last, None).await;
     assert_states_match(&harness, &tenant, &second).await;
+    }
 }
 
 fn env(tenant: &crate::support::Tenant) -> control_plane::store::Env {
@@ -298,9 +300,9 @@ async fn assert_states_match(
 
 // The stream says it is alive at once, carries catalog and clock changes, and a cursor
 // behind the retained feed answers 410.
-#[tokio::test]
-async fn heartbeats_clock_and_expired_cursors() {
-    let harness = Harness::new().await;
+store_test! {
+    async fn heartbeats_clock_and_expired_cursors(backend) {
+    let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.as_str();
     harness.catalog(key).await;
@@ -359,19 +361,19 @@ async fn heartbeats_clock_and_expired_cursors() {
         .expect("cursor");
     let (fine, _) = Lines::open(&harness, &format!("/v1/sync/stream?cursor={current}"), key).await;
     assert_eq!(fine, StatusCode::OK, "a follower at the watermark is fine");
+    }
 }
 
 // Two control-plane processes on one database: a follower connected to one sees the
 // changes committed through the other, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_of_one_replica_sees_writes_through_another() {
-    let directory = tempfile::tempdir().expect("temp dir");
-    let path = directory.path().join("shared.db");
-    let writer = Harness::on_file(&path).await;
+store_test! {
+    async fn a_follower_of_one_replica_sees_writes_through_another(backend) {
+    let storage = crate::support::Storage::new(backend).await;
+    let writer = Harness::on(&storage).await;
     let tenant = writer.tenant("acme").await;
     let key = tenant.test.as_str();
     writer.catalog(key).await;
-    let reader = Harness::on_file(&path).await;
+    let reader = Harness::on(&storage).await;
     let mut follower = Follower::snapshot(&reader, key).await;
     for amount in 1..=20 {
         writer.grant(key, "shared", amount).await;
@@ -387,4 +389,5 @@ async fn a_follower_of_one_replica_sees_writes_through_another() {
     assert_eq!(version, 20);
     let total: i64 = state.blocks.iter().map(|block| block.remaining.get()).sum();
     assert_eq!(total, (1..=20).sum::<i64>());
+    }
 }

@@ -425,7 +425,8 @@ fn step_inner(
                 feature_keys: scope.map(|s| Arc::from(vec![key(FEATURES[s])])),
             };
             let result = world.apply(|state, cx| state.adjust(cx, request));
-            if let (Ok(Some(id)), true, Some(last)) = (&result, amount > 0, naive.blocks.last_mut()) {
+            if let (Ok(Some(id)), true, Some(last)) = (&result, amount > 0, naive.blocks.last_mut())
+            {
                 last.id = *id;
             }
             (class(&result.map(|_| ())), expected)

@@ -1,0 +1,2169 @@
+//! The PostgreSQL store: one connection pool shared by every control-plane process on the
+//! database, behaving exactly like the SQLite store (`store/sqlite.rs`) but without its
+//! single writer. Migrations are in `migrations/postgres/`.
+//!
+//! # Concurrency
+//!
+//! Transactions run at READ COMMITTED; what SQLite gets from its one writer is made
+//! explicit with row locks:
+//!
+//! - **Mutations of one end user are serialised** across connections and processes by
+//!   that end user's `end_users` row, locked `FOR UPDATE` before the state is read (an
+//!   unknown end user first gets a placeholder row, `INSERT … ON CONFLICT DO NOTHING`,
+//!   whose uncommitted insert makes a concurrent first mutation wait for it). Mutations of
+//!   different end users lock different rows and never wait for each other.
+//! - **The event log and the change feed never skip.** A reader pages by cursor (`seq >
+//!   cursor`), so a row must never become visible after a row with a higher `seq` was
+//!   seen. A PostgreSQL sequence does not promise that: it numbers rows when they are
+//!   inserted, and transactions commit in any order. Here each environment has one row in
+//!   `feed_heads` holding the last event and change positions. A transaction that appends
+//!   events or changes updates its environment's row (an upsert that adds what it needs
+//!   and returns the new totals) as its *last* step before commit and numbers its rows
+//!   from it. That row lock is held until commit, and PostgreSQL makes a transaction
+//!   visible before it releases its locks, so the next transaction to number rows in that
+//!   environment does so only after every lower number is committed and visible: `seq`
+//!   order is commit order within an environment. Any snapshot that sees a row therefore
+//!   sees every row below it. The lock covers only the final inserts and the commit, and
+//!   only appenders to the same environment wait for it (as every write waits for
+//!   SQLite's writer). We chose this over the `pg_snapshot_xmin` visibility technique
+//!   because readers stay plain `seq > cursor` queries, cursors stay dense per
+//!   environment, and a long transaction elsewhere cannot hold every feed back.
+//!   Positions are numbered per environment (SQLite numbers them across the database);
+//!   cursors are opaque, so only their order matters.
+//! - **Idempotency keys** are claimed with `INSERT … ON CONFLICT DO NOTHING` on the
+//!   primary key: of two first requests one inserts, the other waits for it and then reads
+//!   its row `FOR UPDATE`.
+//! - **Webhook deliveries** are claimed `FOR UPDATE SKIP LOCKED` and leased by
+//!   `locked_until` in the same transaction, so two replicas never take the same delivery
+//!   while its lease holds.
+//!
+//! Lock order: an end user's row, then (last) the environment's feed head. Nothing takes
+//! them the other way round, so mutations cannot deadlock each other.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use ledger::{
+    Block, EndUserId, EndUserState, EventId, Reservation, StateParts, Subscription, Timestamp,
+};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, PgPool, Row};
+
+use super::{
+    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
+    EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
+    IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
+    UsageKeyRecord,
+};
+use crate::clock::UlidSource;
+use crate::error::ApiError;
+
+/// How many times `idempotency_begin` looks again when the row it conflicted with is
+/// deleted (abandoned or purged) before it can read it. Each retry follows a committed
+/// delete, so more than a couple means something is wrong.
+const IDEMPOTENCY_ATTEMPTS_MAX: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+fn millis(value: Timestamp) -> i64 {
+    value.as_millis()
+}
+
+fn corrupt(message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(message.into())
+}
+
+fn environment(row: &PgRow) -> StoreResult<Environment> {
+    let text: String = row.try_get("environment")?;
+    Environment::parse(&text).ok_or_else(|| corrupt(format!("environment `{text}`")))
+}
+
+fn unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
+}
+
+/// `LIMIT` takes a BIGINT (sqlx encodes no unsigned integers for PostgreSQL).
+fn limit(value: u32) -> i64 {
+    i64::from(value)
+}
+
+fn end_user_id(text: &str) -> StoreResult<EndUserId> {
+    EndUserId::new(text).map_err(|error| corrupt(format!("end user id `{text}`: {error}")))
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` with a pool of up to `max_connections` and runs
+    /// the migrations (several processes starting at once take turns: sqlx holds an
+    /// advisory lock while migrating).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the URL does not parse, the server cannot be reached or the
+    /// migrations fail.
+    pub async fn open(url: &str, max_connections: u32) -> StoreResult<PostgresStore> {
+        let options = PgConnectOptions::from_str(url)?.application_name("quotastack-control-plane");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|error| StoreError::Database {
+                message: format!("migrations failed: {error}"),
+                transient: false,
+            })?;
+        Ok(PostgresStore { pool })
+    }
+
+    async fn catalog_insert<T: serde::Serialize + Sync>(
+        &self,
+        env: &Env,
+        kind: &str,
+        record: &CatalogRecord<T>,
+    ) -> StoreResult<()> {
+        let body = serde_json::to_string(&record.body)?;
+        let result = sqlx::query(
+            "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(kind)
+        .bind(&record.key)
+        .bind(&record.parent_id)
+        .bind(body)
+        .bind(record.archived)
+        .bind(millis(record.created_at))
+        .execute(&self.pool)
+        .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if unique_violation(&error) => Err(StoreError::Conflict(format!(
+                "a {kind} with key `{}` already exists",
+                record.key
+            ))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn catalog_list<T: serde::de::DeserializeOwned>(
+        &self,
+        env: &Env,
+        kind: &str,
+    ) -> StoreResult<Vec<CatalogRecord<T>>> {
+        let rows = sqlx::query(
+            "SELECT id, key, parent_id, body, archived, created_at FROM catalog
+             WHERE tenant_id = $1 AND environment = $2 AND kind = $3 ORDER BY seq",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CatalogRecord {
+                    id: row.try_get("id")?,
+                    key: row.try_get("key")?,
+                    parent_id: row.try_get("parent_id")?,
+                    body: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                    archived: row.try_get("archived")?,
+                    created_at: Timestamp::from_millis(row.try_get("created_at")?),
+                })
+            })
+            .collect()
+    }
+}
+
+fn api_key_from_row(row: &PgRow) -> StoreResult<ApiKeyRecord> {
+    let hash: Vec<u8> = row.try_get("key_hash")?;
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        environment: environment(row)?,
+        name: row.try_get("name")?,
+        scopes: serde_json::from_str(&row.try_get::<String, _>("scopes")?)?,
+        prefix: row.try_get("prefix")?,
+        key_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        revoked_at: row
+            .try_get::<Option<i64>, _>("revoked_at")?
+            .map(Timestamp::from_millis),
+    })
+}
+
+async fn insert_key(connection: &mut PgConnection, key: &ApiKeyRecord) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, environment, name, scopes, prefix, key_hash, created_at, revoked_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&key.id)
+    .bind(&key.tenant_id)
+    .bind(key.environment.as_str())
+    .bind(&key.name)
+    .bind(serde_json::to_string(&key.scopes)?)
+    .bind(&key.prefix)
+    .bind(key.key_hash.as_slice())
+    .bind(millis(key.created_at))
+    .bind(key.revoked_at.map(millis))
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+fn endpoint_from_row(row: &PgRow) -> StoreResult<EndpointRecord> {
+    Ok(EndpointRecord {
+        id: row.try_get("id")?,
+        url: row.try_get("url")?,
+        event_types: row
+            .try_get::<Option<String>, _>("event_types")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?,
+        secret: row.try_get("secret")?,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
+    })
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn create_tenant(&self, tenant: &TenantRecord, keys: &[ApiKeyRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
+            .bind(&tenant.id)
+            .bind(&tenant.name)
+            .bind(millis(tenant.created_at))
+            .execute(&mut *tx)
+            .await?;
+        for environment in [Environment::Live, Environment::Test] {
+            sqlx::query(
+                "INSERT INTO environments (tenant_id, environment, settings) VALUES ($1, $2, $3)",
+            )
+            .bind(&tenant.id)
+            .bind(environment.as_str())
+            .bind(serde_json::to_string(&protocol::Settings::default())?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for key in keys {
+            insert_key(&mut tx, key).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn api_key_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query("SELECT * FROM api_keys WHERE key_hash = $1")
+            .bind(hash.as_slice())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        let mut connection = self.pool.acquire().await?;
+        insert_key(&mut connection, key).await
+    }
+
+    async fn list_api_keys(&self, env: &Env) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_keys WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at, id",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(api_key_from_row).collect()
+    }
+
+    async fn revoke_api_key(
+        &self,
+        env: &Env,
+        id: &str,
+        at: Timestamp,
+    ) -> StoreResult<Option<ApiKeyRecord>> {
+        // One statement: the row as revoked (the first revocation's time is kept).
+        let row = sqlx::query(
+            "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)
+             WHERE id = $2 AND tenant_id = $3 AND environment = $4 RETURNING *",
+        )
+        .bind(millis(at))
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn env_record(&self, env: &Env) -> StoreResult<EnvRecord> {
+        let row = sqlx::query(
+            "SELECT settings, clock_offset_ms FROM environments WHERE tenant_id = $1 AND environment = $2",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else {
+            return Ok(EnvRecord::default());
+        };
+        Ok(EnvRecord {
+            settings: serde_json::from_str(&row.try_get::<String, _>("settings")?)?,
+            clock_offset_ms: row.try_get("clock_offset_ms")?,
+        })
+    }
+
+    async fn put_env_record(&self, env: &Env, record: &EnvRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, environment) DO UPDATE SET settings = excluded.settings, clock_offset_ms = excluded.clock_offset_ms",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(serde_json::to_string(&record.settings)?)
+        .bind(record.clock_offset_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_feature(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateFeature>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "feature", record).await
+    }
+
+    async fn features(
+        &self,
+        env: &Env,
+    ) -> StoreResult<Vec<CatalogRecord<protocol::CreateFeature>>> {
+        self.catalog_list(env, "feature").await
+    }
+
+    async fn insert_plan(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreatePlan>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "plan", record).await
+    }
+
+    async fn plans(&self, env: &Env) -> StoreResult<Vec<CatalogRecord<protocol::CreatePlan>>> {
+        self.catalog_list(env, "plan").await
+    }
+
+    async fn insert_variant(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateVariant>,
+    ) -> StoreResult<()> {
+        self.catalog_insert(env, "variant", record).await
+    }
+
+    async fn variants(
+        &self,
+        env: &Env,
+    ) -> StoreResult<Vec<CatalogRecord<protocol::CreateVariant>>> {
+        self.catalog_list(env, "variant").await
+    }
+
+    async fn set_variant_archived(&self, env: &Env, id: &str, archived: bool) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE catalog SET archived = $1 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND kind = 'variant'",
+        )
+        .bind(archived)
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn environments(&self) -> StoreResult<Vec<(Env, i64)>> {
+        let rows = sqlx::query(
+            "SELECT tenant_id, environment, clock_offset_ms FROM environments ORDER BY tenant_id, environment",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    Env {
+                        tenant_id: row.try_get("tenant_id")?,
+                        environment: environment(row)?,
+                    },
+                    row.try_get("clock_offset_ms")?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        operation: &mut MutateFn<'_>,
+    ) -> Result<(), ApiError> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let old = lock_state(&mut tx, env, end_user, now)
+            .await?
+            .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+        let mut state = old.clone();
+        let changes = match operation(&mut state) {
+            Ok(changes) => changes,
+            Err(error) => {
+                // At once rather than when the pool next pings the connection: the end
+                // user's row stays locked until the rollback reaches the server.
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a refused mutation failed");
+                }
+                return Err(error);
+            }
+        };
+        persist(&mut tx, env, &old, &state, &changes, now).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>> {
+        let row = sqlx::query(
+            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        state_of(row)
+    }
+
+    async fn due_end_users(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        limit_len: u32,
+    ) -> StoreResult<Vec<(EndUserId, Timestamp)>> {
+        let rows = sqlx::query(
+            "SELECT end_user_id, next_due_at FROM end_users WHERE tenant_id = $1 AND environment = $2 AND next_due_at IS NOT NULL AND next_due_at <= $3
+             ORDER BY next_due_at LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(now))
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("end_user_id")?;
+                let due = Timestamp::from_millis(row.try_get("next_due_at")?);
+                Ok((end_user_id(&id)?, due))
+            })
+            .collect()
+    }
+
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
+        let row = sqlx::query(
+            "SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let metadata = row
+            .try_get::<Option<String>, _>("metadata")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?;
+        let owner: String = row.try_get("end_user_id")?;
+        Ok(Some(StoredBlock {
+            end_user_id: end_user_id(&owner)?,
+            block,
+            annotations: Annotations {
+                idempotency_key: None,
+                metadata,
+                external_payment_id: row.try_get("external_payment_id")?,
+            },
+        }))
+    }
+
+    async fn entries(
+        &self,
+        env: &Env,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
+               AND ($3::TEXT IS NULL OR end_user_id = $3) AND ($4::TEXT IS NULL OR type = $4)
+               AND ($5::BIGINT IS NULL OR created_at >= $5) AND ($6::BIGINT IS NULL OR created_at < $6)
+               AND ($7::BIGINT IS NULL OR seq < $7)
+             ORDER BY seq DESC LIMIT $8",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&filter.end_user_id)
+        .bind(&filter.entry_type)
+        .bind(filter.from.map(millis))
+        .bind(filter.to.map(millis))
+        .bind(filter.before_seq)
+        .bind(limit(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("seq")?,
+                    serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
+        let row = sqlx::query(
+            "SELECT body FROM reservations WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(
+            "SELECT body FROM subscriptions WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscriptions(
+        &self,
+        env: &Env,
+        end_user: Option<&str>,
+        after_id: Option<&str>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(
+            "SELECT body FROM subscriptions WHERE tenant_id = $1 AND environment = $2
+               AND ($3::TEXT IS NULL OR end_user_id = $3) AND ($4::TEXT IS NULL OR id > $4)
+             ORDER BY id LIMIT $5",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(after_id)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+
+    async fn events(
+        &self,
+        env: &Env,
+        after_seq: Option<i64>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events WHERE tenant_id = $1 AND environment = $2 AND ($3::BIGINT IS NULL OR seq > $3)
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after_seq)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventRecord {
+                    seq: row.try_get("seq")?,
+                    event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
+        let row = sqlx::query(
+            "SELECT seq, body FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut event: protocol::Event = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let attempts = sqlx::query(
+            "SELECT endpoint_id, attempt, status, response_status, at FROM webhook_attempts WHERE event_id = $1 ORDER BY at, attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        for attempt in &attempts {
+            event.deliveries.push(protocol::Delivery {
+                endpoint_id: attempt.try_get("endpoint_id")?,
+                attempt: u32::try_from(attempt.try_get::<i64, _>("attempt")?)
+                    .map_err(|_| corrupt("attempt"))?,
+                status: attempt.try_get("status")?,
+                response_status: attempt
+                    .try_get::<Option<i64>, _>("response_status")?
+                    .and_then(|status| u16::try_from(status).ok()),
+                at: Timestamp::from_millis(attempt.try_get("at")?).into(),
+            });
+        }
+        Ok(Some(EventRecord {
+            seq: row.try_get("seq")?,
+            event,
+        }))
+    }
+
+    async fn changes_after(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit_len: u32,
+    ) -> StoreResult<Vec<ChangeRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, end_user_id FROM changes WHERE tenant_id = $1 AND environment = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(cursor)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let end_user = row
+                    .try_get::<Option<String>, _>("end_user_id")?
+                    .map(|id| end_user_id(&id))
+                    .transpose()?;
+                Ok(ChangeRecord {
+                    seq: row.try_get("seq")?,
+                    end_user_id: end_user,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE tenant_id = $1 AND environment = $2",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let last: i64 = row.try_get("seq")?;
+        Ok(last.max(self.purged_through(env).await?))
+    }
+
+    async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT purged_through FROM change_watermarks WHERE tenant_id = $1 AND environment = $2",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .map(|row| row.try_get("purged_through"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let heads = take_positions(&mut tx, env, 0, true).await?;
+        insert_change(&mut tx, env, heads.last_change, None, at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_user_states(
+        &self,
+        env: &Env,
+        after: Option<&str>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<EndUserState>> {
+        let rows = sqlx::query(
+            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
+               AND ($3::TEXT IS NULL OR end_user_id > $3)
+             ORDER BY end_user_id LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| parse_state(&row.try_get::<String, _>("state")?))
+            .collect()
+    }
+
+    async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
+        // One statement, so the watermark is exactly the newest position deleted in each
+        // environment (a change committed meanwhile is either deleted and counted, or kept).
+        let row = sqlx::query(
+            "WITH deleted AS (
+                 DELETE FROM changes WHERE created_at < $1 RETURNING tenant_id, environment, seq
+             ), marked AS (
+                 INSERT INTO change_watermarks (tenant_id, environment, purged_through)
+                 SELECT tenant_id, environment, MAX(seq) FROM deleted GROUP BY tenant_id, environment
+                 ON CONFLICT (tenant_id, environment) DO UPDATE
+                   SET purged_through = GREATEST(change_watermarks.purged_through, excluded.purged_through)
+                 RETURNING 1
+             )
+             SELECT COUNT(*) AS deleted FROM deleted",
+        )
+        .bind(millis(before))
+        .fetch_one(&self.pool)
+        .await?;
+        u64::try_from(row.try_get::<i64, _>("deleted")?).map_err(|_| corrupt("deleted count"))
+    }
+
+    async fn insert_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, tenant_id, environment, url, event_types, secret, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&record.url)
+        .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
+        .bind(&record.secret)
+        .bind(millis(record.created_at))
+        .bind(millis(record.updated_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>> {
+        let mut connection = self.pool.acquire().await?;
+        live_endpoints(&mut connection, env).await
+    }
+
+    async fn update_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE webhook_endpoints SET url = $1, event_types = $2, updated_at = $3
+             WHERE id = $4 AND tenant_id = $5 AND environment = $6 AND deleted_at IS NULL",
+        )
+        .bind(&record.url)
+        .bind(
+            record
+                .event_types
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?,
+        )
+        .bind(millis(record.updated_at))
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let result = sqlx::query(
+            "UPDATE webhook_endpoints SET deleted_at = $1 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND deleted_at IS NULL",
+        )
+        .bind(millis(at))
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&mut *tx)
+        .await?;
+        // Nothing more goes to a deleted endpoint (scoped like every query, so an id from
+        // another environment touches nothing).
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'failed'
+             WHERE endpoint_id = $1 AND tenant_id = $2 AND environment = $3 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn insert_ping(
+        &self,
+        env: &Env,
+        event: &protocol::Event,
+        endpoint_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let heads = take_positions(&mut tx, env, 1, false).await?;
+        insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
+        insert_delivery(
+            &mut tx,
+            env,
+            endpoint_id,
+            &event.id,
+            heads.last_event,
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT seq, end_user_id, type FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(event_id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(0) };
+        let (seq, end_user, event_type): (i64, Option<String>, String) = (
+            row.try_get("seq")?,
+            row.try_get("end_user_id")?,
+            row.try_get("type")?,
+        );
+        let mut queued = 0usize;
+        for endpoint in live_endpoints(&mut tx, env)
+            .await?
+            .iter()
+            .filter(|endpoint| endpoint.wants(&event_type))
+        {
+            insert_delivery(
+                &mut tx,
+                env,
+                &endpoint.id,
+                event_id,
+                seq,
+                end_user.as_deref(),
+                now,
+            )
+            .await?;
+            queued = queued.saturating_add(1);
+        }
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        lease_ms: i64,
+        limit_len: u32,
+    ) -> StoreResult<Vec<DeliveryJob>> {
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED: a delivery another replica is claiming right now is passed over,
+        // and once that claim commits its `locked_until` excludes it (PostgreSQL rechecks
+        // the row's conditions on its newest version before locking it). The ordering
+        // rule ignores locks: an earlier pending delivery holds later ones back whether or
+        // not it is leased. COALESCE(end_user_id, '') compares like IS NOT DISTINCT FROM
+        // (end user ids are never empty) and can use the `webhook_deliveries_order` index.
+        let rows = sqlx::query(
+            "SELECT d.id, d.attempts, d.endpoint_id, e.body AS event_body,
+                    w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
+             FROM webhook_deliveries d
+             JOIN events e ON e.id = d.event_id
+             JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL
+             WHERE d.tenant_id = $1 AND d.environment = $2 AND d.status = 'pending' AND d.next_attempt_at <= $3 AND d.locked_until <= $3
+               AND NOT EXISTS (
+                 SELECT 1 FROM webhook_deliveries earlier
+                 WHERE earlier.endpoint_id = d.endpoint_id
+                   AND COALESCE(earlier.end_user_id, '') = COALESCE(d.end_user_id, '')
+                   AND earlier.status = 'pending'
+                   AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
+             ORDER BY d.event_seq, d.id LIMIT $4
+             FOR UPDATE OF d SKIP LOCKED",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(now))
+        .bind(limit(limit_len))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            jobs.push(DeliveryJob {
+                delivery_id: row.try_get("id")?,
+                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
+                    .map_err(|_| corrupt("attempts"))?,
+                endpoint: EndpointRecord {
+                    id: row.try_get("endpoint_id")?,
+                    url: row.try_get("url")?,
+                    event_types: row
+                        .try_get::<Option<String>, _>("event_types")?
+                        .map(|text| serde_json::from_str(&text))
+                        .transpose()?,
+                    secret: row.try_get("secret")?,
+                    created_at: Timestamp::from_millis(row.try_get("endpoint_created_at")?),
+                    updated_at: Timestamp::from_millis(row.try_get("endpoint_updated_at")?),
+                },
+                event: serde_json::from_str(&row.try_get::<String, _>("event_body")?)?,
+            });
+        }
+        if !jobs.is_empty() {
+            let ids: Vec<i64> = jobs.iter().map(|job| job.delivery_id).collect();
+            sqlx::query("UPDATE webhook_deliveries SET locked_until = $1 WHERE id = ANY($2)")
+                .bind(now.as_millis().saturating_add(lease_ms))
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT endpoint_id, event_id FROM webhook_deliveries WHERE id = $1")
+            .bind(attempt.delivery_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (endpoint_id, event_id): (String, String) =
+            (row.try_get("endpoint_id")?, row.try_get("event_id")?);
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, event_id, attempt, status, response_status, error, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(attempt.delivery_id)
+        .bind(&endpoint_id)
+        .bind(&event_id)
+        .bind(i64::from(attempt.attempt))
+        .bind(if attempt.succeeded { "succeeded" } else { "failed" })
+        .bind(attempt.response_status.map(i64::from))
+        .bind(&attempt.error)
+        .bind(millis(attempt.at))
+        .execute(&mut *tx)
+        .await?;
+        let status = match (attempt.succeeded, attempt.retry_at) {
+            (true, _) => "succeeded",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = COALESCE($3, next_attempt_at), locked_until = 0
+             WHERE id = $4",
+        )
+        .bind(status)
+        .bind(i64::from(attempt.attempt))
+        .bind(attempt.retry_at.map(millis))
+        .bind(attempt.delivery_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn idempotency_begin(
+        &self,
+        env: &Env,
+        key: &str,
+        fingerprint: &[u8; 32],
+        now: Timestamp,
+        lease_ms: i64,
+        keep_until: Timestamp,
+    ) -> StoreResult<IdempotencyBegin> {
+        let claim = IdempotencyClaim {
+            env,
+            key,
+            fingerprint,
+            now,
+            locked_until: now.as_millis().saturating_add(lease_ms),
+            keep_until,
+        };
+        for _ in 0..IDEMPOTENCY_ATTEMPTS_MAX {
+            if let Some(begin) = claim.attempt(&self.pool).await? {
+                return Ok(begin);
+            }
+        }
+        Err(StoreError::Database {
+            message: format!("idempotency key `{key}` kept vanishing while it was claimed"),
+            transient: true,
+        })
+    }
+
+    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
+        let mut connection = self.pool.acquire().await?;
+        finish_idempotency(&mut connection, env, answer).await
+    }
+
+    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = $3 AND status IS NULL",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>> {
+        let row = sqlx::query(
+            "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2 AND key = $3",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+        Ok(Some(UsageKeyRecord {
+            key: row.try_get("key")?,
+            fingerprint: fingerprint
+                .try_into()
+                .map_err(|_| corrupt("usage key fingerprint"))?,
+            entry_id: row.try_get("entry_id")?,
+            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
+        }))
+    }
+
+    async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
+        let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < $1")
+            .bind(millis(now))
+            .execute(&self.pool)
+            .await?;
+        let usage = sqlx::query("DELETE FROM usage_keys WHERE keep_until < $1")
+            .bind(millis(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(idempotency
+            .rows_affected()
+            .saturating_add(usage.rows_affected()))
+    }
+}
+
+/// One idempotent request's claim on its key.
+struct IdempotencyClaim<'a> {
+    env: &'a Env,
+    key: &'a str,
+    fingerprint: &'a [u8; 32],
+    now: Timestamp,
+    /// The lease a started request holds: a twin arriving before this waits.
+    locked_until: i64,
+    keep_until: Timestamp,
+}
+
+impl IdempotencyClaim<'_> {
+    /// One try, in its own transaction: `None` when the row conflicted with was deleted
+    /// before it could be read (look again).
+    async fn attempt(&self, pool: &PgPool) -> StoreResult<Option<IdempotencyBegin>> {
+        let mut tx = pool.begin().await?;
+        // Of two first requests, one inserts; the other's insert waits for it to commit
+        // and then does nothing, and the row is read below.
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, environment, key) DO NOTHING",
+        )
+        .bind(&self.env.tenant_id)
+        .bind(self.env.environment.as_str())
+        .bind(self.key)
+        .bind(self.fingerprint.as_slice())
+        .bind(self.locked_until)
+        .bind(millis(self.keep_until))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() > 0 {
+            tx.commit().await?;
+            return Ok(Some(IdempotencyBegin::Started));
+        }
+        let row = sqlx::query(
+            "SELECT fingerprint, status, body, locked_until FROM idempotency
+             WHERE tenant_id = $1 AND environment = $2 AND key = $3 FOR UPDATE",
+        )
+        .bind(&self.env.tenant_id)
+        .bind(self.env.environment.as_str())
+        .bind(self.key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let stored: Vec<u8> = row.try_get("fingerprint")?;
+        if stored.as_slice() != self.fingerprint.as_slice() {
+            return Ok(Some(IdempotencyBegin::Mismatch));
+        }
+        if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
+            let body: Vec<u8> = row
+                .try_get::<Option<Vec<u8>>, _>("body")?
+                .unwrap_or_default();
+            let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
+            return Ok(Some(IdempotencyBegin::Replay { status, body }));
+        }
+        let holder_until: i64 = row.try_get("locked_until")?;
+        if holder_until > self.now.as_millis() {
+            return Ok(Some(IdempotencyBegin::InFlight));
+        }
+        // The first holder died without finishing: take the key over.
+        sqlx::query(
+            "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4",
+        )
+        .bind(self.locked_until)
+        .bind(&self.env.tenant_id)
+        .bind(self.env.environment.as_str())
+        .bind(self.key)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(IdempotencyBegin::Started))
+    }
+}
+
+fn parse_state(text: &str) -> StoreResult<EndUserState> {
+    let parts: StateParts = serde_json::from_str(text)?;
+    EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
+}
+
+/// The state in a row of `end_users` (`None` for no row, or a mutation's placeholder).
+fn state_of(row: Option<PgRow>) -> StoreResult<Option<EndUserState>> {
+    let Some(row) = row else { return Ok(None) };
+    row.try_get::<Option<String>, _>("state")?
+        .map(|text| parse_state(&text))
+        .transpose()
+}
+
+/// Locks the end user's row for the rest of the transaction and returns its state
+/// (`None` for an end user never stored). An unknown end user gets a placeholder row
+/// first, so there is always a row to lock; concurrent first mutations wait on its
+/// insert.
+async fn lock_state(
+    connection: &mut PgConnection,
+    env: &Env,
+    end_user: &EndUserId,
+    now: Timestamp,
+) -> StoreResult<Option<EndUserState>> {
+    const LOCK: &str = "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3 FOR UPDATE";
+    let row = sqlx::query(LOCK)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if row.is_some() {
+        return state_of(row);
+    }
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
+         VALUES ($1, $2, $3, NULL, 0, $4) ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user.as_str())
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    let row = sqlx::query(LOCK)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if row.is_none() {
+        return Err(StoreError::Database {
+            message: format!("end user `{end_user}` vanished while being locked"),
+            transient: true,
+        });
+    }
+    state_of(row)
+}
+
+async fn finish_idempotency(
+    connection: &mut PgConnection,
+    env: &Env,
+    answer: &IdempotencyAnswer,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE idempotency SET status = $1, body = $2 WHERE tenant_id = $3 AND environment = $4 AND key = $5",
+    )
+    .bind(i64::from(answer.status))
+    .bind(answer.body.as_slice())
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(&answer.key)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Writes the new state and everything the operation produced: what `sqlite.rs` writes,
+/// with the event log and change feed appended last (see the module comment).
+async fn persist(
+    connection: &mut PgConnection,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+    now: Timestamp,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    let state = serde_json::to_string(&new.clone().into_parts())?;
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user)
+    .bind(state)
+    .bind(i64::try_from(new.version()).unwrap_or(i64::MAX))
+    .bind(changes.next_due.map(millis))
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    write_blocks(connection, env, old, new, changes).await?;
+    write_entries(connection, env, end_user, changes).await?;
+    write_reservations(connection, env, old, new, changes).await?;
+    write_subscriptions(connection, env, old, new, changes).await?;
+    for usage_key in &changes.usage_keys {
+        sqlx::query(
+            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&usage_key.key)
+        .bind(usage_key.fingerprint.as_slice())
+        .bind(&usage_key.entry_id)
+        .bind(usage_key.result.to_string())
+        .bind(millis(usage_key.keep_until))
+        .execute(&mut *connection)
+        .await?;
+    }
+    if let Some(answer) = &changes.idempotency {
+        finish_idempotency(connection, env, answer).await?;
+    }
+    append_to_feeds(connection, env, end_user, new != old, &changes.events, now).await
+}
+
+/// Every block that is new or changed (live or finished), with the request's annotations
+/// on the blocks this operation created.
+async fn write_blocks(
+    connection: &mut PgConnection,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
+    let created: Vec<ledger::BlockId> = changes
+        .entries
+        .iter()
+        .filter_map(|entry| entry.block.as_ref().map(|block| block.id))
+        .collect();
+    for block in new.blocks().iter().chain(&changes.finished_blocks) {
+        if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
+            continue;
+        }
+        let annotated = created.contains(&block.id);
+        let metadata = annotated
+            .then(|| {
+                changes
+                    .annotations
+                    .metadata
+                    .as_ref()
+                    .map(ToString::to_string)
+            })
+            .flatten();
+        let payment = annotated
+            .then(|| changes.annotations.external_payment_id.clone())
+            .flatten();
+        sqlx::query(
+            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        )
+        .bind(block.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(serde_json::to_string(block)?)
+        .bind(metadata)
+        .bind(payment)
+        .bind(millis(block.created_at))
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The operation's entries, in order (their seq comes from an identity column: under the
+/// end user's row lock, so one end user's entries are numbered in commit order).
+async fn write_entries(
+    connection: &mut PgConnection,
+    env: &Env,
+    end_user: &str,
+    changes: &Changes,
+) -> StoreResult<()> {
+    for entry in &changes.entries {
+        let wire = protocol::LedgerEntry::new(
+            entry,
+            changes.annotations.idempotency_key.clone(),
+            changes.annotations.metadata.clone(),
+        );
+        sqlx::query(
+            "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(entry.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(entry.entry_type.as_str())
+        .bind(millis(entry.created_at))
+        .bind(serde_json::to_string(&wire)?)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Every reservation that is new or changed, live or finished.
+async fn write_reservations(
+    connection: &mut PgConnection,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    let old_reservations: BTreeMap<_, _> = old
+        .reservations()
+        .iter()
+        .map(|reservation| (reservation.id, reservation))
+        .collect();
+    for reservation in new
+        .reservations()
+        .iter()
+        .chain(&changes.finished_reservations)
+    {
+        if old_reservations
+            .get(&reservation.id)
+            .is_some_and(|old| *old == reservation)
+        {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )
+        .bind(reservation.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(reservation.status.as_str())
+        .bind(serde_json::to_string(reservation)?)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Every subscription that is new or changed, live or finished.
+async fn write_subscriptions(
+    connection: &mut PgConnection,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    let old_subscriptions: BTreeMap<_, _> = old
+        .subscriptions()
+        .iter()
+        .map(|subscription| (subscription.id, subscription))
+        .collect();
+    for subscription in new
+        .subscriptions()
+        .iter()
+        .chain(&changes.finished_subscriptions)
+    {
+        if old_subscriptions
+            .get(&subscription.id)
+            .is_some_and(|old| *old == subscription)
+        {
+            continue;
+        }
+        sqlx::query(
+            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )
+        .bind(subscription.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(subscription.status.as_str())
+        .bind(serde_json::to_string(subscription)?)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The last step of a mutation: the events (with a delivery for every live endpoint that
+/// wants each) and, when the state changed, a change-feed entry, numbered from the
+/// environment's feed head, which stays locked until commit.
+async fn append_to_feeds(
+    connection: &mut PgConnection,
+    env: &Env,
+    end_user: &str,
+    state_changed: bool,
+    events: &[ledger::Event],
+    now: Timestamp,
+) -> StoreResult<()> {
+    if events.is_empty() && !state_changed {
+        return Ok(());
+    }
+    let endpoints = if events.is_empty() {
+        Vec::new()
+    } else {
+        live_endpoints(connection, env).await?
+    };
+    let count = i64::try_from(events.len()).map_err(|_| corrupt("too many events"))?;
+    let heads = take_positions(connection, env, count, state_changed).await?;
+    let mut seq = heads.first_event(count)?;
+    for event in events {
+        let wire = wire_event(event);
+        insert_wire_event(connection, env, seq, &wire, Some(end_user)).await?;
+        for endpoint in endpoints
+            .iter()
+            .filter(|endpoint| endpoint.wants(&wire.event_type))
+        {
+            insert_delivery(
+                connection,
+                env,
+                &endpoint.id,
+                &wire.id,
+                seq,
+                Some(end_user),
+                now,
+            )
+            .await?;
+        }
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| corrupt("event position"))?;
+    }
+    if state_changed {
+        insert_change(connection, env, heads.last_change, Some(end_user), now).await?;
+    }
+    Ok(())
+}
+
+/// An environment's feed head after a transaction took its positions.
+#[derive(Debug, Clone, Copy)]
+struct FeedHeads {
+    /// The last event position, now this transaction's.
+    last_event: i64,
+    /// The last change position, now this transaction's.
+    last_change: i64,
+}
+
+impl FeedHeads {
+    /// The first of the `count` event positions taken.
+    fn first_event(self, count: i64) -> StoreResult<i64> {
+        self.last_event
+            .checked_sub(count)
+            .and_then(|before| before.checked_add(1))
+            .ok_or_else(|| corrupt("event position"))
+    }
+}
+
+/// Takes `events` event positions and (if `change`) one change position in the
+/// environment's log and feed, locking its `feed_heads` row until commit. Call it last
+/// before commit: the lock orders this environment's appenders, so positions are
+/// committed in order (see the module comment).
+async fn take_positions(
+    connection: &mut PgConnection,
+    env: &Env,
+    events: i64,
+    change: bool,
+) -> StoreResult<FeedHeads> {
+    let row = sqlx::query(
+        "INSERT INTO feed_heads (tenant_id, environment, last_event_seq, last_change_seq) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (tenant_id, environment) DO UPDATE SET
+           last_event_seq = feed_heads.last_event_seq + excluded.last_event_seq,
+           last_change_seq = feed_heads.last_change_seq + excluded.last_change_seq
+         RETURNING last_event_seq, last_change_seq",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(events)
+    .bind(i64::from(change))
+    .fetch_one(connection)
+    .await?;
+    Ok(FeedHeads {
+        last_event: row.try_get("last_event_seq")?,
+        last_change: row.try_get("last_change_seq")?,
+    })
+}
+
+/// An engine event in its wire form, with an id from its time.
+fn wire_event(event: &ledger::Event) -> protocol::Event {
+    let id = EventId::new(&mut UlidSource::at(event.at));
+    protocol::Event {
+        id: id.to_string(),
+        event_type: event.kind.type_name().to_owned(),
+        end_user_id: Some(event.end_user_id.to_string()),
+        created_at: event.at.into(),
+        data: with_end_user(protocol::event_data(&event.kind), &event.end_user_id),
+        deliveries: Vec::new(),
+    }
+}
+
+/// Adds `end_user_id` to an event's data, so webhook receivers see whom it is about.
+fn with_end_user(mut data: serde_json::Value, end_user: &EndUserId) -> serde_json::Value {
+    if let Some(object) = data.as_object_mut() {
+        object.insert(
+            "end_user_id".into(),
+            serde_json::Value::String(end_user.to_string()),
+        );
+    }
+    data
+}
+
+/// Writes an event at position `seq` of the environment's log (taken by
+/// [`take_positions`]).
+async fn insert_wire_event(
+    connection: &mut PgConnection,
+    env: &Env,
+    seq: i64,
+    wire: &protocol::Event,
+    end_user: Option<&str>,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO events (seq, id, tenant_id, environment, end_user_id, type, created_at, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(seq)
+    .bind(&wire.id)
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user)
+    .bind(&wire.event_type)
+    .bind(millis(wire.created_at.0))
+    .bind(serde_json::to_string(wire)?)
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// Queues one event for one endpoint, due at once.
+async fn insert_delivery(
+    connection: &mut PgConnection,
+    env: &Env,
+    endpoint_id: &str,
+    event_id: &str,
+    seq: i64,
+    end_user: Option<&str>,
+    now: Timestamp,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(endpoint_id)
+    .bind(event_id)
+    .bind(seq)
+    .bind(end_user)
+    .bind(millis(now))
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// The environment's endpoints that are not deleted.
+async fn live_endpoints(
+    connection: &mut PgConnection,
+    env: &Env,
+) -> StoreResult<Vec<EndpointRecord>> {
+    let rows = sqlx::query(
+        "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND environment = $2 AND deleted_at IS NULL ORDER BY created_at, id",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .fetch_all(connection)
+    .await?;
+    rows.iter().map(endpoint_from_row).collect()
+}
+
+/// Writes the change-feed entry at position `seq` (taken by [`take_positions`]).
+async fn insert_change(
+    connection: &mut PgConnection,
+    env: &Env,
+    seq: i64,
+    end_user: Option<&str>,
+    at: Timestamp,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO changes (seq, tenant_id, environment, kind, end_user_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(seq)
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(if end_user.is_some() { "end_user" } else { "catalog" })
+    .bind(end_user)
+    .bind(millis(at))
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The PostgreSQL-only guarantees, against a real server: each test makes its own
+    //! schema on `QS_TEST_POSTGRES_URL` and returns at once when it is unset. The shared
+    //! behaviour is the control-plane suite's, run on both stores.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ledger::{Catalog, Credits, Cx, GrantRequest};
+
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+    /// A store on a fresh schema, or `None` without a server to test against.
+    async fn store() -> Option<PostgresStore> {
+        let url = std::env::var("QS_TEST_POSTGRES_URL")
+            .ok()
+            .filter(|url| !url.is_empty())?;
+        let schema = format!("qs_t_{:016x}", rand::random::<u64>());
+        let admin = PgPool::connect(&url).await.expect("the server answers");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .expect("create schema");
+        admin.close().await;
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+        Some(PostgresStore::open(&scoped, 32).await.expect("store opens"))
+    }
+
+    fn env(tenant: &str) -> Env {
+        Env {
+            tenant_id: tenant.into(),
+            environment: Environment::Test,
+        }
+    }
+
+    async fn tenant(store: &PostgresStore, id: &str) -> Env {
+        let record = TenantRecord {
+            id: id.into(),
+            name: id.into(),
+            created_at: T0,
+        };
+        store.create_tenant(&record, &[]).await.expect("tenant");
+        env(id)
+    }
+
+    fn user(id: &str) -> EndUserId {
+        EndUserId::new(id).expect("end user id")
+    }
+
+    /// Grants `amount` to `end_user`: a state change, an entry, a block and an event.
+    async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i64) {
+        let catalog = Catalog::default();
+        let mut run = |state: &mut EndUserState| -> Result<Changes, ApiError> {
+            let mut ids = UlidSource::at(T0);
+            let mut cx = Cx {
+                now: T0,
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+            Ok(Changes::from_applied(applied).1)
+        };
+        store
+            .mutate(env, end_user, T0, &mut run)
+            .await
+            .expect("grant");
+    }
+
+    // Catalog keys are unique per environment with SQLite's message; lists keep insertion
+    // order; API keys, environment records and tenancy round-trip.
+    #[tokio::test]
+    async fn catalog_and_tenancy_round_trip() {
+        let Some(store) = store().await else { return };
+        let acme = tenant(&store, "ten_acme").await;
+        let other = tenant(&store, "ten_other").await;
+        let feature = |id: &str, key: &str| CatalogRecord {
+            id: id.into(),
+            key: key.into(),
+            parent_id: None,
+            body: serde_json::from_value::<protocol::CreateFeature>(
+                serde_json::json!({"key": key, "name": key, "type": "metered"}),
+            )
+            .expect("feature body"),
+            archived: false,
+            created_at: T0,
+        };
+        for (id, key) in [("ftr_2", "zeta"), ("ftr_1", "alpha")] {
+            store
+                .insert_feature(&acme, &feature(id, key))
+                .await
+                .expect("insert");
+        }
+        let duplicate = store.insert_feature(&acme, &feature("ftr_3", "zeta")).await;
+        match duplicate {
+            Err(StoreError::Conflict(message)) => {
+                assert_eq!(message, "a feature with key `zeta` already exists");
+            }
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        store
+            .insert_feature(&other, &feature("ftr_4", "zeta"))
+            .await
+            .expect("another tenant may use the key");
+        let keys: Vec<String> = store
+            .features(&acme)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|record| record.key)
+            .collect();
+        assert_eq!(keys, ["zeta", "alpha"]);
+
+        let key = ApiKeyRecord {
+            id: "key_1".into(),
+            tenant_id: "ten_acme".into(),
+            environment: Environment::Test,
+            name: Some("ci".into()),
+            scopes: vec!["all".into()],
+            prefix: "qs_test_".into(),
+            key_hash: [7; 32],
+            created_at: T0,
+            revoked_at: None,
+        };
+        store.insert_api_key(&key).await.expect("key");
+        let found = store.api_key_by_hash(&[7; 32]).await.expect("lookup");
+        assert_eq!(found.map(|key| key.id).as_deref(), Some("key_1"));
+        let revoked = store
+            .revoke_api_key(&acme, "key_1", T0)
+            .await
+            .expect("revoke")
+            .expect("the key");
+        assert_eq!(revoked.revoked_at, Some(T0));
+        assert!(
+            store
+                .revoke_api_key(&other, "key_1", T0)
+                .await
+                .expect("revoke")
+                .is_none(),
+            "another tenant's key is not found"
+        );
+        let record = EnvRecord {
+            clock_offset_ms: 42,
+            ..EnvRecord::default()
+        };
+        store.put_env_record(&acme, &record).await.expect("put");
+        assert_eq!(
+            store.env_record(&acme).await.expect("get").clock_offset_ms,
+            42
+        );
+        assert_eq!(store.environments().await.expect("environments").len(), 4);
+    }
+
+    // Many writers on different end users and a follower paging by cursor at the same
+    // time: every page the follower reads starts right after its cursor and has no holes,
+    // so positions become visible in order and nothing is ever skipped.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn feeds_never_skip_under_concurrent_writers() {
+        let Some(store) = store().await else { return };
+        let store = Arc::new(store);
+        let env = tenant(&store, "ten_acme").await;
+        const WRITERS: usize = 8;
+        const GRANTS: usize = 20;
+        let mut writers = Vec::new();
+        for writer in 0..WRITERS {
+            let (store, env) = (store.clone(), env.clone());
+            writers.push(tokio::spawn(async move {
+                for grant_index in 0..GRANTS {
+                    grant(&store, &env, &user(&format!("u{writer}")), 1).await;
+                    if grant_index % 5 == 0 {
+                        store
+                            .record_catalog_change(&env, T0)
+                            .await
+                            .expect("catalog");
+                    }
+                }
+            }));
+        }
+        let expected_changes = i64::try_from(WRITERS * (GRANTS + GRANTS / 5)).expect("count");
+        let expected_events = i64::try_from(WRITERS * GRANTS).expect("count");
+        let (mut change_cursor, mut event_cursor) = (0i64, 0i64);
+        while change_cursor < expected_changes || event_cursor < expected_events {
+            for change in store
+                .changes_after(&env, change_cursor, 7)
+                .await
+                .expect("changes")
+            {
+                assert_eq!(
+                    change.seq,
+                    change_cursor + 1,
+                    "changes are dense and in order"
+                );
+                change_cursor = change.seq;
+            }
+            for event in store
+                .events(&env, Some(event_cursor), 7)
+                .await
+                .expect("events")
+            {
+                assert_eq!(event.seq, event_cursor + 1, "events are dense and in order");
+                event_cursor = event.seq;
+            }
+            tokio::task::yield_now().await;
+        }
+        for writer in writers {
+            writer.await.expect("writer");
+        }
+        assert_eq!(
+            store.last_change(&env).await.expect("last"),
+            expected_changes
+        );
+        assert!(
+            store
+                .changes_after(&env, change_cursor, 10)
+                .await
+                .expect("changes")
+                .is_empty()
+        );
+    }
+
+    // Concurrent mutations of one end user are serialised: none is lost.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn one_end_users_mutations_are_serialised() {
+        let Some(store) = store().await else { return };
+        let store = Arc::new(store);
+        let env = tenant(&store, "ten_acme").await;
+        let mut tasks = Vec::new();
+        for amount in 1..=30 {
+            let (store, env) = (store.clone(), env.clone());
+            tasks.push(tokio::spawn(async move {
+                grant(&store, &env, &user("hot"), amount).await;
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let state = store
+            .load_state(&env, &user("hot"))
+            .await
+            .expect("load")
+            .expect("stored");
+        assert_eq!(state.version(), 30);
+        let total: i64 = state
+            .blocks()
+            .iter()
+            .map(|block| block.remaining.get())
+            .sum();
+        assert_eq!(total, (1..=30).sum::<i64>());
+        let filter = EntryFilter {
+            end_user_id: Some("hot".into()),
+            limit: 100,
+            ..EntryFilter::default()
+        };
+        let entries = store.entries(&env, &filter).await.expect("entries");
+        assert_eq!(entries.len(), 30);
+        assert!(
+            entries.windows(2).all(|pair| pair[0].0 > pair[1].0),
+            "newest first"
+        );
+    }
+
+    // While a mutation holds one end user's row, another end user's mutation goes
+    // through at once and a second one for the same end user waits for it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn only_the_same_end_user_waits() {
+        let Some(store) = store().await else { return };
+        let env = tenant(&store, "ten_acme").await;
+        grant(&store, &env, &user("busy"), 1).await;
+        // A mutation in flight on `busy`: its transaction holds the row lock.
+        let mut in_flight = store.pool.begin().await.expect("begin");
+        lock_state(&mut in_flight, &env, &user("busy"), T0)
+            .await
+            .expect("lock");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            grant(&store, &env, &user("other"), 1),
+        )
+        .await
+        .expect("another end user does not wait");
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(300),
+            grant(&store, &env, &user("busy"), 1),
+        )
+        .await;
+        assert!(waiting.is_err(), "the same end user waits");
+        in_flight.commit().await.expect("commit");
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            grant(&store, &env, &user("busy"), 2),
+        )
+        .await
+        .expect("the lock is free again");
+        let state = store
+            .load_state(&env, &user("busy"))
+            .await
+            .expect("load")
+            .expect("stored");
+        assert_eq!(state.version(), 2, "the abandoned attempt wrote nothing");
+    }
+
+    // A refused mutation writes nothing, not even its end user's placeholder row.
+    #[tokio::test]
+    async fn a_refusal_writes_nothing() {
+        let Some(store) = store().await else { return };
+        let env = tenant(&store, "ten_acme").await;
+        let mut refuse =
+            |_: &mut EndUserState| -> Result<Changes, ApiError> { Err(ApiError::Unauthorized) };
+        let result = store.mutate(&env, &user("nobody"), T0, &mut refuse).await;
+        assert!(matches!(result, Err(ApiError::Unauthorized)));
+        assert!(
+            store
+                .load_state(&env, &user("nobody"))
+                .await
+                .expect("load")
+                .is_none()
+        );
+        assert!(
+            store
+                .end_user_states(&env, None, 10)
+                .await
+                .expect("states")
+                .is_empty()
+        );
+        assert_eq!(store.last_change(&env).await.expect("last"), 0);
+    }
+
+    // Many first requests with one key at once: exactly one starts; then the state
+    // machine: replay, mismatch, abandon only while unfinished, take-over after the lease.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn idempotency_keys_start_once() {
+        let Some(store) = store().await else { return };
+        let store = Arc::new(store);
+        let env = tenant(&store, "ten_acme").await;
+        let keep = Timestamp::from_millis(T0.as_millis() + 86_400_000);
+        let mut tasks = Vec::new();
+        for _ in 0..20 {
+            let (store, env) = (store.clone(), env.clone());
+            tasks.push(tokio::spawn(async move {
+                store
+                    .idempotency_begin(&env, "k", &[1; 32], T0, 10_000, keep)
+                    .await
+                    .expect("begin")
+            }));
+        }
+        let mut started = 0;
+        for task in tasks {
+            match task.await.expect("task") {
+                IdempotencyBegin::Started => started += 1,
+                IdempotencyBegin::InFlight => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(started, 1);
+        let mismatch = store
+            .idempotency_begin(&env, "k", &[2; 32], T0, 10_000, keep)
+            .await
+            .expect("begin");
+        assert!(matches!(mismatch, IdempotencyBegin::Mismatch));
+        let later = Timestamp::from_millis(T0.as_millis() + 10_001);
+        let taken = store
+            .idempotency_begin(&env, "k", &[1; 32], later, 10_000, keep)
+            .await
+            .expect("begin");
+        assert!(
+            matches!(taken, IdempotencyBegin::Started),
+            "a dead holder's key is taken over"
+        );
+        let answer = IdempotencyAnswer {
+            key: "k".into(),
+            status: 201,
+            body: b"{}".to_vec(),
+        };
+        store
+            .idempotency_finish(&env, &answer)
+            .await
+            .expect("finish");
+        store.idempotency_abandon(&env, "k").await.expect("abandon");
+        match store
+            .idempotency_begin(&env, "k", &[1; 32], later, 10_000, keep)
+            .await
+            .expect("begin")
+        {
+            IdempotencyBegin::Replay { status, body } => {
+                assert_eq!((status, body.as_slice()), (201, b"{}".as_slice()));
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        store
+            .idempotency_begin(&env, "gone", &[1; 32], T0, 10_000, keep)
+            .await
+            .expect("begin");
+        store
+            .idempotency_abandon(&env, "gone")
+            .await
+            .expect("abandon");
+        assert!(matches!(
+            store
+                .idempotency_begin(&env, "gone", &[3; 32], T0, 10_000, keep)
+                .await
+                .expect("begin"),
+            IdempotencyBegin::Started
+        ));
+        let purged = store
+            .purge_expired(Timestamp::from_millis(keep.as_millis() + 1))
+            .await;
+        assert_eq!(purged.expect("purge"), 2);
+    }
+
+    // Two replicas claiming at once never take the same delivery, and only the oldest
+    // pending delivery of an endpoint and end user is claimable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn deliveries_are_claimed_once_and_in_order() {
+        let Some(store) = store().await else { return };
+        let store = Arc::new(store);
+        let env = tenant(&store, "ten_acme").await;
+        let endpoint = EndpointRecord {
+            id: "we_1".into(),
+            url: "https://example.com/hook".into(),
+            event_types: None,
+            secret: "whsec_x".into(),
+            created_at: T0,
+            updated_at: T0,
+        };
+        store
+            .insert_endpoint(&env, &endpoint)
+            .await
+            .expect("endpoint");
+        for index in 0..20 {
+            grant(&store, &env, &user(&format!("u{index}")), 1).await;
+        }
+        grant(&store, &env, &user("u0"), 2).await;
+        let claim = |store: Arc<PostgresStore>, env: Env| async move {
+            store
+                .claim_deliveries(&env, T0, 60_000, 100)
+                .await
+                .expect("claim")
+        };
+        let (first, second) = tokio::join!(
+            tokio::spawn(claim(store.clone(), env.clone())),
+            tokio::spawn(claim(store.clone(), env.clone()))
+        );
+        let mut claimed: Vec<i64> = first
+            .expect("task")
+            .iter()
+            .chain(second.expect("task").iter())
+            .map(|job| job.delivery_id)
+            .collect();
+        let count = claimed.len();
+        claimed.sort_unstable();
+        claimed.dedup();
+        assert_eq!(claimed.len(), count, "no delivery is claimed twice");
+        assert_eq!(count, 20, "u0's second event waits for its first");
+        assert!(
+            store
+                .claim_deliveries(&env, T0, 60_000, 100)
+                .await
+                .expect("claim")
+                .is_empty()
+        );
+
+        let first_of_u0 = claimed[0];
+        store
+            .record_attempt(&AttemptRecord {
+                delivery_id: first_of_u0,
+                attempt: 1,
+                at: T0,
+                succeeded: true,
+                response_status: Some(200),
+                error: None,
+                retry_at: None,
+            })
+            .await
+            .expect("attempt");
+        let next = store
+            .claim_deliveries(&env, T0, 60_000, 100)
+            .await
+            .expect("claim");
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].event.end_user_id.as_deref(), Some("u0"));
+        let event = store
+            .event(&env, &next[0].event.id)
+            .await
+            .expect("event")
+            .expect("stored");
+        assert!(event.event.deliveries.is_empty());
+    }
+
+    // Purging moves the watermark to the newest position deleted; the feed's last
+    // position never goes back.
+    #[tokio::test]
+    async fn purging_changes_moves_the_watermark() {
+        let Some(store) = store().await else { return };
+        let env = tenant(&store, "ten_acme").await;
+        for _ in 0..3 {
+            store.record_catalog_change(&env, T0).await.expect("change");
+        }
+        let later = Timestamp::from_millis(T0.as_millis() + 1);
+        store
+            .record_catalog_change(&env, later)
+            .await
+            .expect("change");
+        assert_eq!(store.purge_changes(later).await.expect("purge"), 3);
+        assert_eq!(store.purged_through(&env).await.expect("watermark"), 3);
+        assert_eq!(store.last_change(&env).await.expect("last"), 4);
+        let far = Timestamp::from_millis(T0.as_millis() + 1_000);
+        assert_eq!(store.purge_changes(far).await.expect("purge"), 1);
+        assert_eq!(store.purged_through(&env).await.expect("watermark"), 4);
+        assert_eq!(store.last_change(&env).await.expect("last"), 4);
+        assert_eq!(store.purge_changes(far).await.expect("purge"), 0);
+        assert_eq!(store.purged_through(&env).await.expect("watermark"), 4);
+    }
+}
