@@ -33,7 +33,7 @@ struct Cli {
     /// Address to listen on (overrides `server.listen`).
     #[arg(long, env = "QS_LISTEN", global = true)]
     listen: Option<String>,
-    /// `sqlite://<file>` or `:memory:` (overrides `database.url`).
+    /// `sqlite://<file>`, `:memory:` or `postgres://…` (overrides `database.url`).
     #[arg(long, env = "QS_DATABASE_URL", global = true)]
     database_url: Option<String>,
     /// Token for `POST /v1/operator/tenants` (overrides `auth.operator_token`).
