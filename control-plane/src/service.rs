@@ -429,6 +429,63 @@ impl AppState {
         result.ok_or_else(|| ApiError::Internal("mutation finished without a result".into()))
     }
 
+    /// Runs one operation on each of several end users in one transaction (a usage
+    /// batch): all commit or none. Returns each end user's value.
+    ///
+    /// # Errors
+    /// The first failing operation's error, or store failures; nothing is written then.
+    pub async fn mutate_many<T, F>(
+        &self,
+        env: &Env,
+        users: Vec<(EndUserId, F)>,
+    ) -> Result<Vec<(EndUserId, T)>, ApiError>
+    where
+        T: Send,
+        F: FnMut(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+            + Send,
+    {
+        let view = self.view(env).await?;
+        let now = self.env_now(&view);
+        let mut slots: Vec<Option<T>> = users.iter().map(|_| None).collect();
+        let mut ids = Vec::with_capacity(users.len());
+        let mut runs: Vec<Box<crate::store::MutateFn<'_>>> = Vec::with_capacity(users.len());
+        for ((end_user, mut operation), slot) in users.into_iter().zip(slots.iter_mut()) {
+            ids.push(end_user);
+            let view = &view;
+            runs.push(Box::new(
+                move |state: &mut EndUserState| -> Result<Changes, ApiError> {
+                    let mut source = UlidSource::at(now);
+                    let mut cx = Cx {
+                        now,
+                        catalog: &view.catalog,
+                        ids: &mut source,
+                    };
+                    let (value, mut changes) = operation(state, &mut cx, view)?;
+                    changes.next_due = state.next_due(&view.catalog)?;
+                    *slot = Some(value);
+                    Ok(changes)
+                },
+            ));
+        }
+        let mut items: Vec<(EndUserId, &mut crate::store::MutateFn<'_>)> = ids
+            .iter()
+            .cloned()
+            .zip(runs.iter_mut().map(|run| &mut **run))
+            .collect();
+        self.store().mutate_many(env, now, &mut items).await?;
+        drop(items);
+        drop(runs);
+        self.notify_changes();
+        ids.into_iter()
+            .zip(slots)
+            .map(|(end_user, slot)| {
+                slot.map(|value| (end_user, value)).ok_or_else(|| {
+                    ApiError::Internal("a batch operation finished without a result".into())
+                })
+            })
+            .collect()
+    }
+
     /// The end user's state as stored (a new, empty one if unknown).
     ///
     /// # Errors

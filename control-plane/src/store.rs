@@ -352,6 +352,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: Timestamp,
         operation: &mut MutateFn<'_>,
     ) -> Result<(), ApiError>;
+    /// Several end users' operations in one transaction (a usage batch): everything
+    /// commits or nothing does. End users are locked in id order; each appears once.
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> Result<(), ApiError>;
     async fn load_state(
         &self,
         env: &Env,

@@ -219,77 +219,42 @@ async fn apply_batch(
             timestamp,
         });
     }
-    for (end_user, events) in groups {
-        let applied = state
-            .mutate(
-                env,
-                &end_user,
-                None,
-                Annotations::default(),
-                200,
-                |user, cx, _| {
-                    let mut all = Changes::default();
-                    let mut outcomes = Vec::new();
-                    for event in &events {
-                        match user.record_usage(cx, event.usage.clone()) {
-                            Ok(applied) => {
-                                let (outcome, mut changes) = Changes::from_applied(applied);
-                                let answer =
-                                    recorded(&end_user, &event.usage, &outcome, event.timestamp);
-                                changes.usage_keys.push(UsageKeyRecord {
-                                    key: event.key.clone(),
-                                    fingerprint: event.fingerprint,
-                                    entry_id: answer.id.clone(),
-                                    result: serde_json::to_value(&answer)
-                                        .map_err(|error| ApiError::Internal(error.to_string()))?,
-                                    keep_until,
-                                });
-                                all.extend(changes);
-                                outcomes.push((event.index, Ok(answer)));
-                            }
-                            Err(Refusal::Invariant(message)) => {
-                                return Err(ApiError::Internal(message));
-                            }
-                            Err(refusal) => {
-                                outcomes.push((event.index, Err(ApiError::from(refusal).problem())))
-                            }
-                        }
-                    }
-                    Ok((outcomes, all))
+    // Every end user's events of the batch in one transaction (events are independent:
+    // a refused event is an error result, not a rollback).
+    let users: Vec<_> = groups
+        .into_iter()
+        .map(|(end_user, events)| {
+            let owner = end_user.clone();
+            let apply = move |user: &mut ledger::EndUserState,
+                              cx: &mut ledger::Cx<'_>,
+                              _: &crate::service::CatalogView| {
+                apply_events(user, cx, &owner, &events, keep_until)
+            };
+            (end_user, apply)
+        })
+        .collect();
+    for (_, outcomes) in state.mutate_many(env, users).await? {
+        for (index, outcome) in outcomes {
+            results[index] = Some(match outcome {
+                Ok(answer) => BatchResult {
+                    index,
+                    status: BatchStatus::Created,
+                    id: Some(answer.id),
+                    cost: Some(answer.cost),
+                    covered: Some(answer.covered),
+                    debt: Some(answer.debt),
+                    error: None,
                 },
-            )
-            .await;
-        match applied {
-            Ok(outcomes) => {
-                for (index, outcome) in outcomes {
-                    results[index] = Some(match outcome {
-                        Ok(answer) => BatchResult {
-                            index,
-                            status: BatchStatus::Created,
-                            id: Some(answer.id),
-                            cost: Some(answer.cost),
-                            covered: Some(answer.covered),
-                            debt: Some(answer.debt),
-                            error: None,
-                        },
-                        Err(problem) => BatchResult {
-                            index,
-                            status: BatchStatus::Error,
-                            id: None,
-                            cost: None,
-                            covered: None,
-                            debt: None,
-                            error: Some(problem),
-                        },
-                    });
-                }
-            }
-            Err(error @ ApiError::Internal(_)) => return Err(error),
-            Err(error) => {
-                for event in &events {
-                    results[event.index] = Some(error_result(event.index, &error));
-                }
-            }
+                Err(problem) => BatchResult {
+                    index,
+                    status: BatchStatus::Error,
+                    id: None,
+                    cost: None,
+                    covered: None,
+                    debt: None,
+                    error: Some(problem),
+                },
+            });
         }
     }
     for (index, first) in repeats {
@@ -312,6 +277,42 @@ async fn apply_batch(
             })
         })
         .collect())
+}
+
+/// The outcome of each of one end user's batch events, by index.
+type EventOutcomes = Vec<(usize, Result<UsageRecorded, protocol::Problem>)>;
+
+/// Records one end user's batch events in order; a refused event is an error outcome.
+fn apply_events(
+    user: &mut ledger::EndUserState,
+    cx: &mut ledger::Cx<'_>,
+    end_user: &EndUserId,
+    events: &[Prepared],
+    keep_until: ledger::Timestamp,
+) -> Result<(EventOutcomes, Changes), ApiError> {
+    let mut all = Changes::default();
+    let mut outcomes = Vec::with_capacity(events.len());
+    for event in events {
+        match user.record_usage(cx, event.usage.clone()) {
+            Ok(applied) => {
+                let (outcome, mut changes) = Changes::from_applied(applied);
+                let answer = recorded(end_user, &event.usage, &outcome, event.timestamp);
+                changes.usage_keys.push(UsageKeyRecord {
+                    key: event.key.clone(),
+                    fingerprint: event.fingerprint,
+                    entry_id: answer.id.clone(),
+                    result: serde_json::to_value(&answer)
+                        .map_err(|error| ApiError::Internal(error.to_string()))?,
+                    keep_until,
+                });
+                all.extend(changes);
+                outcomes.push((event.index, Ok(answer)));
+            }
+            Err(Refusal::Invariant(message)) => return Err(ApiError::Internal(message)),
+            Err(refusal) => outcomes.push((event.index, Err(ApiError::from(refusal).problem()))),
+        }
+    }
+    Ok((outcomes, all))
 }
 
 /// A duplicate of an earlier event: its original entry id and amounts.

@@ -434,6 +434,40 @@ impl Store for PostgresStore {
         Ok(())
     }
 
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> Result<(), ApiError> {
+        // Every end user's row is locked (in id order) and every operation run before the
+        // first write: writing appends to the feeds, which takes the environment's feed
+        // head, and the lock order must stay end user rows, then feed head.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut results = Vec::with_capacity(items.len());
+        for (end_user, operation) in items.iter_mut() {
+            let old = lock_state(&mut tx, env, end_user, now)
+                .await?
+                .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+            let mut state = old.clone();
+            match operation(&mut state) {
+                Ok(changes) => results.push((old, state, changes)),
+                Err(error) => {
+                    if let Err(rollback) = tx.rollback().await {
+                        tracing::warn!(error = %rollback, "rolling back a refused batch failed");
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        for (old, state, changes) in &results {
+            persist(&mut tx, env, old, state, changes, now).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
     async fn load_state(
         &self,
         env: &Env,

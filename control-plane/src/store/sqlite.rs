@@ -414,6 +414,30 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> Result<(), ApiError> {
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tx = self
+            .writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::from)?;
+        for (end_user, operation) in items.iter_mut() {
+            let old = load_state_in(&mut tx, env, end_user)
+                .await?
+                .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+            let mut state = old.clone();
+            let changes = operation(&mut state)?;
+            persist(&mut tx, env, &old, &state, &changes, now).await?;
+        }
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
     async fn load_state(
         &self,
         env: &Env,
