@@ -7,13 +7,10 @@
 mod credits;
 mod dependencies;
 mod entitlements;
-mod model;
 mod month;
 mod naive;
 mod pricing;
-mod properties;
 mod recurring;
 mod reservations;
-mod simulation;
 mod subscriptions;
 mod support;
