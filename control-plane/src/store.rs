@@ -461,7 +461,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> StoreResult<IdempotencyBegin>;
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()>;
     async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()>;
-    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>>;
+    /// The stored usage event keys among `keys`, by key.
+    async fn usage_keys(
+        &self,
+        env: &Env,
+        keys: &[String],
+    ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>>;
     /// Deletes idempotency records and usage keys kept past their time.
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64>;
 }

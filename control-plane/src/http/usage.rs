@@ -172,6 +172,13 @@ async fn apply_batch(
     let mut first_in_batch: BTreeMap<String, (usize, [u8; 32])> = BTreeMap::new();
     // Events repeating an earlier event of the same batch: (index, first index).
     let mut repeats: Vec<(usize, usize)> = Vec::new();
+    // Keys recorded by earlier requests, looked up all at once.
+    let keys: Vec<String> = batch
+        .events
+        .iter()
+        .filter_map(|event| event.idempotency_key.clone())
+        .collect();
+    let recorded_keys = state.store().usage_keys(env, &keys).await?;
     for (index, event) in batch.events.iter().enumerate() {
         let prefix = format!("events[{index}].");
         let parsed = event
@@ -203,7 +210,7 @@ async fn apply_batch(
             continue;
         }
         first_in_batch.insert(key.clone(), (index, fingerprint));
-        if let Some(stored) = state.store().usage_key(env, &key).await? {
+        if let Some(stored) = recorded_keys.get(&key) {
             results[index] = Some(if stored.fingerprint == fingerprint {
                 duplicate_of(index, &stored.result)
             } else {

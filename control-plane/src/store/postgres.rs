@@ -1072,26 +1072,34 @@ impl Store for PostgresStore {
         Ok(())
     }
 
-    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>> {
-        let row = sqlx::query(
-            "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2 AND key = $3",
+    async fn usage_keys(
+        &self,
+        env: &Env,
+        keys: &[String],
+    ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3)",
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(key)
-        .fetch_optional(&self.pool)
+        .bind(keys)
+        .fetch_all(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-        Ok(Some(UsageKeyRecord {
-            key: row.try_get("key")?,
-            fingerprint: fingerprint
-                .try_into()
-                .map_err(|_| corrupt("usage key fingerprint"))?,
-            entry_id: row.try_get("entry_id")?,
-            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
-            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
-        }))
+        let mut found = std::collections::BTreeMap::new();
+        for row in &rows {
+            let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+            let record = UsageKeyRecord {
+                key: row.try_get("key")?,
+                fingerprint: fingerprint
+                    .try_into()
+                    .map_err(|_| corrupt("usage key fingerprint"))?,
+                entry_id: row.try_get("entry_id")?,
+                result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+                keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
+            };
+            found.insert(record.key.clone(), record);
+        }
+        Ok(found)
     }
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {

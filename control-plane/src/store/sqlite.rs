@@ -426,14 +426,21 @@ impl Store for SqliteStore {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from)?;
+        let ids: Vec<&str> = items
+            .iter()
+            .map(|(end_user, _)| end_user.as_str())
+            .collect();
+        let mut stored = load_states_in(&mut tx, env, &ids).await?;
+        let mut rows = Rows::default();
         for (end_user, operation) in items.iter_mut() {
-            let old = load_state_in(&mut tx, env, end_user)
-                .await?
+            let old = stored
+                .remove(end_user.as_str())
                 .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
             let mut state = old.clone();
             let changes = operation(&mut state)?;
-            persist(&mut tx, env, &old, &state, &changes, now).await?;
+            stage(&mut tx, env, &old, &state, &changes, now, &mut rows).await?;
         }
+        rows.flush(&mut tx, env, now).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
     }
@@ -1025,26 +1032,29 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn usage_key(&self, env: &Env, key: &str) -> StoreResult<Option<UsageKeyRecord>> {
-        let row = sqlx::query(
-            "SELECT * FROM usage_keys WHERE tenant_id = ? AND environment = ? AND key = ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(key)
-        .fetch_optional(&self.writer)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-        Ok(Some(UsageKeyRecord {
-            key: row.try_get("key")?,
-            fingerprint: fingerprint
-                .try_into()
-                .map_err(|_| corrupt("usage key fingerprint"))?,
-            entry_id: row.try_get("entry_id")?,
-            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
-            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
-        }))
+    async fn usage_keys(
+        &self,
+        env: &Env,
+        keys: &[String],
+    ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
+        let mut found = std::collections::BTreeMap::new();
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut query =
+                sqlx::QueryBuilder::<Sqlite>::new("SELECT * FROM usage_keys WHERE tenant_id = ");
+            query
+                .push_bind(&env.tenant_id)
+                .push(" AND environment = ")
+                .push_bind(env.environment.as_str())
+                .push(" AND key IN (");
+            let mut separated = query.separated(", ");
+            for key in chunk {
+                separated.push_bind(key);
+            }
+            separated.push_unseparated(")");
+            let rows = query.build().fetch_all(&self.reader).await?;
+            found.extend(usage_key_rows(&rows)?);
+        }
+        Ok(found)
     }
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
@@ -1084,6 +1094,58 @@ async fn load_state_in(
         .transpose()
 }
 
+/// Usage key records from rows of `usage_keys`, by key.
+fn usage_key_rows(
+    rows: &[SqliteRow],
+) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
+    let mut found = std::collections::BTreeMap::new();
+    for row in rows {
+        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
+        let record = UsageKeyRecord {
+            key: row.try_get("key")?,
+            fingerprint: fingerprint
+                .try_into()
+                .map_err(|_| corrupt("usage key fingerprint"))?,
+            entry_id: row.try_get("entry_id")?,
+            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
+        };
+        found.insert(record.key.clone(), record);
+    }
+    Ok(found)
+}
+
+/// Several end users' states in a few statements.
+async fn load_states_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    ids: &[&str],
+) -> StoreResult<BTreeMap<String, EndUserState>> {
+    let mut states = BTreeMap::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+            "SELECT end_user_id, state FROM end_users WHERE tenant_id = ",
+        );
+        query
+            .push_bind(&env.tenant_id)
+            .push(" AND environment = ")
+            .push_bind(env.environment.as_str())
+            .push(" AND end_user_id IN (");
+        let mut separated = query.separated(", ");
+        for id in chunk {
+            separated.push_bind(*id);
+        }
+        separated.push_unseparated(")");
+        for row in query.build().fetch_all(&mut **tx).await? {
+            states.insert(
+                row.try_get("end_user_id")?,
+                parse_state(&row.try_get::<String, _>("state")?)?,
+            );
+        }
+    }
+    Ok(states)
+}
+
 async fn finish_idempotency(
     connection: &mut sqlx::SqliteConnection,
     env: &Env,
@@ -1109,25 +1171,146 @@ async fn persist(
     changes: &Changes,
     now: Timestamp,
 ) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    let state = serde_json::to_string(&new.clone().into_parts())?;
-    sqlx::query(
-        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
-           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(end_user)
-    .bind(state)
-    .bind(i64::try_from(new.version()).unwrap_or(i64::MAX))
-    .bind(changes.next_due.map(millis))
-    .bind(millis(now))
-    .execute(&mut **tx)
-    .await?;
-    if new != old {
-        insert_change(tx, env, Some(end_user), now).await?;
+    let mut rows = Rows::default();
+    stage(tx, env, old, new, changes, now, &mut rows).await?;
+    rows.flush(tx, env, now).await
+}
+
+/// Rows every operation writes (end users, entries, usage keys, feed entries), gathered
+/// so that a batch writes each kind with a few multi-row statements: with sqlx every
+/// statement is a round trip to SQLite's worker thread.
+#[derive(Debug, Default)]
+struct Rows {
+    /// (end user, state JSON, version, next due).
+    end_users: Vec<(String, String, i64, Option<i64>)>,
+    /// (id, end user, type, created at, body JSON).
+    entries: Vec<(String, String, &'static str, i64, String)>,
+    usage_keys: Vec<UsageKeyRecord>,
+    /// End users whose state changed.
+    changes: Vec<String>,
+}
+
+/// Rows per multi-row statement (at most 7 parameters a row, well under SQLite's limit).
+const ROWS_PER_STATEMENT: usize = 200;
+
+impl Rows {
+    async fn flush(
+        self,
+        tx: &mut Transaction<'_, Sqlite>,
+        env: &Env,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        for chunk in self.end_users.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) ",
+            );
+            query.push_values(chunk, |mut row, (end_user, state, version, next_due)| {
+                row.push_bind(&env.tenant_id)
+                    .push_bind(env.environment.as_str())
+                    .push_bind(end_user)
+                    .push_bind(state)
+                    .push_bind(version)
+                    .push_bind(next_due)
+                    .push_bind(millis(now));
+            });
+            query.push(
+                " ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+                  state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+            );
+            query.build().execute(&mut **tx).await?;
+        }
+        for chunk in self.entries.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body) ",
+            );
+            query.push_values(
+                chunk,
+                |mut row, (id, end_user, entry_type, created_at, body)| {
+                    row.push_bind(id)
+                        .push_bind(&env.tenant_id)
+                        .push_bind(env.environment.as_str())
+                        .push_bind(end_user)
+                        .push_bind(*entry_type)
+                        .push_bind(created_at)
+                        .push_bind(body);
+                },
+            );
+            query.build().execute(&mut **tx).await?;
+        }
+        for chunk in self.usage_keys.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) ",
+            );
+            query.push_values(chunk, |mut row, key| {
+                row.push_bind(&env.tenant_id)
+                    .push_bind(env.environment.as_str())
+                    .push_bind(&key.key)
+                    .push_bind(key.fingerprint.as_slice())
+                    .push_bind(&key.entry_id)
+                    .push_bind(key.result.to_string())
+                    .push_bind(millis(key.keep_until));
+            });
+            query.build().execute(&mut **tx).await.map_err(|error| {
+                if unique_violation(&error) {
+                    StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+                } else {
+                    StoreError::from(error)
+                }
+            })?;
+        }
+        for chunk in self.changes.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
+            );
+            query.push_values(chunk, |mut row, end_user| {
+                row.push_bind(&env.tenant_id)
+                    .push_bind(env.environment.as_str())
+                    .push_bind("end_user")
+                    .push_bind(end_user)
+                    .push_bind(millis(now));
+            });
+            query.build().execute(&mut **tx).await?;
+        }
+        Ok(())
     }
+}
+
+/// Writes what is rare per operation (blocks, reservations, subscriptions, events with
+/// their deliveries, the idempotency answer) and stages the common rows in `rows`.
+async fn stage(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &Changes,
+    now: Timestamp,
+    rows: &mut Rows,
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    rows.end_users.push((
+        end_user.to_owned(),
+        serde_json::to_string(&new.clone().into_parts())?,
+        i64::try_from(new.version()).unwrap_or(i64::MAX),
+        changes.next_due.map(millis),
+    ));
+    if new != old {
+        rows.changes.push(end_user.to_owned());
+    }
+    for entry in &changes.entries {
+        let wire = protocol::LedgerEntry::new(
+            entry,
+            changes.annotations.idempotency_key.clone(),
+            changes.annotations.metadata.clone(),
+        );
+        rows.entries.push((
+            entry.id.to_string(),
+            end_user.to_owned(),
+            entry.entry_type.as_str(),
+            millis(entry.created_at),
+            serde_json::to_string(&wire)?,
+        ));
+    }
+    rows.usage_keys.extend(changes.usage_keys.iter().cloned());
 
     let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
     let created: Vec<ledger::BlockId> = changes
@@ -1154,24 +1337,6 @@ async fn persist(
         .bind(millis(block.created_at))
         .execute(&mut **tx)
         .await?;
-    }
-
-    for entry in &changes.entries {
-        let wire = protocol::LedgerEntry::new(
-            entry,
-            changes.annotations.idempotency_key.clone(),
-            changes.annotations.metadata.clone(),
-        );
-        sqlx::query("INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)")
-            .bind(entry.id.to_string())
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(end_user)
-            .bind(entry.entry_type.as_str())
-            .bind(millis(entry.created_at))
-            .bind(serde_json::to_string(&wire)?)
-            .execute(&mut **tx)
-            .await?;
     }
 
     let old_reservations: BTreeMap<_, _> = old
@@ -1239,19 +1404,6 @@ async fn persist(
         for event in &changes.events {
             insert_event(tx, env, event, &endpoints, now).await?;
         }
-    }
-
-    for usage_key in &changes.usage_keys {
-        sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(&usage_key.key)
-            .bind(usage_key.fingerprint.as_slice())
-            .bind(&usage_key.entry_id)
-            .bind(usage_key.result.to_string())
-            .bind(millis(usage_key.keep_until))
-            .execute(&mut **tx)
-            .await?;
     }
 
     if let Some(answer) = &changes.idempotency {
