@@ -300,6 +300,26 @@ pub struct EventRecord {
     pub event: protocol::Event,
 }
 
+/// An engine event in its wire form, with an id from its time and `end_user_id` in its
+/// data (so webhook receivers see whom it is about). Both stores write this.
+pub fn wire_event(event: &ledger::Event) -> protocol::Event {
+    let mut data = protocol::event_data(&event.kind);
+    if let Some(object) = data.as_object_mut() {
+        object.insert(
+            "end_user_id".into(),
+            serde_json::Value::String(event.end_user_id.to_string()),
+        );
+    }
+    protocol::Event {
+        id: ledger::EventId::new(&mut crate::clock::UlidSource::at(event.at)).to_string(),
+        event_type: event.kind.type_name().to_owned(),
+        end_user_id: Some(event.end_user_id.to_string()),
+        created_at: event.at.into(),
+        data,
+        deliveries: Vec::new(),
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     // --- tenancy

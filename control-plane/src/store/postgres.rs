@@ -44,9 +44,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use ledger::{
-    Block, EndUserId, EndUserState, EventId, Reservation, StateParts, Subscription, Timestamp,
-};
+use ledger::{Block, EndUserId, EndUserState, Reservation, StateParts, Subscription, Timestamp};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 
@@ -56,7 +54,6 @@ use super::{
     IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
     UsageKeyRecord,
 };
-use crate::clock::UlidSource;
 use crate::error::ApiError;
 
 /// How many times `idempotency_begin` looks again when the row it conflicted with is
@@ -1506,7 +1503,7 @@ async fn append_to_feeds(
     let heads = take_positions(connection, env, count, state_changed).await?;
     let mut seq = heads.first_event(count)?;
     for event in events {
-        let wire = wire_event(event);
+        let wire = super::wire_event(event);
         insert_wire_event(connection, env, seq, &wire, Some(end_user)).await?;
         for endpoint in endpoints
             .iter()
@@ -1579,30 +1576,6 @@ async fn take_positions(
         last_event: row.try_get("last_event_seq")?,
         last_change: row.try_get("last_change_seq")?,
     })
-}
-
-/// An engine event in its wire form, with an id from its time.
-fn wire_event(event: &ledger::Event) -> protocol::Event {
-    let id = EventId::new(&mut UlidSource::at(event.at));
-    protocol::Event {
-        id: id.to_string(),
-        event_type: event.kind.type_name().to_owned(),
-        end_user_id: Some(event.end_user_id.to_string()),
-        created_at: event.at.into(),
-        data: with_end_user(protocol::event_data(&event.kind), &event.end_user_id),
-        deliveries: Vec::new(),
-    }
-}
-
-/// Adds `end_user_id` to an event's data, so webhook receivers see whom it is about.
-fn with_end_user(mut data: serde_json::Value, end_user: &EndUserId) -> serde_json::Value {
-    if let Some(object) = data.as_object_mut() {
-        object.insert(
-            "end_user_id".into(),
-            serde_json::Value::String(end_user.to_string()),
-        );
-    }
-    data
 }
 
 /// Writes an event at position `seq` of the environment's log (taken by
@@ -1751,7 +1724,7 @@ mod tests {
     async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i64) {
         let catalog = Catalog::default();
         let mut run = |state: &mut EndUserState| -> Result<Changes, ApiError> {
-            let mut ids = UlidSource::at(T0);
+            let mut ids = crate::clock::UlidSource::at(T0);
             let mut cx = Cx {
                 now: T0,
                 catalog: &catalog,

@@ -9,9 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ledger::{
-    Block, EndUserId, EndUserState, EventId, Reservation, StateParts, Subscription, Timestamp,
-};
+use ledger::{Block, EndUserId, EndUserState, Reservation, StateParts, Subscription, Timestamp};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
@@ -23,7 +21,6 @@ use super::{
     IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
     UsageKeyRecord,
 };
-use crate::clock::UlidSource;
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
 
@@ -1419,15 +1416,7 @@ async fn insert_event(
     endpoints: &[EndpointRecord],
     now: Timestamp,
 ) -> StoreResult<()> {
-    let id = EventId::new(&mut UlidSource::at(event.at));
-    let wire = protocol::Event {
-        id: id.to_string(),
-        event_type: event.kind.type_name().to_owned(),
-        end_user_id: Some(event.end_user_id.to_string()),
-        created_at: event.at.into(),
-        data: with_end_user(protocol::event_data(&event.kind), &event.end_user_id),
-        deliveries: Vec::new(),
-    };
+    let wire = super::wire_event(event);
     let seq = insert_wire_event(tx, env, &wire, Some(event.end_user_id.as_str())).await?;
     for endpoint in endpoints
         .iter()
@@ -1445,17 +1434,6 @@ async fn insert_event(
         .await?;
     }
     Ok(())
-}
-
-/// Adds `end_user_id` to an event's data, so webhook receivers see whom it is about.
-fn with_end_user(mut data: serde_json::Value, end_user: &EndUserId) -> serde_json::Value {
-    if let Some(object) = data.as_object_mut() {
-        object.insert(
-            "end_user_id".into(),
-            serde_json::Value::String(end_user.to_string()),
-        );
-    }
-    data
 }
 
 /// Appends an event to the environment's log and returns its position.
