@@ -140,6 +140,12 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // Histograms (not summaries), so latencies aggregate across replicas.
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 10.0,
+        ])
+        .context("metric buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     let listener = tokio::net::TcpListener::bind(config.listen)
