@@ -10,6 +10,7 @@ mod concurrency;
 mod errors;
 mod isolation;
 mod openapi;
+mod replicas;
 mod restart;
 mod support;
 mod sync;
