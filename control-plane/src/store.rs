@@ -337,6 +337,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     // --- environment and catalog
     async fn env_record(&self, env: &Env) -> StoreResult<EnvRecord>;
     async fn put_env_record(&self, env: &Env, record: &EnvRecord) -> StoreResult<()>;
+    /// Replaces the settings only (a concurrent clock advance is not undone).
+    async fn put_settings(&self, env: &Env, settings: &protocol::Settings) -> StoreResult<()>;
+    /// Moves the test clock forward by `step_ms`, atomically; returns the new offset.
+    async fn advance_clock(&self, env: &Env, step_ms: i64) -> StoreResult<i64>;
     async fn insert_feature(
         &self,
         env: &Env,

@@ -16,7 +16,7 @@ use crate::auth::Scope;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
 use crate::service::{AppState, Caller, CatalogView};
-use crate::store::{CatalogRecord, EnvRecord};
+use crate::store::CatalogRecord;
 
 fn feature_wire(record: &CatalogRecord<CreateFeature>) -> Feature {
     Feature {
@@ -403,16 +403,7 @@ pub async fn update_settings(
             }
             settings.low_balance_threshold = threshold;
         }
-        state_ref
-            .store()
-            .put_env_record(
-                env,
-                &EnvRecord {
-                    settings: settings.clone(),
-                    clock_offset_ms: view.env.clock_offset_ms,
-                },
-            )
-            .await?;
+        state_ref.store().put_settings(env, &settings).await?;
         Ok(settings)
     })
     .await

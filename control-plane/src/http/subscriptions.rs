@@ -17,7 +17,7 @@ use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::service::{AppState, Caller, CatalogView};
-use crate::store::{Annotations, Changes, Env, EnvRecord, Environment};
+use crate::store::{Annotations, Changes, Env, Environment};
 
 /// A variant named by id, `<plan>/<variant>` or an unambiguous key, not archived.
 fn resolve_variant(view: &CatalogView, field: &str, text: &str) -> Result<VariantId, ApiError> {
@@ -436,16 +436,12 @@ async fn advance(
             ));
         }
     };
-    let offset = view
-        .env
-        .clock_offset_ms
-        .checked_add(step_millis)
-        .ok_or_else(|| ApiError::bad_request("seconds", "is too large"))?;
-    let record = EnvRecord {
-        settings: view.env.settings.clone(),
-        clock_offset_ms: offset,
-    };
-    state.store().put_env_record(env, &record).await?;
+    if view.env.clock_offset_ms.checked_add(step_millis).is_none() {
+        return Err(ApiError::bad_request("seconds", "is too large"));
+    }
+    // Applied atomically in the store, so a concurrent settings change or advance is
+    // never undone.
+    state.store().advance_clock(env, step_millis).await?;
     state.catalog_changed(env).await?;
     crate::jobs::run_due(state, env).await?;
     crate::webhooks::deliver_due(state, env).await?;

@@ -315,6 +315,34 @@ impl Store for PostgresStore {
         })
     }
 
+    async fn put_settings(&self, env: &Env, settings: &protocol::Settings) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO environments (tenant_id, environment, settings) VALUES ($1, $2, $3)
+             ON CONFLICT (tenant_id, environment) DO UPDATE SET settings = excluded.settings",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(serde_json::to_string(settings)?)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn advance_clock(&self, env: &Env, step_ms: i64) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id, environment) DO UPDATE SET clock_offset_ms = environments.clock_offset_ms + excluded.clock_offset_ms
+             RETURNING clock_offset_ms",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(serde_json::to_string(&protocol::Settings::default())?)
+        .bind(step_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("clock_offset_ms")?)
+    }
+
     async fn put_env_record(&self, env: &Env, record: &EnvRecord) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
