@@ -1335,7 +1335,16 @@ async fn persist(
         .bind(usage_key.result.to_string())
         .bind(millis(usage_key.keep_until))
         .execute(&mut *connection)
-        .await?;
+        .await
+        .map_err(|error| {
+            // Another batch recorded the key first: the whole batch rolls back and a
+            // retry finds the key as a duplicate.
+            if unique_violation(&error) {
+                StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+            } else {
+                StoreError::from(error)
+            }
+        })?;
     }
     if let Some(answer) = &changes.idempotency {
         finish_idempotency(connection, env, answer).await?;
