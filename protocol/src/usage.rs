@@ -104,6 +104,11 @@ pub struct UsageRecorded {
     /// Available for the feature afterwards.
     pub balance: i64,
     pub timestamp: WireTime,
+    /// The end user's state version that first includes this event (a replica showing
+    /// this version or later has it); absent on events recorded before versions were
+    /// reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 /// The most events one batch may carry (SPEC 6).
@@ -134,6 +139,9 @@ pub struct BatchResult {
     pub cost: Option<i64>,
     pub covered: Option<i64>,
     pub debt: Option<i64>,
+    /// The end user's state version that first includes this event (see `UsageRecorded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
     pub error: Option<Problem>,
 }
 

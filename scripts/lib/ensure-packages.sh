@@ -1,9 +1,9 @@
 # Sourced by the scripts: installs the Debian packages a build or test needs when they are
 # absent, so a fresh machine with only the Rust toolchain gets going with one command.
 
-# Debian packages the workspace's build needs beyond the Rust toolchain and gcc. None yet:
-# the proxy's pingora will add cmake.
-BUILD_PACKAGES=()
+# Debian packages the workspace's build needs beyond the Rust toolchain and gcc: cmake,
+# for pingora's zlib-ng (libz-ng-sys).
+BUILD_PACKAGES=(cmake)
 
 # apt-installs each named package whose command or status is missing.
 ensure_packages() {

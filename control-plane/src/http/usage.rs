@@ -63,7 +63,8 @@ pub async fn record_usage(
                 |user, cx, _| {
                     let (outcome, changes) =
                         Changes::from_applied(user.record_usage(cx, usage.clone())?);
-                    Ok((recorded(&end_user, &usage, &outcome, timestamp), changes))
+                    let answer = recorded(&end_user, &usage, &outcome, timestamp, user.version());
+                    Ok((answer, changes))
                 },
             )
             .await?;
@@ -77,6 +78,7 @@ fn recorded(
     usage: &ledger::UsageRequest,
     outcome: &ledger::UsageOutcome,
     timestamp: ledger::Timestamp,
+    version: u64,
 ) -> UsageRecorded {
     UsageRecorded {
         id: outcome.entry_id.to_string(),
@@ -88,6 +90,7 @@ fn recorded(
         debt: outcome.debt.get(),
         balance: outcome.balance.get(),
         timestamp: timestamp.into(),
+        version: Some(version),
     }
 }
 
@@ -108,6 +111,7 @@ fn error_result(index: usize, error: &ApiError) -> BatchResult {
         cost: None,
         covered: None,
         debt: None,
+        version: None,
         error: Some(error.problem()),
     }
 }
@@ -250,6 +254,7 @@ async fn apply_batch(
                     cost: Some(answer.cost),
                     covered: Some(answer.covered),
                     debt: Some(answer.debt),
+                    version: answer.version,
                     error: None,
                 },
                 Err(problem) => BatchResult {
@@ -259,6 +264,7 @@ async fn apply_batch(
                     cost: None,
                     covered: None,
                     debt: None,
+                    version: None,
                     error: Some(problem),
                 },
             });
@@ -303,7 +309,13 @@ fn apply_events(
         match user.record_usage(cx, event.usage.clone()) {
             Ok(applied) => {
                 let (outcome, mut changes) = Changes::from_applied(applied);
-                let answer = recorded(end_user, &event.usage, &outcome, event.timestamp);
+                let answer = recorded(
+                    end_user,
+                    &event.usage,
+                    &outcome,
+                    event.timestamp,
+                    user.version(),
+                );
                 changes.usage_keys.push(UsageKeyRecord {
                     key: event.key.clone(),
                     fingerprint: event.fingerprint,
@@ -335,6 +347,7 @@ fn duplicate_of(index: usize, original: &serde_json::Value) -> BatchResult {
         cost: number("cost"),
         covered: number("covered"),
         debt: number("debt"),
+        version: original.get("version").and_then(serde_json::Value::as_u64),
         error: None,
     }
 }

@@ -1,0 +1,465 @@
+//! The proxy's configuration: one TOML file, validated as a whole at start (and on every
+//! SIGHUP reload), with a few environment overrides for deployment.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration the proxy refuses, naming the setting at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect (`127.0.0.1:0` picks a free port).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// The customer's API, `host:port` (plain HTTP on the same host or pod).
+    pub upstream: String,
+    /// The sled directory: replica and outbox.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// sled's page cache, in MiB.
+    #[serde(default = "default_cache_mb")]
+    pub cache_mb: u64,
+    pub control_plane: ControlPlane,
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    #[serde(default)]
+    pub failure: Failure,
+    #[serde(default)]
+    pub usage: UsageConfig,
+    /// What a request that matches no route gets: `deny` (404 `no_route`, the default) or
+    /// `pass` (forwarded ungated).
+    #[serde(default)]
+    pub unmatched: Unmatched,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8081".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9091".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data/proxy")
+}
+fn default_cache_mb() -> u64 {
+    64
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlPlane {
+    /// e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// A key with the `sync` scope (and `write` for reservations) of the environment the
+    /// proxy serves; `QS_PROXY_API_KEY` overrides it (keep secrets out of files).
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// The header carrying the end user id (default `x-end-user-id`), used when `jwt` is
+    /// not set.
+    #[serde(default)]
+    pub header: Option<String>,
+    /// Take the end user from the `sub` claim of a verified `Authorization: Bearer` JWT.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// `HS256`, `RS256` or `ES256`.
+    pub algorithm: String,
+    /// HS256: the shared secret (or `QS_PROXY_JWT_SECRET`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// RS256 / ES256: a PEM public key file.
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` / `nbf`, in seconds.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+
+/// What a route does when the proxy cannot decide from fresh state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnavailable {
+    /// Admit (and still record usage), bounded by `outage_budget` when set.
+    #[default]
+    Open,
+    /// Answer 503.
+    Closed,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Failure {
+    /// The replication stream silent longer than this = stale.
+    #[serde(default = "default_staleness")]
+    pub max_staleness_secs: u64,
+    /// Routes without their own `on_unavailable` use this.
+    #[serde(default)]
+    pub on_unavailable: OnUnavailable,
+}
+
+impl Default for Failure {
+    fn default() -> Failure {
+        Failure {
+            max_staleness_secs: default_staleness(),
+            on_unavailable: OnUnavailable::Open,
+        }
+    }
+}
+
+fn default_staleness() -> u64 {
+    30
+}
+
+/// When an admitted request's usage is on disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Flushed before the response is released (concurrent requests share one flush).
+    #[default]
+    Sync,
+    /// Flushed every `flush_interval_ms`: up to that much usage can be lost on a crash.
+    Interval,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    #[serde(default)]
+    pub durability: Durability,
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval_ms: u64,
+    /// Events per `/v1/usage/batch` call (1 to 1000).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// How often the outbox is shipped when nothing wakes the shipper sooner.
+    #[serde(default = "default_ship_interval")]
+    pub ship_interval_ms: u64,
+    /// Whether an upstream 5xx answer is charged (routes may override).
+    #[serde(default)]
+    pub charge_upstream_errors: bool,
+}
+
+impl Default for UsageConfig {
+    fn default() -> UsageConfig {
+        UsageConfig {
+            durability: Durability::Sync,
+            flush_interval_ms: default_flush_interval(),
+            batch_size: default_batch_size(),
+            ship_interval_ms: default_ship_interval(),
+            charge_upstream_errors: false,
+        }
+    }
+}
+
+fn default_flush_interval() -> u64 {
+    100
+}
+fn default_batch_size() -> usize {
+    500
+}
+fn default_ship_interval() -> u64 {
+    200
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unmatched {
+    #[default]
+    Deny,
+    Pass,
+}
+
+/// One route: matched in order, first match wins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `GET`, `POST`, …; absent = any method.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// A prefix (`/v1/chat` matches `/v1/chat` and `/v1/chat/…`), or a glob when it holds
+    /// `*`, `?` or `[` (`/v1/models/*/generate`; `*` stays within one segment, `**` spans).
+    pub path: String,
+    /// Forwarded without identity, decision or usage.
+    #[serde(default)]
+    pub public: bool,
+    /// The feature a request uses (required unless `public`).
+    #[serde(default)]
+    pub feature: Option<String>,
+    /// Fixed units per request (default 1).
+    #[serde(default)]
+    pub units: Option<u64>,
+    /// Units from this request header instead (a missing or bad value is a 400).
+    #[serde(default)]
+    pub units_header: Option<String>,
+    /// Reserve an estimate, forward, commit the actual from a response header.
+    #[serde(default)]
+    pub reserve: Option<ReserveConfig>,
+    #[serde(default)]
+    pub on_unavailable: Option<OnUnavailable>,
+    /// Units one end user may use on this route while the proxy fails open.
+    #[serde(default)]
+    pub outage_budget: Option<u64>,
+    #[serde(default)]
+    pub charge_upstream_errors: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveConfig {
+    /// Units held before forwarding.
+    pub estimate: u64,
+    /// A request header that may carry a better estimate (e.g. `max_tokens`).
+    #[serde(default)]
+    pub estimate_header: Option<String>,
+    /// The upstream response header with the actual units (default `x-usage-units`).
+    #[serde(default = "default_actual_header")]
+    pub actual_header: String,
+    /// How long the control plane keeps the hold if the proxy never resolves it.
+    #[serde(default = "default_reserve_ttl")]
+    pub ttl_seconds: i64,
+}
+
+fn default_actual_header() -> String {
+    "x-usage-units".into()
+}
+fn default_reserve_ttl() -> i64 {
+    300
+}
+
+impl Config {
+    /// Reads, applies environment overrides, and validates.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or a setting is invalid (named).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| invalid(path.display().to_string(), error.to_string()))?;
+        let mut config = Config::parse(&text)?;
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML (without validating).
+    ///
+    /// # Errors
+    /// Syntax errors and unknown settings, with their place.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|error| invalid("config", error.to_string()))
+    }
+
+    /// `QS_PROXY_LISTEN`, `QS_PROXY_ADMIN_LISTEN`, `QS_PROXY_UPSTREAM`,
+    /// `QS_PROXY_DATA_DIR`, `QS_PROXY_CONTROL_PLANE_URL`, `QS_PROXY_API_KEY`,
+    /// `QS_PROXY_JWT_SECRET` override the file.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(value) = var("QS_PROXY_LISTEN") {
+            self.listen = value;
+        }
+        if let Some(value) = var("QS_PROXY_ADMIN_LISTEN") {
+            self.admin_listen = value;
+        }
+        if let Some(value) = var("QS_PROXY_UPSTREAM") {
+            self.upstream = value;
+        }
+        if let Some(value) = var("QS_PROXY_DATA_DIR") {
+            self.data_dir = PathBuf::from(value);
+        }
+        if let Some(value) = var("QS_PROXY_CONTROL_PLANE_URL") {
+            self.control_plane.url = value;
+        }
+        if let Some(value) = var("QS_PROXY_API_KEY") {
+            self.control_plane.api_key = Some(value);
+        }
+        if let (Some(value), Some(jwt)) = (var("QS_PROXY_JWT_SECRET"), self.identity.jwt.as_mut()) {
+            jwt.secret = Some(value);
+        }
+    }
+
+    /// Checks every setting; the first one at fault is named.
+    ///
+    /// # Errors
+    /// The setting and what is wrong with it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|error| invalid("listen", format!("{error} (want ip:port)")))?;
+        self.admin_listen
+            .parse::<SocketAddr>()
+            .map_err(|error| invalid("admin_listen", format!("{error} (want ip:port)")))?;
+        let (host, port) = self
+            .upstream
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("upstream", "want host:port"))?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |port| port == 0) {
+            return Err(invalid("upstream", "want host:port with a port 1-65535"));
+        }
+        let url = url_parse(&self.control_plane.url)?;
+        if !matches!(url.as_str(), "http" | "https") {
+            return Err(invalid("control_plane.url", "must be http:// or https://"));
+        }
+        match self.control_plane.api_key.as_deref() {
+            None | Some("") => {
+                return Err(invalid(
+                    "control_plane.api_key",
+                    "is required (or set QS_PROXY_API_KEY): a key with the sync scope",
+                ));
+            }
+            Some(_) => {}
+        }
+        if self.cache_mb == 0 {
+            return Err(invalid("cache_mb", "must be at least 1"));
+        }
+        if self.failure.max_staleness_secs == 0 {
+            return Err(invalid("failure.max_staleness_secs", "must be at least 1"));
+        }
+        if !(1..=protocol::BATCH_EVENTS_MAX).contains(&self.usage.batch_size) {
+            return Err(invalid(
+                "usage.batch_size",
+                format!("must be 1 to {}", protocol::BATCH_EVENTS_MAX),
+            ));
+        }
+        if self.usage.flush_interval_ms == 0 || self.usage.ship_interval_ms == 0 {
+            return Err(invalid(
+                "usage.flush_interval_ms",
+                "flush_interval_ms and ship_interval_ms must be at least 1",
+            ));
+        }
+        crate::identity::Identity::from_config(&self.identity)?;
+        crate::routes::Routes::from_config(self)?;
+        Ok(())
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        Duration::from_secs(self.failure.max_staleness_secs)
+    }
+}
+
+/// Only the scheme matters here; the client parses the whole URL.
+struct Scheme(String);
+
+impl Scheme {
+    fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn url_parse(text: &str) -> Result<Scheme, ConfigError> {
+    let (scheme, rest) = text
+        .split_once("://")
+        .ok_or_else(|| invalid("control_plane.url", "want http://host:port"))?;
+    if rest.is_empty() {
+        return Err(invalid("control_plane.url", "has no host"));
+    }
+    Ok(Scheme(scheme.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+upstream = "127.0.0.1:3000"
+[control_plane]
+url = "http://127.0.0.1:8080"
+api_key = "qs_test_x"
+[[routes]]
+path = "/v1/chat"
+feature = "chat_messages"
+"#;
+
+    fn check(text: &str) -> Result<Config, ConfigError> {
+        let config = Config::parse(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn a_minimal_file_gets_the_documented_defaults() {
+        let config = check(MINIMAL).expect("valid");
+        assert_eq!(config.listen, "127.0.0.1:8081");
+        assert_eq!(config.failure.max_staleness_secs, 30);
+        assert_eq!(config.usage.durability, Durability::Sync);
+        assert_eq!(config.unmatched, Unmatched::Deny);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let cases = [
+            (MINIMAL.replace("127.0.0.1:3000", "nope"), "upstream"),
+            (
+                MINIMAL.replace("api_key = \"qs_test_x\"", ""),
+                "control_plane.api_key",
+            ),
+            (
+                MINIMAL.replace("feature = \"chat_messages\"", ""),
+                "routes[0].feature",
+            ),
+            (
+                format!("{MINIMAL}units = 0\n"),
+                "routes[0].units",
+            ),
+            (
+                format!("{MINIMAL}units = 2\nunits_header = \"x-n\"\n"),
+                "routes[0]",
+            ),
+            (format!("{MINIMAL}colour = 1\n"), "config"),
+            (MINIMAL.replace("/v1/chat", "v1/chat"), "routes[0].path"),
+        ];
+        for (text, setting) in cases {
+            let error = check(&text).expect_err(setting);
+            assert_eq!(error.setting, setting, "{error}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let mut config = Config::parse(MINIMAL).expect("parses");
+        config.apply_env(|name| match name {
+            "QS_PROXY_API_KEY" => Some("qs_test_from_env".into()),
+            "QS_PROXY_LISTEN" => Some("127.0.0.1:0".into()),
+            _ => None,
+        });
+        assert_eq!(config.control_plane.api_key.as_deref(), Some("qs_test_from_env"));
+        assert_eq!(config.listen, "127.0.0.1:0");
+    }
+}

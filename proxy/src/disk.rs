@@ -1,0 +1,349 @@
+//! Everything the proxy keeps on disk, behind one small type so the storage engine (sled
+//! 0.34, whose stable line is unmaintained) can be swapped without touching the rest.
+//!
+//! Two trees: `replica` (end user states, the catalog, the clock offset and the cursor,
+//! written together in one atomic batch per change) and `outbox` (usage not yet
+//! acknowledged by the control plane, keyed by a time-ordered id).
+//!
+//! sled keeps writes in memory until a flush; a killed process loses what was not
+//! flushed. The replica does not need every write on disk (it resumes from whatever
+//! cursor was stored with the states), but the outbox does: [`Flusher`] shares one flush
+//! among all writers waiting at the same time (group commit).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+/// A failure of the local store.
+#[derive(Debug, thiserror::Error)]
+#[error("local store: {0}")]
+pub struct DiskError(String);
+
+impl From<sled::Error> for DiskError {
+    fn from(error: sled::Error) -> DiskError {
+        DiskError(error.to_string())
+    }
+}
+
+impl From<serde_json::Error> for DiskError {
+    fn from(error: serde_json::Error) -> DiskError {
+        DiskError(format!("corrupt record: {error}"))
+    }
+}
+
+/// The proxy's sled database.
+#[derive(Clone)]
+pub struct Disk {
+    db: sled::Db,
+    replica: sled::Tree,
+    outbox: sled::Tree,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk").finish_non_exhaustive()
+    }
+}
+
+/// Keys of the replica tree.
+const CURSOR: &[u8] = b"m/cursor";
+const CATALOG: &[u8] = b"m/catalog";
+const CLOCK: &[u8] = b"m/clock";
+const COMPLETE: &[u8] = b"m/complete";
+const USER_PREFIX: &[u8] = b"u/";
+
+/// One change to the replica, applied atomically with the cursor.
+#[derive(Debug, Clone)]
+pub enum ReplicaWrite {
+    User { end_user_id: String, json: Vec<u8> },
+    Catalog(Vec<u8>),
+    Clock(i64),
+    Cursor(i64),
+    /// The snapshot finished: the stored state is complete as of the cursor.
+    Complete(bool),
+}
+
+/// What a restart finds on disk.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub complete: bool,
+    pub cursor: Option<i64>,
+    pub clock_offset_ms: i64,
+    pub catalog: Option<Vec<u8>>,
+    pub users: Vec<(String, Vec<u8>)>,
+}
+
+fn user_key(end_user_id: &str) -> Vec<u8> {
+    let mut key = USER_PREFIX.to_vec();
+    key.extend_from_slice(end_user_id.as_bytes());
+    key
+}
+
+fn i64_of(bytes: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+impl Disk {
+    /// Opens (or creates) the database in `dir`; sled locks it against a second process.
+    ///
+    /// # Errors
+    /// The directory cannot be used.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Disk, DiskError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| DiskError(format!("{}: {error}", dir.display())))?;
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|error| DiskError(format!("{}: {error}", dir.display())))?;
+        let replica = db.open_tree("replica")?;
+        let outbox = db.open_tree("outbox")?;
+        Ok(Disk {
+            db,
+            replica,
+            outbox,
+        })
+    }
+
+    /// Applies replica writes in one atomic batch.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn write_replica(&self, writes: &[ReplicaWrite]) -> Result<(), DiskError> {
+        let mut batch = sled::Batch::default();
+        for write in writes {
+            match write {
+                ReplicaWrite::User { end_user_id, json } => {
+                    batch.insert(user_key(end_user_id), json.as_slice());
+                }
+                ReplicaWrite::Catalog(json) => batch.insert(CATALOG, json.as_slice()),
+                ReplicaWrite::Clock(offset) => batch.insert(CLOCK, &offset.to_be_bytes()),
+                ReplicaWrite::Cursor(cursor) => batch.insert(CURSOR, &cursor.to_be_bytes()),
+                ReplicaWrite::Complete(done) => batch.insert(COMPLETE, &[u8::from(*done)]),
+            }
+        }
+        self.replica.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Drops the replica (before a fresh snapshot after `410`).
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn clear_replica(&self) -> Result<(), DiskError> {
+        self.replica.clear()?;
+        Ok(())
+    }
+
+    /// Everything the replica tree holds.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn load_replica(&self) -> Result<Stored, DiskError> {
+        let mut stored = Stored {
+            complete: self
+                .replica
+                .get(COMPLETE)?
+                .is_some_and(|value| value.as_ref() == [1]),
+            cursor: self.replica.get(CURSOR)?.and_then(|value| i64_of(&value)),
+            clock_offset_ms: self
+                .replica
+                .get(CLOCK)?
+                .and_then(|value| i64_of(&value))
+                .unwrap_or(0),
+            catalog: self.replica.get(CATALOG)?.map(|value| value.to_vec()),
+            users: Vec::new(),
+        };
+        for item in self.replica.scan_prefix(USER_PREFIX) {
+            let (key, value) = item?;
+            let id = String::from_utf8_lossy(&key[USER_PREFIX.len()..]).into_owned();
+            stored.users.push((id, value.to_vec()));
+        }
+        Ok(stored)
+    }
+
+    /// Adds an outbox record under a time-ordered key.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn outbox_put(&self, key: &[u8], json: &[u8]) -> Result<(), DiskError> {
+        self.outbox.insert(key, json)?;
+        Ok(())
+    }
+
+    /// Up to `limit` outbox records in key order.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DiskError> {
+        let mut records = Vec::new();
+        for item in self.outbox.iter().take(limit) {
+            let (key, value) = item?;
+            records.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(records)
+    }
+
+    /// Removes acknowledged records.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn outbox_remove(&self, keys: &[Vec<u8>]) -> Result<(), DiskError> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key.as_slice());
+        }
+        self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Writes everything to disk (one fsync).
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// Group commit for the outbox: a writer bumps the written count and waits until a flush
+/// that started after its write has finished. One flush serves everyone waiting.
+#[derive(Debug)]
+pub struct Flusher {
+    written: AtomicU64,
+    flushed: watch::Sender<u64>,
+    wake: Notify,
+}
+
+impl Flusher {
+    pub fn new() -> Arc<Flusher> {
+        Arc::new(Flusher {
+            written: AtomicU64::new(0),
+            flushed: watch::Sender::new(0),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Notes a write; the returned ticket is durable once [`Flusher::durable`] returns.
+    pub fn wrote(&self) -> u64 {
+        self.written.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+    }
+
+    /// Waits until the write `ticket` is on disk.
+    pub async fn durable(&self, ticket: u64) {
+        let mut flushed = self.flushed.subscribe();
+        if *flushed.borrow() >= ticket {
+            return;
+        }
+        self.wake.notify_one();
+        let _ = flushed.wait_for(|done| *done >= ticket).await;
+    }
+
+    /// The flushing loop: on demand (sync durability) and every `interval` regardless.
+    pub async fn run(self: Arc<Self>, disk: Disk, interval: Duration, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {
+                    self.flush_once(&disk).await;
+                    return;
+                }
+            }
+            self.flush_once(&disk).await;
+        }
+    }
+
+    async fn flush_once(&self, disk: &Disk) {
+        let target = self.written.load(Ordering::Acquire);
+        if *self.flushed.borrow() >= target {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let disk = disk.clone();
+        let outcome = tokio::task::spawn_blocking(move || disk.flush()).await;
+        metrics::histogram!("qs_proxy_flush_seconds").record(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(Ok(())) => {
+                self.flushed.send_modify(|done| *done = (*done).max(target));
+            }
+            Ok(Err(error)) => tracing::error!(%error, "outbox flush failed"),
+            Err(error) => tracing::error!(%error, "outbox flush task failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_writes_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let disk = Disk::open(dir.path(), 8).expect("open");
+            disk.write_replica(&[
+                ReplicaWrite::User {
+                    end_user_id: "u1".into(),
+                    json: b"{}".to_vec(),
+                },
+                ReplicaWrite::Cursor(42),
+                ReplicaWrite::Clock(-5),
+                ReplicaWrite::Complete(true),
+            ])
+            .expect("write");
+            disk.flush().expect("flush");
+        }
+        let disk = Disk::open(dir.path(), 8).expect("reopen");
+        let stored = disk.load_replica().expect("load");
+        assert!(stored.complete);
+        assert_eq!(stored.cursor, Some(42));
+        assert_eq!(stored.clock_offset_ms, -5);
+        assert_eq!(stored.users, vec![("u1".to_owned(), b"{}".to_vec())]);
+    }
+
+    #[test]
+    fn the_outbox_reads_in_key_order_and_removes_what_was_acknowledged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("open");
+        for key in [b"b", b"a", b"c"] {
+            disk.outbox_put(key, key).expect("put");
+        }
+        let head = disk.outbox_head(2).expect("head");
+        assert_eq!(head[0].0, b"a");
+        assert_eq!(head[1].0, b"b");
+        disk.outbox_remove(&[b"a".to_vec()]).expect("remove");
+        assert_eq!(disk.outbox_len(), 2);
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_share_flushes() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("open");
+        let flusher = Flusher::new();
+        let (_stop_tx, stop) = watch::channel(false);
+        tokio::spawn(flusher.clone().run(disk.clone(), Duration::from_secs(3600), stop));
+        let mut tasks = Vec::new();
+        for n in 0..32u32 {
+            let (disk, flusher) = (disk.clone(), flusher.clone());
+            tasks.push(tokio::spawn(async move {
+                disk.outbox_put(&n.to_be_bytes(), b"x").expect("put");
+                let ticket = flusher.wrote();
+                flusher.durable(ticket).await;
+            }));
+        }
+        for task in tasks {
+            task.await.expect("writer");
+        }
+        assert!(*flusher.flushed.borrow() >= 32);
+    }
+}

@@ -1,0 +1,525 @@
+//! The pingora `ProxyHttp` implementation: identity → route → decision from the replica
+//! in `request_filter` (no network call, no disk wait, no lock held across an await),
+//! usage into the outbox when the upstream's response header arrives (flushed before the
+//! response is released), reservations committed or released after the fact.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ledger::{Credits, EndUserId, EndUserState, FeatureKey, Timestamp, Units};
+use pingora::http::ResponseHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use protocol::{CreateReservation, Problem};
+
+use crate::config::{Config, OnUnavailable, Unmatched};
+use crate::identity::Identity;
+use crate::outbox::{Op, Outbox, Record};
+use crate::replica::{Freshness, Replica};
+use crate::routes::{Route, Routes, UnitsRule};
+
+/// What the hot path needs from the configuration (swapped whole on reload).
+#[derive(Debug)]
+pub struct Live {
+    pub routes: Routes,
+    pub identity: Identity,
+    pub max_staleness: std::time::Duration,
+    pub upstream: String,
+}
+
+impl Live {
+    /// # Errors
+    /// An invalid configuration (named).
+    pub fn from_config(config: &Config) -> Result<Live, crate::config::ConfigError> {
+        Ok(Live {
+            routes: Routes::from_config(config)?,
+            identity: Identity::from_config(&config.identity)?,
+            max_staleness: config.max_staleness(),
+            upstream: config.upstream.clone(),
+        })
+    }
+}
+
+/// Units used per (route, end user) while failing open; cleared when fresh again.
+#[derive(Debug, Default)]
+pub struct OutageBudgets {
+    used: Mutex<HashMap<(usize, EndUserId), u64>>,
+}
+
+impl OutageBudgets {
+    /// Takes `units` from the budget; false when it would go over.
+    fn take(&self, route: usize, end_user: &EndUserId, units: u64, budget: u64) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = used.entry((route, end_user.clone())).or_insert(0);
+        let after = entry.saturating_add(units);
+        if after > budget {
+            return false;
+        }
+        *entry = after;
+        true
+    }
+
+    pub fn clear(&self) {
+        self.used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+}
+
+/// The gate: shared by every request.
+#[derive(Debug)]
+pub struct Gate {
+    pub live: Arc<ArcSwap<Live>>,
+    pub replica: Arc<Replica>,
+    pub outbox: Arc<Outbox>,
+    pub client: client::Client,
+    pub outage: Arc<OutageBudgets>,
+}
+
+/// A reservation held for a request.
+#[derive(Debug)]
+struct Hold {
+    /// The control plane's reservation, when it could be made.
+    reservation_id: Option<String>,
+    actual_header: http::HeaderName,
+}
+
+/// An admitted request.
+#[derive(Debug)]
+struct Admitted {
+    end_user: EndUserId,
+    feature: FeatureKey,
+    units: Units,
+    /// Credits added to local pending at admission.
+    pending: Credits,
+    source: &'static str,
+    balance_after: Option<i64>,
+    resets_at: Option<Timestamp>,
+    hold: Option<Hold>,
+    charge_upstream_errors: bool,
+    /// The usage (or reservation step) is in the outbox.
+    recorded: bool,
+}
+
+/// Per request.
+#[derive(Debug)]
+pub struct Ctx {
+    started: Instant,
+    admitted: Option<Admitted>,
+}
+
+fn problem_body(problem: &Problem) -> Bytes {
+    Bytes::from(serde_json::to_vec(problem).unwrap_or_default())
+}
+
+async fn answer(session: &mut Session, problem: &Problem) -> pingora::Result<bool> {
+    let body = problem_body(problem);
+    let mut header = ResponseHeader::build(problem.status, Some(4))?;
+    header.insert_header("content-type", protocol::PROBLEM_CONTENT_TYPE)?;
+    header.insert_header("content-length", body.len().to_string())?;
+    header.insert_header("cache-control", "no-store")?;
+    session.write_response_header(Box::new(header), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+fn decision_metric(outcome: &'static str, source: &'static str) {
+    metrics::counter!("qs_proxy_decisions_total", "outcome" => outcome, "source" => source)
+        .increment(1);
+}
+
+/// What the decision step concluded.
+enum Verdict {
+    Admit(Admitted),
+    Refuse(Problem),
+}
+
+impl Gate {
+    fn units<'r>(route: &'r Route, headers: &http::HeaderMap) -> Result<(Units, Option<&'r crate::routes::Reserve>), Problem> {
+        let parse = |name: &http::HeaderName| -> Result<Option<Units>, Problem> {
+            let Some(value) = headers.get(name) else {
+                return Ok(None);
+            };
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok())
+                .and_then(Units::new)
+                .map(Some)
+                .ok_or_else(|| {
+                    let mut problem = Problem::new(
+                        400,
+                        "validation_error",
+                        "Invalid units",
+                        format!("the {name} header must be a whole number from 1 to {}", ledger::UNITS_MAX),
+                    );
+                    problem.field = Some(name.to_string());
+                    problem
+                })
+        };
+        match &route.units {
+            UnitsRule::Fixed(units) => Ok((*units, None)),
+            UnitsRule::Header(name) => parse(name)?.map(|units| (units, None)).ok_or_else(|| {
+                let mut problem = Problem::new(
+                    400,
+                    "validation_error",
+                    "Missing units",
+                    format!("this route takes its units from the {name} header"),
+                );
+                problem.field = Some(name.to_string());
+                problem
+            }),
+            UnitsRule::Reserve(reserve) => {
+                let estimate = match &reserve.estimate_header {
+                    Some(name) => parse(name)?.unwrap_or(reserve.estimate),
+                    None => reserve.estimate,
+                };
+                Ok((estimate, Some(reserve)))
+            }
+        }
+    }
+
+    /// The decision from the replica (or the failure policy), with local spend reserved.
+    fn decide(&self, live: &Live, route: &Route, end_user: &EndUserId, units: Units) -> Verdict {
+        let Some(feature) = route.feature.clone() else {
+            return Verdict::Refuse(Problem::new(500, "internal", "Route has no feature", "a gated route must name a feature"));
+        };
+        let freshness = self.replica.freshness(live.max_staleness);
+        let catalog = self.replica.catalog();
+        let now = self.replica.now();
+        let admitted = |pending: Credits, source, balance_after, resets_at| Admitted {
+            end_user: end_user.clone(),
+            feature: feature.clone(),
+            units,
+            pending,
+            source,
+            balance_after,
+            resets_at,
+            hold: None,
+            charge_upstream_errors: route.charge_upstream_errors,
+            recorded: false,
+        };
+        if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
+            let state = self
+                .replica
+                .user(end_user)
+                .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
+            return self.replica.pending.admit(end_user, |pending| {
+                match state.decide(&view.catalog, &feature, units, pending, now) {
+                    Ok(decision) if decision.allowed => {
+                        let cost = decision.cost.unwrap_or(Credits::ZERO);
+                        let balance_after = decision
+                            .balance
+                            .map(|balance| balance.saturating_sub_floor(cost).get());
+                        decision_metric("allowed", "replica");
+                        (
+                            Verdict::Admit(admitted(cost, "replica", balance_after, decision.resets_at)),
+                            Some(cost),
+                        )
+                    }
+                    Ok(decision) => {
+                        decision_metric("denied", "replica");
+                        (Verdict::Refuse(denial(&decision, &feature)), None)
+                    }
+                    Err(ledger::Refusal::FeatureNotFound(_)) => {
+                        decision_metric("error", "replica");
+                        let mut problem = Problem::new(
+                            404,
+                            "feature_not_found",
+                            "Feature not found",
+                            format!("the route's feature {feature} is not in the catalog"),
+                        );
+                        problem.field = Some("feature_key".into());
+                        (Verdict::Refuse(problem), None)
+                    }
+                    Err(refusal) => {
+                        decision_metric("error", "replica");
+                        (
+                            Verdict::Refuse(Problem::new(500, "internal", "Decision failed", refusal.to_string())),
+                            None,
+                        )
+                    }
+                }
+            });
+        }
+        // Stale or still loading: the route's failure policy.
+        let why = if freshness == Freshness::Loading {
+            "the proxy has not loaded its replica yet"
+        } else {
+            "the control plane has been unreachable longer than max_staleness"
+        };
+        if route.on_unavailable == OnUnavailable::Closed {
+            decision_metric("unavailable", "fallback");
+            tracing::info!(route = route.index, %end_user, why, "failing closed");
+            return Verdict::Refuse(Problem::new(503, "quota_unavailable", "Quota state unavailable", why));
+        }
+        if let Some(budget) = route.outage_budget
+            && !self.outage.take(route.index, end_user, units.get(), budget)
+        {
+            decision_metric("outage_budget_spent", "fallback");
+            return Verdict::Refuse(Problem::new(
+                503,
+                "outage_budget_exhausted",
+                "Outage budget spent",
+                format!("{why}; this end user has used the route's outage budget of {budget} units"),
+            ));
+        }
+        // What the request would cost by the last known catalog, counted as pending.
+        let cost = catalog
+            .as_ref()
+            .and_then(|view| {
+                let state = self
+                    .replica
+                    .user(end_user)
+                    .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
+                state.decide(&view.catalog, &feature, units, Credits::ZERO, now).ok()
+            })
+            .and_then(|decision| decision.cost)
+            .unwrap_or(Credits::ZERO);
+        self.replica.pending.add(end_user, cost);
+        decision_metric("allowed", "fallback");
+        tracing::debug!(route = route.index, %end_user, why, "failing open");
+        Verdict::Admit(admitted(cost, "fallback", None, None))
+    }
+}
+
+fn denial(decision: &ledger::Decision, feature: &FeatureKey) -> Problem {
+    match decision.reason {
+        Some(ledger::DenyReason::InsufficientBalance) | None => {
+            let mut problem = Problem::new(
+                402,
+                "insufficient_balance",
+                "Insufficient balance",
+                format!("not enough credits for {feature}"),
+            );
+            problem.needed = decision.cost.map(Credits::get);
+            problem.available = decision.balance.map(Credits::get);
+            problem
+        }
+        Some(reason) => Problem::new(
+            403,
+            reason.as_str(),
+            "Not allowed",
+            format!("{feature} is not available: {}", reason.as_str()),
+        ),
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gate {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: Instant::now(),
+            admitted: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        let live = self.live.load_full();
+        let header = session.req_header();
+        let route = match live.routes.find(&header.method, header.uri.path()) {
+            Some(route) => route,
+            None if live.routes.unmatched == Unmatched::Pass => return Ok(false),
+            None => {
+                let problem = Problem::new(404, "no_route", "No route", "no configured route matches this request");
+                return answer(session, &problem).await;
+            }
+        };
+        if route.public {
+            return Ok(false);
+        }
+        let end_user = match live.identity.end_user(&header.headers) {
+            Ok(end_user) => end_user,
+            Err(error) => {
+                decision_metric("no_identity", "none");
+                let problem = Problem::new(401, "unauthenticated", "No end user", error.to_string());
+                return answer(session, &problem).await;
+            }
+        };
+        let (units, reserve) = match Gate::units(route, &header.headers) {
+            Ok(units) => units,
+            Err(problem) => return answer(session, &problem).await,
+        };
+        let started = Instant::now();
+        let verdict = self.decide(&live, route, &end_user, units);
+        metrics::histogram!("qs_proxy_decision_seconds").record(started.elapsed().as_secs_f64());
+        let mut admitted = match verdict {
+            Verdict::Admit(admitted) => admitted,
+            Verdict::Refuse(problem) => return answer(session, &problem).await,
+        };
+        if let Some(reserve) = reserve {
+            // The one network call on the request path, and only for reservation routes:
+            // the hold must exist at the control plane before a long upstream job starts.
+            let reservation = self
+                .client
+                .reserve(&CreateReservation {
+                    end_user_id: end_user.to_string(),
+                    feature_key: admitted.feature.to_string(),
+                    units: Some(units.get()),
+                    amount: None,
+                    ttl_seconds: Some(reserve.ttl_seconds),
+                })
+                .await;
+            let reservation_id = match reservation {
+                Ok(reservation) => Some(reservation.id),
+                Err(error) if error.is_unavailable() => {
+                    if route.on_unavailable == OnUnavailable::Closed {
+                        self.replica.pending.reduce(&end_user, admitted.pending);
+                        let problem = Problem::new(503, "quota_unavailable", "Quota state unavailable", "the control plane could not take the reservation");
+                        return answer(session, &problem).await;
+                    }
+                    tracing::warn!(%error, "reservation failed; failing open, the actual will be recorded as usage");
+                    None
+                }
+                Err(client::Error::Api { problem, .. }) => {
+                    self.replica.pending.reduce(&end_user, admitted.pending);
+                    return answer(session, &problem).await;
+                }
+                Err(error) => {
+                    self.replica.pending.reduce(&end_user, admitted.pending);
+                    let problem = Problem::new(502, "control_plane_error", "Reservation failed", error.to_string());
+                    return answer(session, &problem).await;
+                }
+            };
+            admitted.hold = Some(Hold {
+                reservation_id,
+                actual_header: reserve.actual_header.clone(),
+            });
+        }
+        ctx.admitted = Some(admitted);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        let live = self.live.load();
+        Ok(Box::new(HttpPeer::new(live.upstream.as_str(), false, String::new())))
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let Some(admitted) = ctx.admitted.as_mut() else {
+            return Ok(());
+        };
+        let failed = upstream_response.status.is_server_error() && !admitted.charge_upstream_errors;
+        let key = format!("qsp_{}", ulid::Ulid::new());
+        let record = match (&admitted.hold, failed) {
+            (None, true) => None,
+            (None, false) => Some(Op::Usage {
+                feature_key: admitted.feature.to_string(),
+                units: admitted.units.get(),
+                timestamp_ms: self.replica.now().as_millis(),
+            }),
+            (Some(hold), _) => {
+                let actual = upstream_response
+                    .headers
+                    .get(&hold.actual_header)
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|text| text.trim().parse::<u64>().ok());
+                let units = match actual {
+                    Some(units) => units,
+                    None => {
+                        if !failed {
+                            tracing::warn!(header = %hold.actual_header, "upstream gave no actual units; charging the estimate");
+                        }
+                        admitted.units.get()
+                    }
+                };
+                match (&hold.reservation_id, failed || units == 0) {
+                    (Some(id), true) => Some(Op::Release {
+                        reservation_id: id.clone(),
+                    }),
+                    (None, true) => None,
+                    (Some(id), false) => Some(Op::Commit {
+                        reservation_id: id.clone(),
+                        feature_key: admitted.feature.to_string(),
+                        units,
+                    }),
+                    (None, false) => Some(Op::Usage {
+                        feature_key: admitted.feature.to_string(),
+                        units,
+                        timestamp_ms: self.replica.now().as_millis(),
+                    }),
+                }
+            }
+        };
+        match record {
+            Some(op) => {
+                let charged = !matches!(op, Op::Release { .. });
+                if !charged {
+                    // A release frees the hold: nothing stays pending for it.
+                    self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+                    admitted.pending = Credits::ZERO;
+                }
+                let record = Record {
+                    key,
+                    end_user_id: admitted.end_user.to_string(),
+                    pending: admitted.pending.get(),
+                    op,
+                };
+                if let Err(error) = self.outbox.push(&record).await {
+                    tracing::error!(%error, "could not record usage; refusing to release the response");
+                    return Err(pingora::Error::explain(pingora::ErrorType::InternalError, "usage could not be recorded"));
+                }
+                admitted.recorded = true;
+            }
+            None => {
+                self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+                admitted.recorded = true;
+            }
+        }
+        if let Some(balance) = admitted.balance_after {
+            upstream_response.insert_header("x-quota-balance", balance.to_string())?;
+        }
+        if let Some(resets_at) = admitted.resets_at {
+            upstream_response.insert_header("x-quota-resets-at", resets_at.to_string())?;
+        }
+        upstream_response.insert_header("x-quota-source", admitted.source)?;
+        upstream_response.insert_header("x-quota-as-of", self.replica.as_of().to_string())?;
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |response| response.status.as_u16());
+        metrics::histogram!("qs_proxy_request_seconds").record(ctx.started.elapsed().as_secs_f64());
+        let Some(admitted) = ctx.admitted.as_mut() else {
+            return;
+        };
+        if admitted.recorded {
+            return;
+        }
+        // Admitted but no upstream answer reached us (upstream down, client gone): no
+        // charge; a control-plane hold is released.
+        self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+        if let Some(Hold {
+            reservation_id: Some(id),
+            ..
+        }) = &admitted.hold
+        {
+            let record = Record {
+                key: format!("qsp_{}", ulid::Ulid::new()),
+                end_user_id: admitted.end_user.to_string(),
+                pending: 0,
+                op: Op::Release {
+                    reservation_id: id.clone(),
+                },
+            };
+            if let Err(error) = self.outbox.push(&record).await {
+                tracing::error!(%error, "could not queue a reservation release (the hold will expire)");
+            }
+        }
+        tracing::debug!(status, error = ?error.map(ToString::to_string), "admitted request ended without an upstream answer; not charged");
+    }
+}

@@ -1,0 +1,24 @@
+//! `proxy`: QuotaStack's sidecar. It sits in front of a customer's API (pingora), keeps
+//! its environment's entitlement state replicated from the control plane (sled plus an
+//! in-memory index), decides every request locally with the same `ledger` engine as the
+//! control plane, and records usage durably and asynchronously through an outbox.
+//!
+//! The request path (`gate`): identity → route → `ledger` decision against the replica
+//! minus local pending spend → forward or answer 401/402/403/503. When the upstream's
+//! response header arrives, the usage goes into the sled outbox and (in `sync`
+//! durability) is flushed before the response is released. The shipper sends the outbox
+//! to `/v1/usage/batch` with per-event idempotency keys.
+
+pub mod config;
+pub mod disk;
+pub mod gate;
+pub mod identity;
+pub mod outbox;
+pub mod pending;
+pub mod replica;
+pub mod routes;
+pub mod server;
+pub mod sync;
+
+pub use config::Config;
+pub use server::{Running, install_metrics, start};

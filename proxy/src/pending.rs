@@ -1,0 +1,230 @@
+//! Local spend: credits this proxy admitted that its replica does not show yet. Subtracted
+//! from every decision for the end user, so one proxy never admits more than the balance
+//! it knows of (SPEC 12).
+//!
+//! An admitted cost is *unconfirmed* until the control plane acknowledges it, then
+//! *confirmed at version v* until the replica holds the end user's state at version `v`
+//! or later (that state includes it). Acknowledgements without a version (reservation
+//! commits, releases) wait for any newer state than the one held at acknowledgement, and
+//! every confirmed cost is dropped after [`CONFIRMED_TTL`] at the latest, since the stream
+//! normally delivers within milliseconds.
+//!
+//! Pending is kept per end user, not per feature: a cost is subtracted from every feature's
+//! balance (credits can be shared between features), which errs on the side of refusing
+//! for the moment until the replica catches up.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ledger::{Credits, EndUserId};
+
+/// The longest a confirmed cost waits for the replica.
+pub const CONFIRMED_TTL: Duration = Duration::from_secs(5);
+
+const SHARDS: usize = 64;
+
+#[derive(Debug, Default, Clone)]
+struct UserPending {
+    unconfirmed: Credits,
+    /// (state version that includes it, cost, confirmed at).
+    confirmed: Vec<(u64, Credits, Instant)>,
+}
+
+impl UserPending {
+    fn total(&self) -> Credits {
+        let confirmed = Credits::sum(self.confirmed.iter().map(|(_, cost, _)| *cost))
+            .unwrap_or(Credits::MAX);
+        self.unconfirmed
+            .checked_add(confirmed)
+            .unwrap_or(Credits::MAX)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.unconfirmed.is_zero() && self.confirmed.is_empty()
+    }
+}
+
+/// Pending spend of every end user, sharded to keep lock hold times tiny.
+#[derive(Debug)]
+pub struct Pending {
+    shards: Vec<Mutex<HashMap<EndUserId, UserPending>>>,
+}
+
+impl Default for Pending {
+    fn default() -> Pending {
+        Pending {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+fn shard_of(end_user: &EndUserId) -> usize {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // A fixed hasher: shards only spread locks; nothing is attacker-sensitive here.
+    let mut hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
+    end_user.hash(&mut hasher);
+    usize::try_from(hasher.finish() % 64).unwrap_or(0)
+}
+
+impl Pending {
+    fn with<T>(&self, end_user: &EndUserId, f: impl FnOnce(&mut HashMap<EndUserId, UserPending>) -> T) -> T {
+        let shard = &self.shards[shard_of(end_user) % self.shards.len()];
+        let mut guard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// The end user's pending total.
+    pub fn total(&self, end_user: &EndUserId) -> Credits {
+        self.with(end_user, |map| map.get(end_user).map_or(Credits::ZERO, UserPending::total))
+    }
+
+    /// Decides under the end user's lock and adds the cost when `admit` says so, so two
+    /// concurrent requests cannot both spend the same credits.
+    pub fn admit<T>(
+        &self,
+        end_user: &EndUserId,
+        decide: impl FnOnce(Credits) -> (T, Option<Credits>),
+    ) -> T {
+        self.with(end_user, |map| {
+            let current = map.get(end_user).map_or(Credits::ZERO, UserPending::total);
+            let (answer, cost) = decide(current);
+            if let Some(cost) = cost.filter(|cost| cost.is_positive()) {
+                let entry = map.entry(end_user.clone()).or_default();
+                entry.unconfirmed = entry.unconfirmed.checked_add(cost).unwrap_or(Credits::MAX);
+            }
+            answer
+        })
+    }
+
+    /// Adds an unconfirmed cost (outbox records found at start-up).
+    pub fn add(&self, end_user: &EndUserId, cost: Credits) {
+        self.admit(end_user, |_| ((), Some(cost)));
+    }
+
+    /// Lowers an unconfirmed cost (a reservation committed for less than its estimate).
+    pub fn reduce(&self, end_user: &EndUserId, by: Credits) {
+        self.with(end_user, |map| {
+            if let Some(entry) = map.get_mut(end_user) {
+                entry.unconfirmed = entry.unconfirmed.saturating_sub_floor(by);
+                if entry.is_empty() {
+                    map.remove(end_user);
+                }
+            }
+        });
+    }
+
+    /// The control plane acknowledged `cost`: it is in its state from `version` on (or,
+    /// without a version, in any state newer than `held_version`, the replica's now).
+    pub fn confirm(
+        &self,
+        end_user: &EndUserId,
+        cost: Credits,
+        version: Option<u64>,
+        held_version: Option<u64>,
+    ) {
+        let now = Instant::now();
+        self.with(end_user, |map| {
+            let Some(entry) = map.get_mut(end_user) else {
+                return;
+            };
+            entry.unconfirmed = entry.unconfirmed.saturating_sub_floor(cost);
+            let needed = version.unwrap_or_else(|| held_version.map_or(0, |held| held.saturating_add(1)));
+            if held_version.is_none_or(|held| held < needed) && cost.is_positive() {
+                entry.confirmed.push((needed, cost, now));
+            }
+            if entry.is_empty() {
+                map.remove(end_user);
+            }
+        });
+    }
+
+    /// Drops a cost the control plane refused (it charged nothing).
+    pub fn drop_unconfirmed(&self, end_user: &EndUserId, cost: Credits) {
+        self.reduce(end_user, cost);
+    }
+
+    /// The replica now holds the end user's state at `version`.
+    pub fn observed(&self, end_user: &EndUserId, version: u64) {
+        let now = Instant::now();
+        self.with(end_user, |map| {
+            if let Some(entry) = map.get_mut(end_user) {
+                entry.confirmed.retain(|(needed, _, at)| {
+                    *needed > version && now.duration_since(*at) < CONFIRMED_TTL
+                });
+                if entry.is_empty() {
+                    map.remove(end_user);
+                }
+            }
+        });
+    }
+
+    /// Drops confirmed costs older than [`CONFIRMED_TTL`] (called periodically).
+    pub fn expire(&self) {
+        let now = Instant::now();
+        for shard in &self.shards {
+            let mut map = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            map.retain(|_, entry| {
+                entry
+                    .confirmed
+                    .retain(|(_, _, at)| now.duration_since(*at) < CONFIRMED_TTL);
+                !entry.is_empty()
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user() -> EndUserId {
+        EndUserId::new("u1").expect("id")
+    }
+
+    #[test]
+    fn a_cost_stays_until_the_replica_shows_its_version() {
+        let pending = Pending::default();
+        let allowed = pending.admit(&user(), |current| {
+            assert_eq!(current, Credits::ZERO);
+            (true, Some(Credits::new(10)))
+        });
+        assert!(allowed);
+        assert_eq!(pending.total(&user()), Credits::new(10));
+        pending.confirm(&user(), Credits::new(10), Some(7), Some(5));
+        assert_eq!(pending.total(&user()), Credits::new(10), "acknowledged, not yet replicated");
+        pending.observed(&user(), 6);
+        assert_eq!(pending.total(&user()), Credits::new(10));
+        pending.observed(&user(), 7);
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn a_confirmation_the_replica_already_shows_clears_at_once() {
+        let pending = Pending::default();
+        pending.add(&user(), Credits::new(3));
+        pending.confirm(&user(), Credits::new(3), Some(4), Some(9));
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn without_a_version_any_newer_state_clears_it() {
+        let pending = Pending::default();
+        pending.add(&user(), Credits::new(3));
+        pending.confirm(&user(), Credits::new(3), None, Some(4));
+        pending.observed(&user(), 4);
+        assert_eq!(pending.total(&user()), Credits::new(3));
+        pending.observed(&user(), 5);
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn refused_costs_and_smaller_commits_lower_the_total() {
+        let pending = Pending::default();
+        pending.add(&user(), Credits::new(100));
+        pending.reduce(&user(), Credits::new(60));
+        assert_eq!(pending.total(&user()), Credits::new(40));
+        pending.drop_unconfirmed(&user(), Credits::new(40));
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+}

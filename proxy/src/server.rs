@@ -1,0 +1,280 @@
+//! Starting and stopping a proxy: the sled store, the replica and its follower, the
+//! outbox and its shipper, pingora's HTTP proxy on our own accept loop, and the admin
+//! endpoints.
+//!
+//! pingora's `HttpProxy` is hosted on a tokio runtime and accept loop of our own rather
+//! than pingora's `Server`: a sidecar needs neither daemonisation nor fd-passing upgrades,
+//! and this way the proxy can listen on port 0 and report the bound address, start and
+//! stop many times in one test process, and shut down within a bounded grace.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use metrics_exporter_prometheus::PrometheusHandle;
+use pingora::apps::ServerApp;
+use pingora::server::configuration::ServerConf;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::disk::{Disk, Flusher};
+use crate::gate::{Gate, Live, OutageBudgets};
+use crate::outbox::Outbox;
+use crate::pending::Pending;
+use crate::replica::{Freshness, Replica};
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    pub admin_address: SocketAddr,
+    pub replica: Arc<Replica>,
+    pub outbox: Arc<Outbox>,
+    live: Arc<ArcSwap<Live>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// The admin endpoints' state.
+#[derive(Clone)]
+struct Admin {
+    replica: Arc<Replica>,
+    outbox: Arc<Outbox>,
+    metrics: Option<PrometheusHandle>,
+    max_staleness: Duration,
+}
+
+/// Starts a proxy from a validated configuration (call inside a tokio runtime).
+///
+/// # Errors
+/// The data directory, a listener or the control-plane client cannot be set up.
+pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Running> {
+    config.validate()?;
+    let live = Arc::new(ArcSwap::from_pointee(Live::from_config(&config)?));
+    let disk = Disk::open(&config.data_dir, config.cache_mb)
+        .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    let pending = Arc::new(Pending::default());
+    let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
+    let flusher = Flusher::new();
+    let outbox = Arc::new(Outbox::new(disk.clone(), flusher.clone(), config.usage.durability));
+    let restored = outbox.restore_pending(&replica)?;
+    if restored > 0 {
+        tracing::info!(records = restored, "usage left by the previous run will be shipped");
+    }
+    let api_key = config
+        .control_plane
+        .api_key
+        .clone()
+        .context("control_plane.api_key is required")?;
+    let client = client::Client::new(&config.control_plane.url, &api_key)?.retry(client::Retry {
+        attempts: 1,
+        ..client::Retry::default()
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(flusher.run(
+        disk.clone(),
+        Duration::from_millis(config.usage.flush_interval_ms),
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::sync::follow(
+        replica.clone(),
+        client.clone(),
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(outbox.clone().ship(
+        client.clone(),
+        replica.clone(),
+        config.usage.batch_size,
+        Duration::from_millis(config.usage.ship_interval_ms),
+        stopped.clone(),
+    )));
+    let outage = Arc::new(OutageBudgets::default());
+    let gate = Gate {
+        live: live.clone(),
+        replica: replica.clone(),
+        outbox: outbox.clone(),
+        client,
+        outage: outage.clone(),
+    };
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let address = listener.local_addr()?;
+    let admin_listener = TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    let admin_address = admin_listener.local_addr()?;
+    let server_conf = Arc::new(ServerConf::default());
+    let app = Arc::new(pingora::proxy::http_proxy(&server_conf, gate));
+    tasks.push(tokio::spawn(housekeeping(
+        replica.clone(),
+        outage,
+        live.clone(),
+        outbox.clone(),
+        stopped.clone(),
+    )));
+    tasks.push(tokio::spawn(accept(listener, app, stopped.clone())));
+    let admin = Admin {
+        replica: replica.clone(),
+        outbox: outbox.clone(),
+        metrics,
+        max_staleness: config.max_staleness(),
+    };
+    let router = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics_endpoint))
+        .with_state(admin);
+    let mut admin_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let served = axum::serve(admin_listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_stop.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin server failed");
+        }
+    }));
+    tracing::info!(%address, %admin_address, upstream = %config.upstream, "proxy listening");
+    Ok(Running {
+        address,
+        admin_address,
+        replica,
+        outbox,
+        live,
+        stop,
+        tasks,
+    })
+}
+
+type App = pingora::proxy::HttpProxy<Gate>;
+
+async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stopped.wait_for(|stop| *stop) => return,
+        };
+        let (tcp, _) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (app, shutdown) = (app.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let stream: pingora::protocols::l4::stream::Stream = tcp.into();
+            let mut session: pingora::protocols::Stream = Box::new(stream);
+            while let Some(reused) = app.process_new(session, &shutdown).await {
+                if *shutdown.borrow() {
+                    break;
+                }
+                session = reused;
+            }
+        });
+    }
+}
+
+/// Periodic work: expire confirmed pending, clear outage budgets once fresh, gauges.
+async fn housekeeping(
+    replica: Arc<Replica>,
+    outage: Arc<OutageBudgets>,
+    live: Arc<ArcSwap<Live>>,
+    outbox: Arc<Outbox>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut was = Freshness::Loading;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = stopped.wait_for(|stop| *stop) => return,
+        }
+        replica.pending.expire();
+        let now = replica.freshness(live.load().max_staleness);
+        if now != was {
+            tracing::warn!(from = ?was, to = ?now, "replica freshness changed");
+            if now == Freshness::Fresh {
+                outage.clear();
+            }
+            was = now;
+        }
+        let stale = if now == Freshness::Fresh { 0.0 } else { 1.0 };
+        metrics::gauge!("qs_proxy_stale").set(stale);
+        if let Some(silence) = replica.silence() {
+            metrics::gauge!("qs_proxy_staleness_seconds").set(silence.as_secs_f64());
+        }
+        metrics::gauge!("qs_proxy_outbox_depth")
+            .set(f64::from(u32::try_from(outbox.depth()).unwrap_or(u32::MAX)));
+        metrics::gauge!("qs_proxy_replica_end_users")
+            .set(f64::from(u32::try_from(replica.user_count()).unwrap_or(u32::MAX)));
+    }
+}
+
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    match admin.replica.freshness(admin.max_staleness) {
+        Freshness::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        Freshness::Stale => (StatusCode::OK, "stale"),
+        Freshness::Fresh => (StatusCode::OK, "ready"),
+    }
+}
+
+async fn metrics_endpoint(State(admin): State<Admin>) -> impl IntoResponse {
+    let depth = admin.outbox.depth();
+    match &admin.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::OK,
+            format!("# metrics recorder not installed\nqs_proxy_outbox_depth {depth}\n"),
+        ),
+    }
+}
+
+impl Running {
+    /// Applies a new configuration (SIGHUP): routes, identity and staleness change for the
+    /// next request; connections stay open. Listeners, data dir and control plane need a
+    /// restart.
+    ///
+    /// # Errors
+    /// An invalid configuration (the old one stays).
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        config.validate()?;
+        let live = Live::from_config(config)?;
+        self.live.store(Arc::new(live));
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    /// Stops taking connections, ships what it can (bounded) and flushes.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+/// The Prometheus recorder for the process (installed once).
+///
+/// # Errors
+/// Another recorder is installed already.
+pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
+            0.1, 0.5, 1.0, 5.0,
+        ])
+        .context("metric buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")
+}
