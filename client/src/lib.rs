@@ -329,6 +329,11 @@ impl Client {
         self.call(Method::POST, path, &[], Some(body)).await
     }
 
+    /// A POST without a body (actions such as release, pause, revoke).
+    async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.call(Method::POST, path, &[], None::<&()>).await
+    }
+
     // --- tenancy and keys ---
 
     /// `POST /v1/operator/tenants` (the client's key is the operator token).
@@ -345,7 +350,7 @@ impl Client {
     }
 
     pub async fn revoke_api_key(&self, id: &str) -> Result<ApiKey, Error> {
-        self.post(&format!("/v1/api-keys/{}/revoke", segment(id)?), &())
+        self.post_empty(&format!("/v1/api-keys/{}/revoke", segment(id)?))
             .await
     }
 
@@ -390,14 +395,11 @@ impl Client {
     }
 
     pub async fn archive_variant(&self, plan: &str, variant: &str) -> Result<Variant, Error> {
-        self.post(
-            &format!(
-                "/v1/plans/{}/variants/{}/archive",
-                segment(plan)?,
-                segment(variant)?
-            ),
-            &(),
-        )
+        self.post_empty(&format!(
+            "/v1/plans/{}/variants/{}/archive",
+            segment(plan)?,
+            segment(variant)?
+        ))
         .await
     }
 
@@ -515,7 +517,7 @@ impl Client {
     }
 
     pub async fn release_reservation(&self, id: &str) -> Result<Reservation, Error> {
-        self.post(&format!("/v1/reservations/{}/release", segment(id)?), &())
+        self.post_empty(&format!("/v1/reservations/{}/release", segment(id)?))
             .await
     }
 
@@ -556,12 +558,12 @@ impl Client {
     }
 
     pub async fn pause_subscription(&self, id: &str) -> Result<Subscription, Error> {
-        self.post(&format!("/v1/subscriptions/{}/pause", segment(id)?), &())
+        self.post_empty(&format!("/v1/subscriptions/{}/pause", segment(id)?))
             .await
     }
 
     pub async fn resume_subscription(&self, id: &str) -> Result<Subscription, Error> {
-        self.post(&format!("/v1/subscriptions/{}/resume", segment(id)?), &())
+        self.post_empty(&format!("/v1/subscriptions/{}/resume", segment(id)?))
             .await
     }
 
@@ -609,7 +611,7 @@ impl Client {
     }
 
     pub async fn redeliver_event(&self, id: &str) -> Result<Event, Error> {
-        self.post(&format!("/v1/events/{}/redeliver", segment(id)?), &())
+        self.post_empty(&format!("/v1/events/{}/redeliver", segment(id)?))
             .await
     }
 
@@ -656,7 +658,7 @@ impl Client {
     }
 
     pub async fn test_webhook_endpoint(&self, id: &str) -> Result<Event, Error> {
-        self.post(&format!("/v1/webhook-endpoints/{}/test", segment(id)?), &())
+        self.post_empty(&format!("/v1/webhook-endpoints/{}/test", segment(id)?))
             .await
     }
 

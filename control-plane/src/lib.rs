@@ -63,8 +63,12 @@ pub async fn run(
     let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped));
     let app = http::app(state.clone());
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
+    let closing = state.clone();
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            closing.begin_shutdown();
+        })
         .await;
     let _ = stop_jobs.send(true);
     if let Err(error) = jobs.await {

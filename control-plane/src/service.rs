@@ -168,6 +168,8 @@ struct Inner {
     webhook_client: reqwest::Client,
     /// Bumped after every committed change, so change streams wake at once.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Turns true when the server starts shutting down: long-lived streams end.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -210,6 +212,7 @@ impl AppState {
                 metrics,
                 webhook_client,
                 changes: tokio::sync::watch::Sender::new(0),
+                closing: tokio::sync::watch::Sender::new(false),
             }),
         }
     }
@@ -286,6 +289,17 @@ impl AppState {
         self.inner
             .changes
             .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// Tells long-lived streams (`/v1/sync/stream`) to end, so a graceful shutdown does
+    /// not wait on followers that never hang up.
+    pub fn begin_shutdown(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// A receiver that turns true when the server is shutting down.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 
     /// A receiver that sees a new value after each committed change.

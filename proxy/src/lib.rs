@@ -9,6 +9,7 @@
 //! durability) is flushed before the response is released. The shipper sends the outbox
 //! to `/v1/usage/batch` with per-event idempotency keys.
 
+pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod gate;

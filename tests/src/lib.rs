@@ -1,1 +1,350 @@
-//! Shared pieces of the end-to-end tests.
+//! The end-to-end harness: a control plane (SQLite file, real socket), a demo upstream and
+//! proxies, all on port 0, driven over HTTP like a user would. Waiting is always polling a
+//! condition with a deadline, never a guessed sleep.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Polls `check` until it returns `Some`, or panics naming `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A control plane serving on a real socket over a SQLite file.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub address: SocketAddr,
+    pub url: String,
+    /// The tenant's sandbox key (all scopes).
+    pub key: String,
+    pub client: client::Client,
+    database: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Starts a control plane on a new database in `dir` with a tenant and a small catalog:
+    /// metered `api_calls` and `tokens` (1 credit a unit), open to everyone.
+    pub async fn start(dir: &Path) -> ControlPlane {
+        let database = dir.join("control-plane.db");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let mut plane = ControlPlane::serve(listener, database, None).await;
+        let qs = &plane.client;
+        for key in ["api_calls", "tokens"] {
+            qs.create_feature(&from(json!({"key": key, "name": key, "type": "metered"})))
+                .await
+                .expect("feature");
+        }
+        plane.client = qs.clone();
+        plane
+    }
+
+    async fn serve(listener: TcpListener, database: PathBuf, key: Option<String>) -> ControlPlane {
+        let address = listener.local_addr().expect("address");
+        let mut config = control_plane::config::Config::for_tests();
+        config.database =
+            control_plane::config::DatabaseUrl::SqliteFile(database.display().to_string());
+        config.listen = address;
+        config.rate_limit_per_second = 1_000_000;
+        config.rate_limit_burst = 1_000_000;
+        let store = control_plane::open_store(&config).await.expect("store");
+        let state = control_plane::state(
+            config,
+            store,
+            Arc::new(control_plane::clock::SystemClock),
+            None,
+        );
+        let key = match key {
+            Some(key) => key,
+            None => {
+                control_plane::http::tenancy::create_tenant(&state, "e2e")
+                    .await
+                    .expect("tenant")
+                    .api_keys
+                    .test
+            }
+        };
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = control_plane::run(state, listener, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            if let Err(error) = served {
+                panic!("control plane failed: {error}");
+            }
+        });
+        let url = format!("http://{address}");
+        let client = client::Client::new(&url, &key).expect("client");
+        ControlPlane {
+            address,
+            url,
+            key,
+            client,
+            database,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Stops serving (connections close; the database stays).
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+
+    /// Serves again on the same address and database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let listener = eventually("the old address to be free", Duration::from_secs(10), || async {
+            TcpListener::bind(self.address).await.ok()
+        })
+        .await;
+        let again = ControlPlane::serve(listener, self.database.clone(), Some(self.key.clone())).await;
+        *self = again;
+    }
+
+    pub async fn grant(&self, end_user: &str, amount: i64) {
+        self.client
+            .grant(&from(json!({"end_user_id": end_user, "amount": amount})))
+            .await
+            .expect("grant");
+    }
+
+    pub async fn available(&self, end_user: &str) -> i64 {
+        self.client
+            .balance(end_user, None)
+            .await
+            .expect("balance")
+            .available
+    }
+
+    /// The end user's ledger entries of one type.
+    pub async fn entries(&self, end_user: &str, entry_type: &str) -> Vec<protocol::LedgerEntry> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .client
+                .ledger(&client::LedgerOptions {
+                    end_user_id: Some(end_user.to_owned()),
+                    entry_type: Some(entry_type.to_owned()),
+                    cursor: cursor.clone(),
+                    limit: Some(500),
+                    ..client::LedgerOptions::default()
+                })
+                .await
+                .expect("ledger");
+            let done = page.data.is_empty() || page.next_cursor.is_none();
+            all.extend(page.data);
+            if done {
+                return all;
+            }
+            cursor = page.next_cursor;
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Builds a protocol type from JSON (tests only).
+pub fn from<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("a valid request body")
+}
+
+/// A tiny upstream: `/work` answers 200, `/fail` 500, `/generate` 200 with
+/// `x-usage-units` copied from the request's `x-test-actual`, `/health` 200.
+#[derive(Debug)]
+pub struct Upstream {
+    pub address: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        async fn generate(headers: HeaderMap) -> impl IntoResponse {
+            let mut answer = HeaderMap::new();
+            if let Some(actual) = headers.get("x-test-actual") {
+                answer.insert("x-usage-units", actual.clone());
+            }
+            (StatusCode::OK, answer, "generated")
+        }
+        let app = axum::Router::new()
+            .route("/work", axum::routing::any(|| async { "done" }))
+            .route("/work/{*rest}", axum::routing::any(|| async { "done" }))
+            .route("/closed", axum::routing::any(|| async { "done" }))
+            .route("/health", axum::routing::get(|| async { "healthy" }))
+            .route("/fail", axum::routing::any(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }))
+            .route("/generate", axum::routing::any(generate))
+            .route("/generate-fail", axum::routing::any(|| async { (StatusCode::BAD_GATEWAY, "model down") }));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream { address, task }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The routes most tests use.
+pub const ROUTES: &str = r#"
+[[routes]]
+path = "/health"
+public = true
+
+[[routes]]
+path = "/work"
+feature = "api_calls"
+
+[[routes]]
+path = "/fail"
+feature = "api_calls"
+
+[[routes]]
+path = "/closed"
+feature = "api_calls"
+on_unavailable = "closed"
+
+[[routes]]
+path = "/generate"
+feature = "tokens"
+reserve = { estimate = 100, actual_header = "x-usage-units" }
+
+[[routes]]
+path = "/generate-fail"
+feature = "tokens"
+reserve = { estimate = 100 }
+"#;
+
+/// A proxy configuration for `plane` and `upstream` with `extra` TOML appended (routes,
+/// failure policy).
+pub fn proxy_config(plane: &ControlPlane, upstream: &Upstream, data_dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+upstream = "{upstream}"
+data_dir = "{data_dir}"
+cache_mb = 8
+
+[control_plane]
+url = "{url}"
+api_key = "{key}"
+
+[usage]
+ship_interval_ms = 50
+
+{extra}
+"#,
+        upstream = upstream.address,
+        data_dir = data_dir.display(),
+        url = plane.url,
+        key = plane.key,
+    )
+}
+
+/// A proxy in this process.
+#[derive(Debug)]
+pub struct Proxy {
+    pub running: proxy::Running,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Proxy {
+    pub async fn start(config_text: &str) -> Proxy {
+        let config = proxy::Config::parse(config_text).expect("proxy config parses");
+        let running = proxy::start(config, None).await.expect("proxy starts");
+        let url = format!("http://{}", running.address);
+        Proxy {
+            running,
+            url,
+            http: http_client(),
+        }
+    }
+
+    /// Waits until the replica has its snapshot and is fresh.
+    pub async fn ready(&self) {
+        eventually("the proxy's replica to load", Duration::from_secs(20), || async {
+            (self.running.replica.freshness(Duration::from_secs(30)) == proxy::replica::Freshness::Fresh)
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// Sends a request as `end_user` (`None`: no identity).
+    pub async fn send(&self, method: reqwest::Method, path: &str, end_user: Option<&str>, headers: &[(&str, &str)]) -> reqwest::Response {
+        send(&self.http, &self.url, method, path, end_user, headers).await
+    }
+
+    /// Waits until the outbox is empty.
+    pub async fn drained(&self) {
+        eventually("the outbox to drain", Duration::from_secs(20), || async {
+            (self.running.outbox.depth() == 0).then_some(())
+        })
+        .await;
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("http client")
+}
+
+pub async fn send(
+    http: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    end_user: Option<&str>,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = http.request(method, format!("{base}{path}"));
+    if let Some(end_user) = end_user {
+        request = request.header("x-end-user-id", end_user);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().await.expect("the proxy answers")
+}

@@ -192,6 +192,7 @@ async fn follow(
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
 ) -> Result<(), ApiError> {
     let mut changed = state.subscribe_changes();
+    let mut closing = state.closing();
     let send = |record: SyncRecord| async move {
         sender
             .send(Ok(line(&record)?))
@@ -257,6 +258,7 @@ async fn follow(
             _ = changed.changed() => {}
             () = tokio::time::sleep(wait) => {}
             () = sender.closed() => return Ok(()),
+            _ = closing.wait_for(|closing| *closing) => return Ok(()),
         }
     }
 }

@@ -1,0 +1,246 @@
+//! The proxy end to end: control plane, upstream and proxy on real sockets (port 0).
+
+use std::time::Duration;
+
+use e2e::{ControlPlane, Proxy, ROUTES, Upstream, eventually, proxy_config};
+use reqwest::{Method, StatusCode};
+
+async fn setup(extra: &str) -> (tempfile::TempDir, ControlPlane, Upstream, Proxy) {
+    let dir = tempfile::tempdir().expect("dir");
+    let plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let config = proxy_config(&plane, &upstream, &dir.path().join("proxy"), extra);
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    (dir, plane, upstream, proxy)
+}
+
+async fn status(proxy: &Proxy, path: &str, end_user: Option<&str>) -> StatusCode {
+    proxy.send(Method::POST, path, end_user, &[]).await.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_request() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("u1", 5).await;
+    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
+        (proxy.running.replica.version(&ledger::EndUserId::new("u1").expect("id")).is_some()).then_some(())
+    })
+    .await;
+
+    let mut balances = Vec::new();
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        let response = proxy.send(Method::POST, "/work", Some("u1"), &[]).await;
+        statuses.push(response.status().as_u16());
+        if response.status() == StatusCode::OK {
+            assert_eq!(response.headers()["x-quota-source"], "replica");
+            assert!(response.headers().contains_key("x-quota-as-of"));
+            balances.push(
+                response.headers()["x-quota-balance"]
+                    .to_str()
+                    .expect("ascii")
+                    .to_owned(),
+            );
+            assert_eq!(response.text().await.expect("body"), "done");
+        } else {
+            let problem: serde_json::Value = response.json().await.expect("problem body");
+            assert_eq!(problem["code"], "insufficient_balance");
+            assert_eq!(problem["status"], 402);
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 402, 402, 402]);
+    assert_eq!(balances, ["4", "3", "2", "1", "0"]);
+
+    proxy.drained().await;
+    assert_eq!(plane.entries("u1", "debit").await.len(), 5, "one usage entry per admitted request");
+    assert_eq!(plane.available("u1").await, 0);
+
+    // Public routes need no identity; gated ones do; unmatched paths are refused.
+    assert_eq!(proxy.send(Method::GET, "/health", None, &[]).await.status(), StatusCode::OK);
+    let missing = proxy.send(Method::POST, "/work", None, &[]).await;
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&proxy, "/elsewhere", Some("u1")).await, StatusCode::NOT_FOUND);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_requests_on_one_end_user_never_overspend_and_5xx_is_not_charged() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("racer", 10).await;
+    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
+        (proxy.running.replica.version(&ledger::EndUserId::new("racer").expect("id")).is_some()).then_some(())
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let (http, url) = (proxy.http.clone(), proxy.url.clone());
+        tasks.push(tokio::spawn(async move {
+            e2e::send(&http, &url, Method::POST, "/work", Some("racer"), &[]).await.status()
+        }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        if task.await.expect("request") == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10, "exactly the balance is admitted");
+    proxy.drained().await;
+    assert_eq!(plane.available("racer").await, 0);
+
+    // An upstream 5xx is not charged by default.
+    plane.grant("racer", 3).await;
+    eventually("the grant to be visible", Duration::from_secs(10), || async {
+        (status(&proxy, "/fail", Some("racer")).await == StatusCode::INTERNAL_SERVER_ERROR).then_some(())
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(status(&proxy, "/fail", Some("racer")).await, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    proxy.drained().await;
+    assert_eq!(plane.available("racer").await, 3);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_at_the_control_plane_is_honoured_within_a_deadline() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    assert_eq!(status(&proxy, "/work", Some("late")).await, StatusCode::PAYMENT_REQUIRED);
+    plane.grant("late", 2).await;
+    eventually("the proxy to admit after the grant", Duration::from_secs(5), || async {
+        (status(&proxy, "/work", Some("late")).await == StatusCode::OK).then_some(())
+    })
+    .await;
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_the_hold() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("writer", 1_000).await;
+    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
+        (proxy.running.replica.version(&ledger::EndUserId::new("writer").expect("id")).is_some()).then_some(())
+    })
+    .await;
+    let response = proxy
+        .send(Method::POST, "/generate", Some("writer"), &[("x-test-actual", "37")])
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    proxy.drained().await;
+    assert_eq!(plane.available("writer").await, 1_000 - 37, "the actual is charged, not the estimate");
+    assert_eq!(plane.entries("writer", "commit").await.len(), 1);
+
+    let failed = proxy.send(Method::POST, "/generate-fail", Some("writer"), &[]).await;
+    assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+    proxy.drained().await;
+    assert_eq!(plane.available("writer").await, 963, "the hold was released");
+    // The commit released its unused 63, the failed call its whole hold.
+    assert_eq!(plane.entries("writer", "release").await.len(), 2);
+    let balance = plane.client.balance("writer", None).await.expect("balance");
+    assert_eq!(balance.held, 0);
+
+    // An estimate larger than the balance is refused before the upstream is called.
+    let big = proxy
+        .send(Method::POST, "/generate", Some("poor"), &[])
+        .await;
+    assert_eq!(big.status(), StatusCode::PAYMENT_REQUIRED);
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_routes_503_then_converge() {
+    let extra = format!(
+        "[failure]\nmax_staleness_secs = 3\n{}",
+        ROUTES.replace(
+            "path = \"/work\"\nfeature = \"api_calls\"",
+            "path = \"/work\"\nfeature = \"api_calls\"\noutage_budget = 3"
+        )
+    );
+    let (_dir, mut plane, _upstream, proxy) = setup(&extra).await;
+    plane.grant("u9", 100).await;
+    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
+        (proxy.running.replica.version(&ledger::EndUserId::new("u9").expect("id")).is_some()).then_some(())
+    })
+    .await;
+    assert_eq!(status(&proxy, "/work", Some("u9")).await, StatusCode::OK);
+    assert_eq!(status(&proxy, "/closed", Some("u9")).await, StatusCode::OK);
+    proxy.drained().await;
+
+    plane.stop().await;
+    // Until max_staleness the replica still decides (an end user without credits gets
+    // 402); after it, the closed route answers 503.
+    eventually("the closed route to fail closed", Duration::from_secs(15), || async {
+        (status(&proxy, "/closed", Some("nobody")).await == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    assert_eq!(status(&proxy, "/closed", Some("u9")).await, StatusCode::SERVICE_UNAVAILABLE);
+    let mut admitted = 0;
+    for _ in 0..5 {
+        let response = proxy.send(Method::POST, "/work", Some("u9"), &[]).await;
+        if response.status() == StatusCode::OK {
+            assert_eq!(response.headers()["x-quota-source"], "fallback");
+            admitted += 1;
+        } else {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            let problem: serde_json::Value = response.json().await.expect("problem");
+            assert_eq!(problem["code"], "outage_budget_exhausted");
+        }
+    }
+    assert_eq!(admitted, 3, "the outage budget bounds what fails open");
+    assert!(proxy.running.outbox.depth() >= 3, "usage waits in the outbox");
+
+    plane.restart().await;
+    proxy.drained().await;
+    // 2 before the outage, 3 during it.
+    assert_eq!(plane.available("u9").await, 95);
+    eventually("the proxy to be fresh again", Duration::from_secs(15), || async {
+        (status(&proxy, "/closed", Some("u9")).await == StatusCode::OK).then_some(())
+    })
+    .await;
+    proxy.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
+    let dir = tempfile::tempdir().expect("dir");
+    let plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let first = Proxy::start(&proxy_config(&plane, &upstream, &dir.path().join("a"), ROUTES)).await;
+    let second = Proxy::start(&proxy_config(&plane, &upstream, &dir.path().join("b"), ROUTES)).await;
+    first.ready().await;
+    second.ready().await;
+    plane.grant("shared", 20).await;
+    for proxy in [&first, &second] {
+        eventually("the grant to reach both proxies", Duration::from_secs(10), || async {
+            (proxy.running.replica.version(&ledger::EndUserId::new("shared").expect("id")).is_some()).then_some(())
+        })
+        .await;
+    }
+    // Each alone, hammered concurrently, admits at most the balance it knows of.
+    let mut tasks = Vec::new();
+    for proxy in [&first, &second] {
+        for _ in 0..30 {
+            let (http, url) = (proxy.http.clone(), proxy.url.clone());
+            tasks.push(tokio::spawn(async move {
+                e2e::send(&http, &url, Method::POST, "/work", Some("shared"), &[]).await.status()
+            }));
+        }
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        if task.await.expect("request") == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    // Across proxies, each can spend the whole balance before it sees the other's usage:
+    // the bound is (number of proxies) x balance within one replication lag.
+    assert!((20..=40).contains(&admitted), "admitted {admitted}");
+    first.drained().await;
+    second.drained().await;
+    let available = plane.available("shared").await;
+    let debt = plane.client.balance("shared", None).await.expect("balance").debt;
+    assert_eq!(available - debt, 20 - admitted, "every admitted request is charged exactly once");
+    first.running.shutdown().await;
+    second.running.shutdown().await;
+}
