@@ -39,9 +39,9 @@ use protocol::{
     CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature, CreateGrant, CreatePlan,
     CreateReservation, CreateSubscription, CreateTenant, CreateVariant, CreateWebhookEndpoint,
     EntitlementCheck, Event, ExtendReservation, Feature, LedgerEntry, Page, Plan, Problem,
-    RecordUsage, RenewSubscription, Reservation, Settings, Subscription, SyncRecord,
-    TenantCreated, TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch,
-    UsageBatchRecorded, UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
+    RecordUsage, RenewSubscription, Reservation, Settings, Subscription, SyncRecord, TenantCreated,
+    TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch, UsageBatchRecorded,
+    UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -184,7 +184,11 @@ impl Client {
     ///
     /// # Errors
     /// `Invalid` for a base URL that is not http(s).
-    pub fn with_http(http: reqwest::Client, base_url: &str, api_key: &str) -> Result<Client, Error> {
+    pub fn with_http(
+        http: reqwest::Client,
+        base_url: &str,
+        api_key: &str,
+    ) -> Result<Client, Error> {
         let mut base = Url::parse(base_url)
             .map_err(|error| Error::Invalid(format!("base URL {base_url:?}: {error}")))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -282,7 +286,9 @@ impl Client {
             }
             attempt = attempt.saturating_add(1);
             let wait = match &outcome {
-                Ok(response) => retry_after(response).unwrap_or_else(|| self.retry.backoff(attempt)),
+                Ok(response) => {
+                    retry_after(response).unwrap_or_else(|| self.retry.backoff(attempt))
+                }
                 Err(_) => self.retry.backoff(attempt),
             };
             tracing::debug!(%url, attempt, ?wait, "retrying a control-plane call");
@@ -308,7 +314,11 @@ impl Client {
         if !status.is_success() {
             return Err(problem(status, &bytes));
         }
-        let bytes = if bytes.is_empty() { &b"null"[..] } else { &bytes[..] };
+        let bytes = if bytes.is_empty() {
+            &b"null"[..]
+        } else {
+            &bytes[..]
+        };
         serde_json::from_slice(bytes)
             .map_err(|error| Error::Decode(format!("{status} body: {error}")))
     }
@@ -754,7 +764,10 @@ fn problem(status: StatusCode, bytes: &[u8]) -> Error {
                 status.as_u16(),
                 "unexpected_response",
                 status.canonical_reason().unwrap_or("Error"),
-                String::from_utf8_lossy(bytes).chars().take(500).collect::<String>(),
+                String::from_utf8_lossy(bytes)
+                    .chars()
+                    .take(500)
+                    .collect::<String>(),
             )),
         },
     }
@@ -810,7 +823,10 @@ mod tests {
     fn base_url_keeps_its_path_prefix() {
         let client = Client::new("http://host:1/prefix", "k").expect("client");
         let url = client
-            .url("/v1/features", &[("limit", Some("5".into())), ("cursor", None)])
+            .url(
+                "/v1/features",
+                &[("limit", Some("5".into())), ("cursor", None)],
+            )
             .expect("url");
         assert_eq!(url.as_str(), "http://host:1/prefix/v1/features?limit=5");
         assert!(Client::new("ftp://host", "k").is_err());

@@ -10,7 +10,12 @@ use clap::Parser;
 #[command(name = "quotastack-proxy", version)]
 struct Cli {
     /// The configuration file.
-    #[arg(long, short, env = "QS_PROXY_CONFIG", default_value = "config/proxy.toml")]
+    #[arg(
+        long,
+        short,
+        env = "QS_PROXY_CONFIG",
+        default_value = "config/proxy.toml"
+    )]
     config: PathBuf,
     /// Validate the configuration and exit.
     #[arg(long)]
@@ -36,7 +41,11 @@ pub fn main() -> anyhow::Result<()> {
     if cli.check_config {
         #[allow(clippy::print_stdout)]
         {
-            println!("{}: ok ({} routes)", cli.config.display(), config.routes.len());
+            println!(
+                "{}: ok ({} routes)",
+                cli.config.display(),
+                config.routes.len()
+            );
         }
         return Ok(());
     }
@@ -61,7 +70,10 @@ async fn run(cli: Cli, config: crate::Config) -> anyhow::Result<()> {
     #[allow(clippy::print_stdout)]
     {
         println!("QuotaStack proxy listening on http://{}", running.address);
-        println!("  admin (healthz, readyz, metrics) on http://{}", running.admin_address);
+        println!(
+            "  admin (healthz, readyz, metrics) on http://{}",
+            running.admin_address
+        );
     }
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;

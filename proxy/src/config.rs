@@ -434,10 +434,7 @@ feature = "chat_messages"
                 MINIMAL.replace("feature = \"chat_messages\"", ""),
                 "routes[0].feature",
             ),
-            (
-                format!("{MINIMAL}units = 0\n"),
-                "routes[0].units",
-            ),
+            (format!("{MINIMAL}units = 0\n"), "routes[0].units"),
             (
                 format!("{MINIMAL}units = 2\nunits_header = \"x-n\"\n"),
                 "routes[0]",
@@ -459,7 +456,10 @@ feature = "chat_messages"
             "QS_PROXY_LISTEN" => Some("127.0.0.1:0".into()),
             _ => None,
         });
-        assert_eq!(config.control_plane.api_key.as_deref(), Some("qs_test_from_env"));
+        assert_eq!(
+            config.control_plane.api_key.as_deref(),
+            Some("qs_test_from_env")
+        );
         assert_eq!(config.listen, "127.0.0.1:0");
     }
 }

@@ -53,17 +53,26 @@ const CURSOR: &[u8] = b"m/cursor";
 const CATALOG: &[u8] = b"m/catalog";
 const CLOCK: &[u8] = b"m/clock";
 const COMPLETE: &[u8] = b"m/complete";
+const HEARD: &[u8] = b"m/heard";
 const USER_PREFIX: &[u8] = b"u/";
+
+/// An outbox record as stored: its key and its JSON.
+pub type OutboxEntry = (Vec<u8>, Vec<u8>);
 
 /// One change to the replica, applied atomically with the cursor.
 #[derive(Debug, Clone)]
 pub enum ReplicaWrite {
-    User { end_user_id: String, json: Vec<u8> },
+    User {
+        end_user_id: String,
+        json: Vec<u8>,
+    },
     Catalog(Vec<u8>),
     Clock(i64),
     Cursor(i64),
     /// The snapshot finished: the stored state is complete as of the cursor.
     Complete(bool),
+    /// Wall-clock milliseconds when the control plane was last heard from.
+    Heard(i64),
 }
 
 /// What a restart finds on disk.
@@ -72,6 +81,7 @@ pub struct Stored {
     pub complete: bool,
     pub cursor: Option<i64>,
     pub clock_offset_ms: i64,
+    pub heard_ms: Option<i64>,
     pub catalog: Option<Vec<u8>>,
     pub users: Vec<(String, Vec<u8>)>,
 }
@@ -124,6 +134,7 @@ impl Disk {
                 ReplicaWrite::Clock(offset) => batch.insert(CLOCK, &offset.to_be_bytes()),
                 ReplicaWrite::Cursor(cursor) => batch.insert(CURSOR, &cursor.to_be_bytes()),
                 ReplicaWrite::Complete(done) => batch.insert(COMPLETE, &[u8::from(*done)]),
+                ReplicaWrite::Heard(at) => batch.insert(HEARD, &at.to_be_bytes()),
             }
         }
         self.replica.apply_batch(batch)?;
@@ -155,6 +166,7 @@ impl Disk {
                 .get(CLOCK)?
                 .and_then(|value| i64_of(&value))
                 .unwrap_or(0),
+            heard_ms: self.replica.get(HEARD)?.and_then(|value| i64_of(&value)),
             catalog: self.replica.get(CATALOG)?.map(|value| value.to_vec()),
             users: Vec::new(),
         };
@@ -179,7 +191,7 @@ impl Disk {
     ///
     /// # Errors
     /// sled failures.
-    pub fn outbox_head(&self, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DiskError> {
+    pub fn outbox_head(&self, limit: usize) -> Result<Vec<OutboxEntry>, DiskError> {
         let mut records = Vec::new();
         for item in self.outbox.iter().take(limit) {
             let (key, value) = item?;
@@ -235,7 +247,9 @@ impl Flusher {
 
     /// Notes a write; the returned ticket is durable once [`Flusher::durable`] returns.
     pub fn wrote(&self) -> u64 {
-        self.written.fetch_add(1, Ordering::AcqRel).saturating_add(1)
+        self.written
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1)
     }
 
     /// Waits until the write `ticket` is on disk.
@@ -249,7 +263,12 @@ impl Flusher {
     }
 
     /// The flushing loop: on demand (sync durability) and every `interval` regardless.
-    pub async fn run(self: Arc<Self>, disk: Disk, interval: Duration, mut stop: watch::Receiver<bool>) {
+    pub async fn run(
+        self: Arc<Self>,
+        disk: Disk,
+        interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
         loop {
             tokio::select! {
                 () = self.wake.notified() => {}
@@ -331,7 +350,11 @@ mod tests {
         let disk = Disk::open(dir.path(), 8).expect("open");
         let flusher = Flusher::new();
         let (_stop_tx, stop) = watch::channel(false);
-        tokio::spawn(flusher.clone().run(disk.clone(), Duration::from_secs(3600), stop));
+        tokio::spawn(
+            flusher
+                .clone()
+                .run(disk.clone(), Duration::from_secs(3600), stop),
+        );
         let mut tasks = Vec::new();
         for n in 0..32u32 {
             let (disk, flusher) = (disk.clone(), flusher.clone());

@@ -4,6 +4,7 @@
 //! response is released), reservations committed or released after the fact.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -53,7 +54,10 @@ pub struct OutageBudgets {
 impl OutageBudgets {
     /// Takes `units` from the budget; false when it would go over.
     fn take(&self, route: usize, end_user: &EndUserId, units: u64, budget: u64) -> bool {
-        let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut used = self
+            .used
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = used.entry((route, end_user.clone())).or_insert(0);
         let after = entry.saturating_add(units);
         if after > budget {
@@ -79,6 +83,25 @@ pub struct Gate {
     pub outbox: Arc<Outbox>,
     pub client: client::Client,
     pub outage: Arc<OutageBudgets>,
+    /// Requests being handled (a shutdown waits for them before closing connections).
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a request as in flight until its context is dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn new(counter: &Arc<AtomicUsize>) -> InFlight {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A reservation held for a request.
@@ -109,6 +132,7 @@ struct Admitted {
 /// Per request.
 #[derive(Debug)]
 pub struct Ctx {
+    _in_flight: InFlight,
     started: Instant,
     admitted: Option<Admitted>,
 }
@@ -123,7 +147,9 @@ async fn answer(session: &mut Session, problem: &Problem) -> pingora::Result<boo
     header.insert_header("content-type", protocol::PROBLEM_CONTENT_TYPE)?;
     header.insert_header("content-length", body.len().to_string())?;
     header.insert_header("cache-control", "no-store")?;
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
 }
@@ -140,8 +166,11 @@ enum Verdict {
 }
 
 impl Gate {
-    fn units<'r>(route: &'r Route, headers: &http::HeaderMap) -> Result<(Units, Option<&'r crate::routes::Reserve>), Problem> {
-        let parse = |name: &http::HeaderName| -> Result<Option<Units>, Problem> {
+    fn units<'r>(
+        route: &'r Route,
+        headers: &http::HeaderMap,
+    ) -> Result<(Units, Option<&'r crate::routes::Reserve>), Box<Problem>> {
+        let parse = |name: &http::HeaderName| -> Result<Option<Units>, Box<Problem>> {
             let Some(value) = headers.get(name) else {
                 return Ok(None);
             };
@@ -156,10 +185,13 @@ impl Gate {
                         400,
                         "validation_error",
                         "Invalid units",
-                        format!("the {name} header must be a whole number from 1 to {}", ledger::UNITS_MAX),
+                        format!(
+                            "the {name} header must be a whole number from 1 to {}",
+                            ledger::UNITS_MAX
+                        ),
                     );
                     problem.field = Some(name.to_string());
-                    problem
+                    Box::new(problem)
                 })
         };
         match &route.units {
@@ -172,7 +204,7 @@ impl Gate {
                     format!("this route takes its units from the {name} header"),
                 );
                 problem.field = Some(name.to_string());
-                problem
+                Box::new(problem)
             }),
             UnitsRule::Reserve(reserve) => {
                 let estimate = match &reserve.estimate_header {
@@ -187,7 +219,12 @@ impl Gate {
     /// The decision from the replica (or the failure policy), with local spend reserved.
     fn decide(&self, live: &Live, route: &Route, end_user: &EndUserId, units: Units) -> Verdict {
         let Some(feature) = route.feature.clone() else {
-            return Verdict::Refuse(Problem::new(500, "internal", "Route has no feature", "a gated route must name a feature"));
+            return Verdict::Refuse(Problem::new(
+                500,
+                "internal",
+                "Route has no feature",
+                "a gated route must name a feature",
+            ));
         };
         let freshness = self.replica.freshness(live.max_staleness);
         let catalog = self.replica.catalog();
@@ -218,7 +255,12 @@ impl Gate {
                             .map(|balance| balance.saturating_sub_floor(cost).get());
                         decision_metric("allowed", "replica");
                         (
-                            Verdict::Admit(admitted(cost, "replica", balance_after, decision.resets_at)),
+                            Verdict::Admit(admitted(
+                                cost,
+                                "replica",
+                                balance_after,
+                                decision.resets_at,
+                            )),
                             Some(cost),
                         )
                     }
@@ -240,7 +282,12 @@ impl Gate {
                     Err(refusal) => {
                         decision_metric("error", "replica");
                         (
-                            Verdict::Refuse(Problem::new(500, "internal", "Decision failed", refusal.to_string())),
+                            Verdict::Refuse(Problem::new(
+                                500,
+                                "internal",
+                                "Decision failed",
+                                refusal.to_string(),
+                            )),
                             None,
                         )
                     }
@@ -256,7 +303,12 @@ impl Gate {
         if route.on_unavailable == OnUnavailable::Closed {
             decision_metric("unavailable", "fallback");
             tracing::info!(route = route.index, %end_user, why, "failing closed");
-            return Verdict::Refuse(Problem::new(503, "quota_unavailable", "Quota state unavailable", why));
+            return Verdict::Refuse(Problem::new(
+                503,
+                "quota_unavailable",
+                "Quota state unavailable",
+                why,
+            ));
         }
         if let Some(budget) = route.outage_budget
             && !self.outage.take(route.index, end_user, units.get(), budget)
@@ -266,7 +318,9 @@ impl Gate {
                 503,
                 "outage_budget_exhausted",
                 "Outage budget spent",
-                format!("{why}; this end user has used the route's outage budget of {budget} units"),
+                format!(
+                    "{why}; this end user has used the route's outage budget of {budget} units"
+                ),
             ));
         }
         // What the request would cost by the last known catalog, counted as pending.
@@ -277,7 +331,9 @@ impl Gate {
                     .replica
                     .user(end_user)
                     .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
-                state.decide(&view.catalog, &feature, units, Credits::ZERO, now).ok()
+                state
+                    .decide(&view.catalog, &feature, units, Credits::ZERO, now)
+                    .ok()
             })
             .and_then(|decision| decision.cost)
             .unwrap_or(Credits::ZERO);
@@ -316,6 +372,7 @@ impl ProxyHttp for Gate {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            _in_flight: InFlight::new(&self.in_flight),
             started: Instant::now(),
             admitted: None,
         }
@@ -328,7 +385,12 @@ impl ProxyHttp for Gate {
             Some(route) => route,
             None if live.routes.unmatched == Unmatched::Pass => return Ok(false),
             None => {
-                let problem = Problem::new(404, "no_route", "No route", "no configured route matches this request");
+                let problem = Problem::new(
+                    404,
+                    "no_route",
+                    "No route",
+                    "no configured route matches this request",
+                );
                 return answer(session, &problem).await;
             }
         };
@@ -339,7 +401,8 @@ impl ProxyHttp for Gate {
             Ok(end_user) => end_user,
             Err(error) => {
                 decision_metric("no_identity", "none");
-                let problem = Problem::new(401, "unauthenticated", "No end user", error.to_string());
+                let problem =
+                    Problem::new(401, "unauthenticated", "No end user", error.to_string());
                 return answer(session, &problem).await;
             }
         };
@@ -372,7 +435,12 @@ impl ProxyHttp for Gate {
                 Err(error) if error.is_unavailable() => {
                     if route.on_unavailable == OnUnavailable::Closed {
                         self.replica.pending.reduce(&end_user, admitted.pending);
-                        let problem = Problem::new(503, "quota_unavailable", "Quota state unavailable", "the control plane could not take the reservation");
+                        let problem = Problem::new(
+                            503,
+                            "quota_unavailable",
+                            "Quota state unavailable",
+                            "the control plane could not take the reservation",
+                        );
                         return answer(session, &problem).await;
                     }
                     tracing::warn!(%error, "reservation failed; failing open, the actual will be recorded as usage");
@@ -384,7 +452,12 @@ impl ProxyHttp for Gate {
                 }
                 Err(error) => {
                     self.replica.pending.reduce(&end_user, admitted.pending);
-                    let problem = Problem::new(502, "control_plane_error", "Reservation failed", error.to_string());
+                    let problem = Problem::new(
+                        502,
+                        "control_plane_error",
+                        "Reservation failed",
+                        error.to_string(),
+                    );
                     return answer(session, &problem).await;
                 }
             };
@@ -397,9 +470,17 @@ impl ProxyHttp for Gate {
         Ok(false)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<Box<HttpPeer>> {
         let live = self.live.load();
-        Ok(Box::new(HttpPeer::new(live.upstream.as_str(), false, String::new())))
+        Ok(Box::new(HttpPeer::new(
+            live.upstream.as_str(),
+            false,
+            String::new(),
+        )))
     }
 
     async fn response_filter(
@@ -458,7 +539,9 @@ impl ProxyHttp for Gate {
                 let charged = !matches!(op, Op::Release { .. });
                 if !charged {
                     // A release frees the hold: nothing stays pending for it.
-                    self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+                    self.replica
+                        .pending
+                        .reduce(&admitted.end_user, admitted.pending);
                     admitted.pending = Credits::ZERO;
                 }
                 let record = Record {
@@ -469,12 +552,17 @@ impl ProxyHttp for Gate {
                 };
                 if let Err(error) = self.outbox.push(&record).await {
                     tracing::error!(%error, "could not record usage; refusing to release the response");
-                    return Err(pingora::Error::explain(pingora::ErrorType::InternalError, "usage could not be recorded"));
+                    return Err(pingora::Error::explain(
+                        pingora::ErrorType::InternalError,
+                        "usage could not be recorded",
+                    ));
                 }
                 admitted.recorded = true;
             }
             None => {
-                self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+                self.replica
+                    .pending
+                    .reduce(&admitted.end_user, admitted.pending);
                 admitted.recorded = true;
             }
         }
@@ -502,7 +590,9 @@ impl ProxyHttp for Gate {
         }
         // Admitted but no upstream answer reached us (upstream down, client gone): no
         // charge; a control-plane hold is released.
-        self.replica.pending.reduce(&admitted.end_user, admitted.pending);
+        self.replica
+            .pending
+            .reduce(&admitted.end_user, admitted.pending);
         if let Some(Hold {
             reservation_id: Some(id),
             ..

@@ -108,7 +108,11 @@ impl Identity {
             parsed.map_err(|error| {
                 err(
                     "identity.jwt.public_key_file",
-                    format!("{}: not a PEM public key for {}: {error}", path.display(), jwt.algorithm),
+                    format!(
+                        "{}: not a PEM public key for {}: {error}",
+                        path.display(),
+                        jwt.algorithm
+                    ),
                 )
             })?
         };
@@ -225,9 +229,15 @@ mod tests {
         headers.insert("x-end-user-id", "user_1".parse().expect("header"));
         assert_eq!(identity.end_user(&headers).expect("ok").as_str(), "user_1");
         headers.insert("x-end-user-id", "".parse().expect("header"));
-        assert!(matches!(identity.end_user(&headers), Err(IdentityError::Invalid(..))));
+        assert!(matches!(
+            identity.end_user(&headers),
+            Err(IdentityError::Invalid(..))
+        ));
         headers.insert("x-end-user-id", "x".repeat(257).parse().expect("header"));
-        assert!(matches!(identity.end_user(&headers), Err(IdentityError::Invalid(..))));
+        assert!(matches!(
+            identity.end_user(&headers),
+            Err(IdentityError::Invalid(..))
+        ));
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl Outbox {
                     tracing::warn!(%error, ?backoff, depth = self.depth(), "shipping usage failed; will retry");
                 }
             }
-            metrics::gauge!("qs_proxy_outbox_depth").set(f64::from(u32::try_from(self.depth()).unwrap_or(u32::MAX)));
+            metrics::gauge!("qs_proxy_outbox_depth")
+                .set(f64::from(u32::try_from(self.depth()).unwrap_or(u32::MAX)));
         }
     }
 
@@ -150,7 +151,10 @@ impl Outbox {
         replica: &Replica,
         batch_size: usize,
     ) -> Result<bool, String> {
-        let head = self.disk.outbox_head(batch_size).map_err(|error| error.to_string())?;
+        let head = self
+            .disk
+            .outbox_head(batch_size)
+            .map_err(|error| error.to_string())?;
         if head.is_empty() {
             return Ok(false);
         }
@@ -176,8 +180,11 @@ impl Outbox {
                     match self.resolve(client, replica, &record).await? {
                         Some(replacement) => {
                             // The reservation lapsed: charge the actual as plain usage.
-                            let json = serde_json::to_vec(&replacement).map_err(|error| error.to_string())?;
-                            self.disk.outbox_put(&key, &json).map_err(|error| error.to_string())?;
+                            let json = serde_json::to_vec(&replacement)
+                                .map_err(|error| error.to_string())?;
+                            self.disk
+                                .outbox_put(&key, &json)
+                                .map_err(|error| error.to_string())?;
                             return Ok(true);
                         }
                         None => {
@@ -199,7 +206,9 @@ impl Outbox {
                         end_user_id: record.end_user_id.clone(),
                         feature_key: feature_key.clone(),
                         units: *units,
-                        timestamp: Some(protocol::WireTime(ledger::Timestamp::from_millis(*timestamp_ms))),
+                        timestamp: Some(protocol::WireTime(ledger::Timestamp::from_millis(
+                            *timestamp_ms,
+                        ))),
                         metadata: None,
                         strict: false,
                         idempotency_key: Some(record.key.clone()),
@@ -207,23 +216,26 @@ impl Outbox {
                     Op::Commit { .. } | Op::Release { .. } => None,
                 })
                 .collect();
-            let answer = client
-                .record_usage_batch(&UsageBatch { events })
-                .await;
+            let answer = client.record_usage_batch(&UsageBatch { events }).await;
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(error) if error.is_unavailable() => return Err(error.to_string()),
                 Err(error) => {
                     // The whole batch was refused (a bad key, say): it will never pass.
                     tracing::error!(%error, count = usage.len(), "the control plane refused a usage batch; dropping it");
-                    metrics::counter!("qs_proxy_outbox_rejected_total").increment(u64::try_from(usage.len()).unwrap_or(u64::MAX));
+                    metrics::counter!("qs_proxy_outbox_rejected_total")
+                        .increment(u64::try_from(usage.len()).unwrap_or(u64::MAX));
                     for (key, record) in usage {
                         if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
-                            replica.pending.drop_unconfirmed(&end_user, Credits::new(record.pending));
+                            replica
+                                .pending
+                                .drop_unconfirmed(&end_user, Credits::new(record.pending));
                         }
                         done.push(key);
                     }
-                    self.disk.outbox_remove(&done).map_err(|error| error.to_string())?;
+                    self.disk
+                        .outbox_remove(&done)
+                        .map_err(|error| error.to_string())?;
                     return Ok(full);
                 }
             };
@@ -254,14 +266,18 @@ impl Outbox {
                         tracing::error!(key = %record.key, problem = ?problem, "the control plane refused a usage event; dropping it");
                         metrics::counter!("qs_proxy_outbox_rejected_total").increment(1);
                         if let Some(end_user) = &end_user {
-                            replica.pending.drop_unconfirmed(end_user, Credits::new(record.pending));
+                            replica
+                                .pending
+                                .drop_unconfirmed(end_user, Credits::new(record.pending));
                         }
                         done.push(key.clone());
                     }
                 }
             }
         }
-        self.disk.outbox_remove(&done).map_err(|error| error.to_string())?;
+        self.disk
+            .outbox_remove(&done)
+            .map_err(|error| error.to_string())?;
         Ok(full || !done.is_empty() && self.depth() > 0)
     }
 
@@ -297,7 +313,12 @@ impl Outbox {
         match outcome {
             Ok(_) => {
                 if let Some(end_user) = &end_user {
-                    replica.pending.confirm(end_user, Credits::new(record.pending), None, replica.version(end_user));
+                    replica.pending.confirm(
+                        end_user,
+                        Credits::new(record.pending),
+                        None,
+                        replica.version(end_user),
+                    );
                 }
                 Ok(None)
             }
@@ -324,11 +345,12 @@ impl Outbox {
                 }
                 tracing::error!(%error, key = %record.key, "the control plane refused a reservation step; dropping it");
                 if let Some(end_user) = &end_user {
-                    replica.pending.drop_unconfirmed(end_user, Credits::new(record.pending));
+                    replica
+                        .pending
+                        .drop_unconfirmed(end_user, Credits::new(record.pending));
                 }
                 Ok(None)
             }
         }
     }
 }
-

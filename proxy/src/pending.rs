@@ -33,8 +33,8 @@ struct UserPending {
 
 impl UserPending {
     fn total(&self) -> Credits {
-        let confirmed = Credits::sum(self.confirmed.iter().map(|(_, cost, _)| *cost))
-            .unwrap_or(Credits::MAX);
+        let confirmed =
+            Credits::sum(self.confirmed.iter().map(|(_, cost, _)| *cost)).unwrap_or(Credits::MAX);
         self.unconfirmed
             .checked_add(confirmed)
             .unwrap_or(Credits::MAX)
@@ -60,23 +60,32 @@ impl Default for Pending {
 }
 
 fn shard_of(end_user: &EndUserId) -> usize {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    // A fixed hasher: shards only spread locks; nothing is attacker-sensitive here.
-    let mut hasher = std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().build_hasher();
-    end_user.hash(&mut hasher);
-    usize::try_from(hasher.finish() % 64).unwrap_or(0)
+    use std::hash::BuildHasher;
+    // A fixed hasher: shards only spread locks; nothing here is attacker-sensitive.
+    let hash =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(end_user);
+    usize::try_from(hash % 64).unwrap_or(0)
 }
 
 impl Pending {
-    fn with<T>(&self, end_user: &EndUserId, f: impl FnOnce(&mut HashMap<EndUserId, UserPending>) -> T) -> T {
+    fn with<T>(
+        &self,
+        end_user: &EndUserId,
+        f: impl FnOnce(&mut HashMap<EndUserId, UserPending>) -> T,
+    ) -> T {
         let shard = &self.shards[shard_of(end_user) % self.shards.len()];
-        let mut guard = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut guard)
     }
 
     /// The end user's pending total.
     pub fn total(&self, end_user: &EndUserId) -> Credits {
-        self.with(end_user, |map| map.get(end_user).map_or(Credits::ZERO, UserPending::total))
+        self.with(end_user, |map| {
+            map.get(end_user).map_or(Credits::ZERO, UserPending::total)
+        })
     }
 
     /// Decides under the end user's lock and adds the cost when `admit` says so, so two
@@ -129,7 +138,8 @@ impl Pending {
                 return;
             };
             entry.unconfirmed = entry.unconfirmed.saturating_sub_floor(cost);
-            let needed = version.unwrap_or_else(|| held_version.map_or(0, |held| held.saturating_add(1)));
+            let needed =
+                version.unwrap_or_else(|| held_version.map_or(0, |held| held.saturating_add(1)));
             if held_version.is_none_or(|held| held < needed) && cost.is_positive() {
                 entry.confirmed.push((needed, cost, now));
             }
@@ -163,7 +173,9 @@ impl Pending {
     pub fn expire(&self) {
         let now = Instant::now();
         for shard in &self.shards {
-            let mut map = shard.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut map = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             map.retain(|_, entry| {
                 entry
                     .confirmed
@@ -192,7 +204,11 @@ mod tests {
         assert!(allowed);
         assert_eq!(pending.total(&user()), Credits::new(10));
         pending.confirm(&user(), Credits::new(10), Some(7), Some(5));
-        assert_eq!(pending.total(&user()), Credits::new(10), "acknowledged, not yet replicated");
+        assert_eq!(
+            pending.total(&user()),
+            Credits::new(10),
+            "acknowledged, not yet replicated"
+        );
         pending.observed(&user(), 6);
         assert_eq!(pending.total(&user()), Credits::new(10));
         pending.observed(&user(), 7);

@@ -3,9 +3,9 @@
 //! in-memory index only.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
 use ledger::{Catalog, EndUserId, EndUserState, Timestamp};
@@ -39,12 +39,12 @@ pub struct Replica {
     catalog: ArcSwapOption<CatalogView>,
     clock_offset_ms: AtomicI64,
     cursor: AtomicI64,
-    /// Milliseconds since `origin` when the stream last said anything.
-    last_heard_ms: AtomicU64,
+    /// Wall-clock milliseconds when the stream last said anything (0: never). Kept on
+    /// disk with the heartbeats, so a restarted proxy knows how old its copy is.
+    last_heard_ms: AtomicI64,
     /// The wall-clock time of the control plane's last message (`x-quota-as-of`).
     as_of_ms: AtomicI64,
     loaded: AtomicBool,
-    origin: Instant,
     disk: Disk,
     pub pending: Arc<Pending>,
 }
@@ -90,10 +90,9 @@ impl Replica {
             catalog: ArcSwapOption::empty(),
             clock_offset_ms: AtomicI64::new(0),
             cursor: AtomicI64::new(-1),
-            last_heard_ms: AtomicU64::new(0),
+            last_heard_ms: AtomicI64::new(0),
             as_of_ms: AtomicI64::new(0),
             loaded: AtomicBool::new(false),
-            origin: Instant::now(),
             disk,
             pending,
         };
@@ -103,7 +102,9 @@ impl Replica {
         {
             let snapshot: CatalogSnapshot = serde_json::from_slice(catalog)
                 .map_err(|error| ApplyError::Invalid(format!("stored catalog: {error}")))?;
-            replica.catalog.store(Some(Arc::new(catalog_view(&snapshot)?)));
+            replica
+                .catalog
+                .store(Some(Arc::new(catalog_view(&snapshot)?)));
             let mut users = HashMap::with_capacity(stored.users.len());
             for (id, json) in stored.users {
                 let parts: ledger::StateParts = serde_json::from_slice(&json)
@@ -112,11 +113,20 @@ impl Replica {
                     .map_err(|error| ApplyError::Invalid(error.to_string()))?;
                 users.insert(state.end_user_id().clone(), Arc::new(state));
             }
-            *replica.users.write().unwrap_or_else(std::sync::PoisonError::into_inner) = users;
+            *replica
+                .users
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = users;
             replica.cursor.store(cursor, Ordering::Release);
             replica
                 .clock_offset_ms
                 .store(stored.clock_offset_ms, Ordering::Release);
+            replica
+                .last_heard_ms
+                .store(stored.heard_ms.unwrap_or(0), Ordering::Release);
+            replica
+                .as_of_ms
+                .store(stored.heard_ms.unwrap_or(0), Ordering::Release);
             replica.loaded.store(true, Ordering::Release);
             tracing::info!(cursor, "replica loaded from disk");
         }
@@ -140,8 +150,8 @@ impl Replica {
         if heard == 0 {
             return None;
         }
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Some(Duration::from_millis(now.saturating_sub(heard)))
+        let silent = wall_now_ms().saturating_sub(heard).max(0);
+        Some(Duration::from_millis(u64::try_from(silent).unwrap_or(0)))
     }
 
     pub fn freshness(&self, max_staleness: Duration) -> Freshness {
@@ -191,11 +201,10 @@ impl Replica {
             .len()
     }
 
-    fn heard(&self) {
-        let now = u64::try_from(self.origin.elapsed().as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+    fn heard(&self) -> i64 {
+        let now = wall_now_ms().max(1);
         self.last_heard_ms.store(now, Ordering::Release);
+        now
     }
 
     /// Starts a fresh snapshot: forgets the durable copy (memory keeps serving until the
@@ -214,7 +223,7 @@ impl Replica {
     /// # Errors
     /// Storage failures and records that do not validate.
     pub fn apply(&self, record: SyncRecord) -> Result<(), ApplyError> {
-        self.heard();
+        let heard = self.heard();
         match record {
             SyncRecord::Header {
                 cursor,
@@ -222,11 +231,13 @@ impl Replica {
                 now,
             } => {
                 self.as_of_ms.store(now.0.as_millis(), Ordering::Release);
-                self.clock_offset_ms.store(clock_offset_ms, Ordering::Release);
+                self.clock_offset_ms
+                    .store(clock_offset_ms, Ordering::Release);
                 self.disk.write_replica(&[
                     ReplicaWrite::Clock(clock_offset_ms),
                     ReplicaWrite::Cursor(cursor),
                     ReplicaWrite::Complete(false),
+                    ReplicaWrite::Heard(heard),
                 ])?;
                 // The cursor in memory moves only when the snapshot ends.
             }
@@ -278,11 +289,13 @@ impl Replica {
                     ReplicaWrite::Clock(clock_offset_ms),
                     ReplicaWrite::Cursor(cursor),
                 ])?;
-                self.clock_offset_ms.store(clock_offset_ms, Ordering::Release);
+                self.clock_offset_ms
+                    .store(clock_offset_ms, Ordering::Release);
                 self.advance_cursor(cursor);
             }
             SyncRecord::Heartbeat { cursor, now } => {
                 self.as_of_ms.store(now.0.as_millis(), Ordering::Release);
+                self.disk.write_replica(&[ReplicaWrite::Heard(heard)])?;
                 self.advance_cursor(cursor);
             }
             SyncRecord::End { .. } => {

@@ -48,11 +48,9 @@ enum Matcher {
 impl Matcher {
     fn matches(&self, path: &str) -> bool {
         match self {
-            Matcher::Prefix(prefix) => {
-                path.strip_prefix(prefix.as_str()).is_some_and(|rest| {
-                    rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/')
-                })
-            }
+            Matcher::Prefix(prefix) => path.strip_prefix(prefix.as_str()).is_some_and(|rest| {
+                rest.is_empty() || prefix.ends_with('/') || rest.starts_with('/')
+            }),
             Matcher::Glob(glob) => glob.is_match(path),
         }
     }
@@ -91,7 +89,8 @@ impl Routes {
     /// The first route for `method` and `path` (the path without its query).
     pub fn find(&self, method: &http::Method, path: &str) -> Option<&Route> {
         self.routes.iter().find(|route| {
-            route.method.as_ref().is_none_or(|wanted| wanted == method) && route.matcher.matches(path)
+            route.method.as_ref().is_none_or(|wanted| wanted == method)
+                && route.matcher.matches(path)
         })
     }
 
@@ -105,7 +104,11 @@ impl Routes {
 }
 
 impl Route {
-    fn from_config(index: usize, route: &RouteConfig, config: &Config) -> Result<Route, ConfigError> {
+    fn from_config(
+        index: usize,
+        route: &RouteConfig,
+        config: &Config,
+    ) -> Result<Route, ConfigError> {
         let at = |field: &str| {
             if field.is_empty() {
                 format!("routes[{index}]")
@@ -169,7 +172,9 @@ impl Route {
         };
         let units = match (&route.units, &route.units_header, &route.reserve) {
             (_, Some(name), _) => UnitsRule::Header(header_name(&at("units_header"), name)?),
-            (_, _, Some(reserve)) => UnitsRule::Reserve(Reserve::from_config(reserve, &at, &units_of)?),
+            (_, _, Some(reserve)) => {
+                UnitsRule::Reserve(Reserve::from_config(reserve, &at, &units_of)?)
+            }
             (Some(units), _, _) => UnitsRule::Fixed(units_of("units", *units)?),
             (None, None, None) => UnitsRule::Fixed(ledger::Units::ONE),
         };
@@ -260,14 +265,27 @@ path = "/v1"
 feature = "api"
 "#,
         );
-        let find = |method: http::Method, path: &str| routes.find(&method, path).map(|route| route.index);
+        let find =
+            |method: http::Method, path: &str| routes.find(&method, path).map(|route| route.index);
         assert_eq!(find(http::Method::GET, "/health"), Some(0));
         assert_eq!(find(http::Method::POST, "/v1/chat"), Some(1));
         assert_eq!(find(http::Method::POST, "/v1/chat/x"), Some(1));
-        assert_eq!(find(http::Method::GET, "/v1/chat"), Some(3), "method filters");
-        assert_eq!(find(http::Method::POST, "/v1/chatty"), Some(3), "prefix stops at a segment");
+        assert_eq!(
+            find(http::Method::GET, "/v1/chat"),
+            Some(3),
+            "method filters"
+        );
+        assert_eq!(
+            find(http::Method::POST, "/v1/chatty"),
+            Some(3),
+            "prefix stops at a segment"
+        );
         assert_eq!(find(http::Method::POST, "/v1/models/m1/generate"), Some(2));
-        assert_eq!(find(http::Method::POST, "/v1/models/a/b/generate"), Some(3), "* stays in a segment");
+        assert_eq!(
+            find(http::Method::POST, "/v1/models/a/b/generate"),
+            Some(3),
+            "* stays in a segment"
+        );
         assert_eq!(find(http::Method::GET, "/other"), None);
     }
 
@@ -286,7 +304,10 @@ reserve = { estimate = 1000, actual_header = "x-tokens" }
 "#,
         );
         let first = routes.find(&http::Method::GET, "/a").expect("a");
-        assert_eq!(first.units, UnitsRule::Fixed(ledger::Units::new(3).expect("units")));
+        assert_eq!(
+            first.units,
+            UnitsRule::Fixed(ledger::Units::new(3).expect("units"))
+        );
         let second = routes.find(&http::Method::GET, "/b").expect("b");
         assert!(matches!(&second.units, UnitsRule::Reserve(reserve)
             if reserve.actual_header == "x-tokens" && reserve.estimate.get() == 1000 && reserve.ttl_seconds == 300));

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,10 +64,17 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
     let pending = Arc::new(Pending::default());
     let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
     let flusher = Flusher::new();
-    let outbox = Arc::new(Outbox::new(disk.clone(), flusher.clone(), config.usage.durability));
+    let outbox = Arc::new(Outbox::new(
+        disk.clone(),
+        flusher.clone(),
+        config.usage.durability,
+    ));
     let restored = outbox.restore_pending(&replica)?;
     if restored > 0 {
-        tracing::info!(records = restored, "usage left by the previous run will be shipped");
+        tracing::info!(
+            records = restored,
+            "usage left by the previous run will be shipped"
+        );
     }
     let api_key = config
         .control_plane
@@ -97,12 +105,14 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         stopped.clone(),
     )));
     let outage = Arc::new(OutageBudgets::default());
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let gate = Gate {
         live: live.clone(),
         replica: replica.clone(),
         outbox: outbox.clone(),
         client,
         outage: outage.clone(),
+        in_flight: in_flight.clone(),
     };
     let listener = TcpListener::bind(&config.listen)
         .await
@@ -121,7 +131,12 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         outbox.clone(),
         stopped.clone(),
     )));
-    tasks.push(tokio::spawn(accept(listener, app, stopped.clone())));
+    tasks.push(tokio::spawn(accept(
+        listener,
+        app,
+        in_flight,
+        stopped.clone(),
+    )));
     let admin = Admin {
         replica: replica.clone(),
         outbox: outbox.clone(),
@@ -158,11 +173,21 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
 
 type App = pingora::proxy::HttpProxy<Gate>;
 
-async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiver<bool>) {
+/// How long a shutdown waits for requests in flight before closing connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+async fn accept(
+    listener: TcpListener,
+    app: Arc<App>,
+    in_flight: Arc<AtomicUsize>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stopped.wait_for(|stop| *stop) => return,
+            _ = stopped.wait_for(|stop| *stop) => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (tcp, _) = match accepted {
             Ok(accepted) => accepted,
@@ -173,7 +198,7 @@ async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiv
         };
         let _ = tcp.set_nodelay(true);
         let (app, shutdown) = (app.clone(), stopped.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let stream: pingora::protocols::l4::stream::Stream = tcp.into();
             let mut session: pingora::protocols::Stream = Box::new(stream);
             while let Some(reused) = app.process_new(session, &shutdown).await {
@@ -184,6 +209,15 @@ async fn accept(listener: TcpListener, app: Arc<App>, mut stopped: watch::Receiv
             }
         });
     }
+    // Stop taking connections; let requests in flight finish (bounded), then close the
+    // idle keep-alive connections so the proxy's state (and sled's lock) is released.
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    while in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
 }
 
 /// Periodic work: expire confirmed pending, clear outage budgets once fresh, gauges.
@@ -216,8 +250,9 @@ async fn housekeeping(
         }
         metrics::gauge!("qs_proxy_outbox_depth")
             .set(f64::from(u32::try_from(outbox.depth()).unwrap_or(u32::MAX)));
-        metrics::gauge!("qs_proxy_replica_end_users")
-            .set(f64::from(u32::try_from(replica.user_count()).unwrap_or(u32::MAX)));
+        metrics::gauge!("qs_proxy_replica_end_users").set(f64::from(
+            u32::try_from(replica.user_count()).unwrap_or(u32::MAX),
+        ));
     }
 }
 
@@ -259,7 +294,7 @@ impl Running {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         for task in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
         }
     }
 }

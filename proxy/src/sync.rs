@@ -16,7 +16,11 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Follows the control plane until `stop` turns true.
-pub async fn follow(replica: Arc<Replica>, client: client::Client, mut stop: watch::Receiver<bool>) {
+pub async fn follow(
+    replica: Arc<Replica>,
+    client: client::Client,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let outcome = tokio::select! {
@@ -47,7 +51,10 @@ async fn session(replica: &Replica, client: &client::Client) -> Result<(), Strin
     let mut lines = match client.sync_stream(cursor).await {
         Ok(lines) => lines,
         Err(error) if error.code() == Some("cursor_expired") => {
-            tracing::warn!(cursor, "cursor expired at the control plane; taking a new snapshot");
+            tracing::warn!(
+                cursor,
+                "cursor expired at the control plane; taking a new snapshot"
+            );
             snapshot(replica, client).await?;
             return Ok(());
         }
@@ -84,7 +91,9 @@ async fn snapshot(replica: &Replica, client: &client::Client) -> Result<i64, Str
         .sync_snapshot()
         .await
         .map_err(|error| error.to_string())?;
-    replica.begin_snapshot().map_err(|error| error.to_string())?;
+    replica
+        .begin_snapshot()
+        .map_err(|error| error.to_string())?;
     let mut cursor = None;
     loop {
         let record = tokio::time::timeout(READ_TIMEOUT, lines.next())

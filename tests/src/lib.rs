@@ -2,6 +2,9 @@
 //! proxies, all on port 0, driven over HTTP like a user would. Waiting is always polling a
 //! condition with a deadline, never a guessed sleep.
 
+// Test support: a failed setup step should panic with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +29,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < until, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -122,11 +128,14 @@ impl ControlPlane {
     /// Serves again on the same address and database.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let listener = eventually("the old address to be free", Duration::from_secs(10), || async {
-            TcpListener::bind(self.address).await.ok()
-        })
+        let listener = eventually(
+            "the old address to be free",
+            Duration::from_secs(10),
+            || async { TcpListener::bind(self.address).await.ok() },
+        )
         .await;
-        let again = ControlPlane::serve(listener, self.database.clone(), Some(self.key.clone())).await;
+        let again =
+            ControlPlane::serve(listener, self.database.clone(), Some(self.key.clone())).await;
         *self = again;
     }
 
@@ -206,9 +215,15 @@ impl Upstream {
             .route("/work/{*rest}", axum::routing::any(|| async { "done" }))
             .route("/closed", axum::routing::any(|| async { "done" }))
             .route("/health", axum::routing::get(|| async { "healthy" }))
-            .route("/fail", axum::routing::any(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }))
+            .route(
+                "/fail",
+                axum::routing::any(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }),
+            )
             .route("/generate", axum::routing::any(generate))
-            .route("/generate-fail", axum::routing::any(|| async { (StatusCode::BAD_GATEWAY, "model down") }));
+            .route(
+                "/generate-fail",
+                axum::routing::any(|| async { (StatusCode::BAD_GATEWAY, "model down") }),
+            );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let task = tokio::spawn(async move {
@@ -256,7 +271,12 @@ reserve = { estimate = 100 }
 
 /// A proxy configuration for `plane` and `upstream` with `extra` TOML appended (routes,
 /// failure policy).
-pub fn proxy_config(plane: &ControlPlane, upstream: &Upstream, data_dir: &Path, extra: &str) -> String {
+pub fn proxy_config(
+    plane: &ControlPlane,
+    upstream: &Upstream,
+    data_dir: &Path,
+    extra: &str,
+) -> String {
     format!(
         r#"
 listen = "127.0.0.1:0"
@@ -303,15 +323,26 @@ impl Proxy {
 
     /// Waits until the replica has its snapshot and is fresh.
     pub async fn ready(&self) {
-        eventually("the proxy's replica to load", Duration::from_secs(20), || async {
-            (self.running.replica.freshness(Duration::from_secs(30)) == proxy::replica::Freshness::Fresh)
-                .then_some(())
-        })
+        eventually(
+            "the proxy's replica to load",
+            Duration::from_secs(20),
+            || async {
+                (self.running.replica.freshness(Duration::from_secs(30))
+                    == proxy::replica::Freshness::Fresh)
+                    .then_some(())
+            },
+        )
         .await;
     }
 
     /// Sends a request as `end_user` (`None`: no identity).
-    pub async fn send(&self, method: reqwest::Method, path: &str, end_user: Option<&str>, headers: &[(&str, &str)]) -> reqwest::Response {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        end_user: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         send(&self.http, &self.url, method, path, end_user, headers).await
     }
 

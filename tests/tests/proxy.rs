@@ -1,5 +1,7 @@
 //! The proxy end to end: control plane, upstream and proxy on real sockets (port 0).
 
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use e2e::{ControlPlane, Proxy, ROUTES, Upstream, eventually, proxy_config};
@@ -23,9 +25,18 @@ async fn status(proxy: &Proxy, path: &str, end_user: Option<&str>) -> StatusCode
 async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_request() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("u1", 5).await;
-    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
-        (proxy.running.replica.version(&ledger::EndUserId::new("u1").expect("id")).is_some()).then_some(())
-    })
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (proxy
+                .running
+                .replica
+                .version(&ledger::EndUserId::new("u1").expect("id"))
+                .is_some())
+            .then_some(())
+        },
+    )
     .await;
 
     let mut balances = Vec::new();
@@ -53,14 +64,24 @@ async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_re
     assert_eq!(balances, ["4", "3", "2", "1", "0"]);
 
     proxy.drained().await;
-    assert_eq!(plane.entries("u1", "debit").await.len(), 5, "one usage entry per admitted request");
+    assert_eq!(
+        plane.entries("u1", "debit").await.len(),
+        5,
+        "one usage entry per admitted request"
+    );
     assert_eq!(plane.available("u1").await, 0);
 
     // Public routes need no identity; gated ones do; unmatched paths are refused.
-    assert_eq!(proxy.send(Method::GET, "/health", None, &[]).await.status(), StatusCode::OK);
+    assert_eq!(
+        proxy.send(Method::GET, "/health", None, &[]).await.status(),
+        StatusCode::OK
+    );
     let missing = proxy.send(Method::POST, "/work", None, &[]).await;
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(status(&proxy, "/elsewhere", Some("u1")).await, StatusCode::NOT_FOUND);
+    assert_eq!(
+        status(&proxy, "/elsewhere", Some("u1")).await,
+        StatusCode::NOT_FOUND
+    );
     proxy.running.shutdown().await;
 }
 
@@ -68,15 +89,26 @@ async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_re
 async fn racing_requests_on_one_end_user_never_overspend_and_5xx_is_not_charged() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("racer", 10).await;
-    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
-        (proxy.running.replica.version(&ledger::EndUserId::new("racer").expect("id")).is_some()).then_some(())
-    })
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (proxy
+                .running
+                .replica
+                .version(&ledger::EndUserId::new("racer").expect("id"))
+                .is_some())
+            .then_some(())
+        },
+    )
     .await;
     let mut tasks = Vec::new();
     for _ in 0..30 {
         let (http, url) = (proxy.http.clone(), proxy.url.clone());
         tasks.push(tokio::spawn(async move {
-            e2e::send(&http, &url, Method::POST, "/work", Some("racer"), &[]).await.status()
+            e2e::send(&http, &url, Method::POST, "/work", Some("racer"), &[])
+                .await
+                .status()
         }));
     }
     let mut admitted = 0;
@@ -91,12 +123,20 @@ async fn racing_requests_on_one_end_user_never_overspend_and_5xx_is_not_charged(
 
     // An upstream 5xx is not charged by default.
     plane.grant("racer", 3).await;
-    eventually("the grant to be visible", Duration::from_secs(10), || async {
-        (status(&proxy, "/fail", Some("racer")).await == StatusCode::INTERNAL_SERVER_ERROR).then_some(())
-    })
+    eventually(
+        "the grant to be visible",
+        Duration::from_secs(10),
+        || async {
+            (status(&proxy, "/fail", Some("racer")).await == StatusCode::INTERNAL_SERVER_ERROR)
+                .then_some(())
+        },
+    )
     .await;
     for _ in 0..5 {
-        assert_eq!(status(&proxy, "/fail", Some("racer")).await, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            status(&proxy, "/fail", Some("racer")).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
     proxy.drained().await;
     assert_eq!(plane.available("racer").await, 3);
@@ -106,11 +146,16 @@ async fn racing_requests_on_one_end_user_never_overspend_and_5xx_is_not_charged(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_at_the_control_plane_is_honoured_within_a_deadline() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
-    assert_eq!(status(&proxy, "/work", Some("late")).await, StatusCode::PAYMENT_REQUIRED);
+    assert_eq!(
+        status(&proxy, "/work", Some("late")).await,
+        StatusCode::PAYMENT_REQUIRED
+    );
     plane.grant("late", 2).await;
-    eventually("the proxy to admit after the grant", Duration::from_secs(5), || async {
-        (status(&proxy, "/work", Some("late")).await == StatusCode::OK).then_some(())
-    })
+    eventually(
+        "the proxy to admit after the grant",
+        Duration::from_secs(5),
+        || async { (status(&proxy, "/work", Some("late")).await == StatusCode::OK).then_some(()) },
+    )
     .await;
     proxy.running.shutdown().await;
 }
@@ -119,22 +164,46 @@ async fn a_grant_at_the_control_plane_is_honoured_within_a_deadline() {
 async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_the_hold() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("writer", 1_000).await;
-    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
-        (proxy.running.replica.version(&ledger::EndUserId::new("writer").expect("id")).is_some()).then_some(())
-    })
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (proxy
+                .running
+                .replica
+                .version(&ledger::EndUserId::new("writer").expect("id"))
+                .is_some())
+            .then_some(())
+        },
+    )
     .await;
     let response = proxy
-        .send(Method::POST, "/generate", Some("writer"), &[("x-test-actual", "37")])
+        .send(
+            Method::POST,
+            "/generate",
+            Some("writer"),
+            &[("x-test-actual", "37")],
+        )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
     proxy.drained().await;
-    assert_eq!(plane.available("writer").await, 1_000 - 37, "the actual is charged, not the estimate");
+    assert_eq!(
+        plane.available("writer").await,
+        1_000 - 37,
+        "the actual is charged, not the estimate"
+    );
     assert_eq!(plane.entries("writer", "commit").await.len(), 1);
 
-    let failed = proxy.send(Method::POST, "/generate-fail", Some("writer"), &[]).await;
+    let failed = proxy
+        .send(Method::POST, "/generate-fail", Some("writer"), &[])
+        .await;
     assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
     proxy.drained().await;
-    assert_eq!(plane.available("writer").await, 963, "the hold was released");
+    assert_eq!(
+        plane.available("writer").await,
+        963,
+        "the hold was released"
+    );
     // The commit released its unused 63, the failed call its whole hold.
     assert_eq!(plane.entries("writer", "release").await.len(), 2);
     let balance = plane.client.balance("writer", None).await.expect("balance");
@@ -149,7 +218,8 @@ async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_routes_503_then_converge() {
+async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_routes_503_then_converge()
+ {
     let extra = format!(
         "[failure]\nmax_staleness_secs = 3\n{}",
         ROUTES.replace(
@@ -159,9 +229,18 @@ async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_r
     );
     let (_dir, mut plane, _upstream, proxy) = setup(&extra).await;
     plane.grant("u9", 100).await;
-    eventually("the grant to reach the proxy", Duration::from_secs(10), || async {
-        (proxy.running.replica.version(&ledger::EndUserId::new("u9").expect("id")).is_some()).then_some(())
-    })
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (proxy
+                .running
+                .replica
+                .version(&ledger::EndUserId::new("u9").expect("id"))
+                .is_some())
+            .then_some(())
+        },
+    )
     .await;
     assert_eq!(status(&proxy, "/work", Some("u9")).await, StatusCode::OK);
     assert_eq!(status(&proxy, "/closed", Some("u9")).await, StatusCode::OK);
@@ -170,11 +249,19 @@ async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_r
     plane.stop().await;
     // Until max_staleness the replica still decides (an end user without credits gets
     // 402); after it, the closed route answers 503.
-    eventually("the closed route to fail closed", Duration::from_secs(15), || async {
-        (status(&proxy, "/closed", Some("nobody")).await == StatusCode::SERVICE_UNAVAILABLE).then_some(())
-    })
+    eventually(
+        "the closed route to fail closed",
+        Duration::from_secs(15),
+        || async {
+            (status(&proxy, "/closed", Some("nobody")).await == StatusCode::SERVICE_UNAVAILABLE)
+                .then_some(())
+        },
+    )
     .await;
-    assert_eq!(status(&proxy, "/closed", Some("u9")).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        status(&proxy, "/closed", Some("u9")).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     let mut admitted = 0;
     for _ in 0..5 {
         let response = proxy.send(Method::POST, "/work", Some("u9"), &[]).await;
@@ -188,15 +275,20 @@ async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_r
         }
     }
     assert_eq!(admitted, 3, "the outage budget bounds what fails open");
-    assert!(proxy.running.outbox.depth() >= 3, "usage waits in the outbox");
+    assert!(
+        proxy.running.outbox.depth() >= 3,
+        "usage waits in the outbox"
+    );
 
     plane.restart().await;
     proxy.drained().await;
     // 2 before the outage, 3 during it.
     assert_eq!(plane.available("u9").await, 95);
-    eventually("the proxy to be fresh again", Duration::from_secs(15), || async {
-        (status(&proxy, "/closed", Some("u9")).await == StatusCode::OK).then_some(())
-    })
+    eventually(
+        "the proxy to be fresh again",
+        Duration::from_secs(15),
+        || async { (status(&proxy, "/closed", Some("u9")).await == StatusCode::OK).then_some(()) },
+    )
     .await;
     proxy.running.shutdown().await;
 }
@@ -206,15 +298,36 @@ async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
     let dir = tempfile::tempdir().expect("dir");
     let plane = ControlPlane::start(dir.path()).await;
     let upstream = Upstream::start().await;
-    let first = Proxy::start(&proxy_config(&plane, &upstream, &dir.path().join("a"), ROUTES)).await;
-    let second = Proxy::start(&proxy_config(&plane, &upstream, &dir.path().join("b"), ROUTES)).await;
+    let first = Proxy::start(&proxy_config(
+        &plane,
+        &upstream,
+        &dir.path().join("a"),
+        ROUTES,
+    ))
+    .await;
+    let second = Proxy::start(&proxy_config(
+        &plane,
+        &upstream,
+        &dir.path().join("b"),
+        ROUTES,
+    ))
+    .await;
     first.ready().await;
     second.ready().await;
     plane.grant("shared", 20).await;
     for proxy in [&first, &second] {
-        eventually("the grant to reach both proxies", Duration::from_secs(10), || async {
-            (proxy.running.replica.version(&ledger::EndUserId::new("shared").expect("id")).is_some()).then_some(())
-        })
+        eventually(
+            "the grant to reach both proxies",
+            Duration::from_secs(10),
+            || async {
+                (proxy
+                    .running
+                    .replica
+                    .version(&ledger::EndUserId::new("shared").expect("id"))
+                    .is_some())
+                .then_some(())
+            },
+        )
         .await;
     }
     // Each alone, hammered concurrently, admits at most the balance it knows of.
@@ -223,7 +336,9 @@ async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
         for _ in 0..30 {
             let (http, url) = (proxy.http.clone(), proxy.url.clone());
             tasks.push(tokio::spawn(async move {
-                e2e::send(&http, &url, Method::POST, "/work", Some("shared"), &[]).await.status()
+                e2e::send(&http, &url, Method::POST, "/work", Some("shared"), &[])
+                    .await
+                    .status()
             }));
         }
     }
@@ -239,8 +354,61 @@ async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
     first.drained().await;
     second.drained().await;
     let available = plane.available("shared").await;
-    let debt = plane.client.balance("shared", None).await.expect("balance").debt;
-    assert_eq!(available - debt, 20 - admitted, "every admitted request is charged exactly once");
+    let debt = plane
+        .client
+        .balance("shared", None)
+        .await
+        .expect("balance")
+        .debt;
+    assert_eq!(
+        available - debt,
+        20 - admitted,
+        "every admitted request is charged exactly once"
+    );
     first.running.shutdown().await;
     second.running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_serves_from_its_sled_copy_at_once_even_without_the_control_plane() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let config = proxy_config(&plane, &upstream, &dir.path().join("proxy"), ROUTES);
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    plane.grant("keeper", 3).await;
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (status(&proxy, "/work", Some("keeper")).await == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    proxy.drained().await;
+    proxy.running.shutdown().await;
+    plane.stop().await;
+
+    // The control plane is down: the new process decides from what sled kept.
+    let proxy = Proxy::start(&config).await;
+    let first = proxy.send(Method::POST, "/work", Some("keeper"), &[]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["x-quota-source"], "replica");
+    assert_eq!(first.headers()["x-quota-balance"], "1");
+    assert_eq!(
+        status(&proxy, "/work", Some("keeper")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status(&proxy, "/work", Some("keeper")).await,
+        StatusCode::PAYMENT_REQUIRED
+    );
+    assert_eq!(proxy.running.outbox.depth(), 2);
+
+    plane.restart().await;
+    proxy.drained().await;
+    assert_eq!(plane.available("keeper").await, 0);
+    assert_eq!(plane.entries("keeper", "debit").await.len(), 3);
+    proxy.running.shutdown().await;
 }
