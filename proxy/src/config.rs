@@ -449,6 +449,20 @@ feature = "chat_messages"
     }
 
     #[test]
+    fn the_shipped_config_file_is_valid_once_given_a_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/proxy.toml");
+        let text = std::fs::read_to_string(&path).expect("config/proxy.toml");
+        let mut config = Config::parse(&text).expect("config/proxy.toml parses");
+        assert!(
+            config.validate().is_err(),
+            "the shipped file holds no key: it comes from QS_PROXY_API_KEY"
+        );
+        config.apply_env(|name| (name == "QS_PROXY_API_KEY").then(|| "qs_test_k".to_owned()));
+        config.validate().expect("config/proxy.toml is valid");
+        assert_eq!(config.routes.len(), 3);
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let mut config = Config::parse(MINIMAL).expect("parses");
         config.apply_env(|name| match name {

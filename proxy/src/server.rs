@@ -237,7 +237,11 @@ async fn housekeeping(
         replica.pending.expire();
         let now = replica.freshness(live.load().max_staleness);
         if now != was {
-            tracing::warn!(from = ?was, to = ?now, "replica freshness changed");
+            if now == Freshness::Fresh {
+                tracing::info!(from = ?was, "replica is fresh");
+            } else {
+                tracing::warn!(from = ?was, to = ?now, "replica is not fresh: routes follow on_unavailable");
+            }
             if now == Freshness::Fresh {
                 outage.clear();
             }
