@@ -160,6 +160,14 @@ impl EndUserState {
         Ok(state)
     }
 
+    /// Drops spare capacity of the state's lists (a replica holding a million states keeps
+    /// them as small as they can be).
+    pub fn shrink_to_fit(&mut self) {
+        self.blocks.shrink_to_fit();
+        self.reservations.shrink_to_fit();
+        self.subscriptions.shrink_to_fit();
+    }
+
     pub fn into_parts(self) -> StateParts {
         StateParts {
             end_user_id: self.end_user_id,

@@ -104,12 +104,28 @@ impl Disk {
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Disk, DiskError> {
         std::fs::create_dir_all(dir)
             .map_err(|error| DiskError(format!("{}: {error}", dir.display())))?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|error| DiskError(format!("{}: {error}", dir.display())))?;
+        // sled locks the directory; a previous owner in this process (a restart in
+        // place) releases it when its background flusher notices, within a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
+                .flush_every_ms(Some(500))
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(error)
+                    if error.to_string().contains("lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(error) => {
+                    return Err(DiskError(format!("{}: {error}", dir.display())));
+                }
+            }
+        };
         let replica = db.open_tree("replica")?;
         let outbox = db.open_tree("outbox")?;
         Ok(Disk {

@@ -4,6 +4,7 @@
 //! acknowledged. While the control plane is down, records wait and the shipper backs off.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ledger::{Credits, EndUserId};
@@ -51,15 +52,28 @@ pub struct Outbox {
     flusher: Arc<Flusher>,
     durability: Durability,
     wake: Notify,
+    /// Records on disk (sled's own count walks the whole tree).
+    depth: AtomicUsize,
+    /// Wake the shipper early once this many records wait (else it runs on its interval,
+    /// so a busy proxy ships full batches rather than one call per request).
+    wake_at: usize,
 }
 
 impl Outbox {
-    pub fn new(disk: Disk, flusher: Arc<Flusher>, durability: Durability) -> Outbox {
+    pub fn new(
+        disk: Disk,
+        flusher: Arc<Flusher>,
+        durability: Durability,
+        batch_size: usize,
+    ) -> Outbox {
+        let depth = AtomicUsize::new(disk.outbox_len());
         Outbox {
             disk,
             flusher,
             durability,
             wake: Notify::new(),
+            depth,
+            wake_at: batch_size.max(1),
         }
     }
 
@@ -71,17 +85,32 @@ impl Outbox {
         let id = ulid::Ulid::new();
         let json = serde_json::to_vec(record)?;
         self.disk.outbox_put(&id.to_bytes(), &json)?;
+        let depth = self.depth.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
             self.flusher.durable(ticket).await;
         }
         metrics::counter!("qs_proxy_outbox_written_total").increment(1);
-        self.wake.notify_one();
+        if depth >= self.wake_at {
+            self.wake.notify_one();
+        }
         Ok(())
     }
 
     pub fn depth(&self) -> usize {
-        self.disk.outbox_len()
+        self.depth.load(Ordering::Acquire)
+    }
+
+    fn remove(&self, keys: &[Vec<u8>]) -> Result<(), String> {
+        self.disk
+            .outbox_remove(keys)
+            .map_err(|error| error.to_string())?;
+        let _ = self
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
+                Some(depth.saturating_sub(keys.len()))
+            });
+        Ok(())
     }
 
     /// Records left by a previous run, to count their spend as pending again.
@@ -233,9 +262,7 @@ impl Outbox {
                         }
                         done.push(key);
                     }
-                    self.disk
-                        .outbox_remove(&done)
-                        .map_err(|error| error.to_string())?;
+                    self.remove(&done)?;
                     return Ok(full);
                 }
             };
@@ -275,10 +302,8 @@ impl Outbox {
                 }
             }
         }
-        self.disk
-            .outbox_remove(&done)
-            .map_err(|error| error.to_string())?;
-        Ok(full || !done.is_empty() && self.depth() > 0)
+        self.remove(&done)?;
+        Ok(full)
     }
 
     /// Commits or releases a reservation. `Some(record)` replaces the record when the

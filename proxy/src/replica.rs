@@ -46,7 +46,55 @@ pub struct Replica {
     as_of_ms: AtomicI64,
     loaded: AtomicBool,
     disk: Disk,
+    /// Changes applied in memory and not yet written to sled.
+    dirty: std::sync::Mutex<Dirty>,
+    /// Between `begin_snapshot` and the snapshot's end line: every end user is written,
+    /// even one whose version memory holds already (the durable copy was cleared).
+    snapshotting: AtomicBool,
     pub pending: Arc<Pending>,
+}
+
+/// End users written to sled per batch.
+const PERSIST_CHUNK: usize = 5_000;
+
+/// What the durable copy lacks.
+#[derive(Debug, Default)]
+struct Dirty {
+    users: HashMap<EndUserId, Arc<EndUserState>>,
+    catalog: Option<Vec<u8>>,
+    clock: Option<i64>,
+    cursor: Option<i64>,
+    heard: Option<i64>,
+    complete: Option<bool>,
+}
+
+impl Dirty {
+    fn advance(&mut self, cursor: i64) {
+        self.cursor = Some(self.cursor.map_or(cursor, |held| held.max(cursor)));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.users.is_empty()
+            && self.catalog.is_none()
+            && self.clock.is_none()
+            && self.cursor.is_none()
+            && self.heard.is_none()
+            && self.complete.is_none()
+    }
+
+    /// Lays `newer` over `self`.
+    fn merge(&mut self, newer: Dirty) {
+        self.users.extend(newer.users);
+        if newer.catalog.is_some() {
+            self.catalog = newer.catalog;
+        }
+        self.clock = newer.clock.or(self.clock);
+        if let Some(cursor) = newer.cursor {
+            self.advance(cursor);
+        }
+        self.heard = newer.heard.or(self.heard);
+        self.complete = newer.complete.or(self.complete);
+    }
 }
 
 /// A record the replica cannot use (a bug or version skew; the follower re-snapshots).
@@ -94,6 +142,8 @@ impl Replica {
             as_of_ms: AtomicI64::new(0),
             loaded: AtomicBool::new(false),
             disk,
+            dirty: std::sync::Mutex::new(Dirty::default()),
+            snapshotting: AtomicBool::new(false),
             pending,
         };
         let stored = replica.disk.load_replica()?;
@@ -109,8 +159,9 @@ impl Replica {
             for (id, json) in stored.users {
                 let parts: ledger::StateParts = serde_json::from_slice(&json)
                     .map_err(|error| ApplyError::Invalid(format!("stored user {id}: {error}")))?;
-                let state = EndUserState::from_parts(parts)
+                let mut state = EndUserState::from_parts(parts)
                     .map_err(|error| ApplyError::Invalid(error.to_string()))?;
+                state.shrink_to_fit();
                 users.insert(state.end_user_id().clone(), Arc::new(state));
             }
             *replica
@@ -213,17 +264,28 @@ impl Replica {
     /// # Errors
     /// Storage failures.
     pub fn begin_snapshot(&self) -> Result<(), ApplyError> {
+        let mut dirty = self.lock_dirty();
+        *dirty = Dirty::default();
+        self.snapshotting.store(true, Ordering::Release);
         self.disk.clear_replica()?;
         Ok(())
     }
 
-    /// Applies one record of a snapshot or stream. Returns the record's end user when an
-    /// end user's state changed.
+    fn lock_dirty(&self) -> std::sync::MutexGuard<'_, Dirty> {
+        self.dirty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies one record of a snapshot or stream to memory at once, and marks what the
+    /// durable copy must catch up with ([`Replica::persist`] writes it).
     ///
     /// # Errors
-    /// Storage failures and records that do not validate.
+    /// Records that do not validate.
     pub fn apply(&self, record: SyncRecord) -> Result<(), ApplyError> {
         let heard = self.heard();
+        let mut dirty = self.lock_dirty();
+        dirty.heard = Some(heard);
         match record {
             SyncRecord::Header {
                 cursor,
@@ -233,20 +295,17 @@ impl Replica {
                 self.as_of_ms.store(now.0.as_millis(), Ordering::Release);
                 self.clock_offset_ms
                     .store(clock_offset_ms, Ordering::Release);
-                self.disk.write_replica(&[
-                    ReplicaWrite::Clock(clock_offset_ms),
-                    ReplicaWrite::Cursor(cursor),
-                    ReplicaWrite::Complete(false),
-                    ReplicaWrite::Heard(heard),
-                ])?;
+                dirty.clock = Some(clock_offset_ms);
+                dirty.cursor = Some(cursor);
+                dirty.complete = Some(false);
                 // The cursor in memory moves only when the snapshot ends.
             }
             SyncRecord::Catalog { cursor, catalog } => {
                 let view = catalog_view(&catalog)?;
                 let json = serde_json::to_vec(&catalog)
                     .map_err(|error| ApplyError::Invalid(error.to_string()))?;
-                self.disk
-                    .write_replica(&[ReplicaWrite::Catalog(json), ReplicaWrite::Cursor(cursor)])?;
+                dirty.catalog = Some(json);
+                dirty.advance(cursor);
                 self.catalog.store(Some(Arc::new(view)));
                 self.advance_cursor(cursor);
             }
@@ -260,50 +319,113 @@ impl Replica {
                     .map_err(|error| ApplyError::Invalid(error.to_string()))?;
                 let newer = self.version(&end_user).is_none_or(|held| version > held);
                 if newer {
-                    let json = serde_json::to_vec(&state)
+                    let mut state = EndUserState::from_parts(state)
                         .map_err(|error| ApplyError::Invalid(error.to_string()))?;
-                    let state = EndUserState::from_parts(state)
-                        .map_err(|error| ApplyError::Invalid(error.to_string()))?;
-                    self.disk.write_replica(&[
-                        ReplicaWrite::User {
-                            end_user_id: end_user_id.clone(),
-                            json,
-                        },
-                        ReplicaWrite::Cursor(cursor),
-                    ])?;
+                    state.shrink_to_fit();
+                    let state = Arc::new(state);
                     self.users
                         .write()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(end_user.clone(), Arc::new(state));
+                        .insert(end_user.clone(), state.clone());
+                    dirty.users.insert(end_user.clone(), state);
                     self.pending.observed(&end_user, version);
-                } else {
-                    self.disk.write_replica(&[ReplicaWrite::Cursor(cursor)])?;
+                } else if self.snapshotting.load(Ordering::Acquire)
+                    && let Some(held) = self.user(&end_user)
+                {
+                    dirty.users.insert(end_user, held);
                 }
+                dirty.advance(cursor);
                 self.advance_cursor(cursor);
             }
             SyncRecord::Clock {
                 cursor,
                 clock_offset_ms,
             } => {
-                self.disk.write_replica(&[
-                    ReplicaWrite::Clock(clock_offset_ms),
-                    ReplicaWrite::Cursor(cursor),
-                ])?;
+                dirty.clock = Some(clock_offset_ms);
+                dirty.advance(cursor);
                 self.clock_offset_ms
                     .store(clock_offset_ms, Ordering::Release);
                 self.advance_cursor(cursor);
             }
             SyncRecord::Heartbeat { cursor, now } => {
                 self.as_of_ms.store(now.0.as_millis(), Ordering::Release);
-                self.disk.write_replica(&[ReplicaWrite::Heard(heard)])?;
+                dirty.advance(cursor);
                 self.advance_cursor(cursor);
             }
             SyncRecord::End { .. } => {
-                self.disk.write_replica(&[ReplicaWrite::Complete(true)])?;
+                dirty.complete = Some(true);
+                self.snapshotting.store(false, Ordering::Release);
                 self.loaded.store(true, Ordering::Release);
             }
         }
         Ok(())
+    }
+
+    /// Writes what changed since the last call to sled in one atomic batch: the end users'
+    /// newest states with the cursor they are consistent with. A crash loses at most what
+    /// changed since, and a restart resumes the stream from the stored cursor. Returns how
+    /// many end users were written.
+    ///
+    /// # Errors
+    /// Storage failures (the changes are kept for the next call).
+    pub fn persist(&self) -> Result<usize, ApplyError> {
+        let taken = std::mem::take(&mut *self.lock_dirty());
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        // End users go in chunks (a snapshot of a million must not be one giant batch);
+        // the cursor and the completion mark go last, with the final chunk. A crash
+        // between chunks leaves states newer than the stored cursor, which is harmless:
+        // the stream is replayed from the cursor and versions keep the newest.
+        let count = taken.users.len();
+        let users: Vec<(&EndUserId, &Arc<EndUserState>)> = taken.users.iter().collect();
+        let mut chunks = users.chunks(PERSIST_CHUNK).peekable();
+        let mut written = 0usize;
+        loop {
+            let chunk = chunks.next().unwrap_or_default();
+            let last = chunks.peek().is_none();
+            let mut writes = Vec::with_capacity(chunk.len().saturating_add(6));
+            for (end_user, state) in chunk {
+                let json = serde_json::to_vec(&EndUserState::clone(state).into_parts())
+                    .map_err(|error| ApplyError::Invalid(error.to_string()))?;
+                writes.push(ReplicaWrite::User {
+                    end_user_id: end_user.to_string(),
+                    json,
+                });
+            }
+            if last {
+                if let Some(json) = &taken.catalog {
+                    writes.push(ReplicaWrite::Catalog(json.clone()));
+                }
+                if let Some(offset) = taken.clock {
+                    writes.push(ReplicaWrite::Clock(offset));
+                }
+                if let Some(cursor) = taken.cursor {
+                    writes.push(ReplicaWrite::Cursor(cursor));
+                }
+                if let Some(heard) = taken.heard {
+                    writes.push(ReplicaWrite::Heard(heard));
+                }
+                if let Some(complete) = taken.complete {
+                    writes.push(ReplicaWrite::Complete(complete));
+                }
+            }
+            if let Err(error) = self.disk.write_replica(&writes) {
+                drop(chunks);
+                drop(users);
+                // Put it all back under anything newer, so the next call writes it.
+                let mut dirty = self.lock_dirty();
+                let newer = std::mem::replace(&mut *dirty, taken);
+                dirty.merge(newer);
+                return Err(error.into());
+            }
+            written = written.saturating_add(chunk.len());
+            if last {
+                break;
+            }
+        }
+        debug_assert_eq!(written, count);
+        Ok(count)
     }
 
     /// Moves the in-memory cursor forward (during a snapshot it stays until the end line;
@@ -315,5 +437,155 @@ impl Replica {
     /// Marks the snapshot's cursor as reached (called on its end line).
     pub fn finish_snapshot(&self, cursor: i64) {
         self.cursor.store(cursor, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::WireTime;
+
+    fn snapshot_json() -> CatalogSnapshot {
+        serde_json::from_value(serde_json::json!({
+            "features": [{"id": "feat_01", "key": "api_calls", "parent_id": null, "archived": false,
+                          "body": {"key": "api_calls", "name": "API calls", "type": "metered"}}],
+            "plans": [], "variants": [],
+            "settings": {"free_plan_variant_id": null, "low_balance_threshold": null}
+        }))
+        .expect("catalog")
+    }
+
+    fn user(id: &str, amount: i64, catalog: &Catalog) -> EndUserState {
+        let now = Timestamp::from_millis(1_780_000_000_000);
+        let mut state = EndUserState::new(EndUserId::new(id).expect("id"), now);
+        let mut ids = ledger::SequentialIds::default();
+        let mut cx = ledger::Cx {
+            now,
+            catalog,
+            ids: &mut ids,
+        };
+        state
+            .grant(
+                &mut cx,
+                ledger::GrantRequest::new(ledger::Credits::new(amount)),
+            )
+            .expect("grant");
+        state
+    }
+
+    fn open(dir: &std::path::Path) -> Replica {
+        Replica::open(Disk::open(dir, 8).expect("disk"), Arc::default()).expect("replica")
+    }
+
+    fn snapshot(replica: &Replica, cursor: i64, users: &[EndUserState]) {
+        let catalog = snapshot_json();
+        replica.begin_snapshot().expect("begin");
+        let now = WireTime(Timestamp::from_millis(1_780_000_000_000));
+        replica
+            .apply(SyncRecord::Header {
+                cursor,
+                clock_offset_ms: 0,
+                now,
+            })
+            .expect("header");
+        replica
+            .apply(SyncRecord::Catalog { cursor, catalog })
+            .expect("catalog");
+        for state in users {
+            replica
+                .apply(SyncRecord::EndUser {
+                    cursor,
+                    end_user_id: state.end_user_id().to_string(),
+                    version: state.version(),
+                    state: state.clone().into_parts(),
+                })
+                .expect("user");
+        }
+        replica
+            .apply(SyncRecord::End { end_users: 0 })
+            .expect("end");
+        replica.finish_snapshot(cursor);
+    }
+
+    #[test]
+    fn a_persisted_replica_reopens_with_its_users_and_cursor() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let first = user("u1", 10, &catalog);
+        {
+            let replica = open(dir.path());
+            assert!(!replica.is_loaded());
+            snapshot(&replica, 7, std::slice::from_ref(&first));
+            let mut newer = first.clone();
+            let mut ids = ledger::SequentialIds::default();
+            let mut cx = ledger::Cx {
+                now: Timestamp::from_millis(1_780_000_000_001),
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            newer
+                .grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(5)))
+                .expect("grant");
+            replica
+                .apply(SyncRecord::EndUser {
+                    cursor: 9,
+                    end_user_id: "u1".into(),
+                    version: newer.version(),
+                    state: newer.into_parts(),
+                })
+                .expect("change");
+            assert_eq!(replica.persist().expect("persist"), 1);
+            assert_eq!(replica.persist().expect("nothing new"), 0);
+        }
+        let replica = open(dir.path());
+        assert!(replica.is_loaded());
+        assert_eq!(replica.cursor(), Some(9));
+        let id = EndUserId::new("u1").expect("id");
+        assert_eq!(
+            replica
+                .user(&id)
+                .expect("kept")
+                .available(None, Timestamp::from_millis(1_780_000_000_002))
+                .expect("sum"),
+            ledger::Credits::new(15)
+        );
+    }
+
+    #[test]
+    fn an_unfinished_snapshot_is_not_served_after_a_restart() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let replica = open(dir.path());
+            replica.begin_snapshot().expect("begin");
+            replica
+                .apply(SyncRecord::Header {
+                    cursor: 3,
+                    clock_offset_ms: 0,
+                    now: WireTime(Timestamp::from_millis(1)),
+                })
+                .expect("header");
+            replica.persist().expect("persist");
+        }
+        let replica = open(dir.path());
+        assert!(!replica.is_loaded());
+        assert_eq!(replica.cursor(), None);
+    }
+
+    #[test]
+    fn a_second_snapshot_keeps_users_whose_version_did_not_change() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let state = user("u2", 4, &catalog);
+        {
+            let replica = open(dir.path());
+            snapshot(&replica, 1, std::slice::from_ref(&state));
+            replica.persist().expect("persist");
+            // A 410 re-snapshot clears the durable copy; the same version must be kept.
+            snapshot(&replica, 2, std::slice::from_ref(&state));
+            replica.persist().expect("persist");
+        }
+        let replica = open(dir.path());
+        assert!(replica.user(&EndUserId::new("u2").expect("id")).is_some());
+        assert_eq!(replica.cursor(), Some(2));
     }
 }

@@ -41,6 +41,73 @@ pub struct Running {
     live: Arc<ArcSwap<Live>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    background: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Everything off the request path, run on its own thread and single-threaded runtime so
+/// the request workers only serve requests: the outbox flusher and shipper, the
+/// replication follower and persister, and housekeeping.
+struct Background {
+    disk: Disk,
+    flusher: Arc<Flusher>,
+    replica: Arc<Replica>,
+    outbox: Arc<Outbox>,
+    client: client::Client,
+    live: Arc<ArcSwap<Live>>,
+    outage: Arc<OutageBudgets>,
+    flush_interval: Duration,
+    ship_interval: Duration,
+    batch_size: usize,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Background {
+    fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(%error, "cannot start the background runtime");
+                return;
+            }
+        };
+        runtime.block_on(async move {
+            let tasks = [
+                tokio::spawn(self.flusher.run(
+                    self.disk,
+                    self.flush_interval,
+                    self.stopped.clone(),
+                )),
+                tokio::spawn(persist(self.replica.clone(), self.stopped.clone())),
+                tokio::spawn(crate::sync::follow(
+                    self.replica.clone(),
+                    self.client.clone(),
+                    self.stopped.clone(),
+                )),
+                tokio::spawn(self.outbox.clone().ship(
+                    self.client,
+                    self.replica.clone(),
+                    self.batch_size,
+                    self.ship_interval,
+                    self.stopped.clone(),
+                )),
+                tokio::spawn(housekeeping(
+                    self.replica,
+                    self.outage,
+                    self.live,
+                    self.outbox,
+                    self.stopped,
+                )),
+            ];
+            for task in tasks {
+                if let Err(error) = task.await {
+                    tracing::error!(%error, "a background task failed");
+                }
+            }
+        });
+    }
 }
 
 /// The admin endpoints' state.
@@ -68,6 +135,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         disk.clone(),
         flusher.clone(),
         config.usage.durability,
+        config.usage.batch_size,
     ));
     let restored = outbox.restore_pending(&replica)?;
     if restored > 0 {
@@ -81,30 +149,36 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         .api_key
         .clone()
         .context("control_plane.api_key is required")?;
-    let client = client::Client::new(&config.control_plane.url, &api_key)?.retry(client::Retry {
+    let one_try = client::Retry {
         attempts: 1,
         ..client::Retry::default()
-    });
+    };
+    // One client per runtime: a connection belongs to the runtime that opened it.
+    let client = client::Client::new(&config.control_plane.url, &api_key)?.retry(one_try);
+    let background_client =
+        client::Client::new(&config.control_plane.url, &api_key)?.retry(one_try);
     let (stop, stopped) = watch::channel(false);
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(flusher.run(
-        disk.clone(),
-        Duration::from_millis(config.usage.flush_interval_ms),
-        stopped.clone(),
-    )));
-    tasks.push(tokio::spawn(crate::sync::follow(
-        replica.clone(),
-        client.clone(),
-        stopped.clone(),
-    )));
-    tasks.push(tokio::spawn(outbox.clone().ship(
-        client.clone(),
-        replica.clone(),
-        config.usage.batch_size,
-        Duration::from_millis(config.usage.ship_interval_ms),
-        stopped.clone(),
-    )));
     let outage = Arc::new(OutageBudgets::default());
+    let background = {
+        let work = Background {
+            disk: disk.clone(),
+            flusher: flusher.clone(),
+            replica: replica.clone(),
+            outbox: outbox.clone(),
+            client: background_client,
+            live: live.clone(),
+            outage: outage.clone(),
+            flush_interval: Duration::from_millis(config.usage.flush_interval_ms),
+            ship_interval: Duration::from_millis(config.usage.ship_interval_ms),
+            batch_size: config.usage.batch_size,
+            stopped: stopped.clone(),
+        };
+        std::thread::Builder::new()
+            .name("qs-proxy-background".into())
+            .spawn(move || work.run())
+            .context("cannot start the background thread")?
+    };
+    let mut tasks = Vec::new();
     let in_flight = Arc::new(AtomicUsize::new(0));
     let gate = Gate {
         live: live.clone(),
@@ -124,14 +198,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
     let admin_address = admin_listener.local_addr()?;
     let server_conf = Arc::new(ServerConf::default());
     let app = Arc::new(pingora::proxy::http_proxy(&server_conf, gate));
-    tasks.push(tokio::spawn(housekeeping(
-        replica.clone(),
-        outage,
-        live.clone(),
-        outbox.clone(),
-        stopped.clone(),
-    )));
-    tasks.push(tokio::spawn(accept(
+    tasks.push(tokio::spawn(serve_pingora(
         listener,
         app,
         in_flight,
@@ -168,20 +235,25 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         live,
         stop,
         tasks,
+        background: Some(background),
     })
 }
-
-type App = pingora::proxy::HttpProxy<Gate>;
 
 /// How long a shutdown waits for requests in flight before closing connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-async fn accept(
+/// Serves pingora's HTTP proxy `app` on `listener` until `stopped` turns true; then waits
+/// for requests in flight (counted in `in_flight`, up to a grace) and closes the rest.
+/// Public so the benchmarks' plain pass-through is hosted exactly like the gate.
+pub async fn serve_pingora<SV>(
     listener: TcpListener,
-    app: Arc<App>,
+    app: Arc<pingora::proxy::HttpProxy<SV>>,
     in_flight: Arc<AtomicUsize>,
     mut stopped: watch::Receiver<bool>,
-) {
+) where
+    SV: pingora::proxy::ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -218,6 +290,36 @@ async fn accept(
     }
     connections.abort_all();
     while connections.join_next().await.is_some() {}
+}
+
+/// How often the replica's changes are written to sled.
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Writes the replica's changes to sled every second (off the request path, in one batch
+/// each) and once more at shutdown.
+async fn persist(replica: Arc<Replica>, mut stopped: watch::Receiver<bool>) {
+    loop {
+        let stop = tokio::select! {
+            () = tokio::time::sleep(PERSIST_EVERY) => false,
+            _ = stopped.wait_for(|stop| *stop) => true,
+        };
+        let replica = replica.clone();
+        let started = std::time::Instant::now();
+        match tokio::task::spawn_blocking(move || replica.persist()).await {
+            Ok(Ok(count)) => {
+                metrics::histogram!("qs_proxy_replica_persist_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if count > 0 {
+                    tracing::debug!(end_users = count, "replica persisted");
+                }
+            }
+            Ok(Err(error)) => tracing::error!(%error, "persisting the replica failed; will retry"),
+            Err(error) => tracing::error!(%error, "the replica persister failed"),
+        }
+        if stop {
+            return;
+        }
+    }
 }
 
 /// Periodic work: expire confirmed pending, clear outage budgets once fresh, gauges.
@@ -299,6 +401,11 @@ impl Running {
         let _ = self.stop.send(true);
         for task in self.tasks {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+        }
+        if let Some(background) = self.background {
+            // Its tasks end on the stop signal (the shipper tries one last round, bounded).
+            let joined = tokio::task::spawn_blocking(move || background.join());
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, joined).await;
         }
     }
 }

@@ -5,6 +5,8 @@
 // Test support: a failed setup step should panic with its reason.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod bench;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
