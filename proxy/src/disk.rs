@@ -250,6 +250,8 @@ pub struct Flusher {
     written: AtomicU64,
     flushed: watch::Sender<u64>,
     wake: Notify,
+    /// The last flush failed: waiters get an error instead of waiting for ever.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Flusher {
@@ -258,6 +260,7 @@ impl Flusher {
             written: AtomicU64::new(0),
             flushed: watch::Sender::new(0),
             wake: Notify::new(),
+            failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -269,13 +272,24 @@ impl Flusher {
     }
 
     /// Waits until the write `ticket` is on disk.
-    pub async fn durable(&self, ticket: u64) {
+    ///
+    /// # Errors
+    /// The flush failed (a full or read-only disk, say).
+    pub async fn durable(&self, ticket: u64) -> Result<(), DiskError> {
         let mut flushed = self.flushed.subscribe();
         if *flushed.borrow() >= ticket {
-            return;
+            return Ok(());
         }
         self.wake.notify_one();
-        let _ = flushed.wait_for(|done| *done >= ticket).await;
+        let outcome = flushed
+            .wait_for(|done| *done >= ticket || self.failed.load(Ordering::Acquire))
+            .await
+            .map(|done| *done >= ticket);
+        match outcome {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(DiskError("the outbox could not be flushed to disk".into())),
+            Err(_) => Err(DiskError("the outbox flusher stopped".into())),
+        }
     }
 
     /// The flushing loop: on demand (sync durability) and every `interval` regardless.
@@ -291,6 +305,8 @@ impl Flusher {
                 () = tokio::time::sleep(interval) => {}
                 _ = stop.changed() => {
                     self.flush_once(&disk).await;
+                    // Anyone still waiting (or writing) now gets an error, not a hang.
+                    self.fail();
                     return;
                 }
             }
@@ -309,11 +325,24 @@ impl Flusher {
         metrics::histogram!("qs_proxy_flush_seconds").record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(Ok(())) => {
+                self.failed.store(false, Ordering::Release);
                 self.flushed.send_modify(|done| *done = (*done).max(target));
             }
-            Ok(Err(error)) => tracing::error!(%error, "outbox flush failed"),
-            Err(error) => tracing::error!(%error, "outbox flush task failed"),
+            Ok(Err(error)) => {
+                tracing::error!(%error, "outbox flush failed");
+                self.fail();
+            }
+            Err(error) => {
+                tracing::error!(%error, "outbox flush task failed");
+                self.fail();
+            }
         }
+    }
+
+    /// Wakes every waiter with an error (they see `failed`).
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.flushed.send_modify(|_| {});
     }
 }
 
@@ -377,7 +406,7 @@ mod tests {
             tasks.push(tokio::spawn(async move {
                 disk.outbox_put(&n.to_be_bytes(), b"x").expect("put");
                 let ticket = flusher.wrote();
-                flusher.durable(ticket).await;
+                flusher.durable(ticket).await.expect("flushed");
             }));
         }
         for task in tasks {

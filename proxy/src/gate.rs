@@ -242,11 +242,15 @@ impl Gate {
             recorded: false,
         };
         if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
-            let state = self
-                .replica
-                .user(end_user)
-                .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
+            // The state is read under the end user's pending lock: the replica installs a
+            // new state before it clears the pending spend that state includes (under the
+            // same lock), so a decision never sees a state without a cost that pending
+            // no longer holds.
             return self.replica.pending.admit(end_user, |pending| {
+                let state = self
+                    .replica
+                    .user(end_user)
+                    .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
                 match state.decide(&view.catalog, &feature, units, pending, now) {
                     Ok(decision) if decision.allowed => {
                         let cost = decision.cost.unwrap_or(Credits::ZERO);
@@ -344,6 +348,16 @@ impl Gate {
     }
 }
 
+/// Whether a control-plane refusal of a reservation is the client's answer (402, 403, a
+/// bad feature or units); anything else (unreachable, 5xx, 429, a key problem) is the
+/// control plane being unavailable, and the route's policy decides.
+fn answers_the_client(error: &client::Error) -> bool {
+    matches!(
+        error.status().map(|status| status.as_u16()),
+        Some(400 | 402 | 403 | 404 | 422)
+    )
+}
+
 fn denial(decision: &ledger::Decision, feature: &FeatureKey) -> Problem {
     match decision.reason {
         Some(ledger::DenyReason::InsufficientBalance) | None => {
@@ -420,8 +434,11 @@ impl ProxyHttp for Gate {
         if let Some(reserve) = reserve {
             // The one network call on the request path, and only for reservation routes:
             // the hold must exist at the control plane before a long upstream job starts.
+            // A known key: if the answer is lost, the outbox can find the hold again.
+            let reserve_key = format!("qsp_{}", ulid::Ulid::new());
             let reservation = self
                 .client
+                .with_key(&reserve_key)
                 .reserve(&CreateReservation {
                     end_user_id: end_user.to_string(),
                     feature_key: admitted.feature.to_string(),
@@ -431,8 +448,36 @@ impl ProxyHttp for Gate {
                 })
                 .await;
             let reservation_id = match reservation {
-                Ok(reservation) => Some(reservation.id),
-                Err(error) if error.is_unavailable() => {
+                Ok(reservation) => {
+                    // The hold is in the control plane's state now, and the replica will
+                    // show it: the local estimate stops counting once it does.
+                    self.replica.pending.confirm(
+                        &end_user,
+                        admitted.pending,
+                        None,
+                        self.replica.version(&end_user),
+                    );
+                    admitted.pending = Credits::ZERO;
+                    Some(reservation.id)
+                }
+                Err(error) if !answers_the_client(&error) => {
+                    // The hold may exist even though no answer came back: queue its
+                    // release (found again by the key), so credits are not held for the
+                    // whole TTL.
+                    let undo = Record {
+                        key: format!("{reserve_key}-undo"),
+                        end_user_id: end_user.to_string(),
+                        pending: 0,
+                        op: Op::Unreserve {
+                            reserve_key: reserve_key.clone(),
+                            feature_key: admitted.feature.to_string(),
+                            units: units.get(),
+                            ttl_seconds: reserve.ttl_seconds,
+                        },
+                    };
+                    if let Err(error) = self.outbox.push(&undo).await {
+                        tracing::error!(%error, "could not queue the release of a reservation without answer (it will expire)");
+                    }
                     if route.on_unavailable == OnUnavailable::Closed {
                         self.replica.pending.reduce(&end_user, admitted.pending);
                         let problem = Problem::new(
@@ -492,6 +537,11 @@ impl ProxyHttp for Gate {
         let Some(admitted) = ctx.admitted.as_mut() else {
             return Ok(());
         };
+        // pingora calls this for every upstream header, 1xx included (`100 Continue`):
+        // record once, on the final answer.
+        if admitted.recorded || upstream_response.status.is_informational() {
+            return Ok(());
+        }
         let failed = upstream_response.status.is_server_error() && !admitted.charge_upstream_errors;
         let key = format!("qsp_{}", ulid::Ulid::new());
         let record = match (&admitted.hold, failed) {

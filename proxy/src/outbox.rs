@@ -16,6 +16,21 @@ use crate::config::Durability;
 use crate::disk::{Disk, DiskError, Flusher};
 use crate::replica::Replica;
 
+/// Whether an answer means "try again later" rather than "this will never pass": 5xx,
+/// rate limiting, a key being rotated (401/403), a request still in flight (409), a
+/// timeout. Usage is never dropped for those.
+fn retryable_status(status: u16) -> bool {
+    status >= 500 || matches!(status, 401 | 403 | 408 | 409 | 425 | 429)
+}
+
+/// Whether the control plane refused a call for good (the request itself is invalid).
+/// Unreachable, undecodable and retryable answers are not.
+fn refused_for_good(error: &client::Error) -> bool {
+    error
+        .status()
+        .is_some_and(|status| status.is_client_error() && !retryable_status(status.as_u16()))
+}
+
 /// What the control plane must be told.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -33,6 +48,14 @@ pub enum Op {
     },
     /// Release a control-plane reservation (the upstream failed).
     Release { reservation_id: String },
+    /// A reservation request got no answer: replay it under its idempotency key (which
+    /// finds the hold if it was made, or makes one) and release what it returns.
+    Unreserve {
+        reserve_key: String,
+        feature_key: String,
+        units: u64,
+        ttl_seconds: i64,
+    },
 }
 
 /// One outbox record: the operation, its idempotency key and the local spend it holds.
@@ -88,7 +111,7 @@ impl Outbox {
         let depth = self.depth.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
-            self.flusher.durable(ticket).await;
+            self.flusher.durable(ticket).await?;
         }
         metrics::counter!("qs_proxy_outbox_written_total").increment(1);
         if depth >= self.wake_at {
@@ -201,14 +224,24 @@ impl Outbox {
             };
             match &record.op {
                 Op::Usage { .. } => usage.push((key, record)),
-                Op::Commit { .. } | Op::Release { .. } => {
+                Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => {
                     // Resolve reservations in order with the usage before them.
                     if !usage.is_empty() {
                         break;
                     }
-                    match self.resolve(client, replica, &record).await? {
+                    let resolved = self.resolve(client, replica, &record).await;
+                    // What was resolved before must not be sent (and confirmed) twice.
+                    let resolved = match resolved {
+                        Ok(resolved) => resolved,
+                        Err(error) => {
+                            self.remove(&done)?;
+                            return Err(error);
+                        }
+                    };
+                    match resolved {
                         Some(replacement) => {
                             // The reservation lapsed: charge the actual as plain usage.
+                            self.remove(&done)?;
                             let json = serde_json::to_vec(&replacement)
                                 .map_err(|error| error.to_string())?;
                             self.disk
@@ -242,15 +275,18 @@ impl Outbox {
                         strict: false,
                         idempotency_key: Some(record.key.clone()),
                     }),
-                    Op::Commit { .. } | Op::Release { .. } => None,
+                    Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => None,
                 })
                 .collect();
             let answer = client.record_usage_batch(&UsageBatch { events }).await;
             let answer = match answer {
                 Ok(answer) => answer,
-                Err(error) if error.is_unavailable() => return Err(error.to_string()),
+                Err(error) if !refused_for_good(&error) => {
+                    self.remove(&done)?;
+                    return Err(error.to_string());
+                }
                 Err(error) => {
-                    // The whole batch was refused (a bad key, say): it will never pass.
+                    // The whole batch was refused as malformed: it will never pass.
                     tracing::error!(%error, count = usage.len(), "the control plane refused a usage batch; dropping it");
                     metrics::counter!("qs_proxy_outbox_rejected_total")
                         .increment(u64::try_from(usage.len()).unwrap_or(u64::MAX));
@@ -286,7 +322,7 @@ impl Outbox {
                     }
                     BatchStatus::Error => {
                         let problem = result.error.as_ref();
-                        if problem.is_some_and(|problem| problem.status >= 500) {
+                        if problem.is_none_or(|problem| retryable_status(problem.status)) {
                             // Keep it; the next round retries.
                             continue;
                         }
@@ -333,6 +369,27 @@ impl Outbox {
                     .await
             }
             Op::Release { reservation_id } => keyed.release_reservation(reservation_id).await,
+            Op::Unreserve {
+                reserve_key,
+                feature_key,
+                units,
+                ttl_seconds,
+            } => {
+                let found = client
+                    .with_key(reserve_key)
+                    .reserve(&protocol::CreateReservation {
+                        end_user_id: record.end_user_id.clone(),
+                        feature_key: feature_key.clone(),
+                        units: Some(*units),
+                        amount: None,
+                        ttl_seconds: Some(*ttl_seconds),
+                    })
+                    .await;
+                match found {
+                    Ok(reservation) => keyed.release_reservation(&reservation.id).await,
+                    Err(error) => Err(error),
+                }
+            }
             Op::Usage { .. } => return Ok(None),
         };
         match outcome {
@@ -347,7 +404,11 @@ impl Outbox {
                 }
                 Ok(None)
             }
-            Err(error) if error.is_unavailable() => Err(error.to_string()),
+            Err(error)
+                if !refused_for_good(&error) && error.code() != Some("reservation_not_active") =>
+            {
+                Err(error.to_string())
+            }
             Err(error) => {
                 if let (
                     Op::Commit {
@@ -377,5 +438,136 @@ impl Outbox {
                 Ok(None)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use axum::Json;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    /// A control plane whose `/v1/usage/batch` answers the given statuses in turn, then
+    /// accepts everything.
+    async fn fake_control_plane(refusals: Vec<u16>) -> (String, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = calls.clone();
+        let app = axum::Router::new().route(
+            "/v1/usage/batch",
+            axum::routing::post(move |Json(batch): Json<UsageBatch>| {
+                let call = counter.fetch_add(1, Ordering::AcqRel);
+                let refusal = refusals
+                    .get(usize::try_from(call).unwrap_or(usize::MAX))
+                    .copied();
+                async move {
+                    if let Some(status) = refusal {
+                        let problem =
+                            protocol::Problem::new(status, "refused", "Refused", "try later");
+                        return (
+                            StatusCode::from_u16(status).expect("status"),
+                            Json(serde_json::to_value(problem).expect("json")),
+                        )
+                            .into_response();
+                    }
+                    let results: Vec<protocol::BatchResult> = (0..batch.events.len())
+                        .map(|index| protocol::BatchResult {
+                            index,
+                            status: BatchStatus::Created,
+                            id: Some(format!("led_{index}")),
+                            cost: Some(1),
+                            covered: Some(1),
+                            debt: Some(0),
+                            version: Some(2),
+                            error: None,
+                        })
+                        .collect();
+                    Json(protocol::UsageBatchRecorded { results }).into_response()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, calls)
+    }
+
+    fn usage(key: &str) -> Record {
+        Record {
+            key: key.into(),
+            end_user_id: "u1".into(),
+            pending: 1,
+            op: Op::Usage {
+                feature_key: "api_calls".into(),
+                units: 1,
+                timestamp_ms: 1_780_000_000_000,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn usage_waits_through_rate_limits_and_key_rotations_then_ships_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+        let (url, calls) = fake_control_plane(vec![429, 401, 503]).await;
+        let client = client::Client::new(&url, "qs_test_k")
+            .expect("client")
+            .retry(client::Retry {
+                attempts: 1,
+                ..client::Retry::default()
+            });
+        for key in ["k1", "k2", "k3"] {
+            outbox.push(&usage(key)).await.expect("pushed");
+            replica
+                .pending
+                .add(&EndUserId::new("u1").expect("id"), Credits::new(1));
+        }
+        for _ in 0..3 {
+            assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
+            assert_eq!(
+                outbox.depth(),
+                3,
+                "nothing is dropped on a temporary refusal"
+            );
+        }
+        assert!(
+            !outbox
+                .ship_once(&client, &replica, 500)
+                .await
+                .expect("shipped")
+        );
+        assert_eq!(outbox.depth(), 0);
+        assert_eq!(calls.load(Ordering::Acquire), 4);
+        // Acknowledged at version 2: pending until the replica shows it.
+        let user = EndUserId::new("u1").expect("id");
+        assert_eq!(replica.pending.total(&user), Credits::new(3));
+        replica.pending.observed(&user, 2);
+        assert_eq!(replica.pending.total(&user), Credits::ZERO);
+    }
+
+    #[tokio::test]
+    async fn a_malformed_batch_refused_for_good_is_dropped_and_its_spend_released() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+        let (url, _calls) = fake_control_plane(vec![400]).await;
+        let client = client::Client::new(&url, "qs_test_k").expect("client");
+        outbox.push(&usage("bad")).await.expect("pushed");
+        let user = EndUserId::new("u1").expect("id");
+        replica.pending.add(&user, Credits::new(1));
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("handled");
+        assert_eq!(outbox.depth(), 0);
+        assert_eq!(replica.pending.total(&user), Credits::ZERO);
     }
 }

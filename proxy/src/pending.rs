@@ -5,9 +5,10 @@
 //! An admitted cost is *unconfirmed* until the control plane acknowledges it, then
 //! *confirmed at version v* until the replica holds the end user's state at version `v`
 //! or later (that state includes it). Acknowledgements without a version (reservation
-//! commits, releases) wait for any newer state than the one held at acknowledgement, and
-//! every confirmed cost is dropped after [`CONFIRMED_TTL`] at the latest, since the stream
-//! normally delivers within milliseconds.
+//! commits, releases) wait for any newer state than the one held at acknowledgement. A
+//! confirmed cost the stream has not shown [`CONFIRMED_TTL`] after it was acknowledged,
+//! while the stream kept talking (heartbeats), is dropped: the stream delivers in
+//! milliseconds, so it is not coming. While the stream is silent nothing is dropped.
 //!
 //! Pending is kept per end user, not per feature: a cost is subtracted from every feature's
 //! balance (credits can be shared between features), which errs on the side of refusing
@@ -15,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ledger::{Credits, EndUserId};
 
@@ -24,11 +25,23 @@ pub const CONFIRMED_TTL: Duration = Duration::from_secs(5);
 
 const SHARDS: usize = 64;
 
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .ok()
+        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
+        .unwrap_or(0)
+}
+
+fn ttl_ms() -> i64 {
+    i64::try_from(CONFIRMED_TTL.as_millis()).unwrap_or(i64::MAX)
+}
+
 #[derive(Debug, Default, Clone)]
 struct UserPending {
     unconfirmed: Credits,
-    /// (state version that includes it, cost, confirmed at).
-    confirmed: Vec<(u64, Credits, Instant)>,
+    /// (state version that includes it, cost, confirmed at in wall-clock ms).
+    confirmed: Vec<(u64, Credits, i64)>,
 }
 
 impl UserPending {
@@ -132,7 +145,7 @@ impl Pending {
         version: Option<u64>,
         held_version: Option<u64>,
     ) {
-        let now = Instant::now();
+        let now = wall_ms();
         self.with(end_user, |map| {
             let Some(entry) = map.get_mut(end_user) else {
                 return;
@@ -156,12 +169,9 @@ impl Pending {
 
     /// The replica now holds the end user's state at `version`.
     pub fn observed(&self, end_user: &EndUserId, version: u64) {
-        let now = Instant::now();
         self.with(end_user, |map| {
             if let Some(entry) = map.get_mut(end_user) {
-                entry.confirmed.retain(|(needed, _, at)| {
-                    *needed > version && now.duration_since(*at) < CONFIRMED_TTL
-                });
+                entry.confirmed.retain(|(needed, _, _)| *needed > version);
                 if entry.is_empty() {
                     map.remove(end_user);
                 }
@@ -169,9 +179,10 @@ impl Pending {
         });
     }
 
-    /// Drops confirmed costs older than [`CONFIRMED_TTL`] (called periodically).
-    pub fn expire(&self) {
-        let now = Instant::now();
+    /// Drops confirmed costs acknowledged more than [`CONFIRMED_TTL`] before the stream
+    /// was last heard from (`heard_ms`, wall clock): called periodically.
+    pub fn expire(&self, heard_ms: i64) {
+        let ttl = ttl_ms();
         for shard in &self.shards {
             let mut map = shard
                 .lock()
@@ -179,7 +190,7 @@ impl Pending {
             map.retain(|_, entry| {
                 entry
                     .confirmed
-                    .retain(|(_, _, at)| now.duration_since(*at) < CONFIRMED_TTL);
+                    .retain(|(_, _, at)| heard_ms.saturating_sub(*at) < ttl);
                 !entry.is_empty()
             });
         }
@@ -231,6 +242,23 @@ mod tests {
         pending.observed(&user(), 4);
         assert_eq!(pending.total(&user()), Credits::new(3));
         pending.observed(&user(), 5);
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn confirmed_costs_expire_only_while_the_stream_is_heard() {
+        let pending = Pending::default();
+        pending.add(&user(), Credits::new(8));
+        pending.confirm(&user(), Credits::new(8), None, Some(1));
+        let acknowledged = wall_ms();
+        // The stream silent since before the acknowledgement: kept, however long.
+        pending.expire(acknowledged.saturating_sub(60_000));
+        assert_eq!(pending.total(&user()), Credits::new(8));
+        // Heard from shortly after: kept.
+        pending.expire(acknowledged.saturating_add(1_000));
+        assert_eq!(pending.total(&user()), Credits::new(8));
+        // Heard from well after, without the state showing it: dropped.
+        pending.expire(acknowledged.saturating_add(ttl_ms()).saturating_add(1_000));
         assert_eq!(pending.total(&user()), Credits::ZERO);
     }
 

@@ -51,6 +51,8 @@ pub struct Replica {
     /// Between `begin_snapshot` and the snapshot's end line: every end user is written,
     /// even one whose version memory holds already (the durable copy was cleared).
     snapshotting: AtomicBool,
+    /// A record could not be applied: the follower takes a new snapshot.
+    resnapshot: AtomicBool,
     pub pending: Arc<Pending>,
 }
 
@@ -144,6 +146,7 @@ impl Replica {
             disk,
             dirty: std::sync::Mutex::new(Dirty::default()),
             snapshotting: AtomicBool::new(false),
+            resnapshot: AtomicBool::new(false),
             pending,
         };
         let stored = replica.disk.load_replica()?;
@@ -191,8 +194,17 @@ impl Replica {
 
     /// The cursor to resume the stream from, if a complete copy is held.
     pub fn cursor(&self) -> Option<i64> {
+        if self.snapshotting.load(Ordering::Acquire) || self.resnapshot.load(Ordering::Acquire) {
+            // An interrupted snapshot or a record that would not apply: start over.
+            return None;
+        }
         let cursor = self.cursor.load(Ordering::Acquire);
         (self.is_loaded() && cursor >= 0).then_some(cursor)
+    }
+
+    /// When the stream last said anything (wall-clock ms; 0: never).
+    pub fn last_heard_ms(&self) -> i64 {
+        self.last_heard_ms.load(Ordering::Acquire)
     }
 
     /// How long since the stream last said anything (`None`: never, since start).
@@ -252,12 +264,6 @@ impl Replica {
             .len()
     }
 
-    fn heard(&self) -> i64 {
-        let now = wall_now_ms().max(1);
-        self.last_heard_ms.store(now, Ordering::Release);
-        now
-    }
-
     /// Starts a fresh snapshot: forgets the durable copy (memory keeps serving until the
     /// snapshot completes).
     ///
@@ -267,6 +273,7 @@ impl Replica {
         let mut dirty = self.lock_dirty();
         *dirty = Dirty::default();
         self.snapshotting.store(true, Ordering::Release);
+        self.resnapshot.store(false, Ordering::Release);
         self.disk.clear_replica()?;
         Ok(())
     }
@@ -283,9 +290,17 @@ impl Replica {
     /// # Errors
     /// Records that do not validate.
     pub fn apply(&self, record: SyncRecord) -> Result<(), ApplyError> {
-        let heard = self.heard();
+        let applied = self.apply_record(record);
+        if let Err(ApplyError::Invalid(message)) = &applied {
+            tracing::error!(%message, "a replication record would not apply; taking a new snapshot");
+            self.resnapshot.store(true, Ordering::Release);
+        }
+        applied
+    }
+
+    fn apply_record(&self, record: SyncRecord) -> Result<(), ApplyError> {
+        let heard = wall_now_ms().max(1);
         let mut dirty = self.lock_dirty();
-        dirty.heard = Some(heard);
         match record {
             SyncRecord::Header {
                 cursor,
@@ -358,6 +373,10 @@ impl Replica {
                 self.loaded.store(true, Ordering::Release);
             }
         }
+        // Heard only once the record applied: a stream of records that fail does not
+        // make a frozen replica look fresh.
+        dirty.heard = Some(heard);
+        self.last_heard_ms.store(heard, Ordering::Release);
         Ok(())
     }
 

@@ -41,6 +41,7 @@ pub struct Running {
     live: Arc<ArcSwap<Live>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    stop_background: watch::Sender<bool>,
     background: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -153,11 +154,24 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         attempts: 1,
         ..client::Retry::default()
     };
-    // One client per runtime: a connection belongs to the runtime that opened it.
-    let client = client::Client::new(&config.control_plane.url, &api_key)?.retry(one_try);
+    // One client per runtime (a connection belongs to the runtime that opened it), with
+    // short timeouts: a request waiting on a reservation must fail over to the route's
+    // policy quickly, and the shipper retries on its own schedule. Sync streams set their
+    // own, open-ended timeout.
+    let http = || {
+        reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5))
+            .build()
+    };
+    let client =
+        client::Client::with_http(http()?, &config.control_plane.url, &api_key)?.retry(one_try);
     let background_client =
-        client::Client::new(&config.control_plane.url, &api_key)?.retry(one_try);
+        client::Client::with_http(http()?, &config.control_plane.url, &api_key)?.retry(one_try);
+    // Two stops: the front (listeners) first, so requests in flight finish with the
+    // flusher and shipper still running; then the background.
     let (stop, stopped) = watch::channel(false);
+    let (stop_background, background_stopped) = watch::channel(false);
     let outage = Arc::new(OutageBudgets::default());
     let background = {
         let work = Background {
@@ -171,7 +185,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
             flush_interval: Duration::from_millis(config.usage.flush_interval_ms),
             ship_interval: Duration::from_millis(config.usage.ship_interval_ms),
             batch_size: config.usage.batch_size,
-            stopped: stopped.clone(),
+            stopped: background_stopped,
         };
         std::thread::Builder::new()
             .name("qs-proxy-background".into())
@@ -235,6 +249,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         live,
         stop,
         tasks,
+        stop_background,
         background: Some(background),
     })
 }
@@ -336,7 +351,7 @@ async fn housekeeping(
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
-        replica.pending.expire();
+        replica.pending.expire(replica.last_heard_ms());
         let now = replica.freshness(live.load().max_staleness);
         if now != was {
             if now == Freshness::Fresh {
@@ -402,6 +417,7 @@ impl Running {
         for task in self.tasks {
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
         }
+        let _ = self.stop_background.send(true);
         if let Some(background) = self.background {
             // Its tasks end on the stop signal (the shipper tries one last round, bounded).
             let joined = tokio::task::spawn_blocking(move || background.join());

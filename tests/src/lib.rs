@@ -218,6 +218,12 @@ impl Upstream {
             .route("/closed", axum::routing::any(|| async { "done" }))
             .route("/health", axum::routing::get(|| async { "healthy" }))
             .route(
+                "/upload",
+                axum::routing::post(
+                    |body: String| async move { format!("got {} bytes", body.len()) },
+                ),
+            )
+            .route(
                 "/fail",
                 axum::routing::any(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "broken") }),
             )
@@ -253,6 +259,10 @@ feature = "api_calls"
 
 [[routes]]
 path = "/fail"
+feature = "api_calls"
+
+[[routes]]
+path = "/upload"
 feature = "api_calls"
 
 [[routes]]

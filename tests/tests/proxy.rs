@@ -412,3 +412,38 @@ async fn a_restarted_proxy_serves_from_its_sled_copy_at_once_even_without_the_co
     assert_eq!(plane.entries("keeper", "debit").await.len(), 3);
     proxy.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_expect_100_continue_is_charged_once() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("uploader", 10).await;
+    eventually(
+        "the grant to reach the proxy",
+        Duration::from_secs(10),
+        || async {
+            (proxy
+                .running
+                .replica
+                .version(&ledger::EndUserId::new("uploader").expect("id"))
+                .is_some())
+            .then_some(())
+        },
+    )
+    .await;
+    let body = "x".repeat(4096);
+    let response = proxy
+        .http
+        .post(format!("{}/upload", proxy.url))
+        .header("x-end-user-id", "uploader")
+        .header("expect", "100-continue")
+        .body(body)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.expect("body"), "got 4096 bytes");
+    proxy.drained().await;
+    assert_eq!(plane.entries("uploader", "debit").await.len(), 1);
+    assert_eq!(plane.available("uploader").await, 9);
+    proxy.running.shutdown().await;
+}
