@@ -270,6 +270,79 @@ mod tests {
         ));
     }
 
+    fn keys(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/keys")
+            .join(name)
+    }
+
+    fn asymmetric(algorithm: Algorithm, public: &str) -> Identity {
+        Identity::from_config(&IdentityConfig {
+            header: None,
+            jwt: Some(JwtConfig {
+                algorithm: format!("{algorithm:?}"),
+                secret: None,
+                public_key_file: Some(keys(public)),
+                issuer: Some("https://auth.example.com".into()),
+                audience: Some("my-api".into()),
+                leeway_secs: 0,
+            }),
+        })
+        .expect("valid")
+    }
+
+    fn signed(algorithm: Algorithm, key: &EncodingKey, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(algorithm), claims, key).expect("encodes")
+    }
+
+    #[test]
+    fn rs256_and_es256_tokens_are_verified_with_the_public_key() {
+        let exp = 4_000_000_000u64;
+        let claims = serde_json::json!({"sub": "user_9", "exp": exp, "iss": "https://auth.example.com", "aud": "my-api"});
+        let rsa =
+            EncodingKey::from_rsa_pem(&std::fs::read(keys("rs256-private.pem")).expect("key"))
+                .expect("rsa key");
+        let ec = EncodingKey::from_ec_pem(&std::fs::read(keys("es256-private.pem")).expect("key"))
+            .expect("ec key");
+        for (algorithm, key, public) in [
+            (Algorithm::RS256, &rsa, "rs256-public.pem"),
+            (Algorithm::ES256, &ec, "es256-public.pem"),
+        ] {
+            let identity = asymmetric(algorithm, public);
+            let token = signed(algorithm, key, &claims);
+            assert_eq!(
+                identity.end_user(&bearer(&token)).expect("ok").as_str(),
+                "user_9"
+            );
+            // Another audience, or a token signed with the other algorithm's key: refused.
+            let wrong_audience = signed(
+                algorithm,
+                key,
+                &serde_json::json!({"sub": "user_9", "exp": exp, "iss": "https://auth.example.com", "aud": "other"}),
+            );
+            assert!(identity.end_user(&bearer(&wrong_audience)).is_err());
+        }
+        let es_identity = asymmetric(Algorithm::ES256, "es256-public.pem");
+        assert!(
+            es_identity
+                .end_user(&bearer(&signed(Algorithm::RS256, &rsa, &claims)))
+                .is_err()
+        );
+        // An HS256 token made with the public key as its secret (the classic confusion).
+        let public_as_secret =
+            EncodingKey::from_secret(&std::fs::read(keys("rs256-public.pem")).expect("key"));
+        let rs_identity = asymmetric(Algorithm::RS256, "rs256-public.pem");
+        assert!(
+            rs_identity
+                .end_user(&bearer(&signed(
+                    Algorithm::HS256,
+                    &public_as_secret,
+                    &claims
+                )))
+                .is_err()
+        );
+    }
+
     #[test]
     fn unknown_algorithms_and_missing_keys_are_config_errors() {
         let mut config = JwtConfig {

@@ -8,8 +8,10 @@
 pub mod bench;
 
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -390,4 +392,39 @@ pub async fn send(
         request = request.header(*name, *value);
     }
     request.send().await.expect("the proxy answers")
+}
+
+/// Starts the proxy's command line (`binary`: the `e2e-proxy` copy, from a test's
+/// `env!("CARGO_BIN_EXE_e2e-proxy")`) on `config` and reads the addresses it prints:
+/// `(child, http://proxy, http://admin)`.
+pub fn spawn_proxy(binary: &str, config: &Path) -> (Child, String, String) {
+    let mut child = Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .env("QS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the proxy binary starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut address = None;
+    let mut admin = None;
+    while address.is_none() || admin.is_none() {
+        let line = lines
+            .next()
+            .expect("the proxy prints its addresses")
+            .expect("a line");
+        if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
+            address = Some(rest.trim().to_owned());
+        } else if let Some(rest) = line
+            .trim()
+            .strip_prefix("admin (healthz, readyz, metrics) on ")
+        {
+            admin = Some(rest.trim().to_owned());
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, address.expect("address"), admin.expect("admin"))
 }

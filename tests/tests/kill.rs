@@ -4,8 +4,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,39 +12,6 @@ use e2e::{ControlPlane, ROUTES, Upstream, eventually, proxy_config};
 use reqwest::{Method, StatusCode};
 
 const WORKERS: u64 = 8;
-
-/// Starts `e2e-proxy` (the `quotastack-proxy` command line) and reads its addresses.
-fn spawn(config: &std::path::Path) -> (Child, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_e2e-proxy"))
-        .arg("--config")
-        .arg(config)
-        .env("QS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the proxy binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut address = None;
-    let mut admin = None;
-    while address.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("the proxy prints its addresses")
-            .expect("a line");
-        if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
-            address = Some(rest.trim().to_owned());
-        } else if let Some(rest) = line
-            .trim()
-            .strip_prefix("admin (healthz, readyz, metrics) on ")
-        {
-            admin = Some(rest.trim().to_owned());
-        }
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, address.expect("address"), admin.expect("admin"))
-}
 
 async fn outbox_depth(http: &reqwest::Client, admin: &str) -> Option<u64> {
     let text = http
@@ -75,7 +40,8 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
         proxy_config(&plane, &upstream, &dir.path().join("proxy"), ROUTES),
     )
     .expect("config written");
-    let (mut child, address, admin) = spawn(&config_path);
+    let (mut child, address, admin) =
+        e2e::spawn_proxy(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
     let http = e2e::http_client();
     eventually("the proxy to admit", Duration::from_secs(20), || async {
         let response = e2e::send(&http, &address, Method::POST, "/work", Some("loaded"), &[]).await;
@@ -123,7 +89,8 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
     let succeeded = ok.load(Ordering::Acquire);
 
     // Restart on the same data directory: the outbox left behind is shipped.
-    let (mut child, _address, admin_again) = spawn(&config_path);
+    let (mut child, _address, admin_again) =
+        e2e::spawn_proxy(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
     eventually(
         "the restarted proxy to drain its outbox",
         Duration::from_secs(30),
