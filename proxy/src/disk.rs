@@ -40,6 +40,8 @@ pub struct Disk {
     db: sled::Db,
     replica: sled::Tree,
     outbox: sled::Tree,
+    /// Usage the control plane acknowledged that the stored replica may not show yet.
+    acked: sled::Tree,
 }
 
 impl std::fmt::Debug for Disk {
@@ -55,6 +57,17 @@ const CLOCK: &[u8] = b"m/clock";
 const COMPLETE: &[u8] = b"m/complete";
 const HEARD: &[u8] = b"m/heard";
 const USER_PREFIX: &[u8] = b"u/";
+
+/// A cost the control plane acknowledged, kept on disk until the stored replica shows the
+/// state `needed` (so a crash in between does not forget it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Acked {
+    pub end_user_id: String,
+    pub cost: i64,
+    pub needed: u64,
+    /// Wall-clock ms when acknowledged (very old entries are dropped).
+    pub at_ms: i64,
+}
 
 /// An outbox record as stored: its key and its JSON.
 pub type OutboxEntry = (Vec<u8>, Vec<u8>);
@@ -128,10 +141,12 @@ impl Disk {
         };
         let replica = db.open_tree("replica")?;
         let outbox = db.open_tree("outbox")?;
+        let acked = db.open_tree("acked")?;
         Ok(Disk {
             db,
             replica,
             outbox,
+            acked,
         })
     }
 
@@ -226,6 +241,51 @@ impl Disk {
             batch.remove(key.as_slice());
         }
         self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Notes acknowledged records (kept until the stored replica shows them).
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn acked_put(&self, entries: &[OutboxEntry]) -> Result<(), DiskError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (key, json) in entries {
+            batch.insert(key.as_slice(), json.as_slice());
+        }
+        self.acked.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every acknowledged record still kept.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn acked_all(&self) -> Result<Vec<OutboxEntry>, DiskError> {
+        let mut entries = Vec::new();
+        for item in &self.acked {
+            let (key, value) = item?;
+            entries.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(entries)
+    }
+
+    /// Forgets acknowledged records the stored replica shows.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn acked_remove(&self, keys: &[Vec<u8>]) -> Result<(), DiskError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key.as_slice());
+        }
+        self.acked.apply_batch(batch)?;
         Ok(())
     }
 

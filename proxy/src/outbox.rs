@@ -13,8 +13,27 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::config::Durability;
-use crate::disk::{Disk, DiskError, Flusher};
+use crate::disk::{Acked, Disk, DiskError, Flusher, OutboxEntry};
 use crate::replica::Replica;
+
+fn acked_entry(record: &Record, needed: u64) -> Result<OutboxEntry, String> {
+    let acked = Acked {
+        end_user_id: record.end_user_id.clone(),
+        cost: record.pending,
+        needed,
+        at_ms: wall_ms(),
+    };
+    let json = serde_json::to_vec(&acked).map_err(|error| error.to_string())?;
+    Ok((record.key.as_bytes().to_vec(), json))
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
+        .unwrap_or(0)
+}
 
 /// Whether an answer means "try again later" rather than "this will never pass": 5xx,
 /// rate limiting, a key being rotated (401/403), a request still in flight (409), a
@@ -213,6 +232,7 @@ impl Outbox {
         let full = head.len() >= batch_size;
         let mut usage: Vec<(Vec<u8>, Record)> = Vec::new();
         let mut done: Vec<Vec<u8>> = Vec::new();
+        let mut acked: Vec<OutboxEntry> = Vec::new();
         for (key, json) in head {
             let record: Record = match serde_json::from_slice(&json) {
                 Ok(record) => record,
@@ -309,13 +329,15 @@ impl Outbox {
                 let end_user = EndUserId::new(&record.end_user_id).ok();
                 match result.status {
                     BatchStatus::Created | BatchStatus::Duplicate => {
-                        if let Some(end_user) = &end_user {
-                            replica.pending.confirm(
+                        if let Some(end_user) = &end_user
+                            && let Some(needed) = replica.pending.confirm(
                                 end_user,
                                 Credits::new(record.pending),
                                 result.version,
                                 replica.version(end_user),
-                            );
+                            )
+                        {
+                            acked.push(acked_entry(record, needed)?);
                         }
                         metrics::counter!("qs_proxy_usage_shipped_total").increment(1);
                         done.push(key.clone());
@@ -338,8 +360,44 @@ impl Outbox {
                 }
             }
         }
+        // Acknowledged costs go on disk before their records leave the outbox.
+        self.disk
+            .acked_put(&acked)
+            .map_err(|error| error.to_string())?;
         self.remove(&done)?;
         Ok(full)
+    }
+
+    /// Acknowledged costs left by a previous run that the stored replica does not show
+    /// yet count as pending again (the others are forgotten).
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub fn restore_acked(&self, replica: &Replica) -> Result<usize, DiskError> {
+        let mut shown = Vec::new();
+        let mut restored = 0usize;
+        for (key, json) in self.disk.acked_all()? {
+            let acked: Acked = serde_json::from_slice(&json)?;
+            let Ok(end_user) = EndUserId::new(&acked.end_user_id) else {
+                shown.push(key);
+                continue;
+            };
+            if replica
+                .version(&end_user)
+                .is_some_and(|held| held >= acked.needed)
+            {
+                shown.push(key);
+            } else {
+                replica.pending.restore_confirmed(
+                    &end_user,
+                    Credits::new(acked.cost),
+                    acked.needed,
+                );
+                restored = restored.saturating_add(1);
+            }
+        }
+        self.disk.acked_remove(&shown)?;
+        Ok(restored)
     }
 
     /// Commits or releases a reservation. `Some(record)` replaces the record when the
@@ -394,13 +452,17 @@ impl Outbox {
         };
         match outcome {
             Ok(_) => {
-                if let Some(end_user) = &end_user {
-                    replica.pending.confirm(
+                if let Some(end_user) = &end_user
+                    && let Some(needed) = replica.pending.confirm(
                         end_user,
                         Credits::new(record.pending),
                         None,
                         replica.version(end_user),
-                    );
+                    )
+                {
+                    self.disk
+                        .acked_put(&[acked_entry(record, needed)?])
+                        .map_err(|error| error.to_string())?;
                 }
                 Ok(None)
             }
@@ -454,6 +516,13 @@ mod tests {
     /// A control plane whose `/v1/usage/batch` answers the given statuses in turn, then
     /// accepts everything.
     async fn fake_control_plane(refusals: Vec<u16>) -> (String, Arc<AtomicU32>) {
+        fake_control_plane_at(refusals, 2).await
+    }
+
+    async fn fake_control_plane_at(
+        refusals: Vec<u16>,
+        ack_version: u64,
+    ) -> (String, Arc<AtomicU32>) {
         let calls = Arc::new(AtomicU32::new(0));
         let counter = calls.clone();
         let app = axum::Router::new().route(
@@ -481,7 +550,7 @@ mod tests {
                             cost: Some(1),
                             covered: Some(1),
                             debt: Some(0),
-                            version: Some(2),
+                            version: Some(ack_version),
                             error: None,
                         })
                         .collect();
@@ -569,5 +638,67 @@ mod tests {
             .expect("handled");
         assert_eq!(outbox.depth(), 0);
         assert_eq!(replica.pending.total(&user), Credits::ZERO);
+    }
+
+    #[tokio::test]
+    async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let user = EndUserId::new("u1").expect("id");
+        let (url, _calls) = fake_control_plane_at(vec![], 1).await;
+        let client = client::Client::new(&url, "qs_test_k").expect("client");
+        {
+            let disk = Disk::open(dir.path(), 8).expect("disk");
+            let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+            let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+            outbox.push(&usage("k1")).await.expect("pushed");
+            replica.pending.add(&user, Credits::new(1));
+            outbox
+                .ship_once(&client, &replica, 500)
+                .await
+                .expect("shipped");
+            assert_eq!(outbox.depth(), 0, "acknowledged records leave the outbox");
+            assert_eq!(replica.pending.total(&user), Credits::new(1));
+            // The process dies here, before its replica shows version 1.
+        }
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+        let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
+        assert_eq!(outbox.restore_acked(&replica).expect("restored"), 1);
+        assert_eq!(
+            replica.pending.total(&user),
+            Credits::new(1),
+            "still counted after the crash"
+        );
+
+        // The stream brings version 1: pending clears, and the next persist forgets it.
+        let catalog_json: protocol::CatalogSnapshot = serde_json::from_value(serde_json::json!({
+            "features": [], "plans": [], "variants": [],
+            "settings": {"free_plan_variant_id": null, "low_balance_threshold": null}
+        }))
+        .expect("catalog");
+        let catalog = catalog_json.to_ledger().expect("catalog");
+        let now = ledger::Timestamp::from_millis(1_780_000_000_000);
+        let mut state = ledger::EndUserState::new(user.clone(), now);
+        let mut ids = ledger::SequentialIds::default();
+        let mut cx = ledger::Cx {
+            now,
+            catalog: &catalog,
+            ids: &mut ids,
+        };
+        state
+            .grant(&mut cx, ledger::GrantRequest::new(Credits::new(5)))
+            .expect("grant");
+        assert_eq!(state.version(), 1);
+        replica
+            .apply(protocol::SyncRecord::EndUser {
+                cursor: 4,
+                end_user_id: "u1".into(),
+                version: 1,
+                state: state.into_parts(),
+            })
+            .expect("applied");
+        assert_eq!(replica.pending.total(&user), Credits::ZERO);
+        replica.persist().expect("persisted");
+        assert!(disk.acked_all().expect("read").is_empty());
     }
 }

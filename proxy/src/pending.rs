@@ -138,27 +138,44 @@ impl Pending {
 
     /// The control plane acknowledged `cost`: it is in its state from `version` on (or,
     /// without a version, in any state newer than `held_version`, the replica's now).
+    ///
+    /// Returns the version the cost now waits for, when it still counts.
     pub fn confirm(
         &self,
         end_user: &EndUserId,
         cost: Credits,
         version: Option<u64>,
         held_version: Option<u64>,
-    ) {
+    ) -> Option<u64> {
         let now = wall_ms();
         self.with(end_user, |map| {
-            let Some(entry) = map.get_mut(end_user) else {
-                return;
-            };
+            let entry = map.get_mut(end_user)?;
             entry.unconfirmed = entry.unconfirmed.saturating_sub_floor(cost);
             let needed =
                 version.unwrap_or_else(|| held_version.map_or(0, |held| held.saturating_add(1)));
-            if held_version.is_none_or(|held| held < needed) && cost.is_positive() {
+            let waits = held_version.is_none_or(|held| held < needed) && cost.is_positive();
+            if waits {
                 entry.confirmed.push((needed, cost, now));
             }
             if entry.is_empty() {
                 map.remove(end_user);
             }
+            waits.then_some(needed)
+        })
+    }
+
+    /// Counts a cost acknowledged before a restart that the stored replica does not show
+    /// yet: confirmed, waiting for `needed`.
+    pub fn restore_confirmed(&self, end_user: &EndUserId, cost: Credits, needed: u64) {
+        if !cost.is_positive() {
+            return;
+        }
+        let now = wall_ms();
+        self.with(end_user, |map| {
+            map.entry(end_user.clone())
+                .or_default()
+                .confirmed
+                .push((needed, cost, now));
         });
     }
 

@@ -388,8 +388,16 @@ impl Replica {
     /// # Errors
     /// Storage failures (the changes are kept for the next call).
     pub fn persist(&self) -> Result<usize, ApplyError> {
-        let taken = std::mem::take(&mut *self.lock_dirty());
+        let acked = self.disk.acked_all()?;
+        let (taken, shown) = {
+            let mut dirty = self.lock_dirty();
+            // Under the lock, memory is exactly what this call will have stored: the
+            // acknowledged costs its states include can be forgotten once it is written.
+            let shown = self.acked_shown(&acked);
+            (std::mem::take(&mut *dirty), shown)
+        };
         if taken.is_empty() {
+            self.disk.acked_remove(&shown)?;
             return Ok(0);
         }
         // End users go in chunks (a snapshot of a million must not be one giant batch);
@@ -444,7 +452,27 @@ impl Replica {
             }
         }
         debug_assert_eq!(written, count);
+        self.disk.acked_remove(&shown)?;
         Ok(count)
+    }
+
+    /// The keys of acknowledged costs the in-memory states include (or that are over a
+    /// day old: the state they wait for is not coming).
+    fn acked_shown(&self, acked: &[crate::disk::OutboxEntry]) -> Vec<Vec<u8>> {
+        let too_old = wall_now_ms().saturating_sub(24 * 3600 * 1000);
+        acked
+            .iter()
+            .filter(|(_, json)| {
+                serde_json::from_slice::<crate::disk::Acked>(json).map_or(true, |entry| {
+                    entry.at_ms < too_old
+                        || EndUserId::new(&entry.end_user_id).map_or(true, |end_user| {
+                            self.version(&end_user)
+                                .is_some_and(|held| held >= entry.needed)
+                        })
+                })
+            })
+            .map(|(key, _)| key.clone())
+            .collect()
     }
 
     /// Moves the in-memory cursor forward (during a snapshot it stays until the end line;

@@ -139,6 +139,13 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         config.usage.batch_size,
     ));
     let restored = outbox.restore_pending(&replica)?;
+    let acknowledged = outbox.restore_acked(&replica)?;
+    if acknowledged > 0 {
+        tracing::info!(
+            costs = acknowledged,
+            "acknowledged usage the stored replica does not show yet counts as pending"
+        );
+    }
     if restored > 0 {
         tracing::info!(
             records = restored,
