@@ -349,6 +349,18 @@ impl Proxy {
         .await;
     }
 
+    /// Waits until the replica holds `end_user` (a grant made at the control plane
+    /// reached this proxy).
+    pub async fn sees(&self, end_user: &str) {
+        let id = ledger::EndUserId::new(end_user).expect("an end user id");
+        eventually(
+            &format!("{end_user} to reach the proxy"),
+            Duration::from_secs(10),
+            || async { self.running.replica.version(&id).is_some().then_some(()) },
+        )
+        .await;
+    }
+
     /// Sends a request as `end_user` (`None`: no identity).
     pub async fn send(
         &self,

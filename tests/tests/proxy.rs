@@ -25,19 +25,7 @@ async fn status(proxy: &Proxy, path: &str, end_user: Option<&str>) -> StatusCode
 async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_request() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("u1", 5).await;
-    eventually(
-        "the grant to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            (proxy
-                .running
-                .replica
-                .version(&ledger::EndUserId::new("u1").expect("id"))
-                .is_some())
-            .then_some(())
-        },
-    )
-    .await;
+    proxy.sees("u1").await;
 
     let mut balances = Vec::new();
     let mut statuses = Vec::new();
@@ -89,19 +77,7 @@ async fn admits_while_credits_last_then_402_with_one_usage_entry_per_admitted_re
 async fn racing_requests_on_one_end_user_never_overspend_and_5xx_is_not_charged() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("racer", 10).await;
-    eventually(
-        "the grant to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            (proxy
-                .running
-                .replica
-                .version(&ledger::EndUserId::new("racer").expect("id"))
-                .is_some())
-            .then_some(())
-        },
-    )
-    .await;
+    proxy.sees("racer").await;
     let mut tasks = Vec::new();
     for _ in 0..30 {
         let (http, url) = (proxy.http.clone(), proxy.url.clone());
@@ -164,19 +140,7 @@ async fn a_grant_at_the_control_plane_is_honoured_within_a_deadline() {
 async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_the_hold() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("writer", 1_000).await;
-    eventually(
-        "the grant to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            (proxy
-                .running
-                .replica
-                .version(&ledger::EndUserId::new("writer").expect("id"))
-                .is_some())
-            .then_some(())
-        },
-    )
-    .await;
+    proxy.sees("writer").await;
     let response = proxy
         .send(
             Method::POST,
@@ -229,19 +193,7 @@ async fn with_the_control_plane_stopped_open_routes_admit_within_budget_closed_r
     );
     let (_dir, mut plane, _upstream, proxy) = setup(&extra).await;
     plane.grant("u9", 100).await;
-    eventually(
-        "the grant to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            (proxy
-                .running
-                .replica
-                .version(&ledger::EndUserId::new("u9").expect("id"))
-                .is_some())
-            .then_some(())
-        },
-    )
-    .await;
+    proxy.sees("u9").await;
     assert_eq!(status(&proxy, "/work", Some("u9")).await, StatusCode::OK);
     assert_eq!(status(&proxy, "/closed", Some("u9")).await, StatusCode::OK);
     proxy.drained().await;
@@ -316,19 +268,7 @@ async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
     second.ready().await;
     plane.grant("shared", 20).await;
     for proxy in [&first, &second] {
-        eventually(
-            "the grant to reach both proxies",
-            Duration::from_secs(10),
-            || async {
-                (proxy
-                    .running
-                    .replica
-                    .version(&ledger::EndUserId::new("shared").expect("id"))
-                    .is_some())
-                .then_some(())
-            },
-        )
-        .await;
+        proxy.sees("shared").await;
     }
     // Each alone, hammered concurrently, admits at most the balance it knows of.
     let mut tasks = Vec::new();
@@ -417,19 +357,7 @@ async fn a_restarted_proxy_serves_from_its_sled_copy_at_once_even_without_the_co
 async fn a_request_with_expect_100_continue_is_charged_once() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
     plane.grant("uploader", 10).await;
-    eventually(
-        "the grant to reach the proxy",
-        Duration::from_secs(10),
-        || async {
-            (proxy
-                .running
-                .replica
-                .version(&ledger::EndUserId::new("uploader").expect("id"))
-                .is_some())
-            .then_some(())
-        },
-    )
-    .await;
+    proxy.sees("uploader").await;
     let body = "x".repeat(4096);
     let response = proxy
         .http
