@@ -1776,6 +1776,85 @@ mod tests {
             .expect("grant");
     }
 
+    /// Forces the interleaving a feed must survive: transaction A takes the next position
+    /// and stays open; transaction B (an ordinary mutation) tries to append after it and
+    /// would commit first. B is made to wait on A's `feed_heads` row (seen in
+    /// `pg_stat_activity`, not guessed with a sleep) and no reader sees B's position
+    /// before A's; once A commits, a reader by cursor sees A's position, then B's, with no
+    /// hole — the opposite commit order cannot happen.
+    #[tokio::test]
+    async fn a_later_position_cannot_commit_before_an_earlier_one() {
+        let Some(store) = store().await else { return };
+        let store = Arc::new(store);
+        let env = tenant(&store, "ten_order").await;
+        grant(&store, &env, &user("u0"), 1).await;
+        let before = store.last_change(&env).await.expect("head");
+
+        // A: takes the next change position and holds its transaction open.
+        let mut first = store.pool.begin().await.expect("begin A");
+        let heads = take_positions(&mut first, &env, 0, true)
+            .await
+            .expect("A takes a position");
+        let first_seq = heads.last_change;
+        assert_eq!(first_seq, before + 1);
+        let first_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *first)
+            .await
+            .expect("A's backend");
+
+        // B: an ordinary mutation of another end user, started after A.
+        let second = {
+            let (store, env) = (store.clone(), env.clone());
+            tokio::spawn(async move { grant(&store, &env, &user("u1"), 1).await })
+        };
+        // B is blocked on A's lock: it cannot commit position first_seq + 1 yet.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+            )
+            .bind(first_pid)
+            .fetch_one(&store.pool)
+            .await
+            .expect("pg_stat_activity");
+            if waiting >= 1 {
+                break;
+            }
+            assert!(
+                !second.is_finished(),
+                "B committed while A held the feed head"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never reached the feed head"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            store
+                .changes_after(&env, before, 100)
+                .await
+                .expect("read")
+                .is_empty(),
+            "nothing after A's position is visible while A is open"
+        );
+
+        // A commits its change; B goes through after it.
+        insert_change(&mut first, &env, first_seq, Some("u_a"), T0)
+            .await
+            .expect("A's change");
+        first.commit().await.expect("A commits");
+        second.await.expect("B finishes");
+        let seen: Vec<i64> = store
+            .changes_after(&env, before, 100)
+            .await
+            .expect("read")
+            .iter()
+            .map(|change| change.seq)
+            .collect();
+        assert_eq!(seen, vec![first_seq, first_seq + 1], "in order, no hole");
+    }
+
     // Catalog keys are unique per environment with SQLite's message; lists keep insertion
     // order; API keys, environment records and tenancy round-trip.
     #[tokio::test]
