@@ -306,7 +306,7 @@ impl Gate {
         };
         if route.on_unavailable == OnUnavailable::Closed {
             decision_metric("unavailable", "fallback");
-            tracing::info!(route = route.index, %end_user, why, "failing closed");
+            tracing::debug!(route = route.index, %end_user, why, "failing closed");
             return Verdict::Refuse(Problem::new(
                 503,
                 "quota_unavailable",
