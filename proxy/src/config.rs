@@ -333,10 +333,9 @@ impl Config {
         if host.is_empty() || port.parse::<u16>().map_or(true, |port| port == 0) {
             return Err(invalid("upstream", "want host:port with a port 1-65535"));
         }
-        let url = url_parse(&self.control_plane.url)?;
-        if !matches!(url.as_str(), "http" | "https") {
-            return Err(invalid("control_plane.url", "must be http:// or https://"));
-        }
+        // The client checks the URL as it will use it.
+        client::Client::new(&self.control_plane.url, "")
+            .map_err(|error| invalid("control_plane.url", error.to_string()))?;
         match self.control_plane.api_key.as_deref() {
             None | Some("") => {
                 return Err(invalid(
@@ -372,25 +371,6 @@ impl Config {
     pub fn max_staleness(&self) -> Duration {
         Duration::from_secs(self.failure.max_staleness_secs)
     }
-}
-
-/// Only the scheme matters here; the client parses the whole URL.
-struct Scheme(String);
-
-impl Scheme {
-    fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-fn url_parse(text: &str) -> Result<Scheme, ConfigError> {
-    let (scheme, rest) = text
-        .split_once("://")
-        .ok_or_else(|| invalid("control_plane.url", "want http://host:port"))?;
-    if rest.is_empty() {
-        return Err(invalid("control_plane.url", "has no host"));
-    }
-    Ok(Scheme(scheme.to_ascii_lowercase()))
 }
 
 #[cfg(test)]
@@ -440,6 +420,10 @@ feature = "chat_messages"
                 "routes[0]",
             ),
             (format!("{MINIMAL}colour = 1\n"), "config"),
+            (
+                MINIMAL.replace("http://127.0.0.1:8080", "ftp://127.0.0.1:8080"),
+                "control_plane.url",
+            ),
             (MINIMAL.replace("/v1/chat", "v1/chat"), "routes[0].path"),
         ];
         for (text, setting) in cases {

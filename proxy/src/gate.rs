@@ -84,23 +84,48 @@ pub struct Gate {
     pub client: client::Client,
     pub outage: Arc<OutageBudgets>,
     /// Requests being handled (a shutdown waits for them before closing connections).
-    pub in_flight: Arc<AtomicUsize>,
+    pub in_flight: Arc<InFlightCount>,
+}
+
+/// Requests being handled, and a wake-up for whoever waits for none.
+#[derive(Debug, Default)]
+pub struct InFlightCount {
+    count: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl InFlightCount {
+    /// Waits until no request is in flight, or until `deadline`.
+    pub async fn idle(&self, deadline: tokio::time::Instant) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Counts a request as in flight until its context is dropped.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Arc<InFlightCount>);
 
 impl InFlight {
-    fn new(counter: &Arc<AtomicUsize>) -> InFlight {
-        counter.fetch_add(1, Ordering::AcqRel);
+    fn new(counter: &Arc<InFlightCount>) -> InFlight {
+        counter.count.fetch_add(1, Ordering::AcqRel);
         InFlight(counter.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        // Only the last request out wakes a waiting shutdown.
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 

@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::disk::{Disk, Flusher};
-use crate::gate::{Gate, Live, OutageBudgets};
+use crate::gate::{Gate, InFlightCount, Live, OutageBudgets};
 use crate::outbox::Outbox;
 use crate::pending::Pending;
 use crate::replica::{Freshness, Replica};
@@ -200,7 +199,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
             .context("cannot start the background thread")?
     };
     let mut tasks = Vec::new();
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let in_flight = Arc::new(InFlightCount::default());
     let gate = Gate {
         live: live.clone(),
         replica: replica.clone(),
@@ -270,7 +269,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub async fn serve_pingora<SV>(
     listener: TcpListener,
     app: Arc<pingora::proxy::HttpProxy<SV>>,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlightCount>,
     mut stopped: watch::Receiver<bool>,
 ) where
     SV: pingora::proxy::ProxyHttp + Send + Sync + 'static,
@@ -306,10 +305,9 @@ pub async fn serve_pingora<SV>(
     // Stop taking connections; let requests in flight finish (bounded), then close the
     // idle keep-alive connections so the proxy's state (and sled's lock) is released.
     drop(listener);
-    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
-    while in_flight.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    in_flight
+        .idle(tokio::time::Instant::now() + SHUTDOWN_GRACE)
+        .await;
     connections.abort_all();
     while connections.join_next().await.is_some() {}
 }
@@ -394,6 +392,10 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 
 async fn metrics_endpoint(State(admin): State<Admin>) -> impl IntoResponse {
     let depth = admin.outbox.depth();
+    // Exact at the moment of reading (housekeeping only refreshes it every 250 ms), so
+    // `qs_proxy_outbox_depth 0` means everything admitted so far has been shipped.
+    metrics::gauge!("qs_proxy_outbox_depth")
+        .set(f64::from(u32::try_from(depth).unwrap_or(u32::MAX)));
     match &admin.metrics {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (

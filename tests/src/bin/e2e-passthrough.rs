@@ -5,7 +5,6 @@
 #![allow(clippy::print_stdout)]
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 
 use async_trait::async_trait;
 use pingora::prelude::HttpPeer;
@@ -48,7 +47,7 @@ fn main() -> anyhow::Result<()> {
         let conf = Arc::new(pingora::server::configuration::ServerConf::default());
         let app = Arc::new(pingora::proxy::http_proxy(&conf, PassThrough { upstream }));
         let (_stop, stopped) = tokio::sync::watch::channel(false);
-        proxy::server::serve_pingora(listener, app, Arc::new(AtomicUsize::new(0)), stopped).await;
+        proxy::server::serve_pingora(listener, app, Arc::default(), stopped).await;
         Ok(())
     })
 }
