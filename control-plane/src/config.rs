@@ -81,6 +81,7 @@ struct RawDatabase {
     synchronous: Option<String>,
     read_connections: Option<u32>,
     max_connections: Option<u32>,
+    group_commit_max: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -200,6 +201,9 @@ pub struct Config {
     /// The most connections the PostgreSQL pool opens (default 16). Every in-flight
     /// mutation holds one for its transaction, so this bounds concurrent writes.
     pub max_connections: u32,
+    /// The most concurrent operations on one end user that one transaction carries
+    /// (group commit; default 64, 1 turns it off).
+    pub group_commit_max: usize,
     /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
     pub operator_token: Option<Secret>,
     /// Per tenant and environment (SPEC 2: default 2000/s, burst 4000).
@@ -345,6 +349,10 @@ impl Config {
         if !(1..=256).contains(&max_connections) {
             return Err(invalid("database.max_connections", "must be 1 to 256"));
         }
+        let group_commit_max = raw.database.group_commit_max.unwrap_or(64);
+        if !(1..=1024).contains(&group_commit_max) {
+            return Err(invalid("database.group_commit_max", "must be 1 to 1024"));
+        }
         let operator_token = overrides
             .operator_token
             .clone()
@@ -408,6 +416,7 @@ impl Config {
             synchronous,
             read_connections,
             max_connections,
+            group_commit_max,
             operator_token,
             rate_limit_per_second,
             rate_limit_burst,

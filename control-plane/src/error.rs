@@ -8,7 +8,7 @@ use protocol::{FieldError, PROBLEM_CONTENT_TYPE, Problem};
 
 use crate::store::StoreError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("{detail}")]
     BadRequest {

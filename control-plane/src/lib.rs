@@ -4,7 +4,8 @@
 //! Invariants it keeps:
 //! - every billing rule comes from `ledger`; this crate only loads, calls and persists;
 //! - one end user's mutation — state, entries, blocks, events, idempotency answer — is one
-//!   database transaction;
+//!   database transaction (concurrent mutations of one end user may share one, see
+//!   `group.rs`, but never split);
 //! - only [`clock`] reads the system clock; everything else takes `now` from it, moved by
 //!   the test clock's offset in `test` environments.
 
@@ -12,6 +13,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod error;
+mod group;
 pub mod http;
 pub mod jobs;
 pub mod service;

@@ -14,6 +14,7 @@ use crate::auth;
 use crate::clock::{Clock, UlidSource};
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::group;
 use crate::store::{
     Annotations, ApiKeyRecord, CatalogRecord, Changes, Env, EnvRecord, IdempotencyAnswer, Store,
 };
@@ -170,6 +171,8 @@ struct Inner {
     changes: tokio::sync::watch::Sender<u64>,
     /// Turns true when the server starts shutting down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Queued mutations per end user (group commit).
+    groups: group::Groups,
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -213,6 +216,7 @@ impl AppState {
                 webhook_client,
                 changes: tokio::sync::watch::Sender::new(0),
                 closing: tokio::sync::watch::Sender::new(false),
+                groups: group::Groups::default(),
             }),
         }
     }
@@ -392,10 +396,11 @@ impl AppState {
     /// Runs one operation on an end user: loads the state, calls `operation` with the
     /// environment's `now`, persists the new state and its changes in one transaction
     /// (with the idempotent answer, when `idempotency_key` is given), and returns the
-    /// operation's value.
+    /// operation's value. Concurrent operations on one end user share transactions
+    /// (group commit, see `group.rs`); each still sees the state its predecessors left.
     ///
     /// # Errors
-    /// The operation's refusal, or store failures; nothing is written then.
+    /// The operation's refusal, or store failures; nothing of it is written then.
     pub async fn mutate<T, F>(
         &self,
         env: &Env,
@@ -403,44 +408,80 @@ impl AppState {
         idempotency_key: Option<&str>,
         annotations: Annotations,
         status: u16,
-        mut operation: F,
+        operation: F,
     ) -> Result<T, ApiError>
     where
-        T: serde::Serialize + Send,
-        F: FnMut(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
-            + Send,
+        T: serde::Serialize + Send + 'static,
+        F: FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+            + Send
+            + 'static,
     {
-        let view = self.view(env).await?;
-        let now = self.env_now(&view);
-        let mut result: Option<T> = None;
-        let mut run = |state: &mut EndUserState| -> Result<Changes, ApiError> {
-            let mut ids = UlidSource::at(now);
-            let mut cx = Cx {
-                now,
-                catalog: &view.catalog,
-                ids: &mut ids,
-            };
-            let (value, mut changes) = operation(state, &mut cx, &view)?;
-            changes.next_due = state.next_due(&view.catalog)?;
-            changes.annotations = Annotations {
-                idempotency_key: idempotency_key.map(str::to_owned),
-                ..annotations.clone()
-            };
-            if let Some(key) = idempotency_key {
-                let body = serde_json::to_vec(&value)
-                    .map_err(|error| ApiError::Internal(error.to_string()))?;
-                changes.idempotency = Some(IdempotencyAnswer {
-                    key: key.to_owned(),
-                    status,
-                    body,
-                });
-            }
-            result = Some(value);
-            Ok(changes)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let member = Box::new(Operation {
+            operation: Some(operation),
+            idempotency_key: idempotency_key.map(str::to_owned),
+            annotations,
+            status,
+            value: None,
+            reply,
+        });
+        if self.inner.groups.push(env, end_user, member) {
+            let state = self.clone();
+            let (env, end_user) = (env.clone(), end_user.clone());
+            tokio::spawn(async move { state.drain(&env, &end_user).await });
+        }
+        answer.await.map_err(|_| {
+            ApiError::Internal("the end user's group commit ended without an answer".into())
+        })?
+    }
+
+    /// Commits the end user's queued operations, a group per transaction, until none are
+    /// left.
+    async fn drain(&self, env: &Env, end_user: &EndUserId) {
+        let groups = &self.inner.groups;
+        let mut guard = group::DrainGuard {
+            groups,
+            env,
+            end_user,
+            finished: false,
         };
-        self.store().mutate(env, end_user, now, &mut run).await?;
-        self.notify_changes();
-        result.ok_or_else(|| ApiError::Internal("mutation finished without a result".into()))
+        let max = self.config().group_commit_max;
+        while let Some(members) = groups.take(env, end_user, max) {
+            self.commit_group(env, end_user, members).await;
+        }
+        guard.finished = true;
+    }
+
+    async fn commit_group(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        mut members: Vec<Box<dyn group::Member>>,
+    ) {
+        let outcome = match self.view(env).await {
+            Ok(view) => {
+                let now = self.env_now(&view);
+                metrics::histogram!("quotastack_group_commit_operations")
+                    .record(u32::try_from(members.len()).map_or(f64::MAX, f64::from));
+                let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+                    let mut ids = UlidSource::at(now);
+                    let mut cx = Cx {
+                        now,
+                        catalog: &view.catalog,
+                        ids: &mut ids,
+                    };
+                    group::apply(&mut members, state, &mut cx, &view)
+                };
+                self.store().mutate(env, end_user, now, &mut run).await
+            }
+            Err(error) => Err(error),
+        };
+        if outcome.is_ok() {
+            self.notify_changes();
+        }
+        for member in members {
+            member.finish(outcome.clone());
+        }
     }
 
     /// Runs one operation on each of several end users in one transaction (a usage
@@ -467,7 +508,7 @@ impl AppState {
             ids.push(end_user);
             let view = &view;
             runs.push(Box::new(
-                move |state: &mut EndUserState| -> Result<Changes, ApiError> {
+                move |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
                     let mut source = UlidSource::at(now);
                     let mut cx = Cx {
                         now,
@@ -477,7 +518,7 @@ impl AppState {
                     let (value, mut changes) = operation(state, &mut cx, view)?;
                     changes.next_due = state.next_due(&view.catalog)?;
                     *slot = Some(value);
-                    Ok(changes)
+                    Ok(vec![changes])
                 },
             ));
         }
@@ -518,6 +559,76 @@ impl AppState {
     }
 }
 
+/// A caller's operation waiting in its end user's group commit.
+struct Operation<T, F> {
+    operation: Option<F>,
+    idempotency_key: Option<String>,
+    annotations: Annotations,
+    status: u16,
+    /// What the operation answered, kept until its transaction ends.
+    value: Option<Result<T, ApiError>>,
+    reply: tokio::sync::oneshot::Sender<Result<T, ApiError>>,
+}
+
+impl<T, F> group::Member for Operation<T, F>
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+        + Send
+        + 'static,
+{
+    fn run(
+        &mut self,
+        state: &mut EndUserState,
+        cx: &mut Cx<'_>,
+        view: &CatalogView,
+    ) -> Result<Changes, ApiError> {
+        let operation = self
+            .operation
+            .take()
+            .ok_or_else(|| ApiError::Internal("an operation was run twice".into()))?;
+        let ran = operation(state, cx, view).and_then(|(value, mut changes)| {
+            changes.annotations = Annotations {
+                idempotency_key: self.idempotency_key.clone(),
+                ..self.annotations.clone()
+            };
+            if let Some(key) = &self.idempotency_key {
+                let body = serde_json::to_vec(&value)
+                    .map_err(|error| ApiError::Internal(error.to_string()))?;
+                changes.idempotency = Some(IdempotencyAnswer {
+                    key: key.clone(),
+                    status: self.status,
+                    body,
+                });
+            }
+            Ok((value, changes))
+        });
+        match ran {
+            Ok((value, changes)) => {
+                self.value = Some(Ok(value));
+                Ok(changes)
+            }
+            Err(error) => {
+                self.value = Some(Err(error.clone()));
+                Err(error)
+            }
+        }
+    }
+
+    fn finish(self: Box<Self>, outcome: Result<(), ApiError>) {
+        let answer = match outcome {
+            Ok(()) => self.value.unwrap_or_else(|| {
+                Err(ApiError::Internal(
+                    "a committed operation had no answer".into(),
+                ))
+            }),
+            Err(error) => Err(error),
+        };
+        // The caller may have gone (a client that hung up); what committed stays.
+        let _ = self.reply.send(answer);
+    }
+}
+
 /// A resolver that resolves nothing: the fallback client must not reach anything.
 #[derive(Debug, Clone, Copy)]
 struct NoResolver;
@@ -530,5 +641,161 @@ impl reqwest::dns::Resolve for NoResolver {
                 format!("the webhook client is unavailable; not resolving {host}").into();
             Err(error)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ledger::{Credits, GrantRequest};
+    use sqlx::Connection;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::{DatabaseUrl, Overrides};
+    use crate::store::Environment;
+    use crate::store::sqlite::SqliteStore;
+
+    /// Polls `condition` until it holds, failing after a generous deadline.
+    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !condition() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    fn grant(
+        state: &AppState,
+        env: &Env,
+        end_user: &EndUserId,
+        amount: i64,
+    ) -> tokio::task::JoinHandle<Result<(), ApiError>> {
+        let (state, env, end_user) = (state.clone(), env.clone(), end_user.clone());
+        tokio::spawn(async move {
+            state
+                .mutate(
+                    &env,
+                    &end_user,
+                    None,
+                    Annotations::default(),
+                    201,
+                    move |user, cx, _| {
+                        let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;
+                        Ok(((), Changes::from_applied(applied).1))
+                    },
+                )
+                .await
+        })
+    }
+
+    // While the database is busy, operations on one end user queue behind the one in
+    // flight; when it frees, the queued ones commit in one transaction, a refused one
+    // among them leaving nothing behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_operations_share_one_transaction() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("group.db").display().to_string();
+        let config = Config::parse(
+            &format!("[database]\nurl = \"sqlite://{path}\"\n"),
+            "test.toml",
+            &Overrides::default(),
+        )
+        .expect("config");
+        let store = SqliteStore::open(
+            &DatabaseUrl::SqliteFile(path.clone()),
+            config.synchronous,
+            2,
+        )
+        .await
+        .expect("store");
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let state = AppState::new(config, Arc::new(store), Arc::new(clock), None);
+        let env = Env {
+            tenant_id: "t_group".into(),
+            environment: Environment::Test,
+        };
+        let hot = EndUserId::new("hot").expect("id");
+
+        // Another connection holds SQLite's write lock: the first operation's transaction
+        // waits for it (busy_timeout), and everything after queues.
+        let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .expect("lock");
+        let first = grant(&state, &env, &hot, 1);
+        until("the first operation is taken", || {
+            state.inner.groups.queued(&env, &hot) == Some(0)
+        })
+        .await;
+        let mut queued = Vec::new();
+        for index in 0..20 {
+            // A zero grant is refused.
+            queued.push(grant(&state, &env, &hot, if index == 7 { 0 } else { 1 }));
+        }
+        until("twenty operations are queued", || {
+            state.inner.groups.queued(&env, &hot) == Some(20)
+        })
+        .await;
+        sqlx::query("ROLLBACK")
+            .execute(&mut blocker)
+            .await
+            .expect("unlock");
+
+        first.await.expect("task").expect("first commits");
+        let mut refused = 0;
+        for (index, task) in queued.into_iter().enumerate() {
+            match task.await.expect("task") {
+                Ok(()) => assert_ne!(index, 7),
+                Err(ApiError::Refused(_)) if index == 7 => refused += 1,
+                Err(error) => panic!("operation {index}: {error}"),
+            }
+        }
+        assert_eq!(refused, 1);
+        until("the drainer ends", || {
+            state.inner.groups.queued(&env, &hot).is_none()
+        })
+        .await;
+
+        let stored = state
+            .store()
+            .load_state(&env, &hot)
+            .await
+            .expect("load")
+            .expect("stored");
+        let now = state.real_now();
+        assert_eq!(
+            stored.available(None, now).expect("available"),
+            Credits::new(20)
+        );
+        let changes = state
+            .store()
+            .changes_after(&env, 0, 100)
+            .await
+            .expect("feed");
+        assert_eq!(
+            changes.len(),
+            2,
+            "one transaction alone, then one for the group: {changes:?}"
+        );
+        let entries = state
+            .store()
+            .entries(
+                &env,
+                &crate::store::EntryFilter {
+                    limit: 100,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("entries");
+        assert_eq!(entries.len(), 20);
     }
 }

@@ -193,6 +193,39 @@ impl Changes {
     }
 }
 
+/// The blocks `changes` created, each with the annotations of the request that
+/// created it (they go on the block's row). Both stores use this.
+pub fn created_blocks(
+    changes: &[Changes],
+) -> std::collections::HashMap<ledger::BlockId, &Annotations> {
+    changes
+        .iter()
+        .flat_map(|part| {
+            part.entries.iter().filter_map(|entry| {
+                entry
+                    .block
+                    .as_ref()
+                    .map(|block| (block.id, &part.annotations))
+            })
+        })
+        .collect()
+}
+
+/// A mutation that reported no changes must not have changed the state.
+///
+/// # Errors
+/// `Corrupt` when it did: its writes would be lost.
+pub fn unchanged(old: &EndUserState, new: &EndUserState) -> StoreResult<()> {
+    if old == new {
+        Ok(())
+    } else {
+        Err(StoreError::Corrupt(format!(
+            "a mutation of end user `{}` changed its state but reported no changes",
+            new.end_user_id()
+        )))
+    }
+}
+
 /// A completed idempotent request's stored answer.
 #[derive(Debug, Clone)]
 pub struct IdempotencyAnswer {
@@ -215,8 +248,10 @@ pub enum IdempotencyBegin {
 }
 
 /// The operation run inside a mutation: gets the loaded (or new) state and returns what
-/// it wrote, or an error that rolls everything back.
-pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> Result<Changes, ApiError> + Send + 'a;
+/// it wrote, or an error that rolls everything back. What it wrote is one [`Changes`]
+/// per operation it carried, in order: a group commit carries many operations of one end
+/// user (a refused one leaves none), and the last one's `next_due` is the state's.
+pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> Result<Vec<Changes>, ApiError> + Send + 'a;
 
 /// Filters for `GET /v1/ledger`.
 #[derive(Debug, Clone, Default)]
@@ -368,7 +403,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     // --- end users
     /// Loads the end user's state (a new one if unknown), runs `operation`, and persists
     /// the new state with its changes in one transaction. Nothing is written when
-    /// `operation` fails.
+    /// `operation` fails, nor when it reports no changes.
     async fn mutate(
         &self,
         env: &Env,

@@ -50,7 +50,7 @@ pub async fn create_grant(
                 key.as_deref(),
                 annotations,
                 201,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
                     Ok((wire_block(user, &changes, id, &request)?, changes))
                 },
@@ -118,7 +118,7 @@ pub async fn void_block(
                 key.as_deref(),
                 Annotations::default(),
                 200,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let applied =
                         user.void_block(cx, block_id)
                             .map_err(|refusal| match refusal {
@@ -183,7 +183,7 @@ pub async fn create_adjustment(
                 key.as_deref(),
                 annotations,
                 201,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let (created, changes) =
                         Changes::from_applied(user.adjust(cx, adjust.clone())?);
                     let entry = changes

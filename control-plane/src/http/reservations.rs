@@ -36,7 +36,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
                 key.as_deref(),
                 Annotations::default(),
                 201,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let (reservation, changes) =
                         Changes::from_applied(user.reserve(cx, request.clone())?);
                     Ok((Reservation::from(&reservation), changes))
@@ -115,7 +115,7 @@ async fn resolve(
                 key.as_deref(),
                 Annotations::default(),
                 200,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let applied = match action {
                         Resolve::Commit(size) => user.commit(cx, id, size),
                         Resolve::Release => user.release(cx, id),

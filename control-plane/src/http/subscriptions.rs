@@ -73,7 +73,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
                 key.as_deref(),
                 Annotations::default(),
                 201,
-                |user, cx, view| {
+                move |user, cx, view| {
                     let (subscription, changes) =
                         Changes::from_applied(user.subscribe(cx, subscribe.clone())?);
                     Ok((wire(view, &subscription), changes))
@@ -227,7 +227,7 @@ async fn lifecycle(
                 key.as_deref(),
                 Annotations::default(),
                 200,
-                |user, cx, view| {
+                move |user, cx, view| {
                     let applied = match (&operation, target) {
                         (Lifecycle::Renew(periods), _) => user.renew(cx, id, *periods),
                         (Lifecycle::Pause, _) => user.pause(cx, id),

@@ -53,6 +53,7 @@ pub async fn record_usage(
             metadata: request.metadata.clone(),
             ..Annotations::default()
         };
+        let who = end_user.clone();
         let answer = state
             .mutate(
                 env,
@@ -60,10 +61,10 @@ pub async fn record_usage(
                 key.as_deref(),
                 annotations,
                 201,
-                |user, cx, _| {
+                move |user, cx, _| {
                     let (outcome, changes) =
                         Changes::from_applied(user.record_usage(cx, usage.clone())?);
-                    let answer = recorded(&end_user, &usage, &outcome, timestamp, user.version());
+                    let answer = recorded(&who, &usage, &outcome, timestamp, user.version());
                     Ok((answer, changes))
                 },
             )

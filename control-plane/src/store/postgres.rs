@@ -52,7 +52,7 @@ use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
     EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
     IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
-    UsageKeyRecord,
+    UsageKeyRecord, created_blocks, unchanged,
 };
 use crate::error::ApiError;
 
@@ -444,14 +444,16 @@ impl Store for PostgresStore {
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
         let mut state = old.clone();
         let changes = match operation(&mut state) {
-            Ok(changes) => changes,
-            Err(error) => {
+            Ok(changes) if !changes.is_empty() => changes,
+            outcome => {
                 // At once rather than when the pool next pings the connection: the end
-                // user's row stays locked until the rollback reaches the server.
+                // user's row stays locked until the rollback reaches the server (and a
+                // placeholder row for a new end user is not kept).
                 if let Err(rollback) = tx.rollback().await {
                     tracing::warn!(error = %rollback, "rolling back a refused mutation failed");
                 }
-                return Err(error);
+                outcome?;
+                return Ok(unchanged(&old, &state)?);
             }
         };
         persist(&mut tx, env, &old, &state, &changes, now).await?;
@@ -465,15 +467,22 @@ impl Store for PostgresStore {
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
     ) -> Result<(), ApiError> {
-        // Every end user's row is locked (in id order) and every operation run before the
-        // first write: writing appends to the feeds, which takes the environment's feed
-        // head, and the lock order must stay end user rows, then feed head.
+        // Every end user's row is locked (in id order, by one statement) and every
+        // operation run before the first write: writing appends to the feeds, which takes
+        // the environment's feed head, and the lock order must stay end user rows, then
+        // feed head.
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let ids: Vec<&str> = items
+            .iter()
+            .map(|(end_user, _)| end_user.as_str())
+            .collect();
+        let mut stored = lock_states(&mut tx, env, &ids, now).await?;
         let mut results = Vec::with_capacity(items.len());
         for (end_user, operation) in items.iter_mut() {
-            let old = lock_state(&mut tx, env, end_user, now)
-                .await?
+            let old = stored
+                .remove(end_user.as_str())
+                .flatten()
                 .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
             let mut state = old.clone();
             match operation(&mut state) {
@@ -486,9 +495,11 @@ impl Store for PostgresStore {
                 }
             }
         }
+        let mut rows = Rows::default();
         for (old, state, changes) in &results {
-            persist(&mut tx, env, old, state, changes, now).await?;
+            rows.stage(&mut tx, env, old, state, changes).await?;
         }
+        rows.flush(&mut tx, env, now).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
     }
@@ -761,7 +772,7 @@ impl Store for PostgresStore {
 
     async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let heads = take_positions(&mut tx, env, 0, true).await?;
+        let heads = take_positions(&mut tx, env, 0, 1).await?;
         insert_change(&mut tx, env, heads.last_change, None, at).await?;
         tx.commit().await?;
         Ok(())
@@ -889,7 +900,7 @@ impl Store for PostgresStore {
         now: Timestamp,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        let heads = take_positions(&mut tx, env, 1, false).await?;
+        let heads = take_positions(&mut tx, env, 1, 0).await?;
         insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
         insert_delivery(
             &mut tx,
@@ -1274,6 +1285,56 @@ async fn lock_state(
     state_of(row)
 }
 
+/// Locks several end users' rows, in id order, for the rest of the transaction and
+/// returns their states by id (`None` for an end user never stored): [`lock_state`] for
+/// a batch, with one statement for the placeholders and one for the locks. `ids` must be
+/// sorted, so that concurrent batches lock (and insert) in the same order.
+async fn lock_states(
+    connection: &mut PgConnection,
+    env: &Env,
+    ids: &[&str],
+    now: Timestamp,
+) -> StoreResult<BTreeMap<String, Option<EndUserState>>> {
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
+         SELECT $1, $2, u.id, NULL, 0, $4 FROM UNNEST($3::text[]) WITH ORDINALITY AS u(id, position)
+         ORDER BY u.position
+         ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(ids)
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    let rows = sqlx::query(
+        "SELECT end_user_id, state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = ANY($3)
+         ORDER BY end_user_id FOR UPDATE",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    if rows.len() != ids.len() {
+        return Err(StoreError::Database {
+            message: format!(
+                "{} of {} end users vanished while being locked",
+                ids.len().saturating_sub(rows.len()),
+                ids.len()
+            ),
+            transient: true,
+        });
+    }
+    let mut states = BTreeMap::new();
+    for row in rows {
+        let id: String = row.try_get("end_user_id")?;
+        let state: Option<String> = row.try_get("state")?;
+        states.insert(id, state.as_deref().map(parse_state).transpose()?);
+    }
+    Ok(states)
+}
+
 async fn finish_idempotency(
     connection: &mut PgConnection,
     env: &Env,
@@ -1292,147 +1353,296 @@ async fn finish_idempotency(
     Ok(())
 }
 
-/// Writes the new state and everything the operation produced: what `sqlite.rs` writes,
-/// with the event log and change feed appended last (see the module comment).
+/// A block's row: new or changed, with the annotations of the request that created it.
+#[derive(Debug)]
+struct BlockRow {
+    id: String,
+    end_user: String,
+    body: String,
+    metadata: Option<String>,
+    external_payment_id: Option<String>,
+    created_at: i64,
+}
+
+/// Rows a transaction writes for every operation (end users, blocks, entries, usage
+/// keys, events, change-feed entries), gathered so that each kind is written with one
+/// `UNNEST` statement however many operations and end users the transaction carries.
+#[derive(Debug, Default)]
+struct Rows {
+    /// (end user, state JSON, version, next due).
+    end_users: Vec<(String, String, i64, Option<i64>)>,
+    blocks: Vec<BlockRow>,
+    /// (id, end user, type, created at, body JSON).
+    entries: Vec<(String, String, &'static str, i64, String)>,
+    usage_keys: Vec<UsageKeyRecord>,
+    idempotency: Vec<IdempotencyAnswer>,
+    /// Events in order, with the end user each is about.
+    events: Vec<(protocol::Event, String)>,
+    /// End users whose state changed: one change-feed entry each.
+    changes: Vec<String>,
+}
+
+impl Rows {
+    /// Stages the new state of one end user and everything its operations produced (one
+    /// `Changes` per operation, in order); writes its reservations and subscriptions,
+    /// which are rare, at once.
+    async fn stage(
+        &mut self,
+        connection: &mut PgConnection,
+        env: &Env,
+        old: &EndUserState,
+        new: &EndUserState,
+        changes: &[Changes],
+    ) -> StoreResult<()> {
+        let Some(last) = changes.last() else {
+            return unchanged(old, new);
+        };
+        let end_user = new.end_user_id().as_str();
+        self.end_users.push((
+            end_user.to_owned(),
+            serde_json::to_string(&new.clone().into_parts())?,
+            i64::try_from(new.version()).unwrap_or(i64::MAX),
+            last.next_due.map(millis),
+        ));
+        if new != old {
+            self.changes.push(end_user.to_owned());
+        }
+        let old_blocks: BTreeMap<_, _> =
+            old.blocks().iter().map(|block| (block.id, block)).collect();
+        let created = created_blocks(changes);
+        for block in new
+            .blocks()
+            .iter()
+            .chain(changes.iter().flat_map(|part| &part.finished_blocks))
+        {
+            if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
+                continue;
+            }
+            let annotations = created.get(&block.id);
+            self.blocks.push(BlockRow {
+                id: block.id.to_string(),
+                end_user: end_user.to_owned(),
+                body: serde_json::to_string(block)?,
+                metadata: annotations
+                    .and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)),
+                external_payment_id: annotations
+                    .and_then(|annotations| annotations.external_payment_id.clone()),
+                created_at: millis(block.created_at),
+            });
+        }
+        for part in changes {
+            for entry in &part.entries {
+                let wire = protocol::LedgerEntry::new(
+                    entry,
+                    part.annotations.idempotency_key.clone(),
+                    part.annotations.metadata.clone(),
+                );
+                self.entries.push((
+                    entry.id.to_string(),
+                    end_user.to_owned(),
+                    entry.entry_type.as_str(),
+                    millis(entry.created_at),
+                    serde_json::to_string(&wire)?,
+                ));
+            }
+            self.usage_keys.extend(part.usage_keys.iter().cloned());
+            self.idempotency.extend(part.idempotency.iter().cloned());
+            for event in &part.events {
+                self.events
+                    .push((super::wire_event(event), end_user.to_owned()));
+            }
+        }
+        write_reservations(connection, env, old, new, changes).await?;
+        write_subscriptions(connection, env, old, new, changes).await
+    }
+
+    /// Writes everything staged; the event log and change feed last (see the module
+    /// comment).
+    async fn flush(
+        self,
+        connection: &mut PgConnection,
+        env: &Env,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let tenant = env.tenant_id.as_str();
+        let environment = env.environment.as_str();
+        if !self.end_users.is_empty() {
+            let (ids, states, versions, due): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
+                unzip4(self.end_users);
+            sqlx::query(
+                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at)
+                 SELECT $1, $2, u.id, u.state, u.version, u.due, $7
+                 FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[]) AS u(id, state, version, due)
+                 ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+                   state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(ids)
+            .bind(states)
+            .bind(versions)
+            .bind(due)
+            .bind(millis(now))
+            .execute(&mut *connection)
+            .await?;
+        }
+        if !self.blocks.is_empty() {
+            let mut ids = Vec::with_capacity(self.blocks.len());
+            let mut users = Vec::with_capacity(self.blocks.len());
+            let mut bodies = Vec::with_capacity(self.blocks.len());
+            let mut metadata = Vec::with_capacity(self.blocks.len());
+            let mut payments = Vec::with_capacity(self.blocks.len());
+            let mut created = Vec::with_capacity(self.blocks.len());
+            for row in self.blocks {
+                ids.push(row.id);
+                users.push(row.end_user);
+                bodies.push(row.body);
+                metadata.push(row.metadata);
+                payments.push(row.external_payment_id);
+                created.push(row.created_at);
+            }
+            sqlx::query(
+                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
+                 SELECT b.id, $1, $2, b.end_user_id, b.body, b.metadata, b.payment, b.created_at
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
+                   AS b(id, end_user_id, body, metadata, payment, created_at)
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(ids)
+            .bind(users)
+            .bind(bodies)
+            .bind(metadata)
+            .bind(payments)
+            .bind(created)
+            .execute(&mut *connection)
+            .await?;
+        }
+        if !self.entries.is_empty() {
+            let mut ids = Vec::with_capacity(self.entries.len());
+            let mut users = Vec::with_capacity(self.entries.len());
+            let mut types = Vec::with_capacity(self.entries.len());
+            let mut created = Vec::with_capacity(self.entries.len());
+            let mut bodies = Vec::with_capacity(self.entries.len());
+            for (id, user, entry_type, at, body) in self.entries {
+                ids.push(id);
+                users.push(user);
+                types.push(entry_type);
+                created.push(at);
+                bodies.push(body);
+            }
+            // In array order: one end user's entries are numbered in the order written.
+            sqlx::query(
+                "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body)
+                 SELECT e.id, $1, $2, e.end_user_id, e.type, e.created_at, e.body
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::int8[], $7::text[]) WITH ORDINALITY
+                   AS e(id, end_user_id, type, created_at, body, position)
+                 ORDER BY e.position",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(ids)
+            .bind(users)
+            .bind(types)
+            .bind(created)
+            .bind(bodies)
+            .execute(&mut *connection)
+            .await?;
+        }
+        if !self.usage_keys.is_empty() {
+            let mut keys = Vec::with_capacity(self.usage_keys.len());
+            let mut fingerprints = Vec::with_capacity(self.usage_keys.len());
+            let mut entry_ids = Vec::with_capacity(self.usage_keys.len());
+            let mut results = Vec::with_capacity(self.usage_keys.len());
+            let mut keep = Vec::with_capacity(self.usage_keys.len());
+            for key in self.usage_keys {
+                keys.push(key.key);
+                fingerprints.push(key.fingerprint.to_vec());
+                entry_ids.push(key.entry_id);
+                results.push(key.result.to_string());
+                keep.push(millis(key.keep_until));
+            }
+            sqlx::query(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+                 SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
+                 FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
+                   AS k(key, fingerprint, entry_id, result, keep_until)",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(keys)
+            .bind(fingerprints)
+            .bind(entry_ids)
+            .bind(results)
+            .bind(keep)
+            .execute(&mut *connection)
+            .await
+            .map_err(|error| {
+                // Another batch recorded the key first: the whole batch rolls back and a
+                // retry finds the key as a duplicate.
+                if unique_violation(&error) {
+                    StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+                } else {
+                    StoreError::from(error)
+                }
+            })?;
+        }
+        if !self.idempotency.is_empty() {
+            let mut keys = Vec::with_capacity(self.idempotency.len());
+            let mut statuses = Vec::with_capacity(self.idempotency.len());
+            let mut bodies = Vec::with_capacity(self.idempotency.len());
+            for answer in self.idempotency {
+                keys.push(answer.key);
+                statuses.push(i64::from(answer.status));
+                bodies.push(answer.body);
+            }
+            sqlx::query(
+                "UPDATE idempotency AS i SET status = a.status, body = a.body
+                 FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
+                 WHERE i.tenant_id = $1 AND i.environment = $2 AND i.key = a.key",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(keys)
+            .bind(statuses)
+            .bind(bodies)
+            .execute(&mut *connection)
+            .await?;
+        }
+        append_to_feeds(connection, env, &self.events, &self.changes, now).await
+    }
+}
+
+/// Four columns from rows of four.
+fn unzip4<A, B, C, D>(rows: Vec<(A, B, C, D)>) -> (Vec<A>, Vec<B>, Vec<C>, Vec<D>) {
+    let mut columns = (
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+        Vec::with_capacity(rows.len()),
+    );
+    for (a, b, c, d) in rows {
+        columns.0.push(a);
+        columns.1.push(b);
+        columns.2.push(c);
+        columns.3.push(d);
+    }
+    columns
+}
+
+/// Writes one end user's new state and everything its operations produced.
 async fn persist(
     connection: &mut PgConnection,
     env: &Env,
     old: &EndUserState,
     new: &EndUserState,
-    changes: &Changes,
+    changes: &[Changes],
     now: Timestamp,
 ) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    let state = serde_json::to_string(&new.clone().into_parts())?;
-    sqlx::query(
-        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
-           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(end_user)
-    .bind(state)
-    .bind(i64::try_from(new.version()).unwrap_or(i64::MAX))
-    .bind(changes.next_due.map(millis))
-    .bind(millis(now))
-    .execute(&mut *connection)
-    .await?;
-    write_blocks(connection, env, old, new, changes).await?;
-    write_entries(connection, env, end_user, changes).await?;
-    write_reservations(connection, env, old, new, changes).await?;
-    write_subscriptions(connection, env, old, new, changes).await?;
-    for usage_key in &changes.usage_keys {
-        sqlx::query(
-            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&usage_key.key)
-        .bind(usage_key.fingerprint.as_slice())
-        .bind(&usage_key.entry_id)
-        .bind(usage_key.result.to_string())
-        .bind(millis(usage_key.keep_until))
-        .execute(&mut *connection)
-        .await
-        .map_err(|error| {
-            // Another batch recorded the key first: the whole batch rolls back and a
-            // retry finds the key as a duplicate.
-            if unique_violation(&error) {
-                StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-            } else {
-                StoreError::from(error)
-            }
-        })?;
-    }
-    if let Some(answer) = &changes.idempotency {
-        finish_idempotency(connection, env, answer).await?;
-    }
-    append_to_feeds(connection, env, end_user, new != old, &changes.events, now).await
-}
-
-/// Every block that is new or changed (live or finished), with the request's annotations
-/// on the blocks this operation created.
-async fn write_blocks(
-    connection: &mut PgConnection,
-    env: &Env,
-    old: &EndUserState,
-    new: &EndUserState,
-    changes: &Changes,
-) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
-    let created: Vec<ledger::BlockId> = changes
-        .entries
-        .iter()
-        .filter_map(|entry| entry.block.as_ref().map(|block| block.id))
-        .collect();
-    for block in new.blocks().iter().chain(&changes.finished_blocks) {
-        if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
-            continue;
-        }
-        let annotated = created.contains(&block.id);
-        let metadata = annotated
-            .then(|| {
-                changes
-                    .annotations
-                    .metadata
-                    .as_ref()
-                    .map(ToString::to_string)
-            })
-            .flatten();
-        let payment = annotated
-            .then(|| changes.annotations.external_payment_id.clone())
-            .flatten();
-        sqlx::query(
-            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-        )
-        .bind(block.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(serde_json::to_string(block)?)
-        .bind(metadata)
-        .bind(payment)
-        .bind(millis(block.created_at))
-        .execute(&mut *connection)
-        .await?;
-    }
-    Ok(())
-}
-
-/// The operation's entries, in order (their seq comes from an identity column: under the
-/// end user's row lock, so one end user's entries are numbered in commit order).
-async fn write_entries(
-    connection: &mut PgConnection,
-    env: &Env,
-    end_user: &str,
-    changes: &Changes,
-) -> StoreResult<()> {
-    for entry in &changes.entries {
-        let wire = protocol::LedgerEntry::new(
-            entry,
-            changes.annotations.idempotency_key.clone(),
-            changes.annotations.metadata.clone(),
-        );
-        sqlx::query(
-            "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .bind(entry.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(entry.entry_type.as_str())
-        .bind(millis(entry.created_at))
-        .bind(serde_json::to_string(&wire)?)
-        .execute(&mut *connection)
-        .await?;
-    }
-    Ok(())
+    let mut rows = Rows::default();
+    rows.stage(connection, env, old, new, changes).await?;
+    rows.flush(connection, env, now).await
 }
 
 /// Every reservation that is new or changed, live or finished.
@@ -1441,7 +1651,7 @@ async fn write_reservations(
     env: &Env,
     old: &EndUserState,
     new: &EndUserState,
-    changes: &Changes,
+    changes: &[Changes],
 ) -> StoreResult<()> {
     let end_user = new.end_user_id().as_str();
     let old_reservations: BTreeMap<_, _> = old
@@ -1452,7 +1662,7 @@ async fn write_reservations(
     for reservation in new
         .reservations()
         .iter()
-        .chain(&changes.finished_reservations)
+        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
     {
         if old_reservations
             .get(&reservation.id)
@@ -1482,7 +1692,7 @@ async fn write_subscriptions(
     env: &Env,
     old: &EndUserState,
     new: &EndUserState,
-    changes: &Changes,
+    changes: &[Changes],
 ) -> StoreResult<()> {
     let end_user = new.end_user_id().as_str();
     let old_subscriptions: BTreeMap<_, _> = old
@@ -1493,7 +1703,7 @@ async fn write_subscriptions(
     for subscription in new
         .subscriptions()
         .iter()
-        .chain(&changes.finished_subscriptions)
+        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
     {
         if old_subscriptions
             .get(&subscription.id)
@@ -1518,17 +1728,16 @@ async fn write_subscriptions(
 }
 
 /// The last step of a mutation: the events (with a delivery for every live endpoint that
-/// wants each) and, when the state changed, a change-feed entry, numbered from the
-/// environment's feed head, which stays locked until commit.
+/// wants each) and a change-feed entry for every end user whose state changed, numbered
+/// from the environment's feed head, which stays locked until commit.
 async fn append_to_feeds(
     connection: &mut PgConnection,
     env: &Env,
-    end_user: &str,
-    state_changed: bool,
-    events: &[ledger::Event],
+    events: &[(protocol::Event, String)],
+    changed: &[String],
     now: Timestamp,
 ) -> StoreResult<()> {
-    if events.is_empty() && !state_changed {
+    if events.is_empty() && changed.is_empty() {
         return Ok(());
     }
     let endpoints = if events.is_empty() {
@@ -1537,32 +1746,101 @@ async fn append_to_feeds(
         live_endpoints(connection, env).await?
     };
     let count = i64::try_from(events.len()).map_err(|_| corrupt("too many events"))?;
-    let heads = take_positions(connection, env, count, state_changed).await?;
-    let mut seq = heads.first_event(count)?;
-    for event in events {
-        let wire = super::wire_event(event);
-        insert_wire_event(connection, env, seq, &wire, Some(end_user)).await?;
-        for endpoint in endpoints
-            .iter()
-            .filter(|endpoint| endpoint.wants(&wire.event_type))
-        {
-            insert_delivery(
-                connection,
-                env,
-                &endpoint.id,
-                &wire.id,
-                seq,
-                Some(end_user),
-                now,
+    let change_count = i64::try_from(changed.len()).map_err(|_| corrupt("too many changes"))?;
+    let heads = take_positions(connection, env, count, change_count).await?;
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    if !events.is_empty() {
+        let first = heads.first_event(count)?;
+        let mut seqs = Vec::with_capacity(events.len());
+        let mut ids = Vec::with_capacity(events.len());
+        let mut users = Vec::with_capacity(events.len());
+        let mut types = Vec::with_capacity(events.len());
+        let mut created = Vec::with_capacity(events.len());
+        let mut bodies = Vec::with_capacity(events.len());
+        // (endpoint, event id, seq, end user)
+        let mut deliveries: Vec<(&str, &str, i64, &str)> = Vec::new();
+        let mut seq = first;
+        for (wire, end_user) in events {
+            seqs.push(seq);
+            ids.push(wire.id.as_str());
+            users.push(end_user.as_str());
+            types.push(wire.event_type.as_str());
+            created.push(millis(wire.created_at.0));
+            bodies.push(serde_json::to_string(wire)?);
+            for endpoint in endpoints
+                .iter()
+                .filter(|endpoint| endpoint.wants(&wire.event_type))
+            {
+                deliveries.push((&endpoint.id, &wire.id, seq, end_user));
+            }
+            seq = seq
+                .checked_add(1)
+                .ok_or_else(|| corrupt("event position"))?;
+        }
+        sqlx::query(
+            "INSERT INTO events (seq, id, tenant_id, environment, end_user_id, type, created_at, body)
+             SELECT e.seq, e.id, $1, $2, e.end_user_id, e.type, e.created_at, e.body
+             FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])
+               AS e(seq, id, end_user_id, type, created_at, body)",
+        )
+        .bind(tenant)
+        .bind(environment)
+        .bind(seqs)
+        .bind(ids)
+        .bind(users)
+        .bind(types)
+        .bind(created)
+        .bind(bodies)
+        .execute(&mut *connection)
+        .await?;
+        if !deliveries.is_empty() {
+            let mut endpoint_ids = Vec::with_capacity(deliveries.len());
+            let mut event_ids = Vec::with_capacity(deliveries.len());
+            let mut event_seqs = Vec::with_capacity(deliveries.len());
+            let mut delivery_users = Vec::with_capacity(deliveries.len());
+            for (endpoint, event, seq, end_user) in deliveries {
+                endpoint_ids.push(endpoint);
+                event_ids.push(event);
+                event_seqs.push(seq);
+                delivery_users.push(end_user);
+            }
+            sqlx::query(
+                "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+                 SELECT $1, $2, d.endpoint_id, d.event_id, d.event_seq, d.end_user_id, 'pending', $7
+                 FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY
+                   AS d(endpoint_id, event_id, event_seq, end_user_id, position)
+                 ORDER BY d.position",
             )
+            .bind(tenant)
+            .bind(environment)
+            .bind(endpoint_ids)
+            .bind(event_ids)
+            .bind(event_seqs)
+            .bind(delivery_users)
+            .bind(millis(now))
+            .execute(&mut *connection)
             .await?;
         }
-        seq = seq
-            .checked_add(1)
-            .ok_or_else(|| corrupt("event position"))?;
     }
-    if state_changed {
-        insert_change(connection, env, heads.last_change, Some(end_user), now).await?;
+    if !changed.is_empty() {
+        let first = heads
+            .last_change
+            .checked_sub(change_count)
+            .and_then(|before| before.checked_add(1))
+            .ok_or_else(|| corrupt("change position"))?;
+        sqlx::query(
+            "INSERT INTO changes (seq, tenant_id, environment, kind, end_user_id, created_at)
+             SELECT $3 + c.position - 1, $1, $2, 'end_user', c.end_user_id, $5
+             FROM UNNEST($4::text[]) WITH ORDINALITY AS c(end_user_id, position)",
+        )
+        .bind(tenant)
+        .bind(environment)
+        .bind(first)
+        .bind(changed)
+        .bind(millis(now))
+        .execute(&mut *connection)
+        .await?;
     }
     Ok(())
 }
@@ -1586,7 +1864,7 @@ impl FeedHeads {
     }
 }
 
-/// Takes `events` event positions and (if `change`) one change position in the
+/// Takes `events` event positions and `changes` change positions in the
 /// environment's log and feed, locking its `feed_heads` row until commit. Call it last
 /// before commit: the lock orders this environment's appenders, so positions are
 /// committed in order (see the module comment).
@@ -1594,7 +1872,7 @@ async fn take_positions(
     connection: &mut PgConnection,
     env: &Env,
     events: i64,
-    change: bool,
+    changes: i64,
 ) -> StoreResult<FeedHeads> {
     let row = sqlx::query(
         "INSERT INTO feed_heads (tenant_id, environment, last_event_seq, last_change_seq) VALUES ($1, $2, $3, $4)
@@ -1606,7 +1884,7 @@ async fn take_positions(
     .bind(&env.tenant_id)
     .bind(env.environment.as_str())
     .bind(events)
-    .bind(i64::from(change))
+    .bind(changes)
     .fetch_one(connection)
     .await?;
     Ok(FeedHeads {
@@ -1719,8 +1997,50 @@ mod tests {
 
     const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
+    /// A store on a fresh schema, dropped with it.
+    struct TestStore {
+        store: PostgresStore,
+        url: String,
+        schema: String,
+    }
+
+    impl std::ops::Deref for TestStore {
+        type Target = PostgresStore;
+
+        fn deref(&self) -> &PostgresStore {
+            &self.store
+        }
+    }
+
+    impl Drop for TestStore {
+        fn drop(&mut self) {
+            let (url, schema) = (self.url.clone(), self.schema.clone());
+            // Drop runs inside the test's runtime, which cannot block on itself: clean up
+            // on a thread of its own.
+            let cleanup = std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                runtime.block_on(async {
+                    if let Ok(admin) = PgPool::connect(&url).await {
+                        let drop_schema = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+                        if let Err(error) = sqlx::query(sqlx::AssertSqlSafe(drop_schema))
+                            .execute(&admin)
+                            .await
+                        {
+                            eprintln!("could not drop test schema {schema}: {error}");
+                        }
+                        admin.close().await;
+                    }
+                });
+            });
+            let _ = cleanup.join();
+        }
+    }
+
     /// A store on a fresh schema, or `None` without a server to test against.
-    async fn store() -> Option<PostgresStore> {
+    async fn store() -> Option<TestStore> {
         let url = std::env::var("QS_TEST_POSTGRES_URL")
             .ok()
             .filter(|url| !url.is_empty())?;
@@ -1733,7 +2053,8 @@ mod tests {
         admin.close().await;
         let separator = if url.contains('?') { '&' } else { '?' };
         let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
-        Some(PostgresStore::open(&scoped, 32).await.expect("store opens"))
+        let store = PostgresStore::open(&scoped, 32).await.expect("store opens");
+        Some(TestStore { store, url, schema })
     }
 
     fn env(tenant: &str) -> Env {
@@ -1760,7 +2081,7 @@ mod tests {
     /// Grants `amount` to `end_user`: a state change, an entry, a block and an event.
     async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i64) {
         let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState| -> Result<Changes, ApiError> {
+        let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
             let mut ids = crate::clock::UlidSource::at(T0);
             let mut cx = Cx {
                 now: T0,
@@ -1768,7 +2089,7 @@ mod tests {
                 ids: &mut ids,
             };
             let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
-            Ok(Changes::from_applied(applied).1)
+            Ok(vec![Changes::from_applied(applied).1])
         };
         store
             .mutate(env, end_user, T0, &mut run)
@@ -1792,7 +2113,7 @@ mod tests {
 
         // A: takes the next change position and holds its transaction open.
         let mut first = store.pool.begin().await.expect("begin A");
-        let heads = take_positions(&mut first, &env, 0, true)
+        let heads = take_positions(&mut first, &env, 0, 1)
             .await
             .expect("A takes a position");
         let first_seq = heads.last_change;
@@ -2091,8 +2412,9 @@ mod tests {
     async fn a_refusal_writes_nothing() {
         let Some(store) = store().await else { return };
         let env = tenant(&store, "ten_acme").await;
-        let mut refuse =
-            |_: &mut EndUserState| -> Result<Changes, ApiError> { Err(ApiError::Unauthorized) };
+        let mut refuse = |_: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+            Err(ApiError::Unauthorized)
+        };
         let result = store.mutate(&env, &user("nobody"), T0, &mut refuse).await;
         assert!(matches!(result, Err(ApiError::Unauthorized)));
         assert!(
@@ -2217,7 +2539,7 @@ mod tests {
             grant(&store, &env, &user(&format!("u{index}")), 1).await;
         }
         grant(&store, &env, &user("u0"), 2).await;
-        let claim = |store: Arc<PostgresStore>, env: Env| async move {
+        let claim = |store: Arc<TestStore>, env: Env| async move {
             store
                 .claim_deliveries(&env, T0, 60_000, 100)
                 .await

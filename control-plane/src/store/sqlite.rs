@@ -19,7 +19,7 @@ use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
     EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
     IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
-    UsageKeyRecord,
+    UsageKeyRecord, created_blocks, unchanged,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -1193,7 +1193,7 @@ async fn persist(
     env: &Env,
     old: &EndUserState,
     new: &EndUserState,
-    changes: &Changes,
+    changes: &[Changes],
     now: Timestamp,
 ) -> StoreResult<()> {
     let mut rows = Rows::default();
@@ -1301,53 +1301,59 @@ impl Rows {
 }
 
 /// Writes what is rare per operation (blocks, reservations, subscriptions, events with
-/// their deliveries, the idempotency answer) and stages the common rows in `rows`.
+/// their deliveries, idempotency answers) and stages the common rows in `rows`.
+/// `changes` holds one entry per operation applied on the way from `old` to `new`.
 async fn stage(
     tx: &mut Transaction<'_, Sqlite>,
     env: &Env,
     old: &EndUserState,
     new: &EndUserState,
-    changes: &Changes,
+    changes: &[Changes],
     now: Timestamp,
     rows: &mut Rows,
 ) -> StoreResult<()> {
+    let Some(last) = changes.last() else {
+        return unchanged(old, new);
+    };
     let end_user = new.end_user_id().as_str();
     rows.end_users.push((
         end_user.to_owned(),
         serde_json::to_string(&new.clone().into_parts())?,
         i64::try_from(new.version()).unwrap_or(i64::MAX),
-        changes.next_due.map(millis),
+        last.next_due.map(millis),
     ));
     if new != old {
         rows.changes.push(end_user.to_owned());
     }
-    for entry in &changes.entries {
-        let wire = protocol::LedgerEntry::new(
-            entry,
-            changes.annotations.idempotency_key.clone(),
-            changes.annotations.metadata.clone(),
-        );
-        rows.entries.push((
-            entry.id.to_string(),
-            end_user.to_owned(),
-            entry.entry_type.as_str(),
-            millis(entry.created_at),
-            serde_json::to_string(&wire)?,
-        ));
+    for part in changes {
+        for entry in &part.entries {
+            let wire = protocol::LedgerEntry::new(
+                entry,
+                part.annotations.idempotency_key.clone(),
+                part.annotations.metadata.clone(),
+            );
+            rows.entries.push((
+                entry.id.to_string(),
+                end_user.to_owned(),
+                entry.entry_type.as_str(),
+                millis(entry.created_at),
+                serde_json::to_string(&wire)?,
+            ));
+        }
+        rows.usage_keys.extend(part.usage_keys.iter().cloned());
     }
-    rows.usage_keys.extend(changes.usage_keys.iter().cloned());
 
     let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
-    let created: Vec<ledger::BlockId> = changes
-        .entries
+    let created = created_blocks(changes);
+    for block in new
+        .blocks()
         .iter()
-        .filter_map(|entry| entry.block.as_ref().map(|block| block.id))
-        .collect();
-    for block in new.blocks().iter().chain(&changes.finished_blocks) {
+        .chain(changes.iter().flat_map(|part| &part.finished_blocks))
+    {
         if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
             continue;
         }
-        let annotated = created.contains(&block.id);
+        let annotations = created.get(&block.id);
         sqlx::query(
             "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET body = excluded.body",
@@ -1357,8 +1363,8 @@ async fn stage(
         .bind(env.environment.as_str())
         .bind(end_user)
         .bind(serde_json::to_string(block)?)
-        .bind(if annotated { changes.annotations.metadata.as_ref().map(ToString::to_string) } else { None })
-        .bind(if annotated { changes.annotations.external_payment_id.clone() } else { None })
+        .bind(annotations.and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)))
+        .bind(annotations.and_then(|annotations| annotations.external_payment_id.clone()))
         .bind(millis(block.created_at))
         .execute(&mut **tx)
         .await?;
@@ -1372,7 +1378,7 @@ async fn stage(
     for reservation in new
         .reservations()
         .iter()
-        .chain(&changes.finished_reservations)
+        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
     {
         if old_reservations
             .get(&reservation.id)
@@ -1402,7 +1408,7 @@ async fn stage(
     for subscription in new
         .subscriptions()
         .iter()
-        .chain(&changes.finished_subscriptions)
+        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
     {
         if old_subscriptions
             .get(&subscription.id)
@@ -1424,14 +1430,14 @@ async fn stage(
         .await?;
     }
 
-    if !changes.events.is_empty() {
+    if changes.iter().any(|part| !part.events.is_empty()) {
         let endpoints = live_endpoints(tx, env).await?;
-        for event in &changes.events {
+        for event in changes.iter().flat_map(|part| &part.events) {
             insert_event(tx, env, event, &endpoints, now).await?;
         }
     }
 
-    if let Some(answer) = &changes.idempotency {
+    for answer in changes.iter().filter_map(|part| part.idempotency.as_ref()) {
         finish_idempotency(tx, env, answer).await?;
     }
     Ok(())

@@ -179,3 +179,67 @@ store_test! {
     assert_eq!(bad_key.body["field"], "Idempotency-Key");
     }
 }
+
+// 64 concurrent debits of one end user, each with its own idempotency key and metadata,
+// while half of them run out of credits. Concurrent operations share transactions (group
+// commit); each must still get its own answer, keep its own key and metadata on its entry,
+// and replay its own answer, and the refused ones must leave nothing behind.
+store_test! {
+    async fn concurrent_operations_keep_their_own_answers(backend) {
+    let harness = Harness::start(backend).await;
+    let key = harness.tenant("acme").await.test;
+    harness.catalog(&key).await;
+    harness.grant(&key, "hot", 320).await;
+
+    let mut tasks = Vec::new();
+    for index in 0..64 {
+        let (harness, key) = (harness.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"end_user_id": "hot", "feature_key": "api_calls", "units": 10,
+                              "strict": true, "metadata": {"n": index}});
+            let idempotency_key = format!("debit-{index}");
+            let answer = harness
+                .send(Method::POST, "/v1/usage", Some(&key), Some(body.clone()),
+                      &[("idempotency-key", idempotency_key.as_str())])
+                .await;
+            (index, body, answer)
+        }));
+    }
+    let mut created = std::collections::BTreeMap::new();
+    let mut refused = Vec::new();
+    for task in tasks {
+        let (index, body, answer) = task.await.expect("task");
+        match answer.status {
+            StatusCode::CREATED => {
+                assert_eq!(answer.body["cost"], 10, "{}", answer.body);
+                created.insert(answer.body["id"].as_str().expect("entry id").to_owned(), (index, body, answer));
+            }
+            StatusCode::PAYMENT_REQUIRED => refused.push((index, body, answer)),
+            other => panic!("unexpected status {other}: {}", answer.body),
+        }
+    }
+    assert_eq!((created.len(), refused.len()), (32, 32));
+    assert_eq!(harness.available(&key, "hot").await, 0);
+
+    let debits = harness
+        .get("/v1/ledger?end_user_id=hot&type=debit&limit=500", &key)
+        .await;
+    let entries = debits.body["data"].as_array().expect("entries");
+    assert_eq!(entries.len(), 32);
+    for entry in entries {
+        let id = entry["id"].as_str().expect("id");
+        let (index, _, _) = &created[id];
+        assert_eq!(entry["idempotency_key"], format!("debit-{index}"), "{entry}");
+        assert_eq!(entry["metadata"]["n"], *index, "{entry}");
+    }
+    // Every answer, accepted or refused, replays as first given.
+    for (index, body, first) in created.values().chain(&refused) {
+        let idempotency_key = format!("debit-{index}");
+        let replay = harness
+            .send(Method::POST, "/v1/usage", Some(&key), Some(body.clone()),
+                  &[("idempotency-key", idempotency_key.as_str())])
+            .await;
+        assert_eq!((replay.status, &replay.body), (first.status, &first.body));
+    }
+    }
+}
