@@ -13,7 +13,7 @@ use ledger::{Block, EndUserId, EndUserState, Reservation, StateParts, Subscripti
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
@@ -28,6 +28,9 @@ use crate::error::ApiError;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    /// Whether commits fsync (`synchronous = full`): idempotency leases relax it (see
+    /// `idempotency_begin`).
+    fsync_commits: bool,
 }
 
 fn millis(value: Timestamp) -> i64 {
@@ -75,6 +78,7 @@ impl SqliteStore {
                 SqliteStore {
                     writer: pool.clone(),
                     reader: pool,
+                    fsync_commits: false,
                 }
             }
             DatabaseUrl::SqliteFile(path) => {
@@ -101,7 +105,11 @@ impl SqliteStore {
                     .max_connections(read_connections)
                     .connect_with(options.read_only(true))
                     .await?;
-                SqliteStore { writer, reader }
+                SqliteStore {
+                    writer,
+                    reader,
+                    fsync_commits: synchronous == Synchronous::Full,
+                }
             }
             DatabaseUrl::Postgres(_) => {
                 return Err(StoreError::Database {
@@ -995,51 +1003,56 @@ impl Store for SqliteStore {
         lease_ms: i64,
         keep_until: Timestamp,
     ) -> StoreResult<IdempotencyBegin> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let locked_until = now.as_millis().saturating_add(lease_ms);
-        if let Some(row) = row {
-            let stored: Vec<u8> = row.try_get("fingerprint")?;
-            if stored.as_slice() != fingerprint.as_slice() {
-                return Ok(IdempotencyBegin::Mismatch);
+        // A lease need not be fsynced: if it is lost in a power cut, so is everything the
+        // request did after it (SQLite's WAL is appended in order, and the operation's own
+        // commit fsyncs the file up to and including the lease), and the request never
+        // answered, so a retry that finds no lease is right to run. Relaxing it takes one
+        // fsync off every keyed request. The connection's setting is put back by a task of
+        // its own, so a caller that goes away cannot leave the writer not fsyncing.
+        let store = self.clone();
+        let (env, key, fingerprint) = (env.clone(), key.to_owned(), *fingerprint);
+        tokio::spawn(async move {
+            let mut connection = store.writer.acquire().await?;
+            if !store.fsync_commits {
+                return begin_lease(
+                    &mut connection,
+                    &env,
+                    &key,
+                    &fingerprint,
+                    now,
+                    lease_ms,
+                    keep_until,
+                )
+                .await;
             }
-            if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
-                let body: Vec<u8> = row
-                    .try_get::<Option<Vec<u8>>, _>("body")?
-                    .unwrap_or_default();
-                let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
-                return Ok(IdempotencyBegin::Replay { status, body });
-            }
-            let holder_until: i64 = row.try_get("locked_until")?;
-            if holder_until > now.as_millis() {
-                return Ok(IdempotencyBegin::InFlight);
-            }
-            // The first holder died without finishing: take the key over.
-            sqlx::query("UPDATE idempotency SET locked_until = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
-                .bind(locked_until)
-                .bind(&env.tenant_id)
-                .bind(env.environment.as_str())
-                .bind(key)
-                .execute(&mut *tx)
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *connection)
                 .await?;
-        } else {
-            sqlx::query("INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?)")
-                .bind(&env.tenant_id)
-                .bind(env.environment.as_str())
-                .bind(key)
-                .bind(fingerprint.as_slice())
-                .bind(locked_until)
-                .bind(millis(keep_until))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(IdempotencyBegin::Started)
+            let begun = begin_lease(
+                &mut connection,
+                &env,
+                &key,
+                &fingerprint,
+                now,
+                lease_ms,
+                keep_until,
+            )
+            .await;
+            if let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *connection)
+                .await
+            {
+                // Never hand back a writer that would not fsync.
+                connection.close_on_drop();
+                return Err(error.into());
+            }
+            begun
+        })
+        .await
+        .map_err(|error| StoreError::Database {
+            message: format!("the idempotency lease task failed: {error}"),
+            transient: true,
+        })?
     }
 
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
@@ -1169,6 +1182,63 @@ async fn load_states_in(
         }
     }
     Ok(states)
+}
+
+/// Takes (or reports) an idempotency key's lease in one transaction on `connection`.
+async fn begin_lease(
+    connection: &mut SqliteConnection,
+    env: &Env,
+    key: &str,
+    fingerprint: &[u8; 32],
+    now: Timestamp,
+    lease_ms: i64,
+    keep_until: Timestamp,
+) -> StoreResult<IdempotencyBegin> {
+    let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+    let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let locked_until = now.as_millis().saturating_add(lease_ms);
+    if let Some(row) = row {
+        let stored: Vec<u8> = row.try_get("fingerprint")?;
+        if stored.as_slice() != fingerprint.as_slice() {
+            return Ok(IdempotencyBegin::Mismatch);
+        }
+        if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
+            let body: Vec<u8> = row
+                .try_get::<Option<Vec<u8>>, _>("body")?
+                .unwrap_or_default();
+            let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
+            return Ok(IdempotencyBegin::Replay { status, body });
+        }
+        let holder_until: i64 = row.try_get("locked_until")?;
+        if holder_until > now.as_millis() {
+            return Ok(IdempotencyBegin::InFlight);
+        }
+        // The first holder died without finishing: take the key over.
+        sqlx::query("UPDATE idempotency SET locked_until = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
+            .bind(locked_until)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+    } else {
+        sqlx::query("INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(key)
+            .bind(fingerprint.as_slice())
+            .bind(locked_until)
+            .bind(millis(keep_until))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(IdempotencyBegin::Started)
 }
 
 async fn finish_idempotency(
@@ -1559,4 +1629,66 @@ async fn insert_change(
         .execute(connection)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
+
+    async fn writer_synchronous(store: &SqliteStore) -> i64 {
+        sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&store.writer)
+            .await
+            .expect("pragma")
+    }
+
+    // Leases are written without an fsync, and the writer fsyncs again after every kind
+    // of answer (started, in flight, mismatch, replay).
+    #[tokio::test]
+    async fn the_writer_fsyncs_again_after_a_lease() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("lease.db").display().to_string();
+        let store = SqliteStore::open(&DatabaseUrl::SqliteFile(path), Synchronous::Full, 1)
+            .await
+            .expect("store");
+        const FULL: i64 = 2;
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Test,
+        };
+        let begin = |fingerprint: [u8; 32]| {
+            let (store, env) = (store.clone(), env.clone());
+            async move {
+                store
+                    .idempotency_begin(&env, "k", &fingerprint, T0, 30_000, T0)
+                    .await
+                    .expect("begin")
+            }
+        };
+        assert!(matches!(begin([1; 32]).await, IdempotencyBegin::Started));
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        assert!(matches!(begin([1; 32]).await, IdempotencyBegin::InFlight));
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        assert!(matches!(begin([2; 32]).await, IdempotencyBegin::Mismatch));
+        assert_eq!(writer_synchronous(&store).await, FULL);
+        store
+            .idempotency_finish(
+                &env,
+                &IdempotencyAnswer {
+                    key: "k".into(),
+                    status: 201,
+                    body: b"{}".to_vec(),
+                },
+            )
+            .await
+            .expect("finish");
+        assert!(matches!(
+            begin([1; 32]).await,
+            IdempotencyBegin::Replay { status: 201, .. }
+        ));
+        assert_eq!(writer_synchronous(&store).await, FULL);
+    }
 }

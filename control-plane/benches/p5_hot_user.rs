@@ -1,0 +1,178 @@
+//! P5 (DESIGN.md): 32 concurrent debitors on one end user, with group commit against the
+//! naive one-commit-per-debit baseline measured in the same run, on both stores.
+//!
+//! Run: `cargo bench -p control-plane --bench p5_hot_user` (release build). On SQLite (a
+//! temporary file, `synchronous = full`: every commit is fsynced) and, when
+//! `QS_BENCH_POSTGRES_URL` is set, on PostgreSQL, 32 tasks each send `QS_P5_DEBITS`
+//! (default 100) `POST /v1/usage` requests for one end user, one after another (once
+//! without idempotency keys, once with a key each), through the router in process (no sockets: this measures
+//! the store). The baseline is the same server with `database.group_commit_max = 1`
+//! (every debit its own transaction); the grouped run uses the default (64). Each run
+//! starts from a fresh database and checks the end user's final balance to the credit.
+
+// A benchmark program: it prints its report and panics on setup failures.
+#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::http::Request;
+use control_plane::clock::SystemClock;
+use control_plane::config::{Config, DatabaseUrl, Synchronous};
+use control_plane::service::AppState;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+const DEBITORS: u64 = 32;
+const GRANT: u64 = 1_000_000_000;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn send(
+    app: &axum::Router,
+    key: &str,
+    request: axum::http::request::Builder,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let request = request.header("authorization", format!("Bearer {key}"));
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    };
+    let response = app
+        .clone()
+        .oneshot(request.expect("request"))
+        .await
+        .expect("response");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).expect("json")
+}
+
+async fn setup(database: DatabaseUrl, group_commit_max: usize) -> (axum::Router, String) {
+    let mut config = Config::for_tests();
+    config.database = database;
+    config.synchronous = Synchronous::Full;
+    config.rate_limit_per_second = 10_000_000;
+    config.rate_limit_burst = 10_000_000;
+    config.max_connections = 64;
+    config.group_commit_max = group_commit_max;
+    let store = control_plane::open_store(&config).await.expect("store");
+    let state = AppState::new(config, store, Arc::new(SystemClock), None);
+    let app = control_plane::http::app(state.clone());
+    let key = control_plane::http::tenancy::create_tenant(&state, "bench")
+        .await
+        .expect("tenant")
+        .api_keys
+        .test;
+    send(
+        &app,
+        &key,
+        Request::post("/v1/features"),
+        Some(json!({"key": "api_calls", "name": "API calls", "type": "metered"})),
+    )
+    .await;
+    send(
+        &app,
+        &key,
+        Request::post("/v1/credits/grants"),
+        Some(json!({"end_user_id": "hot", "amount": GRANT})),
+    )
+    .await;
+    (app, key)
+}
+
+/// Debits per second with `group_commit_max`, after checking the final balance.
+async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed: bool) -> f64 {
+    let (app, key) = setup(database, group_commit_max).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for debitor in 0..DEBITORS {
+        let (app, key) = (app.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            for index in 0..debits {
+                let mut request = Request::post("/v1/usage");
+                if keyed {
+                    request = request.header("idempotency-key", format!("debit-{debitor}-{index}"));
+                }
+                let body = json!({"end_user_id": "hot", "feature_key": "api_calls", "units": 1});
+                send(&app, &key, request, Some(body)).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("debitor");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let total = DEBITORS * debits;
+    let balance = send(
+        &app,
+        &key,
+        Request::get("/v1/credits/balance?end_user_id=hot"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        balance["available"].as_u64(),
+        Some(GRANT - total),
+        "the final balance is exact"
+    );
+    total as f64 / seconds
+}
+
+async fn measure(label: &str, database: impl Fn() -> DatabaseUrl) {
+    let debits = env_or("QS_P5_DEBITS", 100);
+    for (keyed, what) in [(false, "no keys"), (true, "an Idempotency-Key each")] {
+        let naive = run(database(), 1, debits, keyed).await;
+        let grouped = run(database(), 64, debits, keyed).await;
+        println!(
+            "P5 {label}, {what}: {DEBITORS} debitors on one end user: one commit per debit {naive:.0} debits/s; group commit {grouped:.0} debits/s; ratio {:.1}x (final balances exact)",
+            grouped / naive
+        );
+    }
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let runs = std::sync::atomic::AtomicU32::new(0);
+        measure("SQLite", || {
+            let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            DatabaseUrl::SqliteFile(
+                directory
+                    .path()
+                    .join(format!("p5-{run}.db"))
+                    .display()
+                    .to_string(),
+            )
+        })
+        .await;
+        if let Ok(url) = std::env::var("QS_BENCH_POSTGRES_URL") {
+            measure("PostgreSQL", || DatabaseUrl::Postgres(url.clone())).await;
+        }
+    });
+}
