@@ -485,7 +485,8 @@ impl AppState {
     }
 
     /// Runs one operation on each of several end users in one transaction (a usage
-    /// batch): all commit or none. Returns each end user's value.
+    /// batch): all commit or none. Each operation reports one `Changes` per step it took
+    /// (a batch's events, each with its own annotations). Returns each end user's value.
     ///
     /// # Errors
     /// The first failing operation's error, or store failures; nothing is written then.
@@ -496,7 +497,11 @@ impl AppState {
     ) -> Result<Vec<(EndUserId, T)>, ApiError>
     where
         T: Send,
-        F: FnMut(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+        F: FnMut(
+                &mut EndUserState,
+                &mut Cx<'_>,
+                &CatalogView,
+            ) -> Result<(T, Vec<Changes>), ApiError>
             + Send,
     {
         let view = self.view(env).await?;
@@ -516,9 +521,11 @@ impl AppState {
                         ids: &mut source,
                     };
                     let (value, mut changes) = operation(state, &mut cx, view)?;
-                    changes.next_due = state.next_due(&view.catalog)?;
+                    if let Some(last) = changes.last_mut() {
+                        last.next_due = state.next_due(&view.catalog)?;
+                    }
                     *slot = Some(value);
-                    Ok(vec![changes])
+                    Ok(changes)
                 },
             ));
         }

@@ -179,18 +179,6 @@ impl Changes {
         };
         (applied.value, changes)
     }
-
-    /// Appends another operation's changes (a batch applies many in one transaction).
-    pub fn extend(&mut self, other: Changes) {
-        self.entries.extend(other.entries);
-        self.events.extend(other.events);
-        self.finished_reservations
-            .extend(other.finished_reservations);
-        self.finished_subscriptions
-            .extend(other.finished_subscriptions);
-        self.finished_blocks.extend(other.finished_blocks);
-        self.usage_keys.extend(other.usage_keys);
-    }
 }
 
 /// The blocks `changes` created, each with the annotations of the request that

@@ -122,6 +122,7 @@ struct Prepared {
     index: usize,
     key: String,
     fingerprint: [u8; 32],
+    metadata: Option<serde_json::Value>,
     usage: ledger::UsageRequest,
     timestamp: ledger::Timestamp,
 }
@@ -227,6 +228,7 @@ async fn apply_batch(
             index,
             key,
             fingerprint,
+            metadata: event.metadata.clone(),
             usage,
             timestamp,
         });
@@ -297,14 +299,15 @@ async fn apply_batch(
 type EventOutcomes = Vec<(usize, Result<UsageRecorded, protocol::Problem>)>;
 
 /// Records one end user's batch events in order; a refused event is an error outcome.
+/// Each recorded event's changes carry its own key and metadata (kept on its entry).
 fn apply_events(
     user: &mut ledger::EndUserState,
     cx: &mut ledger::Cx<'_>,
     end_user: &EndUserId,
     events: &[Prepared],
     keep_until: ledger::Timestamp,
-) -> Result<(EventOutcomes, Changes), ApiError> {
-    let mut all = Changes::default();
+) -> Result<(EventOutcomes, Vec<Changes>), ApiError> {
+    let mut all = Vec::with_capacity(events.len());
     let mut outcomes = Vec::with_capacity(events.len());
     for event in events {
         match user.record_usage(cx, event.usage.clone()) {
@@ -325,7 +328,12 @@ fn apply_events(
                         .map_err(|error| ApiError::Internal(error.to_string()))?,
                     keep_until,
                 });
-                all.extend(changes);
+                changes.annotations = Annotations {
+                    idempotency_key: Some(event.key.clone()),
+                    metadata: event.metadata.clone(),
+                    external_payment_id: None,
+                };
+                all.push(changes);
                 outcomes.push((event.index, Ok(answer)));
             }
             Err(Refusal::Invariant(message)) => return Err(ApiError::Internal(message)),

@@ -1114,7 +1114,10 @@ impl Store for PostgresStore {
         keys: &[String],
     ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
         let rows = sqlx::query(
-            "SELECT * FROM usage_keys WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3)",
+            // A join rather than `key = ANY($3)`: the generic plan of the latter filters
+            // every key of the environment instead of looking each one up.
+            "SELECT u.* FROM UNNEST($3::text[]) AS k(key)
+             JOIN usage_keys u ON u.tenant_id = $1 AND u.environment = $2 AND u.key = k.key",
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
@@ -1315,8 +1318,9 @@ async fn lock_states(
     .execute(&mut *connection)
     .await?;
     let rows = sqlx::query(
-        "SELECT end_user_id, state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = ANY($3)
-         ORDER BY end_user_id FOR UPDATE",
+        "SELECT e.end_user_id, e.state FROM UNNEST($3::text[]) AS k(id)
+         JOIN end_users e ON e.tenant_id = $1 AND e.environment = $2 AND e.end_user_id = k.id
+         ORDER BY e.end_user_id FOR UPDATE OF e",
     )
     .bind(&env.tenant_id)
     .bind(env.environment.as_str())

@@ -1278,6 +1278,7 @@ async fn persist(
 struct Rows {
     /// (end user, state JSON, version, next due).
     end_users: Vec<(String, String, i64, Option<i64>)>,
+    blocks: Vec<BlockRow>,
     /// (id, end user, type, created at, body JSON).
     entries: Vec<(String, String, &'static str, i64, String)>,
     usage_keys: Vec<UsageKeyRecord>,
@@ -1285,7 +1286,18 @@ struct Rows {
     changes: Vec<String>,
 }
 
-/// Rows per multi-row statement (at most 7 parameters a row, well under SQLite's limit).
+/// A block's row: new or changed, with the annotations of the request that created it.
+#[derive(Debug)]
+struct BlockRow {
+    id: String,
+    end_user: String,
+    body: String,
+    metadata: Option<String>,
+    external_payment_id: Option<String>,
+    created_at: i64,
+}
+
+/// Rows per multi-row statement (at most 8 parameters a row, well under SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 200;
 
 impl Rows {
@@ -1312,6 +1324,23 @@ impl Rows {
                 " ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
                   state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
             );
+            query.build().execute(&mut **tx).await?;
+        }
+        for chunk in self.blocks.chunks(ROWS_PER_STATEMENT) {
+            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) ",
+            );
+            query.push_values(chunk, |mut row, block| {
+                row.push_bind(&block.id)
+                    .push_bind(&env.tenant_id)
+                    .push_bind(env.environment.as_str())
+                    .push_bind(&block.end_user)
+                    .push_bind(&block.body)
+                    .push_bind(&block.metadata)
+                    .push_bind(&block.external_payment_id)
+                    .push_bind(block.created_at);
+            });
+            query.push(" ON CONFLICT (id) DO UPDATE SET body = excluded.body");
             query.build().execute(&mut **tx).await?;
         }
         for chunk in self.entries.chunks(ROWS_PER_STATEMENT) {
@@ -1424,20 +1453,16 @@ async fn stage(
             continue;
         }
         let annotations = created.get(&block.id);
-        sqlx::query(
-            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-        )
-        .bind(block.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(serde_json::to_string(block)?)
-        .bind(annotations.and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)))
-        .bind(annotations.and_then(|annotations| annotations.external_payment_id.clone()))
-        .bind(millis(block.created_at))
-        .execute(&mut **tx)
-        .await?;
+        rows.blocks.push(BlockRow {
+            id: block.id.to_string(),
+            end_user: end_user.to_owned(),
+            body: serde_json::to_string(block)?,
+            metadata: annotations
+                .and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)),
+            external_payment_id: annotations
+                .and_then(|annotations| annotations.external_payment_id.clone()),
+            created_at: millis(block.created_at),
+        });
     }
 
     let old_reservations: BTreeMap<_, _> = old

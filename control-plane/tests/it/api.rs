@@ -396,6 +396,27 @@ store_test! {
     );
     assert_eq!(harness.available(key, "u1").await, 98);
 
+    // Each recorded event's entry keeps its own key and metadata, even when one end
+    // user's events share a transaction.
+    let tagged = |units: u64, event_key: &str, n: u64| json!({"end_user_id": "u3", "feature_key": "api_calls", "units": units, "idempotency_key": event_key, "metadata": {"n": n}});
+    harness
+        .ok("/v1/usage/batch", key, json!({"events": [tagged(1, "m1", 1), tagged(2, "m2", 2)]}), 200)
+        .await;
+    let entries = harness.get("/v1/ledger?end_user_id=u3&type=debit", key).await;
+    let mut seen: Vec<(String, u64)> = entries.body["data"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|entry| {
+            (
+                entry["idempotency_key"].as_str().unwrap_or("").to_owned(),
+                entry["metadata"]["n"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![("m1".to_owned(), 1), ("m2".to_owned(), 2)]);
+
     let missing_key = harness
         .ok(
             "/v1/usage/batch",
