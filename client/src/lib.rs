@@ -379,6 +379,16 @@ impl Client {
             .await
     }
 
+    /// Replaces a feature's name, pricing and plan gating (its key and type stay).
+    pub async fn replace_feature(
+        &self,
+        id_or_key: &str,
+        body: &CreateFeature,
+    ) -> Result<Feature, Error> {
+        let path = format!("/v1/features/{}", segment(id_or_key)?);
+        self.call(Method::PUT, &path, &[], Some(body)).await
+    }
+
     pub async fn create_plan(&self, body: &CreatePlan) -> Result<Plan, Error> {
         self.post("/v1/plans", body).await
     }
@@ -390,6 +400,12 @@ impl Client {
     pub async fn get_plan(&self, id_or_key: &str) -> Result<Plan, Error> {
         self.get(&format!("/v1/plans/{}", segment(id_or_key)?), &[])
             .await
+    }
+
+    /// Replaces a plan's name, features and overage policy (its key and kind stay).
+    pub async fn replace_plan(&self, id_or_key: &str, body: &CreatePlan) -> Result<Plan, Error> {
+        let path = format!("/v1/plans/{}", segment(id_or_key)?);
+        self.call(Method::PUT, &path, &[], Some(body)).await
     }
 
     pub async fn create_variant(

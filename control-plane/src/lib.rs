@@ -9,6 +9,7 @@
 //! - only [`clock`] reads the system clock; everything else takes `now` from it, moved by
 //!   the test clock's offset in `test` environments.
 
+pub mod apply;
 pub mod auth;
 pub mod clock;
 pub mod config;

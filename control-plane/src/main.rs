@@ -60,6 +60,22 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Create or update features, plans, variants and settings from a catalog file
+    /// (see config/catalog.example.toml), through the API of a running control plane.
+    Apply {
+        /// The catalog file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// The control plane's URL (default: this configuration's listen address).
+        #[arg(long, env = "QS_URL")]
+        url: Option<String>,
+        /// An API key with the `admin` scope: it picks the tenant and environment.
+        #[arg(long, env = "QS_API_KEY", hide_env_values = true)]
+        key: String,
+        /// Print the plan without changing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -127,6 +143,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
+            Command::Apply {
+                file,
+                url,
+                key,
+                dry_run,
+            } => {
+                let url = url.unwrap_or_else(|| local_url(config.listen));
+                apply(&file, &url, &key, dry_run).await
+            }
             Command::Openapi => {
                 println!(
                     "{}",
@@ -136,6 +161,38 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The URL of a control plane listening on `listen` on this machine.
+fn local_url(listen: std::net::SocketAddr) -> String {
+    let host = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv6() => "[::1]".to_owned(),
+        ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+    };
+    format!("http://{host}:{}", listen.port())
+}
+
+/// `apply -f`: prints the plan, then carries it out (unless `dry_run`).
+async fn apply(file: &std::path::Path, url: &str, key: &str, dry_run: bool) -> anyhow::Result<()> {
+    use control_plane::apply;
+    let origin = file.display().to_string();
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {origin}"))?;
+    let catalog = apply::CatalogFile::parse(&text, &origin)?;
+    let api = client::Client::new(url, key).map_err(|error| anyhow::anyhow!("{url}: {error}"))?;
+    let current = apply::current(&api).await?;
+    let plan = apply::plan(&catalog, &current);
+    println!("{plan}");
+    if !plan.refused.is_empty() {
+        anyhow::bail!("nothing was applied: {} refused", plan.refused.len());
+    }
+    if dry_run || plan.steps.is_empty() {
+        return Ok(());
+    }
+    apply::execute(&api, &plan, |step| println!("done: {step}")).await?;
+    println!("applied {} changes", plan.steps.len());
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -371,12 +371,24 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> StoreResult<()>;
     async fn features(&self, env: &Env)
     -> StoreResult<Vec<CatalogRecord<protocol::CreateFeature>>>;
+    /// Replaces a feature's body (by `record.id`); false when there is no such feature.
+    async fn update_feature(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateFeature>,
+    ) -> StoreResult<bool>;
     async fn insert_plan(
         &self,
         env: &Env,
         record: &CatalogRecord<protocol::CreatePlan>,
     ) -> StoreResult<()>;
     async fn plans(&self, env: &Env) -> StoreResult<Vec<CatalogRecord<protocol::CreatePlan>>>;
+    /// Replaces a plan's body (by `record.id`); false when there is no such plan.
+    async fn update_plan(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreatePlan>,
+    ) -> StoreResult<bool>;
     async fn insert_variant(
         &self,
         env: &Env,

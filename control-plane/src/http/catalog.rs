@@ -162,6 +162,60 @@ pub async fn get_feature(
     Ok(Json(feature_wire(record)))
 }
 
+/// `PUT /v1/features/{id_or_key}`: replaces a feature's name, pricing and plan gating
+/// (what catalog-as-code updates). The key and type can't change: usage already recorded
+/// and plans refer to them. A new price applies from the next usage on; recorded entries
+/// keep the cost they were charged.
+#[utoipa::path(put, path = "/v1/features/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
+    request_body = CreateFeature,
+    responses((status = 200, body = Feature), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn replace_feature(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)
+        .and_then(|request| request.to_ledger().map(|_| request).map_err(ApiError::from))
+    {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+        let view = state_ref.view(env).await?;
+        let current = view
+            .features
+            .iter()
+            .find(|record| record.id == id || record.key == id)
+            .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
+        if request.key != current.key {
+            return Err(ApiError::bad_request(
+                "key",
+                format!(
+                    "must be the feature's key `{}`: keys can't change",
+                    current.key
+                ),
+            ));
+        }
+        if request.feature_type != current.body.feature_type {
+            return Err(ApiError::bad_request(
+                "type",
+                "a feature's type can't change; create a feature with a new key instead",
+            ));
+        }
+        let record = CatalogRecord {
+            body: request,
+            ..current.clone()
+        };
+        if !state_ref.store().update_feature(env, &record).await? {
+            return Err(ApiError::NotFound(format!("feature `{id}`")));
+        }
+        Ok(feature_wire(&record))
+    })
+    .await
+}
+
 /// `POST /v1/plans`.
 #[utoipa::path(post, path = "/v1/plans", tag = "catalog", request_body = CreatePlan,
     responses((status = 201, body = Plan), (status = 400, body = Problem), (status = 409, body = Problem)))]
@@ -244,6 +298,69 @@ pub async fn get_plan(
         .find_plan(&id)
         .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
     Ok(Json(plan_wire(&view, record)))
+}
+
+/// `PUT /v1/plans/{id_or_key}`: replaces a plan's name, features and overage policy. The
+/// key and kind can't change. Variants (price points) are immutable: add a variant with a
+/// new key and archive the old one.
+#[utoipa::path(put, path = "/v1/plans/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
+    request_body = CreatePlan,
+    responses((status = 200, body = Plan), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn replace_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    let request = match parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false) {
+        Ok(request) => request,
+        Err(error) => return error.into_response(),
+    };
+    let (state_ref, env) = (&state, &caller.env);
+    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+        let view = state_ref.view(env).await?;
+        let current = view
+            .find_plan(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
+        let plan_id: PlanId = current.id.parse().map_err(ApiError::Internal)?;
+        request.to_ledger(plan_id)?;
+        if request.key != current.key {
+            return Err(ApiError::bad_request(
+                "key",
+                format!(
+                    "must be the plan's key `{}`: keys can't change",
+                    current.key
+                ),
+            ));
+        }
+        if request.kind != current.body.kind {
+            return Err(ApiError::bad_request(
+                "kind",
+                "a plan's kind can't change; create a plan with a new key instead",
+            ));
+        }
+        if let Some(unknown) = request
+            .features
+            .keys()
+            .find(|key| view.features.iter().all(|feature| &feature.key != *key))
+        {
+            return Err(ApiError::bad_request(
+                format!("features.{unknown}"),
+                format!("feature `{unknown}` does not exist"),
+            ));
+        }
+        let record = CatalogRecord {
+            body: request,
+            ..current.clone()
+        };
+        if !state_ref.store().update_plan(env, &record).await? {
+            return Err(ApiError::NotFound(format!("plan `{id}`")));
+        }
+        state_ref.invalidate(env);
+        let view = state_ref.view(env).await?;
+        Ok(plan_wire(&view, &record))
+    })
+    .await
 }
 
 /// `POST /v1/plans/{id_or_key}/variants`.

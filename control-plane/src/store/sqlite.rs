@@ -160,6 +160,24 @@ impl SqliteStore {
         }
     }
 
+    /// Replaces a catalog object's body (its key and id stay); false when it is unknown.
+    async fn catalog_update<T: serde::Serialize + Sync>(
+        &self,
+        env: &Env,
+        kind: &str,
+        record: &CatalogRecord<T>,
+    ) -> StoreResult<bool> {
+        let result = sqlx::query("UPDATE catalog SET body = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND kind = ?")
+            .bind(serde_json::to_string(&record.body)?)
+            .bind(&record.id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(kind)
+            .execute(&self.writer)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
     async fn catalog_list<T: serde::de::DeserializeOwned>(
         &self,
         env: &Env,
@@ -363,6 +381,14 @@ impl Store for SqliteStore {
         self.catalog_insert(env, "feature", record).await
     }
 
+    async fn update_feature(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreateFeature>,
+    ) -> StoreResult<bool> {
+        self.catalog_update(env, "feature", record).await
+    }
+
     async fn features(
         &self,
         env: &Env,
@@ -376,6 +402,14 @@ impl Store for SqliteStore {
         record: &CatalogRecord<protocol::CreatePlan>,
     ) -> StoreResult<()> {
         self.catalog_insert(env, "plan", record).await
+    }
+
+    async fn update_plan(
+        &self,
+        env: &Env,
+        record: &CatalogRecord<protocol::CreatePlan>,
+    ) -> StoreResult<bool> {
+        self.catalog_update(env, "plan", record).await
     }
 
     async fn plans(&self, env: &Env) -> StoreResult<Vec<CatalogRecord<protocol::CreatePlan>>> {

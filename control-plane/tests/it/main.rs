@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod api;
+mod catalog_apply;
 mod clock_walk;
 mod concurrency;
 mod errors;
