@@ -72,6 +72,7 @@ struct RawServer {
     listen: Option<String>,
     body_limit_bytes: Option<usize>,
     shutdown_grace_secs: Option<u64>,
+    catalog_cache_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -194,6 +195,9 @@ pub struct Config {
     pub body_limit_bytes: usize,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
+    /// How long a cached catalog (with settings and test-clock offset) is used before it
+    /// is read again: how soon a change made through another replica applies here.
+    pub catalog_cache: Duration,
     pub database: DatabaseUrl,
     pub synchronous: Synchronous,
     /// Reader connections beside the single writer (SQLite).
@@ -349,6 +353,11 @@ impl Config {
         if !(1..=256).contains(&max_connections) {
             return Err(invalid("database.max_connections", "must be 1 to 256"));
         }
+        let catalog_cache_ms = raw.server.catalog_cache_ms.unwrap_or(1000);
+        if catalog_cache_ms > 60_000 {
+            return Err(invalid("server.catalog_cache_ms", "must be at most 60000"));
+        }
+        let catalog_cache = Duration::from_millis(catalog_cache_ms);
         let group_commit_max = raw.database.group_commit_max.unwrap_or(64);
         if !(1..=1024).contains(&group_commit_max) {
             return Err(invalid("database.group_commit_max", "must be 1 to 1024"));
@@ -412,6 +421,7 @@ impl Config {
             listen,
             body_limit_bytes,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_secs.unwrap_or(10)),
+            catalog_cache,
             database,
             synchronous,
             read_connections,

@@ -162,7 +162,8 @@ struct Inner {
     config: Config,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    catalogs: Mutex<HashMap<Env, Arc<CatalogView>>>,
+    /// Each environment's catalog view and when it was read.
+    catalogs: Mutex<HashMap<Env, (Arc<CatalogView>, std::time::Instant)>>,
     keys: Mutex<HashMap<[u8; 32], CachedKey>>,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
@@ -250,14 +251,19 @@ impl AppState {
             .unwrap_or(now)
     }
 
-    /// The environment's catalog, settings and clock offset (cached).
+    /// The environment's catalog, settings and clock offset, cached for
+    /// `server.catalog_cache_ms`: this process forgets it at once when it changes it, and
+    /// sees a change made through another replica when it reads it again.
     ///
     /// # Errors
     /// Store failures.
     pub async fn view(&self, env: &Env) -> Result<Arc<CatalogView>, ApiError> {
-        if let Some(view) = self.lock_catalogs().get(env) {
+        if let Some((view, read_at)) = self.lock_catalogs().get(env)
+            && read_at.elapsed() < self.config().catalog_cache
+        {
             return Ok(Arc::clone(view));
         }
+        let read_at = std::time::Instant::now();
         let store = self.store();
         let view = Arc::new(CatalogView::build(
             store.features(env).await?,
@@ -265,7 +271,8 @@ impl AppState {
             store.variants(env).await?,
             store.env_record(env).await?,
         )?);
-        self.lock_catalogs().insert(env.clone(), Arc::clone(&view));
+        self.lock_catalogs()
+            .insert(env.clone(), (Arc::clone(&view), read_at));
         Ok(view)
     }
 
@@ -311,7 +318,9 @@ impl AppState {
         self.inner.changes.subscribe()
     }
 
-    fn lock_catalogs(&self) -> std::sync::MutexGuard<'_, HashMap<Env, Arc<CatalogView>>> {
+    fn lock_catalogs(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<Env, (Arc<CatalogView>, std::time::Instant)>> {
         self.inner
             .catalogs
             .lock()

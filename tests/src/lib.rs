@@ -58,9 +58,7 @@ impl ControlPlane {
     /// Starts a control plane on a new database in `dir` with a tenant and a small catalog:
     /// metered `api_calls` and `tokens` (1 credit a unit), open to everyone.
     pub async fn start(dir: &Path) -> ControlPlane {
-        let database = dir.join("control-plane.db");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let mut plane = ControlPlane::serve(listener, database, None).await;
+        let mut plane = ControlPlane::start_empty(dir).await;
         let qs = &plane.client;
         for key in ["api_calls", "tokens"] {
             qs.create_feature(&from(json!({"key": key, "name": key, "type": "metered"})))
@@ -69,6 +67,13 @@ impl ControlPlane {
         }
         plane.client = qs.clone();
         plane
+    }
+
+    /// Starts a control plane on a new database in `dir` with a tenant and no catalog.
+    pub async fn start_empty(dir: &Path) -> ControlPlane {
+        let database = dir.join("control-plane.db");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        ControlPlane::serve(listener, database, None).await
     }
 
     async fn serve(listener: TcpListener, database: PathBuf, key: Option<String>) -> ControlPlane {

@@ -1,6 +1,8 @@
 //! The workspace's dependency rule (DESIGN 2): `ledger` <- `protocol` <- `client` <-
 //! `proxy`, and `protocol` <- `control-plane`; the two programs never depend on each
-//! other. Read from the manifests, so a forbidden edge fails here before it spreads.
+//! other. One addition (docs/decisions.md): `client` <- `control-plane`, for its `apply`
+//! command, which talks to a control plane through the API like any client. Read from the
+//! manifests, so a forbidden edge fails here before it spreads.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -45,6 +47,6 @@ fn each_crate_depends_only_on_the_layers_below_it() {
     );
     assert_eq!(
         our_dependencies("control-plane"),
-        set(&["ledger", "protocol"])
+        set(&["client", "ledger", "protocol"])
     );
 }

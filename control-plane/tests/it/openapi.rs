@@ -87,3 +87,33 @@ store_test! {
     assert!(document["components"]["schemas"]["Problem"].is_object());
     }
 }
+
+// docs/api.md lists exactly the endpoints `/openapi.json` documents: a new endpoint
+// without a line in the guide (or a line for one that is gone) fails here.
+store_test! {
+    async fn the_api_guide_matches_the_openapi_document(backend) {
+    let harness = Harness::start(backend).await;
+    let key = harness.tenant("acme").await.test;
+    let document = harness.get("/openapi.json", &key).await.body;
+    let mut served = std::collections::BTreeSet::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("operations").keys() {
+            served.insert(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    let guide_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md");
+    let guide = std::fs::read_to_string(guide_path).expect("docs/api.md");
+    let documented: std::collections::BTreeSet<String> = guide
+        .lines()
+        .filter_map(|line| line.strip_prefix("#### `"))
+        .filter_map(|rest| rest.strip_suffix('`'))
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<_> = served.difference(&documented).collect();
+    let extra: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "docs/api.md is out of date: undocumented {missing:?}; not served {extra:?}"
+    );
+    }
+}

@@ -7,6 +7,51 @@ use serde_json::json;
 use crate::support::store_test;
 use crate::support::{Harness, Storage, T0};
 
+/// Polls `condition` until it holds, failing after a generous deadline.
+async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+// A catalog change made through one replica reaches another that had the catalog cached
+// (within `server.catalog_cache_ms`), and so does a test-clock advance.
+store_test! {
+    async fn catalog_changes_reach_the_other_replica(backend) {
+        let storage = Storage::new(backend).await;
+        let mut config = control_plane::config::Config::for_tests();
+        config.catalog_cache = std::time::Duration::from_millis(50);
+        let first = Harness::on_with(&storage, config.clone()).await;
+        let second = Harness::on_with(&storage, config).await;
+        let key = first.tenant("acme").await.test;
+        first.catalog(&key).await;
+        // The second replica reads (and caches) the catalog before the new feature exists.
+        let unknown = second.get("/v1/entitlements/check?end_user_id=u1&feature_key=images", &key).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        first.ok("/v1/features", &key, json!({"key": "images", "name": "Images", "type": "metered"}), 201).await;
+        eventually("the second replica sees the new feature", || async {
+            second.get("/v1/entitlements/check?end_user_id=u1&feature_key=images", &key).await.status == StatusCode::OK
+        })
+        .await;
+
+        let before = second.get("/v1/test-clock", &key).await.body["offset_seconds"].clone();
+        first.ok("/v1/test-clock/advance", &key, json!({"seconds": 3600}), 200).await;
+        eventually("the second replica's clock moved", || async {
+            second.get("/v1/test-clock", &key).await.body["offset_seconds"] != before
+        })
+        .await;
+    }
+}
+
 store_test! {
     async fn two_replicas_share_idempotency_and_jobs(backend) {
         let storage = Storage::new(backend).await;

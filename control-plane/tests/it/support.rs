@@ -198,7 +198,8 @@ impl Harness {
         Harness::on_with(storage, Config::for_tests()).await
     }
 
-    async fn on_with(storage: &Storage, mut config: Config) -> Harness {
+    /// The same, with a configuration of the test's own.
+    pub async fn on_with(storage: &Storage, mut config: Config) -> Harness {
         config.database = storage.database.clone();
         // Tests need no power-cut durability; fsync on every commit only slows them.
         config.synchronous = control_plane::config::Synchronous::Normal;
