@@ -45,33 +45,42 @@ pub(crate) trait Member: Send {
     fn finish(self: Box<Self>, outcome: Result<(), ApiError>);
 }
 
-type Key = (Env, EndUserId);
-
-/// The queues of end users that have a drainer running. A key is present exactly while
-/// its drainer runs: [`Groups::push`] starts one when it inserts the key, and
-/// [`Groups::take`] removes the key when it finds nothing left, both under one lock, so an
-/// operation is never queued without a drainer to take it.
-#[derive(Default)]
-pub(crate) struct Groups {
-    queues: Mutex<HashMap<Key, Vec<Box<dyn Member>>>>,
+/// Queues of waiting work by key, each with a drainer task while it has any. A key is
+/// present exactly while its drainer runs: [`Queues::push`] says to start one when it
+/// inserts the key, and [`Queues::take`] removes the key when it finds nothing left, both
+/// under one lock, so nothing is ever queued without a drainer to take it. Group commit
+/// queues operations by end user; the SQLite store queues idempotency leases.
+pub(crate) struct Queues<K, M> {
+    queues: Mutex<HashMap<K, Vec<M>>>,
 }
 
-impl std::fmt::Debug for Groups {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Groups")
-            .field("end_users", &self.lock().len())
-            .finish()
+impl<K, M> Default for Queues<K, M> {
+    fn default() -> Self {
+        Queues {
+            queues: Mutex::new(HashMap::new()),
+        }
     }
 }
 
-impl Groups {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Vec<Box<dyn Member>>>> {
+impl<K, M> std::fmt::Debug for Queues<K, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let active = self
+            .queues
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        f.debug_struct("Queues").field("active", &active).finish()
+    }
+}
+
+impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, Vec<M>>> {
         self.queues.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `member` under its end user; true when the caller must start the drainer.
-    pub(crate) fn push(&self, env: &Env, end_user: &EndUserId, member: Box<dyn Member>) -> bool {
-        match self.lock().entry((env.clone(), end_user.clone())) {
+    /// Queues `member` under `key`; true when the caller must start the drainer.
+    pub(crate) fn push(&self, key: &K, member: M) -> bool {
+        match self.lock().entry(key.clone()) {
             Entry::Occupied(mut queue) => {
                 queue.get_mut().push(member);
                 false
@@ -83,47 +92,59 @@ impl Groups {
         }
     }
 
-    /// Up to `max` queued operations, oldest first; `None` (and the drainer ends) when
-    /// there are none.
-    pub(crate) fn take(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-        max: usize,
-    ) -> Option<Vec<Box<dyn Member>>> {
+    /// Up to `max` queued members, oldest first; `None` (and the drainer ends) when there
+    /// are none.
+    pub(crate) fn take(&self, key: &K, max: usize) -> Option<Vec<M>> {
         let mut queues = self.lock();
-        let key = (env.clone(), end_user.clone());
-        let queue = queues.get_mut(&key)?;
+        let queue = queues.get_mut(key)?;
         if queue.is_empty() {
-            queues.remove(&key);
+            queues.remove(key);
             return None;
         }
         let count = max.max(1).min(queue.len());
         Some(queue.drain(..count).collect())
     }
 
-    /// Forgets the end user's queue, failing what it holds: for a drainer that did not
-    /// end normally (its task panicked), so the next operation starts a new one.
-    pub(crate) fn abandon(&self, env: &Env, end_user: &EndUserId) {
-        let members = self
-            .lock()
-            .remove(&(env.clone(), end_user.clone()))
-            .unwrap_or_default();
-        for member in members {
-            member.finish(Err(ApiError::Internal(
-                "the end user's group commit stopped unexpectedly; nothing was written".into(),
-            )));
-        }
+    /// Forgets `key`'s queue and returns what it held: for a drainer that did not end
+    /// normally (its task panicked), so the next push starts a new one.
+    pub(crate) fn abandon(&self, key: &K) -> Vec<M> {
+        self.lock().remove(key).unwrap_or_default()
     }
 
-    /// How many operations wait in the end user's queue; `None` when no drainer runs
-    /// for it (for tests).
+    /// How many members wait under `key`; `None` when no drainer runs for it (tests).
     #[cfg(test)]
-    pub(crate) fn queued(&self, env: &Env, end_user: &EndUserId) -> Option<usize> {
-        self.lock()
-            .get(&(env.clone(), end_user.clone()))
-            .map(Vec::len)
+    pub(crate) fn queued(&self, key: &K) -> Option<usize> {
+        self.lock().get(key).map(Vec::len)
     }
+}
+
+/// Operations queued by end user.
+pub(crate) type Groups = Queues<(Env, EndUserId), Box<dyn Member>>;
+
+/// Fails what a drainer leaves queued if it is dropped before it ended normally.
+pub(crate) struct DrainGuard<'a, K: Eq + std::hash::Hash + Clone, M> {
+    pub(crate) queues: &'a Queues<K, M>,
+    pub(crate) key: &'a K,
+    /// Answers one abandoned member.
+    pub(crate) fail: fn(M),
+    pub(crate) finished: bool,
+}
+
+impl<K: Eq + std::hash::Hash + Clone, M> Drop for DrainGuard<'_, K, M> {
+    fn drop(&mut self) {
+        if !self.finished {
+            for member in self.queues.abandon(self.key) {
+                (self.fail)(member);
+            }
+        }
+    }
+}
+
+/// Answers an operation its drainer abandoned.
+pub(crate) fn fail_member(member: Box<dyn Member>) {
+    member.finish(Err(ApiError::Internal(
+        "the end user's group commit stopped unexpectedly; nothing was written".into(),
+    )));
 }
 
 /// Runs a group's operations in order on `state`, undoing each refused one; returns the
@@ -155,20 +176,4 @@ pub(crate) fn apply(
         }
     }
     Ok(applied)
-}
-
-/// Fails the end user's queue if its drainer is dropped before it ended normally.
-pub(crate) struct DrainGuard<'a> {
-    pub(crate) groups: &'a Groups,
-    pub(crate) env: &'a Env,
-    pub(crate) end_user: &'a EndUserId,
-    pub(crate) finished: bool,
-}
-
-impl Drop for DrainGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.groups.abandon(self.env, self.end_user);
-        }
-    }
 }

@@ -434,7 +434,11 @@ impl AppState {
             value: None,
             reply,
         });
-        if self.inner.groups.push(env, end_user, member) {
+        if self
+            .inner
+            .groups
+            .push(&(env.clone(), end_user.clone()), member)
+        {
             let state = self.clone();
             let (env, end_user) = (env.clone(), end_user.clone());
             tokio::spawn(async move { state.drain(&env, &end_user).await });
@@ -448,14 +452,15 @@ impl AppState {
     /// left.
     async fn drain(&self, env: &Env, end_user: &EndUserId) {
         let groups = &self.inner.groups;
+        let key = (env.clone(), end_user.clone());
         let mut guard = group::DrainGuard {
-            groups,
-            env,
-            end_user,
+            queues: groups,
+            key: &key,
+            fail: group::fail_member,
             finished: false,
         };
         let max = self.config().group_commit_max;
-        while let Some(members) = groups.take(env, end_user, max) {
+        while let Some(members) = groups.take(&key, max) {
             self.commit_group(env, end_user, members).await;
         }
         guard.finished = true;
@@ -748,7 +753,7 @@ mod tests {
             .expect("lock");
         let first = grant(&state, &env, &hot, 1);
         until("the first operation is taken", || {
-            state.inner.groups.queued(&env, &hot) == Some(0)
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
         })
         .await;
         let mut queued = Vec::new();
@@ -757,7 +762,7 @@ mod tests {
             queued.push(grant(&state, &env, &hot, if index == 7 { 0 } else { 1 }));
         }
         until("twenty operations are queued", || {
-            state.inner.groups.queued(&env, &hot) == Some(20)
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(20)
         })
         .await;
         sqlx::query("ROLLBACK")
@@ -776,7 +781,11 @@ mod tests {
         }
         assert_eq!(refused, 1);
         until("the drainer ends", || {
-            state.inner.groups.queued(&env, &hot).is_none()
+            state
+                .inner
+                .groups
+                .queued(&(env.clone(), hot.clone()))
+                .is_none()
         })
         .await;
 

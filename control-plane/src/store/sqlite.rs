@@ -23,6 +23,7 @@ use super::{
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
+use crate::group::{DrainGuard, Queues};
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -31,6 +32,31 @@ pub struct SqliteStore {
     /// Whether commits fsync (`synchronous = full`): idempotency leases relax it (see
     /// `idempotency_begin`).
     fsync_commits: bool,
+    /// Idempotency leases waiting for the writer, taken together (see `idempotency_begin`).
+    leases: std::sync::Arc<Queues<(), Lease>>,
+}
+
+/// One idempotency key to take, waiting for its batch.
+#[derive(Debug)]
+struct Lease {
+    env: Env,
+    key: String,
+    fingerprint: [u8; 32],
+    now: Timestamp,
+    lease_ms: i64,
+    keep_until: Timestamp,
+    reply: tokio::sync::oneshot::Sender<StoreResult<IdempotencyBegin>>,
+}
+
+/// How many leases one transaction takes at most.
+const LEASES_PER_TRANSACTION: usize = 256;
+
+/// Answers a lease its drainer abandoned.
+fn fail_lease(lease: Lease) {
+    let _ = lease.reply.send(Err(StoreError::Database {
+        message: "the idempotency lease task stopped unexpectedly".into(),
+        transient: true,
+    }));
 }
 
 fn millis(value: Timestamp) -> i64 {
@@ -79,6 +105,7 @@ impl SqliteStore {
                     writer: pool.clone(),
                     reader: pool,
                     fsync_commits: false,
+                    leases: std::sync::Arc::default(),
                 }
             }
             DatabaseUrl::SqliteFile(path) => {
@@ -109,6 +136,7 @@ impl SqliteStore {
                     writer,
                     reader,
                     fsync_commits: synchronous == Synchronous::Full,
+                    leases: std::sync::Arc::default(),
                 }
             }
             DatabaseUrl::Postgres(_) => {
@@ -126,6 +154,76 @@ impl SqliteStore {
                 transient: false,
             })?;
         Ok(store)
+    }
+
+    /// Takes queued leases, a batch per transaction, until none are left.
+    async fn drain_leases(&self) {
+        let mut guard = DrainGuard {
+            queues: self.leases.as_ref(),
+            key: &(),
+            fail: fail_lease,
+            finished: false,
+        };
+        while let Some(batch) = self.leases.take(&(), LEASES_PER_TRANSACTION) {
+            match self.take_leases(&batch).await {
+                Ok(answers) => {
+                    for (lease, answer) in batch.into_iter().zip(answers) {
+                        let _ = lease.reply.send(Ok(answer));
+                    }
+                }
+                Err(error) => {
+                    let (message, transient) = match &error {
+                        StoreError::Database { message, transient } => {
+                            (message.clone(), *transient)
+                        }
+                        other => (other.to_string(), false),
+                    };
+                    for lease in batch {
+                        let _ = lease.reply.send(Err(StoreError::Database {
+                            message: message.clone(),
+                            transient,
+                        }));
+                    }
+                }
+            }
+        }
+        guard.finished = true;
+    }
+
+    /// Takes (or reports) each lease of `batch`, in order, in one transaction.
+    ///
+    /// A lease need not be fsynced: if it is lost in a power cut, so is everything the
+    /// request did after it (SQLite's WAL is appended in order, and the operation's own
+    /// commit fsyncs the file up to and including the lease), and the request never
+    /// answered, so a retry that finds no lease is right to run. So the writer runs these
+    /// transactions at `synchronous = NORMAL` and is put back to `FULL` after (or closed,
+    /// never handed back not fsyncing).
+    async fn take_leases(&self, batch: &[Lease]) -> StoreResult<Vec<IdempotencyBegin>> {
+        let mut connection = self.writer.acquire().await?;
+        if self.fsync_commits {
+            sqlx::query("PRAGMA synchronous = NORMAL")
+                .execute(&mut *connection)
+                .await?;
+        }
+        let taken = async {
+            let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+            let mut answers = Vec::with_capacity(batch.len());
+            for lease in batch {
+                answers.push(take_lease(&mut tx, lease).await?);
+            }
+            tx.commit().await?;
+            Ok::<_, StoreError>(answers)
+        }
+        .await;
+        if self.fsync_commits
+            && let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
+                .execute(&mut *connection)
+                .await
+        {
+            connection.close_on_drop();
+            return Err(error.into());
+        }
+        taken
     }
 
     async fn catalog_insert<T: serde::Serialize + Sync>(
@@ -1037,54 +1135,25 @@ impl Store for SqliteStore {
         lease_ms: i64,
         keep_until: Timestamp,
     ) -> StoreResult<IdempotencyBegin> {
-        // A lease need not be fsynced: if it is lost in a power cut, so is everything the
-        // request did after it (SQLite's WAL is appended in order, and the operation's own
-        // commit fsyncs the file up to and including the lease), and the request never
-        // answered, so a retry that finds no lease is right to run. Relaxing it takes one
-        // fsync off every keyed request. The connection's setting is put back by a task of
-        // its own, so a caller that goes away cannot leave the writer not fsyncing.
-        let store = self.clone();
-        let (env, key, fingerprint) = (env.clone(), key.to_owned(), *fingerprint);
-        tokio::spawn(async move {
-            let mut connection = store.writer.acquire().await?;
-            if !store.fsync_commits {
-                return begin_lease(
-                    &mut connection,
-                    &env,
-                    &key,
-                    &fingerprint,
-                    now,
-                    lease_ms,
-                    keep_until,
-                )
-                .await;
-            }
-            sqlx::query("PRAGMA synchronous = NORMAL")
-                .execute(&mut *connection)
-                .await?;
-            let begun = begin_lease(
-                &mut connection,
-                &env,
-                &key,
-                &fingerprint,
-                now,
-                lease_ms,
-                keep_until,
-            )
-            .await;
-            if let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
-                .execute(&mut *connection)
-                .await
-            {
-                // Never hand back a writer that would not fsync.
-                connection.close_on_drop();
-                return Err(error.into());
-            }
-            begun
-        })
-        .await
-        .map_err(|error| StoreError::Database {
-            message: format!("the idempotency lease task failed: {error}"),
+        // Leases that arrive together are taken in one transaction on the writer (by a
+        // task of its own, so a caller that goes away cannot leave the writer changed; see
+        // `take_leases`).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let lease = Lease {
+            env: env.clone(),
+            key: key.to_owned(),
+            fingerprint: *fingerprint,
+            now,
+            lease_ms,
+            keep_until,
+            reply,
+        };
+        if self.leases.push(&(), lease) {
+            let store = self.clone();
+            tokio::spawn(async move { store.drain_leases().await });
+        }
+        answer.await.map_err(|_| StoreError::Database {
+            message: "the idempotency lease task ended without an answer".into(),
             transient: true,
         })?
     }
@@ -1218,24 +1287,24 @@ async fn load_states_in(
     Ok(states)
 }
 
-/// Takes (or reports) an idempotency key's lease in one transaction on `connection`.
-async fn begin_lease(
-    connection: &mut SqliteConnection,
-    env: &Env,
-    key: &str,
-    fingerprint: &[u8; 32],
-    now: Timestamp,
-    lease_ms: i64,
-    keep_until: Timestamp,
-) -> StoreResult<IdempotencyBegin> {
-    let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+/// Takes (or reports) one idempotency key's lease inside the open transaction `tx`.
+async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<IdempotencyBegin> {
+    let Lease {
+        env,
+        key,
+        fingerprint,
+        now,
+        lease_ms,
+        keep_until,
+        ..
+    } = lease;
     let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
         .bind(key)
         .fetch_optional(&mut *tx)
         .await?;
-    let locked_until = now.as_millis().saturating_add(lease_ms);
+    let locked_until = now.as_millis().saturating_add(*lease_ms);
     if let Some(row) = row {
         let stored: Vec<u8> = row.try_get("fingerprint")?;
         if stored.as_slice() != fingerprint.as_slice() {
@@ -1267,11 +1336,10 @@ async fn begin_lease(
             .bind(key)
             .bind(fingerprint.as_slice())
             .bind(locked_until)
-            .bind(millis(keep_until))
+            .bind(millis(*keep_until))
             .execute(&mut *tx)
             .await?;
     }
-    tx.commit().await?;
     Ok(IdempotencyBegin::Started)
 }
 
@@ -1701,6 +1769,43 @@ mod tests {
             .fetch_one(&store.writer)
             .await
             .expect("pragma")
+    }
+
+    // One batch answers each lease as if they had come one by one: a key repeated later
+    // in the batch finds the first one's lease.
+    #[tokio::test]
+    async fn a_batch_of_leases_answers_each_in_order() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("batch.db").display().to_string();
+        let store = SqliteStore::open(&DatabaseUrl::SqliteFile(path), Synchronous::Full, 1)
+            .await
+            .expect("store");
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Test,
+        };
+        let lease = |key: &str, fingerprint: u8| Lease {
+            env: env.clone(),
+            key: key.into(),
+            fingerprint: [fingerprint; 32],
+            now: T0,
+            lease_ms: 30_000,
+            keep_until: T0,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        let batch = [lease("a", 1), lease("b", 1), lease("a", 1), lease("a", 2)];
+        let answers = store.take_leases(&batch).await.expect("batch");
+        let kinds: Vec<&str> = answers
+            .iter()
+            .map(|answer| match answer {
+                IdempotencyBegin::Started => "started",
+                IdempotencyBegin::InFlight => "in flight",
+                IdempotencyBegin::Mismatch => "mismatch",
+                IdempotencyBegin::Replay { .. } => "replay",
+            })
+            .collect();
+        assert_eq!(kinds, ["started", "started", "in flight", "mismatch"]);
+        assert_eq!(writer_synchronous(&store).await, 2, "fsyncing again");
     }
 
     // Leases are written without an fsync, and the writer fsyncs again after every kind
