@@ -347,7 +347,7 @@ pub fn plan(file: &CatalogFile, current: &Current) -> ApplyPlan {
         }
     }
     if let Some(settings) = &file.settings {
-        settings_step(settings, current, &mut plan);
+        settings_step(settings, &file.plans, current, &mut plan);
     }
     plan
 }
@@ -391,23 +391,33 @@ fn variant_ref(current: &Current, id: &str) -> Option<String> {
     })
 }
 
-fn settings_step(settings: &SettingsFile, current: &Current, plan: &mut ApplyPlan) {
+fn settings_step(
+    settings: &SettingsFile,
+    file_plans: &[PlanFile],
+    current: &Current,
+    plan: &mut ApplyPlan,
+) {
     let wanted_free = settings
         .free_plan_variant
         .clone()
         .filter(|text| !text.is_empty());
     if let Some(wanted) = &wanted_free {
-        let exists = wanted.split_once('/').is_some_and(|(plan_key, variant)| {
-            let in_file = plan_key_variant_in_file(plan_key, variant, plan);
-            let stored = current.plans.iter().any(|plan| {
-                plan.key == plan_key && plan.variants.iter().any(|stored| stored.key == variant)
-            });
-            in_file || stored
-        });
-        if !exists {
-            plan.refused.push(format!(
+        match free_plan_kind(wanted, file_plans, current, plan) {
+            None => plan.refused.push(format!(
                 "settings.free_plan_variant: `{wanted}` is not a `plan/variant` in the file or the catalog"
-            ));
+            )),
+            Some((kind, archived)) => {
+                if kind != PlanKindWire::Base {
+                    plan.refused.push(format!(
+                        "settings.free_plan_variant: `{wanted}` is a variant of an add-on; the free plan must be a base plan"
+                    ));
+                }
+                if archived {
+                    plan.refused.push(format!(
+                        "settings.free_plan_variant: `{wanted}` is archived and takes no new subscriptions"
+                    ));
+                }
+            }
         }
     }
     let stored_free = current
@@ -432,11 +442,31 @@ fn settings_step(settings: &SettingsFile, current: &Current, plan: &mut ApplyPla
     }
 }
 
-/// Whether the plan being built creates `plan_key/variant`.
-fn plan_key_variant_in_file(plan_key: &str, variant: &str, plan: &ApplyPlan) -> bool {
-    plan.steps.iter().any(|step| {
+/// The kind of the plan `plan_key/variant` belongs to and whether that variant is
+/// archived, as it will be once the plan is applied: `None` when no such variant exists
+/// or is created.
+fn free_plan_kind(
+    wanted: &str,
+    file_plans: &[PlanFile],
+    current: &Current,
+    plan: &ApplyPlan,
+) -> Option<(PlanKindWire, bool)> {
+    let (plan_key, variant) = wanted.split_once('/')?;
+    let stored = current.plans.iter().find(|stored| stored.key == plan_key);
+    let kind = file_plans
+        .iter()
+        .find(|file_plan| file_plan.key == plan_key)
+        .map(|file_plan| file_plan.kind)
+        .or_else(|| stored.map(|stored| stored.kind))?;
+    if let Some(stored_variant) =
+        stored.and_then(|stored| stored.variants.iter().find(|stored| stored.key == variant))
+    {
+        return Some((kind, stored_variant.archived));
+    }
+    let created = plan.steps.iter().any(|step| {
         matches!(step, Step::CreateVariant { plan, body } if plan == plan_key && body.key == variant)
-    })
+    });
+    created.then_some((kind, false))
 }
 
 /// Reads the environment's catalog through the API.
@@ -544,6 +574,19 @@ free_plan_variant = "pro/monthly"
             ]
         );
         assert!(plan.refused.is_empty());
+    }
+
+    #[test]
+    fn the_free_plan_must_be_a_base_plan() {
+        let addon = FILE.replace("kind = \"base\"", "kind = \"addon\"");
+        let file = CatalogFile::parse(&addon, "t.toml").expect("valid");
+        let plan = plan(&file, &Current::default());
+        assert!(
+            plan.refused
+                .iter()
+                .any(|line| line.contains("must be a base plan")),
+            "{plan}"
+        );
     }
 
     #[test]

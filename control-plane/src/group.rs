@@ -121,19 +121,22 @@ impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
 /// Operations queued by end user.
 pub(crate) type Groups = Queues<(Env, EndUserId), Box<dyn Member>>;
 
-/// Fails what a drainer leaves queued if it is dropped before it ended normally.
-pub(crate) struct DrainGuard<'a, K: Eq + std::hash::Hash + Clone, M> {
-    pub(crate) queues: &'a Queues<K, M>,
-    pub(crate) key: &'a K,
+/// Fails what a drainer leaves queued if it is dropped before it ended normally: a task
+/// that panicked, or one dropped before it first ran (a runtime shutting down). Made
+/// before the drainer is spawned and moved into it, so no queue is ever left behind
+/// without a drainer.
+pub(crate) struct DrainGuard<K: Eq + std::hash::Hash + Clone, M> {
+    pub(crate) queues: std::sync::Arc<Queues<K, M>>,
+    pub(crate) key: K,
     /// Answers one abandoned member.
     pub(crate) fail: fn(M),
     pub(crate) finished: bool,
 }
 
-impl<K: Eq + std::hash::Hash + Clone, M> Drop for DrainGuard<'_, K, M> {
+impl<K: Eq + std::hash::Hash + Clone, M> Drop for DrainGuard<K, M> {
     fn drop(&mut self) {
         if !self.finished {
-            for member in self.queues.abandon(self.key) {
+            for member in self.queues.abandon(&self.key) {
                 (self.fail)(member);
             }
         }

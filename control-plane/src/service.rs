@@ -164,6 +164,9 @@ struct Inner {
     clock: Arc<dyn Clock>,
     /// Each environment's catalog view and when it was read.
     catalogs: Mutex<HashMap<Env, (Arc<CatalogView>, std::time::Instant)>>,
+    /// Bumped by every invalidation: a view read while one happened is not cached (it may
+    /// predate the change).
+    catalog_generation: std::sync::atomic::AtomicU64,
     keys: Mutex<HashMap<[u8; 32], CachedKey>>,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
@@ -173,7 +176,7 @@ struct Inner {
     /// Turns true when the server starts shutting down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
-    groups: group::Groups,
+    groups: Arc<group::Groups>,
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -211,13 +214,14 @@ impl AppState {
                 store,
                 clock,
                 catalogs: Mutex::new(HashMap::new()),
+                catalog_generation: std::sync::atomic::AtomicU64::new(0),
                 keys: Mutex::new(HashMap::new()),
                 limiter,
                 metrics,
                 webhook_client,
                 changes: tokio::sync::watch::Sender::new(0),
                 closing: tokio::sync::watch::Sender::new(false),
-                groups: group::Groups::default(),
+                groups: Arc::default(),
             }),
         }
     }
@@ -264,6 +268,10 @@ impl AppState {
             return Ok(Arc::clone(view));
         }
         let read_at = std::time::Instant::now();
+        let generation = self
+            .inner
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
         let store = self.store();
         let view = Arc::new(CatalogView::build(
             store.features(env).await?,
@@ -271,14 +279,27 @@ impl AppState {
             store.variants(env).await?,
             store.env_record(env).await?,
         )?);
-        self.lock_catalogs()
-            .insert(env.clone(), (Arc::clone(&view), read_at));
+        let mut catalogs = self.lock_catalogs();
+        // Under the lock, so an invalidation cannot slip between this check and the insert.
+        if self
+            .inner
+            .catalog_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == generation
+        {
+            catalogs.insert(env.clone(), (Arc::clone(&view), read_at));
+        }
+        drop(catalogs);
         Ok(view)
     }
 
     /// Forgets the cached catalog after this process changed it.
     pub fn invalidate(&self, env: &Env) {
-        self.lock_catalogs().remove(env);
+        let mut catalogs = self.lock_catalogs();
+        self.inner
+            .catalog_generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        catalogs.remove(env);
     }
 
     /// After a catalog, settings or clock change: forget the cached catalog, append to the
@@ -434,14 +455,16 @@ impl AppState {
             value: None,
             reply,
         });
-        if self
-            .inner
-            .groups
-            .push(&(env.clone(), end_user.clone()), member)
-        {
+        let key = (env.clone(), end_user.clone());
+        if self.inner.groups.push(&key, member) {
+            let guard = group::DrainGuard {
+                queues: Arc::clone(&self.inner.groups),
+                key,
+                fail: group::fail_member,
+                finished: false,
+            };
             let state = self.clone();
-            let (env, end_user) = (env.clone(), end_user.clone());
-            tokio::spawn(async move { state.drain(&env, &end_user).await });
+            tokio::spawn(async move { state.drain(guard).await });
         }
         answer.await.map_err(|_| {
             ApiError::Internal("the end user's group commit ended without an answer".into())
@@ -450,17 +473,10 @@ impl AppState {
 
     /// Commits the end user's queued operations, a group per transaction, until none are
     /// left.
-    async fn drain(&self, env: &Env, end_user: &EndUserId) {
-        let groups = &self.inner.groups;
-        let key = (env.clone(), end_user.clone());
-        let mut guard = group::DrainGuard {
-            queues: groups,
-            key: &key,
-            fail: group::fail_member,
-            finished: false,
-        };
+    async fn drain(&self, mut guard: group::DrainGuard<(Env, EndUserId), Box<dyn group::Member>>) {
         let max = self.config().group_commit_max;
-        while let Some(members) = groups.take(&key, max) {
+        while let Some(members) = guard.queues.take(&guard.key, max) {
+            let (env, end_user) = &guard.key;
             self.commit_group(env, end_user, members).await;
         }
         guard.finished = true;

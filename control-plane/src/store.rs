@@ -199,6 +199,17 @@ pub fn created_blocks(
         .collect()
 }
 
+/// The error for an operation whose idempotency key another request answered while it
+/// waited: retryable, and nothing of the transaction is written.
+pub fn answered_elsewhere(key: &str) -> StoreError {
+    StoreError::Database {
+        message: format!(
+            "idempotency key `{key}` (or another of this transaction's) was answered by another request while this one waited; nothing was written, and a retry replays that answer"
+        ),
+        transient: true,
+    }
+}
+
 /// A mutation that reported no changes must not have changed the state.
 ///
 /// # Errors

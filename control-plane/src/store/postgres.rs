@@ -1642,10 +1642,16 @@ impl Rows {
                 statuses.push(i64::from(answer.status));
                 bodies.push(answer.body);
             }
-            sqlx::query(
+            // Fenced: every key must still be unanswered. If another request answered one
+            // first (a lease that expired while this operation waited, and a retry that
+            // took the key over), the transaction rolls back with a retryable error
+            // rather than apply the request twice; a retry then replays the answer.
+            let expected = keys.len();
+            let first_key = keys.first().cloned().unwrap_or_default();
+            let updated = sqlx::query(
                 "UPDATE idempotency AS i SET status = a.status, body = a.body
                  FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
-                 WHERE i.tenant_id = $1 AND i.environment = $2 AND i.key = a.key",
+                 WHERE i.tenant_id = $1 AND i.environment = $2 AND i.key = a.key AND i.status IS NULL",
             )
             .bind(tenant)
             .bind(environment)
@@ -1654,6 +1660,9 @@ impl Rows {
             .bind(bodies)
             .execute(&mut *connection)
             .await?;
+            if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
+                return Err(super::answered_elsewhere(&first_key));
+            }
         }
         append_to_feeds(connection, env, &self.events, &self.changes, now).await
     }

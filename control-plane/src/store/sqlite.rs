@@ -157,13 +157,7 @@ impl SqliteStore {
     }
 
     /// Takes queued leases, a batch per transaction, until none are left.
-    async fn drain_leases(&self) {
-        let mut guard = DrainGuard {
-            queues: self.leases.as_ref(),
-            key: &(),
-            fail: fail_lease,
-            finished: false,
-        };
+    async fn drain_leases(&self, mut guard: DrainGuard<(), Lease>) {
         while let Some(batch) = self.leases.take(&(), LEASES_PER_TRANSACTION) {
             match self.take_leases(&batch).await {
                 Ok(answers) => {
@@ -200,29 +194,21 @@ impl SqliteStore {
     /// never handed back not fsyncing).
     async fn take_leases(&self, batch: &[Lease]) -> StoreResult<Vec<IdempotencyBegin>> {
         let mut connection = self.writer.acquire().await?;
-        if self.fsync_commits {
-            sqlx::query("PRAGMA synchronous = NORMAL")
-                .execute(&mut *connection)
-                .await?;
+        if !self.fsync_commits {
+            return take_all(&mut connection, batch).await;
         }
-        let taken = async {
-            let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
-            let mut answers = Vec::with_capacity(batch.len());
-            for lease in batch {
-                answers.push(take_lease(&mut tx, lease).await?);
-            }
-            tx.commit().await?;
-            Ok::<_, StoreError>(answers)
-        }
-        .await;
-        if self.fsync_commits
-            && let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
-                .execute(&mut *connection)
-                .await
-        {
-            connection.close_on_drop();
-            return Err(error.into());
-        }
+        sqlx::query("PRAGMA synchronous = NORMAL")
+            .execute(&mut *connection)
+            .await?;
+        let mut relaxed = Relaxed {
+            connection,
+            restored: false,
+        };
+        let taken = take_all(&mut relaxed.connection, batch).await;
+        sqlx::query("PRAGMA synchronous = FULL")
+            .execute(&mut *relaxed.connection)
+            .await?;
+        relaxed.restored = true;
         taken
     }
 
@@ -1149,8 +1135,14 @@ impl Store for SqliteStore {
             reply,
         };
         if self.leases.push(&(), lease) {
+            let guard = DrainGuard {
+                queues: std::sync::Arc::clone(&self.leases),
+                key: (),
+                fail: fail_lease,
+                finished: false,
+            };
             let store = self.clone();
-            tokio::spawn(async move { store.drain_leases().await });
+            tokio::spawn(async move { store.drain_leases(guard).await });
         }
         answer.await.map_err(|_| StoreError::Database {
             message: "the idempotency lease task ended without an answer".into(),
@@ -1287,6 +1279,36 @@ async fn load_states_in(
     Ok(states)
 }
 
+/// The writer while it runs at `synchronous = NORMAL`: if it is dropped before FULL was
+/// put back (an error, a panic, a cancelled task), it is closed, never handed back to the
+/// pool not fsyncing.
+struct Relaxed {
+    connection: sqlx::pool::PoolConnection<Sqlite>,
+    restored: bool,
+}
+
+impl Drop for Relaxed {
+    fn drop(&mut self) {
+        if !self.restored {
+            self.connection.close_on_drop();
+        }
+    }
+}
+
+/// Takes each lease of `batch`, in order, in one transaction on `connection`.
+async fn take_all(
+    connection: &mut SqliteConnection,
+    batch: &[Lease],
+) -> StoreResult<Vec<IdempotencyBegin>> {
+    let mut tx = connection.begin_with("BEGIN IMMEDIATE").await?;
+    let mut answers = Vec::with_capacity(batch.len());
+    for lease in batch {
+        answers.push(take_lease(&mut tx, lease).await?);
+    }
+    tx.commit().await?;
+    Ok(answers)
+}
+
 /// Takes (or reports) one idempotency key's lease inside the open transaction `tx`.
 async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<IdempotencyBegin> {
     let Lease {
@@ -1357,6 +1379,31 @@ async fn finish_idempotency(
         .execute(connection)
         .await?;
     Ok(())
+}
+
+/// Stores an operation's idempotent answer in its own transaction, fenced: the key must
+/// still be unanswered. If another request answered it first (a lease that expired while
+/// this operation waited, and a retry that took the key over), the whole transaction
+/// rolls back with a retryable error rather than apply the request twice; a retry then
+/// replays the stored answer.
+async fn store_answer(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    answer: &IdempotencyAnswer,
+) -> StoreResult<()> {
+    let updated = sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
+        .bind(i64::from(answer.status))
+        .bind(answer.body.as_slice())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&answer.key)
+        .execute(&mut **tx)
+        .await?;
+    if updated.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(super::answered_elsewhere(&answer.key))
+    }
 }
 
 /// Writes the new state and everything the operation produced.
@@ -1635,7 +1682,7 @@ async fn stage(
     }
 
     for answer in changes.iter().filter_map(|part| part.idempotency.as_ref()) {
-        finish_idempotency(tx, env, answer).await?;
+        store_answer(tx, env, answer).await?;
     }
     Ok(())
 }

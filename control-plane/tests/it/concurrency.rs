@@ -243,3 +243,39 @@ store_test! {
     }
     }
 }
+
+// An operation whose idempotency key another request answered while it waited (its lease
+// expired and a retry took the key over) must not apply a second time: its transaction
+// rolls back with a retryable error, and a retry replays the stored answer.
+store_test! {
+    async fn an_answer_is_never_stored_twice(backend) {
+    use control_plane::store::{Env, Environment, IdempotencyAnswer, IdempotencyBegin};
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.clone();
+    harness.catalog(&key).await;
+    harness.grant(&key, "u1", 100).await;
+    let env = Env { tenant_id: tenant.id.clone(), environment: Environment::Test };
+    let store = harness.state.store();
+    let now = harness.state.real_now();
+    let begun = store.idempotency_begin(&env, "k1", &[7; 32], now, 30_000, now).await.expect("begin");
+    assert!(matches!(begun, IdempotencyBegin::Started));
+    // The retry that took the key over answered first.
+    store
+        .idempotency_finish(&env, &IdempotencyAnswer { key: "k1".into(), status: 201, body: b"{}".to_vec() })
+        .await
+        .expect("finish");
+
+    let end_user = ledger::EndUserId::new("u1").expect("id");
+    let late = harness
+        .state
+        .mutate(&env, &end_user, Some("k1"), Default::default(), 201, |user, cx, _| {
+            let applied = user.adjust(cx, ledger::AdjustRequest { amount: ledger::Credits::new(-10), feature_keys: None })?;
+            Ok(((), control_plane::store::Changes::from_applied(applied).1))
+        })
+        .await;
+    let error = late.expect_err("the late operation is refused");
+    assert!(error.to_string().contains("answered by another request"), "{error}");
+    assert_eq!(harness.available(&key, "u1").await, 100, "nothing was applied");
+    }
+}
