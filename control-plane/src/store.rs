@@ -199,6 +199,53 @@ pub fn created_blocks(
         .collect()
 }
 
+/// One idempotency key to take, waiting for its batch (both stores take the leases that
+/// arrive together in one transaction).
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub(crate) env: Env,
+    pub(crate) key: String,
+    pub(crate) fingerprint: [u8; 32],
+    pub(crate) now: Timestamp,
+    pub(crate) lease_ms: i64,
+    pub(crate) keep_until: Timestamp,
+    pub(crate) reply: tokio::sync::oneshot::Sender<StoreResult<IdempotencyBegin>>,
+}
+
+/// How many leases one transaction takes at most.
+pub(crate) const LEASES_PER_TRANSACTION: usize = 256;
+
+/// Answers a lease its drainer abandoned.
+pub(crate) fn fail_lease(lease: Lease) {
+    let _ = lease.reply.send(Err(StoreError::Database {
+        message: "the idempotency lease task stopped unexpectedly".into(),
+        transient: true,
+    }));
+}
+
+/// Sends each lease of a batch its answer, or the batch's failure.
+pub(crate) fn answer_leases(batch: Vec<Lease>, outcome: StoreResult<Vec<IdempotencyBegin>>) {
+    match outcome {
+        Ok(answers) => {
+            for (lease, answer) in batch.into_iter().zip(answers) {
+                let _ = lease.reply.send(Ok(answer));
+            }
+        }
+        Err(error) => {
+            let (message, transient) = match &error {
+                StoreError::Database { message, transient } => (message.clone(), *transient),
+                other => (other.to_string(), false),
+            };
+            for lease in batch {
+                let _ = lease.reply.send(Err(StoreError::Database {
+                    message: message.clone(),
+                    transient,
+                }));
+            }
+        }
+    }
+}
+
 /// The error for an operation whose idempotency key another request answered while it
 /// waited: retryable, and nothing of the transaction is written.
 pub fn answered_elsewhere(key: &str) -> StoreError {

@@ -51,10 +51,12 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
     EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
-    UsageKeyRecord, created_blocks, unchanged,
+    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, Store, StoreError, StoreResult,
+    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, created_blocks, fail_lease,
+    unchanged,
 };
 use crate::error::ApiError;
+use crate::group::{DrainGuard, Queues};
 
 /// How many times `idempotency_begin` looks again when the row it conflicted with is
 /// deleted (abandoned or purged) before it can read it. Each retry follows a committed
@@ -64,6 +66,9 @@ const IDEMPOTENCY_ATTEMPTS_MAX: u32 = 3;
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Idempotency leases waiting, by environment, taken together (see
+    /// `idempotency_begin`).
+    leases: std::sync::Arc<Queues<Env, Lease>>,
 }
 
 fn millis(value: Timestamp) -> i64 {
@@ -113,7 +118,10 @@ impl PostgresStore {
                 message: format!("migrations failed: {error}"),
                 transient: false,
             })?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore {
+            pool,
+            leases: std::sync::Arc::default(),
+        })
     }
 
     async fn catalog_insert<T: serde::Serialize + Sync>(
@@ -1106,23 +1114,32 @@ impl Store for PostgresStore {
         lease_ms: i64,
         keep_until: Timestamp,
     ) -> StoreResult<IdempotencyBegin> {
-        let claim = IdempotencyClaim {
-            env,
-            key,
-            fingerprint,
+        // Leases of one environment that arrive together are taken in one transaction, by
+        // a task of its own (see `take_leases`).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let lease = Lease {
+            env: env.clone(),
+            key: key.to_owned(),
+            fingerprint: *fingerprint,
             now,
-            locked_until: now.as_millis().saturating_add(lease_ms),
+            lease_ms,
             keep_until,
+            reply,
         };
-        for _ in 0..IDEMPOTENCY_ATTEMPTS_MAX {
-            if let Some(begin) = claim.attempt(&self.pool).await? {
-                return Ok(begin);
-            }
+        if self.leases.push(env, lease) {
+            let guard = DrainGuard {
+                queues: std::sync::Arc::clone(&self.leases),
+                key: env.clone(),
+                fail: fail_lease,
+                finished: false,
+            };
+            let store = self.clone();
+            tokio::spawn(async move { store.drain_leases(guard).await });
         }
-        Err(StoreError::Database {
-            message: format!("idempotency key `{key}` kept vanishing while it was claimed"),
+        answer.await.map_err(|_| StoreError::Database {
+            message: "the idempotency lease task ended without an answer".into(),
             transient: true,
-        })
+        })?
     }
 
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
@@ -1190,84 +1207,116 @@ impl Store for PostgresStore {
     }
 }
 
-/// One idempotent request's claim on its key.
-struct IdempotencyClaim<'a> {
-    env: &'a Env,
-    key: &'a str,
-    fingerprint: &'a [u8; 32],
-    now: Timestamp,
-    /// The lease a started request holds: a twin arriving before this waits.
-    locked_until: i64,
-    keep_until: Timestamp,
+/// Takes (or reports) one lease inside the open transaction `tx`: `None` when the row
+/// its insert conflicted with was deleted before it could be read (try again).
+async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<IdempotencyBegin>> {
+    let locked_until = lease.now.as_millis().saturating_add(lease.lease_ms);
+    // Of two first requests, one inserts; the other's insert waits for it to commit and
+    // then does nothing, and the row is read below.
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, environment, key) DO NOTHING",
+    )
+    .bind(&lease.env.tenant_id)
+    .bind(lease.env.environment.as_str())
+    .bind(&lease.key)
+    .bind(lease.fingerprint.as_slice())
+    .bind(locked_until)
+    .bind(millis(lease.keep_until))
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() > 0 {
+        return Ok(Some(IdempotencyBegin::Started));
+    }
+    let row = sqlx::query(
+        "SELECT fingerprint, status, body, locked_until FROM idempotency
+         WHERE tenant_id = $1 AND environment = $2 AND key = $3 FOR UPDATE",
+    )
+    .bind(&lease.env.tenant_id)
+    .bind(lease.env.environment.as_str())
+    .bind(&lease.key)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let stored: Vec<u8> = row.try_get("fingerprint")?;
+    if stored.as_slice() != lease.fingerprint.as_slice() {
+        return Ok(Some(IdempotencyBegin::Mismatch));
+    }
+    if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
+        let body: Vec<u8> = row
+            .try_get::<Option<Vec<u8>>, _>("body")?
+            .unwrap_or_default();
+        let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
+        return Ok(Some(IdempotencyBegin::Replay { status, body }));
+    }
+    let holder_until: i64 = row.try_get("locked_until")?;
+    if holder_until > lease.now.as_millis() {
+        return Ok(Some(IdempotencyBegin::InFlight));
+    }
+    // The first holder died without finishing: take the key over.
+    sqlx::query(
+        "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4",
+    )
+    .bind(locked_until)
+    .bind(&lease.env.tenant_id)
+    .bind(lease.env.environment.as_str())
+    .bind(&lease.key)
+    .execute(&mut *tx)
+    .await?;
+    Ok(Some(IdempotencyBegin::Started))
 }
 
-impl IdempotencyClaim<'_> {
-    /// One try, in its own transaction: `None` when the row conflicted with was deleted
-    /// before it could be read (look again).
-    async fn attempt(&self, pool: &PgPool) -> StoreResult<Option<IdempotencyBegin>> {
-        let mut tx = pool.begin().await?;
-        // A lease need not wait for its WAL flush: if a crash loses it, it loses everything
-        // the request did after it too (the operation's own commit flushes the WAL up to
-        // and including the lease), and the request never answered, so a retry that finds
-        // no lease is right to run. This takes one flush wait off every keyed request.
+impl PostgresStore {
+    /// Takes one environment's queued leases, a batch per transaction, until none are left.
+    async fn drain_leases(&self, mut guard: DrainGuard<Env, Lease>) {
+        while let Some(batch) = self.leases.take(&guard.key, LEASES_PER_TRANSACTION) {
+            let outcome = self.take_leases(&batch).await;
+            answer_leases(batch, outcome);
+        }
+        guard.finished = true;
+    }
+
+    /// Takes (or reports) each lease of `batch` in one transaction, answering each as if
+    /// it came alone in arrival order. Keys are inserted in key order (arrival order among
+    /// equal keys), so two batches taking overlapping keys cannot deadlock.
+    ///
+    /// The transaction does not wait for its WAL flush: if a crash loses a lease, it loses
+    /// everything the request did after it too (the operation's own commit flushes the
+    /// WAL up to and including the lease), and the request never answered, so a retry
+    /// that finds no lease is right to run.
+    async fn take_leases(&self, batch: &[Lease]) -> StoreResult<Vec<IdempotencyBegin>> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|a, b| batch[*a].key.cmp(&batch[*b].key));
+        let mut tx = self.pool.begin().await?;
         sqlx::query("SET LOCAL synchronous_commit = off")
             .execute(&mut *tx)
             .await?;
-        // Of two first requests, one inserts; the other's insert waits for it to commit
-        // and then does nothing, and the row is read below.
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, environment, key) DO NOTHING",
-        )
-        .bind(&self.env.tenant_id)
-        .bind(self.env.environment.as_str())
-        .bind(self.key)
-        .bind(self.fingerprint.as_slice())
-        .bind(self.locked_until)
-        .bind(millis(self.keep_until))
-        .execute(&mut *tx)
-        .await?;
-        if inserted.rows_affected() > 0 {
-            tx.commit().await?;
-            return Ok(Some(IdempotencyBegin::Started));
+        let mut answers: Vec<Option<IdempotencyBegin>> = batch.iter().map(|_| None).collect();
+        for index in order {
+            let lease = &batch[index];
+            let mut answer = None;
+            for _ in 0..IDEMPOTENCY_ATTEMPTS_MAX {
+                answer = take_lease(&mut tx, lease).await?;
+                if answer.is_some() {
+                    break;
+                }
+            }
+            let answer = answer.ok_or_else(|| StoreError::Database {
+                message: format!(
+                    "idempotency key `{}` kept vanishing while it was claimed",
+                    lease.key
+                ),
+                transient: true,
+            })?;
+            if let Some(slot) = answers.get_mut(index) {
+                *slot = Some(answer);
+            }
         }
-        let row = sqlx::query(
-            "SELECT fingerprint, status, body, locked_until FROM idempotency
-             WHERE tenant_id = $1 AND environment = $2 AND key = $3 FOR UPDATE",
-        )
-        .bind(&self.env.tenant_id)
-        .bind(self.env.environment.as_str())
-        .bind(self.key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let stored: Vec<u8> = row.try_get("fingerprint")?;
-        if stored.as_slice() != self.fingerprint.as_slice() {
-            return Ok(Some(IdempotencyBegin::Mismatch));
-        }
-        if let Some(status) = row.try_get::<Option<i64>, _>("status")? {
-            let body: Vec<u8> = row
-                .try_get::<Option<Vec<u8>>, _>("body")?
-                .unwrap_or_default();
-            let status = u16::try_from(status).map_err(|_| corrupt("idempotency status"))?;
-            return Ok(Some(IdempotencyBegin::Replay { status, body }));
-        }
-        let holder_until: i64 = row.try_get("locked_until")?;
-        if holder_until > self.now.as_millis() {
-            return Ok(Some(IdempotencyBegin::InFlight));
-        }
-        // The first holder died without finishing: take the key over.
-        sqlx::query(
-            "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4",
-        )
-        .bind(self.locked_until)
-        .bind(&self.env.tenant_id)
-        .bind(self.env.environment.as_str())
-        .bind(self.key)
-        .execute(&mut *tx)
-        .await?;
         tx.commit().await?;
-        Ok(Some(IdempotencyBegin::Started))
+        answers
+            .into_iter()
+            .map(|answer| answer.ok_or_else(|| corrupt("a lease without an answer")))
+            .collect()
     }
 }
 
@@ -2149,6 +2198,60 @@ mod tests {
             .mutate(env, end_user, T0, &mut run)
             .await
             .expect("grant");
+    }
+
+    // One batch of leases answers each as if they had come one by one: a key repeated
+    // later in the batch finds the first one's lease, a different request with it is a
+    // mismatch, an answered key replays.
+    #[tokio::test]
+    async fn a_batch_of_leases_answers_each_in_order() {
+        let Some(store) = store().await else { return };
+        let env = tenant(&store, "t_batch").await;
+        let lease = |key: &str, fingerprint: u8| Lease {
+            env: env.clone(),
+            key: key.into(),
+            fingerprint: [fingerprint; 32],
+            now: T0,
+            lease_ms: 30_000,
+            keep_until: T0,
+            reply: tokio::sync::oneshot::channel().0,
+        };
+        store
+            .take_leases(&[lease("done", 1)])
+            .await
+            .expect("first lease");
+        store
+            .idempotency_finish(
+                &env,
+                &IdempotencyAnswer {
+                    key: "done".into(),
+                    status: 201,
+                    body: b"{}".to_vec(),
+                },
+            )
+            .await
+            .expect("finish");
+        let batch = [
+            lease("b", 1),
+            lease("a", 1),
+            lease("b", 1),
+            lease("a", 2),
+            lease("done", 1),
+        ];
+        let answers = store.take_leases(&batch).await.expect("batch");
+        let kinds: Vec<&str> = answers
+            .iter()
+            .map(|answer| match answer {
+                IdempotencyBegin::Started => "started",
+                IdempotencyBegin::InFlight => "in flight",
+                IdempotencyBegin::Mismatch => "mismatch",
+                IdempotencyBegin::Replay { .. } => "replay",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            ["started", "started", "in flight", "mismatch", "replay"]
+        );
     }
 
     /// Forces the interleaving a feed must survive: transaction A takes the next position

@@ -18,8 +18,9 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
     EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
-    UsageKeyRecord, created_blocks, unchanged,
+    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, Store, StoreError, StoreResult,
+    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, created_blocks, fail_lease,
+    unchanged,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -34,29 +35,6 @@ pub struct SqliteStore {
     fsync_commits: bool,
     /// Idempotency leases waiting for the writer, taken together (see `idempotency_begin`).
     leases: std::sync::Arc<Queues<(), Lease>>,
-}
-
-/// One idempotency key to take, waiting for its batch.
-#[derive(Debug)]
-struct Lease {
-    env: Env,
-    key: String,
-    fingerprint: [u8; 32],
-    now: Timestamp,
-    lease_ms: i64,
-    keep_until: Timestamp,
-    reply: tokio::sync::oneshot::Sender<StoreResult<IdempotencyBegin>>,
-}
-
-/// How many leases one transaction takes at most.
-const LEASES_PER_TRANSACTION: usize = 256;
-
-/// Answers a lease its drainer abandoned.
-fn fail_lease(lease: Lease) {
-    let _ = lease.reply.send(Err(StoreError::Database {
-        message: "the idempotency lease task stopped unexpectedly".into(),
-        transient: true,
-    }));
 }
 
 fn millis(value: Timestamp) -> i64 {
@@ -159,27 +137,8 @@ impl SqliteStore {
     /// Takes queued leases, a batch per transaction, until none are left.
     async fn drain_leases(&self, mut guard: DrainGuard<(), Lease>) {
         while let Some(batch) = self.leases.take(&(), LEASES_PER_TRANSACTION) {
-            match self.take_leases(&batch).await {
-                Ok(answers) => {
-                    for (lease, answer) in batch.into_iter().zip(answers) {
-                        let _ = lease.reply.send(Ok(answer));
-                    }
-                }
-                Err(error) => {
-                    let (message, transient) = match &error {
-                        StoreError::Database { message, transient } => {
-                            (message.clone(), *transient)
-                        }
-                        other => (other.to_string(), false),
-                    };
-                    for lease in batch {
-                        let _ = lease.reply.send(Err(StoreError::Database {
-                            message: message.clone(),
-                            transient,
-                        }));
-                    }
-                }
-            }
+            let outcome = self.take_leases(&batch).await;
+            answer_leases(batch, outcome);
         }
         guard.finished = true;
     }
