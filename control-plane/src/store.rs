@@ -182,10 +182,8 @@ impl Changes {
 }
 
 /// The blocks `changes` created, each with the annotations of the request that
-/// created it (they go on the block's row). Both stores use this.
-pub fn created_blocks(
-    changes: &[Changes],
-) -> std::collections::HashMap<ledger::BlockId, &Annotations> {
+/// created it (they go on the block's row).
+fn created_blocks(changes: &[Changes]) -> std::collections::HashMap<ledger::BlockId, &Annotations> {
     changes
         .iter()
         .flat_map(|part| {
@@ -197,6 +195,115 @@ pub fn created_blocks(
             })
         })
         .collect()
+}
+
+/// An end user's row: (end user, state JSON, version, next due in milliseconds).
+pub(crate) type StateRow = (String, String, i64, Option<i64>);
+
+/// An entry's row: (id, end user, type, created at in milliseconds, body JSON).
+pub(crate) type EntryRow = (String, String, &'static str, i64, String);
+
+/// A block's row: new or changed, with the annotations of the request that created it.
+#[derive(Debug)]
+pub(crate) struct BlockRow {
+    pub(crate) id: String,
+    pub(crate) end_user: String,
+    pub(crate) body: String,
+    pub(crate) metadata: Option<String>,
+    pub(crate) external_payment_id: Option<String>,
+    pub(crate) created_at: i64,
+}
+
+/// The rows both stores write for one end user's operations, however they write them:
+/// the new state (with the last operation's `next_due`), every entry with its own
+/// request's annotations, and every block that is new or changed (live or finished).
+///
+/// # Errors
+/// A value that does not serialise.
+pub(crate) fn stage_rows(
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &[Changes],
+) -> StoreResult<(StateRow, Vec<EntryRow>, Vec<BlockRow>)> {
+    let end_user = new.end_user_id().as_str();
+    let state = (
+        end_user.to_owned(),
+        serde_json::to_string(&new.clone().into_parts())?,
+        i64::try_from(new.version()).unwrap_or(i64::MAX),
+        changes
+            .last()
+            .and_then(|last| last.next_due)
+            .map(Timestamp::as_millis),
+    );
+    let mut entries = Vec::new();
+    for part in changes {
+        for entry in &part.entries {
+            let wire = protocol::LedgerEntry::new(
+                entry,
+                part.annotations.idempotency_key.clone(),
+                part.annotations.metadata.clone(),
+            );
+            entries.push((
+                entry.id.to_string(),
+                end_user.to_owned(),
+                entry.entry_type.as_str(),
+                entry.created_at.as_millis(),
+                serde_json::to_string(&wire)?,
+            ));
+        }
+    }
+    let old_blocks: std::collections::BTreeMap<_, _> =
+        old.blocks().iter().map(|block| (block.id, block)).collect();
+    let created = created_blocks(changes);
+    let mut blocks = Vec::new();
+    for block in new
+        .blocks()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_blocks))
+    {
+        if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
+            continue;
+        }
+        let annotations = created.get(&block.id);
+        blocks.push(BlockRow {
+            id: block.id.to_string(),
+            end_user: end_user.to_owned(),
+            body: serde_json::to_string(block)?,
+            metadata: annotations
+                .and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)),
+            external_payment_id: annotations
+                .and_then(|annotations| annotations.external_payment_id.clone()),
+            created_at: block.created_at.as_millis(),
+        });
+    }
+    Ok((state, entries, blocks))
+}
+
+/// Queues a lease on `queues` under `key`, starting a drainer with `start` when the
+/// queue was idle, and waits for its answer. Both stores take the leases that arrive
+/// together in one transaction this way.
+///
+/// # Errors
+/// The batch's failure, or a drainer that ended without answering.
+pub(crate) async fn queue_lease<K: Eq + std::hash::Hash + Clone>(
+    queues: &std::sync::Arc<crate::group::Queues<K, Lease>>,
+    key: K,
+    lease: Lease,
+    answer: tokio::sync::oneshot::Receiver<StoreResult<IdempotencyBegin>>,
+    start: impl FnOnce(crate::group::DrainGuard<K, Lease>),
+) -> StoreResult<IdempotencyBegin> {
+    if queues.push(&key, lease) {
+        start(crate::group::DrainGuard {
+            queues: std::sync::Arc::clone(queues),
+            key,
+            fail: fail_lease,
+            finished: false,
+        });
+    }
+    answer.await.map_err(|_| StoreError::Database {
+        message: "the idempotency lease task ended without an answer".into(),
+        transient: true,
+    })?
 }
 
 /// One idempotency key to take, waiting for its batch (both stores take the leases that

@@ -30,7 +30,7 @@ fn main() {
         let upstream = Upstream::start().await;
         let proxy = Proxy::start(&proxy_config(
             &plane,
-            &upstream,
+            upstream.address,
             &dir.path().join("proxy"),
             ROUTES,
         ))

@@ -288,11 +288,11 @@ feature = "tokens"
 reserve = { estimate = 100 }
 "#;
 
-/// A proxy configuration for `plane` and `upstream` with `extra` TOML appended (routes,
-/// failure policy).
+/// A proxy configuration for `plane` in front of the API at `upstream`, with `extra`
+/// TOML appended (routes, failure policy).
 pub fn proxy_config(
     plane: &ControlPlane,
-    upstream: &Upstream,
+    upstream: SocketAddr,
     data_dir: &Path,
     extra: &str,
 ) -> String {
@@ -313,7 +313,6 @@ ship_interval_ms = 50
 
 {extra}
 "#,
-        upstream = upstream.address,
         data_dir = data_dir.display(),
         url = plane.url,
         key = plane.key,

@@ -59,7 +59,7 @@ async fn sighup_reloads_routes_without_dropping_connections() {
     let upstream = Upstream::start().await;
     plane.grant("hup", 1_000).await;
     let config_path = dir.path().join("proxy.toml");
-    let config = proxy_config(&plane, &upstream, &dir.path().join("proxy"), ROUTES);
+    let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), ROUTES);
     std::fs::write(&config_path, &config).expect("config");
     let (mut child, address, admin) = e2e::spawn_proxy(PROXY, &config_path);
     // One client, one keep-alive connection for the whole test.

@@ -37,7 +37,7 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(
         &config_path,
-        proxy_config(&plane, &upstream, &dir.path().join("proxy"), ROUTES),
+        proxy_config(&plane, upstream.address, &dir.path().join("proxy"), ROUTES),
     )
     .expect("config written");
     let (mut child, address, admin) =

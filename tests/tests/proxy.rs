@@ -11,7 +11,7 @@ async fn setup(extra: &str) -> (tempfile::TempDir, ControlPlane, Upstream, Proxy
     let dir = tempfile::tempdir().expect("dir");
     let plane = ControlPlane::start(dir.path()).await;
     let upstream = Upstream::start().await;
-    let config = proxy_config(&plane, &upstream, &dir.path().join("proxy"), extra);
+    let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), extra);
     let proxy = Proxy::start(&config).await;
     proxy.ready().await;
     (dir, plane, upstream, proxy)
@@ -252,14 +252,14 @@ async fn two_proxies_on_one_tenant_each_never_over_admit_what_they_know() {
     let upstream = Upstream::start().await;
     let first = Proxy::start(&proxy_config(
         &plane,
-        &upstream,
+        upstream.address,
         &dir.path().join("a"),
         ROUTES,
     ))
     .await;
     let second = Proxy::start(&proxy_config(
         &plane,
-        &upstream,
+        upstream.address,
         &dir.path().join("b"),
         ROUTES,
     ))
@@ -314,7 +314,7 @@ async fn a_restarted_proxy_serves_from_its_sled_copy_at_once_even_without_the_co
     let dir = tempfile::tempdir().expect("dir");
     let mut plane = ControlPlane::start(dir.path()).await;
     let upstream = Upstream::start().await;
-    let config = proxy_config(&plane, &upstream, &dir.path().join("proxy"), ROUTES);
+    let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), ROUTES);
     let proxy = Proxy::start(&config).await;
     proxy.ready().await;
     plane.grant("keeper", 3).await;

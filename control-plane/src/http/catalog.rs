@@ -63,6 +63,21 @@ fn plan_wire(view: &CatalogView, record: &CatalogRecord<CreatePlan>) -> Plan {
     }
 }
 
+/// A plan may only name features that exist.
+fn known_features(view: &CatalogView, request: &CreatePlan) -> Result<(), ApiError> {
+    match request
+        .features
+        .keys()
+        .find(|key| view.features.iter().all(|feature| &feature.key != *key))
+    {
+        Some(unknown) => Err(ApiError::bad_request(
+            format!("features.{unknown}"),
+            format!("feature `{unknown}` does not exist"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Runs a catalog write under the request's idempotency key and drops the cached catalog.
 async fn catalog_write<T, F, Fut>(
     state: &AppState,
@@ -239,16 +254,7 @@ pub async fn create_plan(
             let id = PlanId::new(&mut UlidSource::at(now));
             request.to_ledger(id)?;
             let view = state_ref.view(env).await?;
-            if let Some(unknown) = request
-                .features
-                .keys()
-                .find(|key| view.features.iter().all(|feature| &feature.key != *key))
-            {
-                return Err(ApiError::bad_request(
-                    format!("features.{unknown}"),
-                    format!("feature `{unknown}` does not exist"),
-                ));
-            }
+            known_features(&view, &request)?;
             let record = CatalogRecord {
                 id: id.to_string(),
                 key: request.key.clone(),
@@ -339,16 +345,7 @@ pub async fn replace_plan(
                 "a plan's kind can't change; create a plan with a new key instead",
             ));
         }
-        if let Some(unknown) = request
-            .features
-            .keys()
-            .find(|key| view.features.iter().all(|feature| &feature.key != *key))
-        {
-            return Err(ApiError::bad_request(
-                format!("features.{unknown}"),
-                format!("feature `{unknown}` does not exist"),
-            ));
-        }
+        known_features(&view, &request)?;
         let record = CatalogRecord {
             body: request,
             ..current.clone()

@@ -49,11 +49,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
-    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
-    EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, Store, StoreError, StoreResult,
-    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, created_blocks, fail_lease,
-    unchanged,
+    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
+    DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
+    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, StateRow, Store,
+    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
+    stage_rows, unchanged,
 };
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
@@ -1126,20 +1126,11 @@ impl Store for PostgresStore {
             keep_until,
             reply,
         };
-        if self.leases.push(env, lease) {
-            let guard = DrainGuard {
-                queues: std::sync::Arc::clone(&self.leases),
-                key: env.clone(),
-                fail: fail_lease,
-                finished: false,
-            };
+        queue_lease(&self.leases, env.clone(), lease, answer, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
-        }
-        answer.await.map_err(|_| StoreError::Database {
-            message: "the idempotency lease task ended without an answer".into(),
-            transient: true,
-        })?
+        })
+        .await
     }
 
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
@@ -1447,27 +1438,14 @@ async fn finish_idempotency(
     Ok(())
 }
 
-/// A block's row: new or changed, with the annotations of the request that created it.
-#[derive(Debug)]
-struct BlockRow {
-    id: String,
-    end_user: String,
-    body: String,
-    metadata: Option<String>,
-    external_payment_id: Option<String>,
-    created_at: i64,
-}
-
 /// Rows a transaction writes for every operation (end users, blocks, entries, usage
 /// keys, events, change-feed entries), gathered so that each kind is written with one
 /// `UNNEST` statement however many operations and end users the transaction carries.
 #[derive(Debug, Default)]
 struct Rows {
-    /// (end user, state JSON, version, next due).
-    end_users: Vec<(String, String, i64, Option<i64>)>,
+    end_users: Vec<StateRow>,
     blocks: Vec<BlockRow>,
-    /// (id, end user, type, created at, body JSON).
-    entries: Vec<(String, String, &'static str, i64, String)>,
+    entries: Vec<EntryRow>,
     usage_keys: Vec<UsageKeyRecord>,
     idempotency: Vec<IdempotencyAnswer>,
     /// Events in order, with the end user each is about.
@@ -1488,57 +1466,18 @@ impl Rows {
         new: &EndUserState,
         changes: &[Changes],
     ) -> StoreResult<()> {
-        let Some(last) = changes.last() else {
+        if changes.is_empty() {
             return unchanged(old, new);
-        };
+        }
         let end_user = new.end_user_id().as_str();
-        self.end_users.push((
-            end_user.to_owned(),
-            serde_json::to_string(&new.clone().into_parts())?,
-            i64::try_from(new.version()).unwrap_or(i64::MAX),
-            last.next_due.map(millis),
-        ));
+        let (state, entries, blocks) = stage_rows(old, new, changes)?;
+        self.end_users.push(state);
+        self.entries.extend(entries);
+        self.blocks.extend(blocks);
         if new != old {
             self.changes.push(end_user.to_owned());
         }
-        let old_blocks: BTreeMap<_, _> =
-            old.blocks().iter().map(|block| (block.id, block)).collect();
-        let created = created_blocks(changes);
-        for block in new
-            .blocks()
-            .iter()
-            .chain(changes.iter().flat_map(|part| &part.finished_blocks))
-        {
-            if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
-                continue;
-            }
-            let annotations = created.get(&block.id);
-            self.blocks.push(BlockRow {
-                id: block.id.to_string(),
-                end_user: end_user.to_owned(),
-                body: serde_json::to_string(block)?,
-                metadata: annotations
-                    .and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)),
-                external_payment_id: annotations
-                    .and_then(|annotations| annotations.external_payment_id.clone()),
-                created_at: millis(block.created_at),
-            });
-        }
         for part in changes {
-            for entry in &part.entries {
-                let wire = protocol::LedgerEntry::new(
-                    entry,
-                    part.annotations.idempotency_key.clone(),
-                    part.annotations.metadata.clone(),
-                );
-                self.entries.push((
-                    entry.id.to_string(),
-                    end_user.to_owned(),
-                    entry.entry_type.as_str(),
-                    millis(entry.created_at),
-                    serde_json::to_string(&wire)?,
-                ));
-            }
             self.usage_keys.extend(part.usage_keys.iter().cloned());
             self.idempotency.extend(part.idempotency.iter().cloned());
             for event in &part.events {

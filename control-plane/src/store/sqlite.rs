@@ -16,11 +16,11 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
-    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, DeliveryJob,
-    EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, Store, StoreError, StoreResult,
-    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, created_blocks, fail_lease,
-    unchanged,
+    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
+    DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
+    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, StateRow, Store,
+    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
+    stage_rows, unchanged,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -1093,20 +1093,11 @@ impl Store for SqliteStore {
             keep_until,
             reply,
         };
-        if self.leases.push(&(), lease) {
-            let guard = DrainGuard {
-                queues: std::sync::Arc::clone(&self.leases),
-                key: (),
-                fail: fail_lease,
-                finished: false,
-            };
+        queue_lease(&self.leases, (), lease, answer, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
-        }
-        answer.await.map_err(|_| StoreError::Database {
-            message: "the idempotency lease task ended without an answer".into(),
-            transient: true,
-        })?
+        })
+        .await
     }
 
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
@@ -1384,25 +1375,12 @@ async fn persist(
 /// statement is a round trip to SQLite's worker thread.
 #[derive(Debug, Default)]
 struct Rows {
-    /// (end user, state JSON, version, next due).
-    end_users: Vec<(String, String, i64, Option<i64>)>,
+    end_users: Vec<StateRow>,
     blocks: Vec<BlockRow>,
-    /// (id, end user, type, created at, body JSON).
-    entries: Vec<(String, String, &'static str, i64, String)>,
+    entries: Vec<EntryRow>,
     usage_keys: Vec<UsageKeyRecord>,
     /// End users whose state changed.
     changes: Vec<String>,
-}
-
-/// A block's row: new or changed, with the annotations of the request that created it.
-#[derive(Debug)]
-struct BlockRow {
-    id: String,
-    end_user: String,
-    body: String,
-    metadata: Option<String>,
-    external_payment_id: Option<String>,
-    created_at: i64,
 }
 
 /// Rows per multi-row statement (at most 8 parameters a row, well under SQLite's limit).
@@ -1519,58 +1497,19 @@ async fn stage(
     now: Timestamp,
     rows: &mut Rows,
 ) -> StoreResult<()> {
-    let Some(last) = changes.last() else {
+    if changes.is_empty() {
         return unchanged(old, new);
-    };
+    }
     let end_user = new.end_user_id().as_str();
-    rows.end_users.push((
-        end_user.to_owned(),
-        serde_json::to_string(&new.clone().into_parts())?,
-        i64::try_from(new.version()).unwrap_or(i64::MAX),
-        last.next_due.map(millis),
-    ));
+    let (state, entries, blocks) = stage_rows(old, new, changes)?;
+    rows.end_users.push(state);
+    rows.entries.extend(entries);
+    rows.blocks.extend(blocks);
     if new != old {
         rows.changes.push(end_user.to_owned());
     }
     for part in changes {
-        for entry in &part.entries {
-            let wire = protocol::LedgerEntry::new(
-                entry,
-                part.annotations.idempotency_key.clone(),
-                part.annotations.metadata.clone(),
-            );
-            rows.entries.push((
-                entry.id.to_string(),
-                end_user.to_owned(),
-                entry.entry_type.as_str(),
-                millis(entry.created_at),
-                serde_json::to_string(&wire)?,
-            ));
-        }
         rows.usage_keys.extend(part.usage_keys.iter().cloned());
-    }
-
-    let old_blocks: BTreeMap<_, _> = old.blocks().iter().map(|block| (block.id, block)).collect();
-    let created = created_blocks(changes);
-    for block in new
-        .blocks()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_blocks))
-    {
-        if old_blocks.get(&block.id).is_some_and(|old| *old == block) {
-            continue;
-        }
-        let annotations = created.get(&block.id);
-        rows.blocks.push(BlockRow {
-            id: block.id.to_string(),
-            end_user: end_user.to_owned(),
-            body: serde_json::to_string(block)?,
-            metadata: annotations
-                .and_then(|annotations| annotations.metadata.as_ref().map(ToString::to_string)),
-            external_payment_id: annotations
-                .and_then(|annotations| annotations.external_payment_id.clone()),
-            created_at: millis(block.created_at),
-        });
     }
 
     let old_reservations: BTreeMap<_, _> = old

@@ -85,24 +85,7 @@ impl Sandbox {
                 let _ = axum::serve(listener, demo_upstream::app()).await;
             }));
             let data_dir = sandbox._dir.path().join("proxy");
-            let config = format!(
-                r#"
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-upstream = "{upstream}"
-data_dir = "{data_dir}"
-cache_mb = 8
-[control_plane]
-url = "{url}"
-api_key = "{key}"
-[usage]
-ship_interval_ms = 50
-{routes}
-"#,
-                data_dir = data_dir.display(),
-                url = sandbox.url,
-                key = sandbox._plane.key,
-            );
+            let config = e2e::proxy_config(&sandbox._plane, upstream, &data_dir, routes);
             let proxy = e2e::Proxy::start(&config).await;
             proxy.ready().await;
             sandbox.proxy = Some(proxy);
