@@ -15,76 +15,17 @@
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::http::Request;
-use control_plane::clock::SystemClock;
-use control_plane::config::{Config, DatabaseUrl, Synchronous};
-use control_plane::service::AppState;
+use control_plane::config::DatabaseUrl;
 use serde_json::json;
-use tower::ServiceExt;
+use support::{env_or, send, setup};
 
 const USERS: u64 = 1000;
 const BATCH_LEN: u64 = 500;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-async fn send(
-    app: &axum::Router,
-    key: &str,
-    path: &str,
-    body: serde_json::Value,
-    idempotency_key: Option<String>,
-) {
-    let mut request = Request::post(path)
-        .header("authorization", format!("Bearer {key}"))
-        .header("content-type", "application/json");
-    if let Some(idempotency_key) = idempotency_key {
-        request = request.header("idempotency-key", idempotency_key);
-    }
-    let response = app
-        .clone()
-        .oneshot(request.body(Body::from(body.to_string())).expect("request"))
-        .await
-        .expect("response");
-    assert!(
-        response.status().is_success(),
-        "{path}: {}",
-        response.status()
-    );
-}
-
-async fn setup(database: DatabaseUrl) -> (axum::Router, String) {
-    let mut config = Config::for_tests();
-    config.database = database;
-    config.synchronous = Synchronous::Full;
-    config.rate_limit_per_second = 10_000_000;
-    config.rate_limit_burst = 10_000_000;
-    let store = control_plane::open_store(&config).await.expect("store");
-    let state = AppState::new(config, store, Arc::new(SystemClock), None);
-    let app = control_plane::http::app(state.clone());
-    let key = control_plane::http::tenancy::create_tenant(&state, "bench")
-        .await
-        .expect("tenant")
-        .api_keys
-        .test;
-    send(
-        &app,
-        &key,
-        "/v1/features",
-        json!({"key": "api_calls", "name": "API calls", "type": "metered"}),
-        None,
-    )
-    .await;
-    (app, key)
-}
 
 /// Runs `count` jobs two at a time; returns the seconds taken.
 async fn two_at_a_time<F, Fut>(count: u64, job: F) -> f64
@@ -108,12 +49,13 @@ where
 async fn measure(label: &str, database: DatabaseUrl) {
     let singles = env_or("QS_P4_SINGLES", 2000);
     let batches = env_or("QS_P4_BATCHES", 200);
-    let (app, key) = setup(database).await;
+    let (app, key) = setup(database, |_| {}).await;
     let baseline_secs = two_at_a_time(singles, |index| {
         let (app, key) = (app.clone(), key.clone());
         async move {
             let body = json!({"end_user_id": format!("user_{}", index % USERS), "feature_key": "api_calls", "units": 1});
-            send(&app, &key, "/v1/usage", body, Some(format!("single-{index}"))).await;
+            let request = Request::post("/v1/usage").header("idempotency-key", format!("single-{index}"));
+            send(&app, &key, request, Some(body)).await;
         }
     })
     .await;
@@ -126,7 +68,7 @@ async fn measure(label: &str, database: DatabaseUrl) {
                     json!({"end_user_id": format!("user_{}", index % USERS), "feature_key": "api_calls", "units": 1, "idempotency_key": format!("event-{index}")})
                 })
                 .collect();
-            send(&app, &key, "/v1/usage/batch", json!({ "events": events }), None).await;
+            send(&app, &key, Request::post("/v1/usage/batch"), Some(json!({ "events": events }))).await;
         }
     })
     .await;

@@ -13,83 +13,24 @@
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
+mod support;
+
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::http::Request;
-use control_plane::clock::SystemClock;
-use control_plane::config::{Config, DatabaseUrl, Synchronous};
-use control_plane::service::AppState;
-use http_body_util::BodyExt;
+use control_plane::config::DatabaseUrl;
 use serde_json::json;
-use tower::ServiceExt;
+use support::{env_or, send, setup};
 
 const DEBITORS: u64 = 32;
 const GRANT: u64 = 1_000_000_000;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(default)
-}
-
-async fn send(
-    app: &axum::Router,
-    key: &str,
-    request: axum::http::request::Builder,
-    body: Option<serde_json::Value>,
-) -> serde_json::Value {
-    let request = request.header("authorization", format!("Bearer {key}"));
-    let request = match body {
-        Some(body) => request
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string())),
-        None => request.body(Body::empty()),
-    };
-    let response = app
-        .clone()
-        .oneshot(request.expect("request"))
-        .await
-        .expect("response");
-    let status = response.status();
-    let bytes = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    assert!(
-        status.is_success(),
-        "{status}: {}",
-        String::from_utf8_lossy(&bytes)
-    );
-    serde_json::from_slice(&bytes).expect("json")
-}
-
-async fn setup(database: DatabaseUrl, group_commit_max: usize) -> (axum::Router, String) {
-    let mut config = Config::for_tests();
-    config.database = database;
-    config.synchronous = Synchronous::Full;
-    config.rate_limit_per_second = 10_000_000;
-    config.rate_limit_burst = 10_000_000;
-    config.max_connections = 64;
-    config.group_commit_max = group_commit_max;
-    let store = control_plane::open_store(&config).await.expect("store");
-    let state = AppState::new(config, store, Arc::new(SystemClock), None);
-    let app = control_plane::http::app(state.clone());
-    let key = control_plane::http::tenancy::create_tenant(&state, "bench")
-        .await
-        .expect("tenant")
-        .api_keys
-        .test;
-    send(
-        &app,
-        &key,
-        Request::post("/v1/features"),
-        Some(json!({"key": "api_calls", "name": "API calls", "type": "metered"})),
-    )
+/// Debits per second with `group_commit_max`, after checking the final balance.
+async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed: bool) -> f64 {
+    let (app, key) = setup(database, |config| {
+        config.max_connections = 64;
+        config.group_commit_max = group_commit_max;
+    })
     .await;
     send(
         &app,
@@ -98,12 +39,6 @@ async fn setup(database: DatabaseUrl, group_commit_max: usize) -> (axum::Router,
         Some(json!({"end_user_id": "hot", "amount": GRANT})),
     )
     .await;
-    (app, key)
-}
-
-/// Debits per second with `group_commit_max`, after checking the final balance.
-async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed: bool) -> f64 {
-    let (app, key) = setup(database, group_commit_max).await;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for debitor in 0..DEBITORS {

@@ -279,6 +279,18 @@ pub(crate) fn stage_rows(
     Ok((state, entries, blocks))
 }
 
+/// What an idempotency lease asks for: the key, the request's fingerprint, when, how
+/// long the lease holds, and how long the key is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseAsk<'a> {
+    pub(crate) env: &'a Env,
+    pub(crate) key: &'a str,
+    pub(crate) fingerprint: &'a [u8; 32],
+    pub(crate) now: Timestamp,
+    pub(crate) lease_ms: i64,
+    pub(crate) keep_until: Timestamp,
+}
+
 /// Queues a lease on `queues` under `key`, starting a drainer with `start` when the
 /// queue was idle, and waits for its answer. Both stores take the leases that arrive
 /// together in one transaction this way.
@@ -288,10 +300,19 @@ pub(crate) fn stage_rows(
 pub(crate) async fn queue_lease<K: Eq + std::hash::Hash + Clone>(
     queues: &std::sync::Arc<crate::group::Queues<K, Lease>>,
     key: K,
-    lease: Lease,
-    answer: tokio::sync::oneshot::Receiver<StoreResult<IdempotencyBegin>>,
+    ask: LeaseAsk<'_>,
     start: impl FnOnce(crate::group::DrainGuard<K, Lease>),
 ) -> StoreResult<IdempotencyBegin> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let lease = Lease {
+        env: ask.env.clone(),
+        key: ask.key.to_owned(),
+        fingerprint: *ask.fingerprint,
+        now: ask.now,
+        lease_ms: ask.lease_ms,
+        keep_until: ask.keep_until,
+        reply,
+    };
     if queues.push(&key, lease) {
         start(crate::group::DrainGuard {
             queues: std::sync::Arc::clone(queues),

@@ -51,9 +51,9 @@ use sqlx::{PgConnection, PgPool, Row};
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
     DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
-    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, StateRow, Store,
-    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
-    stage_rows, unchanged,
+    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
+    StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
+    answer_leases, queue_lease, stage_rows, unchanged,
 };
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
@@ -1116,17 +1116,15 @@ impl Store for PostgresStore {
     ) -> StoreResult<IdempotencyBegin> {
         // Leases of one environment that arrive together are taken in one transaction, by
         // a task of its own (see `take_leases`).
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let lease = Lease {
-            env: env.clone(),
-            key: key.to_owned(),
-            fingerprint: *fingerprint,
+        let ask = LeaseAsk {
+            env,
+            key,
+            fingerprint,
             now,
             lease_ms,
             keep_until,
-            reply,
         };
-        queue_lease(&self.leases, env.clone(), lease, answer, |guard| {
+        queue_lease(&self.leases, env.clone(), ask, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
         })

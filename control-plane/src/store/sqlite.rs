@@ -18,9 +18,9 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
     DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
-    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, MutateFn, StateRow, Store,
-    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
-    stage_rows, unchanged,
+    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
+    StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
+    answer_leases, queue_lease, stage_rows, unchanged,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -1083,17 +1083,15 @@ impl Store for SqliteStore {
         // Leases that arrive together are taken in one transaction on the writer (by a
         // task of its own, so a caller that goes away cannot leave the writer changed; see
         // `take_leases`).
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let lease = Lease {
-            env: env.clone(),
-            key: key.to_owned(),
-            fingerprint: *fingerprint,
+        let ask = LeaseAsk {
+            env,
+            key,
+            fingerprint,
             now,
             lease_ms,
             keep_until,
-            reply,
         };
-        queue_lease(&self.leases, (), lease, answer, |guard| {
+        queue_lease(&self.leases, (), ask, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
         })

@@ -1,0 +1,87 @@
+//! What the store benchmarks (P4, P5) share: a release control plane through its router
+//! in process, on a durable database, with one tenant and the `api_calls` feature.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::request::Builder;
+use control_plane::clock::SystemClock;
+use control_plane::config::{Config, DatabaseUrl, Synchronous};
+use control_plane::service::AppState;
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+/// A numeric knob from the environment.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sends one request with the tenant's key (and a JSON body); panics unless it succeeds.
+/// Returns the answer's JSON (`null` when it has none).
+pub async fn send(
+    app: &axum::Router,
+    key: &str,
+    request: Builder,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let request = request.header("authorization", format!("Bearer {key}"));
+    let request = match body {
+        Some(body) => request
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string())),
+        None => request.body(Body::empty()),
+    };
+    let response = app
+        .clone()
+        .oneshot(request.expect("request"))
+        .await
+        .expect("response");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    assert!(
+        status.is_success(),
+        "{status}: {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+}
+
+/// A control plane on `database` (`synchronous = full`, no rate limit; `configure` may
+/// change more) with one tenant and the metered `api_calls` feature: the router and the
+/// tenant's sandbox key.
+pub async fn setup(
+    database: DatabaseUrl,
+    configure: impl FnOnce(&mut Config),
+) -> (axum::Router, String) {
+    let mut config = Config::for_tests();
+    config.database = database;
+    config.synchronous = Synchronous::Full;
+    config.rate_limit_per_second = 10_000_000;
+    config.rate_limit_burst = 10_000_000;
+    configure(&mut config);
+    let store = control_plane::open_store(&config).await.expect("store");
+    let state = AppState::new(config, store, Arc::new(SystemClock), None);
+    let app = control_plane::http::app(state.clone());
+    let key = control_plane::http::tenancy::create_tenant(&state, "bench")
+        .await
+        .expect("tenant")
+        .api_keys
+        .test;
+    send(
+        &app,
+        &key,
+        axum::http::Request::post("/v1/features"),
+        Some(json!({"key": "api_calls", "name": "API calls", "type": "metered"})),
+    )
+    .await;
+    (app, key)
+}
