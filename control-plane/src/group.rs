@@ -49,7 +49,7 @@ pub(crate) trait Member: Send {
 /// present exactly while its drainer runs: [`Queues::push`] says to start one when it
 /// inserts the key, and [`Queues::take`] removes the key when it finds nothing left, both
 /// under one lock, so nothing is ever queued without a drainer to take it. Group commit
-/// queues operations by end user; the SQLite store queues idempotency leases.
+/// queues operations by end user; both stores queue idempotency leases.
 pub(crate) struct Queues<K, M> {
     queues: Mutex<HashMap<K, Vec<M>>>,
 }
