@@ -571,4 +571,39 @@ mod tests {
             "{zero}"
         );
     }
+
+    #[test]
+    fn group_commit_and_catalog_cache_are_bounded() {
+        let none = Overrides::default();
+        let defaults = Config::parse("", "t.toml", &none).expect("valid");
+        assert_eq!(defaults.group_commit_max, 64);
+        assert_eq!(defaults.catalog_cache, Duration::from_secs(1));
+        let set = Config::parse(
+            "[database]\ngroup_commit_max = 1\n[server]\ncatalog_cache_ms = 0\n",
+            "t.toml",
+            &none,
+        )
+        .expect("valid");
+        assert_eq!(
+            (set.group_commit_max, set.catalog_cache),
+            (1, Duration::ZERO)
+        );
+        for (text, field) in [
+            (
+                "[database]\ngroup_commit_max = 0\n",
+                "database.group_commit_max",
+            ),
+            (
+                "[database]\ngroup_commit_max = 5000\n",
+                "database.group_commit_max",
+            ),
+            (
+                "[server]\ncatalog_cache_ms = 600000\n",
+                "server.catalog_cache_ms",
+            ),
+        ] {
+            let error = Config::parse(text, "t.toml", &none).expect_err(text);
+            assert!(error.to_string().starts_with(field), "{error}");
+        }
+    }
 }

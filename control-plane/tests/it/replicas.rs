@@ -5,23 +5,7 @@ use axum::http::{Method, StatusCode};
 use serde_json::json;
 
 use crate::support::store_test;
-use crate::support::{Harness, Storage, T0};
-
-/// Polls `condition` until it holds, failing after a generous deadline.
-async fn eventually<F, Fut>(what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting: {what}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
+use crate::support::{Harness, Storage, T0, eventually};
 
 // A catalog change made through one replica reaches another that had the catalog cached
 // (within `server.catalog_cache_ms`), and so does a test-clock advance.

@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use serde_json::json;
 
-use crate::{Sandbox, body, note, step, wait_for};
+use crate::{Sandbox, body, note, step};
 
 pub const CATALOG: &str = include_str!("../catalogs/ai-chatbot.toml");
 
@@ -166,19 +166,19 @@ pub async fn run() -> anyhow::Result<()> {
         "15 left, not {}",
         balance.available
     );
-    let low = wait_for("the credits.low webhook", Duration::from_secs(20), || {
+    let low = e2e::eventually("the credits.low webhook", Duration::from_secs(20), || {
         let received = Arc::clone(&received);
         async move {
             let events = received
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
-            Ok(events
+            events
                 .into_iter()
-                .find(|event| event["type"] == "credits.low"))
+                .find(|event| event["type"] == "credits.low")
         }
     })
-    .await?;
+    .await;
     note(format!("verified webhook: {} {}", low["type"], low["data"]));
     ensure!(
         low["data"]["end_user_id"] == "alice",

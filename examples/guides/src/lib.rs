@@ -16,8 +16,6 @@ pub mod dev_tool;
 pub mod llm_wrapper;
 pub mod saas_addon;
 
-use std::time::Duration;
-
 use anyhow::Context;
 use serde::de::DeserializeOwned;
 
@@ -212,28 +210,6 @@ pub fn step(text: &str) {
 /// Prints a detail of the current step.
 pub fn note(text: impl std::fmt::Display) {
     println!("   {text}");
-}
-
-/// Polls `check` until it returns a value, for at most `within`.
-///
-/// # Errors
-/// When `within` passes first.
-pub async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "gave up waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// Runs a guide as a program: a multi-threaded runtime, the guide, a clear failure.
