@@ -12,6 +12,11 @@ use clap::{Parser, Subcommand};
 use control_plane::clock::SystemClock;
 use control_plane::config::{Config, LogFormat, Overrides};
 
+/// mimalloc: a control plane allocates and frees many short-lived buffers per request
+/// (JSON bodies, rows); glibc's allocator spent ~15% of P4's time on them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "quotastack-control-plane",

@@ -12,6 +12,10 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tower::ServiceExt;
 
+/// The allocator the control plane's binary uses (src/main.rs).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A numeric knob from the environment.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -53,7 +53,7 @@ use super::{
     DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
     IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
     StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
-    answer_leases, queue_lease, stage_rows, unchanged,
+    answer_leases, queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
@@ -619,23 +619,38 @@ impl Store for PostgresStore {
         env: &Env,
         filter: &EntryFilter,
     ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
-        let rows = sqlx::query(
-            "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
-               AND ($3::TEXT IS NULL OR end_user_id = $3) AND ($4::TEXT IS NULL OR type = $4)
-               AND ($5::BIGINT IS NULL OR created_at >= $5) AND ($6::BIGINT IS NULL OR created_at < $6)
-               AND ($7::BIGINT IS NULL OR seq < $7)
-             ORDER BY seq DESC LIMIT $8",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&filter.end_user_id)
-        .bind(&filter.entry_type)
-        .bind(filter.from.map(millis))
-        .bind(filter.to.map(millis))
-        .bind(filter.before_seq)
-        .bind(limit(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        // Two texts rather than `($3 IS NULL OR end_user_id = $3)`, which a generic plan
+        // could not serve from the end user's index.
+        let query = match &filter.end_user_id {
+            Some(end_user) => sqlx::query(
+                "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
+                   AND user_key = $3 AND end_user_id = $4 AND ($5::TEXT IS NULL OR type = $5)
+                   AND ($6::BIGINT IS NULL OR created_at >= $6) AND ($7::BIGINT IS NULL OR created_at < $7)
+                   AND seq < $8
+                 ORDER BY seq DESC LIMIT $9",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(user_key(env, end_user))
+            .bind(end_user),
+            None => sqlx::query(
+                "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
+                   AND ($3::TEXT IS NULL OR type = $3)
+                   AND ($4::BIGINT IS NULL OR created_at >= $4) AND ($5::BIGINT IS NULL OR created_at < $5)
+                   AND seq < $6
+                 ORDER BY seq DESC LIMIT $7",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str()),
+        };
+        let rows = query
+            .bind(&filter.entry_type)
+            .bind(filter.from.map(millis))
+            .bind(filter.to.map(millis))
+            .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(limit(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok((
@@ -1556,7 +1571,9 @@ impl Rows {
             let mut types = Vec::with_capacity(self.entries.len());
             let mut created = Vec::with_capacity(self.entries.len());
             let mut bodies = Vec::with_capacity(self.entries.len());
+            let mut keys = Vec::with_capacity(self.entries.len());
             for (id, user, entry_type, at, body) in self.entries {
+                keys.push(user_key(env, &user));
                 ids.push(id);
                 users.push(user);
                 types.push(entry_type);
@@ -1565,16 +1582,17 @@ impl Rows {
             }
             // In array order: one end user's entries are numbered in the order written.
             sqlx::query(
-                "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body)
-                 SELECT e.id, $1, $2, e.end_user_id, e.type, e.created_at, e.body
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::int8[], $7::text[]) WITH ORDINALITY
-                   AS e(id, end_user_id, type, created_at, body, position)
+                "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body)
+                 SELECT e.id, $1, $2, e.end_user_id, e.user_key, e.type, e.created_at, e.body
+                 FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[]) WITH ORDINALITY
+                   AS e(id, end_user_id, user_key, type, created_at, body, position)
                  ORDER BY e.position",
             )
             .bind(tenant)
             .bind(environment)
             .bind(ids)
             .bind(users)
+            .bind(keys)
             .bind(types)
             .bind(created)
             .bind(bodies)
@@ -2268,6 +2286,64 @@ mod tests {
             .map(|change| change.seq)
             .collect();
         assert_eq!(seen, vec![first_seq, first_seq + 1], "in order, no hole");
+    }
+
+    // Migration 0002 computes the key of entries already written in SQL: it must give
+    // what `user_key` gives for every later entry, or those end users' history would be
+    // split. Run on entries written now with their keys zeroed, then listed by end user.
+    #[tokio::test]
+    async fn the_migration_keys_entries_as_the_store_does() {
+        let Some(store) = store().await else { return };
+        let env = tenant(&store, "ten_keys").await;
+        for (end_user, amount) in [("u1", 5), ("ü-2", 7), ("u1", 9)] {
+            grant(&store, &env, &user(end_user), amount).await;
+        }
+        sqlx::query("UPDATE entries SET user_key = 0")
+            .execute(&store.pool)
+            .await
+            .expect("zero keys");
+        let migration = include_str!("../../migrations/postgres/0002_entries_user_key.sql");
+        let update = migration
+            .split(';')
+            .map(str::trim)
+            .map(|statement| {
+                statement
+                    .lines()
+                    .filter(|line| !line.trim_start().starts_with("--"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .find(|statement| statement.trim_start().starts_with("UPDATE entries"))
+            .expect("the migration's UPDATE");
+        sqlx::query(sqlx::AssertSqlSafe(update))
+            .execute(&store.pool)
+            .await
+            .expect("the migration's UPDATE runs");
+        let keyed: Vec<(String, i32)> =
+            sqlx::query_as("SELECT end_user_id, user_key FROM entries ORDER BY seq")
+                .fetch_all(&store.pool)
+                .await
+                .expect("keys");
+        assert_eq!(keyed.len(), 3);
+        for (end_user, key) in keyed {
+            assert_eq!(key, user_key(&env, &end_user), "{end_user}");
+        }
+        let filter = |end_user: &str| EntryFilter {
+            end_user_id: Some(end_user.into()),
+            limit: 10,
+            ..EntryFilter::default()
+        };
+        let amounts = |entries: Vec<(i64, protocol::LedgerEntry)>| -> Vec<i64> {
+            entries.iter().map(|(_, entry)| entry.amount).collect()
+        };
+        assert_eq!(
+            amounts(store.entries(&env, &filter("u1")).await.expect("u1")),
+            [9, 5]
+        );
+        assert_eq!(
+            amounts(store.entries(&env, &filter("ü-2")).await.expect("ü-2")),
+            [7]
+        );
     }
 
     // Catalog keys are unique per environment with SQLite's message; lists keep insertion

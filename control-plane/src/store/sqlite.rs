@@ -20,7 +20,7 @@ use super::{
     DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
     IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
     StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
-    answer_leases, queue_lease, stage_rows, unchanged,
+    answer_leases, queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -131,7 +131,40 @@ impl SqliteStore {
                 message: format!("migrations failed: {error}"),
                 transient: false,
             })?;
+        store.fill_user_keys().await?;
         Ok(store)
+    }
+
+    /// Gives entries written before migration 0004 their `user_key` (SQL cannot compute
+    /// it), a few thousand rows per transaction; a no-op once every entry has one.
+    async fn fill_user_keys(&self) -> StoreResult<()> {
+        const ROWS: i64 = 5_000;
+        loop {
+            let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+            let rows: Vec<(i64, String, String, String)> = sqlx::query_as(
+                "SELECT seq, tenant_id, environment, end_user_id FROM entries WHERE user_key IS NULL LIMIT ?",
+            )
+            .bind(ROWS)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            for (seq, tenant_id, environment, end_user) in rows {
+                let environment = Environment::parse(&environment)
+                    .ok_or_else(|| corrupt(format!("entry {seq}: environment `{environment}`")))?;
+                let env = Env {
+                    tenant_id,
+                    environment,
+                };
+                sqlx::query("UPDATE entries SET user_key = ? WHERE seq = ?")
+                    .bind(user_key(&env, &end_user))
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        }
     }
 
     /// Takes queued leases, a batch per transaction, until none are left.
@@ -630,28 +663,41 @@ impl Store for SqliteStore {
         env: &Env,
         filter: &EntryFilter,
     ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
-        let rows = sqlx::query(
-            "SELECT seq, body FROM entries WHERE tenant_id = ? AND environment = ?
-               AND (? IS NULL OR end_user_id = ?) AND (? IS NULL OR type = ?)
-               AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
-               AND (? IS NULL OR seq < ?)
-             ORDER BY seq DESC LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&filter.end_user_id)
-        .bind(&filter.end_user_id)
-        .bind(&filter.entry_type)
-        .bind(&filter.entry_type)
-        .bind(filter.from.map(millis))
-        .bind(filter.from.map(millis))
-        .bind(filter.to.map(millis))
-        .bind(filter.to.map(millis))
-        .bind(filter.before_seq)
-        .bind(filter.before_seq)
-        .bind(filter.limit)
-        .fetch_all(&self.reader)
-        .await?;
+        // Two texts rather than `(? IS NULL OR end_user_id = ?)`: SQLite plans a statement
+        // once, and with that form it could never use the end user's index.
+        let query = match &filter.end_user_id {
+            Some(end_user) => sqlx::query(
+                "SELECT seq, body FROM entries WHERE user_key = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?
+                   AND (? IS NULL OR type = ?)
+                   AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
+                   AND seq < ?
+                 ORDER BY seq DESC LIMIT ?",
+            )
+            .bind(user_key(env, end_user))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user),
+            None => sqlx::query(
+                "SELECT seq, body FROM entries WHERE tenant_id = ? AND environment = ?
+                   AND (? IS NULL OR type = ?)
+                   AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
+                   AND seq < ?
+                 ORDER BY seq DESC LIMIT ?",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str()),
+        };
+        let rows = query
+            .bind(&filter.entry_type)
+            .bind(&filter.entry_type)
+            .bind(filter.from.map(millis))
+            .bind(filter.from.map(millis))
+            .bind(filter.to.map(millis))
+            .bind(filter.to.map(millis))
+            .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(filter.limit)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok((
@@ -1429,7 +1475,7 @@ impl Rows {
         }
         for chunk in self.entries.chunks(ROWS_PER_STATEMENT) {
             let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO entries (id, tenant_id, environment, end_user_id, type, created_at, body) ",
+                "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body) ",
             );
             query.push_values(
                 chunk,
@@ -1438,6 +1484,7 @@ impl Rows {
                         .push_bind(&env.tenant_id)
                         .push_bind(env.environment.as_str())
                         .push_bind(end_user)
+                        .push_bind(user_key(env, end_user))
                         .push_bind(*entry_type)
                         .push_bind(created_at)
                         .push_bind(body);
@@ -1797,5 +1844,128 @@ mod tests {
             IdempotencyBegin::Replay { status: 201, .. }
         ));
         assert_eq!(writer_synchronous(&store).await, FULL);
+    }
+
+    async fn grant(store: &SqliteStore, env: &Env, end_user: &str, amount: i64) {
+        use ledger::{Catalog, Credits, Cx, GrantRequest};
+        let catalog = Catalog::default();
+        let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+            let mut ids = crate::clock::UlidSource::at(T0);
+            let mut cx = Cx {
+                now: T0,
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+            Ok(vec![Changes::from_applied(applied).1])
+        };
+        let end_user = EndUserId::new(end_user).expect("end user id");
+        store
+            .mutate(env, &end_user, T0, &mut run)
+            .await
+            .expect("grant");
+    }
+
+    fn by_user(end_user: &str) -> EntryFilter {
+        EntryFilter {
+            end_user_id: Some(end_user.into()),
+            limit: 100,
+            ..EntryFilter::default()
+        }
+    }
+
+    // The key is on disk: it must never change for a given end user.
+    #[test]
+    fn user_keys_are_stable_and_narrow() {
+        let env = |tenant: &str, environment| Env {
+            tenant_id: tenant.into(),
+            environment,
+        };
+        let key = user_key(&env("ten_1", Environment::Live), "user_1");
+        // Python: int.from_bytes(sha256(b"ten_1\0live\0user_1").digest()[:4], "big") >> 1
+        assert_eq!(key, 0x7318_89a9, "the stored key changed");
+        assert!(key >= 0, "31 bits, never negative");
+        assert_ne!(key, user_key(&env("ten_1", Environment::Test), "user_1"));
+        assert_ne!(key, user_key(&env("ten_2", Environment::Live), "user_1"));
+        assert_ne!(key, user_key(&env("ten_1", Environment::Live), "user_2"));
+    }
+
+    // Entries written before migration 0004 (no user_key) get one when the store opens,
+    // and are found by end user; a listing by end user uses the narrow index.
+    #[tokio::test]
+    async fn old_entries_get_their_user_key_on_open() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let url = DatabaseUrl::SqliteFile(directory.path().join("keys.db").display().to_string());
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        let store = SqliteStore::open(&url, Synchronous::Full, 1)
+            .await
+            .expect("store");
+        for (end_user, amount) in [("u1", 5), ("u2", 7), ("u1", 9)] {
+            grant(&store, &env, end_user, amount).await;
+        }
+        sqlx::query("UPDATE entries SET user_key = NULL")
+            .execute(&store.writer)
+            .await
+            .expect("forget keys");
+        assert!(
+            store
+                .entries(&env, &by_user("u1"))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        store.writer.close().await;
+        store.reader.close().await;
+
+        let store = SqliteStore::open(&url, Synchronous::Full, 1)
+            .await
+            .expect("reopen");
+        let missing: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM entries WHERE user_key IS NULL")
+                .fetch_one(&store.reader)
+                .await
+                .expect("count");
+        assert_eq!(missing, 0);
+        let amounts = |entries: Vec<(i64, protocol::LedgerEntry)>| -> Vec<i64> {
+            entries.iter().map(|(_, entry)| entry.amount).collect()
+        };
+        assert_eq!(
+            amounts(store.entries(&env, &by_user("u1")).await.expect("u1")),
+            [9, 5]
+        );
+        assert_eq!(
+            amounts(store.entries(&env, &by_user("u2")).await.expect("u2")),
+            [7]
+        );
+
+        let plan: Vec<String> = sqlx::query(
+            "EXPLAIN QUERY PLAN SELECT seq, body FROM entries WHERE user_key = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?
+               AND (? IS NULL OR type = ?) AND seq < ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(1_i32)
+        .bind("t")
+        .bind("live")
+        .bind("u1")
+        .bind(None::<String>)
+        .bind(None::<String>)
+        .bind(i64::MAX)
+        .bind(10_i64)
+        .fetch_all(&store.reader)
+        .await
+        .expect("plan")
+        .iter()
+        .map(|row| row.try_get("detail").expect("detail"))
+        .collect();
+        assert!(
+            plan.iter().any(|step| step.contains("entries_user_key")),
+            "{plan:?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+            "no sort: {plan:?}"
+        );
     }
 }
