@@ -26,6 +26,9 @@ use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
 
+/// Rows in flight from SQLite's worker thread to the task reading them.
+const ROW_CHANNEL: usize = 1024;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -101,7 +104,11 @@ impl SqliteStore {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(sync)
                     .busy_timeout(Duration::from_secs(5))
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    // sqlx hands rows from SQLite's thread to the task through a channel
+                    // of this many; at 50 (its default) a batch's few hundred rows cost a
+                    // thread switch every 50.
+                    .row_buffer_size(ROW_CHANNEL);
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
                     .connect_with(options.clone())
