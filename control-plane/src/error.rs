@@ -33,6 +33,10 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("a request with this idempotency key is still running")]
     IdempotencyKeyInFlight,
+    /// An operation's in-transaction claim on its key found the key taken: the request
+    /// goes the classic way (lease, replay or wait). Never answered to a client as such.
+    #[error("the idempotency key was taken before this request's transaction")]
+    ClaimTaken,
     #[error("{0}")]
     Conflict(String),
     #[error("rate limit exceeded")]
@@ -108,7 +112,7 @@ impl ApiError {
                 "Idempotency key reused",
                 "this idempotency key was already used with a different method, path or body",
             ),
-            ApiError::IdempotencyKeyInFlight => Problem::new(
+            ApiError::IdempotencyKeyInFlight | ApiError::ClaimTaken => Problem::new(
                 409,
                 "idempotency_key_in_flight",
                 "Idempotency key in flight",
@@ -142,7 +146,9 @@ impl ApiError {
         matches!(self.problem().status, 402 | 404 | 409)
             && !matches!(
                 self,
-                ApiError::IdempotencyKeyReused | ApiError::IdempotencyKeyInFlight
+                ApiError::IdempotencyKeyReused
+                    | ApiError::IdempotencyKeyInFlight
+                    | ApiError::ClaimTaken
             )
     }
 }

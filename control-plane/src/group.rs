@@ -27,7 +27,7 @@ use ledger::{Cx, EndUserId, EndUserState};
 
 use crate::error::ApiError;
 use crate::service::CatalogView;
-use crate::store::{Changes, Env};
+use crate::store::{Changes, Claim, Env};
 
 /// One queued operation, with the way back to its caller.
 pub(crate) trait Member: Send {
@@ -39,6 +39,19 @@ pub(crate) trait Member: Send {
         cx: &mut Cx<'_>,
         view: &CatalogView,
     ) -> Result<Changes, ApiError>;
+
+    /// The idempotency key the operation claims in the group's transaction, if any.
+    fn claim(&self) -> Option<&Claim>;
+
+    /// Marks the operation as not run: its claim found the key taken.
+    fn skip(&mut self);
+
+    /// What a claiming operation's refusal writes: its answer when the refusal is a
+    /// stored decision, else the claim given back. `None` without a claim.
+    ///
+    /// # Errors
+    /// A refusal that does not serialise.
+    fn refusal(&self, error: &ApiError) -> Result<Option<Changes>, ApiError>;
 
     /// Answers the caller once the group's transaction ended: with the operation's value
     /// (or refusal) when it committed, with `outcome`'s error when it did not.
@@ -150,32 +163,56 @@ pub(crate) fn fail_member(member: Box<dyn Member>) {
     )));
 }
 
-/// Runs a group's operations in order on `state`, undoing each refused one; returns the
-/// committed operations' changes. One operation alone is not undone by hand: its refusal
-/// is returned, and the store writes nothing.
+/// Runs a group's runnable operations (`runnable`: one flag per member; the others'
+/// claims found their keys taken) in order on `state`, undoing each refused one; returns
+/// the changes to commit: each committed operation's, and what a claiming operation's
+/// refusal writes. One unclaimed operation alone is not undone by hand: its refusal is
+/// returned, and the store writes nothing.
 ///
 /// # Errors
 /// A lone operation's refusal, or a failure to compute when the state next has due work.
 pub(crate) fn apply(
     members: &mut [Box<dyn Member>],
+    runnable: &[bool],
     state: &mut EndUserState,
     cx: &mut Cx<'_>,
     view: &CatalogView,
 ) -> Result<Vec<Changes>, ApiError> {
-    if let [member] = members {
+    for (member, _) in members
+        .iter_mut()
+        .zip(runnable)
+        .filter(|(_, runnable)| !**runnable)
+    {
+        member.skip();
+    }
+    let mut running: Vec<&mut Box<dyn Member>> = members
+        .iter_mut()
+        .zip(runnable)
+        .filter(|(_, runnable)| **runnable)
+        .map(|(member, _)| member)
+        .collect();
+    if let [member] = running.as_mut_slice()
+        && member.claim().is_none()
+    {
         let mut changes = member.run(state, cx, view)?;
         changes.next_due = state.next_due(&view.catalog)?;
         return Ok(vec![changes]);
     }
-    let mut applied = Vec::with_capacity(members.len());
-    for member in members.iter_mut() {
+    let mut applied = Vec::with_capacity(running.len());
+    for member in running {
         let before = state.clone();
         match member.run(state, cx, view) {
             Ok(mut changes) => {
                 changes.next_due = state.next_due(&view.catalog)?;
                 applied.push(changes);
             }
-            Err(_) => *state = before,
+            Err(error) => {
+                *state = before;
+                if let Some(mut changes) = member.refusal(&error)? {
+                    changes.next_due = state.next_due(&view.catalog)?;
+                    applied.push(changes);
+                }
+            }
         }
     }
     Ok(applied)

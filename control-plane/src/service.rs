@@ -16,8 +16,27 @@ use crate::config::Config;
 use crate::error::ApiError;
 use crate::group;
 use crate::store::{
-    Annotations, ApiKeyRecord, CatalogRecord, Changes, Env, EnvRecord, IdempotencyAnswer, Store,
+    Annotations, ApiKeyRecord, CatalogRecord, Changes, Claim, Env, EnvRecord, IdempotencyAnswer,
+    Store,
 };
+
+/// How an operation holds its request's idempotency key.
+#[derive(Debug, Clone)]
+pub enum KeyHold {
+    /// A lease taken before the operation ran (the classic path, `idempotency::run`).
+    Leased(String),
+    /// To be claimed in the operation's own transaction (`idempotency::run_claiming`).
+    Claim(Claim),
+}
+
+impl KeyHold {
+    pub fn key(&self) -> &str {
+        match self {
+            KeyHold::Leased(key) => key,
+            KeyHold::Claim(claim) => &claim.key,
+        }
+    }
+}
 
 /// Everything one environment's decisions depend on, built from the store and cached
 /// until this process changes it.
@@ -435,7 +454,7 @@ impl AppState {
         &self,
         env: &Env,
         end_user: &EndUserId,
-        idempotency_key: Option<&str>,
+        idempotency: Option<&KeyHold>,
         annotations: Annotations,
         status: u16,
         operation: F,
@@ -449,7 +468,7 @@ impl AppState {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let member = Box::new(Operation {
             operation: Some(operation),
-            idempotency_key: idempotency_key.map(str::to_owned),
+            hold: idempotency.cloned(),
             annotations,
             status,
             value: None,
@@ -493,16 +512,31 @@ impl AppState {
                 let now = self.env_now(&view);
                 metrics::histogram!("quotastack_group_commit_operations")
                     .record(u32::try_from(members.len()).map_or(f64::MAX, f64::from));
-                let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+                let claims: Vec<Claim> = members
+                    .iter()
+                    .filter_map(|member| member.claim().cloned())
+                    .collect();
+                let mut run = |state: &mut EndUserState,
+                               claimed: &[bool]|
+                 -> Result<Vec<Changes>, ApiError> {
+                    let mut flags = claimed.iter();
+                    let runnable: Vec<bool> = members
+                        .iter()
+                        .map(|member| {
+                            member.claim().is_none() || flags.next().copied().unwrap_or(false)
+                        })
+                        .collect();
                     let mut ids = UlidSource::at(now);
                     let mut cx = Cx {
                         now,
                         catalog: &view.catalog,
                         ids: &mut ids,
                     };
-                    group::apply(&mut members, state, &mut cx, &view)
+                    group::apply(&mut members, &runnable, state, &mut cx, &view)
                 };
-                self.store().mutate(env, end_user, now, &mut run).await
+                self.store()
+                    .mutate(env, end_user, now, &claims, &mut run)
+                    .await
             }
             Err(error) => Err(error),
         };
@@ -599,7 +633,7 @@ impl AppState {
 /// A caller's operation waiting in its end user's group commit.
 struct Operation<T, F> {
     operation: Option<F>,
-    idempotency_key: Option<String>,
+    hold: Option<KeyHold>,
     annotations: Annotations,
     status: u16,
     /// What the operation answered, kept until its transaction ends.
@@ -626,14 +660,14 @@ where
             .ok_or_else(|| ApiError::Internal("an operation was run twice".into()))?;
         let ran = operation(state, cx, view).and_then(|(value, mut changes)| {
             changes.annotations = Annotations {
-                idempotency_key: self.idempotency_key.clone(),
+                idempotency_key: self.hold.as_ref().map(|hold| hold.key().to_owned()),
                 ..self.annotations.clone()
             };
-            if let Some(key) = &self.idempotency_key {
+            if let Some(key) = self.hold.as_ref().map(KeyHold::key) {
                 let body = serde_json::to_vec(&value)
                     .map_err(|error| ApiError::Internal(error.to_string()))?;
                 changes.idempotency = Some(IdempotencyAnswer {
-                    key: key.clone(),
+                    key: key.to_owned(),
                     status: self.status,
                     body,
                 });
@@ -650,6 +684,40 @@ where
                 Err(error)
             }
         }
+    }
+
+    fn claim(&self) -> Option<&Claim> {
+        match &self.hold {
+            Some(KeyHold::Claim(claim)) => Some(claim),
+            _ => None,
+        }
+    }
+
+    fn skip(&mut self) {
+        self.value = Some(Err(ApiError::ClaimTaken));
+    }
+
+    fn refusal(&self, error: &ApiError) -> Result<Option<Changes>, ApiError> {
+        let Some(claim) = self.claim() else {
+            return Ok(None);
+        };
+        if !error.is_stored_decision() {
+            return Ok(Some(Changes {
+                release: Some(claim.key.clone()),
+                ..Changes::default()
+            }));
+        }
+        let problem = error.problem();
+        let body =
+            serde_json::to_vec(&problem).map_err(|error| ApiError::Internal(error.to_string()))?;
+        Ok(Some(Changes {
+            idempotency: Some(IdempotencyAnswer {
+                key: claim.key.clone(),
+                status: problem.status,
+                body,
+            }),
+            ..Changes::default()
+        }))
     }
 
     fn finish(self: Box<Self>, outcome: Result<(), ApiError>) {

@@ -165,6 +165,9 @@ pub struct Changes {
     /// The idempotent request's answer, stored in the same transaction.
     pub idempotency: Option<IdempotencyAnswer>,
     pub usage_keys: Vec<UsageKeyRecord>,
+    /// An idempotency key this transaction claimed (see [`Claim`]) for an operation that
+    /// was then refused without a stored answer: the claim is dropped, so a retry runs.
+    pub release: Option<String>,
 }
 
 impl Changes {
@@ -441,6 +444,54 @@ pub enum IdempotencyBegin {
     InFlight,
 }
 
+/// An idempotency key taken inside the transaction of the operation it guards, instead
+/// of with a lease first (group commit: a keyed request then costs one transaction, not
+/// two). The store inserts it, unanswered, after locking the end user; an operation whose
+/// key was already there (answered, or leased by a request on the classic path) does not
+/// run, and its request goes the classic way. The answer is stored in the same
+/// transaction, so an unanswered claim is never seen committed.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    /// When the claim was asked for (its `locked_until` is a lease from then).
+    pub now: Timestamp,
+    pub keep_until: Timestamp,
+}
+
+/// Which of `claims` are new to the store and go to this transaction: the first claim
+/// of each key that `taken` (the keys the store inserted) holds; a key repeated later in
+/// the list was claimed by its first occurrence.
+pub(crate) fn claimed_flags(
+    claims: &[Claim],
+    taken: &std::collections::HashSet<String>,
+) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::new();
+    claims
+        .iter()
+        .map(|claim| seen.insert(claim.key.as_str()) && taken.contains(&claim.key))
+        .collect()
+}
+
+/// The claims to insert: each key once, in key order (PostgreSQL takes the rows' locks
+/// in that order, so two transactions never wait on each other in a circle).
+pub(crate) fn claims_to_insert(claims: &[Claim]) -> Vec<&Claim> {
+    let mut unique: std::collections::BTreeMap<&str, &Claim> = std::collections::BTreeMap::new();
+    for claim in claims {
+        unique.entry(claim.key.as_str()).or_insert(claim);
+    }
+    unique.into_values().collect()
+}
+
+/// How long an unanswered claim holds its key, as a lease would (it is only ever seen
+/// by a transaction waiting on PostgreSQL's row lock, or after a crash mid-commit).
+pub(crate) const CLAIM_LEASE_MS: i64 = 30_000;
+
+/// The operation [`Store::mutate`] runs: like [`MutateFn`], and told which of its claims
+/// it holds (one flag per claim, in order).
+pub type ClaimingFn<'a> =
+    dyn FnMut(&mut EndUserState, &[bool]) -> Result<Vec<Changes>, ApiError> + Send + 'a;
+
 /// The operation run inside a mutation: gets the loaded (or new) state and returns what
 /// it wrote, or an error that rolls everything back. What it wrote is one [`Changes`]
 /// per operation it carried, in order: a group commit carries many operations of one end
@@ -607,15 +658,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn environments(&self) -> StoreResult<Vec<(Env, i64)>>;
 
     // --- end users
-    /// Loads the end user's state (a new one if unknown), runs `operation`, and persists
-    /// the new state with its changes in one transaction. Nothing is written when
-    /// `operation` fails, nor when it reports no changes.
+    /// Loads (and locks) the end user's state (a new one if unknown), claims `claims`,
+    /// runs `operation` with which claims it holds, and persists the new state with its
+    /// changes in one transaction. Nothing is written when `operation` fails, nor when it
+    /// reports no changes.
     async fn mutate(
         &self,
         env: &Env,
         end_user: &EndUserId,
         now: Timestamp,
-        operation: &mut MutateFn<'_>,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
     ) -> Result<(), ApiError>;
     /// Several end users' operations in one transaction (a usage batch): everything
     /// commits or nothing does. End users are locked in id order; each appears once.

@@ -47,7 +47,7 @@ pub async fn create_grant(
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 annotations,
                 201,
                 move |user, cx, _| {
@@ -115,7 +115,7 @@ pub async fn void_block(
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 Annotations::default(),
                 200,
                 move |user, cx, _| {
@@ -180,7 +180,7 @@ pub async fn create_adjustment(
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 annotations,
                 201,
                 move |user, cx, _| {

@@ -13,8 +13,8 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::service::AppState;
-use crate::store::{Env, IdempotencyAnswer, IdempotencyBegin};
+use crate::service::{AppState, KeyHold};
+use crate::store::{Claim, Env, IdempotencyAnswer, IdempotencyBegin};
 
 /// What an operation answered.
 #[derive(Debug)]
@@ -100,51 +100,96 @@ impl FromRequest<AppState> for Incoming {
     }
 }
 
-/// Runs `operation` under the request's idempotency key, if it has one.
+/// Runs `operation` under the request's idempotency key, if it has one: a lease is
+/// taken first (its own transaction), the answer stored after.
 pub async fn run<F, Fut>(state: &AppState, env: &Env, request: &Incoming, operation: F) -> Response
 where
-    F: FnOnce(Option<String>) -> Fut,
+    F: FnOnce(Option<KeyHold>) -> Fut,
     Fut: Future<Output = Result<Done, ApiError>>,
 {
-    let path = request.uri.path();
-    match run_inner(
-        state,
-        env,
-        &request.headers,
-        &request.method,
-        path,
-        &request.body,
-        operation,
-    )
-    .await
-    {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+    let outcome = match asked(state, request) {
+        Ok(None) => operation(None).await.map(|done| respond(done, false)),
+        Ok(Some(asked)) => leased(state, env, &asked, operation).await,
+        Err(error) => Err(error),
+    };
+    outcome.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// Like [`run`], for an operation that is one [`AppState::mutate`] and passes the key it
+/// is given there: the key is claimed in that operation's own transaction, so a keyed
+/// request costs one transaction, as an unkeyed one does (group commit). If the key was
+/// taken already (a repeat, or a request on the classic path holding it), the request
+/// goes the classic way, calling `operation` again.
+pub async fn run_claiming<F, Fut>(
+    state: &AppState,
+    env: &Env,
+    request: &Incoming,
+    operation: F,
+) -> Response
+where
+    F: Fn(Option<KeyHold>) -> Fut,
+    Fut: Future<Output = Result<Done, ApiError>>,
+{
+    let asked = match asked(state, request) {
+        Ok(Some(asked)) => asked,
+        Ok(None) => {
+            return operation(None)
+                .await
+                .map(|done| respond(done, false))
+                .unwrap_or_else(IntoResponse::into_response);
+        }
+        Err(error) => return error.into_response(),
+    };
+    let claim = Claim {
+        key: asked.key.clone(),
+        fingerprint: asked.fingerprint,
+        now: state.real_now(),
+        keep_until: asked.keep_until(state.real_now()),
+    };
+    let outcome = match operation(Some(KeyHold::Claim(claim))).await {
+        Ok(done) if done.stored => Ok(respond(done, false)),
+        Ok(_) => Err(ApiError::Internal(
+            "an operation given a claim did not store its answer".into(),
+        )),
+        Err(ApiError::ClaimTaken) => leased(state, env, &asked, operation).await,
+        // A refusal is the key's answer: stored with the claim when the operation was
+        // refused in its transaction; when it was refused before (an unknown feature,
+        // say), the classic way stores it now, or finds what another request stored.
+        Err(error) if error.is_stored_decision() => settle_refusal(state, env, &asked, error).await,
+        Err(error) => Err(error),
+    };
+    outcome.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A request's idempotency key, with what identifies the request and how long to keep it.
+#[derive(Debug)]
+struct Asked {
+    key: String,
+    fingerprint: [u8; 32],
+    retention: Duration,
+}
+
+impl Asked {
+    fn keep_until(&self, now: ledger::Timestamp) -> ledger::Timestamp {
+        now.checked_add(ledger::Span::from_millis(
+            i64::try_from(self.retention.as_millis()).unwrap_or(i64::MAX),
+        ))
+        .unwrap_or(now)
     }
 }
 
-async fn run_inner<F, Fut>(
-    state: &AppState,
-    env: &Env,
-    headers: &HeaderMap,
-    method: &Method,
-    path: &str,
-    body: &[u8],
-    operation: F,
-) -> Result<Response, ApiError>
-where
-    F: FnOnce(Option<String>) -> Fut,
-    Fut: Future<Output = Result<Done, ApiError>>,
-{
-    let Some(key) = key(headers)? else {
-        return Ok(respond(operation(None).await?, false));
+/// The request's key, if it has one.
+fn asked(state: &AppState, request: &Incoming) -> Result<Option<Asked>, ApiError> {
+    let Some(key) = key(&request.headers)? else {
+        return Ok(None);
     };
+    let path = request.uri.path();
     let fingerprint: [u8; 32] = Sha256::new()
-        .chain_update(method.as_str())
+        .chain_update(request.method.as_str())
         .chain_update([0])
         .chain_update(path)
         .chain_update([0])
-        .chain_update(body)
+        .chain_update(&request.body)
         .finalize()
         .into();
     let retention = if path.starts_with("/v1/usage") {
@@ -152,31 +197,49 @@ where
     } else {
         state.config().idempotency_retention
     };
+    Ok(Some(Asked {
+        key,
+        fingerprint,
+        retention,
+    }))
+}
+
+/// What taking the key's lease came to: run the operation, or this answer.
+enum Taken {
+    Run,
+    Answer(Response),
+}
+
+/// Takes the key's lease, waiting (up to `idempotency_wait`) while another request holds
+/// it.
+async fn take(state: &AppState, env: &Env, asked: &Asked) -> Result<Taken, ApiError> {
     let wait_until = tokio::time::Instant::now() + state.config().idempotency_wait;
     loop {
         let now = state.real_now();
-        let keep_until = now
-            .checked_add(ledger::Span::from_millis(
-                i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
-            ))
-            .unwrap_or(now);
         match state
             .store()
-            .idempotency_begin(env, &key, &fingerprint, now, LEASE_MILLIS, keep_until)
+            .idempotency_begin(
+                env,
+                &asked.key,
+                &asked.fingerprint,
+                now,
+                LEASE_MILLIS,
+                asked.keep_until(now),
+            )
             .await?
         {
-            IdempotencyBegin::Started => break,
+            IdempotencyBegin::Started => return Ok(Taken::Run),
             IdempotencyBegin::Replay { status, body } => {
                 let status = StatusCode::from_u16(status)
                     .map_err(|error| ApiError::Internal(error.to_string()))?;
-                return Ok(respond(
+                return Ok(Taken::Answer(respond(
                     Done {
                         status,
                         body,
                         stored: true,
                     },
                     true,
-                ));
+                )));
             }
             IdempotencyBegin::Mismatch => return Err(ApiError::IdempotencyKeyReused),
             IdempotencyBegin::InFlight if tokio::time::Instant::now() < wait_until => {
@@ -185,7 +248,24 @@ where
             IdempotencyBegin::InFlight => return Err(ApiError::IdempotencyKeyInFlight),
         }
     }
-    match operation(Some(key.clone())).await {
+}
+
+/// The classic way: lease, run, store the answer (or the refusal).
+async fn leased<F, Fut>(
+    state: &AppState,
+    env: &Env,
+    asked: &Asked,
+    operation: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Option<KeyHold>) -> Fut,
+    Fut: Future<Output = Result<Done, ApiError>>,
+{
+    if let Taken::Answer(response) = take(state, env, asked).await? {
+        return Ok(response);
+    }
+    let key = asked.key.clone();
+    match operation(Some(KeyHold::Leased(key.clone()))).await {
         Ok(done) => {
             if !done.stored {
                 let answer = IdempotencyAnswer {
@@ -198,25 +278,61 @@ where
             Ok(respond(done, false))
         }
         Err(error) if error.is_stored_decision() => {
-            let problem = error.problem();
-            let body = serde_json::to_vec(&problem)
-                .map_err(|error| ApiError::Internal(error.to_string()))?;
-            state
-                .store()
-                .idempotency_finish(
-                    env,
-                    &IdempotencyAnswer {
-                        key,
-                        status: problem.status,
-                        body,
-                    },
-                )
-                .await?;
+            store_refusal(state, env, key, &error).await?;
             Err(error)
         }
         Err(error) => {
             state.store().idempotency_abandon(env, &key).await?;
             Err(error)
+        }
+    }
+}
+
+/// Stores a refusal as the leased key's answer.
+async fn store_refusal(
+    state: &AppState,
+    env: &Env,
+    key: String,
+    error: &ApiError,
+) -> Result<(), ApiError> {
+    let problem = error.problem();
+    let body =
+        serde_json::to_vec(&problem).map_err(|error| ApiError::Internal(error.to_string()))?;
+    state
+        .store()
+        .idempotency_finish(
+            env,
+            &IdempotencyAnswer {
+                key,
+                status: problem.status,
+                body,
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+/// A claiming operation's refusal: the key's answer is the refusal if the claim stored
+/// it (a replay of it is found) or nothing did (it is stored now); if another request
+/// answered the key meanwhile, that answer is the key's.
+async fn settle_refusal(
+    state: &AppState,
+    env: &Env,
+    asked: &Asked,
+    error: ApiError,
+) -> Result<Response, ApiError> {
+    match take(state, env, asked).await? {
+        Taken::Run => {
+            store_refusal(state, env, asked.key.clone(), &error).await?;
+            Err(error)
+        }
+        Taken::Answer(response) => {
+            let stored_is_this = response.status().as_u16() == error.problem().status;
+            if stored_is_this {
+                Err(error)
+            } else {
+                Ok(response)
+            }
         }
     }
 }

@@ -33,7 +33,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 Annotations::default(),
                 201,
                 move |user, cx, _| {
@@ -112,7 +112,7 @@ async fn resolve(
             .mutate(
                 env,
                 &current.end_user_id,
-                key.as_deref(),
+                key.as_ref(),
                 Annotations::default(),
                 200,
                 move |user, cx, _| {

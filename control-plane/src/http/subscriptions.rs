@@ -70,7 +70,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 Annotations::default(),
                 201,
                 move |user, cx, view| {
@@ -224,7 +224,7 @@ async fn lifecycle(
             .mutate(
                 env,
                 &current.end_user_id,
-                key.as_deref(),
+                key.as_ref(),
                 Annotations::default(),
                 200,
                 move |user, cx, view| {

@@ -45,8 +45,8 @@ pub async fn record_usage(
         Ok(request) => request,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, request) = (&state, &caller.env, &request);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
         let view = state.view(env).await?;
         let (end_user, usage, timestamp) = request.to_ledger("", state.env_now(&view))?;
         let annotations = Annotations {
@@ -58,7 +58,7 @@ pub async fn record_usage(
             .mutate(
                 env,
                 &end_user,
-                key.as_deref(),
+                key.as_ref(),
                 annotations,
                 201,
                 move |user, cx, _| {

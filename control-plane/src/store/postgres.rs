@@ -49,11 +49,12 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
-    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
-    DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
-    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
-    StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
-    answer_leases, queue_lease, stage_rows, unchanged, user_key,
+    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CLAIM_LEASE_MS, CatalogRecord,
+    ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, EntryRow,
+    Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin,
+    LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store, StoreError, StoreResult,
+    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, claimed_flags, claims_to_insert,
+    queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
@@ -478,14 +479,16 @@ impl Store for PostgresStore {
         env: &Env,
         end_user: &EndUserId,
         now: Timestamp,
-        operation: &mut MutateFn<'_>,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
     ) -> Result<(), ApiError> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let old = lock_state(&mut tx, env, end_user, now)
             .await?
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+        let claimed = claim_keys(&mut tx, env, claims).await?;
         let mut state = old.clone();
-        let changes = match operation(&mut state) {
+        let changes = match operation(&mut state, &claimed) {
             Ok(changes) if !changes.is_empty() => changes,
             outcome => {
                 // At once rather than when the pool next pings the connection: the end
@@ -1433,6 +1436,52 @@ async fn lock_states(
     Ok(states)
 }
 
+/// Inserts `claims` unanswered (see [`Claim`]), in key order; which of them this
+/// transaction holds. A key another open transaction inserted waits for it to end (then
+/// it is not ours); one already stored is not ours.
+async fn claim_keys(
+    connection: &mut PgConnection,
+    env: &Env,
+    claims: &[Claim],
+) -> StoreResult<Vec<bool>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ordered = claims_to_insert(claims);
+    let keys: Vec<&str> = ordered.iter().map(|claim| claim.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = ordered
+        .iter()
+        .map(|claim| claim.fingerprint.as_slice())
+        .collect();
+    let locked: Vec<i64> = ordered
+        .iter()
+        .map(|claim| claim.now.as_millis().saturating_add(CLAIM_LEASE_MS))
+        .collect();
+    let keep: Vec<i64> = ordered
+        .iter()
+        .map(|claim| claim.keep_until.as_millis())
+        .collect();
+    let taken: std::collections::HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
+         SELECT $1, $2, c.key, c.fingerprint, c.locked_until, c.keep_until
+         FROM UNNEST($3::text[], $4::bytea[], $5::int8[], $6::int8[]) WITH ORDINALITY
+           AS c(key, fingerprint, locked_until, keep_until, position)
+         ORDER BY c.position
+         ON CONFLICT DO NOTHING RETURNING key",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(keys)
+    .bind(fingerprints)
+    .bind(locked)
+    .bind(keep)
+    .fetch_all(&mut *connection)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(claimed_flags(claims, &taken))
+}
+
 async fn finish_idempotency(
     connection: &mut PgConnection,
     env: &Env,
@@ -1461,6 +1510,8 @@ struct Rows {
     entries: Vec<EntryRow>,
     usage_keys: Vec<UsageKeyRecord>,
     idempotency: Vec<IdempotencyAnswer>,
+    /// Claimed keys given back (their operations were refused without a stored answer).
+    released: Vec<String>,
     /// Events in order, with the end user each is about.
     events: Vec<(protocol::Event, String)>,
     /// End users whose state changed: one change-feed entry each.
@@ -1493,6 +1544,7 @@ impl Rows {
         for part in changes {
             self.usage_keys.extend(part.usage_keys.iter().cloned());
             self.idempotency.extend(part.idempotency.iter().cloned());
+            self.released.extend(part.release.iter().cloned());
             for event in &part.events {
                 self.events
                     .push((super::wire_event(event), end_user.to_owned()));
@@ -1667,6 +1719,16 @@ impl Rows {
             if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
                 return Err(super::answered_elsewhere(&first_key));
             }
+        }
+        if !self.released.is_empty() {
+            sqlx::query(
+                "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3) AND status IS NULL",
+            )
+            .bind(tenant)
+            .bind(environment)
+            .bind(self.released)
+            .execute(&mut *connection)
+            .await?;
         }
         append_to_feeds(connection, env, &self.events, &self.changes, now).await
     }
@@ -2139,7 +2201,7 @@ mod tests {
     /// Grants `amount` to `end_user`: a state change, an entry, a block and an event.
     async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i64) {
         let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
             let mut ids = crate::clock::UlidSource::at(T0);
             let mut cx = Cx {
                 now: T0,
@@ -2150,7 +2212,7 @@ mod tests {
             Ok(vec![Changes::from_applied(applied).1])
         };
         store
-            .mutate(env, end_user, T0, &mut run)
+            .mutate(env, end_user, T0, &[], &mut run)
             .await
             .expect("grant");
     }
@@ -2582,10 +2644,12 @@ mod tests {
     async fn a_refusal_writes_nothing() {
         let Some(store) = store().await else { return };
         let env = tenant(&store, "ten_acme").await;
-        let mut refuse = |_: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+        let mut refuse = |_: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
             Err(ApiError::Unauthorized)
         };
-        let result = store.mutate(&env, &user("nobody"), T0, &mut refuse).await;
+        let result = store
+            .mutate(&env, &user("nobody"), T0, &[], &mut refuse)
+            .await;
         assert!(matches!(result, Err(ApiError::Unauthorized)));
         assert!(
             store

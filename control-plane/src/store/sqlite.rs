@@ -16,11 +16,12 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
-    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CatalogRecord, ChangeRecord, Changes,
-    DeliveryJob, EndpointRecord, EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord,
-    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn,
-    StateRow, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
-    answer_leases, queue_lease, stage_rows, unchanged, user_key,
+    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CLAIM_LEASE_MS, CatalogRecord,
+    ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, EntryRow,
+    Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin,
+    LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store, StoreError, StoreResult,
+    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, claimed_flags, claims_to_insert,
+    queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -547,7 +548,8 @@ impl Store for SqliteStore {
         env: &Env,
         end_user: &EndUserId,
         now: Timestamp,
-        operation: &mut MutateFn<'_>,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
     ) -> Result<(), ApiError> {
         let mut tx = self
             .writer
@@ -557,8 +559,9 @@ impl Store for SqliteStore {
         let old = load_state_in(&mut tx, env, end_user)
             .await?
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+        let claimed = claim_keys(&mut tx, env, claims).await?;
         let mut state = old.clone();
-        let changes = operation(&mut state)?;
+        let changes = operation(&mut state, &claimed)?;
         persist(&mut tx, env, &old, &state, &changes, now).await?;
         tx.commit().await.map_err(StoreError::from)?;
         Ok(())
@@ -1382,29 +1385,70 @@ async fn finish_idempotency(
     Ok(())
 }
 
-/// Stores an operation's idempotent answer in its own transaction, fenced: the key must
-/// still be unanswered. If another request answered it first (a lease that expired while
-/// this operation waited, and a retry that took the key over), the whole transaction
-/// rolls back with a retryable error rather than apply the request twice; a retry then
-/// replays the stored answer.
-async fn store_answer(
+/// Inserts `claims` unanswered (see [`Claim`]); which of them this transaction holds.
+/// The writer is this transaction's alone, so no other request can take a key between
+/// this insert and the answer stored before commit.
+async fn claim_keys(
     tx: &mut Transaction<'_, Sqlite>,
     env: &Env,
-    answer: &IdempotencyAnswer,
-) -> StoreResult<()> {
-    let updated = sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
-        .bind(i64::from(answer.status))
-        .bind(answer.body.as_slice())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&answer.key)
-        .execute(&mut **tx)
-        .await?;
-    if updated.rows_affected() == 1 {
-        Ok(())
-    } else {
-        Err(super::answered_elsewhere(&answer.key))
+    claims: &[Claim],
+) -> StoreResult<Vec<bool>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
     }
+    let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) ",
+    );
+    query.push_values(claims_to_insert(claims), |mut row, claim| {
+        row.push_bind(&env.tenant_id)
+            .push_bind(env.environment.as_str())
+            .push_bind(&claim.key)
+            .push_bind(claim.fingerprint.as_slice())
+            .push_bind(claim.now.as_millis().saturating_add(CLAIM_LEASE_MS))
+            .push_bind(millis(claim.keep_until));
+    });
+    query.push(" ON CONFLICT DO NOTHING RETURNING key");
+    let taken: std::collections::HashSet<String> = query
+        .build_query_scalar::<String>()
+        .fetch_all(&mut **tx)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(claimed_flags(claims, &taken))
+}
+
+/// Stores the idempotent answers of a transaction's operations, fenced: every key must
+/// still be unanswered. If another request answered one first (a lease that expired
+/// while its operation waited, and a retry that took the key over), the whole
+/// transaction rolls back with a retryable error rather than apply the request twice; a
+/// retry then replays the stored answer.
+async fn store_answers(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    answers: &[IdempotencyAnswer],
+) -> StoreResult<()> {
+    for chunk in answers.chunks(ROWS_PER_STATEMENT) {
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+            "WITH answers (key, status, body) AS (",
+        );
+        query.push_values(chunk, |mut row, answer| {
+            row.push_bind(&answer.key)
+                .push_bind(i64::from(answer.status))
+                .push_bind(answer.body.as_slice());
+        });
+        query
+            .push(") UPDATE idempotency AS i SET status = a.status, body = a.body FROM answers AS a WHERE i.tenant_id = ")
+            .push_bind(&env.tenant_id)
+            .push(" AND i.environment = ")
+            .push_bind(env.environment.as_str())
+            .push(" AND i.key = a.key AND i.status IS NULL");
+        let updated = query.build().execute(&mut **tx).await?;
+        if usize::try_from(updated.rows_affected()).ok() != Some(chunk.len()) {
+            let first = chunk.first().map_or("", |answer| answer.key.as_str());
+            return Err(super::answered_elsewhere(first));
+        }
+    }
+    Ok(())
 }
 
 /// Writes the new state and everything the operation produced.
@@ -1430,6 +1474,8 @@ struct Rows {
     blocks: Vec<BlockRow>,
     entries: Vec<EntryRow>,
     usage_keys: Vec<UsageKeyRecord>,
+    /// Idempotent answers, stored fenced.
+    answers: Vec<IdempotencyAnswer>,
     /// End users whose state changed.
     changes: Vec<String>,
 }
@@ -1520,6 +1566,7 @@ impl Rows {
                 }
             })?;
         }
+        store_answers(tx, env, &self.answers).await?;
         for chunk in self.changes.chunks(ROWS_PER_STATEMENT) {
             let mut query = sqlx::QueryBuilder::<Sqlite>::new(
                 "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
@@ -1631,8 +1678,15 @@ async fn stage(
         }
     }
 
-    for answer in changes.iter().filter_map(|part| part.idempotency.as_ref()) {
-        store_answer(tx, env, answer).await?;
+    rows.answers
+        .extend(changes.iter().filter_map(|part| part.idempotency.clone()));
+    for key in changes.iter().filter_map(|part| part.release.as_ref()) {
+        sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
     }
     Ok(())
 }
@@ -1856,7 +1910,7 @@ mod tests {
     async fn grant(store: &SqliteStore, env: &Env, end_user: &str, amount: i64) {
         use ledger::{Catalog, Credits, Cx, GrantRequest};
         let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
             let mut ids = crate::clock::UlidSource::at(T0);
             let mut cx = Cx {
                 now: T0,
@@ -1868,7 +1922,7 @@ mod tests {
         };
         let end_user = EndUserId::new(end_user).expect("end user id");
         store
-            .mutate(env, &end_user, T0, &mut run)
+            .mutate(env, &end_user, T0, &[], &mut run)
             .await
             .expect("grant");
     }
