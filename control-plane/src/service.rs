@@ -907,4 +907,197 @@ mod tests {
             .expect("entries");
         assert_eq!(entries.len(), 20);
     }
+
+    /// An operation under a claim on `key` (fingerprint `[1; 32]`): a grant of `outcome`'s
+    /// amount, or `outcome`'s refusal.
+    fn claiming(
+        state: &AppState,
+        env: &Env,
+        end_user: &EndUserId,
+        key: &str,
+        outcome: Result<i64, ApiError>,
+    ) -> tokio::task::JoinHandle<Result<(), ApiError>> {
+        let (state, env, end_user) = (state.clone(), env.clone(), end_user.clone());
+        let now = state.real_now();
+        let hold = KeyHold::Claim(Claim {
+            key: key.into(),
+            fingerprint: [1; 32],
+            now,
+            keep_until: now,
+        });
+        tokio::spawn(async move {
+            state
+                .mutate(
+                    &env,
+                    &end_user,
+                    Some(&hold),
+                    Annotations::default(),
+                    201,
+                    move |user, cx, _| {
+                        let amount = outcome?;
+                        let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;
+                        Ok(((), Changes::from_applied(applied).1))
+                    },
+                )
+                .await
+        })
+    }
+
+    // Claims in one group: the first of a key runs and its answer is stored; a repeat of
+    // it, and a key another request holds a lease on, do not run (their requests go the
+    // classic way); a claimed refusal that is a stored decision is stored as the key's
+    // answer, any other gives the key back; an unkeyed operation beside them commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claims_in_a_group_run_once_and_keep_their_answers() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("claims.db").display().to_string();
+        let config = Config::parse(
+            &format!("[database]\nurl = \"sqlite://{path}\"\n"),
+            "test.toml",
+            &Overrides::default(),
+        )
+        .expect("config");
+        let store = SqliteStore::open(
+            &DatabaseUrl::SqliteFile(path.clone()),
+            config.synchronous,
+            2,
+        )
+        .await
+        .expect("store");
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        let state = AppState::new(config, Arc::new(store), Arc::new(clock), None);
+        let env = Env {
+            tenant_id: "t_claims".into(),
+            environment: Environment::Test,
+        };
+        let hot = EndUserId::new("hot").expect("id");
+        let now = state.real_now();
+        let leased = state
+            .store()
+            .idempotency_begin(&env, "held", &[1; 32], now, 30_000, now)
+            .await
+            .expect("lease");
+        assert!(matches!(leased, crate::store::IdempotencyBegin::Started));
+
+        let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .expect("lock");
+        let first = grant(&state, &env, &hot, 1);
+        until("the first operation is taken", || {
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
+        })
+        .await;
+        let queue: [&dyn Fn() -> tokio::task::JoinHandle<Result<(), ApiError>>; 6] = [
+            &|| claiming(&state, &env, &hot, "a", Ok(5)),
+            &|| claiming(&state, &env, &hot, "a", Ok(5)),
+            &|| {
+                claiming(
+                    &state,
+                    &env,
+                    &hot,
+                    "b",
+                    Err(ApiError::Conflict("no".into())),
+                )
+            },
+            &|| {
+                claiming(
+                    &state,
+                    &env,
+                    &hot,
+                    "c",
+                    Err(ApiError::bad_request("x", "bad")),
+                )
+            },
+            &|| claiming(&state, &env, &hot, "held", Ok(7)),
+            &|| grant(&state, &env, &hot, 2),
+        ];
+        let mut group = Vec::new();
+        for (index, start) in queue.iter().enumerate() {
+            group.push(start());
+            until("queued in order", || {
+                state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(index + 1)
+            })
+            .await;
+        }
+        sqlx::query("ROLLBACK")
+            .execute(&mut blocker)
+            .await
+            .expect("unlock");
+        first.await.expect("task").expect("first commits");
+        let mut outcomes = Vec::new();
+        for task in group {
+            outcomes.push(match task.await.expect("task") {
+                Ok(()) => "ok",
+                Err(ApiError::ClaimTaken) => "taken",
+                Err(ApiError::Conflict(_)) => "conflict",
+                Err(ApiError::BadRequest { .. }) => "bad request",
+                Err(error) => panic!("unexpected: {error}"),
+            });
+        }
+        assert_eq!(
+            outcomes,
+            ["ok", "taken", "conflict", "bad request", "taken", "ok"]
+        );
+
+        let begin = |key: &'static str| {
+            let (state, env) = (state.clone(), env.clone());
+            async move {
+                state
+                    .store()
+                    .idempotency_begin(&env, key, &[1; 32], now, 30_000, now)
+                    .await
+                    .expect("begin")
+            }
+        };
+        assert!(
+            matches!(
+                begin("a").await,
+                crate::store::IdempotencyBegin::Replay { status: 201, .. }
+            ),
+            "the claimed answer is stored"
+        );
+        assert!(
+            matches!(
+                begin("b").await,
+                crate::store::IdempotencyBegin::Replay { status: 409, .. }
+            ),
+            "a stored decision is the key's answer"
+        );
+        assert!(
+            matches!(begin("c").await, crate::store::IdempotencyBegin::Started),
+            "a refusal that is not stored gave the key back"
+        );
+        assert!(
+            matches!(
+                begin("held").await,
+                crate::store::IdempotencyBegin::InFlight
+            ),
+            "the classic lease is untouched"
+        );
+        let stored = state
+            .store()
+            .load_state(&env, &hot)
+            .await
+            .expect("load")
+            .expect("stored");
+        assert_eq!(
+            stored.available(None, now).expect("available"),
+            Credits::new(1 + 5 + 2),
+            "only the operations that ran committed"
+        );
+        let changes = state
+            .store()
+            .changes_after(&env, 0, 100)
+            .await
+            .expect("feed");
+        assert_eq!(
+            changes.len(),
+            2,
+            "the first alone, then one group: {changes:?}"
+        );
+    }
 }

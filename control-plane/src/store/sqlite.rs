@@ -1428,9 +1428,7 @@ async fn store_answers(
     answers: &[IdempotencyAnswer],
 ) -> StoreResult<()> {
     for chunk in answers.chunks(ROWS_PER_STATEMENT) {
-        let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-            "WITH answers (key, status, body) AS (",
-        );
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new("WITH answers (key, status, body) AS (");
         query.push_values(chunk, |mut row, answer| {
             row.push_bind(&answer.key)
                 .push_bind(i64::from(answer.status))

@@ -279,3 +279,68 @@ store_test! {
     assert_eq!(harness.available(&key, "u1").await, 100, "nothing was applied");
     }
 }
+
+// POST /v1/usage claims its key inside its own transaction. A key that another request
+// holds on the classic path (a lease) is not taken over: the claiming request waits and
+// answers what the holder stored. A refusal that comes before the transaction (an
+// unknown feature) is still stored as the key's answer and replayed.
+store_test! {
+    async fn a_claim_defers_to_a_lease_and_refusals_stay_stored(backend) {
+    use control_plane::store::{Env, Environment, IdempotencyAnswer};
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.clone();
+    harness.catalog(&key).await;
+    harness.grant(&key, "u1", 100).await;
+    let env = Env { tenant_id: tenant.id.clone(), environment: Environment::Test };
+    let body = json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 3});
+    // The fingerprint the classic path computes for this request (`send` sends the
+    // body's compact JSON).
+    let bytes = body.to_string();
+    let fingerprint: [u8; 32] = {
+        use sha2::{Digest, Sha256};
+        Sha256::new()
+            .chain_update("POST")
+            .chain_update([0])
+            .chain_update("/v1/usage")
+            .chain_update([0])
+            .chain_update(&bytes)
+            .finalize()
+            .into()
+    };
+    let now = harness.state.real_now();
+    let store = harness.state.store();
+    let begun = store.idempotency_begin(&env, "held", &fingerprint, now, 30_000, now).await.expect("lease");
+    assert!(matches!(begun, control_plane::store::IdempotencyBegin::Started));
+
+    let waiting = {
+        let (harness, key, body) = (harness.clone(), key.clone(), body.clone());
+        tokio::spawn(async move {
+            harness
+                .send(Method::POST, "/v1/usage", Some(&key), Some(body), &[("idempotency-key", "held")])
+                .await
+        })
+    };
+    store
+        .idempotency_finish(&env, &IdempotencyAnswer { key: "held".into(), status: 201, body: br#"{"held":true}"#.to_vec() })
+        .await
+        .expect("the holder answers");
+    let answer = waiting.await.expect("task");
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert_eq!(answer.body, json!({"held": true}), "the holder's answer");
+    assert!(answer.headers.contains_key("idempotent-replayed"));
+    assert_eq!(harness.available(&key, "u1").await, 100, "the claim did not run");
+
+    let unknown = json!({"end_user_id": "u1", "feature_key": "no_such_feature", "units": 1});
+    let first = harness
+        .send(Method::POST, "/v1/usage", Some(&key), Some(unknown.clone()), &[("idempotency-key", "k404")])
+        .await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND);
+    assert!(!first.headers.contains_key("idempotent-replayed"));
+    let replay = harness
+        .send(Method::POST, "/v1/usage", Some(&key), Some(unknown), &[("idempotency-key", "k404")])
+        .await;
+    assert_eq!((replay.status, &replay.body), (StatusCode::NOT_FOUND, &first.body));
+    assert!(replay.headers.contains_key("idempotent-replayed"));
+    }
+}
