@@ -36,8 +36,9 @@ pub async fn create_grant(
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, request, end_user, grant) = (&state, &caller.env, &request, &end_user, &grant);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let (request, grant) = (request.clone(), grant.clone());
         let annotations = Annotations {
             idempotency_key: None,
             metadata: request.metadata.clone(),
@@ -46,7 +47,7 @@ pub async fn create_grant(
         let block = state
             .mutate(
                 env,
-                &end_user,
+                end_user,
                 key.as_ref(),
                 annotations,
                 201,
@@ -104,7 +105,7 @@ pub async fn void_block(
         Err(error) => return error.into_response(),
     };
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
         let stored = state
             .store()
             .block(env, &block_id.to_string())
@@ -169,8 +170,10 @@ pub async fn create_adjustment(
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, request, end_user, adjust) =
+        (&state, &caller.env, &request, &end_user, &adjust);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let (adjust, amount) = (adjust.clone(), request.amount);
         let metadata = Some(serde_json::json!({ "reason": request.reason }));
         let annotations = Annotations {
             metadata,
@@ -179,7 +182,7 @@ pub async fn create_adjustment(
         let answer = state
             .mutate(
                 env,
-                &end_user,
+                end_user,
                 key.as_ref(),
                 annotations,
                 201,
@@ -201,7 +204,7 @@ pub async fn create_adjustment(
                     let answer = protocol::Adjustment {
                         id: entry.map(|entry| entry.id.to_string()).unwrap_or_default(),
                         end_user_id: user.end_user_id().to_string(),
-                        amount: request.amount,
+                        amount,
                         block: block
                             .map(|block| Block::new(&block, user.end_user_id(), None, None)),
                         balance: user.available(None, cx.now)?.get(),

@@ -27,12 +27,13 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let request = request.clone();
         let reservation = state
             .mutate(
                 env,
-                &end_user,
+                end_user,
                 key.as_ref(),
                 Annotations::default(),
                 201,
@@ -102,8 +103,9 @@ async fn resolve(
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, action) = (&state, &caller.env, &action);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let action = action.clone();
         let current = stored(state, env, id).await?;
         if current.status != ReservationStatus::Active {
             return Err(not_active(id, current.status));

@@ -57,8 +57,8 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, request, end_user) = (&state, &caller.env, &request, &end_user);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
         let view = state.view(env).await?;
         let variant = resolve_variant(&view, "plan_variant_id", &request.plan_variant_id)?;
         let subscribe = ledger::SubscribeRequest {
@@ -69,7 +69,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
         let subscription = state
             .mutate(
                 env,
-                &end_user,
+                end_user,
                 key.as_ref(),
                 Annotations::default(),
                 201,
@@ -198,8 +198,9 @@ async fn lifecycle(
         Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
-    let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |key| async move {
+    let (state, env, operation) = (&state, &caller.env, &operation);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let operation = operation.clone();
         let current = state
             .store()
             .subscription(env, &id.to_string())
