@@ -105,7 +105,7 @@ async fn resolve(
     };
     let (state, env, action) = (&state, &caller.env, &action);
     idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let action = action.clone();
+        let action = *action;
         let current = stored(state, env, id).await?;
         if current.status != ReservationStatus::Active {
             return Err(not_active(id, current.status));
