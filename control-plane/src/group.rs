@@ -124,8 +124,7 @@ impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
         self.lock().remove(key).unwrap_or_default()
     }
 
-    /// How many members wait under `key`; `None` when no drainer runs for it (tests).
-    #[cfg(test)]
+    /// How many members wait under `key`; `None` when no drainer runs for it.
     pub(crate) fn queued(&self, key: &K) -> Option<usize> {
         self.lock().get(key).map(Vec::len)
     }
