@@ -5,9 +5,9 @@
 //! temporary file, `synchronous = full`: every commit is fsynced) and, when
 //! `QS_BENCH_POSTGRES_URL` is set, on PostgreSQL, it sends:
 //! - baseline: `QS_P4_SINGLES` (default 2,000) `POST /v1/usage` requests, one event each
-//!   with an `Idempotency-Key`, two at a time;
+//!   with an `Idempotency-Key`, two in flight;
 //! - batched: `QS_P4_BATCHES` (default 200) `POST /v1/usage/batch` requests of 500 events
-//!   each with per-event keys, two at a time;
+//!   each with per-event keys, two in flight;
 //!
 //! over 1,000 end users, through the router in process (no sockets: this measures the
 //! store, not the network), and prints events per second for both and their ratio.
@@ -30,7 +30,7 @@ const BATCH_LEN: u64 = 500;
 /// Runs `count` jobs with two in flight at all times (two client tasks, each sending its
 /// next request as soon as its last one is answered, as a server sees two busy
 /// connections); returns the seconds taken.
-async fn two_at_a_time<F, Fut>(count: u64, job: F) -> f64
+async fn two_in_flight<F, Fut>(count: u64, job: F) -> f64
 where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -63,7 +63,7 @@ async fn measure(label: &str, database: DatabaseUrl) {
     let batches = env_or("QS_P4_BATCHES", 200);
     let (app, key) = setup(database, |_| {}).await;
     let (single_app, single_key) = (app.clone(), key.clone());
-    let baseline_secs = two_at_a_time(singles, move |index| {
+    let baseline_secs = two_in_flight(singles, move |index| {
         let (app, key) = (single_app.clone(), single_key.clone());
         async move {
             let body = json!({"end_user_id": format!("user_{}", index % USERS), "feature_key": "api_calls", "units": 1});
@@ -72,7 +72,7 @@ async fn measure(label: &str, database: DatabaseUrl) {
         }
     })
     .await;
-    let batched_secs = two_at_a_time(batches, move |batch| {
+    let batched_secs = two_in_flight(batches, move |batch| {
         let (app, key) = (app.clone(), key.clone());
         async move {
             let events: Vec<serde_json::Value> = (0..BATCH_LEN)
