@@ -177,6 +177,15 @@ pub(crate) fn apply(
     cx: &mut Cx<'_>,
     view: &CatalogView,
 ) -> Result<Vec<Changes>, ApiError> {
+    // Only a group of one unclaimed operation may fail as a whole with its refusal: in a
+    // larger group that failure would be every member's answer.
+    if let [member] = members
+        && member.claim().is_none()
+    {
+        let mut changes = member.run(state, cx, view)?;
+        changes.next_due = state.next_due(&view.catalog)?;
+        return Ok(vec![changes]);
+    }
     for (member, _) in members
         .iter_mut()
         .zip(runnable)
@@ -184,20 +193,12 @@ pub(crate) fn apply(
     {
         member.skip();
     }
-    let mut running: Vec<&mut Box<dyn Member>> = members
+    let mut applied = Vec::with_capacity(members.len());
+    let running = members
         .iter_mut()
         .zip(runnable)
         .filter(|(_, runnable)| **runnable)
-        .map(|(member, _)| member)
-        .collect();
-    if let [member] = running.as_mut_slice()
-        && member.claim().is_none()
-    {
-        let mut changes = member.run(state, cx, view)?;
-        changes.next_due = state.next_due(&view.catalog)?;
-        return Ok(vec![changes]);
-    }
-    let mut applied = Vec::with_capacity(running.len());
+        .map(|(member, _)| member);
     for member in running {
         let before = state.clone();
         match member.run(state, cx, view) {

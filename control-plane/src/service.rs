@@ -1117,5 +1117,40 @@ mod tests {
             2,
             "the first alone, then one group: {changes:?}"
         );
+
+        // A group whose only runnable operation is unclaimed and refused: the refusal is
+        // that operation's answer alone, not the skipped one's.
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .expect("lock again");
+        let first = grant(&state, &env, &hot, 1);
+        until("the first operation is taken", || {
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
+        })
+        .await;
+        let repeat = claiming(&state, &env, &hot, "a", Ok(5));
+        until("the repeat is queued", || {
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(1)
+        })
+        .await;
+        let refused = grant(&state, &env, &hot, 0);
+        until("the refused grant is queued", || {
+            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(2)
+        })
+        .await;
+        sqlx::query("ROLLBACK")
+            .execute(&mut blocker)
+            .await
+            .expect("unlock");
+        first.await.expect("task").expect("first commits");
+        assert!(matches!(
+            repeat.await.expect("task"),
+            Err(ApiError::ClaimTaken)
+        ));
+        assert!(matches!(
+            refused.await.expect("task"),
+            Err(ApiError::Refused(_))
+        ));
     }
 }

@@ -238,8 +238,10 @@ pub(crate) struct BlockRow {
 }
 
 /// The rows both stores write for one end user's operations, however they write them:
-/// the new state (with the last operation's `next_due`), every entry with its own
-/// request's annotations, and every block that is new or changed (live or finished).
+/// the new state (with the last operation's `next_due`; none when the state did not
+/// change, as when the only thing to write is a claimed request's stored refusal), every
+/// entry with its own request's annotations, and every block that is new or changed
+/// (live or finished).
 ///
 /// # Errors
 /// A value that does not serialise.
@@ -247,17 +249,21 @@ pub(crate) fn stage_rows(
     old: &EndUserState,
     new: &EndUserState,
     changes: &[Changes],
-) -> StoreResult<(StateRow, Vec<EntryRow>, Vec<BlockRow>)> {
+) -> StoreResult<(Option<StateRow>, Vec<EntryRow>, Vec<BlockRow>)> {
     let end_user = new.end_user_id().as_str();
-    let state = (
-        end_user.to_owned(),
-        serde_json::to_string(&new.clone().into_parts())?,
-        i64::try_from(new.version()).unwrap_or(i64::MAX),
-        changes
-            .last()
-            .and_then(|last| last.next_due)
-            .map(Timestamp::as_millis),
-    );
+    let state = if new == old {
+        None
+    } else {
+        Some((
+            end_user.to_owned(),
+            serde_json::to_string(&new.clone().into_parts())?,
+            i64::try_from(new.version()).unwrap_or(i64::MAX),
+            changes
+                .last()
+                .and_then(|last| last.next_due)
+                .map(Timestamp::as_millis),
+        ))
+    };
     let mut entries = Vec::new();
     for part in changes {
         for entry in &part.entries {

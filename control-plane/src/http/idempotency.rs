@@ -204,10 +204,10 @@ fn asked(state: &AppState, request: &Incoming) -> Result<Option<Asked>, ApiError
     }))
 }
 
-/// What taking the key's lease came to: run the operation, or this answer.
+/// What taking the key's lease came to: run the operation, or replay this answer.
 enum Taken {
     Run,
-    Answer(Response),
+    Replay(Done),
 }
 
 /// Takes the key's lease, waiting (up to `idempotency_wait`) while another request holds
@@ -232,14 +232,11 @@ async fn take(state: &AppState, env: &Env, asked: &Asked) -> Result<Taken, ApiEr
             IdempotencyBegin::Replay { status, body } => {
                 let status = StatusCode::from_u16(status)
                     .map_err(|error| ApiError::Internal(error.to_string()))?;
-                return Ok(Taken::Answer(respond(
-                    Done {
-                        status,
-                        body,
-                        stored: true,
-                    },
-                    true,
-                )));
+                return Ok(Taken::Replay(Done {
+                    status,
+                    body,
+                    stored: true,
+                }));
             }
             IdempotencyBegin::Mismatch => return Err(ApiError::IdempotencyKeyReused),
             IdempotencyBegin::InFlight if tokio::time::Instant::now() < wait_until => {
@@ -261,8 +258,8 @@ where
     F: FnOnce(Option<KeyHold>) -> Fut,
     Fut: Future<Output = Result<Done, ApiError>>,
 {
-    if let Taken::Answer(response) = take(state, env, asked).await? {
-        return Ok(response);
+    if let Taken::Replay(done) = take(state, env, asked).await? {
+        return Ok(respond(done, true));
     }
     let key = asked.key.clone();
     match operation(Some(KeyHold::Leased(key.clone()))).await {
@@ -326,12 +323,14 @@ async fn settle_refusal(
             store_refusal(state, env, asked.key.clone(), &error).await?;
             Err(error)
         }
-        Taken::Answer(response) => {
-            let stored_is_this = response.status().as_u16() == error.problem().status;
-            if stored_is_this {
+        Taken::Replay(done) => {
+            let this = serde_json::to_vec(&error.problem())
+                .map_err(|error| ApiError::Internal(error.to_string()))?;
+            if done.body == this {
+                // Stored by this request's own transaction.
                 Err(error)
             } else {
-                Ok(response)
+                Ok(respond(done, true))
             }
         }
     }

@@ -1215,7 +1215,8 @@ impl Store for PostgresStore {
 }
 
 /// Takes (or reports) one lease inside the open transaction `tx`: `None` when the row
-/// its insert conflicted with was deleted before it could be read (try again).
+/// its insert conflicted with was deleted before it could be read, or changed before a
+/// dead lease could be taken over (try again).
 async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<IdempotencyBegin>> {
     let locked_until = lease.now.as_millis().saturating_add(lease.lease_ms);
     // Of two first requests, one inserts; the other's insert waits for it to commit and
@@ -1237,7 +1238,7 @@ async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<
     }
     let row = sqlx::query(
         "SELECT fingerprint, status, body, locked_until FROM idempotency
-         WHERE tenant_id = $1 AND environment = $2 AND key = $3 FOR UPDATE",
+         WHERE tenant_id = $1 AND environment = $2 AND key = $3",
     )
     .bind(&lease.env.tenant_id)
     .bind(lease.env.environment.as_str())
@@ -1260,16 +1261,25 @@ async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<
     if holder_until > lease.now.as_millis() {
         return Ok(Some(IdempotencyBegin::InFlight));
     }
-    // The first holder died without finishing: take the key over.
-    sqlx::query(
-        "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4",
+    // The first holder died without finishing: take the key over, if it is still as
+    // read (else read again). The row is read without a lock, so a batch holds locks only
+    // on keys it inserts or takes over: holding the key of a lease-path request whose
+    // answer a group transaction is about to store, while waiting for a key that group
+    // claimed, would be a deadlock.
+    let taken = sqlx::query(
+        "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4
+           AND status IS NULL AND locked_until = $5",
     )
     .bind(locked_until)
     .bind(&lease.env.tenant_id)
     .bind(lease.env.environment.as_str())
     .bind(&lease.key)
+    .bind(holder_until)
     .execute(&mut *tx)
     .await?;
+    if taken.rows_affected() == 0 {
+        return Ok(None);
+    }
     Ok(Some(IdempotencyBegin::Started))
 }
 
@@ -1535,7 +1545,7 @@ impl Rows {
         }
         let end_user = new.end_user_id().as_str();
         let (state, entries, blocks) = stage_rows(old, new, changes)?;
-        self.end_users.push(state);
+        self.end_users.extend(state);
         self.entries.extend(entries);
         self.blocks.extend(blocks);
         if new != old {

@@ -1599,7 +1599,7 @@ async fn stage(
     }
     let end_user = new.end_user_id().as_str();
     let (state, entries, blocks) = stage_rows(old, new, changes)?;
-    rows.end_users.push(state);
+    rows.end_users.extend(state);
     rows.entries.extend(entries);
     rows.blocks.extend(blocks);
     if new != old {

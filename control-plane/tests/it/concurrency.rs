@@ -342,5 +342,20 @@ store_test! {
         .await;
     assert_eq!((replay.status, &replay.body), (StatusCode::NOT_FOUND, &first.body));
     assert!(replay.headers.contains_key("idempotent-replayed"));
+
+    // A refusal stored with its claim writes the key's answer and nothing else: an end
+    // user first seen in a refused request is not created.
+    let strict = json!({"end_user_id": "newcomer", "feature_key": "api_calls", "units": 5, "strict": true});
+    let refused = harness
+        .send(Method::POST, "/v1/usage", Some(&key), Some(strict.clone()), &[("idempotency-key", "k402")])
+        .await;
+    assert_eq!(refused.status, StatusCode::PAYMENT_REQUIRED);
+    let replayed = harness
+        .send(Method::POST, "/v1/usage", Some(&key), Some(strict), &[("idempotency-key", "k402")])
+        .await;
+    assert_eq!((replayed.status, &replayed.body), (StatusCode::PAYMENT_REQUIRED, &refused.body));
+    assert!(replayed.headers.contains_key("idempotent-replayed"));
+    let newcomer = ledger::EndUserId::new("newcomer").expect("id");
+    assert!(store.load_state(&env, &newcomer).await.expect("load").is_none());
     }
 }
