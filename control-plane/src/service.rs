@@ -816,61 +816,99 @@ mod tests {
         })
     }
 
+    /// An app state on a SQLite file with one end user, `hot`, whose operations can be
+    /// made to queue: [`Held::lock`] has another connection hold the write lock.
+    struct Held {
+        _directory: tempfile::TempDir,
+        path: String,
+        state: AppState,
+        env: Env,
+        hot: EndUserId,
+    }
+
+    impl Held {
+        async fn new(tenant: &str) -> Held {
+            let directory = tempfile::tempdir().expect("temp dir");
+            let path = directory.path().join("held.db").display().to_string();
+            let config = Config::parse(
+                &format!("[database]\nurl = \"sqlite://{path}\"\n"),
+                "test.toml",
+                &Overrides::default(),
+            )
+            .expect("config");
+            let store = SqliteStore::open(
+                &DatabaseUrl::SqliteFile(path.clone()),
+                config.synchronous,
+                2,
+            )
+            .await
+            .expect("store");
+            let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+            Held {
+                _directory: directory,
+                path,
+                state: AppState::new(config, Arc::new(store), Arc::new(clock), None),
+                env: Env {
+                    tenant_id: tenant.into(),
+                    environment: Environment::Test,
+                },
+                hot: EndUserId::new("hot").expect("id"),
+            }
+        }
+
+        /// Takes SQLite's write lock on another connection and starts a grant of 1 to
+        /// `hot`; returns once the grant's transaction waits for the lock (busy_timeout),
+        /// so everything sent after it queues.
+        async fn lock(
+            &self,
+        ) -> (
+            sqlx::SqliteConnection,
+            tokio::task::JoinHandle<Result<(), ApiError>>,
+        ) {
+            let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.path))
+                .await
+                .expect("connect");
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut blocker)
+                .await
+                .expect("lock");
+            let first = grant(&self.state, &self.env, &self.hot, 1);
+            self.queued(0).await;
+            (blocker, first)
+        }
+
+        /// Waits until `count` operations wait behind the one in flight.
+        async fn queued(&self, count: usize) {
+            let key = (self.env.clone(), self.hot.clone());
+            until("operations queued", || {
+                self.state.inner.groups.queued(&key) == Some(count)
+            })
+            .await;
+        }
+
+        async fn unlock(mut blocker: sqlx::SqliteConnection) {
+            sqlx::query("ROLLBACK")
+                .execute(&mut blocker)
+                .await
+                .expect("unlock");
+        }
+    }
+
     // While the database is busy, operations on one end user queue behind the one in
     // flight; when it frees, the queued ones commit in one transaction, a refused one
     // among them leaving nothing behind.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_operations_share_one_transaction() {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let path = directory.path().join("group.db").display().to_string();
-        let config = Config::parse(
-            &format!("[database]\nurl = \"sqlite://{path}\"\n"),
-            "test.toml",
-            &Overrides::default(),
-        )
-        .expect("config");
-        let store = SqliteStore::open(
-            &DatabaseUrl::SqliteFile(path.clone()),
-            config.synchronous,
-            2,
-        )
-        .await
-        .expect("store");
-        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-        let state = AppState::new(config, Arc::new(store), Arc::new(clock), None);
-        let env = Env {
-            tenant_id: "t_group".into(),
-            environment: Environment::Test,
-        };
-        let hot = EndUserId::new("hot").expect("id");
-
-        // Another connection holds SQLite's write lock: the first operation's transaction
-        // waits for it (busy_timeout), and everything after queues.
-        let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
-            .await
-            .expect("connect");
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut blocker)
-            .await
-            .expect("lock");
-        let first = grant(&state, &env, &hot, 1);
-        until("the first operation is taken", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
-        })
-        .await;
+        let held = Held::new("t_group").await;
+        let (state, env, hot) = (held.state.clone(), held.env.clone(), held.hot.clone());
+        let (blocker, first) = held.lock().await;
         let mut queued = Vec::new();
         for index in 0..20 {
             // A zero grant is refused.
             queued.push(grant(&state, &env, &hot, if index == 7 { 0 } else { 1 }));
         }
-        until("twenty operations are queued", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(20)
-        })
-        .await;
-        sqlx::query("ROLLBACK")
-            .execute(&mut blocker)
-            .await
-            .expect("unlock");
+        held.queued(20).await;
+        Held::unlock(blocker).await;
 
         first.await.expect("task").expect("first commits");
         let mut refused = 0;
@@ -967,28 +1005,8 @@ mod tests {
     // answer, any other gives the key back; an unkeyed operation beside them commits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn claims_in_a_group_run_once_and_keep_their_answers() {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let path = directory.path().join("claims.db").display().to_string();
-        let config = Config::parse(
-            &format!("[database]\nurl = \"sqlite://{path}\"\n"),
-            "test.toml",
-            &Overrides::default(),
-        )
-        .expect("config");
-        let store = SqliteStore::open(
-            &DatabaseUrl::SqliteFile(path.clone()),
-            config.synchronous,
-            2,
-        )
-        .await
-        .expect("store");
-        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
-        let state = AppState::new(config, Arc::new(store), Arc::new(clock), None);
-        let env = Env {
-            tenant_id: "t_claims".into(),
-            environment: Environment::Test,
-        };
-        let hot = EndUserId::new("hot").expect("id");
+        let held = Held::new("t_claims").await;
+        let (state, env, hot) = (held.state.clone(), held.env.clone(), held.hot.clone());
         let now = state.real_now();
         let leased = state
             .store()
@@ -997,18 +1015,7 @@ mod tests {
             .expect("lease");
         assert!(matches!(leased, crate::store::IdempotencyBegin::Started));
 
-        let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{path}"))
-            .await
-            .expect("connect");
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut blocker)
-            .await
-            .expect("lock");
-        let first = grant(&state, &env, &hot, 1);
-        until("the first operation is taken", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
-        })
-        .await;
+        let (blocker, first) = held.lock().await;
         let queue: [&dyn Fn() -> tokio::task::JoinHandle<Result<(), ApiError>>; 6] = [
             &|| claiming(&state, &env, &hot, "a", Ok(5)),
             &|| claiming(&state, &env, &hot, "a", Ok(5)),
@@ -1036,15 +1043,9 @@ mod tests {
         let mut group = Vec::new();
         for (index, start) in queue.iter().enumerate() {
             group.push(start());
-            until("queued in order", || {
-                state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(index + 1)
-            })
-            .await;
+            held.queued(index + 1).await;
         }
-        sqlx::query("ROLLBACK")
-            .execute(&mut blocker)
-            .await
-            .expect("unlock");
+        Held::unlock(blocker).await;
         first.await.expect("task").expect("first commits");
         let mut outcomes = Vec::new();
         for task in group {
@@ -1120,29 +1121,12 @@ mod tests {
 
         // A group whose only runnable operation is unclaimed and refused: the refusal is
         // that operation's answer alone, not the skipped one's.
-        sqlx::query("BEGIN IMMEDIATE")
-            .execute(&mut blocker)
-            .await
-            .expect("lock again");
-        let first = grant(&state, &env, &hot, 1);
-        until("the first operation is taken", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(0)
-        })
-        .await;
+        let (blocker, first) = held.lock().await;
         let repeat = claiming(&state, &env, &hot, "a", Ok(5));
-        until("the repeat is queued", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(1)
-        })
-        .await;
+        held.queued(1).await;
         let refused = grant(&state, &env, &hot, 0);
-        until("the refused grant is queued", || {
-            state.inner.groups.queued(&(env.clone(), hot.clone())) == Some(2)
-        })
-        .await;
-        sqlx::query("ROLLBACK")
-            .execute(&mut blocker)
-            .await
-            .expect("unlock");
+        held.queued(2).await;
+        Held::unlock(blocker).await;
         first.await.expect("task").expect("first commits");
         assert!(matches!(
             repeat.await.expect("task"),

@@ -794,3 +794,38 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Deletes idempotency records and usage keys kept past their time.
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64>;
 }
+
+/// What the stores' own tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
+
+    use super::{Changes, Env, Store};
+    use crate::error::ApiError;
+
+    /// Grants `amount` to `end_user` at `at` through `Store::mutate`: a state change, an
+    /// entry, a block and an event.
+    pub(crate) async fn grant(
+        store: &dyn Store,
+        env: &Env,
+        end_user: &EndUserId,
+        amount: i64,
+        at: Timestamp,
+    ) {
+        let catalog = Catalog::default();
+        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
+            let mut ids = crate::clock::UlidSource::at(at);
+            let mut cx = Cx {
+                now: at,
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+            Ok(vec![Changes::from_applied(applied).1])
+        };
+        store
+            .mutate(env, end_user, at, &[], &mut run)
+            .await
+            .expect("grant");
+    }
+}

@@ -2121,8 +2121,6 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use ledger::{Catalog, Credits, Cx, GrantRequest};
-
     use super::*;
 
     const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -2210,21 +2208,7 @@ mod tests {
 
     /// Grants `amount` to `end_user`: a state change, an entry, a block and an event.
     async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i64) {
-        let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
-            let mut ids = crate::clock::UlidSource::at(T0);
-            let mut cx = Cx {
-                now: T0,
-                catalog: &catalog,
-                ids: &mut ids,
-            };
-            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
-            Ok(vec![Changes::from_applied(applied).1])
-        };
-        store
-            .mutate(env, end_user, T0, &[], &mut run)
-            .await
-            .expect("grant");
+        crate::store::testing::grant(store, env, end_user, amount, T0).await;
     }
 
     // One batch of leases answers each as if they had come one by one: a key repeated

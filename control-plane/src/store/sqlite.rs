@@ -1906,23 +1906,8 @@ mod tests {
     }
 
     async fn grant(store: &SqliteStore, env: &Env, end_user: &str, amount: i64) {
-        use ledger::{Catalog, Credits, Cx, GrantRequest};
-        let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
-            let mut ids = crate::clock::UlidSource::at(T0);
-            let mut cx = Cx {
-                now: T0,
-                catalog: &catalog,
-                ids: &mut ids,
-            };
-            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
-            Ok(vec![Changes::from_applied(applied).1])
-        };
         let end_user = EndUserId::new(end_user).expect("end user id");
-        store
-            .mutate(env, &end_user, T0, &[], &mut run)
-            .await
-            .expect("grant");
+        crate::store::testing::grant(store, env, &end_user, amount, T0).await;
     }
 
     fn by_user(end_user: &str) -> EntryFilter {
