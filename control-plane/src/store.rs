@@ -489,8 +489,9 @@ pub(crate) fn claims_to_insert(claims: &[Claim]) -> Vec<&Claim> {
     unique.into_values().collect()
 }
 
-/// How long an unanswered claim holds its key, as a lease would (it is only ever seen
-/// by a transaction waiting on PostgreSQL's row lock, or after a crash mid-commit).
+/// The `locked_until` an unanswered claim is inserted with, as a lease would have. A
+/// claim commits only with its answer (or is deleted in its transaction), so no other
+/// request ever reads it unanswered; the value only keeps the row well-formed.
 pub(crate) const CLAIM_LEASE_MS: i64 = 30_000;
 
 /// The operation [`Store::mutate`] runs: like [`MutateFn`], and told which of its claims
