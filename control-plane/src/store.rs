@@ -801,8 +801,21 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 pub(crate) mod testing {
     use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
-    use super::{Changes, Env, Store};
+    use super::{Changes, Env, IdempotencyBegin, Store};
     use crate::error::ApiError;
+
+    /// Each answer's kind, for comparing a batch of lease answers at a glance.
+    pub(crate) fn kinds(answers: &[IdempotencyBegin]) -> Vec<&'static str> {
+        answers
+            .iter()
+            .map(|answer| match answer {
+                IdempotencyBegin::Started => "started",
+                IdempotencyBegin::InFlight => "in flight",
+                IdempotencyBegin::Mismatch => "mismatch",
+                IdempotencyBegin::Replay { .. } => "replay",
+            })
+            .collect()
+    }
 
     /// Grants `amount` to `end_user` at `at` through `Store::mutate`: a state change, an
     /// entry, a block and an event.

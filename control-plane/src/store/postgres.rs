@@ -2250,15 +2250,7 @@ mod tests {
             lease("done", 1),
         ];
         let answers = store.take_leases(&batch).await.expect("batch");
-        let kinds: Vec<&str> = answers
-            .iter()
-            .map(|answer| match answer {
-                IdempotencyBegin::Started => "started",
-                IdempotencyBegin::InFlight => "in flight",
-                IdempotencyBegin::Mismatch => "mismatch",
-                IdempotencyBegin::Replay { .. } => "replay",
-            })
-            .collect();
+        let kinds = crate::store::testing::kinds(&answers);
         assert_eq!(
             kinds,
             ["started", "started", "in flight", "mismatch", "replay"]

@@ -1813,6 +1813,17 @@ mod tests {
 
     const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
+    /// A store on a fresh SQLite file that fsyncs every commit, with its URL (to reopen
+    /// it) and its directory (deleted when dropped).
+    async fn file_store() -> (tempfile::TempDir, DatabaseUrl, SqliteStore) {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let url = DatabaseUrl::SqliteFile(directory.path().join("store.db").display().to_string());
+        let store = SqliteStore::open(&url, Synchronous::Full, 1)
+            .await
+            .expect("store");
+        (directory, url, store)
+    }
+
     async fn writer_synchronous(store: &SqliteStore) -> i64 {
         sqlx::query_scalar("PRAGMA synchronous")
             .fetch_one(&store.writer)
@@ -1824,11 +1835,7 @@ mod tests {
     // in the batch finds the first one's lease.
     #[tokio::test]
     async fn a_batch_of_leases_answers_each_in_order() {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let path = directory.path().join("batch.db").display().to_string();
-        let store = SqliteStore::open(&DatabaseUrl::SqliteFile(path), Synchronous::Full, 1)
-            .await
-            .expect("store");
+        let (_directory, _, store) = file_store().await;
         let env = Env {
             tenant_id: "t".into(),
             environment: Environment::Test,
@@ -1844,15 +1851,7 @@ mod tests {
         };
         let batch = [lease("a", 1), lease("b", 1), lease("a", 1), lease("a", 2)];
         let answers = store.take_leases(&batch).await.expect("batch");
-        let kinds: Vec<&str> = answers
-            .iter()
-            .map(|answer| match answer {
-                IdempotencyBegin::Started => "started",
-                IdempotencyBegin::InFlight => "in flight",
-                IdempotencyBegin::Mismatch => "mismatch",
-                IdempotencyBegin::Replay { .. } => "replay",
-            })
-            .collect();
+        let kinds = crate::store::testing::kinds(&answers);
         assert_eq!(kinds, ["started", "started", "in flight", "mismatch"]);
         assert_eq!(writer_synchronous(&store).await, 2, "fsyncing again");
     }
@@ -1861,11 +1860,7 @@ mod tests {
     // of answer (started, in flight, mismatch, replay).
     #[tokio::test]
     async fn the_writer_fsyncs_again_after_a_lease() {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let path = directory.path().join("lease.db").display().to_string();
-        let store = SqliteStore::open(&DatabaseUrl::SqliteFile(path), Synchronous::Full, 1)
-            .await
-            .expect("store");
+        let (_directory, _, store) = file_store().await;
         const FULL: i64 = 2;
         assert_eq!(writer_synchronous(&store).await, FULL);
         let env = Env {
@@ -1938,15 +1933,11 @@ mod tests {
     // and are found by end user; a listing by end user uses the narrow index.
     #[tokio::test]
     async fn old_entries_get_their_user_key_on_open() {
-        let directory = tempfile::tempdir().expect("temp dir");
-        let url = DatabaseUrl::SqliteFile(directory.path().join("keys.db").display().to_string());
+        let (_directory, url, store) = file_store().await;
         let env = Env {
             tenant_id: "t".into(),
             environment: Environment::Live,
         };
-        let store = SqliteStore::open(&url, Synchronous::Full, 1)
-            .await
-            .expect("store");
         for (end_user, amount) in [("u1", 5), ("u2", 7), ("u1", 9)] {
             grant(&store, &env, end_user, amount).await;
         }
