@@ -267,10 +267,9 @@ impl Gate {
             recorded: false,
         };
         if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
-            // The state is read under the end user's pending lock: the replica installs a
-            // new state before it clears the pending spend that state includes (under the
-            // same lock), so a decision never sees a state without a cost that pending
-            // no longer holds.
+            // The state is read under the end user's pending lock, which the replica also
+            // holds while it installs a new state and clears the pending spend that state
+            // includes: a decision sees the state and the pending spend of one moment.
             return self.replica.pending.admit(end_user, |pending| {
                 let state = self
                     .replica
@@ -476,12 +475,11 @@ impl ProxyHttp for Gate {
                 Ok(reservation) => {
                     // The hold is in the control plane's state now, and the replica will
                     // show it: the local estimate stops counting once it does.
-                    self.replica.pending.confirm(
-                        &end_user,
-                        admitted.pending,
-                        None,
-                        self.replica.version(&end_user),
-                    );
+                    self.replica
+                        .pending
+                        .confirm(&end_user, admitted.pending, None, || {
+                            self.replica.version(&end_user)
+                        });
                     admitted.pending = Credits::ZERO;
                     Some(reservation.id)
                 }

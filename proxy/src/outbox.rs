@@ -334,7 +334,7 @@ impl Outbox {
                                 end_user,
                                 Credits::new(record.pending),
                                 result.version,
-                                replica.version(end_user),
+                                || replica.version(end_user),
                             )
                         {
                             acked.push(acked_entry(record, needed)?);
@@ -457,7 +457,7 @@ impl Outbox {
                         end_user,
                         Credits::new(record.pending),
                         None,
-                        replica.version(end_user),
+                        || replica.version(end_user),
                     )
                 {
                     self.disk
@@ -617,7 +617,7 @@ mod tests {
         // Acknowledged at version 2: pending until the replica shows it.
         let user = EndUserId::new("u1").expect("id");
         assert_eq!(replica.pending.total(&user), Credits::new(3));
-        replica.pending.observed(&user, 2);
+        replica.pending.install(&user, 2, || ());
         assert_eq!(replica.pending.total(&user), Credits::ZERO);
     }
 

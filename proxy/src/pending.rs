@@ -137,7 +137,12 @@ impl Pending {
     }
 
     /// The control plane acknowledged `cost`: it is in its state from `version` on (or,
-    /// without a version, in any state newer than `held_version`, the replica's now).
+    /// without a version, in any state newer than the replica's now).
+    ///
+    /// `held_version` reads the version of the end user's state the replica holds. It is
+    /// read under the end user's lock, which [`Pending::install`] also holds while a new
+    /// state goes in: read earlier, a state that arrived in between (already including
+    /// the cost) would leave the cost counted twice until a later state came.
     ///
     /// Returns the version the cost now waits for, when it still counts.
     pub fn confirm(
@@ -145,11 +150,12 @@ impl Pending {
         end_user: &EndUserId,
         cost: Credits,
         version: Option<u64>,
-        held_version: Option<u64>,
+        held_version: impl FnOnce() -> Option<u64>,
     ) -> Option<u64> {
         let now = wall_ms();
         self.with(end_user, |map| {
             let entry = map.get_mut(end_user)?;
+            let held_version = held_version();
             entry.unconfirmed = entry.unconfirmed.saturating_sub_floor(cost);
             let needed =
                 version.unwrap_or_else(|| held_version.map_or(0, |held| held.saturating_add(1)));
@@ -184,16 +190,20 @@ impl Pending {
         self.reduce(end_user, cost);
     }
 
-    /// The replica now holds the end user's state at `version`.
-    pub fn observed(&self, end_user: &EndUserId, version: u64) {
+    /// Installs the end user's state at `version` (`install` puts it in the replica) and
+    /// stops counting the confirmed costs it includes, both under the end user's lock: a
+    /// decision or a confirmation sees the state and the pending spend of one moment.
+    pub fn install<T>(&self, end_user: &EndUserId, version: u64, install: impl FnOnce() -> T) -> T {
         self.with(end_user, |map| {
+            let installed = install();
             if let Some(entry) = map.get_mut(end_user) {
                 entry.confirmed.retain(|(needed, _, _)| *needed > version);
                 if entry.is_empty() {
                     map.remove(end_user);
                 }
             }
-        });
+            installed
+        })
     }
 
     /// Drops confirmed costs acknowledged more than [`CONFIRMED_TTL`] before the stream
@@ -231,15 +241,31 @@ mod tests {
         });
         assert!(allowed);
         assert_eq!(pending.total(&user()), Credits::new(10));
-        pending.confirm(&user(), Credits::new(10), Some(7), Some(5));
+        pending.confirm(&user(), Credits::new(10), Some(7), || Some(5));
         assert_eq!(
             pending.total(&user()),
             Credits::new(10),
             "acknowledged, not yet replicated"
         );
-        pending.observed(&user(), 6);
+        pending.install(&user(), 6, || ());
         assert_eq!(pending.total(&user()), Credits::new(10));
-        pending.observed(&user(), 7);
+        pending.install(&user(), 7, || ());
+        assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn the_held_version_is_read_under_the_lock_a_new_state_goes_in_under() {
+        let pending = Pending::default();
+        pending.add(&user(), Credits::new(2));
+        let shard = &pending.shards[shard_of(&user()) % SHARDS];
+        let needed = pending.confirm(&user(), Credits::new(2), Some(3), || {
+            assert!(shard.try_lock().is_err(), "read under the end user's lock");
+            Some(2)
+        });
+        assert_eq!(needed, Some(3));
+        pending.install(&user(), 3, || {
+            assert!(shard.try_lock().is_err(), "installed under the same lock");
+        });
         assert_eq!(pending.total(&user()), Credits::ZERO);
     }
 
@@ -247,7 +273,7 @@ mod tests {
     fn a_confirmation_the_replica_already_shows_clears_at_once() {
         let pending = Pending::default();
         pending.add(&user(), Credits::new(3));
-        pending.confirm(&user(), Credits::new(3), Some(4), Some(9));
+        pending.confirm(&user(), Credits::new(3), Some(4), || Some(9));
         assert_eq!(pending.total(&user()), Credits::ZERO);
     }
 
@@ -255,10 +281,10 @@ mod tests {
     fn without_a_version_any_newer_state_clears_it() {
         let pending = Pending::default();
         pending.add(&user(), Credits::new(3));
-        pending.confirm(&user(), Credits::new(3), None, Some(4));
-        pending.observed(&user(), 4);
+        pending.confirm(&user(), Credits::new(3), None, || Some(4));
+        pending.install(&user(), 4, || ());
         assert_eq!(pending.total(&user()), Credits::new(3));
-        pending.observed(&user(), 5);
+        pending.install(&user(), 5, || ());
         assert_eq!(pending.total(&user()), Credits::ZERO);
     }
 
@@ -266,7 +292,7 @@ mod tests {
     fn confirmed_costs_expire_only_while_the_stream_is_heard() {
         let pending = Pending::default();
         pending.add(&user(), Credits::new(8));
-        pending.confirm(&user(), Credits::new(8), None, Some(1));
+        pending.confirm(&user(), Credits::new(8), None, || Some(1));
         let acknowledged = wall_ms();
         // The stream silent since before the acknowledgement: kept, however long.
         pending.expire(acknowledged.saturating_sub(60_000));

@@ -338,12 +338,13 @@ impl Replica {
                         .map_err(|error| ApplyError::Invalid(error.to_string()))?;
                     state.shrink_to_fit();
                     let state = Arc::new(state);
-                    self.users
-                        .write()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .insert(end_user.clone(), state.clone());
-                    dirty.users.insert(end_user.clone(), state);
-                    self.pending.observed(&end_user, version);
+                    self.pending.install(&end_user, version, || {
+                        self.users
+                            .write()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .insert(end_user.clone(), state.clone());
+                    });
+                    dirty.users.insert(end_user, state);
                 } else if self.snapshotting.load(Ordering::Acquire)
                     && let Some(held) = self.user(&end_user)
                 {
@@ -634,5 +635,59 @@ mod tests {
         let replica = open(dir.path());
         assert!(replica.user(&EndUserId::new("u2").expect("id")).is_some());
         assert_eq!(replica.cursor(), Some(2));
+    }
+
+    /// A confirmation racing the stream's delivery of the state that includes its cost:
+    /// whichever lands first, the cost stops counting once both have (it used to stay
+    /// counted twice when the state went in between reading the held version and
+    /// confirming).
+    #[test]
+    fn a_confirmation_racing_its_state_never_counts_the_cost_twice() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let mut state = user("u1", 10, &catalog);
+        let replica = open(dir.path());
+        snapshot(&replica, 1, std::slice::from_ref(&state));
+        let id = EndUserId::new("u1").expect("id");
+        let mut ids = ledger::SequentialIds::default();
+        for round in 0..2_000_i64 {
+            // The proxy admits 1 credit; the control plane's next state includes it.
+            replica.pending.add(&id, ledger::Credits::new(1));
+            let mut cx = ledger::Cx {
+                now: Timestamp::from_millis(1_780_000_000_001),
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            state
+                .grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(1)))
+                .expect("grant");
+            let version = state.version();
+            let record = SyncRecord::EndUser {
+                cursor: round.saturating_add(2),
+                end_user_id: "u1".into(),
+                version,
+                state: state.clone().into_parts(),
+            };
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                scope.spawn(|| {
+                    start.wait();
+                    replica.apply(record).expect("applied");
+                });
+                scope.spawn(|| {
+                    start.wait();
+                    replica
+                        .pending
+                        .confirm(&id, ledger::Credits::new(1), Some(version), || {
+                            replica.version(&id)
+                        });
+                });
+            });
+            assert_eq!(
+                replica.pending.total(&id),
+                ledger::Credits::ZERO,
+                "round {round}: the state at {version} includes the cost"
+            );
+        }
     }
 }

@@ -410,37 +410,107 @@ pub async fn send(
     request.send().await.expect("the proxy answers")
 }
 
-/// Starts the proxy's command line (`binary`: the `e2e-proxy` copy, from a test's
-/// `env!("CARGO_BIN_EXE_e2e-proxy")`) on `config` and reads the addresses it prints:
-/// `(child, http://proxy, http://admin)`.
-pub fn spawn_proxy(binary: &str, config: &Path) -> (Child, String, String) {
-    let mut child = Command::new(binary)
-        .arg("--config")
-        .arg(config)
-        .env("QS_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("the proxy binary starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let mut address = None;
-    let mut admin = None;
-    while address.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("the proxy prints its addresses")
-            .expect("a line");
-        if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
-            address = Some(rest.trim().to_owned());
-        } else if let Some(rest) = line
-            .trim()
-            .strip_prefix("admin (healthz, readyz, metrics) on ")
-        {
-            admin = Some(rest.trim().to_owned());
+/// The proxy's command line running as a child process. Dropping it kills (SIGKILL) and
+/// reaps the child, so a failing test never leaves a proxy behind; and the child writes
+/// only to pipes this process drains, never to the test runner's own output, which a
+/// stray child would otherwise hold open (a CI step piping the tests through `tee` would
+/// wait for it forever).
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Child,
+    /// `http://` address of the proxy's listener.
+    pub address: String,
+    /// `http://` address of its admin endpoints.
+    pub admin: String,
+}
+
+impl ProxyProcess {
+    /// Starts `binary` (the `e2e-proxy` copy, from a test's
+    /// `env!("CARGO_BIN_EXE_e2e-proxy")`) on `config` and reads the addresses it prints.
+    pub fn spawn(binary: &str, config: &Path) -> ProxyProcess {
+        let mut child = Command::new(binary)
+            .arg("--config")
+            .arg(config)
+            .env("QS_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the proxy binary starts");
+        let stderr = child.stderr.take().expect("stderr");
+        // Its warnings still show, through this process's stderr.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[proxy] {line}");
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut address = None;
+        let mut admin = None;
+        while address.is_none() || admin.is_none() {
+            let line = lines
+                .next()
+                .expect("the proxy prints its addresses")
+                .expect("a line");
+            if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
+                address = Some(rest.trim().to_owned());
+            } else if let Some(rest) = line
+                .trim()
+                .strip_prefix("admin (healthz, readyz, metrics) on ")
+            {
+                admin = Some(rest.trim().to_owned());
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ProxyProcess {
+            child,
+            address: address.expect("address"),
+            admin: admin.expect("admin"),
         }
     }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, address.expect("address"), admin.expect("admin"))
+
+    /// The child's process id (to send it signals).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the child with SIGKILL and waits for it to exit.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    /// The outbox depth its admin endpoint reports (`None` while it does not answer).
+    pub async fn outbox_depth(&self, http: &reqwest::Client) -> Option<u64> {
+        let text = http
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|line| line.strip_prefix("qs_proxy_outbox_depth "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .and_then(|value| format!("{value:.0}").parse().ok())
+    }
+
+    /// Waits until everything admitted so far has been shipped and acknowledged.
+    pub async fn drained(&self, http: &reqwest::Client) {
+        eventually("the outbox to drain", Duration::from_secs(30), || async {
+            (self.outbox_depth(http).await == Some(0)).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        // Already exited (killed by the test) is fine.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

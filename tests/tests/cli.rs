@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{ControlPlane, ROUTES, Upstream, eventually, proxy_config};
+use e2e::{ControlPlane, ProxyProcess, ROUTES, Upstream, eventually, proxy_config};
 use reqwest::StatusCode;
 
 const PROXY: &str = env!("CARGO_BIN_EXE_e2e-proxy");
@@ -61,7 +61,8 @@ async fn sighup_reloads_routes_without_dropping_connections() {
     let config_path = dir.path().join("proxy.toml");
     let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), ROUTES);
     std::fs::write(&config_path, &config).expect("config");
-    let (mut child, address, admin) = e2e::spawn_proxy(PROXY, &config_path);
+    let proxy = ProxyProcess::spawn(PROXY, &config_path);
+    let (address, admin) = (&proxy.address, &proxy.admin);
     // One client, one keep-alive connection for the whole test.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(1)
@@ -78,6 +79,14 @@ async fn sighup_reloads_routes_without_dropping_connections() {
         http.post(format!("{address}/work"))
             .header("x-end-user-id", "hup")
             .send()
+    };
+    // A measured call first waits for the calls before it to be shipped and acknowledged:
+    // the replica can show a cost a moment before its acknowledgement reaches the outbox,
+    // and in that moment a decision counts it twice (erring towards refusing), which
+    // would make the balance an answer reports lower than exact.
+    let measured = || async {
+        proxy.drained(&http).await;
+        call().await
     };
     let first = eventually("the proxy to admit", Duration::from_secs(20), || async {
         call()
@@ -134,11 +143,13 @@ async fn sighup_reloads_routes_without_dropping_connections() {
             .expect("kill runs");
         assert!(status.success());
     };
-    hup(child.id());
+    hup(proxy.id());
     // Poll (with a deadline) until a request is charged by the new route.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let response = call().await.expect("the connection survives the reload");
+        let response = measured()
+            .await
+            .expect("the connection survives the reload");
         assert_eq!(response.status(), StatusCode::OK);
         let now = balance_after(&response);
         // Pending spend makes each answer exact: 1 before the reload, 5 after.
@@ -157,11 +168,8 @@ async fn sighup_reloads_routes_without_dropping_connections() {
 
     // An invalid file is refused and the running configuration stays.
     std::fs::write(&config_path, "this is not toml").expect("config");
-    hup(child.id());
-    let response = call().await.expect("still serving");
+    hup(proxy.id());
+    let response = measured().await.expect("still serving");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(balance - balance_after(&response), 5);
-
-    child.kill().expect("stop");
-    child.wait().expect("reaped");
 }

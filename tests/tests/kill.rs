@@ -8,25 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use e2e::{ControlPlane, ROUTES, Upstream, eventually, proxy_config};
+use e2e::{ControlPlane, ProxyProcess, ROUTES, Upstream, eventually, proxy_config};
 use reqwest::{Method, StatusCode};
 
 const WORKERS: u64 = 8;
-
-async fn outbox_depth(http: &reqwest::Client, admin: &str) -> Option<u64> {
-    let text = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("qs_proxy_outbox_depth "))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .and_then(|value| format!("{value:.0}").parse().ok())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
@@ -40,8 +25,8 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
         proxy_config(&plane, upstream.address, &dir.path().join("proxy"), ROUTES),
     )
     .expect("config written");
-    let (mut child, address, admin) =
-        e2e::spawn_proxy(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
+    let mut proxy = ProxyProcess::spawn(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
+    let address = proxy.address.clone();
     let http = e2e::http_client();
     eventually("the proxy to admit", Duration::from_secs(20), || async {
         let response = e2e::send(&http, &address, Method::POST, "/work", Some("loaded"), &[]).await;
@@ -80,8 +65,7 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
         || async { (ok.load(Ordering::Acquire) >= 300).then_some(()) },
     )
     .await;
-    child.kill().expect("SIGKILL");
-    child.wait().expect("reaped");
+    proxy.kill();
     stop.store(true, Ordering::Release);
     for worker in workers {
         worker.await.expect("worker");
@@ -89,19 +73,11 @@ async fn sigkill_mid_load_loses_nothing_and_doubles_nothing() {
     let succeeded = ok.load(Ordering::Acquire);
 
     // Restart on the same data directory: the outbox left behind is shipped.
-    let (mut child, _address, admin_again) =
-        e2e::spawn_proxy(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
-    eventually(
-        "the restarted proxy to drain its outbox",
-        Duration::from_secs(30),
-        || async { (outbox_depth(&http, &admin_again).await == Some(0)).then_some(()) },
-    )
-    .await;
-    let _ = admin;
+    let mut restarted = ProxyProcess::spawn(env!("CARGO_BIN_EXE_e2e-proxy"), &config_path);
+    restarted.drained(&http).await;
     let charged = u64::try_from(plane.entries("loaded", "debit").await.len()).expect("count");
     eprintln!("{succeeded} requests got a 2xx before the kill; {charged} were charged");
-    child.kill().expect("stop");
-    child.wait().expect("reaped");
+    restarted.kill();
     assert!(
         charged >= succeeded,
         "lost usage: {succeeded} requests got a 2xx, {charged} were charged"
