@@ -269,7 +269,10 @@ impl Gate {
         if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
             // The state is read under the end user's pending lock, which the replica also
             // holds while it installs a new state and clears the pending spend that state
-            // includes: a decision sees the state and the pending spend of one moment.
+            // includes: a decision sees the state and the pending spend of one moment, so
+            // never a state without a cost that pending no longer holds (a cost the stream
+            // shows before its acknowledgement arrives counts twice for that moment: the
+            // error is towards refusing).
             return self.replica.pending.admit(end_user, |pending| {
                 let state = self
                     .replica

@@ -338,12 +338,14 @@ impl Replica {
                         .map_err(|error| ApplyError::Invalid(error.to_string()))?;
                     state.shrink_to_fit();
                     let state = Arc::new(state);
-                    self.pending.install(&end_user, version, || {
+                    let replaced = self.pending.install(&end_user, version, || {
                         self.users
                             .write()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .insert(end_user.clone(), state.clone());
+                            .insert(end_user.clone(), state.clone())
                     });
+                    // The old state is freed outside the end user's lock.
+                    drop(replaced);
                     dirty.users.insert(end_user, state);
                 } else if self.snapshotting.load(Ordering::Acquire)
                     && let Some(held) = self.user(&end_user)
@@ -637,10 +639,10 @@ mod tests {
         assert_eq!(replica.cursor(), Some(2));
     }
 
-    /// A confirmation racing the stream's delivery of the state that includes its cost:
-    /// whichever lands first, the cost stops counting once both have (it used to stay
-    /// counted twice when the state went in between reading the held version and
-    /// confirming).
+    /// A confirmation racing the stream's delivery of the state that includes its cost,
+    /// on two threads (request threads confirm reservations while the follower applies
+    /// states): whichever lands first, the cost stops counting once both have. Reading
+    /// the held version before taking the lock could leave it counted twice.
     #[test]
     fn a_confirmation_racing_its_state_never_counts_the_cost_twice() {
         let dir = tempfile::tempdir().expect("dir");

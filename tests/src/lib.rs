@@ -428,7 +428,7 @@ impl ProxyProcess {
     /// Starts `binary` (the `e2e-proxy` copy, from a test's
     /// `env!("CARGO_BIN_EXE_e2e-proxy")`) on `config` and reads the addresses it prints.
     pub fn spawn(binary: &str, config: &Path) -> ProxyProcess {
-        let mut child = Command::new(binary)
+        let child = Command::new(binary)
             .arg("--config")
             .arg(config)
             .env("QS_LOG", "warn")
@@ -437,38 +437,56 @@ impl ProxyProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the proxy binary starts");
-        let stderr = child.stderr.take().expect("stderr");
-        // Its warnings still show, through this process's stderr.
+        // Owned by the guard from here on: a panic below still kills it.
+        let mut process = ProxyProcess {
+            child,
+            address: String::new(),
+            admin: String::new(),
+        };
+        let stderr = process.child.stderr.take().expect("stderr");
+        // Its warnings still show, through this process's stderr (read as bytes: a line
+        // that is not UTF-8 must not stop the draining).
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[proxy] {line}");
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while reader
+                .read_until(b'\n', &mut line)
+                .is_ok_and(|read| read > 0)
+            {
+                eprint!("[proxy] {}", String::from_utf8_lossy(&line));
+                line.clear();
             }
         });
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let mut address = None;
-        let mut admin = None;
-        while address.is_none() || admin.is_none() {
-            let line = lines
-                .next()
-                .expect("the proxy prints its addresses")
-                .expect("a line");
-            if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
-                address = Some(rest.trim().to_owned());
-            } else if let Some(rest) = line
-                .trim()
-                .strip_prefix("admin (healthz, readyz, metrics) on ")
+        // Its stdout is read on a thread that hands the lines over, so that waiting for
+        // the addresses has a deadline; it keeps draining after, so the child never
+        // blocks on a full pipe.
+        let stdout = process.child.stdout.take().expect("stdout");
+        let (lines, printed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = Vec::new();
+            while reader
+                .read_until(b'\n', &mut line)
+                .is_ok_and(|read| read > 0)
             {
-                admin = Some(rest.trim().to_owned());
+                // The test may have stopped listening; draining goes on regardless.
+                let _ = lines.send(String::from_utf8_lossy(&line).trim().to_owned());
+                line.clear();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while process.address.is_empty() || process.admin.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = printed
+                .recv_timeout(left)
+                .expect("the proxy prints its addresses within 30 s");
+            if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
+                rest.trim().clone_into(&mut process.address);
+            } else if let Some(rest) = line.strip_prefix("admin (healthz, readyz, metrics) on ") {
+                rest.trim().clone_into(&mut process.admin);
             }
         }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        ProxyProcess {
-            child,
-            address: address.expect("address"),
-            admin: admin.expect("admin"),
-        }
+        process
     }
 
     /// The child's process id (to send it signals).
