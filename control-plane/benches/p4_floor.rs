@@ -5,9 +5,9 @@
 //! `QS_P4_BATCHES` (default 200) batches' worth of the same rows straight into the same
 //! SQLite file (`synchronous = full`), one transaction per batch as the store does: the
 //! end-user upserts, 500 entries, 500 usage keys and the change-feed rows, in multi-row
-//! statements of 200 rows. No HTTP, no JSON parsing, no engine: what is left is SQLite
-//! and the driver. `QS_P4_FLOOR_DROP=index,index` drops those indexes first, to price
-//! them.
+//! statements of 200 rows (entries linked to their end user's previous entry, as the
+//! store links them). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
+//! driver. `QS_P4_FLOOR_DROP=index,index` drops those indexes first, to price them.
 
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
@@ -89,22 +89,23 @@ fn main() {
             let users: Vec<String> = users.iter().map(|user| format!("user_{user}")).collect();
             let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
             for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at) ");
+                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) ");
                 query.push_values(chunk, |mut row, user| {
                     row.push_bind(&tenant).push_bind(&environment).push_bind(user).push_bind(&state)
-                        .push_bind(i64::try_from(batch).expect("small")).push_bind(None::<i64>).push_bind(0_i64);
+                        .push_bind(i64::try_from(batch).expect("small")).push_bind(None::<i64>).push_bind(0_i64)
+                        .push_bind(i64::try_from(batch * BATCH_LEN).expect("small"));
                 });
-                query.push(" ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at");
+                query.push(" ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at, last_entry_seq = COALESCE(excluded.last_entry_seq, last_entry_seq)");
                 query.build().execute(&mut *tx).await.expect("end users");
             }
             for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body) ");
+                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) ");
                 query.push_values(chunk, |mut row, index| {
                     let user = index % USERS;
-                    // Spread like the store's key (a hash of the end user): a 31-bit mix.
-                    let user_key = i64::try_from(user.wrapping_mul(2_654_435_761) % (1 << 31)).expect("31 bits");
+                    // The store links each entry to its end user's previous one.
+                    let prev = index.checked_sub(USERS).map(|prev| i64::try_from(prev).expect("small"));
                     row.push_bind(format!("ent_{index:026}")).push_bind(&tenant).push_bind(&environment)
-                        .push_bind(format!("user_{user}")).push_bind(user_key).push_bind(&entry_type)
+                        .push_bind(format!("user_{user}")).push_bind(prev).push_bind(&entry_type)
                         .push_bind(0_i64).push_bind(&body);
                 });
                 query.build().execute(&mut *tx).await.expect("entries");
