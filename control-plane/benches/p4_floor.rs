@@ -5,8 +5,8 @@
 //! `QS_P4_BATCHES` (default 200) batches' worth of the same rows straight into the same
 //! SQLite file (`synchronous = full`), one transaction per batch as the store does: the
 //! end-user upserts, 500 entries, 500 usage keys and the change-feed rows, in multi-row
-//! statements of 200 rows (entries linked to their end user's previous entry, as the
-//! store links them). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
+//! statements of 200 rows (entries and end users carry the chain's columns as the store
+//! writes them; the values are plausible, not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
 //! driver. `QS_P4_FLOOR_DROP=index,index` drops those indexes first, to price them.
 
 // A benchmark program: it prints its report and panics on setup failures.
@@ -102,7 +102,8 @@ fn main() {
                 let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) ");
                 query.push_values(chunk, |mut row, index| {
                     let user = index % USERS;
-                    // The store links each entry to its end user's previous one.
+                    // The store links each entry to its end user's previous one (a value of
+                    // that kind; the cost of writing it is what counts here).
                     let prev = index.checked_sub(USERS).map(|prev| i64::try_from(prev).expect("small"));
                     row.push_bind(format!("ent_{index:026}")).push_bind(&tenant).push_bind(&environment)
                         .push_bind(format!("user_{user}")).push_bind(prev).push_bind(&entry_type)

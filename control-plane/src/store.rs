@@ -200,7 +200,8 @@ fn created_blocks(changes: &[Changes]) -> std::collections::HashMap<ledger::Bloc
         .collect()
 }
 
-/// The narrow integer an end user's entries are indexed by (SQLite's `entries.user_key`):
+/// The narrow integer an end user's entries are indexed by (PostgreSQL's
+/// `entries.user_key`; SQLite chains them instead, see docs/decisions.md):
 /// the first 31 bits of SHA-256 over tenant, environment and end user, NUL-separated
 /// (SQLite stores it in four bytes). Stored on disk, so it must never change. Two end
 /// users may share one (a query by end user also compares the text columns, so that

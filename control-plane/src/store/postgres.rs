@@ -2125,6 +2125,22 @@ mod tests {
 
     const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
+    // The key is on disk: it must never change for a given end user.
+    #[test]
+    fn user_keys_are_stable_and_narrow() {
+        let env = |tenant: &str, environment| Env {
+            tenant_id: tenant.into(),
+            environment,
+        };
+        let key = user_key(&env("ten_1", Environment::Live), "user_1");
+        // Python: int.from_bytes(sha256(b"ten_1\0live\0user_1").digest()[:4], "big") >> 1
+        assert_eq!(key, 0x7318_89a9, "the stored key changed");
+        assert!(key >= 0, "31 bits, never negative");
+        assert_ne!(key, user_key(&env("ten_1", Environment::Test), "user_1"));
+        assert_ne!(key, user_key(&env("ten_2", Environment::Live), "user_1"));
+        assert_ne!(key, user_key(&env("ten_1", Environment::Live), "user_2"));
+    }
+
     /// A store on a fresh schema, dropped with it.
     struct TestStore {
         store: PostgresStore,

@@ -219,9 +219,22 @@ impl SqliteStore {
             .bind(steps)
             .fetch_all(&mut *connection)
             .await?;
+            if rows.is_empty() {
+                return Err(corrupt(format!(
+                    "the chain of end user `{end_user}` names entry {start}, which does not exist"
+                )));
+            }
             next = None;
+            let mut newer = start.saturating_add(1);
             for row in &rows {
                 let seq: i64 = row.try_get("seq")?;
+                // Links only ever lead to older entries: anything else would walk forever.
+                if seq >= newer {
+                    return Err(corrupt(format!(
+                        "the chain of end user `{end_user}` does not lead to older entries at {seq}"
+                    )));
+                }
+                newer = seq;
                 let owner: String = row.try_get("end_user_id")?;
                 let tenant: String = row.try_get("tenant_id")?;
                 let environment: String = row.try_get("environment")?;
@@ -234,6 +247,11 @@ impl SqliteStore {
                     )));
                 }
                 next = row.try_get("prev_seq")?;
+                if next.is_some_and(|prev| prev >= seq) {
+                    return Err(corrupt(format!(
+                        "entry {seq} of end user `{end_user}` links to a newer entry"
+                    )));
+                }
                 let created_at: i64 = row.try_get("created_at")?;
                 let taken = before.is_none_or(|before| seq < before)
                     && filter.entry_type.as_deref().is_none_or(|wanted| {
@@ -1529,7 +1547,6 @@ async fn store_answers(
     Ok(())
 }
 
-/// Writes the new state and everything the operation produced.
 /// The sequence number the next entry gets: what `AUTOINCREMENT` would give it (above
 /// every number ever used, deleted rows included). Only under the write lock.
 async fn next_entry_seq(tx: &mut Transaction<'_, Sqlite>) -> StoreResult<i64> {
@@ -1561,7 +1578,7 @@ struct Rows {
     heads: std::collections::HashMap<String, Option<i64>>,
 }
 
-/// Rows per multi-row statement (at most 8 parameters a row, well under SQLite's limit).
+/// Rows per multi-row statement (at most 9 parameters a row, well under SQLite's limit).
 const ROWS_PER_STATEMENT: usize = 200;
 
 impl Rows {
@@ -1638,13 +1655,19 @@ impl Rows {
             .collect();
         moved.sort_unstable();
         for (end_user, head) in moved {
-            sqlx::query("UPDATE end_users SET last_entry_seq = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
+            let moved = sqlx::query("UPDATE end_users SET last_entry_seq = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
                 .bind(head)
                 .bind(&env.tenant_id)
                 .bind(env.environment.as_str())
                 .bind(end_user)
                 .execute(&mut **tx)
                 .await?;
+            if moved.rows_affected() != 1 {
+                // Without a row to hold the head, the entries would be unreachable.
+                return Err(corrupt(format!(
+                    "end user `{end_user}` has new entries but no stored state"
+                )));
+            }
         }
         for chunk in self.blocks.chunks(ROWS_PER_STATEMENT) {
             let mut query = sqlx::QueryBuilder::<Sqlite>::new(
@@ -1950,7 +1973,6 @@ async fn insert_change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::user_key;
 
     const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 
@@ -2052,22 +2074,6 @@ mod tests {
             limit: 100,
             ..EntryFilter::default()
         }
-    }
-
-    // The key is on disk: it must never change for a given end user.
-    #[test]
-    fn user_keys_are_stable_and_narrow() {
-        let env = |tenant: &str, environment| Env {
-            tenant_id: tenant.into(),
-            environment,
-        };
-        let key = user_key(&env("ten_1", Environment::Live), "user_1");
-        // Python: int.from_bytes(sha256(b"ten_1\0live\0user_1").digest()[:4], "big") >> 1
-        assert_eq!(key, 0x7318_89a9, "the stored key changed");
-        assert!(key >= 0, "31 bits, never negative");
-        assert_ne!(key, user_key(&env("ten_1", Environment::Test), "user_1"));
-        assert_ne!(key, user_key(&env("ten_2", Environment::Live), "user_1"));
-        assert_ne!(key, user_key(&env("ten_1", Environment::Live), "user_2"));
     }
 
     fn amounts(entries: &[(i64, protocol::LedgerEntry)]) -> Vec<i64> {
@@ -2251,6 +2257,28 @@ mod tests {
         filter.entry_type = Some("debit".into());
         assert!(store.entries(&env, &filter).await.expect("none").is_empty());
 
+        // A filter every entry passes, with a cursor of the same end user, for more links
+        // than one statement reads.
+        let mut filter = by_user("long");
+        filter.entry_type = Some("grant".into());
+        filter.before_seq = Some(truth[49].0);
+        filter.limit = 600;
+        let expected: Vec<i64> = truth.iter().map(|(seq, ..)| *seq).skip(50).collect();
+        assert!(expected.len() > usize::try_from(CHAIN_STEPS).expect("small"));
+        assert_eq!(
+            seqs(&store.entries(&env, &filter).await.expect("page")),
+            expected
+        );
+
+        // The writer numbered the entries itself and kept AUTOINCREMENT's record.
+        let (recorded, highest): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT seq FROM sqlite_sequence WHERE name = 'entries'), (SELECT MAX(seq) FROM entries)",
+        )
+        .fetch_one(&store.reader)
+        .await
+        .expect("sequence");
+        assert_eq!(recorded, highest);
+
         // A cursor naming another end user's entry: the walk starts at the newest and
         // skips what is not older than it.
         let others = store.entries(&env, &by_user("other")).await.expect("other");
@@ -2267,5 +2295,42 @@ mod tests {
             seqs(&store.entries(&env, &filter).await.expect("page")),
             expected
         );
+    }
+    // A chain that loops (a link to a newer entry) or names a missing entry is reported
+    // as corruption instead of walked forever or cut short.
+    #[tokio::test]
+    async fn a_broken_chain_is_reported() {
+        let (_directory, _, store) = file_store().await;
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        for amount in [1, 2, 3] {
+            grant(&store, &env, "u1", amount).await;
+        }
+        let newest: i64 = sqlx::query_scalar("SELECT MAX(seq) FROM entries")
+            .fetch_one(&store.reader)
+            .await
+            .expect("newest");
+        let mut filter = by_user("u1");
+        filter.entry_type = Some("debit".into());
+        sqlx::query("UPDATE entries SET prev_seq = ? WHERE seq = (SELECT MIN(seq) FROM entries)")
+            .bind(newest)
+            .execute(&store.writer)
+            .await
+            .expect("loop made");
+        let error = store.entries(&env, &filter).await.expect_err("a loop");
+        assert!(error.to_string().contains("newer"), "{error}");
+
+        sqlx::query("UPDATE end_users SET last_entry_seq = ?")
+            .bind(newest.saturating_add(100))
+            .execute(&store.writer)
+            .await
+            .expect("dangling head");
+        let error = store
+            .entries(&env, &by_user("u1"))
+            .await
+            .expect_err("missing");
+        assert!(error.to_string().contains("does not exist"), "{error}");
     }
 }
