@@ -29,11 +29,7 @@ const BATCH_LEN: u64 = 500;
 const ROWS_PER_STATEMENT: usize = 200;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = support::runtime();
     runtime.block_on(async {
         let batches = env_or("QS_P4_BATCHES", 200);
         let directory = tempfile::tempdir().expect("temp dir");

@@ -94,11 +94,7 @@ async fn measure(label: &str, database: DatabaseUrl) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = support::runtime();
     runtime.block_on(async {
         let directory = tempfile::tempdir().expect("temp dir");
         measure(

@@ -444,35 +444,18 @@ impl ProxyProcess {
             admin: String::new(),
         };
         let stderr = process.child.stderr.take().expect("stderr");
-        // Its warnings still show, through this process's stderr (read as bytes: a line
-        // that is not UTF-8 must not stop the draining).
-        std::thread::spawn(move || {
-            let mut reader = BufReader::new(stderr);
-            let mut line = Vec::new();
-            while reader
-                .read_until(b'\n', &mut line)
-                .is_ok_and(|read| read > 0)
-            {
-                eprint!("[proxy] {}", String::from_utf8_lossy(&line));
-                line.clear();
-            }
-        });
+        // Its warnings still show, through this process's stderr.
+        std::thread::spawn(move || drain_lines(stderr, |line| eprintln!("[proxy] {line}")));
         // Its stdout is read on a thread that hands the lines over, so that waiting for
         // the addresses has a deadline; it keeps draining after, so the child never
         // blocks on a full pipe.
         let stdout = process.child.stdout.take().expect("stdout");
         let (lines, printed) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            let mut line = Vec::new();
-            while reader
-                .read_until(b'\n', &mut line)
-                .is_ok_and(|read| read > 0)
-            {
+            drain_lines(stdout, |line| {
                 // The test may have stopped listening; draining goes on regardless.
-                let _ = lines.send(String::from_utf8_lossy(&line).trim().to_owned());
-                line.clear();
-            }
+                let _ = lines.send(line.to_owned());
+            });
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         while process.address.is_empty() || process.admin.is_empty() {
@@ -522,6 +505,20 @@ impl ProxyProcess {
             (self.outbox_depth(http).await == Some(0)).then_some(())
         })
         .await;
+    }
+}
+
+/// Reads `pipe` to its end, handing each line (trimmed) to `each`. Read as bytes: a line
+/// that is not UTF-8 must not stop the draining.
+fn drain_lines(pipe: impl std::io::Read, mut each: impl FnMut(&str)) {
+    let mut reader = BufReader::new(pipe);
+    let mut line = Vec::new();
+    while reader
+        .read_until(b'\n', &mut line)
+        .is_ok_and(|read| read > 0)
+    {
+        each(String::from_utf8_lossy(&line).trim());
+        line.clear();
     }
 }
 

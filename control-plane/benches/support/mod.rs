@@ -16,6 +16,16 @@ use tower::ServiceExt;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The runtime every store benchmark runs in: two worker threads, like the machine's
+/// two cores.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 /// A numeric knob from the environment.
 pub fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
