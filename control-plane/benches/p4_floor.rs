@@ -4,10 +4,16 @@
 //! batch of 500 usage events through the control plane to get real rows, then writes
 //! `QS_P4_BATCHES` (default 200) batches' worth of the same rows straight into the same
 //! SQLite file (`synchronous = full`), one transaction per batch as the store does: the
-//! end-user upserts, 500 entries, 500 usage keys and the change-feed rows, in multi-row
-//! statements of 200 rows (entries and end users carry the chain's columns as the store
-//! writes them; the values are plausible, not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
-//! driver. `QS_P4_FLOOR_DROP=index,index` drops those indexes first, to price them.
+//! end-user upserts, 500 entries, 500 usage keys and the change-feed rows (entries and end
+//! users carry the chain's columns as the store writes them; the values are plausible,
+//! not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
+//! driver. It does so twice, each time on a fresh database:
+//! - through sqlx, in multi-row statements of 200 rows, as the store does;
+//! - through rusqlite (the same SQLite library, called directly on this thread), one
+//!   cached prepared statement per kind of row, executed once per row.
+//!
+//! `QS_P4_FLOOR_DRIVER=sqlx` or `=rusqlite` runs only one; `QS_P4_FLOOR_DROP=index,index`
+//! drops those indexes first, to price them.
 
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
@@ -15,122 +21,307 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::time::Instant;
 
 use axum::http::Request;
 use control_plane::config::DatabaseUrl;
 use serde_json::json;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use support::{env_or, send, setup};
 
 const USERS: u64 = 1000;
 const BATCH_LEN: u64 = 500;
 const ROWS_PER_STATEMENT: usize = 200;
 
+const UPSERT_TAIL: &str = " ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at, last_entry_seq = COALESCE(excluded.last_entry_seq, last_entry_seq)";
+
+/// Real rows to copy: an entry, a state and a usage key of a recorded batch.
+struct Sample {
+    tenant: String,
+    environment: String,
+    entry_type: String,
+    body: String,
+    state: String,
+    fingerprint: Vec<u8>,
+    result: String,
+}
+
+/// One batch's event numbers and the end users they touch.
+fn batch_rows(batch: u64) -> (Vec<u64>, Vec<String>) {
+    let indexes: Vec<u64> = (0..BATCH_LEN)
+        .map(|offset| batch * BATCH_LEN + offset)
+        .collect();
+    let users: BTreeSet<u64> = indexes.iter().map(|index| index % USERS).collect();
+    (
+        indexes,
+        users.iter().map(|user| format!("user_{user}")).collect(),
+    )
+}
+
+fn small(value: u64) -> i64 {
+    i64::try_from(value).expect("small")
+}
+
+/// The previous entry of the same end user, as a chain link would name it.
+fn prev_of(index: u64) -> Option<i64> {
+    index.checked_sub(USERS).map(small)
+}
+
+async fn pool(path: &Path) -> SqlitePool {
+    let options = SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full);
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .expect("pool")
+}
+
+/// A database at `path` holding one recorded batch (indexes dropped as asked), and rows
+/// of it to copy.
+async fn prepare(path: &Path) -> Sample {
+    let (app, key) = setup(DatabaseUrl::SqliteFile(path.display().to_string()), |_| {}).await;
+    let events: Vec<serde_json::Value> = (0..BATCH_LEN)
+        .map(|index| json!({"end_user_id": format!("user_{}", index % USERS), "feature_key": "api_calls", "units": 1, "idempotency_key": format!("sample-{index}")}))
+        .collect();
+    send(
+        &app,
+        &key,
+        Request::post("/v1/usage/batch"),
+        Some(json!({ "events": events })),
+    )
+    .await;
+    drop(app);
+    let pool = pool(path).await;
+    if let Ok(indexes) = std::env::var("QS_P4_FLOOR_DROP") {
+        for index in indexes.split(',').filter(|index| !index.is_empty()) {
+            assert!(
+                index.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "QS_P4_FLOOR_DROP takes index names, not `{index}`"
+            );
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {index}")))
+                .execute(&pool)
+                .await
+                .expect("an index of the schema");
+        }
+    }
+    let entry = sqlx::query(
+        "SELECT tenant_id, environment, type, body FROM entries ORDER BY seq DESC LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("an entry");
+    let state: String = sqlx::query_scalar("SELECT state FROM end_users LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .expect("a state");
+    let usage_key = sqlx::query("SELECT fingerprint, result FROM usage_keys LIMIT 1")
+        .fetch_one(&pool)
+        .await
+        .expect("a usage key");
+    pool.close().await;
+    Sample {
+        tenant: entry.get(0),
+        environment: entry.get(1),
+        entry_type: entry.get(2),
+        body: entry.get(3),
+        state,
+        fingerprint: usage_key.get(0),
+        result: usage_key.get(1),
+    }
+}
+
+/// The rows through sqlx, as the store writes them; returns the seconds taken.
+async fn write_sqlx(path: &Path, s: &Sample, batches: u64) -> f64 {
+    let pool = pool(path).await;
+    let started = Instant::now();
+    for batch in 0..batches {
+        let (indexes, users) = batch_rows(batch);
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+        for chunk in users.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) ",
+            );
+            query.push_values(chunk, |mut row, user| {
+                row.push_bind(&s.tenant)
+                    .push_bind(&s.environment)
+                    .push_bind(user)
+                    .push_bind(&s.state)
+                    .push_bind(small(batch))
+                    .push_bind(None::<i64>)
+                    .push_bind(0_i64)
+                    .push_bind(small(batch * BATCH_LEN));
+            });
+            query.push(UPSERT_TAIL);
+            query.build().execute(&mut *tx).await.expect("end users");
+        }
+        for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) ",
+            );
+            query.push_values(chunk, |mut row, index| {
+                row.push_bind(format!("ent_{index:026}"))
+                    .push_bind(&s.tenant)
+                    .push_bind(&s.environment)
+                    .push_bind(format!("user_{}", index % USERS))
+                    .push_bind(prev_of(*index))
+                    .push_bind(&s.entry_type)
+                    .push_bind(0_i64)
+                    .push_bind(&s.body);
+            });
+            query.build().execute(&mut *tx).await.expect("entries");
+        }
+        for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) ",
+            );
+            query.push_values(chunk, |mut row, index| {
+                row.push_bind(&s.tenant)
+                    .push_bind(&s.environment)
+                    .push_bind(format!("event-{index}"))
+                    .push_bind(s.fingerprint.as_slice())
+                    .push_bind(format!("ent_{index:026}"))
+                    .push_bind(&s.result)
+                    .push_bind(i64::MAX);
+            });
+            query.build().execute(&mut *tx).await.expect("usage keys");
+        }
+        for chunk in users.chunks(ROWS_PER_STATEMENT) {
+            let mut query = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
+            );
+            query.push_values(chunk, |mut row, user| {
+                row.push_bind(&s.tenant)
+                    .push_bind(&s.environment)
+                    .push_bind("end_user")
+                    .push_bind(user)
+                    .push_bind(0_i64);
+            });
+            query.build().execute(&mut *tx).await.expect("changes");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let secs = started.elapsed().as_secs_f64();
+    pool.close().await;
+    secs
+}
+
+/// The same rows through rusqlite on this thread; returns the seconds taken.
+fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
+    let mut connection = rusqlite::Connection::open(path).expect("open");
+    let mode: String = connection
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .expect("journal mode");
+    assert_eq!(mode, "wal");
+    connection
+        .pragma_update(None, "synchronous", "FULL")
+        .expect("synchronous");
+    let started = Instant::now();
+    for batch in 0..batches {
+        let (indexes, users) = batch_rows(batch);
+        let tx = connection
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .expect("begin");
+        {
+            let mut upsert = tx
+                .prepare_cached(&format!("INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?){UPSERT_TAIL}"))
+                .expect("prepare");
+            for user in &users {
+                upsert
+                    .execute(rusqlite::params![
+                        s.tenant,
+                        s.environment,
+                        user,
+                        s.state,
+                        small(batch),
+                        None::<i64>,
+                        0_i64,
+                        small(batch * BATCH_LEN)
+                    ])
+                    .expect("end user");
+            }
+            let mut entry = tx
+                .prepare_cached("INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                .expect("prepare");
+            for index in &indexes {
+                entry
+                    .execute(rusqlite::params![
+                        format!("ent_{index:026}"),
+                        s.tenant,
+                        s.environment,
+                        format!("user_{}", index % USERS),
+                        prev_of(*index),
+                        s.entry_type,
+                        0_i64,
+                        s.body
+                    ])
+                    .expect("entry");
+            }
+            let mut usage_key = tx
+                .prepare_cached("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)")
+                .expect("prepare");
+            for index in &indexes {
+                usage_key
+                    .execute(rusqlite::params![
+                        s.tenant,
+                        s.environment,
+                        format!("event-{index}"),
+                        s.fingerprint,
+                        format!("ent_{index:026}"),
+                        s.result,
+                        i64::MAX
+                    ])
+                    .expect("usage key");
+            }
+            let mut change = tx
+                .prepare_cached("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, 0)")
+                .expect("prepare");
+            for user in &users {
+                change
+                    .execute(rusqlite::params![s.tenant, s.environment, user])
+                    .expect("change");
+            }
+        }
+        tx.commit().expect("commit");
+    }
+    started.elapsed().as_secs_f64()
+}
+
+fn report(driver: &str, secs: f64, batches: u64) {
+    let events = (batches * BATCH_LEN) as f64;
+    println!(
+        "P4 floor (SQLite, rows only, {driver}): {:.0} events/s, {:.2} ms per batch of {BATCH_LEN}",
+        events / secs,
+        secs * 1000.0 / batches as f64
+    );
+}
+
 fn main() {
+    let batches = env_or("QS_P4_BATCHES", 200);
+    let driver = std::env::var("QS_P4_FLOOR_DRIVER").unwrap_or_else(|_| "both".into());
+    assert!(
+        ["both", "sqlx", "rusqlite"].contains(&driver.as_str()),
+        "QS_P4_FLOOR_DRIVER is sqlx, rusqlite or both, not `{driver}`"
+    );
     let runtime = support::runtime();
-    runtime.block_on(async {
-        let batches = env_or("QS_P4_BATCHES", 200);
+    if driver != "rusqlite" {
         let directory = tempfile::tempdir().expect("temp dir");
         let path = directory.path().join("floor.db");
-        let (app, key) = setup(DatabaseUrl::SqliteFile(path.display().to_string()), |_| {}).await;
-        let events: Vec<serde_json::Value> = (0..BATCH_LEN)
-            .map(|index| json!({"end_user_id": format!("user_{}", index % USERS), "feature_key": "api_calls", "units": 1, "idempotency_key": format!("sample-{index}")}))
-            .collect();
-        send(&app, &key, Request::post("/v1/usage/batch"), Some(json!({ "events": events }))).await;
-
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await
-            .expect("pool");
-        if let Ok(indexes) = std::env::var("QS_P4_FLOOR_DROP") {
-            for index in indexes.split(',').filter(|index| !index.is_empty()) {
-                assert!(
-                    index.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                    "QS_P4_FLOOR_DROP takes index names, not `{index}`"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX {index}")))
-                    .execute(&pool)
-                    .await
-                    .expect("an index of the schema");
-            }
-        }
-        // Real rows to copy: an entry, a state and a usage key of the batch just recorded.
-        let entry = sqlx::query("SELECT tenant_id, environment, type, body FROM entries ORDER BY seq DESC LIMIT 1")
-            .fetch_one(&pool)
-            .await
-            .expect("an entry");
-        let (tenant, environment): (String, String) = (entry.get(0), entry.get(1));
-        let (entry_type, body): (String, String) = (entry.get(2), entry.get(3));
-        let state: String = sqlx::query_scalar("SELECT state FROM end_users LIMIT 1")
-            .fetch_one(&pool)
-            .await
-            .expect("a state");
-        let usage_key = sqlx::query("SELECT fingerprint, result FROM usage_keys LIMIT 1")
-            .fetch_one(&pool)
-            .await
-            .expect("a usage key");
-        let (fingerprint, result): (Vec<u8>, String) = (usage_key.get(0), usage_key.get(1));
-
-        let started = Instant::now();
-        for batch in 0..batches {
-            let indexes: Vec<u64> = (0..BATCH_LEN).map(|offset| batch * BATCH_LEN + offset).collect();
-            let users: BTreeSet<u64> = indexes.iter().map(|index| index % USERS).collect();
-            let users: Vec<String> = users.iter().map(|user| format!("user_{user}")).collect();
-            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
-            for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) ");
-                query.push_values(chunk, |mut row, user| {
-                    row.push_bind(&tenant).push_bind(&environment).push_bind(user).push_bind(&state)
-                        .push_bind(i64::try_from(batch).expect("small")).push_bind(None::<i64>).push_bind(0_i64)
-                        .push_bind(i64::try_from(batch * BATCH_LEN).expect("small"));
-                });
-                query.push(" ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at, last_entry_seq = COALESCE(excluded.last_entry_seq, last_entry_seq)");
-                query.build().execute(&mut *tx).await.expect("end users");
-            }
-            for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) ");
-                query.push_values(chunk, |mut row, index| {
-                    let user = index % USERS;
-                    // The store links each entry to its end user's previous one (a value of
-                    // that kind; the cost of writing it is what counts here).
-                    let prev = index.checked_sub(USERS).map(|prev| i64::try_from(prev).expect("small"));
-                    row.push_bind(format!("ent_{index:026}")).push_bind(&tenant).push_bind(&environment)
-                        .push_bind(format!("user_{user}")).push_bind(prev).push_bind(&entry_type)
-                        .push_bind(0_i64).push_bind(&body);
-                });
-                query.build().execute(&mut *tx).await.expect("entries");
-            }
-            for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) ");
-                query.push_values(chunk, |mut row, index| {
-                    row.push_bind(&tenant).push_bind(&environment).push_bind(format!("event-{index}"))
-                        .push_bind(fingerprint.as_slice()).push_bind(format!("ent_{index:026}"))
-                        .push_bind(&result).push_bind(i64::MAX);
-                });
-                query.build().execute(&mut *tx).await.expect("usage keys");
-            }
-            for chunk in users.chunks(ROWS_PER_STATEMENT) {
-                let mut query = QueryBuilder::<Sqlite>::new("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ");
-                query.push_values(chunk, |mut row, user| {
-                    row.push_bind(&tenant).push_bind(&environment).push_bind("end_user").push_bind(user).push_bind(0_i64);
-                });
-                query.build().execute(&mut *tx).await.expect("changes");
-            }
-            tx.commit().await.expect("commit");
-        }
-        let secs = started.elapsed().as_secs_f64();
-        let events = (batches * BATCH_LEN) as f64;
-        println!(
-            "P4 floor (SQLite, rows only): {:.0} events/s, {:.2} ms per batch of {BATCH_LEN}",
-            events / secs,
-            secs * 1000.0 / batches as f64
-        );
-    });
+        let secs = runtime.block_on(async {
+            let sample = prepare(&path).await;
+            write_sqlx(&path, &sample, batches).await
+        });
+        report("sqlx, multi-row statements", secs, batches);
+    }
+    if driver != "sqlx" {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("floor.db");
+        let sample = runtime.block_on(prepare(&path));
+        let secs = write_rusqlite(&path, &sample, batches);
+        report("rusqlite, prepared statements", secs, batches);
+    }
 }

@@ -255,10 +255,18 @@ pub(crate) fn stage_rows(
     let state = if new == old {
         None
     } else {
+        // Readers take an unchanged version for an unchanged state (SQLite's usage
+        // batches check theirs so).
+        if new.version() <= old.version() {
+            return Err(StoreError::Corrupt(format!(
+                "end user `{end_user}` changed without a new version"
+            )));
+        }
         Some((
             end_user.to_owned(),
             serde_json::to_string(&new.clone().into_parts())?,
-            i64::try_from(new.version()).unwrap_or(i64::MAX),
+            i64::try_from(new.version())
+                .map_err(|_| StoreError::Corrupt("state version out of range".into()))?,
             changes
                 .last()
                 .and_then(|last| last.next_due)
@@ -504,6 +512,10 @@ pub type ClaimingFn<'a> =
 /// it wrote, or an error that rolls everything back. What it wrote is one [`Changes`]
 /// per operation it carried, in order: a group commit carries many operations of one end
 /// user (a refused one leaves none), and the last one's `next_due` is the state's.
+/// It may be run more than once (SQLite runs a usage batch's operations before taking
+/// the write lock and again for an end user written meanwhile): only the last run's
+/// outcome counts, so it must have no effect beyond the state it is given and what it
+/// returns, or record its outcome where a later run replaces it.
 pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> Result<Vec<Changes>, ApiError> + Send + 'a;
 
 /// Filters for `GET /v1/ledger`.

@@ -113,9 +113,16 @@ impl SqliteStore {
                     // of this many; at 50 (its default) a batch's few hundred rows cost a
                     // thread switch every 50.
                     .row_buffer_size(ROW_CHANNEL);
+                let mut woptions = options.clone();
+                if let Ok(v) = std::env::var("QS_EXP_CACHE") {
+                    woptions = woptions.pragma("cache_size", v);
+                }
+                if let Ok(v) = std::env::var("QS_EXP_CKPT") {
+                    woptions = woptions.pragma("wal_autocheckpoint", v);
+                }
                 let writer = SqlitePoolOptions::new()
                     .max_connections(1)
-                    .connect_with(options.clone())
+                    .connect_with(woptions)
                     .await?;
                 let reader = SqlitePoolOptions::new()
                     .max_connections(read_connections)
@@ -665,6 +672,14 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// Runs the batch's operations, and renders their rows, before taking the write
+    /// lock, on states read from a reader, so that the writer is held only to write
+    /// (loading states, the engine and rendering rows took 40% of a usage batch's time
+    /// under the lock, docs/BENCHMARKS.md, P4). Every change of an end user's stored
+    /// state appends to the change feed in the same transaction, so under the lock the
+    /// feed since the states were read names every end user written in between; those
+    /// (and any whose operation failed, which a newer state might not) are loaded again
+    /// and their operations run again.
     async fn mutate_many(
         &self,
         env: &Env,
@@ -672,25 +687,85 @@ impl Store for SqliteStore {
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
     ) -> Result<(), ApiError> {
         items.sort_by(|a, b| a.0.cmp(&b.0));
+        let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
+        let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
+        let (read_at, mut seen) = {
+            // One read transaction: the states and the feed position are one snapshot.
+            let mut read = self.reader.begin().await.map_err(StoreError::from)?;
+            let read_at = feed_position_in(&mut read).await?;
+            let seen = load_states_in(&mut read, env, &ids).await?;
+            read.rollback().await.map_err(StoreError::from)?;
+            (read_at, seen)
+        };
+        let mut prepared = Vec::with_capacity(items.len());
+        for (end_user, operation) in items.iter_mut() {
+            let (old, head) = seen
+                .remove(end_user.as_str())
+                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+            let mut state = old.clone();
+            // A refusal is not final: the state it saw may be stale.
+            let run = operation(&mut state).ok().and_then(|changes| {
+                let staged = if changes.is_empty() {
+                    None
+                } else {
+                    Some(stage_rows(&old, &state, &changes).ok()?)
+                };
+                Some((changes, staged))
+            });
+            prepared.push(Optimistic {
+                old,
+                head,
+                state,
+                run,
+            });
+        }
         let mut tx = self
             .writer
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::from)?;
-        let ids: Vec<&str> = items
+        let written = changed_since_in(&mut tx, env, read_at).await?;
+        let stale: Vec<&str> = ids
             .iter()
-            .map(|(end_user, _)| end_user.as_str())
+            .zip(&prepared)
+            .filter(|(end_user, optimistic)| optimistic.run.is_none() || written.contains(end_user))
+            .map(|(end_user, _)| *end_user)
             .collect();
-        let mut stored = load_states_in(&mut tx, env, &ids).await?;
+        let mut fresh = load_states_in(&mut tx, env, &stale).await?;
         let mut rows = Rows::default();
-        for (end_user, operation) in items.iter_mut() {
-            let (old, head) = stored
-                .remove(end_user.as_str())
-                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+        for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
+            let (old, head, state, changes, staged) = match optimistic.run {
+                Some((changes, staged)) if !written.contains(end_user.as_str()) => (
+                    optimistic.old,
+                    optimistic.head,
+                    optimistic.state,
+                    changes,
+                    staged,
+                ),
+                _ => {
+                    let (old, head) = fresh
+                        .remove(end_user.as_str())
+                        .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+                    let mut state = old.clone();
+                    let changes = operation(&mut state)?;
+                    (old, head, state, changes, None)
+                }
+            };
             rows.heads.insert(end_user.to_string(), head);
-            let mut state = old.clone();
-            let changes = operation(&mut state)?;
-            stage(&mut tx, env, &old, &state, &changes, now, &mut rows).await?;
+            match staged {
+                Some(staged) => {
+                    stage_rendered(
+                        &mut tx,
+                        env,
+                        (&old, &state, &changes),
+                        staged,
+                        now,
+                        &mut rows,
+                    )
+                    .await?;
+                }
+                None => stage(&mut tx, env, &old, &state, &changes, now, &mut rows).await?,
+            }
         }
         rows.flush(&mut tx, env, now).await?;
         tx.commit().await.map_err(StoreError::from)?;
@@ -1346,10 +1421,77 @@ fn usage_key_rows(
     Ok(found)
 }
 
+/// An operation of a usage batch run before the write lock was taken (see
+/// `mutate_many`).
+struct Optimistic {
+    old: EndUserState,
+    head: Option<i64>,
+    state: EndUserState,
+    /// What it wrote and the rows rendered from it; `None` if it failed.
+    run: Option<(Vec<Changes>, Option<Staged>)>,
+}
+
+/// The newest position of the change feed (of every environment).
+async fn feed_position_in(connection: &mut SqliteConnection) -> StoreResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
+            .fetch_one(&mut *connection)
+            .await?,
+    )
+}
+
+/// End users whose state changed after a feed position.
+struct Written {
+    /// The feed after that position was purged in part: any end user may have changed.
+    all: bool,
+    users: std::collections::HashSet<String>,
+}
+
+impl Written {
+    fn contains(&self, end_user: &str) -> bool {
+        self.all || self.users.contains(end_user)
+    }
+}
+
+/// The environment's end users whose state changed after feed position `after`.
+async fn changed_since_in(
+    connection: &mut SqliteConnection,
+    env: &Env,
+    after: i64,
+) -> StoreResult<Written> {
+    // A purge deletes by the environment's clock, which may stand still (a test clock):
+    // if it took entries past `after`, the feed cannot say who changed.
+    let purged: Option<i64> = sqlx::query_scalar(
+        "SELECT purged_through FROM change_watermarks WHERE tenant_id = ? AND environment = ?",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .fetch_optional(&mut *connection)
+    .await?;
+    if purged.is_some_and(|purged| purged > after) {
+        return Ok(Written {
+            all: true,
+            users: std::collections::HashSet::new(),
+        });
+    }
+    let users: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT end_user_id FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? AND end_user_id IS NOT NULL",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(after)
+    .fetch_all(&mut *connection)
+    .await?;
+    Ok(Written {
+        all: false,
+        users: users.into_iter().collect(),
+    })
+}
+
 /// Several end users' states (each with the head of its chain of entries) in a few
 /// statements.
 async fn load_states_in(
-    tx: &mut Transaction<'_, Sqlite>,
+    connection: &mut SqliteConnection,
     env: &Env,
     ids: &[&str],
 ) -> StoreResult<BTreeMap<String, (EndUserState, Option<i64>)>> {
@@ -1368,7 +1510,7 @@ async fn load_states_in(
             separated.push_bind(*id);
         }
         separated.push_unseparated(")");
-        for row in query.build().fetch_all(&mut **tx).await? {
+        for row in query.build().fetch_all(&mut *connection).await? {
             states.insert(
                 row.try_get("end_user_id")?,
                 (
@@ -1654,6 +1796,9 @@ impl Rows {
             .map(|(end_user, head)| (*end_user, *head))
             .collect();
         moved.sort_unstable();
+        // The feed names every end user whose row changed (see `mutate_many`).
+        let mut feed: Vec<&str> = self.changes.iter().map(String::as_str).collect();
+        feed.extend(moved.iter().map(|(end_user, _)| *end_user));
         for (end_user, head) in moved {
             let moved = sqlx::query("UPDATE end_users SET last_entry_seq = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
                 .bind(head)
@@ -1728,7 +1873,7 @@ impl Rows {
             })?;
         }
         store_answers(tx, env, &self.answers).await?;
-        for chunk in self.changes.chunks(ROWS_PER_STATEMENT) {
+        for chunk in feed.chunks(ROWS_PER_STATEMENT) {
             let mut query = sqlx::QueryBuilder::<Sqlite>::new(
                 "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
             );
@@ -1760,8 +1905,27 @@ async fn stage(
     if changes.is_empty() {
         return unchanged(old, new);
     }
+    let staged = stage_rows(old, new, changes)?;
+    stage_rendered(tx, env, (old, new, changes), staged, now, rows).await
+}
+
+/// An operation's state before and after, and what it reported writing.
+type Applied<'a> = (&'a EndUserState, &'a EndUserState, &'a [Changes]);
+
+/// Rows [`stage_rows`] rendered from an operation.
+type Staged = (Option<StateRow>, Vec<EntryRow>, Vec<BlockRow>);
+
+/// [`stage`] with the operation's common rows already rendered (by `stage_rows`, from
+/// the same operation, which reported changes).
+async fn stage_rendered(
+    tx: &mut Transaction<'_, Sqlite>,
+    env: &Env,
+    (old, new, changes): Applied<'_>,
+    (state, entries, blocks): Staged,
+    now: Timestamp,
+    rows: &mut Rows,
+) -> StoreResult<()> {
     let end_user = new.end_user_id().as_str();
-    let (state, entries, blocks) = stage_rows(old, new, changes)?;
     rows.end_users.extend(state);
     rows.entries.extend(entries);
     rows.blocks.extend(blocks);
@@ -2332,5 +2496,98 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(error.to_string().contains("does not exist"), "{error}");
+    }
+
+    /// A usage batch whose operation for `u1` saw a state that another writer changed
+    /// before the batch took the write lock: that other write commits from inside the
+    /// batch's first run of the operation (before the lock is taken). The operation
+    /// grants 10 but refuses while nothing is available, as a strict debit would.
+    async fn batch_over_a_concurrent_write(
+        initial: Option<i64>,
+        purge: bool,
+    ) -> (i64, usize, usize) {
+        let (_directory, _, store) = file_store().await;
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        if let Some(amount) = initial {
+            grant(&store, &env, "u1", amount).await;
+        }
+        let catalog = ledger::Catalog::default();
+        let runs = std::sync::atomic::AtomicUsize::new(0);
+        let mut operation = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+            if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                let (store, env) = (store.clone(), env.clone());
+                std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async {
+                        grant(&store, &env, "u1", 5).await;
+                        if purge {
+                            // The whole feed, the grant's entry included.
+                            store
+                                .purge_changes(Timestamp::from_millis(i64::MAX))
+                                .await
+                                .expect("purge");
+                        }
+                    });
+                })
+                .join()
+                .expect("concurrent grant");
+            }
+            let mut ids = crate::clock::UlidSource::at(T0);
+            let mut cx = ledger::Cx {
+                now: T0,
+                catalog: &catalog,
+                ids: &mut ids,
+            };
+            if state.available(None, T0)?.is_zero() {
+                return Err(ApiError::bad_request("units", "nothing available"));
+            }
+            let applied =
+                state.grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(10)))?;
+            Ok(vec![Changes::from_applied(applied).1])
+        };
+        let end_user = EndUserId::new("u1").expect("end user id");
+        store
+            .mutate_many(&env, T0, &mut [(end_user.clone(), &mut operation)])
+            .await
+            .expect("batch");
+        let state = store
+            .load_state(&env, &end_user)
+            .await
+            .expect("state")
+            .expect("stored");
+        let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
+        (
+            state.available(None, T0).expect("available").get(),
+            entries.len(),
+            runs.load(std::sync::atomic::Ordering::SeqCst),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_reruns_an_operation_whose_state_changed_before_the_lock() {
+        // 1 + 5 from the concurrent grant + 10 from the batch, each with its entry: the
+        // batch did not overwrite the concurrent write with a state computed before it.
+        assert_eq!(
+            batch_over_a_concurrent_write(Some(1), false).await,
+            (16, 3, 2)
+        );
+        // The feed that would name the concurrent write purged meanwhile.
+        assert_eq!(
+            batch_over_a_concurrent_write(Some(1), true).await,
+            (16, 3, 2)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_reruns_an_operation_refused_on_a_stale_state() {
+        // Refused on the state read first (nothing available), granted on the state the
+        // concurrent grant left.
+        assert_eq!(batch_over_a_concurrent_write(None, false).await, (15, 2, 2));
     }
 }
