@@ -1,11 +1,10 @@
-//! The SQLite store: one file in WAL mode (or a private in-memory database for tests),
-//! one writer connection (SQLite allows one writer at a time, so every mutation is
+//! The SQLite store: one file in WAL mode (`:memory:` is a private file removed with the
+//! store), one writer connection (SQLite allows one writer at a time, so every mutation is
 //! serialised there, end users included) and a pool of readers. Write transactions start
 //! with `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
 //! (`busy_timeout`) instead of failing to upgrade a read.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -16,12 +15,11 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
-    Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CLAIM_LEASE_MS, CatalogRecord,
-    ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, EntryRow,
-    Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin,
-    LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store, StoreError, StoreResult,
-    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, claimed_flags, claims_to_insert,
-    queue_lease, stage_rows, unchanged,
+    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, Claim,
+    ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord,
+    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, Store,
+    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
+    stage_rows,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -33,10 +31,18 @@ const ROW_CHANNEL: usize = 1024;
 /// Links of an end user's chain of entries read by one statement of a filtered listing.
 const CHAIN_STEPS: i64 = 512;
 
+mod write;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The writer: every write but end users' goes through it, and `mutate` and
+    /// `mutate_many` hold it while they write through `direct`.
     writer: SqlitePool,
     reader: SqlitePool,
+    /// End users' transactions (see `write`).
+    direct: std::sync::Arc<write::Direct>,
+    /// The directory of a `:memory:` database's file, removed with the last clone.
+    _scratch: Option<std::sync::Arc<tempfile::TempDir>>,
     /// Whether commits fsync (`synchronous = full`): idempotency leases relax it (see
     /// `idempotency_begin`).
     fsync_commits: bool,
@@ -71,27 +77,19 @@ impl SqliteStore {
         synchronous: Synchronous,
         read_connections: u32,
     ) -> StoreResult<SqliteStore> {
-        let sync = match synchronous {
-            Synchronous::Full => SqliteSynchronous::Full,
-            Synchronous::Normal => SqliteSynchronous::Normal,
-        };
-        let store = match url {
+        // `:memory:` is a file in a directory of its own, removed when the store is
+        // dropped: the direct connection must reach the same database as sqlx's.
+        let (path, scratch, synchronous) = match url {
             DatabaseUrl::SqliteMemory => {
-                let options = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
-                // One connection holds the private database; it must never be recycled.
-                let pool = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None)
-                    .connect_with(options)
-                    .await?;
-                SqliteStore {
-                    writer: pool.clone(),
-                    reader: pool,
-                    fsync_commits: false,
-                    leases: std::sync::Arc::default(),
-                }
+                let directory = tempfile::Builder::new()
+                    .prefix("quotastack-memory-")
+                    .tempdir()
+                    .map_err(|error| StoreError::Database {
+                        message: format!("cannot create a directory for `:memory:`: {error}"),
+                        transient: false,
+                    })?;
+                let path = directory.path().join("memory.db").display().to_string();
+                (path, Some(std::sync::Arc::new(directory)), None)
             }
             DatabaseUrl::SqliteFile(path) => {
                 if let Some(parent) = std::path::Path::new(path).parent()
@@ -102,38 +100,7 @@ impl SqliteStore {
                         transient: false,
                     })?;
                 }
-                let options = SqliteConnectOptions::new()
-                    .filename(path)
-                    .create_if_missing(true)
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(sync)
-                    .busy_timeout(Duration::from_secs(5))
-                    .foreign_keys(true)
-                    // sqlx hands rows from SQLite's thread to the task through a channel
-                    // of this many; at 50 (its default) a batch's few hundred rows cost a
-                    // thread switch every 50.
-                    .row_buffer_size(ROW_CHANNEL);
-                let mut woptions = options.clone();
-                if let Ok(v) = std::env::var("QS_EXP_CACHE") {
-                    woptions = woptions.pragma("cache_size", v);
-                }
-                if let Ok(v) = std::env::var("QS_EXP_CKPT") {
-                    woptions = woptions.pragma("wal_autocheckpoint", v);
-                }
-                let writer = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .connect_with(woptions)
-                    .await?;
-                let reader = SqlitePoolOptions::new()
-                    .max_connections(read_connections)
-                    .connect_with(options.read_only(true))
-                    .await?;
-                SqliteStore {
-                    writer,
-                    reader,
-                    fsync_commits: synchronous == Synchronous::Full,
-                    leases: std::sync::Arc::default(),
-                }
+                (path.clone(), None, Some(synchronous))
             }
             DatabaseUrl::Postgres(_) => {
                 return Err(StoreError::Database {
@@ -142,14 +109,46 @@ impl SqliteStore {
                 });
             }
         };
+        let options = SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Throwaway data (`:memory:`) is never fsynced.
+            .synchronous(match synchronous {
+                Some(Synchronous::Full) => SqliteSynchronous::Full,
+                Some(Synchronous::Normal) => SqliteSynchronous::Normal,
+                None => SqliteSynchronous::Off,
+            })
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true)
+            // sqlx hands rows from SQLite's thread to the task through a channel
+            // of this many; at 50 (its default) a batch's few hundred rows cost a
+            // thread switch every 50.
+            .row_buffer_size(ROW_CHANNEL);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(read_connections)
+            .connect_with(options.read_only(true))
+            .await?;
         sqlx::migrate!("./migrations/sqlite")
-            .run(&store.writer)
+            .run(&writer)
             .await
             .map_err(|error| StoreError::Database {
                 message: format!("migrations failed: {error}"),
                 transient: false,
             })?;
-        Ok(store)
+        let direct = write::Direct::open(&path, synchronous)?;
+        Ok(SqliteStore {
+            writer,
+            reader,
+            direct: std::sync::Arc::new(direct),
+            _scratch: scratch,
+            fsync_commits: synchronous == Some(Synchronous::Full),
+            leases: std::sync::Arc::default(),
+        })
     }
 
     /// One end user's entries, newest first: a walk down its chain of entries (each
@@ -653,23 +652,19 @@ impl Store for SqliteStore {
         claims: &[Claim],
         operation: &mut ClaimingFn<'_>,
     ) -> Result<(), ApiError> {
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::from)?;
-        let (old, head) = load_state_in(&mut tx, env, end_user)
-            .await?
-            .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
-        let claimed = claim_keys(&mut tx, env, claims).await?;
-        let mut state = old.clone();
-        let changes = operation(&mut state, &claimed)?;
-        let mut rows = Rows::default();
-        rows.heads.insert(end_user.to_string(), head);
-        stage(&mut tx, env, &old, &state, &changes, now, &mut rows).await?;
-        rows.flush(&mut tx, env, now).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(())
+        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        self.direct.transaction(|tx| {
+            let (old, head) = write::load_state(tx, env, end_user.as_str())?
+                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+            let claimed = write::claim_keys(tx, env, claims)?;
+            let mut state = old.clone();
+            let changes = operation(&mut state, &claimed)?;
+            let mut rows = write::Rows::default();
+            rows.heads.insert(end_user.to_string(), head);
+            write::stage(tx, env, (&old, &state, &changes), now, &mut rows)?;
+            rows.flush(tx, env, now)?;
+            Ok(())
+        })
     }
 
     /// Runs the batch's operations, and renders their rows, before taking the write
@@ -719,57 +714,49 @@ impl Store for SqliteStore {
                 run,
             });
         }
-        let mut tx = self
-            .writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::from)?;
-        let written = changed_since_in(&mut tx, env, read_at).await?;
-        let stale: Vec<&str> = ids
-            .iter()
-            .zip(&prepared)
-            .filter(|(end_user, optimistic)| optimistic.run.is_none() || written.contains(end_user))
-            .map(|(end_user, _)| *end_user)
-            .collect();
-        let mut fresh = load_states_in(&mut tx, env, &stale).await?;
-        let mut rows = Rows::default();
-        for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
-            let (old, head, state, changes, staged) = match optimistic.run {
-                Some((changes, staged)) if !written.contains(end_user.as_str()) => (
-                    optimistic.old,
-                    optimistic.head,
-                    optimistic.state,
-                    changes,
-                    staged,
-                ),
-                _ => {
-                    let (old, head) = fresh
-                        .remove(end_user.as_str())
-                        .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
-                    let mut state = old.clone();
-                    let changes = operation(&mut state)?;
-                    (old, head, state, changes, None)
-                }
-            };
-            rows.heads.insert(end_user.to_string(), head);
-            match staged {
-                Some(staged) => {
-                    stage_rendered(
-                        &mut tx,
-                        env,
-                        (&old, &state, &changes),
+        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        self.direct.transaction(|tx| {
+            let written = write::changed_since(tx, env, read_at)?;
+            let stale: Vec<&str> = ids
+                .iter()
+                .zip(&prepared)
+                .filter(|(end_user, optimistic)| {
+                    optimistic.run.is_none() || written.contains(end_user)
+                })
+                .map(|(end_user, _)| *end_user)
+                .collect();
+            let mut fresh = write::load_states(tx, env, &stale)?;
+            let mut rows = write::Rows::default();
+            for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
+                let (old, head, state, changes, staged) = match optimistic.run {
+                    Some((changes, staged)) if !written.contains(end_user.as_str()) => (
+                        optimistic.old,
+                        optimistic.head,
+                        optimistic.state,
+                        changes,
                         staged,
-                        now,
-                        &mut rows,
-                    )
-                    .await?;
+                    ),
+                    _ => {
+                        let (old, head) = fresh
+                            .remove(end_user.as_str())
+                            .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+                        let mut state = old.clone();
+                        let changes = operation(&mut state)?;
+                        (old, head, state, changes, None)
+                    }
+                };
+                rows.heads.insert(end_user.to_string(), head);
+                let applied = (&old, &state, changes.as_slice());
+                match staged {
+                    Some(staged) => {
+                        write::stage_rendered(tx, env, applied, staged, now, &mut rows)?
+                    }
+                    None => write::stage(tx, env, applied, now, &mut rows)?,
                 }
-                None => stage(&mut tx, env, &old, &state, &changes, now, &mut rows).await?,
             }
-        }
-        rows.flush(&mut tx, env, now).await?;
-        tx.commit().await.map_err(StoreError::from)?;
-        Ok(())
+            rows.flush(tx, env, now)?;
+            Ok(())
+        })
     }
 
     async fn load_state(
@@ -1376,30 +1363,6 @@ fn parse_state(text: &str) -> StoreResult<EndUserState> {
     EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
 }
 
-/// The end user's state, with the sequence number of its newest entry (the head of its
-/// chain of entries).
-async fn load_state_in(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    end_user: &EndUserId,
-) -> StoreResult<Option<(EndUserState, Option<i64>)>> {
-    let row = sqlx::query(
-        "SELECT state, last_entry_seq FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(end_user.as_str())
-    .fetch_optional(&mut **tx)
-    .await?;
-    row.map(|row| {
-        Ok((
-            parse_state(&row.try_get::<String, _>("state")?)?,
-            row.try_get("last_entry_seq")?,
-        ))
-    })
-    .transpose()
-}
-
 /// Usage key records from rows of `usage_keys`, by key.
 fn usage_key_rows(
     rows: &[SqliteRow],
@@ -1428,7 +1391,7 @@ struct Optimistic {
     head: Option<i64>,
     state: EndUserState,
     /// What it wrote and the rows rendered from it; `None` if it failed.
-    run: Option<(Vec<Changes>, Option<Staged>)>,
+    run: Option<(Vec<Changes>, Option<write::Staged>)>,
 }
 
 /// The newest position of the change feed (of every environment).
@@ -1438,54 +1401,6 @@ async fn feed_position_in(connection: &mut SqliteConnection) -> StoreResult<i64>
             .fetch_one(&mut *connection)
             .await?,
     )
-}
-
-/// End users whose state changed after a feed position.
-struct Written {
-    /// The feed after that position was purged in part: any end user may have changed.
-    all: bool,
-    users: std::collections::HashSet<String>,
-}
-
-impl Written {
-    fn contains(&self, end_user: &str) -> bool {
-        self.all || self.users.contains(end_user)
-    }
-}
-
-/// The environment's end users whose state changed after feed position `after`.
-async fn changed_since_in(
-    connection: &mut SqliteConnection,
-    env: &Env,
-    after: i64,
-) -> StoreResult<Written> {
-    // A purge deletes by the environment's clock, which may stand still (a test clock):
-    // if it took entries past `after`, the feed cannot say who changed.
-    let purged: Option<i64> = sqlx::query_scalar(
-        "SELECT purged_through FROM change_watermarks WHERE tenant_id = ? AND environment = ?",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .fetch_optional(&mut *connection)
-    .await?;
-    if purged.is_some_and(|purged| purged > after) {
-        return Ok(Written {
-            all: true,
-            users: std::collections::HashSet::new(),
-        });
-    }
-    let users: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT end_user_id FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? AND end_user_id IS NOT NULL",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(after)
-    .fetch_all(&mut *connection)
-    .await?;
-    Ok(Written {
-        all: false,
-        users: users.into_iter().collect(),
-    })
 }
 
 /// Several end users' states (each with the head of its chain of entries) in a few
@@ -1625,423 +1540,8 @@ async fn finish_idempotency(
     Ok(())
 }
 
-/// Inserts `claims` unanswered (see [`Claim`]); which of them this transaction holds.
-/// The writer is this transaction's alone, so no other request can take a key between
-/// this insert and the answer stored before commit.
-async fn claim_keys(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    claims: &[Claim],
-) -> StoreResult<Vec<bool>> {
-    if claims.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) ",
-    );
-    query.push_values(claims_to_insert(claims), |mut row, claim| {
-        row.push_bind(&env.tenant_id)
-            .push_bind(env.environment.as_str())
-            .push_bind(&claim.key)
-            .push_bind(claim.fingerprint.as_slice())
-            .push_bind(claim.now.as_millis().saturating_add(CLAIM_LEASE_MS))
-            .push_bind(millis(claim.keep_until));
-    });
-    query.push(" ON CONFLICT DO NOTHING RETURNING key");
-    let taken: std::collections::HashSet<String> = query
-        .build_query_scalar::<String>()
-        .fetch_all(&mut **tx)
-        .await?
-        .into_iter()
-        .collect();
-    Ok(claimed_flags(claims, &taken))
-}
-
-/// Stores the idempotent answers of a transaction's operations, fenced: every key must
-/// still be unanswered. If another request answered one first (a lease that expired
-/// while its operation waited, and a retry that took the key over), the whole
-/// transaction rolls back with a retryable error rather than apply the request twice; a
-/// retry then replays the stored answer.
-async fn store_answers(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    answers: &[IdempotencyAnswer],
-) -> StoreResult<()> {
-    for chunk in answers.chunks(ROWS_PER_STATEMENT) {
-        let mut query = sqlx::QueryBuilder::<Sqlite>::new("WITH answers (key, status, body) AS (");
-        query.push_values(chunk, |mut row, answer| {
-            row.push_bind(&answer.key)
-                .push_bind(i64::from(answer.status))
-                .push_bind(answer.body.as_slice());
-        });
-        query
-            .push(") UPDATE idempotency AS i SET status = a.status, body = a.body FROM answers AS a WHERE i.tenant_id = ")
-            .push_bind(&env.tenant_id)
-            .push(" AND i.environment = ")
-            .push_bind(env.environment.as_str())
-            .push(" AND i.key = a.key AND i.status IS NULL");
-        let updated = query.build().execute(&mut **tx).await?;
-        if usize::try_from(updated.rows_affected()).ok() != Some(chunk.len()) {
-            let first = chunk.first().map_or("", |answer| answer.key.as_str());
-            return Err(super::answered_elsewhere(first));
-        }
-    }
-    Ok(())
-}
-
-/// The sequence number the next entry gets: what `AUTOINCREMENT` would give it (above
-/// every number ever used, deleted rows included). Only under the write lock.
-async fn next_entry_seq(tx: &mut Transaction<'_, Sqlite>) -> StoreResult<i64> {
-    let last: i64 = sqlx::query_scalar(
-        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
-                    COALESCE((SELECT MAX(seq) FROM entries), 0))",
-    )
-    .fetch_one(&mut **tx)
-    .await?;
-    last.checked_add(1)
-        .ok_or_else(|| corrupt("entry sequence numbers exhausted"))
-}
-
-/// Rows every operation writes (end users, entries, usage keys, feed entries), gathered
-/// so that a batch writes each kind with a few multi-row statements: with sqlx every
-/// statement is a round trip to SQLite's worker thread.
-#[derive(Debug, Default)]
-struct Rows {
-    end_users: Vec<StateRow>,
-    blocks: Vec<BlockRow>,
-    entries: Vec<EntryRow>,
-    usage_keys: Vec<UsageKeyRecord>,
-    /// Idempotent answers, stored fenced.
-    answers: Vec<IdempotencyAnswer>,
-    /// End users whose state changed.
-    changes: Vec<String>,
-    /// Each end user's newest entry before this transaction (`None`: it has none yet),
-    /// where its new entries' chain starts.
-    heads: std::collections::HashMap<String, Option<i64>>,
-}
-
-/// Rows per multi-row statement (at most 9 parameters a row, well under SQLite's limit).
+/// Values per `IN (...)` list of a statement, well under SQLite's limit of parameters.
 const ROWS_PER_STATEMENT: usize = 200;
-
-impl Rows {
-    async fn flush(
-        self,
-        tx: &mut Transaction<'_, Sqlite>,
-        env: &Env,
-        now: Timestamp,
-    ) -> StoreResult<()> {
-        // Number the new entries (this transaction holds the write lock, so the next
-        // numbers are known) and link each to its end user's previous entry.
-        let mut heads: std::collections::HashMap<&str, i64> = self
-            .heads
-            .iter()
-            .filter_map(|(end_user, head)| head.map(|head| (end_user.as_str(), head)))
-            .collect();
-        let mut linked = Vec::with_capacity(self.entries.len());
-        if !self.entries.is_empty() {
-            let mut seq = next_entry_seq(tx).await?;
-            for entry in &self.entries {
-                // Linking from an unknown head would cut the end user's older entries
-                // off its chain.
-                if !self.heads.contains_key(&entry.1) {
-                    return Err(corrupt(format!(
-                        "an entry of end user `{}` was staged without its chain's head",
-                        entry.1
-                    )));
-                }
-                let prev = heads.insert(entry.1.as_str(), seq);
-                linked.push((seq, prev, entry));
-                seq = seq
-                    .checked_add(1)
-                    .ok_or_else(|| corrupt("entry sequence numbers exhausted"))?;
-            }
-        }
-        for chunk in self.end_users.chunks(ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) ",
-            );
-            query.push_values(chunk, |mut row, (end_user, state, version, next_due)| {
-                row.push_bind(&env.tenant_id)
-                    .push_bind(env.environment.as_str())
-                    .push_bind(end_user)
-                    .push_bind(state)
-                    .push_bind(version)
-                    .push_bind(next_due)
-                    .push_bind(millis(now))
-                    .push_bind(heads.get(end_user.as_str()).copied());
-            });
-            query.push(
-                " ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
-                  state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at,
-                  last_entry_seq = COALESCE(excluded.last_entry_seq, last_entry_seq)",
-            );
-            query.build().execute(&mut **tx).await?;
-        }
-        // An end user with new entries but an unchanged state (not expected: an entry
-        // changes the state) still gets its chain's head moved.
-        let upserted: std::collections::HashSet<&str> = self
-            .end_users
-            .iter()
-            .map(|(end_user, ..)| end_user.as_str())
-            .collect();
-        let mut moved: Vec<(&str, i64)> = heads
-            .iter()
-            .filter(|(end_user, head)| {
-                !upserted.contains(*end_user)
-                    && self
-                        .heads
-                        .get(**end_user)
-                        .is_none_or(|old| *old != Some(**head))
-            })
-            .map(|(end_user, head)| (*end_user, *head))
-            .collect();
-        moved.sort_unstable();
-        // The feed names every end user whose row changed (see `mutate_many`).
-        let mut feed: Vec<&str> = self.changes.iter().map(String::as_str).collect();
-        feed.extend(moved.iter().map(|(end_user, _)| *end_user));
-        for (end_user, head) in moved {
-            let moved = sqlx::query("UPDATE end_users SET last_entry_seq = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
-                .bind(head)
-                .bind(&env.tenant_id)
-                .bind(env.environment.as_str())
-                .bind(end_user)
-                .execute(&mut **tx)
-                .await?;
-            if moved.rows_affected() != 1 {
-                // Without a row to hold the head, the entries would be unreachable.
-                return Err(corrupt(format!(
-                    "end user `{end_user}` has new entries but no stored state"
-                )));
-            }
-        }
-        for chunk in self.blocks.chunks(ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) ",
-            );
-            query.push_values(chunk, |mut row, block| {
-                row.push_bind(&block.id)
-                    .push_bind(&env.tenant_id)
-                    .push_bind(env.environment.as_str())
-                    .push_bind(&block.end_user)
-                    .push_bind(&block.body)
-                    .push_bind(&block.metadata)
-                    .push_bind(&block.external_payment_id)
-                    .push_bind(block.created_at);
-            });
-            query.push(" ON CONFLICT (id) DO UPDATE SET body = excluded.body");
-            query.build().execute(&mut **tx).await?;
-        }
-        for chunk in linked.chunks(ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO entries (seq, id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) ",
-            );
-            query.push_values(
-                chunk,
-                |mut row, (seq, prev, (id, end_user, entry_type, created_at, body))| {
-                    row.push_bind(seq)
-                        .push_bind(id)
-                        .push_bind(&env.tenant_id)
-                        .push_bind(env.environment.as_str())
-                        .push_bind(end_user)
-                        .push_bind(prev)
-                        .push_bind(*entry_type)
-                        .push_bind(created_at)
-                        .push_bind(body);
-                },
-            );
-            query.build().execute(&mut **tx).await?;
-        }
-        for chunk in self.usage_keys.chunks(ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) ",
-            );
-            query.push_values(chunk, |mut row, key| {
-                row.push_bind(&env.tenant_id)
-                    .push_bind(env.environment.as_str())
-                    .push_bind(&key.key)
-                    .push_bind(key.fingerprint.as_slice())
-                    .push_bind(&key.entry_id)
-                    .push_bind(key.result.to_string())
-                    .push_bind(millis(key.keep_until));
-            });
-            query.build().execute(&mut **tx).await.map_err(|error| {
-                if unique_violation(&error) {
-                    StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-                } else {
-                    StoreError::from(error)
-                }
-            })?;
-        }
-        store_answers(tx, env, &self.answers).await?;
-        for chunk in feed.chunks(ROWS_PER_STATEMENT) {
-            let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
-            );
-            query.push_values(chunk, |mut row, end_user| {
-                row.push_bind(&env.tenant_id)
-                    .push_bind(env.environment.as_str())
-                    .push_bind("end_user")
-                    .push_bind(end_user)
-                    .push_bind(millis(now));
-            });
-            query.build().execute(&mut **tx).await?;
-        }
-        Ok(())
-    }
-}
-
-/// Writes what is rare per operation (blocks, reservations, subscriptions, events with
-/// their deliveries, idempotency answers) and stages the common rows in `rows`.
-/// `changes` holds one entry per operation applied on the way from `old` to `new`.
-async fn stage(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    old: &EndUserState,
-    new: &EndUserState,
-    changes: &[Changes],
-    now: Timestamp,
-    rows: &mut Rows,
-) -> StoreResult<()> {
-    if changes.is_empty() {
-        return unchanged(old, new);
-    }
-    let staged = stage_rows(old, new, changes)?;
-    stage_rendered(tx, env, (old, new, changes), staged, now, rows).await
-}
-
-/// An operation's state before and after, and what it reported writing.
-type Applied<'a> = (&'a EndUserState, &'a EndUserState, &'a [Changes]);
-
-/// Rows [`stage_rows`] rendered from an operation.
-type Staged = (Option<StateRow>, Vec<EntryRow>, Vec<BlockRow>);
-
-/// [`stage`] with the operation's common rows already rendered (by `stage_rows`, from
-/// the same operation, which reported changes).
-async fn stage_rendered(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    (old, new, changes): Applied<'_>,
-    (state, entries, blocks): Staged,
-    now: Timestamp,
-    rows: &mut Rows,
-) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    rows.end_users.extend(state);
-    rows.entries.extend(entries);
-    rows.blocks.extend(blocks);
-    if new != old {
-        rows.changes.push(end_user.to_owned());
-    }
-    for part in changes {
-        rows.usage_keys.extend(part.usage_keys.iter().cloned());
-    }
-
-    let old_reservations: BTreeMap<_, _> = old
-        .reservations()
-        .iter()
-        .map(|reservation| (reservation.id, reservation))
-        .collect();
-    for reservation in new
-        .reservations()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
-    {
-        if old_reservations
-            .get(&reservation.id)
-            .is_some_and(|old| *old == reservation)
-        {
-            continue;
-        }
-        sqlx::query(
-            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )
-        .bind(reservation.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(reservation.status.as_str())
-        .bind(serde_json::to_string(reservation)?)
-        .execute(&mut **tx)
-        .await?;
-    }
-
-    let old_subscriptions: BTreeMap<_, _> = old
-        .subscriptions()
-        .iter()
-        .map(|subscription| (subscription.id, subscription))
-        .collect();
-    for subscription in new
-        .subscriptions()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
-    {
-        if old_subscriptions
-            .get(&subscription.id)
-            .is_some_and(|old| *old == subscription)
-        {
-            continue;
-        }
-        sqlx::query(
-            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )
-        .bind(subscription.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(subscription.status.as_str())
-        .bind(serde_json::to_string(subscription)?)
-        .execute(&mut **tx)
-        .await?;
-    }
-
-    if changes.iter().any(|part| !part.events.is_empty()) {
-        let endpoints = live_endpoints(tx, env).await?;
-        for event in changes.iter().flat_map(|part| &part.events) {
-            insert_event(tx, env, event, &endpoints, now).await?;
-        }
-    }
-
-    rows.answers
-        .extend(changes.iter().filter_map(|part| part.idempotency.clone()));
-    for key in changes.iter().filter_map(|part| part.release.as_ref()) {
-        sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(key)
-            .execute(&mut **tx)
-            .await?;
-    }
-    Ok(())
-}
-
-async fn insert_event(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    event: &ledger::Event,
-    endpoints: &[EndpointRecord],
-    now: Timestamp,
-) -> StoreResult<()> {
-    let wire = super::wire_event(event);
-    let seq = insert_wire_event(tx, env, &wire, Some(event.end_user_id.as_str())).await?;
-    for endpoint in endpoints
-        .iter()
-        .filter(|endpoint| endpoint.wants(&wire.event_type))
-    {
-        insert_delivery(
-            tx,
-            env,
-            &endpoint.id,
-            &wire.id,
-            seq,
-            Some(event.end_user_id.as_str()),
-            now,
-        )
-        .await?;
-    }
-    Ok(())
-}
 
 /// Appends an event to the environment's log and returns its position.
 async fn insert_wire_event(

@@ -1,0 +1,635 @@
+//! The SQLite writer's end-user transactions (`mutate`, `mutate_many`) on a direct
+//! connection: rusqlite, on the calling thread, one cached prepared statement per kind
+//! of row. sqlx runs each connection on a thread of its own and crosses a channel for
+//! every statement, copying every bound value: for a usage batch's rows that was a
+//! quarter of their cost (docs/BENCHMARKS.md, P4). The store's other writes, its reads
+//! and its migrations stay on sqlx; the direct connection is used only while the sqlx
+//! writer is held, so the two never write at once in this process (another process
+//! waits on SQLite's lock, `busy_timeout`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+
+use ledger::{EndUserState, Timestamp};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use super::super::{
+    BlockRow, CLAIM_LEASE_MS, Changes, Claim, EndpointRecord, EntryRow, Env, IdempotencyAnswer,
+    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, claimed_flags,
+    claims_to_insert, stage_rows, unchanged,
+};
+use super::{corrupt, parse_state};
+use crate::config::Synchronous;
+use crate::error::ApiError;
+
+/// Prepared statements kept per connection (a transaction uses about twenty kinds).
+const STATEMENT_CACHE: usize = 64;
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(error: rusqlite::Error) -> StoreError {
+        let transient = matches!(
+            error.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        StoreError::Database {
+            message: error.to_string(),
+            transient,
+        }
+    }
+}
+
+fn unique_violation(error: &rusqlite::Error) -> bool {
+    matches!(
+        error,
+        rusqlite::Error::SqliteFailure(failure, _)
+            if failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                || failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+    )
+}
+
+/// The direct connection. Its transactions run on the calling thread: on a
+/// multi-threaded runtime the worker hands its other tasks over first
+/// (`block_in_place`).
+#[derive(Debug)]
+pub(super) struct Direct {
+    connection: Mutex<Connection>,
+}
+
+impl Direct {
+    /// Opens `path` (already created and migrated through sqlx).
+    pub(super) fn open(path: &str, synchronous: Option<Synchronous>) -> StoreResult<Direct> {
+        let connection = Connection::open(path)?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.pragma_update(
+            None,
+            "synchronous",
+            match synchronous {
+                Some(Synchronous::Full) => "FULL",
+                Some(Synchronous::Normal) => "NORMAL",
+                None => "OFF",
+            },
+        )?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Direct {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    /// Runs `work` in one `BEGIN IMMEDIATE` transaction, committed if it succeeds and
+    /// rolled back otherwise. The caller holds the sqlx writer.
+    pub(super) fn transaction<T>(
+        &self,
+        work: impl FnOnce(&Transaction<'_>) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        blocking(|| {
+            // A panic inside a transaction rolled it back when it unwound: the
+            // connection is clean even if the lock is poisoned.
+            let mut connection = self
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let tx = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(StoreError::from)?;
+            let value = work(&tx)?;
+            tx.commit().map_err(StoreError::from)?;
+            Ok(value)
+        })
+    }
+}
+
+/// Runs blocking `work` from async code: through `block_in_place` on a multi-threaded
+/// runtime, directly elsewhere (a current-thread runtime has no other worker to hand
+/// its tasks to). Not for a `LocalSet` on a multi-threaded runtime, where
+/// `block_in_place` panics (the control plane has none).
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
+/// The end user's state, with the sequence number of its newest entry (the head of its
+/// chain of entries).
+pub(super) fn load_state(
+    tx: &Transaction<'_>,
+    env: &Env,
+    end_user: &str,
+) -> StoreResult<Option<(EndUserState, Option<i64>)>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT state, last_entry_seq FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
+    )?;
+    let row = statement
+        .query_row(
+            params![env.tenant_id, env.environment.as_str(), end_user],
+            |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<i64>>(1)?)),
+        )
+        .optional()?;
+    row.map(|(state, head)| Ok((parse_state(&state)?, head)))
+        .transpose()
+}
+
+/// Several end users' states (with their chains' heads), by end user (those stored).
+pub(super) fn load_states(
+    tx: &Transaction<'_>,
+    env: &Env,
+    ids: &[&str],
+) -> StoreResult<BTreeMap<String, (EndUserState, Option<i64>)>> {
+    let mut states = BTreeMap::new();
+    for id in ids {
+        if let Some(found) = load_state(tx, env, id)? {
+            states.insert((*id).to_owned(), found);
+        }
+    }
+    Ok(states)
+}
+
+/// End users whose state changed after a feed position.
+pub(super) struct Written {
+    /// The feed after that position was purged in part: any end user may have changed.
+    all: bool,
+    users: HashSet<String>,
+}
+
+impl Written {
+    pub(super) fn contains(&self, end_user: &str) -> bool {
+        self.all || self.users.contains(end_user)
+    }
+}
+
+/// The environment's end users whose state changed after feed position `after`.
+pub(super) fn changed_since(tx: &Transaction<'_>, env: &Env, after: i64) -> StoreResult<Written> {
+    // A purge deletes by the environment's clock, which may stand still (a test clock):
+    // if it took entries past `after`, the feed cannot say who changed.
+    let purged: Option<i64> = tx
+        .prepare_cached(
+            "SELECT purged_through FROM change_watermarks WHERE tenant_id = ? AND environment = ?",
+        )?
+        .query_row(params![env.tenant_id, env.environment.as_str()], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    if purged.is_some_and(|purged| purged > after) {
+        return Ok(Written {
+            all: true,
+            users: HashSet::new(),
+        });
+    }
+    let mut statement = tx.prepare_cached(
+        "SELECT DISTINCT end_user_id FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? AND end_user_id IS NOT NULL",
+    )?;
+    let users = statement
+        .query_map(
+            params![env.tenant_id, env.environment.as_str(), after],
+            |row| row.get(0),
+        )?
+        .collect::<Result<HashSet<String>, _>>()?;
+    Ok(Written { all: false, users })
+}
+
+/// Inserts `claims` unanswered (see [`Claim`]); which of them this transaction holds.
+/// The writer is this transaction's alone, so no other request can take a key between
+/// this insert and the answer stored before commit.
+pub(super) fn claim_keys(
+    tx: &Transaction<'_>,
+    env: &Env,
+    claims: &[Claim],
+) -> StoreResult<Vec<bool>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut statement = tx.prepare_cached(
+        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    )?;
+    let mut taken = HashSet::new();
+    for claim in claims_to_insert(claims) {
+        let inserted = statement.execute(params![
+            env.tenant_id,
+            env.environment.as_str(),
+            claim.key,
+            claim.fingerprint.as_slice(),
+            claim.now.as_millis().saturating_add(CLAIM_LEASE_MS),
+            claim.keep_until.as_millis(),
+        ])?;
+        if inserted == 1 {
+            taken.insert(claim.key.clone());
+        }
+    }
+    Ok(claimed_flags(claims, &taken))
+}
+
+/// Stores the idempotent answers of a transaction's operations, fenced: every key must
+/// still be unanswered. If another request answered one first (a lease that expired
+/// while its operation waited, and a retry that took the key over), the whole
+/// transaction rolls back with a retryable error rather than apply the request twice; a
+/// retry then replays the stored answer.
+fn store_answers(
+    tx: &Transaction<'_>,
+    env: &Env,
+    answers: &[IdempotencyAnswer],
+) -> StoreResult<()> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let mut statement = tx.prepare_cached(
+        "UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL",
+    )?;
+    for answer in answers {
+        let updated = statement.execute(params![
+            i64::from(answer.status),
+            answer.body.as_slice(),
+            env.tenant_id,
+            env.environment.as_str(),
+            answer.key,
+        ])?;
+        if updated != 1 {
+            return Err(answered_elsewhere(&answer.key));
+        }
+    }
+    Ok(())
+}
+
+/// The sequence number the next entry gets: what `AUTOINCREMENT` would give it (above
+/// every number ever used, deleted rows included). Only under the write lock.
+fn next_entry_seq(tx: &Transaction<'_>) -> StoreResult<i64> {
+    let last: i64 = tx
+        .prepare_cached(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),
+                        COALESCE((SELECT MAX(seq) FROM entries), 0))",
+        )?
+        .query_row([], |row| row.get(0))?;
+    last.checked_add(1)
+        .ok_or_else(|| corrupt("entry sequence numbers exhausted"))
+}
+
+/// Rows every operation writes (end users, entries, usage keys, feed entries), gathered
+/// over a transaction's operations and written kind by kind.
+#[derive(Debug, Default)]
+pub(super) struct Rows {
+    end_users: Vec<StateRow>,
+    blocks: Vec<BlockRow>,
+    entries: Vec<EntryRow>,
+    usage_keys: Vec<UsageKeyRecord>,
+    /// Idempotent answers, stored fenced.
+    answers: Vec<IdempotencyAnswer>,
+    /// End users whose state changed.
+    changes: Vec<String>,
+    /// Each end user's newest entry before this transaction (`None`: it has none yet),
+    /// where its new entries' chain starts.
+    pub(super) heads: HashMap<String, Option<i64>>,
+}
+
+impl Rows {
+    pub(super) fn flush(self, tx: &Transaction<'_>, env: &Env, now: Timestamp) -> StoreResult<()> {
+        let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+        // Number the new entries (this transaction holds the write lock, so the next
+        // numbers are known) and link each to its end user's previous entry.
+        let mut heads: HashMap<&str, i64> = self
+            .heads
+            .iter()
+            .filter_map(|(end_user, head)| head.map(|head| (end_user.as_str(), head)))
+            .collect();
+        let mut linked = Vec::with_capacity(self.entries.len());
+        if !self.entries.is_empty() {
+            let mut seq = next_entry_seq(tx)?;
+            for entry in &self.entries {
+                // Linking from an unknown head would cut the end user's older entries
+                // off its chain.
+                if !self.heads.contains_key(&entry.1) {
+                    return Err(corrupt(format!(
+                        "an entry of end user `{}` was staged without its chain's head",
+                        entry.1
+                    )));
+                }
+                let prev = heads.insert(entry.1.as_str(), seq);
+                linked.push((seq, prev, entry));
+                seq = seq
+                    .checked_add(1)
+                    .ok_or_else(|| corrupt("entry sequence numbers exhausted"))?;
+            }
+        }
+        if !self.end_users.is_empty() {
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+                 state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at,
+                 last_entry_seq = COALESCE(excluded.last_entry_seq, last_entry_seq)",
+            )?;
+            for (end_user, state, version, next_due) in &self.end_users {
+                statement.execute(params![
+                    tenant,
+                    environment,
+                    end_user,
+                    state,
+                    version,
+                    next_due,
+                    now.as_millis(),
+                    heads.get(end_user.as_str()).copied(),
+                ])?;
+            }
+        }
+        // An end user with new entries but an unchanged state (not expected: an entry
+        // changes the state) still gets its chain's head moved.
+        let upserted: HashSet<&str> = self
+            .end_users
+            .iter()
+            .map(|(end_user, ..)| end_user.as_str())
+            .collect();
+        let mut moved: Vec<(&str, i64)> = heads
+            .iter()
+            .filter(|(end_user, head)| {
+                !upserted.contains(*end_user)
+                    && self
+                        .heads
+                        .get(**end_user)
+                        .is_none_or(|old| *old != Some(**head))
+            })
+            .map(|(end_user, head)| (*end_user, *head))
+            .collect();
+        moved.sort_unstable();
+        // The feed names every end user whose row changed (see `mutate_many`).
+        let mut feed: Vec<&str> = self.changes.iter().map(String::as_str).collect();
+        feed.extend(moved.iter().map(|(end_user, _)| *end_user));
+        for (end_user, head) in moved {
+            let updated = tx
+                .prepare_cached("UPDATE end_users SET last_entry_seq = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")?
+                .execute(params![head, tenant, environment, end_user])?;
+            if updated != 1 {
+                // Without a row to hold the head, the entries would be unreachable.
+                return Err(corrupt(format!(
+                    "end user `{end_user}` has new entries but no stored state"
+                )));
+            }
+        }
+        if !self.blocks.is_empty() {
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+            )?;
+            for block in &self.blocks {
+                statement.execute(params![
+                    block.id,
+                    tenant,
+                    environment,
+                    block.end_user,
+                    block.body,
+                    block.metadata,
+                    block.external_payment_id,
+                    block.created_at,
+                ])?;
+            }
+        }
+        if !linked.is_empty() {
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO entries (seq, id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )?;
+            for (seq, prev, (id, end_user, entry_type, created_at, body)) in linked {
+                statement.execute(params![
+                    seq,
+                    id,
+                    tenant,
+                    environment,
+                    end_user,
+                    prev,
+                    entry_type,
+                    created_at,
+                    body,
+                ])?;
+            }
+        }
+        if !self.usage_keys.is_empty() {
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            )?;
+            for key in &self.usage_keys {
+                statement
+                    .execute(params![
+                        tenant,
+                        environment,
+                        key.key,
+                        key.fingerprint.as_slice(),
+                        key.entry_id,
+                        key.result.to_string(),
+                        key.keep_until.as_millis(),
+                    ])
+                    .map_err(|error| {
+                        if unique_violation(&error) {
+                            StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+                        } else {
+                            StoreError::from(error)
+                        }
+                    })?;
+            }
+        }
+        store_answers(tx, env, &self.answers)?;
+        if !feed.is_empty() {
+            let mut statement = tx.prepare_cached(
+                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, ?)",
+            )?;
+            for end_user in feed {
+                statement.execute(params![tenant, environment, end_user, now.as_millis()])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An operation's state before and after, and what it reported writing.
+pub(super) type Applied<'a> = (&'a EndUserState, &'a EndUserState, &'a [Changes]);
+
+/// Rows [`stage_rows`] rendered from an operation.
+pub(super) type Staged = (Option<StateRow>, Vec<EntryRow>, Vec<BlockRow>);
+
+/// Writes what is rare per operation (reservations, subscriptions, events with their
+/// deliveries, released idempotency keys) and gathers the common rows in `rows`.
+/// `changes` holds one entry per operation applied on the way from `old` to `new`.
+pub(super) fn stage(
+    tx: &Transaction<'_>,
+    env: &Env,
+    (old, new, changes): Applied<'_>,
+    now: Timestamp,
+    rows: &mut Rows,
+) -> StoreResult<()> {
+    if changes.is_empty() {
+        return unchanged(old, new);
+    }
+    let staged = stage_rows(old, new, changes)?;
+    stage_rendered(tx, env, (old, new, changes), staged, now, rows)
+}
+
+/// [`stage`] with the operation's common rows already rendered (by `stage_rows`, from
+/// the same operation, which reported changes).
+pub(super) fn stage_rendered(
+    tx: &Transaction<'_>,
+    env: &Env,
+    (old, new, changes): Applied<'_>,
+    (state, entries, blocks): Staged,
+    now: Timestamp,
+    rows: &mut Rows,
+) -> StoreResult<()> {
+    let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+    let end_user = new.end_user_id().as_str();
+    rows.end_users.extend(state);
+    rows.entries.extend(entries);
+    rows.blocks.extend(blocks);
+    if new != old {
+        rows.changes.push(end_user.to_owned());
+    }
+    for part in changes {
+        rows.usage_keys.extend(part.usage_keys.iter().cloned());
+    }
+
+    let old_reservations: BTreeMap<_, _> = old
+        .reservations()
+        .iter()
+        .map(|reservation| (reservation.id, reservation))
+        .collect();
+    for reservation in new
+        .reservations()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
+    {
+        if old_reservations
+            .get(&reservation.id)
+            .is_some_and(|old| *old == reservation)
+        {
+            continue;
+        }
+        tx.prepare_cached(
+            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )?
+        .execute(params![
+            reservation.id.to_string(),
+            tenant,
+            environment,
+            end_user,
+            reservation.status.as_str(),
+            serde_json::to_string(reservation)?,
+        ])?;
+    }
+
+    let old_subscriptions: BTreeMap<_, _> = old
+        .subscriptions()
+        .iter()
+        .map(|subscription| (subscription.id, subscription))
+        .collect();
+    for subscription in new
+        .subscriptions()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
+    {
+        if old_subscriptions
+            .get(&subscription.id)
+            .is_some_and(|old| *old == subscription)
+        {
+            continue;
+        }
+        tx.prepare_cached(
+            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )?
+        .execute(params![
+            subscription.id.to_string(),
+            tenant,
+            environment,
+            end_user,
+            subscription.status.as_str(),
+            serde_json::to_string(subscription)?,
+        ])?;
+    }
+
+    if changes.iter().any(|part| !part.events.is_empty()) {
+        let endpoints = live_endpoints(tx, env)?;
+        for event in changes.iter().flat_map(|part| &part.events) {
+            insert_event(tx, env, event, &endpoints, now)?;
+        }
+    }
+
+    rows.answers
+        .extend(changes.iter().filter_map(|part| part.idempotency.clone()));
+    for key in changes.iter().filter_map(|part| part.release.as_ref()) {
+        tx.prepare_cached("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")?
+            .execute(params![tenant, environment, key])?;
+    }
+    Ok(())
+}
+
+/// Appends an end user's event to the environment's log and queues it for every
+/// endpoint that wants it.
+fn insert_event(
+    tx: &Transaction<'_>,
+    env: &Env,
+    event: &ledger::Event,
+    endpoints: &[EndpointRecord],
+    now: Timestamp,
+) -> StoreResult<()> {
+    let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+    let wire = super::super::wire_event(event);
+    let end_user = event.end_user_id.as_str();
+    tx.prepare_cached("INSERT INTO events (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)")?
+        .execute(params![
+            wire.id,
+            tenant,
+            environment,
+            end_user,
+            wire.event_type,
+            wire.created_at.0.as_millis(),
+            serde_json::to_string(&wire)?,
+        ])?;
+    let seq = tx.last_insert_rowid();
+    for endpoint in endpoints
+        .iter()
+        .filter(|endpoint| endpoint.wants(&wire.event_type))
+    {
+        tx.prepare_cached(
+            "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+        )?
+        .execute(params![
+            tenant,
+            environment,
+            endpoint.id,
+            wire.id,
+            seq,
+            end_user,
+            now.as_millis(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// The environment's endpoints that are not deleted.
+fn live_endpoints(tx: &Transaction<'_>, env: &Env) -> StoreResult<Vec<EndpointRecord>> {
+    let mut statement = tx.prepare_cached(
+        "SELECT id, url, event_types, secret, created_at, updated_at FROM webhook_endpoints WHERE tenant_id = ? AND environment = ? AND deleted_at IS NULL ORDER BY created_at, id",
+    )?;
+    let rows = statement
+        .query_map(params![env.tenant_id, env.environment.as_str()], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, Option<String>>(2)?,
+                row.get::<_, String>(3)?,
+                row.get::<_, i64>(4)?,
+                row.get::<_, i64>(5)?,
+            ))
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|(id, url, event_types, secret, created_at, updated_at)| {
+            Ok(EndpointRecord {
+                id,
+                url,
+                event_types: event_types
+                    .map(|text| serde_json::from_str(&text))
+                    .transpose()?,
+                secret,
+                created_at: Timestamp::from_millis(created_at),
+                updated_at: Timestamp::from_millis(updated_at),
+            })
+        })
+        .collect()
+}
