@@ -146,8 +146,9 @@ pub struct UsageKeyRecord {
     pub key: String,
     pub fingerprint: [u8; 32],
     pub entry_id: String,
-    /// The answer first given (`UsageRecorded`).
-    pub result: serde_json::Value,
+    /// The answer first given (`UsageRecorded`), as the JSON text stored: written and
+    /// read as it is, parsed only when a repeat is answered.
+    pub result: String,
     pub keep_until: Timestamp,
 }
 

@@ -42,23 +42,24 @@ pub async fn send(
     request: Builder,
     body: Option<serde_json::Value>,
 ) -> serde_json::Value {
-    send_text(
+    let answer = send_text(
         app,
         key,
         request,
         body.map(|body| Bytes::from(body.to_string())),
     )
-    .await
+    .await;
+    serde_json::from_slice(&answer).unwrap_or(serde_json::Value::Null)
 }
 
-/// [`send`] with the JSON body already written (so that a measured loop does not
-/// count the client's work of writing it).
+/// [`send`] with the JSON body already written and the answer left unparsed (so that a
+/// measured loop does not count the client's work).
 pub async fn send_text(
     app: &axum::Router,
     key: &str,
     request: Builder,
     body: Option<Bytes>,
-) -> serde_json::Value {
+) -> Bytes {
     let request = request.header("authorization", format!("Bearer {key}"));
     let request = match body {
         Some(body) => request
@@ -83,7 +84,7 @@ pub async fn send_text(
         "{status}: {}",
         String::from_utf8_lossy(&bytes)
     );
-    serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+    bytes
 }
 
 /// A control plane on `database` (`synchronous = full`, no rate limit; `configure` may

@@ -346,7 +346,7 @@ fn apply_events(
                     key: event.key.clone(),
                     fingerprint: event.fingerprint,
                     entry_id: answer.id.clone(),
-                    result: serde_json::to_value(&answer)
+                    result: serde_json::to_string(&answer)
                         .map_err(|error| ApiError::Internal(error.to_string()))?,
                     keep_until,
                 });
@@ -366,7 +366,16 @@ fn apply_events(
 }
 
 /// A duplicate of an earlier event: its original entry id and amounts.
-fn duplicate_of(index: usize, original: &serde_json::Value) -> BatchResult {
+fn duplicate_of(index: usize, original: &str) -> BatchResult {
+    let original: serde_json::Value = match serde_json::from_str(original) {
+        Ok(original) => original,
+        Err(error) => {
+            return error_result(
+                index,
+                &ApiError::Internal(format!("the stored answer of this event's key: {error}")),
+            );
+        }
+    };
     let number = |name: &str| original.get(name).and_then(serde_json::Value::as_i64);
     BatchResult {
         index,

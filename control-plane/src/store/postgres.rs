@@ -1191,7 +1191,7 @@ impl Store for PostgresStore {
                     .try_into()
                     .map_err(|_| corrupt("usage key fingerprint"))?,
                 entry_id: row.try_get("entry_id")?,
-                result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+                result: row.try_get::<String, _>("result")?,
                 keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
             };
             found.insert(record.key.clone(), record);
@@ -1671,7 +1671,7 @@ impl Rows {
                 keys.push(key.key);
                 fingerprints.push(key.fingerprint.to_vec());
                 entry_ids.push(key.entry_id);
-                results.push(key.result.to_string());
+                results.push(key.result);
                 keep.push(millis(key.keep_until));
             }
             sqlx::query(

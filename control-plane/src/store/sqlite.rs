@@ -1376,7 +1376,7 @@ fn usage_key_rows(
                 .try_into()
                 .map_err(|_| corrupt("usage key fingerprint"))?,
             entry_id: row.try_get("entry_id")?,
-            result: serde_json::from_str(&row.try_get::<String, _>("result")?)?,
+            result: row.try_get::<String, _>("result")?,
             keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
         };
         found.insert(record.key.clone(), record);

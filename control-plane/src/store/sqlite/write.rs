@@ -412,7 +412,7 @@ impl Rows {
                         key.key,
                         key.fingerprint.as_slice(),
                         key.entry_id,
-                        key.result.to_string(),
+                        key.result,
                         key.keep_until.as_millis(),
                     ])
                     .map_err(|error| {
