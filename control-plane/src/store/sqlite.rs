@@ -25,6 +25,13 @@ use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
 
+/// WAL pages after which a commit checkpoints (SQLite's default is 1,000, ~4 MiB): a
+/// usage batch rewrites most pages of the end users it touches, and every checkpoint
+/// copies each page changed since the last one to the database file once, however
+/// often it changed; checkpointing a tenth as often took P4 from ~48.7k to ~51.7k
+/// events/s (docs/BENCHMARKS.md). The WAL grows to ~40 MiB before a checkpoint.
+const CHECKPOINT_PAGES: i64 = 10_000;
+
 /// Rows in flight from SQLite's worker thread to the task reading them.
 const ROW_CHANNEL: usize = 1024;
 
@@ -121,6 +128,7 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true)
+            .pragma("wal_autocheckpoint", CHECKPOINT_PAGES.to_string())
             // sqlx hands rows from SQLite's thread to the task through a channel
             // of this many; at 50 (its default) a batch's few hundred rows cost a
             // thread switch every 50.

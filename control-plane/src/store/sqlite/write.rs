@@ -70,6 +70,7 @@ impl Direct {
                 None => "OFF",
             },
         )?;
+        connection.pragma_update(None, "wal_autocheckpoint", super::CHECKPOINT_PAGES)?;
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Direct {
             connection: Mutex::new(connection),
