@@ -134,7 +134,8 @@ pub enum Synchronous {
 pub enum DatabaseUrl {
     /// A SQLite file (created if missing).
     SqliteFile(String),
-    /// A private in-memory SQLite database (tests).
+    /// A private, throwaway SQLite database (tests): a file in a temporary directory of
+    /// its own, never fsynced, removed when the store is dropped.
     SqliteMemory,
     /// A PostgreSQL database: the `postgres://` (or `postgresql://`) URL as given, with
     /// any connection parameters (`?options=-c search_path=...`, `sslmode=...`).
@@ -458,7 +459,7 @@ impl Config {
 }
 
 fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
-    if url == ":memory:" || url == "sqlite::memory:" {
+    if url == ":memory:" || url == "sqlite::memory:" || url == "sqlite://:memory:" {
         return Ok(DatabaseUrl::SqliteMemory);
     }
     if let Some(path) = url
@@ -494,6 +495,20 @@ mod tests {
             config.database,
             DatabaseUrl::SqliteFile("data/quotastack.db".into())
         );
+    }
+
+    #[test]
+    fn every_spelling_of_memory_is_the_private_database() {
+        for url in [":memory:", "sqlite::memory:", "sqlite://:memory:"] {
+            assert!(
+                matches!(parse_database_url(url), Ok(DatabaseUrl::SqliteMemory)),
+                "{url}"
+            );
+        }
+        assert!(matches!(
+            parse_database_url("sqlite://data/q.db"),
+            Ok(DatabaseUrl::SqliteFile(path)) if path == "data/q.db"
+        ));
     }
 
     // Unknown keys, bad values and unsupported URLs are errors that name what is wrong;

@@ -566,6 +566,9 @@ impl AppState {
     /// Runs one operation on each of several end users in one transaction (a usage
     /// batch): all commit or none. Each operation reports one `Changes` per step it took
     /// (a batch's events, each with its own annotations). Returns each end user's value.
+    /// An operation may run more than once, on a newer state each time (SQLite runs a
+    /// batch before taking its writer): only the last run's value is returned, so an
+    /// operation must have no effect beyond the state it is given and what it returns.
     ///
     /// # Errors
     /// The first failing operation's error, or store failures; nothing is written then.

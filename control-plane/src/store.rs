@@ -256,8 +256,8 @@ pub(crate) fn stage_rows(
     let state = if new == old {
         None
     } else {
-        // Readers take an unchanged version for an unchanged state (SQLite's usage
-        // batches check theirs so).
+        // A stored state's version identifies it: every change goes through the
+        // ledger's `transact`, which raises it.
         if new.version() <= old.version() {
             return Err(StoreError::Corrupt(format!(
                 "end user `{end_user}` changed without a new version"
@@ -413,12 +413,13 @@ pub(crate) fn answer_leases(batch: Vec<Lease>, outcome: StoreResult<Vec<Idempote
     }
 }
 
-/// The error for an operation whose idempotency key another request answered while it
-/// waited: retryable, and nothing of the transaction is written.
+/// The error for an operation whose idempotency key another request answered (or took
+/// over, its lease having expired) while it waited: retryable, and nothing of the
+/// transaction is written.
 pub fn answered_elsewhere(key: &str) -> StoreError {
     StoreError::Database {
         message: format!(
-            "idempotency key `{key}` (or another of this transaction's) was answered by another request while this one waited; nothing was written, and a retry replays that answer"
+            "idempotency key `{key}` (or another of this transaction's) was answered by another request, or taken over by one, while this one waited; nothing was written, and a retry replays that request's answer or waits for it"
         ),
         transient: true,
     }
@@ -692,7 +693,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         operation: &mut ClaimingFn<'_>,
     ) -> Result<(), ApiError>;
     /// Several end users' operations in one transaction (a usage batch): everything
-    /// commits or nothing does. End users are locked in id order; each appears once.
+    /// commits or nothing does. End users are locked in id order; each appears once. An
+    /// operation may run more than once (see [`MutateFn`]).
     async fn mutate_many(
         &self,
         env: &Env,

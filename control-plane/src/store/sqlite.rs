@@ -1,7 +1,8 @@
 //! The SQLite store: one file in WAL mode (`:memory:` is a private file removed with the
 //! store), one writer connection (SQLite allows one writer at a time, so every mutation is
-//! serialised there, end users included) and a pool of readers. Write transactions start
-//! with `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
+//! serialised there: end users' transactions run on a second, direct connection while
+//! they hold it, see `write`) and a pool of readers. Write transactions start with
+//! `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
 //! (`busy_timeout`) instead of failing to upgrade a read.
 
 use std::collections::BTreeMap;
@@ -1402,13 +1403,16 @@ struct Optimistic {
     run: Option<(Vec<Changes>, Option<write::Staged>)>,
 }
 
-/// The newest position of the change feed (of every environment).
+/// The newest position of the change feed (of every environment): the highest number
+/// `AUTOINCREMENT` ever gave, so that a purge emptying the feed does not take it below
+/// the purge's watermark (which would make every batch rerun every operation).
 async fn feed_position_in(connection: &mut SqliteConnection) -> StoreResult<i64> {
-    Ok(
-        sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM changes")
-            .fetch_one(&mut *connection)
-            .await?,
+    Ok(sqlx::query_scalar(
+        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),
+                    COALESCE((SELECT MAX(seq) FROM changes), 0))",
     )
+    .fetch_one(&mut *connection)
+    .await?)
 }
 
 /// Several end users' states (each with the head of its chain of entries) in a few

@@ -284,6 +284,10 @@ pub(super) struct Rows {
 }
 
 impl Rows {
+    /// Writes the rows. Every change of an end user's row (its state, or only its
+    /// chain's head) appends to the change feed here, in the same transaction: usage
+    /// batches rely on it to find end users written while they ran (`mutate_many`), so
+    /// any other statement that ever changes `end_users` must do the same.
     pub(super) fn flush(self, tx: &Transaction<'_>, env: &Env, now: Timestamp) -> StoreResult<()> {
         let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
         // Number the new entries (this transaction holds the write lock, so the next
