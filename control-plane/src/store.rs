@@ -425,6 +425,52 @@ pub fn answered_elsewhere(key: &str) -> StoreError {
     }
 }
 
+/// The reservations an operation created or changed, live or finished (what a store
+/// writes of them), in the state's order, then the finished ones'.
+pub(crate) fn changed_reservations<'a>(
+    old: &EndUserState,
+    new: &'a EndUserState,
+    changes: &'a [Changes],
+) -> Vec<&'a ledger::Reservation> {
+    let before: std::collections::BTreeMap<_, _> = old
+        .reservations()
+        .iter()
+        .map(|reservation| (reservation.id, reservation))
+        .collect();
+    new.reservations()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
+        .filter(|reservation| {
+            before
+                .get(&reservation.id)
+                .is_none_or(|old| *old != *reservation)
+        })
+        .collect()
+}
+
+/// The subscriptions an operation created or changed, live or finished (what a store
+/// writes of them), in the state's order, then the finished ones'.
+pub(crate) fn changed_subscriptions<'a>(
+    old: &EndUserState,
+    new: &'a EndUserState,
+    changes: &'a [Changes],
+) -> Vec<&'a ledger::Subscription> {
+    let before: std::collections::BTreeMap<_, _> = old
+        .subscriptions()
+        .iter()
+        .map(|subscription| (subscription.id, subscription))
+        .collect();
+    new.subscriptions()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
+        .filter(|subscription| {
+            before
+                .get(&subscription.id)
+                .is_none_or(|old| *old != *subscription)
+        })
+        .collect()
+}
+
 /// A mutation that reported no changes must not have changed the state.
 ///
 /// # Errors

@@ -1808,22 +1808,7 @@ async fn write_reservations(
     changes: &[Changes],
 ) -> StoreResult<()> {
     let end_user = new.end_user_id().as_str();
-    let old_reservations: BTreeMap<_, _> = old
-        .reservations()
-        .iter()
-        .map(|reservation| (reservation.id, reservation))
-        .collect();
-    for reservation in new
-        .reservations()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
-    {
-        if old_reservations
-            .get(&reservation.id)
-            .is_some_and(|old| *old == reservation)
-        {
-            continue;
-        }
+    for reservation in super::changed_reservations(old, new, changes) {
         sqlx::query(
             "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
@@ -1849,22 +1834,7 @@ async fn write_subscriptions(
     changes: &[Changes],
 ) -> StoreResult<()> {
     let end_user = new.end_user_id().as_str();
-    let old_subscriptions: BTreeMap<_, _> = old
-        .subscriptions()
-        .iter()
-        .map(|subscription| (subscription.id, subscription))
-        .collect();
-    for subscription in new
-        .subscriptions()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
-    {
-        if old_subscriptions
-            .get(&subscription.id)
-            .is_some_and(|old| *old == subscription)
-        {
-            continue;
-        }
+    for subscription in super::changed_subscriptions(old, new, changes) {
         sqlx::query(
             "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",

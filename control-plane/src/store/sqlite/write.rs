@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use super::super::{
     BlockRow, CLAIM_LEASE_MS, Changes, Claim, EndpointRecord, EntryRow, Env, IdempotencyAnswer,
-    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, claimed_flags,
-    claims_to_insert, stage_rows, unchanged,
+    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, changed_reservations,
+    changed_subscriptions, claimed_flags, claims_to_insert, stage_rows, unchanged,
 };
 use super::{corrupt, parse_state};
 use crate::config::Synchronous;
@@ -487,22 +487,7 @@ pub(super) fn stage_rendered(
         rows.usage_keys.extend(part.usage_keys.iter().cloned());
     }
 
-    let old_reservations: BTreeMap<_, _> = old
-        .reservations()
-        .iter()
-        .map(|reservation| (reservation.id, reservation))
-        .collect();
-    for reservation in new
-        .reservations()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
-    {
-        if old_reservations
-            .get(&reservation.id)
-            .is_some_and(|old| *old == reservation)
-        {
-            continue;
-        }
+    for reservation in changed_reservations(old, new, changes) {
         tx.prepare_cached(
             "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
@@ -517,22 +502,7 @@ pub(super) fn stage_rendered(
         ])?;
     }
 
-    let old_subscriptions: BTreeMap<_, _> = old
-        .subscriptions()
-        .iter()
-        .map(|subscription| (subscription.id, subscription))
-        .collect();
-    for subscription in new
-        .subscriptions()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
-    {
-        if old_subscriptions
-            .get(&subscription.id)
-            .is_some_and(|old| *old == subscription)
-        {
-            continue;
-        }
+    for subscription in changed_subscriptions(old, new, changes) {
         tx.prepare_cached(
             "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
              ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
