@@ -2014,11 +2014,23 @@ mod tests {
     /// before the batch took the write lock: that other write commits from inside the
     /// batch's first run of the operation (before the lock is taken). The operation
     /// grants 10 but refuses while nothing is available, as a strict debit would.
+    /// Who makes the concurrent write of `batch_over_a_concurrent_write`.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Concurrent {
+        /// This store (the batch's own writer and direct connection).
+        ThisStore,
+        /// This store, which then purges the whole change feed.
+        ThisStorePurging,
+        /// A second store on the same file, as another process would be: its own writer
+        /// and direct connection, SQLite's file lock between them.
+        OtherStore,
+    }
+
     async fn batch_over_a_concurrent_write(
         initial: Option<i64>,
-        purge: bool,
+        concurrent: Concurrent,
     ) -> (i64, usize, usize) {
-        let (_directory, _, store) = file_store().await;
+        let (_directory, url, store) = file_store().await;
         let env = Env {
             tenant_id: "t".into(),
             environment: Environment::Live,
@@ -2030,17 +2042,24 @@ mod tests {
         let runs = std::sync::atomic::AtomicUsize::new(0);
         let mut operation = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
             if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                let (store, env) = (store.clone(), env.clone());
+                let (store, env, url) = (store.clone(), env.clone(), url.clone());
                 std::thread::spawn(move || {
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .expect("runtime");
                     runtime.block_on(async {
-                        grant(&store, &env, "u1", 5).await;
-                        if purge {
-                            // The whole feed, the grant's entry included.
+                        let writer = if concurrent == Concurrent::OtherStore {
+                            SqliteStore::open(&url, Synchronous::Full, 1)
+                                .await
+                                .expect("second store")
+                        } else {
                             store
+                        };
+                        grant(&writer, &env, "u1", 5).await;
+                        if concurrent == Concurrent::ThisStorePurging {
+                            // The whole feed, the grant's entry included.
+                            writer
                                 .purge_changes(Timestamp::from_millis(i64::MAX))
                                 .await
                                 .expect("purge");
@@ -2085,21 +2104,30 @@ mod tests {
     async fn a_batch_reruns_an_operation_whose_state_changed_before_the_lock() {
         // 1 + 5 from the concurrent grant + 10 from the batch, each with its entry: the
         // batch did not overwrite the concurrent write with a state computed before it.
-        assert_eq!(
-            batch_over_a_concurrent_write(Some(1), false).await,
-            (16, 3, 2)
-        );
-        // The feed that would name the concurrent write purged meanwhile.
-        assert_eq!(
-            batch_over_a_concurrent_write(Some(1), true).await,
-            (16, 3, 2)
-        );
+        for concurrent in [
+            Concurrent::ThisStore,
+            // The feed that would name the concurrent write purged meanwhile.
+            Concurrent::ThisStorePurging,
+            Concurrent::OtherStore,
+        ] {
+            assert_eq!(
+                batch_over_a_concurrent_write(Some(1), concurrent).await,
+                (16, 3, 2),
+                "{concurrent:?}"
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_reruns_an_operation_refused_on_a_stale_state() {
         // Refused on the state read first (nothing available), granted on the state the
         // concurrent grant left.
-        assert_eq!(batch_over_a_concurrent_write(None, false).await, (15, 2, 2));
+        for concurrent in [Concurrent::ThisStore, Concurrent::OtherStore] {
+            assert_eq!(
+                batch_over_a_concurrent_write(None, concurrent).await,
+                (15, 2, 2),
+                "{concurrent:?}"
+            );
+        }
     }
 }
