@@ -5,7 +5,6 @@
 //! `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
 //! (`busy_timeout`) instead of failing to upgrade a read.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,7 +29,9 @@ use crate::group::{DrainGuard, Queues};
 /// usage batch rewrites most pages of the end users it touches, and every checkpoint
 /// copies each page changed since the last one to the database file once, however
 /// often it changed; checkpointing a tenth as often took P4 from ~48.7k to ~51.7k
-/// events/s (docs/BENCHMARKS.md). The WAL grows to ~40 MiB before a checkpoint.
+/// events/s (docs/BENCHMARKS.md). The WAL grows to ~40 MiB before a checkpoint. The
+/// direct writer's commits hand their checkpoints to a thread of their own (see
+/// `write`); sqlx's connections checkpoint as SQLite does, on the commit that crosses it.
 const CHECKPOINT_PAGES: i64 = 10_000;
 
 /// Rows in flight from SQLite's worker thread to the task reading them.
@@ -39,7 +40,21 @@ const ROW_CHANNEL: usize = 1024;
 /// Links of an end user's chain of entries read by one statement of a filtered listing.
 const CHAIN_STEPS: i64 = 512;
 
+mod read;
 mod write;
+
+/// Runs blocking `work` from async code: through `block_in_place` on a multi-threaded
+/// runtime, directly elsewhere (a current-thread runtime has no other worker to hand
+/// its tasks to). Not for a `LocalSet` on a multi-threaded runtime, where
+/// `block_in_place` panics (the control plane has none).
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -49,6 +64,8 @@ pub struct SqliteStore {
     reader: SqlitePool,
     /// End users' transactions (see `write`).
     direct: std::sync::Arc<write::Direct>,
+    /// The usage path's reads (see `read`).
+    readers: std::sync::Arc<read::Readers>,
     /// The directory of a `:memory:` database's file, removed with the last clone.
     _scratch: Option<std::sync::Arc<tempfile::TempDir>>,
     /// Whether commits fsync (`synchronous = full`): idempotency leases relax it (see
@@ -149,11 +166,16 @@ impl SqliteStore {
                 message: format!("migrations failed: {error}"),
                 transient: false,
             })?;
-        let direct = write::Direct::open(&path, synchronous)?;
+        let direct = write::Direct::open(&path, synchronous, CHECKPOINT_PAGES)?;
+        let readers = read::Readers::new(
+            &path,
+            usize::try_from(read_connections).unwrap_or(usize::MAX),
+        );
         Ok(SqliteStore {
             writer,
             reader,
             direct: std::sync::Arc::new(direct),
+            readers: std::sync::Arc::new(readers),
             _scratch: scratch,
             fsync_commits: synchronous == Some(Synchronous::Full),
             leases: std::sync::Arc::default(),
@@ -693,14 +715,10 @@ impl Store for SqliteStore {
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
         let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
-        let (read_at, mut seen) = {
-            // One read transaction: the states and the feed position are one snapshot.
-            let mut read = self.reader.begin().await.map_err(StoreError::from)?;
-            let read_at = feed_position_in(&mut read).await?;
-            let seen = load_states_in(&mut read, env, &ids).await?;
-            read.rollback().await.map_err(StoreError::from)?;
-            (read_at, seen)
-        };
+        // One read transaction: the states and the feed position are one snapshot.
+        let (read_at, mut seen) = self
+            .readers
+            .read(|tx| Ok((read::feed_position(tx)?, write::load_states(tx, env, &ids)?)))?;
         let mut prepared = Vec::with_capacity(items.len());
         for (end_user, operation) in items.iter_mut() {
             let (old, head) = seen
@@ -1332,24 +1350,7 @@ impl Store for SqliteStore {
         env: &Env,
         keys: &[String],
     ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
-        let mut found = std::collections::BTreeMap::new();
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut query =
-                sqlx::QueryBuilder::<Sqlite>::new("SELECT * FROM usage_keys WHERE tenant_id = ");
-            query
-                .push_bind(&env.tenant_id)
-                .push(" AND environment = ")
-                .push_bind(env.environment.as_str())
-                .push(" AND key IN (");
-            let mut separated = query.separated(", ");
-            for key in chunk {
-                separated.push_bind(key);
-            }
-            separated.push_unseparated(")");
-            let rows = query.build().fetch_all(&self.reader).await?;
-            found.extend(usage_key_rows(&rows)?);
-        }
-        Ok(found)
+        self.readers.read(|tx| read::usage_keys(tx, env, keys))
     }
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
@@ -1372,27 +1373,6 @@ fn parse_state(text: &str) -> StoreResult<EndUserState> {
     EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
 }
 
-/// Usage key records from rows of `usage_keys`, by key.
-fn usage_key_rows(
-    rows: &[SqliteRow],
-) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
-    let mut found = std::collections::BTreeMap::new();
-    for row in rows {
-        let fingerprint: Vec<u8> = row.try_get("fingerprint")?;
-        let record = UsageKeyRecord {
-            key: row.try_get("key")?,
-            fingerprint: fingerprint
-                .try_into()
-                .map_err(|_| corrupt("usage key fingerprint"))?,
-            entry_id: row.try_get("entry_id")?,
-            result: row.try_get::<String, _>("result")?,
-            keep_until: Timestamp::from_millis(row.try_get("keep_until")?),
-        };
-        found.insert(record.key.clone(), record);
-    }
-    Ok(found)
-}
-
 /// An operation of a usage batch run before the write lock was taken (see
 /// `mutate_many`).
 struct Optimistic {
@@ -1401,53 +1381,6 @@ struct Optimistic {
     state: EndUserState,
     /// What it wrote and the rows rendered from it; `None` if it failed.
     run: Option<(Vec<Changes>, Option<write::Staged>)>,
-}
-
-/// The newest position of the change feed (of every environment): the highest number
-/// `AUTOINCREMENT` ever gave, so that a purge emptying the feed does not take it below
-/// the purge's watermark (which would make every batch rerun every operation).
-async fn feed_position_in(connection: &mut SqliteConnection) -> StoreResult<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'changes'), 0),
-                    COALESCE((SELECT MAX(seq) FROM changes), 0))",
-    )
-    .fetch_one(&mut *connection)
-    .await?)
-}
-
-/// Several end users' states (each with the head of its chain of entries) in a few
-/// statements.
-async fn load_states_in(
-    connection: &mut SqliteConnection,
-    env: &Env,
-    ids: &[&str],
-) -> StoreResult<BTreeMap<String, (EndUserState, Option<i64>)>> {
-    let mut states = BTreeMap::new();
-    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-        let mut query = sqlx::QueryBuilder::<Sqlite>::new(
-            "SELECT end_user_id, state, last_entry_seq FROM end_users WHERE tenant_id = ",
-        );
-        query
-            .push_bind(&env.tenant_id)
-            .push(" AND environment = ")
-            .push_bind(env.environment.as_str())
-            .push(" AND end_user_id IN (");
-        let mut separated = query.separated(", ");
-        for id in chunk {
-            separated.push_bind(*id);
-        }
-        separated.push_unseparated(")");
-        for row in query.build().fetch_all(&mut *connection).await? {
-            states.insert(
-                row.try_get("end_user_id")?,
-                (
-                    parse_state(&row.try_get::<String, _>("state")?)?,
-                    row.try_get("last_entry_seq")?,
-                ),
-            );
-        }
-    }
-    Ok(states)
 }
 
 /// The writer while it runs at `synchronous = NORMAL`: if it is dropped before FULL was
@@ -1551,9 +1484,6 @@ async fn finish_idempotency(
         .await?;
     Ok(())
 }
-
-/// Values per `IN (...)` list of a statement, well under SQLite's limit of parameters.
-const ROWS_PER_STATEMENT: usize = 200;
 
 /// Appends an event to the environment's log and returns its position.
 async fn insert_wire_event(

@@ -6,11 +6,21 @@
 //! and its migrations stay on sqlx; the direct connection is used only while the sqlx
 //! writer is held, so the two never write at once in this process (another process
 //! waits on SQLite's lock, `busy_timeout`).
+//!
+//! The direct connection does not checkpoint the WAL itself: a checkpoint run by a
+//! commit runs while the committer still holds the writer (its pages copied and the
+//! database file fsynced before the next transaction may begin). After a commit that
+//! leaves `CHECKPOINT_PAGES` or more pages in the WAL, it wakes a thread of its
+//! own that checkpoints on another connection (`PASSIVE`: never waiting on readers or
+//! the writer) while the next transactions go on.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Mutex, PoisonError};
 
 use ledger::{EndUserState, Timestamp};
+use rusqlite::hooks::Wal;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use super::super::{
@@ -53,27 +63,87 @@ fn unique_violation(error: &rusqlite::Error) -> bool {
 #[derive(Debug)]
 pub(super) struct Direct {
     connection: Mutex<Connection>,
+    /// Wakes the checkpointing thread (see the module's doc); it ends when this does.
+    checkpoints: SyncSender<()>,
+    /// WAL pages after a commit that wake it.
+    checkpoint_pages: i64,
+}
+
+thread_local! {
+    /// Pages in the WAL after the last commit made on this thread through a direct
+    /// connection, as SQLite's WAL hook told them (0 once read).
+    static WAL_PAGES: Cell<i32> = const { Cell::new(0) };
+}
+
+/// The direct connection's WAL hook: notes the pages in the WAL after a commit, for
+/// the thread that committed (a hook is a plain function, so it reports through a
+/// thread-local read right after the commit, on the same thread).
+#[allow(clippy::unnecessary_wraps)] // the hook's signature
+fn note_wal_pages(_: &Wal, pages: std::ffi::c_int) -> rusqlite::Result<()> {
+    WAL_PAGES.set(pages);
+    Ok(())
+}
+
+/// Opens a connection to `path` as the store's writers use it.
+fn connect(path: &str, synchronous: Option<Synchronous>) -> StoreResult<Connection> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(std::time::Duration::from_secs(5))?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    connection.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Some(Synchronous::Full) => "FULL",
+            Some(Synchronous::Normal) => "NORMAL",
+            None => "OFF",
+        },
+    )?;
+    Ok(connection)
+}
+
+/// Starts the thread that checkpoints `path`'s WAL each time it is woken through the
+/// returned sender, until the sender is dropped. Wakings while it works are merged.
+fn start_checkpoints(path: &str, synchronous: Option<Synchronous>) -> StoreResult<SyncSender<()>> {
+    let connection = connect(path, synchronous)?;
+    let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while woken.recv().is_ok() {
+                if let Err(error) = checkpoint(&connection) {
+                    tracing::warn!(%error, "WAL checkpoint failed; the next commit retries");
+                }
+            }
+        })
+        .map_err(|error| StoreError::Database {
+            message: format!("cannot start the checkpointing thread: {error}"),
+            transient: false,
+        })?;
+    Ok(wake)
+}
+
+/// Copies what it can of the WAL into the database file without waiting on anyone.
+fn checkpoint(connection: &Connection) -> rusqlite::Result<()> {
+    connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
 impl Direct {
-    /// Opens `path` (already created and migrated through sqlx).
-    pub(super) fn open(path: &str, synchronous: Option<Synchronous>) -> StoreResult<Direct> {
-        let connection = Connection::open(path)?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
-        connection.pragma_update(None, "foreign_keys", "ON")?;
-        connection.pragma_update(
-            None,
-            "synchronous",
-            match synchronous {
-                Some(Synchronous::Full) => "FULL",
-                Some(Synchronous::Normal) => "NORMAL",
-                None => "OFF",
-            },
-        )?;
-        connection.pragma_update(None, "wal_autocheckpoint", super::CHECKPOINT_PAGES)?;
+    /// Opens `path` (already created and migrated through sqlx); commits leaving
+    /// `checkpoint_pages` or more pages in the WAL have it checkpointed.
+    pub(super) fn open(
+        path: &str,
+        synchronous: Option<Synchronous>,
+        checkpoint_pages: i64,
+    ) -> StoreResult<Direct> {
+        let connection = connect(path, synchronous)?;
+        // Replaces SQLite's automatic checkpoints on this connection (both are the WAL
+        // hook).
+        connection.wal_hook(Some(note_wal_pages));
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Direct {
             connection: Mutex::new(connection),
+            checkpoints: start_checkpoints(path, synchronous)?,
+            checkpoint_pages,
         })
     }
 
@@ -83,7 +153,7 @@ impl Direct {
         &self,
         work: impl FnOnce(&Transaction<'_>) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        blocking(|| {
+        super::blocking(|| {
             // A panic inside a transaction rolled it back when it unwound: the
             // connection is clean even if the lock is poisoned.
             let mut connection = self
@@ -94,22 +164,23 @@ impl Direct {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(StoreError::from)?;
             let value = work(&tx)?;
+            WAL_PAGES.set(0);
             tx.commit().map_err(StoreError::from)?;
+            if i64::from(WAL_PAGES.replace(0)) >= self.checkpoint_pages {
+                match self.checkpoints.try_send(()) {
+                    // Woken, or already woken and not yet at work.
+                    Ok(()) | Err(TrySendError::Full(())) => {}
+                    // The thread is gone (it panicked): checkpoint here, as SQLite would.
+                    // The transaction is committed whatever happens to the checkpoint.
+                    Err(TrySendError::Disconnected(())) => {
+                        if let Err(error) = checkpoint(&connection) {
+                            tracing::warn!(%error, "WAL checkpoint failed; the next commit retries");
+                        }
+                    }
+                }
+            }
             Ok(value)
         })
-    }
-}
-
-/// Runs blocking `work` from async code: through `block_in_place` on a multi-threaded
-/// runtime, directly elsewhere (a current-thread runtime has no other worker to hand
-/// its tasks to). Not for a `LocalSet` on a multi-threaded runtime, where
-/// `block_in_place` panics (the control plane has none).
-fn blocking<T>(work: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(work)
-        }
-        _ => work(),
     }
 }
 
@@ -607,4 +678,46 @@ fn live_endpoints(tx: &Transaction<'_>, env: &Env) -> StoreResult<Vec<EndpointRe
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The direct writer's commits leave the WAL to the checkpointing thread: the data
+    /// reaches the database file without another commit or connection asking.
+    #[test]
+    fn commits_past_the_threshold_are_checkpointed_by_the_thread() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("checkpoint.db");
+        let path = path.to_str().expect("utf-8 path");
+        {
+            let setup = Connection::open(path).expect("open");
+            let mode: String = setup
+                .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+                .expect("WAL");
+            assert_eq!(mode, "wal");
+        }
+        let main_file = |path: &str| std::fs::metadata(path).expect("database file").len();
+        let before = main_file(path);
+        let direct = Direct::open(path, Some(Synchronous::Full), 1).expect("direct");
+        direct
+            .transaction(|tx| {
+                tx.execute_batch(
+                    "CREATE TABLE t (value BLOB); INSERT INTO t VALUES (zeroblob(100000));",
+                )
+                .map_err(StoreError::from)?;
+                Ok(())
+            })
+            .expect("commit");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while main_file(path) <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not checkpointed into the database file"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(main_file(path) > 100_000);
+    }
 }
