@@ -4,9 +4,9 @@
 //! batch of 500 usage events through the control plane to get real rows, then writes
 //! `QS_P4_BATCHES` (default 200) batches' worth of the same rows straight into the same
 //! SQLite file (`synchronous = full`), one transaction per batch as the store does: the
-//! end-user upserts, 500 entries, 500 usage keys and the change-feed rows (entries and end
-//! users carry the chain's columns as the store writes them; the values are plausible,
-//! not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
+//! end-user upserts, 500 entries, 500 usage keys and the change feed's row naming the
+//! batch's end users (entries and end users carry the chain's columns as the store
+//! writes them; the values are plausible, not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
 //! driver. It does so twice, each time on a fresh database:
 //! - through sqlx, in multi-row statements of 200 rows, as the store does;
 //! - through rusqlite (the same SQLite library, called directly on this thread), one
@@ -190,19 +190,13 @@ async fn write_sqlx(path: &Path, s: &Sample, batches: u64) -> f64 {
             });
             query.build().execute(&mut *tx).await.expect("usage keys");
         }
-        for chunk in users.chunks(ROWS_PER_STATEMENT) {
-            let mut query = QueryBuilder::<Sqlite>::new(
-                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) ",
-            );
-            query.push_values(chunk, |mut row, user| {
-                row.push_bind(&s.tenant)
-                    .push_bind(&s.environment)
-                    .push_bind("end_user")
-                    .push_bind(user)
-                    .push_bind(0_i64);
-            });
-            query.build().execute(&mut *tx).await.expect("changes");
-        }
+        sqlx::query("INSERT INTO changes (tenant_id, environment, kind, end_user_ids, created_at) VALUES (?, ?, 'end_users', ?, 0)")
+            .bind(&s.tenant)
+            .bind(&s.environment)
+            .bind(serde_json::to_string(&users).expect("ids"))
+            .execute(&mut *tx)
+            .await
+            .expect("change");
         tx.commit().await.expect("commit");
     }
     let secs = started.elapsed().as_secs_f64();
@@ -277,14 +271,14 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
                     ])
                     .expect("usage key");
             }
-            let mut change = tx
-                .prepare_cached("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, 0)")
-                .expect("prepare");
-            for user in &users {
-                change
-                    .execute(rusqlite::params![s.tenant, s.environment, user])
-                    .expect("change");
-            }
+            tx.prepare_cached("INSERT INTO changes (tenant_id, environment, kind, end_user_ids, created_at) VALUES (?, ?, 'end_users', ?, 0)")
+                .expect("prepare")
+                .execute(rusqlite::params![
+                    s.tenant,
+                    s.environment,
+                    serde_json::to_string(&users).expect("ids")
+                ])
+                .expect("change");
         }
         tx.commit().expect("commit");
     }

@@ -785,7 +785,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>>;
 
     // --- change feed
-    /// Changes after `cursor`, oldest first.
+    /// Changes after `cursor`, oldest first: those of the first `limit` positions after
+    /// it. One position may name several end users (one record each, sharing its
+    /// `seq`; all of them are in the same answer), so an answer may hold more than
+    /// `limit` records.
     async fn changes_after(
         &self,
         env: &Env,
@@ -903,5 +906,45 @@ pub(crate) mod testing {
             .mutate(env, end_user, at, &[], &mut run)
             .await
             .expect("grant");
+    }
+
+    /// Grants `amount` to each of `end_users` at `at` in one `Store::mutate_many`.
+    pub(crate) async fn grant_many(
+        store: &dyn Store,
+        env: &Env,
+        end_users: &[&str],
+        amount: i64,
+        at: Timestamp,
+    ) {
+        let catalog = Catalog::default();
+        let mut runs: Vec<_> = end_users
+            .iter()
+            .map(|_| {
+                |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+                    let mut ids = crate::clock::UlidSource::at(at);
+                    let mut cx = Cx {
+                        now: at,
+                        catalog: &catalog,
+                        ids: &mut ids,
+                    };
+                    let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+                    Ok(vec![Changes::from_applied(applied).1])
+                }
+            })
+            .collect();
+        let mut items: Vec<(EndUserId, &mut super::MutateFn<'_>)> = end_users
+            .iter()
+            .zip(runs.iter_mut())
+            .map(|(end_user, run)| {
+                (
+                    EndUserId::new(end_user).expect("end user id"),
+                    run as &mut super::MutateFn<'_>,
+                )
+            })
+            .collect();
+        store
+            .mutate_many(env, at, &mut items)
+            .await
+            .expect("grants");
     }
 }

@@ -212,8 +212,15 @@ async fn follow(
             let mut ordered: Vec<(i64, Option<ledger::EndUserId>)> =
                 latest.into_iter().map(|(user, seq)| (seq, user)).collect();
             ordered.sort();
-            for (seq, user) in ordered {
-                match user {
+            for (index, (seq, user)) in ordered.iter().enumerate() {
+                // Several end users may share a position: each line but the last of
+                // them carries the position before it, so that a follower resuming
+                // from any line is sent the rest again.
+                let shared = ordered
+                    .get(index.saturating_add(1))
+                    .is_some_and(|(next, _)| next == seq);
+                let seq = if shared { seq.saturating_sub(1) } else { *seq };
+                match user.clone() {
                     Some(end_user) => {
                         if let Some(user) = state.store().load_state(env, &end_user).await? {
                             send(SyncRecord::EndUser {

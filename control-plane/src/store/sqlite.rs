@@ -1011,28 +1011,38 @@ impl Store for SqliteStore {
         cursor: i64,
         limit: u32,
     ) -> StoreResult<Vec<ChangeRecord>> {
-        let rows = sqlx::query("SELECT seq, end_user_id FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq LIMIT ?")
+        let rows = sqlx::query("SELECT seq, end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq LIMIT ?")
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())
             .bind(cursor)
             .bind(limit)
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|row| {
-                let end_user = row
+        let end_user = |id: String| {
+            EndUserId::new(&id).map_err(|error| corrupt(format!("end user id `{id}`: {error}")))
+        };
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            // A row naming several end users (migration 0006) is one record each.
+            if let Some(several) = row.try_get::<Option<String>, _>("end_user_ids")? {
+                for id in serde_json::from_str::<Vec<String>>(&several)? {
+                    records.push(ChangeRecord {
+                        seq,
+                        end_user_id: Some(end_user(id)?),
+                    });
+                }
+                continue;
+            }
+            records.push(ChangeRecord {
+                seq,
+                end_user_id: row
                     .try_get::<Option<String>, _>("end_user_id")?
-                    .map(|id| {
-                        EndUserId::new(&id)
-                            .map_err(|error| corrupt(format!("end user id `{id}`: {error}")))
-                    })
-                    .transpose()?;
-                Ok(ChangeRecord {
-                    seq: row.try_get("seq")?,
-                    end_user_id: end_user,
-                })
-            })
-            .collect()
+                    .map(end_user)
+                    .transpose()?,
+            });
+        }
+        Ok(records)
     }
 
     async fn last_change(&self, env: &Env) -> StoreResult<i64> {
@@ -1951,6 +1961,8 @@ mod tests {
         ThisStore,
         /// This store, which then purges the whole change feed.
         ThisStorePurging,
+        /// This store, in a batch over two end users (one feed row names both).
+        ThisStoreBatch,
         /// A second store on the same file, as another process would be: its own writer
         /// and direct connection, SQLite's file lock between them.
         OtherStore,
@@ -1986,7 +1998,12 @@ mod tests {
                         } else {
                             store
                         };
-                        grant(&writer, &env, "u1", 5).await;
+                        if concurrent == Concurrent::ThisStoreBatch {
+                            crate::store::testing::grant_many(&writer, &env, &["u0", "u1"], 5, T0)
+                                .await;
+                        } else {
+                            grant(&writer, &env, "u1", 5).await;
+                        }
                         if concurrent == Concurrent::ThisStorePurging {
                             // The whole feed, the grant's entry included.
                             writer
@@ -2038,6 +2055,7 @@ mod tests {
             Concurrent::ThisStore,
             // The feed that would name the concurrent write purged meanwhile.
             Concurrent::ThisStorePurging,
+            Concurrent::ThisStoreBatch,
             Concurrent::OtherStore,
         ] {
             assert_eq!(

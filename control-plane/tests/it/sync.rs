@@ -246,13 +246,13 @@ store_test! {
         .await
         .expect("cursor");
     follower.follow(&harness, key, last, None).await;
-    assert_states_match(&harness, &tenant, &follower).await;
+    assert_states_match(&harness, &tenant, &follower, 25).await;
 
     // The dropped follower reconnects from its own cursor and loses nothing.
     let mut second = mid_follower.expect("the mid-stream follower");
     assert!(second.cursor > 0 && second.cursor < last);
     second.follow(&harness, key, last, None).await;
-    assert_states_match(&harness, &tenant, &second).await;
+    assert_states_match(&harness, &tenant, &second, 25).await;
     }
 }
 
@@ -267,6 +267,7 @@ async fn assert_states_match(
     harness: &Harness,
     tenant: &crate::support::Tenant,
     follower: &Follower,
+    users: usize,
 ) {
     let mut stored = BTreeMap::new();
     let mut after: Option<String> = None;
@@ -283,7 +284,7 @@ async fn assert_states_match(
             stored.insert(user.end_user_id().to_string(), user.into_parts());
         }
     }
-    assert_eq!(stored.len(), 25);
+    assert_eq!(stored.len(), users);
     assert_eq!(
         follower.users.len(),
         stored.len(),
@@ -295,6 +296,54 @@ async fn assert_states_match(
             Some(state),
             "replica of {id} differs"
         );
+    }
+}
+
+// A usage batch over several end users: on SQLite they share one position of the feed
+// (one row names them all). A follower whose connection drops after any of the batch's
+// lines resumes from its cursor and still gets every end user.
+store_test! {
+    async fn a_follower_dropped_inside_a_batch_loses_none_of_its_end_users(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    const USERS: usize = 6;
+    for user in 0..USERS {
+        harness.grant(key, &format!("user_{user}"), 100).await;
+    }
+    let follower = Follower::snapshot(&harness, key).await;
+    let events: Vec<_> = (0..USERS)
+        .map(|user| json!({"end_user_id": format!("user_{user}"), "feature_key": "api_calls", "units": 1 + user, "idempotency_key": format!("event-{user}")}))
+        .collect();
+    harness
+        .ok("/v1/usage/batch", key, json!({ "events": events }), 200)
+        .await;
+    let last = harness
+        .state
+        .store()
+        .last_change(&env(&tenant))
+        .await
+        .expect("cursor");
+    let feed = harness
+        .state
+        .store()
+        .changes_after(&env(&tenant), follower.cursor, 1)
+        .await
+        .expect("feed");
+    assert!(
+        feed.iter().all(|change| change.seq == feed[0].seq),
+        "one position's records: {feed:?}"
+    );
+    if matches!(backend, crate::support::Backend::Sqlite) {
+        assert_eq!(feed.len(), USERS, "the batch is one position naming every end user");
+    }
+    for dropped_after in 1..USERS {
+        let mut dropped = follower.clone();
+        dropped.follow(&harness, key, last, Some(dropped_after)).await;
+        dropped.follow(&harness, key, last, None).await;
+        assert_states_match(&harness, &tenant, &dropped, USERS).await;
+    }
     }
 }
 

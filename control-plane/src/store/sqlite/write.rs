@@ -251,14 +251,22 @@ pub(super) fn changed_since(tx: &Transaction<'_>, env: &Env, after: i64) -> Stor
         });
     }
     let mut statement = tx.prepare_cached(
-        "SELECT DISTINCT end_user_id FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? AND end_user_id IS NOT NULL",
+        "SELECT end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ?",
     )?;
-    let users = statement
-        .query_map(
-            params![env.tenant_id, env.environment.as_str(), after],
-            |row| row.get(0),
-        )?
-        .collect::<Result<HashSet<String>, _>>()?;
+    let mut rows = statement.query(params![env.tenant_id, env.environment.as_str(), after])?;
+    let mut users = HashSet::new();
+    while let Some(row) = rows.next()? {
+        if let Some(end_user) = row.get::<_, Option<String>>(0)? {
+            users.insert(end_user);
+        }
+        if let Some(several) = row
+            .get_ref(1)?
+            .as_str_or_null()
+            .map_err(rusqlite::Error::from)?
+        {
+            users.extend(serde_json::from_str::<Vec<String>>(several)?);
+        }
+    }
     Ok(Written { all: false, users })
 }
 
@@ -501,12 +509,25 @@ impl Rows {
             }
         }
         store_answers(tx, env, &self.answers)?;
-        if !feed.is_empty() {
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, ?)",
-            )?;
-            for end_user in feed {
-                statement.execute(params![tenant, environment, end_user, now.as_millis()])?;
+        match feed.as_slice() {
+            [] => {}
+            [end_user] => {
+                tx.prepare_cached(
+                    "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, ?)",
+                )?
+                .execute(params![tenant, environment, end_user, now.as_millis()])?;
+            }
+            several => {
+                // One row names them all (migration 0006).
+                tx.prepare_cached(
+                    "INSERT INTO changes (tenant_id, environment, kind, end_user_ids, created_at) VALUES (?, ?, 'end_users', ?, ?)",
+                )?
+                .execute(params![
+                    tenant,
+                    environment,
+                    serde_json::to_string(several)?,
+                    now.as_millis()
+                ])?;
             }
         }
         Ok(())
