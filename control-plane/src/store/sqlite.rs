@@ -29,9 +29,10 @@ use crate::group::{DrainGuard, Queues};
 /// usage batch rewrites most pages of the end users it touches, and every checkpoint
 /// copies each page changed since the last one to the database file once, however
 /// often it changed; checkpointing a tenth as often took P4 from ~48.7k to ~51.7k
-/// events/s (docs/BENCHMARKS.md). The WAL grows to ~40 MiB before a checkpoint. The
-/// direct writer's commits hand their checkpoints to a thread of their own (see
-/// `write`); sqlx's connections checkpoint as SQLite does, on the commit that crosses it.
+/// events/s (docs/BENCHMARKS.md). The direct writer's commits hand their checkpoints
+/// to a thread of their own and checkpoint themselves past twice the mark (see
+/// `write`), so the WAL stays under ~80 MiB; sqlx's connections checkpoint as SQLite
+/// does, on the commit that crosses it.
 const CHECKPOINT_PAGES: i64 = 10_000;
 
 /// Rows in flight from SQLite's worker thread to the task reading them.

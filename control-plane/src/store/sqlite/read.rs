@@ -48,12 +48,16 @@ impl Readers {
                 None => self.connect()?,
             };
             let value = {
-                // Dropped unfinished: rolled back (a read has nothing to keep).
                 let tx = connection.transaction()?;
-                work(&tx)?
+                let value = work(&tx)?;
+                // A read has nothing to keep.
+                tx.rollback()?;
+                value
             };
+            // Kept only outside a transaction (a connection left in one would read a
+            // stale snapshot and hold checkpoints back); on an error it is closed.
             let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-            if idle.len() < self.keep {
+            if connection.is_autocommit() && idle.len() < self.keep {
                 idle.push(connection);
             }
             Ok(value)

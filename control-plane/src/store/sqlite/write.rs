@@ -12,7 +12,8 @@
 //! database file fsynced before the next transaction may begin). After a commit that
 //! leaves `CHECKPOINT_PAGES` or more pages in the WAL, it wakes a thread of its
 //! own that checkpoints on another connection (`PASSIVE`: never waiting on readers or
-//! the writer) while the next transactions go on.
+//! the writer) while the next transactions go on. Past twice that mark the commit also
+//! checkpoints, as a bound on the WAL (see `Direct::transaction`).
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -166,17 +167,23 @@ impl Direct {
             let value = work(&tx)?;
             WAL_PAGES.set(0);
             tx.commit().map_err(StoreError::from)?;
-            if i64::from(WAL_PAGES.replace(0)) >= self.checkpoint_pages {
-                match self.checkpoints.try_send(()) {
-                    // Woken, or already woken and not yet at work.
-                    Ok(()) | Err(TrySendError::Full(())) => {}
-                    // The thread is gone (it panicked): checkpoint here, as SQLite would.
-                    // The transaction is committed whatever happens to the checkpoint.
-                    Err(TrySendError::Disconnected(())) => {
-                        if let Err(error) = checkpoint(&connection) {
-                            tracing::warn!(%error, "WAL checkpoint failed; the next commit retries");
-                        }
-                    }
+            let pages = i64::from(WAL_PAGES.replace(0));
+            if pages >= self.checkpoint_pages {
+                // The WAL starts over only when a transaction begins on a WAL copied
+                // whole, which the thread's checkpoints, run while commits go on, may
+                // never leave under steady load. Past twice the mark the commit
+                // checkpoints too, still holding the writer: the thread has copied most
+                // of it, and the next transaction begins on a WAL copied whole.
+                let here = pages >= self.checkpoint_pages.saturating_mul(2)
+                    || match self.checkpoints.try_send(()) {
+                        // Woken, or already woken and not yet at work.
+                        Ok(()) | Err(TrySendError::Full(())) => false,
+                        // The thread is gone (it panicked): checkpoint here.
+                        Err(TrySendError::Disconnected(())) => true,
+                    };
+                // The transaction is committed whatever happens to the checkpoint.
+                if here && let Err(error) = checkpoint(&connection) {
+                    tracing::warn!(%error, "WAL checkpoint failed; the next commit retries");
                 }
             }
             Ok(value)
@@ -740,5 +747,47 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(main_file(path) > 100_000);
+    }
+
+    /// Past twice the mark a commit checkpoints itself (the WAL's bound when the thread
+    /// cannot leave it copied whole); below it, it only wakes the thread.
+    #[test]
+    fn commits_past_twice_the_mark_checkpoint_themselves() {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("bound.db");
+        let path = path.to_str().expect("utf-8 path");
+        let connection = connect(path, Some(Synchronous::Full)).expect("open");
+        let mode: String = connection
+            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+            .expect("WAL");
+        assert_eq!(mode, "wal");
+        connection.wal_hook(Some(note_wal_pages));
+        // A thread that never checkpoints: wakings are taken but nothing is done.
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let direct = Direct {
+            connection: Mutex::new(connection),
+            checkpoints: wake,
+            checkpoint_pages: 20,
+        };
+        let main_file = |path: &str| std::fs::metadata(path).expect("database file").len();
+        let write = |bytes: u32| {
+            direct
+                .transaction(|tx| {
+                    tx.execute_batch(&format!(
+                        "CREATE TABLE IF NOT EXISTS t (value BLOB); INSERT INTO t VALUES (zeroblob({bytes}));"
+                    ))
+                    .map_err(StoreError::from)?;
+                    Ok(())
+                })
+                .expect("commit");
+        };
+        let before = main_file(path);
+        // ~27 pages: past the mark, not twice it. The thread is woken, nothing copied.
+        write(100_000);
+        assert!(woken.try_recv().is_ok(), "the thread was woken");
+        assert_eq!(main_file(path), before, "no checkpoint in the commit");
+        // ~52 pages: past twice the mark. Copied before the commit returns.
+        write(100_000);
+        assert!(main_file(path) > 200_000, "the commit checkpointed");
     }
 }
