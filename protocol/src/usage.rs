@@ -239,6 +239,11 @@ pub struct Reservation {
     pub released_amount: i64,
     pub created_at: WireTime,
     pub resolved_at: Option<WireTime>,
+    /// In the answer to a hold, commit, release or extend: the end user's state version
+    /// that first includes it (a replica showing this version or later has it). Absent
+    /// when a reservation is read, and on answers stored before versions were reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 impl From<&ledger::Reservation> for Reservation {
@@ -254,6 +259,7 @@ impl From<&ledger::Reservation> for Reservation {
             released_amount: reservation.released_amount.get(),
             created_at: reservation.created_at.into(),
             resolved_at: reservation.resolved_at.map(WireTime),
+            version: None,
         }
     }
 }

@@ -476,13 +476,15 @@ impl ProxyHttp for Gate {
                 .await;
             let reservation_id = match reservation {
                 Ok(reservation) => {
-                    // The hold is in the control plane's state now, and the replica will
-                    // show it: the local estimate stops counting once it does.
-                    self.replica
-                        .pending
-                        .confirm(&end_user, admitted.pending, None, || {
-                            self.replica.version(&end_user)
-                        });
+                    // The hold is in the control plane's state now, from the version
+                    // the answer names: the local estimate stops counting once the
+                    // replica shows it.
+                    self.replica.pending.confirm(
+                        &end_user,
+                        admitted.pending,
+                        reservation.version,
+                        || self.replica.version(&end_user),
+                    );
                     admitted.pending = Credits::ZERO;
                     Some(reservation.id)
                 }

@@ -451,12 +451,12 @@ impl Outbox {
             Op::Usage { .. } => return Ok(None),
         };
         match outcome {
-            Ok(_) => {
+            Ok(reservation) => {
                 if let Some(end_user) = &end_user
                     && let Some(needed) = replica.pending.confirm(
                         end_user,
                         Credits::new(record.pending),
-                        None,
+                        reservation.version,
                         || replica.version(end_user),
                     )
                 {

@@ -4,8 +4,9 @@
 //!
 //! An admitted cost is *unconfirmed* until the control plane acknowledges it, then
 //! *confirmed at version v* until the replica holds the end user's state at version `v`
-//! or later (that state includes it). Acknowledgements without a version (reservation
-//! commits, releases) wait for any newer state than the one held at acknowledgement. A
+//! or later (that state includes it). Usage results and reservation answers name that
+//! version; an acknowledgement without one (an answer stored by an older control plane)
+//! waits for any newer state than the one held at acknowledgement. A
 //! confirmed cost the stream has not shown [`CONFIRMED_TTL`] after it was acknowledged,
 //! while the stream kept talking (heartbeats), is dropped: the stream delivers in
 //! milliseconds, so it is not coming. While the stream is silent nothing is dropped.

@@ -40,13 +40,22 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
                 move |user, cx, _| {
                     let (reservation, changes) =
                         Changes::from_applied(user.reserve(cx, request.clone())?);
-                    Ok((Reservation::from(&reservation), changes))
+                    Ok((answer(&reservation, user), changes))
                 },
             )
             .await?;
         Done::stored(StatusCode::CREATED, &reservation)
     })
     .await
+}
+
+/// The answer to a change of `reservation`, just made to `user`: with the version of
+/// the state that first includes it, for proxies to know when their replica shows it.
+fn answer(reservation: &ledger::Reservation, user: &ledger::EndUserState) -> Reservation {
+    Reservation {
+        version: Some(user.version()),
+        ..Reservation::from(reservation)
+    }
 }
 
 fn parse_reservation_id(id: &str) -> Result<ReservationId, ApiError> {
@@ -128,7 +137,7 @@ async fn resolve(
                         other => other.into(),
                     })?;
                     let (reservation, changes) = Changes::from_applied(applied);
-                    Ok((Reservation::from(&reservation), changes))
+                    Ok((answer(&reservation, user), changes))
                 },
             )
             .await?;

@@ -440,22 +440,36 @@ store_test! {
 store_test! {
     async fn reservations(backend) {
     let harness = Harness::start(backend).await;
-    let key = &harness.tenant("acme").await.test;
+    let tenant = harness.tenant("acme").await;
+    let key = &tenant.test;
     harness.catalog(key).await;
     harness.grant(key, "u1", 100).await;
+    // The state version an answer names is the end user's state right after it.
+    let version_now = || async {
+        let env = control_plane::store::Env {
+            tenant_id: tenant.id.clone(),
+            environment: control_plane::store::Environment::Test,
+        };
+        let end_user = ledger::EndUserId::new("u1").expect("end user id");
+        harness
+            .state
+            .store()
+            .load_state(&env, &end_user)
+            .await
+            .expect("state")
+            .expect("stored")
+            .version()
+    };
     let hold = harness.ok("/v1/reservations", key, json!({"end_user_id": "u1", "feature_key": "tokens", "units": 10000, "ttl_seconds": 60}), 201).await;
     assert_eq!(
         (hold["amount"].as_i64(), hold["status"].as_str()),
         (Some(30), Some("active"))
     );
+    assert_eq!(hold["version"].as_u64(), Some(version_now().await));
     let id = hold["id"].as_str().expect("id");
-    assert_eq!(
-        harness
-            .get(&format!("/v1/reservations/{id}"), key)
-            .await
-            .body["status"],
-        "active"
-    );
+    let read = harness.get(&format!("/v1/reservations/{id}"), key).await.body;
+    assert_eq!(read["status"], "active");
+    assert!(read.get("version").is_none(), "a read names no version: {read}");
     assert_eq!(harness.available(key, "u1").await, 70);
     let extended = harness
         .ok(
@@ -466,6 +480,8 @@ store_test! {
         )
         .await;
     assert_ne!(extended["expires_at"], hold["expires_at"]);
+    assert_eq!(extended["version"].as_u64(), Some(version_now().await));
+    assert!(extended["version"].as_u64() > hold["version"].as_u64());
     let committed = harness
         .ok(
             &format!("/v1/reservations/{id}/commit"),
@@ -481,6 +497,7 @@ store_test! {
         ),
         (Some("committed"), Some(40))
     );
+    assert_eq!(committed["version"].as_u64(), Some(version_now().await));
     assert_eq!(harness.available(key, "u1").await, 60);
     let again = harness
         .post(&format!("/v1/reservations/{id}/release"), key, json!({}))
