@@ -882,6 +882,23 @@ pub(crate) mod testing {
             .collect()
     }
 
+    /// Grants `amount` to `state` at `at`, returning what to write.
+    fn grant_to(
+        state: &mut EndUserState,
+        amount: i64,
+        at: Timestamp,
+    ) -> Result<Vec<Changes>, ApiError> {
+        let catalog = Catalog::default();
+        let mut ids = crate::clock::UlidSource::at(at);
+        let mut cx = Cx {
+            now: at,
+            catalog: &catalog,
+            ids: &mut ids,
+        };
+        let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+        Ok(vec![Changes::from_applied(applied).1])
+    }
+
     /// Grants `amount` to `end_user` at `at` through `Store::mutate`: a state change, an
     /// entry, a block and an event.
     pub(crate) async fn grant(
@@ -891,17 +908,7 @@ pub(crate) mod testing {
         amount: i64,
         at: Timestamp,
     ) {
-        let catalog = Catalog::default();
-        let mut run = |state: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
-            let mut ids = crate::clock::UlidSource::at(at);
-            let mut cx = Cx {
-                now: at,
-                catalog: &catalog,
-                ids: &mut ids,
-            };
-            let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
-            Ok(vec![Changes::from_applied(applied).1])
-        };
+        let mut run = |state: &mut EndUserState, _: &[bool]| grant_to(state, amount, at);
         store
             .mutate(env, end_user, at, &[], &mut run)
             .await
@@ -916,21 +923,9 @@ pub(crate) mod testing {
         amount: i64,
         at: Timestamp,
     ) {
-        let catalog = Catalog::default();
         let mut runs: Vec<_> = end_users
             .iter()
-            .map(|_| {
-                |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
-                    let mut ids = crate::clock::UlidSource::at(at);
-                    let mut cx = Cx {
-                        now: at,
-                        catalog: &catalog,
-                        ids: &mut ids,
-                    };
-                    let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
-                    Ok(vec![Changes::from_applied(applied).1])
-                }
-            })
+            .map(|_| |state: &mut EndUserState| grant_to(state, amount, at))
             .collect();
         let mut items: Vec<(EndUserId, &mut super::MutateFn<'_>)> = end_users
             .iter()
