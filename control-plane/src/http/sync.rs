@@ -220,9 +220,9 @@ async fn follow(
                     .get(index.saturating_add(1))
                     .is_some_and(|(next, _)| next == seq);
                 let seq = if shared { seq.saturating_sub(1) } else { *seq };
-                match user.clone() {
+                match user {
                     Some(end_user) => {
-                        if let Some(user) = state.store().load_state(env, &end_user).await? {
+                        if let Some(user) = state.store().load_state(env, end_user).await? {
                             send(SyncRecord::EndUser {
                                 cursor: seq,
                                 end_user_id: end_user.to_string(),
