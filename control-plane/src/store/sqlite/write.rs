@@ -128,6 +128,27 @@ fn checkpoint(connection: &Connection) -> rusqlite::Result<()> {
     connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
 }
 
+/// What in the SQLite library's build makes its connections share a process-wide lock:
+/// with `ENABLE_MEMORY_MANAGEMENT` every page a connection reads or releases goes
+/// through one page cache's mutex, and without `DEFAULT_MEMSTATUS=0` every allocation
+/// takes another. The readers and the writer then wait on each other (docs/decisions.md,
+/// "SQLite build"); `.cargo/config.toml` builds libsqlite3-sys without them.
+pub(super) fn shared_locks(connection: &Connection) -> rusqlite::Result<Vec<&'static str>> {
+    let used = |option: &str| -> rusqlite::Result<bool> {
+        connection.query_row("SELECT sqlite_compileoption_used(?)", [option], |row| {
+            row.get(0)
+        })
+    };
+    let mut found = Vec::new();
+    if used("ENABLE_MEMORY_MANAGEMENT")? {
+        found.push("built with SQLITE_ENABLE_MEMORY_MANAGEMENT (one page cache lock)");
+    }
+    if !used("DEFAULT_MEMSTATUS=0")? {
+        found.push("built without SQLITE_DEFAULT_MEMSTATUS=0 (one allocation lock)");
+    }
+    Ok(found)
+}
+
 impl Direct {
     /// Opens `path` (already created and migrated through sqlx); commits leaving
     /// `checkpoint_pages` or more pages in the WAL have it checkpointed.
@@ -141,6 +162,11 @@ impl Direct {
         // hook).
         connection.wal_hook(Some(note_wal_pages));
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        for lock in shared_locks(&connection)? {
+            tracing::warn!(
+                "the SQLite library was {lock}: concurrent reads and writes wait on each other; build from the workspace (its .cargo/config.toml sets LIBSQLITE3_FLAGS)"
+            );
+        }
         Ok(Direct {
             connection: Mutex::new(connection),
             checkpoints: start_checkpoints(path, synchronous)?,
@@ -747,6 +773,18 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(main_file(path) > 100_000);
+    }
+
+    /// The workspace builds SQLite without the options that make every connection
+    /// take one process-wide lock (`.cargo/config.toml`): usage batches read on one
+    /// connection while the writer writes on another.
+    #[test]
+    fn sqlite_is_built_without_process_wide_locks() {
+        let connection = Connection::open_in_memory().expect("open");
+        assert_eq!(
+            shared_locks(&connection).expect("compile options"),
+            Vec::<&str>::new()
+        );
     }
 
     /// Past twice the mark a commit checkpoints itself (the WAL's bound when the thread
