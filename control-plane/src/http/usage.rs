@@ -192,7 +192,8 @@ async fn apply_batch(
 ) -> Result<Vec<BatchResult>, ApiError> {
     let view = state.view(env).await?;
     let now = state.env_now(&view);
-    let keep_until = now.checked_add(ledger::Span::from_millis(
+    // Keys are purged by the real clock (the environment's test clock may run ahead).
+    let keep_until = state.real_now().checked_add(ledger::Span::from_millis(
         i64::try_from(state.config().usage_key_retention.as_millis()).unwrap_or(i64::MAX),
     ))?;
     let mut results: Vec<Option<BatchResult>> = vec![None; batch.events.len()];

@@ -436,6 +436,28 @@ store_test! {
     }
 }
 
+// A batch event's key is kept for the retention by the real clock, as the purge counts
+// it, even when the environment's test clock runs far ahead.
+store_test! {
+    async fn batch_event_keys_are_kept_by_the_real_clock(backend) {
+    let harness = Harness::start(backend).await;
+    let key = &harness.tenant("acme").await.test;
+    harness.catalog(key).await;
+    harness.advance(key, 400 * 86_400).await;
+    let batch = json!({"events": [{"end_user_id": "u1", "feature_key": "api_calls", "units": 1, "idempotency_key": "k1"}]});
+    let status = |answer: &serde_json::Value| answer["results"][0]["status"].as_str().unwrap_or("").to_owned();
+    assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch.clone(), 200).await), "created");
+    let retention = harness.state.config().usage_key_retention;
+    // Just inside the retention the key is remembered; just past it, forgotten.
+    harness.clock.advance_millis(i64::try_from(retention.as_millis()).expect("small") - 1000);
+    control_plane::jobs::tick(&harness.state).await.expect("jobs");
+    assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch.clone(), 200).await), "duplicate");
+    harness.clock.advance_millis(2000);
+    control_plane::jobs::tick(&harness.state).await.expect("jobs");
+    assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch, 200).await), "created");
+    }
+}
+
 // Reservations: create, get, commit (more than held), release, extend, and refusals.
 store_test! {
     async fn reservations(backend) {
