@@ -214,6 +214,15 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
     connection
         .pragma_update(None, "synchronous", "FULL")
         .expect("synchronous");
+    // Time spent on each kind of row and on the commit, over all batches.
+    let mut phases = [std::time::Duration::ZERO; 5];
+    let mut lap = Instant::now();
+    let mut phase = |index: usize| {
+        let now = Instant::now();
+        phases[index] += now - lap;
+        lap = now;
+    };
+    let updates = std::env::var("QS_P4_FLOOR_UPDATE").is_ok();
     let started = Instant::now();
     for batch in 0..batches {
         let (indexes, users) = batch_rows(batch);
@@ -224,20 +233,26 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
             let mut upsert = tx
                 .prepare_cached(&format!("INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?){UPSERT_TAIL}"))
                 .expect("prepare");
+            let mut update = tx
+                .prepare_cached("UPDATE end_users SET state = ?4, version = ?5, next_due_at = ?6, updated_at = ?7, last_entry_seq = COALESCE(?8, last_entry_seq) WHERE tenant_id = ?1 AND environment = ?2 AND end_user_id = ?3")
+                .expect("prepare");
+            phase(4);
             for user in &users {
-                upsert
-                    .execute(rusqlite::params![
-                        s.tenant,
-                        s.environment,
-                        user,
-                        s.state,
-                        small(batch),
-                        None::<i64>,
-                        0_i64,
-                        small(batch * BATCH_LEN)
-                    ])
-                    .expect("end user");
+                let values = rusqlite::params![
+                    s.tenant,
+                    s.environment,
+                    user,
+                    s.state,
+                    small(batch),
+                    None::<i64>,
+                    0_i64,
+                    small(batch * BATCH_LEN)
+                ];
+                if !(updates && update.execute(values).expect("end user") == 1) {
+                    upsert.execute(values).expect("end user");
+                }
             }
+            phase(0);
             let mut entry = tx
                 .prepare_cached("INSERT INTO entries (id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
                 .expect("prepare");
@@ -255,6 +270,7 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
                     ])
                     .expect("entry");
             }
+            phase(1);
             let mut usage_key = tx
                 .prepare_cached("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)")
                 .expect("prepare");
@@ -271,6 +287,7 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
                     ])
                     .expect("usage key");
             }
+            phase(2);
             tx.prepare_cached("INSERT INTO changes (tenant_id, environment, kind, end_user_ids, created_at) VALUES (?, ?, 'end_users', ?, 0)")
                 .expect("prepare")
                 .execute(rusqlite::params![
@@ -279,10 +296,22 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
                     serde_json::to_string(&users).expect("ids")
                 ])
                 .expect("change");
+            phase(3);
         }
         tx.commit().expect("commit");
+        phase(4);
     }
-    started.elapsed().as_secs_f64()
+    let secs = started.elapsed().as_secs_f64();
+    let per_batch = |index: usize| phases[index].as_secs_f64() * 1000.0 / batches as f64;
+    println!(
+        "  ms per batch: end users {:.2}, entries {:.2}, usage keys {:.2}, feed {:.2}, begin and commit {:.2}",
+        per_batch(0),
+        per_batch(1),
+        per_batch(2),
+        per_batch(3),
+        per_batch(4)
+    );
+    secs
 }
 
 fn report(driver: &str, secs: f64, batches: u64) {

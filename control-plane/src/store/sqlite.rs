@@ -690,10 +690,10 @@ impl Store for SqliteStore {
                 .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
             let claimed = write::claim_keys(tx, env, claims)?;
             let mut state = old.clone();
-            let changes = operation(&mut state, &claimed)?;
+            let mut changes = operation(&mut state, &claimed)?;
             let mut rows = write::Rows::default();
             rows.heads.insert(end_user.to_string(), head);
-            write::stage(tx, env, (&old, &state, &changes), now, &mut rows)?;
+            write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
             rows.flush(tx, env, now)?;
             Ok(())
         })
@@ -742,8 +742,8 @@ impl Store for SqliteStore {
                 run,
             });
         }
-        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
-        self.direct.transaction(|tx| {
+        let writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        let spent = self.direct.transaction(|tx| {
             let written = write::changed_since(tx, env, read_at)?;
             let stale: Vec<&str> = ids
                 .iter()
@@ -754,9 +754,11 @@ impl Store for SqliteStore {
                 .map(|(end_user, _)| *end_user)
                 .collect();
             let mut fresh = write::load_states(tx, env, &stale)?;
-            let mut rows = write::Rows::default();
+            let mut rows = write::Rows::with_capacity(items.len());
+            // What the rows were rendered from, dropped once the writer is released.
+            let mut spent = Vec::with_capacity(items.len());
             for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
-                let (old, head, state, changes, staged) = match optimistic.run {
+                let (old, head, state, mut changes, staged) = match optimistic.run {
                     Some((changes, staged)) if !written.contains(end_user.as_str()) => (
                         optimistic.old,
                         optimistic.head,
@@ -774,17 +776,21 @@ impl Store for SqliteStore {
                     }
                 };
                 rows.heads.insert(end_user.to_string(), head);
-                let applied = (&old, &state, changes.as_slice());
+                let applied = (&old, &state, changes.as_mut_slice());
                 match staged {
                     Some(staged) => {
                         write::stage_rendered(tx, env, applied, staged, now, &mut rows)?
                     }
                     None => write::stage(tx, env, applied, now, &mut rows)?,
                 }
+                spent.push((old, state, changes));
             }
             rows.flush(tx, env, now)?;
-            Ok(())
-        })
+            Ok(spent)
+        })?;
+        drop(writer);
+        drop(spent);
+        Ok(())
     }
 
     async fn load_state(

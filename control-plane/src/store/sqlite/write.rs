@@ -396,6 +396,19 @@ pub(super) struct Rows {
 }
 
 impl Rows {
+    /// Room for the rows of `operations` operations of about one event each (a usage
+    /// batch's), so that gathering them under the writer does not grow the vectors.
+    pub(super) fn with_capacity(operations: usize) -> Rows {
+        Rows {
+            end_users: Vec::with_capacity(operations),
+            entries: Vec::with_capacity(operations),
+            usage_keys: Vec::with_capacity(operations),
+            changes: Vec::with_capacity(operations),
+            heads: HashMap::with_capacity(operations),
+            ..Rows::default()
+        }
+    }
+
     /// Writes the rows. Every change of an end user's row (its state, or only its
     /// chain's head) appends to the change feed here, in the same transaction: usage
     /// batches rely on it to find end users written while they ran (`mutate_many`), so
@@ -567,8 +580,9 @@ impl Rows {
     }
 }
 
-/// An operation's state before and after, and what it reported writing.
-pub(super) type Applied<'a> = (&'a EndUserState, &'a EndUserState, &'a [Changes]);
+/// An operation's state before and after, and what it reported writing (its usage keys
+/// are moved out into the rows).
+pub(super) type Applied<'a> = (&'a EndUserState, &'a EndUserState, &'a mut [Changes]);
 
 /// Rows [`stage_rows`] rendered from an operation.
 pub(super) type Staged = (Option<StateRow>, Vec<EntryRow>, Vec<BlockRow>);
@@ -586,7 +600,7 @@ pub(super) fn stage(
     if changes.is_empty() {
         return unchanged(old, new);
     }
-    let staged = stage_rows(old, new, changes)?;
+    let staged = stage_rows(old, new, &*changes)?;
     stage_rendered(tx, env, (old, new, changes), staged, now, rows)
 }
 
@@ -608,9 +622,10 @@ pub(super) fn stage_rendered(
     if new != old {
         rows.changes.push(end_user.to_owned());
     }
-    for part in changes {
-        rows.usage_keys.extend(part.usage_keys.iter().cloned());
+    for part in changes.iter_mut() {
+        rows.usage_keys.append(&mut part.usage_keys);
     }
+    let changes = &*changes;
 
     for reservation in changed_reservations(old, new, changes) {
         tx.prepare_cached(
