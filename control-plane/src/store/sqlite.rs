@@ -5,6 +5,7 @@
 //! `BEGIN IMMEDIATE`, so a second process on the same file waits for the lock
 //! (`busy_timeout`) instead of failing to upgrade a read.
 
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,6 +42,11 @@ const ROW_CHANNEL: usize = 1024;
 /// Links of an end user's chain of entries read by one statement of a filtered listing.
 const CHAIN_STEPS: i64 = 512;
 
+/// End users whose latest written state the store keeps for usage batches (see
+/// `cache`): a few hundred bytes to a few KiB each.
+const STATE_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).expect("not zero");
+
+mod cache;
 mod read;
 mod write;
 
@@ -67,6 +73,8 @@ pub struct SqliteStore {
     direct: std::sync::Arc<write::Direct>,
     /// The usage path's reads (see `read`).
     readers: std::sync::Arc<read::Readers>,
+    /// States this process wrote, for the usage path (see `cache`).
+    states: std::sync::Arc<cache::States>,
     /// The directory of a `:memory:` database's file, removed with the last clone.
     _scratch: Option<std::sync::Arc<tempfile::TempDir>>,
     /// Whether commits fsync (`synchronous = full`): idempotency leases relax it (see
@@ -177,6 +185,7 @@ impl SqliteStore {
             reader,
             direct: std::sync::Arc::new(direct),
             readers: std::sync::Arc::new(readers),
+            states: std::sync::Arc::new(cache::States::new(STATE_CACHE)),
             _scratch: scratch,
             fsync_commits: synchronous == Some(Synchronous::Full),
             leases: std::sync::Arc::default(),
@@ -706,7 +715,9 @@ impl Store for SqliteStore {
     /// state appends to the change feed in the same transaction, so under the lock the
     /// feed since the states were read names every end user written in between; those
     /// (and any whose operation failed, which a newer state might not) are loaded again
-    /// and their operations run again.
+    /// and their operations run again. States this process wrote are taken from its
+    /// cache (`cache`) instead of read, checked the same way from the position they
+    /// were written at.
     async fn mutate_many(
         &self,
         env: &Env,
@@ -716,15 +727,36 @@ impl Store for SqliteStore {
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
         let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
-        // One read transaction: the states and the feed position are one snapshot.
-        let (read_at, mut seen) = self
-            .readers
-            .read(|tx| Ok((read::feed_position(tx)?, write::load_states(tx, env, &ids)?)))?;
+        let cached = self.states.get_many(env, &ids);
+        let missing: Vec<&str> = ids
+            .iter()
+            .zip(&cached)
+            .filter(|(_, cached)| cached.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        // One read transaction for the others: their states and the feed position are
+        // one snapshot.
+        let (read_at, mut seen) = if missing.is_empty() {
+            (i64::MAX, BTreeMap::new())
+        } else {
+            self.readers.read(|tx| {
+                Ok((
+                    read::feed_position(tx)?,
+                    write::load_states(tx, env, &missing)?,
+                ))
+            })?
+        };
         let mut prepared = Vec::with_capacity(items.len());
-        for (end_user, operation) in items.iter_mut() {
-            let (old, head) = seen
-                .remove(end_user.as_str())
-                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+        for ((end_user, operation), cached) in items.iter_mut().zip(cached) {
+            let (old, head, basis) = match cached {
+                Some(cached) => (cached.state.as_ref().clone(), cached.head, cached.at),
+                None => {
+                    let (old, head) = seen
+                        .remove(end_user.as_str())
+                        .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+                    (old, head, read_at)
+                }
+            };
             let mut state = old.clone();
             // A refusal is not final: the state it saw may be stale.
             let run = operation(&mut state).ok().and_then(|changes| {
@@ -738,19 +770,28 @@ impl Store for SqliteStore {
             prepared.push(Optimistic {
                 old,
                 head,
+                basis,
                 state,
                 run,
             });
         }
+        // The states' oldest position: the feed after it names every end user changed
+        // since its state was read or written.
+        let since = prepared
+            .iter()
+            .map(|optimistic| optimistic.basis)
+            .min()
+            .unwrap_or(i64::MAX);
         let writer = self.writer.acquire().await.map_err(StoreError::from)?;
-        let spent = self.direct.transaction(|tx| {
-            let written = write::changed_since(tx, env, read_at)?;
+        let (spent, flushed) = self.direct.transaction(|tx| {
+            let written = write::changed_since(tx, env, since)?;
+            let stale_ones = |optimistic: &Optimistic, end_user: &str| {
+                optimistic.run.is_none() || written.changed_after(end_user, optimistic.basis)
+            };
             let stale: Vec<&str> = ids
                 .iter()
                 .zip(&prepared)
-                .filter(|(end_user, optimistic)| {
-                    optimistic.run.is_none() || written.contains(end_user)
-                })
+                .filter(|(end_user, optimistic)| stale_ones(optimistic, end_user))
                 .map(|(end_user, _)| *end_user)
                 .collect();
             let mut fresh = write::load_states(tx, env, &stale)?;
@@ -758,8 +799,9 @@ impl Store for SqliteStore {
             // What the rows were rendered from, dropped once the writer is released.
             let mut spent = Vec::with_capacity(items.len());
             for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
+                let fresh_enough = !stale_ones(&optimistic, end_user.as_str());
                 let (old, head, state, mut changes, staged) = match optimistic.run {
-                    Some((changes, staged)) if !written.contains(end_user.as_str()) => (
+                    Some((changes, staged)) if fresh_enough => (
                         optimistic.old,
                         optimistic.head,
                         optimistic.state,
@@ -785,11 +827,20 @@ impl Store for SqliteStore {
                 }
                 spent.push((old, state, changes));
             }
-            rows.flush(tx, env, now)?;
-            Ok(spent)
+            let flushed = rows.flush(tx, env, now)?;
+            Ok((spent, flushed))
         })?;
         drop(writer);
-        drop(spent);
+        // Committed: the states written are kept for the next batches.
+        if let Some(at) = flushed.at {
+            let written: HashSet<&str> = flushed.written.iter().map(String::as_str).collect();
+            let keep = spent.into_iter().filter_map(|(_, state, _)| {
+                let end_user = state.end_user_id().as_str();
+                let (_, head) = flushed.heads.get(end_user)?;
+                written.contains(end_user).then_some((state, *head))
+            });
+            self.states.put_many(env, at, keep);
+        }
         Ok(())
     }
 
@@ -1395,6 +1446,8 @@ fn parse_state(text: &str) -> StoreResult<EndUserState> {
 struct Optimistic {
     old: EndUserState,
     head: Option<i64>,
+    /// The feed position `old` is known to be current at (read or written there).
+    basis: i64,
     state: EndUserState,
     /// What it wrote and the rows rendered from it; `None` if it failed.
     run: Option<(Vec<Changes>, Option<write::Staged>)>,
@@ -1975,8 +2028,12 @@ mod tests {
         OtherStore,
     }
 
+    /// `initial` is granted first, by a batch when `cached` (so that the batch finds
+    /// `u1`'s state in this store's cache rather than reading it) and by a single
+    /// `mutate` otherwise.
     async fn batch_over_a_concurrent_write(
         initial: Option<i64>,
+        cached: bool,
         concurrent: Concurrent,
     ) -> (i64, usize, usize) {
         let (_directory, url, store) = file_store().await;
@@ -1984,8 +2041,14 @@ mod tests {
             tenant_id: "t".into(),
             environment: Environment::Live,
         };
-        if let Some(amount) = initial {
-            grant(&store, &env, "u1", amount).await;
+        match initial {
+            Some(amount) if cached => {
+                crate::store::testing::grant_many(&store, &env, &["u1"], amount, T0).await;
+                let kept = store.states.get_many(&env, &["u1"]);
+                assert!(matches!(kept.as_slice(), [Some(_)]), "u1's state kept");
+            }
+            Some(amount) => grant(&store, &env, "u1", amount).await,
+            None => {}
         }
         let catalog = ledger::Catalog::default();
         let runs = std::sync::atomic::AtomicUsize::new(0);
@@ -2047,6 +2110,15 @@ mod tests {
             .expect("state")
             .expect("stored");
         let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
+        // The batch kept what it wrote: the stored state and its chain's newest entry.
+        let kept = store
+            .states
+            .get_many(&env, &["u1"])
+            .pop()
+            .flatten()
+            .expect("kept");
+        assert_eq!(*kept.state, state);
+        assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
         (
             state.available(None, T0).expect("available").get(),
             entries.len(),
@@ -2058,19 +2130,72 @@ mod tests {
     async fn a_batch_reruns_an_operation_whose_state_changed_before_the_lock() {
         // 1 + 5 from the concurrent grant + 10 from the batch, each with its entry: the
         // batch did not overwrite the concurrent write with a state computed before it.
-        for concurrent in [
-            Concurrent::ThisStore,
-            // The feed that would name the concurrent write purged meanwhile.
-            Concurrent::ThisStorePurging,
-            Concurrent::ThisStoreBatch,
-            Concurrent::OtherStore,
-        ] {
-            assert_eq!(
-                batch_over_a_concurrent_write(Some(1), concurrent).await,
-                (16, 3, 2),
-                "{concurrent:?}"
-            );
+        for cached in [false, true] {
+            for concurrent in [
+                Concurrent::ThisStore,
+                // The feed that would name the concurrent write purged meanwhile.
+                Concurrent::ThisStorePurging,
+                Concurrent::ThisStoreBatch,
+                Concurrent::OtherStore,
+            ] {
+                assert_eq!(
+                    batch_over_a_concurrent_write(Some(1), cached, concurrent).await,
+                    (16, 3, 2),
+                    "{concurrent:?}, cached: {cached}"
+                );
+            }
         }
+    }
+
+    /// A batch on end users whose states this store kept: no read, the states and
+    /// their chains carried on from the kept ones; a state kept by an older
+    /// transaction never replaces a newer one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_runs_on_the_states_it_kept() {
+        let (_directory, _, store) = file_store().await;
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        for _ in 0..3 {
+            crate::store::testing::grant_many(&store, &env, &["u1", "u2"], 2, T0).await;
+        }
+        for end_user in ["u1", "u2"] {
+            let id = EndUserId::new(end_user).expect("end user id");
+            let state = store
+                .load_state(&env, &id)
+                .await
+                .expect("state")
+                .expect("stored");
+            assert_eq!(state.available(None, T0).expect("available").get(), 6);
+            let entries = store
+                .entries(&env, &by_user(end_user))
+                .await
+                .expect("entries");
+            assert_eq!(entries.len(), 3, "{end_user}'s chain");
+            let kept = store
+                .states
+                .get_many(&env, &[end_user])
+                .pop()
+                .flatten()
+                .expect("kept");
+            assert_eq!(*kept.state, state);
+            assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
+            // An older transaction's state, kept late, is ignored.
+            let older = EndUserState::new(id, T0);
+            store.states.put_many(&env, kept.at - 1, [(older, None)]);
+            let still = store.states.get_many(&env, &[end_user]).pop().flatten();
+            assert_eq!(still.map(|kept| kept.at), Some(kept.at));
+        }
+        // Another environment's end user of the same id is not this one.
+        let other = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Test,
+        };
+        assert!(matches!(
+            store.states.get_many(&other, &["u1"]).as_slice(),
+            [None]
+        ));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2079,7 +2204,7 @@ mod tests {
         // concurrent grant left.
         for concurrent in [Concurrent::ThisStore, Concurrent::OtherStore] {
             assert_eq!(
-                batch_over_a_concurrent_write(None, concurrent).await,
+                batch_over_a_concurrent_write(None, false, concurrent).await,
                 (15, 2, 2),
                 "{concurrent:?}"
             );

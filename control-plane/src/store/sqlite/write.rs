@@ -252,16 +252,23 @@ pub(super) fn load_states(
     Ok(states)
 }
 
-/// End users whose state changed after a feed position.
+/// End users whose state changed after a feed position, with the position of their
+/// newest change.
 pub(super) struct Written {
     /// The feed after that position was purged in part: any end user may have changed.
     all: bool,
-    users: HashSet<String>,
+    users: HashMap<String, i64>,
 }
 
 impl Written {
-    pub(super) fn contains(&self, end_user: &str) -> bool {
-        self.all || self.users.contains(end_user)
+    /// Whether `end_user`'s state changed after feed position `basis` (at or after the
+    /// position the feed was read from).
+    pub(super) fn changed_after(&self, end_user: &str, basis: i64) -> bool {
+        self.all
+            || self
+                .users
+                .get(end_user)
+                .is_some_and(|newest| *newest > basis)
     }
 }
 
@@ -280,24 +287,28 @@ pub(super) fn changed_since(tx: &Transaction<'_>, env: &Env, after: i64) -> Stor
     if purged.is_some_and(|purged| purged > after) {
         return Ok(Written {
             all: true,
-            users: HashSet::new(),
+            users: HashMap::new(),
         });
     }
     let mut statement = tx.prepare_cached(
-        "SELECT end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ?",
+        "SELECT seq, end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq",
     )?;
     let mut rows = statement.query(params![env.tenant_id, env.environment.as_str(), after])?;
-    let mut users = HashSet::new();
+    let mut users = HashMap::new();
     while let Some(row) = rows.next()? {
-        if let Some(end_user) = row.get::<_, Option<String>>(0)? {
-            users.insert(end_user);
+        // In order: each end user ends with its newest change.
+        let seq: i64 = row.get(0)?;
+        if let Some(end_user) = row.get::<_, Option<String>>(1)? {
+            users.insert(end_user, seq);
         }
         if let Some(several) = row
-            .get_ref(1)?
+            .get_ref(2)?
             .as_str_or_null()
             .map_err(rusqlite::Error::from)?
         {
-            users.extend(serde_json::from_str::<Vec<String>>(several)?);
+            for end_user in serde_json::from_str::<Vec<String>>(several)? {
+                users.insert(end_user, seq);
+            }
         }
     }
     Ok(Written { all: false, users })
@@ -395,6 +406,16 @@ pub(super) struct Rows {
     pub(super) heads: HashMap<String, Option<i64>>,
 }
 
+/// What a transaction's rows left: the change feed's position of its row, if an end
+/// user changed, the end users whose state it wrote, and each end user's newest entry
+/// before and after it (for every end user it staged).
+#[derive(Debug)]
+pub(super) struct Flushed {
+    pub(super) at: Option<i64>,
+    pub(super) written: Vec<String>,
+    pub(super) heads: HashMap<String, (Option<i64>, Option<i64>)>,
+}
+
 impl Rows {
     /// Room for the rows of `operations` operations of about one event each (a usage
     /// batch's), so that gathering them under the writer does not grow the vectors.
@@ -413,28 +434,34 @@ impl Rows {
     /// chain's head) appends to the change feed here, in the same transaction: usage
     /// batches rely on it to find end users written while they ran (`mutate_many`), so
     /// any other statement that ever changes `end_users` must do the same.
-    pub(super) fn flush(self, tx: &Transaction<'_>, env: &Env, now: Timestamp) -> StoreResult<()> {
+    pub(super) fn flush(
+        self,
+        tx: &Transaction<'_>,
+        env: &Env,
+        now: Timestamp,
+    ) -> StoreResult<Flushed> {
         let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+        // Each end user's newest entry before this transaction and now.
+        let mut heads: HashMap<String, (Option<i64>, Option<i64>)> = self
+            .heads
+            .into_iter()
+            .map(|(end_user, head)| (end_user, (head, head)))
+            .collect();
         // Number the new entries (this transaction holds the write lock, so the next
         // numbers are known) and link each to its end user's previous entry.
-        let mut heads: HashMap<&str, i64> = self
-            .heads
-            .iter()
-            .filter_map(|(end_user, head)| head.map(|head| (end_user.as_str(), head)))
-            .collect();
         let mut linked = Vec::with_capacity(self.entries.len());
         if !self.entries.is_empty() {
             let mut seq = next_entry_seq(tx)?;
             for entry in &self.entries {
                 // Linking from an unknown head would cut the end user's older entries
                 // off its chain.
-                if !self.heads.contains_key(&entry.1) {
+                let Some((_, head)) = heads.get_mut(entry.1.as_str()) else {
                     return Err(corrupt(format!(
                         "an entry of end user `{}` was staged without its chain's head",
                         entry.1
                     )));
-                }
-                let prev = heads.insert(entry.1.as_str(), seq);
+                };
+                let prev = head.replace(seq);
                 linked.push((seq, prev, entry));
                 seq = seq
                     .checked_add(1)
@@ -457,7 +484,7 @@ impl Rows {
                     version,
                     next_due,
                     now.as_millis(),
-                    heads.get(end_user.as_str()).copied(),
+                    heads.get(end_user.as_str()).and_then(|(_, head)| *head),
                 ])?;
             }
         }
@@ -470,14 +497,11 @@ impl Rows {
             .collect();
         let mut moved: Vec<(&str, i64)> = heads
             .iter()
-            .filter(|(end_user, head)| {
-                !upserted.contains(*end_user)
-                    && self
-                        .heads
-                        .get(**end_user)
-                        .is_none_or(|old| *old != Some(**head))
+            .filter_map(|(end_user, (old, head))| {
+                let head = (*head)?;
+                (!upserted.contains(end_user.as_str()) && *old != Some(head))
+                    .then_some((end_user.as_str(), head))
             })
-            .map(|(end_user, head)| (*end_user, *head))
             .collect();
         moved.sort_unstable();
         // The feed names every end user whose row changed (see `mutate_many`).
@@ -555,13 +579,14 @@ impl Rows {
             }
         }
         store_answers(tx, env, &self.answers)?;
-        match feed.as_slice() {
-            [] => {}
+        let at = match feed.as_slice() {
+            [] => None,
             [end_user] => {
                 tx.prepare_cached(
                     "INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, 'end_user', ?, ?)",
                 )?
                 .execute(params![tenant, environment, end_user, now.as_millis()])?;
+                Some(tx.last_insert_rowid())
             }
             several => {
                 // One row names them all (migration 0006).
@@ -574,9 +599,15 @@ impl Rows {
                     serde_json::to_string(several)?,
                     now.as_millis()
                 ])?;
+                Some(tx.last_insert_rowid())
             }
-        }
-        Ok(())
+        };
+        drop(feed);
+        Ok(Flushed {
+            at,
+            written: self.changes,
+            heads,
+        })
     }
 }
 
