@@ -13,7 +13,9 @@
 //!   cached prepared statement per kind of row, executed once per row.
 //!
 //! `QS_P4_FLOOR_DRIVER=sqlx` or `=rusqlite` runs only one; `QS_P4_FLOOR_DROP=index,index`
-//! drops those indexes first, to price them.
+//! drops those indexes first, to price them. The rusqlite run also prints its time by
+//! kind of row and for the commit; `QS_P4_FLOOR_UPDATE=1` writes known end users with a
+//! plain `UPDATE` instead of the store's upsert.
 
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
