@@ -43,8 +43,13 @@ const ROW_CHANNEL: usize = 1024;
 const CHAIN_STEPS: i64 = 512;
 
 /// End users whose latest written state the store keeps for usage batches (see
-/// `cache`): a few hundred bytes to a few KiB each.
-const STATE_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(16_384).expect("not zero");
+/// `cache`; only small states are kept: a few hundred bytes to a few KiB each).
+const STATE_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4_096).expect("not zero");
+
+/// How far behind the change feed's newest position a kept state may be to be used: the
+/// writer reads the feed after the oldest state a batch uses, so an older one is read
+/// again instead.
+const KEPT_WINDOW: i64 = 32;
 
 mod cache;
 mod read;
@@ -727,25 +732,29 @@ impl Store for SqliteStore {
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
         let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
-        let cached = self.states.get_many(env, &ids);
-        let missing: Vec<&str> = ids
-            .iter()
-            .zip(&cached)
-            .filter(|(_, cached)| cached.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        // One read transaction for the others: their states and the feed position are
-        // one snapshot.
-        let (read_at, mut seen) = if missing.is_empty() {
-            (i64::MAX, BTreeMap::new())
-        } else {
-            self.readers.read(|tx| {
-                Ok((
-                    read::feed_position(tx)?,
-                    write::load_states(tx, env, &missing)?,
-                ))
-            })?
-        };
+        let kept = self.states.get_many(env, &ids);
+        // One read transaction: the feed's position and the states not kept (or kept
+        // from too long ago) are one snapshot.
+        let (read_at, mut seen, cached) = self.readers.read(|tx| {
+            let read_at = read::feed_position(tx)?;
+            let recent = read_at.saturating_sub(KEPT_WINDOW);
+            let cached: Vec<_> = kept
+                .into_iter()
+                .map(|kept| kept.filter(|kept| kept.at >= recent))
+                .collect();
+            let missing: Vec<&str> = ids
+                .iter()
+                .zip(&cached)
+                .filter(|(_, cached)| cached.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            let seen = if missing.is_empty() {
+                BTreeMap::new()
+            } else {
+                write::load_states(tx, env, &missing)?
+            };
+            Ok((read_at, seen, cached))
+        })?;
         let mut prepared = Vec::with_capacity(items.len());
         for ((end_user, operation), cached) in items.iter_mut().zip(cached) {
             let (old, head, basis) = match cached {
@@ -1426,10 +1435,18 @@ impl Store for SqliteStore {
             .bind(millis(now))
             .execute(&self.writer)
             .await?;
-        let usage = sqlx::query("DELETE FROM usage_keys WHERE keep_until < ?")
-            .bind(millis(now))
-            .execute(&self.writer)
-            .await?;
+        // Oldest first, by rowid (no index on keep_until, migration 0007): up to the
+        // first key still kept. A key kept by a longer retention than the keys after it
+        // (the retention was shortened since) holds those back until it expires itself:
+        // they are kept longer, never forgotten early.
+        let usage = sqlx::query(
+            "DELETE FROM usage_keys WHERE keep_until < ?1 AND rowid < COALESCE(
+                 (SELECT rowid FROM usage_keys WHERE keep_until >= ?1 ORDER BY rowid LIMIT 1),
+                 (SELECT MAX(rowid) + 1 FROM usage_keys))",
+        )
+        .bind(millis(now))
+        .execute(&self.writer)
+        .await?;
         Ok(idempotency
             .rows_affected()
             .saturating_add(usage.rows_affected()))
@@ -2196,6 +2213,75 @@ mod tests {
             store.states.get_many(&other, &["u1"]).as_slice(),
             [None]
         ));
+    }
+
+    /// Usage keys are purged oldest first up to the first one still kept: a key kept
+    /// longer than the ones after it holds them back, never the other way round.
+    #[tokio::test]
+    async fn usage_keys_are_purged_oldest_first() {
+        let (_directory, _, store) = file_store().await;
+        for (key, keep_until) in [("a", 10), ("b", 30), ("c", 20), ("d", 40)] {
+            sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES ('t', 'live', ?, x'00', 'led', '{}', ?)")
+                .bind(key)
+                .bind(keep_until)
+                .execute(&store.writer)
+                .await
+                .expect("key");
+        }
+        let left = || async {
+            sqlx::query_scalar::<_, String>("SELECT key FROM usage_keys ORDER BY rowid")
+                .fetch_all(&store.writer)
+                .await
+                .expect("keys")
+        };
+        let purge = |at: i64| store.purge_expired(Timestamp::from_millis(at));
+        assert_eq!(purge(5).await.expect("purge"), 0);
+        assert_eq!(purge(25).await.expect("purge"), 1);
+        assert_eq!(left().await, ["b", "c", "d"], "c waits behind b");
+        assert_eq!(purge(35).await.expect("purge"), 2);
+        assert_eq!(left().await, ["d"]);
+        assert_eq!(purge(50).await.expect("purge"), 1);
+        assert!(left().await.is_empty());
+        assert_eq!(purge(60).await.expect("purge"), 0);
+    }
+
+    /// A state past `cache::KEPT_PARTS` blocks is read each time, not kept: the cache's
+    /// memory stays bounded by its count of end users.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_state_is_not_kept() {
+        let (_directory, _, store) = file_store().await;
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        // Each grant is a block of its own.
+        for _ in 0..64 {
+            crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
+        }
+        assert!(matches!(
+            store.states.get_many(&env, &["u1"]).as_slice(),
+            [Some(_)]
+        ));
+        crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
+        assert!(matches!(
+            store.states.get_many(&env, &["u1"]).as_slice(),
+            [None]
+        ));
+        let id = EndUserId::new("u1").expect("end user id");
+        let state = store
+            .load_state(&env, &id)
+            .await
+            .expect("state")
+            .expect("stored");
+        assert_eq!(state.blocks().len(), 65);
+        // The next batch reads it, and still does not keep it.
+        crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
+        assert!(matches!(
+            store.states.get_many(&env, &["u1"]).as_slice(),
+            [None]
+        ));
+        let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
+        assert_eq!(entries.len(), 66);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

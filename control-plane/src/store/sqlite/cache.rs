@@ -18,6 +18,10 @@ use lru::LruCache;
 
 use super::super::Env;
 
+/// The most blocks, reservations and subscriptions together of a state kept: a larger
+/// one (tens of KiB and up) is read from the database each time.
+const KEPT_PARTS: usize = 64;
+
 /// A state as one transaction committed it.
 #[derive(Debug, Clone)]
 pub(super) struct Cached {
@@ -44,6 +48,16 @@ fn key(env: &Env, end_user: &str) -> String {
     )
 }
 
+/// Whether `state` is too large to keep.
+fn large(state: &EndUserState) -> bool {
+    state
+        .blocks()
+        .len()
+        .saturating_add(state.reservations().len())
+        .saturating_add(state.subscriptions().len())
+        > KEPT_PARTS
+}
+
 impl States {
     pub(super) fn new(capacity: NonZeroUsize) -> States {
         States {
@@ -60,7 +74,8 @@ impl States {
 
     /// Keeps states one transaction committed at feed position `at`, with their chains'
     /// heads after it, unless a state written later is kept already (transactions may
-    /// call this in any order once committed, never before).
+    /// call this in any order once committed, never before). A large state (see
+    /// `KEPT_PARTS`) is forgotten instead.
     pub(super) fn put_many(
         &self,
         env: &Env,
@@ -84,6 +99,9 @@ impl States {
         let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
         for (key, cached) in entries {
             if kept.peek(&key).is_some_and(|newer| newer.at > at) {
+                dropped.push(cached);
+            } else if large(&cached.state) {
+                dropped.extend(kept.pop(&key));
                 dropped.push(cached);
             } else if let Some((_, old)) = kept.push(key, cached) {
                 dropped.push(old);
