@@ -5,8 +5,8 @@
 //! `QS_P4_BATCHES` (default 200) batches' worth of the same rows straight into the same
 //! SQLite file (`synchronous = full`), one transaction per batch as the store does: the
 //! end-user upserts, 500 entries, 500 usage keys and the change feed's row naming the
-//! batch's end users (entries and end users carry the chain's columns as the store
-//! writes them; the values are plausible, not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
+//! batch's end users, and the batch's run of entries (entries and end users carry the
+//! chain's columns as the store writes them; the values are plausible, not real links). No HTTP, no JSON parsing, no engine: what is left is SQLite and the
 //! driver. It does so twice, each time on a fresh database:
 //! - through sqlx, in multi-row statements of 200 rows, as the store does;
 //! - through rusqlite (the same SQLite library, called directly on this thread), one
@@ -59,6 +59,16 @@ fn batch_rows(batch: u64) -> (Vec<u64>, Vec<String>) {
     (
         indexes,
         users.iter().map(|user| format!("user_{user}")).collect(),
+    )
+}
+
+/// A batch's run of entries as the store records it (migration 0008): plausible
+/// numbers, past those of the batch recorded through the control plane.
+fn run_of(batch: u64) -> (i64, i64) {
+    let first = small(1_000_000_000 + batch * BATCH_LEN);
+    (
+        first,
+        first.checked_add(small(BATCH_LEN - 1)).expect("small"),
     )
 }
 
@@ -177,6 +187,15 @@ async fn write_sqlx(path: &Path, s: &Sample, batches: u64) -> f64 {
             });
             query.build().execute(&mut *tx).await.expect("entries");
         }
+        let (first, last) = run_of(batch);
+        sqlx::query("INSERT INTO entry_runs (tenant_id, environment, first_seq, last_seq) VALUES (?, ?, ?, ?)")
+            .bind(&s.tenant)
+            .bind(&s.environment)
+            .bind(first)
+            .bind(last)
+            .execute(&mut *tx)
+            .await
+            .expect("entry run");
         for chunk in indexes.chunks(ROWS_PER_STATEMENT) {
             let mut query = QueryBuilder::<Sqlite>::new(
                 "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) ",
@@ -272,6 +291,11 @@ fn write_rusqlite(path: &Path, s: &Sample, batches: u64) -> f64 {
                     ])
                     .expect("entry");
             }
+            let (first, last) = run_of(batch);
+            tx.prepare_cached("INSERT INTO entry_runs (tenant_id, environment, first_seq, last_seq) VALUES (?, ?, ?, ?)")
+                .expect("prepare")
+                .execute(rusqlite::params![s.tenant, s.environment, first, last])
+                .expect("entry run");
             phase(1);
             let mut usage_key = tx
                 .prepare_cached("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)")

@@ -51,6 +51,18 @@ const STATE_CACHE: std::num::NonZeroUsize = std::num::NonZeroUsize::new(4_096).e
 /// again instead.
 const KEPT_WINDOW: i64 = 32;
 
+/// An environment's entries, newest first: its runs of entries newest first, each read
+/// newest first (migration 0008). The runs' key is unique, so SQLite walks both in order
+/// and stops at the limit without sorting (a test checks the plan). Binds: tenant,
+/// environment, before (the cursor), type, from, to, limit.
+const ENVIRONMENT_ENTRIES: &str = "SELECT e.seq, e.body FROM entry_runs AS r
+       JOIN entries AS e ON e.seq BETWEEN r.first_seq AND MIN(r.last_seq, ?3 - 1)
+      WHERE r.tenant_id = ?1 AND r.environment = ?2 AND r.first_seq < ?3
+        AND e.tenant_id = ?1 AND e.environment = ?2
+        AND (?4 IS NULL OR e.type = ?4)
+        AND (?5 IS NULL OR e.created_at >= ?5) AND (?6 IS NULL OR e.created_at < ?6)
+      ORDER BY r.first_seq DESC, e.seq DESC LIMIT ?7";
+
 mod cache;
 mod read;
 mod write;
@@ -931,23 +943,13 @@ impl Store for SqliteStore {
         if let Some(end_user) = &filter.end_user_id {
             return self.entries_of(env, end_user, filter).await;
         }
-        let query = sqlx::query(
-            "SELECT seq, body FROM entries WHERE tenant_id = ? AND environment = ?
-               AND (? IS NULL OR type = ?)
-               AND (? IS NULL OR created_at >= ?) AND (? IS NULL OR created_at < ?)
-               AND seq < ?
-             ORDER BY seq DESC LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str());
-        let rows = query
-            .bind(&filter.entry_type)
-            .bind(&filter.entry_type)
-            .bind(filter.from.map(millis))
-            .bind(filter.from.map(millis))
-            .bind(filter.to.map(millis))
-            .bind(filter.to.map(millis))
+        let rows = sqlx::query(ENVIRONMENT_ENTRIES)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
             .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(&filter.entry_type)
+            .bind(filter.from.map(millis))
+            .bind(filter.to.map(millis))
             .bind(filter.limit)
             .fetch_all(&self.reader)
             .await?;
@@ -1773,19 +1775,36 @@ mod tests {
         entries.iter().map(|(_, entry)| entry.amount).collect()
     }
 
+    fn everyone() -> EntryFilter {
+        EntryFilter {
+            limit: 100,
+            ..EntryFilter::default()
+        }
+    }
+
     // Entries written before migration 0005 (no chains) are chained by it, and the chains
-    // go on from there.
+    // go on from there; migration 0008 gives them their environment's runs.
     #[tokio::test]
     async fn the_migration_chains_entries_written_before_it() {
         let env = Env {
             tenant_id: "t".into(),
             environment: Environment::Live,
         };
+        let sandbox = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Test,
+        };
         // Rows as the store wrote them: made by today's store, copied into a database
-        // migrated only up to 0004.
+        // migrated only up to 0004. The two environments' entries interleave.
         let (_made_directory, _, made) = file_store().await;
-        for (end_user, amount) in [("u1", 5), ("u2", 7), ("u1", 9)] {
-            grant(&made, &env, end_user, amount).await;
+        for (on, end_user, amount) in [
+            (&env, "u1", 5),
+            (&sandbox, "u1", 3),
+            (&env, "u2", 7),
+            (&env, "u1", 9),
+            (&sandbox, "u1", 4),
+        ] {
+            grant(&made, on, end_user, amount).await;
         }
         let entries: Vec<(String, String, String, String, String, i64, String)> = sqlx::query_as(
             "SELECT id, tenant_id, environment, end_user_id, type, created_at, body FROM entries ORDER BY seq",
@@ -1844,10 +1863,35 @@ mod tests {
             amounts(&store.entries(&env, &by_user("u2")).await.expect("u2")),
             [7]
         );
+        assert_eq!(
+            amounts(&store.entries(&env, &everyone()).await.expect("live")),
+            [9, 7, 5]
+        );
+        assert_eq!(
+            amounts(&store.entries(&sandbox, &everyone()).await.expect("test")),
+            [4, 3]
+        );
         grant(&store, &env, "u1", 11).await;
         assert_eq!(
             amounts(&store.entries(&env, &by_user("u1")).await.expect("u1")),
             [11, 9, 5]
+        );
+        assert_eq!(
+            amounts(&store.entries(&env, &everyone()).await.expect("live")),
+            [11, 9, 7, 5]
+        );
+        let runs: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT environment, first_seq, last_seq FROM entry_runs ORDER BY first_seq",
+        )
+        .fetch_all(&store.reader)
+        .await
+        .expect("runs");
+        assert_eq!(
+            runs.iter()
+                .map(|(environment, ..)| environment.as_str())
+                .collect::<Vec<_>>(),
+            ["live", "test", "live", "test", "live"],
+            "{runs:?}"
         );
         let indexes: Vec<String> = sqlx::query_scalar(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'entries'",
@@ -1856,10 +1900,10 @@ mod tests {
         .await
         .expect("indexes");
         assert!(
-            !indexes
-                .iter()
-                .any(|name| name.starts_with("entries_user") || name == "entries_chain_fill"),
-            "no index by end user is left: {indexes:?}"
+            !indexes.iter().any(|name| name.starts_with("entries_user")
+                || name == "entries_chain_fill"
+                || name == "entries_env"),
+            "no index by end user or environment is left: {indexes:?}"
         );
     }
 
@@ -1886,6 +1930,10 @@ mod tests {
             EndUserId::new("long").expect("id"),
             EndUserId::new("other").expect("id"),
         );
+        let sandbox = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Test,
+        };
         for amount in 1..=count {
             let at = T0
                 .checked_add(ledger::Span::from_millis(amount))
@@ -1893,6 +1941,96 @@ mod tests {
             crate::store::testing::grant(&store, &env, &long, amount, at).await;
             if amount % 50 == 0 {
                 crate::store::testing::grant(&store, &env, &other, amount, at).await;
+            }
+            if amount % 7 == 0 {
+                crate::store::testing::grant(&store, &sandbox, &other, amount, at).await;
+            }
+            if amount % 100 == 0 {
+                // Runs of several entries too, as a usage batch writes them.
+                crate::store::testing::grant_many(&store, &env, &["b1", "b2", "b3"], amount, at)
+                    .await;
+            }
+        }
+        // The environment-wide listing walks runs and entries in order, without a sort.
+        let plan: Vec<String> = {
+            let connection =
+                rusqlite::Connection::open(directory.path().join("chain.db")).expect("open");
+            let mut statement = connection
+                .prepare(&format!("EXPLAIN QUERY PLAN {ENVIRONMENT_ENTRIES}"))
+                .expect("plan");
+            statement
+                .query_map(
+                    rusqlite::params![
+                        "t",
+                        "live",
+                        i64::MAX,
+                        None::<String>,
+                        None::<i64>,
+                        None::<i64>,
+                        10
+                    ],
+                    |row| row.get::<_, String>(3),
+                )
+                .expect("plan")
+                .collect::<Result<_, _>>()
+                .expect("plan")
+        };
+        assert!(
+            !plan.is_empty() && plan.iter().all(|step| !step.contains("TEMP B-TREE")),
+            "{plan:?}"
+        );
+        // The environment-wide listing (its runs of entries) against the table, with
+        // cursors in and between runs and filters, for both environments.
+        for (on, name) in [(&env, "live"), (&sandbox, "test")] {
+            let all: Vec<(i64, String, i64)> = sqlx::query_as(
+                "SELECT seq, type, created_at FROM entries WHERE environment = ? ORDER BY seq DESC",
+            )
+            .bind(name)
+            .fetch_all(&store.reader)
+            .await
+            .expect("all");
+            let middle_created = all[all.len() / 2].2;
+            // `all[1]` is inside the newest batch's run of three in the live environment.
+            for before in [
+                None,
+                Some(all[1].0),
+                Some(all[3].0),
+                Some(all[all.len() / 3].0 + 1),
+                Some(1),
+            ] {
+                for (entry_type, from) in [
+                    (None, None),
+                    (Some("grant"), Some(middle_created)),
+                    (Some("debit"), None),
+                ] {
+                    for limit in [1_u32, 7, 500] {
+                        let filter = EntryFilter {
+                            entry_type: entry_type.map(str::to_owned),
+                            from: from.map(Timestamp::from_millis),
+                            before_seq: before,
+                            limit,
+                            ..EntryFilter::default()
+                        };
+                        let expected: Vec<i64> = all
+                            .iter()
+                            .filter(|(seq, kind, created_at)| {
+                                before.is_none_or(|before| *seq < before)
+                                    && entry_type.is_none_or(|wanted| kind == wanted)
+                                    && from.is_none_or(|from| *created_at >= from)
+                            })
+                            .map(|(seq, ..)| *seq)
+                            .take(usize::try_from(limit).expect("small"))
+                            .collect();
+                        let listed: Vec<i64> = store
+                            .entries(on, &filter)
+                            .await
+                            .expect("listed")
+                            .iter()
+                            .map(|(seq, _)| *seq)
+                            .collect();
+                        assert_eq!(listed, expected, "{name}, {filter:?}");
+                    }
+                }
             }
         }
         // (seq, created_at, amount) of every entry of `long`, newest first.

@@ -536,7 +536,12 @@ impl Rows {
                 ])?;
             }
         }
-        if !linked.is_empty() {
+        if let (Some((first, ..)), Some((last, ..))) = (linked.first(), linked.last()) {
+            // The transaction's entries are one run of numbers (migration 0008).
+            tx.prepare_cached(
+                "INSERT INTO entry_runs (tenant_id, environment, first_seq, last_seq) VALUES (?, ?, ?, ?)",
+            )?
+            .execute(params![tenant, environment, first, last])?;
             let mut statement = tx.prepare_cached(
                 "INSERT INTO entries (seq, id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             )?;
