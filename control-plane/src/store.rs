@@ -883,7 +883,7 @@ pub(crate) mod testing {
     }
 
     /// Grants `amount` to `state` at `at`, returning what to write.
-    fn grant_to(
+    pub(crate) fn grant_to(
         state: &mut EndUserState,
         amount: i64,
         at: Timestamp,

@@ -63,6 +63,9 @@ const ENVIRONMENT_ENTRIES: &str = "SELECT e.seq, e.body FROM entry_runs AS r
         AND (?5 IS NULL OR e.created_at >= ?5) AND (?6 IS NULL OR e.created_at < ?6)
       ORDER BY r.first_seq DESC, e.seq DESC LIMIT ?7";
 
+/// Usage keys the purge's sweep reads each time (once every `jobs.interval_ms`).
+const SWEEP_ROWS: i64 = 4_096;
+
 mod cache;
 mod read;
 mod write;
@@ -99,6 +102,10 @@ pub struct SqliteStore {
     fsync_commits: bool,
     /// Idempotency leases waiting for the writer, taken together (see `idempotency_begin`).
     leases: std::sync::Arc<Queues<(), Lease>>,
+    /// Where the usage keys' sweep stopped (a rowid; see `purge_expired`).
+    sweep: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Usage keys the sweep reads each time.
+    sweep_rows: i64,
 }
 
 fn millis(value: Timestamp) -> i64 {
@@ -206,6 +213,8 @@ impl SqliteStore {
             _scratch: scratch,
             fsync_commits: synchronous == Some(Synchronous::Full),
             leases: std::sync::Arc::default(),
+            sweep: std::sync::Arc::default(),
+            sweep_rows: SWEEP_ROWS,
         })
     }
 
@@ -852,9 +861,17 @@ impl Store for SqliteStore {
             Ok((spent, flushed))
         })?;
         drop(writer);
-        // Committed: the states written are kept for the next batches.
+        // Committed: the states written are kept for the next batches. The others' kept
+        // states, if any, may be the stale ones an operation reran on (a rerun that
+        // changed nothing writes nothing): forgotten, or every batch would rerun them.
+        let written: HashSet<&str> = flushed.written.iter().map(String::as_str).collect();
+        let unwritten: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|end_user| !written.contains(end_user))
+            .collect();
+        self.states.forget_many(env, &unwritten, read_at);
         if let Some(at) = flushed.at {
-            let written: HashSet<&str> = flushed.written.iter().map(String::as_str).collect();
             let keep = spent.into_iter().filter_map(|(_, state, _)| {
                 let end_user = state.end_user_id().as_str();
                 let (_, head) = flushed.heads.get(end_user)?;
@@ -1438,9 +1455,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await?;
         // Oldest first, by rowid (no index on keep_until, migration 0007): up to the
-        // first key still kept. A key kept by a longer retention than the keys after it
-        // (the retention was shortened since) holds those back until it expires itself:
-        // they are kept longer, never forgotten early.
+        // first key still kept.
         let usage = sqlx::query(
             "DELETE FROM usage_keys WHERE keep_until < ?1 AND rowid < COALESCE(
                  (SELECT rowid FROM usage_keys WHERE keep_until >= ?1 ORDER BY rowid LIMIT 1),
@@ -1449,9 +1464,42 @@ impl Store for SqliteStore {
         .bind(millis(now))
         .execute(&self.writer)
         .await?;
+        // A key kept longer than the keys after it (the retention was shortened since,
+        // or a key recorded by the environment's clock before 2026-11-30, which a test
+        // clock may have set far ahead) holds the oldest-first purge back. A sweep
+        // reads the next `sweep_rows` keys each time, from where the last one stopped,
+        // round and round, so every expired key goes within a round.
+        let from = self.sweep.load(std::sync::atomic::Ordering::Relaxed);
+        let reached: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(rowid) FROM (SELECT rowid FROM usage_keys WHERE rowid > ? ORDER BY rowid LIMIT ?)",
+        )
+        .bind(from)
+        .bind(self.sweep_rows)
+        .fetch_one(&self.writer)
+        .await?;
+        let swept = match reached {
+            Some(to) => {
+                let swept = sqlx::query(
+                    "DELETE FROM usage_keys WHERE rowid > ? AND rowid <= ? AND keep_until < ?",
+                )
+                .bind(from)
+                .bind(to)
+                .bind(millis(now))
+                .execute(&self.writer)
+                .await?
+                .rows_affected();
+                self.sweep.store(to, std::sync::atomic::Ordering::Relaxed);
+                swept
+            }
+            None => {
+                self.sweep.store(0, std::sync::atomic::Ordering::Relaxed);
+                0
+            }
+        };
         Ok(idempotency
             .rows_affected()
-            .saturating_add(usage.rows_affected()))
+            .saturating_add(usage.rows_affected())
+            .saturating_add(swept))
     }
 }
 
@@ -2012,15 +2060,17 @@ mod tests {
                 Some(all[all.len() / 3].0 + 1),
                 Some(1),
             ] {
-                for (entry_type, from) in [
-                    (None, None),
-                    (Some("grant"), Some(middle_created)),
-                    (Some("debit"), None),
+                for (entry_type, from, to) in [
+                    (None, None, None),
+                    (Some("grant"), Some(middle_created), None),
+                    (None, None, Some(middle_created)),
+                    (Some("debit"), None, None),
                 ] {
                     for limit in [1_u32, 7, 500] {
                         let filter = EntryFilter {
                             entry_type: entry_type.map(str::to_owned),
                             from: from.map(Timestamp::from_millis),
+                            to: to.map(Timestamp::from_millis),
                             before_seq: before,
                             limit,
                             ..EntryFilter::default()
@@ -2031,6 +2081,7 @@ mod tests {
                                 before.is_none_or(|before| *seq < before)
                                     && entry_type.is_none_or(|wanted| kind == wanted)
                                     && from.is_none_or(|from| *created_at >= from)
+                                    && to.is_none_or(|to| *created_at < to)
                             })
                             .map(|(seq, ..)| *seq)
                             .take(usize::try_from(limit).expect("small"))
@@ -2356,6 +2407,37 @@ mod tests {
             let still = store.states.get_many(&env, &[end_user]).pop().flatten();
             assert_eq!(still.map(|kept| kept.at), Some(kept.at));
         }
+        // The batch runs on the kept state itself (no read): a state planted in the
+        // cache at its position, 100 credits richer than the stored one, is what the
+        // next batch builds on.
+        let kept = store
+            .states
+            .get_many(&env, &["u1"])
+            .pop()
+            .flatten()
+            .expect("kept");
+        let mut planted = kept.state.as_ref().clone();
+        crate::store::testing::grant_to(&mut planted, 100, T0).expect("grant");
+        store.states.put_many(&env, kept.at, [(planted, kept.head)]);
+        crate::store::testing::grant_many(&store, &env, &["u1"], 2, T0).await;
+        let u1 = EndUserId::new("u1").expect("end user id");
+        let state = store
+            .load_state(&env, &u1)
+            .await
+            .expect("state")
+            .expect("stored");
+        assert_eq!(state.available(None, T0).expect("available").get(), 108);
+        // A batch that writes nothing for an end user forgets its kept state.
+        let mut nothing =
+            |_: &mut EndUserState| -> Result<Vec<Changes>, ApiError> { Ok(Vec::new()) };
+        store
+            .mutate_many(&env, T0, &mut [(u1, &mut nothing)])
+            .await
+            .expect("batch");
+        assert!(matches!(
+            store.states.get_many(&env, &["u1"]).as_slice(),
+            [None]
+        ));
         // Another environment's end user of the same id is not this one.
         let other = Env {
             tenant_id: "t".into(),
@@ -2367,12 +2449,14 @@ mod tests {
         ));
     }
 
-    /// Usage keys are purged oldest first up to the first one still kept: a key kept
-    /// longer than the ones after it holds them back, never the other way round.
+    /// Usage keys are purged oldest first up to the first one still kept; a key kept
+    /// longer than the ones after it does not hold them back for long: the sweep,
+    /// `sweep_rows` keys a time, takes them (and never a key still kept).
     #[tokio::test]
     async fn usage_keys_are_purged_oldest_first() {
-        let (_directory, _, store) = file_store().await;
-        for (key, keep_until) in [("a", 10), ("b", 30), ("c", 20), ("d", 40)] {
+        let (_directory, _, mut store) = file_store().await;
+        store.sweep_rows = 2;
+        for (key, keep_until) in [("a", 10), ("b", 30), ("c", 20), ("d", 40), ("e", 15)] {
             sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES ('t', 'live', ?, x'00', 'led', '{}', ?)")
                 .bind(key)
                 .bind(keep_until)
@@ -2387,14 +2471,59 @@ mod tests {
                 .expect("keys")
         };
         let purge = |at: i64| store.purge_expired(Timestamp::from_millis(at));
+        // Nothing expired (the sweep reads a and b).
         assert_eq!(purge(5).await.expect("purge"), 0);
+        // a oldest first, b stops that; the sweep reads c and d: c goes.
+        assert_eq!(purge(25).await.expect("purge"), 2);
+        assert_eq!(left().await, ["b", "d", "e"]);
+        // The sweep reads e, then starts over.
         assert_eq!(purge(25).await.expect("purge"), 1);
-        assert_eq!(left().await, ["b", "c", "d"], "c waits behind b");
-        assert_eq!(purge(35).await.expect("purge"), 2);
+        assert_eq!(left().await, ["b", "d"]);
+        assert_eq!(purge(25).await.expect("purge"), 0);
+        assert_eq!(purge(35).await.expect("purge"), 1);
         assert_eq!(left().await, ["d"]);
         assert_eq!(purge(50).await.expect("purge"), 1);
         assert!(left().await.is_empty());
         assert_eq!(purge(60).await.expect("purge"), 0);
+    }
+
+    /// A kept state that another path of this store (a single operation, which keeps
+    /// nothing) or another process wrote over since is not used: the batch reruns on the
+    /// stored state, and keeps what it wrote then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_kept_state_written_over_since_is_not_used() {
+        let (_directory, url, store) = file_store().await;
+        let other = SqliteStore::open(&url, Synchronous::Full, 1)
+            .await
+            .expect("second store");
+        let env = Env {
+            tenant_id: "t".into(),
+            environment: Environment::Live,
+        };
+        let batch =
+            |amount: i64| crate::store::testing::grant_many(&store, &env, &["u1"], amount, T0);
+        batch(1).await;
+        grant(&store, &env, "u1", 10).await;
+        batch(100).await;
+        grant(&other, &env, "u1", 1_000).await;
+        batch(10_000).await;
+        let id = EndUserId::new("u1").expect("end user id");
+        let state = store
+            .load_state(&env, &id)
+            .await
+            .expect("state")
+            .expect("stored");
+        assert_eq!(state.available(None, T0).expect("available").get(), 11_111);
+        let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
+        assert_eq!(amounts(&entries), [10_000, 1_000, 100, 10, 1]);
+        let kept = store
+            .states
+            .get_many(&env, &["u1"])
+            .pop()
+            .flatten()
+            .expect("kept");
+        assert_eq!(*kept.state, state);
+        assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
     }
 
     /// A state past `cache::KEPT_PARTS` blocks is read each time, not kept: the cache's

@@ -72,6 +72,21 @@ impl States {
         keys.iter().map(|key| kept.get(key).cloned()).collect()
     }
 
+    /// Forgets the kept states of `ids` kept at feed position `at` or before (a state
+    /// kept later comes from a transaction this caller did not see, and stays).
+    pub(super) fn forget_many(&self, env: &Env, ids: &[&str], at: i64) {
+        let keys: Vec<String> = ids.iter().map(|id| key(env, id)).collect();
+        let mut dropped = Vec::new();
+        let mut kept = self.kept.lock().unwrap_or_else(PoisonError::into_inner);
+        for key in &keys {
+            if kept.peek(key).is_some_and(|cached| cached.at <= at) {
+                dropped.extend(kept.pop(key));
+            }
+        }
+        drop(kept);
+        drop(dropped);
+    }
+
     /// Keeps states one transaction committed at feed position `at`, with their chains'
     /// heads after it, unless a state written later is kept already (transactions may
     /// call this in any order once committed, never before). A large state (see

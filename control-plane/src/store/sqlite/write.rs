@@ -162,10 +162,18 @@ impl Direct {
         // hook).
         connection.wal_hook(Some(note_wal_pages));
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        for lock in shared_locks(&connection)? {
-            tracing::warn!(
-                "the SQLite library was {lock}: concurrent reads and writes wait on each other; build from the workspace (its .cargo/config.toml sets LIBSQLITE3_FLAGS)"
-            );
+        // Only a warning: the store works either way (slower).
+        match shared_locks(&connection) {
+            Ok(locks) => {
+                for lock in locks {
+                    tracing::warn!(
+                        "the SQLite library was {lock}: concurrent reads and writes wait on each other; build from the workspace (its .cargo/config.toml sets LIBSQLITE3_FLAGS)"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the SQLite library's compile options");
+            }
         }
         Ok(Direct {
             connection: Mutex::new(connection),
