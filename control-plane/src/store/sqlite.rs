@@ -1823,6 +1823,38 @@ mod tests {
         entries.iter().map(|(_, entry)| entry.amount).collect()
     }
 
+    /// `end_user`'s state kept by `store`, if any.
+    fn kept(store: &SqliteStore, env: &Env, end_user: &str) -> Option<cache::Cached> {
+        store.states.get_many(env, &[end_user]).pop().flatten()
+    }
+
+    /// `end_user`'s stored state and entries (newest first), after checking that the
+    /// store kept exactly that state, with its chain's newest entry as head.
+    async fn stored_and_kept(
+        store: &SqliteStore,
+        env: &Env,
+        end_user: &str,
+    ) -> (EndUserState, Vec<(i64, protocol::LedgerEntry)>) {
+        let id = EndUserId::new(end_user).expect("end user id");
+        let state = store
+            .load_state(env, &id)
+            .await
+            .expect("state")
+            .expect("stored");
+        let entries = store
+            .entries(env, &by_user(end_user))
+            .await
+            .expect("entries");
+        let kept = kept(store, env, end_user).expect("kept");
+        assert_eq!(*kept.state, state, "{end_user}'s kept state");
+        assert_eq!(
+            kept.head,
+            entries.first().map(|(seq, _)| *seq),
+            "{end_user}'s head"
+        );
+        (state, entries)
+    }
+
     fn everyone() -> EntryFilter {
         EntryFilter {
             limit: 100,
@@ -2264,8 +2296,7 @@ mod tests {
         match initial {
             Some(amount) if cached => {
                 crate::store::testing::grant_many(&store, &env, &["u1"], amount, T0).await;
-                let kept = store.states.get_many(&env, &["u1"]);
-                assert!(matches!(kept.as_slice(), [Some(_)]), "u1's state kept");
+                assert!(kept(&store, &env, "u1").is_some(), "u1's state kept");
             }
             Some(amount) => grant(&store, &env, "u1", amount).await,
             None => {}
@@ -2324,21 +2355,8 @@ mod tests {
             .mutate_many(&env, T0, &mut [(end_user.clone(), &mut operation)])
             .await
             .expect("batch");
-        let state = store
-            .load_state(&env, &end_user)
-            .await
-            .expect("state")
-            .expect("stored");
-        let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
         // The batch kept what it wrote: the stored state and its chain's newest entry.
-        let kept = store
-            .states
-            .get_many(&env, &["u1"])
-            .pop()
-            .flatten()
-            .expect("kept");
-        assert_eq!(*kept.state, state);
-        assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
+        let (state, entries) = stored_and_kept(&store, &env, end_user.as_str()).await;
         (
             state.available(None, T0).expect("available").get(),
             entries.len(),
@@ -2381,44 +2399,24 @@ mod tests {
             crate::store::testing::grant_many(&store, &env, &["u1", "u2"], 2, T0).await;
         }
         for end_user in ["u1", "u2"] {
-            let id = EndUserId::new(end_user).expect("end user id");
-            let state = store
-                .load_state(&env, &id)
-                .await
-                .expect("state")
-                .expect("stored");
+            let (state, entries) = stored_and_kept(&store, &env, end_user).await;
             assert_eq!(state.available(None, T0).expect("available").get(), 6);
-            let entries = store
-                .entries(&env, &by_user(end_user))
-                .await
-                .expect("entries");
             assert_eq!(entries.len(), 3, "{end_user}'s chain");
-            let kept = store
-                .states
-                .get_many(&env, &[end_user])
-                .pop()
-                .flatten()
-                .expect("kept");
-            assert_eq!(*kept.state, state);
-            assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
             // An older transaction's state, kept late, is ignored.
-            let older = EndUserState::new(id, T0);
-            store.states.put_many(&env, kept.at - 1, [(older, None)]);
-            let still = store.states.get_many(&env, &[end_user]).pop().flatten();
-            assert_eq!(still.map(|kept| kept.at), Some(kept.at));
+            let at = kept(&store, &env, end_user).expect("kept").at;
+            let older = EndUserState::new(state.end_user_id().clone(), T0);
+            store.states.put_many(&env, at - 1, [(older, None)]);
+            assert_eq!(kept(&store, &env, end_user).map(|kept| kept.at), Some(at));
         }
         // The batch runs on the kept state itself (no read): a state planted in the
         // cache at its position, 100 credits richer than the stored one, is what the
         // next batch builds on.
-        let kept = store
-            .states
-            .get_many(&env, &["u1"])
-            .pop()
-            .flatten()
-            .expect("kept");
-        let mut planted = kept.state.as_ref().clone();
+        let current = kept(&store, &env, "u1").expect("kept");
+        let mut planted = current.state.as_ref().clone();
         crate::store::testing::grant_to(&mut planted, 100, T0).expect("grant");
-        store.states.put_many(&env, kept.at, [(planted, kept.head)]);
+        store
+            .states
+            .put_many(&env, current.at, [(planted, current.head)]);
         crate::store::testing::grant_many(&store, &env, &["u1"], 2, T0).await;
         let u1 = EndUserId::new("u1").expect("end user id");
         let state = store
@@ -2434,19 +2432,13 @@ mod tests {
             .mutate_many(&env, T0, &mut [(u1, &mut nothing)])
             .await
             .expect("batch");
-        assert!(matches!(
-            store.states.get_many(&env, &["u1"]).as_slice(),
-            [None]
-        ));
+        assert!(kept(&store, &env, "u1").is_none());
         // Another environment's end user of the same id is not this one.
         let other = Env {
             tenant_id: "t".into(),
             environment: Environment::Test,
         };
-        assert!(matches!(
-            store.states.get_many(&other, &["u1"]).as_slice(),
-            [None]
-        ));
+        assert!(kept(&store, &other, "u1").is_none());
     }
 
     /// Usage keys are purged oldest first up to the first one still kept; a key kept
@@ -2507,23 +2499,9 @@ mod tests {
         batch(100).await;
         grant(&other, &env, "u1", 1_000).await;
         batch(10_000).await;
-        let id = EndUserId::new("u1").expect("end user id");
-        let state = store
-            .load_state(&env, &id)
-            .await
-            .expect("state")
-            .expect("stored");
+        let (state, entries) = stored_and_kept(&store, &env, "u1").await;
         assert_eq!(state.available(None, T0).expect("available").get(), 11_111);
-        let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
         assert_eq!(amounts(&entries), [10_000, 1_000, 100, 10, 1]);
-        let kept = store
-            .states
-            .get_many(&env, &["u1"])
-            .pop()
-            .flatten()
-            .expect("kept");
-        assert_eq!(*kept.state, state);
-        assert_eq!(kept.head, entries.first().map(|(seq, _)| *seq));
     }
 
     /// A state past `cache::KEPT_PARTS` blocks is read each time, not kept: the cache's
@@ -2539,15 +2517,9 @@ mod tests {
         for _ in 0..64 {
             crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
         }
-        assert!(matches!(
-            store.states.get_many(&env, &["u1"]).as_slice(),
-            [Some(_)]
-        ));
+        assert!(kept(&store, &env, "u1").is_some());
         crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
-        assert!(matches!(
-            store.states.get_many(&env, &["u1"]).as_slice(),
-            [None]
-        ));
+        assert!(kept(&store, &env, "u1").is_none());
         let id = EndUserId::new("u1").expect("end user id");
         let state = store
             .load_state(&env, &id)
@@ -2557,10 +2529,7 @@ mod tests {
         assert_eq!(state.blocks().len(), 65);
         // The next batch reads it, and still does not keep it.
         crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
-        assert!(matches!(
-            store.states.get_many(&env, &["u1"]).as_slice(),
-            [None]
-        ));
+        assert!(kept(&store, &env, "u1").is_none());
         let entries = store.entries(&env, &by_user("u1")).await.expect("entries");
         assert_eq!(entries.len(), 66);
     }
