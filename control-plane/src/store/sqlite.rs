@@ -815,13 +815,13 @@ impl Store for SqliteStore {
         let writer = self.writer.acquire().await.map_err(StoreError::from)?;
         let (spent, flushed) = self.direct.transaction(|tx| {
             let written = write::changed_since(tx, env, since)?;
-            let stale_ones = |optimistic: &Optimistic, end_user: &str| {
+            let is_stale = |optimistic: &Optimistic, end_user: &str| {
                 optimistic.run.is_none() || written.changed_after(end_user, optimistic.basis)
             };
             let stale: Vec<&str> = ids
                 .iter()
                 .zip(&prepared)
-                .filter(|(end_user, optimistic)| stale_ones(optimistic, end_user))
+                .filter(|(end_user, optimistic)| is_stale(optimistic, end_user))
                 .map(|(end_user, _)| *end_user)
                 .collect();
             let mut fresh = write::load_states(tx, env, &stale)?;
@@ -829,7 +829,7 @@ impl Store for SqliteStore {
             // What the rows were rendered from, dropped once the writer is released.
             let mut spent = Vec::with_capacity(items.len());
             for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
-                let fresh_enough = !stale_ones(&optimistic, end_user.as_str());
+                let fresh_enough = !is_stale(&optimistic, end_user.as_str());
                 let (old, head, state, mut changes, staged) = match optimistic.run {
                     Some((changes, staged)) if fresh_enough => (
                         optimistic.old,
