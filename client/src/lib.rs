@@ -35,13 +35,13 @@
 use std::time::Duration;
 
 use protocol::{
-    AdvanceTestClock, ApiKey, Balance, Block, CancelSubscription, ChangeSubscription,
-    CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature, CreateGrant, CreatePlan,
-    CreateReservation, CreateSubscription, CreateTenant, CreateVariant, CreateWebhookEndpoint,
-    EntitlementCheck, Event, ExtendReservation, Feature, LedgerEntry, Page, Plan, Problem,
-    RecordUsage, RenewSubscription, Reservation, Settings, Subscription, SyncRecord, TenantCreated,
-    TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch, UsageBatchRecorded,
-    UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
+    AdvanceTestClock, AdvancedTestClock, ApiKey, Balance, Block, CancelSubscription,
+    ChangeSubscription, CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature,
+    CreateGrant, CreatePlan, CreateReservation, CreateSubscription, CreateTenant, CreateVariant,
+    CreateWebhookEndpoint, EntitlementCheck, Event, ExtendReservation, Feature, LedgerEntry, Page,
+    Plan, Problem, RecordUsage, RenewSubscription, Reservation, Settings, Subscription, SyncRecord,
+    TenantCreated, TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch,
+    UsageBatchRecorded, UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -615,7 +615,11 @@ impl Client {
         self.get("/v1/test-clock", &[]).await
     }
 
-    pub async fn advance_test_clock(&self, body: &AdvanceTestClock) -> Result<TestClock, Error> {
+    /// Moves the test clock; the answer says whether every job due by then ran.
+    pub async fn advance_test_clock(
+        &self,
+        body: &AdvanceTestClock,
+    ) -> Result<AdvancedTestClock, Error> {
         self.post("/v1/test-clock/advance", body).await
     }
 

@@ -64,6 +64,7 @@ struct RawWebhooks {
     allow_private_addresses: Option<bool>,
     timeout_secs: Option<u64>,
     concurrency: Option<usize>,
+    per_environment: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -111,6 +112,7 @@ struct RawIdempotency {
 struct RawJobs {
     interval_ms: Option<u64>,
     batch_len_max: Option<u32>,
+    environment_budget_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -222,8 +224,11 @@ pub struct Config {
     pub idempotency_wait: Duration,
     /// How often the scheduler looks for due work.
     pub jobs_interval: Duration,
-    /// The most end users one scheduler pass advances.
+    /// The most end users one scheduler batch reads.
     pub jobs_batch_len_max: u32,
+    /// How long one environment's due work may take of a scheduler pass before the pass
+    /// moves on (the rest waits for the next pass): no tenant holds up another's.
+    pub jobs_environment_budget: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     /// Whether webhook URLs may point at private, loopback or link-local addresses
@@ -231,8 +236,11 @@ pub struct Config {
     pub webhooks_allow_private: bool,
     /// How long one webhook delivery may take (SPEC 11: 10 s).
     pub webhook_timeout: Duration,
-    /// How many deliveries run at once.
+    /// How many deliveries run at once, in all.
     pub webhook_concurrency: usize,
+    /// How many deliveries one environment may have in flight at once (its share of the
+    /// worker: an endpoint that never answers holds only its own environment's share).
+    pub webhook_per_environment: usize,
     /// How long the change feed keeps entries; a proxy further behind re-snapshots.
     pub feed_retention: Duration,
 }
@@ -414,6 +422,7 @@ impl Config {
                 ));
             }
         };
+        let webhook_concurrency = raw.webhooks.concurrency.unwrap_or(16).clamp(1, 256);
         let jobs_interval_ms = raw.jobs.interval_ms.unwrap_or(1000);
         if !(10..=60_000).contains(&jobs_interval_ms) {
             return Err(invalid("jobs.interval_ms", "must be 10 to 60000"));
@@ -436,6 +445,12 @@ impl Config {
             idempotency_wait: Duration::from_secs(raw.idempotency.wait_secs.unwrap_or(10)),
             jobs_interval: Duration::from_millis(jobs_interval_ms),
             jobs_batch_len_max: raw.jobs.batch_len_max.unwrap_or(500).clamp(1, 10_000),
+            jobs_environment_budget: Duration::from_millis(
+                raw.jobs
+                    .environment_budget_ms
+                    .unwrap_or(1000)
+                    .clamp(10, 60_000),
+            ),
             log_format,
             log_level: overrides
                 .log_level
@@ -446,7 +461,12 @@ impl Config {
             webhook_timeout: Duration::from_secs(
                 raw.webhooks.timeout_secs.unwrap_or(10).clamp(1, 60),
             ),
-            webhook_concurrency: raw.webhooks.concurrency.unwrap_or(16).clamp(1, 256),
+            webhook_concurrency,
+            webhook_per_environment: raw
+                .webhooks
+                .per_environment
+                .unwrap_or(4)
+                .clamp(1, webhook_concurrency),
             feed_retention: Duration::from_secs(
                 raw.sync
                     .feed_retention_hours

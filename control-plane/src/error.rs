@@ -212,6 +212,17 @@ fn refusal_problem(refusal: &Refusal) -> Problem {
             "Invalid request",
             "an amount is too large: the arithmetic overflows",
         ),
+        Refusal::CatchingUp { .. } => Problem::new(
+            503,
+            "catching_up",
+            "Catching up",
+            format!("{detail}; retry shortly"),
+        ),
+        Refusal::LimitReached { what, .. } => {
+            let mut problem = Problem::new(422, "limit_reached", "Limit reached", detail);
+            problem.field = Some((*what).to_owned());
+            problem
+        }
         Refusal::Invariant(_) => Problem::new(
             500,
             "internal",
@@ -272,8 +283,13 @@ impl IntoResponse for ApiError {
             tracing::error!(error = %message, "internal error");
         }
         let mut response = problem_response(&self.problem());
-        if let ApiError::RateLimited { retry_after_secs } = self
-            && let Ok(value) = HeaderValue::from_str(&retry_after_secs.to_string())
+        let retry_after_secs = match self {
+            ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
+            ApiError::Refused(Refusal::CatchingUp { .. }) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after_secs
+            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
         {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }

@@ -1,12 +1,92 @@
 //! The scheduler: one owned task that, every `jobs.interval_ms`, runs the due work
 //! (`ledger` advance) of every end user whose next due instant has passed by their
-//! environment's clock, and purges expired idempotency records.
+//! environment's clock, and purges expired idempotency records and old feed entries.
+//! Webhook delivery runs beside it, in its own worker (`webhooks::Worker`).
+//!
+//! No tenant can hold the scheduler for another:
+//! - an end user whose due work fails is logged, counted, given a retry time with
+//!   backoff and skipped; a failing environment is logged and the pass goes on;
+//! - one environment gets at most `jobs.environment_budget_ms` of a pass; the rest of its
+//!   due work waits for the next pass;
+//! - an end user far behind is caught up in chunks of [`CHUNK_STEPS_MAX`] pieces of due
+//!   work, one transaction each, so the writer is released between them.
 
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ledger::{EndUserId, Span, Timestamp};
+use lru::LruCache;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::error::ApiError;
 use crate::service::AppState;
 use crate::store::{Annotations, Changes, Env};
+
+/// Pieces of due work (windows, expiries, renewals) one scheduler transaction runs for one
+/// end user; an end user further behind is caught up over several transactions.
+pub const CHUNK_STEPS_MAX: usize = 1_000;
+
+/// The first retry after an end user's due work failed; it doubles with every further
+/// failure, up to [`RETRY_MAX_SECS`].
+pub const RETRY_FIRST_SECS: i64 = 30;
+/// The longest wait between retries of a failing end user's due work.
+pub const RETRY_MAX_SECS: i64 = 3_600;
+/// How many failing end users the scheduler remembers (for their backoff); beyond it the
+/// least recently failed start their backoff over.
+const FAILURES_REMEMBERED: usize = 10_000;
+
+/// Failures of end users' due work, for backoff. Kept in memory: a restart retries each
+/// once at the first step again.
+#[derive(Debug)]
+pub struct DueFailures {
+    failures: Mutex<LruCache<(Env, EndUserId), u32>>,
+}
+
+impl Default for DueFailures {
+    fn default() -> DueFailures {
+        DueFailures {
+            failures: Mutex::new(LruCache::new(
+                NonZeroUsize::new(FAILURES_REMEMBERED).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+}
+
+impl DueFailures {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(Env, EndUserId), u32>> {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more failure; returns how long to wait before the next try.
+    fn failed(&self, env: &Env, end_user: &EndUserId) -> Span {
+        let mut failures = self.lock();
+        let count = failures
+            .get(&(env.clone(), end_user.clone()))
+            .copied()
+            .unwrap_or(0)
+            .saturating_add(1);
+        failures.put((env.clone(), end_user.clone()), count);
+        Span::from_millis(retry_delay_secs(count).saturating_mul(1000))
+    }
+
+    fn succeeded(&self, env: &Env, end_user: &EndUserId) {
+        self.lock().pop(&(env.clone(), end_user.clone()));
+    }
+}
+
+/// The wait before retrying after `failures` failures in a row: 30 s, 1 min, 2 min, …,
+/// at most an hour.
+pub fn retry_delay_secs(failures: u32) -> i64 {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_FIRST_SECS
+        .checked_mul(1_i64 << doublings)
+        .unwrap_or(RETRY_MAX_SECS)
+        .min(RETRY_MAX_SECS)
+}
 
 /// Runs until `stop` turns true.
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
@@ -28,33 +108,54 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
     tracing::info!("scheduler stopped");
 }
 
-/// One pass over every environment.
+/// One pass over every environment: due work (each environment within its budget), then
+/// the purges. A failure in one environment is logged and the pass goes on.
 ///
 /// # Errors
-/// Store failures.
+/// Only when the environments cannot be listed.
 pub async fn tick(state: &AppState) -> Result<(), ApiError> {
+    let budget = state.config().jobs_environment_budget;
     for (env, _) in state.store().environments().await? {
-        run_due(state, &env).await?;
-        crate::webhooks::deliver_due(state, &env).await?;
+        if let Err(error) = run_due(state, &env, Instant::now() + budget).await {
+            metrics::counter!("quotastack_jobs_environment_failures_total").increment(1);
+            tracing::error!(tenant = %env.tenant_id, environment = %env.environment, %error, "due work of an environment failed; it is retried next pass");
+        }
     }
     let now = state.real_now();
-    state.store().purge_expired(now).await?;
+    if let Err(error) = state.store().purge_expired(now).await {
+        tracing::error!(%error, "purging expired idempotency keys failed");
+    }
     let feed_retention = ledger::Span::from_millis(
         i64::try_from(state.config().feed_retention.as_millis()).unwrap_or(i64::MAX),
     );
-    if let Ok(before) = now.checked_sub(feed_retention) {
-        state.store().purge_changes(before).await?;
+    if let Ok(before) = now.checked_sub(feed_retention)
+        && let Err(error) = state.store().purge_changes(before).await
+    {
+        tracing::error!(%error, "purging old change feed entries failed");
     }
     Ok(())
 }
 
-/// Advances every end user of `env` with work due by the environment's clock, in
-/// batches, until none is left. Returns how many were advanced.
+/// What one [`run_due`] call did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DueRun {
+    /// Scheduler transactions that went through (an end user far behind takes several).
+    pub advanced: usize,
+    /// End users whose due work failed (each was given a retry time and skipped).
+    pub failed: usize,
+    /// Whether no due work was left when it returned (false: the deadline came first).
+    pub finished: bool,
+}
+
+/// Advances the end users of `env` with work due by the environment's clock, a batch at a
+/// time, until none is left or `deadline` passes. A failing end user is logged, counted,
+/// given a retry time with backoff and skipped.
 ///
 /// # Errors
-/// Store failures (one end user's refusal is logged and skipped).
-pub async fn run_due(state: &AppState, env: &Env) -> Result<usize, ApiError> {
-    let mut advanced = 0usize;
+/// Store failures that concern the whole environment (reading its catalog or its due
+/// end users, or postponing a failing end user).
+pub async fn run_due(state: &AppState, env: &Env, deadline: Instant) -> Result<DueRun, ApiError> {
+    let mut run = DueRun::default();
     loop {
         let view = state.view(env).await?;
         let now = state.env_now(&view);
@@ -62,43 +163,76 @@ pub async fn run_due(state: &AppState, env: &Env) -> Result<usize, ApiError> {
             .store()
             .due_end_users(env, now, state.config().jobs_batch_len_max)
             .await?;
-        // How far behind the scheduler runs: the oldest due work still waiting.
-        let lag_millis = due
-            .first()
-            .and_then(|(_, oldest)| now.since(*oldest).ok())
-            .map_or(0, |span| span.as_millis());
-        metrics::gauge!("quotastack_jobs_lag_seconds", "environment" => env.environment.as_str())
-            .set(
-                std::time::Duration::from_millis(u64::try_from(lag_millis).unwrap_or(0))
-                    .as_secs_f64(),
-            );
+        lag_metric(env, now, due.first().map(|(_, oldest)| *oldest));
         if due.is_empty() {
-            return Ok(advanced);
+            run.finished = true;
+            return Ok(run);
         }
-        let batch_len = due.len();
         for (end_user, _) in due {
-            let result = state
-                .mutate(
-                    env,
-                    &end_user,
-                    None,
-                    Annotations::default(),
-                    200,
-                    |user, cx, _| {
-                        let (_, changes) = Changes::from_applied(user.advance(cx)?);
-                        Ok(((), changes))
-                    },
-                )
-                .await;
-            match result {
-                Ok(()) => advanced = advanced.saturating_add(1),
+            if Instant::now() >= deadline {
+                return Ok(run);
+            }
+            match advance_one(state, env, &end_user).await {
+                Ok(()) => {
+                    state.due_failures().succeeded(env, &end_user);
+                    run.advanced = run.advanced.saturating_add(1);
+                    metrics::counter!("quotastack_jobs_advanced_total").increment(1);
+                }
                 Err(error) => {
-                    tracing::error!(tenant = %env.tenant_id, environment = %env.environment, end_user = %end_user, %error, "due work failed");
-                    return Err(error);
+                    let wait = state.due_failures().failed(env, &end_user);
+                    let retry_at = now.checked_add(wait).unwrap_or(now);
+                    metrics::counter!("quotastack_jobs_failures_total", "environment" => env.environment.as_str()).increment(1);
+                    tracing::error!(tenant = %env.tenant_id, environment = %env.environment, end_user = %end_user, %error, %retry_at, "due work failed; retrying later");
+                    // Without the new due instant the next batch would pick this end
+                    // user again at once: a failure here stops this environment's pass.
+                    state.store().postpone_due(env, &end_user, retry_at).await?;
+                    run.failed = run.failed.saturating_add(1);
                 }
             }
         }
-        metrics::counter!("quotastack_jobs_advanced_total")
-            .increment(u64::try_from(batch_len).unwrap_or(u64::MAX));
+        if Instant::now() >= deadline {
+            return Ok(run);
+        }
+    }
+}
+
+/// One scheduler transaction for one end user: at most [`CHUNK_STEPS_MAX`] pieces of due
+/// work (the end user stays due when more is left, and the next batch goes on).
+async fn advance_one(state: &AppState, env: &Env, end_user: &EndUserId) -> Result<(), ApiError> {
+    state
+        .mutate(
+            env,
+            end_user,
+            None,
+            Annotations::default(),
+            200,
+            |user, cx, _| {
+                let (_, changes) =
+                    Changes::from_applied(user.advance_bounded(cx, CHUNK_STEPS_MAX)?);
+                Ok(((), changes))
+            },
+        )
+        .await
+}
+
+/// How far behind the scheduler runs: the oldest due work still waiting.
+fn lag_metric(env: &Env, now: Timestamp, oldest: Option<Timestamp>) {
+    let lag_millis = oldest
+        .and_then(|oldest| now.since(oldest).ok())
+        .map_or(0, |span| span.as_millis());
+    metrics::gauge!("quotastack_jobs_lag_seconds", "environment" => env.environment.as_str())
+        .set(Duration::from_millis(u64::try_from(lag_millis).unwrap_or(0)).as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Retries of a failing end user back off from 30 s, doubling, to an hour.
+    #[test]
+    fn retry_delays_double_up_to_an_hour() {
+        let delays: Vec<i64> = (1..=9).map(retry_delay_secs).collect();
+        assert_eq!(delays, vec![30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(retry_delay_secs(u32::MAX), 3600);
     }
 }

@@ -63,7 +63,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
-    let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped));
+    let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped.clone()));
+    let deliveries = tokio::spawn(webhooks::run(state.clone(), jobs_stopped));
     let app = http::app(state.clone());
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
     let closing = state.clone();
@@ -76,6 +77,9 @@ pub async fn run(
     let _ = stop_jobs.send(true);
     if let Err(error) = jobs.await {
         tracing::error!(%error, "the job scheduler panicked");
+    }
+    if let Err(error) = deliveries.await {
+        tracing::error!(%error, "the webhook worker panicked");
     }
     served?;
     Ok(())

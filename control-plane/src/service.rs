@@ -196,6 +196,32 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
     groups: Arc<group::Groups>,
+    /// End users whose due work failed, for the scheduler's backoff.
+    due_failures: crate::jobs::DueFailures,
+    /// Environments whose webhooks a test-clock advance is delivering (the worker leaves
+    /// them alone meanwhile).
+    settling: Mutex<std::collections::HashSet<Env>>,
+    /// Wakes the webhook worker when deliveries were queued for now.
+    deliveries_queued: Arc<tokio::sync::Notify>,
+}
+
+/// Marks an environment as being settled by a test-clock advance until dropped.
+#[derive(Debug)]
+pub struct Settling {
+    state: AppState,
+    env: Env,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.state
+            .inner
+            .settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.env);
+        self.state.inner.deliveries_queued.notify_one();
+    }
 }
 
 /// The state every handler and job shares. Cheap to clone.
@@ -241,8 +267,45 @@ impl AppState {
                 changes: tokio::sync::watch::Sender::new(0),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
+                due_failures: crate::jobs::DueFailures::default(),
+                settling: Mutex::default(),
+                deliveries_queued: Arc::default(),
             }),
         }
+    }
+
+    /// The scheduler's record of failing end users.
+    pub fn due_failures(&self) -> &crate::jobs::DueFailures {
+        &self.inner.due_failures
+    }
+
+    /// Marks `env` as being settled by a test-clock advance (the webhook worker leaves it
+    /// alone) until the guard is dropped.
+    pub fn settling(&self, env: &Env) -> Settling {
+        self.inner
+            .settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(env.clone());
+        Settling {
+            state: self.clone(),
+            env: env.clone(),
+        }
+    }
+
+    /// Whether a test-clock advance is settling `env`'s webhooks.
+    pub fn is_settling(&self, env: &Env) -> bool {
+        self.inner
+            .settling
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(env)
+    }
+
+    /// Notified when deliveries were queued that are due now (a test ping, a
+    /// redelivery): the webhook worker looks at once instead of at its next scan.
+    pub fn deliveries_queued(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.inner.deliveries_queued)
     }
 
     pub fn config(&self) -> &Config {

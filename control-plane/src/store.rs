@@ -610,12 +610,22 @@ impl EndpointRecord {
     }
 }
 
+/// A delivery claim's lease on the real clock: free at `now`, taken until `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryLease {
+    pub now: Timestamp,
+    pub until: Timestamp,
+}
+
 /// A delivery claimed for one attempt.
 #[derive(Debug, Clone)]
 pub struct DeliveryJob {
     pub delivery_id: i64,
     /// Attempts made before this one.
     pub attempts: u32,
+    /// When this attempt fell due (the environment's clock): the event's time for a
+    /// first attempt, the retry time after that.
+    pub due_at: Timestamp,
     pub endpoint: EndpointRecord,
     pub event: protocol::Event,
 }
@@ -759,6 +769,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<(EndUserId, Timestamp)>>;
+    /// Moves an end user's next due instant forward to `at` when it is earlier (the
+    /// scheduler's retry time after their due work failed); never moves it back.
+    async fn postpone_due(&self, env: &Env, end_user: &EndUserId, at: Timestamp)
+    -> StoreResult<()>;
 
     // --- history
     async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>>;
@@ -827,16 +841,20 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> StoreResult<()>;
     /// Queues the event again for every live endpoint that wants it; returns how many.
     async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize>;
-    /// Claims up to `limit` deliveries due by `now`, each the oldest pending one of its
-    /// endpoint and end user (so a failing event holds back only that end user's later
-    /// events), leasing them for `lease_ms`.
+    /// Claims up to `limit` deliveries due by `due_by` (the environment's clock), each the
+    /// oldest pending one of its endpoint and end user (so a failing event holds back only
+    /// that end user's later events), and not leased at `lease.now`; leases them until
+    /// `lease.until`. Leases run on the real clock: they keep two workers apart, whatever
+    /// a test clock says.
     async fn claim_deliveries(
         &self,
         env: &Env,
-        now: Timestamp,
-        lease_ms: i64,
+        due_by: Timestamp,
+        lease: DeliveryLease,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>>;
+    /// How many deliveries are pending and due by `due_by`, leased or not.
+    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64>;
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()>;
 
     // --- idempotency

@@ -2,7 +2,8 @@
 //! exponential backoff and jitter, at least once and in order per end user, with a guard
 //! against server-side request forgery.
 
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,10 +12,12 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use ledger::Timestamp;
 use sha2::Sha256;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::error::ApiError;
 use crate::service::AppState;
-use crate::store::{AttemptRecord, DeliveryJob, Env};
+use crate::store::{AttemptRecord, DeliveryJob, DeliveryLease, Env};
 
 /// Delays before each retry (SPEC 11: about 5 s, 30 s, 2 m, 10 m, 30 m, 2 h, 6 h, 12 h);
 /// after the last one the delivery is marked failed.
@@ -93,6 +96,23 @@ pub fn is_private(address: IpAddr) -> bool {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_private(IpAddr::V4(v4));
             }
+            let segments = v6.segments();
+            let octets = v6.octets();
+            // NAT64 (64:ff9b::/96, RFC 6052) carries an IPv4 address in its last 32 bits,
+            // and 6to4 (2002::/16, RFC 3056) in bits 16 to 48: a gateway would forward
+            // to that address, so it is judged as that address.
+            if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let v4 = Ipv4Addr::new(octets[12], octets[13], octets[14], octets[15]);
+                return is_private(IpAddr::V4(v4));
+            }
+            if segments[0] == 0x2002 {
+                let v4 = Ipv4Addr::new(octets[2], octets[3], octets[4], octets[5]);
+                return is_private(IpAddr::V4(v4));
+            }
+            // The local-use NAT64 prefix (64:ff9b:1::/48, RFC 8215) is private by design.
+            if segments[..3] == [0x64, 0xff9b, 1] {
+                return true;
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
@@ -161,7 +181,10 @@ impl reqwest::dns::Resolve for PublicOnlyResolver {
 /// # Errors
 /// When the client cannot be built.
 pub fn client(timeout: Duration, allow_private: bool) -> Result<reqwest::Client, reqwest::Error> {
+    // No proxy from the environment (`HTTP_PROXY`…): a proxy would resolve the host
+    // itself, past the public-only resolver.
     let builder = reqwest::Client::builder()
+        .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .user_agent(concat!("QuotaStack-Webhooks/", env!("CARGO_PKG_VERSION")));
@@ -173,66 +196,243 @@ pub fn client(timeout: Duration, allow_private: bool) -> Result<reqwest::Client,
     builder.build()
 }
 
-/// Delivers every due webhook of `env`, repeatedly, until none is due. Returns how many
-/// attempts were made.
-///
-/// # Errors
-/// Store failures.
-pub async fn deliver_due(state: &AppState, env: &Env) -> Result<usize, ApiError> {
-    let mut attempts = 0usize;
-    // Each pass may unblock the next event of an end user whose earlier one just went
-    // through; bound the passes so a busy environment cannot hold the scheduler forever.
-    for _ in 0..64 {
-        let view = state.view(env).await?;
-        let now = state.env_now(&view);
-        let jobs = state
-            .store()
-            .claim_deliveries(env, now, LEASE_MILLIS, CLAIM_LEN_MAX)
-            .await?;
-        if jobs.is_empty() {
-            break;
-        }
-        let mut running = tokio::task::JoinSet::new();
-        for job in jobs {
-            if running.len() >= state.config().webhook_concurrency
-                && let Some(done) = running.join_next().await
-            {
-                record(state, done).await?;
+/// The delivery worker: its own task, apart from the scheduler, so a slow receiver holds
+/// up nobody's due work. It claims each environment's due deliveries on every scan
+/// (`jobs.interval_ms`) and whenever one of that environment's attempts ends, with at most
+/// `webhooks.per_environment` attempts in flight per environment and
+/// `webhooks.concurrency` in all: an environment whose endpoint never answers ties up its
+/// own share for at most `webhooks.timeout_secs` an attempt, never the other
+/// environments' deliveries.
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let mut worker = Worker {
+        state,
+        running: JoinSet::new(),
+        in_flight: HashMap::new(),
+    };
+    let mut scan = tokio::time::interval(worker.state.config().jobs_interval);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let wake = worker.state.deliveries_queued();
+    loop {
+        tokio::select! {
+            _ = scan.tick() => worker.scan().await,
+            () = wake.notified() => worker.scan().await,
+            Some(done) = worker.running.join_next(), if !worker.running.is_empty() => {
+                if let Some(env) = worker.finished(done).await {
+                    worker.fill(&env).await;
+                }
             }
-            let (state, env) = (state.clone(), env.clone());
-            running.spawn(async move { attempt(&state, &env, job).await });
-            attempts = attempts.saturating_add(1);
-        }
-        while let Some(done) = running.join_next().await {
-            record(state, done).await?;
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+            }
         }
     }
-    Ok(attempts)
+    // Attempts cut short here are leased; another worker retries them when the lease
+    // ends (at least once).
+    worker.running.abort_all();
+    tracing::info!("webhook worker stopped");
 }
 
-async fn record(
+struct Worker {
+    state: AppState,
+    running: JoinSet<(Env, AttemptRecord)>,
+    /// Attempts in flight per environment.
+    in_flight: HashMap<Env, usize>,
+}
+
+impl Worker {
+    /// Claims what every environment has due, within each one's share.
+    async fn scan(&mut self) {
+        let environments = match self.state.store().environments().await {
+            Ok(environments) => environments,
+            Err(error) => {
+                tracing::warn!(%error, "webhook worker cannot list environments");
+                return;
+            }
+        };
+        for (env, _) in environments {
+            self.fill(&env).await;
+        }
+    }
+
+    /// Claims and starts `env`'s due deliveries, up to its share of free slots.
+    async fn fill(&mut self, env: &Env) {
+        let config = self.state.config();
+        let in_flight = self.in_flight.get(env).copied().unwrap_or(0);
+        let room = config
+            .webhook_per_environment
+            .saturating_sub(in_flight)
+            .min(
+                config
+                    .webhook_concurrency
+                    .saturating_sub(self.running.len()),
+            );
+        if room == 0 || self.state.is_settling(env) {
+            return;
+        }
+        let jobs = match claim(&self.state, env, None, room).await {
+            Ok(jobs) => jobs,
+            Err(error) => {
+                tracing::warn!(tenant = %env.tenant_id, environment = %env.environment, %error, "claiming webhook deliveries failed");
+                return;
+            }
+        };
+        for job in jobs {
+            *self.in_flight.entry(env.clone()).or_insert(0) += 1;
+            let (state, env) = (self.state.clone(), env.clone());
+            self.running.spawn(async move {
+                let at = match state.view(&env).await {
+                    Ok(view) => state.env_now(&view),
+                    Err(_) => state.real_now(),
+                };
+                let record = attempt(&state, job, at).await;
+                (env, record)
+            });
+        }
+    }
+
+    /// Records a finished attempt; returns its environment.
+    async fn finished(
+        &mut self,
+        done: Result<(Env, AttemptRecord), tokio::task::JoinError>,
+    ) -> Option<Env> {
+        let (env, record) = match done {
+            Ok(done) => done,
+            Err(error) => {
+                // The delivery stays leased and is retried when the lease ends.
+                tracing::error!(%error, "a webhook delivery task failed");
+                return None;
+            }
+        };
+        if let Some(count) = self.in_flight.get_mut(&env) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.in_flight.remove(&env);
+            }
+        }
+        if let Err(error) = save(&self.state, &record).await {
+            tracing::error!(tenant = %env.tenant_id, %error, "recording a webhook attempt failed; the delivery is retried");
+        }
+        Some(env)
+    }
+}
+
+/// Claims up to `len` of `env`'s deliveries due by `due_by` (default: the environment's
+/// clock now), leased for [`LEASE_MILLIS`] on the real clock.
+async fn claim(
     state: &AppState,
-    done: Result<AttemptRecord, tokio::task::JoinError>,
-) -> Result<(), ApiError> {
-    let attempt =
-        done.map_err(|error| ApiError::Internal(format!("delivery task failed: {error}")))?;
+    env: &Env,
+    due_by: Option<Timestamp>,
+    len: usize,
+) -> Result<Vec<DeliveryJob>, ApiError> {
+    let due_by = match due_by {
+        Some(due_by) => due_by,
+        None => state.env_now(&*state.view(env).await?),
+    };
+    let now = state.real_now();
+    let lease = DeliveryLease {
+        now,
+        until: now
+            .checked_add(ledger::Span::from_millis(LEASE_MILLIS))
+            .unwrap_or(now),
+    };
+    let len = u32::try_from(len)
+        .unwrap_or(CLAIM_LEN_MAX)
+        .min(CLAIM_LEN_MAX);
+    Ok(state
+        .store()
+        .claim_deliveries(env, due_by, lease, len)
+        .await?)
+}
+
+async fn save(state: &AppState, attempt: &AttemptRecord) -> Result<(), ApiError> {
     metrics::counter!("quotastack_webhook_attempts_total", "outcome" => if attempt.succeeded { "succeeded" } else { "failed" }).increment(1);
-    state.store().record_attempt(&attempt).await?;
+    state.store().record_attempt(attempt).await?;
     Ok(())
 }
 
-/// One delivery attempt.
-async fn attempt(state: &AppState, env: &Env, job: DeliveryJob) -> AttemptRecord {
+/// What [`settle`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Delivery attempts made.
+    pub attempts: usize,
+    /// Deliveries still pending and due by the target instant.
+    pub pending: u64,
+}
+
+/// The most attempts one [`settle`] makes.
+pub const SETTLE_ATTEMPTS_MAX: usize = 10_000;
+
+/// Delivers everything of `env` that falls due by `target` (the environment's clock), in
+/// the environment's time rather than in real time: each attempt is made as of the
+/// instant it fell due, so its retries (5 s, 30 s, … later on that clock) fall due within
+/// the same call when they come before `target`, and a receiver that fails is never
+/// waited on in real time. Order per end user holds as always (the claim's rule). Stops at
+/// `deadline` (real time) or after [`SETTLE_ATTEMPTS_MAX`] attempts; the answer says
+/// what is still pending. While it runs, the worker leaves `env` alone; deliveries the
+/// worker (or another replica) holds are waited for until `deadline` when
+/// `wait_for_held`, else left to it.
+///
+/// # Errors
+/// Store failures.
+pub async fn settle(
+    state: &AppState,
+    env: &Env,
+    target: Timestamp,
+    deadline: tokio::time::Instant,
+    wait_for_held: bool,
+) -> Result<Settled, ApiError> {
+    let _settling = state.settling(env);
+    let mut settled = Settled::default();
+    // The virtual instant each (endpoint, end user) was last attempted at: a later
+    // event's attempt never happens before an earlier one's.
+    let mut last_at: HashMap<(String, Option<String>), Timestamp> = HashMap::new();
+    let concurrency = state.config().webhook_per_environment.max(1);
+    while tokio::time::Instant::now() < deadline && settled.attempts < SETTLE_ATTEMPTS_MAX {
+        let room = concurrency.min(SETTLE_ATTEMPTS_MAX.saturating_sub(settled.attempts));
+        let jobs = claim(state, env, Some(target), room).await?;
+        if jobs.is_empty() {
+            if !wait_for_held || state.store().pending_deliveries(env, target).await? == 0 {
+                break;
+            }
+            // Due, but held by another worker's lease (or waiting behind one that is):
+            // look again shortly.
+            tokio::time::sleep(SETTLE_POLL).await;
+            continue;
+        }
+        let mut running = JoinSet::new();
+        for job in jobs {
+            let order = (job.endpoint.id.clone(), job.event.end_user_id.clone());
+            let at = job.due_at.max(job.event.created_at.0).min(target);
+            let at = last_at.get(&order).map_or(at, |last| at.max(*last));
+            last_at.insert(order, at);
+            let state = state.clone();
+            running.spawn(async move { attempt(&state, job, at).await });
+            settled.attempts = settled.attempts.saturating_add(1);
+        }
+        while let Some(done) = running.join_next().await {
+            let record =
+                done.map_err(|error| ApiError::Internal(format!("delivery task failed: {error}")))?;
+            save(state, &record).await?;
+        }
+    }
+    settled.pending = state.store().pending_deliveries(env, target).await?;
+    Ok(settled)
+}
+
+/// How often [`settle`] looks again for deliveries another worker holds.
+const SETTLE_POLL: Duration = Duration::from_millis(20);
+
+/// One delivery attempt, made as of `at` (the environment's clock): its retry time is
+/// counted from there.
+async fn attempt(state: &AppState, job: DeliveryJob, at: Timestamp) -> AttemptRecord {
     let number = job.attempts.saturating_add(1);
     let (response_status, error) = match send(state, &job).await {
         Ok(status) => (Some(status), None),
         Err(error) => (None, Some(error)),
     };
     let succeeded = response_status.is_some_and(|status| (200..300).contains(&status));
-    let at = match state.view(env).await {
-        Ok(view) => state.env_now(&view),
-        Err(_) => state.real_now(),
-    };
     let retry_at = if succeeded {
         None
     } else {
@@ -324,6 +524,23 @@ mod tests {
         assert!(validate_url("https://hooks.example.com/quotastack", false).is_ok());
         assert!(validate_url("http://127.0.0.1:9000/hook", true).is_ok());
         assert!(is_private("::ffff:192.168.1.1".parse().expect("ip")));
+        // NAT64 and 6to4 addresses carry an IPv4 address a gateway would reach.
+        for embedded in [
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::10.0.0.1",
+            "2002:7f00:1::",
+            "2002:c0a8:101::1",
+            "64:ff9b:1::1",
+        ] {
+            assert!(is_private(embedded.parse().expect("ip")), "{embedded}");
+            assert!(
+                validate_url(&format!("http://[{embedded}]/hook"), false).is_err(),
+                "{embedded}"
+            );
+        }
+        assert!(!is_private("64:ff9b::5db8:d822".parse().expect("ip")));
+        assert!(!is_private("2002:5db8:d822::1".parse().expect("ip")));
         assert!(!is_private("93.184.216.34".parse().expect("ip")));
     }
 }

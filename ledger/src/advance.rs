@@ -6,7 +6,7 @@ use crate::catalog::Catalog;
 use crate::id::{BlockId, ReservationId, SubscriptionId};
 use crate::refusal::Refusal;
 use crate::reservation::ReservationStatus;
-use crate::state::{ADVANCE_STEPS_MAX, Applied, Cx, EndUserState, Journal};
+use crate::state::{Applied, Cx, EndUserState, Journal};
 use crate::subscription::SubscriptionStatus;
 use crate::time::Timestamp;
 
@@ -45,32 +45,93 @@ impl EndUserState {
         Ok(self.next_due_item(catalog)?.map(|(at, _)| at))
     }
 
+    /// Does the due work up to `cx.now` in at most `steps_max` steps; an end user with
+    /// more waiting is refused with `CatchingUp` (the caller's copy is then dropped).
     pub(crate) fn advance_into(
         &mut self,
         cx: &mut Cx<'_>,
         journal: &mut Journal,
+        steps_max: usize,
     ) -> Result<(), Refusal> {
-        for _ in 0..ADVANCE_STEPS_MAX {
+        if let Some(due_since) = self.run_due_steps(cx, journal, steps_max)? {
+            return Err(Refusal::CatchingUp {
+                steps_max,
+                due_since,
+            });
+        }
+        self.advanced_to = self.advanced_to.max(cx.now);
+        Ok(())
+    }
+
+    /// Runs at most `steps_max` pieces of work due by `cx.now`, in time order. Returns the
+    /// instant of the first piece still due, if any is left.
+    fn run_due_steps(
+        &mut self,
+        cx: &mut Cx<'_>,
+        journal: &mut Journal,
+        steps_max: usize,
+    ) -> Result<Option<Timestamp>, Refusal> {
+        for _ in 0..steps_max {
             let Some((at, due)) = self.next_due_item(cx.catalog)? else {
-                break;
+                return Ok(None);
             };
             if at > cx.now {
-                break;
+                return Ok(None);
             }
             self.do_due(cx, at, due, journal)?;
             self.settle_debts(cx, at, journal)?;
             self.advanced_to = self.advanced_to.max(at);
         }
-        if self
+        Ok(self
             .next_due_item(cx.catalog)?
-            .is_some_and(|(at, _)| at <= cx.now)
-        {
-            return Err(Refusal::Invariant(format!(
-                "due work did not finish in {ADVANCE_STEPS_MAX} steps"
-            )));
-        }
-        self.advanced_to = self.advanced_to.max(cx.now);
-        Ok(())
+            .map(|(at, _)| at)
+            .filter(|at| *at <= cx.now))
+    }
+
+    /// Like [`EndUserState::advance`], but runs at most about `steps_max` pieces of due
+    /// work: an end user further behind is advanced to just before the first piece left
+    /// over (as if the scheduler had run then), and the answer's value is `false`; call
+    /// again to go on. `true` when the state is caught up to `cx.now`. Pieces due at one
+    /// instant are never split, so a chunk may run a few more than `steps_max`.
+    ///
+    /// # Errors
+    /// As [`EndUserState::advance`].
+    pub fn advance_bounded(
+        &mut self,
+        cx: &mut Cx<'_>,
+        steps_max: usize,
+    ) -> Result<Applied<bool>, Refusal> {
+        // Find where the chunk ends on a copy; the real run then stops there.
+        let mut probe = self.clone();
+        let mut probe_ids = crate::id::SequentialIds::default();
+        let mut probe_cx = Cx {
+            now: cx.now,
+            catalog: cx.catalog,
+            ids: &mut probe_ids,
+        };
+        let left = probe.run_due_steps(&mut probe_cx, &mut Journal::default(), steps_max)?;
+        drop(probe);
+        let Some(left_at) = left else {
+            return Ok(self.advance(cx)?.map(|()| true));
+        };
+        // Everything due strictly before `left_at` runs now; at least the first piece
+        // is strictly before it unless all of the chunk fell due at one instant, which
+        // then runs whole.
+        let cutoff = left_at
+            .checked_sub(crate::time::Span::from_millis(1))
+            .ok()
+            .filter(|cutoff| {
+                self.next_due_item(cx.catalog)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|(first, _)| first <= *cutoff)
+            })
+            .unwrap_or(left_at);
+        let now = cx.now;
+        cx.now = cutoff;
+        let applied = self.transact(cx, |_, _, _| Ok(()));
+        cx.now = now;
+        Ok(applied?.map(|()| cutoff >= now))
     }
 
     fn do_due(

@@ -247,6 +247,13 @@ fn invalid(field: &str, message: impl Into<String>) -> InvalidCatalog {
 
 /// The highest block priority (SPEC 3.1: 0 to 1000).
 pub const PRIORITY_MAX: u16 = 1000;
+
+/// The shortest window a grant template may reset on (`every`): each window is a grant
+/// and an expiry, so a shorter one would multiply the work time brings.
+pub const TEMPLATE_EVERY_MIN_SECS: i64 = 60;
+
+/// The most grant templates one variant may carry.
+pub const TEMPLATES_PER_VARIANT_MAX: usize = 32;
 /// The default block priority.
 pub const PRIORITY_DEFAULT: u16 = 100;
 
@@ -331,6 +338,14 @@ impl GrantTemplate {
                 format!("must be at most {PRIORITY_MAX}"),
             ));
         }
+        if let GrantEvery::Span(span) = self.every
+            && span.as_millis() < TEMPLATE_EVERY_MIN_SECS.saturating_mul(1000)
+        {
+            return Err(invalid(
+                "every",
+                format!("must be at least {TEMPLATE_EVERY_MIN_SECS} seconds (\"1m\")"),
+            ));
+        }
         if self.anchor == GrantAnchor::FirstUse && self.every == GrantEvery::Period {
             return Err(invalid(
                 "anchor",
@@ -393,6 +408,12 @@ impl Variant {
         }
         if self.price.as_ref().is_some_and(|price| price.amount < 0) {
             return Err(invalid("price.amount", "must not be negative"));
+        }
+        if self.grants.len() > TEMPLATES_PER_VARIANT_MAX {
+            return Err(invalid(
+                "grants",
+                format!("must hold at most {TEMPLATES_PER_VARIANT_MAX} grant templates"),
+            ));
         }
         for (index, template) in self.grants.iter().enumerate() {
             template.validate().map_err(|error| InvalidCatalog {

@@ -128,9 +128,26 @@ pub(crate) fn metered_feature<'c>(
     Ok(feature)
 }
 
+/// The most live blocks (with credits left, not expired or voided) one end user may hold
+/// before a grant or a positive adjustment is refused: every check and debit walks them.
+/// Blocks from subscriptions' grant templates are not refused (their templates are
+/// bounded by the catalog, and they expire).
+pub const BLOCKS_PER_END_USER_MAX: usize = 1_000;
+
 // === impl EndUserState ===
 
 impl EndUserState {
+    /// `LimitReached` when the end user already holds the most live blocks allowed.
+    fn check_block_room(&self) -> Result<(), Refusal> {
+        if self.blocks.len() >= BLOCKS_PER_END_USER_MAX {
+            return Err(Refusal::LimitReached {
+                what: "live blocks per end user",
+                limit: BLOCKS_PER_END_USER_MAX,
+            });
+        }
+        Ok(())
+    }
+
     /// Grants a block. It settles the end user's debt first (for the features it applies
     /// to) unless `settles_debt` is false.
     ///
@@ -167,6 +184,7 @@ impl EndUserState {
         }
         check_feature_keys(cx.catalog, request.feature_keys.as_deref())?;
         self.transact(cx, |state, cx, journal| {
+            state.check_block_room()?;
             let block = new_block(cx, &request, now, request.source);
             let id = block.id;
             state.add_block(cx, block, EntryType::Grant, journal)?;
@@ -248,6 +266,7 @@ impl EndUserState {
         self.transact(cx, |state, cx, journal| {
             let now = cx.now;
             if request.amount.is_positive() {
+                state.check_block_room()?;
                 let mut grant = GrantRequest::new(request.amount);
                 grant.feature_keys = request.feature_keys;
                 let block = new_block(cx, &grant, now, BlockSource::Manual);

@@ -81,7 +81,11 @@ impl EndUserState {
                 catalog,
                 ids: &mut ids,
             };
-            advanced.advance_into(&mut cx, &mut Journal::default())?;
+            advanced.advance_into(
+                &mut cx,
+                &mut Journal::default(),
+                crate::state::ADVANCE_STEPS_MAX,
+            )?;
             return advanced.decide_current(catalog, feature_key, units, local_pending, now);
         }
         self.decide_current(catalog, feature_key, units, local_pending, now)

@@ -57,9 +57,12 @@ pub use block::{Block, BlockSource, Part, TemplateRef, burn_order};
 pub use catalog::{
     BillingMode, Catalog, ExpireAfter, Feature, FeatureType, GrantAnchor, GrantEvery,
     GrantTemplate, InvalidCatalog, OveragePolicy, PRIORITY_DEFAULT, PRIORITY_MAX, Plan, PlanKind,
-    Price, Pricing, Rollover, Settings, Tier, TierMode, Variant,
+    Price, Pricing, Rollover, Settings, TEMPLATE_EVERY_MIN_SECS, TEMPLATES_PER_VARIANT_MAX, Tier,
+    TierMode, Variant,
 };
-pub use credits::{AdjustRequest, GrantRequest, UsageOutcome, UsageRequest};
+pub use credits::{
+    AdjustRequest, BLOCKS_PER_END_USER_MAX, GrantRequest, UsageOutcome, UsageRequest,
+};
 pub use decide::{Decision, DenyReason};
 pub use entry::{Entry, EntryType};
 pub use event::{Event, EventKind, PeriodUsage, SubscriptionChange};
@@ -76,8 +79,8 @@ pub use reservation::{
 };
 pub use reserve::ReserveRequest;
 pub use state::{
-    ADVANCE_STEPS_MAX, Applied, Cx, EndUserState, InvariantViolation, StateParts, Totals,
-    UsageCounter,
+    ADVANCE_STEPS_MAX, Applied, Cx, EndUserState, InvariantViolation, OPERATION_STEPS_MAX,
+    StateParts, Totals, UsageCounter,
 };
 pub use subscription::{
     GrantSchedule, PendingChange, PeriodTally, Subscription, SubscriptionStatus,

@@ -119,7 +119,30 @@ impl EndUserState {
                 message: "must not be in the future".into(),
             });
         }
+        // A past start aligns a migrated subscriber's current period; it reaches back at
+        // most one period, so the catch-up it runs in this transaction stays small.
+        if variant.interval.after(start)? < cx.now {
+            return Err(Refusal::Invalid {
+                field: "start_at",
+                message: format!(
+                    "may be at most one period ({} {}) in the past: start a migrated subscriber at the beginning of their current period",
+                    variant.interval.every,
+                    format!("{:?}", variant.interval.unit).to_lowercase()
+                ),
+            });
+        }
         let kind = plan.kind;
+        let catching_up = |refusal: Refusal| match refusal {
+            Refusal::CatchingUp { steps_max, .. } if request.start_at.is_some() => {
+                Refusal::Invalid {
+                    field: "start_at",
+                    message: format!(
+                        "reaches back over more than {steps_max} pieces of due work (windows, expiries); start later"
+                    ),
+                }
+            }
+            other => other,
+        };
         self.transact(cx, |state, cx, journal| {
             if kind == PlanKind::Base
                 && let Some(existing) = state.base_subscription()
@@ -150,6 +173,7 @@ impl EndUserState {
             )?;
             Ok(state.subscriptions[state.subscription_index(id)?].clone())
         })
+        .map_err(catching_up)
     }
 
     /// Creates a subscription starting at `start` and issues its first grants.

@@ -47,6 +47,19 @@ pub enum Refusal {
     },
     #[error("arithmetic overflow")]
     Overflow,
+    /// A bound on what one end user may hold was reached (`what`, at most `limit`).
+    #[error("{what}: at most {limit}")]
+    LimitReached { what: &'static str, limit: usize },
+    /// The end user has more due work waiting than one operation runs (a long stopped
+    /// scheduler, or a test clock moved far): the scheduler catches them up in chunks, and
+    /// the operation can be retried shortly. Nothing was changed.
+    #[error(
+        "the end user has more than {steps_max} pieces of due work waiting since {due_since}; they are being caught up"
+    )]
+    CatchingUp {
+        steps_max: usize,
+        due_since: crate::time::Timestamp,
+    },
     /// A broken invariant: a bug or corrupted storage. Nothing was changed.
     #[error("{0}")]
     Invariant(String),
@@ -77,6 +90,8 @@ impl Refusal {
             Refusal::FeatureNotMetered(_) | Refusal::Invalid { .. } | Refusal::Overflow => {
                 "invalid_request"
             }
+            Refusal::CatchingUp { .. } => "catching_up",
+            Refusal::LimitReached { .. } => "limit_reached",
             Refusal::Invariant(_) => "internal",
         }
     }

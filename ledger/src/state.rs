@@ -47,6 +47,20 @@ pub struct Applied<T> {
     pub finished_blocks: Vec<Block>,
 }
 
+impl<T> Applied<T> {
+    /// The same changes with another answer.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Applied<U> {
+        Applied {
+            value: f(self.value),
+            entries: self.entries,
+            events: self.events,
+            finished_reservations: self.finished_reservations,
+            finished_subscriptions: self.finished_subscriptions,
+            finished_blocks: self.finished_blocks,
+        }
+    }
+}
+
 /// Everything an operation wrote, collected as it runs.
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
@@ -118,9 +132,15 @@ pub struct InvariantViolation {
     pub message: String,
 }
 
-/// The most due items one `advance` processes before it gives up (a year of 5-hour
-/// windows for a dozen templates fits easily).
+/// The most due items a decision looks ahead through on a copy of the state before it
+/// gives up (a year of 5-hour windows for a dozen templates fits easily).
 pub const ADVANCE_STEPS_MAX: usize = 1_000_000;
+
+/// The most due items one operation runs before it acts. An end user further behind is
+/// refused with `Refusal::CatchingUp` and caught up in chunks of at most this many steps
+/// by [`EndUserState::advance_bounded`] (the scheduler), so no single transaction runs an
+/// unbounded catch-up.
+pub const OPERATION_STEPS_MAX: usize = 2_000;
 
 // === impl EndUserState ===
 
@@ -249,9 +269,9 @@ impl EndUserState {
         let mut next = self.clone();
         let mut journal = Journal::default();
         let available_before = self.available(None, cx.now)?;
-        next.advance_into(cx, &mut journal)?;
+        next.advance_into(cx, &mut journal, OPERATION_STEPS_MAX)?;
         let value = operation(&mut next, cx, &mut journal)?;
-        next.advance_into(cx, &mut journal)?;
+        next.advance_into(cx, &mut journal, OPERATION_STEPS_MAX)?;
         next.settle_debts(cx, cx.now, &mut journal)?;
         journal.finished_blocks = next.drop_dead();
         next.balance_events(cx, available_before, &mut journal)?;

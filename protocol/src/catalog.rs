@@ -433,14 +433,8 @@ impl CreateVariant {
         variant
             .validate()
             .map_err(|error| FieldError::new(error.field, error.message))?;
-        if let Some(price) = &self.price
-            && (price.currency.len() != 3
-                || !price.currency.chars().all(|c| c.is_ascii_alphabetic()))
-        {
-            return Err(FieldError::new(
-                "price.currency",
-                "must be a three-letter ISO 4217 code such as usd",
-            ));
+        if let Some(price) = &self.price {
+            crate::credits::check_currency("price.currency", &price.currency)?;
         }
         Ok(variant)
     }

@@ -89,6 +89,9 @@ impl CreateGrant {
             BlockSourceWire::Manual => ledger::BlockSource::Manual,
         };
         check_metadata("metadata", self.metadata.as_ref())?;
+        if let Some(currency) = &self.currency {
+            check_currency("currency", currency)?;
+        }
         if self
             .external_payment_id
             .as_ref()
@@ -112,6 +115,21 @@ impl CreateGrant {
                 currency: self.currency.as_deref().map(std::sync::Arc::from),
                 settles_debt: self.settles_debt,
             },
+        ))
+    }
+}
+
+/// A currency is an ISO 4217 code: three ASCII letters (`usd`, `EUR`).
+///
+/// # Errors
+/// Anything else, naming `field`.
+pub fn check_currency(field: &str, currency: &str) -> Result<(), FieldError> {
+    if currency.len() == 3 && currency.bytes().all(|byte| byte.is_ascii_alphabetic()) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            "must be a three-letter ISO 4217 currency code such as `usd`",
         ))
     }
 }

@@ -142,6 +142,34 @@ pub struct TestClock {
     pub offset_seconds: i64,
 }
 
+/// The answer to `POST /v1/test-clock/advance`: the clock after the move, and whether the
+/// jobs due by then all ran before the answer (SPEC 10.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AdvancedTestClock {
+    pub now: WireTime,
+    pub offset_seconds: i64,
+    /// `true` when every job due by `now` ran before this answer: grants, expiries,
+    /// renewals, grace ends, reservation TTLs, and webhook attempts with the retries
+    /// their backoff puts before `now`. `false` when the advance reached its bound on
+    /// work first; `pending` says what is left, and it runs in the background.
+    pub settled: bool,
+    pub pending: AdvancePending,
+    /// Webhook delivery attempts this advance made.
+    pub webhook_attempts: u64,
+}
+
+/// What an advance left to run in the background.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AdvancePending {
+    /// End users with due work left (at most the scheduler's batch size is counted).
+    pub end_users: u64,
+    /// Webhook deliveries due by `now` and not yet delivered or failed.
+    pub webhook_deliveries: u64,
+    /// End users whose due work failed during this advance (an error the log names);
+    /// the scheduler retries them with backoff.
+    pub failed_end_users: u64,
+}
+
 /// `POST /v1/test-clock/advance`: `seconds` or `to`, exactly one; forward only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

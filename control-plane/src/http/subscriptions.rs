@@ -6,8 +6,8 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use ledger::{CancelAt, ChangeAt, Refusal, SubscriptionId, VariantId};
 use protocol::{
-    AdvanceTestClock, CancelSubscription, ChangeSubscription, CreateSubscription, Page, Problem,
-    RenewSubscription, Subscription, TestClock, WhenWire,
+    AdvancePending, AdvanceTestClock, AdvancedTestClock, CancelSubscription, ChangeSubscription,
+    CreateSubscription, Page, Problem, RenewSubscription, Subscription, TestClock, WhenWire,
 };
 use serde::Deserialize;
 
@@ -370,10 +370,17 @@ pub async fn get_clock(
     Ok(Json(test_clock(&view, &state)))
 }
 
+/// The longest one call may move a test clock (a year and a day: a yearly renewal fits).
+pub const ADVANCE_SECS_MAX: i64 = 366 * 86_400;
+
+/// How long (real time) one advance works at most on the due work and webhooks it brings
+/// before it answers; the rest runs in the background and the answer says so.
+pub const ADVANCE_BUDGET: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// `POST /v1/test-clock/advance`: moves the `test` environment's clock forward and runs
 /// every job due in between before answering.
 #[utoipa::path(post, path = "/v1/test-clock/advance", tag = "test clock", request_body = AdvanceTestClock,
-    responses((status = 200, body = TestClock), (status = 400, body = Problem), (status = 409, body = Problem)))]
+    responses((status = 200, body = AdvancedTestClock), (status = 400, body = Problem), (status = 409, body = Problem)))]
 pub async fn advance_clock(
     State(state): State<AppState>,
     caller: Caller,
@@ -401,14 +408,9 @@ pub async fn advance_clock(
     .await
 }
 
-async fn advance(
-    state: &AppState,
-    env: &Env,
-    request: AdvanceTestClock,
-) -> Result<TestClock, ApiError> {
-    let view = state.view(env).await?;
-    let now = state.env_now(&view);
-    let step_millis = match (request.seconds, request.to) {
+/// The step an advance request asks for, in milliseconds, checked against the bound.
+fn advance_step(request: AdvanceTestClock, now: ledger::Timestamp) -> Result<i64, ApiError> {
+    let (field, step_millis) = match (request.seconds, request.to) {
         (Some(seconds), None) => {
             if seconds <= 0 {
                 return Err(ApiError::bad_request(
@@ -416,9 +418,7 @@ async fn advance(
                     "must be positive: the clock only moves forward",
                 ));
             }
-            seconds
-                .checked_mul(1000)
-                .ok_or_else(|| ApiError::bad_request("seconds", "is too large"))?
+            ("seconds", seconds.saturating_mul(1000))
         }
         (None, Some(to)) => {
             let step = to.0.since(now)?.as_millis();
@@ -428,7 +428,7 @@ async fn advance(
                     "must be after the clock's current time: it only moves forward",
                 ));
             }
-            step
+            ("to", step)
         }
         _ => {
             return Err(ApiError::bad_request(
@@ -437,6 +437,24 @@ async fn advance(
             ));
         }
     };
+    if step_millis > ADVANCE_SECS_MAX.saturating_mul(1000) {
+        return Err(ApiError::bad_request(
+            field,
+            format!(
+                "moves the clock by at most {ADVANCE_SECS_MAX} seconds (366 days) a call; advance in several calls"
+            ),
+        ));
+    }
+    Ok(step_millis)
+}
+
+async fn advance(
+    state: &AppState,
+    env: &Env,
+    request: AdvanceTestClock,
+) -> Result<AdvancedTestClock, ApiError> {
+    let view = state.view(env).await?;
+    let step_millis = advance_step(request, state.env_now(&view))?;
     if view.env.clock_offset_ms.checked_add(step_millis).is_none() {
         return Err(ApiError::bad_request("seconds", "is too large"));
     }
@@ -444,8 +462,29 @@ async fn advance(
     // never undone.
     state.store().advance_clock(env, step_millis).await?;
     state.catalog_changed(env).await?;
-    crate::jobs::run_due(state, env).await?;
-    crate::webhooks::deliver_due(state, env).await?;
+    let deadline = tokio::time::Instant::now() + ADVANCE_BUDGET;
+    // Due work first (it writes the events to deliver), then the deliveries with their
+    // retries, each as of the instant it fell due.
+    let due = crate::jobs::run_due(state, env, deadline).await?;
+    let target = state.env_now(&*state.view(env).await?);
+    let settled = crate::webhooks::settle(state, env, target, deadline, true).await?;
     let view = state.view(env).await?;
-    Ok(test_clock(&view, state))
+    let now = state.env_now(&view);
+    let end_users = if due.finished {
+        0
+    } else {
+        let limit = state.config().jobs_batch_len_max;
+        u64::try_from(state.store().due_end_users(env, now, limit).await?.len()).unwrap_or(u64::MAX)
+    };
+    Ok(AdvancedTestClock {
+        now: now.into(),
+        offset_seconds: view.env.clock_offset_ms / 1000,
+        settled: end_users == 0 && settled.pending == 0 && due.failed == 0,
+        pending: AdvancePending {
+            end_users,
+            webhook_deliveries: settled.pending,
+            failed_end_users: u64::try_from(due.failed).unwrap_or(u64::MAX),
+        },
+        webhook_attempts: u64::try_from(settled.attempts).unwrap_or(u64::MAX),
+    })
 }

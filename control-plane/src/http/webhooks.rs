@@ -189,7 +189,7 @@ pub async fn test(
         .store()
         .insert_ping(&caller.env, &event, &endpoint.id, now)
         .await?;
-    webhooks::deliver_due(&state, &caller.env).await?;
+    deliver_now(&state, &caller.env).await?;
     let stored = state
         .store()
         .event(&caller.env, &event.id)
@@ -218,11 +218,20 @@ pub async fn redeliver(
         .store()
         .redeliver(&caller.env, &id, state.env_now(&view))
         .await?;
-    webhooks::deliver_due(&state, &caller.env).await?;
+    deliver_now(&state, &caller.env).await?;
     let stored = state
         .store()
         .event(&caller.env, &id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
     Ok((StatusCode::ACCEPTED, Json(stored.event)).into_response())
+}
+
+/// Attempts `env`'s deliveries due now, once each, within one attempt's timeout (what the
+/// worker holds is left to it).
+async fn deliver_now(state: &AppState, env: &Env) -> Result<(), ApiError> {
+    let now = state.env_now(&*state.view(env).await?);
+    let deadline = tokio::time::Instant::now() + state.config().webhook_timeout;
+    webhooks::settle(state, env, now, deadline, false).await?;
+    Ok(())
 }

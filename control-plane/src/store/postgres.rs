@@ -50,11 +50,11 @@ use sqlx::{PgConnection, PgPool, Row};
 
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CLAIM_LEASE_MS, CatalogRecord,
-    ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, EntryRow,
-    Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin,
-    LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store, StoreError, StoreResult,
-    StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, claimed_flags, claims_to_insert,
-    queue_lease, stage_rows, unchanged, user_key,
+    ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, DeliveryLease, EndpointRecord,
+    EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
+    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store,
+    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases,
+    claimed_flags, claims_to_insert, queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::error::ApiError;
 use crate::group::{DrainGuard, Queues};
@@ -590,6 +590,22 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn postpone_due(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE end_users SET next_due_at = $1 WHERE tenant_id = $2 AND environment = $3 AND end_user_id = $4 AND next_due_at < $1")
+            .bind(millis(at))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
         let row = sqlx::query(
             "SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = $1 AND tenant_id = $2 AND environment = $3",
@@ -1017,8 +1033,8 @@ impl Store for PostgresStore {
     async fn claim_deliveries(
         &self,
         env: &Env,
-        now: Timestamp,
-        lease_ms: i64,
+        due_by: Timestamp,
+        lease: DeliveryLease,
         limit_len: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.pool.begin().await?;
@@ -1029,12 +1045,12 @@ impl Store for PostgresStore {
         // not it is leased. COALESCE(end_user_id, '') compares like IS NOT DISTINCT FROM
         // (end user ids are never empty) and can use the `webhook_deliveries_order` index.
         let rows = sqlx::query(
-            "SELECT d.id, d.attempts, d.endpoint_id, e.body AS event_body,
+            "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
                     w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
              FROM webhook_deliveries d
              JOIN events e ON e.id = d.event_id
              JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL
-             WHERE d.tenant_id = $1 AND d.environment = $2 AND d.status = 'pending' AND d.next_attempt_at <= $3 AND d.locked_until <= $3
+             WHERE d.tenant_id = $1 AND d.environment = $2 AND d.status = 'pending' AND d.next_attempt_at <= $3 AND d.locked_until <= $5
                AND NOT EXISTS (
                  SELECT 1 FROM webhook_deliveries earlier
                  WHERE earlier.endpoint_id = d.endpoint_id
@@ -1046,8 +1062,9 @@ impl Store for PostgresStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(now))
+        .bind(millis(due_by))
         .bind(limit(limit_len))
+        .bind(millis(lease.now))
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -1056,6 +1073,7 @@ impl Store for PostgresStore {
                 delivery_id: row.try_get("id")?,
                 attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
                     .map_err(|_| corrupt("attempts"))?,
+                due_at: Timestamp::from_millis(row.try_get("next_attempt_at")?),
                 endpoint: EndpointRecord {
                     id: row.try_get("endpoint_id")?,
                     url: row.try_get("url")?,
@@ -1073,13 +1091,25 @@ impl Store for PostgresStore {
         if !jobs.is_empty() {
             let ids: Vec<i64> = jobs.iter().map(|job| job.delivery_id).collect();
             sqlx::query("UPDATE webhook_deliveries SET locked_until = $1 WHERE id = ANY($2)")
-                .bind(now.as_millis().saturating_add(lease_ms))
+                .bind(millis(lease.until))
                 .bind(ids)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
         Ok(jobs)
+    }
+
+    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE tenant_id = $1 AND environment = $2 AND status = 'pending' AND next_attempt_at <= $3",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(due_by))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
@@ -2771,7 +2801,17 @@ mod tests {
         grant(&store, &env, &user("u0"), 2).await;
         let claim = |store: Arc<TestStore>, env: Env| async move {
             store
-                .claim_deliveries(&env, T0, 60_000, 100)
+                .claim_deliveries(
+                    &env,
+                    T0,
+                    DeliveryLease {
+                        now: T0,
+                        until: T0
+                            .checked_add(ledger::Span::from_millis(60_000))
+                            .expect("instant"),
+                    },
+                    100,
+                )
                 .await
                 .expect("claim")
         };
@@ -2792,7 +2832,17 @@ mod tests {
         assert_eq!(count, 20, "u0's second event waits for its first");
         assert!(
             store
-                .claim_deliveries(&env, T0, 60_000, 100)
+                .claim_deliveries(
+                    &env,
+                    T0,
+                    DeliveryLease {
+                        now: T0,
+                        until: T0
+                            .checked_add(ledger::Span::from_millis(60_000))
+                            .expect("instant")
+                    },
+                    100
+                )
                 .await
                 .expect("claim")
                 .is_empty()
@@ -2812,7 +2862,17 @@ mod tests {
             .await
             .expect("attempt");
         let next = store
-            .claim_deliveries(&env, T0, 60_000, 100)
+            .claim_deliveries(
+                &env,
+                T0,
+                DeliveryLease {
+                    now: T0,
+                    until: T0
+                        .checked_add(ledger::Span::from_millis(60_000))
+                        .expect("instant"),
+                },
+                100,
+            )
             .await
             .expect("claim");
         assert_eq!(next.len(), 1);

@@ -17,10 +17,10 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection, SqlitePool, Transaction};
 
 use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, Claim,
-    ClaimingFn, DeliveryJob, EndpointRecord, EntryFilter, Env, EnvRecord, Environment, EventRecord,
-    IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, Store,
-    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases, queue_lease,
-    stage_rows,
+    ClaimingFn, DeliveryJob, DeliveryLease, EndpointRecord, EntryFilter, Env, EnvRecord,
+    Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease,
+    LeaseAsk, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
+    answer_leases, queue_lease, stage_rows,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -926,6 +926,23 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn postpone_due(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        at: Timestamp,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE end_users SET next_due_at = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ? AND next_due_at < ?")
+            .bind(millis(at))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user.as_str())
+            .bind(millis(at))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
     async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
         let row = sqlx::query("SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = ? AND tenant_id = ? AND environment = ?")
             .bind(id)
@@ -1309,13 +1326,13 @@ impl Store for SqliteStore {
     async fn claim_deliveries(
         &self,
         env: &Env,
-        now: Timestamp,
-        lease_ms: i64,
+        due_by: Timestamp,
+        lease: DeliveryLease,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let rows = sqlx::query(
-            "SELECT d.id, d.attempts, d.endpoint_id, e.body AS event_body,
+            "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
                     w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
              FROM webhook_deliveries d
              JOIN events e ON e.id = d.event_id
@@ -1329,8 +1346,8 @@ impl Store for SqliteStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(now))
-        .bind(millis(now))
+        .bind(millis(due_by))
+        .bind(millis(lease.now))
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -1338,7 +1355,7 @@ impl Store for SqliteStore {
         for row in &rows {
             let delivery_id: i64 = row.try_get("id")?;
             sqlx::query("UPDATE webhook_deliveries SET locked_until = ? WHERE id = ?")
-                .bind(now.as_millis().saturating_add(lease_ms))
+                .bind(millis(lease.until))
                 .bind(delivery_id)
                 .execute(&mut *tx)
                 .await?;
@@ -1346,6 +1363,7 @@ impl Store for SqliteStore {
                 delivery_id,
                 attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
                     .map_err(|_| corrupt("attempts"))?,
+                due_at: Timestamp::from_millis(row.try_get("next_attempt_at")?),
                 endpoint: EndpointRecord {
                     id: row.try_get("endpoint_id")?,
                     url: row.try_get("url")?,
@@ -1362,6 +1380,18 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(jobs)
+    }
+
+    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE tenant_id = ? AND environment = ? AND status = 'pending' AND next_attempt_at <= ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(due_by))
+        .fetch_one(&self.reader)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {

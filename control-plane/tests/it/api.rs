@@ -443,7 +443,8 @@ store_test! {
     let harness = Harness::start(backend).await;
     let key = &harness.tenant("acme").await.test;
     harness.catalog(key).await;
-    harness.advance(key, 400 * 86_400).await;
+    harness.advance(key, 200 * 86_400).await;
+    harness.advance(key, 200 * 86_400).await;
     let batch = json!({"events": [{"end_user_id": "u1", "feature_key": "api_calls", "units": 1, "idempotency_key": "k1"}]});
     let status = |answer: &serde_json::Value| answer["results"][0]["status"].as_str().unwrap_or("").to_owned();
     assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch.clone(), 200).await), "created");

@@ -10,6 +10,7 @@ mod clock_walk;
 mod concurrency;
 mod errors;
 mod isolation;
+mod jobs;
 mod openapi;
 mod replicas;
 mod restart;

@@ -18,7 +18,7 @@ use crate::support::store_test;
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     id: String,
     timestamp: String,
     signature: String,
@@ -32,15 +32,19 @@ impl Received {
 }
 
 #[derive(Debug, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     received: Vec<Received>,
     /// End users whose events are answered 500 while listed.
     failing_users: Vec<String>,
     /// How many more requests to answer 500, whoever they are about.
     fail_next: usize,
+    /// Answer 500 to the first this-many attempts of every message (by `webhook-id`).
+    fail_first_attempts: usize,
+    /// Attempts seen per message.
+    attempts: std::collections::HashMap<String, usize>,
 }
 
-type Shared = Arc<Mutex<Receiver>>;
+pub(crate) type Shared = Arc<Mutex<Receiver>>;
 
 async fn receive(
     State(shared): State<Shared>,
@@ -65,7 +69,13 @@ async fn receive(
         .unwrap_or("")
         .to_owned();
     let mut receiver = shared.lock().expect("lock");
+    let id = received.id.clone();
     receiver.received.push(received);
+    let seen = receiver.attempts.entry(id).or_insert(0);
+    *seen += 1;
+    if *seen <= receiver.fail_first_attempts {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    }
     if receiver.fail_next > 0 {
         receiver.fail_next -= 1;
         return StatusCode::INTERNAL_SERVER_ERROR;
@@ -78,7 +88,7 @@ async fn receive(
 }
 
 /// Starts the receiver on 127.0.0.1:0; returns its URL and shared state.
-async fn start_receiver() -> (String, Shared) {
+pub(crate) async fn start_receiver() -> (String, Shared) {
     let shared: Shared = Arc::default();
     let app = axum::Router::new()
         .route("/hook", post(receive))
@@ -128,7 +138,7 @@ async fn setup(backend: &crate::support::Backend) -> (Harness, String, String, S
     (harness, key, secret, shared)
 }
 
-fn received(shared: &Shared) -> Vec<Received> {
+pub(crate) fn received(shared: &Shared) -> Vec<Received> {
     shared.lock().expect("lock").received.clone()
 }
 
@@ -184,7 +194,7 @@ store_test! {
     harness.grant(&key, "alice", 10).await;
     harness.advance(&key, 1).await;
     assert_eq!(received(&shared).len(), 1, "first attempt at once");
-    harness.advance(&key, 4).await;
+    harness.advance(&key, 3).await;
     assert_eq!(received(&shared).len(), 1, "not before 5 s");
     harness.advance(&key, 3).await;
     assert_eq!(received(&shared).len(), 2, "second attempt after 5-6 s");
@@ -373,5 +383,175 @@ store_test! {
             "{url}"
         );
     }
+    }
+}
+
+/// The attempts stored for an event, as `(attempt, status)`.
+async fn attempts_of(harness: &Harness, key: &str, event_id: &str) -> Vec<(i64, String)> {
+    let event = harness
+        .get(&format!("/v1/events/{event_id}"), key)
+        .await
+        .body;
+    event["deliveries"]
+        .as_array()
+        .expect("deliveries")
+        .iter()
+        .map(|delivery| {
+            (
+                delivery["attempt"].as_i64().unwrap_or(0),
+                delivery["status"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect()
+}
+
+// SPEC 10.3: one advance delivers everything that falls due before its target, retries
+// included, on the test clock. A receiver that fails each message's first two attempts:
+// after one advance of three hours every event went through, in order per end user, with
+// three attempts each (before, each advance made one delivery pass: 10 of 30 arrived
+// over six advances).
+store_test! {
+    async fn an_advance_settles_the_retries_due_within_it(backend) {
+    let (harness, key, _secret, shared) = setup(backend).await;
+    shared.lock().expect("lock").fail_first_attempts = 2;
+    let users = ["u1", "u2", "u3", "u4", "u5"];
+    for round in 1..=6 {
+        for user in users {
+            harness.grant(&key, user, round).await;
+        }
+    }
+    let answer = harness.advance(&key, 3 * 3600).await;
+    assert_eq!(answer["settled"], true, "{answer}");
+    assert_eq!(answer["webhook_attempts"], 90, "{answer}");
+    assert_eq!(answer["pending"]["webhook_deliveries"], 0, "{answer}");
+
+    // Every event arrived three times, and the successful deliveries came in grant order
+    // per end user.
+    let got = received(&shared);
+    assert_eq!(got.len(), 90);
+    let mut ids: Vec<String> = got.iter().map(|request| request.id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 30);
+    for user in users {
+        let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut delivered = Vec::new();
+        for request in &got {
+            let body = request.json();
+            if body["data"]["end_user_id"] != user {
+                continue;
+            }
+            let count = counts.entry(request.id.clone()).or_insert(0);
+            *count += 1;
+            if *count == 3 {
+                delivered.push(body["data"]["amount"].as_i64().unwrap_or(0));
+            }
+        }
+        assert_eq!(delivered, vec![1, 2, 3, 4, 5, 6], "{user}: in order");
+    }
+    for id in &ids {
+        let attempts = attempts_of(&harness, &key, id).await;
+        assert_eq!(
+            attempts,
+            vec![(1, "failed".into()), (2, "failed".into()), (3, "succeeded".into())],
+            "{id}"
+        );
+    }
+    }
+}
+
+// A receiver that never answers 2xx: one advance past the last backoff step (about 21 h
+// plus up to 20 % jitter, twice over for the event that waits behind another) makes all
+// nine attempts and marks the deliveries failed, without waiting in real time.
+store_test! {
+    async fn an_advance_past_the_last_retry_fails_the_deliveries(backend) {
+    let (harness, key, _secret, shared) = setup(backend).await;
+    shared.lock().expect("lock").failing_users = vec!["u1".into(), "u2".into()];
+    harness.grant(&key, "u1", 1).await;
+    harness.grant(&key, "u2", 2).await;
+    harness.grant(&key, "u2", 3).await;
+    let started = std::time::Instant::now();
+    let answer = harness.advance(&key, 52 * 3600).await;
+    assert!(
+        started.elapsed() < control_plane::http::subscriptions::ADVANCE_BUDGET,
+        "bounded in wall-clock time"
+    );
+    assert_eq!(answer["settled"], true, "{answer}");
+    assert_eq!(answer["pending"]["webhook_deliveries"], 0, "{answer}");
+    let got = received(&shared);
+    // u1's event and u2's first each took nine attempts; u2's second waits behind its
+    // first, whose delivery failed for good, and then gets its own nine.
+    let ids: std::collections::BTreeSet<String> = got.iter().map(|request| request.id.clone()).collect();
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        let attempts = attempts_of(&harness, &key, id).await;
+        assert_eq!(attempts.len(), 9, "{id}: {attempts:?}");
+        assert!(attempts.iter().all(|(_, status)| status == "failed"), "{id}");
+    }
+    }
+}
+
+// A receiver that accepts connections and never answers ties up only its own
+// environment's share of the webhook worker: another tenant's deliveries go out at once,
+// and the scheduler's due work does not wait for webhooks at all (before, delivery ran
+// inside the scheduler's pass, one environment after another).
+store_test! {
+    async fn a_black_hole_endpoint_holds_up_no_other_tenant(backend) {
+    let mut config = control_plane::config::Config::for_tests();
+    config.webhook_timeout = std::time::Duration::from_secs(60);
+    let harness = Harness::start_with(backend, config).await;
+    // Tenant A sorts first: the old scheduler reached B only after A's deliveries.
+    let a = harness.tenant("a").await.test;
+    let b = harness.tenant("b").await.test;
+    harness.catalog(&a).await;
+    harness.catalog(&b).await;
+
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hole_url = format!("http://{}/hook", hole.local_addr().expect("address"));
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let holding = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = hole.accept().await {
+            // Keep every connection open, unanswered.
+            holding.lock().expect("lock").push(socket);
+        }
+    });
+    harness.ok("/v1/webhook-endpoints", &a, json!({"url": hole_url}), 201).await;
+    let (url, shared) = start_receiver().await;
+    harness.ok("/v1/webhook-endpoints", &b, json!({"url": url}), 201).await;
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(control_plane::webhooks::run(harness.state.clone(), stopped));
+    for index in 0..20 {
+        harness.grant(&a, &format!("a{index}"), 1).await;
+    }
+    crate::support::eventually("A's attempts hang in the black hole", || async {
+        !accepted.lock().expect("lock").is_empty()
+    })
+    .await;
+    harness.grant(&b, "b1", 5).await;
+    crate::support::eventually("B's event is delivered while A's hang", || async {
+        !received(&shared).is_empty()
+    })
+    .await;
+
+    // B's due work: a block that expires now runs on the next pass, while A's
+    // deliveries still hang (none has an attempt recorded).
+    let grant = json!({"end_user_id": "b2", "amount": 7, "expires_at": "2026-01-01T00:00:30Z"});
+    harness.ok("/v1/credits/grants", &b, grant, 201).await;
+    harness.clock.advance_millis(60_000);
+    control_plane::jobs::tick(&harness.state).await.expect("tick");
+    let balance = harness.get("/v1/credits/balance?end_user_id=b2", &b).await.body;
+    assert_eq!(balance["available"], 0, "B's block expired on the pass: {balance}");
+    let events = harness.get("/v1/events?limit=500", &a).await.body;
+    let recorded = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| !event["deliveries"].as_array().is_none_or(Vec::is_empty))
+        .count();
+    assert_eq!(recorded, 0, "A's attempts are still hanging");
+    stop.send(true).expect("stop");
+    worker.await.expect("worker stops");
     }
 }
