@@ -1,6 +1,8 @@
 //! API keys (SPEC 2): `qs_live_<secret>` / `qs_test_<secret>`, 32 random bytes of secret,
 //! stored only as a SHA-256 hash, compared in constant time, and carrying scopes.
 
+pub mod cache;
+
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -54,6 +56,18 @@ pub fn validate_scopes(scopes: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(seen)
+}
+
+/// The first of a new key's scopes that the creating key does not have itself, if any:
+/// a key cannot make a key that may do more than itself (`*` only from a `*` key).
+pub fn beyond(requested: &[String], caller: &[String]) -> Option<&'static str> {
+    if caller.iter().any(|scope| scope == "*") {
+        return None;
+    }
+    requested
+        .iter()
+        .find(|scope| !caller.iter().any(|own| own == *scope))
+        .and_then(|scope| SCOPE_NAMES.iter().copied().find(|name| name == scope))
 }
 
 /// Whether `scopes` grant `wanted`.

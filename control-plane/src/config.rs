@@ -56,6 +56,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawSync {
     feed_retention_hours: Option<u64>,
+    streams_per_key: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -90,6 +91,12 @@ struct RawDatabase {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     operator_token: Option<Secret>,
+    key_cache_len: Option<usize>,
+    key_cache_ttl_ms: Option<u64>,
+    missing_key_cache_len: Option<usize>,
+    missing_key_cache_ttl_ms: Option<u64>,
+    failures_per_second: Option<u32>,
+    failures_burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -213,6 +220,9 @@ pub struct Config {
     pub group_commit_max: usize,
     /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
     pub operator_token: Option<Secret>,
+    /// What authentication remembers, and the limit on failed authentications per client
+    /// address (`[auth]`).
+    pub key_cache: crate::auth::cache::KeyCacheLimits,
     /// Per tenant and environment (SPEC 2: default 2000/s, burst 4000).
     pub rate_limit_per_second: u32,
     pub rate_limit_burst: u32,
@@ -243,6 +253,9 @@ pub struct Config {
     pub webhook_per_environment: usize,
     /// How long the change feed keeps entries; a proxy further behind re-snapshots.
     pub feed_retention: Duration,
+    /// Sync streams (snapshot or change stream) one API key may hold open at once on one
+    /// server.
+    pub streams_per_key: usize,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -375,7 +388,7 @@ impl Config {
             .operator_token
             .clone()
             .map(Secret::new)
-            .or(raw.auth.operator_token);
+            .or(raw.auth.operator_token.clone());
         if let Some(token) = &operator_token
             && token.expose().len() < 16
         {
@@ -438,6 +451,7 @@ impl Config {
             max_connections,
             group_commit_max,
             operator_token,
+            key_cache: key_cache_limits(&raw.auth),
             rate_limit_per_second,
             rate_limit_burst,
             idempotency_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
@@ -474,7 +488,37 @@ impl Config {
                     .clamp(1, 24 * 365)
                     .saturating_mul(3600),
             ),
+            streams_per_key: raw.sync.streams_per_key.unwrap_or(1000).clamp(1, 100_000),
         })
+    }
+}
+
+fn key_cache_limits(raw: &RawAuth) -> crate::auth::cache::KeyCacheLimits {
+    let defaults = crate::auth::cache::KeyCacheLimits::default();
+    let millis = |value: Option<u64>, default: ledger::Span| {
+        value.map_or(default, |ms| {
+            ledger::Span::from_millis(i64::try_from(ms.clamp(0, 3_600_000)).unwrap_or(0))
+        })
+    };
+    crate::auth::cache::KeyCacheLimits {
+        found_len: raw
+            .key_cache_len
+            .unwrap_or(defaults.found_len)
+            .clamp(1, 1_000_000),
+        found_ttl: millis(raw.key_cache_ttl_ms, defaults.found_ttl),
+        missing_len: raw
+            .missing_key_cache_len
+            .unwrap_or(defaults.missing_len)
+            .clamp(1, 1_000_000),
+        missing_ttl: millis(raw.missing_key_cache_ttl_ms, defaults.missing_ttl),
+        failures_per_second: raw
+            .failures_per_second
+            .unwrap_or(defaults.failures_per_second)
+            .clamp(1, 100_000),
+        failures_burst: raw
+            .failures_burst
+            .unwrap_or(defaults.failures_burst)
+            .clamp(1, 1_000_000),
     }
 }
 

@@ -43,6 +43,8 @@ pub enum ApiError {
     RateLimited { retry_after_secs: u64 },
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error("this key already has {limit} sync streams open here")]
+    TooManyStreams { limit: usize },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -124,6 +126,14 @@ impl ApiError {
                 "rate_limited",
                 "Too many requests",
                 format!("rate limit exceeded; retry after {retry_after_secs} s"),
+            ),
+            ApiError::TooManyStreams { limit } => Problem::new(
+                429,
+                "too_many_streams",
+                "Too many streams",
+                format!(
+                    "this key already has {limit} sync streams open on this server (sync.streams_per_key); close one, or use another key"
+                ),
             ),
             ApiError::PayloadTooLarge { limit } => Problem::new(
                 413,
@@ -285,6 +295,7 @@ impl IntoResponse for ApiError {
         let mut response = problem_response(&self.problem());
         let retry_after_secs = match self {
             ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
+            ApiError::TooManyStreams { .. } => Some(1),
             ApiError::Refused(Refusal::CatchingUp { .. }) => Some(1),
             _ => None,
         };

@@ -121,6 +121,7 @@ pub async fn tick(state: &AppState) -> Result<(), ApiError> {
             tracing::error!(tenant = %env.tenant_id, environment = %env.environment, %error, "due work of an environment failed; it is retried next pass");
         }
     }
+    state.housekeep_auth();
     let now = state.real_now();
     if let Err(error) = state.store().purge_expired(now).await {
         tracing::error!(%error, "purging expired idempotency keys failed");

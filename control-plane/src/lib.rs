@@ -68,6 +68,9 @@ pub async fn run(
     let app = http::app(state.clone());
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
     let closing = state.clone();
+    // The peer address reaches the handlers (failed authentications are limited per
+    // client address).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

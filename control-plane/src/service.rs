@@ -145,22 +145,13 @@ fn parse_id<T: std::str::FromStr<Err = String>>(text: &str) -> Result<T, ApiErro
         .map_err(|error: String| ApiError::Internal(format!("stored id: {error}")))
 }
 
-/// A cached API key lookup.
-#[derive(Debug, Clone)]
-struct CachedKey {
-    record: Option<ApiKeyRecord>,
-    fetched_at: Timestamp,
-}
-
-/// How long a key lookup is trusted before the store is asked again (revocations made
-/// through another replica take at most this long to apply here).
-const KEY_CACHE_MILLIS: i64 = 5_000;
-
 /// The authenticated caller: a key of one tenant's environment, with its scopes.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub env: Env,
     pub key_id: String,
+    /// The key's hash, to check later that it still works (long-lived streams).
+    pub key_hash: [u8; 32],
     pub scopes: Vec<String>,
 }
 
@@ -186,7 +177,8 @@ struct Inner {
     /// Bumped by every invalidation: a view read while one happened is not cached (it may
     /// predate the change).
     catalog_generation: std::sync::atomic::AtomicU64,
-    keys: Mutex<HashMap<[u8; 32], CachedKey>>,
+    keys: auth::cache::KeyCache,
+    failed_auth: auth::cache::FailedAuth,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
     webhook_client: reqwest::Client,
@@ -203,6 +195,34 @@ struct Inner {
     settling: Mutex<std::collections::HashSet<Env>>,
     /// Wakes the webhook worker when deliveries were queued for now.
     deliveries_queued: Arc<tokio::sync::Notify>,
+    /// Open sync streams per API key id.
+    streams: Mutex<HashMap<String, usize>>,
+    /// Bumped by every revocation in this process (streams check their keys at once).
+    revocations: tokio::sync::watch::Sender<u64>,
+}
+
+/// An open sync stream, counted against its key until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    state: AppState,
+    key_id: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = self
+            .state
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = streams.get_mut(&self.key_id) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                streams.remove(&self.key_id);
+            }
+        }
+    }
 }
 
 /// Marks an environment as being settled by a test-clock advance until dropped.
@@ -237,6 +257,7 @@ impl AppState {
         clock: Arc<dyn Clock>,
         metrics: Option<PrometheusHandle>,
     ) -> AppState {
+        let key_cache = config.key_cache;
         let per_second = NonZeroU32::new(config.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
@@ -260,7 +281,8 @@ impl AppState {
                 clock,
                 catalogs: Mutex::new(HashMap::new()),
                 catalog_generation: std::sync::atomic::AtomicU64::new(0),
-                keys: Mutex::new(HashMap::new()),
+                keys: auth::cache::KeyCache::new(key_cache),
+                failed_auth: auth::cache::FailedAuth::new(&key_cache),
                 limiter,
                 metrics,
                 webhook_client,
@@ -270,6 +292,8 @@ impl AppState {
                 due_failures: crate::jobs::DueFailures::default(),
                 settling: Mutex::default(),
                 deliveries_queued: Arc::default(),
+                streams: Mutex::default(),
+                revocations: tokio::sync::watch::Sender::new(0),
             }),
         }
     }
@@ -431,52 +455,30 @@ impl AppState {
     }
 
     /// Authenticates a presented key: known, not revoked, matching its prefix's
-    /// environment; then applies the environment's rate limit.
+    /// environment; then applies the environment's rate limit. `client` is the caller's
+    /// address: past its budget of failed authentications it is refused (429) without a
+    /// store read. `None` (a request from inside the process) is not limited.
     ///
     /// # Errors
     /// `Unauthorized`, `RateLimited`, or store failures.
-    pub async fn authenticate(&self, secret: &str) -> Result<Caller, ApiError> {
-        let claimed = auth::key_environment(secret).ok_or(ApiError::Unauthorized)?;
-        let hash = auth::hash_key(secret);
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Caller, ApiError> {
         let now = self.real_now();
-        let cached = self
-            .inner
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&hash)
-            .cloned();
-        let record = match cached {
-            Some(entry)
-                if now
-                    .since(entry.fetched_at)
-                    .is_ok_and(|age| age.as_millis() < KEY_CACHE_MILLIS) =>
-            {
-                entry.record
-            }
-            _ => {
-                let record = self.store().api_key_by_hash(&hash).await?;
-                self.inner
-                    .keys
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(
-                        hash,
-                        CachedKey {
-                            record: record.clone(),
-                            fetched_at: now,
-                        },
-                    );
-                record
+        let record = self.key_record(secret, client, now).await;
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                if matches!(error, ApiError::Unauthorized)
+                    && let Some(client) = client
+                {
+                    self.inner.failed_auth.failed(client, now);
+                }
+                return Err(error);
             }
         };
-        let record = record.ok_or(ApiError::Unauthorized)?;
-        if !auth::hashes_equal(&record.key_hash, &hash)
-            || record.revoked_at.is_some()
-            || record.environment != claimed
-        {
-            return Err(ApiError::Unauthorized);
-        }
         let env = Env {
             tenant_id: record.tenant_id,
             environment: record.environment,
@@ -492,17 +494,108 @@ impl AppState {
         Ok(Caller {
             env,
             key_id: record.id,
+            key_hash: record.key_hash,
             scopes: record.scopes,
         })
     }
 
-    /// Drops a key from the lookup cache (after a revocation).
-    pub fn forget_key(&self, hash: &[u8; 32]) {
-        self.inner
-            .keys
+    /// Whether the key `caller` authenticated with still works (not revoked): asked of
+    /// the key cache, so a revocation through this process shows at once and one
+    /// through another replica within the cache's time to live.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn key_is_live(&self, caller: &Caller) -> Result<bool, ApiError> {
+        let now = self.real_now();
+        let record = match self.inner.keys.get(&caller.key_hash, now) {
+            Some(auth::cache::Cached::Found(record)) => Some(record),
+            Some(auth::cache::Cached::Missing) => None,
+            None => {
+                let record = self.store().api_key_by_hash(&caller.key_hash).await?;
+                self.inner.keys.put(caller.key_hash, record.clone(), now);
+                record
+            }
+        };
+        Ok(record.is_some_and(|record| record.revoked_at.is_none()))
+    }
+
+    /// Counts a sync stream of `caller`'s key as open until the guard is dropped.
+    ///
+    /// # Errors
+    /// `TooManyStreams` when the key already has `sync.streams_per_key` open here.
+    pub fn open_stream(&self, caller: &Caller) -> Result<StreamGuard, ApiError> {
+        let limit = self.config().streams_per_key;
+        let mut streams = self
+            .inner
+            .streams
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(hash);
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = streams.entry(caller.key_id.clone()).or_insert(0);
+        if *open >= limit {
+            return Err(ApiError::TooManyStreams { limit });
+        }
+        *open = open.saturating_add(1);
+        Ok(StreamGuard {
+            state: self.clone(),
+            key_id: caller.key_id.clone(),
+        })
+    }
+
+    /// The live key record a secret names, from the cache or the store.
+    async fn key_record(
+        &self,
+        secret: &str,
+        client: Option<std::net::IpAddr>,
+        now: Timestamp,
+    ) -> Result<ApiKeyRecord, ApiError> {
+        let claimed = auth::key_environment(secret).ok_or(ApiError::Unauthorized)?;
+        let hash = auth::hash_key(secret);
+        let record = match self.inner.keys.get(&hash, now) {
+            Some(auth::cache::Cached::Found(record)) => record,
+            Some(auth::cache::Cached::Missing) => return Err(ApiError::Unauthorized),
+            None => {
+                if let Some(retry_after_secs) =
+                    client.and_then(|client| self.inner.failed_auth.refused(client, now))
+                {
+                    return Err(ApiError::RateLimited { retry_after_secs });
+                }
+                let record = self.store().api_key_by_hash(&hash).await?;
+                self.inner.keys.put(hash, record.clone(), now);
+                record.ok_or(ApiError::Unauthorized)?
+            }
+        };
+        if !auth::hashes_equal(&record.key_hash, &hash)
+            || record.revoked_at.is_some()
+            || record.environment != claimed
+        {
+            return Err(ApiError::Unauthorized);
+        }
+        Ok(record)
+    }
+
+    /// Drops a key from the lookup cache after its revocation, and tells this process's
+    /// sync streams to check their keys at once.
+    pub fn forget_key(&self, hash: &[u8; 32]) {
+        self.inner.keys.forget(hash);
+        self.inner
+            .revocations
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value after each revocation in this process.
+    pub fn subscribe_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.revocations.subscribe()
+    }
+
+    /// How many found keys and misses the key cache holds.
+    pub fn key_cache_len(&self) -> (usize, usize) {
+        self.inner.keys.len()
+    }
+
+    /// Failed authentications per client address: forget addresses back at a full
+    /// budget (the scheduler calls this every pass).
+    pub fn housekeep_auth(&self) {
+        self.inner.failed_auth.housekeep();
     }
 
     /// Runs one operation on an end user: loads the state, calls `operation` with the

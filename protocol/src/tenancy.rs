@@ -49,4 +49,9 @@ pub struct ApiKey {
     pub revoked_at: Option<WireTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<String>,
+    /// In a replayed creation answer (same `Idempotency-Key`): the key exists, and its
+    /// secret was shown once, in the first answer; it is never stored, so it cannot be
+    /// shown again (revoke the key and create another if it was lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_shown_once: Option<bool>,
 }

@@ -12,7 +12,8 @@ pub struct RecordUsage {
     pub feature_key: String,
     /// 1 to 10^12.
     pub units: u64,
-    /// When it happened: at most 35 days back and 5 minutes ahead; defaults to now.
+    /// When it happened; defaults to now. Outside the accepted window (35 days back,
+    /// 5 minutes ahead) it is clamped to the nearest edge, and the answer says so.
     #[serde(default)]
     pub timestamp: Option<WireTime>,
     #[serde(default)]
@@ -30,7 +31,12 @@ pub const USAGE_PAST_DAYS_MAX: i64 = 35;
 pub const USAGE_FUTURE_SECS_MAX: i64 = 300;
 
 impl RecordUsage {
-    /// The end user, the engine's request and the event's timestamp.
+    /// The end user, the engine's request and the event's timestamp, clamped into the
+    /// accepted window (SPEC 6: 35 days back, 5 minutes ahead of `now`). Usage is a fact
+    /// that happened: an event stamped outside the window (a caller whose clock is off,
+    /// a proxy that was cut off for long) is recorded at the window's nearest edge, not
+    /// refused, and the answer names the timestamp it was sent with
+    /// (`timestamp_clamped_from`).
     ///
     /// # Errors
     /// The field at fault, prefixed with `prefix` (empty for a single event).
@@ -38,44 +44,48 @@ impl RecordUsage {
         &self,
         prefix: &str,
         now: ledger::Timestamp,
-    ) -> Result<(ledger::EndUserId, ledger::UsageRequest, ledger::Timestamp), FieldError> {
+    ) -> Result<ParsedUsage, FieldError> {
         let field = |name: &str| format!("{prefix}{name}");
         let end_user = end_user_id(&field("end_user_id"), &self.end_user_id)?;
         let feature = feature_key(&field("feature_key"), &self.feature_key)?;
         let units = units(&field("units"), self.units)?;
-        let timestamp = self.timestamp.map_or(now, |time| time.0);
+        let sent = self.timestamp.map_or(now, |time| time.0);
         let earliest = ledger::Span::from_days(USAGE_PAST_DAYS_MAX)
             .ok()
-            .and_then(|span| now.checked_sub(span).ok());
+            .and_then(|span| now.checked_sub(span).ok())
+            .unwrap_or(now);
         let latest = ledger::Span::from_secs(USAGE_FUTURE_SECS_MAX)
             .ok()
-            .and_then(|span| now.checked_add(span).ok());
-        if earliest.is_some_and(|earliest| timestamp < earliest) {
-            return Err(FieldError::new(
-                field("timestamp"),
-                format!("must be at most {USAGE_PAST_DAYS_MAX} days in the past"),
-            ));
-        }
-        if latest.is_some_and(|latest| timestamp > latest) {
-            return Err(FieldError::new(
-                field("timestamp"),
-                "must be at most 5 minutes in the future",
-            ));
-        }
+            .and_then(|span| now.checked_add(span).ok())
+            .unwrap_or(now);
+        let timestamp = sent.clamp(earliest, latest);
         check_metadata(&field("metadata"), self.metadata.as_ref())?;
         if let Some(key) = &self.idempotency_key {
             check_idempotency_key(&field("idempotency_key"), key)?;
         }
-        Ok((
+        Ok(ParsedUsage {
             end_user,
-            ledger::UsageRequest {
+            usage: ledger::UsageRequest {
                 feature_key: feature,
                 units,
                 strict: self.strict,
             },
             timestamp,
-        ))
+            clamped_from: (timestamp != sent).then_some(sent),
+        })
     }
+}
+
+/// A usage event, checked: what the engine needs, and when it is recorded as having
+/// happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedUsage {
+    pub end_user: ledger::EndUserId,
+    pub usage: ledger::UsageRequest,
+    /// Within the accepted window.
+    pub timestamp: ledger::Timestamp,
+    /// The timestamp sent, when it was outside the window and clamped.
+    pub clamped_from: Option<ledger::Timestamp>,
 }
 
 /// Checks an idempotency key: 1 to 255 printable ASCII characters.
@@ -109,6 +119,10 @@ pub struct UsageRecorded {
     /// reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// Present when the event's timestamp lay outside the accepted window (35 days back,
+    /// 5 minutes ahead) and `timestamp` is the nearest edge: the timestamp sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_clamped_from: Option<WireTime>,
 }
 
 /// The most events one batch may carry (SPEC 6).
@@ -143,6 +157,10 @@ pub struct BatchResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
     pub error: Option<Problem>,
+    /// The event's timestamp as sent, when it was clamped into the accepted window (see
+    /// `UsageRecorded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_clamped_from: Option<WireTime>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

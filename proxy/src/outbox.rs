@@ -552,6 +552,7 @@ mod tests {
                             debt: Some(0),
                             version: Some(ack_version),
                             error: None,
+                            timestamp_clamped_from: None,
                         })
                         .collect();
                     Json(protocol::UsageBatchRecorded { results }).into_response()

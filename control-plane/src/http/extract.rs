@@ -14,7 +14,11 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
         let secret = presented_key(&parts.headers).ok_or(ApiError::Unauthorized)?;
-        let caller = state.authenticate(&secret).await?;
+        let client = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        let caller = state.authenticate(&secret, client).await?;
         parts.extensions.insert(caller.env.clone());
         Ok(caller)
     }

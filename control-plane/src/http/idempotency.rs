@@ -23,6 +23,9 @@ pub struct Done {
     pub body: Vec<u8>,
     /// Whether the operation already stored the answer in its own transaction.
     pub stored: bool,
+    /// What to keep for replays when it must differ from this first answer (a created
+    /// key's answer is kept without its secret).
+    pub replay_body: Option<Vec<u8>>,
 }
 
 impl Done {
@@ -34,6 +37,21 @@ impl Done {
             status,
             body,
             stored: false,
+            replay_body: None,
+        })
+    }
+
+    /// A JSON answer whose replays answer `replay` instead (a secret shown once).
+    pub fn json_once<T: serde::Serialize, R: serde::Serialize>(
+        status: StatusCode,
+        value: &T,
+        replay: &R,
+    ) -> Result<Done, ApiError> {
+        let replay =
+            serde_json::to_vec(replay).map_err(|error| ApiError::Internal(error.to_string()))?;
+        Ok(Done {
+            replay_body: Some(replay),
+            ..Done::json(status, value)?
         })
     }
 
@@ -236,6 +254,7 @@ async fn take(state: &AppState, env: &Env, asked: &Asked) -> Result<Taken, ApiEr
                     status,
                     body,
                     stored: true,
+                    replay_body: None,
                 }));
             }
             IdempotencyBegin::Mismatch => return Err(ApiError::IdempotencyKeyReused),
@@ -268,7 +287,10 @@ where
                 let answer = IdempotencyAnswer {
                     key,
                     status: done.status.as_u16(),
-                    body: done.body.clone(),
+                    body: done
+                        .replay_body
+                        .clone()
+                        .unwrap_or_else(|| done.body.clone()),
                 };
                 state.store().idempotency_finish(env, &answer).await?;
             }

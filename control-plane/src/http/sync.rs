@@ -18,12 +18,15 @@ use super::extract::parse_query;
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::service::{AppState, Caller, CatalogView};
-use crate::store::Env;
 
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 /// How often an idle stream looks for changes committed by other replicas.
 const POLL: Duration = Duration::from_millis(250);
+/// How often a stream checks that its key still works: a revoked key's streams end
+/// within this (plus the key cache's time to live for a revocation made through another
+/// replica).
+pub const KEY_RECHECK: Duration = Duration::from_secs(1);
 /// Lines buffered between the producer and a slow reader.
 const BUFFER_LINES: usize = 256;
 /// End users read per page of a snapshot, and feed entries per read of a stream.
@@ -77,7 +80,8 @@ fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
     responses((status = 200, description = "NDJSON lines of SyncRecord", content_type = "application/x-ndjson"), (status = 403, body = Problem)))]
 pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
     caller.require(Scope::Sync)?;
-    let env = caller.env;
+    let open = state.open_stream(&caller)?;
+    let env = caller.env.clone();
     // The cursor is read first: anything committed later is in the stream after it.
     let cursor = state.store().last_change(&env).await?;
     state.invalidate(&env);
@@ -93,7 +97,9 @@ pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<R
         catalog: catalog_snapshot(&view),
     };
     tokio::spawn(async move {
-        if let Err(error) = send_snapshot(&state, &env, cursor, [header, catalog], &sender).await {
+        let _open = open;
+        let sent = send_snapshot(&state, &caller, cursor, [header, catalog], &sender);
+        if let Err(error) = sent.await {
             tracing::warn!(%error, "snapshot stream ended early");
         }
     });
@@ -102,7 +108,7 @@ pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<R
 
 async fn send_snapshot(
     state: &AppState,
-    env: &Env,
+    caller: &Caller,
     cursor: i64,
     first: [SyncRecord; 2],
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
@@ -116,9 +122,18 @@ async fn send_snapshot(
     for record in first {
         send(record).await?;
     }
+    let env = &caller.env;
     let mut after: Option<String> = None;
     let mut count = 0u64;
+    let mut recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
     loop {
+        if tokio::time::Instant::now() >= recheck_at {
+            if !state.key_is_live(caller).await? {
+                tracing::info!(key = %caller.key_id, "the key was revoked; ending its snapshot");
+                return Ok(());
+            }
+            recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
+        }
         let page = state
             .store()
             .end_user_states(env, after.as_deref(), PAGE_LEN)
@@ -162,7 +177,7 @@ pub async fn stream(
     if query.cursor < 0 {
         return Err(ApiError::bad_request("cursor", "must not be negative"));
     }
-    let env = caller.env;
+    let env = caller.env.clone();
     let purged = state.store().purged_through(&env).await?;
     if query.cursor < purged {
         let mut problem = Problem::new(
@@ -176,9 +191,11 @@ pub async fn stream(
         *response.status_mut() = StatusCode::GONE;
         return Ok(response);
     }
+    let open = state.open_stream(&caller)?;
     let (sender, receiver) = mpsc::channel(BUFFER_LINES);
     tokio::spawn(async move {
-        if let Err(error) = follow(&state, &env, query.cursor, &sender).await {
+        let _open = open;
+        if let Err(error) = follow(&state, &caller, query.cursor, &sender).await {
             tracing::debug!(%error, "change stream ended");
         }
     });
@@ -187,10 +204,13 @@ pub async fn stream(
 
 async fn follow(
     state: &AppState,
-    env: &Env,
+    caller: &Caller,
     mut cursor: i64,
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
 ) -> Result<(), ApiError> {
+    let env = &caller.env;
+    let mut revoked = state.subscribe_revocations();
+    let mut recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
     let mut changed = state.subscribe_changes();
     let mut closing = state.closing();
     let send = |record: SyncRecord| async move {
@@ -201,6 +221,13 @@ async fn follow(
     };
     let mut next_heartbeat = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= recheck_at {
+            if !state.key_is_live(caller).await? {
+                tracing::info!(key = %caller.key_id, "the key was revoked; ending its stream");
+                return Ok(());
+            }
+            recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
+        }
         let changes = state.store().changes_after(env, cursor, PAGE_LEN).await?;
         if let Some(last) = changes.last() {
             // Each end user once, at the position of its last change in this read, in
@@ -260,9 +287,13 @@ async fn follow(
             .await?;
             next_heartbeat = tokio::time::Instant::now() + HEARTBEAT;
         }
-        let wait = POLL.min(next_heartbeat.saturating_duration_since(tokio::time::Instant::now()));
+        let wait = POLL
+            .min(next_heartbeat.saturating_duration_since(tokio::time::Instant::now()))
+            .min(recheck_at.saturating_duration_since(tokio::time::Instant::now()));
         tokio::select! {
             _ = changed.changed() => {}
+            // A key of this process was revoked: check this stream's at once.
+            _ = revoked.changed() => recheck_at = tokio::time::Instant::now(),
             () = tokio::time::sleep(wait) => {}
             () = sender.closed() => return Ok(()),
             _ = closing.wait_for(|closing| *closing) => return Ok(()),

@@ -96,6 +96,7 @@ fn key_wire(record: &ApiKeyRecord, secret: Option<String>) -> ApiKey {
         created_at: record.created_at.into(),
         revoked_at: record.revoked_at.map(protocol::WireTime),
         secret,
+        secret_shown_once: None,
     }
 }
 
@@ -112,6 +113,9 @@ pub async fn create_key(
         let request: CreateApiKey = parse_json(&incoming.headers, &incoming.body, false)?;
         let scopes = auth::validate_scopes(&request.scopes)
             .map_err(|message| ApiError::bad_request("scopes", message))?;
+        if let Some(scope) = auth::beyond(&scopes, &caller.scopes) {
+            return Err(ApiError::MissingScope(scope));
+        }
         if request.name.as_ref().is_some_and(|name| name.len() > 200) {
             return Err(ApiError::bad_request(
                 "name",
@@ -143,7 +147,16 @@ pub async fn create_key(
             revoked_at: None,
         };
         state.store().insert_api_key(&record).await?;
-        Done::json(StatusCode::CREATED, &key_wire(&record, Some(key.secret)))
+        // The secret is shown once: a replay of this request answers the key without it.
+        let replay = ApiKey {
+            secret_shown_once: Some(true),
+            ..key_wire(&record, None)
+        };
+        Done::json_once(
+            StatusCode::CREATED,
+            &key_wire(&record, Some(key.secret)),
+            &replay,
+        )
     })
     .await
 }

@@ -48,7 +48,12 @@ pub async fn record_usage(
     let (state, env, request) = (&state, &caller.env, &request);
     idempotency::run_claiming(state, env, &incoming, |key| async move {
         let view = state.view(env).await?;
-        let (end_user, usage, timestamp) = request.to_ledger("", state.env_now(&view))?;
+        let protocol::ParsedUsage {
+            end_user,
+            usage,
+            timestamp,
+            clamped_from,
+        } = request.to_ledger("", state.env_now(&view))?;
         let annotations = Annotations {
             metadata: request.metadata.clone(),
             ..Annotations::default()
@@ -64,7 +69,13 @@ pub async fn record_usage(
                 move |user, cx, _| {
                     let (outcome, changes) =
                         Changes::from_applied(user.record_usage(cx, usage.clone())?);
-                    let answer = recorded(&who, &usage, &outcome, timestamp, user.version());
+                    let answer = recorded(
+                        &who,
+                        &usage,
+                        &outcome,
+                        (timestamp, clamped_from),
+                        user.version(),
+                    );
                     Ok((answer, changes))
                 },
             )
@@ -78,7 +89,7 @@ fn recorded(
     end_user: &EndUserId,
     usage: &ledger::UsageRequest,
     outcome: &ledger::UsageOutcome,
-    timestamp: ledger::Timestamp,
+    (timestamp, clamped_from): (ledger::Timestamp, Option<ledger::Timestamp>),
     version: u64,
 ) -> UsageRecorded {
     UsageRecorded {
@@ -92,6 +103,7 @@ fn recorded(
         balance: outcome.balance.get(),
         timestamp: timestamp.into(),
         version: Some(version),
+        timestamp_clamped_from: clamped_from.map(protocol::WireTime),
     }
 }
 
@@ -136,6 +148,7 @@ fn error_result(index: usize, error: &ApiError) -> BatchResult {
         debt: None,
         version: None,
         error: Some(error.problem()),
+        timestamp_clamped_from: None,
     }
 }
 
@@ -147,6 +160,7 @@ struct Prepared {
     metadata: Option<serde_json::Value>,
     usage: ledger::UsageRequest,
     timestamp: ledger::Timestamp,
+    clamped_from: Option<ledger::Timestamp>,
 }
 
 /// `POST /v1/usage/batch`: up to 1000 independent events, each with its own idempotency
@@ -222,7 +236,15 @@ async fn apply_batch(
                 })?;
                 Ok((parsed, key))
             });
-        let ((end_user, usage, timestamp), key) = match parsed {
+        let (
+            protocol::ParsedUsage {
+                end_user,
+                usage,
+                timestamp,
+                clamped_from,
+            },
+            key,
+        ) = match parsed {
             Ok(parsed) => parsed,
             Err(error) => {
                 results[index] = Some(error_result(index, &error));
@@ -254,6 +276,7 @@ async fn apply_batch(
             metadata: event.metadata.clone(),
             usage,
             timestamp,
+            clamped_from,
         });
     }
     // Every end user's events of the batch in one transaction (events are independent:
@@ -282,6 +305,7 @@ async fn apply_batch(
                     debt: Some(answer.debt),
                     version: answer.version,
                     error: None,
+                    timestamp_clamped_from: answer.timestamp_clamped_from,
                 },
                 Err(problem) => BatchResult {
                     index,
@@ -292,6 +316,7 @@ async fn apply_batch(
                     debt: None,
                     version: None,
                     error: Some(problem),
+                    timestamp_clamped_from: None,
                 },
             });
         }
@@ -340,7 +365,7 @@ fn apply_events(
                     end_user,
                     &event.usage,
                     &outcome,
-                    event.timestamp,
+                    (event.timestamp, event.clamped_from),
                     user.version(),
                 );
                 changes.usage_keys.push(UsageKeyRecord {
@@ -390,6 +415,10 @@ fn duplicate_of(index: usize, original: &str) -> BatchResult {
         debt: number("debt"),
         version: original.get("version").and_then(serde_json::Value::as_u64),
         error: None,
+        timestamp_clamped_from: original
+            .get("timestamp_clamped_from")
+            .cloned()
+            .and_then(|value| serde_json::from_value(value).ok()),
     }
 }
 

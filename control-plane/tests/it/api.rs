@@ -266,7 +266,7 @@ store_test! {
     }
 }
 
-// Usage: debt when short, strict refusal, validation of units and timestamps.
+// Usage: debt when short, strict refusal, validation of units and fields.
 store_test! {
     async fn usage_debt_and_strict(backend) {
     let harness = Harness::start(backend).await;
@@ -329,10 +329,6 @@ store_test! {
         (
             json!({"end_user_id": "", "feature_key": "api_calls", "units": 1}),
             "end_user_id",
-        ),
-        (
-            json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1, "timestamp": "2025-01-01T00:00:00Z"}),
-            "timestamp",
         ),
         (
             json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1, "metadata": [1]}),

@@ -9,7 +9,7 @@ use crate::webhooks::{received, start_receiver};
 
 /// Due end users of the environment `key` belongs to, by its clock now.
 async fn due(harness: &Harness, key: &str) -> usize {
-    let caller = harness.state.authenticate(key).await.expect("key");
+    let caller = harness.state.authenticate(key, None).await.expect("key");
     let view = harness.state.view(&caller.env).await.expect("view");
     let now = harness.state.env_now(&view);
     harness

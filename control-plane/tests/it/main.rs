@@ -9,6 +9,7 @@ mod catalog_apply;
 mod clock_walk;
 mod concurrency;
 mod errors;
+mod hardening;
 mod isolation;
 mod jobs;
 mod openapi;

@@ -440,3 +440,43 @@ store_test! {
     assert_eq!(total, (1..=20).sum::<i64>());
     }
 }
+
+// A revoked key's open change stream ends within about a second (before, it kept
+// receiving every end user's state), and one key holds at most `sync.streams_per_key`
+// streams open at once.
+store_test! {
+    async fn revoked_keys_lose_their_streams_and_streams_are_capped(backend) {
+    let mut config = control_plane::config::Config::for_tests();
+    config.streams_per_key = 2;
+    let harness = Harness::start_with(backend, config).await;
+    let admin = harness.tenant("acme").await.test;
+    let created = harness.ok("/v1/api-keys", &admin, json!({"name": "proxy", "scopes": ["sync"]}), 201).await;
+    let key = created["secret"].as_str().expect("secret").to_owned();
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    let (status, mut first) = Lines::open(&harness, "/v1/sync/stream?cursor=0", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(matches!(first.next().await, Some(SyncRecord::Heartbeat { .. })));
+    let (status, mut second) = Lines::open(&harness, "/v1/sync/stream?cursor=0", &key).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(matches!(second.next().await, Some(SyncRecord::Heartbeat { .. })));
+    let (status, _third) = Lines::open(&harness, "/v1/sync/stream?cursor=0", &key).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "a third stream of one key");
+    drop(second);
+    let (status, _fourth) = crate::support::eventually_value("a closed stream frees its slot", || async {
+        let (status, lines) = Lines::open(&harness, "/v1/sync/stream?cursor=0", &key).await;
+        (status == StatusCode::OK).then_some((status, lines))
+    })
+    .await;
+    assert_eq!(status, StatusCode::OK);
+
+    let revoked_at = std::time::Instant::now();
+    harness.ok(&format!("/v1/api-keys/{id}/revoke"), &admin, json!({}), 200).await;
+    while first.next().await.is_some() {}
+    assert!(
+        revoked_at.elapsed() < std::time::Duration::from_millis(1500),
+        "the stream ended within a second of the revocation: {:?}",
+        revoked_at.elapsed()
+    );
+    }
+}
