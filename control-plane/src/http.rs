@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod credits;
 pub mod extract;
 pub mod idempotency;
+pub mod openapi;
 pub mod reservations;
 pub mod subscriptions;
 pub mod sync;
@@ -104,15 +105,22 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(sync::stream))
 }
 
-/// The OpenAPI document (3.1) of the whole API.
-pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().split_for_parts().1
+/// The OpenAPI document (3.1) of the whole API, with the responses every operation
+/// shares (see [`openapi::complete`]).
+pub fn openapi() -> serde_json::Value {
+    document(&api_router().split_for_parts().1)
+}
+
+fn document(openapi: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    let mut document = serde_json::to_value(openapi).unwrap_or_default();
+    openapi::complete(&mut document);
+    document
 }
 
 /// The whole application: the API, operational endpoints and middleware.
 pub fn app(state: AppState) -> Router {
     let (router, openapi) = api_router().split_for_parts();
-    let openapi_json = serde_json::to_value(&openapi).unwrap_or_default();
+    let openapi_json = document(&openapi);
     let limit = state.config().body_limit_bytes;
     let request_id = HeaderName::from_static("x-request-id");
     router

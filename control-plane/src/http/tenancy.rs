@@ -178,13 +178,21 @@ pub async fn list_keys(
 /// `POST /v1/api-keys/{id}/revoke`: the key stops working at once (in this process; other
 /// replicas within seconds).
 #[utoipa::path(post, path = "/v1/api-keys/{id}/revoke", tag = "keys", params(("id" = String, Path)),
-    responses((status = 200, body = ApiKey), (status = 404, body = Problem)))]
+    responses((status = 200, body = ApiKey), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
     caller.require(Scope::Admin)?;
+    // A key never revokes itself: the environment always keeps a key that can manage
+    // keys, so a tenant cannot lock itself out by accident.
+    if id == caller.key_id {
+        return Err(ApiError::Conflict(
+            "a key cannot revoke itself: revoke it with another key that has the admin scope"
+                .into(),
+        ));
+    }
     let record = state
         .store()
         .revoke_api_key(&caller.env, &id, state.real_now())
