@@ -22,6 +22,28 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigErro
     }
 }
 
+/// A secret from the file or the environment (the control plane key, the JWT secret):
+/// usable through [`Secret::expose`], never printed (`Debug` shows `<redacted>`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +98,7 @@ pub struct ControlPlane {
     /// A key with the `sync` scope (and `write` for reservations) of the environment the
     /// proxy serves; `QS_PROXY_API_KEY` overrides it (keep secrets out of files).
     #[serde(default)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -98,7 +120,7 @@ pub struct JwtConfig {
     pub algorithm: String,
     /// HS256: the shared secret (or `QS_PROXY_JWT_SECRET`).
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// RS256 / ES256: a PEM public key file.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
@@ -308,10 +330,10 @@ impl Config {
             self.control_plane.url = value;
         }
         if let Some(value) = var("QS_PROXY_API_KEY") {
-            self.control_plane.api_key = Some(value);
+            self.control_plane.api_key = Some(Secret::new(value));
         }
         if let (Some(value), Some(jwt)) = (var("QS_PROXY_JWT_SECRET"), self.identity.jwt.as_mut()) {
-            jwt.secret = Some(value);
+            jwt.secret = Some(Secret::new(value));
         }
     }
 
@@ -336,7 +358,7 @@ impl Config {
         // The client checks the URL as it will use it.
         client::Client::new(&self.control_plane.url, "")
             .map_err(|error| invalid("control_plane.url", error.to_string()))?;
-        match self.control_plane.api_key.as_deref() {
+        match self.control_plane.api_key.as_ref().map(Secret::expose) {
             None | Some("") => {
                 return Err(invalid(
                     "control_plane.api_key",
@@ -447,6 +469,22 @@ feature = "chat_messages"
     }
 
     #[test]
+    fn debug_never_prints_the_key_or_the_jwt_secret() {
+        let text = format!(
+            "{}\n[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\naudience = \"my-api\"\n",
+            MINIMAL.replace("qs_test_x", "qs_test_secret_key_material_0123456789")
+        );
+        let config = check(&text).expect("valid");
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("qs_test_secret_key_material"),
+            "{printed}"
+        );
+        assert!(!printed.contains("jwt-secret-of-some-length"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let mut config = Config::parse(MINIMAL).expect("parses");
         config.apply_env(|name| match name {
@@ -455,7 +493,7 @@ feature = "chat_messages"
             _ => None,
         });
         assert_eq!(
-            config.control_plane.api_key.as_deref(),
+            config.control_plane.api_key.as_ref().map(Secret::expose),
             Some("qs_test_from_env")
         );
         assert_eq!(config.listen, "127.0.0.1:0");

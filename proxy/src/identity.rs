@@ -72,7 +72,7 @@ impl Identity {
             }
         };
         let key = if algorithm == Algorithm::HS256 {
-            match jwt.secret.as_deref() {
+            match jwt.secret.as_ref().map(crate::config::Secret::expose) {
                 Some(secret) if secret.len() >= 16 => DecodingKey::from_secret(secret.as_bytes()),
                 Some(_) => {
                     return Err(err(
@@ -173,7 +173,7 @@ impl Identity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::JwtConfig;
+    use crate::config::{JwtConfig, Secret};
     use jsonwebtoken::{EncodingKey, Header};
 
     const SECRET: &str = "a-test-secret-of-some-length";
@@ -183,7 +183,7 @@ mod tests {
             header: None,
             jwt: Some(JwtConfig {
                 algorithm: "HS256".into(),
-                secret: Some(SECRET.into()),
+                secret: Some(Secret::new(SECRET)),
                 public_key_file: None,
                 issuer: None,
                 audience: None,
@@ -365,7 +365,7 @@ mod tests {
         config.algorithm = "RS256".into();
         assert_eq!(check(&config), "identity.jwt.public_key_file");
         config.algorithm = "HS256".into();
-        config.secret = Some("short".into());
+        config.secret = Some(Secret::new("short"));
         assert_eq!(check(&config), "identity.jwt.secret");
     }
 }

@@ -154,7 +154,8 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
     let api_key = config
         .control_plane
         .api_key
-        .clone()
+        .as_ref()
+        .map(|key| key.expose().to_owned())
         .context("control_plane.api_key is required")?;
     let one_try = client::Retry {
         attempts: 1,
