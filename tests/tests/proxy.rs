@@ -375,3 +375,101 @@ async fn a_request_with_expect_100_continue_is_charged_once() {
     assert_eq!(plane.available("uploader").await, 9);
     proxy.running.shutdown().await;
 }
+
+/// Usage the control plane refuses for good (here: its feature is not in the catalog
+/// yet) is never deleted: it waits in the quarantine, which the admin port lists and
+/// `/metrics` counts, and is charged once an operator replays it after fixing the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_waits_in_quarantine_until_an_operator_replays_it() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("held", 10).await;
+    proxy.sees("held").await;
+    let admin = format!("http://{}", proxy.running.admin_address);
+    proxy
+        .running
+        .outbox
+        .push(&proxy::outbox::Record {
+            key: "qsp_e2e_later".into(),
+            end_user_id: "held".into(),
+            pending: 0,
+            op: proxy::outbox::Op::Usage {
+                feature_key: "later".into(),
+                units: 2,
+                timestamp_ms: proxy.running.replica.now().as_millis(),
+            },
+        })
+        .await
+        .expect("pushed");
+    eventually(
+        "the refused event to be quarantined",
+        Duration::from_secs(10),
+        || async { (proxy.running.outbox.quarantine_depth() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(proxy.running.outbox.depth(), 0);
+
+    let listed: serde_json::Value = proxy
+        .http
+        .get(format!("{admin}/quarantine?limit=10"))
+        .send()
+        .await
+        .expect("listed")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["depth"], 1);
+    let entry = &listed["data"][0];
+    assert_eq!(entry["record"]["key"], "qsp_e2e_later");
+    assert_eq!(entry["problem"]["code"], "feature_not_found");
+    let bad_limit = proxy
+        .http
+        .get(format!("{admin}/quarantine?limit=0"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(bad_limit.status(), StatusCode::BAD_REQUEST);
+    let metrics = proxy
+        .http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains("qs_proxy_quarantine_depth 1"), "{metrics}");
+
+    // The operator fixes the cause, then replays.
+    plane
+        .client
+        .create_feature(&e2e::from(serde_json::json!({
+            "key": "later", "name": "later", "type": "metered"
+        })))
+        .await
+        .expect("feature");
+    let unknown = proxy
+        .http
+        .post(format!(
+            "{admin}/quarantine/replay?key=01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        ))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let key = entry["key"].as_str().expect("a key");
+    let replayed: serde_json::Value = proxy
+        .http
+        .post(format!("{admin}/quarantine/replay?key={key}"))
+        .send()
+        .await
+        .expect("replayed")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(replayed["replayed"], 1);
+    proxy.drained().await;
+    assert_eq!(proxy.running.outbox.quarantine_depth(), 0);
+    assert_eq!(plane.entries("held", "debit").await.len(), 1);
+    assert_eq!(plane.available("held").await, 8);
+    proxy.running.shutdown().await;
+}
