@@ -554,23 +554,48 @@ impl Outbox {
         }
     }
 
-    /// A reservation step found the reservation no longer active.
+    /// A reservation step found the reservation no longer active; the problem's
+    /// `current_status` says what became of it.
     fn not_active(&self, replica: &Replica, record: &Record, error: &client::Error) -> Resolution {
         if let Op::Commit {
             units, feature_key, ..
         } = &record.op
         {
-            tracing::warn!(key = %record.key, "reservation lapsed before its commit; charging the actual as usage");
-            return Resolution::Replace(Record {
-                key: format!("{}-usage", record.key),
-                end_user_id: record.end_user_id.clone(),
-                pending: record.pending,
-                op: Op::Usage {
-                    feature_key: feature_key.clone(),
-                    units: *units,
-                    timestamp_ms: replica.now().as_millis(),
-                },
-            });
+            let problem = problem_of(error);
+            let status = problem
+                .as_ref()
+                .and_then(|problem| problem.current_status.as_deref());
+            return match status {
+                // The hold lapsed before the commit arrived: the work was done, so its
+                // actual is charged as plain usage (under a key of its own).
+                Some("expired" | "released") => {
+                    tracing::warn!(key = %record.key, status, "reservation lapsed before its commit; charging the actual as usage");
+                    Resolution::Replace(Record {
+                        key: format!("{}-usage", record.key),
+                        end_user_id: record.end_user_id.clone(),
+                        pending: record.pending,
+                        op: Op::Usage {
+                            feature_key: feature_key.clone(),
+                            units: *units,
+                            timestamp_ms: replica.now().as_millis(),
+                        },
+                    })
+                }
+                // An earlier try of this commit succeeded and its answer was lost (kept
+                // beyond the idempotency retention): it is charged already.
+                Some("committed") => {
+                    tracing::warn!(key = %record.key, "the reservation was committed already (an earlier try's answer was lost); not charging it again");
+                    // Long ago (beyond the key's retention): the replica shows it.
+                    if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
+                        replica
+                            .pending
+                            .drop_unconfirmed(&end_user, Credits::new(record.pending));
+                    }
+                    Resolution::Done
+                }
+                // Nobody can tell whether it was charged: an operator decides.
+                _ => Resolution::Quarantine(problem),
+            };
         }
         // A release (or the release after an unanswered hold) of a reservation that is
         // no longer active: nothing is held any more, which is what it was for.

@@ -411,3 +411,91 @@ async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it()
     replica.persist().expect("persisted");
     assert!(disk.acked_all().expect("read").is_empty());
 }
+
+/// A control plane whose reservation commits all answer 409 `reservation_not_active`
+/// with `current_status` (usage batches are accepted).
+async fn not_active_plane(current_status: Option<&'static str>) -> Fake {
+    let commit = axum::Router::new().route(
+        "/v1/reservations/{id}/commit",
+        axum::routing::post(move || async move {
+            let mut problem = protocol::Problem::new(
+                409,
+                "reservation_not_active",
+                "Reservation not active",
+                "the reservation is not active",
+            );
+            problem.current_status = current_status.map(str::to_owned);
+            problem_response(&problem)
+        }),
+    );
+    fake(Vec::new(), 2, commit).await
+}
+
+fn commit(key: &str) -> Record {
+    Record {
+        key: key.into(),
+        end_user_id: "u1".into(),
+        pending: 0,
+        op: Op::Commit {
+            reservation_id: "rsv_1".into(),
+            feature_key: "tokens".into(),
+            units: 37,
+        },
+    }
+}
+
+/// A commit answered `reservation_not_active` becomes plain usage of the actual only
+/// when the hold lapsed (`expired`, `released`). `committed` means an earlier try of
+/// this commit succeeded and its answer was lost: charging again would count the work
+/// twice, so the record is acknowledged and dropped. Without a status nobody can tell:
+/// the record waits in the quarantine.
+#[tokio::test]
+async fn a_late_commit_becomes_usage_only_when_its_hold_lapsed() {
+    for (current_status, becomes_usage, quarantined) in [
+        (Some("committed"), false, 0),
+        (Some("expired"), true, 0),
+        (Some("released"), true, 0),
+        (None, false, 1),
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let (disk, replica, outbox) = open(dir.path());
+        let fake = not_active_plane(current_status).await;
+        let client = one_try(&fake.url);
+        outbox.push(&commit("qsp_c1")).await.expect("pushed");
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("resolved");
+        let waiting: Vec<Record> = disk
+            .outbox_head(10)
+            .expect("head")
+            .into_iter()
+            .map(|(_, json)| serde_json::from_slice(&json).expect("a record"))
+            .collect();
+        let usage: Vec<&Record> = waiting
+            .iter()
+            .filter(|record| matches!(record.op, Op::Usage { units: 37, .. }))
+            .collect();
+        assert_eq!(
+            usage.len(),
+            usize::from(becomes_usage),
+            "{current_status:?}: {waiting:?}"
+        );
+        if becomes_usage {
+            assert_eq!(usage[0].key, "qsp_c1-usage");
+            outbox
+                .ship_once(&client, &replica, 500)
+                .await
+                .expect("shipped");
+        } else {
+            assert!(waiting.is_empty(), "{current_status:?}: {waiting:?}");
+        }
+        assert_eq!(outbox.depth(), 0, "{current_status:?}");
+        assert_eq!(outbox.quarantine_depth(), quarantined, "{current_status:?}");
+        assert_eq!(
+            fake.calls.load(Ordering::Acquire),
+            u32::from(becomes_usage),
+            "{current_status:?}: usage batches sent"
+        );
+    }
+}
