@@ -1,6 +1,6 @@
-//! The pingora `ProxyHttp` implementation: identity → route → decision from the replica
-//! in `request_filter` (no network call, no disk wait, no lock held across an await),
-//! usage into the outbox when the upstream's response header arrives (flushed before the
+//! The pingora `ProxyHttp` implementation: path normalised → route → identity → decision
+//! from the replica in `request_filter` (no network call, no disk wait, no lock held
+//! across an await), usage into the outbox when the upstream's response header arrives (flushed before the
 //! response is released), reservations committed or released after the fact.
 
 use std::collections::HashMap;
@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use ledger::{Credits, EndUserId, EndUserState, FeatureKey, Timestamp, Units};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use protocol::{CreateReservation, Problem};
@@ -375,6 +375,37 @@ impl Gate {
     }
 }
 
+/// Puts the request's path in normal form ([`crate::path`]), query kept, so that the
+/// route matched on `uri.path()` is the path the upstream is sent. A target in
+/// absolute-form (`http://host/path`) is forwarded in origin-form.
+///
+/// # Errors
+/// Why the path cannot be normalised (answered 400 `invalid_path`).
+fn normalise_request(header: &mut RequestHeader) -> Result<(), String> {
+    let raw = header.raw_path();
+    let origin_form = raw.first() == Some(&b'/');
+    let source = if origin_form {
+        raw
+    } else {
+        header
+            .uri
+            .path_and_query()
+            .map_or(&b""[..], |target| target.as_str().as_bytes())
+    };
+    let target = crate::path::normalise_target(source).map_err(|error| error.to_string())?;
+    let path = target.path.as_bytes();
+    let unchanged = origin_form
+        && source.get(..path.len()) == Some(path)
+        && matches!(source.get(path.len()), None | Some(b'?'));
+    if unchanged {
+        return Ok(());
+    }
+    let rewritten = target.to_bytes();
+    header
+        .set_raw_path(&rewritten)
+        .map_err(|error| format!("the normalised target could not be used: {error}"))
+}
+
 /// Whether a control-plane refusal of a reservation is the client's answer (402, 403, a
 /// bad feature or units); anything else (unreachable, 5xx, 429, a key problem) is the
 /// control plane being unavailable, and the route's policy decides.
@@ -421,6 +452,12 @@ impl ProxyHttp for Gate {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let live = self.live.load_full();
+        // Routes see, and the upstream is sent, the path in normal form.
+        if let Err(detail) = normalise_request(session.req_header_mut()) {
+            decision_metric("invalid_path", "none");
+            let problem = Problem::new(400, "invalid_path", "Invalid path", detail);
+            return answer(session, &problem).await;
+        }
         let header = session.req_header();
         let route = match live.routes.find(&header.method, header.uri.path()) {
             Some(route) => route,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{ControlPlane, Proxy, ROUTES, Upstream, eventually, proxy_config};
+use e2e::{ControlPlane, Echo, Proxy, ROUTES, Upstream, eventually, proxy_config, raw_request};
 use reqwest::{Method, StatusCode};
 
 async fn setup(extra: &str) -> (tempfile::TempDir, ControlPlane, Upstream, Proxy) {
@@ -471,5 +471,103 @@ async fn a_refused_event_waits_in_quarantine_until_an_operator_replays_it() {
     assert_eq!(proxy.running.outbox.quarantine_depth(), 0);
     assert_eq!(plane.entries("held", "debit").await.len(), 1);
     assert_eq!(plane.available("held").await, 8);
+    proxy.running.shutdown().await;
+}
+
+/// The routes of config/proxy.toml: a public health check, a reservation route and a
+/// catch-all priced per call.
+const SHIPPED_ROUTES: &str = r#"
+[[routes]]
+path = "/healthz"
+public = true
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+feature = "tokens"
+reserve = { estimate = 100, actual_header = "x-usage-units" }
+
+[[routes]]
+path = "/v1"
+feature = "api_calls"
+"#;
+
+/// Routes match the normalised path, and the upstream is sent that same path (with the
+/// query as it was): dot segments, repeated slashes and escaped unreserved characters
+/// cannot climb out of a public route or dodge a reservation route, and what cannot be
+/// normalised is refused with 400 `invalid_path`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_and_the_upstream_serves_the_normalised_path() {
+    let (_dir, plane, _upstream, proxy) = setup(SHIPPED_ROUTES).await;
+    plane.grant("walker", 1_000).await;
+    proxy.sees("walker").await;
+    let address = proxy.running.address;
+    let walker = [("x-end-user-id", "walker")];
+
+    // Out of the public route: gated as /v1/x (no identity: 401).
+    let climbed = raw_request(address, "GET", "/healthz/../v1/x", &[]).await;
+    assert_eq!(
+        climbed.status,
+        401,
+        "{:?}",
+        String::from_utf8_lossy(&climbed.body)
+    );
+    let served = raw_request(address, "GET", "/healthz/../v1/x?a=1&b=%2F", &walker).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.header("x-quota-source"), Some("replica"));
+    let echo: Echo = served.json();
+    assert_eq!(echo.path, "/v1/x");
+    assert_eq!(echo.query.as_deref(), Some("a=1&b=%2F"));
+    // The same in absolute-form, which is forwarded in origin-form.
+    let absolute = format!("http://{address}/healthz/../v1/x");
+    let climbed = raw_request(address, "GET", &absolute, &[]).await;
+    assert_eq!(climbed.status, 401);
+    let served = raw_request(address, "GET", &absolute, &walker).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.json::<Echo>().path, "/v1/x");
+    // Into the public route: public, and the upstream sees the public path.
+    let public = raw_request(address, "GET", "/v1/%2E%2E/healthz", &[]).await;
+    assert_eq!(public.status, 200);
+    assert_eq!(public.json::<Echo>().path, "/healthz");
+
+    // Every spelling of /v1/generate holds a reservation and commits the actual.
+    let spellings = [
+        "/v1/./generate",
+        "//v1//generate",
+        "/v1/%2e/generate",
+        "/%761/generate",
+        "/v1/x/%2E%2E/generate",
+    ];
+    for target in spellings {
+        let generated = raw_request(
+            address,
+            "POST",
+            target,
+            &[("x-end-user-id", "walker"), ("x-test-actual", "7")],
+        )
+        .await;
+        assert_eq!(generated.status, 200, "{target}");
+        assert_eq!(generated.json::<Echo>().path, "/v1/generate", "{target}");
+    }
+    proxy.drained().await;
+    assert_eq!(
+        plane.entries("walker", "commit").await.len(),
+        spellings.len(),
+        "each one held and committed"
+    );
+    assert_eq!(
+        plane.entries("walker", "debit").await.len(),
+        2,
+        "only /v1/x (twice) was charged as a call"
+    );
+    assert_eq!(plane.available("walker").await, 1_000 - 2 - 7 * 5);
+
+    // What cannot be normalised is refused before any route.
+    for target in ["/../v1/x", "/v1/a%2fb", "/v1/a%zz", "/healthz/..;/v1/x"] {
+        let refused = raw_request(address, "GET", target, &walker).await;
+        assert_eq!(refused.status, 400, "{target}");
+        let problem: serde_json::Value = refused.json();
+        assert_eq!(problem["code"], "invalid_path", "{target}");
+    }
     proxy.running.shutdown().await;
 }
