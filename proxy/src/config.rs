@@ -111,6 +111,12 @@ pub struct IdentityConfig {
     /// Take the end user from the `sub` claim of a verified `Authorization: Bearer` JWT.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// The header the upstream reads the charged end user from (default
+    /// `x-end-user-id`): the proxy removes whatever the client sent under this name and,
+    /// on gated routes, sets the end user it charged (public and unmatched routes get
+    /// none). The upstream can trust it because the client cannot set it.
+    #[serde(default)]
+    pub forward_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -126,8 +132,14 @@ pub struct JwtConfig {
     pub public_key_file: Option<PathBuf>,
     #[serde(default)]
     pub issuer: Option<String>,
+    /// The `aud` a token must carry: tokens your identity provider issued for other
+    /// services must not pass here. Required unless `require_audience = false`.
     #[serde(default)]
     pub audience: Option<String>,
+    /// `false` accepts tokens for any audience (when the secret or key signs tokens for
+    /// this API only); the default `true` requires `audience`.
+    #[serde(default = "default_true")]
+    pub require_audience: bool,
     /// Clock skew allowed on `exp` / `nbf`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
@@ -135,6 +147,10 @@ pub struct JwtConfig {
 
 fn default_leeway() -> u64 {
     30
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// What a route does when the proxy cannot decide from fresh state.
@@ -422,6 +438,20 @@ feature = "chat_messages"
         assert_eq!(config.failure.max_staleness_secs, 30);
         assert_eq!(config.usage.durability, Durability::Sync);
         assert_eq!(config.unmatched, Unmatched::Deny);
+        let identity = crate::identity::Identity::from_config(&config.identity).expect("valid");
+        assert_eq!(identity.forward_header, "x-end-user-id");
+    }
+
+    #[test]
+    fn a_jwt_audience_can_be_waived_only_explicitly() {
+        let jwt = "[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\n";
+        let error = check(&format!("{MINIMAL}{jwt}")).expect_err("no audience");
+        assert!(
+            error.message.contains("require_audience = false"),
+            "{error}"
+        );
+        check(&format!("{MINIMAL}{jwt}audience = \"my-api\"\n")).expect("an audience");
+        check(&format!("{MINIMAL}{jwt}require_audience = false\n")).expect("waived");
     }
 
     #[test]
@@ -447,6 +477,26 @@ feature = "chat_messages"
                 "control_plane.url",
             ),
             (MINIMAL.replace("/v1/chat", "v1/chat"), "routes[0].path"),
+            (
+                format!(
+                    "{MINIMAL}[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\n"
+                ),
+                "identity.jwt.audience",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\naudience = \"a\"\nrequire_audience = false\n"
+                ),
+                "identity.jwt.require_audience",
+            ),
+            (
+                format!("{MINIMAL}[identity]\nforward_header = \"authorization\"\n"),
+                "identity.forward_header",
+            ),
+            (
+                format!("{MINIMAL}[identity]\nforward_header = \"not a header\"\n"),
+                "identity.forward_header",
+            ),
         ];
         for (text, setting) in cases {
             let error = check(&text).expect_err(setting);

@@ -18,7 +18,7 @@ use pingora::proxy::{ProxyHttp, Session};
 use protocol::{CreateReservation, Problem};
 
 use crate::config::{Config, OnUnavailable, Unmatched};
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityError};
 use crate::outbox::{Op, Outbox, Record};
 use crate::replica::{Freshness, Replica};
 use crate::routes::{Route, Routes, UnitsRule};
@@ -160,6 +160,9 @@ pub struct Ctx {
     _in_flight: InFlight,
     started: Instant,
     admitted: Option<Admitted>,
+    /// The header the upstream reads the charged end user from (taken with the
+    /// configuration the request was decided by), and that end user on gated routes.
+    forward: Option<(http::HeaderName, Option<EndUserId>)>,
 }
 
 fn problem_body(problem: &Problem) -> Bytes {
@@ -447,6 +450,7 @@ impl ProxyHttp for Gate {
             _in_flight: InFlight::new(&self.in_flight),
             started: Instant::now(),
             admitted: None,
+            forward: None,
         }
     }
 
@@ -458,6 +462,8 @@ impl ProxyHttp for Gate {
             let problem = Problem::new(400, "invalid_path", "Invalid path", detail);
             return answer(session, &problem).await;
         }
+        // Whatever the client sent under the forward header never reaches the upstream.
+        ctx.forward = Some((live.identity.forward_header.clone(), None));
         let header = session.req_header();
         let route = match live.routes.find(&header.method, header.uri.path()) {
             Some(route) => route,
@@ -477,6 +483,16 @@ impl ProxyHttp for Gate {
         }
         let end_user = match live.identity.end_user(&header.headers) {
             Ok(end_user) => end_user,
+            Err(error @ IdentityError::Repeated(_)) => {
+                decision_metric("no_identity", "none");
+                let problem = Problem::new(
+                    400,
+                    "ambiguous_identity",
+                    "Ambiguous end user",
+                    error.to_string(),
+                );
+                return answer(session, &problem).await;
+            }
             Err(error) => {
                 decision_metric("no_identity", "none");
                 let problem =
@@ -484,6 +500,7 @@ impl ProxyHttp for Gate {
                 return answer(session, &problem).await;
             }
         };
+        ctx.forward = Some((live.identity.forward_header.clone(), Some(end_user.clone())));
         let (units, reserve) = match Gate::units(route, &header.headers) {
             Ok(units) => units,
             Err(problem) => return answer(session, &problem).await,
@@ -591,6 +608,23 @@ impl ProxyHttp for Gate {
             false,
             String::new(),
         )))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        // The upstream learns who was charged from the proxy alone: every copy the client
+        // sent goes, and a gated request carries exactly the end user it was charged to.
+        if let Some((name, end_user)) = &ctx.forward {
+            upstream_request.remove_header(name);
+            if let Some(end_user) = end_user {
+                upstream_request.insert_header(name.clone(), end_user.as_str())?;
+            }
+        }
+        Ok(())
     }
 
     async fn response_filter(

@@ -571,3 +571,74 @@ async fn routes_match_and_the_upstream_serves_the_normalised_path() {
     }
     proxy.running.shutdown().await;
 }
+
+/// The upstream learns who was charged from the proxy, never from the client: in JWT
+/// mode a spoofed `x-end-user-id` is replaced by the token's subject, a public route
+/// gets none, and in header mode a second copy of the header is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_sees_the_identity_that_was_charged_not_the_clients_header() {
+    const SECRET: &str = "an-e2e-secret-of-some-length";
+    let jwt = format!(
+        "[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\naudience = \"e2e-api\"\n{SHIPPED_ROUTES}"
+    );
+    let (_dir, plane, _upstream, proxy) = setup(&jwt).await;
+    plane.grant("jwt_user", 10).await;
+    proxy.sees("jwt_user").await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + 300;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "jwt_user", "exp": exp, "aud": "e2e-api"}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("a token");
+    let bearer = format!("Bearer {token}");
+    let spoofed = proxy
+        .send(
+            Method::GET,
+            "/v1/x",
+            Some("someone-else"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(spoofed.status(), StatusCode::OK);
+    let echo: Echo = spoofed.json().await.expect("echo");
+    assert_eq!(
+        echo.end_user_ids,
+        ["jwt_user"],
+        "the identity that was charged"
+    );
+    let public = proxy
+        .send(Method::GET, "/healthz", Some("someone-else"), &[])
+        .await;
+    assert_eq!(public.status(), StatusCode::OK);
+    let echo: Echo = public.json().await.expect("echo");
+    assert!(echo.end_user_ids.is_empty(), "{echo:?}");
+    proxy.drained().await;
+    assert_eq!(plane.entries("jwt_user", "debit").await.len(), 1);
+    proxy.running.shutdown().await;
+
+    // Header mode: the header is the identity; one copy is forwarded, two are refused.
+    let (_dir, plane, _upstream, proxy) = setup(SHIPPED_ROUTES).await;
+    plane.grant("h1", 10).await;
+    proxy.sees("h1").await;
+    let single = proxy.send(Method::GET, "/v1/x", Some("h1"), &[]).await;
+    assert_eq!(single.status(), StatusCode::OK);
+    assert_eq!(
+        single.json::<Echo>().await.expect("echo").end_user_ids,
+        ["h1"]
+    );
+    let doubled = proxy
+        .send(Method::GET, "/v1/x", Some("h1"), &[("x-end-user-id", "h2")])
+        .await;
+    assert_eq!(doubled.status(), StatusCode::BAD_REQUEST);
+    let problem: serde_json::Value = doubled.json().await.expect("problem");
+    assert_eq!(problem["code"], "ambiguous_identity");
+    proxy.drained().await;
+    assert_eq!(plane.entries("h1", "debit").await.len(), 1);
+    assert!(plane.entries("h2", "debit").await.is_empty());
+    proxy.running.shutdown().await;
+}
