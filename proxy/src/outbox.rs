@@ -525,6 +525,12 @@ impl Outbox {
                     .await;
                 match found {
                     Ok(reservation) => keyed.release_reservation(&reservation.id).await,
+                    // Refused now (402, 403, …), so never made before either: nothing is
+                    // held, which is what this record is for.
+                    Err(error) if refused_for_good(&error) => {
+                        tracing::info!(key = %record.key, %error, "the reservation that got no answer was never made; nothing to release");
+                        return Ok(Resolution::Done);
+                    }
                     Err(error) => Err(error),
                 }
             }

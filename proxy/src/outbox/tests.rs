@@ -499,3 +499,44 @@ async fn a_late_commit_becomes_usage_only_when_its_hold_lapsed() {
         );
     }
 }
+
+/// The release queued for a reservation that got no answer replays the reservation
+/// under its key: a refusal for good (402) means the hold was never made, so there is
+/// nothing to release and nothing for an operator to see.
+#[tokio::test]
+async fn an_unanswered_reservation_that_was_never_made_needs_no_release() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = open(dir.path());
+    let reserve = axum::Router::new().route(
+        "/v1/reservations",
+        axum::routing::post(|| async {
+            problem_response(&protocol::Problem::new(
+                402,
+                "insufficient_balance",
+                "Insufficient balance",
+                "not enough credits",
+            ))
+        }),
+    );
+    let fake = fake(Vec::new(), 2, reserve).await;
+    let client = one_try(&fake.url);
+    outbox
+        .push(&Record {
+            key: "qsp_r1-undo".into(),
+            end_user_id: "u1".into(),
+            pending: 0,
+            op: Op::Unreserve {
+                reserve_key: "qsp_r1".into(),
+                feature_key: "tokens".into(),
+                units: 100,
+                ttl_seconds: 300,
+            },
+        })
+        .await
+        .expect("pushed");
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("resolved");
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 0));
+}
