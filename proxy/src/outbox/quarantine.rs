@@ -72,7 +72,11 @@ impl Outbox {
         }
         let quarantined_at = WireTime(ledger::Timestamp::from_millis(wall_ms()));
         let mut entries = Vec::with_capacity(refused.len());
+        let mut spends = Vec::with_capacity(refused.len());
         for (key, record, problem) in refused {
+            if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
+                spends.push((end_user, Credits::new(record.pending)));
+            }
             tracing::error!(
                 key = %record.key,
                 end_user = %record.end_user_id,
@@ -91,14 +95,8 @@ impl Outbox {
         self.disk
             .quarantine_put(&entries)
             .map_err(|error| error.to_string())?;
-        for (_, json) in &entries {
-            if let Ok(entry) = serde_json::from_slice::<Quarantined>(json)
-                && let Ok(end_user) = EndUserId::new(&entry.record.end_user_id)
-            {
-                replica
-                    .pending
-                    .drop_unconfirmed(&end_user, Credits::new(entry.record.pending));
-            }
+        for (end_user, spend) in &spends {
+            replica.pending.drop_unconfirmed(end_user, *spend);
         }
         let count = entries.len();
         let _ = self
