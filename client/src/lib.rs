@@ -134,14 +134,43 @@ impl Retry {
     }
 }
 
-/// A QuotaStack API client: cheap to clone (one connection pool).
-#[derive(Debug, Clone)]
+/// A QuotaStack API client: cheap to clone (one connection pool). Its `Debug` shows the
+/// key's recognisable prefix only (see [`redacted_key`]).
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: Url,
     key: String,
     retry: Retry,
     idempotency_key: Option<String>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base.as_str())
+            .field("key", &redacted_key(&self.key))
+            .field("retry", &self.retry)
+            .field("idempotency_key", &self.idempotency_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many leading characters of a key identify it without revealing it: the same
+/// `prefix` the control plane shows in its key listings (`qs_test_` and four more).
+const KEY_PREFIX_LEN: usize = 12;
+
+/// An API key as logs and `Debug` may show it: its first [`KEY_PREFIX_LEN`] characters
+/// and an ellipsis (`qs_test_abcd…`) for a key long enough that they reveal little (a real
+/// key carries 32 random bytes), `<redacted>` for anything shorter (an operator token, a
+/// test key).
+pub fn redacted_key(key: &str) -> String {
+    if key.chars().count() >= 32 {
+        let prefix: String = key.chars().take(KEY_PREFIX_LEN).collect();
+        format!("{prefix}…")
+    } else {
+        "<redacted>".to_owned()
+    }
 }
 
 /// Query parameters of the list endpoints.
@@ -837,6 +866,24 @@ mod tests {
         for bad in ["", "a/b", "x?y", "a#", "..", "%2F"] {
             assert!(segment(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn debug_never_prints_the_key() {
+        let key = "qs_test_0123456789abcdefghijklmnopqrstuvwxyzABCDEF";
+        let client = Client::new("http://host:1", key).expect("client");
+        let printed = format!("{client:?}");
+        assert!(!printed.contains(key), "{printed}");
+        assert!(printed.contains("qs_test_0123…"), "{printed}");
+        let keyed = client.with_key("evt_1");
+        assert!(!format!("{keyed:?}").contains(key));
+        // A short key (an operator token, a test key) shows nothing of itself.
+        let short = Client::new("http://host:1", "operator-token-1").expect("client");
+        let printed = format!("{short:?}");
+        assert!(
+            !printed.contains("operator-token-1") && printed.contains("<redacted>"),
+            "{printed}"
+        );
     }
 
     #[test]

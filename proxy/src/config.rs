@@ -22,6 +22,28 @@ fn invalid(setting: impl Into<String>, message: impl Into<String>) -> ConfigErro
     }
 }
 
+/// A secret from the file or the environment (the control plane key, the JWT secret):
+/// usable through [`Secret::expose`], never printed (`Debug` shows `<redacted>`).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +98,7 @@ pub struct ControlPlane {
     /// A key with the `sync` scope (and `write` for reservations) of the environment the
     /// proxy serves; `QS_PROXY_API_KEY` overrides it (keep secrets out of files).
     #[serde(default)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -89,6 +111,12 @@ pub struct IdentityConfig {
     /// Take the end user from the `sub` claim of a verified `Authorization: Bearer` JWT.
     #[serde(default)]
     pub jwt: Option<JwtConfig>,
+    /// The header the upstream reads the charged end user from (default
+    /// `x-end-user-id`): the proxy removes whatever the client sent under this name and,
+    /// on gated routes, sets the end user it charged (public and unmatched routes get
+    /// none). The upstream can trust it because the client cannot set it.
+    #[serde(default)]
+    pub forward_header: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -98,14 +126,20 @@ pub struct JwtConfig {
     pub algorithm: String,
     /// HS256: the shared secret (or `QS_PROXY_JWT_SECRET`).
     #[serde(default)]
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// RS256 / ES256: a PEM public key file.
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
     #[serde(default)]
     pub issuer: Option<String>,
+    /// The `aud` a token must carry: tokens your identity provider issued for other
+    /// services must not pass here. Required unless `require_audience = false`.
     #[serde(default)]
     pub audience: Option<String>,
+    /// `false` accepts tokens for any audience (when the secret or key signs tokens for
+    /// this API only); the default `true` requires `audience`.
+    #[serde(default = "default_true")]
+    pub require_audience: bool,
     /// Clock skew allowed on `exp` / `nbf`, in seconds.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
@@ -113,6 +147,10 @@ pub struct JwtConfig {
 
 fn default_leeway() -> u64 {
     30
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// What a route does when the proxy cannot decide from fresh state.
@@ -308,10 +346,10 @@ impl Config {
             self.control_plane.url = value;
         }
         if let Some(value) = var("QS_PROXY_API_KEY") {
-            self.control_plane.api_key = Some(value);
+            self.control_plane.api_key = Some(Secret::new(value));
         }
         if let (Some(value), Some(jwt)) = (var("QS_PROXY_JWT_SECRET"), self.identity.jwt.as_mut()) {
-            jwt.secret = Some(value);
+            jwt.secret = Some(Secret::new(value));
         }
     }
 
@@ -336,7 +374,7 @@ impl Config {
         // The client checks the URL as it will use it.
         client::Client::new(&self.control_plane.url, "")
             .map_err(|error| invalid("control_plane.url", error.to_string()))?;
-        match self.control_plane.api_key.as_deref() {
+        match self.control_plane.api_key.as_ref().map(Secret::expose) {
             None | Some("") => {
                 return Err(invalid(
                     "control_plane.api_key",
@@ -400,6 +438,20 @@ feature = "chat_messages"
         assert_eq!(config.failure.max_staleness_secs, 30);
         assert_eq!(config.usage.durability, Durability::Sync);
         assert_eq!(config.unmatched, Unmatched::Deny);
+        let identity = crate::identity::Identity::from_config(&config.identity).expect("valid");
+        assert_eq!(identity.forward_header, "x-end-user-id");
+    }
+
+    #[test]
+    fn a_jwt_audience_can_be_waived_only_explicitly() {
+        let jwt = "[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\n";
+        let error = check(&format!("{MINIMAL}{jwt}")).expect_err("no audience");
+        assert!(
+            error.message.contains("require_audience = false"),
+            "{error}"
+        );
+        check(&format!("{MINIMAL}{jwt}audience = \"my-api\"\n")).expect("an audience");
+        check(&format!("{MINIMAL}{jwt}require_audience = false\n")).expect("waived");
     }
 
     #[test]
@@ -425,6 +477,26 @@ feature = "chat_messages"
                 "control_plane.url",
             ),
             (MINIMAL.replace("/v1/chat", "v1/chat"), "routes[0].path"),
+            (
+                format!(
+                    "{MINIMAL}[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\n"
+                ),
+                "identity.jwt.audience",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\naudience = \"a\"\nrequire_audience = false\n"
+                ),
+                "identity.jwt.require_audience",
+            ),
+            (
+                format!("{MINIMAL}[identity]\nforward_header = \"authorization\"\n"),
+                "identity.forward_header",
+            ),
+            (
+                format!("{MINIMAL}[identity]\nforward_header = \"not a header\"\n"),
+                "identity.forward_header",
+            ),
         ];
         for (text, setting) in cases {
             let error = check(&text).expect_err(setting);
@@ -447,6 +519,22 @@ feature = "chat_messages"
     }
 
     #[test]
+    fn debug_never_prints_the_key_or_the_jwt_secret() {
+        let text = format!(
+            "{}\n[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\naudience = \"my-api\"\n",
+            MINIMAL.replace("qs_test_x", "qs_test_secret_key_material_0123456789")
+        );
+        let config = check(&text).expect("valid");
+        let printed = format!("{config:?}");
+        assert!(
+            !printed.contains("qs_test_secret_key_material"),
+            "{printed}"
+        );
+        assert!(!printed.contains("jwt-secret-of-some-length"), "{printed}");
+        assert!(printed.contains("<redacted>"), "{printed}");
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let mut config = Config::parse(MINIMAL).expect("parses");
         config.apply_env(|name| match name {
@@ -455,7 +543,7 @@ feature = "chat_messages"
             _ => None,
         });
         assert_eq!(
-            config.control_plane.api_key.as_deref(),
+            config.control_plane.api_key.as_ref().map(Secret::expose),
             Some("qs_test_from_env")
         );
         assert_eq!(config.listen, "127.0.0.1:0");

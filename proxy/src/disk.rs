@@ -1,9 +1,13 @@
 //! Everything the proxy keeps on disk, behind one small type so the storage engine (sled
 //! 0.34, whose stable line is unmaintained) can be swapped without touching the rest.
 //!
-//! Two trees: `replica` (end user states, the catalog, the clock offset and the cursor,
-//! written together in one atomic batch per change) and `outbox` (usage not yet
-//! acknowledged by the control plane, keyed by a time-ordered id).
+//! Four trees: `replica` (end user states, the catalog, the clock offset and the cursor,
+//! written together in one atomic batch per change), `outbox` (usage not yet
+//! acknowledged by the control plane, keyed by a time-ordered id), `acked` (acknowledged
+//! costs the stored replica does not show yet) and `quarantine` (outbox records the
+//! control plane refused for good, with the refusal, kept under their outbox key until an
+//! operator replays them). A record moves between `outbox` and `quarantine` in one sled
+//! transaction: it is always in exactly one of them.
 //!
 //! sled keeps writes in memory until a flush; a killed process loses what was not
 //! flushed. The replica does not need every write on disk (it resumes from whatever
@@ -15,6 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::{Notify, watch};
 
 /// A failure of the local store.
@@ -34,6 +40,13 @@ impl From<serde_json::Error> for DiskError {
     }
 }
 
+fn transaction_error(error: TransactionError<()>) -> DiskError {
+    match error {
+        TransactionError::Abort(()) => DiskError("transaction aborted".into()),
+        TransactionError::Storage(error) => DiskError::from(error),
+    }
+}
+
 /// The proxy's sled database.
 #[derive(Clone)]
 pub struct Disk {
@@ -42,6 +55,8 @@ pub struct Disk {
     outbox: sled::Tree,
     /// Usage the control plane acknowledged that the stored replica may not show yet.
     acked: sled::Tree,
+    /// Outbox records refused for good, waiting for an operator.
+    quarantine: sled::Tree,
 }
 
 impl std::fmt::Debug for Disk {
@@ -142,11 +157,13 @@ impl Disk {
         let replica = db.open_tree("replica")?;
         let outbox = db.open_tree("outbox")?;
         let acked = db.open_tree("acked")?;
+        let quarantine = db.open_tree("quarantine")?;
         Ok(Disk {
             db,
             replica,
             outbox,
             acked,
+            quarantine,
         })
     }
 
@@ -291,6 +308,87 @@ impl Disk {
 
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Moves outbox records into the quarantine: each `(key, json)` is inserted there
+    /// under its outbox key and removed from the outbox, all in one transaction.
+    ///
+    /// # Errors
+    /// sled failures (then nothing moved).
+    pub fn quarantine_put(&self, entries: &[OutboxEntry]) -> Result<(), DiskError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        (&self.outbox, &self.quarantine)
+            .transaction(|(outbox, quarantine)| {
+                for (key, json) in entries {
+                    outbox.remove(key.as_slice())?;
+                    quarantine.insert(key.as_slice(), json.as_slice())?;
+                }
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)
+    }
+
+    /// Up to `limit` quarantined entries, oldest first, after the key `after` (exclusive)
+    /// when given.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn quarantine_head(
+        &self,
+        limit: usize,
+        after: Option<&[u8]>,
+    ) -> Result<Vec<OutboxEntry>, DiskError> {
+        let items = match after {
+            Some(after) => self
+                .quarantine
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => self.quarantine.iter(),
+        };
+        let mut entries = Vec::new();
+        for item in items.take(limit) {
+            let (key, value) = item?;
+            entries.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(entries)
+    }
+
+    /// One quarantined entry.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn quarantine_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, DiskError> {
+        Ok(self.quarantine.get(key)?.map(|value| value.to_vec()))
+    }
+
+    /// Moves quarantined entries back into the outbox: each `(key, record json)` is
+    /// removed from the quarantine and written to the outbox under the same key, in one
+    /// transaction. Keys no longer in the quarantine are skipped (a concurrent replay took
+    /// them); returns the keys that moved.
+    ///
+    /// # Errors
+    /// sled failures (then nothing moved).
+    pub fn quarantine_release(&self, entries: &[OutboxEntry]) -> Result<Vec<Vec<u8>>, DiskError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        (&self.outbox, &self.quarantine)
+            .transaction(|(outbox, quarantine)| {
+                let mut moved = Vec::new();
+                for (key, json) in entries {
+                    if quarantine.remove(key.as_slice())?.is_some() {
+                        outbox.insert(key.as_slice(), json.as_slice())?;
+                        moved.push(key.clone());
+                    }
+                }
+                Ok::<_, ConflictableTransactionError<()>>(moved)
+            })
+            .map_err(transaction_error)
+    }
+
+    pub fn quarantine_len(&self) -> usize {
+        self.quarantine.len()
     }
 
     /// Writes everything to disk (one fsync).
@@ -447,6 +545,51 @@ mod tests {
         assert_eq!(head[1].0, b"b");
         disk.outbox_remove(&[b"a".to_vec()]).expect("remove");
         assert_eq!(disk.outbox_len(), 2);
+    }
+
+    #[test]
+    fn quarantined_records_leave_the_outbox_and_come_back_under_their_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("open");
+        for key in [b"a", b"b", b"c"] {
+            disk.outbox_put(key, b"record").expect("put");
+        }
+        disk.quarantine_put(&[(b"b".to_vec(), b"refused".to_vec())])
+            .expect("quarantined");
+        assert_eq!(disk.outbox_len(), 2);
+        assert_eq!(disk.quarantine_len(), 1);
+        assert_eq!(
+            disk.quarantine_get(b"b").expect("read"),
+            Some(b"refused".to_vec())
+        );
+        assert_eq!(
+            disk.quarantine_head(10, None).expect("head"),
+            vec![(b"b".to_vec(), b"refused".to_vec())]
+        );
+        assert!(
+            disk.quarantine_head(10, Some(b"b"))
+                .expect("head")
+                .is_empty()
+        );
+        let entries = [(b"b".to_vec(), b"record".to_vec())];
+        assert_eq!(
+            disk.quarantine_release(&entries).expect("released"),
+            vec![b"b".to_vec()]
+        );
+        assert!(
+            disk.quarantine_release(&entries)
+                .expect("released")
+                .is_empty(),
+            "a second replay finds nothing"
+        );
+        assert_eq!(disk.quarantine_len(), 0);
+        let keys: Vec<Vec<u8>> = disk
+            .outbox_head(10)
+            .expect("head")
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(keys, [b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
-//! The pingora `ProxyHttp` implementation: identity → route → decision from the replica
-//! in `request_filter` (no network call, no disk wait, no lock held across an await),
-//! usage into the outbox when the upstream's response header arrives (flushed before the
+//! The pingora `ProxyHttp` implementation: path normalised → route → identity → decision
+//! from the replica in `request_filter` (no network call, no disk wait, no lock held
+//! across an await), usage into the outbox when the upstream's response header arrives (flushed before the
 //! response is released), reservations committed or released after the fact.
 
 use std::collections::HashMap;
@@ -12,13 +12,13 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use ledger::{Credits, EndUserId, EndUserState, FeatureKey, Timestamp, Units};
-use pingora::http::ResponseHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use protocol::{CreateReservation, Problem};
 
 use crate::config::{Config, OnUnavailable, Unmatched};
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityError};
 use crate::outbox::{Op, Outbox, Record};
 use crate::replica::{Freshness, Replica};
 use crate::routes::{Route, Routes, UnitsRule};
@@ -160,6 +160,9 @@ pub struct Ctx {
     _in_flight: InFlight,
     started: Instant,
     admitted: Option<Admitted>,
+    /// The header the upstream reads the charged end user from (taken with the
+    /// configuration the request was decided by), and that end user on gated routes.
+    forward: Option<(http::HeaderName, Option<EndUserId>)>,
 }
 
 fn problem_body(problem: &Problem) -> Bytes {
@@ -375,6 +378,37 @@ impl Gate {
     }
 }
 
+/// Puts the request's path in normal form ([`crate::path`]), query kept, so that the
+/// route matched on `uri.path()` is the path the upstream is sent. A target in
+/// absolute-form (`http://host/path`) is forwarded in origin-form.
+///
+/// # Errors
+/// Why the path cannot be normalised (answered 400 `invalid_path`).
+fn normalise_request(header: &mut RequestHeader) -> Result<(), String> {
+    let raw = header.raw_path();
+    let origin_form = raw.first() == Some(&b'/');
+    let source = if origin_form {
+        raw
+    } else {
+        header
+            .uri
+            .path_and_query()
+            .map_or(&b""[..], |target| target.as_str().as_bytes())
+    };
+    let target = crate::path::normalise_target(source).map_err(|error| error.to_string())?;
+    let path = target.path.as_bytes();
+    let unchanged = origin_form
+        && source.get(..path.len()) == Some(path)
+        && matches!(source.get(path.len()), None | Some(b'?'));
+    if unchanged {
+        return Ok(());
+    }
+    let rewritten = target.to_bytes();
+    header
+        .set_raw_path(&rewritten)
+        .map_err(|error| format!("the normalised target could not be used: {error}"))
+}
+
 /// Whether a control-plane refusal of a reservation is the client's answer (402, 403, a
 /// bad feature or units); anything else (unreachable, 5xx, 429, a key problem) is the
 /// control plane being unavailable, and the route's policy decides.
@@ -416,11 +450,20 @@ impl ProxyHttp for Gate {
             _in_flight: InFlight::new(&self.in_flight),
             started: Instant::now(),
             admitted: None,
+            forward: None,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         let live = self.live.load_full();
+        // Routes see, and the upstream is sent, the path in normal form.
+        if let Err(detail) = normalise_request(session.req_header_mut()) {
+            decision_metric("invalid_path", "none");
+            let problem = Problem::new(400, "invalid_path", "Invalid path", detail);
+            return answer(session, &problem).await;
+        }
+        // Whatever the client sent under the forward header never reaches the upstream.
+        ctx.forward = Some((live.identity.forward_header.clone(), None));
         let header = session.req_header();
         let route = match live.routes.find(&header.method, header.uri.path()) {
             Some(route) => route,
@@ -440,6 +483,16 @@ impl ProxyHttp for Gate {
         }
         let end_user = match live.identity.end_user(&header.headers) {
             Ok(end_user) => end_user,
+            Err(error @ IdentityError::Repeated(_)) => {
+                decision_metric("no_identity", "none");
+                let problem = Problem::new(
+                    400,
+                    "ambiguous_identity",
+                    "Ambiguous end user",
+                    error.to_string(),
+                );
+                return answer(session, &problem).await;
+            }
             Err(error) => {
                 decision_metric("no_identity", "none");
                 let problem =
@@ -447,6 +500,7 @@ impl ProxyHttp for Gate {
                 return answer(session, &problem).await;
             }
         };
+        ctx.forward = Some((live.identity.forward_header.clone(), Some(end_user.clone())));
         let (units, reserve) = match Gate::units(route, &header.headers) {
             Ok(units) => units,
             Err(problem) => return answer(session, &problem).await,
@@ -554,6 +608,23 @@ impl ProxyHttp for Gate {
             false,
             String::new(),
         )))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        // The upstream learns who was charged from the proxy alone: every copy the client
+        // sent goes, and a gated request carries exactly the end user it was charged to.
+        if let Some((name, end_user)) = &ctx.forward {
+            upstream_request.remove_header(name);
+            if let Some(end_user) = end_user {
+                upstream_request.insert_header(name.clone(), end_user.as_str())?;
+            }
+        }
+        Ok(())
     }
 
     async fn response_filter(

@@ -15,6 +15,7 @@ pub mod disk;
 pub mod gate;
 pub mod identity;
 pub mod outbox;
+pub mod path;
 pub mod pending;
 pub mod replica;
 pub mod routes;

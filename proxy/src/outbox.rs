@@ -1,20 +1,30 @@
 //! The usage outbox: every admitted request's usage goes to sled (flushed before the
 //! response is released, in `sync` durability) and a shipper sends it to the control
 //! plane in batches with per-event idempotency keys, deleting records only once
-//! acknowledged. While the control plane is down, records wait and the shipper backs off.
+//! acknowledged. While the control plane is down, or refuses a whole batch, records wait
+//! and the shipper backs off.
+//!
+//! Admitted usage is never deleted unacknowledged: a record the control plane refuses
+//! for good (one event of a batch, or a reservation step) moves to the quarantine with
+//! the refusal, where an operator can list it and replay it into the outbox
+//! (`GET /quarantine`, `POST /quarantine/replay` on the admin port).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ledger::{Credits, EndUserId};
-use protocol::{BatchStatus, CommitReservation, RecordUsage, UsageBatch};
+use protocol::{BatchStatus, CommitReservation, Problem, RecordUsage, UsageBatch, WireTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use crate::config::Durability;
 use crate::disk::{Acked, Disk, DiskError, Flusher, OutboxEntry};
 use crate::replica::Replica;
+
+mod quarantine;
+
+pub use quarantine::{QuarantineEntry, Quarantined, ReplayError};
 
 fn acked_entry(record: &Record, needed: u64) -> Result<OutboxEntry, String> {
     let acked = Acked {
@@ -36,18 +46,32 @@ fn wall_ms() -> i64 {
 }
 
 /// Whether an answer means "try again later" rather than "this will never pass": 5xx,
-/// rate limiting, a key being rotated (401/403), a request still in flight (409), a
-/// timeout. Usage is never dropped for those.
-fn retryable_status(status: u16) -> bool {
-    status >= 500 || matches!(status, 401 | 403 | 408 | 409 | 425 | 429)
+/// rate limiting, a key being rotated (401/403), a request still in flight (409, except
+/// a key reused with another body, which never passes), a timeout. Usage is never
+/// quarantined for those.
+fn retryable(status: u16, code: &str) -> bool {
+    code != "idempotency_key_reused"
+        && (status >= 500 || matches!(status, 401 | 403 | 408 | 409 | 425 | 429))
 }
 
 /// Whether the control plane refused a call for good (the request itself is invalid).
 /// Unreachable, undecodable and retryable answers are not.
 fn refused_for_good(error: &client::Error) -> bool {
-    error
-        .status()
-        .is_some_and(|status| status.is_client_error() && !retryable_status(status.as_u16()))
+    error.status().is_some_and(|status| {
+        status.is_client_error() && !retryable(status.as_u16(), error.code().unwrap_or(""))
+    })
+}
+
+/// The control plane's problem behind an error, when it answered with one.
+fn problem_of(error: &client::Error) -> Option<Problem> {
+    match error {
+        client::Error::Api { problem, .. } => Some(Problem::clone(problem)),
+        _ => None,
+    }
+}
+
+fn gauge_of(count: usize) -> f64 {
+    f64::from(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
 /// What the control plane must be told.
@@ -87,6 +111,28 @@ pub struct Record {
     pub op: Op,
 }
 
+/// What one shipping round learnt, written by [`Outbox::settle`].
+#[derive(Debug, Default)]
+struct Round {
+    /// Acknowledged (or unreadable) records: they leave the outbox.
+    done: Vec<Vec<u8>>,
+    /// Acknowledged costs the replica may not show yet.
+    acked: Vec<OutboxEntry>,
+    /// Records refused for good, with the refusal.
+    quarantine: Vec<(Vec<u8>, Record, Option<Problem>)>,
+}
+
+/// What resolving a reservation step concluded.
+#[derive(Debug)]
+enum Resolution {
+    /// Acknowledged, or nothing is left to do: the record leaves the outbox.
+    Done,
+    /// The reservation lapsed before its commit: the actual is charged as this usage.
+    Replace(Record),
+    /// Refused for good.
+    Quarantine(Option<Problem>),
+}
+
 /// The outbox: enqueue on the request path, ship in the background.
 #[derive(Debug)]
 pub struct Outbox {
@@ -96,9 +142,15 @@ pub struct Outbox {
     wake: Notify,
     /// Records on disk (sled's own count walks the whole tree).
     depth: AtomicUsize,
+    /// Records in the quarantine.
+    quarantine_depth: AtomicUsize,
     /// Wake the shipper early once this many records wait (else it runs on its interval,
     /// so a busy proxy ships full batches rather than one call per request).
     wake_at: usize,
+    /// Events per batch while the control plane (or what stands in front of it) answers
+    /// 413: halved on each 413, doubled back on each accepted batch (`usize::MAX`: the
+    /// configured size).
+    batch_limit: AtomicUsize,
 }
 
 impl Outbox {
@@ -109,13 +161,16 @@ impl Outbox {
         batch_size: usize,
     ) -> Outbox {
         let depth = AtomicUsize::new(disk.outbox_len());
+        let quarantine_depth = AtomicUsize::new(disk.quarantine_len());
         Outbox {
             disk,
             flusher,
             durability,
             wake: Notify::new(),
             depth,
+            quarantine_depth,
             wake_at: batch_size.max(1),
+            batch_limit: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -143,6 +198,11 @@ impl Outbox {
         self.depth.load(Ordering::Acquire)
     }
 
+    /// Records in the quarantine.
+    pub fn quarantine_depth(&self) -> usize {
+        self.quarantine_depth.load(Ordering::Acquire)
+    }
+
     fn remove(&self, keys: &[Vec<u8>]) -> Result<(), String> {
         self.disk
             .outbox_remove(keys)
@@ -153,6 +213,17 @@ impl Outbox {
                 Some(depth.saturating_sub(keys.len()))
             });
         Ok(())
+    }
+
+    /// Writes what a shipping round learnt: acknowledged costs first (before their records
+    /// leave the outbox), then the refused records into the quarantine, then the
+    /// acknowledged records out of the outbox.
+    fn settle(&self, replica: &Replica, round: Round) -> Result<(), String> {
+        self.disk
+            .acked_put(&round.acked)
+            .map_err(|error| error.to_string())?;
+        self.quarantine(replica, round.quarantine)?;
+        self.remove(&round.done)
     }
 
     /// Records left by a previous run, to count their spend as pending again.
@@ -206,39 +277,41 @@ impl Outbox {
                     tracing::warn!(%error, ?backoff, depth = self.depth(), "shipping usage failed; will retry");
                 }
             }
-            metrics::gauge!("qs_proxy_outbox_depth")
-                .set(f64::from(u32::try_from(self.depth()).unwrap_or(u32::MAX)));
+            metrics::gauge!("qs_proxy_outbox_depth").set(gauge_of(self.depth()));
+            metrics::gauge!("qs_proxy_quarantine_depth").set(gauge_of(self.quarantine_depth()));
         }
     }
 
     /// Ships one batch. `Ok(true)` when more records are waiting.
     ///
     /// # Errors
-    /// The control plane is unreachable or failing (nothing was deleted that was not
-    /// acknowledged).
+    /// The control plane is unreachable, failing, or refused the whole batch (nothing was
+    /// deleted that was not acknowledged; the caller backs off and tries again).
     pub async fn ship_once(
         &self,
         client: &client::Client,
         replica: &Replica,
         batch_size: usize,
     ) -> Result<bool, String> {
+        let limit = batch_size
+            .min(self.batch_limit.load(Ordering::Acquire))
+            .max(1);
         let head = self
             .disk
-            .outbox_head(batch_size)
+            .outbox_head(limit)
             .map_err(|error| error.to_string())?;
         if head.is_empty() {
             return Ok(false);
         }
-        let full = head.len() >= batch_size;
+        let full = head.len() >= limit;
         let mut usage: Vec<(Vec<u8>, Record)> = Vec::new();
-        let mut done: Vec<Vec<u8>> = Vec::new();
-        let mut acked: Vec<OutboxEntry> = Vec::new();
+        let mut round = Round::default();
         for (key, json) in head {
             let record: Record = match serde_json::from_slice(&json) {
                 Ok(record) => record,
                 Err(error) => {
                     tracing::error!(%error, "dropping an unreadable outbox record");
-                    done.push(key);
+                    round.done.push(key);
                     continue;
                 }
             };
@@ -249,19 +322,21 @@ impl Outbox {
                     if !usage.is_empty() {
                         break;
                     }
-                    let resolved = self.resolve(client, replica, &record).await;
                     // What was resolved before must not be sent (and confirmed) twice.
-                    let resolved = match resolved {
+                    let resolved = match self.resolve(client, replica, &record).await {
                         Ok(resolved) => resolved,
                         Err(error) => {
-                            self.remove(&done)?;
+                            self.settle(replica, round)?;
                             return Err(error);
                         }
                     };
                     match resolved {
-                        Some(replacement) => {
-                            // The reservation lapsed: charge the actual as plain usage.
-                            self.remove(&done)?;
+                        Resolution::Done => round.done.push(key),
+                        Resolution::Quarantine(problem) => {
+                            round.quarantine.push((key, record, problem));
+                        }
+                        Resolution::Replace(replacement) => {
+                            self.settle(replica, round)?;
                             let json = serde_json::to_vec(&replacement)
                                 .map_err(|error| error.to_string())?;
                             self.disk
@@ -269,103 +344,109 @@ impl Outbox {
                                 .map_err(|error| error.to_string())?;
                             return Ok(true);
                         }
-                        None => {
-                            done.push(key);
-                        }
                     }
                 }
             }
         }
-        if !usage.is_empty() {
-            let events: Vec<RecordUsage> = usage
-                .iter()
-                .filter_map(|(_, record)| match &record.op {
-                    Op::Usage {
-                        feature_key,
-                        units,
-                        timestamp_ms,
-                    } => Some(RecordUsage {
-                        end_user_id: record.end_user_id.clone(),
-                        feature_key: feature_key.clone(),
-                        units: *units,
-                        timestamp: Some(protocol::WireTime(ledger::Timestamp::from_millis(
-                            *timestamp_ms,
-                        ))),
-                        metadata: None,
-                        strict: false,
-                        idempotency_key: Some(record.key.clone()),
-                    }),
-                    Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => None,
-                })
-                .collect();
-            let answer = client.record_usage_batch(&UsageBatch { events }).await;
-            let answer = match answer {
-                Ok(answer) => answer,
-                Err(error) if !refused_for_good(&error) => {
-                    self.remove(&done)?;
-                    return Err(error.to_string());
-                }
-                Err(error) => {
-                    // The whole batch was refused as malformed: it will never pass.
-                    tracing::error!(%error, count = usage.len(), "the control plane refused a usage batch; dropping it");
-                    metrics::counter!("qs_proxy_outbox_rejected_total")
-                        .increment(u64::try_from(usage.len()).unwrap_or(u64::MAX));
-                    for (key, record) in usage {
-                        if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
-                            replica
-                                .pending
-                                .drop_unconfirmed(&end_user, Credits::new(record.pending));
-                        }
-                        done.push(key);
-                    }
-                    self.remove(&done)?;
-                    return Ok(full);
-                }
-            };
-            for result in answer.results {
-                let Some((key, record)) = usage.get(result.index) else {
-                    continue;
-                };
-                let end_user = EndUserId::new(&record.end_user_id).ok();
-                match result.status {
-                    BatchStatus::Created | BatchStatus::Duplicate => {
-                        if let Some(end_user) = &end_user
-                            && let Some(needed) = replica.pending.confirm(
-                                end_user,
-                                Credits::new(record.pending),
-                                result.version,
-                                || replica.version(end_user),
-                            )
-                        {
-                            acked.push(acked_entry(record, needed)?);
-                        }
-                        metrics::counter!("qs_proxy_usage_shipped_total").increment(1);
-                        done.push(key.clone());
-                    }
-                    BatchStatus::Error => {
-                        let problem = result.error.as_ref();
-                        if problem.is_none_or(|problem| retryable_status(problem.status)) {
-                            // Keep it; the next round retries.
-                            continue;
-                        }
-                        tracing::error!(key = %record.key, problem = ?problem, "the control plane refused a usage event; dropping it");
-                        metrics::counter!("qs_proxy_outbox_rejected_total").increment(1);
-                        if let Some(end_user) = &end_user {
-                            replica
-                                .pending
-                                .drop_unconfirmed(end_user, Credits::new(record.pending));
-                        }
-                        done.push(key.clone());
-                    }
-                }
-            }
+        if !usage.is_empty()
+            && let Err(error) = self.ship_usage(client, replica, &usage, &mut round).await
+        {
+            self.settle(replica, round)?;
+            return Err(error);
         }
-        // Acknowledged costs go on disk before their records leave the outbox.
-        self.disk
-            .acked_put(&acked)
-            .map_err(|error| error.to_string())?;
-        self.remove(&done)?;
+        self.settle(replica, round)?;
         Ok(full)
+    }
+
+    /// Sends one batch of usage records and notes each event's answer in `round`.
+    ///
+    /// # Errors
+    /// The batch call failed as a whole: every record stays for the next try.
+    async fn ship_usage(
+        &self,
+        client: &client::Client,
+        replica: &Replica,
+        usage: &[(Vec<u8>, Record)],
+        round: &mut Round,
+    ) -> Result<(), String> {
+        let events: Vec<RecordUsage> = usage
+            .iter()
+            .filter_map(|(_, record)| match &record.op {
+                Op::Usage {
+                    feature_key,
+                    units,
+                    timestamp_ms,
+                } => Some(RecordUsage {
+                    end_user_id: record.end_user_id.clone(),
+                    feature_key: feature_key.clone(),
+                    units: *units,
+                    timestamp: Some(WireTime(ledger::Timestamp::from_millis(*timestamp_ms))),
+                    metadata: None,
+                    strict: false,
+                    idempotency_key: Some(record.key.clone()),
+                }),
+                Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => None,
+            })
+            .collect();
+        let answer = match client.record_usage_batch(&UsageBatch { events }).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                if refused_for_good(&error) {
+                    // Not about one event: the batch call itself (an ingress 404 or 413
+                    // during a deploy, a proxy misconfigured). Nothing is dropped.
+                    let status = error.status().map_or(0, |status| status.as_u16());
+                    tracing::error!(%error, status, events = usage.len(), "the control plane refused a whole usage batch; keeping every event and retrying with backoff");
+                    metrics::counter!("qs_proxy_batch_refused_total", "status" => status.to_string())
+                        .increment(1);
+                    if status == 413 {
+                        self.batch_limit
+                            .store((usage.len() / 2).max(1), Ordering::Release);
+                    }
+                }
+                return Err(error.to_string());
+            }
+        };
+        let _ = self
+            .batch_limit
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |limit| {
+                Some(limit.saturating_mul(2))
+            });
+        for result in answer.results {
+            let Some((key, record)) = usage.get(result.index) else {
+                continue;
+            };
+            let end_user = EndUserId::new(&record.end_user_id).ok();
+            match result.status {
+                BatchStatus::Created | BatchStatus::Duplicate => {
+                    if let Some(end_user) = &end_user
+                        && let Some(needed) = replica.pending.confirm(
+                            end_user,
+                            Credits::new(record.pending),
+                            result.version,
+                            || replica.version(end_user),
+                        )
+                    {
+                        round.acked.push(acked_entry(record, needed)?);
+                    }
+                    metrics::counter!("qs_proxy_usage_shipped_total").increment(1);
+                    round.done.push(key.clone());
+                }
+                BatchStatus::Error => {
+                    let problem = result.error;
+                    if problem
+                        .as_ref()
+                        .is_none_or(|problem| retryable(problem.status, &problem.code))
+                    {
+                        // Keep it; the next round retries.
+                        continue;
+                    }
+                    round
+                        .quarantine
+                        .push((key.clone(), record.clone(), problem));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Acknowledged costs left by a previous run that the stored replica does not show
@@ -400,14 +481,13 @@ impl Outbox {
         Ok(restored)
     }
 
-    /// Commits or releases a reservation. `Some(record)` replaces the record when the
-    /// reservation lapsed before its commit (the actual is then charged as usage).
+    /// Commits or releases a reservation.
     async fn resolve(
         &self,
         client: &client::Client,
         replica: &Replica,
         record: &Record,
-    ) -> Result<Option<Record>, String> {
+    ) -> Result<Resolution, String> {
         let keyed = client.with_key(&record.key);
         let end_user = EndUserId::new(&record.end_user_id).ok();
         let outcome = match &record.op {
@@ -445,10 +525,16 @@ impl Outbox {
                     .await;
                 match found {
                     Ok(reservation) => keyed.release_reservation(&reservation.id).await,
+                    // Refused now (402, 403, …), so never made before either: nothing is
+                    // held, which is what this record is for.
+                    Err(error) if refused_for_good(&error) => {
+                        tracing::info!(key = %record.key, %error, "the reservation that got no answer was never made; nothing to release");
+                        return Ok(Resolution::Done);
+                    }
                     Err(error) => Err(error),
                 }
             }
-            Op::Usage { .. } => return Ok(None),
+            Op::Usage { .. } => return Ok(Resolution::Done),
         };
         match outcome {
             Ok(reservation) => {
@@ -464,23 +550,33 @@ impl Outbox {
                         .acked_put(&[acked_entry(record, needed)?])
                         .map_err(|error| error.to_string())?;
                 }
-                Ok(None)
+                Ok(Resolution::Done)
             }
-            Err(error)
-                if !refused_for_good(&error) && error.code() != Some("reservation_not_active") =>
-            {
-                Err(error.to_string())
+            Err(error) if error.code() == Some("reservation_not_active") => {
+                Ok(self.not_active(replica, record, &error))
             }
-            Err(error) => {
-                if let (
-                    Op::Commit {
-                        units, feature_key, ..
-                    },
-                    Some("reservation_not_active"),
-                ) = (&record.op, error.code())
-                {
-                    tracing::warn!(key = %record.key, "reservation lapsed before its commit; charging the actual as usage");
-                    return Ok(Some(Record {
+            Err(error) if !refused_for_good(&error) => Err(error.to_string()),
+            Err(error) => Ok(Resolution::Quarantine(problem_of(&error))),
+        }
+    }
+
+    /// A reservation step found the reservation no longer active; the problem's
+    /// `current_status` says what became of it.
+    fn not_active(&self, replica: &Replica, record: &Record, error: &client::Error) -> Resolution {
+        if let Op::Commit {
+            units, feature_key, ..
+        } = &record.op
+        {
+            let problem = problem_of(error);
+            let status = problem
+                .as_ref()
+                .and_then(|problem| problem.current_status.as_deref());
+            return match status {
+                // The hold lapsed before the commit arrived: the work was done, so its
+                // actual is charged as plain usage (under a key of its own).
+                Some("expired" | "released") => {
+                    tracing::warn!(key = %record.key, status, "reservation lapsed before its commit; charging the actual as usage");
+                    Resolution::Replace(Record {
                         key: format!("{}-usage", record.key),
                         end_user_id: record.end_user_id.clone(),
                         pending: record.pending,
@@ -489,217 +585,35 @@ impl Outbox {
                             units: *units,
                             timestamp_ms: replica.now().as_millis(),
                         },
-                    }));
+                    })
                 }
-                tracing::error!(%error, key = %record.key, "the control plane refused a reservation step; dropping it");
-                if let Some(end_user) = &end_user {
-                    replica
-                        .pending
-                        .drop_unconfirmed(end_user, Credits::new(record.pending));
+                // An earlier try of this commit succeeded and its answer was lost (kept
+                // beyond the idempotency retention): it is charged already.
+                Some("committed") => {
+                    tracing::warn!(key = %record.key, "the reservation was committed already (an earlier try's answer was lost); not charging it again");
+                    // Long ago (beyond the key's retention): the replica shows it.
+                    if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
+                        replica
+                            .pending
+                            .drop_unconfirmed(&end_user, Credits::new(record.pending));
+                    }
+                    Resolution::Done
                 }
-                Ok(None)
-            }
+                // Nobody can tell whether it was charged: an operator decides.
+                _ => Resolution::Quarantine(problem),
+            };
         }
+        // A release (or the release after an unanswered hold) of a reservation that is
+        // no longer active: nothing is held any more, which is what it was for.
+        tracing::info!(key = %record.key, %error, "the reservation to release is no longer active; nothing to do");
+        if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
+            replica
+                .pending
+                .drop_unconfirmed(&end_user, Credits::new(record.pending));
+        }
+        Resolution::Done
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::AtomicU32;
-
-    use axum::Json;
-    use axum::http::StatusCode;
-    use axum::response::IntoResponse;
-
-    use super::*;
-
-    /// A control plane whose `/v1/usage/batch` answers the given statuses in turn, then
-    /// accepts everything.
-    async fn fake_control_plane(refusals: Vec<u16>) -> (String, Arc<AtomicU32>) {
-        fake_control_plane_at(refusals, 2).await
-    }
-
-    async fn fake_control_plane_at(
-        refusals: Vec<u16>,
-        ack_version: u64,
-    ) -> (String, Arc<AtomicU32>) {
-        let calls = Arc::new(AtomicU32::new(0));
-        let counter = calls.clone();
-        let app = axum::Router::new().route(
-            "/v1/usage/batch",
-            axum::routing::post(move |Json(batch): Json<UsageBatch>| {
-                let call = counter.fetch_add(1, Ordering::AcqRel);
-                let refusal = refusals
-                    .get(usize::try_from(call).unwrap_or(usize::MAX))
-                    .copied();
-                async move {
-                    if let Some(status) = refusal {
-                        let problem =
-                            protocol::Problem::new(status, "refused", "Refused", "try later");
-                        return (
-                            StatusCode::from_u16(status).expect("status"),
-                            Json(serde_json::to_value(problem).expect("json")),
-                        )
-                            .into_response();
-                    }
-                    let results: Vec<protocol::BatchResult> = (0..batch.events.len())
-                        .map(|index| protocol::BatchResult {
-                            index,
-                            status: BatchStatus::Created,
-                            id: Some(format!("led_{index}")),
-                            cost: Some(1),
-                            covered: Some(1),
-                            debt: Some(0),
-                            version: Some(ack_version),
-                            error: None,
-                            timestamp_clamped_from: None,
-                        })
-                        .collect();
-                    Json(protocol::UsageBatchRecorded { results }).into_response()
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        (url, calls)
-    }
-
-    fn usage(key: &str) -> Record {
-        Record {
-            key: key.into(),
-            end_user_id: "u1".into(),
-            pending: 1,
-            op: Op::Usage {
-                feature_key: "api_calls".into(),
-                units: 1,
-                timestamp_ms: 1_780_000_000_000,
-            },
-        }
-    }
-
-    #[tokio::test]
-    async fn usage_waits_through_rate_limits_and_key_rotations_then_ships_once() {
-        let dir = tempfile::tempdir().expect("dir");
-        let disk = Disk::open(dir.path(), 8).expect("disk");
-        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
-        let (url, calls) = fake_control_plane(vec![429, 401, 503]).await;
-        let client = client::Client::new(&url, "qs_test_k")
-            .expect("client")
-            .retry(client::Retry {
-                attempts: 1,
-                ..client::Retry::default()
-            });
-        for key in ["k1", "k2", "k3"] {
-            outbox.push(&usage(key)).await.expect("pushed");
-            replica
-                .pending
-                .add(&EndUserId::new("u1").expect("id"), Credits::new(1));
-        }
-        for _ in 0..3 {
-            assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
-            assert_eq!(
-                outbox.depth(),
-                3,
-                "nothing is dropped on a temporary refusal"
-            );
-        }
-        assert!(
-            !outbox
-                .ship_once(&client, &replica, 500)
-                .await
-                .expect("shipped")
-        );
-        assert_eq!(outbox.depth(), 0);
-        assert_eq!(calls.load(Ordering::Acquire), 4);
-        // Acknowledged at version 2: pending until the replica shows it.
-        let user = EndUserId::new("u1").expect("id");
-        assert_eq!(replica.pending.total(&user), Credits::new(3));
-        replica.pending.install(&user, 2, || ());
-        assert_eq!(replica.pending.total(&user), Credits::ZERO);
-    }
-
-    #[tokio::test]
-    async fn a_malformed_batch_refused_for_good_is_dropped_and_its_spend_released() {
-        let dir = tempfile::tempdir().expect("dir");
-        let disk = Disk::open(dir.path(), 8).expect("disk");
-        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
-        let (url, _calls) = fake_control_plane(vec![400]).await;
-        let client = client::Client::new(&url, "qs_test_k").expect("client");
-        outbox.push(&usage("bad")).await.expect("pushed");
-        let user = EndUserId::new("u1").expect("id");
-        replica.pending.add(&user, Credits::new(1));
-        outbox
-            .ship_once(&client, &replica, 500)
-            .await
-            .expect("handled");
-        assert_eq!(outbox.depth(), 0);
-        assert_eq!(replica.pending.total(&user), Credits::ZERO);
-    }
-
-    #[tokio::test]
-    async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it() {
-        let dir = tempfile::tempdir().expect("dir");
-        let user = EndUserId::new("u1").expect("id");
-        let (url, _calls) = fake_control_plane_at(vec![], 1).await;
-        let client = client::Client::new(&url, "qs_test_k").expect("client");
-        {
-            let disk = Disk::open(dir.path(), 8).expect("disk");
-            let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-            let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
-            outbox.push(&usage("k1")).await.expect("pushed");
-            replica.pending.add(&user, Credits::new(1));
-            outbox
-                .ship_once(&client, &replica, 500)
-                .await
-                .expect("shipped");
-            assert_eq!(outbox.depth(), 0, "acknowledged records leave the outbox");
-            assert_eq!(replica.pending.total(&user), Credits::new(1));
-            // The process dies here, before its replica shows version 1.
-        }
-        let disk = Disk::open(dir.path(), 8).expect("disk");
-        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-        let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
-        assert_eq!(outbox.restore_acked(&replica).expect("restored"), 1);
-        assert_eq!(
-            replica.pending.total(&user),
-            Credits::new(1),
-            "still counted after the crash"
-        );
-
-        // The stream brings version 1: pending clears, and the next persist forgets it.
-        let catalog_json: protocol::CatalogSnapshot = serde_json::from_value(serde_json::json!({
-            "features": [], "plans": [], "variants": [],
-            "settings": {"free_plan_variant_id": null, "low_balance_threshold": null}
-        }))
-        .expect("catalog");
-        let catalog = catalog_json.to_ledger().expect("catalog");
-        let now = ledger::Timestamp::from_millis(1_780_000_000_000);
-        let mut state = ledger::EndUserState::new(user.clone(), now);
-        let mut ids = ledger::SequentialIds::default();
-        let mut cx = ledger::Cx {
-            now,
-            catalog: &catalog,
-            ids: &mut ids,
-        };
-        state
-            .grant(&mut cx, ledger::GrantRequest::new(Credits::new(5)))
-            .expect("grant");
-        assert_eq!(state.version(), 1);
-        replica
-            .apply(protocol::SyncRecord::EndUser {
-                cursor: 4,
-                end_user_id: "u1".into(),
-                version: 1,
-                state: state.into_parts(),
-            })
-            .expect("applied");
-        assert_eq!(replica.pending.total(&user), Credits::ZERO);
-        replica.persist().expect("persisted");
-        assert!(disk.acked_all().expect("read").is_empty());
-    }
-}
+mod tests;

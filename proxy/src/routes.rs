@@ -1,4 +1,6 @@
-//! Route matching: method + path (prefix or glob), in order, first match wins.
+//! Route matching: method + path (prefix or glob), in order, first match wins. Requests
+//! are matched on their path in normal form (`crate::path`), so prefixes are written in
+//! normal form too.
 
 use std::sync::Arc;
 
@@ -138,6 +140,17 @@ impl Route {
                 .map_err(|error| fail("path", error.to_string()))?;
             Matcher::Glob(glob.compile_matcher())
         } else {
+            // Requests are matched in normal form: a prefix that is not would never match.
+            match crate::path::normalise(route.path.as_bytes()) {
+                Ok(normal) if normal == route.path => {}
+                Ok(normal) => {
+                    return Err(fail(
+                        "path",
+                        format!("requests are matched in normal form: write {normal:?}"),
+                    ));
+                }
+                Err(error) => return Err(fail("path", error.to_string())),
+            }
             Matcher::Prefix(route.path.clone())
         };
         let feature = match (&route.feature, route.public) {
@@ -287,6 +300,18 @@ feature = "api"
             "* stays in a segment"
         );
         assert_eq!(find(http::Method::GET, "/other"), None);
+    }
+
+    #[test]
+    fn a_prefix_not_in_normal_form_is_refused() {
+        for path in ["/v1//chat", "/v1/./chat", "/v1/%63hat", "/v1/../chat"] {
+            let text = format!(
+                "upstream = \"127.0.0.1:3000\"\n[control_plane]\nurl = \"http://127.0.0.1:8080\"\napi_key = \"k\"\n[[routes]]\npath = {path:?}\nfeature = \"chat\"\n"
+            );
+            let config = Config::parse(&text).expect("parses");
+            let error = Routes::from_config(&config).expect_err(path);
+            assert_eq!(error.setting, "routes[0].path", "{path}: {error}");
+        }
     }
 
     #[test]

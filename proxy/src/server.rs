@@ -13,9 +13,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pingora::apps::ServerApp;
 use pingora::server::configuration::ServerConf;
@@ -29,6 +26,10 @@ use crate::gate::{Gate, InFlightCount, Live, OutageBudgets};
 use crate::outbox::Outbox;
 use crate::pending::Pending;
 use crate::replica::{Freshness, Replica};
+
+mod admin;
+
+use admin::Admin;
 
 /// A running proxy.
 #[derive(Debug)]
@@ -110,15 +111,6 @@ impl Background {
     }
 }
 
-/// The admin endpoints' state.
-#[derive(Clone)]
-struct Admin {
-    replica: Arc<Replica>,
-    outbox: Arc<Outbox>,
-    metrics: Option<PrometheusHandle>,
-    max_staleness: Duration,
-}
-
 /// Starts a proxy from a validated configuration (call inside a tokio runtime).
 ///
 /// # Errors
@@ -154,7 +146,8 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
     let api_key = config
         .control_plane
         .api_key
-        .clone()
+        .as_ref()
+        .map(|key| key.expose().to_owned())
         .context("control_plane.api_key is required")?;
     let one_try = client::Retry {
         attempts: 1,
@@ -230,11 +223,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         metrics,
         max_staleness: config.max_staleness(),
     };
-    let router = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok" }))
-        .route("/readyz", axum::routing::get(readyz))
-        .route("/metrics", axum::routing::get(metrics_endpoint))
-        .with_state(admin);
+    let router = admin::router(admin);
     let mut admin_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let served = axum::serve(admin_listener, router)
@@ -376,32 +365,12 @@ async fn housekeeping(
         }
         metrics::gauge!("qs_proxy_outbox_depth")
             .set(f64::from(u32::try_from(outbox.depth()).unwrap_or(u32::MAX)));
+        metrics::gauge!("qs_proxy_quarantine_depth").set(f64::from(
+            u32::try_from(outbox.quarantine_depth()).unwrap_or(u32::MAX),
+        ));
         metrics::gauge!("qs_proxy_replica_end_users").set(f64::from(
             u32::try_from(replica.user_count()).unwrap_or(u32::MAX),
         ));
-    }
-}
-
-async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
-    match admin.replica.freshness(admin.max_staleness) {
-        Freshness::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
-        Freshness::Stale => (StatusCode::OK, "stale"),
-        Freshness::Fresh => (StatusCode::OK, "ready"),
-    }
-}
-
-async fn metrics_endpoint(State(admin): State<Admin>) -> impl IntoResponse {
-    let depth = admin.outbox.depth();
-    // Exact at the moment of reading (housekeeping only refreshes it every 250 ms), so
-    // `qs_proxy_outbox_depth 0` means everything admitted so far has been shipped.
-    metrics::gauge!("qs_proxy_outbox_depth")
-        .set(f64::from(u32::try_from(depth).unwrap_or(u32::MAX)));
-    match &admin.metrics {
-        Some(handle) => (StatusCode::OK, handle.render()),
-        None => (
-            StatusCode::OK,
-            format!("# metrics recorder not installed\nqs_proxy_outbox_depth {depth}\n"),
-        ),
     }
 }
 

@@ -203,7 +203,9 @@ pub fn from<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> T {
 }
 
 /// A tiny upstream: `/work` answers 200, `/fail` 500, `/generate` 200 with
-/// `x-usage-units` copied from the request's `x-test-actual`, `/health` 200.
+/// `x-usage-units` copied from the request's `x-test-actual`, `/health` 200. Any other
+/// path echoes what reached it ([`Echo`]: the path, the query and every
+/// `x-end-user-id` value), also with `x-usage-units` from `x-test-actual`.
 #[derive(Debug)]
 pub struct Upstream {
     pub address: SocketAddr,
@@ -218,6 +220,22 @@ impl Upstream {
                 answer.insert("x-usage-units", actual.clone());
             }
             (StatusCode::OK, answer, "generated")
+        }
+        async fn echo(uri: axum::http::Uri, headers: HeaderMap) -> impl IntoResponse {
+            let mut answer = HeaderMap::new();
+            if let Some(actual) = headers.get("x-test-actual") {
+                answer.insert("x-usage-units", actual.clone());
+            }
+            let echo = Echo {
+                path: uri.path().to_owned(),
+                query: uri.query().map(str::to_owned),
+                end_user_ids: headers
+                    .get_all("x-end-user-id")
+                    .iter()
+                    .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                    .collect(),
+            };
+            (StatusCode::OK, answer, axum::Json(echo))
         }
         let app = axum::Router::new()
             .route("/work", axum::routing::any(|| async { "done" }))
@@ -238,7 +256,8 @@ impl Upstream {
             .route(
                 "/generate-fail",
                 axum::routing::any(|| async { (StatusCode::BAD_GATEWAY, "model down") }),
-            );
+            )
+            .fallback(echo);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let task = tokio::spawn(async move {
@@ -246,6 +265,15 @@ impl Upstream {
         });
         Upstream { address, task }
     }
+}
+
+/// What reached the upstream's echoing paths.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Echo {
+    pub path: String,
+    pub query: Option<String>,
+    /// Every `x-end-user-id` header the upstream received, in order.
+    pub end_user_ids: Vec<String>,
 }
 
 impl Drop for Upstream {
@@ -408,6 +436,113 @@ pub async fn send(
         request = request.header(*name, *value);
     }
     request.send().await.expect("the proxy answers")
+}
+
+/// An answer read by [`raw_request`].
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!(
+                "{error}: {} {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+/// Sends one HTTP/1.1 request with the request target exactly as given (an HTTP client
+/// library would resolve `.`/`..` and re-encode it first) and reads the whole answer
+/// (`Connection: close`; a chunked body is decoded).
+pub async fn raw_request(
+    address: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method != "GET" && method != "HEAD" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("request sent");
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer))
+        .await
+        .expect("an answer within 20 s")
+        .expect("answer read");
+    let split = answer
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&answer[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    let mut body = answer[split + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(name, value)| name == "transfer-encoding" && value.contains("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut chunked: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = chunked
+            .windows(2)
+            .position(|window| window == b"\r\n")
+            .expect("a chunk size line");
+        let size_text = String::from_utf8_lossy(&chunked[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .expect("a hex chunk size");
+        chunked = &chunked[line_end + 2..];
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&chunked[..size]);
+        chunked = &chunked[size + 2..];
+    }
 }
 
 /// The proxy's command line running as a child process. Dropping it kills (SIGKILL) and

@@ -50,6 +50,39 @@ fn check_config_accepts_a_valid_file_and_names_the_setting_at_fault() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("routes[0].units"), "{stderr}");
+
+    // A JWT identity must name its audience, or waive it explicitly.
+    let no_audience = dir.path().join("no-audience.toml");
+    let jwt = "[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"jwt-secret-of-some-length\"\n";
+    let good_text = std::fs::read_to_string(&good).expect("read");
+    std::fs::write(&no_audience, format!("{good_text}{jwt}")).expect("written");
+    let output = Command::new(PROXY)
+        .args(["--check-config", "--config"])
+        .arg(&no_audience)
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("identity.jwt.audience") && stderr.contains("require_audience"),
+        "{stderr}"
+    );
+    let waived = dir.path().join("waived.toml");
+    std::fs::write(
+        &waived,
+        format!("{good_text}{jwt}require_audience = false\n"),
+    )
+    .expect("written");
+    let output = Command::new(PROXY)
+        .args(["--check-config", "--config"])
+        .arg(&waived)
+        .output()
+        .expect("runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

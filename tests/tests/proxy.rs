@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{ControlPlane, Proxy, ROUTES, Upstream, eventually, proxy_config};
+use e2e::{ControlPlane, Echo, Proxy, ROUTES, Upstream, eventually, proxy_config, raw_request};
 use reqwest::{Method, StatusCode};
 
 async fn setup(extra: &str) -> (tempfile::TempDir, ControlPlane, Upstream, Proxy) {
@@ -373,5 +373,272 @@ async fn a_request_with_expect_100_continue_is_charged_once() {
     proxy.drained().await;
     assert_eq!(plane.entries("uploader", "debit").await.len(), 1);
     assert_eq!(plane.available("uploader").await, 9);
+    proxy.running.shutdown().await;
+}
+
+/// Usage the control plane refuses for good (here: its feature is not in the catalog
+/// yet) is never deleted: it waits in the quarantine, which the admin port lists and
+/// `/metrics` counts, and is charged once an operator replays it after fixing the cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_waits_in_quarantine_until_an_operator_replays_it() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    plane.grant("held", 10).await;
+    proxy.sees("held").await;
+    let admin = format!("http://{}", proxy.running.admin_address);
+    proxy
+        .running
+        .outbox
+        .push(&proxy::outbox::Record {
+            key: "qsp_e2e_later".into(),
+            end_user_id: "held".into(),
+            pending: 0,
+            op: proxy::outbox::Op::Usage {
+                feature_key: "later".into(),
+                units: 2,
+                timestamp_ms: proxy.running.replica.now().as_millis(),
+            },
+        })
+        .await
+        .expect("pushed");
+    eventually(
+        "the refused event to be quarantined",
+        Duration::from_secs(10),
+        || async { (proxy.running.outbox.quarantine_depth() == 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(proxy.running.outbox.depth(), 0);
+
+    let listed: serde_json::Value = proxy
+        .http
+        .get(format!("{admin}/quarantine?limit=10"))
+        .send()
+        .await
+        .expect("listed")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(listed["depth"], 1);
+    let entry = &listed["data"][0];
+    assert_eq!(entry["record"]["key"], "qsp_e2e_later");
+    assert_eq!(entry["problem"]["code"], "feature_not_found");
+    let bad_limit = proxy
+        .http
+        .get(format!("{admin}/quarantine?limit=0"))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(bad_limit.status(), StatusCode::BAD_REQUEST);
+    let metrics = proxy
+        .http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains("qs_proxy_quarantine_depth 1"), "{metrics}");
+
+    // The operator fixes the cause, then replays.
+    plane
+        .client
+        .create_feature(&e2e::from(serde_json::json!({
+            "key": "later", "name": "later", "type": "metered"
+        })))
+        .await
+        .expect("feature");
+    let unknown = proxy
+        .http
+        .post(format!(
+            "{admin}/quarantine/replay?key=01ARZ3NDEKTSV4RRFFQ69G5FAV"
+        ))
+        .send()
+        .await
+        .expect("answered");
+    assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
+    let key = entry["key"].as_str().expect("a key");
+    let replayed: serde_json::Value = proxy
+        .http
+        .post(format!("{admin}/quarantine/replay?key={key}"))
+        .send()
+        .await
+        .expect("replayed")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(replayed["replayed"], 1);
+    proxy.drained().await;
+    assert_eq!(proxy.running.outbox.quarantine_depth(), 0);
+    assert_eq!(plane.entries("held", "debit").await.len(), 1);
+    assert_eq!(plane.available("held").await, 8);
+    proxy.running.shutdown().await;
+}
+
+/// The routes of config/proxy.toml: a public health check, a reservation route and a
+/// catch-all priced per call.
+const SHIPPED_ROUTES: &str = r#"
+[[routes]]
+path = "/healthz"
+public = true
+
+[[routes]]
+method = "POST"
+path = "/v1/generate"
+feature = "tokens"
+reserve = { estimate = 100, actual_header = "x-usage-units" }
+
+[[routes]]
+path = "/v1"
+feature = "api_calls"
+"#;
+
+/// Routes match the normalised path, and the upstream is sent that same path (with the
+/// query as it was): dot segments, repeated slashes and escaped unreserved characters
+/// cannot climb out of a public route or dodge a reservation route, and what cannot be
+/// normalised is refused with 400 `invalid_path`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_match_and_the_upstream_serves_the_normalised_path() {
+    let (_dir, plane, _upstream, proxy) = setup(SHIPPED_ROUTES).await;
+    plane.grant("walker", 1_000).await;
+    proxy.sees("walker").await;
+    let address = proxy.running.address;
+    let walker = [("x-end-user-id", "walker")];
+
+    // Out of the public route: gated as /v1/x (no identity: 401).
+    let climbed = raw_request(address, "GET", "/healthz/../v1/x", &[]).await;
+    assert_eq!(
+        climbed.status,
+        401,
+        "{:?}",
+        String::from_utf8_lossy(&climbed.body)
+    );
+    let served = raw_request(address, "GET", "/healthz/../v1/x?a=1&b=%2F", &walker).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.header("x-quota-source"), Some("replica"));
+    let echo: Echo = served.json();
+    assert_eq!(echo.path, "/v1/x");
+    assert_eq!(echo.query.as_deref(), Some("a=1&b=%2F"));
+    // The same in absolute-form, which is forwarded in origin-form.
+    let absolute = format!("http://{address}/healthz/../v1/x");
+    let climbed = raw_request(address, "GET", &absolute, &[]).await;
+    assert_eq!(climbed.status, 401);
+    let served = raw_request(address, "GET", &absolute, &walker).await;
+    assert_eq!(served.status, 200);
+    assert_eq!(served.json::<Echo>().path, "/v1/x");
+    // Into the public route: public, and the upstream sees the public path.
+    let public = raw_request(address, "GET", "/v1/%2E%2E/healthz", &[]).await;
+    assert_eq!(public.status, 200);
+    assert_eq!(public.json::<Echo>().path, "/healthz");
+
+    // Every spelling of /v1/generate holds a reservation and commits the actual.
+    let spellings = [
+        "/v1/./generate",
+        "//v1//generate",
+        "/v1/%2e/generate",
+        "/%761/generate",
+        "/v1/x/%2E%2E/generate",
+    ];
+    for target in spellings {
+        let generated = raw_request(
+            address,
+            "POST",
+            target,
+            &[("x-end-user-id", "walker"), ("x-test-actual", "7")],
+        )
+        .await;
+        assert_eq!(generated.status, 200, "{target}");
+        assert_eq!(generated.json::<Echo>().path, "/v1/generate", "{target}");
+    }
+    proxy.drained().await;
+    assert_eq!(
+        plane.entries("walker", "commit").await.len(),
+        spellings.len(),
+        "each one held and committed"
+    );
+    assert_eq!(
+        plane.entries("walker", "debit").await.len(),
+        2,
+        "only /v1/x (twice) was charged as a call"
+    );
+    assert_eq!(plane.available("walker").await, 1_000 - 2 - 7 * 5);
+
+    // What cannot be normalised is refused before any route.
+    for target in ["/../v1/x", "/v1/a%2fb", "/v1/a%zz", "/healthz/..;/v1/x"] {
+        let refused = raw_request(address, "GET", target, &walker).await;
+        assert_eq!(refused.status, 400, "{target}");
+        let problem: serde_json::Value = refused.json();
+        assert_eq!(problem["code"], "invalid_path", "{target}");
+    }
+    proxy.running.shutdown().await;
+}
+
+/// The upstream learns who was charged from the proxy, never from the client: in JWT
+/// mode a spoofed `x-end-user-id` is replaced by the token's subject, a public route
+/// gets none, and in header mode a second copy of the header is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_sees_the_identity_that_was_charged_not_the_clients_header() {
+    const SECRET: &str = "an-e2e-secret-of-some-length";
+    let jwt = format!(
+        "[identity.jwt]\nalgorithm = \"HS256\"\nsecret = \"{SECRET}\"\naudience = \"e2e-api\"\n{SHIPPED_ROUTES}"
+    );
+    let (_dir, plane, _upstream, proxy) = setup(&jwt).await;
+    plane.grant("jwt_user", 10).await;
+    proxy.sees("jwt_user").await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs()
+        + 300;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "jwt_user", "exp": exp, "aud": "e2e-api"}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("a token");
+    let bearer = format!("Bearer {token}");
+    let spoofed = proxy
+        .send(
+            Method::GET,
+            "/v1/x",
+            Some("someone-else"),
+            &[("authorization", &bearer)],
+        )
+        .await;
+    assert_eq!(spoofed.status(), StatusCode::OK);
+    let echo: Echo = spoofed.json().await.expect("echo");
+    assert_eq!(
+        echo.end_user_ids,
+        ["jwt_user"],
+        "the identity that was charged"
+    );
+    let public = proxy
+        .send(Method::GET, "/healthz", Some("someone-else"), &[])
+        .await;
+    assert_eq!(public.status(), StatusCode::OK);
+    let echo: Echo = public.json().await.expect("echo");
+    assert!(echo.end_user_ids.is_empty(), "{echo:?}");
+    proxy.drained().await;
+    assert_eq!(plane.entries("jwt_user", "debit").await.len(), 1);
+    proxy.running.shutdown().await;
+
+    // Header mode: the header is the identity; one copy is forwarded, two are refused.
+    let (_dir, plane, _upstream, proxy) = setup(SHIPPED_ROUTES).await;
+    plane.grant("h1", 10).await;
+    proxy.sees("h1").await;
+    let single = proxy.send(Method::GET, "/v1/x", Some("h1"), &[]).await;
+    assert_eq!(single.status(), StatusCode::OK);
+    assert_eq!(
+        single.json::<Echo>().await.expect("echo").end_user_ids,
+        ["h1"]
+    );
+    let doubled = proxy
+        .send(Method::GET, "/v1/x", Some("h1"), &[("x-end-user-id", "h2")])
+        .await;
+    assert_eq!(doubled.status(), StatusCode::BAD_REQUEST);
+    let problem: serde_json::Value = doubled.json().await.expect("problem");
+    assert_eq!(problem["code"], "ambiguous_identity");
+    proxy.drained().await;
+    assert_eq!(plane.entries("h1", "debit").await.len(), 1);
+    assert!(plane.entries("h2", "debit").await.is_empty());
     proxy.running.shutdown().await;
 }

@@ -114,25 +114,58 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
         responses.entry(status.to_owned()).or_insert(response);
     };
     if operator {
-        add("401", problem("The operator token is missing or wrong (or none is configured)."));
+        add(
+            "401",
+            problem("The operator token is missing or wrong (or none is configured)."),
+        );
     } else {
         add("401", problem("No valid API key (`unauthorized`)."));
-        add("403", problem("The key lacks the scope this operation needs (`missing_scope`)."));
-        add("429", retry_after(problem("Over the environment's rate limit, or this client address's budget of failed authentications (`rate_limited`).")));
+        add(
+            "403",
+            problem("The key lacks the scope this operation needs (`missing_scope`)."),
+        );
+        add(
+            "429",
+            retry_after(problem(
+                "Over the environment's rate limit, or this client address's budget of failed authentications (`rate_limited`).",
+            )),
+        );
     }
     if has_body || has_query {
-        add("400", problem("A malformed or invalid request; `field` names the field at fault."));
+        add(
+            "400",
+            problem("A malformed or invalid request; `field` names the field at fault."),
+        );
     }
     if has_body {
-        add("413", problem("The body is larger than `server.body_limit_bytes` (`payload_too_large`)."));
-        add("415", problem("The body is not JSON (`Content-Type: application/json`)."));
+        add(
+            "413",
+            problem("The body is larger than `server.body_limit_bytes` (`payload_too_large`)."),
+        );
+        add(
+            "415",
+            problem("The body is not JSON (`Content-Type: application/json`)."),
+        );
     }
     if has_path {
-        add("404", problem("No such object in this environment (`not_found`)."));
+        add(
+            "404",
+            problem("No such object in this environment (`not_found`)."),
+        );
     }
     if mutating && !operator {
-        add("409", problem("The idempotency key is in flight or was used with another request, or the object's state refuses the operation."));
-        add("503", retry_after(problem("The end user's due work is being caught up (`catching_up`); retry after `Retry-After`.")));
+        add(
+            "409",
+            problem(
+                "The idempotency key is in flight or was used with another request, or the object's state refuses the operation.",
+            ),
+        );
+        add(
+            "503",
+            retry_after(problem(
+                "The end user's due work is being caught up (`catching_up`); retry after `Retry-After`.",
+            )),
+        );
     }
     sort(responses);
 }
@@ -165,9 +198,13 @@ mod tests {
             .collect();
         assert_eq!(
             statuses,
-            vec!["200", "400", "401", "402", "403", "404", "409", "413", "415", "429", "503"]
+            vec![
+                "200", "400", "401", "402", "403", "404", "409", "413", "415", "429", "503"
+            ]
         );
-        assert!(operation["responses"]["402"]["content"][protocol::PROBLEM_CONTENT_TYPE].is_object());
+        assert!(
+            operation["responses"]["402"]["content"][protocol::PROBLEM_CONTENT_TYPE].is_object()
+        );
         assert_eq!(operation["parameters"][0]["name"], "Idempotency-Key");
     }
 }

@@ -1,0 +1,544 @@
+//! The outbox against a fake control plane: what is kept, shipped, quarantined.
+
+use std::sync::atomic::AtomicU32;
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+
+use super::*;
+
+/// What the fake control plane answers one `/v1/usage/batch` call.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// The whole call answers this status with a problem.
+    Status(u16),
+    /// Events whose idempotency key starts with `bad` are refused with this status;
+    /// the others are created.
+    EventError(u16),
+}
+
+/// A fake control plane: its address, the batch calls it took, and the events each
+/// held.
+struct Fake {
+    url: String,
+    calls: Arc<AtomicU32>,
+    sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+}
+
+/// A control plane whose `/v1/usage/batch` answers the given statuses in turn, then
+/// accepts everything.
+async fn fake_control_plane(refusals: Vec<u16>) -> (String, Arc<AtomicU32>) {
+    fake_control_plane_at(refusals, 2).await
+}
+
+async fn fake_control_plane_at(refusals: Vec<u16>, ack_version: u64) -> (String, Arc<AtomicU32>) {
+    let fake = fake(
+        refusals.into_iter().map(Answer::Status).collect(),
+        ack_version,
+        axum::Router::new(),
+    )
+    .await;
+    (fake.url, fake.calls)
+}
+
+fn problem_response(problem: &protocol::Problem) -> axum::response::Response {
+    (
+        StatusCode::from_u16(problem.status).expect("status"),
+        Json(serde_json::to_value(problem).expect("json")),
+    )
+        .into_response()
+}
+
+/// A control plane whose `/v1/usage/batch` gives `answers` in turn, then accepts
+/// everything (acknowledging at `ack_version`); `extra` serves the other endpoints.
+async fn fake(answers: Vec<Answer>, ack_version: u64, extra: axum::Router) -> Fake {
+    let calls = Arc::new(AtomicU32::new(0));
+    let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (counter, seen) = (calls.clone(), sizes.clone());
+    let app = extra.route(
+        "/v1/usage/batch",
+        axum::routing::post(move |Json(batch): Json<UsageBatch>| {
+            let call = counter.fetch_add(1, Ordering::AcqRel);
+            seen.lock().expect("sizes").push(batch.events.len());
+            let answer = answers
+                .get(usize::try_from(call).unwrap_or(usize::MAX))
+                .copied();
+            async move {
+                if let Some(Answer::Status(status)) = answer {
+                    let problem = protocol::Problem::new(status, "refused", "Refused", "try later");
+                    return problem_response(&problem);
+                }
+                let results: Vec<protocol::BatchResult> = batch
+                    .events
+                    .iter()
+                    .enumerate()
+                    .map(|(index, event)| {
+                        let bad = event
+                            .idempotency_key
+                            .as_deref()
+                            .is_some_and(|key| key.starts_with("bad"));
+                        match answer {
+                            Some(Answer::EventError(status)) if bad => protocol::BatchResult {
+                                index,
+                                status: BatchStatus::Error,
+                                id: None,
+                                cost: None,
+                                covered: None,
+                                debt: None,
+                                version: None,
+                                error: Some(protocol::Problem::new(
+                                    status,
+                                    "feature_not_found",
+                                    "Feature not found",
+                                    "no such feature",
+                                )),
+                                timestamp_clamped_from: None,
+                            },
+                            _ => protocol::BatchResult {
+                                index,
+                                status: BatchStatus::Created,
+                                id: Some(format!("led_{index}")),
+                                cost: Some(1),
+                                covered: Some(1),
+                                debt: Some(0),
+                                version: Some(ack_version),
+                                error: None,
+                                timestamp_clamped_from: None,
+                            },
+                        }
+                    })
+                    .collect();
+                Json(protocol::UsageBatchRecorded { results }).into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Fake { url, calls, sizes }
+}
+
+/// A fresh outbox and replica in `dir`.
+fn open(dir: &std::path::Path) -> (Disk, Replica, Outbox) {
+    let disk = Disk::open(dir, 8).expect("disk");
+    let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+    let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
+    (disk, replica, outbox)
+}
+
+fn one_try(url: &str) -> client::Client {
+    client::Client::new(url, "qs_test_k")
+        .expect("client")
+        .retry(client::Retry {
+            attempts: 1,
+            ..client::Retry::default()
+        })
+}
+
+fn user(id: &str) -> EndUserId {
+    EndUserId::new(id).expect("id")
+}
+
+/// Pushes a usage record of 1 unit for `end_user`, counted as pending like an
+/// admitted request.
+async fn admit(outbox: &Outbox, replica: &Replica, key: &str, end_user: &str) {
+    let mut record = usage(key);
+    record.end_user_id = end_user.into();
+    outbox.push(&record).await.expect("pushed");
+    replica.pending.add(&user(end_user), Credits::new(1));
+}
+
+fn usage(key: &str) -> Record {
+    Record {
+        key: key.into(),
+        end_user_id: "u1".into(),
+        pending: 1,
+        op: Op::Usage {
+            feature_key: "api_calls".into(),
+            units: 1,
+            timestamp_ms: 1_780_000_000_000,
+        },
+    }
+}
+
+#[tokio::test]
+async fn usage_waits_through_rate_limits_and_key_rotations_then_ships_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    let disk = Disk::open(dir.path(), 8).expect("disk");
+    let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+    let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+    let (url, calls) = fake_control_plane(vec![429, 401, 503]).await;
+    let client = client::Client::new(&url, "qs_test_k")
+        .expect("client")
+        .retry(client::Retry {
+            attempts: 1,
+            ..client::Retry::default()
+        });
+    for key in ["k1", "k2", "k3"] {
+        outbox.push(&usage(key)).await.expect("pushed");
+        replica
+            .pending
+            .add(&EndUserId::new("u1").expect("id"), Credits::new(1));
+    }
+    for _ in 0..3 {
+        assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
+        assert_eq!(
+            outbox.depth(),
+            3,
+            "nothing is dropped on a temporary refusal"
+        );
+    }
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped")
+    );
+    assert_eq!(outbox.depth(), 0);
+    assert_eq!(calls.load(Ordering::Acquire), 4);
+    // Acknowledged at version 2: pending until the replica shows it.
+    let user = EndUserId::new("u1").expect("id");
+    assert_eq!(replica.pending.total(&user), Credits::new(3));
+    replica.pending.install(&user, 2, || ());
+    assert_eq!(replica.pending.total(&user), Credits::ZERO);
+}
+
+/// A refusal of the whole batch call (an ingress 404 or 413 during a deploy, a 400)
+/// is not about any one event: every record stays, the shipper backs off and tries
+/// again, and a 413 halves the batch until it passes.
+#[tokio::test]
+async fn a_whole_batch_refusal_keeps_every_record_and_retries() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = open(dir.path());
+    let fake = fake(
+        vec![
+            Answer::Status(400),
+            Answer::Status(404),
+            Answer::Status(413),
+        ],
+        2,
+        axum::Router::new(),
+    )
+    .await;
+    let client = one_try(&fake.url);
+    for key in ["k1", "k2", "k3", "k4"] {
+        admit(&outbox, &replica, key, "u1").await;
+    }
+    for status in [400, 404, 413] {
+        let error = outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect_err("refused");
+        assert!(error.contains(&status.to_string()), "{error}");
+        assert_eq!(outbox.depth(), 4, "every record is kept after a {status}");
+        assert_eq!(outbox.quarantine_depth(), 0);
+        assert_eq!(replica.pending.total(&user("u1")), Credits::new(4));
+    }
+    assert!(
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped"),
+        "after the 413, half a batch at a time: more waits"
+    );
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped")
+    );
+    assert_eq!(outbox.depth(), 0);
+    assert_eq!(*fake.sizes.lock().expect("sizes"), [4, 4, 4, 2, 2]);
+    replica.pending.install(&user("u1"), 2, || ());
+    assert_eq!(replica.pending.total(&user("u1")), Credits::ZERO);
+}
+
+/// An event refused for good in a batch's results moves to the quarantine (out of the
+/// outbox, its spend no longer pending), is listed with the refusal, and ships again
+/// after a replay, by key or all at once.
+#[tokio::test]
+async fn a_refused_event_is_quarantined_listed_and_ships_after_a_replay() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = open(dir.path());
+    let fake = fake(vec![Answer::EventError(404)], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    admit(&outbox, &replica, "good", "u1").await;
+    admit(&outbox, &replica, "bad1", "u2").await;
+    admit(&outbox, &replica, "bad2", "u2").await;
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    assert_eq!(outbox.depth(), 0, "nothing left to ship");
+    assert_eq!(outbox.quarantine_depth(), 2);
+    assert_eq!(
+        replica.pending.total(&user("u2")),
+        Credits::ZERO,
+        "the control plane charged nothing for them"
+    );
+
+    let (listed, next) = outbox.quarantined(1, None).expect("listed");
+    assert_eq!(listed.len(), 1);
+    let first = &listed[0];
+    let problem = first.quarantined.problem.as_ref().expect("the refusal");
+    assert_eq!(
+        (problem.status, problem.code.as_str()),
+        (404, "feature_not_found")
+    );
+    let (rest, _) = outbox
+        .quarantined(10, next.as_deref())
+        .expect("the next page");
+    assert_eq!(rest.len(), 1);
+    let mut keys = [
+        first.quarantined.record.key.as_str(),
+        rest[0].quarantined.record.key.as_str(),
+    ];
+    keys.sort_unstable();
+    assert_eq!(keys, ["bad1", "bad2"]);
+    let json = serde_json::to_value(first).expect("json");
+    assert_eq!(json["key"], first.key.as_str());
+    assert_eq!(json["record"]["key"], first.quarantined.record.key.as_str());
+    assert!(json["quarantined_at"].is_string());
+
+    assert!(matches!(
+        outbox.replay(&replica, Some("01ARZ3NDEKTSV4RRFFQ69G5FAV")),
+        Err(ReplayError::NotFound(_))
+    ));
+    assert_eq!(outbox.replay(&replica, Some(&first.key)).expect("one"), 1);
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (1, 1));
+    assert_eq!(outbox.replay(&replica, None).expect("the rest"), 1);
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (2, 0));
+    assert_eq!(
+        replica.pending.total(&user("u2")),
+        Credits::new(2),
+        "replayed spend counts again until acknowledged"
+    );
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped")
+    );
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 0));
+    assert_eq!(fake.calls.load(Ordering::Acquire), 2);
+    replica.pending.install(&user("u2"), 2, || ());
+    assert_eq!(replica.pending.total(&user("u2")), Credits::ZERO);
+}
+
+/// The quarantine is on disk: a restarted proxy still lists (and counts) it, and does
+/// not count its spend as pending.
+#[tokio::test]
+async fn the_quarantine_survives_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let fake = fake(vec![Answer::EventError(400)], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    {
+        let (disk, replica, outbox) = open(dir.path());
+        admit(&outbox, &replica, "bad", "u3").await;
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped");
+        disk.flush().expect("flushed");
+    }
+    let (_disk, replica, outbox) = open(dir.path());
+    assert_eq!(outbox.restore_pending(&replica).expect("restored"), 0);
+    assert_eq!(replica.pending.total(&user("u3")), Credits::ZERO);
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 1));
+    let (listed, _) = outbox.quarantined(10, None).expect("listed");
+    assert_eq!(listed[0].quarantined.record.key, "bad");
+}
+
+#[tokio::test]
+async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let user = EndUserId::new("u1").expect("id");
+    let (url, _calls) = fake_control_plane_at(vec![], 1).await;
+    let client = client::Client::new(&url, "qs_test_k").expect("client");
+    {
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+        outbox.push(&usage("k1")).await.expect("pushed");
+        replica.pending.add(&user, Credits::new(1));
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped");
+        assert_eq!(outbox.depth(), 0, "acknowledged records leave the outbox");
+        assert_eq!(replica.pending.total(&user), Credits::new(1));
+        // The process dies here, before its replica shows version 1.
+    }
+    let disk = Disk::open(dir.path(), 8).expect("disk");
+    let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+    let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
+    assert_eq!(outbox.restore_acked(&replica).expect("restored"), 1);
+    assert_eq!(
+        replica.pending.total(&user),
+        Credits::new(1),
+        "still counted after the crash"
+    );
+
+    // The stream brings version 1: pending clears, and the next persist forgets it.
+    let catalog_json: protocol::CatalogSnapshot = serde_json::from_value(serde_json::json!({
+        "features": [], "plans": [], "variants": [],
+        "settings": {"free_plan_variant_id": null, "low_balance_threshold": null}
+    }))
+    .expect("catalog");
+    let catalog = catalog_json.to_ledger().expect("catalog");
+    let now = ledger::Timestamp::from_millis(1_780_000_000_000);
+    let mut state = ledger::EndUserState::new(user.clone(), now);
+    let mut ids = ledger::SequentialIds::default();
+    let mut cx = ledger::Cx {
+        now,
+        catalog: &catalog,
+        ids: &mut ids,
+    };
+    state
+        .grant(&mut cx, ledger::GrantRequest::new(Credits::new(5)))
+        .expect("grant");
+    assert_eq!(state.version(), 1);
+    replica
+        .apply(protocol::SyncRecord::EndUser {
+            cursor: 4,
+            end_user_id: "u1".into(),
+            version: 1,
+            state: state.into_parts(),
+        })
+        .expect("applied");
+    assert_eq!(replica.pending.total(&user), Credits::ZERO);
+    replica.persist().expect("persisted");
+    assert!(disk.acked_all().expect("read").is_empty());
+}
+
+/// A control plane whose reservation commits all answer 409 `reservation_not_active`
+/// with `current_status` (usage batches are accepted).
+async fn not_active_plane(current_status: Option<&'static str>) -> Fake {
+    let commit = axum::Router::new().route(
+        "/v1/reservations/{id}/commit",
+        axum::routing::post(move || async move {
+            let mut problem = protocol::Problem::new(
+                409,
+                "reservation_not_active",
+                "Reservation not active",
+                "the reservation is not active",
+            );
+            problem.current_status = current_status.map(str::to_owned);
+            problem_response(&problem)
+        }),
+    );
+    fake(Vec::new(), 2, commit).await
+}
+
+fn commit(key: &str) -> Record {
+    Record {
+        key: key.into(),
+        end_user_id: "u1".into(),
+        pending: 0,
+        op: Op::Commit {
+            reservation_id: "rsv_1".into(),
+            feature_key: "tokens".into(),
+            units: 37,
+        },
+    }
+}
+
+/// A commit answered `reservation_not_active` becomes plain usage of the actual only
+/// when the hold lapsed (`expired`, `released`). `committed` means an earlier try of
+/// this commit succeeded and its answer was lost: charging again would count the work
+/// twice, so the record is acknowledged and dropped. Without a status nobody can tell:
+/// the record waits in the quarantine.
+#[tokio::test]
+async fn a_late_commit_becomes_usage_only_when_its_hold_lapsed() {
+    for (current_status, becomes_usage, quarantined) in [
+        (Some("committed"), false, 0),
+        (Some("expired"), true, 0),
+        (Some("released"), true, 0),
+        (None, false, 1),
+    ] {
+        let dir = tempfile::tempdir().expect("dir");
+        let (disk, replica, outbox) = open(dir.path());
+        let fake = not_active_plane(current_status).await;
+        let client = one_try(&fake.url);
+        outbox.push(&commit("qsp_c1")).await.expect("pushed");
+        outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("resolved");
+        let waiting: Vec<Record> = disk
+            .outbox_head(10)
+            .expect("head")
+            .into_iter()
+            .map(|(_, json)| serde_json::from_slice(&json).expect("a record"))
+            .collect();
+        let usage: Vec<&Record> = waiting
+            .iter()
+            .filter(|record| matches!(record.op, Op::Usage { units: 37, .. }))
+            .collect();
+        assert_eq!(
+            usage.len(),
+            usize::from(becomes_usage),
+            "{current_status:?}: {waiting:?}"
+        );
+        if becomes_usage {
+            assert_eq!(usage[0].key, "qsp_c1-usage");
+            outbox
+                .ship_once(&client, &replica, 500)
+                .await
+                .expect("shipped");
+        } else {
+            assert!(waiting.is_empty(), "{current_status:?}: {waiting:?}");
+        }
+        assert_eq!(outbox.depth(), 0, "{current_status:?}");
+        assert_eq!(outbox.quarantine_depth(), quarantined, "{current_status:?}");
+        assert_eq!(
+            fake.calls.load(Ordering::Acquire),
+            u32::from(becomes_usage),
+            "{current_status:?}: usage batches sent"
+        );
+    }
+}
+
+/// The release queued for a reservation that got no answer replays the reservation
+/// under its key: a refusal for good (402) means the hold was never made, so there is
+/// nothing to release and nothing for an operator to see.
+#[tokio::test]
+async fn an_unanswered_reservation_that_was_never_made_needs_no_release() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = open(dir.path());
+    let reserve = axum::Router::new().route(
+        "/v1/reservations",
+        axum::routing::post(|| async {
+            problem_response(&protocol::Problem::new(
+                402,
+                "insufficient_balance",
+                "Insufficient balance",
+                "not enough credits",
+            ))
+        }),
+    );
+    let fake = fake(Vec::new(), 2, reserve).await;
+    let client = one_try(&fake.url);
+    outbox
+        .push(&Record {
+            key: "qsp_r1-undo".into(),
+            end_user_id: "u1".into(),
+            pending: 0,
+            op: Op::Unreserve {
+                reserve_key: "qsp_r1".into(),
+                feature_key: "tokens".into(),
+                units: 100,
+                ttl_seconds: 300,
+            },
+        })
+        .await
+        .expect("pushed");
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("resolved");
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 0));
+}
