@@ -57,6 +57,7 @@ struct RawConfig {
 struct RawSync {
     feed_retention_hours: Option<u64>,
     streams_per_key: Option<usize>,
+    stream_max_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -256,6 +257,10 @@ pub struct Config {
     /// Sync streams (snapshot or change stream) one API key may hold open at once on one
     /// server.
     pub streams_per_key: usize,
+    /// How long one change stream stays open before the server ends it (the follower
+    /// reconnects from its cursor and loses nothing): long-lived connections are spread
+    /// again over replicas, and no stream outlives a deploy's drain by much.
+    pub stream_max: Duration,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -489,6 +494,12 @@ impl Config {
                     .saturating_mul(3600),
             ),
             streams_per_key: raw.sync.streams_per_key.unwrap_or(1000).clamp(1, 100_000),
+            stream_max: Duration::from_secs(
+                raw.sync
+                    .stream_max_secs
+                    .unwrap_or(3600)
+                    .clamp(1, 7 * 86_400),
+            ),
         })
     }
 }

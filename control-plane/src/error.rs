@@ -10,11 +10,18 @@ use crate::store::StoreError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
+    /// 400: the request does not have the documented shape (not JSON, a missing or
+    /// unknown field, a wrong type, a malformed query or header).
     #[error("{detail}")]
     BadRequest {
         field: Option<String>,
         detail: String,
     },
+    /// 422: the request has the documented shape, but a value breaks a rule the
+    /// document cannot state (an expiry before its start, a private webhook address, a
+    /// feature that does not exist in a list of keys, …). `field` names it.
+    #[error("{detail}")]
+    Invalid { field: String, detail: String },
     #[error("{0}")]
     UnsupportedMediaType(String),
     #[error("missing or invalid API key")]
@@ -50,9 +57,18 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// A value that breaks a rule (422), naming its field.
     pub fn bad_request(field: impl Into<String>, detail: impl Into<String>) -> ApiError {
+        ApiError::Invalid {
+            field: field.into(),
+            detail: detail.into(),
+        }
+    }
+
+    /// A request that does not have the documented shape (400).
+    pub fn malformed(field: Option<String>, detail: impl Into<String>) -> ApiError {
         ApiError::BadRequest {
-            field: Some(field.into()),
+            field,
             detail: detail.into(),
         }
     }
@@ -64,6 +80,12 @@ impl ApiError {
                 let mut problem =
                     Problem::new(400, "invalid_request", "Invalid request", detail.clone());
                 problem.field.clone_from(field);
+                problem
+            }
+            ApiError::Invalid { field, detail } => {
+                let mut problem =
+                    Problem::new(422, "invalid_request", "Invalid request", detail.clone());
+                problem.field = Some(field.clone());
                 problem
             }
             ApiError::UnsupportedMediaType(detail) => Problem::new(
@@ -209,15 +231,15 @@ fn refusal_problem(refusal: &Refusal) -> Problem {
             Problem::new(409, "conflict", "Conflict", detail)
         }
         Refusal::Invalid { field, .. } => {
-            let mut problem = Problem::new(400, "invalid_request", "Invalid request", detail);
+            let mut problem = Problem::new(422, "invalid_request", "Invalid request", detail);
             problem.field = Some((*field).to_owned());
             problem
         }
         Refusal::FeatureNotMetered(_) => {
-            Problem::new(400, "invalid_request", "Invalid request", detail)
+            Problem::new(422, "invalid_request", "Invalid request", detail)
         }
         Refusal::Overflow => Problem::new(
-            400,
+            422,
             "invalid_request",
             "Invalid request",
             "an amount is too large: the arithmetic overflows",
@@ -228,11 +250,7 @@ fn refusal_problem(refusal: &Refusal) -> Problem {
             "Catching up",
             format!("{detail}; retry shortly"),
         ),
-        Refusal::LimitReached { what, .. } => {
-            let mut problem = Problem::new(422, "limit_reached", "Limit reached", detail);
-            problem.field = Some((*what).to_owned());
-            problem
-        }
+        Refusal::LimitReached { .. } => Problem::new(422, "limit_reached", "Limit reached", detail),
         Refusal::Invariant(_) => Problem::new(
             500,
             "internal",
@@ -259,9 +277,9 @@ impl From<ledger::Overflow> for ApiError {
 
 impl From<FieldError> for ApiError {
     fn from(error: FieldError) -> ApiError {
-        ApiError::BadRequest {
+        ApiError::Invalid {
             detail: error.to_string(),
-            field: Some(error.field),
+            field: error.field,
         }
     }
 }

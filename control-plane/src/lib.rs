@@ -17,6 +17,7 @@ pub mod error;
 mod group;
 pub mod http;
 pub mod jobs;
+pub mod limits;
 pub mod service;
 pub mod store;
 pub mod webhooks;

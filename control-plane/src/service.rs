@@ -1212,7 +1212,7 @@ mod tests {
                 Ok(()) => "ok",
                 Err(ApiError::ClaimTaken) => "taken",
                 Err(ApiError::Conflict(_)) => "conflict",
-                Err(ApiError::BadRequest { .. }) => "bad request",
+                Err(ApiError::Invalid { .. }) => "bad request",
                 Err(error) => panic!("unexpected: {error}"),
             });
         }

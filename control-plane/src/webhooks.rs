@@ -128,6 +128,12 @@ pub fn is_private(address: IpAddr) -> bool {
 /// # Errors
 /// A message naming what is wrong.
 pub fn validate_url(text: &str, allow_private: bool) -> Result<url::Url, String> {
+    if text.len() > crate::limits::WEBHOOK_URL_BYTES_MAX {
+        return Err(format!(
+            "must be at most {} bytes",
+            crate::limits::WEBHOOK_URL_BYTES_MAX
+        ));
+    }
     let url = url::Url::parse(text).map_err(|error| format!("`{text}` is not a URL: {error}"))?;
     if url.scheme() != "http" && url.scheme() != "https" {
         return Err("must be an http or https URL".into());

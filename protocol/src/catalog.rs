@@ -87,7 +87,9 @@ impl PricingWire {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateFeature {
+    #[schema(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub key: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     #[serde(rename = "type")]
     pub feature_type: FeatureTypeWire,
@@ -105,9 +107,7 @@ impl CreateFeature {
     /// inconsistent pricing rule.
     pub fn to_ledger(&self) -> Result<ledger::Feature, FieldError> {
         let key = feature_key("key", &self.key)?;
-        if self.name.trim().is_empty() {
-            return Err(FieldError::new("name", "must not be empty"));
-        }
+        check_name("name", &self.name)?;
         let feature_type = match self.feature_type {
             FeatureTypeWire::Metered => ledger::FeatureType::Metered,
             FeatureTypeWire::Boolean => ledger::FeatureType::Boolean,
@@ -170,13 +170,35 @@ pub struct PlanFeature {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePlan {
+    #[schema(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub key: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub name: String,
     pub kind: PlanKindWire,
     #[serde(default)]
     pub features: BTreeMap<String, PlanFeature>,
     #[serde(default)]
     pub overage_policy: OveragePolicyWire,
+}
+
+/// The longest name a feature or a plan may have, in characters.
+pub const NAME_CHARS_MAX: usize = 200;
+
+/// A display name: not blank, at most [`NAME_CHARS_MAX`] characters.
+///
+/// # Errors
+/// Naming `field`.
+pub fn check_name(field: &str, name: &str) -> Result<(), FieldError> {
+    if name.trim().is_empty() {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if name.chars().count() > NAME_CHARS_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {NAME_CHARS_MAX} characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a catalog key (plan or variant): the same alphabet as feature keys.
@@ -191,9 +213,7 @@ impl CreatePlan {
     /// The field at fault.
     pub fn to_ledger(&self, id: ledger::PlanId) -> Result<ledger::Plan, FieldError> {
         let key = catalog_key("key", &self.key)?;
-        if self.name.trim().is_empty() {
-            return Err(FieldError::new("name", "must not be empty"));
-        }
+        check_name("name", &self.name)?;
         let mut features = BTreeMap::new();
         for (name, feature) in &self.features {
             features.insert(
@@ -243,6 +263,7 @@ pub enum IntervalUnitWire {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IntervalWire {
+    #[schema(minimum = 1, maximum = 1000)]
     pub every: u32,
     pub unit: IntervalUnitWire,
 }
@@ -258,7 +279,9 @@ pub enum BillingModeWire {
 #[serde(deny_unknown_fields)]
 pub struct PriceWire {
     /// In the currency's minor unit.
+    #[schema(minimum = 0)]
     pub amount: i64,
+    #[schema(pattern = r"^[A-Za-z]{3}$")]
     pub currency: String,
 }
 
@@ -273,8 +296,10 @@ pub enum AnchorWire {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RolloverWire {
+    #[schema(maximum = 100)]
     pub percent: u8,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub max: Option<i64>,
 }
 
@@ -298,6 +323,7 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantTemplateWire {
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// `"period"` (default) or a duration such as `"5h"` (units s, m, h, d, w).
     #[serde(default = "period")]
@@ -308,12 +334,14 @@ pub struct GrantTemplateWire {
     #[serde(default = "every")]
     pub expire_after: String,
     #[serde(default = "default_priority")]
+    #[schema(maximum = 1000)]
     pub priority: u16,
     #[serde(default)]
     pub feature_keys: Option<Vec<String>>,
     #[serde(default)]
     pub rollover: Option<RolloverWire>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub cap: Option<i64>,
     #[serde(default = "yes")]
     pub settles_debt: bool,
@@ -370,20 +398,25 @@ fn three() -> u32 {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVariant {
+    #[schema(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub key: String,
     pub interval: IntervalWire,
     pub billing_mode: BillingModeWire,
     #[serde(default)]
     pub price: Option<PriceWire>,
     #[serde(default)]
+    #[schema(maximum = 3650)]
     pub trial_days: u32,
     #[serde(default = "three")]
+    #[schema(maximum = 3650)]
     pub grace_days: u32,
     #[serde(default = "three")]
+    #[schema(maximum = 3650)]
     pub renewal_due_days: u32,
     #[serde(default = "yes")]
     pub allow_usage_while_past_due: bool,
     #[serde(default)]
+    #[schema(max_items = 32)]
     pub grants: Vec<GrantTemplateWire>,
 }
 

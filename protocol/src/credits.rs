@@ -39,9 +39,16 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateGrant {
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
+    #[schema(minimum = 1)]
     pub amount: i64,
     #[serde(default = "default_priority")]
+    #[schema(maximum = 1000)]
     pub priority: u16,
     #[serde(default)]
     pub effective_at: Option<WireTime>,
@@ -52,10 +59,13 @@ pub struct CreateGrant {
     #[serde(default)]
     pub feature_keys: Option<Vec<String>>,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub price_paid: Option<i64>,
     #[serde(default)]
+    #[schema(pattern = r"^[A-Za-z]{3}$")]
     pub currency: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 255)]
     pub external_payment_id: Option<String>,
     #[serde(default = "yes")]
     pub settles_debt: bool,
@@ -117,6 +127,23 @@ impl CreateGrant {
             },
         ))
     }
+}
+
+/// The longest `reason` an adjustment or a void keeps, in characters.
+pub const REASON_CHARS_MAX: usize = 1000;
+
+/// A reason is kept with the entry: at most [`REASON_CHARS_MAX`] characters.
+///
+/// # Errors
+/// A longer one, naming `field`.
+pub fn check_reason(field: &str, reason: &str) -> Result<(), FieldError> {
+    if reason.chars().count() > REASON_CHARS_MAX {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {REASON_CHARS_MAX} characters"),
+        ));
+    }
+    Ok(())
 }
 
 /// A currency is an ISO 4217 code: three ASCII letters (`usd`, `EUR`).
@@ -215,6 +242,7 @@ impl Block {
 #[serde(deny_unknown_fields)]
 pub struct VoidBlock {
     #[serde(default)]
+    #[schema(max_length = 1000)]
     pub reason: Option<String>,
 }
 
@@ -222,9 +250,15 @@ pub struct VoidBlock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateAdjustment {
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
     /// Positive creates a block; negative burns in burn order.
     pub amount: i64,
+    #[schema(max_length = 1000)]
     pub reason: String,
     #[serde(default)]
     pub feature_keys: Option<Vec<String>>,
@@ -238,6 +272,7 @@ impl CreateAdjustment {
         if self.reason.trim().is_empty() {
             return Err(FieldError::new("reason", "must not be empty"));
         }
+        check_reason("reason", &self.reason)?;
         Ok((
             end_user,
             ledger::AdjustRequest {

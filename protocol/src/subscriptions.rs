@@ -9,9 +9,16 @@ use crate::{FieldError, WireTime, end_user_id};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSubscription {
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
+    #[schema(min_length = 1, max_length = 200)]
     pub plan_variant_id: String,
     #[serde(default)]
+    #[schema(maximum = 3650)]
     pub trial_days: Option<u32>,
     #[serde(default)]
     pub start_at: Option<WireTime>,

@@ -4,13 +4,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::{FieldError, Problem, WireTime, check_metadata, end_user_id, feature_key, units};
 
-/// `POST /v1/usage`, and one event of a batch.
+/// `POST /v1/usage`, and one event of a batch. The values' rules (an end user id of 1 to
+/// 256 bytes without control characters, a feature key `[a-z0-9_.-]{1,64}`, units 1 to
+/// 10^12, an idempotency key of 1 to 255 printable ASCII characters) are checked one event
+/// at a time: in a batch, an event that breaks one is an `error` result while the others
+/// go through, so the document states only the shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RecordUsage {
     pub end_user_id: String,
     pub feature_key: String,
-    /// 1 to 10^12.
+    /// 1 to 10^12 (checked per event; the document states serde's bound only).
+    #[schema(
+        format = "uint64",
+        minimum = 0,
+        maximum = 18_446_744_073_709_551_615_u64
+    )]
     pub units: u64,
     /// When it happened; defaults to now. Outside the accepted window (35 days back,
     /// 5 minutes ahead) it is clamped to the nearest edge, and the answer says so.
@@ -132,6 +141,7 @@ pub const BATCH_EVENTS_MAX: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageBatch {
+    #[schema(min_items = 1, max_items = 1000)]
     pub events: Vec<RecordUsage>,
 }
 
@@ -172,14 +182,23 @@ pub struct UsageBatchRecorded {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateReservation {
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
+    #[schema(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub feature_key: String,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_u64)]
     pub units: Option<u64>,
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub amount: Option<i64>,
     /// Default 300, at most 604800 (7 days).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604_800)]
     pub ttl_seconds: Option<i64>,
 }
 
@@ -215,8 +234,10 @@ impl CreateReservation {
 #[serde(deny_unknown_fields)]
 pub struct CommitReservation {
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)]
     pub units: Option<u64>,
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub amount: Option<i64>,
 }
 

@@ -15,6 +15,7 @@ use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
+use crate::limits;
 use crate::service::{AppState, Caller, CatalogView};
 use crate::store::CatalogRecord;
 
@@ -126,6 +127,12 @@ pub async fn create_feature(
         &incoming,
         StatusCode::CREATED,
         || async move {
+            let view = state_ref.view(env).await?;
+            limits::room_for(
+                "features per environment",
+                view.features.len(),
+                limits::FEATURES_PER_ENVIRONMENT_MAX,
+            )?;
             let now = state_ref.real_now();
             let record = CatalogRecord {
                 id: format!(
@@ -254,6 +261,11 @@ pub async fn create_plan(
             let id = PlanId::new(&mut UlidSource::at(now));
             request.to_ledger(id)?;
             let view = state_ref.view(env).await?;
+            limits::room_for(
+                "plans per environment",
+                view.plans.len(),
+                limits::PLANS_PER_ENVIRONMENT_MAX,
+            )?;
             known_features(&view, &request)?;
             let record = CatalogRecord {
                 id: id.to_string(),
@@ -385,6 +397,11 @@ pub async fn create_variant(
                 .find_plan(&plan)
                 .ok_or_else(|| ApiError::NotFound(format!("plan `{plan}`")))?;
             let plan_id: PlanId = plan.id.parse().map_err(ApiError::Internal)?;
+            limits::room_for(
+                "plan variants per environment",
+                view.variants.len(),
+                limits::VARIANTS_PER_ENVIRONMENT_MAX,
+            )?;
             let now = state_ref.real_now();
             let id = VariantId::new(&mut UlidSource::at(now));
             let variant = request.to_ledger(id, plan_id)?;

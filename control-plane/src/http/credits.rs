@@ -97,13 +97,19 @@ pub async fn void_block(
 ) -> Response {
     let prepared = (|| {
         caller.require(Scope::Write)?;
-        let _request: VoidBlock = parse_json(&incoming.headers, &incoming.body, true)?;
-        ledger::BlockId::parse(&id).ok_or_else(|| ApiError::NotFound(format!("block `{id}`")))
+        let request: VoidBlock = parse_json(&incoming.headers, &incoming.body, true)?;
+        if let Some(reason) = &request.reason {
+            protocol::check_reason("reason", reason)?;
+        }
+        let block_id = ledger::BlockId::parse(&id)
+            .ok_or_else(|| ApiError::NotFound(format!("block `{id}`")))?;
+        Ok::<_, ApiError>((block_id, request.reason))
     })();
-    let block_id = match prepared {
-        Ok(block_id) => block_id,
+    let (block_id, reason) = match prepared {
+        Ok(prepared) => prepared,
         Err(error) => return error.into_response(),
     };
+    let reason = &reason;
     let (state, env) = (&state, &caller.env);
     idempotency::run_claiming(state, env, &incoming, |key| async move {
         let stored = state
@@ -112,12 +118,19 @@ pub async fn void_block(
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("block {block_id}")))?;
         let (end_user, annotations) = (stored.end_user_id, stored.annotations);
+        // The reason goes on the void's ledger entry.
+        let void_annotations = Annotations {
+            metadata: reason
+                .as_ref()
+                .map(|reason| serde_json::json!({ "reason": reason })),
+            ..Annotations::default()
+        };
         let block = state
             .mutate(
                 env,
                 &end_user,
                 key.as_ref(),
-                Annotations::default(),
+                void_annotations,
                 200,
                 move |user, cx, _| {
                     let applied =
@@ -219,10 +232,17 @@ pub async fn create_adjustment(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct BalanceQuery {
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
     #[serde(default)]
+    #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub feature_key: Option<String>,
 }
 
@@ -295,24 +315,33 @@ pub async fn balance(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerQuery {
     #[serde(default)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: Option<String>,
     /// `grant`, `debit`, `hold`, `commit`, `release`, `expire`, `void`, `adjust`, `settle`.
     #[serde(default, rename = "type")]
+    #[param(pattern = r"^(grant|debit|hold|commit|release|expire|void|adjust|settle)$")]
     pub entry_type: Option<String>,
     /// Entries created at or after this instant.
     #[serde(default)]
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, format = DateTime)]
     pub from: Option<protocol::WireTime>,
     /// Entries created before this instant.
     #[serde(default)]
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<String>, format = DateTime)]
     pub to: Option<protocol::WireTime>,
     #[serde(default)]
+    #[param(min_length = 1)]
     pub cursor: Option<String>,
     #[serde(default)]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

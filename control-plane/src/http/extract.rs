@@ -67,7 +67,7 @@ pub fn parse_json<T: DeserializeOwned>(
     body: &[u8],
     empty_ok: bool,
 ) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) && empty_ok {
+    if empty_ok && (body.iter().all(u8::is_ascii_whitespace) || body.trim_ascii() == b"null") {
         return serde_json::from_slice(b"{}").map_err(|error| ApiError::BadRequest {
             field: None,
             detail: error.to_string(),
@@ -85,13 +85,80 @@ pub fn parse_json<T: DeserializeOwned>(
             "send the body as JSON with `Content-Type: application/json` (got `{content_type}`)"
         )));
     }
+    // Every body of this API is a JSON object; serde would also read a struct from an
+    // array of its fields in order, which the document does not allow.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::BadRequest {
+            field: None,
+            detail: "the body must be a JSON object".into(),
+        });
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_error(&mut deserializer)?;
+    let value = match serde_path_error(&mut deserializer) {
+        Ok(value) => value,
+        // JSON Schema counts `5.0` as an integer; serde does not. Only on this rare path
+        // is the body read again with such numbers as integers.
+        Err(error) => {
+            return match whole_floats_as_integers(body) {
+                None => Err(error),
+                Some(result) => result.map_err(|error| ApiError::BadRequest {
+                    field: None,
+                    detail: format!("invalid body: {error}"),
+                }),
+            };
+        }
+    };
     deserializer.end().map_err(|error| ApiError::BadRequest {
         field: None,
         detail: format!("malformed JSON: {error}"),
     })?;
     Ok(value)
+}
+
+/// The largest integer every step of a float's path represents exactly (2^53).
+const EXACT_FLOAT_INTEGER_MAX: f64 = 9_007_199_254_740_992.0;
+
+/// `body` read with every number written with a zero fraction (`5.0`, `1e3`) taken as the
+/// integer it is, when it is one a float holds exactly (|n| <= 2^53; larger ones are
+/// refused rather than rounded: money is never guessed). `None` when the body holds no
+/// such number (the first reading's error stands).
+fn whole_floats_as_integers<T: DeserializeOwned>(
+    body: &[u8],
+) -> Option<Result<T, serde_json::Error>> {
+    fn normalise(value: &mut serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::Number(number) => {
+                let whole = number
+                    .as_f64()
+                    .filter(|float| {
+                        number.is_f64()
+                            && float.fract() == 0.0
+                            && float.abs() <= EXACT_FLOAT_INTEGER_MAX
+                    })
+                    // A whole number within 2^53 prints exactly, so it parses back exactly.
+                    .and_then(|float| format!("{float:.0}").parse::<i64>().ok());
+                match whole {
+                    Some(integer) => {
+                        *value = serde_json::Value::from(integer);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            serde_json::Value::Array(items) => items
+                .iter_mut()
+                .fold(false, |changed, item| normalise(item) || changed),
+            serde_json::Value::Object(fields) => fields
+                .values_mut()
+                .fold(false, |changed, item| normalise(item) || changed),
+            _ => false,
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if !normalise(&mut value) {
+        return None;
+    }
+    Some(serde_json::from_value(value))
 }
 
 fn serde_path_error<T: DeserializeOwned>(

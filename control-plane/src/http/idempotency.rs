@@ -41,6 +41,16 @@ impl Done {
         })
     }
 
+    /// An answer without a body (204).
+    pub fn empty(status: StatusCode) -> Done {
+        Done {
+            status,
+            body: Vec::new(),
+            stored: false,
+            replay_body: None,
+        }
+    }
+
     /// A JSON answer whose replays answer `replay` instead (a secret shown once).
     pub fn json_once<T: serde::Serialize, R: serde::Serialize>(
         status: StatusCode,
@@ -72,14 +82,17 @@ const POLL: Duration = Duration::from_millis(20);
 /// The request's `Idempotency-Key`, validated.
 ///
 /// # Errors
-/// 400 for a key that is not 1 to 255 printable ASCII characters.
+/// 422 for a key that is not 1 to 255 printable ASCII characters.
 pub fn key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let text = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key", "must be printable ASCII"))?;
+    let text = value.to_str().map_err(|_| {
+        ApiError::bad_request(
+            "Idempotency-Key",
+            "must be 1 to 255 printable ASCII characters",
+        )
+    })?;
     protocol::check_idempotency_key("Idempotency-Key", text)?;
     Ok(Some(text.to_owned()))
 }
@@ -364,10 +377,13 @@ fn respond(done: Done, replayed: bool) -> Response {
     } else {
         "application/json"
     };
+    let no_content = done.status == StatusCode::NO_CONTENT;
     let mut response = (done.status, done.body).into_response();
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if !no_content {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    }
     if replayed {
         response
             .headers_mut()

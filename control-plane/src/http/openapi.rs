@@ -1,7 +1,8 @@
 //! Completes the OpenAPI document the handlers' annotations produce with what every
 //! operation shares, so that the document names every status the API can answer and its
 //! media type: errors are `application/problem+json`; every operation may answer 401,
-//! 403 and 429; one with a body 400, 413 and 415; one with query parameters 400; one with
+//! 403 and 429; one with a body 400, 413, 415 and 422; one with query parameters 400 and
+//! 422; one with
 //! a path parameter 404; a mutating one 409 (idempotency) and 503 (catching up), and it
 //! takes an `Idempotency-Key` header. Written once here instead of on every handler.
 
@@ -10,8 +11,11 @@ use serde_json::{Map, Value, json};
 /// Operations authorised by the operator token rather than an API key.
 const OPERATOR_PATHS: [&str; 1] = ["/v1/operator/tenants"];
 
-/// Adds the shared responses, parameters and media types to every operation.
+/// Adds the shared responses, parameters and media types to every operation, and links
+/// from each creation to the operations on what it created.
 pub fn complete(document: &mut Value) {
+    unique_operation_ids(document);
+    link_creations(document);
     let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
@@ -26,6 +30,108 @@ pub fn complete(document: &mut Value) {
             complete_operation(path, method, operation);
         }
     }
+}
+
+/// Handlers in different areas share names (`get`, `create`, `list`): an operation id
+/// used more than once is prefixed with its tag, so every id is unique as OpenAPI asks
+/// (links name operations by id).
+fn unique_operation_ids(document: &mut Value) {
+    let Some(paths) = document.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    let mut counts: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for item in paths.values() {
+        for operation in item.as_object().into_iter().flat_map(|item| item.values()) {
+            if let Some(id) = operation.get("operationId").and_then(Value::as_str) {
+                *counts.entry(id.to_owned()).or_insert(0) += 1;
+            }
+        }
+    }
+    for item in paths.values_mut() {
+        for operation in item
+            .as_object_mut()
+            .into_iter()
+            .flat_map(|item| item.values_mut())
+        {
+            let Some(id) = operation.get("operationId").and_then(Value::as_str) else {
+                continue;
+            };
+            if counts.get(id).copied().unwrap_or(0) < 2 {
+                continue;
+            }
+            let tag = operation
+                .pointer("/tags/0")
+                .and_then(Value::as_str)
+                .unwrap_or("api")
+                .replace(' ', "_");
+            let unique = format!("{tag}_{id}");
+            operation["operationId"] = json!(unique);
+        }
+    }
+}
+
+/// For every `POST /v1/things` that answers 201, OpenAPI links to the operations on
+/// `/v1/things/{id}…` with the created object's `id`: a client (or a fuzzer) can follow
+/// a creation to its object.
+fn link_creations(document: &mut Value) {
+    let Some(paths) = document.get("paths").and_then(Value::as_object) else {
+        return;
+    };
+    let mut links: Vec<(String, String, Value)> = Vec::new();
+    for (collection, item) in paths {
+        if item.pointer("/post/responses/201").is_none() {
+            continue;
+        }
+        let prefix = format!("{collection}/{{");
+        for (path, target) in paths {
+            let Some(rest) = path.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((parameter, _)) = rest.split_once('}') else {
+                continue;
+            };
+            // Only paths with one parameter: the created object's id.
+            if rest.contains('{') {
+                continue;
+            }
+            let Some(target) = target.as_object() else {
+                continue;
+            };
+            for (method, operation) in target {
+                let Some(operation_id) = operation.get("operationId").and_then(Value::as_str)
+                else {
+                    continue;
+                };
+                links.push((
+                    collection.clone(),
+                    format!("{method}_{operation_id}"),
+                    json!({
+                        "operationId": operation_id,
+                        "parameters": {parameter: "$response.body#/id"}
+                    }),
+                ));
+            }
+        }
+    }
+    for (collection, name, link) in links {
+        if let Some(response) = document
+            .pointer_mut(&format!(
+                "/paths/{}/post/responses/201",
+                escape(&collection)
+            ))
+            .and_then(Value::as_object_mut)
+        {
+            let entry = response.entry("links").or_insert_with(|| json!({}));
+            if let Some(entry) = entry.as_object_mut() {
+                entry.insert(name, link);
+            }
+        }
+    }
+}
+
+/// A JSON pointer segment for `text` (RFC 6901).
+fn escape(text: &str) -> String {
+    text.replace('~', "~0").replace('/', "~1")
 }
 
 fn problem(description: &str) -> Value {
@@ -80,7 +186,7 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
                     "in": "header",
                     "required": false,
                     "description": "Makes the request exactly-once (1 to 255 printable ASCII characters; SPEC 9).",
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"}
+                    "schema": {"type": "string", "maxLength": 255}
                 }));
             }
         }
@@ -131,10 +237,30 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
             )),
         );
     }
+    if mutating && !operator {
+        add(
+            "400",
+            problem("The request does not have the documented shape."),
+        );
+        add(
+            "422",
+            problem(
+                "A value breaks a rule the document cannot state, such as an `Idempotency-Key` that is not 1 to 255 printable ASCII characters; `field` names it.",
+            ),
+        );
+    }
     if has_body || has_query {
         add(
             "400",
-            problem("A malformed or invalid request; `field` names the field at fault."),
+            problem(
+                "The request does not have the documented shape (not JSON, a missing or unknown field, a wrong type); `field` names it when it can.",
+            ),
+        );
+        add(
+            "422",
+            problem(
+                "The request has the documented shape, but a value breaks a rule the document cannot state; `field` names it.",
+            ),
         );
     }
     if has_body {
@@ -147,10 +273,12 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
             problem("The body is not JSON (`Content-Type: application/json`)."),
         );
     }
-    if has_path {
+    if has_path || has_body || has_query {
         add(
             "404",
-            problem("No such object in this environment (`not_found`)."),
+            problem(
+                "No such object in this environment, or the request names one that does not exist (`not_found`, `feature_not_found`).",
+            ),
         );
     }
     if mutating && !operator {
@@ -199,7 +327,7 @@ mod tests {
         assert_eq!(
             statuses,
             vec![
-                "200", "400", "401", "402", "403", "404", "409", "413", "415", "429", "503"
+                "200", "400", "401", "402", "403", "404", "409", "413", "415", "422", "429", "503"
             ]
         );
         assert!(

@@ -155,15 +155,19 @@ async fn send_snapshot(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct StreamQuery {
     /// The cursor of the snapshot's header, or of the last record applied.
+    #[param(minimum = 0)]
     pub cursor: i64,
 }
 
 /// `GET /v1/sync/stream?cursor=`: every change after `cursor`, in order, each carrying the
 /// new state of what changed and its cursor; a heartbeat at once and every 2 s when idle.
 /// A cursor older than the retained feed answers 410 (`cursor_expired`): re-snapshot.
+/// The server ends a stream after `sync.stream_max_secs` (default an hour), and when its
+/// key is revoked; the follower reconnects from its cursor.
 #[utoipa::path(get, path = "/v1/sync/stream", tag = "sync", params(StreamQuery),
     responses((status = 200, description = "NDJSON lines of SyncRecord, open until the client leaves", content_type = "application/x-ndjson"),
         (status = 410, body = Problem)))]
@@ -209,6 +213,7 @@ async fn follow(
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
 ) -> Result<(), ApiError> {
     let env = &caller.env;
+    let ends_at = tokio::time::Instant::now() + state.config().stream_max;
     let mut revoked = state.subscribe_revocations();
     let mut recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
     let mut changed = state.subscribe_changes();
@@ -221,6 +226,10 @@ async fn follow(
     };
     let mut next_heartbeat = tokio::time::Instant::now();
     loop {
+        if tokio::time::Instant::now() >= ends_at {
+            // The follower reconnects from its cursor (`sync.stream_max_secs`).
+            return Ok(());
+        }
         if tokio::time::Instant::now() >= recheck_at {
             if !state.key_is_live(caller).await? {
                 tracing::info!(key = %caller.key_id, "the key was revoked; ending its stream");
@@ -289,7 +298,8 @@ async fn follow(
         }
         let wait = POLL
             .min(next_heartbeat.saturating_duration_since(tokio::time::Instant::now()))
-            .min(recheck_at.saturating_duration_since(tokio::time::Instant::now()));
+            .min(recheck_at.saturating_duration_since(tokio::time::Instant::now()))
+            .min(ends_at.saturating_duration_since(tokio::time::Instant::now()));
         tokio::select! {
             _ = changed.changed() => {}
             // A key of this process was revoked: check this stream's at once.

@@ -16,6 +16,7 @@ use super::idempotency::{self, Done, Incoming};
 use crate::auth::{self, Scope};
 use crate::clock::UlidSource;
 use crate::error::ApiError;
+use crate::limits;
 use crate::service::{AppState, Caller};
 use crate::store::{ApiKeyRecord, Environment, TenantRecord};
 
@@ -130,6 +131,18 @@ pub async fn create_key(
     };
     let (state, env) = (&state, &caller.env);
     idempotency::run(state, env, &incoming, |_key| async move {
+        let live = state
+            .store()
+            .list_api_keys(env)
+            .await?
+            .iter()
+            .filter(|key| key.revoked_at.is_none())
+            .count();
+        limits::room_for(
+            "API keys per environment",
+            live,
+            limits::KEYS_PER_ENVIRONMENT_MAX,
+        )?;
         let now = state.real_now();
         let key = auth::generate_key(env.environment);
         let record = ApiKeyRecord {
@@ -183,31 +196,42 @@ pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<ApiKey>, ApiError> {
-    caller.require(Scope::Admin)?;
+    incoming: Incoming,
+) -> Response {
+    if let Err(error) = caller.require(Scope::Admin) {
+        return error.into_response();
+    }
     // A key never revokes itself: the environment always keeps a key that can manage
     // keys, so a tenant cannot lock itself out by accident.
     if id == caller.key_id {
-        return Err(ApiError::Conflict(
+        return ApiError::Conflict(
             "a key cannot revoke itself: revoke it with another key that has the admin scope"
                 .into(),
-        ));
+        )
+        .into_response();
     }
-    let record = state
-        .store()
-        .revoke_api_key(&caller.env, &id, state.real_now())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("API key `{id}`")))?;
-    state.forget_key(&record.key_hash);
-    Ok(Json(key_wire(&record, None)))
+    let (state, env, id) = (&state, &caller.env, &id);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let record = state
+            .store()
+            .revoke_api_key(env, id, state.real_now())
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("API key `{id}`")))?;
+        state.forget_key(&record.key_hash);
+        Done::json(StatusCode::OK, &key_wire(&record, None))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     #[serde(default)]
+    #[param(pattern = r"^[0-9]{1,18}$")]
     pub cursor: Option<String>,
     #[serde(default)]
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<u32>,
 }
 

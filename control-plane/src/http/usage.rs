@@ -423,12 +423,20 @@ fn duplicate_of(index: usize, original: &str) -> BatchResult {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct CheckQuery {
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
+    #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub feature_key: String,
     /// Default 1.
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1_000_000_000_000_u64)]
     pub units: Option<u64>,
 }
 
@@ -463,8 +471,14 @@ pub async fn check(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
 }
 

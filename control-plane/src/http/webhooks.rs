@@ -11,6 +11,7 @@ use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
+use crate::limits;
 use crate::service::{AppState, Caller};
 use crate::store::{EndpointRecord, Env};
 use crate::webhooks;
@@ -72,6 +73,12 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
     };
     let (state, env) = (&state, &caller.env);
     idempotency::run(state, env, &incoming, |_key| async move {
+        let existing = state.store().endpoints(env).await?.len();
+        limits::room_for(
+            "webhook endpoints per environment",
+            existing,
+            limits::ENDPOINTS_PER_ENVIRONMENT_MAX,
+        )?;
         let now = state.real_now();
         let record = EndpointRecord {
             id: format!("we_{}", ledger::IdSource::next_id(&mut UlidSource::at(now))),
@@ -151,17 +158,24 @@ pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    caller.require(Scope::Admin)?;
-    if state
-        .store()
-        .delete_endpoint(&caller.env, &id, state.real_now())
-        .await?
-    {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound(format!("webhook endpoint `{id}`")))
+    incoming: Incoming,
+) -> Response {
+    if let Err(error) = caller.require(Scope::Admin) {
+        return error.into_response();
     }
+    let (state, env, id) = (&state, &caller.env, &id);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        if state
+            .store()
+            .delete_endpoint(env, id, state.real_now())
+            .await?
+        {
+            Ok(Done::empty(StatusCode::NO_CONTENT))
+        } else {
+            Err(ApiError::NotFound(format!("webhook endpoint `{id}`")))
+        }
+    })
+    .await
 }
 
 /// `POST /v1/webhook-endpoints/{id}/test`: sends a `webhook.test` event to this endpoint
@@ -172,30 +186,37 @@ pub async fn test(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<protocol::Event>, ApiError> {
-    caller.require(Scope::Admin)?;
-    let endpoint = find(&state, &caller.env, &id).await?;
-    let view = state.view(&caller.env).await?;
-    let now = state.env_now(&view);
-    let event = protocol::Event {
-        id: ledger::EventId::new(&mut UlidSource::at(now)).to_string(),
-        event_type: "webhook.test".into(),
-        end_user_id: None,
-        created_at: now.into(),
-        data: serde_json::json!({ "endpoint_id": endpoint.id }),
-        deliveries: Vec::new(),
-    };
-    state
-        .store()
-        .insert_ping(&caller.env, &event, &endpoint.id, now)
-        .await?;
-    deliver_now(&state, &caller.env).await?;
-    let stored = state
-        .store()
-        .event(&caller.env, &event.id)
-        .await?
-        .ok_or_else(|| ApiError::Internal("the test event vanished".into()))?;
-    Ok(Json(stored.event))
+    incoming: Incoming,
+) -> Response {
+    if let Err(error) = caller.require(Scope::Admin) {
+        return error.into_response();
+    }
+    let (state, env, id) = (&state, &caller.env, &id);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let endpoint = find(state, env, id).await?;
+        let view = state.view(env).await?;
+        let now = state.env_now(&view);
+        let event = protocol::Event {
+            id: ledger::EventId::new(&mut UlidSource::at(now)).to_string(),
+            event_type: "webhook.test".into(),
+            end_user_id: None,
+            created_at: now.into(),
+            data: serde_json::json!({ "endpoint_id": endpoint.id }),
+            deliveries: Vec::new(),
+        };
+        state
+            .store()
+            .insert_ping(env, &event, &endpoint.id, now)
+            .await?;
+        deliver_now(state, env).await?;
+        let stored = state
+            .store()
+            .event(env, &event.id)
+            .await?
+            .ok_or_else(|| ApiError::Internal("the test event vanished".into()))?;
+        Done::json(StatusCode::OK, &stored.event)
+    })
+    .await
 }
 
 /// `POST /v1/events/{id}/redeliver`: queues the event again for every endpoint that
@@ -206,25 +227,32 @@ pub async fn redeliver(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Admin)?;
-    let view = state.view(&caller.env).await?;
-    state
-        .store()
-        .event(&caller.env, &id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
-    state
-        .store()
-        .redeliver(&caller.env, &id, state.env_now(&view))
-        .await?;
-    deliver_now(&state, &caller.env).await?;
-    let stored = state
-        .store()
-        .event(&caller.env, &id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
-    Ok((StatusCode::ACCEPTED, Json(stored.event)).into_response())
+    incoming: Incoming,
+) -> Response {
+    if let Err(error) = caller.require(Scope::Admin) {
+        return error.into_response();
+    }
+    let (state, env, id) = (&state, &caller.env, &id);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let view = state.view(env).await?;
+        state
+            .store()
+            .event(env, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+        state
+            .store()
+            .redeliver(env, id, state.env_now(&view))
+            .await?;
+        deliver_now(state, env).await?;
+        let stored = state
+            .store()
+            .event(env, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+        Done::json(StatusCode::ACCEPTED, &stored.event)
+    })
+    .await
 }
 
 /// Attempts `env`'s deliveries due now, once each, within one attempt's timeout (what the

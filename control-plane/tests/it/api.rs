@@ -132,7 +132,7 @@ store_test! {
         .await;
     assert_eq!(
         (bad.status, bad.code()),
-        (StatusCode::BAD_REQUEST, "invalid_request")
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request")
     );
     }
 }
@@ -259,7 +259,7 @@ store_test! {
     let bad_type = harness.get("/v1/ledger?type=steal", key).await;
     assert_eq!(
         (bad_type.status, bad_type.body["field"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("type"))
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("type"))
     );
     let bad_limit = harness.get("/v1/ledger?limit=501", key).await;
     assert_eq!(bad_limit.body["field"], "limit");
@@ -338,7 +338,7 @@ store_test! {
         let answer = harness.post("/v1/usage", key, body.clone()).await;
         assert_eq!(
             (answer.status, answer.body["field"].as_str()),
-            (StatusCode::BAD_REQUEST, Some(field)),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
             "{body}"
         );
     }
@@ -428,7 +428,7 @@ store_test! {
     let empty = harness
         .post("/v1/usage/batch", key, json!({"events": []}))
         .await;
-    assert_eq!(empty.status, StatusCode::BAD_REQUEST);
+    assert_eq!(empty.status, StatusCode::UNPROCESSABLE_ENTITY);
     }
 }
 
@@ -568,7 +568,7 @@ store_test! {
             json!({"end_user_id": "u1", "feature_key": "api_calls", "amount": 1, "units": 1}),
         )
         .await;
-    assert_eq!(both.status, StatusCode::BAD_REQUEST);
+    assert_eq!(both.status, StatusCode::UNPROCESSABLE_ENTITY);
     let missing = harness
         .get("/v1/reservations/rsv_01ARZ3NDEKTSV4RRFFQ69G5FAV", key)
         .await;
@@ -729,7 +729,7 @@ store_test! {
         let answer = harness.post("/v1/features", key, body.clone()).await;
         assert_eq!(
             (answer.status, answer.body["field"].as_str()),
-            (StatusCode::BAD_REQUEST, Some(field)),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
             "{body}"
         );
     }
@@ -753,7 +753,7 @@ store_test! {
             json!({"end_user_id": "u9", "plan_variant_id": "pro/monthly"}),
         )
         .await;
-    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
     let settings = harness.get("/v1/settings", key).await;
     assert!(
         settings.body["free_plan_variant_id"]

@@ -106,18 +106,18 @@ store_test! {
         async move { harness.send(axum::http::Method::PUT, path, Some(&key), Some(body), &[]).await }
     };
     let renamed = put("/v1/features/api_calls", json!({"key": "calls", "name": "Calls", "type": "metered"})).await;
-    assert_eq!((renamed.status, renamed.body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("key")));
+    assert_eq!((renamed.status, renamed.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("key")));
     let retyped = put("/v1/features/api_calls", json!({"key": "api_calls", "name": "Calls", "type": "boolean"})).await;
-    assert_eq!((retyped.status, retyped.body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("type")));
+    assert_eq!((retyped.status, retyped.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("type")));
     let missing = put("/v1/features/nope", json!({"key": "nope", "name": "No", "type": "metered"})).await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     let ok = put("/v1/features/api_calls", json!({"key": "api_calls", "name": "Calls", "type": "metered"})).await;
     assert_eq!((ok.status, ok.body["name"].as_str()), (StatusCode::OK, Some("Calls")));
 
     let rekinded = put("/v1/plans/pro", json!({"key": "pro", "name": "Pro", "kind": "addon"})).await;
-    assert_eq!((rekinded.status, rekinded.body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("kind")));
+    assert_eq!((rekinded.status, rekinded.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("kind")));
     let unknown = put("/v1/plans/pro", json!({"key": "pro", "name": "Pro", "kind": "base", "features": {"ghost": {"enabled": true}}})).await;
-    assert_eq!((unknown.status, unknown.body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("features.ghost")));
+    assert_eq!((unknown.status, unknown.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("features.ghost")));
     let replaced = put("/v1/plans/pro", json!({"key": "pro", "name": "Pro+", "kind": "base", "features": {"api_calls": {"enabled": true}}})).await;
     assert_eq!(replaced.status, StatusCode::OK, "{}", replaced.body);
     assert_eq!(replaced.body["variants"].as_array().map(Vec::len), Some(1), "variants stay");

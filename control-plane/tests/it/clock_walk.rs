@@ -214,7 +214,7 @@ store_test! {
             json!({"seconds": 5, "to": "2030-01-01T00:00:00Z"}),
         )
         .await;
-    assert_eq!(both.status.as_u16(), 400);
+    assert_eq!(both.status.as_u16(), 422);
     let live = harness
         .post(
             "/v1/test-clock/advance",

@@ -154,7 +154,7 @@ store_test! {
             &[("idempotency-key", "k400")],
         )
         .await;
-    assert_eq!(invalid.status, StatusCode::BAD_REQUEST);
+    assert_eq!(invalid.status, StatusCode::UNPROCESSABLE_ENTITY);
     let fixed = json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1});
     let retried = harness
         .send(

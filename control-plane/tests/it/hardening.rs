@@ -168,7 +168,7 @@ store_test! {
         let refused = harness.post(path, &key, body).await;
         assert_eq!(
             (refused.status, refused.body["field"].as_str()),
-            (StatusCode::BAD_REQUEST, Some(field)),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
             "{path}: {}",
             refused.body
         );
@@ -215,4 +215,35 @@ async fn live_blocks_per_end_user_are_bounded() {
         )
         .await;
     harness.grant(&key, "u1", 1).await;
+}
+
+// What one environment may create is bounded, each bound answered 422 `limit_reached`
+// naming it: 16 webhook endpoints (every event makes a delivery per endpoint), 100 live
+// API keys; revoking or deleting makes room.
+store_test! {
+    async fn environments_hold_bounded_endpoints_and_keys(backend) {
+    let harness = Harness::start(backend).await;
+    let root = harness.tenant("acme").await.test;
+    let mut endpoint = String::new();
+    for index in 0..control_plane::limits::ENDPOINTS_PER_ENVIRONMENT_MAX {
+        let created = harness.ok("/v1/webhook-endpoints", &root, json!({"url": format!("http://127.0.0.1:9/hook{index}")}), 201).await;
+        endpoint = created["id"].as_str().expect("id").to_owned();
+    }
+    let refused = harness.post("/v1/webhook-endpoints", &root, json!({"url": "http://127.0.0.1:9/one-more"})).await;
+    assert_eq!((refused.status, refused.code()), (StatusCode::UNPROCESSABLE_ENTITY, "limit_reached"), "{}", refused.body);
+    assert!(refused.body["detail"].as_str().unwrap_or("").contains("16"));
+    let deleted = harness.send(axum::http::Method::DELETE, &format!("/v1/webhook-endpoints/{endpoint}"), Some(&root), None, &[]).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    harness.ok("/v1/webhook-endpoints", &root, json!({"url": "http://127.0.0.1:9/one-more"}), 201).await;
+
+    // The tenant's first key counts: 99 more fit.
+    let mut last = String::new();
+    for _ in 1..control_plane::limits::KEYS_PER_ENVIRONMENT_MAX {
+        last = harness.ok("/v1/api-keys", &root, json!({"scopes": ["read"]}), 201).await["id"].as_str().expect("id").to_owned();
+    }
+    let refused = harness.post("/v1/api-keys", &root, json!({"scopes": ["read"]})).await;
+    assert_eq!((refused.status, refused.code()), (StatusCode::UNPROCESSABLE_ENTITY, "limit_reached"), "{}", refused.body);
+    harness.ok(&format!("/v1/api-keys/{last}/revoke"), &root, json!({}), 200).await;
+    harness.ok("/v1/api-keys", &root, json!({"scopes": ["read"]}), 201).await;
+    }
 }

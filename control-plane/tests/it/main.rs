@@ -13,6 +13,7 @@ mod hardening;
 mod isolation;
 mod jobs;
 mod openapi;
+mod refusals;
 mod replicas;
 mod restart;
 mod support;

@@ -379,7 +379,7 @@ store_test! {
             .await;
         assert_eq!(
             (refused.status, refused.body["field"].as_str()),
-            (StatusCode::BAD_REQUEST, Some("url")),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("url")),
             "{url}"
         );
     }
