@@ -25,8 +25,9 @@ pub struct RecordUsage {
     /// 5 minutes ahead) it is clamped to the nearest edge, and the answer says so.
     #[serde(default)]
     pub timestamp: Option<WireTime>,
+    /// A JSON object of at most 16 KiB (checked per event, like the other rules).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Value>)]
     pub metadata: Option<serde_json::Value>,
     #[serde(default)]
     pub strict: bool,

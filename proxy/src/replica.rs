@@ -660,9 +660,18 @@ mod tests {
                 catalog: &catalog,
                 ids: &mut ids,
             };
+            // Usage makes a new version without piling up blocks (an end user holds at
+            // most 1,000 live ones).
             state
-                .grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(1)))
-                .expect("grant");
+                .record_usage(
+                    &mut cx,
+                    ledger::UsageRequest {
+                        feature_key: ledger::FeatureKey::new("api_calls").expect("key"),
+                        units: ledger::Units::new(1).expect("units"),
+                        strict: false,
+                    },
+                )
+                .expect("usage");
             let version = state.version();
             let record = SyncRecord::EndUser {
                 cursor: round.saturating_add(2),
