@@ -145,12 +145,22 @@ fn whole_floats_as_integers<T: DeserializeOwned>(
                     None => false,
                 }
             }
-            serde_json::Value::Array(items) => items
-                .iter_mut()
-                .fold(false, |changed, item| normalise(item) || changed),
-            serde_json::Value::Object(fields) => fields
-                .values_mut()
-                .fold(false, |changed, item| normalise(item) || changed),
+            // Every item is normalised (no short circuit): `changed` only says whether
+            // any was.
+            serde_json::Value::Array(items) => {
+                let mut changed = false;
+                for item in items {
+                    changed |= normalise(item);
+                }
+                changed
+            }
+            serde_json::Value::Object(fields) => {
+                let mut changed = false;
+                for item in fields.values_mut() {
+                    changed |= normalise(item);
+                }
+                changed
+            }
             _ => false,
         }
     }
