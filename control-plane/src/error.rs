@@ -211,7 +211,18 @@ fn refusal_problem(refusal: &Refusal) -> Problem {
         Refusal::BlockNotFound(_)
         | Refusal::ReservationNotFound(_)
         | Refusal::SubscriptionNotFound(_)
+        | Refusal::LeaseNotFound(_)
         | Refusal::VariantNotFound(_) => Problem::new(404, "not_found", "Not found", detail),
+        Refusal::LeaseNotActive { status } => {
+            let mut problem = Problem::new(409, "lease_not_active", "Lease not active", detail);
+            problem.current_status = Some(status.as_str().to_owned());
+            problem
+        }
+        Refusal::SequenceGap { expected } => {
+            let mut problem = Problem::new(409, "sequence_gap", "Sequence gap", detail);
+            problem.expected = Some(*expected);
+            problem
+        }
         Refusal::ReservationNotActive { status } => {
             let mut problem = Problem::new(
                 409,

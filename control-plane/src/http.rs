@@ -4,6 +4,7 @@ pub mod catalog;
 pub mod credits;
 pub mod extract;
 pub mod idempotency;
+pub mod leases;
 pub mod openapi;
 pub mod reservations;
 pub mod subscriptions;
@@ -88,6 +89,10 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(reservations::commit))
         .routes(routes!(reservations::release))
         .routes(routes!(reservations::extend))
+        .routes(routes!(leases::create, leases::list))
+        .routes(routes!(leases::get))
+        .routes(routes!(leases::report))
+        .routes(routes!(leases::release))
         .routes(routes!(subscriptions::create, subscriptions::list))
         .routes(routes!(subscriptions::get))
         .routes(routes!(subscriptions::renew))

@@ -199,7 +199,13 @@ struct Inner {
     streams: Mutex<HashMap<String, usize>>,
     /// Bumped by every revocation in this process (streams check their keys at once).
     revocations: tokio::sync::watch::Sender<u64>,
+    /// Which end user a lease belongs to (it never changes), so a report finds its end
+    /// user without a store read.
+    lease_owners: Mutex<lru::LruCache<(Env, ledger::LeaseId), EndUserId>>,
 }
+
+/// Leases whose owner this process remembers.
+const LEASE_OWNERS_REMEMBERED: usize = 100_000;
 
 /// An open sync stream, counted against its key until dropped.
 #[derive(Debug)]
@@ -294,6 +300,10 @@ impl AppState {
                 deliveries_queued: Arc::default(),
                 streams: Mutex::default(),
                 revocations: tokio::sync::watch::Sender::new(0),
+                lease_owners: Mutex::new(lru::LruCache::new(
+                    std::num::NonZeroUsize::new(LEASE_OWNERS_REMEMBERED)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                )),
             }),
         }
     }
@@ -580,6 +590,27 @@ impl AppState {
         self.inner
             .revocations
             .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// The end user lease `id` of `env` belongs to, when this process remembers it.
+    pub fn lease_owner(&self, env: &Env, id: ledger::LeaseId) -> Option<EndUserId> {
+        self.inner
+            .lease_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(env.clone(), id))
+            .cloned()
+    }
+
+    /// Remembers which end user a lease belongs to.
+    pub fn remember_lease_owner(&self, env: &Env, id: &str, end_user: &EndUserId) {
+        if let Some(id) = ledger::LeaseId::parse(id) {
+            self.inner
+                .lease_owners
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .put((env.clone(), id), end_user.clone());
+        }
     }
 
     /// A receiver that sees a new value after each revocation in this process.

@@ -160,6 +160,7 @@ pub struct Changes {
     pub finished_reservations: Vec<Reservation>,
     pub finished_subscriptions: Vec<Subscription>,
     pub finished_blocks: Vec<Block>,
+    pub finished_leases: Vec<ledger::Lease>,
     pub annotations: Annotations,
     /// When the end user next has due work (by the environment's clock).
     pub next_due: Option<Timestamp>,
@@ -179,6 +180,7 @@ impl Changes {
             finished_reservations: applied.finished_reservations,
             finished_subscriptions: applied.finished_subscriptions,
             finished_blocks: applied.finished_blocks,
+            finished_leases: applied.finished_leases,
             ..Changes::default()
         };
         (applied.value, changes)
@@ -446,6 +448,34 @@ pub(crate) fn changed_reservations<'a>(
                 .is_none_or(|old| *old != *reservation)
         })
         .collect()
+}
+
+/// The leases an operation created or changed, live or finished (what a store writes of
+/// them), in the state's order, then the finished ones'.
+pub(crate) fn changed_leases<'a>(
+    old: &EndUserState,
+    new: &'a EndUserState,
+    changes: &'a [Changes],
+) -> Vec<&'a ledger::Lease> {
+    let before: std::collections::BTreeMap<_, _> =
+        old.leases().iter().map(|lease| (lease.id, lease)).collect();
+    new.leases()
+        .iter()
+        .chain(changes.iter().flat_map(|part| &part.finished_leases))
+        .filter(|lease| before.get(&lease.id).is_none_or(|old| *old != *lease))
+        .collect()
+}
+
+/// Which leases a listing wants: an end user's, a holder's, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    pub end_user_id: Option<String>,
+    pub holder: Option<String>,
+    /// Only active ones.
+    pub active_only: bool,
+    /// Leases with an id after this one (the cursor).
+    pub after: Option<String>,
+    pub limit: u32,
 }
 
 /// The subscriptions an operation created or changed, live or finished (what a store
@@ -782,6 +812,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         filter: &EntryFilter,
     ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>>;
     async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>>;
+    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>>;
+    /// Leases by end user and/or holder, in id order.
+    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>>;
     async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>>;
     async fn subscriptions(
         &self,

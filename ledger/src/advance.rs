@@ -3,7 +3,7 @@
 //! order by one function that serves background jobs and test clocks alike.
 
 use crate::catalog::Catalog;
-use crate::id::{BlockId, ReservationId, SubscriptionId};
+use crate::id::{BlockId, LeaseId, ReservationId, SubscriptionId};
 use crate::refusal::Refusal;
 use crate::reservation::ReservationStatus;
 use crate::state::{Applied, Cx, EndUserState, Journal};
@@ -16,12 +16,14 @@ use crate::time::Timestamp;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Due {
     ReservationExpiry(ReservationId),
+    LeaseExpiry(LeaseId),
     BlockExpiry(BlockId),
     PeriodEnd(SubscriptionId),
     GraceEnd(SubscriptionId),
     Notice(SubscriptionId),
     Window(SubscriptionId, usize),
     BlockEffective(BlockId),
+    LeaseForget(LeaseId),
 }
 
 // === impl EndUserState ===
@@ -143,6 +145,8 @@ impl EndUserState {
     ) -> Result<(), Refusal> {
         match due {
             Due::ReservationExpiry(id) => self.expire_reservation(cx, id, at, journal),
+            Due::LeaseExpiry(id) => self.expire_lease(cx, id, at, journal),
+            Due::LeaseForget(id) => self.forget_lease(id, journal),
             Due::BlockExpiry(id) => self.expire_block(cx, id, at, journal),
             Due::PeriodEnd(id) => self.end_period(cx, id, at, journal),
             Due::GraceEnd(id) => self.end_grace(cx, id, at, journal),
@@ -162,6 +166,13 @@ impl EndUserState {
                     reservation.expires_at,
                     Due::ReservationExpiry(reservation.id),
                 ));
+            }
+        }
+        for lease in &self.leases {
+            if lease.status == crate::lease::LeaseStatus::Active {
+                candidates.push((lease.expires_at, Due::LeaseExpiry(lease.id)));
+            } else if let Some(at) = EndUserState::lease_forget_at(lease)? {
+                candidates.push((at, Due::LeaseForget(lease.id)));
             }
         }
         for block in &self.blocks {

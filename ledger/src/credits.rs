@@ -356,6 +356,23 @@ impl EndUserState {
         Ok(cost)
     }
 
+    /// Counts `units` already priced elsewhere at `cost` (a lease report: the holder
+    /// priced its requests with this engine) toward the period's usage.
+    pub(crate) fn count_reported(
+        &mut self,
+        catalog: &Catalog,
+        feature_key: &FeatureKey,
+        units: Units,
+        cost: Credits,
+        now: Timestamp,
+    ) -> Result<(), Refusal> {
+        metered_feature(catalog, feature_key)?;
+        let period_start = self.usage_period_start(now)?;
+        self.count_units(feature_key, period_start, units)?;
+        self.tally_period_usage(feature_key, units, cost)?;
+        Ok(())
+    }
+
     /// What `units` of `feature` would cost at `now`, without counting them.
     pub(crate) fn quote(
         &self,

@@ -2,7 +2,7 @@
 
 use crate::amount::{Credits, Units};
 use crate::block::{Block, Part};
-use crate::id::{EndUserId, EntryId, FeatureKey, ReservationId, SubscriptionId};
+use crate::id::{EndUserId, EntryId, FeatureKey, LeaseId, ReservationId, SubscriptionId};
 use crate::time::Timestamp;
 
 /// What an entry records. Each type's effect on blocks is fixed, so that replaying an end
@@ -15,7 +15,7 @@ use crate::time::Timestamp;
 /// | `Hold` | holds | — |
 /// | `Commit` | releases the hold on it and burns it | — |
 /// | `Release` | releases the hold | — |
-/// | `Expire` | with a reservation: releases the hold; without: expires | — |
+/// | `Expire` | with a reservation or a lease: releases the hold; without: expires | — |
 /// | `Void` | voids | marks the block voided |
 /// | `Adjust` | negative: burns | positive: creates `block` |
 /// | `Settle` | burns | subtracts `amount` from the feature's debt |
@@ -67,6 +67,12 @@ pub struct Entry {
     pub debt: Credits,
     pub units: Option<Units>,
     pub reservation_id: Option<ReservationId>,
+    /// The lease a hold, commit, release, expiry or debit belongs to.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub lease_id: Option<LeaseId>,
     pub subscription_id: Option<SubscriptionId>,
     /// The block a grant or positive adjustment created, as it was created.
     pub block: Option<Box<Block>>,

@@ -61,6 +61,14 @@ pub enum EventKind {
         reservation_id: ReservationId,
         amount: Credits,
     },
+    /// A lease reached its TTL: the rest of its hold (`released`) went back. Its holder
+    /// stopped reporting (a crashed or cut-off proxy).
+    LeaseExpired {
+        lease_id: crate::id::LeaseId,
+        feature_key: crate::id::FeatureKey,
+        holder: crate::id::Holder,
+        released: Credits,
+    },
     Subscription {
         subscription_id: SubscriptionId,
         status: SubscriptionStatus,
@@ -107,6 +115,7 @@ impl EventKind {
             EventKind::ReservationCommitted { .. } => "reservation.committed",
             EventKind::ReservationReleased { .. } => "reservation.released",
             EventKind::ReservationExpired { .. } => "reservation.expired",
+            EventKind::LeaseExpired { .. } => "lease.expired",
             EventKind::Subscription { change, .. } => match change {
                 SubscriptionChange::Created => "subscription.created",
                 SubscriptionChange::TrialEnding { .. } => "subscription.trial_ending",

@@ -106,6 +106,7 @@ macro_rules! name_serde {
 
 name_serde!(EndUserId);
 name_serde!(FeatureKey);
+name_serde!(Holder);
 
 prefixed_id!(
     /// A credit block (`blk_…`).
@@ -116,6 +117,11 @@ prefixed_id!(
     /// A reservation (`rsv_…`).
     ReservationId,
     "rsv_"
+);
+prefixed_id!(
+    /// A lease: credits held for one proxy (`lse_…`).
+    LeaseId,
+    "lse_"
 );
 prefixed_id!(
     /// A ledger entry (`led_…`).
@@ -154,6 +160,8 @@ pub enum InvalidName {
     ControlCharacter,
     #[error("may contain only a-z, 0-9, `_`, `.` and `-`")]
     BadCharacter,
+    #[error("may contain only letters, digits, `_`, `.`, `:` and `-`")]
+    BadHolderCharacter,
 }
 
 /// The tenant's own id for one of its customers: 1 to 256 bytes of UTF-8 without control
@@ -215,6 +223,39 @@ impl FeatureKey {
 }
 
 impl fmt::Display for FeatureKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who holds a lease: a proxy's stable instance id, `[A-Za-z0-9_.:-]{1,128}`. Cheap to
+/// clone.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Holder(Arc<str>);
+
+impl Holder {
+    pub const LEN_MAX: usize = 128;
+
+    pub fn new(text: &str) -> Result<Holder, InvalidName> {
+        if text.is_empty() {
+            return Err(InvalidName::Empty);
+        }
+        if text.len() > Self::LEN_MAX {
+            return Err(InvalidName::TooLong { max: Self::LEN_MAX });
+        }
+        let allowed = |c: char| c.is_ascii_alphanumeric() || "_.:-".contains(c);
+        if !text.chars().all(allowed) {
+            return Err(InvalidName::BadHolderCharacter);
+        }
+        Ok(Holder(Arc::from(text)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Holder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }

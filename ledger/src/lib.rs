@@ -41,6 +41,7 @@ mod decide;
 mod entry;
 mod event;
 mod id;
+mod lease;
 mod lifecycle;
 mod pricing;
 mod recurring;
@@ -67,8 +68,12 @@ pub use decide::{Decision, DenyReason};
 pub use entry::{Entry, EntryType};
 pub use event::{Event, EventKind, PeriodUsage, SubscriptionChange};
 pub use id::{
-    BlockId, EndUserId, EntryId, EventId, FeatureKey, IdSource, InvalidName, PlanId, ReservationId,
-    SequentialIds, SubscriptionId, VariantId,
+    BlockId, EndUserId, EntryId, EventId, FeatureKey, Holder, IdSource, InvalidName, LeaseId,
+    PlanId, ReservationId, SequentialIds, SubscriptionId, VariantId,
+};
+pub use lease::{
+    LEASE_KEPT_SECS, LEASE_TTL_MAX_SECS, LEASES_PER_END_USER_MAX, Lease, LeaseReport,
+    LeaseReported, LeaseRequest, LeaseStatus,
 };
 pub use lifecycle::{CancelAt, ChangeAt, SubscribeRequest, TRIAL_ENDING_NOTICE_DAYS, is_upgrade};
 pub use pricing::cost;

@@ -30,6 +30,13 @@ pub enum Refusal {
     ReservationNotActive { status: ReservationStatus },
     #[error("subscription {0} does not exist")]
     SubscriptionNotFound(SubscriptionId),
+    #[error("lease {0} does not exist (or ended more than an hour ago)")]
+    LeaseNotFound(crate::id::LeaseId),
+    #[error("lease is {status}, not active")]
+    LeaseNotActive { status: crate::lease::LeaseStatus },
+    /// A lease report's sequence is not the next one; `expected` is.
+    #[error("expected report sequence {expected}")]
+    SequenceGap { expected: u64 },
     #[error("plan variant {0} does not exist")]
     VariantNotFound(VariantId),
     #[error("cannot {operation} a subscription that is {from}")]
@@ -82,7 +89,10 @@ impl Refusal {
             Refusal::FeatureNotFound(_) => "feature_not_found",
             Refusal::BlockNotFound(_)
             | Refusal::ReservationNotFound(_)
-            | Refusal::SubscriptionNotFound(_) => "not_found",
+            | Refusal::SubscriptionNotFound(_)
+            | Refusal::LeaseNotFound(_) => "not_found",
+            Refusal::LeaseNotActive { .. } => "lease_not_active",
+            Refusal::SequenceGap { .. } => "sequence_gap",
             Refusal::VariantNotFound(_) => "not_found",
             Refusal::ReservationNotActive { .. } => "reservation_not_active",
             Refusal::InvalidTransition { .. } => "invalid_transition",

@@ -51,7 +51,8 @@ fn apply(replayed: &mut Replayed, entry: &Entry) -> Result<(), String> {
             .blocks
             .get_mut(&part.block_id)
             .ok_or_else(|| format!("unknown block {}", part.block_id))?;
-        match (entry.entry_type, entry.reservation_id.is_some()) {
+        let held = entry.reservation_id.is_some() || entry.lease_id.is_some();
+        match (entry.entry_type, held) {
             (EntryType::Debit | EntryType::Adjust | EntryType::Settle, _) => {
                 block.burn(part.amount).map_err(overflow)?
             }

@@ -353,7 +353,7 @@ impl EndUserState {
     }
 
     /// Released credits on a voided block are voided; on an expired block, expired.
-    fn forfeit_released(
+    pub(crate) fn forfeit_released(
         &mut self,
         cx: &mut Cx<'_>,
         part: &Part,
@@ -410,7 +410,10 @@ impl EndUserState {
 }
 
 /// Splits held parts into the first `amount` (in order) and the rest.
-fn split_parts(parts: &[Part], amount: Credits) -> Result<(Vec<Part>, Vec<Part>), Refusal> {
+pub(crate) fn split_parts(
+    parts: &[Part],
+    amount: Credits,
+) -> Result<(Vec<Part>, Vec<Part>), Refusal> {
     let mut left = amount;
     let mut taken = Vec::new();
     let mut rest = Vec::new();

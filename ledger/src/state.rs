@@ -45,9 +45,24 @@ pub struct Applied<T> {
     pub finished_subscriptions: Vec<Subscription>,
     /// Blocks that left the live state (spent, expired or voided), as they ended.
     pub finished_blocks: Vec<Block>,
+    /// Leases that left the live state (kept long enough after they ended).
+    pub finished_leases: Vec<crate::lease::Lease>,
 }
 
 impl<T> Applied<T> {
+    /// An answer that changed nothing.
+    pub fn unchanged(value: T) -> Applied<T> {
+        Applied {
+            value,
+            entries: Vec::new(),
+            events: Vec::new(),
+            finished_reservations: Vec::new(),
+            finished_subscriptions: Vec::new(),
+            finished_blocks: Vec::new(),
+            finished_leases: Vec::new(),
+        }
+    }
+
     /// The same changes with another answer.
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Applied<U> {
         Applied {
@@ -57,6 +72,7 @@ impl<T> Applied<T> {
             finished_reservations: self.finished_reservations,
             finished_subscriptions: self.finished_subscriptions,
             finished_blocks: self.finished_blocks,
+            finished_leases: self.finished_leases,
         }
     }
 }
@@ -69,6 +85,7 @@ pub(crate) struct Journal {
     pub(crate) finished_reservations: Vec<Reservation>,
     pub(crate) finished_subscriptions: Vec<Subscription>,
     pub(crate) finished_blocks: Vec<Block>,
+    pub(crate) finished_leases: Vec<crate::lease::Lease>,
 }
 
 /// Usage counted in one usage period, for tiered pricing.
@@ -102,6 +119,8 @@ pub struct EndUserState {
     pub(crate) debt: BTreeMap<FeatureKey, Credits>,
     pub(crate) counters: BTreeMap<FeatureKey, UsageCounter>,
     pub(crate) subscriptions: Vec<Subscription>,
+    /// Active leases and ended ones kept for late reports.
+    pub(crate) leases: Vec<crate::lease::Lease>,
     pub(crate) totals: Totals,
     /// Due work up to this instant has been done.
     pub(crate) advanced_to: Timestamp,
@@ -119,6 +138,12 @@ pub struct StateParts {
     pub debt: BTreeMap<FeatureKey, Credits>,
     pub counters: BTreeMap<FeatureKey, UsageCounter>,
     pub subscriptions: Vec<Subscription>,
+    /// Absent in states stored before leases existed.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Vec::is_empty")
+    )]
+    pub leases: Vec<crate::lease::Lease>,
     pub totals: Totals,
     pub advanced_to: Timestamp,
     pub version: u64,
@@ -154,6 +179,7 @@ impl EndUserState {
             debt: BTreeMap::new(),
             counters: BTreeMap::new(),
             subscriptions: Vec::new(),
+            leases: Vec::new(),
             totals: Totals::default(),
             advanced_to: now,
             version: 0,
@@ -172,6 +198,7 @@ impl EndUserState {
             debt: parts.debt,
             counters: parts.counters,
             subscriptions: parts.subscriptions,
+            leases: parts.leases,
             totals: parts.totals,
             advanced_to: parts.advanced_to,
             version: parts.version,
@@ -186,6 +213,7 @@ impl EndUserState {
         self.blocks.shrink_to_fit();
         self.reservations.shrink_to_fit();
         self.subscriptions.shrink_to_fit();
+        self.leases.shrink_to_fit();
     }
 
     pub fn into_parts(self) -> StateParts {
@@ -196,6 +224,7 @@ impl EndUserState {
             debt: self.debt,
             counters: self.counters,
             subscriptions: self.subscriptions,
+            leases: self.leases,
             totals: self.totals,
             advanced_to: self.advanced_to,
             version: self.version,
@@ -286,6 +315,7 @@ impl EndUserState {
             finished_reservations: journal.finished_reservations,
             finished_subscriptions: journal.finished_subscriptions,
             finished_blocks: journal.finished_blocks,
+            finished_leases: journal.finished_leases,
         })
     }
 
@@ -513,6 +543,7 @@ impl EndUserState {
             debt: draft.debt,
             units: draft.units,
             reservation_id: draft.reservation_id,
+            lease_id: None,
             subscription_id: draft.subscription_id,
             block: draft.block,
             balance_after,
@@ -663,13 +694,38 @@ impl EndUserState {
                 )));
             }
         }
+        for lease in &self.leases {
+            let mut total = Credits::ZERO;
+            for part in &lease.parts {
+                let slot = held_by_reservations.entry(part.block_id).or_default();
+                *slot = slot
+                    .checked_add(part.amount)
+                    .map_err(|_| fail("held overflows".into()))?;
+                total = total
+                    .checked_add(part.amount)
+                    .map_err(|_| fail("held overflows".into()))?;
+            }
+            if total != lease.held {
+                return Err(fail(format!(
+                    "lease {} holds {total} in parts but says {}",
+                    lease.id, lease.held
+                )));
+            }
+            let active = lease.status == crate::lease::LeaseStatus::Active;
+            if active == lease.ended_at.is_some() || (!active && lease.held.is_positive()) {
+                return Err(fail(format!(
+                    "lease {} is {} but its end and hold disagree",
+                    lease.id, lease.status
+                )));
+            }
+        }
         let mut remaining_total = Credits::ZERO;
         for block in &self.blocks {
             check_block(block).map_err(fail)?;
             let held = held_by_reservations.remove(&block.id).unwrap_or_default();
             if held != block.held {
                 return Err(fail(format!(
-                    "block {} says held {} but reservations hold {held}",
+                    "block {} says held {} but reservations and leases hold {held}",
                     block.id, block.held
                 )));
             }

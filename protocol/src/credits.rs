@@ -329,6 +329,9 @@ pub struct LedgerEntry {
     pub debt: i64,
     pub units: Option<u64>,
     pub reservation_id: Option<String>,
+    /// The lease a hold, commit, release, expiry or debit belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_id: Option<String>,
     pub subscription_id: Option<String>,
     /// The block a grant or positive adjustment created.
     pub block_id: Option<String>,
@@ -362,6 +365,7 @@ impl LedgerEntry {
             debt: entry.debt.get(),
             units: entry.units.map(ledger::Units::get),
             reservation_id: entry.reservation_id.map(|id| id.to_string()),
+            lease_id: entry.lease_id.map(|id| id.to_string()),
             subscription_id: entry.subscription_id.map(|id| id.to_string()),
             block_id: entry.block.as_ref().map(|block| block.id.to_string()),
             idempotency_key,

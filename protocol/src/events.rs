@@ -72,6 +72,14 @@ pub fn event_data(kind: &ledger::EventKind) -> serde_json::Value {
         } => {
             json!({ "reservation_id": reservation_id.to_string(), "amount": amount.get() })
         }
+        EventKind::LeaseExpired {
+            lease_id,
+            feature_key,
+            holder,
+            released,
+        } => {
+            json!({ "lease_id": lease_id.to_string(), "feature_key": feature_key.to_string(), "holder": holder.to_string(), "released": released.get() })
+        }
         EventKind::Subscription {
             subscription_id,
             status,

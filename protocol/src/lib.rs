@@ -9,6 +9,7 @@
 mod catalog;
 mod credits;
 mod events;
+mod leases;
 mod problem;
 mod subscriptions;
 mod sync;
@@ -20,6 +21,7 @@ mod webhooks;
 pub use catalog::*;
 pub use credits::*;
 pub use events::*;
+pub use leases::*;
 pub use problem::*;
 pub use subscriptions::*;
 pub use sync::*;

@@ -28,6 +28,9 @@ pub struct Problem {
     /// `reservation_not_active` / `invalid_transition`: the object's current status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_status: Option<String>,
+    /// `sequence_gap`: the sequence the lease expects next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<u64>,
 }
 
 impl Problem {
@@ -42,6 +45,7 @@ impl Problem {
             needed: None,
             available: None,
             current_status: None,
+            expected: None,
         }
     }
 }

@@ -52,8 +52,8 @@ use super::{
     Annotations, ApiKeyRecord, AttemptRecord, BlockRow, CLAIM_LEASE_MS, CatalogRecord,
     ChangeRecord, Changes, Claim, ClaimingFn, DeliveryJob, DeliveryLease, EndpointRecord,
     EntryFilter, EntryRow, Env, EnvRecord, Environment, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, MutateFn, StateRow, Store,
-    StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases,
+    IdempotencyBegin, LEASES_PER_TRANSACTION, Lease, LeaseAsk, LeaseFilter, MutateFn, StateRow,
+    Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases,
     claimed_flags, claims_to_insert, queue_lease, stage_rows, unchanged, user_key,
 };
 use crate::error::ApiError;
@@ -691,6 +691,55 @@ impl Store for PostgresStore {
         .await?;
         row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
             .transpose()
+    }
+
+    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
+        let row = sqlx::query(
+            "SELECT body FROM leases WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
+        // Fixed fragments only; every value is bound, in the order the fragments name.
+        let mut sql =
+            String::from("SELECT body FROM leases WHERE tenant_id = $1 AND environment = $2");
+        let mut binds: Vec<&str> = Vec::new();
+        for (column, value) in [
+            (" AND end_user_id = ", &filter.end_user_id),
+            (" AND holder = ", &filter.holder),
+            (" AND id > ", &filter.after),
+        ] {
+            if let Some(value) = value {
+                sql.push_str(column);
+                sql.push_str(&format!("${}", binds.len() + 3));
+                binds.push(value);
+            }
+        }
+        if filter.active_only {
+            sql.push_str(" AND status = 'active'");
+        }
+        sql.push_str(" ORDER BY id LIMIT ");
+        sql.push_str(&format!("${}", binds.len() + 3));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str());
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
     }
 
     async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
@@ -1604,6 +1653,7 @@ impl Rows {
             }
         }
         write_reservations(connection, env, old, new, changes).await?;
+        write_leases(connection, env, old, new, changes).await?;
         write_subscriptions(connection, env, old, new, changes).await
     }
 
@@ -1849,6 +1899,33 @@ async fn write_reservations(
         .bind(end_user)
         .bind(reservation.status.as_str())
         .bind(serde_json::to_string(reservation)?)
+        .execute(&mut *connection)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Every lease that is new or changed, live or finished.
+async fn write_leases(
+    connection: &mut PgConnection,
+    env: &Env,
+    old: &EndUserState,
+    new: &EndUserState,
+    changes: &[Changes],
+) -> StoreResult<()> {
+    let end_user = new.end_user_id().as_str();
+    for lease in super::changed_leases(old, new, changes) {
+        sqlx::query(
+            "INSERT INTO leases (id, tenant_id, environment, end_user_id, holder, status, body) VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )
+        .bind(lease.id.to_string())
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(lease.holder.as_str())
+        .bind(lease.status.as_str())
+        .bind(serde_json::to_string(lease)?)
         .execute(&mut *connection)
         .await?;
     }

@@ -19,8 +19,8 @@ use super::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Changes, Claim,
     ClaimingFn, DeliveryJob, DeliveryLease, EndpointRecord, EntryFilter, Env, EnvRecord,
     Environment, EventRecord, IdempotencyAnswer, IdempotencyBegin, LEASES_PER_TRANSACTION, Lease,
-    LeaseAsk, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord,
-    answer_leases, queue_lease, stage_rows,
+    LeaseAsk, LeaseFilter, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
+    UsageKeyRecord, answer_leases, queue_lease, stage_rows,
 };
 use crate::config::{DatabaseUrl, Synchronous};
 use crate::error::ApiError;
@@ -1008,6 +1008,55 @@ impl Store for SqliteStore {
         .await?;
         row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
             .transpose()
+    }
+
+    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
+        let row = sqlx::query(
+            "SELECT body FROM leases WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
+        // Fixed fragments only; every value is bound, in the order the fragments name.
+        let mut sql =
+            String::from("SELECT body FROM leases WHERE tenant_id = ? AND environment = ?");
+        let mut binds: Vec<&str> = Vec::new();
+        for (column, value) in [
+            (" AND end_user_id = ", &filter.end_user_id),
+            (" AND holder = ", &filter.holder),
+            (" AND id > ", &filter.after),
+        ] {
+            if let Some(value) = value {
+                sql.push_str(column);
+                sql.push('?');
+                binds.push(value);
+            }
+        }
+        if filter.active_only {
+            sql.push_str(" AND status = 'active'");
+        }
+        sql.push_str(" ORDER BY id LIMIT ");
+        sql.push('?');
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str());
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
     }
 
     async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {

@@ -7,6 +7,7 @@
 mod credits;
 mod dependencies;
 mod entitlements;
+mod leases;
 mod limits;
 mod month;
 mod naive;

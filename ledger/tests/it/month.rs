@@ -1,5 +1,6 @@
 //! A seeded simulation: thousands of random operations over a simulated month — grants,
-//! usage, reservations, voids, adjustments, subscriptions with monthly credits and 5-hour
+//! usage, reservations, leases (holds, reports with top-ups, replays and gaps, releases,
+//! expiries), voids, adjustments, subscriptions with monthly credits and 5-hour
 //! windows (period- and first-use-anchored) with rollover and caps, and their lifecycle —
 //! with the invariants, replay and the serde round trip checked after every step (by
 //! `World`) and conservation at the end. The seed is printed when a run fails;
@@ -10,8 +11,8 @@ use std::sync::Arc;
 
 use ledger::{
     CancelAt, ChangeAt, CommitSize, Credits, ExpireAfter, GrantAnchor, GrantRequest, GrantTemplate,
-    HoldSize, OveragePolicy, PlanKind, ReservationId, ReserveRequest, Rollover, SubscribeRequest,
-    SubscriptionId, VariantId,
+    HoldSize, Holder, LeaseId, LeaseReport, LeaseRequest, OveragePolicy, PlanKind, ReservationId,
+    ReserveRequest, Rollover, SubscribeRequest, SubscriptionId, VariantId,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -102,6 +103,7 @@ fn random_step(
     rng: &mut StdRng,
     plans: &Catalog,
     reservations: &mut Vec<ReservationId>,
+    leases: &mut Vec<LeaseId>,
 ) {
     let feature = FEATURES[rng.random_range(0..3)];
     let subscription = |world: &World| -> Option<SubscriptionId> {
@@ -121,9 +123,22 @@ fn random_step(
             request.settles_debt = rng.random_bool(0.8);
             let _ = world.apply(|state, cx| state.grant(cx, request));
         }
-        15..=44 => {
+        15..=39 => {
             let _ = world.try_usage(feature, rng.random_range(1..2000), rng.random_bool(0.3));
         }
+        40 => {
+            let request = LeaseRequest {
+                feature_key: key(feature),
+                holder: Holder::new(["proxy-a", "proxy-b"][rng.random_range(0..2)])
+                    .expect("holder"),
+                amount: credits(rng.random_range(1..300)),
+                ttl_secs: rng.random_range(30..20_000),
+            };
+            if let Ok(lease) = world.apply(|state, cx| state.take_lease(cx, request)) {
+                leases.push(lease.id);
+            }
+        }
+        41..=44 if !leases.is_empty() => lease_step(world, rng, leases),
         45..=52 => {
             let request = ReserveRequest {
                 feature_key: key(feature),
@@ -224,6 +239,35 @@ fn random_step(
     }
 }
 
+/// A report (now and then replayed, skipping a sequence, topping up, extending) or a
+/// release of one of the leases taken so far.
+fn lease_step(world: &mut World, rng: &mut StdRng, leases: &[LeaseId]) {
+    let id = leases[rng.random_range(0..leases.len())];
+    let Some(last) = world.state.lease(id).map(|lease| lease.sequence) else {
+        return;
+    };
+    let sequence = match rng.random_range(0..10) {
+        0 => last.max(1),
+        1 => last + 2,
+        _ => last + 1,
+    };
+    let cost = rng.random_range(0..200);
+    let release = rng.random_bool(0.1);
+    let report = LeaseReport {
+        sequence,
+        units: u64::try_from(cost).expect("units"),
+        cost: credits(cost),
+        requests: rng.random_range(0..50),
+        top_up: (!release && rng.random_bool(0.4)).then(|| credits(rng.random_range(1..200))),
+        ttl_secs: (!release && rng.random_bool(0.3)).then(|| rng.random_range(30..20_000)),
+    };
+    let _ = if release {
+        world.apply(|state, cx| state.release_lease(cx, id, report))
+    } else {
+        world.apply(|state, cx| state.report_lease(cx, id, report))
+    };
+}
+
 /// Every block's and the end user's credits are accounted for.
 fn check_conservation(world: &World) {
     let totals = world.state.totals();
@@ -255,9 +299,10 @@ fn run(seed: u64) -> (usize, ledger::Timestamp) {
     let mut world = World::new();
     let plans = catalog(&mut world);
     let mut reservations = Vec::new();
+    let mut leases = Vec::new();
     let start = world.now;
     for _ in 0..steps() {
-        random_step(&mut world, &mut rng, &plans, &mut reservations);
+        random_step(&mut world, &mut rng, &plans, &mut reservations, &mut leases);
     }
     // Let everything due by the month's end happen, then check the books.
     let month_end = start.checked_add(days(31)).expect("instant").max(world.now);

@@ -1,5 +1,6 @@
 //! Property tests against a deliberately naive model: random sequences of grants, usage
-//! (strict and not), reservations (hold, commit, release), voids, adjustments and clock
+//! (strict and not), reservations (hold, commit, release), leases (hold, reports with
+//! top-ups, extensions, replays and gaps, release, expiry), voids, adjustments and clock
 //! jumps run through the engine (via `World`, which checks invariants, replay and the
 //! serde round trip after every step) and through `Naive`, written from SPEC 3 and 7 with
 //! plain loops and no shared code; the two must agree on every outcome and balance.
@@ -7,8 +8,8 @@
 use std::sync::Arc;
 
 use ledger::{
-    AdjustRequest, BlockId, CommitSize, GrantRequest, HoldSize, Refusal, ReservationId,
-    ReserveRequest, Span, Timestamp,
+    AdjustRequest, BlockId, CommitSize, GrantRequest, HoldSize, Holder, LEASE_KEPT_SECS, LeaseId,
+    LeaseReport, LeaseRequest, Refusal, ReservationId, ReserveRequest, Span, Timestamp,
 };
 use proptest::prelude::*;
 
@@ -51,6 +52,20 @@ enum Op {
     Release {
         reservation: usize,
     },
+    Lease {
+        feature: usize,
+        amount: i64,
+        ttl_secs: i64,
+    },
+    Report {
+        lease: usize,
+        cost: i64,
+        top_up: Option<i64>,
+        ttl_secs: Option<i64>,
+        /// 0: the next sequence; 1: one too far (a gap); -1: the last one again.
+        skew: i64,
+        release: bool,
+    },
     Advance {
         secs: i64,
     },
@@ -67,6 +82,9 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..3, 1i64..300, 60i64..20_000).prop_map(|(feature, amount, ttl_secs)| Op::Reserve { feature, amount, ttl_secs }),
         2 => (0usize..8, prop::option::of(0i64..400)).prop_map(|(reservation, amount)| Op::Commit { reservation, amount }),
         1 => (0usize..8).prop_map(|reservation| Op::Release { reservation }),
+        2 => (0usize..3, 1i64..300, 30i64..20_000).prop_map(|(feature, amount, ttl_secs)| Op::Lease { feature, amount, ttl_secs }),
+        4 => (0usize..6, 0i64..150, prop::option::of(1i64..200), prop::option::of(30i64..20_000), prop::sample::select(vec![0i64, 0, 0, 0, 1, -1]), prop::bool::weighted(0.15))
+            .prop_map(|(lease, cost, top_up, ttl_secs, skew, release)| Op::Report { lease, cost, top_up, ttl_secs, skew, release }),
         2 => (1i64..30_000).prop_map(|secs| Op::Advance { secs }),
     ]
 }
@@ -80,6 +98,12 @@ fn class(result: &Result<(), Refusal>) -> &'static str {
         Err(Refusal::BlockAlreadyVoided(_)) => "already_voided",
         Err(Refusal::ReservationNotActive { .. }) => "not_active",
         Err(Refusal::Conflict(_)) => "conflict",
+        Err(Refusal::LeaseNotFound(_)) => "lease_not_found",
+        Err(Refusal::LeaseNotActive { .. }) => "lease_not_active",
+        Err(Refusal::SequenceGap { .. }) => "gap",
+        Err(Refusal::Invalid {
+            field: "top_up", ..
+        }) => "invalid_release",
         Err(other) => panic!("unexpected refusal {other:?}"),
     }
 }
@@ -109,6 +133,18 @@ struct NReservation {
     live: bool,
 }
 
+#[derive(Debug, Clone)]
+struct NLease {
+    id: LeaseId,
+    feature: usize,
+    parts: Vec<(usize, i64)>,
+    expires: i64,
+    /// When it ended (expired or released), if it did.
+    ended: Option<i64>,
+    sequence: u64,
+    forgotten: bool,
+}
+
 /// Everything in plain integers (milliseconds, credits) and vectors that are never
 /// pruned; every query scans from scratch.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +152,7 @@ struct Naive {
     now: i64,
     blocks: Vec<NBlock>,
     reservations: Vec<NReservation>,
+    leases: Vec<NLease>,
     debt: [i64; 3],
     /// Reservations and blocks whose expiry this step's due work did.
     expired_reservations: Vec<ReservationId>,
@@ -237,10 +274,31 @@ impl Naive {
                 .min();
             let effective = (0..self.blocks.len())
                 .filter(|&i| self.blocks[i].effective > self.now && self.blocks[i].effective <= to)
-                .map(|i| (self.blocks[i].effective, 2, i))
+                .map(|i| (self.blocks[i].effective, 3, i))
                 .min();
-            let Some((at, kind, index)) =
-                [reservation, block, effective].into_iter().flatten().min()
+            // Leases expire after reservations and before blocks at one instant; ended
+            // ones are forgotten an hour after their end.
+            let lease = self
+                .leases
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.ended.is_none() && l.expires <= to)
+                .map(|(i, l)| (l.expires, 1, i))
+                .min();
+            let forget = self
+                .leases
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| {
+                    let at = l.ended? + LEASE_KEPT_SECS * 1000;
+                    (!l.forgotten && at <= to).then_some((at, 4, i))
+                })
+                .min();
+            let block = block.map(|(at, _, i)| (at, 2, i));
+            let Some((at, kind, index)) = [reservation, lease, block, effective, forget]
+                .into_iter()
+                .flatten()
+                .min()
             else {
                 break;
             };
@@ -253,10 +311,16 @@ impl Naive {
                     self.release(&parts);
                 }
                 1 => {
+                    self.leases[index].ended = Some(at);
+                    let parts = std::mem::take(&mut self.leases[index].parts);
+                    self.release(&parts);
+                }
+                2 => {
                     let free = self.blocks[index].remaining - self.blocks[index].held;
                     self.blocks[index].remaining -= free;
                     self.expired_blocks.push(index);
                 }
+                4 => self.leases[index].forgotten = true,
                 _ => {}
             }
             self.settle();
@@ -485,12 +549,143 @@ fn step_inner(
                 expected,
             )
         }
+        Op::Lease {
+            feature,
+            amount,
+            ttl_secs,
+        } => {
+            let available = naive.available(Some(feature));
+            let expected = if available <= 0 {
+                "insufficient_balance"
+            } else {
+                "ok"
+            };
+            let request = LeaseRequest {
+                feature_key: key(FEATURES[feature]),
+                holder: Holder::new("proxy-a").expect("holder"),
+                amount: credits(amount),
+                ttl_secs,
+            };
+            let result = world.apply(|state, cx| state.take_lease(cx, request));
+            if let Ok(lease) = &result {
+                let parts = naive.take(Some(feature), amount.min(available), true);
+                naive.leases.push(NLease {
+                    id: lease.id,
+                    feature,
+                    parts,
+                    expires: now + ttl_secs * 1000,
+                    ended: None,
+                    sequence: 0,
+                    forgotten: false,
+                });
+            }
+            (class(&result.map(|_| ())), expected)
+        }
+        Op::Report { .. } if naive.leases.is_empty() => ("ok", "ok"),
+        Op::Report {
+            lease,
+            cost,
+            top_up,
+            ttl_secs,
+            skew,
+            release,
+        } => {
+            let index = lease % naive.leases.len();
+            let last = naive.leases[index].sequence;
+            let sequence = match skew {
+                1 => last + 2,
+                -1 if last > 0 => last,
+                _ => last + 1,
+            };
+            let report = LeaseReport {
+                sequence,
+                units: u64::try_from(cost).expect("units"),
+                cost: credits(cost),
+                requests: 1,
+                top_up: top_up.filter(|_| !release).map(credits),
+                ttl_secs: ttl_secs.filter(|_| !release),
+            };
+            let expected = naive_report(naive, index, &report, release);
+            let id = naive.leases[index].id;
+            let result = if release {
+                world.apply(|state, cx| state.release_lease(cx, id, report))
+            } else {
+                world.apply(|state, cx| state.report_lease(cx, id, report))
+            };
+            (class(&result.map(|_| ())), expected)
+        }
         Op::Advance { secs } => {
             world.advance_to(at_millis(world, secs * 1000));
             naive.run_to(world.now.as_millis());
             ("ok", "ok")
         }
     }
+}
+
+/// The model's lease report (and release): SPEC 12.1 read plainly.
+fn naive_report(
+    naive: &mut Naive,
+    index: usize,
+    report: &LeaseReport,
+    release: bool,
+) -> &'static str {
+    let lease = naive.leases[index].clone();
+    if lease.forgotten {
+        return "lease_not_found";
+    }
+    if report.sequence <= lease.sequence {
+        return "ok";
+    }
+    if report.sequence != lease.sequence + 1 {
+        return "gap";
+    }
+    let active = lease.ended.is_none();
+    if !active && (report.top_up.is_some() || report.ttl_secs.is_some()) {
+        return "lease_not_active";
+    }
+    let cost = report.cost.get();
+    let held: i64 = lease.parts.iter().map(|(_, a)| a).sum();
+    let from_hold = if active { cost.min(held) } else { 0 };
+    let mut left = from_hold;
+    let mut rest = Vec::new();
+    for (i, amount) in lease.parts {
+        let burn = amount.min(left);
+        naive.blocks[i].held -= burn;
+        naive.blocks[i].remaining -= burn;
+        left -= burn;
+        if amount > burn {
+            rest.push((i, amount - burn));
+        }
+    }
+    let beyond = cost - from_hold;
+    if beyond > 0 {
+        let covered: i64 = naive
+            .take(Some(lease.feature), beyond, false)
+            .iter()
+            .map(|(_, a)| a)
+            .sum();
+        naive.debt[lease.feature] += beyond - covered;
+    }
+    if let (Some(top_up), true) = (report.top_up, active) {
+        let wanted = top_up.get().min(naive.available(Some(lease.feature)));
+        if wanted > 0 {
+            rest.extend(naive.take(Some(lease.feature), wanted, true));
+        }
+    }
+    let now = naive.now;
+    let stored = &mut naive.leases[index];
+    stored.parts = rest;
+    stored.sequence = report.sequence;
+    if let Some(ttl_secs) = report.ttl_secs {
+        stored.expires = now + ttl_secs * 1000;
+    }
+    if release && active {
+        stored.ended = Some(now);
+        let parts = std::mem::take(&mut stored.parts);
+        naive.release(&parts);
+    }
+    naive.settle();
+    "ok"
 }
 
 /// The model's commit (`commit: Some(amount)`) or release (`None`).

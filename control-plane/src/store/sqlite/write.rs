@@ -26,8 +26,9 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 
 use super::super::{
     BlockRow, CLAIM_LEASE_MS, Changes, Claim, EndpointRecord, EntryRow, Env, IdempotencyAnswer,
-    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, changed_reservations,
-    changed_subscriptions, claimed_flags, claims_to_insert, stage_rows, unchanged,
+    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, changed_leases,
+    changed_reservations, changed_subscriptions, claimed_flags, claims_to_insert, stage_rows,
+    unchanged,
 };
 use super::{corrupt, parse_state};
 use crate::config::Synchronous;
@@ -683,6 +684,22 @@ pub(super) fn stage_rendered(
             end_user,
             reservation.status.as_str(),
             serde_json::to_string(reservation)?,
+        ])?;
+    }
+
+    for lease in changed_leases(old, new, changes) {
+        tx.prepare_cached(
+            "INSERT INTO leases (id, tenant_id, environment, end_user_id, holder, status, body) VALUES (?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
+        )?
+        .execute(params![
+            lease.id.to_string(),
+            tenant,
+            environment,
+            end_user,
+            lease.holder.as_str(),
+            lease.status.as_str(),
+            serde_json::to_string(lease)?,
         ])?;
     }
 

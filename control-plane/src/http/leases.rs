@@ -1,0 +1,270 @@
+//! Leases (SPEC 12.1): credits held for one proxy (its `holder`), spent in sequence-
+//! numbered reports, released at the end or expired. Creating, reporting and releasing
+//! need a key with both the `sync` and the `write` scope (a proxy's key); reading needs
+//! `read` or `sync`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ledger::LeaseId;
+use protocol::{CreateLease, Lease, Page, Problem, ReportLease};
+use serde::Deserialize;
+
+use super::credits::page_limit;
+use super::extract::{parse_json, parse_query};
+use super::idempotency::{self, Done, Incoming};
+use crate::auth::Scope;
+use crate::error::ApiError;
+use crate::service::{AppState, Caller};
+use crate::store::{Annotations, Changes, Env, LeaseFilter};
+
+/// A proxy's key: `sync` and `write`.
+fn require_holder(caller: &Caller) -> Result<(), ApiError> {
+    caller.require(Scope::Sync)?;
+    caller.require(Scope::Write)
+}
+
+/// `read` or `sync`.
+fn require_reader(caller: &Caller) -> Result<(), ApiError> {
+    caller
+        .require(Scope::Read)
+        .or_else(|_| caller.require(Scope::Sync))
+}
+
+/// `POST /v1/leases`: holds as much of `amount` as is available for `holder`.
+#[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = CreateLease,
+    responses((status = 201, body = Lease), (status = 402, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
+pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
+    let prepared = (|| {
+        require_holder(&caller)?;
+        let request: CreateLease = parse_json(&incoming.headers, &incoming.body, false)?;
+        Ok::<_, ApiError>(request.to_ledger()?)
+    })();
+    let (end_user, request) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let request = request.clone();
+        let lease = state
+            .mutate(
+                env,
+                end_user,
+                key.as_ref(),
+                Annotations::default(),
+                201,
+                move |user, cx, _| {
+                    let (lease, changes) =
+                        Changes::from_applied(user.take_lease(cx, request.clone())?);
+                    let answer = Lease {
+                        version: Some(user.version()),
+                        ..Lease::from(&lease)
+                    };
+                    Ok((answer, changes))
+                },
+            )
+            .await?;
+        state.remember_lease_owner(env, &lease.id, end_user);
+        Done::stored(StatusCode::CREATED, &lease)
+    })
+    .await
+}
+
+fn parse_lease_id(id: &str) -> Result<LeaseId, ApiError> {
+    LeaseId::parse(id).ok_or_else(|| ApiError::NotFound(format!("lease `{id}`")))
+}
+
+/// The end user a lease of `env` belongs to (remembered, else read from the store).
+async fn owner(state: &AppState, env: &Env, id: LeaseId) -> Result<ledger::EndUserId, ApiError> {
+    if let Some(end_user) = state.lease_owner(env, id) {
+        return Ok(end_user);
+    }
+    let lease = state
+        .store()
+        .lease(env, &id.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("lease {id}")))?;
+    state.remember_lease_owner(env, &id.to_string(), &lease.end_user_id);
+    Ok(lease.end_user_id)
+}
+
+/// A report, or a release (a final report).
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Report,
+    Release,
+}
+
+async fn report_or_release(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    incoming: Incoming,
+    step: Step,
+) -> Response {
+    let prepared = (|| {
+        require_holder(&caller)?;
+        let request: ReportLease = parse_json(&incoming.headers, &incoming.body, false)?;
+        Ok::<_, ApiError>((parse_lease_id(&id)?, request.to_ledger()))
+    })();
+    let (id, report) = match prepared {
+        Ok(prepared) => prepared,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run_claiming(state, env, &incoming, |key| async move {
+        let end_user = owner(state, env, id).await?;
+        let lease = state
+            .mutate(
+                env,
+                &end_user,
+                key.as_ref(),
+                Annotations::default(),
+                200,
+                move |user, cx, _| {
+                    let applied = match step {
+                        Step::Report => user.report_lease(cx, id, report)?,
+                        Step::Release => user.release_lease(cx, id, report)?,
+                    };
+                    let (reported, changes) = Changes::from_applied(applied);
+                    Ok((Lease::reported(&reported, user.version()), changes))
+                },
+            )
+            .await?;
+        Done::stored(StatusCode::OK, &lease)
+    })
+    .await
+}
+
+/// `POST /v1/leases/{id}/report`: what the holder spent since its last report (`cost`
+/// debited from the hold, `units` counted), with an optional top-up and extension.
+/// Exactly once by `sequence`; a gap answers 409 `sequence_gap` with `expected`.
+#[utoipa::path(post, path = "/v1/leases/{id}/report", tag = "leases", params(("id" = String, Path)), request_body = ReportLease,
+    responses((status = 200, body = Lease), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn report(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    report_or_release(state, caller, id, incoming, Step::Report).await
+}
+
+/// `POST /v1/leases/{id}/release`: a final report, then the rest of the hold goes back.
+#[utoipa::path(post, path = "/v1/leases/{id}/release", tag = "leases", params(("id" = String, Path)), request_body = ReportLease,
+    responses((status = 200, body = Lease), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
+pub async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    incoming: Incoming,
+) -> Response {
+    report_or_release(state, caller, id, incoming, Step::Release).await
+}
+
+/// `GET /v1/leases/{id}`.
+#[utoipa::path(get, path = "/v1/leases/{id}", tag = "leases", params(("id" = String, Path)),
+    responses((status = 200, body = Lease), (status = 404, body = Problem)))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Lease>, ApiError> {
+    require_reader(&caller)?;
+    let id = parse_lease_id(&id)?;
+    let lease = state
+        .store()
+        .lease(&caller.env, &id.to_string())
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("lease {id}")))?;
+    Ok(Json(Lease::from(&lease)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// One end user's leases.
+    #[serde(default)]
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
+    pub end_user_id: Option<String>,
+    /// One holder's leases (a proxy's).
+    #[serde(default)]
+    #[param(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:-]+$")]
+    pub holder: Option<String>,
+    /// `active` for active ones only.
+    #[serde(default)]
+    #[param(pattern = r"^active$")]
+    pub status: Option<String>,
+    #[serde(default)]
+    #[param(min_length = 1)]
+    pub cursor: Option<String>,
+    #[serde(default)]
+    #[param(minimum = 1, maximum = 500)]
+    pub limit: Option<u32>,
+}
+
+/// `GET /v1/leases?end_user_id=…&holder=…`: leases in id order, by end user and/or
+/// holder (one of them is needed).
+#[utoipa::path(get, path = "/v1/leases", tag = "leases", params(ListQuery),
+    responses((status = 200, body = Page<Lease>), (status = 422, body = Problem)))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Json<Page<Lease>>, ApiError> {
+    require_reader(&caller)?;
+    let query: ListQuery = parse_query(&uri)?;
+    if let Some(end_user) = &query.end_user_id {
+        protocol::end_user_id("end_user_id", end_user)?;
+    }
+    if let Some(holder) = &query.holder {
+        protocol::holder("holder", holder)?;
+    }
+    if query.end_user_id.is_none() && query.holder.is_none() {
+        return Err(ApiError::bad_request(
+            "end_user_id",
+            "name an end user (`end_user_id`) or a holder (`holder`)",
+        ));
+    }
+    let active_only = match query.status.as_deref() {
+        None => false,
+        Some("active") => true,
+        Some(_) => return Err(ApiError::bad_request("status", "only `active` is a filter")),
+    };
+    if let Some(cursor) = &query.cursor
+        && LeaseId::parse(cursor).is_none()
+    {
+        return Err(ApiError::bad_request(
+            "cursor",
+            "is not a cursor from this list",
+        ));
+    }
+    let limit = page_limit(query.limit)?;
+    let leases = state
+        .store()
+        .leases(
+            &caller.env,
+            &LeaseFilter {
+                end_user_id: query.end_user_id,
+                holder: query.holder,
+                active_only,
+                after: query.cursor,
+                limit,
+            },
+        )
+        .await?;
+    let next_cursor = (leases.len() == usize::try_from(limit).unwrap_or(usize::MAX))
+        .then(|| leases.last().map(|lease| lease.id.to_string()))
+        .flatten();
+    Ok(Json(Page {
+        data: leases.iter().map(Lease::from).collect(),
+        next_cursor,
+    }))
+}

@@ -1,0 +1,152 @@
+//! Leases through the API on both stores (SPEC 12.1): holds for a proxy, reports exactly
+//! once by sequence (replayed, reordered and duplicated by a hostile client), top-ups,
+//! releases, expiry with late reports, listings by end user and holder, scopes.
+
+use axum::http::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{Harness, store_test};
+
+async fn proxy_key(harness: &Harness, admin: &str) -> String {
+    harness
+        .ok(
+            "/v1/api-keys",
+            admin,
+            json!({"name": "proxy", "scopes": ["sync", "write"]}),
+            201,
+        )
+        .await["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned()
+}
+
+async fn lease(harness: &Harness, key: &str, amount: i64, ttl: i64) -> Value {
+    harness
+        .ok(
+            "/v1/leases",
+            key,
+            json!({"end_user_id": "u1", "feature_key": "api_calls", "holder": "proxy-a", "amount": amount, "ttl_seconds": ttl}),
+            201,
+        )
+        .await
+}
+
+fn report(sequence: u64, cost: i64) -> Value {
+    json!({"sequence": sequence, "units": cost, "cost": cost, "requests": cost})
+}
+
+async fn balance(harness: &Harness, key: &str) -> Value {
+    harness
+        .get("/v1/credits/balance?end_user_id=u1", key)
+        .await
+        .body
+}
+
+// A lease holds what is available (partly, never nothing), shows as `held`, is listed by
+// end user and by holder, and reports spend it exactly once by sequence.
+store_test! {
+    async fn leases_hold_and_reports_spend_exactly_once(backend) {
+    let harness = Harness::start(backend).await;
+    let admin = harness.tenant("acme").await.test;
+    harness.catalog(&admin).await;
+    let key = proxy_key(&harness, &admin).await;
+    harness.grant(&admin, "u1", 100).await;
+
+    let created = lease(&harness, &key, 60, 300).await;
+    let id = created["id"].as_str().expect("id").to_owned();
+    assert!(id.starts_with("lse_"));
+    assert_eq!(created["amount"], 60);
+    assert!(created["version"].as_u64().is_some());
+    let partial = lease(&harness, &key, 500, 300).await;
+    assert_eq!(partial["amount"], 40, "only what was left");
+    let nothing = harness
+        .post("/v1/leases", &key, json!({"end_user_id": "u1", "feature_key": "api_calls", "holder": "proxy-b", "amount": 5, "ttl_seconds": 60}))
+        .await;
+    assert_eq!((nothing.status, nothing.code()), (StatusCode::PAYMENT_REQUIRED, "insufficient_balance"));
+    let shown = balance(&harness, &admin).await;
+    assert_eq!((shown["available"].as_i64(), shown["held"].as_i64()), (Some(0), Some(100)));
+
+    // A hostile client: duplicates, a gap, the right order after it.
+    let path = format!("/v1/leases/{id}/report");
+    let first = harness.ok(&path, &key, report(1, 10), 200).await;
+    assert_eq!((first["amount"].as_i64(), first["replayed"].as_bool()), (Some(50), None));
+    let again = harness.ok(&path, &key, report(1, 10), 200).await;
+    assert_eq!(again["replayed"], true);
+    let gap = harness.post(&path, &key, report(3, 7)).await;
+    assert_eq!((gap.status, gap.code()), (StatusCode::CONFLICT, "sequence_gap"));
+    assert_eq!(gap.body["expected"], 2);
+    harness.ok(&path, &key, report(2, 5), 200).await;
+    harness.ok(&path, &key, report(3, 7), 200).await;
+    assert_eq!(harness.ok(&path, &key, report(2, 5), 200).await["replayed"], true);
+    let topped = harness
+        .ok(&path, &key, json!({"sequence": 4, "units": 0, "cost": 0, "requests": 0, "top_up": 5, "ttl_seconds": 600}), 200)
+        .await;
+    assert_eq!(topped["topped_up"], 0, "nothing was left to top up with");
+    let read = harness.get(&format!("/v1/leases/{id}"), &key).await.body;
+    assert_eq!((read["spent"].as_i64(), read["amount"].as_i64(), read["sequence"].as_u64()), (Some(22), Some(38), Some(4)));
+    let commits = harness.get("/v1/ledger?end_user_id=u1&type=commit", &admin).await.body;
+    assert_eq!(commits["data"].as_array().map(Vec::len), Some(3), "one entry per report");
+    assert_eq!(commits["data"][0]["lease_id"], id.as_str());
+
+    let by_user = harness.get("/v1/leases?end_user_id=u1", &admin).await.body;
+    assert_eq!(by_user["data"].as_array().map(Vec::len), Some(2));
+    let by_holder = harness.get("/v1/leases?holder=proxy-a&status=active", &key).await.body;
+    assert_eq!(by_holder["data"].as_array().map(Vec::len), Some(2));
+    let none = harness.get("/v1/leases?holder=proxy-z", &key).await.body;
+    assert_eq!(none["data"].as_array().map(Vec::len), Some(0));
+
+    // Release: a final report, then the rest goes back.
+    let released = harness.ok(&format!("/v1/leases/{id}/release"), &key, report(5, 8), 200).await;
+    assert_eq!((released["status"].as_str(), released["amount"].as_i64()), (Some("released"), Some(0)));
+    let shown = balance(&harness, &admin).await;
+    assert_eq!((shown["available"].as_i64(), shown["held"].as_i64()), (Some(30), Some(40)), "100 - 30 spent, 40 still in the other lease");
+    }
+}
+
+// At its TTL a lease's unspent hold goes back (event `lease.expired`); a late report from
+// a cut-off proxy is charged like usage, once.
+store_test! {
+    async fn an_expired_lease_charges_late_reports_once(backend) {
+    let harness = Harness::start(backend).await;
+    let admin = harness.tenant("acme").await.test;
+    harness.catalog(&admin).await;
+    let key = proxy_key(&harness, &admin).await;
+    harness.grant(&admin, "u1", 100).await;
+    let id = lease(&harness, &key, 50, 30).await["id"].as_str().expect("id").to_owned();
+    harness.advance(&admin, 31).await;
+    let read = harness.get(&format!("/v1/leases/{id}"), &key).await.body;
+    assert_eq!(read["status"], "expired");
+    assert_eq!(balance(&harness, &admin).await["available"], 100);
+    let events = harness.get("/v1/events?limit=500", &admin).await.body;
+    assert!(events["data"].as_array().expect("events").iter().any(|event| event["type"] == "lease.expired"));
+    let late = harness.ok(&format!("/v1/leases/{id}/report"), &key, report(1, 12), 200).await;
+    assert_eq!(late["beyond_hold"], 12);
+    harness.ok(&format!("/v1/leases/{id}/report"), &key, report(1, 12), 200).await;
+    assert_eq!(balance(&harness, &admin).await["available"], 88, "charged once");
+    let top_up = harness
+        .post(&format!("/v1/leases/{id}/report"), &key, json!({"sequence": 2, "top_up": 5}))
+        .await;
+    assert_eq!((top_up.status, top_up.code()), (StatusCode::CONFLICT, "lease_not_active"));
+    }
+}
+
+// Taking, reporting and releasing need `sync` and `write`; reading `read` or `sync`.
+store_test! {
+    async fn leases_need_a_proxys_scopes(backend) {
+    let harness = Harness::start(backend).await;
+    let admin = harness.tenant("acme").await.test;
+    harness.catalog(&admin).await;
+    harness.grant(&admin, "u1", 100).await;
+    let body = json!({"end_user_id": "u1", "feature_key": "api_calls", "holder": "p", "amount": 5, "ttl_seconds": 60});
+    for scopes in [json!(["write"]), json!(["sync"]), json!(["read"])] {
+        let key = harness.ok("/v1/api-keys", &admin, json!({"scopes": scopes}), 201).await["secret"].as_str().expect("secret").to_owned();
+        let refused = harness.post("/v1/leases", &key, body.clone()).await;
+        assert_eq!((refused.status, refused.code()), (StatusCode::FORBIDDEN, "missing_scope"), "{scopes}");
+    }
+    let write_only = harness.ok("/v1/api-keys", &admin, json!({"scopes": ["write"]}), 201).await["secret"].as_str().expect("secret").to_owned();
+    assert_eq!(harness.get("/v1/leases?end_user_id=u1", &write_only).await.status, StatusCode::FORBIDDEN);
+    let refused = harness.post("/v1/leases", &admin, json!({"end_user_id": "u1", "feature_key": "api_calls", "holder": "bad holder", "amount": 5, "ttl_seconds": 60})).await;
+    assert_eq!((refused.status, refused.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("holder")));
+    }
+}
