@@ -37,11 +37,12 @@ use std::time::Duration;
 use protocol::{
     AdvanceTestClock, AdvancedTestClock, ApiKey, Balance, Block, CancelSubscription,
     ChangeSubscription, CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature,
-    CreateGrant, CreatePlan, CreateReservation, CreateSubscription, CreateTenant, CreateVariant,
-    CreateWebhookEndpoint, EntitlementCheck, Event, ExtendReservation, Feature, LedgerEntry, Page,
-    Plan, Problem, RecordUsage, RenewSubscription, Reservation, Settings, Subscription, SyncRecord,
-    TenantCreated, TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch,
-    UsageBatchRecorded, UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
+    CreateGrant, CreateLease, CreatePlan, CreateReservation, CreateSubscription, CreateTenant,
+    CreateVariant, CreateWebhookEndpoint, EntitlementCheck, Event, ExtendReservation, Feature,
+    Lease, LedgerEntry, Page, Plan, Problem, RecordUsage, RenewSubscription, ReportLease,
+    Reservation, Settings, Subscription, SyncRecord, TenantCreated, TestClock, UpdateSettings,
+    UpdateWebhookEndpoint, UsageBatch, UsageBatchRecorded, UsageRecorded, Variant, VoidBlock,
+    WebhookEndpoint,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -573,6 +574,48 @@ impl Client {
 
     pub async fn release_reservation(&self, id: &str) -> Result<Reservation, Error> {
         self.post_empty(&format!("/v1/reservations/{}/release", segment(id)?))
+            .await
+    }
+
+    // --- leases (SPEC 12.1) ---
+
+    /// Holds as much of `amount` as is available for a holder (a proxy).
+    pub async fn create_lease(&self, body: &CreateLease) -> Result<Lease, Error> {
+        self.post("/v1/leases", body).await
+    }
+
+    pub async fn get_lease(&self, id: &str) -> Result<Lease, Error> {
+        self.get(&format!("/v1/leases/{}", segment(id)?), &[]).await
+    }
+
+    /// Leases of an end user and/or a holder (`status: Some("active")` for active ones).
+    pub async fn list_leases(
+        &self,
+        end_user_id: Option<&str>,
+        holder: Option<&str>,
+        status: Option<&str>,
+    ) -> Result<Page<Lease>, Error> {
+        self.get(
+            "/v1/leases",
+            &[
+                ("end_user_id", end_user_id.map(str::to_owned)),
+                ("holder", holder.map(str::to_owned)),
+                ("status", status.map(str::to_owned)),
+                ("limit", Some("500".to_owned())),
+            ],
+        )
+        .await
+    }
+
+    /// What the holder spent since its last report (exactly once by `sequence`).
+    pub async fn report_lease(&self, id: &str, body: &ReportLease) -> Result<Lease, Error> {
+        self.post(&format!("/v1/leases/{}/report", segment(id)?), body)
+            .await
+    }
+
+    /// A final report, then the rest of the hold goes back.
+    pub async fn release_lease(&self, id: &str, body: &ReportLease) -> Result<Lease, Error> {
+        self.post(&format!("/v1/leases/{}/release", segment(id)?), body)
             .await
     }
 

@@ -45,6 +45,10 @@ pub struct Decision {
     /// The plan of the end user's base subscription (or the free plan).
     pub plan_id: Option<PlanId>,
     pub subscription_status: Option<SubscriptionStatus>,
+    /// What happens past the balance, when the feature is open and metered: `Block`
+    /// means the decision is gated by the balance (a proxy spends from a lease), `Allow`
+    /// that usage goes on into debt.
+    pub overage: Option<OveragePolicy>,
 }
 
 /// Whether a feature is open to the end user through their plans.
@@ -119,6 +123,7 @@ impl EndUserState {
                 resets_at: None,
                 plan_id,
                 subscription_status,
+                overage: None,
             });
         }
         let cost = self.quote(catalog, feature_key, units, now)?;
@@ -137,6 +142,10 @@ impl EndUserState {
                 overage: OveragePolicy::Block,
             } => (false, Some(DenyReason::InsufficientBalance)),
         };
+        let overage = match access {
+            Access::Open { overage } => Some(overage),
+            Access::Denied(_) => None,
+        };
         Ok(Decision {
             allowed,
             reason,
@@ -146,6 +155,7 @@ impl EndUserState {
             resets_at: self.resets_at(catalog, feature_key, now)?,
             plan_id,
             subscription_status,
+            overage,
         })
     }
 

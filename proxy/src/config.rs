@@ -69,6 +69,8 @@ pub struct Config {
     pub failure: Failure,
     #[serde(default)]
     pub usage: UsageConfig,
+    #[serde(default)]
+    pub leases: LeaseConfig,
     /// What a request that matches no route gets: `deny` (404 `no_route`, the default) or
     /// `pass` (forwarded ungated).
     #[serde(default)]
@@ -239,6 +241,76 @@ fn default_ship_interval() -> u64 {
     200
 }
 
+/// Leases (SPEC 12.1): credits the control plane holds for this proxy, per end user and
+/// feature gated by balance, so that any number of proxies never admit more than the
+/// balance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// `false` decides from the replica and local spend alone (one proxy per end user).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long a lease lives without a report that extends it (a crashed proxy's
+    /// leases go back after this).
+    #[serde(default = "default_lease_ttl")]
+    pub ttl_secs: u64,
+    /// A lease is sized to last this long at the rate the proxy observes.
+    #[serde(default = "default_lease_horizon")]
+    pub horizon_secs: u64,
+    /// The smallest and largest lease asked for, in credits.
+    #[serde(default = "default_lease_min")]
+    pub min_credits: i64,
+    #[serde(default = "default_lease_max")]
+    pub max_credits: i64,
+    /// How long a request whose lease is empty waits for the refill before the answer
+    /// (402 when nothing is left, the failure policy when the control plane is away).
+    #[serde(default = "default_lease_wait")]
+    pub wait_ms: u64,
+    /// How often spend is reported (and the lease extended) while it is used.
+    #[serde(default = "default_lease_report")]
+    pub report_interval_ms: u64,
+    /// A lease unused this long is released.
+    #[serde(default = "default_lease_idle")]
+    pub idle_release_secs: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> LeaseConfig {
+        LeaseConfig {
+            enabled: true,
+            ttl_secs: default_lease_ttl(),
+            horizon_secs: default_lease_horizon(),
+            min_credits: default_lease_min(),
+            max_credits: default_lease_max(),
+            wait_ms: default_lease_wait(),
+            report_interval_ms: default_lease_report(),
+            idle_release_secs: default_lease_idle(),
+        }
+    }
+}
+
+fn default_lease_ttl() -> u64 {
+    30
+}
+fn default_lease_horizon() -> u64 {
+    5
+}
+fn default_lease_min() -> i64 {
+    10
+}
+fn default_lease_max() -> i64 {
+    100_000
+}
+fn default_lease_wait() -> u64 {
+    100
+}
+fn default_lease_report() -> u64 {
+    250
+}
+fn default_lease_idle() -> u64 {
+    10
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Unmatched {
@@ -388,6 +460,33 @@ impl Config {
         }
         if self.failure.max_staleness_secs == 0 {
             return Err(invalid("failure.max_staleness_secs", "must be at least 1"));
+        }
+        let leases = &self.leases;
+        if !(5..=3600).contains(&leases.ttl_secs) {
+            return Err(invalid("leases.ttl_secs", "must be 5 to 3600"));
+        }
+        if !(1..=300).contains(&leases.horizon_secs) {
+            return Err(invalid("leases.horizon_secs", "must be 1 to 300"));
+        }
+        if leases.min_credits < 1 || leases.max_credits < leases.min_credits {
+            return Err(invalid(
+                "leases.min_credits",
+                "must be at least 1 and at most leases.max_credits",
+            ));
+        }
+        if leases.wait_ms > 10_000 {
+            return Err(invalid("leases.wait_ms", "must be at most 10000"));
+        }
+        if !(10..=60_000).contains(&leases.report_interval_ms)
+            || leases.report_interval_ms.saturating_mul(2) > leases.ttl_secs.saturating_mul(1000)
+        {
+            return Err(invalid(
+                "leases.report_interval_ms",
+                "must be 10 to 60000, and at most half of leases.ttl_secs",
+            ));
+        }
+        if leases.idle_release_secs == 0 {
+            return Err(invalid("leases.idle_release_secs", "must be at least 1"));
         }
         if !(1..=protocol::BATCH_EVENTS_MAX).contains(&self.usage.batch_size) {
             return Err(invalid(

@@ -28,6 +28,12 @@ use tokio::sync::{Notify, watch};
 #[error("local store: {0}")]
 pub struct DiskError(String);
 
+impl DiskError {
+    pub fn new(message: String) -> DiskError {
+        DiskError(message)
+    }
+}
+
 impl From<sled::Error> for DiskError {
     fn from(error: sled::Error) -> DiskError {
         DiskError(error.to_string())
@@ -57,6 +63,12 @@ pub struct Disk {
     acked: sled::Tree,
     /// Outbox records refused for good, waiting for an operator.
     quarantine: sled::Tree,
+    /// What requests spent from leases, not yet acknowledged: keyed by lease id, report
+    /// sequence and a time-ordered id (see [`LeaseSpendKey`]).
+    lease_spend: sled::Tree,
+    /// The leases this proxy holds or held with spend left to report: id → end user and
+    /// feature (to charge that spend as usage if the lease is gone).
+    leases: sled::Tree,
 }
 
 impl std::fmt::Debug for Disk {
@@ -82,6 +94,81 @@ pub struct Acked {
     pub needed: u64,
     /// Wall-clock ms when acknowledged (very old entries are dropped).
     pub at_ms: i64,
+}
+
+/// What one request spent from a lease: its units and cost (16 bytes on disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseSpend {
+    pub units: u64,
+    pub cost: i64,
+}
+
+impl LeaseSpend {
+    fn bytes(self) -> [u8; 16] {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&self.units.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.cost.to_be_bytes());
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Result<LeaseSpend, DiskError> {
+        let units: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|slice| slice.try_into().ok())
+            .ok_or_else(|| DiskError("corrupt lease spend".into()))?;
+        let cost: [u8; 8] = bytes
+            .get(8..16)
+            .and_then(|slice| slice.try_into().ok())
+            .ok_or_else(|| DiskError("corrupt lease spend".into()))?;
+        Ok(LeaseSpend {
+            units: u64::from_be_bytes(units),
+            cost: i64::from_be_bytes(cost),
+        })
+    }
+}
+
+/// Where a lease spend record sits: the lease id's bytes and a NUL, the report sequence
+/// it belongs to (big-endian, so a lease's records sort by sequence) and a time-ordered
+/// id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSpendKey {
+    pub lease: String,
+    pub sequence: u64,
+    pub id: [u8; 16],
+}
+
+fn lease_prefix(lease: &str) -> Vec<u8> {
+    let mut prefix = Vec::with_capacity(lease.len().saturating_add(25));
+    prefix.extend_from_slice(lease.as_bytes());
+    prefix.push(0);
+    prefix
+}
+
+impl LeaseSpendKey {
+    fn bytes(&self) -> Vec<u8> {
+        let mut key = lease_prefix(&self.lease);
+        key.extend_from_slice(&self.sequence.to_be_bytes());
+        key.extend_from_slice(&self.id);
+        key
+    }
+
+    fn parse(key: &[u8]) -> Result<(String, u64), DiskError> {
+        let corrupt = || DiskError("corrupt lease spend key".into());
+        let nul = key.iter().position(|byte| *byte == 0).ok_or_else(corrupt)?;
+        let lease = String::from_utf8(key[..nul].to_vec()).map_err(|_| corrupt())?;
+        let sequence: [u8; 8] = key
+            .get(nul.saturating_add(1)..nul.saturating_add(9))
+            .and_then(|slice| slice.try_into().ok())
+            .ok_or_else(corrupt)?;
+        Ok((lease, u64::from_be_bytes(sequence)))
+    }
+}
+
+/// Which end user and feature a lease is for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaseMeta {
+    pub end_user_id: String,
+    pub feature_key: String,
 }
 
 /// An outbox record as stored: its key and its JSON.
@@ -158,12 +245,16 @@ impl Disk {
         let outbox = db.open_tree("outbox")?;
         let acked = db.open_tree("acked")?;
         let quarantine = db.open_tree("quarantine")?;
+        let lease_spend = db.open_tree("lease_spend")?;
+        let leases = db.open_tree("leases")?;
         Ok(Disk {
             db,
             replica,
             outbox,
             acked,
             quarantine,
+            lease_spend,
+            leases,
         })
     }
 
@@ -389,6 +480,118 @@ impl Disk {
 
     pub fn quarantine_len(&self) -> usize {
         self.quarantine.len()
+    }
+
+    /// Records what one request spent from a lease (durable after the next flush).
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn lease_spend_put(&self, key: &LeaseSpendKey, spend: LeaseSpend) -> Result<(), DiskError> {
+        self.lease_spend.insert(key.bytes(), &spend.bytes()[..])?;
+        Ok(())
+    }
+
+    /// What was spent from `lease` under report `sequence`, with the records' keys.
+    ///
+    /// # Errors
+    /// sled failures, a corrupt record.
+    pub fn lease_spend_of(
+        &self,
+        lease: &str,
+        sequence: u64,
+    ) -> Result<(Vec<Vec<u8>>, Vec<LeaseSpend>), DiskError> {
+        let mut prefix = lease_prefix(lease);
+        prefix.extend_from_slice(&sequence.to_be_bytes());
+        let mut keys = Vec::new();
+        let mut spends = Vec::new();
+        for item in self.lease_spend.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            spends.push(LeaseSpend::from_bytes(&value)?);
+            keys.push(key.to_vec());
+        }
+        Ok((keys, spends))
+    }
+
+    /// Every lease with spend on disk, and the report sequences it is under, ascending.
+    ///
+    /// # Errors
+    /// sled failures, a corrupt key.
+    pub fn lease_spend_index(&self) -> Result<Vec<(String, Vec<u64>)>, DiskError> {
+        let mut index: Vec<(String, Vec<u64>)> = Vec::new();
+        for item in self.lease_spend.iter() {
+            let (key, _) = item?;
+            let (lease, sequence) = LeaseSpendKey::parse(&key)?;
+            match index.last_mut() {
+                Some((last, sequences)) if *last == lease => {
+                    if sequences.last() != Some(&sequence) {
+                        sequences.push(sequence);
+                    }
+                }
+                _ => index.push((lease, vec![sequence])),
+            }
+        }
+        Ok(index)
+    }
+
+    /// Lease spend records not yet acknowledged (walks the tree: for scrapes and tests).
+    pub fn lease_spend_len(&self) -> usize {
+        self.lease_spend.len()
+    }
+
+    /// Removes acknowledged spend records.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn lease_spend_remove(&self, keys: &[Vec<u8>]) -> Result<(), DiskError> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key.as_slice());
+        }
+        self.lease_spend.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Remembers which end user and feature a lease is for.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn lease_put(&self, lease: &str, meta: &LeaseMeta) -> Result<(), DiskError> {
+        self.leases
+            .insert(lease.as_bytes(), serde_json::to_vec(meta)?)?;
+        Ok(())
+    }
+
+    /// # Errors
+    /// sled failures, a corrupt record.
+    pub fn lease_get(&self, lease: &str) -> Result<Option<LeaseMeta>, DiskError> {
+        self.leases
+            .get(lease.as_bytes())?
+            .map(|json| serde_json::from_slice(&json).map_err(DiskError::from))
+            .transpose()
+    }
+
+    /// Every lease remembered (a restart reports their spend and releases them).
+    ///
+    /// # Errors
+    /// sled failures, a corrupt record.
+    pub fn leases_all(&self) -> Result<Vec<(String, LeaseMeta)>, DiskError> {
+        self.leases
+            .iter()
+            .map(|item| {
+                let (key, json) = item?;
+                Ok((
+                    String::from_utf8_lossy(&key).into_owned(),
+                    serde_json::from_slice(&json)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// # Errors
+    /// sled failures.
+    pub fn lease_forget(&self, lease: &str) -> Result<(), DiskError> {
+        self.leases.remove(lease.as_bytes())?;
+        Ok(())
     }
 
     /// Writes everything to disk (one fsync).

@@ -19,6 +19,7 @@ use protocol::{CreateReservation, Problem};
 
 use crate::config::{Config, OnUnavailable, Unmatched};
 use crate::identity::{Identity, IdentityError};
+use crate::leases::{Leases, Spend, Taken};
 use crate::outbox::{Op, Outbox, Record};
 use crate::replica::{Freshness, Replica};
 use crate::routes::{Route, Routes, UnitsRule};
@@ -85,6 +86,8 @@ pub struct Gate {
     pub outage: Arc<OutageBudgets>,
     /// Requests being handled (a shutdown waits for them before closing connections).
     pub in_flight: Arc<InFlightCount>,
+    /// The leases this proxy spends from on features gated by balance (SPEC 12.1).
+    pub leases: Arc<Leases>,
 }
 
 /// Requests being handled, and a wake-up for whoever waits for none.
@@ -149,6 +152,12 @@ struct Admitted {
     balance_after: Option<i64>,
     resets_at: Option<Timestamp>,
     hold: Option<Hold>,
+    /// The cost taken from the end user's lease; recorded when the request is charged,
+    /// given back when it is dropped unrecorded.
+    spend: Option<Spend>,
+    /// The newest state the answer reflects (`x-quota-as-of`), when a lease answer is
+    /// newer than the replica.
+    as_of: Option<Timestamp>,
     charge_upstream_errors: bool,
     /// The usage (or reservation step) is in the outbox.
     recorded: bool,
@@ -175,6 +184,10 @@ async fn answer(session: &mut Session, problem: &Problem) -> pingora::Result<boo
     header.insert_header("content-type", protocol::PROBLEM_CONTENT_TYPE)?;
     header.insert_header("content-length", body.len().to_string())?;
     header.insert_header("cache-control", "no-store")?;
+    if problem.status == 503 {
+        // Failing closed, an outage budget, a lease still pending: a moment later may do.
+        header.insert_header("retry-after", "1")?;
+    }
     session
         .write_response_header(Box::new(header), false)
         .await?;
@@ -191,6 +204,23 @@ fn decision_metric(outcome: &'static str, source: &'static str) {
 enum Verdict {
     Admit(Admitted),
     Refuse(Problem),
+    /// Gated by balance: spend `cost` from the end user's lease (SPEC 12.1).
+    Lease(LeaseAsk),
+}
+
+/// A request to be admitted from its lease.
+struct LeaseAsk {
+    admitted: Admitted,
+    cost: Credits,
+    /// Free credits the replica shows for the feature (beyond any lease).
+    available: Credits,
+    version: Option<u64>,
+    /// The replica's state the decision used (what it shows of the lease, for the
+    /// balance header).
+    state: Arc<EndUserState>,
+    /// Why the replica alone could not decide (stale or loading), when it could not:
+    /// without a lease, the failure policy decides.
+    stale: Option<&'static str>,
 }
 
 impl Gate {
@@ -245,7 +275,16 @@ impl Gate {
     }
 
     /// The decision from the replica (or the failure policy), with local spend reserved.
-    fn decide(&self, live: &Live, route: &Route, end_user: &EndUserId, units: Units) -> Verdict {
+    /// `use_leases: false` decides from the replica and local spend alone (the control
+    /// plane cannot be reached for a lease, but the replica is still fresh).
+    fn decide(
+        &self,
+        live: &Live,
+        route: &Route,
+        end_user: &EndUserId,
+        units: Units,
+        use_leases: bool,
+    ) -> Verdict {
         let Some(feature) = route.feature.clone() else {
             return Verdict::Refuse(Problem::new(
                 500,
@@ -266,8 +305,19 @@ impl Gate {
             balance_after,
             resets_at,
             hold: None,
+            spend: None,
+            as_of: None,
             charge_upstream_errors: route.charge_upstream_errors,
             recorded: false,
+        };
+        let leased = |decision: &ledger::Decision| {
+            use_leases
+                && self.leases.enabled()
+                && !matches!(route.units, UnitsRule::Reserve(_))
+                && decision.overage == Some(ledger::OveragePolicy::Block)
+                && decision.cost.is_some_and(Credits::is_positive)
+                && (decision.allowed
+                    || decision.reason == Some(ledger::DenyReason::InsufficientBalance))
         };
         if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
             // The state is read under the end user's pending lock, which the replica also
@@ -282,6 +332,19 @@ impl Gate {
                     .user(end_user)
                     .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
                 match state.decide(&view.catalog, &feature, units, pending, now) {
+                    // Gated by balance: the lease decides, not the replica's balance
+                    // (which no longer shows what this proxy's lease holds).
+                    Ok(decision) if leased(&decision) => (
+                        Verdict::Lease(LeaseAsk {
+                            cost: decision.cost.unwrap_or(Credits::ZERO),
+                            available: decision.balance.unwrap_or(Credits::ZERO),
+                            version: Some(state.version()),
+                            stale: None,
+                            admitted: admitted(Credits::ZERO, "replica", None, decision.resets_at),
+                            state: Arc::clone(&state),
+                        }),
+                        None,
+                    ),
                     Ok(decision) if decision.allowed => {
                         let cost = decision.cost.unwrap_or(Credits::ZERO);
                         let balance_after = decision
@@ -328,12 +391,55 @@ impl Gate {
                 }
             });
         }
-        // Stale or still loading: the route's failure policy.
+        // Stale or still loading: a lease this proxy holds still admits within its room;
+        // beyond it, the route's failure policy.
         let why = if freshness == Freshness::Loading {
             "the proxy has not loaded its replica yet"
         } else {
             "the control plane has been unreachable longer than max_staleness"
         };
+        if let Some(view) = catalog.as_ref() {
+            let state = self
+                .replica
+                .user(end_user)
+                .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
+            if let Ok(decision) = state.decide(&view.catalog, &feature, units, Credits::ZERO, now)
+                && leased(&decision)
+            {
+                return Verdict::Lease(LeaseAsk {
+                    cost: decision.cost.unwrap_or(Credits::ZERO),
+                    available: decision.balance.unwrap_or(Credits::ZERO),
+                    version: Some(state.version()),
+                    stale: Some(why),
+                    admitted: admitted(Credits::ZERO, "replica", None, decision.resets_at),
+                    state: Arc::clone(&state),
+                });
+            }
+        }
+        self.fallback(route, end_user, units, why, &admitted)
+    }
+
+    /// The route's failure policy: closed answers 503; open admits (within the outage
+    /// budget), counting what the request would cost by the last known catalog as
+    /// pending.
+    fn fallback(
+        &self,
+        route: &Route,
+        end_user: &EndUserId,
+        units: Units,
+        why: &'static str,
+        admitted: &dyn Fn(Credits, &'static str, Option<i64>, Option<Timestamp>) -> Admitted,
+    ) -> Verdict {
+        let Some(feature) = route.feature.clone() else {
+            return Verdict::Refuse(Problem::new(
+                500,
+                "internal",
+                "Route has no feature",
+                "a gated route must name a feature",
+            ));
+        };
+        let catalog = self.replica.catalog();
+        let now = self.replica.now();
         if route.on_unavailable == OnUnavailable::Closed {
             decision_metric("unavailable", "fallback");
             tracing::debug!(route = route.index, %end_user, why, "failing closed");
@@ -407,6 +513,122 @@ fn normalise_request(header: &mut RequestHeader) -> Result<(), String> {
     header
         .set_raw_path(&rewritten)
         .map_err(|error| format!("the normalised target could not be used: {error}"))
+}
+
+impl Gate {
+    /// `x-quota-balance`, `x-quota-resets-at`, `x-quota-source` and `x-quota-as-of` (never
+    /// earlier than the newest state the answer reflects: the replica's, or the lease's
+    /// last answer when that is newer).
+    fn quota_headers(
+        &self,
+        admitted: &Admitted,
+        upstream_response: &mut ResponseHeader,
+    ) -> pingora::Result<()> {
+        if let Some(balance) = admitted.balance_after {
+            upstream_response.insert_header("x-quota-balance", balance.to_string())?;
+        }
+        if let Some(resets_at) = admitted.resets_at {
+            upstream_response.insert_header("x-quota-resets-at", resets_at.to_string())?;
+        }
+        upstream_response.insert_header("x-quota-source", admitted.source)?;
+        let as_of = admitted.as_of.map_or(self.replica.as_of(), |as_of| {
+            as_of.max(self.replica.as_of())
+        });
+        upstream_response.insert_header("x-quota-as-of", as_of.to_string())?;
+        Ok(())
+    }
+
+    /// Takes the request's cost from the end user's lease (waiting briefly for a refill):
+    /// admitted, refused when the control plane says nothing is left, or the failure
+    /// policy when no lease could be had in time.
+    async fn spend_from_lease(
+        &self,
+        live: &Live,
+        route: &Route,
+        end_user: &EndUserId,
+        units: Units,
+        ask: LeaseAsk,
+    ) -> Verdict {
+        let LeaseAsk {
+            mut admitted,
+            cost,
+            available,
+            version,
+            state,
+            stale,
+        } = ask;
+        match self
+            .leases
+            .take(end_user, &admitted.feature, cost, available, version)
+            .await
+        {
+            Taken::Spent(spend) => {
+                decision_metric("allowed", "lease");
+                // What the end user can still spend: the replica's free credits, plus
+                // what it shows this lease holding, less what this proxy spent from the
+                // lease and has not had acknowledged (whether or not the replica shows
+                // the lease yet, this counts each credit once).
+                let held = ledger::LeaseId::parse(spend.lease())
+                    .and_then(|id| state.lease(id))
+                    .map_or(Credits::ZERO, |lease| lease.held);
+                let balance = available
+                    .checked_add(held)
+                    .unwrap_or(Credits::MAX)
+                    .saturating_sub_floor(spend.outstanding_after);
+                admitted.balance_after = Some(balance.get());
+                admitted.as_of = Some(spend.answered_at);
+                admitted.spend = Some(spend);
+                Verdict::Admit(admitted)
+            }
+            Taken::Exhausted => {
+                decision_metric("denied", "lease");
+                let mut problem = Problem::new(
+                    402,
+                    "insufficient_balance",
+                    "Insufficient balance",
+                    format!("not enough credits for {}", admitted.feature),
+                );
+                problem.needed = Some(cost.get());
+                problem.available = Some(available.get());
+                Verdict::Refuse(problem)
+            }
+            Taken::Late if stale.is_none() => {
+                decision_metric("lease_late", "lease");
+                Verdict::Refuse(Problem::new(
+                    503,
+                    "lease_pending",
+                    "Quota lease pending",
+                    "the control plane did not grant this proxy's lease in time; retry shortly",
+                ))
+            }
+            // The control plane cannot be reached, but the replica is fresh (the outage
+            // is younger than max_staleness): the replica and local spend decide, as
+            // they would without leases.
+            Taken::Unavailable if stale.is_none() => {
+                self.decide(live, route, end_user, units, false)
+            }
+            Taken::Unavailable | Taken::Late => {
+                let why = stale.unwrap_or("the control plane could not be reached for a lease");
+                let feature = admitted.feature.clone();
+                let charge_upstream_errors = admitted.charge_upstream_errors;
+                let make = |pending, source, balance_after, resets_at| Admitted {
+                    end_user: end_user.clone(),
+                    feature: feature.clone(),
+                    units,
+                    pending,
+                    source,
+                    balance_after,
+                    resets_at,
+                    hold: None,
+                    spend: None,
+                    as_of: None,
+                    charge_upstream_errors,
+                    recorded: false,
+                };
+                self.fallback(route, end_user, units, why, &make)
+            }
+        }
+    }
 }
 
 /// Whether a control-plane refusal of a reservation is the client's answer (402, 403, a
@@ -506,11 +728,27 @@ impl ProxyHttp for Gate {
             Err(problem) => return answer(session, &problem).await,
         };
         let started = Instant::now();
-        let verdict = self.decide(&live, route, &end_user, units);
+        let verdict = self.decide(&live, route, &end_user, units, true);
         metrics::histogram!("qs_proxy_decision_seconds").record(started.elapsed().as_secs_f64());
+        let verdict = match verdict {
+            Verdict::Lease(ask) => {
+                self.spend_from_lease(&live, route, &end_user, units, ask)
+                    .await
+            }
+            other => other,
+        };
         let mut admitted = match verdict {
             Verdict::Admit(admitted) => admitted,
             Verdict::Refuse(problem) => return answer(session, &problem).await,
+            Verdict::Lease(_) => {
+                let problem = Problem::new(
+                    500,
+                    "internal",
+                    "Decision failed",
+                    "a lease decision was left open",
+                );
+                return answer(session, &problem).await;
+            }
         };
         if let Some(reserve) = reserve {
             // The one network call on the request path, and only for reservation routes:
@@ -642,6 +880,20 @@ impl ProxyHttp for Gate {
             return Ok(());
         }
         let failed = upstream_response.status.is_server_error() && !admitted.charge_upstream_errors;
+        if let Some(spend) = admitted.spend.take() {
+            // Spent from a lease: on disk under the lease's open report (flushed before
+            // the response in `sync` durability), or given back when not charged.
+            if !failed && let Err(error) = spend.record(admitted.units.get()).await {
+                tracing::error!(%error, "could not record lease spend; refusing to release the response");
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::InternalError,
+                    "usage could not be recorded",
+                ));
+            }
+            admitted.recorded = true;
+            self.quota_headers(admitted, upstream_response)?;
+            return Ok(());
+        }
         let key = format!("qsp_{}", ulid::Ulid::new());
         let record = match (&admitted.hold, failed) {
             (None, true) => None,
@@ -715,15 +967,7 @@ impl ProxyHttp for Gate {
                 admitted.recorded = true;
             }
         }
-        if let Some(balance) = admitted.balance_after {
-            upstream_response.insert_header("x-quota-balance", balance.to_string())?;
-        }
-        if let Some(resets_at) = admitted.resets_at {
-            upstream_response.insert_header("x-quota-resets-at", resets_at.to_string())?;
-        }
-        upstream_response.insert_header("x-quota-source", admitted.source)?;
-        upstream_response.insert_header("x-quota-as-of", self.replica.as_of().to_string())?;
-        Ok(())
+        self.quota_headers(admitted, upstream_response)
     }
 
     async fn logging(&self, session: &mut Session, error: Option<&pingora::Error>, ctx: &mut Ctx) {

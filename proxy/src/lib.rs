@@ -14,6 +14,7 @@ pub mod config;
 pub mod disk;
 pub mod gate;
 pub mod identity;
+pub mod leases;
 pub mod outbox;
 pub mod path;
 pub mod pending;

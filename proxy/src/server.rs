@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::disk::{Disk, Flusher};
 use crate::gate::{Gate, InFlightCount, Live, OutageBudgets};
+use crate::leases::Leases;
 use crate::outbox::Outbox;
 use crate::pending::Pending;
 use crate::replica::{Freshness, Replica};
@@ -49,6 +50,7 @@ pub struct Running {
 /// the request workers only serve requests: the outbox flusher and shipper, the
 /// replication follower and persister, and housekeeping.
 struct Background {
+    leases: Arc<Leases>,
     disk: Disk,
     flusher: Arc<Flusher>,
     replica: Arc<Replica>,
@@ -85,6 +87,14 @@ impl Background {
                 tokio::spawn(crate::sync::follow(
                     self.replica.clone(),
                     self.client.clone(),
+                    self.stopped.clone(),
+                )),
+                tokio::spawn(self.leases.clone().run(
+                    crate::leases::Context {
+                        client: self.client.clone(),
+                        replica: self.replica.clone(),
+                        outbox: self.outbox.clone(),
+                    },
                     self.stopped.clone(),
                 )),
                 tokio::spawn(self.outbox.clone().ship(
@@ -172,8 +182,17 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
     let (stop, stopped) = watch::channel(false);
     let (stop_background, background_stopped) = watch::channel(false);
     let outage = Arc::new(OutageBudgets::default());
+    let holder = crate::leases::holder_id(&config.data_dir).context("the proxy's holder id")?;
+    let leases = Arc::new(Leases::new(
+        holder,
+        config.leases.clone(),
+        disk.clone(),
+        flusher.clone(),
+        config.usage.durability,
+    ));
     let background = {
         let work = Background {
+            leases: leases.clone(),
             disk: disk.clone(),
             flusher: flusher.clone(),
             replica: replica.clone(),
@@ -200,6 +219,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         client,
         outage: outage.clone(),
         in_flight: in_flight.clone(),
+        leases,
     };
     let listener = TcpListener::bind(&config.listen)
         .await

@@ -339,11 +339,20 @@ api_key = "{key}"
 [usage]
 ship_interval_ms = 50
 
+{leases}
 {extra}
 "#,
         data_dir = data_dir.display(),
         url = plane.url,
         key = plane.key,
+        // Correctness tests run many proxies and a control plane on two cores in a debug
+        // build: a lease's refill may take longer than production's 100 ms there. A test
+        // with lease settings of its own writes the whole table.
+        leases = if extra.contains("[leases]") {
+            ""
+        } else {
+            "[leases]\nwait_ms = 5000\n"
+        },
     )
 }
 
@@ -407,10 +416,22 @@ impl Proxy {
     /// Waits until the outbox is empty.
     pub async fn drained(&self) {
         eventually("the outbox to drain", Duration::from_secs(20), || async {
-            (self.running.outbox.depth() == 0).then_some(())
+            (self.running.outbox.unacknowledged() == 0).then_some(())
         })
         .await;
     }
+}
+
+/// Credits charged to `end_user` in all: debits (usage) and commits (reservations and
+/// lease reports).
+pub async fn charged(plane: &ControlPlane, end_user: &str) -> i64 {
+    let mut total = 0i64;
+    for entry_type in ["debit", "commit"] {
+        for entry in plane.entries(end_user, entry_type).await {
+            total += entry.amount;
+        }
+    }
+    total
 }
 
 pub fn http_client() -> reqwest::Client {

@@ -155,8 +155,9 @@ async fn sighup_reloads_routes_without_dropping_connections() {
         .await
         .expect("body");
     assert!(metrics.contains("qs_proxy_decisions_total"), "{metrics}");
+    // The feature is gated by balance: the decision spent from this proxy's lease.
     assert!(
-        metrics.contains("source=\"replica\""),
+        metrics.contains("source=\"lease\""),
         "decisions are labelled by source"
     );
 

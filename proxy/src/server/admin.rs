@@ -42,10 +42,11 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn metrics_endpoint(State(admin): State<Admin>) -> impl IntoResponse {
-    let depth = admin.outbox.depth();
+    let depth = admin.outbox.unacknowledged();
     let quarantined = admin.outbox.quarantine_depth();
     // Exact at the moment of reading (housekeeping only refreshes them every 250 ms), so
-    // `qs_proxy_outbox_depth 0` means everything admitted so far has been shipped.
+    // `qs_proxy_outbox_depth 0` means everything admitted so far has been shipped and
+    // acknowledged: outbox records and lease spend alike.
     metrics::gauge!("qs_proxy_outbox_depth")
         .set(f64::from(u32::try_from(depth).unwrap_or(u32::MAX)));
     metrics::gauge!("qs_proxy_quarantine_depth")

@@ -1,0 +1,1153 @@
+//! Leases from the proxy's side (SPEC 12.1): per (end user, feature) gated by balance,
+//! credits the control plane holds for this proxy, spent locally.
+//!
+//! A request takes its cost from the slot's `room` under the slot's lock (no network
+//! call, no disk wait); when the room is short it waits up to `leases.wait_ms` for the
+//! background to take a lease or top one up. What an admitted request spent is written
+//! to sled's `lease_spend` tree under the report sequence that is open at that moment
+//! (durable before the response in `sync` durability) and reported from there, so a
+//! report's content is fixed by what is on disk: after a crash the same sequence is sent
+//! with the same content, and the control plane counts it once.
+//!
+//! The background (`run`) takes leases sized from the observed rate, reports spend every
+//! `leases.report_interval_ms` (each report tops the lease up when its room runs low and
+//! extends it), releases leases unused for `leases.idle_release_secs`, and on start
+//! reports what a previous run left on disk and releases those leases.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ledger::{Credits, EndUserId, FeatureKey, Holder, Timestamp};
+use protocol::{CreateLease, ReportLease};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::config::{Durability, LeaseConfig};
+use crate::disk::{Disk, DiskError, Flusher, LeaseMeta, LeaseSpend, LeaseSpendKey};
+use crate::outbox::{Op, Outbox, Record};
+use crate::replica::Replica;
+
+type SlotKey = (EndUserId, FeatureKey);
+
+const SHARDS: usize = 64;
+/// A lease stops being used this long before its TTL runs out (the report that extends
+/// it may be in flight).
+const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+/// After a refusal (nothing left), how long before a lease is asked for again.
+const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
+/// Network calls the background makes at once.
+const CALLS_AT_ONCE: usize = 32;
+/// How often the background looks at the slots when nothing wakes it.
+const TICK: Duration = Duration::from_millis(25);
+
+/// The proxy's stable instance id, kept in its data directory: leases are held by it.
+///
+/// # Errors
+/// The file cannot be read or written.
+pub fn holder_id(dir: &std::path::Path) -> Result<Holder, DiskError> {
+    let path = dir.join("holder");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("prx_{}", ulid::Ulid::new());
+            std::fs::write(&path, &id)
+                .map_err(|error| DiskError::new(format!("{}: {error}", path.display())))?;
+            id
+        }
+        Err(error) => return Err(DiskError::new(format!("{}: {error}", path.display()))),
+    };
+    Holder::new(&text)
+        .map_err(|error| DiskError::new(format!("{}: {text:?}: {error}", path.display())))
+}
+
+/// One lease of a slot.
+#[derive(Debug)]
+struct Held {
+    id: String,
+    /// Credits this proxy may still spend from it.
+    room: Credits,
+    /// Admitted and not yet covered by an acknowledged report.
+    outstanding: Credits,
+    /// Acknowledged reports' costs with the state version that includes each, until the
+    /// replica shows that version (the balance header counts them meanwhile).
+    confirmed: Vec<(u64, Credits)>,
+    /// Requests admitted from it whose spend is not yet recorded or given back.
+    in_flight: usize,
+    /// The report sequence new spend records go under.
+    open: u64,
+    /// A report sent and not yet acknowledged: it is sent again, unchanged.
+    unacked: Option<u64>,
+    /// Spend records being written, per sequence (a report waits for its own).
+    writing: BTreeMap<u64, usize>,
+    /// Usable until (the lease's TTL, less a margin).
+    usable_until: Instant,
+    last_report: Instant,
+    /// A report (or release) is in flight.
+    reporting: bool,
+    /// No new admissions: it is being released, or the control plane ended it.
+    ended: bool,
+    /// When the control plane last answered about it (the replica's clock).
+    answered_at: Timestamp,
+}
+
+impl Held {
+    fn usable(&self, now: Instant) -> bool {
+        !self.ended && now < self.usable_until
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    lease: Option<Held>,
+    /// Ended leases still reporting their spend.
+    retired: Vec<Held>,
+    /// The largest cost a request is waiting for.
+    wanted: Credits,
+    /// Free credits the replica showed at the last decision (sizes leases).
+    seen_available: Credits,
+    /// The control plane said nothing is left; until then, or until the replica shows a
+    /// newer state of the end user than `exhausted_at_version`.
+    exhausted_until: Option<Instant>,
+    exhausted_at_version: Option<u64>,
+    /// The control plane could not be reached.
+    unreachable_until: Option<Instant>,
+    unreachable_backoff: Duration,
+    /// A lease is being taken.
+    acquiring: bool,
+    /// Spend since `rate_since`, and the rate measured before (credits per second).
+    recent: Credits,
+    rate_since: Instant,
+    rate_per_sec: i64,
+    last_used: Instant,
+    notify: Arc<Notify>,
+}
+
+impl Slot {
+    fn new(now: Instant) -> Slot {
+        Slot {
+            lease: None,
+            retired: Vec::new(),
+            wanted: Credits::ZERO,
+            seen_available: Credits::ZERO,
+            exhausted_until: None,
+            exhausted_at_version: None,
+            unreachable_until: None,
+            unreachable_backoff: Duration::ZERO,
+            acquiring: false,
+            recent: Credits::ZERO,
+            rate_since: now,
+            rate_per_sec: 0,
+            last_used: now,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn held_mut(&mut self, id: &str) -> Option<&mut Held> {
+        self.lease
+            .iter_mut()
+            .chain(self.retired.iter_mut())
+            .find(|held| held.id == id)
+    }
+
+    /// Credits per second, over the last few seconds.
+    fn rate(&mut self, now: Instant) -> i64 {
+        let elapsed = now.saturating_duration_since(self.rate_since);
+        if elapsed >= Duration::from_secs(2) {
+            let millis = i64::try_from(elapsed.as_millis())
+                .unwrap_or(i64::MAX)
+                .max(1);
+            let measured = self
+                .recent
+                .get()
+                .saturating_mul(1000)
+                .checked_div(millis)
+                .unwrap_or(0);
+            self.rate_per_sec = measured.max(self.rate_per_sec.saturating_div(2));
+            self.recent = Credits::ZERO;
+            self.rate_since = now;
+        }
+        let since = i64::try_from(elapsed.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let current = self
+            .recent
+            .get()
+            .saturating_mul(1000)
+            .checked_div(since.max(250))
+            .unwrap_or(0);
+        self.rate_per_sec.max(current)
+    }
+}
+
+/// What taking a request's cost from its lease came to.
+#[derive(Debug)]
+pub enum Taken {
+    /// Spent from the lease; the guard gives it back unless recorded.
+    Spent(Spend),
+    /// The control plane says nothing is left for this end user and feature.
+    Exhausted,
+    /// The control plane could not be reached for a lease: the route's failure policy
+    /// decides.
+    Unavailable,
+    /// No lease or top-up came within `leases.wait_ms` although the control plane is
+    /// reachable (it is slow, or overloaded): the request is refused for now (503), never
+    /// admitted past what is held.
+    Late,
+}
+
+/// A request's cost taken from a lease: recorded once the request is charged, or given
+/// back when dropped unrecorded (the upstream failed, the client left).
+#[derive(Debug)]
+pub struct Spend {
+    leases: Arc<Leases>,
+    key: SlotKey,
+    lease: String,
+    cost: Credits,
+    /// What the lease has left after this request.
+    pub room_after: Credits,
+    /// What this proxy spent from the lease, this request included, that the replica
+    /// does not show yet (not reported, or reported in a state it does not hold yet).
+    pub outstanding_after: Credits,
+    /// When the control plane last answered about the lease (for `x-quota-as-of`).
+    pub answered_at: Timestamp,
+    done: bool,
+}
+
+impl Spend {
+    pub fn cost(&self) -> Credits {
+        self.cost
+    }
+
+    /// The lease it was taken from.
+    pub fn lease(&self) -> &str {
+        &self.lease
+    }
+
+    /// Writes what the request spent (durable before this returns in `sync`
+    /// durability), to be reported under the lease's open sequence.
+    ///
+    /// # Errors
+    /// The local store failed (the response must not go out as if recorded).
+    pub async fn record(mut self, units: u64) -> Result<(), DiskError> {
+        let leases = Arc::clone(&self.leases);
+        let sequence = leases
+            .with_slot(&self.key, |slot| {
+                let held = slot.held_mut(&self.lease)?;
+                let sequence = held.open;
+                *held.writing.entry(sequence).or_insert(0) += 1;
+                held.in_flight = held.in_flight.saturating_sub(1);
+                Some(sequence)
+            })
+            .flatten()
+            .ok_or_else(|| DiskError::new("the lease of an admitted request vanished".into()))?;
+        self.done = true;
+        let written = leases
+            .write_spend(&self.lease, sequence, units, self.cost)
+            .await;
+        leases.with_slot(&self.key, |slot| {
+            if let Some(held) = slot.held_mut(&self.lease)
+                && let Some(count) = held.writing.get_mut(&sequence)
+            {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    held.writing.remove(&sequence);
+                }
+            }
+        });
+        if written.is_err() {
+            // Not on disk: the spend goes back to the lease (the request is refused).
+            leases.give_back(&self.key, &self.lease, self.cost, false);
+        }
+        metrics::counter!("qs_proxy_lease_spend_total").increment(1);
+        written
+    }
+}
+
+impl Drop for Spend {
+    fn drop(&mut self) {
+        if !self.done {
+            self.leases
+                .give_back(&self.key, &self.lease, self.cost, true);
+        }
+    }
+}
+
+/// Every lease this proxy holds, and the background that keeps them.
+#[derive(Debug)]
+pub struct Leases {
+    holder: Holder,
+    config: LeaseConfig,
+    disk: Disk,
+    flusher: Arc<Flusher>,
+    durability: Durability,
+    shards: Vec<Mutex<HashMap<SlotKey, Slot>>>,
+    wake: Notify,
+}
+
+fn shard_of(key: &SlotKey) -> usize {
+    use std::hash::BuildHasher;
+    let hash =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(key);
+    usize::try_from(hash % 64).unwrap_or(0)
+}
+
+fn credits_of(value: i64) -> Credits {
+    Credits::new(value.max(0))
+}
+
+impl Leases {
+    pub fn new(
+        holder: Holder,
+        config: LeaseConfig,
+        disk: Disk,
+        flusher: Arc<Flusher>,
+        durability: Durability,
+    ) -> Leases {
+        Leases {
+            holder,
+            config,
+            disk,
+            flusher,
+            durability,
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            wake: Notify::new(),
+        }
+    }
+
+    pub fn holder(&self) -> &Holder {
+        &self.holder
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.enabled
+    }
+
+    fn with_slot<T>(&self, key: &SlotKey, f: impl FnOnce(&mut Slot) -> T) -> Option<T> {
+        let shard = &self.shards[shard_of(key) % self.shards.len()];
+        let mut guard = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.get_mut(key).map(f)
+    }
+
+    fn with_slot_or_new<T>(
+        &self,
+        key: &SlotKey,
+        now: Instant,
+        f: impl FnOnce(&mut Slot) -> T,
+    ) -> T {
+        let shard = &self.shards[shard_of(key) % self.shards.len()];
+        let mut guard = shard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(guard.entry(key.clone()).or_insert_with(|| Slot::new(now)))
+    }
+
+    /// Takes `cost` from the end user's lease for `feature`, waiting up to
+    /// `leases.wait_ms` for a lease or a top-up when the room is short. `available` is
+    /// what the replica shows free for the feature (it sizes the next lease), `version`
+    /// the replica's version of the end user (a newer one ends an exhausted spell).
+    pub async fn take(
+        self: &Arc<Self>,
+        end_user: &EndUserId,
+        feature: &FeatureKey,
+        cost: Credits,
+        available: Credits,
+        version: Option<u64>,
+    ) -> Taken {
+        let key = (end_user.clone(), feature.clone());
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.config.wait_ms);
+        let mut waited = false;
+        loop {
+            let now = Instant::now();
+            let notify = match self.try_take(&key, cost, available, version, now) {
+                Ok(taken) => {
+                    if waited {
+                        metrics::counter!("qs_proxy_lease_waits_total").increment(1);
+                        metrics::histogram!("qs_proxy_lease_wait_seconds")
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                    return taken;
+                }
+                Err(notify) => notify,
+            };
+            self.wake.notify_one();
+            if now >= deadline {
+                metrics::counter!("qs_proxy_lease_waits_total").increment(1);
+                metrics::counter!("qs_proxy_lease_wait_timeouts_total").increment(1);
+                return Taken::Late;
+            }
+            waited = true;
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Look once more now that a wake-up cannot be missed.
+            match self.try_take(&key, cost, available, version, Instant::now()) {
+                Ok(taken) => return taken,
+                Err(_) => {
+                    let _ = tokio::time::timeout(
+                        deadline.saturating_duration_since(Instant::now()),
+                        notified,
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// `Err(notify)` when the caller should wait for the background.
+    fn try_take(
+        self: &Arc<Self>,
+        key: &SlotKey,
+        cost: Credits,
+        available: Credits,
+        version: Option<u64>,
+        now: Instant,
+    ) -> Result<Taken, Arc<Notify>> {
+        self.with_slot_or_new(key, now, |slot| {
+            slot.last_used = now;
+            slot.seen_available = available;
+            if let Some(held) = slot.lease.as_mut().filter(|held| held.usable(now))
+                && held.room >= cost
+            {
+                held.room = held.room.saturating_sub_floor(cost);
+                held.outstanding = held.outstanding.checked_add(cost).unwrap_or(Credits::MAX);
+                let shown = version.unwrap_or(0);
+                held.confirmed.retain(|(needed, _)| *needed > shown);
+                let unshown = held
+                    .confirmed
+                    .iter()
+                    .fold(held.outstanding, |total, (_, cost)| {
+                        total.checked_add(*cost).unwrap_or(Credits::MAX)
+                    });
+                held.in_flight = held.in_flight.saturating_add(1);
+                slot.recent = slot.recent.checked_add(cost).unwrap_or(Credits::MAX);
+                return Ok(Taken::Spent(Spend {
+                    leases: Arc::clone(self),
+                    key: key.clone(),
+                    lease: held.id.clone(),
+                    cost,
+                    room_after: held.room,
+                    outstanding_after: unshown,
+                    answered_at: held.answered_at,
+                    done: false,
+                }));
+            }
+            // Credits may have come back since the refusal (a grant, a release): the
+            // replica shows a newer state of the end user.
+            if let (Some(refused_at), Some(shown)) = (slot.exhausted_at_version, version)
+                && shown > refused_at
+            {
+                slot.exhausted_until = None;
+                slot.exhausted_at_version = None;
+            }
+            if slot.exhausted_until.is_some_and(|until| now < until) {
+                return Ok(Taken::Exhausted);
+            }
+            if slot.unreachable_until.is_some_and(|until| now < until) {
+                return Ok(Taken::Unavailable);
+            }
+            slot.wanted = slot.wanted.max(cost);
+            Err(Arc::clone(&slot.notify))
+        })
+    }
+
+    /// Puts an admitted request's cost back (it was not charged, or not recorded).
+    fn give_back(&self, key: &SlotKey, lease: &str, cost: Credits, in_flight: bool) {
+        self.with_slot(key, |slot| {
+            if let Some(held) = slot.held_mut(lease) {
+                held.outstanding = held.outstanding.saturating_sub_floor(cost);
+                if in_flight {
+                    held.in_flight = held.in_flight.saturating_sub(1);
+                }
+                if !held.ended {
+                    held.room = held.room.checked_add(cost).unwrap_or(Credits::MAX);
+                }
+            }
+            slot.recent = slot.recent.saturating_sub_floor(cost);
+            slot.notify.notify_waiters();
+        });
+    }
+
+    async fn write_spend(
+        &self,
+        lease: &str,
+        sequence: u64,
+        units: u64,
+        cost: Credits,
+    ) -> Result<(), DiskError> {
+        let key = LeaseSpendKey {
+            lease: lease.to_owned(),
+            sequence,
+            id: ulid::Ulid::new().to_bytes(),
+        };
+        self.disk.lease_spend_put(
+            &key,
+            LeaseSpend {
+                units,
+                cost: cost.get(),
+            },
+        )?;
+        let ticket = self.flusher.wrote();
+        if self.durability == Durability::Sync {
+            self.flusher.durable(ticket).await?;
+        }
+        Ok(())
+    }
+
+    /// Credits parked in this proxy's leases, and how many leases it holds.
+    pub fn parked(&self) -> (Credits, usize) {
+        let mut credits = Credits::ZERO;
+        let mut count = 0usize;
+        for shard in &self.shards {
+            let guard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for slot in guard.values() {
+                if let Some(held) = &slot.lease {
+                    credits = credits.checked_add(held.room).unwrap_or(Credits::MAX);
+                    count = count.saturating_add(1);
+                }
+            }
+        }
+        (credits, count)
+    }
+}
+
+// === the background ===
+
+/// What the background decided to do about one slot.
+#[derive(Debug)]
+enum Work {
+    Acquire {
+        amount: Credits,
+    },
+    Report {
+        lease: String,
+        sequence: u64,
+        top_up: Option<Credits>,
+        release: bool,
+    },
+}
+
+/// Everything the background needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub client: client::Client,
+    pub replica: Arc<Replica>,
+    pub outbox: Arc<Outbox>,
+}
+
+impl Leases {
+    /// Keeps the leases until `stop`, then releases them all (bounded).
+    pub async fn run(self: Arc<Self>, context: Context, mut stop: watch::Receiver<bool>) {
+        if let Err(error) = self.recover(&context).await {
+            tracing::error!(%error, "reporting the spend a previous run left failed; it is retried on the next start");
+        }
+        let calls = Arc::new(Semaphore::new(CALLS_AT_ONCE));
+        let mut running = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(TICK) => {}
+                _ = stop.changed() => break,
+            }
+            while running.try_join_next().is_some() {}
+            for (key, work) in self.plan(Instant::now(), false) {
+                let (leases, context, calls) =
+                    (Arc::clone(&self), context.clone(), Arc::clone(&calls));
+                running.spawn(async move {
+                    let Ok(_permit) = calls.acquire_owned().await else {
+                        return;
+                    };
+                    leases.perform(&context, &key, work).await;
+                });
+            }
+            self.gauges();
+        }
+        // Shutdown: what is running finishes, then every lease is released.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::timeout_at(deadline, running.join_next())
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        {}
+        for (key, work) in self.plan(Instant::now(), true) {
+            let _ = tokio::time::timeout_at(deadline, self.perform(&context, &key, work)).await;
+        }
+    }
+
+    fn gauges(&self) {
+        let (credits, count) = self.parked();
+        metrics::gauge!("qs_proxy_leases").set(f64::from(u32::try_from(count).unwrap_or(u32::MAX)));
+        let parked = u32::try_from(credits.get()).unwrap_or(u32::MAX);
+        metrics::gauge!("qs_proxy_lease_credits_parked").set(f64::from(parked));
+    }
+
+    /// The target size of a slot's lease: its observed rate over the horizon, within
+    /// the configured bounds, at least what a request waits for, and at most half of what
+    /// the replica shows free beyond that (so several proxies share what is left).
+    fn target(&self, slot: &mut Slot, now: Instant) -> Credits {
+        let rate = slot.rate(now);
+        let horizon = i64::try_from(self.config.horizon_secs).unwrap_or(i64::MAX);
+        let wanted = slot.wanted.get();
+        let sized = rate
+            .saturating_mul(horizon)
+            .clamp(self.config.min_credits, self.config.max_credits);
+        let share = slot
+            .seen_available
+            .get()
+            .saturating_div(2)
+            .max(wanted)
+            .max(1);
+        credits_of(sized.min(share).max(wanted).max(1))
+    }
+
+    /// What each slot needs now (`shutdown`: release everything).
+    fn plan(&self, now: Instant, shutdown: bool) -> Vec<(SlotKey, Work)> {
+        let report_every = Duration::from_millis(self.config.report_interval_ms);
+        let idle = Duration::from_secs(self.config.idle_release_secs);
+        let mut work = Vec::new();
+        for shard in &self.shards {
+            let mut guard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            guard.retain(|_, slot| {
+                slot.lease.is_some()
+                    || !slot.retired.is_empty()
+                    || slot.acquiring
+                    || now.saturating_duration_since(slot.last_used) < idle
+            });
+            for (key, slot) in guard.iter_mut() {
+                let target = self.target(slot, now);
+                // Retired leases: report what is left, then forget them.
+                for held in &mut slot.retired {
+                    if held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
+                        continue;
+                    }
+                    work.push((key.clone(), final_report(held)));
+                }
+                let Some(held) = slot.lease.as_mut() else {
+                    let wants = slot.wanted.is_positive() && !shutdown;
+                    let blocked = slot.exhausted_until.is_some_and(|until| now < until)
+                        || slot.unreachable_until.is_some_and(|until| now < until);
+                    if wants && !blocked && !slot.acquiring {
+                        slot.acquiring = true;
+                        work.push((key.clone(), Work::Acquire { amount: target }));
+                    }
+                    continue;
+                };
+                if held.reporting {
+                    continue;
+                }
+                let unused = now.saturating_duration_since(slot.last_used) >= idle;
+                let expired = now >= held.usable_until;
+                if shutdown || (unused && held.in_flight == 0) || held.ended || expired {
+                    // Release: no new admissions; the final report waits for what is in
+                    // flight (requests still at the upstream record under it).
+                    held.ended = true;
+                    if held.in_flight == 0 {
+                        work.push((key.clone(), final_report(held)));
+                    } else if let Some(held) = slot.lease.take() {
+                        slot.retired.push(held);
+                    }
+                    continue;
+                }
+                let low =
+                    held.room.get().saturating_mul(2) < target.get() || slot.wanted > held.room;
+                let due = now.saturating_duration_since(held.last_report) >= report_every;
+                let stretched = held
+                    .usable_until
+                    .saturating_duration_since(now)
+                    .as_secs()
+                    .saturating_mul(2)
+                    < self.config.ttl_secs;
+                if low || due || stretched || held.unacked.is_some() {
+                    let top_up = low
+                        .then(|| target.saturating_sub_floor(held.room))
+                        .filter(|top_up| top_up.is_positive());
+                    held.reporting = true;
+                    let sequence = next_sequence(held);
+                    work.push((
+                        key.clone(),
+                        Work::Report {
+                            lease: held.id.clone(),
+                            sequence,
+                            top_up,
+                            release: false,
+                        },
+                    ));
+                }
+            }
+        }
+        work
+    }
+}
+
+/// The last reports of an ended lease: an unacknowledged report first (unchanged), then
+/// the release with what is left.
+fn final_report(held: &mut Held) -> Work {
+    held.reporting = true;
+    let release = held.unacked.is_none();
+    Work::Report {
+        lease: held.id.clone(),
+        sequence: next_sequence(held),
+        top_up: None,
+        release,
+    }
+}
+
+/// The sequence the next report of `held` carries: the unacknowledged one again, or the
+/// open one (new spend goes under the next from now on).
+fn next_sequence(held: &mut Held) -> u64 {
+    if let Some(sequence) = held.unacked {
+        return sequence;
+    }
+    let sequence = held.open;
+    held.open = held.open.saturating_add(1);
+    held.unacked = Some(sequence);
+    sequence
+}
+
+impl Leases {
+    async fn perform(&self, context: &Context, key: &SlotKey, work: Work) {
+        match work {
+            Work::Acquire { amount } => self.acquire(context, key, amount).await,
+            Work::Report {
+                lease,
+                sequence,
+                top_up,
+                release,
+            } => {
+                self.report(context, key, &lease, sequence, top_up, release)
+                    .await;
+            }
+        }
+    }
+
+    async fn acquire(&self, context: &Context, key: &SlotKey, amount: Credits) {
+        let (end_user, feature) = key;
+        let ttl_seconds = i64::try_from(self.config.ttl_secs).unwrap_or(30);
+        let answer = context
+            .client
+            .create_lease(&CreateLease {
+                end_user_id: end_user.to_string(),
+                feature_key: feature.to_string(),
+                holder: self.holder.to_string(),
+                amount: amount.get(),
+                ttl_seconds,
+            })
+            .await;
+        metrics::counter!("qs_proxy_lease_calls_total", "call" => "create").increment(1);
+        let now = Instant::now();
+        match answer {
+            Ok(lease) => {
+                let meta = LeaseMeta {
+                    end_user_id: end_user.to_string(),
+                    feature_key: feature.to_string(),
+                };
+                if let Err(error) = self.disk.lease_put(&lease.id, &meta) {
+                    tracing::error!(%error, "cannot remember a lease on disk");
+                }
+                let answered_at = context.replica.now();
+                self.with_slot(key, |slot| {
+                    slot.acquiring = false;
+                    slot.wanted = Credits::ZERO;
+                    slot.exhausted_until = None;
+                    slot.exhausted_at_version = None;
+                    slot.unreachable_until = None;
+                    slot.unreachable_backoff = Duration::ZERO;
+                    slot.lease = Some(Held {
+                        id: lease.id.clone(),
+                        room: credits_of(lease.amount),
+                        outstanding: Credits::ZERO,
+                        confirmed: Vec::new(),
+                        in_flight: 0,
+                        open: lease.sequence.saturating_add(1),
+                        unacked: None,
+                        writing: BTreeMap::new(),
+                        usable_until: now
+                            + Duration::from_secs(self.config.ttl_secs)
+                                .saturating_sub(EXPIRY_MARGIN),
+                        last_report: now,
+                        reporting: false,
+                        ended: false,
+                        answered_at,
+                    });
+                    slot.notify.notify_waiters();
+                });
+            }
+            Err(error) => {
+                let status = error.status().map(|status| status.as_u16());
+                let version = context.replica.version(end_user);
+                self.with_slot(key, |slot| {
+                    slot.acquiring = false;
+                    match status {
+                        Some(402 | 403 | 404 | 422) => {
+                            slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
+                            slot.exhausted_at_version = Some(version.unwrap_or(0));
+                        }
+                        _ => {
+                            tracing::debug!(%error, "taking a lease failed");
+                            slot.unreachable_backoff = (slot.unreachable_backoff.saturating_mul(2))
+                                .clamp(Duration::from_millis(50), Duration::from_secs(2));
+                            slot.unreachable_until = Some(now + slot.unreachable_backoff);
+                        }
+                    }
+                    slot.wanted = Credits::ZERO;
+                    slot.notify.notify_waiters();
+                });
+            }
+        }
+    }
+
+    /// Sends report `sequence` of `lease` (its content is what is on disk under it),
+    /// or a release.
+    async fn report(
+        &self,
+        context: &Context,
+        key: &SlotKey,
+        lease: &str,
+        sequence: u64,
+        top_up: Option<Credits>,
+        release: bool,
+    ) {
+        // Requests that took their sequence before it closed finish writing first.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self
+            .with_slot(key, |slot| {
+                slot.held_mut(lease)
+                    .is_some_and(|held| held.writing.get(&sequence).copied().unwrap_or(0) > 0)
+            })
+            .unwrap_or(false)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let outcome = self
+            .send_report(context, lease, sequence, top_up, release)
+            .await;
+        let now = Instant::now();
+        let answered_at = context.replica.now();
+        let version = context.replica.version(&key.0);
+        self.with_slot(key, |slot| {
+            let ttl = Duration::from_secs(self.config.ttl_secs).saturating_sub(EXPIRY_MARGIN);
+            let Some(held) = slot.held_mut(lease) else {
+                return;
+            };
+            held.reporting = false;
+            match outcome {
+                Reported::Done {
+                    cost,
+                    amount,
+                    active,
+                    version: included,
+                } => {
+                    held.unacked = None;
+                    held.last_report = now;
+                    held.answered_at = answered_at;
+                    held.outstanding = held.outstanding.saturating_sub_floor(cost);
+                    if let Some(included) = included
+                        && cost.is_positive()
+                        && version.is_none_or(|shown| shown < included)
+                    {
+                        held.confirmed.push((included, cost));
+                    }
+                    match amount {
+                        Some(amount) if active => {
+                            held.room = credits_of(amount).saturating_sub_floor(held.outstanding);
+                            held.usable_until = now + ttl;
+                        }
+                        // Ended at the control plane (expired, say): no more admissions;
+                        // the plan releases it once its spend is reported.
+                        Some(_) if !release => {
+                            held.ended = true;
+                            held.room = Credits::ZERO;
+                        }
+                        _ => {}
+                    }
+                    let room = held.room;
+                    slot.unreachable_until = None;
+                    slot.unreachable_backoff = Duration::ZERO;
+                    if release {
+                        if slot.lease.as_ref().is_some_and(|held| held.id == lease) {
+                            slot.lease = None;
+                        }
+                        slot.retired.retain(|held| held.id != lease);
+                        if let Err(error) = self.disk.lease_forget(lease) {
+                            tracing::warn!(%error, "cannot forget a released lease on disk");
+                        }
+                    } else if top_up.is_some() && slot.wanted > room {
+                        // Topped up as far as the balance goes, and a request still needs
+                        // more: nothing is left for it.
+                        slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
+                        slot.exhausted_at_version = Some(version.unwrap_or(0));
+                    }
+                    if slot.wanted <= room {
+                        slot.wanted = Credits::ZERO;
+                    }
+                }
+                Reported::Gone => {
+                    held.ended = true;
+                    held.room = Credits::ZERO;
+                    held.unacked = None;
+                    if slot.lease.as_ref().is_some_and(|held| held.id == lease) {
+                        slot.lease = None;
+                    }
+                    slot.retired.retain(|held| held.id != lease);
+                }
+                Reported::Later => {
+                    slot.unreachable_backoff = (slot.unreachable_backoff.saturating_mul(2))
+                        .clamp(Duration::from_millis(50), Duration::from_secs(2));
+                    slot.unreachable_until = Some(now + slot.unreachable_backoff);
+                }
+            }
+            slot.notify.notify_waiters();
+        });
+    }
+
+    /// The report (or release) call, with gaps filled and a lease that is gone turned
+    /// into plain usage.
+    async fn send_report(
+        &self,
+        context: &Context,
+        lease: &str,
+        sequence: u64,
+        top_up: Option<Credits>,
+        release: bool,
+    ) -> Reported {
+        let (keys, spends) = match self.disk.lease_spend_of(lease, sequence) {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::error!(%error, lease, "cannot read a lease's spend");
+                return Reported::Later;
+            }
+        };
+        let body = report_body(sequence, &spends, top_up, release, self.config.ttl_secs);
+        let cost = Credits::new(body.cost);
+        let mut answer = call(context, lease, &body, release).await;
+        metrics::counter!("qs_proxy_lease_calls_total", "call" => if release { "release" } else { "report" }).increment(1);
+        // A gap: earlier sequences carried nothing that is still on disk (they were
+        // acknowledged, or never had spend); send them empty, then this one again.
+        if let Err(error) = &answer
+            && error.code() == Some("sequence_gap")
+            && let Some(expected) = problem_expected(error)
+        {
+            if expected > sequence {
+                // This sequence was taken before (its answer was lost).
+                if let Err(error) = self.disk.lease_spend_remove(&keys) {
+                    tracing::error!(%error, "cannot remove reported spend");
+                }
+                return Reported::Done {
+                    cost,
+                    amount: None,
+                    active: true,
+                    version: None,
+                };
+            }
+            for missing in expected..sequence {
+                let empty = report_body(missing, &[], None, false, self.config.ttl_secs);
+                if call(context, lease, &empty, false).await.is_err() {
+                    return Reported::Later;
+                }
+            }
+            answer = call(context, lease, &body, release).await;
+        }
+        // An ended lease takes no top-up or extension: send the spend alone.
+        if let Err(error) = &answer
+            && error.code() == Some("lease_not_active")
+        {
+            let plain = report_body(sequence, &spends, None, true, self.config.ttl_secs);
+            answer = call(context, lease, &plain, release).await;
+        }
+        match answer {
+            Ok(lease_answer) => {
+                if let Err(error) = self.disk.lease_spend_remove(&keys) {
+                    tracing::error!(%error, "cannot remove reported spend");
+                }
+                Reported::Done {
+                    cost,
+                    amount: Some(lease_answer.amount),
+                    active: lease_answer.status == "active" && !release,
+                    version: lease_answer.version,
+                }
+            }
+            Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
+                // The lease is gone (ended more than an hour ago): its spend is charged
+                // as plain usage, once (the keys name lease, sequence and record).
+                match self.to_usage(context, lease).await {
+                    Ok(()) => Reported::Gone,
+                    Err(error) => {
+                        tracing::error!(%error, lease, "cannot turn a vanished lease's spend into usage");
+                        Reported::Later
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, lease, sequence, "reporting a lease failed; it is sent again");
+                Reported::Later
+            }
+        }
+    }
+
+    /// Moves every spend record of `lease` into the usage outbox, keyed so that each is
+    /// charged once however often this runs.
+    async fn to_usage(&self, context: &Context, lease: &str) -> Result<(), DiskError> {
+        let Some(meta) = self.disk.lease_get(lease)? else {
+            return Err(DiskError::new(format!(
+                "lease {lease} has spend but no end user on disk"
+            )));
+        };
+        let sequences = self
+            .disk
+            .lease_spend_index()?
+            .into_iter()
+            .find(|(id, _)| id == lease)
+            .map(|(_, sequences)| sequences)
+            .unwrap_or_default();
+        for sequence in sequences {
+            let (keys, spends) = self.disk.lease_spend_of(lease, sequence)?;
+            for (key, spend) in keys.iter().zip(&spends) {
+                let suffix: String = key
+                    .iter()
+                    .rev()
+                    .take(16)
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect();
+                let record = Record {
+                    key: format!("{lease}-{sequence}-{suffix}"),
+                    end_user_id: meta.end_user_id.clone(),
+                    pending: 0,
+                    op: Op::Usage {
+                        feature_key: meta.feature_key.clone(),
+                        units: spend.units.max(1),
+                        timestamp_ms: context.replica.now().as_millis(),
+                    },
+                };
+                context.outbox.push(&record).await?;
+            }
+            self.disk.lease_spend_remove(&keys)?;
+        }
+        self.disk.lease_forget(lease)?;
+        Ok(())
+    }
+
+    /// After a restart: every lease a previous run remembered has its spend reported
+    /// (what the control plane already took is dropped, the rest sent in order) and is
+    /// released.
+    async fn recover(&self, context: &Context) -> Result<(), DiskError> {
+        let remembered = self.disk.leases_all()?;
+        let index = self.disk.lease_spend_index()?;
+        for (lease, _) in &remembered {
+            let sequences = index
+                .iter()
+                .find(|(id, _)| id == lease)
+                .map(|(_, sequences)| sequences.clone())
+                .unwrap_or_default();
+            let taken = match context.client.get_lease(lease).await {
+                Ok(found) => found.sequence,
+                Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
+                    self.to_usage(context, lease).await?;
+                    continue;
+                }
+                Err(error) => {
+                    return Err(DiskError::new(format!("reading lease {lease}: {error}")));
+                }
+            };
+            let mut next = taken.saturating_add(1);
+            for sequence in sequences {
+                if sequence <= taken {
+                    let (keys, _) = self.disk.lease_spend_of(lease, sequence)?;
+                    self.disk.lease_spend_remove(&keys)?;
+                    continue;
+                }
+                match self
+                    .send_report(context, lease, sequence, None, false)
+                    .await
+                {
+                    Reported::Done { .. } | Reported::Gone => next = sequence.saturating_add(1),
+                    Reported::Later => {
+                        return Err(DiskError::new(format!(
+                            "lease {lease}: the control plane did not take report {sequence}"
+                        )));
+                    }
+                }
+            }
+            if self.disk.lease_get(lease)?.is_some() {
+                let _ = self.send_report(context, lease, next, None, true).await;
+                self.disk.lease_forget(lease)?;
+            }
+            tracing::info!(lease, "reported and released a lease a previous run held");
+        }
+        Ok(())
+    }
+}
+
+/// What a report call came to.
+#[derive(Debug)]
+enum Reported {
+    /// Taken: its cost, the lease's hold after it (unknown when only replayed), whether
+    /// the lease is still active, and the state version that includes it.
+    Done {
+        cost: Credits,
+        amount: Option<i64>,
+        active: bool,
+        version: Option<u64>,
+    },
+    /// The lease is gone; its spend went to the usage outbox.
+    Gone,
+    /// Not taken now (the control plane is away): sent again later, unchanged.
+    Later,
+}
+
+fn report_body(
+    sequence: u64,
+    spends: &[LeaseSpend],
+    top_up: Option<Credits>,
+    plain: bool,
+    ttl_secs: u64,
+) -> ReportLease {
+    let units = spends
+        .iter()
+        .fold(0u64, |total, spend| total.saturating_add(spend.units));
+    let cost = spends
+        .iter()
+        .fold(0i64, |total, spend| total.saturating_add(spend.cost));
+    ReportLease {
+        sequence,
+        units,
+        cost,
+        requests: u64::try_from(spends.len()).unwrap_or(u64::MAX),
+        top_up: if plain {
+            None
+        } else {
+            top_up.map(Credits::get)
+        },
+        ttl_seconds: (!plain).then(|| i64::try_from(ttl_secs).unwrap_or(30)),
+    }
+}
+
+async fn call(
+    context: &Context,
+    lease: &str,
+    body: &ReportLease,
+    release: bool,
+) -> Result<protocol::Lease, client::Error> {
+    // No idempotency key of ours: the sequence makes a report exactly-once, and a resent
+    // report may carry another top-up (the client's own retries reuse its key).
+    if release {
+        context.client.release_lease(lease, body).await
+    } else {
+        context.client.report_lease(lease, body).await
+    }
+}
+
+fn problem_expected(error: &client::Error) -> Option<u64> {
+    match error {
+        client::Error::Api { problem, .. } => problem.expected,
+        _ => None,
+    }
+}
