@@ -633,6 +633,27 @@ impl ProxyProcess {
         self.child.id()
     }
 
+    /// Stops the child with SIGTERM (a graceful shutdown: in-flight requests finish,
+    /// usage is reported, leases are released) and waits for it to exit.
+    pub fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "SIGTERM sent");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.child.try_wait().expect("child status").is_some() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the proxy did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills the child with SIGKILL and waits for it to exit.
     pub fn kill(&mut self) {
         self.child.kill().expect("SIGKILL");
