@@ -138,6 +138,20 @@ struct Hold {
     /// The control plane's reservation, when it could be made.
     reservation_id: Option<String>,
     actual_header: http::HeaderName,
+    /// The admission's state and balance (before the estimate), to price the actual
+    /// with; none when the estimate was not decided on a fresh replica.
+    priced_on: Option<PricedOn>,
+}
+
+/// What a reservation's estimate was decided on: `x-quota-balance` of its answer is the
+/// balance less the actual's cost priced on the same state (so the same tier position
+/// and pending spend), or, when the actual is not known, less the estimate's.
+#[derive(Debug)]
+struct PricedOn {
+    state: Arc<EndUserState>,
+    balance: Credits,
+    pending: Credits,
+    now: Timestamp,
 }
 
 /// An admitted request.
@@ -161,6 +175,8 @@ struct Admitted {
     charge_upstream_errors: bool,
     /// The usage (or reservation step) is in the outbox.
     recorded: bool,
+    /// Set on reserve routes' admissions decided on a fresh replica.
+    priced_on: Option<PricedOn>,
 }
 
 /// Per request.
@@ -309,6 +325,7 @@ impl Gate {
             as_of: None,
             charge_upstream_errors: route.charge_upstream_errors,
             recorded: false,
+            priced_on: None,
         };
         let leased = |decision: &ledger::Decision| {
             use_leases
@@ -351,15 +368,19 @@ impl Gate {
                             .balance
                             .map(|balance| balance.saturating_sub_floor(cost).get());
                         decision_metric("allowed", "replica");
-                        (
-                            Verdict::Admit(admitted(
-                                cost,
-                                "replica",
-                                balance_after,
-                                decision.resets_at,
-                            )),
-                            Some(cost),
-                        )
+                        let mut admitted =
+                            admitted(cost, "replica", balance_after, decision.resets_at);
+                        if matches!(route.units, UnitsRule::Reserve(_))
+                            && let Some(balance) = decision.balance
+                        {
+                            admitted.priced_on = Some(PricedOn {
+                                state: Arc::clone(&state),
+                                balance,
+                                pending,
+                                now,
+                            });
+                        }
+                        (Verdict::Admit(admitted), Some(cost))
                     }
                     Ok(decision) => {
                         decision_metric("denied", "replica");
@@ -516,6 +537,45 @@ fn normalise_request(header: &mut RequestHeader) -> Result<(), String> {
 }
 
 impl Gate {
+    /// A reservation's answer: `("actual", balance)` when the upstream named the actual
+    /// and it could be priced on the state the estimate was decided on, else
+    /// `("estimate", None)` (the header keeps the balance after the estimate). A
+    /// released hold (an actual of 0, or an upstream error not charged) costs nothing.
+    fn balance_after_actual(
+        &self,
+        admitted: &Admitted,
+        hold: &Hold,
+        actual: Option<u64>,
+    ) -> (&'static str, Option<i64>) {
+        let (Some(actual), Some(priced_on), Some(view)) =
+            (actual, hold.priced_on.as_ref(), self.replica.catalog())
+        else {
+            return ("estimate", None);
+        };
+        let cost = match Units::new(actual) {
+            _ if actual == 0 => Some(Credits::ZERO),
+            Some(units) => priced_on
+                .state
+                .decide(
+                    &view.catalog,
+                    &admitted.feature,
+                    units,
+                    priced_on.pending,
+                    priced_on.now,
+                )
+                .ok()
+                .and_then(|decision| decision.cost),
+            None => None,
+        };
+        match cost {
+            Some(cost) => (
+                "actual",
+                Some(priced_on.balance.saturating_sub_floor(cost).get()),
+            ),
+            None => ("estimate", None),
+        }
+    }
+
     /// `x-quota-balance`, `x-quota-resets-at`, `x-quota-source` and `x-quota-as-of` (never
     /// earlier than the newest state the answer reflects: the replica's, or the lease's
     /// last answer when that is newer).
@@ -624,6 +684,7 @@ impl Gate {
                     as_of: None,
                     charge_upstream_errors,
                     recorded: false,
+                    priced_on: None,
                 };
                 self.fallback(route, end_user, units, why, &make)
             }
@@ -829,6 +890,7 @@ impl ProxyHttp for Gate {
             admitted.hold = Some(Hold {
                 reservation_id,
                 actual_header: reserve.actual_header.clone(),
+                priced_on: admitted.priced_on.take(),
             });
         }
         ctx.admitted = Some(admitted);
@@ -895,6 +957,7 @@ impl ProxyHttp for Gate {
             return Ok(());
         }
         let key = format!("qsp_{}", ulid::Ulid::new());
+        let mut basis = None;
         let record = match (&admitted.hold, failed) {
             (None, true) => None,
             (None, false) => Some(Op::Usage {
@@ -908,6 +971,11 @@ impl ProxyHttp for Gate {
                     .get(&hold.actual_header)
                     .and_then(|value| value.to_str().ok())
                     .and_then(|text| text.trim().parse::<u64>().ok());
+                basis = Some(self.balance_after_actual(
+                    admitted,
+                    hold,
+                    if failed { Some(0) } else { actual },
+                ));
                 let units = match actual {
                     Some(units) => units,
                     None => {
@@ -966,6 +1034,12 @@ impl ProxyHttp for Gate {
                     .reduce(&admitted.end_user, admitted.pending);
                 admitted.recorded = true;
             }
+        }
+        if let Some((basis, balance)) = basis {
+            if let Some(balance) = balance {
+                admitted.balance_after = Some(balance);
+            }
+            upstream_response.insert_header("x-quota-balance-basis", basis)?;
         }
         self.quota_headers(admitted, upstream_response)
     }

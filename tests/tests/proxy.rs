@@ -154,6 +154,10 @@ async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_t
         )
         .await;
     assert_eq!(response.status(), StatusCode::OK);
+    // The balance header reflects the actual (known from the upstream's answer), and
+    // says so.
+    assert_eq!(response.headers()["x-quota-balance"], "963");
+    assert_eq!(response.headers()["x-quota-balance-basis"], "actual");
     proxy.drained().await;
     assert_eq!(
         plane.available("writer").await,
@@ -166,6 +170,12 @@ async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_t
         .send(Method::POST, "/generate-fail", Some("writer"), &[])
         .await;
     assert_eq!(failed.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        failed.headers()["x-quota-balance"],
+        "963",
+        "a released hold costs nothing"
+    );
+    assert_eq!(failed.headers()["x-quota-balance-basis"], "actual");
     proxy.drained().await;
     assert_eq!(
         plane.available("writer").await,
@@ -176,6 +186,17 @@ async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_t
     assert_eq!(plane.entries("writer", "release").await.len(), 2);
     let balance = plane.client.balance("writer", None).await.expect("balance");
     assert_eq!(balance.held, 0);
+
+    // No actual from the upstream: the estimate is committed, and the header says the
+    // balance is after the estimate.
+    let unmeasured = proxy
+        .send(Method::POST, "/generate", Some("writer"), &[])
+        .await;
+    assert_eq!(unmeasured.status(), StatusCode::OK);
+    assert_eq!(unmeasured.headers()["x-quota-balance"], "863");
+    assert_eq!(unmeasured.headers()["x-quota-balance-basis"], "estimate");
+    proxy.drained().await;
+    assert_eq!(plane.available("writer").await, 863);
 
     // An estimate larger than the balance is refused before the upstream is called.
     let big = proxy
