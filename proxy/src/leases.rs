@@ -360,23 +360,26 @@ impl Leases {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.config.wait_ms);
         let mut waited = false;
+        let answered = |waited: bool, taken: Taken| {
+            if waited {
+                metrics::counter!("qs_proxy_lease_waits_total").increment(1);
+                metrics::histogram!("qs_proxy_lease_wait_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            taken
+        };
         loop {
             let now = Instant::now();
             let notify = match self.try_take(&key, cost, available, version, now) {
-                Ok(taken) => {
-                    if waited {
-                        metrics::counter!("qs_proxy_lease_waits_total").increment(1);
-                        metrics::histogram!("qs_proxy_lease_wait_seconds")
-                            .record(started.elapsed().as_secs_f64());
-                    }
-                    return taken;
-                }
+                Ok(taken) => return answered(waited, taken),
                 Err(notify) => notify,
             };
             self.wake.notify_one();
             if now >= deadline {
                 metrics::counter!("qs_proxy_lease_waits_total").increment(1);
                 metrics::counter!("qs_proxy_lease_wait_timeouts_total").increment(1);
+                metrics::histogram!("qs_proxy_lease_wait_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 return Taken::Late;
             }
             waited = true;
@@ -385,7 +388,7 @@ impl Leases {
             notified.as_mut().enable();
             // Look once more now that a wake-up cannot be missed.
             match self.try_take(&key, cost, available, version, Instant::now()) {
-                Ok(taken) => return taken,
+                Ok(taken) => return answered(true, taken),
                 Err(_) => {
                     let _ = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
@@ -543,9 +546,20 @@ pub struct Context {
 impl Leases {
     /// Keeps the leases until `stop`, then releases them all (bounded).
     pub async fn run(self: Arc<Self>, context: Context, mut stop: watch::Receiver<bool>) {
-        if let Err(error) = self.recover(&context).await {
-            tracing::error!(%error, "reporting the spend a previous run left failed; it is retried on the next start");
-        }
+        // The leases a previous run left, read before this run takes any: reported and
+        // released in the background, retried until the control plane takes them.
+        let remembered = match self.disk.leases_all() {
+            Ok(remembered) => remembered,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the leases a previous run left; they are reported on the next start");
+                Vec::new()
+            }
+        };
+        let recovery = tokio::spawn(Arc::clone(&self).recover_until_done(
+            context.clone(),
+            remembered.into_iter().map(|(lease, _)| lease).collect(),
+            stop.clone(),
+        ));
         let calls = Arc::new(Semaphore::new(CALLS_AT_ONCE));
         let mut running = tokio::task::JoinSet::new();
         loop {
@@ -577,6 +591,40 @@ impl Leases {
         {}
         for (key, work) in self.plan(Instant::now(), true) {
             let _ = tokio::time::timeout_at(deadline, self.perform(&context, &key, work)).await;
+        }
+        // What the recovery has not reported stays on disk for the next start.
+        let _ = tokio::time::timeout_at(deadline, recovery).await;
+    }
+
+    /// Reports and releases `remembered` (a previous run's leases), retrying with
+    /// backoff (up to 30 s apart) until every one is done or `stop`.
+    async fn recover_until_done(
+        self: Arc<Self>,
+        context: Context,
+        remembered: Vec<String>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let outcome = self.recover(&context, &remembered).await;
+            let pending = remembered
+                .iter()
+                .filter(|lease| matches!(self.disk.lease_get(lease), Ok(Some(_)) | Err(_)))
+                .count();
+            metrics::gauge!("qs_proxy_lease_recovery_pending")
+                .set(f64::from(u32::try_from(pending).unwrap_or(u32::MAX)));
+            match outcome {
+                Ok(()) => return,
+                Err(error) => {
+                    metrics::counter!("qs_proxy_lease_recovery_failures_total").increment(1);
+                    tracing::warn!(%error, retry_in_ms = backoff.as_millis(), "reporting the spend a previous run left failed; retrying");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => return,
+            }
+            backoff = backoff.saturating_mul(2).min(Duration::from_secs(30));
         }
     }
 
@@ -1037,11 +1085,15 @@ impl Leases {
 
     /// After a restart: every lease a previous run remembered has its spend reported
     /// (what the control plane already took is dropped, the rest sent in order) and is
-    /// released.
-    async fn recover(&self, context: &Context) -> Result<(), DiskError> {
-        let remembered = self.disk.leases_all()?;
+    /// released. Stops at the first lease the control plane does not take (the caller
+    /// tries again).
+    async fn recover(&self, context: &Context, remembered: &[String]) -> Result<(), DiskError> {
         let index = self.disk.lease_spend_index()?;
-        for (lease, _) in &remembered {
+        for lease in remembered {
+            // Done by an earlier attempt.
+            if self.disk.lease_get(lease)?.is_none() {
+                continue;
+            }
             let sequences = index
                 .iter()
                 .find(|(id, _)| id == lease)

@@ -431,8 +431,8 @@ impl Running {
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
-            0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
-            0.1, 0.5, 1.0, 5.0,
+            0.000_001, 0.000_005, 0.000_01, 0.000_05, 0.0001, 0.0005, 0.001, 0.002, 0.003, 0.005,
+            0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
         ])
         .context("metric buckets")?
         .install_recorder()

@@ -662,6 +662,12 @@ impl ProxyProcess {
 
     /// The outbox depth its admin endpoint reports (`None` while it does not answer).
     pub async fn outbox_depth(&self, http: &reqwest::Client) -> Option<u64> {
+        self.metric(http, "qs_proxy_outbox_depth").await
+    }
+
+    /// A metric without labels from its admin endpoint, as a whole number (`None` while
+    /// it does not answer or does not show the metric yet).
+    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Option<u64> {
         let text = http
             .get(format!("{}/metrics", self.admin))
             .send()
@@ -671,7 +677,7 @@ impl ProxyProcess {
             .await
             .ok()?;
         text.lines()
-            .find_map(|line| line.strip_prefix("qs_proxy_outbox_depth "))
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|value| value.trim().parse::<f64>().ok())
             .and_then(|value| format!("{value:.0}").parse().ok())
     }

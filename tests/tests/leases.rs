@@ -305,3 +305,69 @@ async fn leases_carry_proxies_through_a_control_plane_outage() {
     assert_eq!((shown.held, shown.debt), (0, 0));
     eprintln!("{during} admitted within leases while the control plane was down");
 }
+
+// A proxy killed, then restarted while the control plane is down: its recovery of the
+// spend its disk kept fails and is retried, so once the control plane is back the spend
+// is charged (once) and the lease released, without another restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_reports_its_old_spend_once_the_control_plane_is_back() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    plane.grant("patient", 1_000).await;
+    let mut running = proxies(dir.path(), &plane, &upstream, 1, ROUTES);
+    let http = e2e::http_client();
+    let mut admitted = 0i64;
+    while admitted < 20 {
+        let response = http
+            .post(format!("{}/work", running[0].0.address))
+            .header("x-end-user-id", "patient")
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        admitted += 1;
+    }
+    running[0].0.kill();
+    plane.stop().await;
+    let config = running[0].1.clone();
+    running[0].0 = ProxyProcess::spawn(BINARY, &config);
+    let proxy = &running[0].0;
+    eventually(
+        "the recovery to fail once",
+        Duration::from_secs(30),
+        || async {
+            (proxy
+                .metric(&http, "qs_proxy_lease_recovery_failures_total")
+                .await
+                >= Some(1))
+            .then_some(())
+        },
+    )
+    .await;
+    plane.restart().await;
+    eventually(
+        "the recovery to finish",
+        Duration::from_secs(60),
+        || async {
+            (proxy.metric(&http, "qs_proxy_lease_recovery_pending").await == Some(0)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        e2e::charged(&plane, "patient").await,
+        admitted,
+        "charged once, after the restart"
+    );
+    let shown = plane
+        .client
+        .balance("patient", None)
+        .await
+        .expect("balance");
+    assert_eq!(
+        (shown.held, shown.debt),
+        (0, 0),
+        "the old lease was released"
+    );
+    running[0].0.terminate();
+}
