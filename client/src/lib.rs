@@ -39,10 +39,10 @@ use protocol::{
     ChangeSubscription, CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature,
     CreateGrant, CreateLease, CreatePlan, CreateReservation, CreateSubscription, CreateTenant,
     CreateVariant, CreateWebhookEndpoint, EntitlementCheck, Event, ExtendReservation, Feature,
-    Lease, LedgerEntry, Page, Plan, Problem, RecordUsage, RenewSubscription, ReportLease,
-    Reservation, Settings, Subscription, SyncRecord, TenantCreated, TestClock, UpdateSettings,
-    UpdateWebhookEndpoint, UsageBatch, UsageBatchRecorded, UsageRecorded, Variant, VoidBlock,
-    WebhookEndpoint,
+    Lease, LeaseBatch, LeaseBatchAnswer, LedgerEntry, Page, Plan, Problem, RecordUsage,
+    RenewSubscription, ReportLease, Reservation, Settings, Subscription, SyncRecord, TenantCreated,
+    TestClock, UpdateSettings, UpdateWebhookEndpoint, UsageBatch, UsageBatchRecorded,
+    UsageRecorded, Variant, VoidBlock, WebhookEndpoint,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -617,6 +617,12 @@ impl Client {
     pub async fn release_lease(&self, id: &str, body: &ReportLease) -> Result<Lease, Error> {
         self.post(&format!("/v1/leases/{}/release", segment(id)?), body)
             .await
+    }
+
+    /// Creations, reports and releases together, each answered on its own (a refused
+    /// one stops nothing): one round trip and one transaction for all of them.
+    pub async fn lease_batch(&self, body: &LeaseBatch) -> Result<LeaseBatchAnswer, Error> {
+        self.post("/v1/leases/batch", body).await
     }
 
     pub async fn extend_reservation(

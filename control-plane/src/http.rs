@@ -93,6 +93,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(leases::get))
         .routes(routes!(leases::report))
         .routes(routes!(leases::release))
+        .routes(routes!(leases::batch))
         .routes(routes!(subscriptions::create, subscriptions::list))
         .routes(routes!(subscriptions::get))
         .routes(routes!(subscriptions::renew))

@@ -80,6 +80,13 @@ pub struct Lease {
     pub requests: u64,
     pub created_at: Timestamp,
     pub ended_at: Option<Timestamp>,
+    /// The holder's name for the request that created it: a creation repeating it (the
+    /// holder lost the answer) finds this lease instead of holding more.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Option::is_none")
+    )]
+    pub request_id: Option<String>,
 }
 
 /// `POST /v1/leases`.
@@ -90,6 +97,10 @@ pub struct LeaseRequest {
     /// What the holder would like held; as much of it as is available is held.
     pub amount: Credits,
     pub ttl_secs: i64,
+    /// Makes the creation idempotent per holder: a lease of this holder created with the
+    /// same id (active or kept) is answered instead (checked by the caller's protocol
+    /// layer: `[A-Za-z0-9_.:-]{1,128}`).
+    pub request_id: Option<String>,
 }
 
 /// One report of what a lease's holder spent since its last one.
@@ -181,7 +192,11 @@ impl EndUserState {
     /// `FeatureNotFound`, `FeatureNotMetered`, `Invalid` (amount, TTL); the decision's
     /// access refusal (`NotInPlan`, `SubscriptionPaused`, `SubscriptionPastDue`);
     /// `InsufficientBalance` when nothing is available; `LimitReached` past
-    /// [`LEASES_PER_END_USER_MAX`].
+    /// [`LEASES_PER_END_USER_MAX`]; `Invalid` (`request_id`) when the holder used the
+    /// request id for a lease of another feature.
+    ///
+    /// A request id the holder used before answers that lease as it stands, changing
+    /// nothing (no entry: the answer tells a repeat by that).
     pub fn take_lease(
         &mut self,
         cx: &mut Cx<'_>,
@@ -194,6 +209,22 @@ impl EndUserState {
                 field: "amount",
                 message: "must be positive".into(),
             });
+        }
+        if let Some(request_id) = &request.request_id
+            && let Some(earlier) = self.leases.iter().find(|lease| {
+                lease.holder == request.holder && lease.request_id.as_ref() == Some(request_id)
+            })
+        {
+            if earlier.feature_key != request.feature_key {
+                return Err(Refusal::Invalid {
+                    field: "request_id",
+                    message: format!(
+                        "was used by this holder for lease {} of another feature",
+                        earlier.id
+                    ),
+                });
+            }
+            return Ok(Applied::unchanged(earlier.clone()));
         }
         self.transact(cx, |state, cx, journal| {
             let now = cx.now;
@@ -239,6 +270,7 @@ impl EndUserState {
                 requests: 0,
                 created_at: now,
                 ended_at: None,
+                request_id: request.request_id.clone(),
             };
             state.leases.push(lease.clone());
             Ok(lease)

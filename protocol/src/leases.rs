@@ -2,20 +2,35 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{FieldError, WireTime, end_user_id, feature_key};
+use crate::{FieldError, Problem, WireTime, end_user_id, feature_key};
 
 /// `POST /v1/leases`: hold as much of `amount` as is available for `holder`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateLease {
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
+    )]
     pub end_user_id: String,
+    #[schema(pattern = r"^[a-z0-9_.-]{1,64}$")]
     pub feature_key: String,
     /// The proxy's stable instance id: `[A-Za-z0-9_.:-]{1,128}`.
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
     pub holder: String,
     /// Credits to hold; as much of it as is available is held (never nothing).
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// 1 to 604800 (7 days); a report may extend it.
+    #[schema(minimum = 1, maximum = 604_800)]
     pub ttl_seconds: i64,
+    /// The holder's id for this creation (`[A-Za-z0-9_.:-]{1,128}`): a creation by the
+    /// same holder repeating it answers the lease the first one made (with `replayed`)
+    /// instead of holding more, for as long as that lease is kept (an hour after it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = r"^[A-Za-z0-9_.:-]{1,128}$")]
+    pub request_id: Option<String>,
 }
 
 impl CreateLease {
@@ -29,6 +44,14 @@ impl CreateLease {
                 holder: holder("holder", &self.holder)?,
                 amount: ledger::Credits::new(self.amount),
                 ttl_secs: self.ttl_seconds,
+                request_id: self
+                    .request_id
+                    .as_deref()
+                    .map(|id| {
+                        holder("request_id", id)?;
+                        Ok::<_, FieldError>(id.to_owned())
+                    })
+                    .transpose()?,
             },
         ))
     }
@@ -48,21 +71,27 @@ pub fn holder(field: &str, text: &str) -> Result<ledger::Holder, FieldError> {
 #[serde(deny_unknown_fields)]
 pub struct ReportLease {
     /// 1 for the first report, then one more each time.
+    #[schema(minimum = 1)]
     pub sequence: u64,
     /// Units used since the last report (counted toward the period's usage).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)]
     pub units: u64,
     /// Credits charged for them: the sum of the per-request costs.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub cost: i64,
     /// Requests admitted since the last report.
     #[serde(default)]
+    #[schema(minimum = 0)]
     pub requests: u64,
     /// Hold this much more (as much of it as is available).
     #[serde(default)]
+    #[schema(minimum = 1)]
     pub top_up: Option<i64>,
     /// Extend the lease to now plus this.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604_800)]
     pub ttl_seconds: Option<i64>,
 }
 
@@ -154,4 +183,96 @@ impl Lease {
             ..Lease::from(&reported.lease)
         }
     }
+}
+
+/// The most operations in one `POST /v1/leases/batch`.
+pub const LEASE_BATCH_MAX: usize = 500;
+
+/// `POST /v1/leases/batch`: up to [`LEASE_BATCH_MAX`] lease operations, answered one by
+/// one (a refused operation does not stop the others). A proxy sends its creations,
+/// reports and releases of one moment together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseBatch {
+    #[schema(min_items = 1, max_items = 500)]
+    pub operations: Vec<LeaseOperation>,
+}
+
+/// One operation of a lease batch, named by `op`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum LeaseOperation {
+    /// As `POST /v1/leases` (give `request_id`: a batch has no other idempotency).
+    Create(CreateLease),
+    /// As `POST /v1/leases/{lease_id}/report`.
+    Report(LeaseStep),
+    /// As `POST /v1/leases/{lease_id}/release`.
+    Release(LeaseStep),
+}
+
+/// A report or release in a batch: the lease and the report's fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseStep {
+    #[schema(pattern = r"^lse_[0-9A-Za-z]{26}$")]
+    pub lease_id: String,
+    #[schema(minimum = 1)]
+    pub sequence: u64,
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_u64)]
+    pub units: u64,
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub cost: i64,
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub requests: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub top_up: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 604_800)]
+    pub ttl_seconds: Option<i64>,
+}
+
+impl LeaseStep {
+    pub fn new(lease_id: String, report: ReportLease) -> LeaseStep {
+        LeaseStep {
+            lease_id,
+            sequence: report.sequence,
+            units: report.units,
+            cost: report.cost,
+            requests: report.requests,
+            top_up: report.top_up,
+            ttl_seconds: report.ttl_seconds,
+        }
+    }
+
+    pub fn report(&self) -> ReportLease {
+        ReportLease {
+            sequence: self.sequence,
+            units: self.units,
+            cost: self.cost,
+            requests: self.requests,
+            top_up: self.top_up,
+            ttl_seconds: self.ttl_seconds,
+        }
+    }
+}
+
+/// The answer to a lease batch: one result per operation, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseBatchAnswer {
+    pub results: Vec<LeaseBatchResult>,
+}
+
+/// One operation's outcome: the status its own endpoint would have answered (201 for a
+/// creation, 200 for a report or release, else the problem's), with the lease or the
+/// problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct LeaseBatchResult {
+    pub index: usize,
+    pub status: u16,
+    pub lease: Option<Lease>,
+    pub error: Option<Problem>,
 }

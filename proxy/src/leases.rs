@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ledger::{Credits, EndUserId, FeatureKey, Holder, Timestamp};
-use protocol::{CreateLease, ReportLease};
+use protocol::{CreateLease, LeaseBatch, LeaseBatchResult, LeaseOperation, LeaseStep, ReportLease};
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::config::{Durability, LeaseConfig};
@@ -33,10 +33,18 @@ const SHARDS: usize = 64;
 /// A lease stops being used this long before its TTL runs out (the report that extends
 /// it may be in flight).
 const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
+/// How long an acknowledged report's cost is remembered after the replica shows it (see
+/// `Held::confirmed`): longer than a decision can take, its wait for a refill included
+/// (twice `leases.wait_ms` when that is longer).
+const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
 /// After a refusal (nothing left), how long before a lease is asked for again.
 const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
-/// Network calls the background makes at once.
-const CALLS_AT_ONCE: usize = 32;
+/// Lease batches the background has in flight at once (each up to
+/// `protocol::LEASE_BATCH_MAX` operations).
+const BATCHES_AT_ONCE: usize = 4;
+/// How long a batch waits for requests still writing spend under a report's sequence
+/// before leaving that report for the next batch.
+const WRITING_WAIT: Duration = Duration::from_millis(20);
 /// How often the background looks at the slots when nothing wakes it.
 const TICK: Duration = Duration::from_millis(25);
 
@@ -68,9 +76,11 @@ struct Held {
     room: Credits,
     /// Admitted and not yet covered by an acknowledged report.
     outstanding: Credits,
-    /// Acknowledged reports' costs with the state version that includes each, until the
-    /// replica shows that version (the balance header counts them meanwhile).
-    confirmed: Vec<(u64, Credits)>,
+    /// Acknowledged reports' costs with the state version that includes each and when
+    /// they were acknowledged: an answer decided on an older state counts them (the
+    /// balance header). Kept until the replica shows the version and `CONFIRMED_KEPT`
+    /// has passed (a decision may still hold an older state that long).
+    confirmed: Vec<(u64, Credits, Instant)>,
     /// Requests admitted from it whose spend is not yet recorded or given back.
     in_flight: usize,
     /// The report sequence new spend records go under.
@@ -114,6 +124,9 @@ struct Slot {
     unreachable_backoff: Duration,
     /// A lease is being taken.
     acquiring: bool,
+    /// The request id of the creation being tried: kept until the control plane answers
+    /// it, so a retry after a lost answer finds the lease the first try made.
+    acquire_request: Option<String>,
     /// Spend since `rate_since`, and the rate measured before (credits per second).
     recent: Credits,
     rate_since: Instant,
@@ -134,6 +147,7 @@ impl Slot {
             unreachable_until: None,
             unreachable_backoff: Duration::ZERO,
             acquiring: false,
+            acquire_request: None,
             recent: Credits::ZERO,
             rate_since: now,
             rate_per_sec: 0,
@@ -417,12 +431,14 @@ impl Leases {
             {
                 held.room = held.room.saturating_sub_floor(cost);
                 held.outstanding = held.outstanding.checked_add(cost).unwrap_or(Credits::MAX);
+                // Reports the decision's state does not include yet count as unshown
+                // (filtered, not pruned: a concurrent decision may hold an older state).
                 let shown = version.unwrap_or(0);
-                held.confirmed.retain(|(needed, _)| *needed > shown);
                 let unshown = held
                     .confirmed
                     .iter()
-                    .fold(held.outstanding, |total, (_, cost)| {
+                    .filter(|(included, _, _)| *included > shown)
+                    .fold(held.outstanding, |total, (_, cost, _)| {
                         total.checked_add(*cost).unwrap_or(Credits::MAX)
                     });
                 held.in_flight = held.in_flight.saturating_add(1);
@@ -526,6 +542,7 @@ impl Leases {
 enum Work {
     Acquire {
         amount: Credits,
+        request_id: String,
     },
     Report {
         lease: String,
@@ -560,7 +577,7 @@ impl Leases {
             remembered.into_iter().map(|(lease, _)| lease).collect(),
             stop.clone(),
         ));
-        let calls = Arc::new(Semaphore::new(CALLS_AT_ONCE));
+        let batches = Arc::new(Semaphore::new(BATCHES_AT_ONCE));
         let mut running = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -569,14 +586,18 @@ impl Leases {
                 _ = stop.changed() => break,
             }
             while running.try_join_next().is_some() {}
-            for (key, work) in self.plan(Instant::now(), false) {
-                let (leases, context, calls) =
-                    (Arc::clone(&self), context.clone(), Arc::clone(&calls));
+            // Everything due now, in as few round trips as the batch size allows.
+            let mut work = self.plan(Instant::now(), false);
+            while !work.is_empty() {
+                let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
+                let chunk = std::mem::replace(&mut work, rest);
+                let (leases, context, batches) =
+                    (Arc::clone(&self), context.clone(), Arc::clone(&batches));
                 running.spawn(async move {
-                    let Ok(_permit) = calls.acquire_owned().await else {
+                    let Ok(_permit) = batches.acquire_owned().await else {
                         return;
                     };
-                    leases.perform(&context, &key, work).await;
+                    leases.perform(&context, chunk).await;
                 });
             }
             self.gauges();
@@ -589,8 +610,11 @@ impl Leases {
             .flatten()
             .is_some()
         {}
-        for (key, work) in self.plan(Instant::now(), true) {
-            let _ = tokio::time::timeout_at(deadline, self.perform(&context, &key, work)).await;
+        let mut work = self.plan(Instant::now(), true);
+        while !work.is_empty() {
+            let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
+            let chunk = std::mem::replace(&mut work, rest);
+            let _ = tokio::time::timeout_at(deadline, self.perform(&context, chunk)).await;
         }
         // What the recovery has not reported stays on disk for the next start.
         let _ = tokio::time::timeout_at(deadline, recovery).await;
@@ -684,7 +708,17 @@ impl Leases {
                         || slot.unreachable_until.is_some_and(|until| now < until);
                     if wants && !blocked && !slot.acquiring {
                         slot.acquiring = true;
-                        work.push((key.clone(), Work::Acquire { amount: target }));
+                        let request_id = slot
+                            .acquire_request
+                            .get_or_insert_with(|| format!("acq_{}", ulid::Ulid::new()))
+                            .clone();
+                        work.push((
+                            key.clone(),
+                            Work::Acquire {
+                                amount: target,
+                                request_id,
+                            },
+                        ));
                     }
                     continue;
                 };
@@ -706,7 +740,10 @@ impl Leases {
                 }
                 let low =
                     held.room.get().saturating_mul(2) < target.get() || slot.wanted > held.room;
-                let due = now.saturating_duration_since(held.last_report) >= report_every;
+                // Spend waiting to be reported, for long enough (an unused lease makes no
+                // calls until it needs extending or goes idle).
+                let due = held.outstanding.is_positive()
+                    && now.saturating_duration_since(held.last_report) >= report_every;
                 let stretched = held
                     .usable_until
                     .saturating_duration_since(now)
@@ -761,37 +798,177 @@ fn next_sequence(held: &mut Held) -> u64 {
 }
 
 impl Leases {
-    async fn perform(&self, context: &Context, key: &SlotKey, work: Work) {
-        match work {
-            Work::Acquire { amount } => self.acquire(context, key, amount).await,
-            Work::Report {
-                lease,
-                sequence,
-                top_up,
-                release,
-            } => {
-                self.report(context, key, &lease, sequence, top_up, release)
-                    .await;
+    /// Sends `work` (planned together) in one lease batch and settles each slot with its
+    /// answer. A report whose sequence may still get spend written (a request took it
+    /// just before it closed) waits briefly, else goes in a later batch. A report the
+    /// batch answers with a gap, an ended lease or no lease goes through the single
+    /// report path, which repairs those.
+    async fn perform(&self, context: &Context, work: Vec<(SlotKey, Work)>) {
+        let work = self.settled_writes(work).await;
+        let mut operations = Vec::with_capacity(work.len());
+        let mut spent_keys = Vec::with_capacity(work.len());
+        let mut costs = Vec::with_capacity(work.len());
+        let ttl_seconds = i64::try_from(self.config.ttl_secs).unwrap_or(30);
+        let mut ready = Vec::with_capacity(work.len());
+        for (key, item) in work {
+            match &item {
+                Work::Acquire { amount, request_id } => {
+                    metrics::counter!("qs_proxy_lease_calls_total", "call" => "create")
+                        .increment(1);
+                    operations.push(LeaseOperation::Create(CreateLease {
+                        end_user_id: key.0.to_string(),
+                        feature_key: key.1.to_string(),
+                        holder: self.holder.to_string(),
+                        amount: amount.get(),
+                        ttl_seconds,
+                        request_id: Some(request_id.clone()),
+                    }));
+                    spent_keys.push(Vec::new());
+                    costs.push(Credits::ZERO);
+                }
+                Work::Report {
+                    lease,
+                    sequence,
+                    top_up,
+                    release,
+                } => {
+                    let (keys, spends) = match self.disk.lease_spend_of(lease, *sequence) {
+                        Ok(found) => found,
+                        Err(error) => {
+                            tracing::error!(%error, lease, "cannot read a lease's spend");
+                            self.settle_report(
+                                context,
+                                &key,
+                                lease,
+                                *top_up,
+                                *release,
+                                Reported::Later,
+                            );
+                            continue;
+                        }
+                    };
+                    metrics::counter!("qs_proxy_lease_calls_total", "call" => if *release { "release" } else { "report" }).increment(1);
+                    let body =
+                        report_body(*sequence, &spends, *top_up, *release, self.config.ttl_secs);
+                    costs.push(Credits::new(body.cost));
+                    let step = LeaseStep::new(lease.clone(), body);
+                    operations.push(if *release {
+                        LeaseOperation::Release(step)
+                    } else {
+                        LeaseOperation::Report(step)
+                    });
+                    spent_keys.push(keys);
+                }
+            }
+            ready.push((key, item));
+        }
+        if operations.is_empty() {
+            return;
+        }
+        metrics::counter!("qs_proxy_lease_batches_total").increment(1);
+        let answer = context.client.lease_batch(&LeaseBatch { operations }).await;
+        let mut results = match answer {
+            Ok(answer) if answer.results.len() == ready.len() => {
+                answer.results.into_iter().map(Some).collect::<Vec<_>>()
+            }
+            Ok(answer) => {
+                tracing::error!(
+                    sent = ready.len(),
+                    answered = answer.results.len(),
+                    "a lease batch answered the wrong number of results"
+                );
+                vec![None; ready.len()]
+            }
+            Err(error) => {
+                if error
+                    .status()
+                    .is_some_and(|status| status.is_client_error())
+                {
+                    tracing::error!(%error, "the control plane refused a lease batch");
+                } else {
+                    tracing::debug!(%error, "a lease batch failed; it is sent again");
+                }
+                vec![None; ready.len()]
+            }
+        };
+        for ((((key, item), result), keys), cost) in ready
+            .into_iter()
+            .zip(results.iter_mut())
+            .zip(spent_keys)
+            .zip(costs)
+        {
+            let result = result.take();
+            match item {
+                Work::Acquire { .. } => {
+                    let outcome = match result {
+                        Some(LeaseBatchResult {
+                            lease: Some(lease), ..
+                        }) => Ok(lease),
+                        Some(result) => Err(Some(result.status)),
+                        None => Err(None),
+                    };
+                    self.settle_acquire(context, &key, outcome);
+                }
+                Work::Report {
+                    lease,
+                    sequence,
+                    top_up,
+                    release,
+                } => {
+                    let outcome = match result {
+                        Some(LeaseBatchResult {
+                            lease: Some(answer),
+                            ..
+                        }) => {
+                            if let Err(error) = self.disk.lease_spend_remove(&keys) {
+                                tracing::error!(%error, "cannot remove reported spend");
+                            }
+                            Reported::Done {
+                                cost,
+                                amount: Some(answer.amount),
+                                active: answer.status == "active" && !release,
+                                version: answer.version,
+                            }
+                        }
+                        Some(LeaseBatchResult {
+                            status,
+                            error: Some(problem),
+                            ..
+                        }) if status == 404
+                            || matches!(
+                                problem.code.as_str(),
+                                "sequence_gap" | "lease_not_active"
+                            ) =>
+                        {
+                            self.send_report(context, &lease, sequence, top_up, release)
+                                .await
+                        }
+                        _ => Reported::Later,
+                    };
+                    self.settle_report(context, &key, &lease, top_up, release, outcome);
+                }
             }
         }
     }
-
-    async fn acquire(&self, context: &Context, key: &SlotKey, amount: Credits) {
+    /// Settles a slot with the answer to its lease creation: the lease, or the status
+    /// the control plane refused it with (`None`: no answer).
+    fn settle_acquire(
+        &self,
+        context: &Context,
+        key: &SlotKey,
+        answer: Result<protocol::Lease, Option<u16>>,
+    ) {
         let (end_user, feature) = key;
-        let ttl_seconds = i64::try_from(self.config.ttl_secs).unwrap_or(30);
-        let answer = context
-            .client
-            .create_lease(&CreateLease {
-                end_user_id: end_user.to_string(),
-                feature_key: feature.to_string(),
-                holder: self.holder.to_string(),
-                amount: amount.get(),
-                ttl_seconds,
-            })
-            .await;
-        metrics::counter!("qs_proxy_lease_calls_total", "call" => "create").increment(1);
         let now = Instant::now();
         match answer {
+            Ok(lease) if lease.status != "active" => {
+                // A repeated request id found a lease that ended meanwhile: try again
+                // under a new id.
+                self.with_slot(key, |slot| {
+                    slot.acquiring = false;
+                    slot.acquire_request = None;
+                });
+            }
             Ok(lease) => {
                 let meta = LeaseMeta {
                     end_user_id: end_user.to_string(),
@@ -803,6 +980,7 @@ impl Leases {
                 let answered_at = context.replica.now();
                 self.with_slot(key, |slot| {
                     slot.acquiring = false;
+                    slot.acquire_request = None;
                     slot.wanted = Credits::ZERO;
                     slot.exhausted_until = None;
                     slot.exhausted_at_version = None;
@@ -828,18 +1006,18 @@ impl Leases {
                     slot.notify.notify_waiters();
                 });
             }
-            Err(error) => {
-                let status = error.status().map(|status| status.as_u16());
+            Err(status) => {
                 let version = context.replica.version(end_user);
                 self.with_slot(key, |slot| {
                     slot.acquiring = false;
                     match status {
                         Some(402 | 403 | 404 | 422) => {
+                            slot.acquire_request = None;
                             slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
                             slot.exhausted_at_version = Some(version.unwrap_or(0));
                         }
                         _ => {
-                            tracing::debug!(%error, "taking a lease failed");
+                            tracing::debug!(?status, "taking a lease failed");
                             slot.unreachable_backoff = (slot.unreachable_backoff.saturating_mul(2))
                                 .clamp(Duration::from_millis(50), Duration::from_secs(2));
                             slot.unreachable_until = Some(now + slot.unreachable_backoff);
@@ -852,32 +1030,16 @@ impl Leases {
         }
     }
 
-    /// Sends report `sequence` of `lease` (its content is what is on disk under it),
-    /// or a release.
-    async fn report(
+    /// Settles a slot with what became of a report (or release) of `lease`.
+    fn settle_report(
         &self,
         context: &Context,
         key: &SlotKey,
         lease: &str,
-        sequence: u64,
         top_up: Option<Credits>,
         release: bool,
+        outcome: Reported,
     ) {
-        // Requests that took their sequence before it closed finish writing first.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self
-            .with_slot(key, |slot| {
-                slot.held_mut(lease)
-                    .is_some_and(|held| held.writing.get(&sequence).copied().unwrap_or(0) > 0)
-            })
-            .unwrap_or(false)
-            && Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let outcome = self
-            .send_report(context, lease, sequence, top_up, release)
-            .await;
         let now = Instant::now();
         let answered_at = context.replica.now();
         let version = context.replica.version(&key.0);
@@ -898,12 +1060,19 @@ impl Leases {
                     held.last_report = now;
                     held.answered_at = answered_at;
                     held.outstanding = held.outstanding.saturating_sub_floor(cost);
+                    // Whether or not the replica shows it yet: a decision made on the
+                    // state before it may still be on its way to `try_take`.
                     if let Some(included) = included
                         && cost.is_positive()
-                        && version.is_none_or(|shown| shown < included)
                     {
-                        held.confirmed.push((included, cost));
+                        held.confirmed.push((included, cost, now));
                     }
+                    let shown = version.unwrap_or(0);
+                    let kept = CONFIRMED_KEPT
+                        .max(Duration::from_millis(self.config.wait_ms).saturating_mul(2));
+                    held.confirmed.retain(|(included, _, at)| {
+                        *included > shown || now.saturating_duration_since(*at) < kept
+                    });
                     match amount {
                         Some(amount) if active => {
                             held.room = credits_of(amount).saturating_sub_floor(held.outstanding);
@@ -957,6 +1126,45 @@ impl Leases {
         });
     }
 
+    /// Waits (up to `WRITING_WAIT`) for requests still writing spend under a report's
+    /// sequence; reports still written to after that go back to their slots for a later
+    /// batch (with the same sequence).
+    async fn settled_writes(&self, work: Vec<(SlotKey, Work)>) -> Vec<(SlotKey, Work)> {
+        let writing = |key: &SlotKey, lease: &str, sequence: u64| {
+            self.with_slot(key, |slot| {
+                slot.held_mut(lease)
+                    .is_some_and(|held| held.writing.get(&sequence).copied().unwrap_or(0) > 0)
+            })
+            .unwrap_or(false)
+        };
+        let busy = |work: &[(SlotKey, Work)]| {
+            work.iter().any(|(key, item)| match item {
+                Work::Report {
+                    lease, sequence, ..
+                } => writing(key, lease, *sequence),
+                Work::Acquire { .. } => false,
+            })
+        };
+        let deadline = Instant::now() + WRITING_WAIT;
+        while busy(&work) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        work.into_iter()
+            .filter(|(key, item)| match item {
+                Work::Report {
+                    lease, sequence, ..
+                } if writing(key, lease, *sequence) => {
+                    self.with_slot(key, |slot| {
+                        if let Some(held) = slot.held_mut(lease) {
+                            held.reporting = false;
+                        }
+                    });
+                    false
+                }
+                _ => true,
+            })
+            .collect()
+    }
     /// The report (or release) call, with gaps filled and a lease that is gone turned
     /// into plain usage.
     async fn send_report(

@@ -39,6 +39,8 @@ use reqwest::StatusCode;
 const USERS: usize = 1_000;
 const USER_BALANCE: i64 = 10;
 const ENDLESS: i64 = 1_000_000_000_000;
+/// Load before the throughput measurement starts (first leases, connections).
+const WARM_UP_SECS: u64 = 2;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -148,6 +150,7 @@ struct Tally {
     refused_since: Vec<u8>,
     refusals_pending: u64,
     false_denials: u64,
+    unavailable: u64,
     retired: bool,
 }
 
@@ -156,6 +159,7 @@ struct Exact {
     balance: i64,
     admitted: u64,
     false_denials: u64,
+    unavailable: u64,
     charged: i64,
     debt: i64,
     unspent: i64,
@@ -246,6 +250,11 @@ async fn exact(
                             left.fetch_sub(1, Ordering::AcqRel);
                         }
                         true
+                    } else if status == StatusCode::SERVICE_UNAVAILABLE {
+                        // `lease_pending`: the control plane was slower than `wait_ms`;
+                        // the answer says to retry.
+                        tally.unavailable += 1;
+                        true
                     } else {
                         panic!("unexpected answer {status}");
                     }
@@ -274,6 +283,7 @@ async fn exact(
     for (name, tally) in crowd.names.iter().zip(&tallies) {
         result.admitted += tally.admitted;
         result.false_denials += tally.false_denials;
+        result.unavailable += tally.unavailable;
         let shown = plane.client.balance(name, None).await.expect("balance");
         assert_eq!(shown.held, 0, "{name}: leases all released at shutdown");
         let charged = balance_each - shown.available + shown.debt;
@@ -293,8 +303,10 @@ struct Throughput {
     wait_p99_ms: Option<f64>,
     lease_calls_per_second: f64,
     parked_mean: f64,
-    /// Answers other than 200, by status and problem code.
+    /// Answers other than 200, by status and problem code (in all, and during the
+    /// warm-up).
     failed: HashMap<String, u64>,
+    warm_failed: HashMap<String, u64>,
 }
 
 async fn throughput(
@@ -311,14 +323,9 @@ async fn throughput(
     let addresses: Arc<Vec<String>> =
         Arc::new(running.iter().map(|proxy| proxy.address.clone()).collect());
     let admins: Vec<String> = running.iter().map(|proxy| proxy.admin.clone()).collect();
-    let mut before = Vec::new();
-    for admin in &admins {
-        before.push(scrape(&http, admin).await);
-    }
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..connections {
         let (http, done, failed, stop, addresses, crowd) = (
@@ -365,6 +372,15 @@ async fn throughput(
             }
         }));
     }
+    // A warm-up (each proxy takes its first leases), then the measurement.
+    tokio::time::sleep(Duration::from_secs(WARM_UP_SECS)).await;
+    let warm_done = done.load(Ordering::Relaxed);
+    let warm_failed = failed.lock().expect("failed").clone();
+    let started = Instant::now();
+    let mut before = Vec::new();
+    for admin in &admins {
+        before.push(scrape(&http, admin).await);
+    }
     // Credits parked in leases, sampled from the proxies' gauges while the load runs.
     let mut parked = Vec::new();
     let until = started + Duration::from_secs(secs);
@@ -401,8 +417,10 @@ async fn throughput(
         .sum();
     let samples = u32::try_from(parked.len().max(1)).unwrap_or(u32::MAX);
     Throughput {
-        per_second: f64::from(u32::try_from(done.load(Ordering::Relaxed)).unwrap_or(u32::MAX))
-            / elapsed,
+        per_second: f64::from(
+            u32::try_from(done.load(Ordering::Relaxed).saturating_sub(warm_done))
+                .unwrap_or(u32::MAX),
+        ) / elapsed,
         spends: count(&changed, "qs_proxy_lease_spend_total"),
         waits: count(&changed, "qs_proxy_lease_waits_total"),
         wait_timeouts: count(&changed, "qs_proxy_lease_wait_timeouts_total"),
@@ -411,6 +429,7 @@ async fn throughput(
         lease_calls_per_second: f64::from(u32::try_from(calls).unwrap_or(u32::MAX)) / elapsed,
         parked_mean: parked.iter().sum::<f64>() / f64::from(samples),
         failed: std::mem::take(&mut *failed.lock().expect("failed")),
+        warm_failed,
     }
 }
 
@@ -578,8 +597,14 @@ fn print_row(row: &Row) {
     );
     if !throughput.failed.is_empty() {
         println!(
-            "    not admitted in the throughput phase: {:?}",
-            throughput.failed
+            "    not admitted in the throughput phase: {:?} (of which in the warm-up: {:?})",
+            throughput.failed, throughput.warm_failed
+        );
+    }
+    if exact.unavailable > 0 {
+        println!(
+            "    503 lease_pending in the exact phase: {}",
+            exact.unavailable
         );
     }
 }

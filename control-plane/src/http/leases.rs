@@ -3,12 +3,18 @@
 //! need a key with both the `sync` and the `write` scope (a proxy's key); reading needs
 //! `read` or `sync`.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use ledger::LeaseId;
-use protocol::{CreateLease, Lease, Page, Problem, ReportLease};
+use ledger::{EndUserId, LeaseReport, LeaseRequest, Refusal};
+use protocol::{
+    CreateLease, LEASE_BATCH_MAX, Lease, LeaseBatch, LeaseBatchAnswer, LeaseBatchResult,
+    LeaseOperation, Page, Problem, ReportLease,
+};
 use serde::Deserialize;
 
 use super::credits::page_limit;
@@ -60,6 +66,8 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
                         Changes::from_applied(user.take_lease(cx, request.clone())?);
                     let answer = Lease {
                         version: Some(user.version()),
+                        // A repeated `request_id`: the earlier lease, nothing held.
+                        replayed: changes.entries.is_empty(),
                         ..Lease::from(&lease)
                     };
                     Ok((answer, changes))
@@ -77,7 +85,7 @@ fn parse_lease_id(id: &str) -> Result<LeaseId, ApiError> {
 }
 
 /// The end user a lease of `env` belongs to (remembered, else read from the store).
-async fn owner(state: &AppState, env: &Env, id: LeaseId) -> Result<ledger::EndUserId, ApiError> {
+async fn owner(state: &AppState, env: &Env, id: LeaseId) -> Result<EndUserId, ApiError> {
     if let Some(end_user) = state.lease_owner(env, id) {
         return Ok(end_user);
     }
@@ -162,6 +170,182 @@ pub async fn release(
     incoming: Incoming,
 ) -> Response {
     report_or_release(state, caller, id, incoming, Step::Release).await
+}
+
+/// One operation of a batch, checked and ready for its end user's transaction.
+#[derive(Debug, Clone)]
+enum Prepared {
+    Create(LeaseRequest),
+    Step(Step, LeaseId, LeaseReport),
+}
+
+/// `POST /v1/leases/batch`: up to 500 creations, reports and releases, each answered as
+/// its own endpoint would (201, 200 or a problem) in `results`; a refused operation does
+/// not stop the others. Each end user's operations run in order, and all end users' in
+/// one transaction. Creations are made idempotent by their `request_id`, reports and
+/// releases by their sequence; an `Idempotency-Key` covers the whole batch.
+#[utoipa::path(post, path = "/v1/leases/batch", tag = "leases", request_body = LeaseBatch,
+    responses((status = 200, body = LeaseBatchAnswer), (status = 400, body = Problem), (status = 403, body = Problem)))]
+pub async fn batch(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
+    let prepared = (|| {
+        require_holder(&caller)?;
+        let batch: LeaseBatch = parse_json(&incoming.headers, &incoming.body, false)?;
+        if batch.operations.is_empty() || batch.operations.len() > LEASE_BATCH_MAX {
+            return Err(ApiError::bad_request(
+                "operations",
+                format!("must hold 1 to {LEASE_BATCH_MAX} operations"),
+            ));
+        }
+        Ok::<_, ApiError>(batch)
+    })();
+    let batch = match prepared {
+        Ok(batch) => batch,
+        Err(error) => return error.into_response(),
+    };
+    let (state, env) = (&state, &caller.env);
+    idempotency::run(state, env, &incoming, |_key| async move {
+        let results = apply_batch(state, env, &batch).await?;
+        Done::json(StatusCode::OK, &LeaseBatchAnswer { results })
+    })
+    .await
+}
+
+/// A batch operation's problem, its field named within the batch.
+fn batch_error(index: usize, error: &ApiError) -> LeaseBatchResult {
+    let mut problem = error.problem();
+    if let Some(field) = problem.field.as_mut() {
+        *field = format!("operations[{index}].{field}");
+    }
+    LeaseBatchResult {
+        index,
+        status: problem.status,
+        lease: None,
+        error: Some(problem),
+    }
+}
+
+async fn apply_batch(
+    state: &AppState,
+    env: &Env,
+    batch: &LeaseBatch,
+) -> Result<Vec<LeaseBatchResult>, ApiError> {
+    let mut results: Vec<Option<LeaseBatchResult>> = vec![None; batch.operations.len()];
+    let mut groups: BTreeMap<EndUserId, Vec<(usize, Prepared)>> = BTreeMap::new();
+    for (index, operation) in batch.operations.iter().enumerate() {
+        let prepared = match operation {
+            LeaseOperation::Create(create) => create
+                .to_ledger()
+                .map(|(end_user, request)| (end_user, Prepared::Create(request)))
+                .map_err(ApiError::from),
+            LeaseOperation::Report(step) | LeaseOperation::Release(step) => {
+                let which = if matches!(operation, LeaseOperation::Report(_)) {
+                    Step::Report
+                } else {
+                    Step::Release
+                };
+                match parse_lease_id(&step.lease_id) {
+                    Ok(id) => owner(state, env, id).await.map(|end_user| {
+                        (
+                            end_user,
+                            Prepared::Step(which, id, step.report().to_ledger()),
+                        )
+                    }),
+                    Err(error) => Err(error),
+                }
+            }
+        };
+        match prepared {
+            Ok((end_user, prepared)) => groups.entry(end_user).or_default().push((index, prepared)),
+            Err(error) => results[index] = Some(batch_error(index, &error)),
+        }
+    }
+    let users: Vec<_> = groups
+        .into_iter()
+        .map(|(end_user, operations)| {
+            let apply = move |user: &mut ledger::EndUserState,
+                              cx: &mut ledger::Cx<'_>,
+                              _: &crate::service::CatalogView| {
+                apply_operations(user, cx, &operations)
+            };
+            (end_user, apply)
+        })
+        .collect();
+    for (end_user, outcomes) in state.mutate_many(env, users).await? {
+        for (index, outcome) in outcomes {
+            results[index] = Some(match outcome {
+                Ok((status, lease)) => {
+                    if status == StatusCode::CREATED {
+                        state.remember_lease_owner(env, &lease.id, &end_user);
+                    }
+                    LeaseBatchResult {
+                        index,
+                        status: status.as_u16(),
+                        lease: Some(lease),
+                        error: None,
+                    }
+                }
+                Err(error) => batch_error(index, &error),
+            });
+        }
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(index, result)| {
+            result.ok_or_else(|| {
+                ApiError::Internal(format!("lease batch operation {index} has no result"))
+            })
+        })
+        .collect()
+}
+
+type Outcomes = Vec<(usize, Result<(StatusCode, Lease), ApiError>)>;
+
+/// One end user's operations of a batch, in order; a refused one changes nothing and
+/// is answered with its problem.
+fn apply_operations(
+    user: &mut ledger::EndUserState,
+    cx: &mut ledger::Cx<'_>,
+    operations: &[(usize, Prepared)],
+) -> Result<(Outcomes, Vec<Changes>), ApiError> {
+    let mut all = Vec::with_capacity(operations.len());
+    let mut outcomes = Vec::with_capacity(operations.len());
+    for (index, operation) in operations {
+        let applied = match operation {
+            Prepared::Create(request) => user.take_lease(cx, request.clone()).map(|applied| {
+                let (lease, changes) = Changes::from_applied(applied);
+                let answer = Lease {
+                    version: Some(user.version()),
+                    replayed: changes.entries.is_empty(),
+                    ..Lease::from(&lease)
+                };
+                (StatusCode::CREATED, answer, changes)
+            }),
+            Prepared::Step(step, id, report) => {
+                let applied = match step {
+                    Step::Report => user.report_lease(cx, *id, *report),
+                    Step::Release => user.release_lease(cx, *id, *report),
+                };
+                applied.map(|applied| {
+                    let (reported, changes) = Changes::from_applied(applied);
+                    (
+                        StatusCode::OK,
+                        Lease::reported(&reported, user.version()),
+                        changes,
+                    )
+                })
+            }
+        };
+        match applied {
+            Ok((status, answer, changes)) => {
+                all.push(changes);
+                outcomes.push((*index, Ok((status, answer))));
+            }
+            Err(Refusal::Invariant(message)) => return Err(ApiError::Internal(message)),
+            Err(refusal) => outcomes.push((*index, Err(ApiError::from(refusal)))),
+        }
+    }
+    Ok((outcomes, all))
 }
 
 /// `GET /v1/leases/{id}`.

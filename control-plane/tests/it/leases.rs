@@ -150,3 +150,91 @@ store_test! {
     assert_eq!((refused.status, refused.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("holder")));
     }
 }
+
+// A batch creates, reports and releases for several end users in one call; each
+// operation is answered as its own endpoint would (201, 200, or its problem with the
+// field named within the batch), a refused one stops nothing; a creation repeating its
+// `request_id` answers the same lease, holding nothing more.
+store_test! {
+    async fn a_batch_answers_each_operation_on_its_own(backend) {
+    let harness = Harness::start(backend).await;
+    let admin = harness.tenant("acme").await.test;
+    harness.catalog(&admin).await;
+    let key = proxy_key(&harness, &admin).await;
+    harness.grant(&admin, "u1", 100).await;
+    harness.grant(&admin, "u2", 10).await;
+    let create = |end_user: &str, amount: i64, request_id: &str| {
+        json!({"op": "create", "end_user_id": end_user, "feature_key": "api_calls", "holder": "proxy-a",
+               "amount": amount, "ttl_seconds": 60, "request_id": request_id})
+    };
+    let answer = harness
+        .ok("/v1/leases/batch", &key, json!({"operations": [
+            create("u1", 30, "r1"),
+            create("u2", 50, "r2"),
+            create("u3", 5, "r3"),
+            create("u1", 0, "r4"),
+        ]}), 200)
+        .await;
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 4);
+    assert_eq!((results[0]["status"].as_u64(), results[0]["lease"]["amount"].as_i64()), (Some(201), Some(30)));
+    assert_eq!(results[1]["lease"]["amount"], 10, "as much as u2 has");
+    assert_eq!((results[2]["status"].as_u64(), results[2]["error"]["code"].as_str()), (Some(402), Some("insufficient_balance")));
+    assert_eq!(results[3]["status"], 422);
+    assert_eq!(results[3]["error"]["field"], "operations[3].amount");
+    let first = results[0]["lease"]["id"].as_str().expect("id").to_owned();
+    let second = results[1]["lease"]["id"].as_str().expect("id").to_owned();
+
+    // The answer was lost: the same creations again answer the same leases.
+    let again = harness
+        .ok("/v1/leases/batch", &key, json!({"operations": [create("u1", 30, "r1")]}), 200)
+        .await;
+    assert_eq!(again["results"][0]["lease"]["id"], first.as_str());
+    assert_eq!(again["results"][0]["lease"]["replayed"], true);
+    assert_eq!(balance(&harness, &admin).await["held"], 30, "nothing more held");
+
+    // Reports and releases of several end users; a duplicate, a gap and an unknown lease
+    // answered on their own.
+    let step = |op: &str, lease: &str, sequence: u64, cost: i64| {
+        json!({"op": op, "lease_id": lease, "sequence": sequence, "units": cost, "cost": cost, "requests": cost})
+    };
+    let answer = harness
+        .ok("/v1/leases/batch", &key, json!({"operations": [
+            step("report", &first, 1, 10),
+            step("report", &first, 1, 10),
+            step("report", &first, 3, 1),
+            step("release", &second, 1, 4),
+            step("report", "lse_00000000000000000000000000", 1, 1),
+            step("report", "nonsense", 1, 1),
+        ]}), 200)
+        .await;
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!((results[0]["status"].as_u64(), results[0]["lease"]["amount"].as_i64()), (Some(200), Some(20)));
+    assert_eq!(results[1]["lease"]["replayed"], true);
+    assert_eq!((results[2]["status"].as_u64(), results[2]["error"]["expected"].as_u64()), (Some(409), Some(2)));
+    assert_eq!(results[3]["lease"]["status"], "released");
+    assert_eq!(results[4]["status"], 404);
+    assert_eq!(results[5]["status"], 404);
+    let u1 = balance(&harness, &admin).await;
+    assert_eq!((u1["available"].as_i64(), u1["held"].as_i64()), (Some(70), Some(20)));
+    let u2 = harness.get("/v1/credits/balance?end_user_id=u2", &admin).await.body;
+    assert_eq!((u2["available"].as_i64(), u2["held"].as_i64()), (Some(6), Some(0)), "4 spent, the rest back");
+
+    // Bounds and scopes.
+    let empty = harness.post("/v1/leases/batch", &key, json!({"operations": []})).await;
+    assert_eq!((empty.status, empty.body["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("operations")));
+    let many: Vec<Value> = (0..501).map(|index| create("u1", 1, &format!("m{index}"))).collect();
+    let too_many = harness.post("/v1/leases/batch", &key, json!({"operations": many})).await;
+    assert_eq!(too_many.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let unknown = harness.post("/v1/leases/batch", &key, json!({"operations": [{"op": "steal", "lease_id": first}]})).await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    let reader = harness
+        .ok("/v1/api-keys", &admin, json!({"name": "reader", "scopes": ["read"]}), 201)
+        .await["secret"]
+        .as_str()
+        .expect("secret")
+        .to_owned();
+    let refused = harness.post("/v1/leases/batch", &reader, json!({"operations": [create("u1", 1, "x")]})).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    }
+}

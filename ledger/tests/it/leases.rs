@@ -23,6 +23,7 @@ fn take(world: &mut World, amount: i64, ttl_secs: i64) -> Result<Lease, Refusal>
                 holder: holder("proxy-a"),
                 amount: credits(amount),
                 ttl_secs,
+                request_id: None,
             },
         )
     })
@@ -159,6 +160,7 @@ fn reported_units_count_toward_tiers() {
                     holder: holder("proxy-a"),
                     amount: credits(100),
                     ttl_secs: 60,
+                    request_id: None,
                 },
             )
         })
@@ -303,4 +305,48 @@ fn held_credits_survive_their_blocks_expiry_until_released() {
         0,
         "the released 15 expired at once"
     );
+}
+
+// A creation that repeats a request id its holder used before (the answer was lost)
+// answers that lease and holds nothing more; the id used for another feature is refused;
+// another holder's request ids are its own.
+#[test]
+fn a_repeated_request_id_answers_the_same_lease() {
+    let mut world = World::new();
+    world.grant_amount(1000);
+    let request = |holder_name: &str, feature: &str, amount: i64| LeaseRequest {
+        feature_key: key(feature),
+        holder: holder(holder_name),
+        amount: credits(amount),
+        ttl_secs: 60,
+        request_id: Some("req-1".into()),
+    };
+    let first = world
+        .apply(|state, cx| state.take_lease(cx, request("proxy-a", "api_calls", 100)))
+        .expect("lease");
+    let entries = world.state.version();
+    let again = world
+        .apply(|state, cx| state.take_lease(cx, request("proxy-a", "api_calls", 300)))
+        .expect("the same lease");
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.held, credits(100), "nothing more held");
+    assert_eq!(world.state.version(), entries, "nothing changed");
+    assert_eq!(held_total(&world), 100);
+    let other_feature =
+        world.apply(|state, cx| state.take_lease(cx, request("proxy-a", "images", 10)));
+    assert!(
+        matches!(
+            other_feature,
+            Err(Refusal::Invalid {
+                field: "request_id",
+                ..
+            })
+        ),
+        "{other_feature:?}"
+    );
+    let other_holder = world
+        .apply(|state, cx| state.take_lease(cx, request("proxy-b", "api_calls", 50)))
+        .expect("another holder's lease");
+    assert_ne!(other_holder.id, first.id);
+    assert_eq!(held_total(&world), 150);
 }

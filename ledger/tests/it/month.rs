@@ -133,6 +133,7 @@ fn random_step(
                     .expect("holder"),
                 amount: credits(rng.random_range(1..300)),
                 ttl_secs: rng.random_range(30..20_000),
+                request_id: None,
             };
             if let Ok(lease) = world.apply(|state, cx| state.take_lease(cx, request)) {
                 leases.push(lease.id);

@@ -56,6 +56,8 @@ enum Op {
         feature: usize,
         amount: i64,
         ttl_secs: i64,
+        /// The holder's request id (a few, so repeats happen).
+        request: Option<u8>,
     },
     Report {
         lease: usize,
@@ -82,7 +84,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..3, 1i64..300, 60i64..20_000).prop_map(|(feature, amount, ttl_secs)| Op::Reserve { feature, amount, ttl_secs }),
         2 => (0usize..8, prop::option::of(0i64..400)).prop_map(|(reservation, amount)| Op::Commit { reservation, amount }),
         1 => (0usize..8).prop_map(|reservation| Op::Release { reservation }),
-        2 => (0usize..3, 1i64..300, 30i64..20_000).prop_map(|(feature, amount, ttl_secs)| Op::Lease { feature, amount, ttl_secs }),
+        2 => (0usize..3, 1i64..300, 30i64..20_000, prop::option::of(0u8..4)).prop_map(|(feature, amount, ttl_secs, request)| Op::Lease { feature, amount, ttl_secs, request }),
         4 => (0usize..6, 0i64..150, prop::option::of(1i64..200), prop::option::of(30i64..20_000), prop::sample::select(vec![0i64, 0, 0, 0, 1, -1]), prop::bool::weighted(0.15))
             .prop_map(|(lease, cost, top_up, ttl_secs, skew, release)| Op::Report { lease, cost, top_up, ttl_secs, skew, release }),
         2 => (1i64..30_000).prop_map(|secs| Op::Advance { secs }),
@@ -104,6 +106,10 @@ fn class(result: &Result<(), Refusal>) -> &'static str {
         Err(Refusal::Invalid {
             field: "top_up", ..
         }) => "invalid_release",
+        Err(Refusal::Invalid {
+            field: "request_id",
+            ..
+        }) => "invalid",
         Err(other) => panic!("unexpected refusal {other:?}"),
     }
 }
@@ -143,6 +149,7 @@ struct NLease {
     ended: Option<i64>,
     sequence: u64,
     forgotten: bool,
+    request: Option<u8>,
 }
 
 /// Everything in plain integers (milliseconds, credits) and vectors that are never
@@ -553,18 +560,41 @@ fn step_inner(
             feature,
             amount,
             ttl_secs,
+            request: request_id,
         } => {
             let available = naive.available(Some(feature));
-            let expected = if available <= 0 {
-                "insufficient_balance"
-            } else {
-                "ok"
-            };
+            // A request id this holder used for a lease still kept answers that lease
+            // (same feature) or is refused (another feature), changing nothing.
+            let earlier = request_id.and_then(|wanted| {
+                naive
+                    .leases
+                    .iter()
+                    .find(|lease| !lease.forgotten && lease.request == Some(wanted))
+                    .map(|lease| (lease.id, lease.feature))
+            });
             let request = LeaseRequest {
                 feature_key: key(FEATURES[feature]),
                 holder: Holder::new("proxy-a").expect("holder"),
                 amount: credits(amount),
                 ttl_secs,
+                request_id: request_id.map(|id| format!("req-{id}")),
+            };
+            if let Some((id, earlier_feature)) = earlier {
+                let result = world.apply(|state, cx| state.take_lease(cx, request));
+                let expected = if earlier_feature == feature {
+                    "ok"
+                } else {
+                    "invalid"
+                };
+                if let Ok(lease) = &result {
+                    assert_eq!(lease.id, id, "a repeated request id answers its lease");
+                }
+                return (class(&result.map(|_| ())), expected);
+            }
+            let expected = if available <= 0 {
+                "insufficient_balance"
+            } else {
+                "ok"
             };
             let result = world.apply(|state, cx| state.take_lease(cx, request));
             if let Ok(lease) = &result {
@@ -577,6 +607,7 @@ fn step_inner(
                     ended: None,
                     sequence: 0,
                     forgotten: false,
+                    request: request_id,
                 });
             }
             (class(&result.map(|_| ())), expected)
