@@ -305,7 +305,7 @@ fn default_lease_wait() -> u64 {
     100
 }
 fn default_lease_report() -> u64 {
-    250
+    1_000
 }
 fn default_lease_idle() -> u64 {
     10

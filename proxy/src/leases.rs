@@ -37,11 +37,13 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 /// `Held::confirmed`): longer than a decision can take, its wait for a refill included
 /// (twice `leases.wait_ms` when that is longer).
 const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
+/// Below this many `min_credits` free, leases shrink to one request's cost.
+const LOW_WATER_LEASES: i64 = 4;
 /// After a refusal (nothing left), how long before a lease is asked for again.
 const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
 /// Lease batches the background has in flight at once (each up to
 /// `protocol::LEASE_BATCH_MAX` operations).
-const BATCHES_AT_ONCE: usize = 4;
+const BATCHES_AT_ONCE: usize = 2;
 /// How long a batch waits for requests still writing spend under a report's sequence
 /// before leaving that report for the next batch.
 const WRITING_WAIT: Duration = Duration::from_millis(20);
@@ -373,10 +375,12 @@ impl Leases {
         let key = (end_user.clone(), feature.clone());
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.config.wait_ms);
-        let mut waited = false;
-        let answered = |waited: bool, taken: Taken| {
-            if waited {
-                metrics::counter!("qs_proxy_lease_waits_total").increment(1);
+        // Why the first look found no room: `no_lease` (none yet, or it ended) or
+        // `short` (the lease has less room than the cost).
+        let mut waited: Option<&'static str> = None;
+        let answered = |waited: Option<&'static str>, taken: Taken| {
+            if let Some(reason) = waited {
+                metrics::counter!("qs_proxy_lease_waits_total", "reason" => reason).increment(1);
                 metrics::histogram!("qs_proxy_lease_wait_seconds")
                     .record(started.elapsed().as_secs_f64());
             }
@@ -384,25 +388,26 @@ impl Leases {
         };
         loop {
             let now = Instant::now();
-            let notify = match self.try_take(&key, cost, available, version, now) {
+            let (notify, reason) = match self.try_take(&key, cost, available, version, now) {
                 Ok(taken) => return answered(waited, taken),
-                Err(notify) => notify,
+                Err(short) => short,
             };
             self.wake.notify_one();
             if now >= deadline {
-                metrics::counter!("qs_proxy_lease_waits_total").increment(1);
+                metrics::counter!("qs_proxy_lease_waits_total", "reason" => waited.unwrap_or(reason))
+                    .increment(1);
                 metrics::counter!("qs_proxy_lease_wait_timeouts_total").increment(1);
                 metrics::histogram!("qs_proxy_lease_wait_seconds")
                     .record(started.elapsed().as_secs_f64());
                 return Taken::Late;
             }
-            waited = true;
+            waited = waited.or(Some(reason));
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Look once more now that a wake-up cannot be missed.
             match self.try_take(&key, cost, available, version, Instant::now()) {
-                Ok(taken) => return answered(true, taken),
+                Ok(taken) => return answered(waited, taken),
                 Err(_) => {
                     let _ = tokio::time::timeout(
                         deadline.saturating_duration_since(Instant::now()),
@@ -414,7 +419,7 @@ impl Leases {
         }
     }
 
-    /// `Err(notify)` when the caller should wait for the background.
+    /// `Err((notify, why))` when the caller should wait for the background.
     fn try_take(
         self: &Arc<Self>,
         key: &SlotKey,
@@ -422,7 +427,7 @@ impl Leases {
         available: Credits,
         version: Option<u64>,
         now: Instant,
-    ) -> Result<Taken, Arc<Notify>> {
+    ) -> Result<Taken, (Arc<Notify>, &'static str)> {
         self.with_slot_or_new(key, now, |slot| {
             slot.last_used = now;
             slot.seen_available = available;
@@ -469,7 +474,12 @@ impl Leases {
                 return Ok(Taken::Unavailable);
             }
             slot.wanted = slot.wanted.max(cost);
-            Err(Arc::clone(&slot.notify))
+            let why = if slot.lease.as_ref().is_some_and(|held| held.usable(now)) {
+                "short"
+            } else {
+                "no_lease"
+            };
+            Err((Arc::clone(&slot.notify), why))
         })
     }
 
@@ -586,20 +596,34 @@ impl Leases {
                 _ = stop.changed() => break,
             }
             while running.try_join_next().is_some() {}
-            // Everything due now, in as few round trips as the batch size allows.
+            // Plan only once a batch can go out: what comes due while batches are in
+            // flight rides the next one together (a busy proxy sends fewer, larger
+            // batches rather than many small ones queueing).
+            let permit = tokio::select! {
+                permit = Arc::clone(&batches).acquire_owned() => permit,
+                _ = stop.changed() => break,
+            };
+            let Ok(permit) = permit else { break };
             let mut work = self.plan(Instant::now(), false);
+            let mut permit = Some(permit);
             while !work.is_empty() {
                 let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
                 let chunk = std::mem::replace(&mut work, rest);
                 let (leases, context, batches) =
                     (Arc::clone(&self), context.clone(), Arc::clone(&batches));
+                let held = permit.take();
                 running.spawn(async move {
-                    let Ok(_permit) = batches.acquire_owned().await else {
-                        return;
+                    let _permit = match held {
+                        Some(permit) => permit,
+                        None => match batches.acquire_owned().await {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
                     };
                     leases.perform(&context, chunk).await;
                 });
             }
+            drop(permit);
             self.gauges();
         }
         // Shutdown: what is running finishes, then every lease is released.
@@ -661,7 +685,10 @@ impl Leases {
 
     /// The target size of a slot's lease: its observed rate over the horizon, within
     /// the configured bounds, at least what a request waits for, and at most half of what
-    /// the replica shows free beyond that (so several proxies share what is left).
+    /// the replica shows free beyond that (so several proxies share what is left). When
+    /// little is left free (under four times `min_credits`), what waiting requests need
+    /// and nothing ahead: credits parked here cannot be spent through another proxy, so
+    /// near the end of a balance each proxy holds no more than it is about to spend.
     fn target(&self, slot: &mut Slot, now: Instant) -> Credits {
         let rate = slot.rate(now);
         let horizon = i64::try_from(self.config.horizon_secs).unwrap_or(i64::MAX);
@@ -669,13 +696,17 @@ impl Leases {
         let sized = rate
             .saturating_mul(horizon)
             .clamp(self.config.min_credits, self.config.max_credits);
-        let share = slot
-            .seen_available
-            .get()
-            .saturating_div(2)
-            .max(wanted)
-            .max(1);
-        credits_of(sized.min(share).max(wanted).max(1))
+        let free = slot.seen_available.get();
+        if free < self.config.min_credits.saturating_mul(LOW_WATER_LEASES) {
+            // Nothing ahead of need (zero while no request waits: no top-up).
+            return credits_of(wanted);
+        }
+        credits_of(
+            sized
+                .min(free.saturating_div(2).max(wanted))
+                .max(wanted)
+                .max(1),
+        )
     }
 
     /// What each slot needs now (`shutdown`: release everything).
@@ -866,7 +897,12 @@ impl Leases {
             return;
         }
         metrics::counter!("qs_proxy_lease_batches_total").increment(1);
+        metrics::histogram!("qs_proxy_lease_batch_operations").record(f64::from(
+            u32::try_from(operations.len()).unwrap_or(u32::MAX),
+        ));
+        let sent = Instant::now();
         let answer = context.client.lease_batch(&LeaseBatch { operations }).await;
+        metrics::histogram!("qs_proxy_lease_batch_seconds").record(sent.elapsed().as_secs_f64());
         let mut results = match answer {
             Ok(answer) if answer.results.len() == ready.len() => {
                 answer.results.into_iter().map(Some).collect::<Vec<_>>()

@@ -40,7 +40,7 @@ const USERS: usize = 1_000;
 const USER_BALANCE: i64 = 10;
 const ENDLESS: i64 = 1_000_000_000_000;
 /// Load before the throughput measurement starts (first leases, connections).
-const WARM_UP_SECS: u64 = 2;
+const WARM_UP_SECS: u64 = 1;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -299,14 +299,26 @@ struct Throughput {
     per_second: f64,
     spends: u64,
     waits: u64,
+    /// Of `waits`: the lease was there but short (the rest had none yet).
+    waits_short: u64,
     wait_timeouts: u64,
     wait_p99_ms: Option<f64>,
     lease_calls_per_second: f64,
+    batches_per_second: f64,
+    batch_p50_ms: Option<f64>,
+    batch_p99_ms: Option<f64>,
     parked_mean: f64,
     /// Answers other than 200, by status and problem code (in all, and during the
     /// warm-up).
     failed: HashMap<String, u64>,
     warm_failed: HashMap<String, u64>,
+    /// Latency of each proxy's first request for each end user (its first lease).
+    cold_p50_ms: f64,
+    cold_p99_ms: f64,
+}
+
+fn ms(micros: u64) -> f64 {
+    f64::from(u32::try_from(micros).unwrap_or(u32::MAX)) / 1_000.0
 }
 
 async fn throughput(
@@ -323,6 +335,56 @@ async fn throughput(
     let addresses: Arc<Vec<String>> =
         Arc::new(running.iter().map(|proxy| proxy.address.clone()).collect());
     let admins: Vec<String> = running.iter().map(|proxy| proxy.admin.clone()).collect();
+    // Every proxy serves every end user once first (its first lease for each: a cold
+    // start, timed here), so the measurement below sees the steady state.
+    let cold = {
+        let pairs: Vec<(usize, usize)> = (0..crowd.names.len())
+            .flat_map(|user| (0..addresses.len()).map(move |proxy| (user, proxy)))
+            .collect();
+        let next = Arc::new(AtomicU64::new(0));
+        let pairs = Arc::new(pairs);
+        let mut tasks = Vec::new();
+        for _ in 0..connections {
+            let (http, next, pairs, addresses, crowd) = (
+                http.clone(),
+                next.clone(),
+                pairs.clone(),
+                addresses.clone(),
+                crowd.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut micros = Vec::new();
+                loop {
+                    let index =
+                        usize::try_from(next.fetch_add(1, Ordering::AcqRel)).unwrap_or(usize::MAX);
+                    let Some(&(user, proxy)) = pairs.get(index) else {
+                        return micros;
+                    };
+                    let sent = Instant::now();
+                    let response = http
+                        .post(format!("{}/work", addresses[proxy]))
+                        .header("x-end-user-id", &crowd.names[user])
+                        .send()
+                        .await
+                        .expect("the proxy answers");
+                    let ok = response.status() == StatusCode::OK;
+                    let _ = response.bytes().await;
+                    if ok {
+                        micros.push(u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    }
+                }
+            }));
+        }
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.expect("warm-up"));
+        }
+        all.sort_unstable();
+        (
+            e2e::bench::percentile(&all, 0.5),
+            e2e::bench::percentile(&all, 0.99),
+        )
+    };
     let done = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
     let stop = Arc::new(AtomicBool::new(false));
@@ -422,14 +484,25 @@ async fn throughput(
                 .unwrap_or(u32::MAX),
         ) / elapsed,
         spends: count(&changed, "qs_proxy_lease_spend_total"),
-        waits: count(&changed, "qs_proxy_lease_waits_total"),
+        waits: count(&changed, "qs_proxy_lease_waits_total{reason=\"no_lease\"}")
+            + count(&changed, "qs_proxy_lease_waits_total{reason=\"short\"}"),
+        waits_short: count(&changed, "qs_proxy_lease_waits_total{reason=\"short\"}"),
         wait_timeouts: count(&changed, "qs_proxy_lease_wait_timeouts_total"),
         wait_p99_ms: quantile(&changed, "qs_proxy_lease_wait_seconds", 0.99)
             .map(|seconds| seconds * 1_000.0),
         lease_calls_per_second: f64::from(u32::try_from(calls).unwrap_or(u32::MAX)) / elapsed,
+        batches_per_second: f64::from(
+            u32::try_from(count(&changed, "qs_proxy_lease_batches_total")).unwrap_or(u32::MAX),
+        ) / elapsed,
+        batch_p50_ms: quantile(&changed, "qs_proxy_lease_batch_seconds", 0.5)
+            .map(|seconds| seconds * 1_000.0),
+        batch_p99_ms: quantile(&changed, "qs_proxy_lease_batch_seconds", 0.99)
+            .map(|seconds| seconds * 1_000.0),
         parked_mean: parked.iter().sum::<f64>() / f64::from(samples),
         failed: std::mem::take(&mut *failed.lock().expect("failed")),
         warm_failed,
+        cold_p50_ms: ms(cold.0),
+        cold_p99_ms: ms(cold.1),
     }
 }
 
@@ -572,14 +645,22 @@ fn print_row(row: &Row) {
     } = row;
     let waits = if *leases {
         format!(
-            "; waited {:.3}% of {} lease spends ({} timed out), p99 wait {}; {:.0} lease calls/s; {:.0} credits parked",
+            "; waited {:.3}% of {} lease spends ({} with a short lease, {} timed out), p99 wait {}; {:.0} lease operations/s in {:.0} batches/s (p50 {}, p99 {}); {:.0} credits parked",
             ratio(throughput.waits, throughput.spends) * 100.0,
             throughput.spends,
+            throughput.waits_short,
             throughput.wait_timeouts,
             throughput
                 .wait_p99_ms
                 .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2} ms")),
             throughput.lease_calls_per_second,
+            throughput.batches_per_second,
+            throughput
+                .batch_p50_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2} ms")),
+            throughput
+                .batch_p99_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms:.2} ms")),
             throughput.parked_mean,
         )
     } else {
@@ -594,6 +675,10 @@ fn print_row(row: &Row) {
         exact.unspent,
         exact.false_denials,
         throughput.per_second,
+    );
+    println!(
+        "    first request of each end user on each proxy: p50 {:.2} ms, p99 {:.2} ms",
+        throughput.cold_p50_ms, throughput.cold_p99_ms
     );
     if !throughput.failed.is_empty() {
         println!(
