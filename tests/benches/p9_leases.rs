@@ -20,9 +20,10 @@
 //! Run: `scripts/bench-leases` (installs cmake if missing, then
 //! `cargo bench -p e2e --bench p9_leases`). Knobs: `QS_P9_PROXIES` (default `1,2,4,8`),
 //! `QS_P9_CONNECTIONS` (closed-loop connections in all, spread over the proxies, default
-//! 32), `QS_P9_BALANCE`, `QS_BENCH_SECS`. The control plane (SQLite) and the upstream run
-//! in this process; every proxy is its own process; all share the machine's cores, which
-//! is why the throughput goal is a ratio measured in one run.
+//! 32), `QS_P9_BALANCE`, `QS_BENCH_SECS`. The control plane (SQLite) runs in this process
+//! on a runtime and threads of its own; the upstream and every proxy are processes of
+//! their own; all share the machine's cores, which is why the throughput goal is a ratio
+//! measured in one run.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use e2e::bench::Picker;
-use e2e::{ControlPlane, ProxyProcess, Upstream, eventually, proxy_config};
+use e2e::{ControlPlane, ProxyProcess, eventually, proxy_config_for};
 use reqwest::StatusCode;
 
 const USERS: usize = 1_000;
@@ -168,7 +169,7 @@ struct Exact {
 /// Sends until every end user has been refused twice by every proxy since its last
 /// admission, then stops the proxies (their leases go back) and reads the ledger.
 async fn exact(
-    plane: &ControlPlane,
+    plane: &Plane,
     running: &mut [ProxyProcess],
     crowd: &Crowd,
     balance_each: i64,
@@ -506,10 +507,83 @@ async fn throughput(
     }
 }
 
+/// The control plane, serving from a runtime of its own on its own threads: in the
+/// benchmark's runtime, its handlers would queue behind the load generator's tasks, and
+/// lease round trips would measure that queue.
+struct Plane {
+    url: String,
+    key: String,
+    client: client::Client,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+fn start_plane(dir: &Path) -> Plane {
+    let dir = dir.to_owned();
+    let (started, ready) = std::sync::mpsc::channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("control-plane runtime");
+        let plane = runtime.block_on(ControlPlane::start(&dir));
+        started
+            .send((plane.url.clone(), plane.key.clone()))
+            .expect("the benchmark waits");
+        // Serves until the benchmark ends (the sender drops).
+        let _ = stopped.recv();
+        drop(plane);
+    });
+    let (url, key) = ready.recv().expect("the control plane starts");
+    let client = client::Client::new(&url, &key).expect("client");
+    Plane {
+        url,
+        key,
+        client,
+        _stop: stop,
+    }
+}
+
+/// The upstream, a process of its own (`e2e-upstream`: one thread, answers everything).
+struct Upstream {
+    child: std::process::Child,
+    address: std::net::SocketAddr,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-upstream"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the upstream starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the upstream prints its address");
+        let address = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|address| address.parse().ok())
+            .expect("an address");
+        Upstream { child, address }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Starts `count` proxies (leases on or off) and waits until each is ready.
 async fn start_proxies(
     dir: &Path,
-    plane: &ControlPlane,
+    plane: &Plane,
     upstream: &Upstream,
     count: usize,
     leases: bool,
@@ -525,7 +599,7 @@ async fn start_proxies(
         let config = dir.join(format!("{tag}-{index}.toml"));
         std::fs::write(
             &config,
-            proxy_config(plane, upstream.address, &data, &extra),
+            proxy_config_for(&plane.url, &plane.key, upstream.address, &data, &extra),
         )
         .expect("config written");
         let proxy = ProxyProcess::spawn(env!("CARGO_BIN_EXE_e2e-proxy"), &config);
@@ -543,7 +617,7 @@ async fn start_proxies(
     running
 }
 
-async fn grant_all(plane: &ControlPlane, crowd: &Crowd, amount: i64) {
+async fn grant_all(plane: &Plane, crowd: &Crowd, amount: i64) {
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in crowd.names.chunks(crowd.names.len().div_ceil(16).max(1)) {
         let (client, chunk) = (plane.client.clone(), chunk.to_vec());
@@ -587,8 +661,8 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async move {
         let dir = tempfile::tempdir().expect("dir");
-        let plane = ControlPlane::start(dir.path()).await;
-        let upstream = Upstream::start().await;
+        let plane = start_plane(dir.path());
+        let upstream = Upstream::start();
         let mut rows = Vec::new();
         for &proxies in &counts {
             for leases in [true, false] {

@@ -324,6 +324,17 @@ pub fn proxy_config(
     data_dir: &Path,
     extra: &str,
 ) -> String {
+    proxy_config_for(&plane.url, &plane.key, upstream, data_dir, extra)
+}
+
+/// [`proxy_config`] for a control plane known by its URL and key.
+pub fn proxy_config_for(
+    url: &str,
+    key: &str,
+    upstream: SocketAddr,
+    data_dir: &Path,
+    extra: &str,
+) -> String {
     format!(
         r#"
 listen = "127.0.0.1:0"
@@ -343,8 +354,6 @@ ship_interval_ms = 50
 {extra}
 "#,
         data_dir = data_dir.display(),
-        url = plane.url,
-        key = plane.key,
         // Correctness tests run many proxies and a control plane on two cores in a debug
         // build: a lease's refill may take longer than production's 100 ms there. A test
         // with lease settings of its own writes the whole table.

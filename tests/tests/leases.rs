@@ -371,3 +371,78 @@ async fn a_restarted_proxy_reports_its_old_spend_once_the_control_plane_is_back(
     );
     running[0].0.terminate();
 }
+
+// A proxy killed and not restarted: its lease's unspent hold goes back at the lease's TTL
+// (the control plane's scheduler), while what it spent and had not reported stays on its
+// disk; restarted later, it reports that spend, charged beyond the expired hold, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_proxys_hold_returns_at_expiry_and_its_spend_is_charged_when_it_returns() {
+    let dir = tempfile::tempdir().expect("dir");
+    let plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    plane.grant("orphan", 1_000).await;
+    let routes = format!(
+        "[leases]\nwait_ms = 5000\nttl_secs = 5\nreport_interval_ms = 2500\nmin_credits = 100\n{ROUTES}"
+    );
+    let mut running = proxies(dir.path(), &plane, &upstream, 1, &routes);
+    let http = e2e::http_client();
+    let mut admitted = 0i64;
+    while admitted < 10 {
+        let response = http
+            .post(format!("{}/work", running[0].0.address))
+            .header("x-end-user-id", "orphan")
+            .send()
+            .await
+            .expect("the proxy answers");
+        assert_eq!(response.status(), StatusCode::OK);
+        admitted += 1;
+    }
+    let held = plane
+        .client
+        .balance("orphan", None)
+        .await
+        .expect("balance")
+        .held;
+    assert!(held > 0, "the proxy holds a lease");
+    running[0].0.kill();
+    // The hold goes back at expiry; what was reported before the kill (the lease may
+    // have been extended, with its spend, once) is all that is charged until the proxy
+    // returns.
+    let shown = eventually("the lease to expire", Duration::from_secs(60), || async {
+        let shown = plane.client.balance("orphan", None).await.ok()?;
+        (shown.held == 0).then_some(shown)
+    })
+    .await;
+    let reported = e2e::charged(&plane, "orphan").await;
+    assert_eq!(
+        shown.available,
+        1_000 - reported,
+        "the unspent hold came back"
+    );
+    let config = running[0].1.clone();
+    running[0].0 = ProxyProcess::spawn(BINARY, &config);
+    eventually(
+        "the old spend to be reported",
+        Duration::from_secs(60),
+        || async {
+            (running[0]
+                .0
+                .metric(&http, "qs_proxy_lease_recovery_pending")
+                .await
+                == Some(0))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        e2e::charged(&plane, "orphan").await,
+        admitted,
+        "charged once, beyond the expired hold"
+    );
+    let shown = plane.client.balance("orphan", None).await.expect("balance");
+    assert_eq!(
+        (shown.available, shown.held, shown.debt),
+        (1_000 - admitted, 0, 0)
+    );
+    running[0].0.terminate();
+}
