@@ -305,7 +305,7 @@ fn default_lease_wait() -> u64 {
     100
 }
 fn default_lease_report() -> u64 {
-    1_000
+    5_000
 }
 fn default_lease_idle() -> u64 {
     10

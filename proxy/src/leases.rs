@@ -37,6 +37,8 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 /// `Held::confirmed`): longer than a decision can take, its wait for a refill included
 /// (twice `leases.wait_ms` when that is longer).
 const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
+/// The longest a slow but regular slot keeps an unused lease (see `idle_after`).
+const IDLE_MAX: Duration = Duration::from_secs(120);
 /// Below this many `min_credits` free, leases shrink to one request's cost.
 const LOW_WATER_LEASES: i64 = 4;
 /// After a refusal (nothing left), how long before a lease is asked for again.
@@ -134,6 +136,10 @@ struct Slot {
     rate_since: Instant,
     rate_per_sec: i64,
     last_used: Instant,
+    /// When a request last spent from a lease here, and the typical gap between such
+    /// spends (a moving average): a slot used every few seconds is not idle.
+    last_spent: Option<Instant>,
+    gap: Duration,
     notify: Arc<Notify>,
 }
 
@@ -154,6 +160,8 @@ impl Slot {
             rate_since: now,
             rate_per_sec: 0,
             last_used: now,
+            last_spent: None,
+            gap: Duration::ZERO,
             notify: Arc::new(Notify::new()),
         }
     }
@@ -448,6 +456,11 @@ impl Leases {
                     });
                 held.in_flight = held.in_flight.saturating_add(1);
                 slot.recent = slot.recent.checked_add(cost).unwrap_or(Credits::MAX);
+                if let Some(last) = slot.last_spent {
+                    let gap = now.saturating_duration_since(last);
+                    slot.gap = (slot.gap.saturating_mul(7) + gap) / 8;
+                }
+                slot.last_spent = Some(now);
                 return Ok(Taken::Spent(Spend {
                     leases: Arc::clone(self),
                     key: key.clone(),
@@ -722,10 +735,11 @@ impl Leases {
                 slot.lease.is_some()
                     || !slot.retired.is_empty()
                     || slot.acquiring
-                    || now.saturating_duration_since(slot.last_used) < idle
+                    || now.saturating_duration_since(slot.last_used) < idle_after(idle, slot)
             });
             for (key, slot) in guard.iter_mut() {
                 let target = self.target(slot, now);
+                let slot_idle = idle_after(idle, slot);
                 // Retired leases: report what is left, then forget them.
                 for held in &mut slot.retired {
                     if held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
@@ -756,7 +770,7 @@ impl Leases {
                 if held.reporting {
                     continue;
                 }
-                let unused = now.saturating_duration_since(slot.last_used) >= idle;
+                let unused = now.saturating_duration_since(slot.last_used) >= slot_idle;
                 let expired = now >= held.usable_until;
                 if shutdown || (unused && held.in_flight == 0) || held.ended || expired {
                     // Release: no new admissions; the final report waits for what is in
@@ -801,6 +815,14 @@ impl Leases {
         }
         work
     }
+}
+
+/// How long a slot goes unused before its lease is released: `idle_release_secs`, or
+/// four of its typical gaps between requests when that is longer (up to `IDLE_MAX`), so
+/// an end user calling every few seconds keeps the lease rather than taking a new one
+/// (and waiting for it) on most calls.
+fn idle_after(idle: Duration, slot: &Slot) -> Duration {
+    idle.max(slot.gap.saturating_mul(4).min(IDLE_MAX))
 }
 
 /// The last reports of an ended lease: an unacknowledged report first (unchanged), then

@@ -46,6 +46,7 @@ store_test! {
         ("post", "/v1/reservations/{id}/release"),
         ("post", "/v1/reservations/{id}/extend"),
         ("post", "/v1/leases"),
+        ("post", "/v1/leases/batch"),
         ("get", "/v1/leases"),
         ("get", "/v1/leases/{id}"),
         ("post", "/v1/leases/{id}/report"),
