@@ -199,7 +199,7 @@ pub struct LeaseBatch {
 }
 
 /// One operation of a lease batch, named by `op`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum LeaseOperation {
     /// As `POST /v1/leases` (give `request_id`: a batch has no other idempotency).
@@ -209,6 +209,49 @@ pub enum LeaseOperation {
     /// As `POST /v1/leases/{lease_id}/release`.
     Release(LeaseStep),
 }
+
+/// Each branch is its operation's object with `op` added: the derived schema would
+/// combine `op` with objects that forbid other properties, which nothing satisfies.
+impl utoipa::PartialSchema for LeaseOperation {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, Schema, Type};
+        use utoipa::openapi::{RefOr, schema::Object};
+        fn tagged(op: &str, description: &str, branch: RefOr<Schema>) -> Object {
+            let mut object = match branch {
+                RefOr::T(Schema::Object(object)) => object,
+                _ => Object::new(),
+            };
+            let tag = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([op]))
+                .build();
+            object.properties.insert("op".to_owned(), tag.into());
+            object.required.insert(0, "op".to_owned());
+            object.description = Some(description.to_owned());
+            object
+        }
+        OneOfBuilder::new()
+            .item(tagged(
+                "create",
+                "As `POST /v1/leases` (give `request_id`: a batch has no other idempotency).",
+                <CreateLease as utoipa::PartialSchema>::schema(),
+            ))
+            .item(tagged(
+                "report",
+                "As `POST /v1/leases/{lease_id}/report`.",
+                <LeaseStep as utoipa::PartialSchema>::schema(),
+            ))
+            .item(tagged(
+                "release",
+                "As `POST /v1/leases/{lease_id}/release`.",
+                <LeaseStep as utoipa::PartialSchema>::schema(),
+            ))
+            .description(Some("One operation of a lease batch, named by `op`."))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for LeaseOperation {}
 
 /// A report or release in a batch: the lease and the report's fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
