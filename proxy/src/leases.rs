@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use ledger::{Credits, EndUserId, FeatureKey, Holder, Timestamp};
 use protocol::{CreateLease, LeaseBatch, LeaseBatchResult, LeaseOperation, LeaseStep, ReportLease};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::{Durability, LeaseConfig};
 use crate::disk::{Disk, DiskError, Flusher, LeaseMeta, LeaseSpend, LeaseSpendKey};
@@ -43,9 +43,6 @@ const IDLE_MAX: Duration = Duration::from_secs(120);
 const LOW_WATER_LEASES: i64 = 4;
 /// After a refusal (nothing left), how long before a lease is asked for again.
 const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
-/// Lease batches the background has in flight at once (each up to
-/// `protocol::LEASE_BATCH_MAX` operations).
-const BATCHES_AT_ONCE: usize = 2;
 /// How long a batch waits for requests still writing spend under a report's sequence
 /// before leaving that report for the next batch.
 const WRITING_WAIT: Duration = Duration::from_millis(20);
@@ -575,6 +572,28 @@ enum Work {
     },
 }
 
+/// Which lanes `Leases::plan` may fill (a lane with a batch in flight waits).
+#[derive(Debug, Clone, Copy)]
+struct Lanes {
+    urgent: bool,
+    routine: bool,
+}
+
+impl Lanes {
+    const ALL: Lanes = Lanes {
+        urgent: true,
+        routine: true,
+    };
+}
+
+/// What `Leases::plan` found due, by lane: acquisitions and top-ups that requests wait
+/// for, and everything else (routine reports, releases).
+#[derive(Debug, Default)]
+struct Planned {
+    urgent: Vec<(SlotKey, Work)>,
+    routine: Vec<(SlotKey, Work)>,
+}
+
 /// Everything the background needs.
 #[derive(Debug, Clone)]
 pub struct Context {
@@ -600,7 +619,10 @@ impl Leases {
             remembered.into_iter().map(|(lease, _)| lease).collect(),
             stop.clone(),
         ));
-        let batches = Arc::new(Semaphore::new(BATCHES_AT_ONCE));
+        // Two lanes, each with one batch in flight at most: urgent work (acquisitions,
+        // top-ups that requests wait for) never queues behind routine reports.
+        let urgent_lane = Arc::new(Semaphore::new(1));
+        let routine_lane = Arc::new(Semaphore::new(1));
         let mut running = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
@@ -609,34 +631,37 @@ impl Leases {
                 _ = stop.changed() => break,
             }
             while running.try_join_next().is_some() {}
-            // Plan only once a batch can go out: what comes due while batches are in
-            // flight rides the next one together (a busy proxy sends fewer, larger
+            // A lane is planned only while it has no batch in flight: what comes due
+            // meanwhile rides its next batch together (a busy proxy sends fewer, larger
             // batches rather than many small ones queueing).
-            let permit = tokio::select! {
-                permit = Arc::clone(&batches).acquire_owned() => permit,
-                _ = stop.changed() => break,
+            let mut urgent = Arc::clone(&urgent_lane).try_acquire_owned().ok();
+            let mut routine = Arc::clone(&routine_lane).try_acquire_owned().ok();
+            if urgent.is_none() && routine.is_none() {
+                tokio::select! {
+                    permit = Arc::clone(&urgent_lane).acquire_owned() => urgent = permit.ok(),
+                    permit = Arc::clone(&routine_lane).acquire_owned() => routine = permit.ok(),
+                    _ = stop.changed() => break,
+                }
+            }
+            let lanes = Lanes {
+                urgent: urgent.is_some(),
+                routine: routine.is_some(),
             };
-            let Ok(permit) = permit else { break };
-            let mut work = self.plan(Instant::now(), false);
-            let mut permit = Some(permit);
-            while !work.is_empty() {
-                let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
-                let chunk = std::mem::replace(&mut work, rest);
-                let (leases, context, batches) =
-                    (Arc::clone(&self), context.clone(), Arc::clone(&batches));
-                let held = permit.take();
+            let planned = self.plan(Instant::now(), false, lanes);
+            for (permit, work, lane) in [
+                (urgent, planned.urgent, &urgent_lane),
+                (routine, planned.routine, &routine_lane),
+            ] {
+                let Some(permit) = permit else { continue };
+                if work.is_empty() {
+                    continue;
+                }
+                let (leases, context, lane) =
+                    (Arc::clone(&self), context.clone(), Arc::clone(lane));
                 running.spawn(async move {
-                    let _permit = match held {
-                        Some(permit) => permit,
-                        None => match batches.acquire_owned().await {
-                            Ok(permit) => permit,
-                            Err(_) => return,
-                        },
-                    };
-                    leases.perform(&context, chunk).await;
+                    leases.perform_lane(&context, work, permit, &lane).await;
                 });
             }
-            drop(permit);
             self.gauges();
         }
         // Shutdown: what is running finishes, then every lease is released.
@@ -647,7 +672,9 @@ impl Leases {
             .flatten()
             .is_some()
         {}
-        let mut work = self.plan(Instant::now(), true);
+        let planned = self.plan(Instant::now(), true, Lanes::ALL);
+        let mut work = planned.urgent;
+        work.extend(planned.routine);
         while !work.is_empty() {
             let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
             let chunk = std::mem::replace(&mut work, rest);
@@ -655,6 +682,31 @@ impl Leases {
         }
         // What the recovery has not reported stays on disk for the next start.
         let _ = tokio::time::timeout_at(deadline, recovery).await;
+    }
+
+    /// Sends one lane's `work` in batches of at most `protocol::LEASE_BATCH_MAX`, one at
+    /// a time under the lane's permit, then wakes the planner for what came due.
+    async fn perform_lane(
+        &self,
+        context: &Context,
+        mut work: Vec<(SlotKey, Work)>,
+        permit: OwnedSemaphorePermit,
+        lane: &Arc<Semaphore>,
+    ) {
+        let mut permit = Some(permit);
+        while !work.is_empty() {
+            let rest = work.split_off(work.len().min(protocol::LEASE_BATCH_MAX));
+            let chunk = std::mem::replace(&mut work, rest);
+            let _permit = match permit.take() {
+                Some(permit) => permit,
+                None => match Arc::clone(lane).acquire_owned().await {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            self.perform(context, chunk).await;
+        }
+        self.wake.notify_one();
     }
 
     /// Reports and releases `remembered` (a previous run's leases), retrying with
@@ -723,9 +775,10 @@ impl Leases {
     }
 
     /// What each slot needs now (`shutdown`: release everything).
-    fn plan(&self, now: Instant, shutdown: bool) -> Vec<(SlotKey, Work)> {
+    fn plan(&self, now: Instant, shutdown: bool, lanes: Lanes) -> Planned {
         let report_every = Duration::from_millis(self.config.report_interval_ms);
         let idle = Duration::from_secs(self.config.idle_release_secs);
+        let mut urgent = Vec::new();
         let mut work = Vec::new();
         for shard in &self.shards {
             let mut guard = shard
@@ -742,7 +795,11 @@ impl Leases {
                 let slot_idle = idle_after(idle, slot);
                 // Retired leases: report what is left, then forget them.
                 for held in &mut slot.retired {
-                    if held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
+                    if !lanes.routine
+                        || held.reporting
+                        || held.in_flight > 0
+                        || !held.writing.is_empty()
+                    {
                         continue;
                     }
                     work.push((key.clone(), final_report(held)));
@@ -751,13 +808,13 @@ impl Leases {
                     let wants = slot.wanted.is_positive() && !shutdown;
                     let blocked = slot.exhausted_until.is_some_and(|until| now < until)
                         || slot.unreachable_until.is_some_and(|until| now < until);
-                    if wants && !blocked && !slot.acquiring {
+                    if lanes.urgent && wants && !blocked && !slot.acquiring {
                         slot.acquiring = true;
                         let request_id = slot
                             .acquire_request
                             .get_or_insert_with(|| format!("acq_{}", ulid::Ulid::new()))
                             .clone();
-                        work.push((
+                        urgent.push((
                             key.clone(),
                             Work::Acquire {
                                 amount: target,
@@ -772,7 +829,11 @@ impl Leases {
                 }
                 let unused = now.saturating_duration_since(slot.last_used) >= slot_idle;
                 let expired = now >= held.usable_until;
-                if shutdown || (unused && held.in_flight == 0) || held.ended || expired {
+                let ending = shutdown || (unused && held.in_flight == 0) || held.ended || expired;
+                if ending && !lanes.routine {
+                    continue;
+                }
+                if ending {
                     // Release: no new admissions; the final report waits for what is in
                     // flight (requests still at the upstream record under it).
                     held.ended = true;
@@ -795,25 +856,33 @@ impl Leases {
                     .as_secs()
                     .saturating_mul(2)
                     < self.config.ttl_secs;
-                if low || due || stretched || held.unacked.is_some() {
+                // Requests wait for this report's top-up: it goes in the urgent lane.
+                let waiting = slot.wanted > held.room;
+                let lane_open = if waiting { lanes.urgent } else { lanes.routine };
+                if lane_open && (low || due || stretched || held.unacked.is_some()) {
                     let top_up = low
                         .then(|| target.saturating_sub_floor(held.room))
                         .filter(|top_up| top_up.is_positive());
                     held.reporting = true;
                     let sequence = next_sequence(held);
-                    work.push((
-                        key.clone(),
-                        Work::Report {
-                            lease: held.id.clone(),
-                            sequence,
-                            top_up,
-                            release: false,
-                        },
-                    ));
+                    let report = Work::Report {
+                        lease: held.id.clone(),
+                        sequence,
+                        top_up,
+                        release: false,
+                    };
+                    if waiting {
+                        urgent.push((key.clone(), report));
+                    } else {
+                        work.push((key.clone(), report));
+                    }
                 }
             }
         }
-        work
+        Planned {
+            urgent,
+            routine: work,
+        }
     }
 }
 
