@@ -202,10 +202,25 @@ struct Inner {
     /// Which end user a lease belongs to (it never changes), so a report finds its end
     /// user without a store read.
     lease_owners: Mutex<lru::LruCache<(Env, ledger::LeaseId), EndUserId>>,
+    streamed_states: Mutex<lru::LruCache<(Env, EndUserId), StreamedState>>,
 }
 
 /// Leases whose owner this process remembers.
 const LEASE_OWNERS_REMEMBERED: usize = 100_000;
+/// End users' states kept as change streams sent them (see `StreamedState`).
+const STREAMED_STATES_KEPT: usize = 2_048;
+
+/// An end user's state as a change stream sends it, shared by this process's streams:
+/// N proxies following one environment read and serialise each changed end user once
+/// between them, not once each.
+#[derive(Debug, Clone)]
+pub struct StreamedState {
+    /// The feed position this state includes at least (the change it was read for).
+    pub includes: i64,
+    pub version: u64,
+    /// `ledger::StateParts` as JSON.
+    pub state: Arc<serde_json::value::RawValue>,
+}
 
 /// An open sync stream, counted against its key until dropped.
 #[derive(Debug)]
@@ -304,6 +319,10 @@ impl AppState {
                     std::num::NonZeroUsize::new(LEASE_OWNERS_REMEMBERED)
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 )),
+                streamed_states: Mutex::new(lru::LruCache::new(
+                    std::num::NonZeroUsize::new(STREAMED_STATES_KEPT)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                )),
             }),
         }
     }
@@ -311,6 +330,42 @@ impl AppState {
     /// The scheduler's record of failing end users.
     pub fn due_failures(&self) -> &crate::jobs::DueFailures {
         &self.inner.due_failures
+    }
+
+    /// `end_user`'s state as a stream of this process last sent it, when that includes
+    /// the change at feed position `at`.
+    pub fn streamed_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        at: i64,
+    ) -> Option<StreamedState> {
+        let mut states = self
+            .inner
+            .streamed_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        states
+            .get(&(env.clone(), end_user.clone()))
+            .filter(|state| state.includes >= at)
+            .cloned()
+    }
+
+    /// Keeps `state` for the other streams (unless a newer one is kept already).
+    pub fn remember_streamed_state(&self, env: &Env, end_user: &EndUserId, state: StreamedState) {
+        let mut states = self
+            .inner
+            .streamed_states
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let key = (env.clone(), end_user.clone());
+        if states
+            .peek(&key)
+            .is_some_and(|kept| kept.includes >= state.includes)
+        {
+            return;
+        }
+        states.put(key, state);
     }
 
     /// Marks `env` as being settled by a test-clock advance (the webhook worker leaves it

@@ -10,14 +10,16 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use protocol::{CatalogItem, CatalogSnapshot, Problem, SyncRecord};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::parse_query;
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller, CatalogView};
+use crate::service::{AppState, Caller, CatalogView, StreamedState};
+use crate::store::Env;
+use ledger::EndUserId;
 
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -58,6 +60,63 @@ fn line(record: &SyncRecord) -> Result<Bytes, ApiError> {
         serde_json::to_vec(record).map_err(|error| ApiError::Internal(error.to_string()))?;
     bytes.push(b'\n');
     Ok(Bytes::from(bytes))
+}
+
+/// `SyncRecord::EndUser` with its state already serialised (byte for byte the same line).
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "end_user")]
+struct EndUserLine<'a> {
+    cursor: i64,
+    end_user_id: &'a str,
+    version: u64,
+    state: &'a serde_json::value::RawValue,
+}
+
+fn end_user_line(
+    cursor: i64,
+    end_user: &EndUserId,
+    streamed: &StreamedState,
+) -> Result<Bytes, ApiError> {
+    let record = EndUserLine {
+        cursor,
+        end_user_id: end_user.as_str(),
+        version: streamed.version,
+        state: &streamed.state,
+    };
+    let mut bytes =
+        serde_json::to_vec(&record).map_err(|error| ApiError::Internal(error.to_string()))?;
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
+}
+
+/// `end_user`'s state including the change at feed position `at`: as another stream of
+/// this process sent it, else read (and kept for the others). `None`: no such end user.
+async fn streamed_state(
+    state: &AppState,
+    env: &Env,
+    end_user: &EndUserId,
+    at: i64,
+) -> Result<Option<StreamedState>, ApiError> {
+    if let Some(streamed) = state.streamed_state(env, end_user, at) {
+        metrics::counter!("quotastack_sync_state_reads_total", "source" => "shared").increment(1);
+        return Ok(Some(streamed));
+    }
+    metrics::counter!("quotastack_sync_state_reads_total", "source" => "store").increment(1);
+    let Some(user) = state.store().load_state(env, end_user).await? else {
+        return Ok(None);
+    };
+    let version = user.version();
+    let json = serde_json::to_string(&user.into_parts())
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
+    let raw = serde_json::value::RawValue::from_string(json)
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
+    let streamed = StreamedState {
+        includes: at,
+        version,
+        state: std::sync::Arc::from(raw),
+    };
+    state.remember_streamed_state(env, end_user, streamed.clone());
+    Ok(Some(streamed))
 }
 
 fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
@@ -255,17 +314,17 @@ async fn follow(
                 let shared = ordered
                     .get(index.saturating_add(1))
                     .is_some_and(|(next, _)| next == seq);
+                let change_at = *seq;
                 let seq = if shared { seq.saturating_sub(1) } else { *seq };
                 match user {
                     Some(end_user) => {
-                        if let Some(user) = state.store().load_state(env, end_user).await? {
-                            send(SyncRecord::EndUser {
-                                cursor: seq,
-                                end_user_id: end_user.to_string(),
-                                version: user.version(),
-                                state: user.into_parts(),
-                            })
-                            .await?;
+                        if let Some(streamed) =
+                            streamed_state(state, env, end_user, change_at).await?
+                        {
+                            sender
+                                .send(Ok(end_user_line(seq, end_user, &streamed)?))
+                                .await
+                                .map_err(|_| ApiError::Internal("the reader went away".into()))?;
                         }
                     }
                     None => {
@@ -308,5 +367,36 @@ async fn follow(
             () = sender.closed() => return Ok(()),
             _ = closing.wait_for(|closing| *closing) => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_state_line_is_the_records_line_byte_for_byte() {
+        let end_user = EndUserId::new("user_1").expect("id");
+        let user = ledger::EndUserState::new(end_user.clone(), ledger::Timestamp::from_millis(5));
+        let version = user.version();
+        let parts = user.into_parts();
+        let json = serde_json::to_string(&parts).expect("state");
+        let streamed = StreamedState {
+            includes: 7,
+            version,
+            state: std::sync::Arc::from(
+                serde_json::value::RawValue::from_string(json).expect("raw"),
+            ),
+        };
+        let record = SyncRecord::EndUser {
+            cursor: 6,
+            end_user_id: end_user.to_string(),
+            version,
+            state: parts,
+        };
+        assert_eq!(
+            end_user_line(6, &end_user, &streamed).expect("line"),
+            line(&record).expect("line")
+        );
     }
 }
