@@ -52,6 +52,10 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("this key already has {limit} sync streams open here")]
     TooManyStreams { limit: usize },
+    /// 503: the database is busy or unreachable, or the transaction lost a race that a
+    /// retry resolves; nothing of the request was written.
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -162,6 +166,12 @@ impl ApiError {
                 "payload_too_large",
                 "Payload too large",
                 format!("request bodies are limited to {limit} bytes"),
+            ),
+            ApiError::Unavailable(_) => Problem::new(
+                503,
+                "unavailable",
+                "Temporarily unavailable",
+                "the database is busy or unreachable and nothing was written; retry shortly (with the same Idempotency-Key)",
             ),
             ApiError::Internal(_) => Problem::new(
                 500,
@@ -299,6 +309,10 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::Conflict(detail) => ApiError::Conflict(detail),
+            StoreError::Database {
+                message,
+                transient: true,
+            } => ApiError::Unavailable(message),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -318,14 +332,19 @@ pub fn problem_response(problem: &Problem) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let ApiError::Internal(message) = &self {
-            tracing::error!(error = %message, "internal error");
+        match &self {
+            ApiError::Internal(message) => tracing::error!(error = %message, "internal error"),
+            ApiError::Unavailable(message) => {
+                metrics::counter!("quotastack_unavailable_total").increment(1);
+                tracing::warn!(error = %message, "transient database error; answered 503");
+            }
+            _ => {}
         }
         let mut response = problem_response(&self.problem());
         let retry_after_secs = match self {
             ApiError::RateLimited { retry_after_secs } => Some(retry_after_secs),
             ApiError::TooManyStreams { .. } => Some(1),
-            ApiError::Refused(Refusal::CatchingUp { .. }) => Some(1),
+            ApiError::Refused(Refusal::CatchingUp { .. }) | ApiError::Unavailable(_) => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after_secs
@@ -334,5 +353,50 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transient_database_error_answers_503_with_retry_after_and_says_nothing_of_it() {
+        let error = ApiError::from(StoreError::Database {
+            message: "database is locked at /var/lib/quotastack/qs.db".into(),
+            transient: true,
+        });
+        assert!(matches!(error, ApiError::Unavailable(_)));
+        let problem = error.problem();
+        assert_eq!(
+            (problem.status, problem.code.as_str()),
+            (503, "unavailable")
+        );
+        assert!(
+            !problem.detail.contains("/var/lib"),
+            "no internals in the answer"
+        );
+        let response = error.into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            response.headers().get(header::RETRY_AFTER),
+            Some(&HeaderValue::from_static("1"))
+        );
+    }
+
+    #[test]
+    fn a_lasting_database_error_answers_500() {
+        let error = ApiError::from(StoreError::Database {
+            message: "no such table: blocks".into(),
+            transient: false,
+        });
+        assert_eq!(error.problem().status, 500);
+        assert!(
+            error
+                .into_response()
+                .headers()
+                .get(header::RETRY_AFTER)
+                .is_none()
+        );
     }
 }

@@ -68,12 +68,33 @@ pub enum StoreError {
     Database { message: String, transient: bool },
 }
 
+/// Whether a database error code says a retry may succeed: PostgreSQL's serialization
+/// failure, deadlock, lock timeout, shutdown, too many connections and connection
+/// exceptions (class 08); SQLite's busy and locked (primary codes 5 and 6, with any
+/// extended code: `SQLITE_BUSY_SNAPSHOT` is 517).
+pub fn transient_code(code: &str) -> bool {
+    const POSTGRES: [&str; 7] = [
+        "40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300",
+    ];
+    if POSTGRES.contains(&code) || (code.len() == 5 && code.starts_with("08")) {
+        return true;
+    }
+    // SQLite's codes are numbers of at most four digits; PostgreSQL's always have five.
+    code.len() <= 4
+        && code
+            .parse::<u32>()
+            .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> StoreError {
-        let transient = matches!(
-            error,
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-        );
+        let transient = match &error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+            sqlx::Error::Database(database) => {
+                database.code().is_some_and(|code| transient_code(&code))
+            }
+            _ => false,
+        };
         StoreError::Database {
             message: error.to_string(),
             transient,
@@ -992,5 +1013,24 @@ pub(crate) mod testing {
             .mutate_many(env, at, &mut items)
             .await
             .expect("grants");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::transient_code;
+
+    #[test]
+    fn transient_database_codes() {
+        for code in [
+            "40001", "40P01", "55P03", "57P01", "53300", "08006", "08001", "5", "6", "517", "262",
+        ] {
+            assert!(transient_code(code), "{code} is transient");
+        }
+        for code in [
+            "23505", "23503", "42P01", "22P02", "1", "19", "2067", "11", "", "0800", "080006",
+        ] {
+            assert!(!transient_code(code), "{code} is not transient");
+        }
     }
 }

@@ -20,7 +20,8 @@
 //! Run: `scripts/bench-leases` (installs cmake if missing, then
 //! `cargo bench -p e2e --bench p9_leases`). Knobs: `QS_P9_PROXIES` (default `1,2,4,8`),
 //! `QS_P9_CONNECTIONS` (closed-loop connections in all, spread over the proxies, default
-//! 32), `QS_P9_BALANCE`, `QS_BENCH_SECS`. The control plane (SQLite) runs in this process
+//! 32), `QS_P9_BALANCE`, `QS_BENCH_SECS`, `QS_P9_LEASE_CONFIG` (more `[leases]` settings
+//! for the proxies, `;`-separated TOML lines: `ttl_secs = 60; min_credits = 20`). The control plane (SQLite) runs in this process
 //! on a runtime and threads of its own; the upstream and every proxy are processes of
 //! their own; all share the machine's cores, which is why the throughput goal is a ratio
 //! measured in one run.
@@ -589,8 +590,13 @@ async fn start_proxies(
     leases: bool,
     tag: &str,
 ) -> Vec<ProxyProcess> {
+    // `QS_P9_LEASE_CONFIG`: more `[leases]` settings for the proxies (TOML lines,
+    // `;`-separated), to try other sizes, TTLs or report intervals.
+    let tuning = std::env::var("QS_P9_LEASE_CONFIG")
+        .unwrap_or_default()
+        .replace(';', "\n");
     let extra = format!(
-        "[leases]\nenabled = {leases}\n\n[[routes]]\npath = \"/work\"\nfeature = \"api_calls\"\n"
+        "[leases]\nenabled = {leases}\n{tuning}\n\n[[routes]]\npath = \"/work\"\nfeature = \"api_calls\"\n"
     );
     let http = e2e::http_client();
     let mut running = Vec::new();

@@ -176,3 +176,96 @@ store_test! {
     assert!(limited.headers.get("retry-after").is_some());
     }
 }
+
+// A transaction that cannot take its lock in time (PostgreSQL's `lock_timeout`, here
+// 200 ms, while another session holds the end users' table) is a transient failure: 503
+// `unavailable` with `Retry-After`, nothing written; the same request retried with its
+// Idempotency-Key once the lock is free applies once. (PostgreSQL only: SQLite's writer
+// waits `busy_timeout`, five seconds, before it reports the same failure.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_database_failure_answers_503_and_its_retry_applies_once() {
+    use crate::support::{Backend, Storage};
+    use control_plane::config::DatabaseUrl;
+    use sqlx::Connection;
+
+    let Some(backend) = Backend::postgres() else {
+        return;
+    };
+    let mut storage = Storage::new(&backend).await;
+    let DatabaseUrl::Postgres(url) = &mut storage.database else {
+        panic!("a PostgreSQL storage");
+    };
+    let locker_url = url.clone();
+    url.push_str("%20-c%20lock_timeout%3D200");
+    let harness = Harness::on(&storage).await;
+    let key = harness.tenant("acme").await.test;
+    harness.grant(&key, "u1", 100).await;
+
+    let mut locker = sqlx::PgConnection::connect(&locker_url)
+        .await
+        .expect("a second session");
+    sqlx::query("BEGIN")
+        .execute(&mut locker)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE end_users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .expect("lock");
+    let grant = json!({"end_user_id": "u1", "amount": 40, "source": "purchase"});
+    let headers = [("idempotency-key", "grant-during-lock")];
+    let refused = harness
+        .send(
+            Method::POST,
+            "/v1/credits/grants",
+            Some(&key),
+            Some(grant.clone()),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        (refused.status, refused.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(
+        refused
+            .headers
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()),
+        Some("1")
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .expect("unlock");
+
+    let applied = harness
+        .send(
+            Method::POST,
+            "/v1/credits/grants",
+            Some(&key),
+            Some(grant.clone()),
+            &headers,
+        )
+        .await;
+    assert_eq!(applied.status, StatusCode::CREATED, "{:?}", applied.body);
+    let replayed = harness
+        .send(
+            Method::POST,
+            "/v1/credits/grants",
+            Some(&key),
+            Some(grant),
+            &headers,
+        )
+        .await;
+    assert_eq!(
+        replayed.body["id"], applied.body["id"],
+        "a replay, not a second grant"
+    );
+    let balance = harness
+        .get("/v1/credits/balance?end_user_id=u1", &key)
+        .await;
+    assert_eq!(balance.body["available"], 140, "the grant applied once");
+}
