@@ -163,6 +163,20 @@ impl Slot {
         }
     }
 
+    /// A request spent from this slot's lease at `now`: the typical gap between spends
+    /// (the first gap seen, then a moving average moved 1/8 by each new gap).
+    fn note_spend(&mut self, now: Instant) {
+        if let Some(last) = self.last_spent {
+            let gap = now.saturating_duration_since(last);
+            self.gap = if self.gap.is_zero() {
+                gap
+            } else {
+                (self.gap.saturating_mul(7) + gap) / 8
+            };
+        }
+        self.last_spent = Some(now);
+    }
+
     fn held_mut(&mut self, id: &str) -> Option<&mut Held> {
         self.lease
             .iter_mut()
@@ -453,12 +467,7 @@ impl Leases {
                     });
                 held.in_flight = held.in_flight.saturating_add(1);
                 slot.recent = slot.recent.checked_add(cost).unwrap_or(Credits::MAX);
-                if let Some(last) = slot.last_spent {
-                    let gap = now.saturating_duration_since(last);
-                    slot.gap = (slot.gap.saturating_mul(7) + gap) / 8;
-                }
-                slot.last_spent = Some(now);
-                return Ok(Taken::Spent(Spend {
+                let spend = Spend {
                     leases: Arc::clone(self),
                     key: key.clone(),
                     lease: held.id.clone(),
@@ -467,7 +476,9 @@ impl Leases {
                     outstanding_after: unshown,
                     answered_at: held.answered_at,
                     done: false,
-                }));
+                };
+                slot.note_spend(now);
+                return Ok(Taken::Spent(spend));
             }
             // Credits may have come back since the refusal (a grant, a release): the
             // replica shows a newer state of the end user.
@@ -1536,5 +1547,34 @@ fn problem_expected(error: &client::Error) -> Option<u64> {
     match error {
         client::Error::Api { problem, .. } => problem.expected,
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_used_every_few_seconds_keeps_its_lease_longer_than_the_idle_setting() {
+        let idle = Duration::from_secs(10);
+        let start = Instant::now();
+        let mut slot = Slot::new(start);
+        assert_eq!(idle_after(idle, &slot), idle, "no spend yet: the setting");
+        slot.note_spend(start);
+        assert_eq!(idle_after(idle, &slot), idle, "one spend: no gap yet");
+        slot.note_spend(start + Duration::from_secs(5));
+        assert_eq!(
+            idle_after(idle, &slot),
+            Duration::from_secs(20),
+            "the first gap (5 s) is the estimate at once: four gaps"
+        );
+        slot.note_spend(start + Duration::from_secs(6));
+        assert_eq!(
+            slot.gap,
+            Duration::from_millis(4_500),
+            "then a moving average"
+        );
+        slot.note_spend(start + Duration::from_secs(600));
+        assert_eq!(idle_after(idle, &slot), IDLE_MAX, "bounded");
     }
 }
