@@ -203,7 +203,15 @@ struct Inner {
     /// user without a store read.
     lease_owners: Mutex<lru::LruCache<(Env, ledger::LeaseId), EndUserId>>,
     streamed_states: Mutex<lru::LruCache<(Env, EndUserId), StreamedState>>,
+    feed_pages: Mutex<lru::LruCache<(Env, i64, u32), FeedPage>>,
 }
+
+/// One read of the change feed, shared by the streams that want it (see
+/// `AppState::changes_after`).
+type FeedPage = Arc<tokio::sync::OnceCell<Arc<Vec<crate::store::ChangeRecord>>>>;
+
+/// Feed reads kept for other streams at the same cursor.
+const FEED_PAGES_KEPT: usize = 256;
 
 /// Leases whose owner this process remembers.
 const LEASE_OWNERS_REMEMBERED: usize = 100_000;
@@ -319,6 +327,10 @@ impl AppState {
                     std::num::NonZeroUsize::new(LEASE_OWNERS_REMEMBERED)
                         .unwrap_or(std::num::NonZeroUsize::MIN),
                 )),
+                feed_pages: Mutex::new(lru::LruCache::new(
+                    std::num::NonZeroUsize::new(FEED_PAGES_KEPT)
+                        .unwrap_or(std::num::NonZeroUsize::MIN),
+                )),
                 streamed_states: Mutex::new(lru::LruCache::new(
                     std::num::NonZeroUsize::new(STREAMED_STATES_KEPT)
                         .unwrap_or(std::num::NonZeroUsize::MIN),
@@ -330,6 +342,72 @@ impl AppState {
     /// The scheduler's record of failing end users.
     pub fn due_failures(&self) -> &crate::jobs::DueFailures {
         &self.inner.due_failures
+    }
+
+    /// The change feed after `cursor` (at most `limit` records), read once for every
+    /// stream of this process at that cursor: N proxies woken by one commit make one
+    /// read, not N. A page is what one read returned, so a stream served an earlier
+    /// read's page sees a prefix of what is there now and reads on from its end. An
+    /// empty page is not kept, and a stream that joined someone else's read and got
+    /// nothing reads again itself (the commit that woke it may have landed after that
+    /// read began).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn changes_after(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit: u32,
+    ) -> Result<Arc<Vec<crate::store::ChangeRecord>>, ApiError> {
+        let key = (env.clone(), cursor, limit);
+        let page: FeedPage = {
+            let mut pages = self
+                .inner
+                .feed_pages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(pages.get_or_insert(key.clone(), FeedPage::default))
+        };
+        let mut read_here = false;
+        let records = page
+            .get_or_try_init(|| async {
+                read_here = true;
+                self.store()
+                    .changes_after(env, cursor, limit)
+                    .await
+                    .map(Arc::new)
+            })
+            .await
+            .map(Arc::clone);
+        let records = match records {
+            Ok(records) => records,
+            Err(error) => {
+                self.forget_feed_page(&key, &page);
+                return Err(error.into());
+            }
+        };
+        if !records.is_empty() {
+            return Ok(records);
+        }
+        self.forget_feed_page(&key, &page);
+        if read_here {
+            return Ok(records);
+        }
+        Ok(Arc::new(
+            self.store().changes_after(env, cursor, limit).await?,
+        ))
+    }
+
+    fn forget_feed_page(&self, key: &(Env, i64, u32), page: &FeedPage) {
+        let mut pages = self
+            .inner
+            .feed_pages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pages.peek(key).is_some_and(|kept| Arc::ptr_eq(kept, page)) {
+            pages.pop(key);
+        }
     }
 
     /// `end_user`'s state as a stream of this process last sent it, when that includes

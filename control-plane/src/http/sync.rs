@@ -296,12 +296,12 @@ async fn follow(
             }
             recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
         }
-        let changes = state.store().changes_after(env, cursor, PAGE_LEN).await?;
+        let changes = state.changes_after(env, cursor, PAGE_LEN).await?;
         if let Some(last) = changes.last() {
             // Each end user once, at the position of its last change in this read, in
             // position order; the catalog likewise.
             let mut latest: BTreeMap<Option<ledger::EndUserId>, i64> = BTreeMap::new();
-            for change in &changes {
+            for change in changes.iter() {
                 latest.insert(change.end_user_id.clone(), change.seq);
             }
             let mut ordered: Vec<(i64, Option<ledger::EndUserId>)> =

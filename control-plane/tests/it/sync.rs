@@ -480,3 +480,66 @@ store_test! {
     );
     }
 }
+
+// Several followers at one cursor share the control plane's reads of the feed (and of
+// each changed end user's state): four streams, followed while eight tasks write 240
+// grants over 12 end users, each end with exactly the stored state of every end user.
+store_test! {
+    async fn followers_sharing_reads_each_get_every_change(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.clone();
+    harness.catalog(&key).await;
+    for user in 0..12 {
+        harness.grant(&key, &format!("u{user}"), 1).await;
+    }
+    let start = Follower::snapshot(&harness, &key).await;
+    let (target, watched) = tokio::sync::watch::channel(i64::MAX);
+    let mut followers = Vec::new();
+    for _ in 0..4 {
+        let (harness, key, mut follower, watched) =
+            (harness.clone(), key.clone(), start.clone(), watched.clone());
+        followers.push(tokio::spawn(async move {
+            let (status, mut lines) = Lines::open(
+                &harness,
+                &format!("/v1/sync/stream?cursor={}", follower.cursor),
+                &key,
+            )
+            .await;
+            assert_eq!(status, StatusCode::OK);
+            // Heartbeats (every 2 s) carry the cursor, so a follower at the head sees
+            // the target once it is set.
+            while follower.cursor < *watched.borrow() {
+                let record = lines.next().await.expect("the stream stays open");
+                follower.apply(record);
+            }
+            follower
+        }));
+    }
+    let mut writers = Vec::new();
+    for writer in 0..8 {
+        let (harness, key) = (harness.clone(), key.clone());
+        writers.push(tokio::spawn(async move {
+            for round in 0..30 {
+                harness
+                    .grant(&key, &format!("u{}", (writer * 30 + round) % 12), 1)
+                    .await;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let head = harness
+        .state
+        .store()
+        .last_change(&env(&tenant))
+        .await
+        .expect("head");
+    target.send(head).expect("followers listen");
+    for follower in followers {
+        let follower = follower.await.expect("follower");
+        assert_states_match(&harness, &tenant, &follower, 12).await;
+    }
+    }
+}
