@@ -838,7 +838,15 @@ impl Leases {
                 if held.reporting {
                     continue;
                 }
-                let unused = now.saturating_duration_since(slot.last_used) >= slot_idle;
+                // A lease with no room left admits nothing until a top-up: it is kept for
+                // `idle_release_secs` only (keeping it longer would cost an extension
+                // at the control plane for nothing).
+                let keep = if held.room.is_positive() {
+                    slot_idle
+                } else {
+                    idle
+                };
+                let unused = now.saturating_duration_since(slot.last_used) >= keep;
                 let expired = now >= held.usable_until;
                 let ending = shutdown || (unused && held.in_flight == 0) || held.ended || expired;
                 if ending && !lanes.routine {
