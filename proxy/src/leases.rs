@@ -279,16 +279,21 @@ impl Spend {
         let written = leases
             .write_spend(&self.lease, sequence, units, self.cost)
             .await;
-        leases.with_slot(&self.key, |slot| {
+        let settled = leases.with_slot(&self.key, |slot| {
             if let Some(held) = slot.held_mut(&self.lease)
                 && let Some(count) = held.writing.get_mut(&sequence)
             {
                 *count = count.saturating_sub(1);
                 if *count == 0 {
                     held.writing.remove(&sequence);
+                    return true;
                 }
             }
+            false
         });
+        if settled == Some(true) {
+            leases.written.notify_waiters();
+        }
         if written.is_err() {
             // Not on disk: the spend goes back to the lease (the request is refused).
             leases.give_back(&self.key, &self.lease, self.cost, false);
@@ -317,6 +322,9 @@ pub struct Leases {
     durability: Durability,
     shards: Vec<Mutex<HashMap<SlotKey, Slot>>>,
     wake: Notify,
+    /// Signalled when the last write of spend under a report's sequence finishes (a
+    /// batch may be waiting to send that report: `settled_writes`).
+    written: Notify,
 }
 
 fn shard_of(key: &SlotKey) -> usize {
@@ -347,6 +355,7 @@ impl Leases {
             durability,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             wake: Notify::new(),
+            written: Notify::new(),
         }
     }
 
@@ -913,6 +922,28 @@ fn idle_after(idle: Duration, slot: &Slot) -> Duration {
     idle.max(slot.gap.saturating_mul(4).min(IDLE_MAX))
 }
 
+impl Leases {
+    /// The control plane took a report (`answer` is the lease after it): its spend
+    /// leaves the disk, and the slot learns the lease's new hold and state.
+    fn reported(
+        &self,
+        keys: &[Vec<u8>],
+        cost: Credits,
+        answer: &protocol::Lease,
+        release: bool,
+    ) -> Reported {
+        if let Err(error) = self.disk.lease_spend_remove(keys) {
+            tracing::error!(%error, "cannot remove reported spend");
+        }
+        Reported::Done {
+            cost,
+            amount: Some(answer.amount),
+            active: answer.status == "active" && !release,
+            version: answer.version,
+        }
+    }
+}
+
 /// The last reports of an ended lease: an unacknowledged report first (unchanged), then
 /// the release with what is left.
 fn final_report(held: &mut Held) -> Work {
@@ -1065,17 +1096,7 @@ impl Leases {
                         Some(LeaseBatchResult {
                             lease: Some(answer),
                             ..
-                        }) => {
-                            if let Err(error) = self.disk.lease_spend_remove(&keys) {
-                                tracing::error!(%error, "cannot remove reported spend");
-                            }
-                            Reported::Done {
-                                cost,
-                                amount: Some(answer.amount),
-                                active: answer.status == "active" && !release,
-                                version: answer.version,
-                            }
-                        }
+                        }) => self.reported(&keys, cost, &answer, release),
                         Some(LeaseBatchResult {
                             status,
                             error: Some(problem),
@@ -1291,9 +1312,15 @@ impl Leases {
                 Work::Acquire { .. } => false,
             })
         };
-        let deadline = Instant::now() + WRITING_WAIT;
-        while busy(&work) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let deadline = tokio::time::Instant::now() + WRITING_WAIT;
+        loop {
+            // Registered before the look, so a write finishing in between is not missed.
+            let written = self.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if !busy(&work) || tokio::time::timeout_at(deadline, written).await.is_err() {
+                break;
+            }
         }
         work.into_iter()
             .filter(|(key, item)| match item {
@@ -1366,17 +1393,7 @@ impl Leases {
             answer = call(context, lease, &plain, release).await;
         }
         match answer {
-            Ok(lease_answer) => {
-                if let Err(error) = self.disk.lease_spend_remove(&keys) {
-                    tracing::error!(%error, "cannot remove reported spend");
-                }
-                Reported::Done {
-                    cost,
-                    amount: Some(lease_answer.amount),
-                    active: lease_answer.status == "active" && !release,
-                    version: lease_answer.version,
-                }
-            }
+            Ok(lease_answer) => self.reported(&keys, cost, &lease_answer, release),
             Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
                 // The lease is gone (ended more than an hour ago): its spend is charged
                 // as plain usage, once (the keys name lease, sequence and record).

@@ -41,6 +41,8 @@ use reqwest::StatusCode;
 const USERS: usize = 1_000;
 const USER_BALANCE: i64 = 10;
 const ENDLESS: i64 = 1_000_000_000_000;
+/// How long a client of the exact phase pauses after a 402 or 503 before its next call.
+const REFUSED_BACKOFF: Duration = Duration::from_millis(5);
 /// Load before the throughput measurement starts (first leases, connections).
 const WARM_UP_SECS: u64 = 1;
 
@@ -262,8 +264,11 @@ async fn exact(
                     }
                 };
                 if refused {
-                    // Credits may come back from another proxy's lease.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    // The client's back-off after a refusal (part of the workload, as a
+                    // real client's; not a wait for any condition): without it, the
+                    // connections of one end user spin on 402s while another proxy
+                    // hands its last credits back.
+                    tokio::time::sleep(REFUSED_BACKOFF).await;
                 }
             }
         }));
