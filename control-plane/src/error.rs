@@ -40,10 +40,6 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("a request with this idempotency key is still running")]
     IdempotencyKeyInFlight,
-    /// An operation's in-transaction claim on its key found the key taken: the request
-    /// goes the classic way (lease, replay or wait). Never answered to a client as such.
-    #[error("the idempotency key was taken before this request's transaction")]
-    ClaimTaken,
     #[error("{0}")]
     Conflict(String),
     #[error("rate limit exceeded")]
@@ -140,7 +136,7 @@ impl ApiError {
                 "Idempotency key reused",
                 "this idempotency key was already used with a different method, path or body",
             ),
-            ApiError::IdempotencyKeyInFlight | ApiError::ClaimTaken => Problem::new(
+            ApiError::IdempotencyKeyInFlight => Problem::new(
                 409,
                 "idempotency_key_in_flight",
                 "Idempotency key in flight",
@@ -188,9 +184,7 @@ impl ApiError {
         matches!(self.problem().status, 402 | 404 | 409)
             && !matches!(
                 self,
-                ApiError::IdempotencyKeyReused
-                    | ApiError::IdempotencyKeyInFlight
-                    | ApiError::ClaimTaken
+                ApiError::IdempotencyKeyReused | ApiError::IdempotencyKeyInFlight
             )
     }
 }
@@ -309,10 +303,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> ApiError {
         match error {
             StoreError::Conflict(detail) => ApiError::Conflict(detail),
-            StoreError::Database {
-                message,
-                transient: true,
-            } => ApiError::Unavailable(message),
+            StoreError::Transient(message) => ApiError::Unavailable(message),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -362,10 +353,9 @@ mod tests {
 
     #[test]
     fn a_transient_database_error_answers_503_with_retry_after_and_says_nothing_of_it() {
-        let error = ApiError::from(StoreError::Database {
-            message: "database is locked at /var/lib/quotastack/qs.db".into(),
-            transient: true,
-        });
+        let error = ApiError::from(StoreError::Transient(
+            "database is locked at /var/lib/quotastack/qs.db".into(),
+        ));
         assert!(matches!(error, ApiError::Unavailable(_)));
         let problem = error.problem();
         assert_eq!(
@@ -386,10 +376,7 @@ mod tests {
 
     #[test]
     fn a_lasting_database_error_answers_500() {
-        let error = ApiError::from(StoreError::Database {
-            message: "no such table: blocks".into(),
-            transient: false,
-        });
+        let error = ApiError::from(StoreError::Fatal("no such table: blocks".into()));
         assert_eq!(error.problem().status, 500);
         assert!(
             error

@@ -19,14 +19,11 @@
 //! cannot cancel a transaction that carries other callers' operations: an operation once
 //! queued runs to its end, with its idempotency answer in the same transaction.
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::sync::{Mutex, MutexGuard, PoisonError};
-
 use ledger::{Cx, EndUserId, EndUserState};
 
+use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::CatalogView;
+use crate::queues::Queues;
 use crate::store::{Changes, Claim, Env};
 
 /// One queued operation, with the way back to its caller.
@@ -58,102 +55,8 @@ pub(crate) trait Member: Send {
     fn finish(self: Box<Self>, outcome: Result<(), ApiError>);
 }
 
-/// Queues of waiting work by key, each with a drainer task while it has any. A key is
-/// present exactly while its drainer runs: [`Queues::push`] says to start one when it
-/// inserts the key, and [`Queues::take`] removes the key when it finds nothing left, both
-/// under one lock, so nothing is ever queued without a drainer to take it. Group commit
-/// queues operations by end user; both stores queue idempotency leases.
-pub(crate) struct Queues<K, M> {
-    queues: Mutex<HashMap<K, Vec<M>>>,
-}
-
-impl<K, M> Default for Queues<K, M> {
-    fn default() -> Self {
-        Queues {
-            queues: Mutex::new(HashMap::new()),
-        }
-    }
-}
-
-impl<K, M> std::fmt::Debug for Queues<K, M> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let active = self
-            .queues
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len();
-        f.debug_struct("Queues").field("active", &active).finish()
-    }
-}
-
-impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, Vec<M>>> {
-        self.queues.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Queues `member` under `key`; true when the caller must start the drainer.
-    pub(crate) fn push(&self, key: &K, member: M) -> bool {
-        match self.lock().entry(key.clone()) {
-            Entry::Occupied(mut queue) => {
-                queue.get_mut().push(member);
-                false
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(vec![member]);
-                true
-            }
-        }
-    }
-
-    /// Up to `max` queued members, oldest first; `None` (and the drainer ends) when there
-    /// are none.
-    pub(crate) fn take(&self, key: &K, max: usize) -> Option<Vec<M>> {
-        let mut queues = self.lock();
-        let queue = queues.get_mut(key)?;
-        if queue.is_empty() {
-            queues.remove(key);
-            return None;
-        }
-        let count = max.max(1).min(queue.len());
-        Some(queue.drain(..count).collect())
-    }
-
-    /// Forgets `key`'s queue and returns what it held: for a drainer that did not end
-    /// normally (its task panicked), so the next push starts a new one.
-    pub(crate) fn abandon(&self, key: &K) -> Vec<M> {
-        self.lock().remove(key).unwrap_or_default()
-    }
-
-    /// How many members wait under `key`; `None` when no drainer runs for it.
-    pub(crate) fn queued(&self, key: &K) -> Option<usize> {
-        self.lock().get(key).map(Vec::len)
-    }
-}
-
 /// Operations queued by end user.
 pub(crate) type Groups = Queues<(Env, EndUserId), Box<dyn Member>>;
-
-/// Fails what a drainer leaves queued if it is dropped before it ended normally: a task
-/// that panicked, or one dropped before it first ran (a runtime shutting down). Made
-/// before the drainer is spawned and moved into it, so no queue is ever left behind
-/// without a drainer.
-pub(crate) struct DrainGuard<K: Eq + std::hash::Hash + Clone, M> {
-    pub(crate) queues: std::sync::Arc<Queues<K, M>>,
-    pub(crate) key: K,
-    /// Answers one abandoned member.
-    pub(crate) fail: fn(M),
-    pub(crate) finished: bool,
-}
-
-impl<K: Eq + std::hash::Hash + Clone, M> Drop for DrainGuard<K, M> {
-    fn drop(&mut self) {
-        if !self.finished {
-            for member in self.queues.abandon(&self.key) {
-                (self.fail)(member);
-            }
-        }
-    }
-}
 
 /// Answers an operation its drainer abandoned.
 pub(crate) fn fail_member(member: Box<dyn Member>) {

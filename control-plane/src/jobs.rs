@@ -11,12 +11,9 @@
 //! - an end user far behind is caught up in chunks of [`CHUNK_STEPS_MAX`] pieces of due
 //!   work, one transaction each, so the writer is released between them.
 
-use std::num::NonZeroUsize;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use ledger::{EndUserId, Span, Timestamp};
-use lru::LruCache;
+use ledger::{EndUserId, Timestamp};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -27,66 +24,6 @@ use crate::store::{Annotations, Changes, Env};
 /// Pieces of due work (windows, expiries, renewals) one scheduler transaction runs for one
 /// end user; an end user further behind is caught up over several transactions.
 pub const CHUNK_STEPS_MAX: usize = 1_000;
-
-/// The first retry after an end user's due work failed; it doubles with every further
-/// failure, up to [`RETRY_MAX_SECS`].
-pub const RETRY_FIRST_SECS: i64 = 30;
-/// The longest wait between retries of a failing end user's due work.
-pub const RETRY_MAX_SECS: i64 = 3_600;
-/// How many failing end users the scheduler remembers (for their backoff); beyond it the
-/// least recently failed start their backoff over.
-const FAILURES_REMEMBERED: usize = 10_000;
-
-/// Failures of end users' due work, for backoff. Kept in memory: a restart retries each
-/// once at the first step again.
-#[derive(Debug)]
-pub struct DueFailures {
-    failures: Mutex<LruCache<(Env, EndUserId), u32>>,
-}
-
-impl Default for DueFailures {
-    fn default() -> DueFailures {
-        DueFailures {
-            failures: Mutex::new(LruCache::new(
-                NonZeroUsize::new(FAILURES_REMEMBERED).unwrap_or(NonZeroUsize::MIN),
-            )),
-        }
-    }
-}
-
-impl DueFailures {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<(Env, EndUserId), u32>> {
-        self.failures
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Counts one more failure; returns how long to wait before the next try.
-    fn failed(&self, env: &Env, end_user: &EndUserId) -> Span {
-        let mut failures = self.lock();
-        let count = failures
-            .get(&(env.clone(), end_user.clone()))
-            .copied()
-            .unwrap_or(0)
-            .saturating_add(1);
-        failures.put((env.clone(), end_user.clone()), count);
-        Span::from_millis(retry_delay_secs(count).saturating_mul(1000))
-    }
-
-    fn succeeded(&self, env: &Env, end_user: &EndUserId) {
-        self.lock().pop(&(env.clone(), end_user.clone()));
-    }
-}
-
-/// The wait before retrying after `failures` failures in a row: 30 s, 1 min, 2 min, …,
-/// at most an hour.
-pub fn retry_delay_secs(failures: u32) -> i64 {
-    let doublings = failures.saturating_sub(1).min(16);
-    RETRY_FIRST_SECS
-        .checked_mul(1_i64 << doublings)
-        .unwrap_or(RETRY_MAX_SECS)
-        .min(RETRY_MAX_SECS)
-}
 
 /// Runs until `stop` turns true.
 pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
@@ -223,17 +160,4 @@ fn lag_metric(env: &Env, now: Timestamp, oldest: Option<Timestamp>) {
         .map_or(0, |span| span.as_millis());
     metrics::gauge!("quotastack_jobs_lag_seconds", "environment" => env.environment.as_str())
         .set(Duration::from_millis(u64::try_from(lag_millis).unwrap_or(0)).as_secs_f64());
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Retries of a failing end user back off from 30 s, doubling, to an hour.
-    #[test]
-    fn retry_delays_double_up_to_an_hour() {
-        let delays: Vec<i64> = (1..=9).map(retry_delay_secs).collect();
-        assert_eq!(delays, vec![30, 60, 120, 240, 480, 960, 1920, 3600, 3600]);
-        assert_eq!(retry_delay_secs(u32::MAX), 3600);
-    }
 }

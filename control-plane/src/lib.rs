@@ -11,6 +11,8 @@
 
 pub mod apply;
 pub mod auth;
+pub mod backoff;
+pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -18,6 +20,7 @@ mod group;
 pub mod http;
 pub mod jobs;
 pub mod limits;
+mod queues;
 pub mod service;
 pub mod store;
 pub mod webhooks;
@@ -65,7 +68,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
     let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped.clone()));
-    let deliveries = tokio::spawn(webhooks::run(state.clone(), jobs_stopped));
+    let deliveries = tokio::spawn(webhooks::run(Arc::clone(state.deliveries()), jobs_stopped));
     let app = http::app(state.clone());
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
     let closing = state.clone();

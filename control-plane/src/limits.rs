@@ -5,8 +5,6 @@
 
 use ledger::Refusal;
 
-use crate::error::ApiError;
-
 /// Webhook endpoints per environment: every event makes one delivery per endpoint.
 pub const ENDPOINTS_PER_ENVIRONMENT_MAX: usize = 16;
 /// Features per environment: every decision's catalog holds them all.
@@ -24,12 +22,9 @@ pub const WEBHOOK_URL_BYTES_MAX: usize = 2_048;
 ///
 /// # Errors
 /// 422 `limit_reached` naming the bound.
-pub fn room_for(what: &'static str, count: usize, max: usize) -> Result<(), ApiError> {
+pub fn room_for(what: &'static str, count: usize, max: usize) -> Result<(), Refusal> {
     if count >= max {
-        return Err(ApiError::Refused(Refusal::LimitReached {
-            what,
-            limit: max,
-        }));
+        return Err(Refusal::LimitReached { what, limit: max });
     }
     Ok(())
 }

@@ -7,17 +7,18 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use ledger::{Catalog, Cx, EndUserId, EndUserState, PlanId, Timestamp, VariantId};
+use ledger::{Cx, EndUserId, EndUserState, Timestamp};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth;
+use crate::catalog::CatalogView;
 use crate::clock::{Clock, UlidSource};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::group;
 use crate::store::{
-    Annotations, ApiKeyRecord, CatalogRecord, Changes, Claim, Env, EnvRecord, IdempotencyAnswer,
-    Store,
+    Annotations, ApiKeyRecord, Changes, Claim, Env, IdempotencyAnswer, Store, StoreError,
+    StoreResult,
 };
 
 /// How an operation holds its request's idempotency key.
@@ -26,123 +27,56 @@ pub enum KeyHold {
     /// A lease taken before the operation ran (the classic path, `idempotency::run`).
     Leased(String),
     /// To be claimed in the operation's own transaction (`idempotency::run_claiming`).
-    Claim(Claim),
+    Claim(ClaimHold),
 }
 
 impl KeyHold {
     pub fn key(&self) -> &str {
         match self {
             KeyHold::Leased(key) => key,
-            KeyHold::Claim(claim) => &claim.key,
+            KeyHold::Claim(hold) => &hold.claim.key,
         }
     }
 }
 
-/// Everything one environment's decisions depend on, built from the store and cached
-/// until this process changes it.
-#[derive(Debug)]
-pub struct CatalogView {
-    pub catalog: Catalog,
-    pub features: Vec<CatalogRecord<protocol::CreateFeature>>,
-    pub plans: Vec<CatalogRecord<protocol::CreatePlan>>,
-    pub variants: Vec<CatalogRecord<protocol::CreateVariant>>,
-    pub env: EnvRecord,
+/// A claim on an idempotency key, and whether the operation's transaction found the key
+/// taken (answered, or leased by a request on the classic path): then the operation did
+/// not run, its caller got `IdempotencyKeyInFlight`, and the request goes the classic
+/// way (`idempotency::run_claiming` asks [`ClaimHold::was_taken`]). Clones share the flag.
+#[derive(Debug, Clone)]
+pub struct ClaimHold {
+    pub claim: Claim,
+    taken: Arc<std::sync::atomic::AtomicBool>,
 }
 
-impl CatalogView {
-    /// Builds the engine's catalog from stored records.
-    ///
-    /// # Errors
-    /// A stored record that no longer validates (corruption).
-    pub fn build(
-        features: Vec<CatalogRecord<protocol::CreateFeature>>,
-        plans: Vec<CatalogRecord<protocol::CreatePlan>>,
-        variants: Vec<CatalogRecord<protocol::CreateVariant>>,
-        env: EnvRecord,
-    ) -> Result<CatalogView, ApiError> {
-        let corrupt = |what: &str, error: protocol::FieldError| {
-            ApiError::Internal(format!("stored {what} no longer validates: {error}"))
-        };
-        let mut catalog = Catalog::default();
-        for record in &features {
-            let feature = record
-                .body
-                .to_ledger()
-                .map_err(|error| corrupt("feature", error))?;
-            catalog.features.insert(feature.key.clone(), feature);
+impl ClaimHold {
+    pub fn new(claim: Claim) -> ClaimHold {
+        ClaimHold {
+            claim,
+            taken: Arc::default(),
         }
-        for record in &plans {
-            let id = parse_id::<PlanId>(&record.id)?;
-            catalog.plans.insert(
-                id,
-                record
-                    .body
-                    .to_ledger(id)
-                    .map_err(|error| corrupt("plan", error))?,
-            );
-        }
-        for record in &variants {
-            let id = parse_id::<VariantId>(&record.id)?;
-            let plan_id = parse_id::<PlanId>(record.parent_id.as_deref().unwrap_or_default())?;
-            catalog.variants.insert(
-                id,
-                record
-                    .body
-                    .to_ledger(id, plan_id)
-                    .map_err(|error| corrupt("variant", error))?,
-            );
-        }
-        catalog.settings = ledger::Settings {
-            free_plan_variant_id: env
-                .settings
-                .free_plan_variant_id
-                .as_deref()
-                .map(parse_id::<VariantId>)
-                .transpose()?,
-            low_balance_threshold: env.settings.low_balance_threshold.map(ledger::Credits::new),
-        };
-        Ok(CatalogView {
-            catalog,
-            features,
-            plans,
-            variants,
-            env,
-        })
     }
 
-    /// The plan's key, for answers that name plans by key.
-    pub fn plan_key(&self, id: PlanId) -> Option<String> {
-        self.catalog.plan(id).map(|plan| plan.key.to_string())
+    /// Whether an operation under this claim found its key taken and did not run.
+    pub fn was_taken(&self) -> bool {
+        self.taken.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// A plan by id or key.
-    pub fn find_plan(&self, id_or_key: &str) -> Option<&CatalogRecord<protocol::CreatePlan>> {
-        self.plans
-            .iter()
-            .find(|record| record.id == id_or_key || record.key == id_or_key)
-    }
-
-    /// A variant by id, by `<plan key>/<variant key>`, or by a variant key that only one
-    /// plan uses.
-    pub fn find_variant(&self, text: &str) -> Option<&CatalogRecord<protocol::CreateVariant>> {
-        if let Some(record) = self.variants.iter().find(|record| record.id == text) {
-            return Some(record);
-        }
-        if let Some((plan, key)) = text.split_once('/') {
-            let plan = self.find_plan(plan)?;
-            return self.variants.iter().find(|record| {
-                record.parent_id.as_deref() == Some(plan.id.as_str()) && record.key == key
-            });
-        }
-        let mut matching = self.variants.iter().filter(|record| record.key == text);
-        let first = matching.next()?;
-        matching.next().is_none().then_some(first)
+    fn mark_taken(&self) {
+        self.taken.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
-fn parse_id<T: std::str::FromStr<Err = String>>(text: &str) -> Result<T, ApiError> {
-    text.parse()
-        .map_err(|error: String| ApiError::Internal(format!("stored id: {error}")))
+/// The error a store mutation ended with: the operation's own refusal when it declined
+/// (`declined` holds it), the store's failure otherwise.
+fn mutation_error(error: StoreError, declined: Option<ApiError>) -> ApiError {
+    match (error, declined) {
+        (StoreError::Declined, Some(refusal)) => refusal,
+        (StoreError::Declined, None) => {
+            ApiError::Internal("an operation declined without saying why".into())
+        }
+        (other, _) => other.into(),
+    }
 }
 
 /// The authenticated caller: a key of one tenant's environment, with its scopes.
@@ -181,7 +115,8 @@ struct Inner {
     failed_auth: auth::cache::FailedAuth,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
-    webhook_client: reqwest::Client,
+    /// Webhook delivery (the worker's handle).
+    deliveries: Arc<crate::webhooks::Deliveries>,
     /// Bumped after every committed change, so change streams wake at once.
     changes: tokio::sync::watch::Sender<u64>,
     /// Turns true when the server starts shutting down: long-lived streams end.
@@ -189,12 +124,7 @@ struct Inner {
     /// Queued mutations per end user (group commit).
     groups: Arc<group::Groups>,
     /// End users whose due work failed, for the scheduler's backoff.
-    due_failures: crate::jobs::DueFailures,
-    /// Environments whose webhooks a test-clock advance is delivering (the worker leaves
-    /// them alone meanwhile).
-    settling: Mutex<std::collections::HashSet<Env>>,
-    /// Wakes the webhook worker when deliveries were queued for now.
-    deliveries_queued: Arc<tokio::sync::Notify>,
+    due_failures: crate::backoff::DueFailures,
     /// Open sync streams per API key id.
     streams: Mutex<HashMap<String, usize>>,
     /// Bumped by every revocation in this process (streams check their keys at once).
@@ -254,25 +184,6 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Marks an environment as being settled by a test-clock advance until dropped.
-#[derive(Debug)]
-pub struct Settling {
-    state: AppState,
-    env: Env,
-}
-
-impl Drop for Settling {
-    fn drop(&mut self) {
-        self.state
-            .inner
-            .settling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.env);
-        self.state.inner.deliveries_queued.notify_one();
-    }
-}
-
 /// The state every handler and job shares. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -290,19 +201,11 @@ impl AppState {
         let per_second = NonZeroU32::new(config.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.rate_limit_burst).unwrap_or(NonZeroU32::MIN);
         let limiter = RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst));
-        let webhook_client =
-            crate::webhooks::client(config.webhook_timeout, config.webhooks_allow_private)
-                .unwrap_or_else(|error| {
-                    // Building a client fails only when the TLS backend cannot start; deliveries
-                    // then fail (and retry) with that error rather than going out unguarded.
-                    tracing::error!(%error, "cannot build the webhook client");
-                    reqwest::Client::builder()
-                        .timeout(config.webhook_timeout)
-                        .redirect(reqwest::redirect::Policy::none())
-                        .dns_resolver(std::sync::Arc::new(NoResolver))
-                        .build()
-                        .unwrap_or_default()
-                });
+        let deliveries = Arc::new(crate::webhooks::Deliveries::new(
+            &config,
+            Arc::clone(&store),
+            Arc::clone(&clock),
+        ));
         AppState {
             inner: Arc::new(Inner {
                 config,
@@ -314,13 +217,11 @@ impl AppState {
                 failed_auth: auth::cache::FailedAuth::new(&key_cache),
                 limiter,
                 metrics,
-                webhook_client,
+                deliveries,
                 changes: tokio::sync::watch::Sender::new(0),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
-                due_failures: crate::jobs::DueFailures::default(),
-                settling: Mutex::default(),
-                deliveries_queued: Arc::default(),
+                due_failures: crate::backoff::DueFailures::default(),
                 streams: Mutex::default(),
                 revocations: tokio::sync::watch::Sender::new(0),
                 lease_owners: Mutex::new(lru::LruCache::new(
@@ -340,7 +241,7 @@ impl AppState {
     }
 
     /// The scheduler's record of failing end users.
-    pub fn due_failures(&self) -> &crate::jobs::DueFailures {
+    pub fn due_failures(&self) -> &crate::backoff::DueFailures {
         &self.inner.due_failures
     }
 
@@ -446,35 +347,6 @@ impl AppState {
         states.put(key, state);
     }
 
-    /// Marks `env` as being settled by a test-clock advance (the webhook worker leaves it
-    /// alone) until the guard is dropped.
-    pub fn settling(&self, env: &Env) -> Settling {
-        self.inner
-            .settling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(env.clone());
-        Settling {
-            state: self.clone(),
-            env: env.clone(),
-        }
-    }
-
-    /// Whether a test-clock advance is settling `env`'s webhooks.
-    pub fn is_settling(&self, env: &Env) -> bool {
-        self.inner
-            .settling
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(env)
-    }
-
-    /// Notified when deliveries were queued that are due now (a test ping, a
-    /// redelivery): the webhook worker looks at once instead of at its next scan.
-    pub fn deliveries_queued(&self) -> Arc<tokio::sync::Notify> {
-        Arc::clone(&self.inner.deliveries_queued)
-    }
-
     pub fn config(&self) -> &Config {
         &self.inner.config
     }
@@ -483,9 +355,9 @@ impl AppState {
         self.inner.store.as_ref()
     }
 
-    /// The client webhook deliveries use (no redirects, timeout, SSRF-guarded resolver).
-    pub fn webhook_client(&self) -> &reqwest::Client {
-        &self.inner.webhook_client
+    /// Webhook delivery: the worker's handle, and what a test-clock advance settles with.
+    pub fn deliveries(&self) -> &Arc<crate::webhooks::Deliveries> {
+        &self.inner.deliveries
     }
 
     pub fn metrics(&self) -> Option<&PrometheusHandle> {
@@ -796,7 +668,7 @@ impl AppState {
         });
         let key = (env.clone(), end_user.clone());
         if self.inner.groups.push(&key, member) {
-            let guard = group::DrainGuard {
+            let guard = crate::queues::DrainGuard {
                 queues: Arc::clone(&self.inner.groups),
                 key,
                 fail: group::fail_member,
@@ -812,7 +684,10 @@ impl AppState {
 
     /// Commits the end user's queued operations, a group per transaction, until none are
     /// left.
-    async fn drain(&self, mut guard: group::DrainGuard<(Env, EndUserId), Box<dyn group::Member>>) {
+    async fn drain(
+        &self,
+        mut guard: crate::queues::DrainGuard<(Env, EndUserId), Box<dyn group::Member>>,
+    ) {
         let max = self.config().group_commit_max;
         let mut last = 0;
         loop {
@@ -851,27 +726,34 @@ impl AppState {
                     .iter()
                     .filter_map(|member| member.claim().cloned())
                     .collect();
-                let mut run = |state: &mut EndUserState,
-                               claimed: &[bool]|
-                 -> Result<Vec<Changes>, ApiError> {
-                    let mut flags = claimed.iter();
-                    let runnable: Vec<bool> = members
-                        .iter()
-                        .map(|member| {
-                            member.claim().is_none() || flags.next().copied().unwrap_or(false)
-                        })
-                        .collect();
-                    let mut ids = UlidSource::at(now);
-                    let mut cx = Cx {
-                        now,
-                        catalog: &view.catalog,
-                        ids: &mut ids,
+                let mut declined = None;
+                let mut run =
+                    |state: &mut EndUserState, claimed: &[bool]| -> StoreResult<Vec<Changes>> {
+                        let mut flags = claimed.iter();
+                        let runnable: Vec<bool> = members
+                            .iter()
+                            .map(|member| {
+                                member.claim().is_none() || flags.next().copied().unwrap_or(false)
+                            })
+                            .collect();
+                        let mut ids = UlidSource::at(now);
+                        let mut cx = Cx {
+                            now,
+                            catalog: &view.catalog,
+                            ids: &mut ids,
+                        };
+                        group::apply(&mut members, &runnable, state, &mut cx, &view).map_err(
+                            |refusal| {
+                                declined = Some(refusal);
+                                StoreError::Declined
+                            },
+                        )
                     };
-                    group::apply(&mut members, &runnable, state, &mut cx, &view)
-                };
-                self.store()
+                let outcome = self
+                    .store()
                     .mutate(env, end_user, now, &claims, &mut run)
-                    .await
+                    .await;
+                outcome.map_err(|error| mutation_error(error, declined))
             }
             Err(error) => Err(error),
         };
@@ -909,25 +791,39 @@ impl AppState {
         let view = self.view(env).await?;
         let now = self.env_now(&view);
         let mut slots: Vec<Option<T>> = users.iter().map(|_| None).collect();
+        // The refusal of the operation that declined last (the one whose run counts).
+        let declined = Mutex::new(None);
         let mut ids = Vec::with_capacity(users.len());
         let mut runs: Vec<Box<crate::store::MutateFn<'_>>> = Vec::with_capacity(users.len());
         for ((end_user, mut operation), slot) in users.into_iter().zip(slots.iter_mut()) {
             ids.push(end_user);
-            let view = &view;
+            let (view, declined) = (&view, &declined);
             runs.push(Box::new(
-                move |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+                move |state: &mut EndUserState| -> StoreResult<Vec<Changes>> {
                     let mut source = UlidSource::at(now);
                     let mut cx = Cx {
                         now,
                         catalog: &view.catalog,
                         ids: &mut source,
                     };
-                    let (value, mut changes) = operation(state, &mut cx, view)?;
-                    if let Some(last) = changes.last_mut() {
-                        last.next_due = state.next_due(&view.catalog)?;
+                    let ran = operation(state, &mut cx, view).and_then(|(value, mut changes)| {
+                        if let Some(last) = changes.last_mut() {
+                            last.next_due = state.next_due(&view.catalog)?;
+                        }
+                        Ok((value, changes))
+                    });
+                    match ran {
+                        Ok((value, changes)) => {
+                            *slot = Some(value);
+                            Ok(changes)
+                        }
+                        Err(refusal) => {
+                            *declined
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(refusal);
+                            Err(StoreError::Declined)
+                        }
                     }
-                    *slot = Some(value);
-                    Ok(changes)
                 },
             ));
         }
@@ -936,9 +832,15 @@ impl AppState {
             .cloned()
             .zip(runs.iter_mut().map(|run| &mut **run))
             .collect();
-        self.store().mutate_many(env, now, &mut items).await?;
+        let outcome = self.store().mutate_many(env, now, &mut items).await;
         drop(items);
         drop(runs);
+        if let Err(error) = outcome {
+            let declined = declined
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Err(mutation_error(error, declined));
+        }
         self.notify_changes();
         ids.into_iter()
             .zip(slots)
@@ -1029,13 +931,16 @@ where
 
     fn claim(&self) -> Option<&Claim> {
         match &self.hold {
-            Some(KeyHold::Claim(claim)) => Some(claim),
+            Some(KeyHold::Claim(hold)) => Some(&hold.claim),
             _ => None,
         }
     }
 
     fn skip(&mut self) {
-        self.value = Some(Err(ApiError::ClaimTaken));
+        if let Some(KeyHold::Claim(hold)) = &self.hold {
+            hold.mark_taken();
+        }
+        self.value = Some(Err(ApiError::IdempotencyKeyInFlight));
     }
 
     fn refusal(&self, error: &ApiError) -> Result<Option<Changes>, ApiError> {
@@ -1072,21 +977,6 @@ where
         };
         // The caller may have gone (a client that hung up); what committed stays.
         let _ = self.reply.send(answer);
-    }
-}
-
-/// A resolver that resolves nothing: the fallback client must not reach anything.
-#[derive(Debug, Clone, Copy)]
-struct NoResolver;
-
-impl reqwest::dns::Resolve for NoResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let error: Box<dyn std::error::Error + Send + Sync> =
-                format!("the webhook client is unavailable; not resolving {host}").into();
-            Err(error)
-        })
     }
 }
 
@@ -1295,21 +1185,21 @@ mod tests {
         end_user: &EndUserId,
         key: &str,
         outcome: Result<i64, ApiError>,
-    ) -> tokio::task::JoinHandle<Result<(), ApiError>> {
+    ) -> Task {
         let (state, env, end_user) = (state.clone(), env.clone(), end_user.clone());
         let now = state.real_now();
-        let hold = KeyHold::Claim(Claim {
+        let hold = ClaimHold::new(Claim {
             key: key.into(),
             fingerprint: [1; 32],
             now,
             keep_until: now,
         });
         tokio::spawn(async move {
-            state
+            let outcome = state
                 .mutate(
                     &env,
                     &end_user,
-                    Some(&hold),
+                    Some(&KeyHold::Claim(hold.clone())),
                     Annotations::default(),
                     201,
                     move |user, cx, _| {
@@ -1318,9 +1208,20 @@ mod tests {
                         Ok(((), Changes::from_applied(applied).1))
                     },
                 )
-                .await
+                .await;
+            match outcome {
+                Err(ApiError::IdempotencyKeyInFlight) if hold.was_taken() => Err(Taken),
+                other => Ok(other),
+            }
         })
     }
+
+    /// An operation whose claim found its key taken.
+    #[derive(Debug)]
+    struct Taken;
+
+    /// A spawned operation: its answer, or `Taken`.
+    type Task = tokio::task::JoinHandle<Result<Result<(), ApiError>, Taken>>;
 
     // Claims in one group: the first of a key runs and its answer is stored; a repeat of
     // it, and a key another request holds a lease on, do not run (their requests go the
@@ -1339,7 +1240,7 @@ mod tests {
         assert!(matches!(leased, crate::store::IdempotencyBegin::Started));
 
         let (blocker, first) = held.lock().await;
-        let queue: [&dyn Fn() -> tokio::task::JoinHandle<Result<(), ApiError>>; 6] = [
+        let queue: [&dyn Fn() -> Task; 6] = [
             &|| claiming(&state, &env, &hot, "a", Ok(5)),
             &|| claiming(&state, &env, &hot, "a", Ok(5)),
             &|| {
@@ -1361,7 +1262,10 @@ mod tests {
                 )
             },
             &|| claiming(&state, &env, &hot, "held", Ok(7)),
-            &|| grant(&state, &env, &hot, 2),
+            &|| {
+                let task = grant(&state, &env, &hot, 2);
+                tokio::spawn(async move { Ok(task.await.expect("task")) })
+            },
         ];
         let mut group = Vec::new();
         for (index, start) in queue.iter().enumerate() {
@@ -1373,11 +1277,11 @@ mod tests {
         let mut outcomes = Vec::new();
         for task in group {
             outcomes.push(match task.await.expect("task") {
-                Ok(()) => "ok",
-                Err(ApiError::ClaimTaken) => "taken",
-                Err(ApiError::Conflict(_)) => "conflict",
-                Err(ApiError::Invalid { .. }) => "bad request",
-                Err(error) => panic!("unexpected: {error}"),
+                Err(Taken) => "taken",
+                Ok(Ok(())) => "ok",
+                Ok(Err(ApiError::Conflict(_))) => "conflict",
+                Ok(Err(ApiError::Invalid { .. })) => "bad request",
+                Ok(Err(error)) => panic!("unexpected: {error}"),
             });
         }
         assert_eq!(
@@ -1451,10 +1355,7 @@ mod tests {
         held.queued(2).await;
         Held::unlock(blocker).await;
         first.await.expect("task").expect("first commits");
-        assert!(matches!(
-            repeat.await.expect("task"),
-            Err(ApiError::ClaimTaken)
-        ));
+        assert!(matches!(repeat.await.expect("task"), Err(Taken)));
         assert!(matches!(
             refused.await.expect("task"),
             Err(ApiError::Refused(_))

@@ -8,15 +8,16 @@
 //! entries, blocks, events and idempotency record — happens in one database transaction,
 //! and mutations of one end user are serialised.
 
+mod options;
 pub mod postgres;
 pub mod sqlite;
+
+pub use options::{DatabaseUrl, Synchronous};
 
 use std::fmt;
 
 use async_trait::async_trait;
 use ledger::{Block, EndUserId, EndUserState, Entry, Reservation, Subscription, Timestamp};
-
-use crate::error::ApiError;
 
 /// `live` or `test`: every tenant has both, and they share nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,9 +64,35 @@ pub enum StoreError {
     /// Stored data that does not parse or breaks an invariant.
     #[error("corrupt record: {0}")]
     Corrupt(String),
-    /// The database failed; `transient` when a retry may succeed.
-    #[error("database error: {message}")]
-    Database { message: String, transient: bool },
+    /// The database failed in a way a retry may not see again: busy or locked, a lock
+    /// wait or statement timeout, a serialization failure or deadlock, a lost or refused
+    /// connection. Nothing of the transaction was written.
+    #[error("database error (transient): {0}")]
+    Transient(String),
+    /// The database failed and a retry will fail the same way (a missing table, a
+    /// broken migration, a full disk).
+    #[error("database error: {0}")]
+    Fatal(String),
+    /// The operation a mutation ran declined (its caller holds the reason): nothing was
+    /// written.
+    #[error("the operation declined; nothing was written")]
+    Declined,
+}
+
+impl StoreError {
+    /// Whether a retry of the whole operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+
+    /// A database error, transient or not.
+    pub(crate) fn database(message: String, transient: bool) -> StoreError {
+        if transient {
+            StoreError::Transient(message)
+        } else {
+            StoreError::Fatal(message)
+        }
+    }
 }
 
 /// Whether a database error code says a retry may succeed: PostgreSQL's serialization
@@ -95,10 +122,7 @@ impl From<sqlx::Error> for StoreError {
             }
             _ => false,
         };
-        StoreError::Database {
-            message: error.to_string(),
-            transient,
-        }
+        StoreError::database(error.to_string(), transient)
     }
 }
 
@@ -360,10 +384,10 @@ pub(crate) struct LeaseAsk<'a> {
 /// # Errors
 /// The batch's failure, or a drainer that ended without answering.
 pub(crate) async fn queue_lease<K: Eq + std::hash::Hash + Clone>(
-    queues: &std::sync::Arc<crate::group::Queues<K, Lease>>,
+    queues: &std::sync::Arc<crate::queues::Queues<K, Lease>>,
     key: K,
     ask: LeaseAsk<'_>,
-    start: impl FnOnce(crate::group::DrainGuard<K, Lease>),
+    start: impl FnOnce(crate::queues::DrainGuard<K, Lease>),
 ) -> StoreResult<IdempotencyBegin> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     let lease = Lease {
@@ -376,16 +400,15 @@ pub(crate) async fn queue_lease<K: Eq + std::hash::Hash + Clone>(
         reply,
     };
     if queues.push(&key, lease) {
-        start(crate::group::DrainGuard {
+        start(crate::queues::DrainGuard {
             queues: std::sync::Arc::clone(queues),
             key,
             fail: fail_lease,
             finished: false,
         });
     }
-    answer.await.map_err(|_| StoreError::Database {
-        message: "the idempotency lease task ended without an answer".into(),
-        transient: true,
+    answer.await.map_err(|_| {
+        StoreError::Transient("the idempotency lease task ended without an answer".into())
     })?
 }
 
@@ -407,10 +430,9 @@ pub(crate) const LEASES_PER_TRANSACTION: usize = 256;
 
 /// Answers a lease its drainer abandoned.
 pub(crate) fn fail_lease(lease: Lease) {
-    let _ = lease.reply.send(Err(StoreError::Database {
-        message: "the idempotency lease task stopped unexpectedly".into(),
-        transient: true,
-    }));
+    let _ = lease.reply.send(Err(StoreError::Transient(
+        "the idempotency lease task stopped unexpectedly".into(),
+    )));
 }
 
 /// Sends each lease of a batch its answer, or the batch's failure.
@@ -422,15 +444,15 @@ pub(crate) fn answer_leases(batch: Vec<Lease>, outcome: StoreResult<Vec<Idempote
             }
         }
         Err(error) => {
-            let (message, transient) = match &error {
-                StoreError::Database { message, transient } => (message.clone(), *transient),
-                other => (other.to_string(), false),
+            let transient = error.is_transient();
+            let message = match error {
+                StoreError::Transient(message) | StoreError::Fatal(message) => message,
+                other => other.to_string(),
             };
             for lease in batch {
-                let _ = lease.reply.send(Err(StoreError::Database {
-                    message: message.clone(),
-                    transient,
-                }));
+                let _ = lease
+                    .reply
+                    .send(Err(StoreError::database(message.clone(), transient)));
             }
         }
     }
@@ -440,12 +462,9 @@ pub(crate) fn answer_leases(batch: Vec<Lease>, outcome: StoreResult<Vec<Idempote
 /// over, its lease having expired) while it waited: retryable, and nothing of the
 /// transaction is written.
 pub fn answered_elsewhere(key: &str) -> StoreError {
-    StoreError::Database {
-        message: format!(
-            "idempotency key `{key}` (or another of this transaction's) was answered by another request, or taken over by one, while this one waited; nothing was written, and a retry replays that request's answer or waits for it"
-        ),
-        transient: true,
-    }
+    StoreError::Transient(format!(
+        "idempotency key `{key}` (or another of this transaction's) was answered by another request, or taken over by one, while this one waited; nothing was written, and a retry replays that request's answer or waits for it"
+    ))
 }
 
 /// The reservations an operation created or changed, live or finished (what a store
@@ -605,7 +624,7 @@ pub(crate) const CLAIM_LEASE_MS: i64 = 30_000;
 /// The operation [`Store::mutate`] runs: like [`MutateFn`], and told which of its claims
 /// it holds (one flag per claim, in order).
 pub type ClaimingFn<'a> =
-    dyn FnMut(&mut EndUserState, &[bool]) -> Result<Vec<Changes>, ApiError> + Send + 'a;
+    dyn FnMut(&mut EndUserState, &[bool]) -> StoreResult<Vec<Changes>> + Send + 'a;
 
 /// The operation run inside a mutation: gets the loaded (or new) state and returns what
 /// it wrote, or an error that rolls everything back. What it wrote is one [`Changes`]
@@ -614,8 +633,9 @@ pub type ClaimingFn<'a> =
 /// It may be run more than once (SQLite runs a usage batch's operations before taking
 /// the write lock and again for an end user written meanwhile): only the last run's
 /// outcome counts, so it must have no effect beyond the state it is given and what it
-/// returns, or record its outcome where a later run replaces it.
-pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> Result<Vec<Changes>, ApiError> + Send + 'a;
+/// returns, or record its outcome where a later run replaces it. An operation that
+/// refuses returns [`StoreError::Declined`], keeping its reason itself.
+pub type MutateFn<'a> = dyn FnMut(&mut EndUserState) -> StoreResult<Vec<Changes>> + Send + 'a;
 
 /// Filters for `GET /v1/ledger`.
 #[derive(Debug, Clone, Default)]
@@ -798,7 +818,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: Timestamp,
         claims: &[Claim],
         operation: &mut ClaimingFn<'_>,
-    ) -> Result<(), ApiError>;
+    ) -> StoreResult<()>;
     /// Several end users' operations in one transaction (a usage batch): everything
     /// commits or nothing does. End users are locked in id order; each appears once. An
     /// operation may run more than once (see [`MutateFn`]).
@@ -807,7 +827,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         env: &Env,
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
-    ) -> Result<(), ApiError>;
+    ) -> StoreResult<()>;
     async fn load_state(
         &self,
         env: &Env,
@@ -938,8 +958,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 pub(crate) mod testing {
     use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
-    use super::{Changes, Env, IdempotencyBegin, Store};
-    use crate::error::ApiError;
+    use super::{Changes, Env, IdempotencyBegin, Store, StoreError, StoreResult};
 
     /// Each answer's kind, for comparing a batch of lease answers at a glance.
     pub(crate) fn kinds(answers: &[IdempotencyBegin]) -> Vec<&'static str> {
@@ -959,7 +978,7 @@ pub(crate) mod testing {
         state: &mut EndUserState,
         amount: i64,
         at: Timestamp,
-    ) -> Result<Vec<Changes>, ApiError> {
+    ) -> StoreResult<Vec<Changes>> {
         let catalog = Catalog::default();
         let mut ids = crate::clock::UlidSource::at(at);
         let mut cx = Cx {
@@ -967,7 +986,9 @@ pub(crate) mod testing {
             catalog: &catalog,
             ids: &mut ids,
         };
-        let applied = state.grant(&mut cx, GrantRequest::new(Credits::new(amount)))?;
+        let applied = state
+            .grant(&mut cx, GrantRequest::new(Credits::new(amount)))
+            .map_err(|_| StoreError::Declined)?;
         Ok(vec![Changes::from_applied(applied).1])
     }
 

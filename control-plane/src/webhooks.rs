@@ -2,9 +2,9 @@
 //! exponential backoff and jitter, at least once and in order per end user, with a guard
 //! against server-side request forgery.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine;
@@ -12,12 +12,14 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use ledger::Timestamp;
 use sha2::Sha256;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::error::ApiError;
-use crate::service::AppState;
-use crate::store::{AttemptRecord, DeliveryJob, DeliveryLease, Env};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::{
+    AttemptRecord, DeliveryJob, DeliveryLease, Env, Store, StoreError, StoreResult,
+};
 
 /// Delays before each retry (SPEC 11: about 5 s, 30 s, 2 m, 10 m, 30 m, 2 h, 6 h, 12 h);
 /// after the last one the delivery is marked failed.
@@ -202,6 +204,108 @@ pub fn client(timeout: Duration, allow_private: bool) -> Result<reqwest::Client,
     builder.build()
 }
 
+/// What delivering webhooks needs: the store, an HTTP client guarded against
+/// server-side request forgery, the clock, and the worker's settings; plus which
+/// environments a test-clock advance is settling (the worker leaves them alone). The
+/// service keeps one and hands it to the worker and to [`settle`].
+#[derive(Debug)]
+pub struct Deliveries {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    client: reqwest::Client,
+    scan_interval: Duration,
+    per_environment: usize,
+    concurrency: usize,
+    allow_private: bool,
+    settling: Mutex<HashSet<Env>>,
+    /// Wakes the worker (a settled environment is free again).
+    wake: Notify,
+}
+
+impl Deliveries {
+    pub fn new(config: &Config, store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Deliveries {
+        let client =
+            client(config.webhook_timeout, config.webhooks_allow_private).unwrap_or_else(|error| {
+                // Building a client fails only when the TLS backend cannot start;
+                // deliveries then fail (and retry) with that error rather than going out
+                // unguarded.
+                tracing::error!(%error, "cannot build the webhook client");
+                reqwest::Client::builder()
+                    .timeout(config.webhook_timeout)
+                    .redirect(reqwest::redirect::Policy::none())
+                    .dns_resolver(Arc::new(NoResolver))
+                    .build()
+                    .unwrap_or_default()
+            });
+        Deliveries {
+            store,
+            clock,
+            client,
+            scan_interval: config.jobs_interval,
+            per_environment: config.webhook_per_environment,
+            concurrency: config.webhook_concurrency,
+            allow_private: config.webhooks_allow_private,
+            settling: Mutex::default(),
+            wake: Notify::new(),
+        }
+    }
+
+    fn lock_settling(&self) -> std::sync::MutexGuard<'_, HashSet<Env>> {
+        self.settling.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks `env` as being settled by a test-clock advance (the worker leaves it alone)
+    /// until the guard is dropped.
+    pub fn settling(self: &Arc<Self>, env: &Env) -> Settling {
+        self.lock_settling().insert(env.clone());
+        Settling {
+            deliveries: Arc::clone(self),
+            env: env.clone(),
+        }
+    }
+
+    /// Whether a test-clock advance is settling `env`'s webhooks.
+    pub fn is_settling(&self, env: &Env) -> bool {
+        self.lock_settling().contains(env)
+    }
+
+    /// The environment's instant, given its test clock's offset.
+    fn env_now(&self, clock_offset_ms: i64) -> Timestamp {
+        let now = self.clock.now();
+        now.checked_add(ledger::Span::from_millis(clock_offset_ms))
+            .unwrap_or(now)
+    }
+}
+
+/// Marks an environment as being settled by a test-clock advance until dropped.
+#[derive(Debug)]
+pub struct Settling {
+    deliveries: Arc<Deliveries>,
+    env: Env,
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        self.deliveries.lock_settling().remove(&self.env);
+        self.deliveries.wake.notify_one();
+    }
+}
+
+/// A resolver that resolves nothing: the fallback client must not reach anything.
+#[derive(Debug, Clone, Copy)]
+struct NoResolver;
+
+impl reqwest::dns::Resolve for NoResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let error: Box<dyn std::error::Error + Send + Sync> =
+                format!("the webhook client is unavailable; not resolving {host}").into();
+            Err(error)
+        })
+    }
+}
+
 /// The delivery worker: its own task, apart from the scheduler, so a slow receiver holds
 /// up nobody's due work. It claims each environment's due deliveries on every scan
 /// (`jobs.interval_ms`) and whenever one of that environment's attempts ends, with at most
@@ -209,19 +313,20 @@ pub fn client(timeout: Duration, allow_private: bool) -> Result<reqwest::Client,
 /// `webhooks.concurrency` in all: an environment whose endpoint never answers ties up its
 /// own share for at most `webhooks.timeout_secs` an attempt, never the other
 /// environments' deliveries.
-pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+pub async fn run(deliveries: Arc<Deliveries>, mut stop: watch::Receiver<bool>) {
+    let mut scan = tokio::time::interval(deliveries.scan_interval);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut worker = Worker {
-        state,
+        deliveries,
         running: JoinSet::new(),
         in_flight: HashMap::new(),
+        offsets: HashMap::new(),
     };
-    let mut scan = tokio::time::interval(worker.state.config().jobs_interval);
-    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let wake = worker.state.deliveries_queued();
+    let deliveries = Arc::clone(&worker.deliveries);
     loop {
         tokio::select! {
             _ = scan.tick() => worker.scan().await,
-            () = wake.notified() => worker.scan().await,
+            () = deliveries.wake.notified() => worker.scan().await,
             Some(done) = worker.running.join_next(), if !worker.running.is_empty() => {
                 if let Some(env) = worker.finished(done).await {
                     worker.fill(&env).await;
@@ -241,22 +346,25 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
 }
 
 struct Worker {
-    state: AppState,
+    deliveries: Arc<Deliveries>,
     running: JoinSet<(Env, AttemptRecord)>,
     /// Attempts in flight per environment.
     in_flight: HashMap<Env, usize>,
+    /// Each environment's test clock offset, as of the last scan.
+    offsets: HashMap<Env, i64>,
 }
 
 impl Worker {
     /// Claims what every environment has due, within each one's share.
     async fn scan(&mut self) {
-        let environments = match self.state.store().environments().await {
+        let environments = match self.deliveries.store.environments().await {
             Ok(environments) => environments,
             Err(error) => {
                 tracing::warn!(%error, "webhook worker cannot list environments");
                 return;
             }
         };
+        self.offsets = environments.iter().cloned().collect();
         for (env, _) in environments {
             self.fill(&env).await;
         }
@@ -264,20 +372,17 @@ impl Worker {
 
     /// Claims and starts `env`'s due deliveries, up to its share of free slots.
     async fn fill(&mut self, env: &Env) {
-        let config = self.state.config();
+        let deliveries = &self.deliveries;
         let in_flight = self.in_flight.get(env).copied().unwrap_or(0);
-        let room = config
-            .webhook_per_environment
+        let room = deliveries
+            .per_environment
             .saturating_sub(in_flight)
-            .min(
-                config
-                    .webhook_concurrency
-                    .saturating_sub(self.running.len()),
-            );
-        if room == 0 || self.state.is_settling(env) {
+            .min(deliveries.concurrency.saturating_sub(self.running.len()));
+        if room == 0 || deliveries.is_settling(env) {
             return;
         }
-        let jobs = match claim(&self.state, env, None, room).await {
+        let offset = self.offsets.get(env).copied().unwrap_or(0);
+        let jobs = match claim(deliveries, env, deliveries.env_now(offset), room).await {
             Ok(jobs) => jobs,
             Err(error) => {
                 tracing::warn!(tenant = %env.tenant_id, environment = %env.environment, %error, "claiming webhook deliveries failed");
@@ -286,13 +391,10 @@ impl Worker {
         };
         for job in jobs {
             *self.in_flight.entry(env.clone()).or_insert(0) += 1;
-            let (state, env) = (self.state.clone(), env.clone());
+            let (deliveries, env) = (Arc::clone(&self.deliveries), env.clone());
             self.running.spawn(async move {
-                let at = match state.view(&env).await {
-                    Ok(view) => state.env_now(&view),
-                    Err(_) => state.real_now(),
-                };
-                let record = attempt(&state, job, at).await;
+                let at = deliveries.env_now(offset);
+                let record = attempt(&deliveries, job, at).await;
                 (env, record)
             });
         }
@@ -306,7 +408,6 @@ impl Worker {
         let (env, record) = match done {
             Ok(done) => done,
             Err(error) => {
-                // The delivery stays leased and is retried when the lease ends.
                 tracing::error!(%error, "a webhook delivery task failed");
                 return None;
             }
@@ -317,26 +418,23 @@ impl Worker {
                 self.in_flight.remove(&env);
             }
         }
-        if let Err(error) = save(&self.state, &record).await {
+        if let Err(error) = save(&self.deliveries, &record).await {
+            // The delivery stays leased and is retried when the lease ends.
             tracing::error!(tenant = %env.tenant_id, %error, "recording a webhook attempt failed; the delivery is retried");
         }
         Some(env)
     }
 }
 
-/// Claims up to `len` of `env`'s deliveries due by `due_by` (default: the environment's
-/// clock now), leased for [`LEASE_MILLIS`] on the real clock.
+/// Claims up to `len` of `env`'s deliveries due by `due_by` (the environment's clock),
+/// leased for [`LEASE_MILLIS`] on the real clock.
 async fn claim(
-    state: &AppState,
+    deliveries: &Deliveries,
     env: &Env,
-    due_by: Option<Timestamp>,
+    due_by: Timestamp,
     len: usize,
-) -> Result<Vec<DeliveryJob>, ApiError> {
-    let due_by = match due_by {
-        Some(due_by) => due_by,
-        None => state.env_now(&*state.view(env).await?),
-    };
-    let now = state.real_now();
+) -> StoreResult<Vec<DeliveryJob>> {
+    let now = deliveries.clock.now();
     let lease = DeliveryLease {
         now,
         until: now
@@ -346,16 +444,15 @@ async fn claim(
     let len = u32::try_from(len)
         .unwrap_or(CLAIM_LEN_MAX)
         .min(CLAIM_LEN_MAX);
-    Ok(state
-        .store()
+    deliveries
+        .store
         .claim_deliveries(env, due_by, lease, len)
-        .await?)
+        .await
 }
 
-async fn save(state: &AppState, attempt: &AttemptRecord) -> Result<(), ApiError> {
+async fn save(deliveries: &Deliveries, attempt: &AttemptRecord) -> StoreResult<()> {
     metrics::counter!("quotastack_webhook_attempts_total", "outcome" => if attempt.succeeded { "succeeded" } else { "failed" }).increment(1);
-    state.store().record_attempt(attempt).await?;
-    Ok(())
+    deliveries.store.record_attempt(attempt).await
 }
 
 /// What [`settle`] did.
@@ -381,25 +478,25 @@ pub const SETTLE_ATTEMPTS_MAX: usize = 10_000;
 /// `wait_for_held`, else left to it.
 ///
 /// # Errors
-/// Store failures.
+/// Store failures, or a delivery task that panicked.
 pub async fn settle(
-    state: &AppState,
+    deliveries: &Arc<Deliveries>,
     env: &Env,
     target: Timestamp,
     deadline: tokio::time::Instant,
     wait_for_held: bool,
-) -> Result<Settled, ApiError> {
-    let _settling = state.settling(env);
+) -> StoreResult<Settled> {
+    let _settling = deliveries.settling(env);
     let mut settled = Settled::default();
     // The virtual instant each (endpoint, end user) was last attempted at: a later
     // event's attempt never happens before an earlier one's.
     let mut last_at: HashMap<(String, Option<String>), Timestamp> = HashMap::new();
-    let concurrency = state.config().webhook_per_environment.max(1);
+    let concurrency = deliveries.per_environment.max(1);
     while tokio::time::Instant::now() < deadline && settled.attempts < SETTLE_ATTEMPTS_MAX {
         let room = concurrency.min(SETTLE_ATTEMPTS_MAX.saturating_sub(settled.attempts));
-        let jobs = claim(state, env, Some(target), room).await?;
+        let jobs = claim(deliveries, env, target, room).await?;
         if jobs.is_empty() {
-            if !wait_for_held || state.store().pending_deliveries(env, target).await? == 0 {
+            if !wait_for_held || deliveries.store.pending_deliveries(env, target).await? == 0 {
                 break;
             }
             // Due, but held by another worker's lease (or waiting behind one that is):
@@ -413,17 +510,17 @@ pub async fn settle(
             let at = job.due_at.max(job.event.created_at.0).min(target);
             let at = last_at.get(&order).map_or(at, |last| at.max(*last));
             last_at.insert(order, at);
-            let state = state.clone();
-            running.spawn(async move { attempt(&state, job, at).await });
+            let deliveries = Arc::clone(deliveries);
+            running.spawn(async move { attempt(&deliveries, job, at).await });
             settled.attempts = settled.attempts.saturating_add(1);
         }
         while let Some(done) = running.join_next().await {
             let record =
-                done.map_err(|error| ApiError::Internal(format!("delivery task failed: {error}")))?;
-            save(state, &record).await?;
+                done.map_err(|error| StoreError::Fatal(format!("delivery task failed: {error}")))?;
+            save(deliveries, &record).await?;
         }
     }
-    settled.pending = state.store().pending_deliveries(env, target).await?;
+    settled.pending = deliveries.store.pending_deliveries(env, target).await?;
     Ok(settled)
 }
 
@@ -432,9 +529,9 @@ const SETTLE_POLL: Duration = Duration::from_millis(20);
 
 /// One delivery attempt, made as of `at` (the environment's clock): its retry time is
 /// counted from there.
-async fn attempt(state: &AppState, job: DeliveryJob, at: Timestamp) -> AttemptRecord {
+async fn attempt(deliveries: &Deliveries, job: DeliveryJob, at: Timestamp) -> AttemptRecord {
     let number = job.attempts.saturating_add(1);
-    let (response_status, error) = match send(state, &job).await {
+    let (response_status, error) = match send(deliveries, &job).await {
         Ok(status) => (Some(status), None),
         Err(error) => (None, Some(error)),
     };
@@ -459,8 +556,8 @@ async fn attempt(state: &AppState, job: DeliveryJob, at: Timestamp) -> AttemptRe
 }
 
 /// Sends the event; answers the response status, or why there was none.
-async fn send(state: &AppState, job: &DeliveryJob) -> Result<u16, String> {
-    validate_url(&job.endpoint.url, state.config().webhooks_allow_private)?;
+async fn send(deliveries: &Deliveries, job: &DeliveryJob) -> Result<u16, String> {
+    validate_url(&job.endpoint.url, deliveries.allow_private)?;
     let body = serde_json::to_vec(&serde_json::json!({
         "type": job.event.event_type,
         "timestamp": job.event.created_at,
@@ -469,10 +566,10 @@ async fn send(state: &AppState, job: &DeliveryJob) -> Result<u16, String> {
     .map_err(|error| error.to_string())?;
     // The signature's timestamp is the real time of sending: receivers compare it with
     // their own clock, whatever a test clock says.
-    let timestamp = state.real_now().as_millis().div_euclid(1000);
+    let timestamp = deliveries.clock.now().as_millis().div_euclid(1000);
     let signature = sign(&job.endpoint.secret, &job.event.id, timestamp, &body)?;
-    let response = state
-        .webhook_client()
+    let response = deliveries
+        .client
         .post(&job.endpoint.url)
         .header("content-type", "application/json")
         .header("webhook-id", &job.event.id)

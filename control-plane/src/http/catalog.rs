@@ -13,10 +13,11 @@ use protocol::{
 use super::extract::parse_json;
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
+use crate::catalog::CatalogView;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
 use crate::limits;
-use crate::service::{AppState, Caller, CatalogView};
+use crate::service::{AppState, Caller};
 use crate::store::CatalogRecord;
 
 fn feature_wire(record: &CatalogRecord<CreateFeature>) -> Feature {

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::service::{AppState, KeyHold};
+use crate::service::{AppState, ClaimHold, KeyHold};
 use crate::store::{Claim, Env, IdempotencyAnswer, IdempotencyBegin};
 
 /// What an operation answered.
@@ -177,12 +177,13 @@ where
         now: state.real_now(),
         keep_until: asked.keep_until(state.real_now()),
     };
-    let outcome = match operation(Some(KeyHold::Claim(claim))).await {
+    let hold = ClaimHold::new(claim);
+    let outcome = match operation(Some(KeyHold::Claim(hold.clone()))).await {
         Ok(done) if done.stored => Ok(respond(done, false)),
         Ok(_) => Err(ApiError::Internal(
             "an operation given a claim did not store its answer".into(),
         )),
-        Err(ApiError::ClaimTaken) => leased(state, env, &asked, operation).await,
+        Err(_) if hold.was_taken() => leased(state, env, &asked, operation).await,
         // A refusal is the key's answer: stored with the claim when the operation was
         // refused in its transaction; when it was refused before (an unknown feature,
         // say), the classic way stores it now, or finds what another request stored.

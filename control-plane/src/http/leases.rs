@@ -264,7 +264,7 @@ async fn apply_batch(
         .map(|(end_user, operations)| {
             let apply = move |user: &mut ledger::EndUserState,
                               cx: &mut ledger::Cx<'_>,
-                              _: &crate::service::CatalogView| {
+                              _: &crate::catalog::CatalogView| {
                 apply_operations(user, cx, &operations)
             };
             (end_user, apply)

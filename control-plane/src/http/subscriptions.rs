@@ -15,8 +15,9 @@ use super::credits::page_limit;
 use super::extract::{parse_json, parse_query};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
+use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller, CatalogView};
+use crate::service::{AppState, Caller};
 use crate::store::{Annotations, Changes, Env, Environment};
 
 /// A variant named by id, `<plan>/<variant>` or an unambiguous key, not archived.
@@ -475,7 +476,7 @@ async fn advance(
     // retries, each as of the instant it fell due.
     let due = crate::jobs::run_due(state, env, deadline).await?;
     let target = state.env_now(&*state.view(env).await?);
-    let settled = crate::webhooks::settle(state, env, target, deadline, true).await?;
+    let settled = crate::webhooks::settle(state.deliveries(), env, target, deadline, true).await?;
     let view = state.view(env).await?;
     let now = state.env_now(&view);
     let end_users = if due.finished {

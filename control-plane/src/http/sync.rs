@@ -16,8 +16,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::parse_query;
 use crate::auth::Scope;
+use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller, CatalogView, StreamedState};
+use crate::service::{AppState, Caller, StreamedState};
 use crate::store::Env;
 use ledger::EndUserId;
 

@@ -287,7 +287,7 @@ async fn apply_batch(
             let owner = end_user.clone();
             let apply = move |user: &mut ledger::EndUserState,
                               cx: &mut ledger::Cx<'_>,
-                              _: &crate::service::CatalogView| {
+                              _: &crate::catalog::CatalogView| {
                 apply_events(user, cx, &owner, &events, keep_until)
             };
             (end_user, apply)

@@ -260,6 +260,6 @@ pub async fn redeliver(
 async fn deliver_now(state: &AppState, env: &Env) -> Result<(), ApiError> {
     let now = state.env_now(&*state.view(env).await?);
     let deadline = tokio::time::Instant::now() + state.config().webhook_timeout;
-    webhooks::settle(state, env, now, deadline, false).await?;
+    webhooks::settle(state.deliveries(), env, now, deadline, false).await?;
     Ok(())
 }

@@ -56,8 +56,7 @@ use super::{
     Store, StoreError, StoreResult, StoredBlock, TenantRecord, UsageKeyRecord, answer_leases,
     claimed_flags, claims_to_insert, queue_lease, stage_rows, unchanged, user_key,
 };
-use crate::error::ApiError;
-use crate::group::{DrainGuard, Queues};
+use crate::queues::{DrainGuard, Queues};
 
 /// How many times `idempotency_begin` looks again when the row it conflicted with is
 /// deleted (abandoned or purged) before it can read it. Each retry follows a committed
@@ -115,10 +114,7 @@ impl PostgresStore {
         sqlx::migrate!("./migrations/postgres")
             .run(&pool)
             .await
-            .map_err(|error| StoreError::Database {
-                message: format!("migrations failed: {error}"),
-                transient: false,
-            })?;
+            .map_err(|error| StoreError::Fatal(format!("migrations failed: {error}")))?;
         Ok(PostgresStore {
             pool,
             leases: std::sync::Arc::default(),
@@ -481,7 +477,7 @@ impl Store for PostgresStore {
         now: Timestamp,
         claims: &[Claim],
         operation: &mut ClaimingFn<'_>,
-    ) -> Result<(), ApiError> {
+    ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let old = lock_state(&mut tx, env, end_user, now)
             .await?
@@ -498,7 +494,7 @@ impl Store for PostgresStore {
                     tracing::warn!(error = %rollback, "rolling back a refused mutation failed");
                 }
                 outcome?;
-                return Ok(unchanged(&old, &state)?);
+                return unchanged(&old, &state);
             }
         };
         persist(&mut tx, env, &old, &state, &changes, now).await?;
@@ -511,7 +507,7 @@ impl Store for PostgresStore {
         env: &Env,
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
-    ) -> Result<(), ApiError> {
+    ) -> StoreResult<()> {
         // Every end user's row is locked (in id order, by one statement) and every
         // operation run before the first write: writing appends to the feeds, which takes
         // the environment's feed head, and the lock order must stay end user rows, then
@@ -1404,12 +1400,11 @@ impl PostgresStore {
                     break;
                 }
             }
-            let answer = answer.ok_or_else(|| StoreError::Database {
-                message: format!(
+            let answer = answer.ok_or_else(|| {
+                StoreError::Transient(format!(
                     "idempotency key `{}` kept vanishing while it was claimed",
                     lease.key
-                ),
-                transient: true,
+                ))
             })?;
             if let Some(slot) = answers.get_mut(index) {
                 *slot = Some(answer);
@@ -1473,10 +1468,9 @@ async fn lock_state(
         .fetch_optional(&mut *connection)
         .await?;
     if row.is_none() {
-        return Err(StoreError::Database {
-            message: format!("end user `{end_user}` vanished while being locked"),
-            transient: true,
-        });
+        return Err(StoreError::Transient(format!(
+            "end user `{end_user}` vanished while being locked"
+        )));
     }
     state_of(row)
 }
@@ -1520,14 +1514,11 @@ async fn lock_states(
     .fetch_all(&mut *connection)
     .await?;
     if rows.len() != ids.len() {
-        return Err(StoreError::Database {
-            message: format!(
-                "{} of {} end users vanished while being locked",
-                ids.len().saturating_sub(rows.len()),
-                ids.len()
-            ),
-            transient: true,
-        });
+        return Err(StoreError::Transient(format!(
+            "{} of {} end users vanished while being locked",
+            ids.len().saturating_sub(rows.len()),
+            ids.len()
+        )));
     }
     let mut states = BTreeMap::new();
     for row in rows {
@@ -2747,13 +2738,13 @@ mod tests {
     async fn a_refusal_writes_nothing() {
         let Some(store) = store().await else { return };
         let env = tenant(&store, "ten_acme").await;
-        let mut refuse = |_: &mut EndUserState, _: &[bool]| -> Result<Vec<Changes>, ApiError> {
-            Err(ApiError::Unauthorized)
+        let mut refuse = |_: &mut EndUserState, _: &[bool]| -> StoreResult<Vec<Changes>> {
+            Err(StoreError::Declined)
         };
         let result = store
             .mutate(&env, &user("nobody"), T0, &[], &mut refuse)
             .await;
-        assert!(matches!(result, Err(ApiError::Unauthorized)));
+        assert!(matches!(result, Err(StoreError::Declined)));
         assert!(
             store
                 .load_state(&env, &user("nobody"))

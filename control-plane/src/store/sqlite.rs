@@ -22,9 +22,8 @@ use super::{
     LeaseAsk, LeaseFilter, MutateFn, Store, StoreError, StoreResult, StoredBlock, TenantRecord,
     UsageKeyRecord, answer_leases, queue_lease, stage_rows,
 };
-use crate::config::{DatabaseUrl, Synchronous};
-use crate::error::ApiError;
-use crate::group::{DrainGuard, Queues};
+use crate::queues::{DrainGuard, Queues};
+use crate::store::{DatabaseUrl, Synchronous};
 
 /// WAL pages after which a commit checkpoints (SQLite's default is 1,000, ~4 MiB): a
 /// usage batch rewrites most pages of the end users it touches, and every checkpoint
@@ -142,9 +141,10 @@ impl SqliteStore {
                 let directory = tempfile::Builder::new()
                     .prefix("quotastack-memory-")
                     .tempdir()
-                    .map_err(|error| StoreError::Database {
-                        message: format!("cannot create a directory for `:memory:`: {error}"),
-                        transient: false,
+                    .map_err(|error| {
+                        StoreError::Fatal(format!(
+                            "cannot create a directory for `:memory:`: {error}"
+                        ))
                     })?;
                 let path = directory.path().join("memory.db").display().to_string();
                 (path, Some(std::sync::Arc::new(directory)), None)
@@ -153,18 +153,16 @@ impl SqliteStore {
                 if let Some(parent) = std::path::Path::new(path).parent()
                     && !parent.as_os_str().is_empty()
                 {
-                    std::fs::create_dir_all(parent).map_err(|error| StoreError::Database {
-                        message: format!("cannot create {}: {error}", parent.display()),
-                        transient: false,
+                    std::fs::create_dir_all(parent).map_err(|error| {
+                        StoreError::Fatal(format!("cannot create {}: {error}", parent.display()))
                     })?;
                 }
                 (path.clone(), None, Some(synchronous))
             }
             DatabaseUrl::Postgres(_) => {
-                return Err(StoreError::Database {
-                    message: "a postgres:// URL is not a SQLite database".into(),
-                    transient: false,
-                });
+                return Err(StoreError::Fatal(
+                    "a postgres:// URL is not a SQLite database".into(),
+                ));
             }
         };
         let options = SqliteConnectOptions::new()
@@ -195,10 +193,7 @@ impl SqliteStore {
         sqlx::migrate!("./migrations/sqlite")
             .run(&writer)
             .await
-            .map_err(|error| StoreError::Database {
-                message: format!("migrations failed: {error}"),
-                transient: false,
-            })?;
+            .map_err(|error| StoreError::Fatal(format!("migrations failed: {error}")))?;
         let direct = write::Direct::open(&path, synchronous, CHECKPOINT_PAGES)?;
         let readers = read::Readers::new(
             &path,
@@ -718,7 +713,7 @@ impl Store for SqliteStore {
         now: Timestamp,
         claims: &[Claim],
         operation: &mut ClaimingFn<'_>,
-    ) -> Result<(), ApiError> {
+    ) -> StoreResult<()> {
         let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
         self.direct.transaction(|tx| {
             let (old, head) = write::load_state(tx, env, end_user.as_str())?
@@ -749,7 +744,7 @@ impl Store for SqliteStore {
         env: &Env,
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
-    ) -> Result<(), ApiError> {
+    ) -> StoreResult<()> {
         items.sort_by(|a, b| a.0.cmp(&b.0));
         let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
         let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
@@ -2382,7 +2377,7 @@ mod tests {
         }
         let catalog = ledger::Catalog::default();
         let runs = std::sync::atomic::AtomicUsize::new(0);
-        let mut operation = |state: &mut EndUserState| -> Result<Vec<Changes>, ApiError> {
+        let mut operation = |state: &mut EndUserState| -> StoreResult<Vec<Changes>> {
             if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                 let (store, env, url) = (store.clone(), env.clone(), url.clone());
                 std::thread::spawn(move || {
@@ -2422,11 +2417,15 @@ mod tests {
                 catalog: &catalog,
                 ids: &mut ids,
             };
-            if state.available(None, T0)?.is_zero() {
-                return Err(ApiError::bad_request("units", "nothing available"));
+            let available = state
+                .available(None, T0)
+                .map_err(|_| StoreError::Declined)?;
+            if available.is_zero() {
+                return Err(StoreError::Declined);
             }
-            let applied =
-                state.grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(10)))?;
+            let applied = state
+                .grant(&mut cx, ledger::GrantRequest::new(ledger::Credits::new(10)))
+                .map_err(|_| StoreError::Declined)?;
             Ok(vec![Changes::from_applied(applied).1])
         };
         let end_user = EndUserId::new("u1").expect("end user id");
@@ -2505,8 +2504,7 @@ mod tests {
             .expect("stored");
         assert_eq!(state.available(None, T0).expect("available").get(), 108);
         // A batch that writes nothing for an end user forgets its kept state.
-        let mut nothing =
-            |_: &mut EndUserState| -> Result<Vec<Changes>, ApiError> { Ok(Vec::new()) };
+        let mut nothing = |_: &mut EndUserState| -> StoreResult<Vec<Changes>> { Ok(Vec::new()) };
         store
             .mutate_many(&env, T0, &mut [(u1, &mut nothing)])
             .await

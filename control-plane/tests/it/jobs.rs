@@ -53,7 +53,7 @@ store_test! {
 
     // B's webhook goes out.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(control_plane::webhooks::run(harness.state.clone(), stopped));
+    let worker = tokio::spawn(control_plane::webhooks::run(harness.state.deliveries().clone(), stopped));
     crate::support::eventually("B's past_due webhook", || async { !received(&shared).is_empty() }).await;
     stop.send(true).expect("stop");
     worker.await.expect("worker");

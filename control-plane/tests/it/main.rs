@@ -12,6 +12,7 @@ mod errors;
 mod hardening;
 mod isolation;
 mod jobs;
+mod layers;
 mod leases;
 mod openapi;
 mod refusals;

@@ -521,7 +521,7 @@ store_test! {
     harness.ok("/v1/webhook-endpoints", &b, json!({"url": url}), 201).await;
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let worker = tokio::spawn(control_plane::webhooks::run(harness.state.clone(), stopped));
+    let worker = tokio::spawn(control_plane::webhooks::run(harness.state.deliveries().clone(), stopped));
     for index in 0..20 {
         harness.grant(&a, &format!("a{index}"), 1).await;
     }

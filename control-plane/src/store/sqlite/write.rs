@@ -31,8 +31,7 @@ use super::super::{
     unchanged,
 };
 use super::{corrupt, parse_state};
-use crate::config::Synchronous;
-use crate::error::ApiError;
+use crate::store::Synchronous;
 
 /// Prepared statements kept per connection (a transaction uses about twenty kinds).
 const STATEMENT_CACHE: usize = 64;
@@ -43,10 +42,7 @@ impl From<rusqlite::Error> for StoreError {
             error.sqlite_error_code(),
             Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
         );
-        StoreError::Database {
-            message: error.to_string(),
-            transient,
-        }
+        StoreError::database(error.to_string(), transient)
     }
 }
 
@@ -117,9 +113,8 @@ fn start_checkpoints(path: &str, synchronous: Option<Synchronous>) -> StoreResul
                 }
             }
         })
-        .map_err(|error| StoreError::Database {
-            message: format!("cannot start the checkpointing thread: {error}"),
-            transient: false,
+        .map_err(|error| {
+            StoreError::Fatal(format!("cannot start the checkpointing thread: {error}"))
         })?;
     Ok(wake)
 }
@@ -187,8 +182,8 @@ impl Direct {
     /// rolled back otherwise. The caller holds the sqlx writer.
     pub(super) fn transaction<T>(
         &self,
-        work: impl FnOnce(&Transaction<'_>) -> Result<T, ApiError>,
-    ) -> Result<T, ApiError> {
+        work: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
         super::blocking(|| {
             // A panic inside a transaction rolled it back when it unwound: the
             // connection is clean even if the lock is poisoned.
