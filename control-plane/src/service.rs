@@ -67,6 +67,45 @@ impl ClaimHold {
     }
 }
 
+/// How many times a transient store failure is retried where running the work again is
+/// safe (reads, and a usage or lease batch, whose operations may run more than once).
+/// Group commit's operations run once, so their transient failures are answered 503.
+const TRANSIENT_RETRIES: u32 = 2;
+
+/// Waits before retry `tries` (1-based) after `error`: 10 ms, then 20 ms, with jitter.
+async fn transient_pause(tries: u32, error: &StoreError) {
+    metrics::counter!("quotastack_store_retries_total").increment(1);
+    tracing::debug!(%error, tries, "transient store failure; retrying");
+    let base = 10_u64.saturating_mul(1 << tries.min(4)) / 2;
+    let jitter = rand::random_range(0..=base);
+    tokio::time::sleep(std::time::Duration::from_millis(
+        base.saturating_add(jitter),
+    ))
+    .await;
+}
+
+/// Runs `work`, again up to [`TRANSIENT_RETRIES`] times while it fails transiently. For
+/// work that may run more than once: reads, or writes whose failure wrote nothing.
+///
+/// # Errors
+/// The last failure.
+async fn retry_transient<T, F, Fut>(mut work: F) -> StoreResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = StoreResult<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match work().await {
+            Err(error) if error.is_transient() && tries < TRANSIENT_RETRIES => {
+                tries += 1;
+                transient_pause(tries, &error).await;
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// The error a store mutation ended with: the operation's own refusal when it declined
 /// (`declined` holds it), the store's failure otherwise.
 fn mutation_error(error: StoreError, declined: Option<ApiError>) -> ApiError {
@@ -394,12 +433,18 @@ impl AppState {
             .catalog_generation
             .load(std::sync::atomic::Ordering::SeqCst);
         let store = self.store();
-        let view = Arc::new(CatalogView::build(
-            store.features(env).await?,
-            store.plans(env).await?,
-            store.variants(env).await?,
-            store.env_record(env).await?,
-        )?);
+        // Reads only: safe to run again after a transient failure.
+        let view = Arc::new(
+            retry_transient(|| async {
+                CatalogView::build(
+                    store.features(env).await?,
+                    store.plans(env).await?,
+                    store.variants(env).await?,
+                    store.env_record(env).await?,
+                )
+            })
+            .await?,
+        );
         let mut catalogs = self.lock_catalogs();
         // Under the lock, so an invalidation cannot slip between this check and the insert.
         if self
@@ -832,7 +877,18 @@ impl AppState {
             .cloned()
             .zip(runs.iter_mut().map(|run| &mut **run))
             .collect();
-        let outcome = self.store().mutate_many(env, now, &mut items).await;
+        // The operations may run again (see MutateFn), and nothing of a failed
+        // transaction was written: a transient failure is retried.
+        let mut tries = 0;
+        let outcome = loop {
+            match self.store().mutate_many(env, now, &mut items).await {
+                Err(error) if error.is_transient() && tries < TRANSIENT_RETRIES => {
+                    tries += 1;
+                    transient_pause(tries, &error).await;
+                }
+                outcome => break outcome,
+            }
+        };
         drop(items);
         drop(runs);
         if let Err(error) = outcome {
@@ -862,9 +918,7 @@ impl AppState {
         end_user: &EndUserId,
         now: Timestamp,
     ) -> Result<EndUserState, ApiError> {
-        Ok(self
-            .store()
-            .load_state(env, end_user)
+        Ok(retry_transient(|| self.store().load_state(env, end_user))
             .await?
             .unwrap_or_else(|| EndUserState::new(end_user.clone(), now)))
     }
@@ -992,6 +1046,43 @@ mod tests {
     use crate::config::{DatabaseUrl, Overrides};
     use crate::store::Environment;
     use crate::store::sqlite::SqliteStore;
+
+    // A transient failure is retried up to twice; a third one, or any other failure, is
+    // the answer.
+    #[tokio::test]
+    async fn transient_failures_are_retried_twice() {
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let failing = |fail_first: u32, error: fn() -> StoreError| {
+            tries.store(0, std::sync::atomic::Ordering::SeqCst);
+            let tries = &tries;
+            retry_transient(move || async move {
+                let tried = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if tried < fail_first {
+                    Err(error())
+                } else {
+                    Ok(tried)
+                }
+            })
+        };
+        let busy = || StoreError::Transient("busy".into());
+        assert_eq!(failing(2, busy).await.expect("third try"), 2);
+        assert!(
+            failing(3, busy)
+                .await
+                .is_err_and(|error| error.is_transient())
+        );
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 3);
+        let broken = || StoreError::Fatal("no such table".into());
+        assert!(matches!(
+            failing(1, broken).await,
+            Err(StoreError::Fatal(_))
+        ));
+        assert_eq!(
+            tries.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "not retried"
+        );
+    }
 
     /// Polls `condition` until it holds, failing after a generous deadline.
     async fn until(what: &str, mut condition: impl FnMut() -> bool) {
