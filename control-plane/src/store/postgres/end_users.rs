@@ -1,0 +1,427 @@
+//! PostgreSQL: end users' state and the history it produced
+//! ([`LedgerStore`](crate::store::LedgerStore)).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
+use sqlx::{PgConnection, Row};
+
+use super::write::{Rows, persist};
+use super::{PostgresStore, end_user_id, limit, millis, parse_state, state_of};
+use crate::store::{
+    Annotations, CLAIM_LEASE_MS, Claim, ClaimingFn, EntryFilter, Env, LeaseFilter, LedgerStore,
+    MutateFn, StoreError, StoreResult, StoredBlock, claimed_flags, claims_to_insert, unchanged,
+    user_key,
+};
+
+#[async_trait]
+impl LedgerStore for PostgresStore {
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let old = lock_state(&mut tx, env, end_user, now)
+            .await?
+            .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+        let claimed = claim_keys(&mut tx, env, claims).await?;
+        let mut state = old.clone();
+        let changes = match operation(&mut state, &claimed) {
+            Ok(changes) if !changes.is_empty() => changes,
+            outcome => {
+                // At once rather than when the pool next pings the connection: the end
+                // user's row stays locked until the rollback reaches the server (and a
+                // placeholder row for a new end user is not kept).
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::warn!(error = %rollback, "rolling back a refused mutation failed");
+                }
+                outcome?;
+                return unchanged(&old, &state);
+            }
+        };
+        persist(&mut tx, env, &old, &state, &changes, now).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> StoreResult<()> {
+        // Every end user's row is locked (in id order, by one statement) and every
+        // operation run before the first write: writing appends to the feeds, which takes
+        // the environment's feed head, and the lock order must stay end user rows, then
+        // feed head.
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let ids: Vec<&str> = items
+            .iter()
+            .map(|(end_user, _)| end_user.as_str())
+            .collect();
+        let mut stored = lock_states(&mut tx, env, &ids, now).await?;
+        let mut results = Vec::with_capacity(items.len());
+        for (end_user, operation) in items.iter_mut() {
+            let old = stored
+                .remove(end_user.as_str())
+                .flatten()
+                .unwrap_or_else(|| EndUserState::new(end_user.clone(), now));
+            let mut state = old.clone();
+            match operation(&mut state) {
+                Ok(changes) => results.push((old, state, changes)),
+                Err(error) => {
+                    if let Err(rollback) = tx.rollback().await {
+                        tracing::warn!(error = %rollback, "rolling back a refused batch failed");
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        let mut rows = Rows::default();
+        for (old, state, changes) in &results {
+            rows.stage(&mut tx, env, old, state, changes).await?;
+        }
+        rows.flush(&mut tx, env, now).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(())
+    }
+
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>> {
+        let row = sqlx::query(
+            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        state_of(row)
+    }
+
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
+        let row = sqlx::query(
+            "SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let metadata = row
+            .try_get::<Option<String>, _>("metadata")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?;
+        let owner: String = row.try_get("end_user_id")?;
+        Ok(Some(StoredBlock {
+            end_user_id: end_user_id(&owner)?,
+            block,
+            annotations: Annotations {
+                idempotency_key: None,
+                metadata,
+                external_payment_id: row.try_get("external_payment_id")?,
+            },
+        }))
+    }
+
+    async fn entries(
+        &self,
+        env: &Env,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+        // Two texts rather than `($3 IS NULL OR end_user_id = $3)`, which a generic plan
+        // could not serve from the end user's index.
+        let query = match &filter.end_user_id {
+            Some(end_user) => sqlx::query(
+                "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
+                   AND user_key = $3 AND end_user_id = $4 AND ($5::TEXT IS NULL OR type = $5)
+                   AND ($6::BIGINT IS NULL OR created_at >= $6) AND ($7::BIGINT IS NULL OR created_at < $7)
+                   AND seq < $8
+                 ORDER BY seq DESC LIMIT $9",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(user_key(env, end_user))
+            .bind(end_user),
+            None => sqlx::query(
+                "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
+                   AND ($3::TEXT IS NULL OR type = $3)
+                   AND ($4::BIGINT IS NULL OR created_at >= $4) AND ($5::BIGINT IS NULL OR created_at < $5)
+                   AND seq < $6
+                 ORDER BY seq DESC LIMIT $7",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str()),
+        };
+        let rows = query
+            .bind(&filter.entry_type)
+            .bind(filter.from.map(millis))
+            .bind(filter.to.map(millis))
+            .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(limit(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("seq")?,
+                    serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
+        let row = sqlx::query(
+            "SELECT body FROM reservations WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
+        let row = sqlx::query(
+            "SELECT body FROM leases WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
+        // Fixed fragments only; every value is bound, in the order the fragments name.
+        let mut sql =
+            String::from("SELECT body FROM leases WHERE tenant_id = $1 AND environment = $2");
+        let mut binds: Vec<&str> = Vec::new();
+        for (column, value) in [
+            (" AND end_user_id = ", &filter.end_user_id),
+            (" AND holder = ", &filter.holder),
+            (" AND id > ", &filter.after),
+        ] {
+            if let Some(value) = value {
+                sql.push_str(column);
+                sql.push_str(&format!("${}", binds.len() + 3));
+                binds.push(value);
+            }
+        }
+        if filter.active_only {
+            sql.push_str(" AND status = 'active'");
+        }
+        sql.push_str(" ORDER BY id LIMIT ");
+        sql.push_str(&format!("${}", binds.len() + 3));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str());
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+
+    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(
+            "SELECT body FROM subscriptions WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscriptions(
+        &self,
+        env: &Env,
+        end_user: Option<&str>,
+        after_id: Option<&str>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(
+            "SELECT body FROM subscriptions WHERE tenant_id = $1 AND environment = $2
+               AND ($3::TEXT IS NULL OR end_user_id = $3) AND ($4::TEXT IS NULL OR id > $4)
+             ORDER BY id LIMIT $5",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(after_id)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+}
+
+/// Locks the end user's row for the rest of the transaction and returns its state
+/// (`None` for an end user never stored). An unknown end user gets a placeholder row
+/// first, so there is always a row to lock; concurrent first mutations wait on its
+/// insert.
+pub(super) async fn lock_state(
+    connection: &mut PgConnection,
+    env: &Env,
+    end_user: &EndUserId,
+    now: Timestamp,
+) -> StoreResult<Option<EndUserState>> {
+    const LOCK: &str = "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3 FOR UPDATE";
+    let row = sqlx::query(LOCK)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if row.is_some() {
+        return state_of(row);
+    }
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
+         VALUES ($1, $2, $3, NULL, 0, $4) ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(end_user.as_str())
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    let row = sqlx::query(LOCK)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user.as_str())
+        .fetch_optional(&mut *connection)
+        .await?;
+    if row.is_none() {
+        return Err(StoreError::Transient(format!(
+            "end user `{end_user}` vanished while being locked"
+        )));
+    }
+    state_of(row)
+}
+
+/// Locks several end users' rows, in id order, for the rest of the transaction and
+/// returns their states by id (`None` for an end user never stored): [`lock_state`] for
+/// a batch, with one statement for the placeholders and one for the locks. `ids` must be
+/// sorted, so that concurrent batches lock (and insert) in the same order.
+async fn lock_states(
+    connection: &mut PgConnection,
+    env: &Env,
+    ids: &[&str],
+    now: Timestamp,
+) -> StoreResult<BTreeMap<String, Option<EndUserState>>> {
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
+         SELECT $1, $2, u.id, NULL, 0, $4 FROM UNNEST($3::text[]) WITH ORDINALITY AS u(id, position)
+         ORDER BY u.position
+         ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(ids)
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    // One index probe and lock per end user, in `ids` order (see `usage_keys` for why
+    // not a join: that one hashed every end user of the environment).
+    let rows = sqlx::query(
+        "SELECT e.end_user_id, e.state FROM UNNEST($3::text[]) WITH ORDINALITY AS k(id, position)
+         CROSS JOIN LATERAL (
+             SELECT end_user_id, state FROM end_users
+             WHERE tenant_id = $1 AND environment = $2 AND end_user_id = k.id
+             LIMIT 1 FOR UPDATE
+         ) AS e
+         ORDER BY k.position",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(ids)
+    .fetch_all(&mut *connection)
+    .await?;
+    if rows.len() != ids.len() {
+        return Err(StoreError::Transient(format!(
+            "{} of {} end users vanished while being locked",
+            ids.len().saturating_sub(rows.len()),
+            ids.len()
+        )));
+    }
+    let mut states = BTreeMap::new();
+    for row in rows {
+        let id: String = row.try_get("end_user_id")?;
+        let state: Option<String> = row.try_get("state")?;
+        states.insert(id, state.as_deref().map(parse_state).transpose()?);
+    }
+    Ok(states)
+}
+
+/// Inserts `claims` unanswered (see [`Claim`]), in key order; which of them this
+/// transaction holds. A key another open transaction inserted waits for it to end (then
+/// it is not ours); one already stored is not ours.
+async fn claim_keys(
+    connection: &mut PgConnection,
+    env: &Env,
+    claims: &[Claim],
+) -> StoreResult<Vec<bool>> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ordered = claims_to_insert(claims);
+    let keys: Vec<&str> = ordered.iter().map(|claim| claim.key.as_str()).collect();
+    let fingerprints: Vec<&[u8]> = ordered
+        .iter()
+        .map(|claim| claim.fingerprint.as_slice())
+        .collect();
+    let locked: Vec<i64> = ordered
+        .iter()
+        .map(|claim| claim.now.as_millis().saturating_add(CLAIM_LEASE_MS))
+        .collect();
+    let keep: Vec<i64> = ordered
+        .iter()
+        .map(|claim| claim.keep_until.as_millis())
+        .collect();
+    let taken: std::collections::HashSet<String> = sqlx::query_scalar(
+        "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
+         SELECT $1, $2, c.key, c.fingerprint, c.locked_until, c.keep_until
+         FROM UNNEST($3::text[], $4::bytea[], $5::int8[], $6::int8[]) WITH ORDINALITY
+           AS c(key, fingerprint, locked_until, keep_until, position)
+         ORDER BY c.position
+         ON CONFLICT DO NOTHING RETURNING key",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(keys)
+    .bind(fingerprints)
+    .bind(locked)
+    .bind(keep)
+    .fetch_all(&mut *connection)
+    .await?
+    .into_iter()
+    .collect();
+    Ok(claimed_flags(claims, &taken))
+}

@@ -1,0 +1,118 @@
+//! PostgreSQL: the change feed ([`FeedStore`](crate::store::FeedStore)).
+
+use async_trait::async_trait;
+use ledger::{EndUserState, Timestamp};
+use sqlx::Row;
+
+use super::write::{insert_change, take_positions};
+use super::{PostgresStore, corrupt, end_user_id, limit, millis, parse_state};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
+
+#[async_trait]
+impl FeedStore for PostgresStore {
+    async fn changes_after(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit_len: u32,
+    ) -> StoreResult<Vec<ChangeRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, end_user_id FROM changes WHERE tenant_id = $1 AND environment = $2 AND seq > $3 ORDER BY seq LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(cursor)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let end_user = row
+                    .try_get::<Option<String>, _>("end_user_id")?
+                    .map(|id| end_user_id(&id))
+                    .transpose()?;
+                Ok(ChangeRecord {
+                    seq: row.try_get("seq")?,
+                    end_user_id: end_user,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE tenant_id = $1 AND environment = $2",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_one(&self.pool)
+        .await?;
+        let last: i64 = row.try_get("seq")?;
+        Ok(last.max(self.purged_through(env).await?))
+    }
+
+    async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT purged_through FROM change_watermarks WHERE tenant_id = $1 AND environment = $2",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .map(|row| row.try_get("purged_through"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let heads = take_positions(&mut tx, env, 0, 1).await?;
+        insert_change(&mut tx, env, heads.last_change, None, at).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_user_states(
+        &self,
+        env: &Env,
+        after: Option<&str>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<EndUserState>> {
+        let rows = sqlx::query(
+            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
+               AND ($3::TEXT IS NULL OR end_user_id > $3)
+             ORDER BY end_user_id LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| parse_state(&row.try_get::<String, _>("state")?))
+            .collect()
+    }
+
+    async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
+        // One statement, so the watermark is exactly the newest position deleted in each
+        // environment (a change committed meanwhile is either deleted and counted, or kept).
+        let row = sqlx::query(
+            "WITH deleted AS (
+                 DELETE FROM changes WHERE created_at < $1 RETURNING tenant_id, environment, seq
+             ), marked AS (
+                 INSERT INTO change_watermarks (tenant_id, environment, purged_through)
+                 SELECT tenant_id, environment, MAX(seq) FROM deleted GROUP BY tenant_id, environment
+                 ON CONFLICT (tenant_id, environment) DO UPDATE
+                   SET purged_through = GREATEST(change_watermarks.purged_through, excluded.purged_through)
+                 RETURNING 1
+             )
+             SELECT COUNT(*) AS deleted FROM deleted",
+        )
+        .bind(millis(before))
+        .fetch_one(&self.pool)
+        .await?;
+        u64::try_from(row.try_get::<i64, _>("deleted")?).map_err(|_| corrupt("deleted count"))
+    }
+}

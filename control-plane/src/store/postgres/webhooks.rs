@@ -1,0 +1,389 @@
+//! PostgreSQL: the event log, webhook endpoints and deliveries
+//! ([`WebhookStore`](crate::store::WebhookStore)).
+
+use async_trait::async_trait;
+use ledger::Timestamp;
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Row};
+
+use super::write::{insert_wire_event, take_positions};
+use super::{PostgresStore, corrupt, limit, millis};
+use crate::store::{
+    AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, EventRecord, StoreResult,
+    WebhookStore,
+};
+
+fn endpoint_from_row(row: &PgRow) -> StoreResult<EndpointRecord> {
+    Ok(EndpointRecord {
+        id: row.try_get("id")?,
+        url: row.try_get("url")?,
+        event_types: row
+            .try_get::<Option<String>, _>("event_types")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?,
+        secret: row.try_get("secret")?,
+        created_at: Timestamp::from_millis(row.try_get("created_at")?),
+        updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
+    })
+}
+
+#[async_trait]
+impl WebhookStore for PostgresStore {
+    async fn events(
+        &self,
+        env: &Env,
+        after_seq: Option<i64>,
+        limit_len: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, body FROM events WHERE tenant_id = $1 AND environment = $2 AND ($3::BIGINT IS NULL OR seq > $3)
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after_seq)
+        .bind(limit(limit_len))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EventRecord {
+                    seq: row.try_get("seq")?,
+                    event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
+        let row = sqlx::query(
+            "SELECT seq, body FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut event: protocol::Event = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let attempts = sqlx::query(
+            "SELECT endpoint_id, attempt, status, response_status, at FROM webhook_attempts WHERE event_id = $1 ORDER BY at, attempt",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await?;
+        for attempt in &attempts {
+            event.deliveries.push(protocol::Delivery {
+                endpoint_id: attempt.try_get("endpoint_id")?,
+                attempt: u32::try_from(attempt.try_get::<i64, _>("attempt")?)
+                    .map_err(|_| corrupt("attempt"))?,
+                status: attempt.try_get("status")?,
+                response_status: attempt
+                    .try_get::<Option<i64>, _>("response_status")?
+                    .and_then(|status| u16::try_from(status).ok()),
+                at: Timestamp::from_millis(attempt.try_get("at")?).into(),
+            });
+        }
+        Ok(Some(EventRecord {
+            seq: row.try_get("seq")?,
+            event,
+        }))
+    }
+
+    async fn insert_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO webhook_endpoints (id, tenant_id, environment, url, event_types, secret, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(&record.url)
+        .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
+        .bind(&record.secret)
+        .bind(millis(record.created_at))
+        .bind(millis(record.updated_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>> {
+        let mut connection = self.pool.acquire().await?;
+        live_endpoints(&mut connection, env).await
+    }
+
+    async fn update_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<bool> {
+        let result = sqlx::query(
+            "UPDATE webhook_endpoints SET url = $1, event_types = $2, updated_at = $3
+             WHERE id = $4 AND tenant_id = $5 AND environment = $6 AND deleted_at IS NULL",
+        )
+        .bind(&record.url)
+        .bind(
+            record
+                .event_types
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()?,
+        )
+        .bind(millis(record.updated_at))
+        .bind(&record.id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let result = sqlx::query(
+            "UPDATE webhook_endpoints SET deleted_at = $1 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND deleted_at IS NULL",
+        )
+        .bind(millis(at))
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&mut *tx)
+        .await?;
+        // Nothing more goes to a deleted endpoint (scoped like every query, so an id from
+        // another environment touches nothing).
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'failed'
+             WHERE endpoint_id = $1 AND tenant_id = $2 AND environment = $3 AND status = 'pending'",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    async fn insert_ping(
+        &self,
+        env: &Env,
+        event: &protocol::Event,
+        endpoint_id: &str,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let heads = take_positions(&mut tx, env, 1, 0).await?;
+        insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
+        insert_delivery(
+            &mut tx,
+            env,
+            endpoint_id,
+            &event.id,
+            heads.last_event,
+            None,
+            now,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT seq, end_user_id, type FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
+        )
+        .bind(event_id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(0) };
+        let (seq, end_user, event_type): (i64, Option<String>, String) = (
+            row.try_get("seq")?,
+            row.try_get("end_user_id")?,
+            row.try_get("type")?,
+        );
+        let mut queued = 0usize;
+        for endpoint in live_endpoints(&mut tx, env)
+            .await?
+            .iter()
+            .filter(|endpoint| endpoint.wants(&event_type))
+        {
+            insert_delivery(
+                &mut tx,
+                env,
+                &endpoint.id,
+                event_id,
+                seq,
+                end_user.as_deref(),
+                now,
+            )
+            .await?;
+            queued = queued.saturating_add(1);
+        }
+        tx.commit().await?;
+        Ok(queued)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        env: &Env,
+        due_by: Timestamp,
+        lease: DeliveryLease,
+        limit_len: u32,
+    ) -> StoreResult<Vec<DeliveryJob>> {
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED: a delivery another replica is claiming right now is passed over,
+        // and once that claim commits its `locked_until` excludes it (PostgreSQL rechecks
+        // the row's conditions on its newest version before locking it). The ordering
+        // rule ignores locks: an earlier pending delivery holds later ones back whether or
+        // not it is leased. COALESCE(end_user_id, '') compares like IS NOT DISTINCT FROM
+        // (end user ids are never empty) and can use the `webhook_deliveries_order` index.
+        let rows = sqlx::query(
+            "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
+                    w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
+             FROM webhook_deliveries d
+             JOIN events e ON e.id = d.event_id
+             JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL
+             WHERE d.tenant_id = $1 AND d.environment = $2 AND d.status = 'pending' AND d.next_attempt_at <= $3 AND d.locked_until <= $5
+               AND NOT EXISTS (
+                 SELECT 1 FROM webhook_deliveries earlier
+                 WHERE earlier.endpoint_id = d.endpoint_id
+                   AND COALESCE(earlier.end_user_id, '') = COALESCE(d.end_user_id, '')
+                   AND earlier.status = 'pending'
+                   AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
+             ORDER BY d.event_seq, d.id LIMIT $4
+             FOR UPDATE OF d SKIP LOCKED",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(due_by))
+        .bind(limit(limit_len))
+        .bind(millis(lease.now))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut jobs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            jobs.push(DeliveryJob {
+                delivery_id: row.try_get("id")?,
+                attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
+                    .map_err(|_| corrupt("attempts"))?,
+                due_at: Timestamp::from_millis(row.try_get("next_attempt_at")?),
+                endpoint: EndpointRecord {
+                    id: row.try_get("endpoint_id")?,
+                    url: row.try_get("url")?,
+                    event_types: row
+                        .try_get::<Option<String>, _>("event_types")?
+                        .map(|text| serde_json::from_str(&text))
+                        .transpose()?,
+                    secret: row.try_get("secret")?,
+                    created_at: Timestamp::from_millis(row.try_get("endpoint_created_at")?),
+                    updated_at: Timestamp::from_millis(row.try_get("endpoint_updated_at")?),
+                },
+                event: serde_json::from_str(&row.try_get::<String, _>("event_body")?)?,
+            });
+        }
+        if !jobs.is_empty() {
+            let ids: Vec<i64> = jobs.iter().map(|job| job.delivery_id).collect();
+            sqlx::query("UPDATE webhook_deliveries SET locked_until = $1 WHERE id = ANY($2)")
+                .bind(millis(lease.until))
+                .bind(ids)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(jobs)
+    }
+
+    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE tenant_id = $1 AND environment = $2 AND status = 'pending' AND next_attempt_at <= $3",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(millis(due_by))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT endpoint_id, event_id FROM webhook_deliveries WHERE id = $1")
+            .bind(attempt.delivery_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (endpoint_id, event_id): (String, String) =
+            (row.try_get("endpoint_id")?, row.try_get("event_id")?);
+        sqlx::query(
+            "INSERT INTO webhook_attempts (delivery_id, endpoint_id, event_id, attempt, status, response_status, error, at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(attempt.delivery_id)
+        .bind(&endpoint_id)
+        .bind(&event_id)
+        .bind(i64::from(attempt.attempt))
+        .bind(if attempt.succeeded { "succeeded" } else { "failed" })
+        .bind(attempt.response_status.map(i64::from))
+        .bind(&attempt.error)
+        .bind(millis(attempt.at))
+        .execute(&mut *tx)
+        .await?;
+        let status = match (attempt.succeeded, attempt.retry_at) {
+            (true, _) => "succeeded",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = $2, next_attempt_at = COALESCE($3, next_attempt_at), locked_until = 0
+             WHERE id = $4",
+        )
+        .bind(status)
+        .bind(i64::from(attempt.attempt))
+        .bind(attempt.retry_at.map(millis))
+        .bind(attempt.delivery_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Queues one event for one endpoint, due at once.
+async fn insert_delivery(
+    connection: &mut PgConnection,
+    env: &Env,
+    endpoint_id: &str,
+    event_id: &str,
+    seq: i64,
+    end_user: Option<&str>,
+    now: Timestamp,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(endpoint_id)
+    .bind(event_id)
+    .bind(seq)
+    .bind(end_user)
+    .bind(millis(now))
+    .execute(connection)
+    .await?;
+    Ok(())
+}
+
+/// The environment's endpoints that are not deleted.
+pub(super) async fn live_endpoints(
+    connection: &mut PgConnection,
+    env: &Env,
+) -> StoreResult<Vec<EndpointRecord>> {
+    let rows = sqlx::query(
+        "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND environment = $2 AND deleted_at IS NULL ORDER BY created_at, id",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .fetch_all(connection)
+    .await?;
+    rows.iter().map(endpoint_from_row).collect()
+}

@@ -1,0 +1,514 @@
+//! SQLite: end users' state and the history it produced
+//! ([`LedgerStore`](crate::store::LedgerStore)).
+
+use std::collections::{BTreeMap, HashSet};
+
+use async_trait::async_trait;
+use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
+use sqlx::Row;
+
+use super::{CHAIN_STEPS, SqliteStore, corrupt, millis, parse_state, read, write};
+use crate::store::{
+    Annotations, Changes, Claim, ClaimingFn, EntryFilter, Env, LeaseFilter, LedgerStore, MutateFn,
+    StoreError, StoreResult, StoredBlock, stage_rows,
+};
+
+/// How far behind the change feed's newest position a kept state may be to be used: the
+/// writer reads the feed after the oldest state a batch uses, so an older one is read
+/// again instead.
+const KEPT_WINDOW: i64 = 32;
+
+/// An environment's entries, newest first: its runs of entries newest first, each read
+/// newest first (migration 0008). The runs' key is unique, so SQLite walks both in order
+/// and stops at the limit without sorting (a test checks the plan). Binds: tenant,
+/// environment, before (the cursor), type, from, to, limit.
+pub(super) const ENVIRONMENT_ENTRIES: &str = "SELECT e.seq, e.body FROM entry_runs AS r
+       JOIN entries AS e ON e.seq BETWEEN r.first_seq AND MIN(r.last_seq, ?3 - 1)
+      WHERE r.tenant_id = ?1 AND r.environment = ?2 AND r.first_seq < ?3
+        AND e.tenant_id = ?1 AND e.environment = ?2
+        AND (?4 IS NULL OR e.type = ?4)
+        AND (?5 IS NULL OR e.created_at >= ?5) AND (?6 IS NULL OR e.created_at < ?6)
+      ORDER BY r.first_seq DESC, e.seq DESC LIMIT ?7";
+
+impl SqliteStore {
+    /// One end user's entries, newest first: a walk down its chain of entries (each
+    /// names the previous one; the end user's row names the newest), [`CHAIN_STEPS`]
+    /// links a statement, keeping those the filter takes, until `limit` are found or the
+    /// chain ends. The chain is only ever extended at its head, so the walk needs no
+    /// single snapshot.
+    async fn entries_of(
+        &self,
+        env: &Env,
+        end_user: &str,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+        let mut connection = self.reader.acquire().await?;
+        // Where the walk starts: after the cursor's entry when it is this end user's
+        // (the cursor a previous page gave), otherwise at the newest entry.
+        let mut before = filter.before_seq;
+        let mut next = None;
+        if let Some(cursor) = before {
+            let found: Option<Option<i64>> = sqlx::query_scalar(
+                "SELECT prev_seq FROM entries WHERE seq = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?",
+            )
+            .bind(cursor)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user)
+            .fetch_optional(&mut *connection)
+            .await?;
+            if let Some(prev) = found {
+                next = prev;
+                before = None;
+            }
+        }
+        if before.is_some() || filter.before_seq.is_none() {
+            next = sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT last_entry_seq FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
+            )
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user)
+            .fetch_optional(&mut *connection)
+            .await?
+            .flatten();
+        }
+        let limit = usize::try_from(filter.limit).unwrap_or(usize::MAX);
+        let unfiltered = filter.entry_type.is_none()
+            && filter.from.is_none()
+            && filter.to.is_none()
+            && before.is_none();
+        // An unfiltered page takes every link it reads.
+        let steps = if unfiltered {
+            i64::from(filter.limit).clamp(1, CHAIN_STEPS)
+        } else {
+            CHAIN_STEPS
+        };
+        let mut found = Vec::new();
+        while let Some(start) = next {
+            if found.len() >= limit {
+                break;
+            }
+            let rows = sqlx::query(
+                "WITH RECURSIVE chain(seq) AS (
+                     SELECT ?
+                     UNION ALL
+                     SELECT e.prev_seq FROM entries AS e JOIN chain ON e.seq = chain.seq
+                      WHERE e.prev_seq < e.seq
+                     LIMIT ?
+                 )
+                 SELECT e.seq, e.prev_seq, e.end_user_id, e.tenant_id, e.environment, e.type, e.created_at, e.body
+                   FROM chain JOIN entries AS e ON e.seq = chain.seq
+                  ORDER BY e.seq DESC",
+            )
+            .bind(start)
+            .bind(steps)
+            .fetch_all(&mut *connection)
+            .await?;
+            if rows.is_empty() {
+                return Err(corrupt(format!(
+                    "the chain of end user `{end_user}` names entry {start}, which does not exist"
+                )));
+            }
+            next = None;
+            let mut newer = start.saturating_add(1);
+            for row in &rows {
+                let seq: i64 = row.try_get("seq")?;
+                // Links only ever lead to older entries: anything else would walk forever.
+                if seq >= newer {
+                    return Err(corrupt(format!(
+                        "the chain of end user `{end_user}` does not lead to older entries at {seq}"
+                    )));
+                }
+                newer = seq;
+                let owner: String = row.try_get("end_user_id")?;
+                let tenant: String = row.try_get("tenant_id")?;
+                let environment: String = row.try_get("environment")?;
+                if owner != end_user
+                    || tenant != env.tenant_id
+                    || environment != env.environment.as_str()
+                {
+                    return Err(corrupt(format!(
+                        "entry {seq} is in the chain of end user `{end_user}` but belongs to `{owner}`"
+                    )));
+                }
+                next = row.try_get("prev_seq")?;
+                if next.is_some_and(|prev| prev >= seq) {
+                    return Err(corrupt(format!(
+                        "entry {seq} of end user `{end_user}` links to a newer entry"
+                    )));
+                }
+                let created_at: i64 = row.try_get("created_at")?;
+                let taken = before.is_none_or(|before| seq < before)
+                    && filter.entry_type.as_deref().is_none_or(|wanted| {
+                        row.try_get::<&str, _>("type").is_ok_and(|t| t == wanted)
+                    })
+                    && filter.from.is_none_or(|from| created_at >= millis(from))
+                    && filter.to.is_none_or(|to| created_at < millis(to));
+                if taken {
+                    found.push((seq, serde_json::from_str(row.try_get::<&str, _>("body")?)?));
+                    if found.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
+    ) -> StoreResult<()> {
+        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        self.direct.transaction(|tx| {
+            let (old, head) = write::load_state(tx, env, end_user.as_str())?
+                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+            let claimed = write::claim_keys(tx, env, claims)?;
+            let mut state = old.clone();
+            let mut changes = operation(&mut state, &claimed)?;
+            let mut rows = write::Rows::default();
+            rows.heads.insert(end_user.to_string(), head);
+            write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
+            rows.flush(tx, env, now)?;
+            Ok(())
+        })
+    }
+
+    /// Runs the batch's operations, and renders their rows, before taking the write
+    /// lock, on states read from a reader, so that the writer is held only to write
+    /// (loading states, the engine and rendering rows took 40% of a usage batch's time
+    /// under the lock, docs/BENCHMARKS.md, P4). Every change of an end user's stored
+    /// state appends to the change feed in the same transaction, so under the lock the
+    /// feed since the states were read names every end user written in between; those
+    /// (and any whose operation failed, which a newer state might not) are loaded again
+    /// and their operations run again. States this process wrote are taken from its
+    /// cache (`cache`) instead of read, checked the same way from the position they
+    /// were written at.
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> StoreResult<()> {
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
+        let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
+        let kept = self.states.get_many(env, &ids);
+        // One read transaction: the feed's position and the states not kept (or kept
+        // from too long ago) are one snapshot.
+        let (read_at, mut seen, cached) = self.readers.read(|tx| {
+            let read_at = read::feed_position(tx)?;
+            let recent = read_at.saturating_sub(KEPT_WINDOW);
+            let cached: Vec<_> = kept
+                .into_iter()
+                .map(|kept| kept.filter(|kept| kept.at >= recent))
+                .collect();
+            let missing: Vec<&str> = ids
+                .iter()
+                .zip(&cached)
+                .filter(|(_, cached)| cached.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            let seen = if missing.is_empty() {
+                BTreeMap::new()
+            } else {
+                write::load_states(tx, env, &missing)?
+            };
+            Ok((read_at, seen, cached))
+        })?;
+        let mut prepared = Vec::with_capacity(items.len());
+        for ((end_user, operation), cached) in items.iter_mut().zip(cached) {
+            let (old, head, basis) = match cached {
+                Some(cached) => (cached.state.as_ref().clone(), cached.head, cached.at),
+                None => {
+                    let (old, head) = seen
+                        .remove(end_user.as_str())
+                        .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+                    (old, head, read_at)
+                }
+            };
+            let mut state = old.clone();
+            // A refusal is not final: the state it saw may be stale.
+            let run = operation(&mut state).ok().and_then(|changes| {
+                let staged = if changes.is_empty() {
+                    None
+                } else {
+                    Some(stage_rows(&old, &state, &changes).ok()?)
+                };
+                Some((changes, staged))
+            });
+            prepared.push(Optimistic {
+                old,
+                head,
+                basis,
+                state,
+                run,
+            });
+        }
+        // The states' oldest position: the feed after it names every end user changed
+        // since its state was read or written.
+        let since = prepared
+            .iter()
+            .map(|optimistic| optimistic.basis)
+            .min()
+            .unwrap_or(i64::MAX);
+        let writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        let (spent, flushed) = self.direct.transaction(|tx| {
+            let written = write::changed_since(tx, env, since)?;
+            let is_stale = |optimistic: &Optimistic, end_user: &str| {
+                optimistic.run.is_none() || written.changed_after(end_user, optimistic.basis)
+            };
+            let stale: Vec<&str> = ids
+                .iter()
+                .zip(&prepared)
+                .filter(|(end_user, optimistic)| is_stale(optimistic, end_user))
+                .map(|(end_user, _)| *end_user)
+                .collect();
+            let mut fresh = write::load_states(tx, env, &stale)?;
+            let mut rows = write::Rows::with_capacity(items.len());
+            // What the rows were rendered from, dropped once the writer is released.
+            let mut spent = Vec::with_capacity(items.len());
+            for ((end_user, operation), optimistic) in items.iter_mut().zip(prepared) {
+                let fresh_enough = !is_stale(&optimistic, end_user.as_str());
+                let (old, head, state, mut changes, staged) = match optimistic.run {
+                    Some((changes, staged)) if fresh_enough => (
+                        optimistic.old,
+                        optimistic.head,
+                        optimistic.state,
+                        changes,
+                        staged,
+                    ),
+                    _ => {
+                        let (old, head) = fresh
+                            .remove(end_user.as_str())
+                            .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+                        let mut state = old.clone();
+                        let changes = operation(&mut state)?;
+                        (old, head, state, changes, None)
+                    }
+                };
+                rows.heads.insert(end_user.to_string(), head);
+                let applied = (&old, &state, changes.as_mut_slice());
+                match staged {
+                    Some(staged) => {
+                        write::stage_rendered(tx, env, applied, staged, now, &mut rows)?
+                    }
+                    None => write::stage(tx, env, applied, now, &mut rows)?,
+                }
+                spent.push((old, state, changes));
+            }
+            let flushed = rows.flush(tx, env, now)?;
+            Ok((spent, flushed))
+        })?;
+        drop(writer);
+        // Committed: the states written are kept for the next batches. The others' kept
+        // states, if any, may be the stale ones an operation reran on (a rerun that
+        // changed nothing writes nothing): forgotten, or every batch would rerun them.
+        let written: HashSet<&str> = flushed.written.iter().map(String::as_str).collect();
+        let unwritten: Vec<&str> = ids
+            .iter()
+            .copied()
+            .filter(|end_user| !written.contains(end_user))
+            .collect();
+        self.states.forget_many(env, &unwritten, read_at);
+        if let Some(at) = flushed.at {
+            let keep = spent.into_iter().filter_map(|(_, state, _)| {
+                let end_user = state.end_user_id().as_str();
+                let (_, head) = flushed.heads.get(end_user)?;
+                written.contains(end_user).then_some((state, *head))
+            });
+            self.states.put_many(env, at, keep);
+        }
+        Ok(())
+    }
+
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>> {
+        let row = sqlx::query("SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(end_user.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| parse_state(&row.try_get::<String, _>("state")?))
+            .transpose()
+    }
+
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
+        let row = sqlx::query("SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = ? AND tenant_id = ? AND environment = ?")
+            .bind(id)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
+        let metadata = row
+            .try_get::<Option<String>, _>("metadata")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()?;
+        let owner: String = row.try_get("end_user_id")?;
+        Ok(Some(StoredBlock {
+            end_user_id: EndUserId::new(&owner)
+                .map_err(|error| corrupt(format!("end user id `{owner}`: {error}")))?,
+            block,
+            annotations: Annotations {
+                idempotency_key: None,
+                metadata,
+                external_payment_id: row.try_get("external_payment_id")?,
+            },
+        }))
+    }
+
+    async fn entries(
+        &self,
+        env: &Env,
+        filter: &EntryFilter,
+    ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+        if let Some(end_user) = &filter.end_user_id {
+            return self.entries_of(env, end_user, filter).await;
+        }
+        let rows = sqlx::query(ENVIRONMENT_ENTRIES)
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(filter.before_seq.unwrap_or(i64::MAX))
+            .bind(&filter.entry_type)
+            .bind(filter.from.map(millis))
+            .bind(filter.to.map(millis))
+            .bind(filter.limit)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("seq")?,
+                    serde_json::from_str(&row.try_get::<String, _>("body")?)?,
+                ))
+            })
+            .collect()
+    }
+
+    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
+        let row = sqlx::query(
+            "SELECT body FROM reservations WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
+        let row = sqlx::query(
+            "SELECT body FROM leases WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
+        // Fixed fragments only; every value is bound, in the order the fragments name.
+        let mut sql =
+            String::from("SELECT body FROM leases WHERE tenant_id = ? AND environment = ?");
+        let mut binds: Vec<&str> = Vec::new();
+        for (column, value) in [
+            (" AND end_user_id = ", &filter.end_user_id),
+            (" AND holder = ", &filter.holder),
+            (" AND id > ", &filter.after),
+        ] {
+            if let Some(value) = value {
+                sql.push_str(column);
+                sql.push('?');
+                binds.push(value);
+            }
+        }
+        if filter.active_only {
+            sql.push_str(" AND status = 'active'");
+        }
+        sql.push_str(" ORDER BY id LIMIT ");
+        sql.push('?');
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str());
+        for value in binds {
+            query = query.bind(value);
+        }
+        let rows = query
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+
+    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
+        let row = sqlx::query(
+            "SELECT body FROM subscriptions WHERE id = ? AND tenant_id = ? AND environment = ?",
+        )
+        .bind(id)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .transpose()
+    }
+
+    async fn subscriptions(
+        &self,
+        env: &Env,
+        end_user: Option<&str>,
+        after_id: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<Subscription>> {
+        let rows = sqlx::query(
+            "SELECT body FROM subscriptions WHERE tenant_id = ? AND environment = ?
+               AND (? IS NULL OR end_user_id = ?) AND (? IS NULL OR id > ?)
+             ORDER BY id LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .bind(end_user)
+        .bind(after_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
+            .collect()
+    }
+}
+
+/// An operation of a usage batch run before the write lock was taken (see
+/// `mutate_many`).
+struct Optimistic {
+    old: EndUserState,
+    head: Option<i64>,
+    /// The feed position `old` is known to be current at (read or written there).
+    basis: i64,
+    state: EndUserState,
+    /// What it wrote and the rows rendered from it; `None` if it failed.
+    run: Option<(Vec<Changes>, Option<write::Staged>)>,
+}

@@ -1,0 +1,137 @@
+//! SQLite: the change feed ([`FeedStore`](crate::store::FeedStore)).
+
+use async_trait::async_trait;
+use ledger::{EndUserId, EndUserState, Timestamp};
+use sqlx::Row;
+
+use super::{SqliteStore, corrupt, millis, parse_state};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
+
+#[async_trait]
+impl FeedStore for SqliteStore {
+    async fn changes_after(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<ChangeRecord>> {
+        let rows = sqlx::query("SELECT seq, end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq LIMIT ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .bind(cursor)
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        let end_user = |id: String| {
+            EndUserId::new(&id).map_err(|error| corrupt(format!("end user id `{id}`: {error}")))
+        };
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            // A row naming several end users (migration 0006) is one record each.
+            if let Some(several) = row.try_get::<Option<String>, _>("end_user_ids")? {
+                for id in serde_json::from_str::<Vec<String>>(&several)? {
+                    records.push(ChangeRecord {
+                        seq,
+                        end_user_id: Some(end_user(id)?),
+                    });
+                }
+                continue;
+            }
+            records.push(ChangeRecord {
+                seq,
+                end_user_id: row
+                    .try_get::<Option<String>, _>("end_user_id")?
+                    .map(end_user)
+                    .transpose()?,
+            });
+        }
+        Ok(records)
+    }
+
+    async fn last_change(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE tenant_id = ? AND environment = ?")
+            .bind(&env.tenant_id)
+            .bind(env.environment.as_str())
+            .fetch_one(&self.reader)
+            .await?;
+        let last: i64 = row.try_get("seq")?;
+        Ok(last.max(self.purged_through(env).await?))
+    }
+
+    async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
+        let row = sqlx::query(
+            "SELECT purged_through FROM change_watermarks WHERE tenant_id = ? AND environment = ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row
+            .map(|row| row.try_get("purged_through"))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
+        let mut connection = self.writer.acquire().await?;
+        insert_change(&mut connection, env, None, at).await
+    }
+
+    async fn end_user_states(
+        &self,
+        env: &Env,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserState>> {
+        let rows = sqlx::query(
+            "SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND (? IS NULL OR end_user_id > ?) ORDER BY end_user_id LIMIT ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(after)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| parse_state(&row.try_get::<String, _>("state")?))
+            .collect()
+    }
+
+    async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT INTO change_watermarks (tenant_id, environment, purged_through)
+             SELECT tenant_id, environment, MAX(seq) FROM changes WHERE created_at < ? GROUP BY tenant_id, environment
+             ON CONFLICT (tenant_id, environment) DO UPDATE SET purged_through = MAX(purged_through, excluded.purged_through)",
+        )
+        .bind(millis(before))
+        .execute(&mut *tx)
+        .await?;
+        let deleted = sqlx::query("DELETE FROM changes WHERE created_at < ?")
+            .bind(millis(before))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted.rows_affected())
+    }
+}
+
+/// Appends one entry to the change feed.
+async fn insert_change(
+    connection: &mut sqlx::SqliteConnection,
+    env: &Env,
+    end_user: Option<&str>,
+    at: Timestamp,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(if end_user.is_some() { "end_user" } else { "catalog" })
+        .bind(end_user)
+        .bind(millis(at))
+        .execute(connection)
+        .await?;
+    Ok(())
+}
