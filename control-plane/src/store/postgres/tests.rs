@@ -2,6 +2,9 @@
 //! schema on `QS_TEST_POSTGRES_URL` and returns at once when it is unset. The shared
 //! behaviour is the control-plane suite's, run on both stores.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::PgPool;
 
@@ -14,8 +17,6 @@ use crate::store::{
     IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore, StoreError, StoreResult,
     TenancyStore, TenantRecord, WebhookStore, user_key,
 };
-use std::sync::Arc;
-use std::time::Duration;
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
 

@@ -1,0 +1,202 @@
+//! Who is calling: API keys authenticated (through the key cache, with failed
+//! attempts limited per client address), rate limits per environment, and the sync
+//! streams each key holds open.
+
+use ledger::Timestamp;
+
+use super::AppState;
+use crate::auth;
+use crate::error::ApiError;
+use crate::store::{ApiKeyRecord, Env};
+
+/// The authenticated caller: a key of one tenant's environment, with its scopes.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub env: Env,
+    pub key_id: String,
+    /// The key's hash, to check later that it still works (long-lived streams).
+    pub key_hash: [u8; 32],
+    pub scopes: Vec<String>,
+}
+
+impl Caller {
+    /// # Errors
+    /// `MissingScope` when the key lacks `scope`.
+    pub fn require(&self, scope: auth::Scope) -> Result<(), ApiError> {
+        if auth::allows(&self.scopes, scope) {
+            Ok(())
+        } else {
+            Err(ApiError::MissingScope(scope.as_str()))
+        }
+    }
+}
+
+/// An open sync stream, counted against its key until dropped.
+#[derive(Debug)]
+pub struct StreamGuard {
+    state: AppState,
+    key_id: String,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut streams = self
+            .state
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(open) = streams.get_mut(&self.key_id) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                streams.remove(&self.key_id);
+            }
+        }
+    }
+}
+
+impl AppState {
+    /// Authenticates a presented key: known, not revoked, matching its prefix's
+    /// environment; then applies the environment's rate limit. `client` is the caller's
+    /// address: past its budget of failed authentications it is refused (429) without a
+    /// store read. `None` (a request from inside the process) is not limited.
+    ///
+    /// # Errors
+    /// `Unauthorized`, `RateLimited`, or store failures.
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<Caller, ApiError> {
+        let now = self.real_now();
+        let record = self.key_record(secret, client, now).await;
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                if matches!(error, ApiError::Unauthorized)
+                    && let Some(client) = client
+                {
+                    self.inner.failed_auth.failed(client, now);
+                }
+                return Err(error);
+            }
+        };
+        let env = Env {
+            tenant_id: record.tenant_id,
+            environment: record.environment,
+        };
+        if let Err(not_until) = self.inner.limiter.check_key(&env) {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                &governor::clock::DefaultClock::default(),
+            ));
+            return Err(ApiError::RateLimited {
+                retry_after_secs: wait.as_secs().max(1),
+            });
+        }
+        Ok(Caller {
+            env,
+            key_id: record.id,
+            key_hash: record.key_hash,
+            scopes: record.scopes,
+        })
+    }
+
+    /// Whether the key `caller` authenticated with still works (not revoked): asked of
+    /// the key cache, so a revocation through this process shows at once and one
+    /// through another replica within the cache's time to live.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn key_is_live(&self, caller: &Caller) -> Result<bool, ApiError> {
+        let now = self.real_now();
+        let record = match self.inner.keys.get(&caller.key_hash, now) {
+            Some(auth::cache::Cached::Found(record)) => Some(record),
+            Some(auth::cache::Cached::Missing) => None,
+            None => {
+                let record = self.store().api_key_by_hash(&caller.key_hash).await?;
+                self.inner.keys.put(caller.key_hash, record.clone(), now);
+                record
+            }
+        };
+        Ok(record.is_some_and(|record| record.revoked_at.is_none()))
+    }
+
+    /// Counts a sync stream of `caller`'s key as open until the guard is dropped.
+    ///
+    /// # Errors
+    /// `TooManyStreams` when the key already has `sync.streams_per_key` open here.
+    pub fn open_stream(&self, caller: &Caller) -> Result<StreamGuard, ApiError> {
+        let limit = self.config().streams_per_key;
+        let mut streams = self
+            .inner
+            .streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open = streams.entry(caller.key_id.clone()).or_insert(0);
+        if *open >= limit {
+            return Err(ApiError::TooManyStreams { limit });
+        }
+        *open = open.saturating_add(1);
+        Ok(StreamGuard {
+            state: self.clone(),
+            key_id: caller.key_id.clone(),
+        })
+    }
+
+    /// The live key record a secret names, from the cache or the store.
+    async fn key_record(
+        &self,
+        secret: &str,
+        client: Option<std::net::IpAddr>,
+        now: Timestamp,
+    ) -> Result<ApiKeyRecord, ApiError> {
+        let claimed = auth::key_environment(secret).ok_or(ApiError::Unauthorized)?;
+        let hash = auth::hash_key(secret);
+        let record = match self.inner.keys.get(&hash, now) {
+            Some(auth::cache::Cached::Found(record)) => record,
+            Some(auth::cache::Cached::Missing) => return Err(ApiError::Unauthorized),
+            None => {
+                if let Some(retry_after_secs) =
+                    client.and_then(|client| self.inner.failed_auth.refused(client, now))
+                {
+                    return Err(ApiError::RateLimited { retry_after_secs });
+                }
+                let record = self.store().api_key_by_hash(&hash).await?;
+                self.inner.keys.put(hash, record.clone(), now);
+                record.ok_or(ApiError::Unauthorized)?
+            }
+        };
+        if !auth::hashes_equal(&record.key_hash, &hash)
+            || record.revoked_at.is_some()
+            || record.environment != claimed
+        {
+            return Err(ApiError::Unauthorized);
+        }
+        Ok(record)
+    }
+
+    /// Drops a key from the lookup cache after its revocation, and tells this process's
+    /// sync streams to check their keys at once.
+    pub fn forget_key(&self, hash: &[u8; 32]) {
+        self.inner.keys.forget(hash);
+        self.inner
+            .revocations
+            .send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// A receiver that sees a new value after each revocation in this process.
+    pub fn subscribe_revocations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.revocations.subscribe()
+    }
+
+    /// How many found keys and misses the key cache holds.
+    pub fn key_cache_len(&self) -> (usize, usize) {
+        self.inner.keys.len()
+    }
+
+    /// Failed authentications per client address: forget addresses back at a full
+    /// budget (the scheduler calls this every pass).
+    pub fn housekeep_auth(&self) {
+        self.inner.failed_auth.housekeep();
+    }
+}

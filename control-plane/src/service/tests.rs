@@ -1,0 +1,419 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use ledger::{Credits, EndUserId, GrantRequest, Timestamp};
+use sqlx::Connection;
+
+use super::mutate::retry_transient;
+use super::{AppState, ClaimHold, KeyHold};
+use crate::clock::ManualClock;
+use crate::config::{Config, DatabaseUrl, Overrides};
+use crate::error::ApiError;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Annotations, Changes, Claim, Env, Environment, StoreError};
+
+// A transient failure is retried up to twice; a third one, or any other failure, is
+// the answer.
+#[tokio::test]
+async fn transient_failures_are_retried_twice() {
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    let failing = |fail_first: u32, error: fn() -> StoreError| {
+        tries.store(0, std::sync::atomic::Ordering::SeqCst);
+        let tries = &tries;
+        retry_transient(move || async move {
+            let tried = tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if tried < fail_first {
+                Err(error())
+            } else {
+                Ok(tried)
+            }
+        })
+    };
+    let busy = || StoreError::Transient("busy".into());
+    assert_eq!(failing(2, busy).await.expect("third try"), 2);
+    assert!(
+        failing(3, busy)
+            .await
+            .is_err_and(|error| error.is_transient())
+    );
+    assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), 3);
+    let broken = || StoreError::Fatal("no such table".into());
+    assert!(matches!(
+        failing(1, broken).await,
+        Err(StoreError::Fatal(_))
+    ));
+    assert_eq!(
+        tries.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "not retried"
+    );
+}
+
+/// Polls `condition` until it holds, failing after a generous deadline.
+async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn grant(
+    state: &AppState,
+    env: &Env,
+    end_user: &EndUserId,
+    amount: i64,
+) -> tokio::task::JoinHandle<Result<(), ApiError>> {
+    let (state, env, end_user) = (state.clone(), env.clone(), end_user.clone());
+    tokio::spawn(async move {
+        state
+            .mutate(
+                &env,
+                &end_user,
+                None,
+                Annotations::default(),
+                201,
+                move |user, cx, _| {
+                    let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;
+                    Ok(((), Changes::from_applied(applied).1))
+                },
+            )
+            .await
+    })
+}
+
+/// An app state on a SQLite file with one end user, `hot`, whose operations can be
+/// made to queue: [`Held::lock`] has another connection hold the write lock.
+struct Held {
+    _directory: tempfile::TempDir,
+    path: String,
+    state: AppState,
+    env: Env,
+    hot: EndUserId,
+}
+
+impl Held {
+    async fn new(tenant: &str) -> Held {
+        let directory = tempfile::tempdir().expect("temp dir");
+        let path = directory.path().join("held.db").display().to_string();
+        let config = Config::parse(
+            &format!("[database]\nurl = \"sqlite://{path}\"\n"),
+            "test.toml",
+            &Overrides::default(),
+        )
+        .expect("config");
+        let store = SqliteStore::open(
+            &DatabaseUrl::SqliteFile(path.clone()),
+            config.synchronous,
+            2,
+        )
+        .await
+        .expect("store");
+        let clock = ManualClock::new(Timestamp::from_millis(1_767_225_600_000));
+        Held {
+            _directory: directory,
+            path,
+            state: AppState::new(config, Arc::new(store), Arc::new(clock), None),
+            env: Env {
+                tenant_id: tenant.into(),
+                environment: Environment::Test,
+            },
+            hot: EndUserId::new("hot").expect("id"),
+        }
+    }
+
+    /// Takes SQLite's write lock on another connection and starts a grant of 1 to
+    /// `hot`; returns once the grant's transaction waits for the lock (busy_timeout),
+    /// so everything sent after it queues.
+    async fn lock(
+        &self,
+    ) -> (
+        sqlx::SqliteConnection,
+        tokio::task::JoinHandle<Result<(), ApiError>>,
+    ) {
+        let mut blocker = sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.path))
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut blocker)
+            .await
+            .expect("lock");
+        let first = grant(&self.state, &self.env, &self.hot, 1);
+        self.queued(0).await;
+        (blocker, first)
+    }
+
+    /// Waits until `count` operations wait behind the one in flight.
+    async fn queued(&self, count: usize) {
+        let key = (self.env.clone(), self.hot.clone());
+        until("operations queued", || {
+            self.state.inner.groups.queued(&key) == Some(count)
+        })
+        .await;
+    }
+
+    async fn unlock(mut blocker: sqlx::SqliteConnection) {
+        sqlx::query("ROLLBACK")
+            .execute(&mut blocker)
+            .await
+            .expect("unlock");
+    }
+}
+
+// While the database is busy, operations on one end user queue behind the one in
+// flight; when it frees, the queued ones commit in one transaction, a refused one
+// among them leaving nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_operations_share_one_transaction() {
+    let held = Held::new("t_group").await;
+    let (state, env, hot) = (held.state.clone(), held.env.clone(), held.hot.clone());
+    let (blocker, first) = held.lock().await;
+    let mut queued = Vec::new();
+    for index in 0..20 {
+        // A zero grant is refused.
+        queued.push(grant(&state, &env, &hot, if index == 7 { 0 } else { 1 }));
+    }
+    held.queued(20).await;
+    Held::unlock(blocker).await;
+
+    first.await.expect("task").expect("first commits");
+    let mut refused = 0;
+    for (index, task) in queued.into_iter().enumerate() {
+        match task.await.expect("task") {
+            Ok(()) => assert_ne!(index, 7),
+            Err(ApiError::Refused(_)) if index == 7 => refused += 1,
+            Err(error) => panic!("operation {index}: {error}"),
+        }
+    }
+    assert_eq!(refused, 1);
+    until("the drainer ends", || {
+        state
+            .inner
+            .groups
+            .queued(&(env.clone(), hot.clone()))
+            .is_none()
+    })
+    .await;
+
+    let stored = state
+        .store()
+        .load_state(&env, &hot)
+        .await
+        .expect("load")
+        .expect("stored");
+    let now = state.real_now();
+    assert_eq!(
+        stored.available(None, now).expect("available"),
+        Credits::new(20)
+    );
+    let changes = state
+        .store()
+        .changes_after(&env, 0, 100)
+        .await
+        .expect("feed");
+    assert_eq!(
+        changes.len(),
+        2,
+        "one transaction alone, then one for the group: {changes:?}"
+    );
+    let entries = state
+        .store()
+        .entries(
+            &env,
+            &crate::store::EntryFilter {
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("entries");
+    assert_eq!(entries.len(), 20);
+}
+
+/// An operation under a claim on `key` (fingerprint `[1; 32]`): a grant of `outcome`'s
+/// amount, or `outcome`'s refusal.
+fn claiming(
+    state: &AppState,
+    env: &Env,
+    end_user: &EndUserId,
+    key: &str,
+    outcome: Result<i64, ApiError>,
+) -> Task {
+    let (state, env, end_user) = (state.clone(), env.clone(), end_user.clone());
+    let now = state.real_now();
+    let hold = ClaimHold::new(Claim {
+        key: key.into(),
+        fingerprint: [1; 32],
+        now,
+        keep_until: now,
+    });
+    tokio::spawn(async move {
+        let outcome = state
+            .mutate(
+                &env,
+                &end_user,
+                Some(&KeyHold::Claim(hold.clone())),
+                Annotations::default(),
+                201,
+                move |user, cx, _| {
+                    let amount = outcome?;
+                    let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;
+                    Ok(((), Changes::from_applied(applied).1))
+                },
+            )
+            .await;
+        match outcome {
+            Err(ApiError::IdempotencyKeyInFlight) if hold.was_taken() => Err(Taken),
+            other => Ok(other),
+        }
+    })
+}
+
+/// An operation whose claim found its key taken.
+#[derive(Debug)]
+struct Taken;
+
+/// A spawned operation: its answer, or `Taken`.
+type Task = tokio::task::JoinHandle<Result<Result<(), ApiError>, Taken>>;
+
+// Claims in one group: the first of a key runs and its answer is stored; a repeat of
+// it, and a key another request holds a lease on, do not run (their requests go the
+// classic way); a claimed refusal that is a stored decision is stored as the key's
+// answer, any other gives the key back; an unkeyed operation beside them commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_in_a_group_run_once_and_keep_their_answers() {
+    let held = Held::new("t_claims").await;
+    let (state, env, hot) = (held.state.clone(), held.env.clone(), held.hot.clone());
+    let now = state.real_now();
+    let leased = state
+        .store()
+        .idempotency_begin(&env, "held", &[1; 32], now, 30_000, now)
+        .await
+        .expect("lease");
+    assert!(matches!(leased, crate::store::IdempotencyBegin::Started));
+
+    let (blocker, first) = held.lock().await;
+    let queue: [&dyn Fn() -> Task; 6] = [
+        &|| claiming(&state, &env, &hot, "a", Ok(5)),
+        &|| claiming(&state, &env, &hot, "a", Ok(5)),
+        &|| {
+            claiming(
+                &state,
+                &env,
+                &hot,
+                "b",
+                Err(ApiError::Conflict("no".into())),
+            )
+        },
+        &|| {
+            claiming(
+                &state,
+                &env,
+                &hot,
+                "c",
+                Err(ApiError::bad_request("x", "bad")),
+            )
+        },
+        &|| claiming(&state, &env, &hot, "held", Ok(7)),
+        &|| {
+            let task = grant(&state, &env, &hot, 2);
+            tokio::spawn(async move { Ok(task.await.expect("task")) })
+        },
+    ];
+    let mut group = Vec::new();
+    for (index, start) in queue.iter().enumerate() {
+        group.push(start());
+        held.queued(index + 1).await;
+    }
+    Held::unlock(blocker).await;
+    first.await.expect("task").expect("first commits");
+    let mut outcomes = Vec::new();
+    for task in group {
+        outcomes.push(match task.await.expect("task") {
+            Err(Taken) => "taken",
+            Ok(Ok(())) => "ok",
+            Ok(Err(ApiError::Conflict(_))) => "conflict",
+            Ok(Err(ApiError::Invalid { .. })) => "bad request",
+            Ok(Err(error)) => panic!("unexpected: {error}"),
+        });
+    }
+    assert_eq!(
+        outcomes,
+        ["ok", "taken", "conflict", "bad request", "taken", "ok"]
+    );
+
+    let begin = |key: &'static str| {
+        let (state, env) = (state.clone(), env.clone());
+        async move {
+            state
+                .store()
+                .idempotency_begin(&env, key, &[1; 32], now, 30_000, now)
+                .await
+                .expect("begin")
+        }
+    };
+    assert!(
+        matches!(
+            begin("a").await,
+            crate::store::IdempotencyBegin::Replay { status: 201, .. }
+        ),
+        "the claimed answer is stored"
+    );
+    assert!(
+        matches!(
+            begin("b").await,
+            crate::store::IdempotencyBegin::Replay { status: 409, .. }
+        ),
+        "a stored decision is the key's answer"
+    );
+    assert!(
+        matches!(begin("c").await, crate::store::IdempotencyBegin::Started),
+        "a refusal that is not stored gave the key back"
+    );
+    assert!(
+        matches!(
+            begin("held").await,
+            crate::store::IdempotencyBegin::InFlight
+        ),
+        "the classic lease is untouched"
+    );
+    let stored = state
+        .store()
+        .load_state(&env, &hot)
+        .await
+        .expect("load")
+        .expect("stored");
+    assert_eq!(
+        stored.available(None, now).expect("available"),
+        Credits::new(1 + 5 + 2),
+        "only the operations that ran committed"
+    );
+    let changes = state
+        .store()
+        .changes_after(&env, 0, 100)
+        .await
+        .expect("feed");
+    assert_eq!(
+        changes.len(),
+        2,
+        "the first alone, then one group: {changes:?}"
+    );
+
+    // A group whose only runnable operation is unclaimed and refused: the refusal is
+    // that operation's answer alone, not the skipped one's.
+    let (blocker, first) = held.lock().await;
+    let repeat = claiming(&state, &env, &hot, "a", Ok(5));
+    held.queued(1).await;
+    let refused = grant(&state, &env, &hot, 0);
+    held.queued(2).await;
+    Held::unlock(blocker).await;
+    first.await.expect("task").expect("first commits");
+    assert!(matches!(repeat.await.expect("task"), Err(Taken)));
+    assert!(matches!(
+        refused.await.expect("task"),
+        Err(ApiError::Refused(_))
+    ));
+}
