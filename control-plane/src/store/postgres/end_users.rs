@@ -85,7 +85,7 @@ impl LedgerStore for PostgresStore {
         }
         let mut rows = Rows::default();
         for (old, state, changes) in &results {
-            rows.stage(&mut tx, env, old, state, changes).await?;
+            rows.stage(old, state, changes)?;
         }
         rows.flush(&mut tx, env, now).await?;
         tx.commit().await.map_err(StoreError::from)?;

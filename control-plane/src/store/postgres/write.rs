@@ -8,7 +8,8 @@ use super::webhooks::live_endpoints;
 use super::{corrupt, millis, unique_violation};
 use crate::store::{
     BlockRow, Changes, EntryRow, Env, IdempotencyAnswer, StateRow, StoreError, StoreResult,
-    UsageKeyRecord, stage_rows, unchanged, user_key,
+    UsageKeyRecord, changed_leases, changed_reservations, changed_subscriptions, stage_rows,
+    unchanged, user_key,
 };
 
 pub(super) async fn finish_idempotency(
@@ -45,16 +46,16 @@ pub(super) struct Rows {
     events: Vec<(protocol::Event, String)>,
     /// End users whose state changed: one change-feed entry each.
     changes: Vec<String>,
+    reservations: Vec<HeldRow>,
+    leases: Vec<HeldRow>,
+    subscriptions: Vec<HeldRow>,
 }
 
 impl Rows {
     /// Stages the new state of one end user and everything its operations produced (one
-    /// `Changes` per operation, in order); writes its reservations and subscriptions,
-    /// which are rare, at once.
-    pub(super) async fn stage(
+    /// `Changes` per operation, in order).
+    pub(super) fn stage(
         &mut self,
-        connection: &mut PgConnection,
-        env: &Env,
         old: &EndUserState,
         new: &EndUserState,
         changes: &[Changes],
@@ -79,9 +80,34 @@ impl Rows {
                     .push((crate::store::wire_event(event), end_user.to_owned()));
             }
         }
-        write_reservations(connection, env, old, new, changes).await?;
-        write_leases(connection, env, old, new, changes).await?;
-        write_subscriptions(connection, env, old, new, changes).await
+        for reservation in changed_reservations(old, new, changes) {
+            self.reservations.push(HeldRow::new(
+                reservation.id.to_string(),
+                end_user,
+                None,
+                reservation.status.as_str(),
+                reservation,
+            )?);
+        }
+        for lease in changed_leases(old, new, changes) {
+            self.leases.push(HeldRow::new(
+                lease.id.to_string(),
+                end_user,
+                Some(lease.holder.as_str()),
+                lease.status.as_str(),
+                lease,
+            )?);
+        }
+        for subscription in changed_subscriptions(old, new, changes) {
+            self.subscriptions.push(HeldRow::new(
+                subscription.id.to_string(),
+                end_user,
+                None,
+                subscription.status.as_str(),
+                subscription,
+            )?);
+        }
+        Ok(())
     }
 
     /// Writes everything staged; the event log and change feed last (see the module
@@ -271,6 +297,9 @@ impl Rows {
             .execute(&mut *connection)
             .await?;
         }
+        write_held(connection, env, Held::Reservations, self.reservations).await?;
+        write_held(connection, env, Held::Leases, self.leases).await?;
+        write_held(connection, env, Held::Subscriptions, self.subscriptions).await?;
         append_to_feeds(connection, env, &self.events, &self.changes, now).await
     }
 }
@@ -302,86 +331,110 @@ pub(super) async fn persist(
     now: Timestamp,
 ) -> StoreResult<()> {
     let mut rows = Rows::default();
-    rows.stage(connection, env, old, new, changes).await?;
+    rows.stage(old, new, changes)?;
     rows.flush(connection, env, now).await
 }
 
-/// Every reservation that is new or changed, live or finished.
-async fn write_reservations(
-    connection: &mut PgConnection,
-    env: &Env,
-    old: &EndUserState,
-    new: &EndUserState,
-    changes: &[Changes],
-) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    for reservation in crate::store::changed_reservations(old, new, changes) {
-        sqlx::query(
-            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )
-        .bind(reservation.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(reservation.status.as_str())
-        .bind(serde_json::to_string(reservation)?)
-        .execute(&mut *connection)
-        .await?;
-    }
-    Ok(())
+/// A row of an object an end user holds (a reservation, lease or subscription) that is
+/// new or changed, live or finished: written with one statement per table.
+#[derive(Debug)]
+struct HeldRow {
+    id: String,
+    end_user: String,
+    /// A lease's holder; `None` for the other kinds.
+    holder: Option<String>,
+    status: &'static str,
+    body: String,
 }
 
-/// Every lease that is new or changed, live or finished.
-async fn write_leases(
-    connection: &mut PgConnection,
-    env: &Env,
-    old: &EndUserState,
-    new: &EndUserState,
-    changes: &[Changes],
-) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    for lease in crate::store::changed_leases(old, new, changes) {
-        sqlx::query(
-            "INSERT INTO leases (id, tenant_id, environment, end_user_id, holder, status, body) VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )
-        .bind(lease.id.to_string())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(lease.holder.as_str())
-        .bind(lease.status.as_str())
-        .bind(serde_json::to_string(lease)?)
-        .execute(&mut *connection)
-        .await?;
+impl HeldRow {
+    fn new<T: serde::Serialize>(
+        id: String,
+        end_user: &str,
+        holder: Option<&str>,
+        status: &'static str,
+        object: &T,
+    ) -> StoreResult<HeldRow> {
+        Ok(HeldRow {
+            id,
+            end_user: end_user.to_owned(),
+            holder: holder.map(str::to_owned),
+            status,
+            body: serde_json::to_string(object)?,
+        })
     }
-    Ok(())
 }
 
-/// Every subscription that is new or changed, live or finished.
-async fn write_subscriptions(
+/// The tables of objects an end user holds, each written with one statement.
+#[derive(Debug, Clone, Copy)]
+enum Held {
+    Reservations,
+    Leases,
+    Subscriptions,
+}
+
+impl Held {
+    /// The upsert of a batch: tenant and environment, then one array per column.
+    fn upsert(self) -> &'static str {
+        match self {
+            Held::Reservations => {
+                "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body)
+                 SELECT u.id, $1, $2, u.end_user, u.status, u.body
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+            Held::Subscriptions => {
+                "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body)
+                 SELECT u.id, $1, $2, u.end_user, u.status, u.body
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+            Held::Leases => {
+                "INSERT INTO leases (id, tenant_id, environment, end_user_id, status, body, holder)
+                 SELECT u.id, $1, $2, u.end_user, u.status, u.body, u.holder
+                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+                   AS u(id, end_user, status, body, holder)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+        }
+    }
+}
+
+/// Upserts `rows` into `table`'s table with one `UNNEST` statement. `rows` holds each id
+/// once: a transaction stages each end user once.
+async fn write_held(
     connection: &mut PgConnection,
     env: &Env,
-    old: &EndUserState,
-    new: &EndUserState,
-    changes: &[Changes],
+    table: Held,
+    rows: Vec<HeldRow>,
 ) -> StoreResult<()> {
-    let end_user = new.end_user_id().as_str();
-    for subscription in crate::store::changed_subscriptions(old, new, changes) {
-        sqlx::query(
-            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )
-        .bind(subscription.id.to_string())
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut users = Vec::with_capacity(rows.len());
+    let mut holders = Vec::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.id);
+        users.push(row.end_user);
+        holders.push(row.holder.unwrap_or_default());
+        statuses.push(row.status);
+        bodies.push(row.body);
+    }
+    let query = sqlx::query(table.upsert())
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(subscription.status.as_str())
-        .bind(serde_json::to_string(subscription)?)
-        .execute(&mut *connection)
-        .await?;
-    }
+        .bind(ids)
+        .bind(users)
+        .bind(statuses)
+        .bind(bodies);
+    let query = match table {
+        Held::Leases => query.bind(holders),
+        Held::Reservations | Held::Subscriptions => query,
+    };
+    query.execute(&mut *connection).await?;
     Ok(())
 }
 
