@@ -18,7 +18,13 @@
 //! plain `UPDATE` instead of the store's upsert.
 
 // A benchmark program: it prints its report and panics on setup failures.
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+// A bench prints its report; a setup failure panics; a scenario reads top to bottom.
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines
+)]
 
 mod support;
 

@@ -234,36 +234,7 @@ impl fmt::Display for ApplyPlan {
 pub fn plan(file: &CatalogFile, current: &Current) -> ApplyPlan {
     let mut plan = ApplyPlan::default();
     for feature in &file.features {
-        match current.features.iter().find(|f| f.key == feature.key) {
-            None => plan.steps.push(Step::CreateFeature(feature.clone())),
-            Some(existing) => {
-                if existing.feature_type != feature.feature_type {
-                    plan.refused.push(format!(
-                        "feature {}: its type can't change; create a feature with a new key instead",
-                        feature.key
-                    ));
-                    continue;
-                }
-                let mut changed = Vec::new();
-                if existing.name != feature.name {
-                    changed.push("name");
-                }
-                if existing.pricing != feature.pricing {
-                    changed.push("pricing");
-                }
-                if existing.requires_plan != feature.requires_plan {
-                    changed.push("requires_plan");
-                }
-                if changed.is_empty() {
-                    plan.unchanged += 1;
-                } else {
-                    plan.steps.push(Step::ReplaceFeature {
-                        body: feature.clone(),
-                        changed,
-                    });
-                }
-            }
-        }
+        plan_feature(feature, current, &mut plan);
     }
     let known_features: BTreeSet<&str> = current
         .features
@@ -313,43 +284,79 @@ pub fn plan(file: &CatalogFile, current: &Current) -> ApplyPlan {
                 }
             }
         }
-        for variant in &wanted.variants {
-            let stored = existing.and_then(|existing| {
-                existing
-                    .variants
-                    .iter()
-                    .find(|stored| stored.key == variant.key)
-            });
-            match stored {
-                None => plan.steps.push(Step::CreateVariant {
-                    plan: wanted.key.clone(),
-                    body: variant.clone(),
-                }),
-                Some(stored) => {
-                    let as_wanted = Variant::from_request(
-                        &stored.id,
-                        &stored.plan_id,
-                        variant,
-                        stored.archived,
-                    );
-                    if as_wanted == *stored {
-                        plan.unchanged += 1;
-                    } else {
-                        plan.refused.push(format!(
-                            "variant {}/{}: differs from the stored one ({}); variants are immutable: give the new price point a new key and archive the old one",
-                            wanted.key,
-                            variant.key,
-                            variant_differences(stored, &as_wanted).join(", ")
-                        ));
-                    }
-                }
-            }
-        }
+        variant_steps(wanted, existing, &mut plan);
     }
     if let Some(settings) = &file.settings {
         settings_step(settings, &file.plans, current, &mut plan);
     }
     plan
+}
+
+/// The step a feature of the file takes: created, replaced, unchanged or refused.
+fn plan_feature(feature: &CreateFeature, current: &Current, plan: &mut ApplyPlan) {
+    match current.features.iter().find(|f| f.key == feature.key) {
+        None => plan.steps.push(Step::CreateFeature(feature.clone())),
+        Some(existing) => {
+            if existing.feature_type != feature.feature_type {
+                plan.refused.push(format!(
+                    "feature {}: its type can't change; create a feature with a new key instead",
+                    feature.key
+                ));
+                return;
+            }
+            let mut changed = Vec::new();
+            if existing.name != feature.name {
+                changed.push("name");
+            }
+            if existing.pricing != feature.pricing {
+                changed.push("pricing");
+            }
+            if existing.requires_plan != feature.requires_plan {
+                changed.push("requires_plan");
+            }
+            if changed.is_empty() {
+                plan.unchanged += 1;
+            } else {
+                plan.steps.push(Step::ReplaceFeature {
+                    body: feature.clone(),
+                    changed,
+                });
+            }
+        }
+    }
+}
+
+/// The steps a plan's variants take: each new one created; a stored one unchanged, or
+/// refused when it differs (variants are immutable).
+fn variant_steps(wanted: &PlanFile, existing: Option<&Plan>, plan: &mut ApplyPlan) {
+    for variant in &wanted.variants {
+        let stored = existing.and_then(|existing| {
+            existing
+                .variants
+                .iter()
+                .find(|stored| stored.key == variant.key)
+        });
+        match stored {
+            None => plan.steps.push(Step::CreateVariant {
+                plan: wanted.key.clone(),
+                body: variant.clone(),
+            }),
+            Some(stored) => {
+                let as_wanted =
+                    Variant::from_request(&stored.id, &stored.plan_id, variant, stored.archived);
+                if as_wanted == *stored {
+                    plan.unchanged += 1;
+                } else {
+                    plan.refused.push(format!(
+                        "variant {}/{}: differs from the stored one ({}); variants are immutable: give the new price point a new key and archive the old one",
+                        wanted.key,
+                        variant.key,
+                        variant_differences(stored, &as_wanted).join(", ")
+                    ));
+                }
+            }
+        }
+    }
 }
 
 fn variant_differences(stored: &Variant, wanted: &Variant) -> Vec<&'static str> {

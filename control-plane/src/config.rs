@@ -278,17 +278,7 @@ impl Config {
     }
 
     fn validate(raw: RawConfig, overrides: &Overrides) -> Result<Config, ConfigError> {
-        let listen = overrides
-            .listen
-            .clone()
-            .or(raw.server.listen)
-            .unwrap_or_else(|| "127.0.0.1:8080".into());
-        let listen: SocketAddr = listen.parse().map_err(|_| {
-            invalid(
-                "server.listen",
-                format!("`{listen}` is not an address such as 127.0.0.1:8080"),
-            )
-        })?;
+        let listen = listen_address(overrides.listen.clone().or(raw.server.listen))?;
         let body_limit_bytes = raw.server.body_limit_bytes.unwrap_or(1024 * 1024);
         if !(1024..=64 * 1024 * 1024).contains(&body_limit_bytes) {
             return Err(invalid(
@@ -302,46 +292,38 @@ impl Config {
             .or(raw.database.url)
             .unwrap_or_else(|| "sqlite://data/quotastack.db".into());
         let database = parse_database_url(&url)?;
-        let synchronous = match raw.database.synchronous.as_deref().unwrap_or("full") {
-            "full" => Synchronous::Full,
-            "normal" => Synchronous::Normal,
-            other => {
-                return Err(invalid(
-                    "database.synchronous",
-                    format!("`{other}` is not `full` or `normal`"),
-                ));
-            }
-        };
-        let read_connections = raw.database.read_connections.unwrap_or(4);
-        if !(1..=64).contains(&read_connections) {
-            return Err(invalid("database.read_connections", "must be 1 to 64"));
-        }
-        let max_connections = raw.database.max_connections.unwrap_or(16);
-        if !(1..=256).contains(&max_connections) {
-            return Err(invalid("database.max_connections", "must be 1 to 256"));
-        }
-        let catalog_cache_ms = raw.server.catalog_cache_ms.unwrap_or(1000);
-        if catalog_cache_ms > 60_000 {
-            return Err(invalid("server.catalog_cache_ms", "must be at most 60000"));
-        }
-        let catalog_cache = Duration::from_millis(catalog_cache_ms);
-        let group_commit_max = raw.database.group_commit_max.unwrap_or(64);
-        if !(1..=1024).contains(&group_commit_max) {
-            return Err(invalid("database.group_commit_max", "must be 1 to 1024"));
-        }
-        let operator_token = overrides
-            .operator_token
-            .clone()
-            .map(Secret::new)
-            .or(raw.auth.operator_token.clone());
-        if let Some(token) = &operator_token
-            && token.expose().len() < 16
-        {
-            return Err(invalid(
-                "auth.operator_token",
-                "must be at least 16 characters",
-            ));
-        }
+        let synchronous = synchronous(raw.database.synchronous.as_deref())?;
+        let read_connections = ranged(
+            "database.read_connections",
+            raw.database.read_connections,
+            4,
+            1..=64,
+        )?;
+        let max_connections = ranged(
+            "database.max_connections",
+            raw.database.max_connections,
+            16,
+            1..=256,
+        )?;
+        let catalog_cache = Duration::from_millis(ranged(
+            "server.catalog_cache_ms",
+            raw.server.catalog_cache_ms,
+            1000,
+            0..=60_000,
+        )?);
+        let group_commit_max = ranged(
+            "database.group_commit_max",
+            raw.database.group_commit_max,
+            64,
+            1..=1024,
+        )?;
+        let operator_token = operator_token(
+            overrides
+                .operator_token
+                .clone()
+                .map(Secret::new)
+                .or(raw.auth.operator_token.clone()),
+        )?;
         let rate_limit_per_second = raw.rate_limit.requests_per_second.unwrap_or(2000);
         let rate_limit_burst = raw.rate_limit.burst.unwrap_or(4000);
         if rate_limit_per_second == 0 || rate_limit_burst == 0 {
@@ -350,41 +332,10 @@ impl Config {
                 "requests_per_second and burst must be positive",
             ));
         }
-        let retention_hours = raw.idempotency.retention_hours.unwrap_or(24);
-        if retention_hours < 24 {
-            return Err(invalid(
-                "idempotency.retention_hours",
-                "must be at least 24 (SPEC 9)",
-            ));
-        }
-        let usage_days = raw.idempotency.usage_retention_days.unwrap_or(35);
-        if usage_days < 35 {
-            return Err(invalid(
-                "idempotency.usage_retention_days",
-                "must be at least 35 (SPEC 9)",
-            ));
-        }
-        let log_format = match overrides
-            .log_format
-            .clone()
-            .or(raw.log.format)
-            .as_deref()
-            .unwrap_or("text")
-        {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(invalid(
-                    "log.format",
-                    format!("`{other}` is not `text` or `json`"),
-                ));
-            }
-        };
+        let (idempotency_retention, usage_key_retention) = retention(&raw.idempotency)?;
+        let log_format = log_format(overrides.log_format.clone().or(raw.log.format))?;
         let webhook_concurrency = raw.webhooks.concurrency.unwrap_or(16).clamp(1, 256);
-        let jobs_interval_ms = raw.jobs.interval_ms.unwrap_or(1000);
-        if !(10..=60_000).contains(&jobs_interval_ms) {
-            return Err(invalid("jobs.interval_ms", "must be 10 to 60000"));
-        }
+        let jobs_interval_ms = ranged("jobs.interval_ms", raw.jobs.interval_ms, 1000, 10..=60_000)?;
         Ok(Config {
             listen,
             body_limit_bytes,
@@ -399,48 +350,135 @@ impl Config {
             key_cache: key_cache_limits(&raw.auth),
             rate_limit_per_second,
             rate_limit_burst,
-            idempotency_retention: Duration::from_secs(retention_hours.saturating_mul(3600)),
-            usage_key_retention: Duration::from_secs(usage_days.saturating_mul(86_400)),
+            idempotency_retention,
+            usage_key_retention,
             idempotency_wait: Duration::from_secs(raw.idempotency.wait_secs.unwrap_or(10)),
             jobs_interval: Duration::from_millis(jobs_interval_ms),
             jobs_batch_len_max: raw.jobs.batch_len_max.unwrap_or(500).clamp(1, 10_000),
-            jobs_environment_budget: Duration::from_millis(
-                raw.jobs
-                    .environment_budget_ms
-                    .unwrap_or(1000)
-                    .clamp(10, 60_000),
-            ),
+            jobs_environment_budget: millis(raw.jobs.environment_budget_ms, 1000, 10..=60_000),
             log_format,
-            log_level: overrides
-                .log_level
-                .clone()
-                .or(raw.log.level)
-                .unwrap_or_else(|| "info".into()),
+            log_level: (overrides.log_level.clone().or(raw.log.level)).unwrap_or("info".into()),
             webhooks_allow_private: raw.webhooks.allow_private_addresses.unwrap_or(false),
-            webhook_timeout: Duration::from_secs(
-                raw.webhooks.timeout_secs.unwrap_or(10).clamp(1, 60),
-            ),
+            webhook_timeout: secs(raw.webhooks.timeout_secs, 10, 1..=60),
             webhook_concurrency,
             webhook_per_environment: raw
                 .webhooks
                 .per_environment
                 .unwrap_or(4)
                 .clamp(1, webhook_concurrency),
-            feed_retention: Duration::from_secs(
+            feed_retention: secs(
                 raw.sync
                     .feed_retention_hours
-                    .unwrap_or(168)
-                    .clamp(1, 24 * 365)
-                    .saturating_mul(3600),
+                    .map(|hours| hours.saturating_mul(3600)),
+                168 * 3600,
+                3600..=24 * 365 * 3600,
             ),
             streams_per_key: raw.sync.streams_per_key.unwrap_or(1000).clamp(1, 100_000),
-            stream_max: Duration::from_secs(
-                raw.sync
-                    .stream_max_secs
-                    .unwrap_or(3600)
-                    .clamp(1, 7 * 86_400),
-            ),
+            stream_max: secs(raw.sync.stream_max_secs, 3600, 1..=7 * 86_400),
         })
+    }
+}
+
+/// `value` (or `default` when unset) if it is within `range`; else the error naming
+/// `field` and the range.
+fn ranged<T>(
+    field: &'static str,
+    value: Option<T>,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    let value = value.unwrap_or(default);
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(invalid(
+            field,
+            format!("must be {} to {}", range.start(), range.end()),
+        ))
+    }
+}
+
+/// Seconds from `value` (or `default`), brought within `range`.
+fn secs(value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>) -> Duration {
+    Duration::from_secs(value.unwrap_or(default).clamp(*range.start(), *range.end()))
+}
+
+/// Milliseconds from `value` (or `default`), brought within `range`.
+fn millis(value: Option<u64>, default: u64, range: std::ops::RangeInclusive<u64>) -> Duration {
+    Duration::from_millis(value.unwrap_or(default).clamp(*range.start(), *range.end()))
+}
+
+/// `auth.operator_token` (or `--operator-token`): at least 16 characters when set.
+fn operator_token(token: Option<Secret>) -> Result<Option<Secret>, ConfigError> {
+    if let Some(token) = &token
+        && token.expose().len() < 16
+    {
+        return Err(invalid(
+            "auth.operator_token",
+            "must be at least 16 characters",
+        ));
+    }
+    Ok(token)
+}
+
+/// How long idempotency records and usage event keys are kept: at least SPEC 9's 24
+/// hours and 35 days.
+fn retention(raw: &RawIdempotency) -> Result<(Duration, Duration), ConfigError> {
+    let hours = raw.retention_hours.unwrap_or(24);
+    if hours < 24 {
+        return Err(invalid(
+            "idempotency.retention_hours",
+            "must be at least 24 (SPEC 9)",
+        ));
+    }
+    let days = raw.usage_retention_days.unwrap_or(35);
+    if days < 35 {
+        return Err(invalid(
+            "idempotency.usage_retention_days",
+            "must be at least 35 (SPEC 9)",
+        ));
+    }
+    Ok((
+        Duration::from_secs(hours.saturating_mul(3600)),
+        Duration::from_secs(days.saturating_mul(86_400)),
+    ))
+}
+
+/// `server.listen` (or `--listen`): 127.0.0.1:8080 by default.
+fn listen_address(text: Option<String>) -> Result<SocketAddr, ConfigError> {
+    let text = text.unwrap_or_else(|| "127.0.0.1:8080".into());
+    text.parse().map_err(|_| {
+        invalid(
+            "server.listen",
+            format!("`{text}` is not an address such as 127.0.0.1:8080"),
+        )
+    })
+}
+
+/// `database.synchronous`: `full` (the default) or `normal`.
+fn synchronous(text: Option<&str>) -> Result<Synchronous, ConfigError> {
+    match text.unwrap_or("full") {
+        "full" => Ok(Synchronous::Full),
+        "normal" => Ok(Synchronous::Normal),
+        other => Err(invalid(
+            "database.synchronous",
+            format!("`{other}` is not `full` or `normal`"),
+        )),
+    }
+}
+
+/// `log.format` (or `--log-format`): `text` (the default) or `json`.
+fn log_format(text: Option<String>) -> Result<LogFormat, ConfigError> {
+    match text.as_deref().unwrap_or("text") {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(invalid(
+            "log.format",
+            format!("`{other}` is not `text` or `json`"),
+        )),
     }
 }
 

@@ -657,6 +657,62 @@ impl EndUserState {
             .map_or(0, |counter| counter.units)
     }
 
+    /// What reservations and leases hold, per block, each checked against its own total
+    /// and status.
+    fn holds(&self) -> Result<BTreeMap<crate::id::BlockId, Credits>, String> {
+        let mut held_by_reservations: BTreeMap<crate::id::BlockId, Credits> = BTreeMap::new();
+        for reservation in &self.reservations {
+            let mut total = Credits::ZERO;
+            for part in &reservation.parts {
+                let slot = held_by_reservations.entry(part.block_id).or_default();
+                *slot = slot
+                    .checked_add(part.amount)
+                    .map_err(|_| "held overflows".to_owned())?;
+                total = total
+                    .checked_add(part.amount)
+                    .map_err(|_| "held overflows".to_owned())?;
+            }
+            if total != reservation.amount {
+                return Err(format!(
+                    "reservation {} holds {total} in parts but says {}",
+                    reservation.id, reservation.amount
+                ));
+            }
+            if reservation.status != crate::reservation::ReservationStatus::Active {
+                return Err(format!(
+                    "reservation {} is live but not active",
+                    reservation.id
+                ));
+            }
+        }
+        for lease in &self.leases {
+            let mut total = Credits::ZERO;
+            for part in &lease.parts {
+                let slot = held_by_reservations.entry(part.block_id).or_default();
+                *slot = slot
+                    .checked_add(part.amount)
+                    .map_err(|_| "held overflows".to_owned())?;
+                total = total
+                    .checked_add(part.amount)
+                    .map_err(|_| "held overflows".to_owned())?;
+            }
+            if total != lease.held {
+                return Err(format!(
+                    "lease {} holds {total} in parts but says {}",
+                    lease.id, lease.held
+                ));
+            }
+            let active = lease.status == crate::lease::LeaseStatus::Active;
+            if active == lease.ended_at.is_some() || (!active && lease.held.is_positive()) {
+                return Err(format!(
+                    "lease {} is {} but its end and hold disagree",
+                    lease.id, lease.status
+                ));
+            }
+        }
+        Ok(held_by_reservations)
+    }
+
     /// Checks SPEC 3.4 and the structural invariants: `0 <= held <= remaining <= amount`
     /// and `amount = burned + expired + voided + remaining` per block; lifetime totals
     /// balance per end user; every block's `held` equals what active reservations hold on
@@ -669,56 +725,7 @@ impl EndUserState {
             end_user_id: self.end_user_id.to_string(),
             message,
         };
-        let mut held_by_reservations: BTreeMap<crate::id::BlockId, Credits> = BTreeMap::new();
-        for reservation in &self.reservations {
-            let mut total = Credits::ZERO;
-            for part in &reservation.parts {
-                let slot = held_by_reservations.entry(part.block_id).or_default();
-                *slot = slot
-                    .checked_add(part.amount)
-                    .map_err(|_| fail("held overflows".into()))?;
-                total = total
-                    .checked_add(part.amount)
-                    .map_err(|_| fail("held overflows".into()))?;
-            }
-            if total != reservation.amount {
-                return Err(fail(format!(
-                    "reservation {} holds {total} in parts but says {}",
-                    reservation.id, reservation.amount
-                )));
-            }
-            if reservation.status != crate::reservation::ReservationStatus::Active {
-                return Err(fail(format!(
-                    "reservation {} is live but not active",
-                    reservation.id
-                )));
-            }
-        }
-        for lease in &self.leases {
-            let mut total = Credits::ZERO;
-            for part in &lease.parts {
-                let slot = held_by_reservations.entry(part.block_id).or_default();
-                *slot = slot
-                    .checked_add(part.amount)
-                    .map_err(|_| fail("held overflows".into()))?;
-                total = total
-                    .checked_add(part.amount)
-                    .map_err(|_| fail("held overflows".into()))?;
-            }
-            if total != lease.held {
-                return Err(fail(format!(
-                    "lease {} holds {total} in parts but says {}",
-                    lease.id, lease.held
-                )));
-            }
-            let active = lease.status == crate::lease::LeaseStatus::Active;
-            if active == lease.ended_at.is_some() || (!active && lease.held.is_positive()) {
-                return Err(fail(format!(
-                    "lease {} is {} but its end and hold disagree",
-                    lease.id, lease.status
-                )));
-            }
-        }
+        let mut held_by_reservations = self.holds().map_err(fail)?;
         let mut remaining_total = Credits::ZERO;
         for block in &self.blocks {
             check_block(block).map_err(fail)?;

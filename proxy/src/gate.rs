@@ -290,6 +290,151 @@ impl Gate {
         }
     }
 
+    /// Takes the hold a reservation route needs before its upstream starts. Returns the
+    /// reservation's id (`None` when the control plane could not be reached and the
+    /// route fails open), or the answer to give instead, with the local spend given back.
+    async fn reserve_hold(
+        &self,
+        route: &Route,
+        end_user: &EndUserId,
+        units: Units,
+        reserve: &crate::routes::Reserve,
+        admitted: &mut Admitted,
+    ) -> Result<Option<String>, Problem> {
+        // The one network call on the request path, and only for reservation routes:
+        // the hold must exist at the control plane before a long upstream job starts.
+        // A known key: if the answer is lost, the outbox can find the hold again.
+        let reserve_key = format!("qsp_{}", ulid::Ulid::new());
+        let reservation = self
+            .client
+            .with_key(&reserve_key)
+            .reserve(&CreateReservation {
+                end_user_id: end_user.to_string(),
+                feature_key: admitted.feature.to_string(),
+                units: Some(units.get()),
+                amount: None,
+                ttl_seconds: Some(reserve.ttl_seconds),
+            })
+            .await;
+        match reservation {
+            Ok(reservation) => {
+                // The hold is in the control plane's state now, from the version
+                // the answer names: the local estimate stops counting once the
+                // replica shows it.
+                self.replica.pending.confirm(
+                    end_user,
+                    admitted.pending,
+                    reservation.version,
+                    || self.replica.version(end_user),
+                );
+                admitted.pending = Credits::ZERO;
+                Ok(Some(reservation.id))
+            }
+            Err(error) if !answers_the_client(&error) => {
+                // The hold may exist even though no answer came back: queue its
+                // release (found again by the key), so credits are not held for the
+                // whole TTL.
+                let undo = Record {
+                    key: format!("{reserve_key}-undo"),
+                    end_user_id: end_user.to_string(),
+                    pending: 0,
+                    op: Op::Unreserve {
+                        reserve_key: reserve_key.clone(),
+                        feature_key: admitted.feature.to_string(),
+                        units: units.get(),
+                        ttl_seconds: reserve.ttl_seconds,
+                    },
+                };
+                if let Err(error) = self.outbox.push(&undo).await {
+                    tracing::error!(%error, "could not queue the release of a reservation without answer (it will expire)");
+                }
+                if route.on_unavailable == OnUnavailable::Closed {
+                    self.replica.pending.reduce(end_user, admitted.pending);
+                    let problem = Problem::new(
+                        503,
+                        "quota_unavailable",
+                        "Quota state unavailable",
+                        "the control plane could not take the reservation",
+                    );
+                    return Err(problem);
+                }
+                tracing::warn!(%error, "reservation failed; failing open, the actual will be recorded as usage");
+                Ok(None)
+            }
+            Err(client::Error::Api { problem, .. }) => {
+                self.replica.pending.reduce(end_user, admitted.pending);
+                Err(*problem)
+            }
+            Err(error) => {
+                self.replica.pending.reduce(end_user, admitted.pending);
+                let problem = Problem::new(
+                    502,
+                    "control_plane_error",
+                    "Reservation failed",
+                    error.to_string(),
+                );
+                Err(problem)
+            }
+        }
+    }
+
+    /// What a reservation route's answer records: the hold released (failed, or nothing
+    /// used), committed with the actual units (the estimate when the upstream gave none),
+    /// or recorded as usage when no hold could be made; and the balance basis header.
+    fn settle_hold(
+        &self,
+        admitted: &Admitted,
+        hold: &Hold,
+        failed: bool,
+        upstream_response: &ResponseHeader,
+    ) -> (Option<Op>, (&'static str, Option<i64>)) {
+        let actual = upstream_response
+            .headers
+            .get(&hold.actual_header)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.trim().parse::<u64>().ok());
+        let basis =
+            self.balance_after_actual(admitted, hold, if failed { Some(0) } else { actual });
+        let units = match actual {
+            Some(units) => units,
+            None => {
+                if !failed {
+                    tracing::warn!(header = %hold.actual_header, "upstream gave no actual units; charging the estimate");
+                }
+                admitted.units.get()
+            }
+        };
+        let op = match (&hold.reservation_id, failed || units == 0) {
+            (Some(id), true) => Some(Op::Release {
+                reservation_id: id.clone(),
+            }),
+            (None, true) => None,
+            (Some(id), false) => Some(Op::Commit {
+                reservation_id: id.clone(),
+                feature_key: admitted.feature.to_string(),
+                units,
+            }),
+            (None, false) => Some(Op::Usage {
+                feature_key: admitted.feature.to_string(),
+                units,
+                timestamp_ms: self.replica.now().as_millis(),
+            }),
+        };
+        (op, basis)
+    }
+
+    /// Whether a decision is the lease's to make: leases are on, the route is not
+    /// reserve-then-commit, the feature blocks at zero, the request costs credits, and
+    /// the replica either allows it or refuses it for the balance alone.
+    fn gated_by_lease(&self, route: &Route, decision: &ledger::Decision) -> bool {
+        self.leases.enabled()
+            && !matches!(route.units, UnitsRule::Reserve(_))
+            && decision.overage == Some(ledger::OveragePolicy::Block)
+            && decision.cost.is_some_and(Credits::is_positive)
+            && (decision.allowed
+                || decision.reason == Some(ledger::DenyReason::InsufficientBalance))
+    }
+
     /// The decision from the replica (or the failure policy), with local spend reserved.
     /// `use_leases: false` decides from the replica and local spend alone (the control
     /// plane cannot be reached for a lease, but the replica is still fresh).
@@ -327,15 +472,6 @@ impl Gate {
             recorded: false,
             priced_on: None,
         };
-        let leased = |decision: &ledger::Decision| {
-            use_leases
-                && self.leases.enabled()
-                && !matches!(route.units, UnitsRule::Reserve(_))
-                && decision.overage == Some(ledger::OveragePolicy::Block)
-                && decision.cost.is_some_and(Credits::is_positive)
-                && (decision.allowed
-                    || decision.reason == Some(ledger::DenyReason::InsufficientBalance))
-        };
         if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
             // The state is read under the end user's pending lock, which the replica also
             // holds while it installs a new state and clears the pending spend that state
@@ -351,7 +487,7 @@ impl Gate {
                 match state.decide(&view.catalog, &feature, units, pending, now) {
                     // Gated by balance: the lease decides, not the replica's balance
                     // (which no longer shows what this proxy's lease holds).
-                    Ok(decision) if leased(&decision) => (
+                    Ok(decision) if use_leases && self.gated_by_lease(route, &decision) => (
                         Verdict::Lease(LeaseAsk {
                             cost: decision.cost.unwrap_or(Credits::ZERO),
                             available: decision.balance.unwrap_or(Credits::ZERO),
@@ -386,28 +522,9 @@ impl Gate {
                         decision_metric("denied", "replica");
                         (Verdict::Refuse(denial(&decision, &feature)), None)
                     }
-                    Err(ledger::Refusal::FeatureNotFound(_)) => {
-                        decision_metric("error", "replica");
-                        let mut problem = Problem::new(
-                            404,
-                            "feature_not_found",
-                            "Feature not found",
-                            format!("the route's feature {feature} is not in the catalog"),
-                        );
-                        problem.field = Some("feature_key".into());
-                        (Verdict::Refuse(problem), None)
-                    }
                     Err(refusal) => {
                         decision_metric("error", "replica");
-                        (
-                            Verdict::Refuse(Problem::new(
-                                500,
-                                "internal",
-                                "Decision failed",
-                                refusal.to_string(),
-                            )),
-                            None,
-                        )
+                        (Verdict::Refuse(decision_failed(&refusal, &feature)), None)
                     }
                 }
             });
@@ -425,7 +542,8 @@ impl Gate {
                 .user(end_user)
                 .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
             if let Ok(decision) = state.decide(&view.catalog, &feature, units, Credits::ZERO, now)
-                && leased(&decision)
+                && use_leases
+                && self.gated_by_lease(route, &decision)
             {
                 return Verdict::Lease(LeaseAsk {
                     cost: decision.cost.unwrap_or(Credits::ZERO),
@@ -724,6 +842,22 @@ fn denial(decision: &ledger::Decision, feature: &FeatureKey) -> Problem {
     }
 }
 
+/// The answer when the engine could not decide: the route's feature is not in the
+/// catalog (404), or the decision failed (500).
+fn decision_failed(refusal: &ledger::Refusal, feature: &ledger::FeatureKey) -> Problem {
+    if let ledger::Refusal::FeatureNotFound(_) = refusal {
+        let mut problem = Problem::new(
+            404,
+            "feature_not_found",
+            "Feature not found",
+            format!("the route's feature {feature} is not in the catalog"),
+        );
+        problem.field = Some("feature_key".into());
+        return problem;
+    }
+    Problem::new(500, "internal", "Decision failed", refusal.to_string())
+}
+
 #[async_trait]
 impl ProxyHttp for Gate {
     type CTX = Ctx;
@@ -812,80 +946,12 @@ impl ProxyHttp for Gate {
             }
         };
         if let Some(reserve) = reserve {
-            // The one network call on the request path, and only for reservation routes:
-            // the hold must exist at the control plane before a long upstream job starts.
-            // A known key: if the answer is lost, the outbox can find the hold again.
-            let reserve_key = format!("qsp_{}", ulid::Ulid::new());
-            let reservation = self
-                .client
-                .with_key(&reserve_key)
-                .reserve(&CreateReservation {
-                    end_user_id: end_user.to_string(),
-                    feature_key: admitted.feature.to_string(),
-                    units: Some(units.get()),
-                    amount: None,
-                    ttl_seconds: Some(reserve.ttl_seconds),
-                })
-                .await;
-            let reservation_id = match reservation {
-                Ok(reservation) => {
-                    // The hold is in the control plane's state now, from the version
-                    // the answer names: the local estimate stops counting once the
-                    // replica shows it.
-                    self.replica.pending.confirm(
-                        &end_user,
-                        admitted.pending,
-                        reservation.version,
-                        || self.replica.version(&end_user),
-                    );
-                    admitted.pending = Credits::ZERO;
-                    Some(reservation.id)
-                }
-                Err(error) if !answers_the_client(&error) => {
-                    // The hold may exist even though no answer came back: queue its
-                    // release (found again by the key), so credits are not held for the
-                    // whole TTL.
-                    let undo = Record {
-                        key: format!("{reserve_key}-undo"),
-                        end_user_id: end_user.to_string(),
-                        pending: 0,
-                        op: Op::Unreserve {
-                            reserve_key: reserve_key.clone(),
-                            feature_key: admitted.feature.to_string(),
-                            units: units.get(),
-                            ttl_seconds: reserve.ttl_seconds,
-                        },
-                    };
-                    if let Err(error) = self.outbox.push(&undo).await {
-                        tracing::error!(%error, "could not queue the release of a reservation without answer (it will expire)");
-                    }
-                    if route.on_unavailable == OnUnavailable::Closed {
-                        self.replica.pending.reduce(&end_user, admitted.pending);
-                        let problem = Problem::new(
-                            503,
-                            "quota_unavailable",
-                            "Quota state unavailable",
-                            "the control plane could not take the reservation",
-                        );
-                        return answer(session, &problem).await;
-                    }
-                    tracing::warn!(%error, "reservation failed; failing open, the actual will be recorded as usage");
-                    None
-                }
-                Err(client::Error::Api { problem, .. }) => {
-                    self.replica.pending.reduce(&end_user, admitted.pending);
-                    return answer(session, &problem).await;
-                }
-                Err(error) => {
-                    self.replica.pending.reduce(&end_user, admitted.pending);
-                    let problem = Problem::new(
-                        502,
-                        "control_plane_error",
-                        "Reservation failed",
-                        error.to_string(),
-                    );
-                    return answer(session, &problem).await;
-                }
+            let reservation_id = match self
+                .reserve_hold(route, &end_user, units, reserve, &mut admitted)
+                .await
+            {
+                Ok(id) => id,
+                Err(problem) => return answer(session, &problem).await,
             };
             admitted.hold = Some(Hold {
                 reservation_id,
@@ -966,41 +1032,9 @@ impl ProxyHttp for Gate {
                 timestamp_ms: self.replica.now().as_millis(),
             }),
             (Some(hold), _) => {
-                let actual = upstream_response
-                    .headers
-                    .get(&hold.actual_header)
-                    .and_then(|value| value.to_str().ok())
-                    .and_then(|text| text.trim().parse::<u64>().ok());
-                basis = Some(self.balance_after_actual(
-                    admitted,
-                    hold,
-                    if failed { Some(0) } else { actual },
-                ));
-                let units = match actual {
-                    Some(units) => units,
-                    None => {
-                        if !failed {
-                            tracing::warn!(header = %hold.actual_header, "upstream gave no actual units; charging the estimate");
-                        }
-                        admitted.units.get()
-                    }
-                };
-                match (&hold.reservation_id, failed || units == 0) {
-                    (Some(id), true) => Some(Op::Release {
-                        reservation_id: id.clone(),
-                    }),
-                    (None, true) => None,
-                    (Some(id), false) => Some(Op::Commit {
-                        reservation_id: id.clone(),
-                        feature_key: admitted.feature.to_string(),
-                        units,
-                    }),
-                    (None, false) => Some(Op::Usage {
-                        feature_key: admitted.feature.to_string(),
-                        units,
-                        timestamp_ms: self.replica.now().as_millis(),
-                    }),
-                }
+                let (op, hold_basis) = self.settle_hold(admitted, hold, failed, upstream_response);
+                basis = Some(hold_basis);
+                op
             }
         };
         match record {

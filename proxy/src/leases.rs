@@ -825,22 +825,8 @@ impl Leases {
                     work.push((key.clone(), final_report(held)));
                 }
                 let Some(held) = slot.lease.as_mut() else {
-                    let wants = slot.wanted.is_positive() && !shutdown;
-                    let blocked = slot.exhausted_until.is_some_and(|until| now < until)
-                        || slot.unreachable_until.is_some_and(|until| now < until);
-                    if lanes.urgent && wants && !blocked && !slot.acquiring {
-                        slot.acquiring = true;
-                        let request_id = slot
-                            .acquire_request
-                            .get_or_insert_with(|| format!("acq_{}", ulid::Ulid::new()))
-                            .clone();
-                        urgent.push((
-                            key.clone(),
-                            Work::Acquire {
-                                amount: target,
-                                request_id,
-                            },
-                        ));
+                    if lanes.urgent && !shutdown {
+                        urgent.extend(acquire(slot, now, target).map(|work| (key.clone(), work)));
                     }
                     continue;
                 };
@@ -914,6 +900,23 @@ impl Leases {
     }
 }
 
+/// The acquisition a slot without a lease needs now: when requests want credits, it is
+/// not backing off (nothing left, or the control plane unreachable) and none is under way.
+/// The request id is kept until an answer comes, so a retry is the same request.
+fn acquire(slot: &mut Slot, now: Instant, amount: Credits) -> Option<Work> {
+    let blocked = slot.exhausted_until.is_some_and(|until| now < until)
+        || slot.unreachable_until.is_some_and(|until| now < until);
+    if !slot.wanted.is_positive() || blocked || slot.acquiring {
+        return None;
+    }
+    slot.acquiring = true;
+    let request_id = slot
+        .acquire_request
+        .get_or_insert_with(|| format!("acq_{}", ulid::Ulid::new()))
+        .clone();
+    Some(Work::Acquire { amount, request_id })
+}
+
 /// How long a slot goes unused before its lease is released: `idle_release_secs`, or
 /// four of its typical gaps between requests when that is longer (up to `IDLE_MAX`), so
 /// an end user calling every few seconds keeps the lease rather than taking a new one
@@ -969,7 +972,68 @@ fn next_sequence(held: &mut Held) -> u64 {
     sequence
 }
 
+/// Whether a report's refusal is one the single report path repairs: no such lease, a
+/// sequence gap, or a lease no longer active.
+fn needs_repair(result: &LeaseBatchResult) -> bool {
+    result.error.as_ref().is_some_and(|problem| {
+        result.status == 404 || matches!(problem.code.as_str(), "sequence_gap" | "lease_not_active")
+    })
+}
+
+/// Sends one lease batch; answers each of its `expected` operations' result in order
+/// (`None` for all when the batch failed or answered the wrong number).
+async fn send_batch(
+    context: &Context,
+    operations: Vec<LeaseOperation>,
+    expected: usize,
+) -> Vec<Option<LeaseBatchResult>> {
+    metrics::counter!("qs_proxy_lease_batches_total").increment(1);
+    metrics::histogram!("qs_proxy_lease_batch_operations").record(f64::from(
+        u32::try_from(operations.len()).unwrap_or(u32::MAX),
+    ));
+    let sent = Instant::now();
+    let answer = context.client.lease_batch(&LeaseBatch { operations }).await;
+    metrics::histogram!("qs_proxy_lease_batch_seconds").record(sent.elapsed().as_secs_f64());
+    match answer {
+        Ok(answer) if answer.results.len() == expected => {
+            answer.results.into_iter().map(Some).collect::<Vec<_>>()
+        }
+        Ok(answer) => {
+            tracing::error!(
+                sent = expected,
+                answered = answer.results.len(),
+                "a lease batch answered the wrong number of results"
+            );
+            vec![None; expected]
+        }
+        Err(error) => {
+            if error
+                .status()
+                .is_some_and(|status| status.is_client_error())
+            {
+                tracing::error!(%error, "the control plane refused a lease batch");
+            } else {
+                tracing::debug!(%error, "a lease batch failed; it is sent again");
+            }
+            vec![None; expected]
+        }
+    }
+}
+
 impl Leases {
+    /// The creation of a lease of `amount` for a slot (its request id kept across tries).
+    fn create_operation(&self, key: &SlotKey, amount: Credits, request_id: &str) -> LeaseOperation {
+        metrics::counter!("qs_proxy_lease_calls_total", "call" => "create").increment(1);
+        LeaseOperation::Create(CreateLease {
+            end_user_id: key.0.to_string(),
+            feature_key: key.1.to_string(),
+            holder: self.holder.to_string(),
+            amount: amount.get(),
+            ttl_seconds: i64::try_from(self.config.ttl_secs).unwrap_or(30),
+            request_id: Some(request_id.to_owned()),
+        })
+    }
+
     /// Sends `work` (planned together) in one lease batch and settles each slot with its
     /// answer. A report whose sequence may still get spend written (a request took it
     /// just before it closed) waits briefly, else goes in a later batch. A report the
@@ -980,21 +1044,11 @@ impl Leases {
         let mut operations = Vec::with_capacity(work.len());
         let mut spent_keys = Vec::with_capacity(work.len());
         let mut costs = Vec::with_capacity(work.len());
-        let ttl_seconds = i64::try_from(self.config.ttl_secs).unwrap_or(30);
         let mut ready = Vec::with_capacity(work.len());
         for (key, item) in work {
             match &item {
                 Work::Acquire { amount, request_id } => {
-                    metrics::counter!("qs_proxy_lease_calls_total", "call" => "create")
-                        .increment(1);
-                    operations.push(LeaseOperation::Create(CreateLease {
-                        end_user_id: key.0.to_string(),
-                        feature_key: key.1.to_string(),
-                        holder: self.holder.to_string(),
-                        amount: amount.get(),
-                        ttl_seconds,
-                        request_id: Some(request_id.clone()),
-                    }));
+                    operations.push(self.create_operation(&key, *amount, request_id));
                     spent_keys.push(Vec::new());
                     costs.push(Credits::ZERO);
                 }
@@ -1037,37 +1091,7 @@ impl Leases {
         if operations.is_empty() {
             return;
         }
-        metrics::counter!("qs_proxy_lease_batches_total").increment(1);
-        metrics::histogram!("qs_proxy_lease_batch_operations").record(f64::from(
-            u32::try_from(operations.len()).unwrap_or(u32::MAX),
-        ));
-        let sent = Instant::now();
-        let answer = context.client.lease_batch(&LeaseBatch { operations }).await;
-        metrics::histogram!("qs_proxy_lease_batch_seconds").record(sent.elapsed().as_secs_f64());
-        let mut results = match answer {
-            Ok(answer) if answer.results.len() == ready.len() => {
-                answer.results.into_iter().map(Some).collect::<Vec<_>>()
-            }
-            Ok(answer) => {
-                tracing::error!(
-                    sent = ready.len(),
-                    answered = answer.results.len(),
-                    "a lease batch answered the wrong number of results"
-                );
-                vec![None; ready.len()]
-            }
-            Err(error) => {
-                if error
-                    .status()
-                    .is_some_and(|status| status.is_client_error())
-                {
-                    tracing::error!(%error, "the control plane refused a lease batch");
-                } else {
-                    tracing::debug!(%error, "a lease batch failed; it is sent again");
-                }
-                vec![None; ready.len()]
-            }
-        };
+        let mut results = send_batch(context, operations, ready.len()).await;
         for ((((key, item), result), keys), cost) in ready
             .into_iter()
             .zip(results.iter_mut())
@@ -1081,8 +1105,7 @@ impl Leases {
                         Some(LeaseBatchResult {
                             lease: Some(lease), ..
                         }) => Ok(lease),
-                        Some(result) => Err(Some(result.status)),
-                        None => Err(None),
+                        other => Err(other.map(|result| result.status)),
                     };
                     self.settle_acquire(context, &key, outcome);
                 }
@@ -1097,16 +1120,7 @@ impl Leases {
                             lease: Some(answer),
                             ..
                         }) => self.reported(&keys, cost, &answer, release),
-                        Some(LeaseBatchResult {
-                            status,
-                            error: Some(problem),
-                            ..
-                        }) if status == 404
-                            || matches!(
-                                problem.code.as_str(),
-                                "sequence_gap" | "lease_not_active"
-                            ) =>
-                        {
+                        Some(result) if needs_repair(&result) => {
                             self.send_report(context, &lease, sequence, top_up, release)
                                 .await
                         }

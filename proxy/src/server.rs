@@ -121,26 +121,11 @@ impl Background {
     }
 }
 
-/// Starts a proxy from a validated configuration (call inside a tokio runtime).
-///
-/// # Errors
-/// The data directory, a listener or the control-plane client cannot be set up.
-pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Running> {
-    config.validate()?;
-    let live = Arc::new(ArcSwap::from_pointee(Live::from_config(&config)?));
-    let disk = Disk::open(&config.data_dir, config.cache_mb)
-        .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
-    let pending = Arc::new(Pending::default());
-    let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
-    let flusher = Flusher::new();
-    let outbox = Arc::new(Outbox::new(
-        disk.clone(),
-        flusher.clone(),
-        config.usage.durability,
-        config.usage.batch_size,
-    ));
-    let restored = outbox.restore_pending(&replica)?;
-    let acknowledged = outbox.restore_acked(&replica)?;
+/// Counts what the previous run left: usage still to ship, and acknowledged usage the
+/// stored replica does not show yet (pending until it does).
+fn restore(outbox: &Outbox, replica: &Replica) -> anyhow::Result<()> {
+    let restored = outbox.restore_pending(replica)?;
+    let acknowledged = outbox.restore_acked(replica)?;
     if acknowledged > 0 {
         tracing::info!(
             costs = acknowledged,
@@ -153,6 +138,12 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
             "usage left by the previous run will be shipped"
         );
     }
+    Ok(())
+}
+
+/// The control-plane clients: one for requests, one for the background thread (a
+/// connection belongs to the runtime that opened it).
+fn clients(config: &Config) -> anyhow::Result<(client::Client, client::Client)> {
     let api_key = config
         .control_plane
         .api_key
@@ -177,6 +168,47 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         client::Client::with_http(http()?, &config.control_plane.url, &api_key)?.retry(one_try);
     let background_client =
         client::Client::with_http(http()?, &config.control_plane.url, &api_key)?.retry(one_try);
+    Ok((client, background_client))
+}
+
+/// Serves the admin endpoints until `stopped` turns true.
+fn serve_admin(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin server failed");
+        }
+    })
+}
+
+/// Starts a proxy from a validated configuration (call inside a tokio runtime).
+///
+/// # Errors
+/// The data directory, a listener or the control-plane client cannot be set up.
+pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Running> {
+    config.validate()?;
+    let live = Arc::new(ArcSwap::from_pointee(Live::from_config(&config)?));
+    let disk = Disk::open(&config.data_dir, config.cache_mb)
+        .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
+    let pending = Arc::new(Pending::default());
+    let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
+    let flusher = Flusher::new();
+    let outbox = Arc::new(Outbox::new(
+        disk.clone(),
+        flusher.clone(),
+        config.usage.durability,
+        config.usage.batch_size,
+    ));
+    restore(&outbox, &replica)?;
+    let (client, background_client) = clients(&config)?;
     // Two stops: the front (listeners) first, so requests in flight finish with the
     // flusher and shipper still running; then the background.
     let (stop, stopped) = watch::channel(false);
@@ -244,17 +276,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
         max_staleness: config.max_staleness(),
     };
     let router = admin::router(admin);
-    let mut admin_stop = stopped.clone();
-    tasks.push(tokio::spawn(async move {
-        let served = axum::serve(admin_listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_stop.wait_for(|stop| *stop).await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!(%error, "admin server failed");
-        }
-    }));
+    tasks.push(serve_admin(admin_listener, router, stopped.clone()));
     tracing::info!(%address, %admin_address, upstream = %config.upstream, "proxy listening");
     Ok(Running {
         address,

@@ -18,7 +18,13 @@
 //! same load generator in this process; the control plane runs in this process too. All of
 //! it shares the machine's cores, which is why the goals are ratios measured in one run.
 
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+// A bench prints its report; a setup failure panics; a scenario reads top to bottom.
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -26,7 +26,13 @@
 //! their own; all share the machine's cores, which is why the throughput goal is a ratio
 //! measured in one run.
 
-#![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
+// A bench prints its report; a setup failure panics; a scenario reads top to bottom.
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines
+)]
 
 use std::collections::HashMap;
 use std::path::Path;

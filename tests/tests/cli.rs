@@ -2,7 +2,8 @@
 //! endpoints, and a SIGHUP reload that changes routes without dropping connections (and
 //! keeps the old configuration when the new one is invalid).
 
-#![allow(clippy::expect_used, clippy::unwrap_used)]
+// A scenario reads top to bottom as one story however long it is.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::too_many_lines)]
 
 use std::process::Command;
 use std::time::Duration;

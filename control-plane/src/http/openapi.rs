@@ -155,51 +155,34 @@ fn retry_after(mut response: Value) -> Value {
     response
 }
 
-fn complete_operation(path: &str, method: &str, operation: &mut Value) {
-    let has_body = operation.get("requestBody").is_some();
-    let parameters = operation
-        .get("parameters")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    let has_query = parameters
-        .iter()
-        .any(|parameter| parameter["in"] == "query");
-    let has_path = path.contains('{');
-    let mutating = method != "get";
-    let operator = OPERATOR_PATHS.contains(&path);
-
-    if mutating && !operator {
-        let documented = parameters.iter().any(|parameter| {
-            parameter["in"] == "header"
-                && parameter["name"]
-                    .as_str()
-                    .is_some_and(|name| name.eq_ignore_ascii_case("idempotency-key"))
-        });
-        if !documented {
-            let list = operation
-                .as_object_mut()
-                .map(|object| object.entry("parameters").or_insert_with(|| json!([])));
-            if let Some(Value::Array(list)) = list {
-                list.push(json!({
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "required": false,
-                    "description": "Makes the request exactly-once (1 to 255 printable ASCII characters; SPEC 9).",
-                    "schema": {"type": "string", "maxLength": 255}
-                }));
-            }
-        }
-    }
-
-    let Some(responses) = operation
-        .as_object_mut()
-        .map(|object| object.entry("responses").or_insert_with(|| json!({})))
-        .and_then(Value::as_object_mut)
-    else {
+/// Adds the `Idempotency-Key` header to a mutating operation that does not document it.
+fn document_idempotency_key(operation: &mut Value, parameters: &[Value]) {
+    let documented = parameters.iter().any(|parameter| {
+        parameter["in"] == "header"
+            && parameter["name"]
+                .as_str()
+                .is_some_and(|name| name.eq_ignore_ascii_case("idempotency-key"))
+    });
+    if documented {
         return;
-    };
-    // Refusals are problem documents (RFC 9457) whatever the handler's annotation said.
+    }
+    let list = operation
+        .as_object_mut()
+        .map(|object| object.entry("parameters").or_insert_with(|| json!([])));
+    if let Some(Value::Array(list)) = list {
+        list.push(json!({
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": false,
+            "description": "Makes the request exactly-once (1 to 255 printable ASCII characters; SPEC 9).",
+            "schema": {"type": "string", "maxLength": 255}
+        }));
+    }
+}
+
+/// Refusals are problem documents (RFC 9457) whatever the handler's annotation said;
+/// every success has a description.
+fn as_problems(responses: &mut serde_json::Map<String, Value>) {
     for (status, response) in responses.iter_mut() {
         let is_error = status.starts_with('4') || status.starts_with('5');
         if is_error {
@@ -216,6 +199,11 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
             object.insert("description".into(), json!("Success."));
         }
     }
+}
+
+/// Who may call: an operator operation answers 401 without the token; the others also
+/// 403 for a missing scope and 429 over a rate limit.
+fn access_problems(responses: &mut serde_json::Map<String, Value>, operator: bool) {
     let mut add = |status: &str, response: Value| {
         responses.entry(status.to_owned()).or_insert(response);
     };
@@ -237,6 +225,37 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value) {
             )),
         );
     }
+}
+
+fn complete_operation(path: &str, method: &str, operation: &mut Value) {
+    let has_body = operation.get("requestBody").is_some();
+    let parameters = operation
+        .get("parameters")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let has_query = parameters
+        .iter()
+        .any(|parameter| parameter["in"] == "query");
+    let has_path = path.contains('{');
+    let mutating = method != "get";
+    let operator = OPERATOR_PATHS.contains(&path);
+
+    if mutating && !operator {
+        document_idempotency_key(operation, &parameters);
+    }
+    let Some(responses) = operation
+        .as_object_mut()
+        .map(|object| object.entry("responses").or_insert_with(|| json!({})))
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    as_problems(responses);
+    access_problems(responses, operator);
+    let mut add = |status: &str, response: Value| {
+        responses.entry(status.to_owned()).or_insert(response);
+    };
     if mutating && !operator {
         add(
             "400",

@@ -199,6 +199,51 @@ pub async fn record_batch(
     .await
 }
 
+/// A batch event parsed, with its (required) idempotency key.
+fn parse_batch_event(
+    event: &protocol::RecordUsage,
+    index: usize,
+    now: ledger::Timestamp,
+) -> Result<(protocol::ParsedUsage, String), ApiError> {
+    let prefix = format!("events[{index}].");
+    let parsed = event.to_ledger(&prefix, now)?;
+    let key = event.idempotency_key.clone().ok_or_else(|| {
+        ApiError::bad_request(
+            format!("{prefix}idempotency_key"),
+            "is required for batch events",
+        )
+    })?;
+    Ok((parsed, key))
+}
+
+/// What one applied batch event answers: recorded, or its refusal.
+fn applied_result(index: usize, outcome: Result<UsageRecorded, Problem>) -> BatchResult {
+    match outcome {
+        Ok(answer) => BatchResult {
+            index,
+            status: BatchStatus::Created,
+            id: Some(answer.id),
+            cost: Some(answer.cost),
+            covered: Some(answer.covered),
+            debt: Some(answer.debt),
+            version: answer.version,
+            error: None,
+            timestamp_clamped_from: answer.timestamp_clamped_from,
+        },
+        Err(problem) => BatchResult {
+            index,
+            status: BatchStatus::Error,
+            id: None,
+            cost: None,
+            covered: None,
+            debt: None,
+            version: None,
+            error: Some(problem),
+            timestamp_clamped_from: None,
+        },
+    }
+}
+
 async fn apply_batch(
     state: &AppState,
     env: &crate::store::Env,
@@ -223,19 +268,6 @@ async fn apply_batch(
         .collect();
     let recorded_keys = state.store().usage_keys(env, &keys).await?;
     for (index, event) in batch.events.iter().enumerate() {
-        let prefix = format!("events[{index}].");
-        let parsed = event
-            .to_ledger(&prefix, now)
-            .map_err(ApiError::from)
-            .and_then(|parsed| {
-                let key = event.idempotency_key.clone().ok_or_else(|| {
-                    ApiError::bad_request(
-                        format!("{prefix}idempotency_key"),
-                        "is required for batch events",
-                    )
-                })?;
-                Ok((parsed, key))
-            });
         let (
             protocol::ParsedUsage {
                 end_user,
@@ -244,7 +276,7 @@ async fn apply_batch(
                 clamped_from,
             },
             key,
-        ) = match parsed {
+        ) = match parse_batch_event(event, index, now) {
             Ok(parsed) => parsed,
             Err(error) => {
                 results[index] = Some(error_result(index, &error));
@@ -295,30 +327,7 @@ async fn apply_batch(
         .collect();
     for (_, outcomes) in state.mutate_many(env, users).await? {
         for (index, outcome) in outcomes {
-            results[index] = Some(match outcome {
-                Ok(answer) => BatchResult {
-                    index,
-                    status: BatchStatus::Created,
-                    id: Some(answer.id),
-                    cost: Some(answer.cost),
-                    covered: Some(answer.covered),
-                    debt: Some(answer.debt),
-                    version: answer.version,
-                    error: None,
-                    timestamp_clamped_from: answer.timestamp_clamped_from,
-                },
-                Err(problem) => BatchResult {
-                    index,
-                    status: BatchStatus::Error,
-                    id: None,
-                    cost: None,
-                    covered: None,
-                    debt: None,
-                    version: None,
-                    error: Some(problem),
-                    timestamp_clamped_from: None,
-                },
-            });
+            results[index] = Some(applied_result(index, outcome));
         }
     }
     for (index, first) in repeats {

@@ -1,3 +1,8 @@
+//! Group commit and claims under a held SQLite writer, and the transient-failure retry.
+
+// A scenario test reads top to bottom as one story however long it is.
+#![allow(clippy::too_many_lines)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -2,6 +2,9 @@
 //! schema on `QS_TEST_POSTGRES_URL` and returns at once when it is unset. The shared
 //! behaviour is the control-plane suite's, run on both stores.
 
+// A scenario test reads top to bottom as one story however long it is.
+#![allow(clippy::too_many_lines)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

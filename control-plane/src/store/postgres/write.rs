@@ -118,185 +118,12 @@ impl Rows {
         env: &Env,
         now: Timestamp,
     ) -> StoreResult<()> {
-        let tenant = env.tenant_id.as_str();
-        let environment = env.environment.as_str();
-        if !self.end_users.is_empty() {
-            let (ids, states, versions, due): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) =
-                unzip4(self.end_users);
-            sqlx::query(
-                "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at)
-                 SELECT $1, $2, u.id, u.state, u.version, u.due, $7
-                 FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[]) AS u(id, state, version, due)
-                 ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
-                   state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(ids)
-            .bind(states)
-            .bind(versions)
-            .bind(due)
-            .bind(millis(now))
-            .execute(&mut *connection)
-            .await?;
-        }
-        if !self.blocks.is_empty() {
-            let mut ids = Vec::with_capacity(self.blocks.len());
-            let mut users = Vec::with_capacity(self.blocks.len());
-            let mut bodies = Vec::with_capacity(self.blocks.len());
-            let mut metadata = Vec::with_capacity(self.blocks.len());
-            let mut payments = Vec::with_capacity(self.blocks.len());
-            let mut created = Vec::with_capacity(self.blocks.len());
-            for row in self.blocks {
-                ids.push(row.id);
-                users.push(row.end_user);
-                bodies.push(row.body);
-                metadata.push(row.metadata);
-                payments.push(row.external_payment_id);
-                created.push(row.created_at);
-            }
-            sqlx::query(
-                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
-                 SELECT b.id, $1, $2, b.end_user_id, b.body, b.metadata, b.payment, b.created_at
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
-                   AS b(id, end_user_id, body, metadata, payment, created_at)
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(ids)
-            .bind(users)
-            .bind(bodies)
-            .bind(metadata)
-            .bind(payments)
-            .bind(created)
-            .execute(&mut *connection)
-            .await?;
-        }
-        if !self.entries.is_empty() {
-            let mut ids = Vec::with_capacity(self.entries.len());
-            let mut users = Vec::with_capacity(self.entries.len());
-            let mut types = Vec::with_capacity(self.entries.len());
-            let mut created = Vec::with_capacity(self.entries.len());
-            let mut bodies = Vec::with_capacity(self.entries.len());
-            let mut keys = Vec::with_capacity(self.entries.len());
-            for (id, user, entry_type, at, body) in self.entries {
-                keys.push(user_key(env, &user));
-                ids.push(id);
-                users.push(user);
-                types.push(entry_type);
-                created.push(at);
-                bodies.push(body);
-            }
-            // In array order: one end user's entries are numbered in the order written.
-            sqlx::query(
-                "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body)
-                 SELECT e.id, $1, $2, e.end_user_id, e.user_key, e.type, e.created_at, e.body
-                 FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[]) WITH ORDINALITY
-                   AS e(id, end_user_id, user_key, type, created_at, body, position)
-                 ORDER BY e.position",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(ids)
-            .bind(users)
-            .bind(keys)
-            .bind(types)
-            .bind(created)
-            .bind(bodies)
-            .execute(&mut *connection)
-            .await?;
-        }
-        if !self.usage_keys.is_empty() {
-            let mut keys = Vec::with_capacity(self.usage_keys.len());
-            let mut fingerprints = Vec::with_capacity(self.usage_keys.len());
-            let mut entry_ids = Vec::with_capacity(self.usage_keys.len());
-            let mut results = Vec::with_capacity(self.usage_keys.len());
-            let mut keep = Vec::with_capacity(self.usage_keys.len());
-            for key in self.usage_keys {
-                keys.push(key.key);
-                fingerprints.push(key.fingerprint.to_vec());
-                entry_ids.push(key.entry_id);
-                results.push(key.result);
-                keep.push(millis(key.keep_until));
-            }
-            sqlx::query(
-                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
-                 SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
-                 FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
-                   AS k(key, fingerprint, entry_id, result, keep_until)",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(keys)
-            .bind(fingerprints)
-            .bind(entry_ids)
-            .bind(results)
-            .bind(keep)
-            .execute(&mut *connection)
-            .await
-            .map_err(|error| {
-                // Another batch recorded the key first: the whole batch rolls back and a
-                // retry finds the key as a duplicate.
-                if unique_violation(&error) {
-                    StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-                } else {
-                    StoreError::from(error)
-                }
-            })?;
-        }
-        if !self.idempotency.is_empty() {
-            let mut keys = Vec::with_capacity(self.idempotency.len());
-            let mut statuses = Vec::with_capacity(self.idempotency.len());
-            let mut bodies = Vec::with_capacity(self.idempotency.len());
-            for answer in self.idempotency {
-                keys.push(answer.key);
-                statuses.push(i64::from(answer.status));
-                bodies.push(answer.body);
-            }
-            // Fenced: every key must still be unanswered. If another request answered one
-            // first (a lease that expired while this operation waited, and a retry that
-            // took the key over), the transaction rolls back with a retryable error
-            // rather than apply the request twice; a retry then replays the answer.
-            let expected = keys.len();
-            let first_key = keys.first().cloned().unwrap_or_default();
-            // Each key's row found by one index probe (and locked) in a lateral subquery,
-            // then updated by its row address: joined straight to `UNNEST`, the update
-            // was planned, on a young table's statistics, as a scan of every key of the
-            // environment (~10 ms at 50,000 keys, and growing).
-            let updated = sqlx::query(
-                "WITH t AS (
-                     SELECT x.tid, a.status, a.body
-                     FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
-                     CROSS JOIN LATERAL (
-                         SELECT ctid AS tid FROM idempotency
-                         WHERE tenant_id = $1 AND environment = $2 AND key = a.key AND status IS NULL
-                         LIMIT 1 FOR UPDATE
-                     ) AS x
-                 )
-                 UPDATE idempotency AS i SET status = t.status, body = t.body FROM t WHERE i.ctid = t.tid",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(keys)
-            .bind(statuses)
-            .bind(bodies)
-            .execute(&mut *connection)
-            .await?;
-            if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
-                return Err(crate::store::answered_elsewhere(&first_key));
-            }
-        }
-        if !self.released.is_empty() {
-            sqlx::query(
-                "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3) AND status IS NULL",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(self.released)
-            .execute(&mut *connection)
-            .await?;
-        }
+        write_end_users(connection, env, self.end_users, now).await?;
+        write_blocks(connection, env, self.blocks).await?;
+        write_entries(connection, env, self.entries).await?;
+        write_usage_keys(connection, env, self.usage_keys).await?;
+        answer_keys(connection, env, self.idempotency).await?;
+        release_keys(connection, env, self.released).await?;
         write_held(connection, env, Held::Reservations, self.reservations).await?;
         write_held(connection, env, Held::Leases, self.leases).await?;
         write_held(connection, env, Held::Subscriptions, self.subscriptions).await?;
@@ -333,6 +160,255 @@ pub(super) async fn persist(
     let mut rows = Rows::default();
     rows.stage(old, new, changes)?;
     rows.flush(connection, env, now).await
+}
+
+/// The new states, one upsert.
+async fn write_end_users(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<StateRow>,
+    now: Timestamp,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    let (ids, states, versions, due): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = unzip4(rows);
+    sqlx::query(
+        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at)
+         SELECT $1, $2, u.id, u.state, u.version, u.due, $7
+         FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[]) AS u(id, state, version, due)
+         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(ids)
+    .bind(states)
+    .bind(versions)
+    .bind(due)
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// New and changed blocks, one upsert.
+async fn write_blocks(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<BlockRow>,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut users = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    let mut metadata = Vec::with_capacity(rows.len());
+    let mut payments = Vec::with_capacity(rows.len());
+    let mut created = Vec::with_capacity(rows.len());
+    for row in rows {
+        ids.push(row.id);
+        users.push(row.end_user);
+        bodies.push(row.body);
+        metadata.push(row.metadata);
+        payments.push(row.external_payment_id);
+        created.push(row.created_at);
+    }
+    sqlx::query(
+        "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
+         SELECT b.id, $1, $2, b.end_user_id, b.body, b.metadata, b.payment, b.created_at
+         FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
+           AS b(id, end_user_id, body, metadata, payment, created_at)
+         ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(ids)
+    .bind(users)
+    .bind(bodies)
+    .bind(metadata)
+    .bind(payments)
+    .bind(created)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// The entries, numbered per end user in the order written.
+async fn write_entries(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<EntryRow>,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut users = Vec::with_capacity(rows.len());
+    let mut types = Vec::with_capacity(rows.len());
+    let mut created = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    let mut keys = Vec::with_capacity(rows.len());
+    for (id, user, entry_type, at, body) in rows {
+        keys.push(user_key(env, &user));
+        ids.push(id);
+        users.push(user);
+        types.push(entry_type);
+        created.push(at);
+        bodies.push(body);
+    }
+    // In array order: one end user's entries are numbered in the order written.
+    sqlx::query(
+        "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body)
+         SELECT e.id, $1, $2, e.end_user_id, e.user_key, e.type, e.created_at, e.body
+         FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[]) WITH ORDINALITY
+           AS e(id, end_user_id, user_key, type, created_at, body, position)
+         ORDER BY e.position",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(ids)
+    .bind(users)
+    .bind(keys)
+    .bind(types)
+    .bind(created)
+    .bind(bodies)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
+/// The usage event keys a batch recorded.
+async fn write_usage_keys(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<UsageKeyRecord>,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut fingerprints = Vec::with_capacity(rows.len());
+    let mut entry_ids = Vec::with_capacity(rows.len());
+    let mut results = Vec::with_capacity(rows.len());
+    let mut keep = Vec::with_capacity(rows.len());
+    for key in rows {
+        keys.push(key.key);
+        fingerprints.push(key.fingerprint.to_vec());
+        entry_ids.push(key.entry_id);
+        results.push(key.result);
+        keep.push(millis(key.keep_until));
+    }
+    sqlx::query(
+        "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+         SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
+         FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
+           AS k(key, fingerprint, entry_id, result, keep_until)",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(keys)
+    .bind(fingerprints)
+    .bind(entry_ids)
+    .bind(results)
+    .bind(keep)
+    .execute(&mut *connection)
+    .await
+    .map_err(|error| {
+        // Another batch recorded the key first: the whole batch rolls back and a
+        // retry finds the key as a duplicate.
+        if unique_violation(&error) {
+            StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+        } else {
+            StoreError::from(error)
+        }
+    })?;
+    Ok(())
+}
+
+/// The idempotency answers, each to a key that must still be unanswered.
+async fn answer_keys(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<IdempotencyAnswer>,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    let mut keys = Vec::with_capacity(rows.len());
+    let mut statuses = Vec::with_capacity(rows.len());
+    let mut bodies = Vec::with_capacity(rows.len());
+    for answer in rows {
+        keys.push(answer.key);
+        statuses.push(i64::from(answer.status));
+        bodies.push(answer.body);
+    }
+    // Fenced: every key must still be unanswered. If another request answered one
+    // first (a lease that expired while this operation waited, and a retry that
+    // took the key over), the transaction rolls back with a retryable error
+    // rather than apply the request twice; a retry then replays the answer.
+    let expected = keys.len();
+    let first_key = keys.first().cloned().unwrap_or_default();
+    // Each key's row found by one index probe (and locked) in a lateral subquery,
+    // then updated by its row address: joined straight to `UNNEST`, the update
+    // was planned, on a young table's statistics, as a scan of every key of the
+    // environment (~10 ms at 50,000 keys, and growing).
+    let updated = sqlx::query(
+        "WITH t AS (
+             SELECT x.tid, a.status, a.body
+             FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
+             CROSS JOIN LATERAL (
+                 SELECT ctid AS tid FROM idempotency
+                 WHERE tenant_id = $1 AND environment = $2 AND key = a.key AND status IS NULL
+                 LIMIT 1 FOR UPDATE
+             ) AS x
+         )
+         UPDATE idempotency AS i SET status = t.status, body = t.body FROM t WHERE i.ctid = t.tid",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(keys)
+    .bind(statuses)
+    .bind(bodies)
+    .execute(&mut *connection)
+    .await?;
+    if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
+        return Err(crate::store::answered_elsewhere(&first_key));
+    }
+    Ok(())
+}
+
+/// Claimed keys given back: their operations were refused without a stored answer.
+async fn release_keys(
+    connection: &mut PgConnection,
+    env: &Env,
+    rows: Vec<String>,
+) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tenant = env.tenant_id.as_str();
+    let environment = env.environment.as_str();
+    sqlx::query(
+        "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3) AND status IS NULL",
+    )
+    .bind(tenant)
+    .bind(environment)
+    .bind(rows)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 /// A row of an object an end user holds (a reservation, lease or subscription) that is
@@ -441,6 +517,46 @@ async fn write_held(
 /// The last step of a mutation: the events (with a delivery for every live endpoint that
 /// wants each) and a change-feed entry for every end user whose state changed, numbered
 /// from the environment's feed head, which stays locked until commit.
+/// The deliveries of new events, (endpoint, event id, event position, end user) each,
+/// pending from `now`, in order.
+async fn write_deliveries(
+    connection: &mut PgConnection,
+    env: &Env,
+    deliveries: Vec<(&str, &str, i64, &str)>,
+    now: Timestamp,
+) -> StoreResult<()> {
+    if deliveries.is_empty() {
+        return Ok(());
+    }
+    let mut endpoint_ids = Vec::with_capacity(deliveries.len());
+    let mut event_ids = Vec::with_capacity(deliveries.len());
+    let mut event_seqs = Vec::with_capacity(deliveries.len());
+    let mut delivery_users = Vec::with_capacity(deliveries.len());
+    for (endpoint, event, seq, end_user) in deliveries {
+        endpoint_ids.push(endpoint);
+        event_ids.push(event);
+        event_seqs.push(seq);
+        delivery_users.push(end_user);
+    }
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+         SELECT $1, $2, d.endpoint_id, d.event_id, d.event_seq, d.end_user_id, 'pending', $7
+         FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY
+           AS d(endpoint_id, event_id, event_seq, end_user_id, position)
+         ORDER BY d.position",
+    )
+    .bind(&env.tenant_id)
+    .bind(env.environment.as_str())
+    .bind(endpoint_ids)
+    .bind(event_ids)
+    .bind(event_seqs)
+    .bind(delivery_users)
+    .bind(millis(now))
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
+}
+
 async fn append_to_feeds(
     connection: &mut PgConnection,
     env: &Env,
@@ -505,34 +621,7 @@ async fn append_to_feeds(
         .bind(bodies)
         .execute(&mut *connection)
         .await?;
-        if !deliveries.is_empty() {
-            let mut endpoint_ids = Vec::with_capacity(deliveries.len());
-            let mut event_ids = Vec::with_capacity(deliveries.len());
-            let mut event_seqs = Vec::with_capacity(deliveries.len());
-            let mut delivery_users = Vec::with_capacity(deliveries.len());
-            for (endpoint, event, seq, end_user) in deliveries {
-                endpoint_ids.push(endpoint);
-                event_ids.push(event);
-                event_seqs.push(seq);
-                delivery_users.push(end_user);
-            }
-            sqlx::query(
-                "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
-                 SELECT $1, $2, d.endpoint_id, d.event_id, d.event_seq, d.end_user_id, 'pending', $7
-                 FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY
-                   AS d(endpoint_id, event_id, event_seq, end_user_id, position)
-                 ORDER BY d.position",
-            )
-            .bind(tenant)
-            .bind(environment)
-            .bind(endpoint_ids)
-            .bind(event_ids)
-            .bind(event_seqs)
-            .bind(delivery_users)
-            .bind(millis(now))
-            .execute(&mut *connection)
-            .await?;
-        }
+        write_deliveries(connection, env, deliveries, now).await?;
     }
     if !changed.is_empty() {
         let first = heads

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
 use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
-use sqlx::Row;
+use sqlx::{Row, SqliteConnection};
 
 use super::{CHAIN_STEPS, SqliteStore, corrupt, millis, parse_state, read, write};
 use crate::store::{
@@ -43,36 +43,7 @@ impl SqliteStore {
         filter: &EntryFilter,
     ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
         let mut connection = self.reader.acquire().await?;
-        // Where the walk starts: after the cursor's entry when it is this end user's
-        // (the cursor a previous page gave), otherwise at the newest entry.
-        let mut before = filter.before_seq;
-        let mut next = None;
-        if let Some(cursor) = before {
-            let found: Option<Option<i64>> = sqlx::query_scalar(
-                "SELECT prev_seq FROM entries WHERE seq = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?",
-            )
-            .bind(cursor)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(end_user)
-            .fetch_optional(&mut *connection)
-            .await?;
-            if let Some(prev) = found {
-                next = prev;
-                before = None;
-            }
-        }
-        if before.is_some() || filter.before_seq.is_none() {
-            next = sqlx::query_scalar::<_, Option<i64>>(
-                "SELECT last_entry_seq FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
-            )
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(end_user)
-            .fetch_optional(&mut *connection)
-            .await?
-            .flatten();
-        }
+        let (mut next, before) = chain_start(&mut connection, env, end_user, filter).await?;
         let limit = usize::try_from(filter.limit).unwrap_or(usize::MAX);
         let unfiltered = filter.entry_type.is_none()
             && filter.from.is_none()
@@ -155,53 +126,18 @@ impl SqliteStore {
         }
         Ok(found)
     }
-}
 
-#[async_trait]
-impl LedgerStore for SqliteStore {
-    async fn mutate(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-        now: Timestamp,
-        claims: &[Claim],
-        operation: &mut ClaimingFn<'_>,
-    ) -> StoreResult<()> {
-        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
-        self.direct.transaction(|tx| {
-            let (old, head) = write::load_state(tx, env, end_user.as_str())?
-                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
-            let claimed = write::claim_keys(tx, env, claims)?;
-            let mut state = old.clone();
-            let mut changes = operation(&mut state, &claimed)?;
-            let mut rows = write::Rows::default();
-            rows.heads.insert(end_user.to_string(), head);
-            write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
-            rows.flush(tx, env, now)?;
-            Ok(())
-        })
-    }
-
-    /// Runs the batch's operations, and renders their rows, before taking the write
-    /// lock, on states read from a reader, so that the writer is held only to write
-    /// (loading states, the engine and rendering rows took 40% of a usage batch's time
-    /// under the lock, docs/BENCHMARKS.md, P4). Every change of an end user's stored
-    /// state appends to the change feed in the same transaction, so under the lock the
-    /// feed since the states were read names every end user written in between; those
-    /// (and any whose operation failed, which a newer state might not) are loaded again
-    /// and their operations run again. States this process wrote are taken from its
-    /// cache (`cache`) instead of read, checked the same way from the position they
-    /// were written at.
-    async fn mutate_many(
+    /// Runs a batch's operations, and renders their rows, on the states this process
+    /// kept or a reader reads (one snapshot with the feed's position, which it returns),
+    /// before the writer is taken: see `mutate_many`.
+    fn run_optimistically(
         &self,
         env: &Env,
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
-    ) -> StoreResult<()> {
-        items.sort_by(|a, b| a.0.cmp(&b.0));
-        let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
-        let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
-        let kept = self.states.get_many(env, &ids);
+        ids: &[&str],
+    ) -> StoreResult<(i64, Vec<Optimistic>)> {
+        let kept = self.states.get_many(env, ids);
         // One read transaction: the feed's position and the states not kept (or kept
         // from too long ago) are one snapshot.
         let (read_at, mut seen, cached) = self.readers.read(|tx| {
@@ -253,6 +189,96 @@ impl LedgerStore for SqliteStore {
                 run,
             });
         }
+        Ok((read_at, prepared))
+    }
+}
+
+/// Where a walk down `end_user`'s chain starts: after the cursor's entry when it is this
+/// end user's (the cursor a previous page gave), otherwise at the newest entry. Returns
+/// the first link to read, and the cursor still to apply as a filter (one that is not
+/// this end user's entry).
+async fn chain_start(
+    connection: &mut SqliteConnection,
+    env: &Env,
+    end_user: &str,
+    filter: &EntryFilter,
+) -> StoreResult<(Option<i64>, Option<i64>)> {
+    let mut before = filter.before_seq;
+    let mut next = None;
+    if let Some(cursor) = before {
+        let found: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT prev_seq FROM entries WHERE seq = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?",
+        )
+        .bind(cursor)
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .fetch_optional(&mut *connection)
+        .await?;
+        if let Some(prev) = found {
+            next = prev;
+            before = None;
+        }
+    }
+    if before.is_some() || filter.before_seq.is_none() {
+        next = sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT last_entry_seq FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?",
+        )
+        .bind(&env.tenant_id)
+        .bind(env.environment.as_str())
+        .bind(end_user)
+        .fetch_optional(&mut *connection)
+        .await?
+        .flatten();
+    }
+    Ok((next, before))
+}
+
+#[async_trait]
+impl LedgerStore for SqliteStore {
+    async fn mutate(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        now: Timestamp,
+        claims: &[Claim],
+        operation: &mut ClaimingFn<'_>,
+    ) -> StoreResult<()> {
+        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        self.direct.transaction(|tx| {
+            let (old, head) = write::load_state(tx, env, end_user.as_str())?
+                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+            let claimed = write::claim_keys(tx, env, claims)?;
+            let mut state = old.clone();
+            let mut changes = operation(&mut state, &claimed)?;
+            let mut rows = write::Rows::default();
+            rows.heads.insert(end_user.to_string(), head);
+            write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
+            rows.flush(tx, env, now)?;
+            Ok(())
+        })
+    }
+
+    /// Runs the batch's operations, and renders their rows, before taking the write
+    /// lock, on states read from a reader, so that the writer is held only to write
+    /// (loading states, the engine and rendering rows took 40% of a usage batch's time
+    /// under the lock, docs/BENCHMARKS.md, P4). Every change of an end user's stored
+    /// state appends to the change feed in the same transaction, so under the lock the
+    /// feed since the states were read names every end user written in between; those
+    /// (and any whose operation failed, which a newer state might not) are loaded again
+    /// and their operations run again. States this process wrote are taken from its
+    /// cache (`cache`) instead of read, checked the same way from the position they
+    /// were written at.
+    async fn mutate_many(
+        &self,
+        env: &Env,
+        now: Timestamp,
+        items: &mut [(EndUserId, &mut MutateFn<'_>)],
+    ) -> StoreResult<()> {
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        let owned: Vec<EndUserId> = items.iter().map(|(end_user, _)| end_user.clone()).collect();
+        let ids: Vec<&str> = owned.iter().map(EndUserId::as_str).collect();
+        let (read_at, prepared) = self.run_optimistically(env, now, items, &ids)?;
         // The states' oldest position: the feed after it names every end user changed
         // since its state was read or written.
         let since = prepared

@@ -1,6 +1,9 @@
 //! The SQLite-only behaviour: the writer's fsync, entry chains, optimistic batches and
 //! the state cache. The shared behaviour is the control-plane suite's, run on both stores.
 
+// A scenario test reads top to bottom as one story however long it is.
+#![allow(clippy::too_many_lines)]
+
 use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 

@@ -451,27 +451,7 @@ impl Rows {
             .into_iter()
             .map(|(end_user, head)| (end_user, (head, head)))
             .collect();
-        // Number the new entries (this transaction holds the write lock, so the next
-        // numbers are known) and link each to its end user's previous entry.
-        let mut linked = Vec::with_capacity(self.entries.len());
-        if !self.entries.is_empty() {
-            let mut seq = next_entry_seq(tx)?;
-            for entry in &self.entries {
-                // Linking from an unknown head would cut the end user's older entries
-                // off its chain.
-                let Some((_, head)) = heads.get_mut(entry.1.as_str()) else {
-                    return Err(corrupt(format!(
-                        "an entry of end user `{}` was staged without its chain's head",
-                        entry.1
-                    )));
-                };
-                let prev = head.replace(seq);
-                linked.push((seq, prev, entry));
-                seq = seq
-                    .checked_add(1)
-                    .ok_or_else(|| corrupt("entry sequence numbers exhausted"))?;
-            }
-        }
+        let linked = link_entries(tx, &self.entries, &mut heads)?;
         if !self.end_users.is_empty() {
             let mut statement = tx.prepare_cached(
                 "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at, last_entry_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -522,71 +502,9 @@ impl Rows {
                 )));
             }
         }
-        if !self.blocks.is_empty() {
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-            )?;
-            for block in &self.blocks {
-                statement.execute(params![
-                    block.id,
-                    tenant,
-                    environment,
-                    block.end_user,
-                    block.body,
-                    block.metadata,
-                    block.external_payment_id,
-                    block.created_at,
-                ])?;
-            }
-        }
-        if let (Some((first, ..)), Some((last, ..))) = (linked.first(), linked.last()) {
-            // The transaction's entries are one run of numbers (migration 0008).
-            tx.prepare_cached(
-                "INSERT INTO entry_runs (tenant_id, environment, first_seq, last_seq) VALUES (?, ?, ?, ?)",
-            )?
-            .execute(params![tenant, environment, first, last])?;
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO entries (seq, id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            )?;
-            for (seq, prev, (id, end_user, entry_type, created_at, body)) in linked {
-                statement.execute(params![
-                    seq,
-                    id,
-                    tenant,
-                    environment,
-                    end_user,
-                    prev,
-                    entry_type,
-                    created_at,
-                    body,
-                ])?;
-            }
-        }
-        if !self.usage_keys.is_empty() {
-            let mut statement = tx.prepare_cached(
-                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            )?;
-            for key in &self.usage_keys {
-                statement
-                    .execute(params![
-                        tenant,
-                        environment,
-                        key.key,
-                        key.fingerprint.as_slice(),
-                        key.entry_id,
-                        key.result,
-                        key.keep_until.as_millis(),
-                    ])
-                    .map_err(|error| {
-                        if unique_violation(&error) {
-                            StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-                        } else {
-                            StoreError::from(error)
-                        }
-                    })?;
-            }
-        }
+        insert_blocks(tx, env, &self.blocks)?;
+        insert_entries(tx, env, linked)?;
+        insert_usage_keys(tx, env, &self.usage_keys)?;
         store_answers(tx, env, &self.answers)?;
         let at = match feed.as_slice() {
             [] => None,
@@ -618,6 +536,128 @@ impl Rows {
             heads,
         })
     }
+}
+
+/// Numbers the new entries (this transaction holds the write lock, so the next numbers
+/// are known) and links each to its end user's previous entry, moving `heads` (each end
+/// user's newest entry before this transaction and now).
+fn link_entries<'a>(
+    tx: &Transaction<'_>,
+    entries: &'a [EntryRow],
+    heads: &mut HashMap<String, (Option<i64>, Option<i64>)>,
+) -> StoreResult<Vec<(i64, Option<i64>, &'a EntryRow)>> {
+    let mut linked = Vec::with_capacity(entries.len());
+    if entries.is_empty() {
+        return Ok(linked);
+    }
+    let mut seq = next_entry_seq(tx)?;
+    for entry in entries {
+        // Linking from an unknown head would cut the end user's older entries off its
+        // chain.
+        let Some((_, head)) = heads.get_mut(entry.1.as_str()) else {
+            return Err(corrupt(format!(
+                "an entry of end user `{}` was staged without its chain's head",
+                entry.1
+            )));
+        };
+        let prev = head.replace(seq);
+        linked.push((seq, prev, entry));
+        seq = seq
+            .checked_add(1)
+            .ok_or_else(|| corrupt("entry sequence numbers exhausted"))?;
+    }
+    Ok(linked)
+}
+
+/// New and changed blocks.
+fn insert_blocks(tx: &Transaction<'_>, env: &Env, blocks: &[BlockRow]) -> StoreResult<()> {
+    let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+    if !blocks.is_empty() {
+        let mut statement = tx.prepare_cached(
+            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        )?;
+        for block in blocks {
+            statement.execute(params![
+                block.id,
+                tenant,
+                environment,
+                block.end_user,
+                block.body,
+                block.metadata,
+                block.external_payment_id,
+                block.created_at,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// The transaction's entries, numbered and linked (one run of numbers).
+fn insert_entries(
+    tx: &Transaction<'_>,
+    env: &Env,
+    linked: Vec<(i64, Option<i64>, &EntryRow)>,
+) -> StoreResult<()> {
+    let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+    if let (Some((first, ..)), Some((last, ..))) = (linked.first(), linked.last()) {
+        // The transaction's entries are one run of numbers (migration 0008).
+        tx.prepare_cached(
+            "INSERT INTO entry_runs (tenant_id, environment, first_seq, last_seq) VALUES (?, ?, ?, ?)",
+        )?
+        .execute(params![tenant, environment, first, last])?;
+        let mut statement = tx.prepare_cached(
+            "INSERT INTO entries (seq, id, tenant_id, environment, end_user_id, prev_seq, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for (seq, prev, (id, end_user, entry_type, created_at, body)) in linked {
+            statement.execute(params![
+                seq,
+                id,
+                tenant,
+                environment,
+                end_user,
+                prev,
+                entry_type,
+                created_at,
+                body,
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// The usage event keys a batch recorded; a key recorded concurrently is a conflict.
+fn insert_usage_keys(
+    tx: &Transaction<'_>,
+    env: &Env,
+    usage_keys: &[UsageKeyRecord],
+) -> StoreResult<()> {
+    let (tenant, environment) = (env.tenant_id.as_str(), env.environment.as_str());
+    if !usage_keys.is_empty() {
+        let mut statement = tx.prepare_cached(
+            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )?;
+        for key in usage_keys {
+            statement
+                .execute(params![
+                    tenant,
+                    environment,
+                    key.key,
+                    key.fingerprint.as_slice(),
+                    key.entry_id,
+                    key.result,
+                    key.keep_until.as_millis(),
+                ])
+                .map_err(|error| {
+                    if unique_violation(&error) {
+                        StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+                    } else {
+                        StoreError::from(error)
+                    }
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// An operation's state before and after, and what it reported writing (its usage keys
