@@ -43,7 +43,7 @@ impl ManualClock {
         self.millis.store(to.as_millis(), Ordering::SeqCst);
     }
 
-    pub fn advance_millis(&self, millis: i64) {
+    pub fn advance_ms(&self, millis: i64) {
         self.millis.fetch_add(millis, Ordering::SeqCst);
     }
 }

@@ -155,9 +155,9 @@ async fn advance_one(state: &AppState, env: &Env, end_user: &EndUserId) -> Resul
 
 /// How far behind the scheduler runs: the oldest due work still waiting.
 fn lag_metric(env: &Env, now: Timestamp, oldest: Option<Timestamp>) {
-    let lag_millis = oldest
+    let lag_ms = oldest
         .and_then(|oldest| now.since(oldest).ok())
         .map_or(0, |span| span.as_millis());
     metrics::gauge!("quotastack_jobs_lag_seconds", "environment" => env.environment.as_str())
-        .set(Duration::from_millis(u64::try_from(lag_millis).unwrap_or(0)).as_secs_f64());
+        .set(Duration::from_millis(u64::try_from(lag_ms).unwrap_or(0)).as_secs_f64());
 }

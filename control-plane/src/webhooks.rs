@@ -67,15 +67,13 @@ pub fn sign(secret: &str, id: &str, timestamp_secs: i64, body: &[u8]) -> Result<
 /// `jitter` (0 to 1000, per mille of the allowed jitter) makes the choice testable.
 pub fn retry_at(now: Timestamp, attempts: u32, jitter: i64) -> Option<Timestamp> {
     let index = usize::try_from(attempts).ok()?.checked_sub(1)?;
-    let base_millis = RETRY_DELAYS_SECS.get(index)?.checked_mul(1000)?;
-    let jitter_millis = base_millis
+    let base_ms = RETRY_DELAYS_SECS.get(index)?.checked_mul(1000)?;
+    let jitter_ms = base_ms
         .checked_mul(JITTER_PERCENT)?
         .checked_mul(jitter.clamp(0, 1000))?
         .checked_div(100_000)?;
-    now.checked_add(ledger::Span::from_millis(
-        base_millis.checked_add(jitter_millis)?,
-    ))
-    .ok()
+    now.checked_add(ledger::Span::from_millis(base_ms.checked_add(jitter_ms)?))
+        .ok()
 }
 
 /// Whether an address is private, loopback, link-local, or otherwise not a public host.

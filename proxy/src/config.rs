@@ -364,17 +364,46 @@ pub struct ReserveConfig {
     /// The upstream response header with the actual units (default `x-usage-units`).
     #[serde(default = "default_actual_header")]
     pub actual_header: String,
-    /// How long the control plane keeps the hold if the proxy never resolves it.
-    #[serde(default = "default_reserve_ttl")]
-    pub ttl_seconds: i64,
+    /// How long the control plane keeps the hold if the proxy never resolves it (300 by
+    /// default).
+    #[serde(default)]
+    pub ttl_secs: Option<i64>,
+    /// The old spelling of `ttl_secs`: still accepted, with a deprecation warning.
+    #[serde(default)]
+    pub ttl_seconds: Option<i64>,
+}
+
+impl ReserveConfig {
+    /// The hold's time to live: `ttl_secs`, else the deprecated `ttl_seconds` (logged),
+    /// else 300 s.
+    ///
+    /// # Errors
+    /// Both spellings set.
+    pub fn ttl_secs(&self, at: &dyn Fn(&str) -> String) -> Result<i64, ConfigError> {
+        match (self.ttl_secs, self.ttl_seconds) {
+            (Some(_), Some(_)) => Err(ConfigError {
+                setting: at("reserve.ttl_seconds"),
+                message:
+                    "is the old spelling of reserve.ttl_secs, which is also set; keep only ttl_secs"
+                        .into(),
+            }),
+            (None, Some(ttl)) => {
+                tracing::warn!(
+                    setting = %at("reserve.ttl_seconds"),
+                    "deprecated: write reserve.ttl_secs (ttl_seconds is still read)"
+                );
+                Ok(ttl)
+            }
+            (ttl, None) => Ok(ttl.unwrap_or(DEFAULT_RESERVE_TTL_SECS)),
+        }
+    }
 }
 
 fn default_actual_header() -> String {
     "x-usage-units".into()
 }
-fn default_reserve_ttl() -> i64 {
-    300
-}
+/// A reservation route's hold lives this long unless the route says otherwise.
+const DEFAULT_RESERVE_TTL_SECS: i64 = 300;
 
 impl Config {
     /// Reads, applies environment overrides, and validates.

@@ -313,7 +313,7 @@ impl Gate {
                 feature_key: admitted.feature.to_string(),
                 units: Some(units.get()),
                 amount: None,
-                ttl_seconds: Some(reserve.ttl_seconds),
+                ttl_seconds: Some(reserve.ttl_secs),
             })
             .await;
         match reservation {
@@ -342,7 +342,7 @@ impl Gate {
                         reserve_key: reserve_key.clone(),
                         feature_key: admitted.feature.to_string(),
                         units: units.get(),
-                        ttl_seconds: reserve.ttl_seconds,
+                        ttl_seconds: reserve.ttl_secs,
                     },
                 };
                 if let Err(error) = self.outbox.push(&undo).await {

@@ -131,7 +131,7 @@ struct Slot {
     /// Spend since `rate_since`, and the rate measured before (credits per second).
     recent: Credits,
     rate_since: Instant,
-    rate_per_sec: i64,
+    rate_per_second: i64,
     last_used: Instant,
     /// When a request last spent from a lease here, and the typical gap between such
     /// spends (a moving average): a slot used every few seconds is not idle.
@@ -155,7 +155,7 @@ impl Slot {
             acquire_request: None,
             recent: Credits::ZERO,
             rate_since: now,
-            rate_per_sec: 0,
+            rate_per_second: 0,
             last_used: now,
             last_spent: None,
             gap: Duration::ZERO,
@@ -197,7 +197,7 @@ impl Slot {
                 .saturating_mul(1000)
                 .checked_div(millis)
                 .unwrap_or(0);
-            self.rate_per_sec = measured.max(self.rate_per_sec.saturating_div(2));
+            self.rate_per_second = measured.max(self.rate_per_second.saturating_div(2));
             self.recent = Credits::ZERO;
             self.rate_since = now;
         }
@@ -210,7 +210,7 @@ impl Slot {
             .saturating_mul(1000)
             .checked_div(since.max(250))
             .unwrap_or(0);
-        self.rate_per_sec.max(current)
+        self.rate_per_second.max(current)
     }
 }
 

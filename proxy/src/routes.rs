@@ -23,7 +23,7 @@ pub struct Reserve {
     pub estimate: ledger::Units,
     pub estimate_header: Option<http::HeaderName>,
     pub actual_header: http::HeaderName,
-    pub ttl_seconds: i64,
+    pub ttl_secs: i64,
 }
 
 /// A gated route, ready for the hot path.
@@ -221,9 +221,10 @@ impl Reserve {
         at: &dyn Fn(&str) -> String,
         units_of: &dyn Fn(&str, u64) -> Result<ledger::Units, ConfigError>,
     ) -> Result<Reserve, ConfigError> {
-        if !(1..=ledger::TTL_MAX_SECS).contains(&reserve.ttl_seconds) {
+        let ttl_secs = reserve.ttl_secs(at)?;
+        if !(1..=ledger::TTL_MAX_SECS).contains(&ttl_secs) {
             return Err(ConfigError {
-                setting: at("reserve.ttl_seconds"),
+                setting: at("reserve.ttl_secs"),
                 message: format!("must be 1 to {}", ledger::TTL_MAX_SECS),
             });
         }
@@ -235,7 +236,7 @@ impl Reserve {
                 .map(|name| header_name(&at("reserve.estimate_header"), name))
                 .transpose()?,
             actual_header: header_name(&at("reserve.actual_header"), &reserve.actual_header)?,
-            ttl_seconds: reserve.ttl_seconds,
+            ttl_secs,
         })
     }
 }
@@ -335,6 +336,27 @@ reserve = { estimate = 1000, actual_header = "x-tokens" }
         );
         let second = routes.find(&http::Method::GET, "/b").expect("b");
         assert!(matches!(&second.units, UnitsRule::Reserve(reserve)
-            if reserve.actual_header == "x-tokens" && reserve.estimate.get() == 1000 && reserve.ttl_seconds == 300));
+            if reserve.actual_header == "x-tokens" && reserve.estimate.get() == 1000 && reserve.ttl_secs == 300));
+    }
+
+    // A hold's time to live is `ttl_secs`; the old spelling `ttl_seconds` still works
+    // (with a deprecation warning), and setting both is refused, naming the old one.
+    #[test]
+    fn reserve_ttl_secs_and_its_old_spelling() {
+        let ttl_of = |reserve: &str| {
+            let routes = routes(&format!(
+                "[[routes]]\npath = \"/r\"\nfeature = \"f\"\nreserve = {{ estimate = 10, {reserve} }}\n"
+            ));
+            match &routes.find(&http::Method::GET, "/r").expect("r").units {
+                UnitsRule::Reserve(reserve) => reserve.ttl_secs,
+                other => panic!("not a reservation route: {other:?}"),
+            }
+        };
+        assert_eq!(ttl_of("ttl_secs = 60"), 60);
+        assert_eq!(ttl_of("ttl_seconds = 90"), 90);
+        let both = "upstream = \"127.0.0.1:3000\"\n[control_plane]\nurl = \"http://127.0.0.1:8080\"\napi_key = \"k\"\n[[routes]]\npath = \"/r\"\nfeature = \"f\"\nreserve = { estimate = 10, ttl_secs = 60, ttl_seconds = 90 }\n";
+        let config = Config::parse(both).expect("parses");
+        let error = Routes::from_config(&config).expect_err("both spellings");
+        assert!(error.setting.ends_with("reserve.ttl_seconds"), "{error:?}");
     }
 }

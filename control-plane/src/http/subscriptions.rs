@@ -419,7 +419,7 @@ pub async fn advance_clock(
 
 /// The step an advance request asks for, in milliseconds, checked against the bound.
 fn advance_step(request: AdvanceTestClock, now: ledger::Timestamp) -> Result<i64, ApiError> {
-    let (field, step_millis) = match (request.seconds, request.to) {
+    let (field, step_ms) = match (request.seconds, request.to) {
         (Some(seconds), None) => {
             if seconds <= 0 {
                 return Err(ApiError::bad_request(
@@ -446,7 +446,7 @@ fn advance_step(request: AdvanceTestClock, now: ledger::Timestamp) -> Result<i64
             ));
         }
     };
-    if step_millis > ADVANCE_SECS_MAX.saturating_mul(1000) {
+    if step_ms > ADVANCE_SECS_MAX.saturating_mul(1000) {
         return Err(ApiError::bad_request(
             field,
             format!(
@@ -454,7 +454,7 @@ fn advance_step(request: AdvanceTestClock, now: ledger::Timestamp) -> Result<i64
             ),
         ));
     }
-    Ok(step_millis)
+    Ok(step_ms)
 }
 
 async fn advance(
@@ -463,13 +463,13 @@ async fn advance(
     request: AdvanceTestClock,
 ) -> Result<AdvancedTestClock, ApiError> {
     let view = state.view(env).await?;
-    let step_millis = advance_step(request, state.env_now(&view))?;
-    if view.env.clock_offset_ms.checked_add(step_millis).is_none() {
+    let step_ms = advance_step(request, state.env_now(&view))?;
+    if view.env.clock_offset_ms.checked_add(step_ms).is_none() {
         return Err(ApiError::bad_request("seconds", "is too large"));
     }
     // Applied atomically in the store, so a concurrent settings change or advance is
     // never undone.
-    state.store().advance_clock(env, step_millis).await?;
+    state.store().advance_clock(env, step_ms).await?;
     state.catalog_changed(env).await?;
     let deadline = tokio::time::Instant::now() + ADVANCE_BUDGET;
     // Due work first (it writes the events to deliver), then the deliveries with their

@@ -446,10 +446,10 @@ store_test! {
     assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch.clone(), 200).await), "created");
     let retention = harness.state.config().usage_key_retention;
     // Just inside the retention the key is remembered; just past it, forgotten.
-    harness.clock.advance_millis(i64::try_from(retention.as_millis()).expect("small") - 1000);
+    harness.clock.advance_ms(i64::try_from(retention.as_millis()).expect("small") - 1000);
     control_plane::jobs::tick(&harness.state).await.expect("jobs");
     assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch.clone(), 200).await), "duplicate");
-    harness.clock.advance_millis(2000);
+    harness.clock.advance_ms(2000);
     control_plane::jobs::tick(&harness.state).await.expect("jobs");
     assert_eq!(status(&harness.ok("/v1/usage/batch", key, batch, 200).await), "created");
     }

@@ -44,7 +44,7 @@ store_test! {
 
     // A month and a day later: A's u1 fails at its first window; B's subscription reached
     // its period end unpaid, and its block expired.
-    harness.clock.advance_millis(32 * 86_400_000);
+    harness.clock.advance_ms(32 * 86_400_000);
     control_plane::jobs::tick(&harness.state).await.expect("the pass goes on");
     let subscriptions = harness.get("/v1/subscriptions?end_user_id=u1", &b).await.body;
     assert_eq!(subscriptions["data"][0]["status"], "past_due", "{subscriptions}");
@@ -61,15 +61,15 @@ store_test! {
     // The poisoned end user waits for its retry time (30 s, then 1 min, …) instead of
     // being tried on every pass.
     assert_eq!(due(&harness, &a).await, 0, "postponed");
-    harness.clock.advance_millis(29_000);
+    harness.clock.advance_ms(29_000);
     assert_eq!(due(&harness, &a).await, 0, "not before 30 s");
-    harness.clock.advance_millis(2_000);
+    harness.clock.advance_ms(2_000);
     assert_eq!(due(&harness, &a).await, 1, "retried after 30 s");
     control_plane::jobs::tick(&harness.state).await.expect("the pass goes on");
     assert_eq!(due(&harness, &a).await, 0, "failed again, postponed again");
-    harness.clock.advance_millis(31_000);
+    harness.clock.advance_ms(31_000);
     assert_eq!(due(&harness, &a).await, 0, "the second wait is a minute");
-    harness.clock.advance_millis(30_000);
+    harness.clock.advance_ms(30_000);
     assert_eq!(due(&harness, &a).await, 1);
     }
 }
@@ -89,7 +89,7 @@ store_test! {
     assert_eq!(answer["settled"], true, "three hours of minutes fit one advance: {answer}");
     // An operation on an end user more than one operation's worth behind is refused
     // with 503 and Retry-After until the chunks caught up.
-    harness.clock.advance_millis(3 * 86_400_000);
+    harness.clock.advance_ms(3 * 86_400_000);
     let refused = harness.post("/v1/usage", &key, json!({"end_user_id": "u1", "feature_key": "api_calls", "units": 1})).await;
     assert_eq!(refused.status.as_u16(), 503, "{}", refused.body);
     assert_eq!(refused.code(), "catching_up");

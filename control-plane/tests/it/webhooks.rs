@@ -539,7 +539,7 @@ store_test! {
     // deliveries still hang (none has an attempt recorded).
     let grant = json!({"end_user_id": "b2", "amount": 7, "expires_at": "2026-01-01T00:00:30Z"});
     harness.ok("/v1/credits/grants", &b, grant, 201).await;
-    harness.clock.advance_millis(60_000);
+    harness.clock.advance_ms(60_000);
     control_plane::jobs::tick(&harness.state).await.expect("tick");
     let balance = harness.get("/v1/credits/balance?end_user_id=b2", &b).await.body;
     assert_eq!(balance["available"], 0, "B's block expired on the pass: {balance}");

@@ -23,7 +23,7 @@ pub const ROUTES: &str = r#"
 method = "POST"
 path = "/v1/generate"
 feature = "tokens"
-reserve = { estimate = 4000, estimate_header = "x-max-tokens", actual_header = "x-usage-units", ttl_seconds = 300 }
+reserve = { estimate = 4000, estimate_header = "x-max-tokens", actual_header = "x-usage-units", ttl_secs = 300 }
 on_unavailable = "closed"
 "#;
 

@@ -339,7 +339,7 @@ impl Naive {
 
 // --- running both --------------------------------------------------------------------
 
-fn at_millis(world: &World, offset: i64) -> Timestamp {
+fn at_ms(world: &World, offset: i64) -> Timestamp {
     world
         .now
         .checked_add(Span::from_millis(offset))
@@ -387,7 +387,7 @@ fn step_inner(
             let request = GrantRequest {
                 amount: credits(amount),
                 priority,
-                effective_at: Some(at_millis(world, effective_in_secs * 1000)),
+                effective_at: Some(at_ms(world, effective_in_secs * 1000)),
                 expires_at: expires.map(Timestamp::from_millis),
                 source: ledger::BlockSource::Purchase,
                 feature_keys: scope.map(|s| Arc::from(vec![key(FEATURES[s])])),
@@ -646,7 +646,7 @@ fn step_inner(
             (class(&result.map(|_| ())), expected)
         }
         Op::Advance { secs } => {
-            world.advance_to(at_millis(world, secs * 1000));
+            world.advance_to(at_ms(world, secs * 1000));
             naive.run_to(world.now.as_millis());
             ("ok", "ok")
         }
