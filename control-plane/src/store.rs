@@ -8,6 +8,7 @@
 //! entries, blocks, events and idempotency record — happens in one database transaction,
 //! and mutations of one end user are serialised.
 
+pub(crate) mod columns;
 mod key_leases;
 mod options;
 mod records;

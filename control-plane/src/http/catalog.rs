@@ -114,15 +114,11 @@ pub async fn create_feature(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)
-        .and_then(|request| request.to_ledger().map(|_| request).map_err(ApiError::from))
-    {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)?;
+    request.to_ledger()?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(
+    Ok(catalog_write(
         &state,
         &caller,
         &incoming,
@@ -150,7 +146,7 @@ pub async fn create_feature(
             Ok(feature_wire(&record))
         },
     )
-    .await
+    .await)
 }
 
 /// `GET /v1/features`.
@@ -197,46 +193,44 @@ pub async fn replace_feature(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)
-        .and_then(|request| request.to_ledger().map(|_| request).map_err(ApiError::from))
-    {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)?;
+    request.to_ledger()?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
-        let view = state_ref.view(env).await?;
-        let current = view
-            .features
-            .iter()
-            .find(|record| record.id == id || record.key == id)
-            .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
-        if request.key != current.key {
-            return Err(ApiError::bad_request(
-                "key",
-                format!(
-                    "must be the feature's key `{}`: keys can't change",
-                    current.key
-                ),
-            ));
-        }
-        if request.feature_type != current.body.feature_type {
-            return Err(ApiError::bad_request(
-                "type",
-                "a feature's type can't change; create a feature with a new key instead",
-            ));
-        }
-        let record = CatalogRecord {
-            body: request,
-            ..current.clone()
-        };
-        if !state_ref.store().update_feature(env, &record).await? {
-            return Err(ApiError::NotFound(format!("feature `{id}`")));
-        }
-        Ok(feature_wire(&record))
-    })
-    .await
+    Ok(
+        catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+            let view = state_ref.view(env).await?;
+            let current = view
+                .features
+                .iter()
+                .find(|record| record.id == id || record.key == id)
+                .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
+            if request.key != current.key {
+                return Err(ApiError::bad_request(
+                    "key",
+                    format!(
+                        "must be the feature's key `{}`: keys can't change",
+                        current.key
+                    ),
+                ));
+            }
+            if request.feature_type != current.body.feature_type {
+                return Err(ApiError::bad_request(
+                    "type",
+                    "a feature's type can't change; create a feature with a new key instead",
+                ));
+            }
+            let record = CatalogRecord {
+                body: request,
+                ..current.clone()
+            };
+            if !state_ref.store().update_feature(env, &record).await? {
+                return Err(ApiError::NotFound(format!("feature `{id}`")));
+            }
+            Ok(feature_wire(&record))
+        })
+        .await,
+    )
 }
 
 /// `POST /v1/plans`.
@@ -246,13 +240,10 @@ pub async fn create_plan(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false) {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(
+    Ok(catalog_write(
         &state,
         &caller,
         &incoming,
@@ -282,7 +273,7 @@ pub async fn create_plan(
             Ok(plan_wire(&view, &record))
         },
     )
-    .await
+    .await)
 }
 
 /// `GET /v1/plans`.
@@ -330,47 +321,46 @@ pub async fn replace_plan(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false) {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
-        let view = state_ref.view(env).await?;
-        let current = view
-            .find_plan(&id)
-            .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
-        let plan_id: PlanId = current.id.parse().map_err(ApiError::Internal)?;
-        request.to_ledger(plan_id)?;
-        if request.key != current.key {
-            return Err(ApiError::bad_request(
-                "key",
-                format!(
-                    "must be the plan's key `{}`: keys can't change",
-                    current.key
-                ),
-            ));
-        }
-        if request.kind != current.body.kind {
-            return Err(ApiError::bad_request(
-                "kind",
-                "a plan's kind can't change; create a plan with a new key instead",
-            ));
-        }
-        known_features(&view, &request)?;
-        let record = CatalogRecord {
-            body: request,
-            ..current.clone()
-        };
-        if !state_ref.store().update_plan(env, &record).await? {
-            return Err(ApiError::NotFound(format!("plan `{id}`")));
-        }
-        state_ref.invalidate(env);
-        let view = state_ref.view(env).await?;
-        Ok(plan_wire(&view, &record))
-    })
-    .await
+    Ok(
+        catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+            let view = state_ref.view(env).await?;
+            let current = view
+                .find_plan(&id)
+                .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
+            let plan_id: PlanId = current.id.parse().map_err(ApiError::Internal)?;
+            request.to_ledger(plan_id)?;
+            if request.key != current.key {
+                return Err(ApiError::bad_request(
+                    "key",
+                    format!(
+                        "must be the plan's key `{}`: keys can't change",
+                        current.key
+                    ),
+                ));
+            }
+            if request.kind != current.body.kind {
+                return Err(ApiError::bad_request(
+                    "kind",
+                    "a plan's kind can't change; create a plan with a new key instead",
+                ));
+            }
+            known_features(&view, &request)?;
+            let record = CatalogRecord {
+                body: request,
+                ..current.clone()
+            };
+            if !state_ref.store().update_plan(env, &record).await? {
+                return Err(ApiError::NotFound(format!("plan `{id}`")));
+            }
+            state_ref.invalidate(env);
+            let view = state_ref.view(env).await?;
+            Ok(plan_wire(&view, &record))
+        })
+        .await,
+    )
 }
 
 /// `POST /v1/plans/{id_or_key}/variants`.
@@ -381,13 +371,10 @@ pub async fn create_variant(
     caller: Caller,
     Path(plan): Path<String>,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<CreateVariant>(&incoming.headers, &incoming.body, false) {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<CreateVariant>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(
+    Ok(catalog_write(
         &state,
         &caller,
         &incoming,
@@ -434,7 +421,7 @@ pub async fn create_variant(
             ))
         },
     )
-    .await
+    .await)
 }
 
 /// `POST /v1/plans/{plan}/variants/{variant}/archive`: a variant with subscriptions is
@@ -493,50 +480,49 @@ pub async fn update_settings(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let request = match parse_json::<UpdateSettings>(&incoming.headers, &incoming.body, false) {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    let request = parse_json::<UpdateSettings>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
-    catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
-        let view = state_ref.view(env).await?;
-        let mut settings = view.env.settings.clone();
-        if let Some(variant) = request.free_plan_variant_id {
-            settings.free_plan_variant_id = match variant {
-                None => None,
-                Some(text) => {
-                    let record = view.find_variant(&text).ok_or_else(|| {
-                        ApiError::bad_request(
-                            "free_plan_variant_id",
-                            format!("no plan variant `{text}`"),
-                        )
-                    })?;
-                    let plan = view
-                        .plans
-                        .iter()
-                        .find(|plan| Some(plan.id.as_str()) == record.parent_id.as_deref());
-                    if plan.is_none_or(|plan| plan.body.kind != protocol::PlanKindWire::Base) {
-                        return Err(ApiError::bad_request(
-                            "free_plan_variant_id",
-                            "must be a variant of a base plan",
-                        ));
+    Ok(
+        catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
+            let view = state_ref.view(env).await?;
+            let mut settings = view.env.settings.clone();
+            if let Some(variant) = request.free_plan_variant_id {
+                settings.free_plan_variant_id = match variant {
+                    None => None,
+                    Some(text) => {
+                        let record = view.find_variant(&text).ok_or_else(|| {
+                            ApiError::bad_request(
+                                "free_plan_variant_id",
+                                format!("no plan variant `{text}`"),
+                            )
+                        })?;
+                        let plan = view
+                            .plans
+                            .iter()
+                            .find(|plan| Some(plan.id.as_str()) == record.parent_id.as_deref());
+                        if plan.is_none_or(|plan| plan.body.kind != protocol::PlanKindWire::Base) {
+                            return Err(ApiError::bad_request(
+                                "free_plan_variant_id",
+                                "must be a variant of a base plan",
+                            ));
+                        }
+                        Some(record.id.clone())
                     }
-                    Some(record.id.clone())
-                }
-            };
-        }
-        if let Some(threshold) = request.low_balance_threshold {
-            if threshold.is_some_and(|value| value < 0) {
-                return Err(ApiError::bad_request(
-                    "low_balance_threshold",
-                    "must not be negative",
-                ));
+                };
             }
-            settings.low_balance_threshold = threshold;
-        }
-        state_ref.store().put_settings(env, &settings).await?;
-        Ok(settings)
-    })
-    .await
+            if let Some(threshold) = request.low_balance_threshold {
+                if threshold.is_some_and(|value| value < 0) {
+                    return Err(ApiError::bad_request(
+                        "low_balance_threshold",
+                        "must not be negative",
+                    ));
+                }
+                settings.low_balance_threshold = threshold;
+            }
+            state_ref.store().put_settings(env, &settings).await?;
+            Ok(settings)
+        })
+        .await,
+    )
 }

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ledger::{EndUserState, Refusal};
 use protocol::{
     Balance, Block, CreateAdjustment, CreateGrant, LedgerEntry, Page, Problem, VoidBlock,
@@ -25,41 +25,36 @@ pub async fn create_grant(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: CreateGrant = parse_json(&incoming.headers, &incoming.body, false)?;
-        let (end_user, grant) = request.to_ledger()?;
-        Ok::<_, ApiError>((request, end_user, grant))
-    })();
-    let (request, end_user, grant) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: CreateGrant = parse_json(&incoming.headers, &incoming.body, false)?;
+    let (end_user, grant) = request.to_ledger()?;
     let (state, env, request, end_user, grant) = (&state, &caller.env, &request, &end_user, &grant);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let (request, grant) = (request.clone(), grant.clone());
-        let annotations = Annotations {
-            idempotency_key: None,
-            metadata: request.metadata.clone(),
-            external_payment_id: request.external_payment_id.clone(),
-        };
-        let block = state
-            .mutate(
-                env,
-                end_user,
-                key.as_ref(),
-                annotations,
-                201,
-                move |user, cx, _| {
-                    let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
-                    Ok((wire_block(user, &changes, id, &request)?, changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::CREATED, &block)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let (request, grant) = (request.clone(), grant.clone());
+            let annotations = Annotations {
+                idempotency_key: None,
+                metadata: request.metadata.clone(),
+                external_payment_id: request.external_payment_id.clone(),
+            };
+            let block = state
+                .mutate(
+                    env,
+                    end_user,
+                    key.as_ref(),
+                    annotations,
+                    201,
+                    move |user, cx, _| {
+                        let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
+                        Ok((wire_block(user, &changes, id, &request)?, changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::CREATED, &block)
+        })
+        .await,
+    )
 }
 
 /// The granted block as it stands after the operation (settlement may have used some).
@@ -94,75 +89,71 @@ pub async fn void_block(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: VoidBlock = parse_json(&incoming.headers, &incoming.body, true)?;
-        if let Some(reason) = &request.reason {
-            protocol::check_reason("reason", reason)?;
-        }
-        let block_id = ledger::BlockId::parse(&id)
-            .ok_or_else(|| ApiError::NotFound(format!("block `{id}`")))?;
-        Ok::<_, ApiError>((block_id, request.reason))
-    })();
-    let (block_id, reason) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: VoidBlock = parse_json(&incoming.headers, &incoming.body, true)?;
+    if let Some(reason) = &request.reason {
+        protocol::check_reason("reason", reason)?;
+    }
+    let block_id =
+        ledger::BlockId::parse(&id).ok_or_else(|| ApiError::NotFound(format!("block `{id}`")))?;
+    let reason = request.reason;
     let reason = &reason;
     let (state, env) = (&state, &caller.env);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let stored = state
-            .store()
-            .block(env, &block_id.to_string())
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("block {block_id}")))?;
-        let (end_user, annotations) = (stored.end_user_id, stored.annotations);
-        // The reason goes on the void's ledger entry.
-        let void_annotations = Annotations {
-            metadata: reason
-                .as_ref()
-                .map(|reason| serde_json::json!({ "reason": reason })),
-            ..Annotations::default()
-        };
-        let block = state
-            .mutate(
-                env,
-                &end_user,
-                key.as_ref(),
-                void_annotations,
-                200,
-                move |user, cx, _| {
-                    let applied =
-                        user.void_block(cx, block_id)
-                            .map_err(|refusal| match refusal {
-                                Refusal::BlockNotFound(_) => ApiError::Conflict(format!(
-                                    "block {block_id} has nothing left to void"
-                                )),
-                                other => other.into(),
-                            })?;
-                    let (_, changes) = Changes::from_applied(applied);
-                    let block = user
-                        .blocks()
-                        .iter()
-                        .chain(&changes.finished_blocks)
-                        .find(|block| block.id == block_id)
-                        .cloned();
-                    let wire = block.map(|block| {
-                        Block::new(
-                            &block,
-                            user.end_user_id(),
-                            annotations.external_payment_id.clone(),
-                            annotations.metadata.clone(),
-                        )
-                    });
-                    Ok((wire, changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::OK, &block)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let stored = state
+                .store()
+                .block(env, &block_id.to_string())
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("block {block_id}")))?;
+            let (end_user, annotations) = (stored.end_user_id, stored.annotations);
+            // The reason goes on the void's ledger entry.
+            let void_annotations = Annotations {
+                metadata: reason
+                    .as_ref()
+                    .map(|reason| serde_json::json!({ "reason": reason })),
+                ..Annotations::default()
+            };
+            let block = state
+                .mutate(
+                    env,
+                    &end_user,
+                    key.as_ref(),
+                    void_annotations,
+                    200,
+                    move |user, cx, _| {
+                        let applied =
+                            user.void_block(cx, block_id)
+                                .map_err(|refusal| match refusal {
+                                    Refusal::BlockNotFound(_) => ApiError::Conflict(format!(
+                                        "block {block_id} has nothing left to void"
+                                    )),
+                                    other => other.into(),
+                                })?;
+                        let (_, changes) = Changes::from_applied(applied);
+                        let block = user
+                            .blocks()
+                            .iter()
+                            .chain(&changes.finished_blocks)
+                            .find(|block| block.id == block_id)
+                            .cloned();
+                        let wire = block.map(|block| {
+                            Block::new(
+                                &block,
+                                user.end_user_id(),
+                                annotations.external_payment_id.clone(),
+                                annotations.metadata.clone(),
+                            )
+                        });
+                        Ok((wire, changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::OK, &block)
+        })
+        .await,
+    )
 }
 
 /// `POST /v1/credits/adjustments`: a signed manual correction.
@@ -172,63 +163,58 @@ pub async fn create_adjustment(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: CreateAdjustment = parse_json(&incoming.headers, &incoming.body, false)?;
-        let (end_user, adjust) = request.to_ledger()?;
-        Ok::<_, ApiError>((request, end_user, adjust))
-    })();
-    let (request, end_user, adjust) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: CreateAdjustment = parse_json(&incoming.headers, &incoming.body, false)?;
+    let (end_user, adjust) = request.to_ledger()?;
     let (state, env, request, end_user, adjust) =
         (&state, &caller.env, &request, &end_user, &adjust);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let (adjust, amount) = (adjust.clone(), request.amount);
-        let metadata = Some(serde_json::json!({ "reason": request.reason }));
-        let annotations = Annotations {
-            metadata,
-            ..Annotations::default()
-        };
-        let answer = state
-            .mutate(
-                env,
-                end_user,
-                key.as_ref(),
-                annotations,
-                201,
-                move |user, cx, _| {
-                    let (created, changes) =
-                        Changes::from_applied(user.adjust(cx, adjust.clone())?);
-                    let entry = changes
-                        .entries
-                        .iter()
-                        .rev()
-                        .find(|entry| entry.entry_type == ledger::EntryType::Adjust);
-                    let block = created.and_then(|id| {
-                        user.blocks()
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let (adjust, amount) = (adjust.clone(), request.amount);
+            let metadata = Some(serde_json::json!({ "reason": request.reason }));
+            let annotations = Annotations {
+                metadata,
+                ..Annotations::default()
+            };
+            let answer = state
+                .mutate(
+                    env,
+                    end_user,
+                    key.as_ref(),
+                    annotations,
+                    201,
+                    move |user, cx, _| {
+                        let (created, changes) =
+                            Changes::from_applied(user.adjust(cx, adjust.clone())?);
+                        let entry = changes
+                            .entries
                             .iter()
-                            .chain(&changes.finished_blocks)
-                            .find(|block| block.id == id)
-                            .cloned()
-                    });
-                    let answer = protocol::Adjustment {
-                        id: entry.map(|entry| entry.id.to_string()).unwrap_or_default(),
-                        end_user_id: user.end_user_id().to_string(),
-                        amount,
-                        block: block
-                            .map(|block| Block::new(&block, user.end_user_id(), None, None)),
-                        balance: user.available(None, cx.now)?.get(),
-                    };
-                    Ok((answer, changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::CREATED, &answer)
-    })
-    .await
+                            .rev()
+                            .find(|entry| entry.entry_type == ledger::EntryType::Adjust);
+                        let block = created.and_then(|id| {
+                            user.blocks()
+                                .iter()
+                                .chain(&changes.finished_blocks)
+                                .find(|block| block.id == id)
+                                .cloned()
+                        });
+                        let answer = protocol::Adjustment {
+                            id: entry.map(|entry| entry.id.to_string()).unwrap_or_default(),
+                            end_user_id: user.end_user_id().to_string(),
+                            amount,
+                            block: block
+                                .map(|block| Block::new(&block, user.end_user_id(), None, None)),
+                            balance: user.available(None, cx.now)?.get(),
+                        };
+                        Ok((answer, changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::CREATED, &answer)
+        })
+        .await,
+    )
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

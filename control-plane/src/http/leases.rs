@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ledger::LeaseId;
 use ledger::{EndUserId, LeaseReport, LeaseRequest, Refusal};
 use protocol::{
@@ -41,43 +41,43 @@ fn require_reader(caller: &Caller) -> Result<(), ApiError> {
 /// `POST /v1/leases`: holds as much of `amount` as is available for `holder`.
 #[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = CreateLease,
     responses((status = 201, body = Lease), (status = 402, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
-    let prepared = (|| {
-        require_holder(&caller)?;
-        let request: CreateLease = parse_json(&incoming.headers, &incoming.body, false)?;
-        Ok::<_, ApiError>(request.to_ledger()?)
-    })();
-    let (end_user, request) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Result<Response, ApiError> {
+    require_holder(&caller)?;
+    let request: CreateLease = parse_json(&incoming.headers, &incoming.body, false)?;
+    let (end_user, request) = request.to_ledger()?;
     let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let request = request.clone();
-        let lease = state
-            .mutate(
-                env,
-                end_user,
-                key.as_ref(),
-                Annotations::default(),
-                201,
-                move |user, cx, _| {
-                    let (lease, changes) =
-                        Changes::from_applied(user.take_lease(cx, request.clone())?);
-                    let answer = Lease {
-                        version: Some(user.version()),
-                        // A repeated `request_id`: the earlier lease, nothing held.
-                        replayed: changes.entries.is_empty(),
-                        ..Lease::from(&lease)
-                    };
-                    Ok((answer, changes))
-                },
-            )
-            .await?;
-        state.remember_lease_owner(env, &lease.id, end_user);
-        Done::stored(StatusCode::CREATED, &lease)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let request = request.clone();
+            let lease = state
+                .mutate(
+                    env,
+                    end_user,
+                    key.as_ref(),
+                    Annotations::default(),
+                    201,
+                    move |user, cx, _| {
+                        let (lease, changes) =
+                            Changes::from_applied(user.take_lease(cx, request.clone())?);
+                        let answer = Lease {
+                            version: Some(user.version()),
+                            // A repeated `request_id`: the earlier lease, nothing held.
+                            replayed: changes.entries.is_empty(),
+                            ..Lease::from(&lease)
+                        };
+                        Ok((answer, changes))
+                    },
+                )
+                .await?;
+            state.remember_lease_owner(env, &lease.id, end_user);
+            Done::stored(StatusCode::CREATED, &lease)
+        })
+        .await,
+    )
 }
 
 fn parse_lease_id(id: &str) -> Result<LeaseId, ApiError> {
@@ -111,39 +111,35 @@ async fn report_or_release(
     id: String,
     incoming: Incoming,
     step: Step,
-) -> Response {
-    let prepared = (|| {
-        require_holder(&caller)?;
-        let request: ReportLease = parse_json(&incoming.headers, &incoming.body, false)?;
-        Ok::<_, ApiError>((parse_lease_id(&id)?, request.to_ledger()))
-    })();
-    let (id, report) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    require_holder(&caller)?;
+    let request: ReportLease = parse_json(&incoming.headers, &incoming.body, false)?;
+    let (id, report) = (parse_lease_id(&id)?, request.to_ledger());
     let (state, env) = (&state, &caller.env);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let end_user = owner(state, env, id).await?;
-        let lease = state
-            .mutate(
-                env,
-                &end_user,
-                key.as_ref(),
-                Annotations::default(),
-                200,
-                move |user, cx, _| {
-                    let applied = match step {
-                        Step::Report => user.report_lease(cx, id, report)?,
-                        Step::Release => user.release_lease(cx, id, report)?,
-                    };
-                    let (reported, changes) = Changes::from_applied(applied);
-                    Ok((Lease::reported(&reported, user.version()), changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::OK, &lease)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let end_user = owner(state, env, id).await?;
+            let lease = state
+                .mutate(
+                    env,
+                    &end_user,
+                    key.as_ref(),
+                    Annotations::default(),
+                    200,
+                    move |user, cx, _| {
+                        let applied = match step {
+                            Step::Report => user.report_lease(cx, id, report)?,
+                            Step::Release => user.release_lease(cx, id, report)?,
+                        };
+                        let (reported, changes) = Changes::from_applied(applied);
+                        Ok((Lease::reported(&reported, user.version()), changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::OK, &lease)
+        })
+        .await,
+    )
 }
 
 /// `POST /v1/leases/{id}/report`: what the holder spent since its last report (`cost`
@@ -156,7 +152,7 @@ pub async fn report(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     report_or_release(state, caller, id, incoming, Step::Report).await
 }
 
@@ -168,7 +164,7 @@ pub async fn release(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     report_or_release(state, caller, id, incoming, Step::Release).await
 }
 
@@ -186,28 +182,25 @@ enum Prepared {
 /// releases by their sequence; an `Idempotency-Key` covers the whole batch.
 #[utoipa::path(post, path = "/v1/leases/batch", tag = "leases", request_body = LeaseBatch,
     responses((status = 200, body = LeaseBatchAnswer), (status = 400, body = Problem), (status = 403, body = Problem)))]
-pub async fn batch(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
-    let prepared = (|| {
-        require_holder(&caller)?;
-        let batch: LeaseBatch = parse_json(&incoming.headers, &incoming.body, false)?;
-        if batch.operations.is_empty() || batch.operations.len() > LEASE_BATCH_MAX {
-            return Err(ApiError::bad_request(
-                "operations",
-                format!("must hold 1 to {LEASE_BATCH_MAX} operations"),
-            ));
-        }
-        Ok::<_, ApiError>(batch)
-    })();
-    let batch = match prepared {
-        Ok(batch) => batch,
-        Err(error) => return error.into_response(),
-    };
+pub async fn batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Result<Response, ApiError> {
+    require_holder(&caller)?;
+    let batch: LeaseBatch = parse_json(&incoming.headers, &incoming.body, false)?;
+    if batch.operations.is_empty() || batch.operations.len() > LEASE_BATCH_MAX {
+        return Err(ApiError::bad_request(
+            "operations",
+            format!("must hold 1 to {LEASE_BATCH_MAX} operations"),
+        ));
+    }
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let results = apply_batch(state, env, &batch).await?;
         Done::json(StatusCode::OK, &LeaseBatchAnswer { results })
     })
-    .await
+    .await)
 }
 
 /// A batch operation's problem, its field named within the batch.

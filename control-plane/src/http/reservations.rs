@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ledger::{Refusal, ReservationId, ReservationStatus};
 use protocol::{CommitReservation, CreateReservation, ExtendReservation, Problem, Reservation};
 
@@ -17,36 +17,36 @@ use crate::store::{Annotations, Changes, Env};
 /// `POST /v1/reservations`: holds credits for a long job.
 #[utoipa::path(post, path = "/v1/reservations", tag = "reservations", request_body = CreateReservation,
     responses((status = 201, body = Reservation), (status = 400, body = Problem), (status = 402, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: CreateReservation = parse_json(&incoming.headers, &incoming.body, false)?;
-        Ok::<_, ApiError>(request.to_ledger()?)
-    })();
-    let (end_user, request) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: CreateReservation = parse_json(&incoming.headers, &incoming.body, false)?;
+    let (end_user, request) = request.to_ledger()?;
     let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let request = request.clone();
-        let reservation = state
-            .mutate(
-                env,
-                end_user,
-                key.as_ref(),
-                Annotations::default(),
-                201,
-                move |user, cx, _| {
-                    let (reservation, changes) =
-                        Changes::from_applied(user.reserve(cx, request.clone())?);
-                    Ok((answer(&reservation, user), changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::CREATED, &reservation)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let request = request.clone();
+            let reservation = state
+                .mutate(
+                    env,
+                    end_user,
+                    key.as_ref(),
+                    Annotations::default(),
+                    201,
+                    move |user, cx, _| {
+                        let (reservation, changes) =
+                            Changes::from_applied(user.reserve(cx, request.clone())?);
+                        Ok((answer(&reservation, user), changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::CREATED, &reservation)
+        })
+        .await,
+    )
 }
 
 /// The answer to a change of `reservation`, just made to `user`: with the version of
@@ -102,48 +102,44 @@ async fn resolve(
     id: String,
     incoming: Incoming,
     parse: fn(&HeaderMap, &[u8]) -> Result<Resolve, ApiError>,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let action = parse(&incoming.headers, &incoming.body)?;
-        Ok::<_, ApiError>((parse_reservation_id(&id)?, action))
-    })();
-    let (id, action) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let action = parse(&incoming.headers, &incoming.body)?;
+    let id = parse_reservation_id(&id)?;
     let (state, env, action) = (&state, &caller.env, &action);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let action = *action;
-        let current = stored(state, env, id).await?;
-        if current.status != ReservationStatus::Active {
-            return Err(not_active(id, current.status));
-        }
-        let reservation = state
-            .mutate(
-                env,
-                &current.end_user_id,
-                key.as_ref(),
-                Annotations::default(),
-                200,
-                move |user, cx, _| {
-                    let applied = match action {
-                        Resolve::Commit(size) => user.commit(cx, id, size),
-                        Resolve::Release => user.release(cx, id),
-                        Resolve::Extend(ttl) => user.extend(cx, id, ttl),
-                    };
-                    let applied = applied.map_err(|refusal| match refusal {
-                        Refusal::ReservationNotActive { status } => not_active(id, status),
-                        other => other.into(),
-                    })?;
-                    let (reservation, changes) = Changes::from_applied(applied);
-                    Ok((answer(&reservation, user), changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::OK, &reservation)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let action = *action;
+            let current = stored(state, env, id).await?;
+            if current.status != ReservationStatus::Active {
+                return Err(not_active(id, current.status));
+            }
+            let reservation = state
+                .mutate(
+                    env,
+                    &current.end_user_id,
+                    key.as_ref(),
+                    Annotations::default(),
+                    200,
+                    move |user, cx, _| {
+                        let applied = match action {
+                            Resolve::Commit(size) => user.commit(cx, id, size),
+                            Resolve::Release => user.release(cx, id),
+                            Resolve::Extend(ttl) => user.extend(cx, id, ttl),
+                        };
+                        let applied = applied.map_err(|refusal| match refusal {
+                            Refusal::ReservationNotActive { status } => not_active(id, status),
+                            other => other.into(),
+                        })?;
+                        let (reservation, changes) = Changes::from_applied(applied);
+                        Ok((answer(&reservation, user), changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::OK, &reservation)
+        })
+        .await,
+    )
 }
 
 fn not_active(id: ReservationId, status: ReservationStatus) -> ApiError {
@@ -161,7 +157,7 @@ pub async fn commit(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     resolve(state, caller, id, incoming, |headers, body| {
         let request: CommitReservation = parse_json(headers, body, true)?;
         Ok(Resolve::Commit(request.to_ledger()?))
@@ -177,7 +173,7 @@ pub async fn release(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     resolve(state, caller, id, incoming, |headers, body| {
         let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
         Ok(Resolve::Release)
@@ -193,7 +189,7 @@ pub async fn extend(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     resolve(state, caller, id, incoming, |headers, body| {
         let request: ExtendReservation = parse_json(headers, body, false)?;
         Ok(Resolve::Extend(request.ttl_seconds))

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ledger::{CancelAt, ChangeAt, Refusal, SubscriptionId, VariantId};
 use protocol::{
     AdvancePending, AdvanceTestClock, AdvancedTestClock, CancelSubscription, ChangeSubscription,
@@ -47,43 +47,42 @@ fn wire(view: &CatalogView, subscription: &ledger::Subscription) -> Subscription
 /// `POST /v1/subscriptions`.
 #[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", request_body = CreateSubscription,
     responses((status = 201, body = Subscription), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: CreateSubscription = parse_json(&incoming.headers, &incoming.body, false)?;
-        let end_user = request.end_user()?;
-        Ok::<_, ApiError>((request, end_user))
-    })();
-    let (request, end_user) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: CreateSubscription = parse_json(&incoming.headers, &incoming.body, false)?;
+    let end_user = request.end_user()?;
     let (state, env, request, end_user) = (&state, &caller.env, &request, &end_user);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let view = state.view(env).await?;
-        let variant = resolve_variant(&view, "plan_variant_id", &request.plan_variant_id)?;
-        let subscribe = ledger::SubscribeRequest {
-            plan_variant_id: variant,
-            trial_days: request.trial_days,
-            start_at: request.start_at.map(|time| time.0),
-        };
-        let subscription = state
-            .mutate(
-                env,
-                end_user,
-                key.as_ref(),
-                Annotations::default(),
-                201,
-                move |user, cx, view| {
-                    let (subscription, changes) =
-                        Changes::from_applied(user.subscribe(cx, subscribe.clone())?);
-                    Ok((wire(view, &subscription), changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::CREATED, &subscription)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let view = state.view(env).await?;
+            let variant = resolve_variant(&view, "plan_variant_id", &request.plan_variant_id)?;
+            let subscribe = ledger::SubscribeRequest {
+                plan_variant_id: variant,
+                trial_days: request.trial_days,
+                start_at: request.start_at.map(|time| time.0),
+            };
+            let subscription = state
+                .mutate(
+                    env,
+                    end_user,
+                    key.as_ref(),
+                    Annotations::default(),
+                    201,
+                    move |user, cx, view| {
+                        let (subscription, changes) =
+                            Changes::from_applied(user.subscribe(cx, subscribe.clone())?);
+                        Ok((wire(view, &subscription), changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::CREATED, &subscription)
+        })
+        .await,
+    )
 }
 
 fn parse_subscription_id(id: &str) -> Result<SubscriptionId, ApiError> {
@@ -197,75 +196,73 @@ async fn lifecycle(
     id: String,
     incoming: Incoming,
     parse: fn(&HeaderMap, &[u8]) -> Result<Lifecycle, ApiError>,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let operation = parse(&incoming.headers, &incoming.body)?;
-        Ok::<_, ApiError>((parse_subscription_id(&id)?, operation))
-    })();
-    let (id, operation) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let operation = parse(&incoming.headers, &incoming.body)?;
+    let id = parse_subscription_id(&id)?;
     let (state, env, operation) = (&state, &caller.env, &operation);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let operation = operation.clone();
-        let current = state
-            .store()
-            .subscription(env, &id.to_string())
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
-        if current.status.is_terminal() {
-            return Err(ApiError::InvalidTransition {
-                status: current.status.as_str().to_owned(),
-                detail: format!(
-                    "cannot {} a subscription that is {}",
-                    operation.name(),
-                    current.status
-                ),
-            });
-        }
-        let view = state.view(env).await?;
-        let target = match &operation {
-            Lifecycle::Change(text, _) => Some(resolve_variant(&view, "plan_variant_id", text)?),
-            _ => None,
-        };
-        let subscription = state
-            .mutate(
-                env,
-                &current.end_user_id,
-                key.as_ref(),
-                Annotations::default(),
-                200,
-                move |user, cx, view| {
-                    let applied = match (&operation, target) {
-                        (Lifecycle::Renew(periods), _) => user.renew(cx, id, *periods),
-                        (Lifecycle::Pause, _) => user.pause(cx, id),
-                        (Lifecycle::Resume, _) => user.resume(cx, id),
-                        (Lifecycle::Cancel(at, revoke), _) => user.cancel(cx, id, *at, *revoke),
-                        (Lifecycle::Change(_, at), Some(variant)) => {
-                            user.change(cx, id, variant, *at)
-                        }
-                        (Lifecycle::Change(..), None) => {
-                            return Err(ApiError::Internal("change without a variant".into()));
-                        }
-                    };
-                    let applied = applied.map_err(|refusal| match refusal {
-                        // Due work may have ended it just now.
-                        Refusal::SubscriptionNotFound(_) => ApiError::InvalidTransition {
-                            status: "ended".into(),
-                            detail: format!("subscription {id} has just ended"),
-                        },
-                        other => other.into(),
-                    })?;
-                    let (subscription, changes) = Changes::from_applied(applied);
-                    Ok((wire(view, &subscription), changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::OK, &subscription)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let operation = operation.clone();
+            let current = state
+                .store()
+                .subscription(env, &id.to_string())
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
+            if current.status.is_terminal() {
+                return Err(ApiError::InvalidTransition {
+                    status: current.status.as_str().to_owned(),
+                    detail: format!(
+                        "cannot {} a subscription that is {}",
+                        operation.name(),
+                        current.status
+                    ),
+                });
+            }
+            let view = state.view(env).await?;
+            let target = match &operation {
+                Lifecycle::Change(text, _) => {
+                    Some(resolve_variant(&view, "plan_variant_id", text)?)
+                }
+                _ => None,
+            };
+            let subscription = state
+                .mutate(
+                    env,
+                    &current.end_user_id,
+                    key.as_ref(),
+                    Annotations::default(),
+                    200,
+                    move |user, cx, view| {
+                        let applied = match (&operation, target) {
+                            (Lifecycle::Renew(periods), _) => user.renew(cx, id, *periods),
+                            (Lifecycle::Pause, _) => user.pause(cx, id),
+                            (Lifecycle::Resume, _) => user.resume(cx, id),
+                            (Lifecycle::Cancel(at, revoke), _) => user.cancel(cx, id, *at, *revoke),
+                            (Lifecycle::Change(_, at), Some(variant)) => {
+                                user.change(cx, id, variant, *at)
+                            }
+                            (Lifecycle::Change(..), None) => {
+                                return Err(ApiError::Internal("change without a variant".into()));
+                            }
+                        };
+                        let applied = applied.map_err(|refusal| match refusal {
+                            // Due work may have ended it just now.
+                            Refusal::SubscriptionNotFound(_) => ApiError::InvalidTransition {
+                                status: "ended".into(),
+                                detail: format!("subscription {id} has just ended"),
+                            },
+                            other => other.into(),
+                        })?;
+                        let (subscription, changes) = Changes::from_applied(applied);
+                        Ok((wire(view, &subscription), changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::OK, &subscription)
+        })
+        .await,
+    )
 }
 
 fn when(at: WhenWire) -> (CancelAt, ChangeAt) {
@@ -283,7 +280,7 @@ pub async fn renew(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     lifecycle(state, caller, id, incoming, |headers, body| {
         let request: RenewSubscription = parse_json(headers, body, true)?;
         Ok(Lifecycle::Renew(request.periods))
@@ -299,7 +296,7 @@ pub async fn pause(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     lifecycle(state, caller, id, incoming, |headers, body| {
         let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
         Ok(Lifecycle::Pause)
@@ -315,7 +312,7 @@ pub async fn resume(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     lifecycle(state, caller, id, incoming, |headers, body| {
         let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
         Ok(Lifecycle::Resume)
@@ -331,7 +328,7 @@ pub async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     lifecycle(state, caller, id, incoming, |headers, body| {
         let request: CancelSubscription = parse_json(headers, body, true)?;
         Ok(Lifecycle::Cancel(
@@ -350,7 +347,7 @@ pub async fn change(
     caller: Caller,
     Path(id): Path<String>,
     incoming: Incoming,
-) -> Response {
+) -> Result<Response, ApiError> {
     lifecycle(state, caller, id, incoming, |headers, body| {
         let request: ChangeSubscription = parse_json(headers, body, false)?;
         Ok(Lifecycle::Change(
@@ -394,27 +391,20 @@ pub async fn advance_clock(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        if caller.env.environment != Environment::Test {
-            return Err(ApiError::Conflict(
-                "the live environment always uses the real clock; use a qs_test_ key".into(),
-            ));
-        }
-        let request: AdvanceTestClock = parse_json(&incoming.headers, &incoming.body, false)?;
-        Ok::<_, ApiError>(request)
-    })();
-    let request = match prepared {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    if caller.env.environment != Environment::Test {
+        return Err(ApiError::Conflict(
+            "the live environment always uses the real clock; use a qs_test_ key".into(),
+        ));
+    }
+    let request: AdvanceTestClock = parse_json(&incoming.headers, &incoming.body, false)?;
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let clock = advance(state, env, request).await?;
         Done::json(StatusCode::OK, &clock)
     })
-    .await
+    .await)
 }
 
 /// The step an advance request asks for, in milliseconds, checked against the bound.

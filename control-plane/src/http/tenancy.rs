@@ -108,29 +108,22 @@ pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Admin)?;
-        let request: CreateApiKey = parse_json(&incoming.headers, &incoming.body, false)?;
-        let scopes = auth::validate_scopes(&request.scopes)
-            .map_err(|message| ApiError::bad_request("scopes", message))?;
-        if let Some(scope) = auth::beyond(&scopes, &caller.scopes) {
-            return Err(ApiError::MissingScope(scope));
-        }
-        if request.name.as_ref().is_some_and(|name| name.len() > 200) {
-            return Err(ApiError::bad_request(
-                "name",
-                "must be at most 200 characters",
-            ));
-        }
-        Ok::<_, ApiError>((request, scopes))
-    })();
-    let (request, scopes) = match prepared {
-        Ok(prepared) => prepared,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let request: CreateApiKey = parse_json(&incoming.headers, &incoming.body, false)?;
+    let scopes = auth::validate_scopes(&request.scopes)
+        .map_err(|message| ApiError::bad_request("scopes", message))?;
+    if let Some(scope) = auth::beyond(&scopes, &caller.scopes) {
+        return Err(ApiError::MissingScope(scope));
+    }
+    if request.name.as_ref().is_some_and(|name| name.len() > 200) {
+        return Err(ApiError::bad_request(
+            "name",
+            "must be at most 200 characters",
+        ));
+    }
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let live = state
             .store()
             .list_api_keys(env)
@@ -171,7 +164,7 @@ pub async fn create_key(
             &replay,
         )
     })
-    .await
+    .await)
 }
 
 /// `GET /v1/api-keys`: keys of the caller's environment, without secrets.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use ledger::{Credits, EndUserId, Refusal};
 use protocol::{
     BatchResult, BatchStatus, DecisionSource, EntitlementCheck, Page, Problem, RecordUsage,
@@ -29,60 +29,55 @@ pub async fn record_usage(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Write)?;
-        let request: RecordUsage = parse_json(&incoming.headers, &incoming.body, false)?;
-        if request.idempotency_key.is_some() {
-            return Err(ApiError::bad_request(
-                "idempotency_key",
-                "is for batch events; send the `Idempotency-Key` header instead",
-            ));
-        }
-        Ok::<_, ApiError>(request)
-    })();
-    let request = match prepared {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Write)?;
+    let request: RecordUsage = parse_json(&incoming.headers, &incoming.body, false)?;
+    if request.idempotency_key.is_some() {
+        return Err(ApiError::bad_request(
+            "idempotency_key",
+            "is for batch events; send the `Idempotency-Key` header instead",
+        ));
+    }
     let (state, env, request) = (&state, &caller.env, &request);
-    idempotency::run_claiming(state, env, &incoming, |key| async move {
-        let view = state.view(env).await?;
-        let protocol::ParsedUsage {
-            end_user,
-            usage,
-            timestamp,
-            clamped_from,
-        } = request.to_ledger("", state.env_now(&view))?;
-        let annotations = Annotations {
-            metadata: request.metadata.clone(),
-            ..Annotations::default()
-        };
-        let who = end_user.clone();
-        let answer = state
-            .mutate(
-                env,
-                &end_user,
-                key.as_ref(),
-                annotations,
-                201,
-                move |user, cx, _| {
-                    let (outcome, changes) =
-                        Changes::from_applied(user.record_usage(cx, usage.clone())?);
-                    let answer = recorded(
-                        &who,
-                        &usage,
-                        &outcome,
-                        (timestamp, clamped_from),
-                        user.version(),
-                    );
-                    Ok((answer, changes))
-                },
-            )
-            .await?;
-        Done::stored(StatusCode::CREATED, &answer)
-    })
-    .await
+    Ok(
+        idempotency::run_claiming(state, env, &incoming, |key| async move {
+            let view = state.view(env).await?;
+            let protocol::ParsedUsage {
+                end_user,
+                usage,
+                timestamp,
+                clamped_from,
+            } = request.to_ledger("", state.env_now(&view))?;
+            let annotations = Annotations {
+                metadata: request.metadata.clone(),
+                ..Annotations::default()
+            };
+            let who = end_user.clone();
+            let answer = state
+                .mutate(
+                    env,
+                    &end_user,
+                    key.as_ref(),
+                    annotations,
+                    201,
+                    move |user, cx, _| {
+                        let (outcome, changes) =
+                            Changes::from_applied(user.record_usage(cx, usage.clone())?);
+                        let answer = recorded(
+                            &who,
+                            &usage,
+                            &outcome,
+                            (timestamp, clamped_from),
+                            user.version(),
+                        );
+                        Ok((answer, changes))
+                    },
+                )
+                .await?;
+            Done::stored(StatusCode::CREATED, &answer)
+        })
+        .await,
+    )
 }
 
 fn recorded(
@@ -171,32 +166,25 @@ pub async fn record_batch(
     State(state): State<AppState>,
     caller: Caller,
     incoming: Incoming,
-) -> Response {
-    let prepared = (|| {
-        if !(crate::auth::allows(&caller.scopes, Scope::Write)
-            || crate::auth::allows(&caller.scopes, Scope::Sync))
-        {
-            return Err(ApiError::MissingScope("write"));
-        }
-        let batch: UsageBatch = parse_json(&incoming.headers, &incoming.body, false)?;
-        if batch.events.is_empty() || batch.events.len() > protocol::BATCH_EVENTS_MAX {
-            return Err(ApiError::bad_request(
-                "events",
-                format!("must hold 1 to {} events", protocol::BATCH_EVENTS_MAX),
-            ));
-        }
-        Ok::<_, ApiError>(batch)
-    })();
-    let batch = match prepared {
-        Ok(batch) => batch,
-        Err(error) => return error.into_response(),
-    };
+) -> Result<Response, ApiError> {
+    if !(crate::auth::allows(&caller.scopes, Scope::Write)
+        || crate::auth::allows(&caller.scopes, Scope::Sync))
+    {
+        return Err(ApiError::MissingScope("write"));
+    }
+    let batch: UsageBatch = parse_json(&incoming.headers, &incoming.body, false)?;
+    if batch.events.is_empty() || batch.events.len() > protocol::BATCH_EVENTS_MAX {
+        return Err(ApiError::bad_request(
+            "events",
+            format!("must hold 1 to {} events", protocol::BATCH_EVENTS_MAX),
+        ));
+    }
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let results = apply_batch(state, env, &batch).await?;
         Done::json(StatusCode::OK, &UsageBatchRecorded { results })
     })
-    .await
+    .await)
 }
 
 /// A batch event parsed, with its (required) idempotency key.

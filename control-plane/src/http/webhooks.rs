@@ -58,21 +58,18 @@ async fn find(state: &AppState, env: &Env, id: &str) -> Result<EndpointRecord, A
 /// `POST /v1/webhook-endpoints`: the secret is shown once.
 #[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks", request_body = CreateWebhookEndpoint,
     responses((status = 201, body = WebhookEndpoint), (status = 400, body = Problem)))]
-pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Incoming) -> Response {
-    let prepared = (|| {
-        caller.require(Scope::Admin)?;
-        let request: CreateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
-        webhooks::validate_url(&request.url, state.config().webhooks_allow_private)
-            .map_err(|message| ApiError::bad_request("url", message))?;
-        check_event_types(request.event_types.as_deref())?;
-        Ok::<_, ApiError>(request)
-    })();
-    let request = match prepared {
-        Ok(request) => request,
-        Err(error) => return error.into_response(),
-    };
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    incoming: Incoming,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let request: CreateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
+    webhooks::validate_url(&request.url, state.config().webhooks_allow_private)
+        .map_err(|message| ApiError::bad_request("url", message))?;
+    check_event_types(request.event_types.as_deref())?;
     let (state, env) = (&state, &caller.env);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let existing = state.store().endpoints(env).await?.len();
         limits::room_for(
             "webhook endpoints per environment",
@@ -94,7 +91,7 @@ pub async fn create(State(state): State<AppState>, caller: Caller, incoming: Inc
             &wire(&record, Some(record.secret.clone())),
         )
     })
-    .await
+    .await)
 }
 
 /// `GET /v1/webhook-endpoints`.

@@ -42,15 +42,16 @@
 
 use std::str::FromStr;
 
-use ledger::{EndUserId, EndUserState, StateParts, Timestamp};
+use ledger::{EndUserId, EndUserState};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 
 use sqlx::{PgPool, Row};
 
-use super::{Env, Environment, Lease, StoreError, StoreResult};
+use super::{Env, Lease, StoreError, StoreResult};
 
 use crate::queues::Queues;
+use crate::store::columns::{corrupt, parse_state, unique_violation};
 
 mod catalog;
 mod end_users;
@@ -67,23 +68,6 @@ pub struct PostgresStore {
     /// Idempotency leases waiting, by environment, taken together (see
     /// `idempotency_begin`).
     leases: std::sync::Arc<Queues<Env, Lease>>,
-}
-
-fn millis(value: Timestamp) -> i64 {
-    value.as_millis()
-}
-
-fn corrupt(message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(message.into())
-}
-
-fn environment(row: &PgRow) -> StoreResult<Environment> {
-    let text: String = row.try_get("environment")?;
-    Environment::parse(&text).ok_or_else(|| corrupt(format!("environment `{text}`")))
-}
-
-fn unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
 }
 
 /// `LIMIT` takes a BIGINT (sqlx encodes no unsigned integers for PostgreSQL).
@@ -118,11 +102,6 @@ impl PostgresStore {
             leases: std::sync::Arc::default(),
         })
     }
-}
-
-fn parse_state(text: &str) -> StoreResult<EndUserState> {
-    let parts: StateParts = serde_json::from_str(text)?;
-    EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
 }
 
 /// The state in a row of `end_users` (`None` for no row, or a mutation's placeholder).

@@ -7,17 +7,14 @@
 
 use std::time::Duration;
 
-use ledger::{EndUserState, StateParts, Timestamp};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
+use sqlx::SqlitePool;
 
-use sqlx::{Row, SqlitePool};
-
-use super::{Environment, Lease, StoreError, StoreResult};
+use super::{Lease, StoreError, StoreResult};
 
 use crate::queues::Queues;
+use crate::store::columns::{corrupt, parse_state, unique_violation};
 
 use crate::store::{DatabaseUrl, Synchronous};
 
@@ -93,23 +90,6 @@ pub struct SqliteStore {
     sweep: std::sync::Arc<std::sync::atomic::AtomicI64>,
     /// Usage keys the sweep reads each time.
     sweep_rows: i64,
-}
-
-fn millis(value: Timestamp) -> i64 {
-    value.as_millis()
-}
-
-fn corrupt(message: impl Into<String>) -> StoreError {
-    StoreError::Corrupt(message.into())
-}
-
-fn environment(row: &SqliteRow) -> StoreResult<Environment> {
-    let text: String = row.try_get("environment")?;
-    Environment::parse(&text).ok_or_else(|| corrupt(format!("environment `{text}`")))
-}
-
-fn unique_violation(error: &sqlx::Error) -> bool {
-    matches!(error, sqlx::Error::Database(database) if database.is_unique_violation())
 }
 
 impl SqliteStore {
@@ -200,11 +180,6 @@ impl SqliteStore {
             sweep_rows: SWEEP_ROWS,
         })
     }
-}
-
-fn parse_state(text: &str) -> StoreResult<EndUserState> {
-    let parts: StateParts = serde_json::from_str(text)?;
-    EndUserState::from_parts(parts).map_err(|violation| corrupt(violation.to_string()))
 }
 
 #[cfg(test)]

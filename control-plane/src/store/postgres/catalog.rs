@@ -2,10 +2,9 @@
 //! ([`CatalogStore`](crate::store::CatalogStore)).
 
 use async_trait::async_trait;
-use ledger::Timestamp;
 use sqlx::Row;
 
-use super::{PostgresStore, millis, unique_violation};
+use super::{PostgresStore, unique_violation};
 use crate::store::{CatalogRecord, CatalogStore, Env, EnvRecord, StoreError, StoreResult};
 
 impl PostgresStore {
@@ -28,7 +27,7 @@ impl PostgresStore {
         .bind(&record.parent_id)
         .bind(body)
         .bind(record.archived)
-        .bind(millis(record.created_at))
+        .bind(record.created_at.as_millis())
         .execute(&self.pool)
         .await;
         match result {
@@ -74,16 +73,7 @@ impl PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                Ok(CatalogRecord {
-                    id: row.try_get("id")?,
-                    key: row.try_get("key")?,
-                    parent_id: row.try_get("parent_id")?,
-                    body: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
-                    archived: row.try_get("archived")?,
-                    created_at: Timestamp::from_millis(row.try_get("created_at")?),
-                })
-            })
+            .map(crate::store::columns::catalog_record)
             .collect()
     }
 }

@@ -8,7 +8,7 @@ use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestam
 use sqlx::{PgConnection, Row};
 
 use super::write::{Rows, persist};
-use super::{PostgresStore, end_user_id, limit, millis, parse_state, state_of};
+use super::{PostgresStore, end_user_id, limit, parse_state, state_of};
 use crate::store::{
     Annotations, CLAIM_LEASE_MS, Claim, ClaimingFn, EntryFilter, Env, LeaseFilter, LedgerStore,
     MutateFn, StoreError, StoreResult, StoredBlock, claimed_flags, claims_to_insert, unchanged,
@@ -166,8 +166,8 @@ impl LedgerStore for PostgresStore {
         };
         let rows = query
             .bind(&filter.entry_type)
-            .bind(filter.from.map(millis))
-            .bind(filter.to.map(millis))
+            .bind(filter.from.map(Timestamp::as_millis))
+            .bind(filter.to.map(Timestamp::as_millis))
             .bind(filter.before_seq.unwrap_or(i64::MAX))
             .bind(limit(filter.limit))
             .fetch_all(&self.pool)
@@ -309,7 +309,7 @@ pub(super) async fn lock_state(
     .bind(&env.tenant_id)
     .bind(env.environment.as_str())
     .bind(end_user.as_str())
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(&mut *connection)
     .await?;
     let row = sqlx::query(LOCK)
@@ -345,7 +345,7 @@ async fn lock_states(
     .bind(&env.tenant_id)
     .bind(env.environment.as_str())
     .bind(ids)
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(&mut *connection)
     .await?;
     // One index probe and lock per end user, in `ids` order (see `usage_keys` for why

@@ -5,7 +5,7 @@ use ledger::{EndUserState, Timestamp};
 use sqlx::Row;
 
 use super::write::{insert_change, take_positions};
-use super::{PostgresStore, corrupt, end_user_id, limit, millis, parse_state};
+use super::{PostgresStore, corrupt, end_user_id, limit, parse_state};
 use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
 
 #[async_trait]
@@ -110,7 +110,7 @@ impl FeedStore for PostgresStore {
              )
              SELECT COUNT(*) AS deleted FROM deleted",
         )
-        .bind(millis(before))
+        .bind(before.as_millis())
         .fetch_one(&self.pool)
         .await?;
         u64::try_from(row.try_get::<i64, _>("deleted")?).map_err(|_| corrupt("deleted count"))

@@ -6,7 +6,7 @@ use ledger::Timestamp;
 use sqlx::{PgConnection, Row};
 
 use super::write::finish_idempotency;
-use super::{PostgresStore, corrupt, millis};
+use super::{PostgresStore, corrupt};
 use crate::queues::DrainGuard;
 use crate::store::{
     Env, IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease,
@@ -105,11 +105,11 @@ impl IdempotencyStore for PostgresStore {
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
         let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < $1")
-            .bind(millis(now))
+            .bind(now.as_millis())
             .execute(&self.pool)
             .await?;
         let usage = sqlx::query("DELETE FROM usage_keys WHERE keep_until < $1")
-            .bind(millis(now))
+            .bind(now.as_millis())
             .execute(&self.pool)
             .await?;
         Ok(idempotency
@@ -134,7 +134,7 @@ async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<
     .bind(&lease.key)
     .bind(lease.fingerprint.as_slice())
     .bind(locked_until)
-    .bind(millis(lease.keep_until))
+    .bind(lease.keep_until.as_millis())
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() > 0 {

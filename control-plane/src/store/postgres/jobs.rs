@@ -4,7 +4,8 @@ use async_trait::async_trait;
 use ledger::{EndUserId, Timestamp};
 use sqlx::Row;
 
-use super::{PostgresStore, end_user_id, environment, limit, millis};
+use super::{PostgresStore, end_user_id, limit};
+use crate::store::columns::Columns;
 use crate::store::{Env, JobStore, StoreResult};
 
 #[async_trait]
@@ -20,7 +21,7 @@ impl JobStore for PostgresStore {
                 Ok((
                     Env {
                         tenant_id: row.try_get("tenant_id")?,
-                        environment: environment(row)?,
+                        environment: row.environment()?,
                     },
                     row.try_get("clock_offset_ms")?,
                 ))
@@ -40,7 +41,7 @@ impl JobStore for PostgresStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(now))
+        .bind(now.as_millis())
         .bind(limit(limit_len))
         .fetch_all(&self.pool)
         .await?;
@@ -60,7 +61,7 @@ impl JobStore for PostgresStore {
         at: Timestamp,
     ) -> StoreResult<()> {
         sqlx::query("UPDATE end_users SET next_due_at = $1 WHERE tenant_id = $2 AND environment = $3 AND end_user_id = $4 AND next_due_at < $1")
-            .bind(millis(at))
+            .bind(at.as_millis())
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())
             .bind(end_user.as_str())

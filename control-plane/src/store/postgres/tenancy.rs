@@ -2,28 +2,10 @@
 
 use async_trait::async_trait;
 use ledger::Timestamp;
-use sqlx::postgres::PgRow;
-use sqlx::{PgConnection, Row};
+use sqlx::PgConnection;
 
-use super::{PostgresStore, corrupt, environment, millis};
+use super::PostgresStore;
 use crate::store::{ApiKeyRecord, Env, Environment, StoreResult, TenancyStore, TenantRecord};
-
-fn api_key_from_row(row: &PgRow) -> StoreResult<ApiKeyRecord> {
-    let hash: Vec<u8> = row.try_get("key_hash")?;
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        environment: environment(row)?,
-        name: row.try_get("name")?,
-        scopes: serde_json::from_str(&row.try_get::<String, _>("scopes")?)?,
-        prefix: row.try_get("prefix")?,
-        key_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
-        created_at: Timestamp::from_millis(row.try_get("created_at")?),
-        revoked_at: row
-            .try_get::<Option<i64>, _>("revoked_at")?
-            .map(Timestamp::from_millis),
-    })
-}
 
 async fn insert_key(connection: &mut PgConnection, key: &ApiKeyRecord) -> StoreResult<()> {
     sqlx::query(
@@ -37,8 +19,8 @@ async fn insert_key(connection: &mut PgConnection, key: &ApiKeyRecord) -> StoreR
     .bind(serde_json::to_string(&key.scopes)?)
     .bind(&key.prefix)
     .bind(key.key_hash.as_slice())
-    .bind(millis(key.created_at))
-    .bind(key.revoked_at.map(millis))
+    .bind(key.created_at.as_millis())
+    .bind(key.revoked_at.map(Timestamp::as_millis))
     .execute(connection)
     .await?;
     Ok(())
@@ -51,7 +33,7 @@ impl TenancyStore for PostgresStore {
         sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, $2, $3)")
             .bind(&tenant.id)
             .bind(&tenant.name)
-            .bind(millis(tenant.created_at))
+            .bind(tenant.created_at.as_millis())
             .execute(&mut *tx)
             .await?;
         for environment in [Environment::Live, Environment::Test] {
@@ -76,7 +58,7 @@ impl TenancyStore for PostgresStore {
             .bind(hash.as_slice())
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(api_key_from_row).transpose()
+        row.as_ref().map(crate::store::columns::api_key).transpose()
     }
 
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
@@ -92,7 +74,7 @@ impl TenancyStore for PostgresStore {
         .bind(env.environment.as_str())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(api_key_from_row).collect()
+        rows.iter().map(crate::store::columns::api_key).collect()
     }
 
     async fn revoke_api_key(
@@ -106,12 +88,12 @@ impl TenancyStore for PostgresStore {
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)
              WHERE id = $2 AND tenant_id = $3 AND environment = $4 RETURNING *",
         )
-        .bind(millis(at))
+        .bind(at.as_millis())
         .bind(id)
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(api_key_from_row).transpose()
+        row.as_ref().map(crate::store::columns::api_key).transpose()
     }
 }

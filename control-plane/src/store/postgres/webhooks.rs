@@ -3,29 +3,15 @@
 
 use async_trait::async_trait;
 use ledger::Timestamp;
-use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Row};
 
 use super::write::{insert_wire_event, take_positions};
-use super::{PostgresStore, corrupt, limit, millis};
+use super::{PostgresStore, corrupt, limit};
+use crate::store::columns::EndpointColumns;
 use crate::store::{
     AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, EventRecord, StoreResult,
     WebhookStore,
 };
-
-fn endpoint_from_row(row: &PgRow) -> StoreResult<EndpointRecord> {
-    Ok(EndpointRecord {
-        id: row.try_get("id")?,
-        url: row.try_get("url")?,
-        event_types: row
-            .try_get::<Option<String>, _>("event_types")?
-            .map(|text| serde_json::from_str(&text))
-            .transpose()?,
-        secret: row.try_get("secret")?,
-        created_at: Timestamp::from_millis(row.try_get("created_at")?),
-        updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
-    })
-}
 
 #[async_trait]
 impl WebhookStore for PostgresStore {
@@ -45,14 +31,7 @@ impl WebhookStore for PostgresStore {
         .bind(limit(limit_len))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(EventRecord {
-                    seq: row.try_get("seq")?,
-                    event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(crate::store::columns::event).collect()
     }
 
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
@@ -101,8 +80,8 @@ impl WebhookStore for PostgresStore {
         .bind(&record.url)
         .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
         .bind(&record.secret)
-        .bind(millis(record.created_at))
-        .bind(millis(record.updated_at))
+        .bind(record.created_at.as_millis())
+        .bind(record.updated_at.as_millis())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -126,7 +105,7 @@ impl WebhookStore for PostgresStore {
                 .map(serde_json::to_string)
                 .transpose()?,
         )
-        .bind(millis(record.updated_at))
+        .bind(record.updated_at.as_millis())
         .bind(&record.id)
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
@@ -140,7 +119,7 @@ impl WebhookStore for PostgresStore {
         let result = sqlx::query(
             "UPDATE webhook_endpoints SET deleted_at = $1 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND deleted_at IS NULL",
         )
-        .bind(millis(at))
+        .bind(at.as_millis())
         .bind(id)
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
@@ -255,9 +234,9 @@ impl WebhookStore for PostgresStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(due_by))
+        .bind(due_by.as_millis())
         .bind(limit(limit_len))
-        .bind(millis(lease.now))
+        .bind(lease.now.as_millis())
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -267,24 +246,14 @@ impl WebhookStore for PostgresStore {
                 attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
                     .map_err(|_| corrupt("attempts"))?,
                 due_at: Timestamp::from_millis(row.try_get("next_attempt_at")?),
-                endpoint: EndpointRecord {
-                    id: row.try_get("endpoint_id")?,
-                    url: row.try_get("url")?,
-                    event_types: row
-                        .try_get::<Option<String>, _>("event_types")?
-                        .map(|text| serde_json::from_str(&text))
-                        .transpose()?,
-                    secret: row.try_get("secret")?,
-                    created_at: Timestamp::from_millis(row.try_get("endpoint_created_at")?),
-                    updated_at: Timestamp::from_millis(row.try_get("endpoint_updated_at")?),
-                },
+                endpoint: crate::store::columns::endpoint(row, EndpointColumns::JOINED)?,
                 event: serde_json::from_str(&row.try_get::<String, _>("event_body")?)?,
             });
         }
         if !jobs.is_empty() {
             let ids: Vec<i64> = jobs.iter().map(|job| job.delivery_id).collect();
             sqlx::query("UPDATE webhook_deliveries SET locked_until = $1 WHERE id = ANY($2)")
-                .bind(millis(lease.until))
+                .bind(lease.until.as_millis())
                 .bind(ids)
                 .execute(&mut *tx)
                 .await?;
@@ -299,7 +268,7 @@ impl WebhookStore for PostgresStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(due_by))
+        .bind(due_by.as_millis())
         .fetch_one(&self.pool)
         .await?;
         Ok(u64::try_from(count).unwrap_or(0))
@@ -324,7 +293,7 @@ impl WebhookStore for PostgresStore {
         .bind(if attempt.succeeded { "succeeded" } else { "failed" })
         .bind(attempt.response_status.map(i64::from))
         .bind(&attempt.error)
-        .bind(millis(attempt.at))
+        .bind(attempt.at.as_millis())
         .execute(&mut *tx)
         .await?;
         let status = match (attempt.succeeded, attempt.retry_at) {
@@ -338,7 +307,7 @@ impl WebhookStore for PostgresStore {
         )
         .bind(status)
         .bind(i64::from(attempt.attempt))
-        .bind(attempt.retry_at.map(millis))
+        .bind(attempt.retry_at.map(Timestamp::as_millis))
         .bind(attempt.delivery_id)
         .execute(&mut *tx)
         .await?;
@@ -367,7 +336,7 @@ async fn insert_delivery(
     .bind(event_id)
     .bind(seq)
     .bind(end_user)
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(connection)
     .await?;
     Ok(())
@@ -385,5 +354,7 @@ pub(super) async fn live_endpoints(
     .bind(env.environment.as_str())
     .fetch_all(connection)
     .await?;
-    rows.iter().map(endpoint_from_row).collect()
+    rows.iter()
+        .map(|row| crate::store::columns::endpoint(row, EndpointColumns::TABLE))
+        .collect()
 }

@@ -5,7 +5,7 @@ use ledger::{EndUserState, Timestamp};
 use sqlx::{PgConnection, Row};
 
 use super::webhooks::live_endpoints;
-use super::{corrupt, millis, unique_violation};
+use super::{corrupt, unique_violation};
 use crate::store::{
     BlockRow, Changes, EntryRow, Env, IdempotencyAnswer, StateRow, StoreError, StoreResult,
     UsageKeyRecord, changed_leases, changed_reservations, changed_subscriptions, stage_rows,
@@ -188,7 +188,7 @@ async fn write_end_users(
     .bind(states)
     .bind(versions)
     .bind(due)
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -306,7 +306,7 @@ async fn write_usage_keys(
         fingerprints.push(key.fingerprint.to_vec());
         entry_ids.push(key.entry_id);
         results.push(key.result);
-        keep.push(millis(key.keep_until));
+        keep.push(key.keep_until.as_millis());
     }
     sqlx::query(
         "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
@@ -551,7 +551,7 @@ async fn write_deliveries(
     .bind(event_ids)
     .bind(event_seqs)
     .bind(delivery_users)
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(&mut *connection)
     .await?;
     Ok(())
@@ -593,7 +593,7 @@ async fn append_to_feeds(
             ids.push(wire.id.as_str());
             users.push(end_user.as_str());
             types.push(wire.event_type.as_str());
-            created.push(millis(wire.created_at.0));
+            created.push(wire.created_at.0.as_millis());
             bodies.push(serde_json::to_string(wire)?);
             for endpoint in endpoints
                 .iter()
@@ -638,7 +638,7 @@ async fn append_to_feeds(
         .bind(environment)
         .bind(first)
         .bind(changed)
-        .bind(millis(now))
+        .bind(now.as_millis())
         .execute(&mut *connection)
         .await?;
     }
@@ -712,7 +712,7 @@ pub(super) async fn insert_wire_event(
     .bind(env.environment.as_str())
     .bind(end_user)
     .bind(&wire.event_type)
-    .bind(millis(wire.created_at.0))
+    .bind(wire.created_at.0.as_millis())
     .bind(serde_json::to_string(wire)?)
     .execute(connection)
     .await?;
@@ -735,7 +735,7 @@ pub(super) async fn insert_change(
     .bind(env.environment.as_str())
     .bind(if end_user.is_some() { "end_user" } else { "catalog" })
     .bind(end_user)
-    .bind(millis(at))
+    .bind(at.as_millis())
     .execute(connection)
     .await?;
     Ok(())

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
 use sqlx::{Row, SqliteConnection};
 
-use super::{CHAIN_STEPS, SqliteStore, corrupt, millis, parse_state, read, write};
+use super::{CHAIN_STEPS, SqliteStore, corrupt, parse_state, read, write};
 use crate::store::{
     Annotations, Changes, Claim, ClaimingFn, EntryFilter, Env, LeaseFilter, LedgerStore, MutateFn,
     StoreError, StoreResult, StoredBlock, stage_rows,
@@ -114,8 +114,10 @@ impl SqliteStore {
                     && filter.entry_type.as_deref().is_none_or(|wanted| {
                         row.try_get::<&str, _>("type").is_ok_and(|t| t == wanted)
                     })
-                    && filter.from.is_none_or(|from| created_at >= millis(from))
-                    && filter.to.is_none_or(|to| created_at < millis(to));
+                    && filter
+                        .from
+                        .is_none_or(|from| created_at >= from.as_millis())
+                    && filter.to.is_none_or(|to| created_at < to.as_millis());
                 if taken {
                     found.push((seq, serde_json::from_str(row.try_get::<&str, _>("body")?)?));
                     if found.len() >= limit {
@@ -410,8 +412,8 @@ impl LedgerStore for SqliteStore {
             .bind(env.environment.as_str())
             .bind(filter.before_seq.unwrap_or(i64::MAX))
             .bind(&filter.entry_type)
-            .bind(filter.from.map(millis))
-            .bind(filter.to.map(millis))
+            .bind(filter.from.map(Timestamp::as_millis))
+            .bind(filter.to.map(Timestamp::as_millis))
             .bind(filter.limit)
             .fetch_all(&self.reader)
             .await?;

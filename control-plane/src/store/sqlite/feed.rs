@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::Row;
 
-use super::{SqliteStore, corrupt, millis, parse_state};
+use super::{SqliteStore, corrupt, parse_state};
 use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
 
 #[async_trait]
@@ -106,11 +106,11 @@ impl FeedStore for SqliteStore {
              SELECT tenant_id, environment, MAX(seq) FROM changes WHERE created_at < ? GROUP BY tenant_id, environment
              ON CONFLICT (tenant_id, environment) DO UPDATE SET purged_through = MAX(purged_through, excluded.purged_through)",
         )
-        .bind(millis(before))
+        .bind(before.as_millis())
         .execute(&mut *tx)
         .await?;
         let deleted = sqlx::query("DELETE FROM changes WHERE created_at < ?")
-            .bind(millis(before))
+            .bind(before.as_millis())
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
@@ -130,7 +130,7 @@ async fn insert_change(
         .bind(env.environment.as_str())
         .bind(if end_user.is_some() { "end_user" } else { "catalog" })
         .bind(end_user)
-        .bind(millis(at))
+        .bind(at.as_millis())
         .execute(connection)
         .await?;
     Ok(())

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use ledger::Timestamp;
 use sqlx::{Connection, Row, Sqlite, SqliteConnection};
 
-use super::{SqliteStore, corrupt, millis, read};
+use super::{SqliteStore, corrupt, read};
 use crate::queues::DrainGuard;
 use crate::store::{
     Env, IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease,
@@ -105,7 +105,7 @@ impl IdempotencyStore for SqliteStore {
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
         let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < ?")
-            .bind(millis(now))
+            .bind(now.as_millis())
             .execute(&self.writer)
             .await?;
         // Oldest first, by rowid (no index on keep_until, migration 0007): up to the
@@ -115,7 +115,7 @@ impl IdempotencyStore for SqliteStore {
                  (SELECT rowid FROM usage_keys WHERE keep_until >= ?1 ORDER BY rowid LIMIT 1),
                  (SELECT MAX(rowid) + 1 FROM usage_keys))",
         )
-        .bind(millis(now))
+        .bind(now.as_millis())
         .execute(&self.writer)
         .await?;
         // A key kept longer than the keys after it (the retention was shortened since,
@@ -138,7 +138,7 @@ impl IdempotencyStore for SqliteStore {
                 )
                 .bind(from)
                 .bind(to)
-                .bind(millis(now))
+                .bind(now.as_millis())
                 .execute(&self.writer)
                 .await?
                 .rows_affected();
@@ -236,7 +236,7 @@ async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<Ide
             .bind(key)
             .bind(fingerprint.as_slice())
             .bind(locked_until)
-            .bind(millis(*keep_until))
+            .bind(keep_until.as_millis())
             .execute(&mut *tx)
             .await?;
     }

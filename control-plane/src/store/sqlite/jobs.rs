@@ -4,7 +4,8 @@ use async_trait::async_trait;
 use ledger::{EndUserId, Timestamp};
 use sqlx::Row;
 
-use super::{SqliteStore, corrupt, environment, millis};
+use super::{SqliteStore, corrupt};
+use crate::store::columns::Columns;
 use crate::store::{Env, JobStore, StoreResult};
 
 #[async_trait]
@@ -18,7 +19,7 @@ impl JobStore for SqliteStore {
                 Ok((
                     Env {
                         tenant_id: row.try_get("tenant_id")?,
-                        environment: environment(row)?,
+                        environment: row.environment()?,
                     },
                     row.try_get("clock_offset_ms")?,
                 ))
@@ -38,7 +39,7 @@ impl JobStore for SqliteStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(now))
+        .bind(now.as_millis())
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;
@@ -62,11 +63,11 @@ impl JobStore for SqliteStore {
         at: Timestamp,
     ) -> StoreResult<()> {
         sqlx::query("UPDATE end_users SET next_due_at = ? WHERE tenant_id = ? AND environment = ? AND end_user_id = ? AND next_due_at < ?")
-            .bind(millis(at))
+            .bind(at.as_millis())
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())
             .bind(end_user.as_str())
-            .bind(millis(at))
+            .bind(at.as_millis())
             .execute(&self.writer)
             .await?;
         Ok(())

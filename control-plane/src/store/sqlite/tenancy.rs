@@ -2,28 +2,9 @@
 
 use async_trait::async_trait;
 use ledger::Timestamp;
-use sqlx::Row;
-use sqlx::sqlite::SqliteRow;
 
-use super::{SqliteStore, corrupt, environment, millis};
+use super::SqliteStore;
 use crate::store::{ApiKeyRecord, Env, Environment, StoreResult, TenancyStore, TenantRecord};
-
-fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
-    let hash: Vec<u8> = row.try_get("key_hash")?;
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
-        environment: environment(row)?,
-        name: row.try_get("name")?,
-        scopes: serde_json::from_str(&row.try_get::<String, _>("scopes")?)?,
-        prefix: row.try_get("prefix")?,
-        key_hash: hash.try_into().map_err(|_| corrupt("key hash length"))?,
-        created_at: Timestamp::from_millis(row.try_get("created_at")?),
-        revoked_at: row
-            .try_get::<Option<i64>, _>("revoked_at")?
-            .map(Timestamp::from_millis),
-    })
-}
 
 async fn insert_key(executor: &mut sqlx::SqliteConnection, key: &ApiKeyRecord) -> StoreResult<()> {
     sqlx::query(
@@ -37,8 +18,8 @@ async fn insert_key(executor: &mut sqlx::SqliteConnection, key: &ApiKeyRecord) -
     .bind(serde_json::to_string(&key.scopes)?)
     .bind(&key.prefix)
     .bind(key.key_hash.as_slice())
-    .bind(millis(key.created_at))
-    .bind(key.revoked_at.map(millis))
+    .bind(key.created_at.as_millis())
+    .bind(key.revoked_at.map(Timestamp::as_millis))
     .execute(executor)
     .await?;
     Ok(())
@@ -51,7 +32,7 @@ impl TenancyStore for SqliteStore {
         sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES (?, ?, ?)")
             .bind(&tenant.id)
             .bind(&tenant.name)
-            .bind(millis(tenant.created_at))
+            .bind(tenant.created_at.as_millis())
             .execute(&mut *tx)
             .await?;
         for environment in [Environment::Live, Environment::Test] {
@@ -76,7 +57,7 @@ impl TenancyStore for SqliteStore {
             .bind(hash.as_slice())
             .fetch_optional(&self.reader)
             .await?;
-        row.as_ref().map(api_key_from_row).transpose()
+        row.as_ref().map(crate::store::columns::api_key).transpose()
     }
 
     async fn insert_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
@@ -90,7 +71,7 @@ impl TenancyStore for SqliteStore {
             .bind(env.environment.as_str())
             .fetch_all(&self.reader)
             .await?;
-        rows.iter().map(api_key_from_row).collect()
+        rows.iter().map(crate::store::columns::api_key).collect()
     }
 
     async fn revoke_api_key(
@@ -100,7 +81,7 @@ impl TenancyStore for SqliteStore {
         at: Timestamp,
     ) -> StoreResult<Option<ApiKeyRecord>> {
         sqlx::query("UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND tenant_id = ? AND environment = ?")
-            .bind(millis(at))
+            .bind(at.as_millis())
             .bind(id)
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())
@@ -114,6 +95,6 @@ impl TenancyStore for SqliteStore {
         .bind(env.environment.as_str())
         .fetch_optional(&self.writer)
         .await?;
-        row.as_ref().map(api_key_from_row).transpose()
+        row.as_ref().map(crate::store::columns::api_key).transpose()
     }
 }

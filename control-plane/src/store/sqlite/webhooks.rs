@@ -5,7 +5,8 @@ use async_trait::async_trait;
 use ledger::Timestamp;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{SqliteStore, corrupt, millis};
+use super::{SqliteStore, corrupt};
+use crate::store::columns::EndpointColumns;
 use crate::store::{
     AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, EventRecord, StoreResult,
     WebhookStore,
@@ -29,14 +30,7 @@ impl WebhookStore for SqliteStore {
         .bind(limit)
         .fetch_all(&self.reader)
         .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(EventRecord {
-                    seq: row.try_get("seq")?,
-                    event: serde_json::from_str(&row.try_get::<String, _>("body")?)?,
-                })
-            })
-            .collect()
+        rows.iter().map(crate::store::columns::event).collect()
     }
 
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
@@ -82,8 +76,8 @@ impl WebhookStore for SqliteStore {
         .bind(&record.url)
         .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
         .bind(&record.secret)
-        .bind(millis(record.created_at))
-        .bind(millis(record.updated_at))
+        .bind(record.created_at.as_millis())
+        .bind(record.updated_at.as_millis())
         .execute(&self.writer)
         .await?;
         Ok(())
@@ -100,7 +94,7 @@ impl WebhookStore for SqliteStore {
         )
         .bind(&record.url)
         .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
-        .bind(millis(record.updated_at))
+        .bind(record.updated_at.as_millis())
         .bind(&record.id)
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
@@ -112,7 +106,7 @@ impl WebhookStore for SqliteStore {
     async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let result = sqlx::query("UPDATE webhook_endpoints SET deleted_at = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND deleted_at IS NULL")
-            .bind(millis(at))
+            .bind(at.as_millis())
             .bind(id)
             .bind(&env.tenant_id)
             .bind(env.environment.as_str())
@@ -202,8 +196,8 @@ impl WebhookStore for SqliteStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(due_by))
-        .bind(millis(lease.now))
+        .bind(due_by.as_millis())
+        .bind(lease.now.as_millis())
         .bind(limit)
         .fetch_all(&mut *tx)
         .await?;
@@ -211,7 +205,7 @@ impl WebhookStore for SqliteStore {
         for row in &rows {
             let delivery_id: i64 = row.try_get("id")?;
             sqlx::query("UPDATE webhook_deliveries SET locked_until = ? WHERE id = ?")
-                .bind(millis(lease.until))
+                .bind(lease.until.as_millis())
                 .bind(delivery_id)
                 .execute(&mut *tx)
                 .await?;
@@ -220,17 +214,7 @@ impl WebhookStore for SqliteStore {
                 attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
                     .map_err(|_| corrupt("attempts"))?,
                 due_at: Timestamp::from_millis(row.try_get("next_attempt_at")?),
-                endpoint: EndpointRecord {
-                    id: row.try_get("endpoint_id")?,
-                    url: row.try_get("url")?,
-                    event_types: row
-                        .try_get::<Option<String>, _>("event_types")?
-                        .map(|text| serde_json::from_str(&text))
-                        .transpose()?,
-                    secret: row.try_get("secret")?,
-                    created_at: Timestamp::from_millis(row.try_get("endpoint_created_at")?),
-                    updated_at: Timestamp::from_millis(row.try_get("endpoint_updated_at")?),
-                },
+                endpoint: crate::store::columns::endpoint(row, EndpointColumns::JOINED)?,
                 event: serde_json::from_str(&row.try_get::<String, _>("event_body")?)?,
             });
         }
@@ -244,7 +228,7 @@ impl WebhookStore for SqliteStore {
         )
         .bind(&env.tenant_id)
         .bind(env.environment.as_str())
-        .bind(millis(due_by))
+        .bind(due_by.as_millis())
         .fetch_one(&self.reader)
         .await?;
         Ok(u64::try_from(count).unwrap_or(0))
@@ -266,7 +250,7 @@ impl WebhookStore for SqliteStore {
             .bind(if attempt.succeeded { "succeeded" } else { "failed" })
             .bind(attempt.response_status.map(i64::from))
             .bind(&attempt.error)
-            .bind(millis(attempt.at))
+            .bind(attempt.at.as_millis())
             .execute(&mut *tx)
             .await?;
         let status = match (attempt.succeeded, attempt.retry_at) {
@@ -277,7 +261,7 @@ impl WebhookStore for SqliteStore {
         sqlx::query("UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = COALESCE(?, next_attempt_at), locked_until = 0 WHERE id = ?")
             .bind(status)
             .bind(i64::from(attempt.attempt))
-            .bind(attempt.retry_at.map(millis))
+            .bind(attempt.retry_at.map(Timestamp::as_millis))
             .bind(attempt.delivery_id)
             .execute(&mut *tx)
             .await?;
@@ -300,7 +284,7 @@ async fn insert_wire_event(
         .bind(env.environment.as_str())
         .bind(end_user)
         .bind(&wire.event_type)
-        .bind(millis(created_at))
+        .bind(created_at.as_millis())
         .bind(serde_json::to_string(wire)?)
         .execute(&mut **tx)
         .await?;
@@ -326,7 +310,7 @@ async fn insert_delivery(
     .bind(event_id)
     .bind(seq)
     .bind(end_user)
-    .bind(millis(now))
+    .bind(now.as_millis())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -343,18 +327,6 @@ pub(super) async fn live_endpoints(
         .fetch_all(connection)
         .await?;
     rows.iter()
-        .map(|row| {
-            Ok(EndpointRecord {
-                id: row.try_get("id")?,
-                url: row.try_get("url")?,
-                event_types: row
-                    .try_get::<Option<String>, _>("event_types")?
-                    .map(|text| serde_json::from_str(&text))
-                    .transpose()?,
-                secret: row.try_get("secret")?,
-                created_at: Timestamp::from_millis(row.try_get("created_at")?),
-                updated_at: Timestamp::from_millis(row.try_get("updated_at")?),
-            })
-        })
+        .map(|row| crate::store::columns::endpoint(row, EndpointColumns::TABLE))
         .collect()
 }

@@ -817,32 +817,15 @@ fn live_endpoints(tx: &Transaction<'_>, env: &Env) -> StoreResult<Vec<EndpointRe
     let mut statement = tx.prepare_cached(
         "SELECT id, url, event_types, secret, created_at, updated_at FROM webhook_endpoints WHERE tenant_id = ? AND environment = ? AND deleted_at IS NULL ORDER BY created_at, id",
     )?;
-    let rows = statement
-        .query_map(params![env.tenant_id, env.environment.as_str()], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, String>(1)?,
-                row.get::<_, Option<String>>(2)?,
-                row.get::<_, String>(3)?,
-                row.get::<_, i64>(4)?,
-                row.get::<_, i64>(5)?,
-            ))
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
-    rows.into_iter()
-        .map(|(id, url, event_types, secret, created_at, updated_at)| {
-            Ok(EndpointRecord {
-                id,
-                url,
-                event_types: event_types
-                    .map(|text| serde_json::from_str(&text))
-                    .transpose()?,
-                secret,
-                created_at: Timestamp::from_millis(created_at),
-                updated_at: Timestamp::from_millis(updated_at),
-            })
-        })
-        .collect()
+    let mut rows = statement.query(params![env.tenant_id, env.environment.as_str()])?;
+    let mut endpoints = Vec::new();
+    while let Some(row) = rows.next()? {
+        endpoints.push(crate::store::columns::endpoint(
+            row,
+            crate::store::columns::EndpointColumns::TABLE,
+        )?);
+    }
+    Ok(endpoints)
 }
 
 #[cfg(test)]
