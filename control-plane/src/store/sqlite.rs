@@ -52,6 +52,7 @@ mod webhooks;
 
 mod read;
 
+mod direct;
 mod write;
 
 /// Runs blocking `work` from async code: through `block_in_place` on a multi-threaded
@@ -74,7 +75,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
     /// End users' transactions (see `write`).
-    direct: std::sync::Arc<write::Direct>,
+    direct: std::sync::Arc<direct::Direct>,
     /// The usage path's reads (see `read`).
     readers: std::sync::Arc<read::Readers>,
     /// States this process wrote, for the usage path (see `cache`).
@@ -162,7 +163,7 @@ impl SqliteStore {
             .run(&writer)
             .await
             .map_err(|error| StoreError::Fatal(format!("migrations failed: {error}")))?;
-        let direct = write::Direct::open(&path, synchronous, CHECKPOINT_PAGES)?;
+        let direct = direct::Direct::open(&path, synchronous, CHECKPOINT_PAGES)?;
         let readers = read::Readers::new(
             &path,
             usize::try_from(read_connections).unwrap_or(usize::MAX),
