@@ -344,11 +344,14 @@ impl AppState {
         Ok(())
     }
 
-    /// Wakes every change stream (they look for new feed entries).
+    /// Wakes every change stream of this process and of the other processes on the same
+    /// database (they look for new feed entries).
     pub fn notify_changes(&self) {
         self.inner
             .changes
             .send_modify(|count| *count = count.wrapping_add(1));
+        // And the other replicas on this database (PostgreSQL), whose streams look too.
+        self.store().announce_commit();
     }
 
     /// Tells long-lived streams (`/v1/sync/stream`) to end, so a graceful shutdown does

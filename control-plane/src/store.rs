@@ -308,6 +308,18 @@ pub trait FeedStore: Send + Sync {
     ) -> StoreResult<Vec<EndUserState>>;
     /// Deletes feed entries older than `before`, moving each environment's watermark.
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64>;
+
+    /// Tells the other processes on this database that this one committed a change to a
+    /// feed, so that their change streams look at once rather than at their next poll.
+    /// A no-op where the store has no way to (SQLite: one process per file).
+    fn announce_commit(&self) {}
+
+    /// A receiver that sees a new value whenever another process announced a commit;
+    /// `None` where the store cannot hear of them (streams then find other processes'
+    /// changes by polling).
+    fn commits_elsewhere(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// The store of the event log, webhook endpoints and their deliveries.

@@ -35,6 +35,15 @@ const BUFFER_LINES: usize = 256;
 /// End users read per page of a snapshot, and feed entries per read of a stream.
 const PAGE_LEN: u32 = 500;
 
+/// Resolves when another process announced a commit; never where the store hears of
+/// none, and `None` once it no longer can.
+async fn heard(elsewhere: Option<&mut tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match elsewhere {
+        Some(receiver) => receiver.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 fn catalog_snapshot(view: &CatalogView) -> CatalogSnapshot {
     fn items<T: Clone>(records: &[crate::store::CatalogRecord<T>]) -> Vec<CatalogItem<T>> {
         records
@@ -277,6 +286,8 @@ async fn follow(
     let mut revoked = state.subscribe_revocations();
     let mut recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
     let mut changed = state.subscribe_changes();
+    // Commits through other replicas on the same database, where the store hears of them.
+    let mut elsewhere = state.store().commits_elsewhere();
     let mut closing = state.closing();
     let send = |record: SyncRecord| async move {
         sender
@@ -362,6 +373,7 @@ async fn follow(
             .min(ends_at.saturating_duration_since(tokio::time::Instant::now()));
         tokio::select! {
             _ = changed.changed() => {}
+            Some(()) = heard(elsewhere.as_mut()) => {}
             // A key of this process was revoked: check this stream's at once.
             _ = revoked.changed() => recheck_at = tokio::time::Instant::now(),
             () = tokio::time::sleep(wait) => {}

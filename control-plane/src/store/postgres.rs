@@ -58,6 +58,7 @@ mod end_users;
 mod feed;
 mod idempotency;
 mod jobs;
+mod notify;
 mod tenancy;
 mod webhooks;
 mod write;
@@ -68,6 +69,8 @@ pub struct PostgresStore {
     /// Idempotency leases waiting, by environment, taken together (see
     /// `idempotency_begin`).
     leases: std::sync::Arc<Queues<Env, Lease>>,
+    /// Commits announced to, and heard from, the other processes on this database.
+    commits: notify::Commits,
 }
 
 /// `LIMIT` takes a BIGINT (sqlx encodes no unsigned integers for PostgreSQL).
@@ -97,9 +100,11 @@ impl PostgresStore {
             .run(&pool)
             .await
             .map_err(|error| StoreError::Fatal(format!("migrations failed: {error}")))?;
+        let commits = notify::Commits::start(&pool).await?;
         Ok(PostgresStore {
             pool,
             leases: std::sync::Arc::default(),
+            commits,
         })
     }
 }

@@ -87,3 +87,27 @@ store_test! {
         assert_eq!(first.available(&key, "u1").await, 991);
     }
 }
+
+// On PostgreSQL a commit through one replica wakes the other's change streams at once
+// (LISTEN/NOTIFY), not at their next poll: the other replica's store hears of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_through_one_replica_is_heard_by_the_other() {
+    let Some(backend) = crate::support::Backend::postgres() else {
+        return;
+    };
+    let storage = Storage::new(&backend).await;
+    let first = Harness::on(&storage).await;
+    let second = Harness::on(&storage).await;
+    let key = first.tenant("acme").await.test;
+    let mut heard = second
+        .state
+        .store()
+        .commits_elsewhere()
+        .expect("a PostgreSQL store hears other processes' commits");
+    heard.borrow_and_update();
+    first.grant(&key, "u1", 10).await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), heard.changed())
+        .await
+        .expect("heard within the deadline")
+        .expect("the listener is alive");
+}

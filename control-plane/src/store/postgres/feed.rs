@@ -65,6 +65,14 @@ impl FeedStore for PostgresStore {
             .unwrap_or(0))
     }
 
+    fn announce_commit(&self) {
+        self.commits.announce();
+    }
+
+    fn commits_elsewhere(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.commits.heard())
+    }
+
     async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let heads = take_positions(&mut tx, env, 0, 1).await?;

@@ -783,3 +783,35 @@ async fn purging_changes_moves_the_watermark() {
     assert_eq!(store.purge_changes(far).await.expect("purge"), 0);
     assert_eq!(store.purged_through(&env).await.expect("watermark"), 4);
 }
+
+// Commits announced by one process are heard by another on the same database, and a
+// process ignores its own announcements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announced_commits_are_heard_by_other_processes_only() {
+    let Some(first) = store().await else {
+        return;
+    };
+    let separator = if first.url.contains('?') { '&' } else { '?' };
+    let scoped = format!(
+        "{}{separator}options=-c%20search_path%3D{}",
+        first.url, first.schema
+    );
+    let second = PostgresStore::open(&scoped, 4).await.expect("second store");
+    let deadline = Duration::from_secs(10);
+    let mut first_heard = first.store.commits_elsewhere().expect("PostgreSQL listens");
+    let mut second_heard = second.commits_elsewhere().expect("PostgreSQL listens");
+
+    first.store.announce_commit();
+    tokio::time::timeout(deadline, second_heard.changed())
+        .await
+        .expect("the second process hears the first")
+        .expect("listener alive");
+    second.announce_commit();
+    tokio::time::timeout(deadline, first_heard.changed())
+        .await
+        .expect("the first process hears the second")
+        .expect("listener alive");
+    // The first process's own announcement reached its listener before the second's
+    // (notifications arrive in commit order) and was not counted.
+    assert_eq!(*first_heard.borrow_and_update(), 1);
+}
