@@ -10,7 +10,7 @@ pub mod bench;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ pub struct ControlPlane {
     /// The tenant's sandbox key (all scopes).
     pub key: String,
     pub client: client::Client,
-    database: PathBuf,
+    database: control_plane::config::DatabaseUrl,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -71,16 +71,31 @@ impl ControlPlane {
 
     /// Starts a control plane on a new database in `dir` with a tenant and no catalog.
     pub async fn start_empty(dir: &Path) -> ControlPlane {
-        let database = dir.join("control-plane.db");
+        let database = control_plane::config::DatabaseUrl::SqliteFile(
+            dir.join("control-plane.db").display().to_string(),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         ControlPlane::serve(listener, database, None).await
     }
 
-    async fn serve(listener: TcpListener, database: PathBuf, key: Option<String>) -> ControlPlane {
+    /// Starts a control plane on `database` (a PostgreSQL URL, say): with a new tenant
+    /// when `key` is `None`, else serving the tenant `key` belongs to (a second replica).
+    pub async fn start_on(
+        database: control_plane::config::DatabaseUrl,
+        key: Option<String>,
+    ) -> ControlPlane {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        ControlPlane::serve(listener, database, key).await
+    }
+
+    async fn serve(
+        listener: TcpListener,
+        database: control_plane::config::DatabaseUrl,
+        key: Option<String>,
+    ) -> ControlPlane {
         let address = listener.local_addr().expect("address");
         let mut config = control_plane::config::Config::for_tests();
-        config.database =
-            control_plane::config::DatabaseUrl::SqliteFile(database.display().to_string());
+        config.database = database.clone();
         config.listen = address;
         config.rate_limit_per_second = 1_000_000;
         config.rate_limit_burst = 1_000_000;
