@@ -13,6 +13,7 @@ mod key_leases;
 mod options;
 mod records;
 mod rows;
+pub(crate) mod sql;
 
 pub mod postgres;
 

@@ -52,14 +52,12 @@ use super::{Env, Lease, StoreError, StoreResult};
 
 use crate::queues::Queues;
 use crate::store::columns::{corrupt, parse_state, unique_violation};
+use crate::store::sql::{Arg, Side, Sql, bind_args};
 
-mod catalog;
 mod end_users;
 mod feed;
 mod idempotency;
-mod jobs;
 mod notify;
-mod tenancy;
 mod webhooks;
 mod write;
 
@@ -115,6 +113,62 @@ fn state_of(row: Option<PgRow>) -> StoreResult<Option<EndUserState>> {
     row.try_get::<Option<String>, _>("state")?
         .map(|text| parse_state(&text))
         .transpose()
+}
+
+/// The statements both sqlx backends share run here, on the pool.
+#[async_trait::async_trait]
+impl Sql for PostgresStore {
+    type Row = PgRow;
+
+    const CATALOG_INSERT: &'static str = "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+    async fn fetch_all(
+        &self,
+        _: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<Self::Row>, sqlx::Error> {
+        bind_args!(sqlx::query(sql), args)
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    async fn fetch_optional(
+        &self,
+        _: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Option<Self::Row>, sqlx::Error> {
+        bind_args!(sqlx::query(sql), args)
+            .fetch_optional(&self.pool)
+            .await
+    }
+
+    async fn execute(
+        &self,
+        _: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<u64, sqlx::Error> {
+        let done = bind_args!(sqlx::query(sql), args)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn transaction(
+        &self,
+        statements: &[(&'static str, Vec<Arg<'_>>)],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for (sql, args) in statements {
+            bind_args!(sqlx::query(*sql), args)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,92 @@
+//! The statements both sqlx backends run alike, written once. A backend implements
+//! [`Sql`] (where a statement runs, and how its values are bound); the capabilities whose
+//! statements agree are implemented here for every `Sql` backend (`sql/*.rs`).
+//!
+//! Statements use `$n` placeholders: PostgreSQL's, which SQLite accepts too, numbering
+//! them in the order each first appears, so a statement names `$1`, `$2`, … first in that
+//! order (a later one may repeat an earlier one).
+
+mod catalog;
+mod jobs;
+mod tenancy;
+
+use async_trait::async_trait;
+
+use super::columns::Columns;
+
+/// Where a statement runs: SQLite reads on its pool of readers and writes on its one
+/// writer; PostgreSQL runs both on its pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Read,
+    Write,
+}
+
+/// A value bound to a statement.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arg<'a> {
+    Text(&'a str),
+    TextOpt(Option<&'a str>),
+    Int(i64),
+    IntOpt(Option<i64>),
+    Bytes(&'a [u8]),
+    Flag(bool),
+}
+
+/// What a backend brings to the statements written once: running them.
+#[async_trait]
+pub(crate) trait Sql: Send + Sync + std::fmt::Debug + 'static {
+    type Row: Columns + Send;
+
+    /// The insert of a catalog object (`id, tenant_id, environment, kind, key,
+    /// parent_id, body, archived, created_at` as `$1`…`$9`): the backends number the
+    /// catalog's `seq` differently.
+    const CATALOG_INSERT: &'static str;
+
+    async fn fetch_all(
+        &self,
+        side: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Vec<Self::Row>, sqlx::Error>;
+
+    async fn fetch_optional(
+        &self,
+        side: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<Option<Self::Row>, sqlx::Error>;
+
+    /// Runs a statement; answers how many rows it changed.
+    async fn execute(
+        &self,
+        side: Side,
+        sql: &'static str,
+        args: &[Arg<'_>],
+    ) -> Result<u64, sqlx::Error>;
+
+    /// Runs `statements` in order in one write transaction: all of them commit or none.
+    async fn transaction(
+        &self,
+        statements: &[(&'static str, Vec<Arg<'_>>)],
+    ) -> Result<(), sqlx::Error>;
+}
+
+/// Binds `args` to `query` in order (for the backends' `Sql` implementations).
+macro_rules! bind_args {
+    ($query:expr, $args:expr) => {{
+        let mut query = $query;
+        for arg in $args {
+            query = match *arg {
+                $crate::store::sql::Arg::Text(value) => query.bind(value),
+                $crate::store::sql::Arg::TextOpt(value) => query.bind(value),
+                $crate::store::sql::Arg::Int(value) => query.bind(value),
+                $crate::store::sql::Arg::IntOpt(value) => query.bind(value),
+                $crate::store::sql::Arg::Bytes(value) => query.bind(value),
+                $crate::store::sql::Arg::Flag(value) => query.bind(value),
+            };
+        }
+        query
+    }};
+}
+pub(crate) use bind_args;
