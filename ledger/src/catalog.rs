@@ -254,6 +254,8 @@ pub const TEMPLATE_EVERY_MIN_SECS: i64 = 60;
 
 /// The most grant templates one variant may carry.
 pub const TEMPLATES_PER_VARIANT_MAX: usize = 32;
+/// The most units a billing interval spans (`every`): the API documents 1 to 1,000.
+pub const INTERVAL_EVERY_MAX: u32 = 1000;
 /// The default block priority.
 pub const PRIORITY_DEFAULT: u16 = 100;
 
@@ -403,8 +405,11 @@ impl Variant {
     /// # Errors
     /// Names the offending field.
     pub fn validate(&self) -> Result<(), InvalidCatalog> {
-        if self.interval.every == 0 {
-            return Err(invalid("interval.every", "must be at least 1"));
+        if !(1..=INTERVAL_EVERY_MAX).contains(&self.interval.every) {
+            return Err(invalid(
+                "interval.every",
+                format!("must be 1 to {INTERVAL_EVERY_MAX}"),
+            ));
         }
         if self.price.as_ref().is_some_and(|price| price.amount < 0) {
             return Err(invalid("price.amount", "must not be negative"));

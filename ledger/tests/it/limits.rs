@@ -164,6 +164,23 @@ fn template_windows_are_at_least_a_minute() {
     variant.validate().expect("one minute is allowed");
 }
 
+// A billing interval spans 1 to 1,000 units, as the API documents (the fuzzer found 1,001
+// accepted).
+#[test]
+fn billing_intervals_span_one_to_a_thousand_units() {
+    let mut variant = monthly(0, Vec::new());
+    for (every, valid) in [(0, false), (1, true), (1000, true), (1001, false)] {
+        variant.interval.every = every;
+        match variant.validate() {
+            Ok(()) => assert!(valid, "every = {every} was accepted"),
+            Err(error) => {
+                assert!(!valid, "every = {every} was refused: {error:?}");
+                assert_eq!(error.field, "interval.every");
+            }
+        }
+    }
+}
+
 // Grants and positive adjustments stop at the most live blocks one end user may hold;
 // spending blocks makes room again.
 #[test]
