@@ -32,6 +32,9 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "nats")]
+pub mod nats;
+
 use std::time::Duration;
 
 use protocol::{
@@ -782,6 +785,13 @@ impl Client {
     pub async fn sync_stream(&self, cursor: i64) -> Result<SyncLines, Error> {
         self.lines(self.url("/v1/sync/stream", &[("cursor", Some(cursor.to_string()))])?)
             .await
+    }
+
+    /// `GET /v1/sync/nats`: where the environment's change feed is published on NATS
+    /// JetStream; a `404` (`nats_not_configured`) where it is not (see [`nats`] with the
+    /// `nats` feature).
+    pub async fn sync_nats(&self) -> Result<protocol::NatsFeed, Error> {
+        self.get("/v1/sync/nats", &[]).await
     }
 
     async fn lines(&self, url: Url) -> Result<SyncLines, Error> {

@@ -60,6 +60,7 @@ struct RawSync {
     feed_retention_hours: Option<u64>,
     streams_per_key: Option<usize>,
     stream_max_secs: Option<u64>,
+    nats_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -201,6 +202,9 @@ pub struct Config {
     /// reconnects from its cursor and loses nothing): long-lived connections are spread
     /// again over replicas, and no stream outlives a deploy's drain by much.
     pub stream_max: Duration,
+    /// Where to publish each environment's change feed on NATS JetStream besides the
+    /// HTTP stream (`sync.nats_url`; `None`: HTTP only). It may carry credentials.
+    pub nats_url: Option<String>,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -375,8 +379,23 @@ impl Config {
             ),
             streams_per_key: raw.sync.streams_per_key.unwrap_or(1000).clamp(1, 100_000),
             stream_max: secs(raw.sync.stream_max_secs, 3600, 1..=7 * 86_400),
+            nats_url: nats_url(raw.sync.nats_url)?,
         })
     }
+}
+
+/// `sync.nats_url`, checked to be a NATS server address (an empty string is unset).
+fn nats_url(url: Option<String>) -> Result<Option<String>, ConfigError> {
+    let Some(url) = url.filter(|url| !url.trim().is_empty()) else {
+        return Ok(None);
+    };
+    url.parse::<async_nats::ServerAddr>().map_err(|error| {
+        invalid(
+            "sync.nats_url",
+            format!("must be a NATS address such as nats://127.0.0.1:4222 ({error})"),
+        )
+    })?;
+    Ok(Some(url))
 }
 
 /// `value` (or `default` when unset) if it is within `range`; else the error naming

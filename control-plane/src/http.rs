@@ -109,6 +109,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(webhooks::redeliver))
         .routes(routes!(sync::snapshot))
         .routes(routes!(sync::stream))
+        .routes(routes!(sync::nats))
 }
 
 /// The OpenAPI document (3.1) of the whole API, with the responses every operation

@@ -20,6 +20,7 @@ mod group;
 pub mod http;
 pub mod jobs;
 pub mod limits;
+pub mod nats;
 mod queues;
 pub mod service;
 pub mod store;
@@ -67,6 +68,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
+    connect_nats(&state).await?;
+    let publisher = tokio::spawn(nats::run(state.clone(), jobs_stopped.clone()));
     let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped.clone()));
     let deliveries = tokio::spawn(webhooks::run(Arc::clone(state.deliveries()), jobs_stopped));
     let app = http::app(state.clone());
@@ -88,7 +91,30 @@ pub async fn run(
     if let Err(error) = deliveries.await {
         tracing::error!(%error, "the webhook worker panicked");
     }
+    if let Err(error) = publisher.await {
+        tracing::error!(%error, "the NATS feed publisher panicked");
+    }
     served?;
+    Ok(())
+}
+
+/// Connects to NATS where `sync.nats_url` is set. The connection is made in the
+/// background (and remade whenever it drops), so a NATS server that is down does not stop
+/// the control plane: the feed is published once it is up, and proxies follow the HTTP
+/// stream meanwhile.
+///
+/// # Errors
+/// A URL NATS cannot use.
+pub async fn connect_nats(state: &AppState) -> anyhow::Result<()> {
+    let Some(url) = state.config().nats_url.clone() else {
+        return Ok(());
+    };
+    let client = async_nats::ConnectOptions::new()
+        .name("quotastack-control-plane")
+        .retry_on_initial_connect()
+        .connect(url)
+        .await?;
+    state.attach_nats(client);
     Ok(())
 }
 

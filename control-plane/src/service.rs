@@ -19,6 +19,7 @@ use crate::group;
 use crate::store::{Env, Store};
 
 mod callers;
+pub mod feed;
 mod mutate;
 
 pub use callers::{Caller, StreamGuard};
@@ -43,6 +44,11 @@ struct Inner {
     deliveries: Arc<crate::webhooks::Deliveries>,
     /// Bumped after every committed change, so change streams wake at once.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Environments whose feed this process appended to since the NATS publisher last
+    /// looked (it publishes them first).
+    feed_dirty: Mutex<std::collections::HashSet<Env>>,
+    /// The NATS connection, where `sync.nats_url` is set and the server connected it.
+    nats: std::sync::OnceLock<async_nats::Client>,
     /// Turns true when the server starts shutting down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
@@ -120,6 +126,8 @@ impl AppState {
                 metrics,
                 deliveries,
                 changes: tokio::sync::watch::Sender::new(0),
+                feed_dirty: Mutex::default(),
+                nats: std::sync::OnceLock::new(),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
                 due_failures: crate::backoff::DueFailures::default(),
@@ -340,13 +348,23 @@ impl AppState {
         self.store()
             .record_catalog_change(env, self.real_now())
             .await?;
-        self.notify_changes();
+        self.notify_changes(env);
         Ok(())
     }
 
     /// Wakes every change stream of this process and of the other processes on the same
-    /// database (they look for new feed entries).
-    pub fn notify_changes(&self) {
+    /// database (they look for new feed entries), after a commit to `env`'s feed.
+    pub fn notify_changes(&self, env: &Env) {
+        if self.inner.nats.get().is_some() {
+            let mut dirty = self
+                .inner
+                .feed_dirty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !dirty.contains(env) {
+                dirty.insert(env.clone());
+            }
+        }
         self.inner
             .changes
             .send_modify(|count| *count = count.wrapping_add(1));
@@ -363,6 +381,26 @@ impl AppState {
     /// A receiver that turns true when the server is shutting down.
     pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.closing.subscribe()
+    }
+
+    /// The environments whose feed this process appended to since the last call.
+    pub fn take_feed_dirty(&self) -> Vec<Env> {
+        let mut dirty = self
+            .inner
+            .feed_dirty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        dirty.drain().collect()
+    }
+
+    /// Gives the server its NATS connection (once; later calls are ignored).
+    pub fn attach_nats(&self, client: async_nats::Client) {
+        let _ = self.inner.nats.set(client);
+    }
+
+    /// The NATS connection, where the feed is published there.
+    pub fn nats(&self) -> Option<&async_nats::Client> {
+        self.inner.nats.get()
     }
 
     /// A receiver that sees a new value after each committed change.

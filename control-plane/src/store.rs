@@ -24,7 +24,7 @@ pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, LeaseAsk, answer_leas
 pub use options::{DatabaseUrl, Synchronous};
 pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryJob,
-    DeliveryLease, EndpointRecord, EntryFilter, EnvRecord, EventRecord, IdempotencyAnswer,
+    DeliveryLease, EndpointRecord, EntryFilter, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer,
     IdempotencyBegin, LeaseFilter, StoredBlock, TenantRecord, UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
@@ -167,6 +167,9 @@ pub trait TenancyStore: Send + Sync {
         id: &str,
         at: Timestamp,
     ) -> StoreResult<Option<ApiKeyRecord>>;
+    /// Every environment after `after` in (tenant, environment) order, at most `limit`,
+    /// with its feed's head.
+    async fn env_heads(&self, after: Option<&Env>, limit: u32) -> StoreResult<Vec<EnvHead>>;
 }
 
 /// The store of each environment's catalog, settings and test clock.

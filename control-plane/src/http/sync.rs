@@ -1,7 +1,6 @@
 //! Replication for proxies (scope `sync`): a streamed snapshot of an environment, then a
 //! long-lived NDJSON stream of every change after a cursor, with heartbeats.
 
-use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -9,18 +8,16 @@ use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use protocol::{CatalogItem, CatalogSnapshot, Problem, SyncRecord};
-use serde::{Deserialize, Serialize};
+use protocol::{NatsFeed, Problem, SyncRecord};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::parse_query;
 use crate::auth::Scope;
-use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller, StreamedState};
-use crate::store::Env;
-use ledger::EndUserId;
+use crate::service::feed::{catalog_snapshot, heard, line};
+use crate::service::{AppState, Caller};
 
 /// How often an idle stream says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
@@ -34,100 +31,6 @@ pub const KEY_RECHECK: Duration = Duration::from_secs(1);
 const BUFFER_LINES: usize = 256;
 /// End users read per page of a snapshot, and feed entries per read of a stream.
 const PAGE_LEN: u32 = 500;
-
-/// Resolves when another process announced a commit; never where the store hears of
-/// none, and `None` once it no longer can.
-async fn heard(elsewhere: Option<&mut tokio::sync::watch::Receiver<u64>>) -> Option<()> {
-    match elsewhere {
-        Some(receiver) => receiver.changed().await.ok(),
-        None => std::future::pending().await,
-    }
-}
-
-fn catalog_snapshot(view: &CatalogView) -> CatalogSnapshot {
-    fn items<T: Clone>(records: &[crate::store::CatalogRecord<T>]) -> Vec<CatalogItem<T>> {
-        records
-            .iter()
-            .map(|record| CatalogItem {
-                id: record.id.clone(),
-                key: record.key.clone(),
-                parent_id: record.parent_id.clone(),
-                archived: record.archived,
-                body: record.body.clone(),
-            })
-            .collect()
-    }
-    CatalogSnapshot {
-        features: items(&view.features),
-        plans: items(&view.plans),
-        variants: items(&view.variants),
-        settings: view.env.settings.clone(),
-    }
-}
-
-fn line(record: &SyncRecord) -> Result<Bytes, ApiError> {
-    let mut bytes =
-        serde_json::to_vec(record).map_err(|error| ApiError::Internal(error.to_string()))?;
-    bytes.push(b'\n');
-    Ok(Bytes::from(bytes))
-}
-
-/// `SyncRecord::EndUser` with its state already serialised (byte for byte the same line).
-#[derive(Serialize)]
-#[serde(tag = "type", rename = "end_user")]
-struct EndUserLine<'a> {
-    cursor: i64,
-    end_user_id: &'a str,
-    version: u64,
-    state: &'a serde_json::value::RawValue,
-}
-
-fn end_user_line(
-    cursor: i64,
-    end_user: &EndUserId,
-    streamed: &StreamedState,
-) -> Result<Bytes, ApiError> {
-    let record = EndUserLine {
-        cursor,
-        end_user_id: end_user.as_str(),
-        version: streamed.version,
-        state: &streamed.state,
-    };
-    let mut bytes =
-        serde_json::to_vec(&record).map_err(|error| ApiError::Internal(error.to_string()))?;
-    bytes.push(b'\n');
-    Ok(Bytes::from(bytes))
-}
-
-/// `end_user`'s state including the change at feed position `at`: as another stream of
-/// this process sent it, else read (and kept for the others). `None`: no such end user.
-async fn streamed_state(
-    state: &AppState,
-    env: &Env,
-    end_user: &EndUserId,
-    at: i64,
-) -> Result<Option<StreamedState>, ApiError> {
-    if let Some(streamed) = state.streamed_state(env, end_user, at) {
-        metrics::counter!("quotastack_sync_state_reads_total", "source" => "shared").increment(1);
-        return Ok(Some(streamed));
-    }
-    metrics::counter!("quotastack_sync_state_reads_total", "source" => "store").increment(1);
-    let Some(user) = state.store().load_state(env, end_user).await? else {
-        return Ok(None);
-    };
-    let version = user.version();
-    let json = serde_json::to_string(&user.into_parts())
-        .map_err(|error| ApiError::Internal(error.to_string()))?;
-    let raw = serde_json::value::RawValue::from_string(json)
-        .map_err(|error| ApiError::Internal(error.to_string()))?;
-    let streamed = StreamedState {
-        includes: at,
-        version,
-        state: std::sync::Arc::from(raw),
-    };
-    state.remember_streamed_state(env, end_user, streamed.clone());
-    Ok(Some(streamed))
-}
 
 fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
     let mut response = Body::from_stream(ReceiverStream::new(receiver)).into_response();
@@ -223,6 +126,42 @@ async fn send_snapshot(
     send(SyncRecord::End { end_users: count }).await
 }
 
+/// `GET /v1/sync/nats`: where this environment's change feed is published on NATS
+/// JetStream (its stream is created if it does not exist yet). 404 `nats_not_configured`
+/// where the control plane publishes no feed to NATS (follow `/v1/sync/stream`); 503
+/// `nats_unavailable` while it cannot reach NATS.
+#[utoipa::path(get, path = "/v1/sync/nats", tag = "sync",
+    responses((status = 200, body = NatsFeed), (status = 403, body = Problem),
+        (status = 404, body = Problem), (status = 503, body = Problem)))]
+pub async fn nats(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    caller.require(Scope::Sync)?;
+    let Some(client) = state.nats() else {
+        return Ok(crate::error::problem_response(&Problem::new(
+            404,
+            "nats_not_configured",
+            "No NATS feed",
+            "this control plane publishes the change feed over HTTP only (`sync.nats_url` is not set); follow /v1/sync/stream",
+        )));
+    };
+    let context = async_nats::jetstream::new(client.clone());
+    let ensured =
+        crate::nats::ensure_stream(&context, &caller.env, state.config().feed_retention).await;
+    if let Err(error) = ensured {
+        tracing::warn!(%error, "NATS is unreachable");
+        let mut response = crate::error::problem_response(&Problem::new(
+            503,
+            "nats_unavailable",
+            "NATS unavailable",
+            "the control plane cannot reach NATS now; follow /v1/sync/stream meanwhile",
+        ));
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        return Ok(response);
+    }
+    Ok(axum::Json(crate::nats::feed_names(&caller.env)).into_response())
+}
+
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
@@ -308,54 +247,14 @@ async fn follow(
             }
             recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
         }
-        let changes = state.changes_after(env, cursor, PAGE_LEN).await?;
-        if let Some(last) = changes.last() {
-            // Each end user once, at the position of its last change in this read, in
-            // position order; the catalog likewise.
-            let mut latest: BTreeMap<Option<ledger::EndUserId>, i64> = BTreeMap::new();
-            for change in changes.iter() {
-                latest.insert(change.end_user_id.clone(), change.seq);
+        if let Some(read) = state.feed_lines(env, cursor, PAGE_LEN).await? {
+            for line in read.lines {
+                sender
+                    .send(Ok(line.bytes))
+                    .await
+                    .map_err(|_| ApiError::Internal("the reader went away".into()))?;
             }
-            let mut ordered: Vec<(i64, Option<ledger::EndUserId>)> =
-                latest.into_iter().map(|(user, seq)| (seq, user)).collect();
-            ordered.sort();
-            for (index, (seq, user)) in ordered.iter().enumerate() {
-                // Several end users may share a position: each line but the last of
-                // them carries the position before it, so that a follower resuming
-                // from any line is sent the rest again.
-                let shared = ordered
-                    .get(index.saturating_add(1))
-                    .is_some_and(|(next, _)| next == seq);
-                let change_at = *seq;
-                let seq = if shared { seq.saturating_sub(1) } else { *seq };
-                match user {
-                    Some(end_user) => {
-                        if let Some(streamed) =
-                            streamed_state(state, env, end_user, change_at).await?
-                        {
-                            sender
-                                .send(Ok(end_user_line(seq, end_user, &streamed)?))
-                                .await
-                                .map_err(|_| ApiError::Internal("the reader went away".into()))?;
-                        }
-                    }
-                    None => {
-                        state.invalidate(env);
-                        let view = state.view(env).await?;
-                        send(SyncRecord::Catalog {
-                            cursor: seq,
-                            catalog: catalog_snapshot(&view),
-                        })
-                        .await?;
-                        send(SyncRecord::Clock {
-                            cursor: seq,
-                            clock_offset_ms: view.env.clock_offset_ms,
-                        })
-                        .await?;
-                    }
-                }
-            }
-            cursor = last.seq;
+            cursor = read.last;
             continue;
         }
         if tokio::time::Instant::now() >= next_heartbeat {
@@ -380,36 +279,5 @@ async fn follow(
             () = sender.closed() => return Ok(()),
             _ = closing.wait_for(|closing| *closing) => return Ok(()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_shared_state_line_is_the_records_line_byte_for_byte() {
-        let end_user = EndUserId::new("user_1").expect("id");
-        let user = ledger::EndUserState::new(end_user.clone(), ledger::Timestamp::from_millis(5));
-        let version = user.version();
-        let parts = user.into_parts();
-        let json = serde_json::to_string(&parts).expect("state");
-        let streamed = StreamedState {
-            includes: 7,
-            version,
-            state: std::sync::Arc::from(
-                serde_json::value::RawValue::from_string(json).expect("raw"),
-            ),
-        };
-        let record = SyncRecord::EndUser {
-            cursor: 6,
-            end_user_id: end_user.to_string(),
-            version,
-            state: parts,
-        };
-        assert_eq!(
-            end_user_line(6, &end_user, &streamed).expect("line"),
-            line(&record).expect("line")
-        );
     }
 }

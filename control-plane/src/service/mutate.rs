@@ -236,7 +236,7 @@ impl AppState {
             Err(error) => Err(error),
         };
         if outcome.is_ok() {
-            self.notify_changes();
+            self.notify_changes(env);
         }
         for member in members {
             member.finish(outcome.clone());
@@ -330,7 +330,7 @@ impl AppState {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             return Err(mutation_error(error, declined));
         }
-        self.notify_changes();
+        self.notify_changes(env);
         ids.into_iter()
             .zip(slots)
             .map(|(end_user, slot)| {

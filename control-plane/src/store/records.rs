@@ -202,6 +202,15 @@ pub struct ChangeRecord {
     pub end_user_id: Option<EndUserId>,
 }
 
+/// An environment, the position of the newest change in its feed (0 before any) and its
+/// test clock's offset: what the NATS publisher looks over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvHead {
+    pub env: super::Env,
+    pub head: i64,
+    pub clock_offset_ms: i64,
+}
+
 /// A stored event with its position in the environment's log.
 #[derive(Debug, Clone)]
 pub struct EventRecord {

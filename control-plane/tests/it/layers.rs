@@ -25,6 +25,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("webhooks", 4),
     ("service", 5),
     ("jobs", 6),
+    ("nats", 6),
     ("http", 7),
     ("lib", 8),
     ("main", 8),

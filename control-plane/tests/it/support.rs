@@ -411,3 +411,57 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+/// The NATS server the feed tests publish to, from `QS_TEST_NATS_URL`, or `None` to skip
+/// them. Under CI the variable must be set, like PostgreSQL's.
+pub fn nats_url() -> Option<String> {
+    match std::env::var("QS_TEST_NATS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            assert!(
+                std::env::var("CI").is_err(),
+                "CI must set QS_TEST_NATS_URL so the NATS half of the feed tests runs"
+            );
+            None
+        }
+    }
+}
+
+/// A control plane's NATS publisher, running until dropped.
+#[derive(Debug)]
+pub struct Publishing {
+    _stop: tokio::sync::watch::Sender<bool>,
+    pub client: async_nats::Client,
+}
+
+impl Harness {
+    /// Publishes this control plane's change feed to NATS, as `sync.nats_url` makes the
+    /// server do.
+    pub async fn publish_to_nats(&self, url: &str) -> Publishing {
+        let client = async_nats::connect(url).await.expect("NATS answers");
+        self.state.attach_nats(client.clone());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(control_plane::nats::run(self.state.clone(), stopped));
+        Publishing {
+            _stop: stop,
+            client,
+        }
+    }
+}
+
+/// Deletes a tenant's feed streams from NATS (tests leave nothing behind).
+pub async fn delete_streams(client: &async_nats::Client, tenant: &Tenant) {
+    let context = async_nats::jetstream::new(client.clone());
+    for environment in [
+        control_plane::store::Environment::Live,
+        control_plane::store::Environment::Test,
+    ] {
+        let env = control_plane::store::Env {
+            tenant_id: tenant.id.clone(),
+            environment,
+        };
+        let _ = context
+            .delete_stream(control_plane::nats::feed_names(&env).stream)
+            .await;
+    }
+}

@@ -122,9 +122,40 @@ impl Follower {
         panic!("the snapshot ended without its end line");
     }
 
-    /// Follows the stream until the cursor reaches `until` (or stops after `stop_after`
-    /// records, to simulate a dropped connection).
+    /// Follows the feed over `transport` until the cursor reaches `until` (or stops after
+    /// `stop_after` records, to simulate a dropped connection).
     async fn follow(
+        &mut self,
+        harness: &Harness,
+        key: &str,
+        until: i64,
+        stop_after: Option<usize>,
+        transport: &Transport,
+    ) {
+        match transport {
+            Transport::Http => self.follow_http(harness, key, until, stop_after).await,
+            Transport::Nats(client) => {
+                let mut lines = nats_lines(harness, key, client, self.cursor)
+                    .await
+                    .expect("the NATS feed opens");
+                let mut seen = 0usize;
+                while self.cursor < until {
+                    let record =
+                        tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+                            .await
+                            .expect("a record within 10 s")
+                            .expect("the NATS feed stays open");
+                    self.apply(record);
+                    seen += 1;
+                    if stop_after.is_some_and(|limit| seen >= limit) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn follow_http(
         &mut self,
         harness: &Harness,
         key: &str,
@@ -150,16 +181,90 @@ impl Follower {
     }
 }
 
-store_test! {
-    async fn snapshot_then_stream_replicates_exactly(backend) {
-    let harness = Harness::start(backend).await;
+/// How a follower receives the feed after its snapshot.
+#[derive(Debug, Clone)]
+enum Transport {
+    Http,
+    Nats(async_nats::Client),
+}
+
+/// The feed of `key`'s environment on NATS, from `cursor` on.
+async fn nats_lines(
+    harness: &Harness,
+    key: &str,
+    client: &async_nats::Client,
+    cursor: i64,
+) -> Result<client::nats::NatsLines, client::nats::NatsError> {
+    let answer = harness.get("/v1/sync/nats", key).await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let feed: protocol::NatsFeed = serde_json::from_value(answer.body).expect("a NATS feed");
+    client::nats::NatsLines::open(client, &feed, cursor).await
+}
+
+/// Stamps each `async fn name(backend, transport) { … }` out once per store and per feed
+/// transport: over HTTP always, over NATS when `QS_TEST_NATS_URL` is set (the harness
+/// publishes to it, and the tenant's streams are deleted afterwards).
+macro_rules! feed_test {
+    ($(async fn $name:ident($backend:ident, $harness:ident, $transport:ident) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn case(
+                $backend: &crate::support::Backend,
+                $harness: &Harness,
+                $transport: &Transport,
+            ) -> crate::support::Tenant $body
+
+            async fn over(backend: &crate::support::Backend, nats: bool) {
+                let harness = Harness::start(backend).await;
+                if !nats {
+                    case(backend, &harness, &Transport::Http).await;
+                    return;
+                }
+                let Some(url) = crate::support::nats_url() else { return };
+                let publishing = harness.publish_to_nats(&url).await;
+                let transport = Transport::Nats(publishing.client.clone());
+                let tenant = case(backend, &harness, &transport).await;
+                crate::support::delete_streams(&publishing.client, &tenant).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_http() {
+                over(&crate::support::Backend::Sqlite, false).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_nats() {
+                over(&crate::support::Backend::Sqlite, true).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_http() {
+                if let Some(backend) = crate::support::Backend::postgres() {
+                    over(&backend, false).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_nats() {
+                if let Some(backend) = crate::support::Backend::postgres() {
+                    over(&backend, true).await;
+                }
+            }
+        }
+    )*};
+}
+
+feed_test! {
+    async fn snapshot_then_stream_replicates_exactly(_backend, harness, transport) {
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.as_str();
     harness.catalog(key).await;
     for user in 0..5 {
         harness.grant(key, &format!("early_{user}"), 50).await;
     }
-    let mut follower = Follower::snapshot(&harness, key).await;
+    let mut follower = Follower::snapshot(harness, key).await;
     assert!(follower.catalog_seen);
     assert_eq!(follower.users.len(), 5);
     let mut mid_follower: Option<Follower> = None;
@@ -235,7 +340,7 @@ store_test! {
                 .last_change(&env(&tenant))
                 .await
                 .expect("cursor");
-            second.follow(&harness, key, here, Some(25)).await;
+            second.follow(harness, key, here, Some(25), transport).await;
             mid_follower = Some(second);
         }
     }
@@ -245,14 +350,15 @@ store_test! {
         .last_change(&env(&tenant))
         .await
         .expect("cursor");
-    follower.follow(&harness, key, last, None).await;
-    assert_states_match(&harness, &tenant, &follower, 25).await;
+    follower.follow(harness, key, last, None, transport).await;
+    assert_states_match(harness, &tenant, &follower, 25).await;
 
     // The dropped follower reconnects from its own cursor and loses nothing.
     let mut second = mid_follower.expect("the mid-stream follower");
     assert!(second.cursor > 0 && second.cursor < last);
-    second.follow(&harness, key, last, None).await;
-    assert_states_match(&harness, &tenant, &second, 25).await;
+    second.follow(harness, key, last, None, transport).await;
+    assert_states_match(harness, &tenant, &second, 25).await;
+    tenant
     }
 }
 
@@ -302,9 +408,8 @@ async fn assert_states_match(
 // A usage batch over several end users: on SQLite they share one position of the feed
 // (one row names them all). A follower whose connection drops after any of the batch's
 // lines resumes from its cursor and still gets every end user.
-store_test! {
-    async fn a_follower_dropped_inside_a_batch_loses_none_of_its_end_users(backend) {
-    let harness = Harness::start(backend).await;
+feed_test! {
+    async fn a_follower_dropped_inside_a_batch_loses_none_of_its_end_users(backend, harness, transport) {
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.as_str();
     harness.catalog(key).await;
@@ -312,7 +417,7 @@ store_test! {
     for user in 0..USERS {
         harness.grant(key, &format!("user_{user}"), 100).await;
     }
-    let follower = Follower::snapshot(&harness, key).await;
+    let follower = Follower::snapshot(harness, key).await;
     let events: Vec<_> = (0..USERS)
         .map(|user| json!({"end_user_id": format!("user_{user}"), "feature_key": "api_calls", "units": 1 + user, "idempotency_key": format!("event-{user}")}))
         .collect();
@@ -340,10 +445,11 @@ store_test! {
     }
     for dropped_after in 1..USERS {
         let mut dropped = follower.clone();
-        dropped.follow(&harness, key, last, Some(dropped_after)).await;
-        dropped.follow(&harness, key, last, None).await;
-        assert_states_match(&harness, &tenant, &dropped, USERS).await;
+        dropped.follow(harness, key, last, Some(dropped_after), transport).await;
+        dropped.follow(harness, key, last, None, transport).await;
+        assert_states_match(harness, &tenant, &dropped, USERS).await;
     }
+    tenant
     }
 }
 
@@ -433,12 +539,194 @@ store_test! {
         .last_change(&env(&tenant))
         .await
         .expect("cursor");
-    follower.follow(&reader, key, last, None).await;
+    follower.follow(&reader, key, last, None, &Transport::Http).await;
     let (version, state) = follower.users.get("shared").expect("the end user").clone();
     assert_eq!(version, 20);
     let total: i64 = state.blocks.iter().map(|block| block.remaining.get()).sum();
     assert_eq!(total, (1..=20).sum::<i64>());
     }
+}
+
+/// Every message of an environment's NATS stream: (position, previous, more).
+async fn stream_chain(
+    client: &async_nats::Client,
+    tenant: &crate::support::Tenant,
+) -> Vec<(i64, i64, bool)> {
+    let context = async_nats::jetstream::new(client.clone());
+    let mut stream = context
+        .get_stream(control_plane::nats::feed_names(&env(tenant)).stream)
+        .await
+        .expect("the stream");
+    let held = stream.info().await.expect("info").state.clone();
+    let mut chain = Vec::new();
+    for sequence in held.first_sequence..=held.last_sequence {
+        let message = stream.get_raw_message(sequence).await.expect("a message");
+        let header = |name: &str| {
+            message
+                .headers
+                .get(name)
+                .map(|value| value.as_str().parse::<i64>().expect("a number"))
+        };
+        chain.push((
+            header(protocol::NATS_POSITION).expect("a position"),
+            header(protocol::NATS_PREVIOUS).expect("a previous"),
+            message.headers.get(protocol::NATS_MORE).is_some(),
+        ));
+    }
+    chain
+}
+
+// Two control-plane processes on one database, both publishing to NATS, each writing
+// concurrently: the stream holds each position once, in order, each message naming the
+// one before it, and a follower of the stream ends with exactly the stored state.
+store_test! {
+    async fn two_replicas_publish_one_ordered_stream(backend) {
+    let Some(url) = crate::support::nats_url() else { return };
+    let storage = crate::support::Storage::new(backend).await;
+    let first = Harness::on(&storage).await;
+    let tenant = first.tenant("acme").await;
+    let key = tenant.test.clone();
+    first.catalog(&key).await;
+    let second = Harness::on(&storage).await;
+    let mut follower = Follower::snapshot(&second, &key).await;
+    let publishing = first.publish_to_nats(&url).await;
+    let _also = second.publish_to_nats(&url).await;
+    let mut writers = Vec::new();
+    for (index, harness) in [first.clone(), second.clone()].into_iter().enumerate() {
+        let key = key.clone();
+        writers.push(tokio::spawn(async move {
+            for round in 0..60 {
+                harness.grant(&key, &format!("u{}", (index * 7 + round) % 9), 1).await;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let last = first.state.store().last_change(&env(&tenant)).await.expect("head");
+    follower
+        .follow(&first, &key, last, None, &Transport::Nats(publishing.client.clone()))
+        .await;
+    assert_states_match(&first, &tenant, &follower, 9).await;
+    let chain = stream_chain(&publishing.client, &tenant).await;
+    assert!(chain.iter().all(|(_, _, more)| !more), "no position is split here");
+    for pair in chain.windows(2) {
+        assert!(pair[1].0 > pair[0].0, "positions rise: {pair:?}");
+        assert_eq!(pair[1].1, pair[0].0, "each message names the one before it: {pair:?}");
+    }
+    assert_eq!(chain.last().map(|link| link.0), Some(last), "published to the head");
+    crate::support::delete_streams(&publishing.client, &tenant).await;
+    }
+}
+
+// What was committed while no process published (NATS down, or every replica restarted)
+// is published once a publisher runs again: nothing committed is left behind.
+store_test! {
+    async fn what_was_committed_unpublished_is_published_after_a_restart(backend) {
+    let Some(url) = crate::support::nats_url() else { return };
+    let storage = crate::support::Storage::new(backend).await;
+    let before = Harness::on(&storage).await;
+    let tenant = before.tenant("acme").await;
+    let key = tenant.test.clone();
+    before.catalog(&key).await;
+    let mut follower = Follower::snapshot(&before, &key).await;
+    for user in 0..10 {
+        before.grant(&key, &format!("u{user}"), 5).await;
+    }
+    drop(before);
+    let after = Harness::on(&storage).await;
+    let publishing = after.publish_to_nats(&url).await;
+    let last = after.state.store().last_change(&env(&tenant)).await.expect("head");
+    follower
+        .follow(&after, &key, last, None, &Transport::Nats(publishing.client.clone()))
+        .await;
+    assert_states_match(&after, &tenant, &follower, 10).await;
+    crate::support::delete_streams(&publishing.client, &tenant).await;
+    }
+}
+
+// Over NATS as over HTTP: heartbeats say the follower is current, a clock change
+// arrives, and a follower whose cursor the stream no longer holds is told to re-snapshot
+// while one at the head goes on.
+store_test! {
+    async fn nats_heartbeats_clock_and_expired_cursors(backend) {
+    let Some(url) = crate::support::nats_url() else { return };
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    let publishing = harness.publish_to_nats(&url).await;
+    let client = publishing.client.clone();
+    let follower = Follower::snapshot(&harness, key).await;
+    let mut lines = nats_lines(&harness, key, &client, follower.cursor)
+        .await
+        .expect("the NATS feed opens");
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+        .await
+        .expect("a heartbeat within 10 s")
+        .expect("a record");
+    assert_eq!(
+        first,
+        SyncRecord::Heartbeat { cursor: follower.cursor, now: match &first {
+            SyncRecord::Heartbeat { now, .. } => *now,
+            other => panic!("a heartbeat first, not {other:?}"),
+        }},
+    );
+    harness.advance(key, 3600).await;
+    let clock = loop {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+            .await
+            .expect("the clock change within 10 s")
+            .expect("a record");
+        if let SyncRecord::Clock { clock_offset_ms, .. } = record {
+            break clock_offset_ms;
+        }
+    };
+    assert_eq!(clock, 3_600_000);
+
+    for amount in 1..=5 {
+        harness.grant(key, "u", amount).await;
+    }
+    let head = harness.state.store().last_change(&env(&tenant)).await.expect("head");
+    crate::support::eventually_value("the stream holds the head", || async {
+        (stream_chain(&client, &tenant).await.last().map(|link| link.0) == Some(head))
+            .then_some(())
+    })
+    .await;
+    // The stream forgets all but its last message, as retention would.
+    let context = async_nats::jetstream::new(client.clone());
+    let mut stream = context
+        .get_stream(control_plane::nats::feed_names(&env(&tenant)).stream)
+        .await
+        .expect("stream");
+    let last_sequence = stream.info().await.expect("info").state.last_sequence;
+    stream.purge().sequence(last_sequence).await.expect("purge");
+    let expired = nats_lines(&harness, key, &client, follower.cursor).await;
+    assert!(
+        matches!(expired, Err(client::nats::NatsError::CursorExpired { .. })),
+        "an expired cursor is told to re-snapshot: {expired:?}"
+    );
+    let mut fresh = Follower::snapshot(&harness, key).await;
+    assert_eq!(fresh.cursor, head);
+    fresh.follow(&harness, key, head, None, &Transport::Nats(client.clone())).await;
+    let mut at_head = nats_lines(&harness, key, &client, head).await.expect("opens at the head");
+    let beat = tokio::time::timeout(std::time::Duration::from_secs(10), at_head.next())
+        .await
+        .expect("a heartbeat within 10 s")
+        .expect("a record");
+    assert!(matches!(beat, SyncRecord::Heartbeat { cursor, .. } if cursor == head));
+    crate::support::delete_streams(&client, &tenant).await;
+    }
+}
+
+// Without `sync.nats_url` the control plane says so, and proxies keep to HTTP.
+#[tokio::test]
+async fn without_nats_the_feed_says_it_is_http_only() {
+    let harness = Harness::start(&crate::support::Backend::Sqlite).await;
+    let tenant = harness.tenant("acme").await;
+    let answer = harness.get("/v1/sync/nats", &tenant.test).await;
+    assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    assert_eq!(answer.code(), "nats_not_configured");
 }
 
 // A revoked key's open change stream ends within about a second (before, it kept

@@ -4,8 +4,11 @@ use async_trait::async_trait;
 use ledger::Timestamp;
 
 use super::{Arg, Side, Sql};
+use crate::store::columns::Columns;
 use crate::store::columns::api_key;
-use crate::store::{ApiKeyRecord, Env, Environment, StoreResult, TenancyStore, TenantRecord};
+use crate::store::{
+    ApiKeyRecord, Env, EnvHead, Environment, StoreResult, TenancyStore, TenantRecord,
+};
 
 const INSERT_KEY: &str = "INSERT INTO api_keys (id, tenant_id, environment, name, scopes, prefix, key_hash, created_at, revoked_at)
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
@@ -108,5 +111,37 @@ impl<S: Sql> TenancyStore for S {
             )
             .await?;
         row.as_ref().map(api_key).transpose()
+    }
+
+    async fn env_heads(&self, after: Option<&Env>, limit: u32) -> StoreResult<Vec<EnvHead>> {
+        // One index probe per environment for its newest change.
+        let rows = self
+            .fetch_all(
+                Side::Read,
+                "SELECT e.tenant_id, e.environment, e.clock_offset_ms,
+                   COALESCE((SELECT MAX(c.seq) FROM changes c
+                     WHERE c.tenant_id = e.tenant_id AND c.environment = e.environment), 0) AS head
+                 FROM environments e
+                 WHERE e.tenant_id > $1 OR (e.tenant_id = $1 AND e.environment > $2)
+                 ORDER BY e.tenant_id, e.environment LIMIT $3",
+                &[
+                    Arg::Text(after.map_or("", |env| env.tenant_id.as_str())),
+                    Arg::Text(after.map_or("", |env| env.environment.as_str())),
+                    Arg::Int(i64::from(limit)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EnvHead {
+                    env: Env {
+                        tenant_id: row.text("tenant_id")?,
+                        environment: row.environment()?,
+                    },
+                    head: row.int("head")?,
+                    clock_offset_ms: row.int("clock_offset_ms")?,
+                })
+            })
+            .collect()
     }
 }

@@ -1,0 +1,494 @@
+//! The change feed on NATS JetStream (`sync.nats_url`), beside the HTTP stream: each
+//! environment's committed feed, in feed order, in a JetStream stream of its own, so that
+//! thousands of proxies follow it from NATS rather than each holding a stream to a
+//! replica. The wire format is `protocol::NatsFeed`'s.
+//!
+//! Every process publishes what it commits, at once (the environments it marked in
+//! `AppState::notify_changes`), and once a second sweeps every environment's feed head,
+//! publishing whatever no process has (a commit whose process died before publishing it,
+//! or anything committed while NATS was down). Messages are published with the stream's
+//! last sequence as the expected one: two processes publishing one environment never
+//! interleave or skip, the loser reloads where the stream is and goes on from there. The
+//! position is the message id too, so a republish within the duplicate window is dropped.
+//! Only what the feed shows is published, so nothing uncommitted is.
+//!
+//! The sweep also sends each environment's heartbeat (plain NATS): the feed's head and the
+//! environment's time, which a follower that has applied up to that head takes as "fresh
+//! as of now".
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{self, stream};
+use axum::body::Bytes;
+use protocol::{NATS_MORE, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
+use tokio::sync::watch;
+
+use crate::service::AppState;
+use crate::service::feed::{FeedLine, line};
+use crate::store::{Env, EnvHead};
+
+/// How often every environment's head is looked at (and its heartbeat sent).
+const SWEEP: Duration = Duration::from_secs(1);
+/// Feed positions read at a time.
+const PAGE_LEN: u32 = 500;
+/// Pages one environment publishes before the others get their turn.
+const PAGES_PER_TURN: usize = 4;
+/// Environments read per page of a sweep.
+const HEADS_PAGE: u32 = 1000;
+/// How long JetStream remembers a message id (a republish within it is dropped).
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+/// How long a JetStream request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// The largest message body published (half the default `max_payload` of 1 MiB): a
+/// position whose lines are larger is split over several messages.
+const BODY_MAX: usize = 512 * 1024;
+
+/// An environment's stream, subject and heartbeat subject.
+#[must_use]
+pub fn feed_names(env: &Env) -> NatsFeed {
+    let tenant = token(&env.tenant_id);
+    let environment = env.environment.as_str();
+    NatsFeed {
+        stream: format!("QS_FEED_{tenant}_{environment}"),
+        subject: format!("qs.feed.{tenant}.{environment}"),
+        heartbeat_subject: format!("qs.beat.{tenant}.{environment}"),
+    }
+}
+
+/// A tenant id as one token of a subject and a part of a stream name: as it is when it
+/// holds only letters, digits, `_` and `-` (every id the control plane makes), else
+/// `x` and its bytes in hex (no two ids share a token).
+fn token(id: &str) -> String {
+    if !id.is_empty()
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-')
+    {
+        return id.to_owned();
+    }
+    let mut hex = String::with_capacity(id.len().saturating_mul(2).saturating_add(1));
+    hex.push('x');
+    for byte in id.bytes() {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}
+
+/// The stream of `env`'s feed, created (or its retention brought up to date) as needed.
+///
+/// # Errors
+/// NATS failures.
+pub async fn ensure_stream(
+    context: &jetstream::Context,
+    env: &Env,
+    retention: Duration,
+) -> Result<stream::Stream, async_nats::Error> {
+    let names = feed_names(env);
+    let wanted = stream::Config {
+        name: names.stream.clone(),
+        subjects: vec![names.subject],
+        max_age: retention,
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        discard: stream::DiscardPolicy::Old,
+        allow_direct: true,
+        ..stream::Config::default()
+    };
+    let mut stream = context.get_or_create_stream(wanted.clone()).await?;
+    if stream.info().await?.config.max_age != retention {
+        context.update_stream(wanted).await?;
+    }
+    Ok(stream)
+}
+
+/// Where an environment's stream is: its last sequence and the last feed position it
+/// holds completely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Published {
+    sequence: u64,
+    position: i64,
+}
+
+/// Why a publication stopped.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// Another process published to the stream meanwhile: reload and go on.
+    #[error("another process published first")]
+    Raced,
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("store: {0}")]
+    Store(String),
+}
+
+fn nats_failure(error: impl std::fmt::Display) -> Failure {
+    Failure::Nats(error.to_string())
+}
+
+/// The publisher: one per process, a task of its own ([`run`]).
+#[derive(Debug)]
+struct Publisher {
+    state: AppState,
+    client: async_nats::Client,
+    context: jetstream::Context,
+    /// Each environment's stream as this process last knew it.
+    published: HashMap<Env, Published>,
+    /// Environments with more to publish, in turn.
+    queue: VecDeque<Env>,
+}
+
+/// Publishes until `stop` turns true. Returns at once where NATS is not configured.
+pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
+    let Some(client) = state.nats().cloned() else {
+        return;
+    };
+    let mut context = jetstream::new(client.clone());
+    context.set_timeout(REQUEST_TIMEOUT);
+    let mut publisher = Publisher {
+        state: state.clone(),
+        client,
+        context,
+        published: HashMap::new(),
+        queue: VecDeque::new(),
+    };
+    let mut changed = state.subscribe_changes();
+    let mut next_sweep = tokio::time::Instant::now();
+    loop {
+        for env in state.take_feed_dirty() {
+            publisher.enqueue(env);
+        }
+        if tokio::time::Instant::now() >= next_sweep {
+            next_sweep = tokio::time::Instant::now() + SWEEP;
+            if let Err(error) = publisher.sweep().await {
+                metrics::counter!("quotastack_nats_errors_total").increment(1);
+                tracing::warn!(%error, "the NATS feed sweep failed");
+            }
+        }
+        if let Some(env) = publisher.queue.pop_front() {
+            match publisher.publish(&env).await {
+                Ok(true) => publisher.enqueue(env),
+                Ok(false) => {}
+                Err(error) => {
+                    // The sweep tries again within a second.
+                    metrics::counter!("quotastack_nats_errors_total").increment(1);
+                    tracing::warn!(%error, tenant = %env.tenant_id, environment = env.environment.as_str(),
+                        "publishing the change feed to NATS failed");
+                    publisher.published.remove(&env);
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = changed.changed() => {}
+            () = tokio::time::sleep_until(next_sweep) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+impl Publisher {
+    fn enqueue(&mut self, env: Env) {
+        if !self.queue.contains(&env) {
+            self.queue.push_back(env);
+        }
+    }
+
+    /// Looks at every environment's head: queues those whose stream is behind, and sends
+    /// each its heartbeat.
+    async fn sweep(&mut self) -> Result<(), Failure> {
+        let now = self.state.real_now();
+        let mut after: Option<Env> = None;
+        loop {
+            let page = self
+                .state
+                .store()
+                .env_heads(after.as_ref(), HEADS_PAGE)
+                .await
+                .map_err(|error| Failure::Store(error.to_string()))?;
+            let Some(last) = page.last() else {
+                return Ok(());
+            };
+            after = Some(last.env.clone());
+            for head in page {
+                self.beat(&head, now).await?;
+                let behind = match self.published.get(&head.env) {
+                    Some(published) => head.head > published.position,
+                    None => head.head > 0,
+                };
+                if behind {
+                    self.enqueue(head.env);
+                }
+            }
+        }
+    }
+
+    async fn beat(&self, head: &EnvHead, now: ledger::Timestamp) -> Result<(), Failure> {
+        let env_now = now
+            .checked_add(ledger::Span::from_millis(head.clock_offset_ms))
+            .unwrap_or(now);
+        let beat = line(&SyncRecord::Heartbeat {
+            cursor: head.head,
+            now: env_now.into(),
+        })
+        .map_err(nats_failure)?;
+        self.client
+            .publish(feed_names(&head.env).heartbeat_subject, beat)
+            .await
+            .map_err(nats_failure)
+    }
+
+    /// Where `env`'s stream is (creating it if need be).
+    async fn load(&self, env: &Env) -> Result<Published, Failure> {
+        let mut stream = ensure_stream(&self.context, env, self.state.config().feed_retention)
+            .await
+            .map_err(nats_failure)?;
+        let info = stream.info().await.map_err(nats_failure)?;
+        let sequence = info.state.last_sequence;
+        if info.state.messages == 0 {
+            // Nothing kept: go on from the oldest change the feed still has.
+            let position = self
+                .state
+                .store()
+                .purged_through(env)
+                .await
+                .map_err(|error| Failure::Store(error.to_string()))?;
+            return Ok(Published { sequence, position });
+        }
+        let last = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(nats_failure)?;
+        let header = |name: &str| -> Result<Option<i64>, Failure> {
+            last.headers
+                .get(name)
+                .map(|value| {
+                    value.as_str().parse::<i64>().map_err(|_| {
+                        Failure::Nats(format!("message {sequence} has a bad `{name}` header"))
+                    })
+                })
+                .transpose()
+        };
+        let position = header(NATS_POSITION)?
+            .ok_or_else(|| Failure::Nats(format!("message {sequence} has no position")))?;
+        // The last message is part of an unfinished position: publish that position again
+        // (followers apply its records twice, which changes nothing).
+        let position = if last.headers.get(NATS_MORE).is_some() {
+            header(NATS_PREVIOUS)?.unwrap_or(0)
+        } else {
+            position
+        };
+        Ok(Published { sequence, position })
+    }
+
+    /// Publishes up to a few pages of `env`'s feed; true when more remains.
+    async fn publish(&mut self, env: &Env) -> Result<bool, Failure> {
+        let mut at = match self.published.get(env) {
+            Some(published) => *published,
+            None => self.load(env).await?,
+        };
+        let outcome = self.publish_pages(env, &mut at).await;
+        match outcome {
+            Err(Failure::Raced) => {
+                let reloaded = self.load(env).await?;
+                self.published.insert(env.clone(), reloaded);
+                Ok(true)
+            }
+            other => {
+                self.published.insert(env.clone(), at);
+                other
+            }
+        }
+    }
+
+    async fn publish_pages(&self, env: &Env, at: &mut Published) -> Result<bool, Failure> {
+        let subject = feed_names(env).subject;
+        for _ in 0..PAGES_PER_TURN {
+            let read = self
+                .state
+                .feed_lines(env, at.position, PAGE_LEN)
+                .await
+                .map_err(|error| Failure::Store(error.to_string()))?;
+            let Some(read) = read else {
+                return Ok(false);
+            };
+            // Read after the page: a purge before the read shows here, and a follower
+            // behind it must re-snapshot.
+            let purged = self
+                .state
+                .store()
+                .purged_through(env)
+                .await
+                .map_err(|error| Failure::Store(error.to_string()))?;
+            let mut first = true;
+            for (position, lines) in by_position(&read.lines) {
+                let previous = if first {
+                    at.position.max(purged.min(position.saturating_sub(1)))
+                } else {
+                    at.position
+                };
+                first = false;
+                self.publish_position(&subject, at, position, previous, lines)
+                    .await?;
+            }
+            if read.last > at.position {
+                // The read's last positions had nothing to send (an end user no longer
+                // stored): an empty message moves followers past them.
+                let previous = at.position.max(purged.min(read.last.saturating_sub(1)));
+                self.publish_position(&subject, at, read.last, previous, &[])
+                    .await?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Publishes one position's lines, split over several messages when they are large
+    /// (each but the last marked `Qs-More`).
+    async fn publish_position(
+        &self,
+        subject: &str,
+        at: &mut Published,
+        position: i64,
+        previous: i64,
+        lines: &[FeedLine],
+    ) -> Result<(), Failure> {
+        let bodies = bodies(lines);
+        let parts = bodies.len();
+        for (part, body) in bodies.into_iter().enumerate() {
+            let more = part.saturating_add(1) < parts;
+            let id = if parts == 1 {
+                position.to_string()
+            } else {
+                format!("{position}.{part}")
+            };
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(NATS_POSITION, position.to_string().as_str());
+            headers.insert(NATS_PREVIOUS, previous.to_string().as_str());
+            if more {
+                headers.insert(NATS_MORE, "1");
+            }
+            let message = PublishMessage::build()
+                .payload(body)
+                .headers(headers)
+                .message_id(id)
+                .expected_last_sequence(at.sequence);
+            let acked = self
+                .context
+                .send_publish(subject.to_owned(), message)
+                .await
+                .map_err(nats_failure)?
+                .await;
+            let ack = match acked {
+                Ok(ack) => ack,
+                Err(error) if error.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(Failure::Raced);
+                }
+                Err(error) => return Err(nats_failure(error)),
+            };
+            if ack.duplicate {
+                return Err(Failure::Raced);
+            }
+            at.sequence = ack.sequence;
+        }
+        at.position = position;
+        metrics::counter!("quotastack_nats_published_total").increment(1);
+        Ok(())
+    }
+}
+
+/// The lines grouped by position, in order.
+fn by_position(lines: &[FeedLine]) -> Vec<(i64, &[FeedLine])> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    while let Some(first) = lines.get(start) {
+        let len = lines
+            .get(start..)
+            .unwrap_or_default()
+            .iter()
+            .take_while(|line| line.position == first.position)
+            .count();
+        let end = start.saturating_add(len);
+        groups.push((first.position, lines.get(start..end).unwrap_or_default()));
+        start = end;
+    }
+    groups
+}
+
+/// One position's lines as message bodies of at most `BODY_MAX` bytes (a single line
+/// larger than that is a body of its own); at least one body, empty when there are no
+/// lines.
+fn bodies(lines: &[FeedLine]) -> Vec<Bytes> {
+    let mut bodies = Vec::new();
+    let mut body: Vec<u8> = Vec::new();
+    for line in lines {
+        if !body.is_empty() && body.len().saturating_add(line.bytes.len()) > BODY_MAX {
+            bodies.push(Bytes::from(std::mem::take(&mut body)));
+        }
+        body.extend_from_slice(&line.bytes);
+    }
+    bodies.push(Bytes::from(body));
+    bodies
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Environment;
+
+    fn feed_line(position: i64, len: usize) -> FeedLine {
+        FeedLine {
+            position,
+            bytes: Bytes::from(vec![b'x'; len]),
+        }
+    }
+
+    #[test]
+    fn names_are_one_token_per_tenant_and_never_shared() {
+        let env = Env {
+            tenant_id: "ten_01ABC".into(),
+            environment: Environment::Live,
+        };
+        let names = feed_names(&env);
+        assert_eq!(names.stream, "QS_FEED_ten_01ABC_live");
+        assert_eq!(names.subject, "qs.feed.ten_01ABC.live");
+        assert_eq!(names.heartbeat_subject, "qs.beat.ten_01ABC.live");
+        // Ids with characters a subject cannot hold are encoded, not trimmed.
+        assert_eq!(token("a.b"), "x612e62");
+        assert_ne!(token("a.b"), token("a*b"));
+        assert_eq!(token(""), "x");
+    }
+
+    #[test]
+    fn lines_group_by_position_and_split_only_past_the_body_limit() {
+        let lines = [feed_line(3, 10), feed_line(3, 10), feed_line(5, 10)];
+        let groups = by_position(&lines);
+        assert_eq!(
+            groups
+                .iter()
+                .map(|(position, lines)| (*position, lines.len()))
+                .collect::<Vec<_>>(),
+            [(3, 2), (5, 1)]
+        );
+        assert_eq!(bodies(&lines).len(), 1);
+        assert_eq!(
+            bodies(&[]).len(),
+            1,
+            "an empty position is one empty message"
+        );
+        let large = [
+            feed_line(7, BODY_MAX - 1),
+            feed_line(7, 2),
+            feed_line(7, BODY_MAX + 1),
+        ];
+        let split = bodies(&large);
+        assert_eq!(
+            split.iter().map(Bytes::len).collect::<Vec<_>>(),
+            [BODY_MAX - 1, 2, BODY_MAX + 1]
+        );
+    }
+}

@@ -1,0 +1,240 @@
+//! The change feed as followers receive it: a read of the feed after a cursor turned into
+//! NDJSON lines of `SyncRecord`s. Written once for both transports, the HTTP change
+//! stream (`http/sync.rs`) and the NATS publisher (`nats.rs`), so a follower gets the
+//! same bytes over either.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use ledger::EndUserId;
+use protocol::{CatalogItem, CatalogSnapshot, SyncRecord};
+use serde::Serialize;
+
+use super::{AppState, StreamedState};
+use crate::catalog::CatalogView;
+use crate::error::ApiError;
+use crate::store::Env;
+
+/// One line of the feed: a record's bytes (newline included) and the feed position of the
+/// change it is for. Several lines may share a position; each but the last of them carries
+/// the position before it as its cursor (see [`AppState::feed_lines`]).
+#[derive(Debug, Clone)]
+pub struct FeedLine {
+    pub position: i64,
+    pub bytes: Bytes,
+}
+
+/// A read of the feed as lines, and the position a follower is at once it applied them.
+#[derive(Debug, Clone)]
+pub struct FeedRead {
+    pub lines: Vec<FeedLine>,
+    pub last: i64,
+}
+
+/// Resolves when another process announced a commit; never where the store hears of
+/// none, and `None` once it no longer can.
+pub async fn heard(elsewhere: Option<&mut tokio::sync::watch::Receiver<u64>>) -> Option<()> {
+    match elsewhere {
+        Some(receiver) => receiver.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The catalog as a snapshot or a stream carries it.
+#[must_use]
+pub fn catalog_snapshot(view: &CatalogView) -> CatalogSnapshot {
+    fn items<T: Clone>(records: &[crate::store::CatalogRecord<T>]) -> Vec<CatalogItem<T>> {
+        records
+            .iter()
+            .map(|record| CatalogItem {
+                id: record.id.clone(),
+                key: record.key.clone(),
+                parent_id: record.parent_id.clone(),
+                archived: record.archived,
+                body: record.body.clone(),
+            })
+            .collect()
+    }
+    CatalogSnapshot {
+        features: items(&view.features),
+        plans: items(&view.plans),
+        variants: items(&view.variants),
+        settings: view.env.settings.clone(),
+    }
+}
+
+/// A record as one NDJSON line.
+///
+/// # Errors
+/// `Internal` when it does not serialise (it always does).
+pub fn line(record: &SyncRecord) -> Result<Bytes, ApiError> {
+    let mut bytes =
+        serde_json::to_vec(record).map_err(|error| ApiError::Internal(error.to_string()))?;
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
+}
+
+/// `SyncRecord::EndUser` with its state already serialised (byte for byte the same line).
+#[derive(Serialize)]
+#[serde(tag = "type", rename = "end_user")]
+struct EndUserLine<'a> {
+    cursor: i64,
+    end_user_id: &'a str,
+    version: u64,
+    state: &'a serde_json::value::RawValue,
+}
+
+fn end_user_line(
+    cursor: i64,
+    end_user: &EndUserId,
+    streamed: &StreamedState,
+) -> Result<Bytes, ApiError> {
+    let record = EndUserLine {
+        cursor,
+        end_user_id: end_user.as_str(),
+        version: streamed.version,
+        state: &streamed.state,
+    };
+    let mut bytes =
+        serde_json::to_vec(&record).map_err(|error| ApiError::Internal(error.to_string()))?;
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
+}
+
+impl AppState {
+    /// The feed after `cursor` (the first `limit` positions) as lines, or `None` when
+    /// nothing follows it. Each end user appears once, at the position of its last change
+    /// in this read, in position order; a catalog change as the catalog and the clock.
+    /// Several end users may share a position: each line but the last of them carries the
+    /// position before it, so that a follower resuming from any line is sent the rest
+    /// again.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn feed_lines(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit: u32,
+    ) -> Result<Option<FeedRead>, ApiError> {
+        let changes = self.changes_after(env, cursor, limit).await?;
+        let Some(last) = changes.last() else {
+            return Ok(None);
+        };
+        let mut latest: BTreeMap<Option<EndUserId>, i64> = BTreeMap::new();
+        for change in changes.iter() {
+            latest.insert(change.end_user_id.clone(), change.seq);
+        }
+        let mut ordered: Vec<(i64, Option<EndUserId>)> =
+            latest.into_iter().map(|(user, seq)| (seq, user)).collect();
+        ordered.sort();
+        let mut lines = Vec::with_capacity(ordered.len());
+        for (index, (position, user)) in ordered.iter().enumerate() {
+            let shared = ordered
+                .get(index.saturating_add(1))
+                .is_some_and(|(next, _)| next == position);
+            let position = *position;
+            let cursor = if shared {
+                position.saturating_sub(1)
+            } else {
+                position
+            };
+            match user {
+                Some(end_user) => {
+                    if let Some(streamed) = self.state_for_feed(env, end_user, position).await? {
+                        lines.push(FeedLine {
+                            position,
+                            bytes: end_user_line(cursor, end_user, &streamed)?,
+                        });
+                    }
+                }
+                None => {
+                    self.invalidate(env);
+                    let view = self.view(env).await?;
+                    let catalog = SyncRecord::Catalog {
+                        cursor,
+                        catalog: catalog_snapshot(&view),
+                    };
+                    let clock = SyncRecord::Clock {
+                        cursor,
+                        clock_offset_ms: view.env.clock_offset_ms,
+                    };
+                    lines.push(FeedLine {
+                        position,
+                        bytes: line(&catalog)?,
+                    });
+                    lines.push(FeedLine {
+                        position,
+                        bytes: line(&clock)?,
+                    });
+                }
+            }
+        }
+        Ok(Some(FeedRead {
+            lines,
+            last: last.seq,
+        }))
+    }
+
+    /// `end_user`'s state including the change at feed position `at`: as another follower
+    /// of this process was sent it, else read (and kept for the others). `None`: no such
+    /// end user.
+    async fn state_for_feed(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+        at: i64,
+    ) -> Result<Option<StreamedState>, ApiError> {
+        if let Some(streamed) = self.streamed_state(env, end_user, at) {
+            metrics::counter!("quotastack_sync_state_reads_total", "source" => "shared")
+                .increment(1);
+            return Ok(Some(streamed));
+        }
+        metrics::counter!("quotastack_sync_state_reads_total", "source" => "store").increment(1);
+        let Some(user) = self.store().load_state(env, end_user).await? else {
+            return Ok(None);
+        };
+        let version = user.version();
+        let json = serde_json::to_string(&user.into_parts())
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        let raw = serde_json::value::RawValue::from_string(json)
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        let streamed = StreamedState {
+            includes: at,
+            version,
+            state: Arc::from(raw),
+        };
+        self.remember_streamed_state(env, end_user, streamed.clone());
+        Ok(Some(streamed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_shared_state_line_is_the_records_line_byte_for_byte() {
+        let end_user = EndUserId::new("user_1").expect("id");
+        let user = ledger::EndUserState::new(end_user.clone(), ledger::Timestamp::from_millis(5));
+        let version = user.version();
+        let parts = user.into_parts();
+        let json = serde_json::to_string(&parts).expect("state");
+        let streamed = StreamedState {
+            includes: 7,
+            version,
+            state: Arc::from(serde_json::value::RawValue::from_string(json).expect("raw")),
+        };
+        let record = SyncRecord::EndUser {
+            cursor: 6,
+            end_user_id: end_user.to_string(),
+            version,
+            state: parts,
+        };
+        assert_eq!(
+            end_user_line(6, &end_user, &streamed).expect("line"),
+            line(&record).expect("line")
+        );
+    }
+}
