@@ -203,8 +203,9 @@ pub struct Config {
     /// again over replicas, and no stream outlives a deploy's drain by much.
     pub stream_max: Duration,
     /// Where to publish each environment's change feed on NATS JetStream besides the
-    /// HTTP stream (`sync.nats_url`; `None`: HTTP only). It may carry credentials.
-    pub nats_url: Option<String>,
+    /// HTTP stream (`sync.nats_url`; `None`: HTTP only). It may carry credentials, so it
+    /// never prints.
+    pub nats_url: Option<Secret>,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -385,7 +386,7 @@ impl Config {
 }
 
 /// `sync.nats_url`, checked to be a NATS server address (an empty string is unset).
-fn nats_url(url: Option<String>) -> Result<Option<String>, ConfigError> {
+fn nats_url(url: Option<String>) -> Result<Option<Secret>, ConfigError> {
     let Some(url) = url.filter(|url| !url.trim().is_empty()) else {
         return Ok(None);
     };
@@ -395,7 +396,7 @@ fn nats_url(url: Option<String>) -> Result<Option<String>, ConfigError> {
             format!("must be a NATS address such as nats://127.0.0.1:4222 ({error})"),
         )
     })?;
-    Ok(Some(url))
+    Ok(Some(Secret::new(url)))
 }
 
 /// `value` (or `default` when unset) if it is within `range`; else the error naming
@@ -609,6 +610,20 @@ mod tests {
         assert!(
             short.to_string().starts_with("auth.operator_token"),
             "{short}"
+        );
+        let nats = Config::parse("[sync]\nnats_url = \"nats://a b\"\n", "t.toml", &none)
+            .expect_err("bad NATS address");
+        assert!(nats.to_string().starts_with("sync.nats_url"), "{nats}");
+        let nats = Config::parse(
+            "[sync]\nnats_url = \"nats://feed:hunter2@127.0.0.1:4222\"\n",
+            "t.toml",
+            &none,
+        )
+        .expect("a NATS address with credentials");
+        assert!(nats.nats_url.is_some());
+        assert!(
+            !format!("{nats:?}").contains("hunter2"),
+            "redacted in Debug"
         );
         let retention = Config::parse("[idempotency]\nretention_hours = 1\n", "t.toml", &none)
             .expect_err("retention");

@@ -13,6 +13,7 @@ pub mod apply;
 pub mod auth;
 pub mod backoff;
 pub mod catalog;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod error;
@@ -106,13 +107,13 @@ pub async fn run(
 /// # Errors
 /// A URL NATS cannot use.
 pub async fn connect_nats(state: &AppState) -> anyhow::Result<()> {
-    let Some(url) = state.config().nats_url.clone() else {
+    let Some(url) = state.config().nats_url.as_ref() else {
         return Ok(());
     };
     let client = async_nats::ConnectOptions::new()
         .name("quotastack-control-plane")
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(url.expose())
         .await?;
     state.attach_nats(client);
     Ok(())

@@ -71,6 +71,8 @@ pub struct Config {
     pub usage: UsageConfig,
     #[serde(default)]
     pub leases: LeaseConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
     /// What a request that matches no route gets: `deny` (404 `no_route`, the default) or
     /// `pass` (forwarded ungated).
     #[serde(default)]
@@ -101,6 +103,29 @@ pub struct ControlPlane {
     /// proxy serves; `QS_PROXY_API_KEY` overrides it (keep secrets out of files).
     #[serde(default)]
     pub api_key: Option<Secret>,
+}
+
+/// How the proxy follows the control plane's change feed.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    /// Follow the feed from NATS JetStream at this address (e.g. `nats://127.0.0.1:4222`,
+    /// credentials allowed), where the control plane publishes it (its own
+    /// `sync.nats_url`); the HTTP stream is used while NATS is unreachable or the control
+    /// plane does not publish there. Unset: the HTTP stream only. `QS_PROXY_NATS_URL`
+    /// overrides it.
+    #[serde(default)]
+    pub nats_url: Option<Secret>,
+}
+
+impl SyncConfig {
+    /// The NATS address to follow the feed from, if one is set.
+    pub fn nats_url(&self) -> Option<String> {
+        self.nats_url
+            .as_ref()
+            .map(|url| url.expose().to_owned())
+            .filter(|url| !url.is_empty())
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -429,7 +454,7 @@ impl Config {
 
     /// `QS_PROXY_LISTEN`, `QS_PROXY_ADMIN_LISTEN`, `QS_PROXY_UPSTREAM`,
     /// `QS_PROXY_DATA_DIR`, `QS_PROXY_CONTROL_PLANE_URL`, `QS_PROXY_API_KEY`,
-    /// `QS_PROXY_JWT_SECRET` override the file.
+    /// `QS_PROXY_JWT_SECRET`, `QS_PROXY_NATS_URL` override the file.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         if let Some(value) = var("QS_PROXY_LISTEN") {
             self.listen = value;
@@ -451,6 +476,9 @@ impl Config {
         }
         if let (Some(value), Some(jwt)) = (var("QS_PROXY_JWT_SECRET"), self.identity.jwt.as_mut()) {
             jwt.secret = Some(Secret::new(value));
+        }
+        if let Some(value) = var("QS_PROXY_NATS_URL") {
+            self.sync.nats_url = Some(Secret::new(value));
         }
     }
 
@@ -486,6 +514,16 @@ impl Config {
         }
         if self.cache_mb == 0 {
             return Err(invalid("cache_mb", "must be at least 1"));
+        }
+        if let Some(url) = self.sync.nats_url.as_ref().map(Secret::expose)
+            && !url.is_empty()
+        {
+            url.parse::<async_nats::ServerAddr>().map_err(|error| {
+                invalid(
+                    "sync.nats_url",
+                    format!("must be a NATS address such as nats://127.0.0.1:4222 ({error})"),
+                )
+            })?;
         }
         if self.failure.max_staleness_secs == 0 {
             return Err(invalid("failure.max_staleness_secs", "must be at least 1"));
@@ -624,6 +662,10 @@ feature = "chat_messages"
             (
                 format!("{MINIMAL}[identity]\nforward_header = \"not a header\"\n"),
                 "identity.forward_header",
+            ),
+            (
+                format!("{MINIMAL}[sync]\nnats_url = \"nats://a b\"\n"),
+                "sync.nats_url",
             ),
         ];
         for (text, setting) in cases {

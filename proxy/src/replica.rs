@@ -53,6 +53,8 @@ pub struct Replica {
     snapshotting: AtomicBool,
     /// A record could not be applied: the follower takes a new snapshot.
     resnapshot: AtomicBool,
+    /// The follower is reading the feed from NATS (else the HTTP stream).
+    over_nats: AtomicBool,
     pub pending: Arc<Pending>,
 }
 
@@ -147,6 +149,7 @@ impl Replica {
             dirty: std::sync::Mutex::new(Dirty::default()),
             snapshotting: AtomicBool::new(false),
             resnapshot: AtomicBool::new(false),
+            over_nats: AtomicBool::new(false),
             pending,
         };
         let stored = replica.disk.load_replica()?;
@@ -185,6 +188,17 @@ impl Replica {
             tracing::info!(cursor, "replica loaded from disk");
         }
         Ok(replica)
+    }
+
+    /// Whether the follower reads the feed from NATS now (else the HTTP stream).
+    pub fn follows_over_nats(&self) -> bool {
+        self.over_nats.load(Ordering::Acquire)
+    }
+
+    /// Records which transport the follower reads the feed from.
+    pub fn set_over_nats(&self, over_nats: bool) {
+        self.over_nats.store(over_nats, Ordering::Release);
+        metrics::gauge!("qs_proxy_sync_over_nats").set(if over_nats { 1.0 } else { 0.0 });
     }
 
     /// Whether decisions can be made from stored or snapshot state.

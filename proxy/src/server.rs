@@ -61,6 +61,8 @@ struct Background {
     flush_interval: Duration,
     ship_interval: Duration,
     batch_size: usize,
+    /// Where to follow the feed on NATS (`sync.nats_url`), if anywhere.
+    nats_url: Option<String>,
     stopped: watch::Receiver<bool>,
 }
 
@@ -87,6 +89,7 @@ impl Background {
                 tokio::spawn(crate::sync::follow(
                     self.replica.clone(),
                     self.client.clone(),
+                    self.nats_url,
                     self.stopped.clone(),
                 )),
                 tokio::spawn(self.leases.clone().run(
@@ -235,6 +238,7 @@ pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow:
             flush_interval: Duration::from_millis(config.usage.flush_interval_ms),
             ship_interval: Duration::from_millis(config.usage.ship_interval_ms),
             batch_size: config.usage.batch_size,
+            nats_url: config.sync.nats_url(),
             stopped: background_stopped,
         };
         std::thread::Builder::new()

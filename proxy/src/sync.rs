@@ -1,6 +1,12 @@
 //! The follower: snapshot once (unless a complete copy is on disk), then follow the change
-//! stream from the cursor forever, reconnecting with backoff; a `410` (cursor older than
+//! feed from the cursor forever, reconnecting with backoff; a `410` (cursor older than
 //! the feed keeps) takes a fresh snapshot.
+//!
+//! With `sync.nats_url` set the feed is followed from NATS JetStream, where the control
+//! plane publishes it. While NATS cannot be reached (or the control plane publishes
+//! nothing there) the proxy follows the HTTP stream instead, and tries NATS again every
+//! `NATS_RETRY`. Either way the records and the cursor are the same, so switching loses
+//! nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,19 +18,30 @@ use crate::replica::Replica;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// A stream silent this long is considered dead and reopened (heartbeats come every 2 s).
+/// A stream silent this long is considered dead and reopened (heartbeats come every 2 s
+/// over HTTP, every second over NATS).
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the proxy follows the HTTP stream before it tries NATS again.
+const NATS_RETRY: Duration = Duration::from_secs(30);
+/// How long connecting to NATS may take.
+const NATS_CONNECT: Duration = Duration::from_secs(2);
 
-/// Follows the control plane until `stop` turns true.
+/// Follows the control plane until `stop` turns true: over NATS from `nats_url` where one
+/// is given (falling back to HTTP while it fails), else over HTTP.
 pub async fn follow(
     replica: Arc<Replica>,
     client: client::Client,
+    nats_url: Option<String>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut nats = nats_url.map(|url| Nats {
+        url,
+        connection: None,
+    });
     let mut backoff = BACKOFF_MIN;
     loop {
         let outcome = tokio::select! {
-            outcome = session(&replica, &client) => outcome,
+            outcome = session(&replica, &client, nats.as_mut()) => outcome,
             _ = stop.changed() => return,
         };
         match outcome {
@@ -42,12 +59,119 @@ pub async fn follow(
     }
 }
 
-/// One connection: a snapshot if needed, then the stream until it breaks.
-async fn session(replica: &Replica, client: &client::Client) -> Result<(), String> {
+/// The NATS side of following: where, and the connection once made.
+struct Nats {
+    url: String,
+    connection: Option<async_nats::Client>,
+}
+
+/// Why the feed could not be followed over NATS.
+enum Unavailable {
+    /// The stream no longer holds what follows the cursor: take a new snapshot.
+    Expired,
+    /// NATS is unreachable, or the control plane publishes nothing there: use HTTP.
+    Fallback(String),
+}
+
+impl Nats {
+    async fn open(
+        &mut self,
+        client: &client::Client,
+        cursor: i64,
+    ) -> Result<client::nats::NatsLines, Unavailable> {
+        let connection = match &self.connection {
+            Some(connection) => connection.clone(),
+            None => {
+                let connection = async_nats::ConnectOptions::new()
+                    .name("quotastack-proxy")
+                    .connection_timeout(NATS_CONNECT)
+                    .connect(self.url.as_str())
+                    .await
+                    .map_err(|error| Unavailable::Fallback(format!("connecting: {error}")))?;
+                self.connection = Some(connection.clone());
+                connection
+            }
+        };
+        let feed = client
+            .sync_nats()
+            .await
+            .map_err(|error| Unavailable::Fallback(error.to_string()))?;
+        client::nats::NatsLines::open(&connection, &feed, cursor)
+            .await
+            .map_err(|error| match error {
+                client::nats::NatsError::CursorExpired { .. } => Unavailable::Expired,
+                other => Unavailable::Fallback(other.to_string()),
+            })
+    }
+}
+
+/// One connection: a snapshot if needed, then the feed until it breaks.
+async fn session(
+    replica: &Replica,
+    client: &client::Client,
+    nats: Option<&mut Nats>,
+) -> Result<(), String> {
     let cursor = match replica.cursor() {
         Some(cursor) => cursor,
         None => snapshot(replica, client).await?,
     };
+    let Some(nats) = nats else {
+        return follow_http(replica, client, cursor).await;
+    };
+    match nats.open(client, cursor).await {
+        Ok(lines) => {
+            replica.set_over_nats(true);
+            follow_nats(replica, client, lines).await
+        }
+        Err(Unavailable::Expired) => {
+            tracing::warn!(
+                cursor,
+                "the NATS stream no longer holds this cursor; taking a new snapshot"
+            );
+            snapshot(replica, client).await?;
+            Ok(())
+        }
+        Err(Unavailable::Fallback(reason)) => {
+            replica.set_over_nats(false);
+            tracing::warn!(%reason, "cannot follow the feed over NATS; following the HTTP stream meanwhile");
+            match tokio::time::timeout(NATS_RETRY, follow_http(replica, client, cursor)).await {
+                Ok(outcome) => outcome,
+                // Time to try NATS again, from the cursor the HTTP stream reached.
+                Err(_) => Ok(()),
+            }
+        }
+    }
+}
+
+async fn follow_nats(
+    replica: &Replica,
+    client: &client::Client,
+    mut lines: client::nats::NatsLines,
+) -> Result<(), String> {
+    loop {
+        let record = tokio::time::timeout(READ_TIMEOUT, lines.next())
+            .await
+            .map_err(|_| "the NATS feed went silent".to_owned())?;
+        match record {
+            Ok(record) => apply(replica, record)?,
+            Err(client::nats::NatsError::CursorExpired { cursor, .. }) => {
+                tracing::warn!(
+                    cursor,
+                    "the NATS stream skipped past this cursor; taking a new snapshot"
+                );
+                snapshot(replica, client).await?;
+                return Ok(());
+            }
+            Err(error) => return Err(error.to_string()),
+        }
+    }
+}
+
+async fn follow_http(
+    replica: &Replica,
+    client: &client::Client,
+    cursor: i64,
+) -> Result<(), String> {
     let mut lines = match client.sync_stream(cursor).await {
         Ok(lines) => lines,
         Err(error) if error.code() == Some("cursor_expired") => {

@@ -180,27 +180,35 @@ impl ControlPlane {
 
     /// The end user's ledger entries of one type.
     pub async fn entries(&self, end_user: &str, entry_type: &str) -> Vec<protocol::LedgerEntry> {
-        let mut all = Vec::new();
-        let mut cursor = None;
-        loop {
-            let page = self
-                .client
-                .ledger(&client::LedgerOptions {
-                    end_user_id: Some(end_user.to_owned()),
-                    entry_type: Some(entry_type.to_owned()),
-                    cursor: cursor.clone(),
-                    limit: Some(500),
-                    ..client::LedgerOptions::default()
-                })
-                .await
-                .expect("ledger");
-            let done = page.data.is_empty() || page.next_cursor.is_none();
-            all.extend(page.data);
-            if done {
-                return all;
-            }
-            cursor = page.next_cursor;
+        entries_of(&self.client, end_user, entry_type).await
+    }
+}
+
+/// `end_user`'s ledger entries of one type, through `client`.
+pub async fn entries_of(
+    client: &client::Client,
+    end_user: &str,
+    entry_type: &str,
+) -> Vec<protocol::LedgerEntry> {
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = client
+            .ledger(&client::LedgerOptions {
+                end_user_id: Some(end_user.to_owned()),
+                entry_type: Some(entry_type.to_owned()),
+                cursor: cursor.clone(),
+                limit: Some(500),
+                ..client::LedgerOptions::default()
+            })
+            .await
+            .expect("ledger");
+        let done = page.data.is_empty() || page.next_cursor.is_none();
+        all.extend(page.data);
+        if done {
+            return all;
         }
+        cursor = page.next_cursor;
     }
 }
 
@@ -449,9 +457,14 @@ impl Proxy {
 /// Credits charged to `end_user` in all: debits (usage) and commits (reservations and
 /// lease reports).
 pub async fn charged(plane: &ControlPlane, end_user: &str) -> i64 {
+    charged_via(&plane.client, end_user).await
+}
+
+/// [`charged`] through any client (a control plane run as a process, say).
+pub async fn charged_via(client: &client::Client, end_user: &str) -> i64 {
     let mut total = 0i64;
     for entry_type in ["debit", "commit"] {
-        for entry in plane.entries(end_user, entry_type).await {
+        for entry in entries_of(client, end_user, entry_type).await {
             total += entry.amount;
         }
     }
@@ -608,48 +621,22 @@ impl ProxyProcess {
     /// Starts `binary` (the `e2e-proxy` copy, from a test's
     /// `env!("CARGO_BIN_EXE_e2e-proxy")`) on `config` and reads the addresses it prints.
     pub fn spawn(binary: &str, config: &Path) -> ProxyProcess {
-        let child = Command::new(binary)
-            .arg("--config")
-            .arg(config)
-            .env("QS_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the proxy binary starts");
-        // Owned by the guard from here on: a panic below still kills it.
-        let mut process = ProxyProcess {
+        let mut command = Command::new(binary);
+        command.arg("--config").arg(config).env("QS_LOG", "warn");
+        let (child, printed) = spawn_reading(
+            command,
+            "proxy",
+            &[
+                "QuotaStack proxy listening on ",
+                "admin (healthz, readyz, metrics) on ",
+            ],
+        );
+        let [address, admin] = printed;
+        ProxyProcess {
             child,
-            address: String::new(),
-            admin: String::new(),
-        };
-        let stderr = process.child.stderr.take().expect("stderr");
-        // Its warnings still show, through this process's stderr.
-        std::thread::spawn(move || drain_lines(stderr, |line| eprintln!("[proxy] {line}")));
-        // Its stdout is read on a thread that hands the lines over, so that waiting for
-        // the addresses has a deadline; it keeps draining after, so the child never
-        // blocks on a full pipe.
-        let stdout = process.child.stdout.take().expect("stdout");
-        let (lines, printed) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            drain_lines(stdout, |line| {
-                // The test may have stopped listening; draining goes on regardless.
-                let _ = lines.send(line.to_owned());
-            });
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while process.address.is_empty() || process.admin.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = printed
-                .recv_timeout(left)
-                .expect("the proxy prints its addresses within 30 s");
-            if let Some(rest) = line.strip_prefix("QuotaStack proxy listening on ") {
-                rest.trim().clone_into(&mut process.address);
-            } else if let Some(rest) = line.strip_prefix("admin (healthz, readyz, metrics) on ") {
-                rest.trim().clone_into(&mut process.admin);
-            }
+            address,
+            admin,
         }
-        process
     }
 
     /// The child's process id (to send it signals).
@@ -712,6 +699,103 @@ impl ProxyProcess {
             (self.outbox_depth(http).await == Some(0)).then_some(())
         })
         .await;
+    }
+}
+
+/// Starts `command` with its output drained on threads of their own (its stderr shown
+/// through this process's, tagged `name`) and waits up to 30 s for it to print a line
+/// starting with each of `prefixes`: answers what follows each.
+fn spawn_reading<const N: usize>(
+    mut command: Command,
+    name: &'static str,
+    prefixes: &[&str; N],
+) -> (Child, [String; N]) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    // Killed on every way out below: a panic must not leave it running.
+    struct Guard(Option<Child>);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let stderr = child.stderr.take().expect("stderr");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut guard = Guard(Some(child));
+    // Its warnings still show, through this process's stderr.
+    std::thread::spawn(move || drain_lines(stderr, |line| eprintln!("[{name}] {line}")));
+    // Its stdout is read on a thread that hands the lines over, so that waiting for the
+    // lines has a deadline; it keeps draining after, so the child never blocks on a full
+    // pipe.
+    let (lines, printed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drain_lines(stdout, |line| {
+            // The test may have stopped listening; draining goes on regardless.
+            let _ = lines.send(line.to_owned());
+        });
+    });
+    let mut found: [String; N] = std::array::from_fn(|_| String::new());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while found.iter().any(String::is_empty) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = printed
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("the {name} prints its addresses within 30 s"));
+        for (prefix, value) in prefixes.iter().zip(found.iter_mut()) {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                rest.trim().clone_into(value);
+            }
+        }
+    }
+    (guard.0.take().expect("the child"), found)
+}
+
+/// A control plane run as a process of its own (the `e2e-control-plane` copy of
+/// `quotastack-control-plane`), on a port it picks.
+#[derive(Debug)]
+pub struct ControlPlaneProcess {
+    child: Child,
+    /// `http://` address it serves on.
+    pub url: String,
+}
+
+impl ControlPlaneProcess {
+    /// Starts `binary` (a test's `env!("CARGO_BIN_EXE_e2e-control-plane")`) with the
+    /// configuration file `config` on `database_url`.
+    pub fn spawn(binary: &str, config: &Path, database_url: &str) -> ControlPlaneProcess {
+        let mut command = Command::new(binary);
+        command
+            .env("QS_CONFIG", config)
+            .env("QS_DATABASE_URL", database_url)
+            .env("QS_LISTEN", "127.0.0.1:0")
+            .env("QS_LOG_LEVEL", "warn")
+            .arg("serve");
+        let (child, [url]) = spawn_reading(
+            command,
+            "control plane",
+            &["QuotaStack control plane listening on "],
+        );
+        ControlPlaneProcess { child, url }
+    }
+
+    /// Kills it with SIGKILL and waits for it to exit.
+    pub fn kill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+}
+
+impl Drop for ControlPlaneProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -694,3 +694,35 @@ async fn the_upstream_sees_the_identity_that_was_charged_not_the_clients_header(
     assert_eq!(e2e::charged(&plane, "h2").await, 0);
     proxy.running.shutdown().await;
 }
+
+// A proxy told to follow the feed over NATS follows the HTTP stream while it cannot:
+// NATS unreachable (a port nothing listens on), or reachable while the control plane
+// publishes nothing there (`404 nats_not_configured`). Either way grants reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_told_to_use_nats_follows_http_while_it_cannot() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    };
+    let mut urls = vec![format!("nats://{closed}")];
+    if let Ok(url) = std::env::var("QS_TEST_NATS_URL")
+        && !url.is_empty()
+    {
+        urls.push(url);
+    }
+    for url in urls {
+        let (_dir, plane, _upstream, proxy) =
+            setup(&format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n")).await;
+        plane.grant("u1", 3).await;
+        proxy.sees("u1").await;
+        assert!(
+            !proxy.running.replica.follows_over_nats(),
+            "{url}: the HTTP stream carried it"
+        );
+        assert_eq!(
+            status(&proxy, "/work", Some("u1")).await,
+            StatusCode::OK,
+            "{url}: the proxy gates as ever"
+        );
+    }
+}

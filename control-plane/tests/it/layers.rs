@@ -27,6 +27,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("jobs", 6),
     ("nats", 6),
     ("http", 7),
+    ("cli", 8),
     ("lib", 8),
     ("main", 8),
 ];
