@@ -102,7 +102,8 @@ impl NatsLines {
 
     /// The next record: the changes in feed order, and a heartbeat (carrying this
     /// follower's own cursor) whenever the control plane says the feed's head is one this
-    /// follower has reached.
+    /// follower has reached. Cancel-safe: a record not yet returned stays queued for the
+    /// next call.
     ///
     /// # Errors
     /// `CursorExpired` on a gap (take a new snapshot); `Nats`, `Closed` or `Decode` when
@@ -152,8 +153,14 @@ impl NatsLines {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let record = serde_json::from_slice(line)
+            let record: SyncRecord = serde_json::from_slice(line)
                 .map_err(|error| NatsError::Decode(format!("a record at {position}: {error}")))?;
+            // A message holds a run of positions; those this follower had (a cursor below
+            // its own) are skipped. A line at its own cursor may belong to the position
+            // after it (see `SyncRecord` cursors of shared positions): applied again.
+            if record.cursor().is_some_and(|cursor| cursor < self.cursor) {
+                continue;
+            }
             self.pending.push_back(record);
         }
         let more = headers.is_some_and(|headers| headers.get(NATS_MORE).is_some());

@@ -45,6 +45,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest message body published (half the default `max_payload` of 1 MiB): a
 /// position whose lines are larger is split over several messages.
 const BODY_MAX: usize = 512 * 1024;
+/// Consecutive positions share one message while it stays within this: with thousands of
+/// followers NATS's cost is per message delivered, so when the publisher falls behind
+/// (commits faster than it publishes) its messages grow instead of its lag.
+const RUN_MAX: usize = 64 * 1024;
 
 /// An environment's stream, subject and heartbeat subject.
 #[must_use]
@@ -326,9 +330,9 @@ impl Publisher {
                 .await
                 .map_err(|error| Failure::Store(error.to_string()))?;
             let mut first = true;
-            for (position, lines) in by_position(&read.lines) {
+            for (from, position, lines) in runs(&read.lines) {
                 let previous = if first {
-                    at.position.max(purged.min(position.saturating_sub(1)))
+                    at.position.max(purged.min(from.saturating_sub(1)))
                 } else {
                     at.position
                 };
@@ -347,8 +351,8 @@ impl Publisher {
         Ok(true)
     }
 
-    /// Publishes one position's lines, split over several messages when they are large
-    /// (each but the last marked `Qs-More`).
+    /// Publishes a run of positions' lines (`position` is its last), split over several
+    /// messages when one position's lines are large (each but the last marked `Qs-More`).
     async fn publish_position(
         &self,
         subject: &str,
@@ -399,6 +403,37 @@ impl Publisher {
         metrics::counter!("quotastack_nats_published_total").increment(1);
         Ok(())
     }
+}
+
+/// The lines in runs of whole positions, in order: consecutive positions share a run while
+/// its lines stay within `RUN_MAX` bytes (a position larger than that is a run of its
+/// own). Each run: its first position, its last, and its lines.
+fn runs(lines: &[FeedLine]) -> Vec<(i64, i64, &[FeedLine])> {
+    let mut runs = Vec::new();
+    let (mut start, mut len, mut bytes) = (0usize, 0usize, 0usize);
+    for (_, group) in by_position(lines) {
+        let size: usize = group.iter().map(|line| line.bytes.len()).sum();
+        if len > 0 && bytes.saturating_add(size) > RUN_MAX {
+            runs.push(run_of(lines, start, len));
+            start = start.saturating_add(len);
+            (len, bytes) = (0, 0);
+        }
+        len = len.saturating_add(group.len());
+        bytes = bytes.saturating_add(size);
+    }
+    if len > 0 {
+        runs.push(run_of(lines, start, len));
+    }
+    runs
+}
+
+fn run_of(lines: &[FeedLine], start: usize, len: usize) -> (i64, i64, &[FeedLine]) {
+    let slice = lines
+        .get(start..start.saturating_add(len))
+        .unwrap_or_default();
+    let first = slice.first().map_or(0, |line| line.position);
+    let last = slice.last().map_or(0, |line| line.position);
+    (first, last, slice)
 }
 
 /// The lines grouped by position, in order.
@@ -475,6 +510,29 @@ mod tests {
             [(3, 2), (5, 1)]
         );
         assert_eq!(bodies(&lines).len(), 1);
+        let runs_of = |lines: &[FeedLine]| {
+            runs(lines)
+                .iter()
+                .map(|(from, to, lines)| (*from, *to, lines.len()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            runs_of(&lines),
+            [(3, 5, 3)],
+            "small positions share a message"
+        );
+        let big = [
+            feed_line(1, RUN_MAX / 2),
+            feed_line(2, RUN_MAX / 2),
+            feed_line(2, 1),
+            feed_line(3, RUN_MAX + 5),
+            feed_line(4, 1),
+        ];
+        assert_eq!(
+            runs_of(&big),
+            [(1, 1, 1), (2, 2, 2), (3, 3, 1), (4, 4, 1)],
+            "a run never splits a position nor passes the limit unless one position does"
+        );
         assert_eq!(
             bodies(&[]).len(),
             1,

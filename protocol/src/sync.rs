@@ -121,13 +121,14 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// Where the control plane publishes an environment's change feed on NATS JetStream
 /// (`GET /v1/sync/nats`, when `sync.nats_url` is set).
 ///
-/// Each message of `stream` holds the records of one feed position, as the lines the
-/// HTTP stream would send for it (NDJSON), with two headers: [`NATS_POSITION`], the
-/// position, and [`NATS_PREVIOUS`], the position of the message before it in the stream.
-/// Positions rise with the stream's sequence; a follower at cursor `c` resumes at the
-/// first message whose position is above `c`, and must take a new snapshot when that
-/// message's previous position is above `c` (what lay between is no longer kept). The
-/// message id (`Nats-Msg-Id`) is the position, so a republish is deduplicated.
+/// Each message of `stream` holds the records of a run of consecutive feed positions, as
+/// the lines the HTTP stream would send for them (NDJSON), with two headers:
+/// [`NATS_POSITION`], the run's last position, and [`NATS_PREVIOUS`], the position of the
+/// message before it in the stream. Positions rise with the stream's sequence; a follower
+/// at cursor `c` resumes at the first message whose position is above `c` (skipping its
+/// lines whose cursor is below `c`), and must take a new snapshot when that message's
+/// previous position is above `c` (what lay between is no longer kept). The message id
+/// (`Nats-Msg-Id`) is the position, so a republish is deduplicated.
 /// `heartbeat_subject` carries a `SyncRecord::Heartbeat` every couple of seconds (plain
 /// NATS, not kept): its cursor is the last position published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

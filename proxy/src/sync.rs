@@ -23,6 +23,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the proxy follows the HTTP stream before it tries NATS again.
 const NATS_RETRY: Duration = Duration::from_secs(30);
+/// How often a follower over NATS checks that its connection is up.
+const NATS_CHECK: Duration = Duration::from_secs(1);
 /// How long connecting to NATS may take.
 const NATS_CONNECT: Duration = Duration::from_secs(2);
 
@@ -78,9 +80,15 @@ impl Nats {
         &mut self,
         client: &client::Client,
         cursor: i64,
-    ) -> Result<client::nats::NatsLines, Unavailable> {
+    ) -> Result<(client::nats::NatsLines, async_nats::Client), Unavailable> {
         let connection = match &self.connection {
-            Some(connection) => connection.clone(),
+            Some(connection) => {
+                // A connection that dropped reconnects on its own; meanwhile, HTTP.
+                if connection.connection_state() != async_nats::connection::State::Connected {
+                    return Err(Unavailable::Fallback("NATS is disconnected".into()));
+                }
+                connection.clone()
+            }
             None => {
                 let connection = async_nats::ConnectOptions::new()
                     .name("quotastack-proxy")
@@ -96,12 +104,13 @@ impl Nats {
             .sync_nats()
             .await
             .map_err(|error| Unavailable::Fallback(error.to_string()))?;
-        client::nats::NatsLines::open(&connection, &feed, cursor)
+        let lines = client::nats::NatsLines::open(&connection, &feed, cursor)
             .await
             .map_err(|error| match error {
                 client::nats::NatsError::CursorExpired { .. } => Unavailable::Expired,
                 other => Unavailable::Fallback(other.to_string()),
-            })
+            })?;
+        Ok((lines, connection))
     }
 }
 
@@ -119,9 +128,9 @@ async fn session(
         return follow_http(replica, client, cursor).await;
     };
     match nats.open(client, cursor).await {
-        Ok(lines) => {
+        Ok((lines, connection)) => {
             replica.set_over_nats(true);
-            follow_nats(replica, client, lines).await
+            follow_nats(replica, client, lines, &connection).await
         }
         Err(Unavailable::Expired) => {
             tracing::warn!(
@@ -147,11 +156,26 @@ async fn follow_nats(
     replica: &Replica,
     client: &client::Client,
     mut lines: client::nats::NatsLines,
+    connection: &async_nats::Client,
 ) -> Result<(), String> {
+    let mut check = tokio::time::interval(NATS_CHECK);
+    let mut heard = tokio::time::Instant::now();
     loop {
-        let record = tokio::time::timeout(READ_TIMEOUT, lines.next())
-            .await
-            .map_err(|_| "the NATS feed went silent".to_owned())?;
+        // `NatsLines::next` is cancel-safe: a record it had not returned yet stays queued.
+        let record = tokio::select! {
+            record = lines.next() => record,
+            _ = check.tick() => {
+                if connection.connection_state() != async_nats::connection::State::Connected {
+                    // Back to HTTP at once rather than after the read timeout.
+                    return Err("the NATS connection dropped".into());
+                }
+                if heard.elapsed() > READ_TIMEOUT {
+                    return Err("the NATS feed went silent".into());
+                }
+                continue;
+            }
+        };
+        heard = tokio::time::Instant::now();
         match record {
             Ok(record) => apply(replica, record)?,
             Err(client::nats::NatsError::CursorExpired { cursor, .. }) => {

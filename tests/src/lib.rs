@@ -50,6 +50,8 @@ pub struct ControlPlane {
     pub key: String,
     pub client: client::Client,
     database: control_plane::config::DatabaseUrl,
+    /// Where it publishes the feed on NATS, if anywhere.
+    nats: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -75,7 +77,25 @@ impl ControlPlane {
             dir.join("control-plane.db").display().to_string(),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        ControlPlane::serve(listener, database, None).await
+        ControlPlane::serve(listener, database, None, None).await
+    }
+
+    /// [`ControlPlane::start`], publishing the change feed to the NATS server at `nats`
+    /// too (`sync.nats_url`).
+    pub async fn start_publishing(dir: &Path, nats: &str) -> ControlPlane {
+        let database = control_plane::config::DatabaseUrl::SqliteFile(
+            dir.join("control-plane.db").display().to_string(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let plane = ControlPlane::serve(listener, database, None, Some(nats.to_owned())).await;
+        for key in ["api_calls", "tokens"] {
+            plane
+                .client
+                .create_feature(&from(json!({"key": key, "name": key, "type": "metered"})))
+                .await
+                .expect("feature");
+        }
+        plane
     }
 
     /// Starts a control plane on `database` (a PostgreSQL URL, say): with a new tenant
@@ -85,13 +105,14 @@ impl ControlPlane {
         key: Option<String>,
     ) -> ControlPlane {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        ControlPlane::serve(listener, database, key).await
+        ControlPlane::serve(listener, database, key, None).await
     }
 
     async fn serve(
         listener: TcpListener,
         database: control_plane::config::DatabaseUrl,
         key: Option<String>,
+        nats: Option<String>,
     ) -> ControlPlane {
         let address = listener.local_addr().expect("address");
         let mut config = control_plane::config::Config::for_tests();
@@ -99,6 +120,7 @@ impl ControlPlane {
         config.listen = address;
         config.rate_limit_per_second = 1_000_000;
         config.rate_limit_burst = 1_000_000;
+        config.nats_url = nats.clone().map(control_plane::config::Secret::new);
         let store = control_plane::open_store(&config).await.expect("store");
         let state = control_plane::state(
             config,
@@ -134,6 +156,7 @@ impl ControlPlane {
             key,
             client,
             database,
+            nats,
             stop: Some(stop),
             task: Some(task),
         }
@@ -158,8 +181,13 @@ impl ControlPlane {
             || async { TcpListener::bind(self.address).await.ok() },
         )
         .await;
-        let again =
-            ControlPlane::serve(listener, self.database.clone(), Some(self.key.clone())).await;
+        let again = ControlPlane::serve(
+            listener,
+            self.database.clone(),
+            Some(self.key.clone()),
+            self.nats.clone(),
+        )
+        .await;
         *self = again;
     }
 
@@ -767,6 +795,11 @@ pub struct ControlPlaneProcess {
 }
 
 impl ControlPlaneProcess {
+    /// The child's process id (its CPU time, signals).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `binary` (a test's `env!("CARGO_BIN_EXE_e2e-control-plane")`) with the
     /// configuration file `config` on `database_url`.
     pub fn spawn(binary: &str, config: &Path, database_url: &str) -> ControlPlaneProcess {

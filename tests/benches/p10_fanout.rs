@@ -1,0 +1,423 @@
+//! P10 (issue #21): the change feed's fan-out. N followers of one environment, a steady
+//! rate of changes: the lag from a change's write to each follower, and the control
+//! plane's CPU per change, over HTTP streams and over NATS JetStream side by side.
+//!
+//! Run: `cargo bench -p e2e --bench p10_fanout`. Knobs: `QS_FANOUT_FOLLOWERS` (counts
+//! to run, default `10,1000`), `QS_FANOUT_TRANSPORTS` (default `http,nats`), `QS_FANOUT_RATE` (changes per second, default 1,000),
+//! `QS_FANOUT_SECS` (default 30), `QS_FANOUT_NATS_URL` (default
+//! `nats://127.0.0.1:4222`).
+//!
+//! The control plane is a process of its own (the `e2e-control-plane` binary, SQLite file,
+//! `sync.nats_url` set), so its CPU time is its own (`/proc/<pid>/stat`). The followers
+//! are lightweight and in this process: each holds its own HTTP stream, or its own
+//! JetStream ordered consumer (on one NATS connection per 50 followers), and only finds
+//! each change's end user in the bytes it receives (no JSON parse): the bench measures the
+//! transport, not the proxy's replica. Each change is a grant to a new end user, so every
+//! change is one record; the lag is from the grant's request being sent (so it includes
+//! the write's own latency) until a follower holds its line. Both sides share the
+//! machine's two cores, as do the NATS server's.
+
+#![allow(
+    clippy::print_stdout,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::too_many_lines
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+use e2e::ControlPlaneProcess;
+use e2e::bench::cpu_time;
+use tokio_stream::StreamExt;
+
+const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_e2e-control-plane");
+/// Lag histogram resolution and range: 0.1 ms buckets up to 20 s.
+const BUCKET_US: u64 = 100;
+const BUCKETS: usize = 200_000;
+/// Followers per NATS connection.
+const PER_CONNECTION: usize = 50;
+
+fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What every follower shares: when each change was sent (µs since `start`, 0: not yet)
+/// and the lag histogram.
+struct Shared {
+    start: Instant,
+    sent_us: Vec<AtomicU64>,
+    lags: Vec<AtomicU64>,
+    received: AtomicU64,
+}
+
+impl Shared {
+    fn new(changes: usize) -> Shared {
+        Shared {
+            start: Instant::now(),
+            sent_us: (0..changes).map(|_| AtomicU64::new(0)).collect(),
+            lags: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            received: AtomicU64::new(0),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Records the lag of each whole line in `bytes` (the part after the last newline is
+    /// left in `partial` for the next call).
+    fn seen_lines(&self, partial: &mut Vec<u8>, bytes: &[u8]) {
+        partial.extend_from_slice(bytes);
+        let Some(end) = partial.iter().rposition(|byte| *byte == b'\n') else {
+            return;
+        };
+        for line in partial[..end].split(|byte| *byte == b'\n') {
+            self.seen(line);
+        }
+        partial.drain(..=end);
+    }
+
+    /// Finds the line's end user (`"end_user_id":"c<n>"`, its first mention: the state
+    /// names it again) and records its lag.
+    fn seen(&self, line: &[u8]) {
+        const NEEDLE: &[u8] = b"\"end_user_id\":\"c";
+        let now = self.now_us();
+        let rest = line;
+        if let Some(at) = rest
+            .windows(NEEDLE.len())
+            .position(|window| window == NEEDLE)
+        {
+            let rest = &rest[at + NEEDLE.len()..];
+            let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
+            let Some(index) = std::str::from_utf8(&rest[..digits])
+                .ok()
+                .and_then(|text| text.parse::<usize>().ok())
+            else {
+                return;
+            };
+            let Some(sent) = self
+                .sent_us
+                .get(index)
+                .map(|sent| sent.load(Ordering::Acquire))
+            else {
+                return;
+            };
+            if sent == 0 {
+                return;
+            }
+            let bucket = usize::try_from(now.saturating_sub(sent) / BUCKET_US)
+                .unwrap_or(BUCKETS - 1)
+                .min(BUCKETS - 1);
+            self.lags[bucket].fetch_add(1, Ordering::Relaxed);
+            self.received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn percentile_ms(&self, fraction: f64) -> f64 {
+        let counts: Vec<u64> = self
+            .lags
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        #[allow(
+            clippy::as_conversions,
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let rank = ((total as f64) * fraction).ceil() as u64;
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank.max(1) {
+                #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
+                return (bucket as f64 + 1.0) * (BUCKET_US as f64) / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Http,
+    Nats,
+}
+
+struct Setup {
+    plane: ControlPlaneProcess,
+    key: String,
+    nats_url: String,
+    http: reqwest::Client,
+}
+
+fn main() {
+    let counts: Vec<usize> = std::env::var("QS_FANOUT_FOLLOWERS")
+        .unwrap_or_else(|_| "10,1000".into())
+        .split(',')
+        .filter_map(|count| count.trim().parse().ok())
+        .collect();
+    let rate: u64 = knob("QS_FANOUT_RATE", 1000);
+    let secs: u64 = knob("QS_FANOUT_SECS", 30);
+    let nats_url: String = knob("QS_FANOUT_NATS_URL", "nats://127.0.0.1:4222".to_owned());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let dir = tempfile::tempdir().expect("dir");
+        let config = dir.path().join("control-plane.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\n[database]\nsynchronous = \"normal\"\n[sync]\nstreams_per_key = 100000\nnats_url = \"{nats_url}\"\n"
+            ),
+        )
+        .expect("config");
+        let database = format!("sqlite://{}", dir.path().join("cp.db").display());
+        let output = std::process::Command::new(CONTROL_PLANE)
+            .env("QS_CONFIG", &config)
+            .env("QS_DATABASE_URL", &database)
+            .env("QS_LOG_LEVEL", "warn")
+            .args(["tenant", "create", "--name", "bench", "--print", "test-key"])
+            .output()
+            .expect("tenant");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let key = String::from_utf8(output.stdout).expect("utf-8").trim().to_owned();
+        let plane = ControlPlaneProcess::spawn(CONTROL_PLANE, &config, &database);
+        let setup = Setup {
+            plane,
+            key,
+            nats_url,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(4096)
+                .build()
+                .expect("http"),
+        };
+        println!(
+            "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower"
+        );
+        println!(
+            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | control-plane CPU per change | NATS server CPU | followers' CPU |"
+        );
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let transports: Vec<Transport> = std::env::var("QS_FANOUT_TRANSPORTS")
+            .unwrap_or_else(|_| "http,nats".into())
+            .split(',')
+            .filter_map(|name| match name.trim() {
+                "http" => Some(Transport::Http),
+                "nats" => Some(Transport::Nats),
+                _ => None,
+            })
+            .collect();
+        let mut offset = 0usize;
+        for &followers in &counts {
+            for &transport in &transports {
+                let changes = usize::try_from(rate * secs).expect("changes");
+                run(&setup, transport, followers, rate, changes, offset).await;
+                offset += changes;
+            }
+        }
+    });
+}
+
+/// One measured run; `offset` numbers this run's end users after the earlier runs'.
+async fn run(
+    setup: &Setup,
+    transport: Transport,
+    followers: usize,
+    rate: u64,
+    changes: usize,
+    offset: usize,
+) {
+    let shared = Arc::new(Shared::new(offset + changes));
+    let client = client::Client::new(&setup.plane.url, &setup.key).expect("client");
+    // Every follower starts at the feed's head.
+    let head = {
+        let mut lines = client.sync_snapshot().await.expect("snapshot");
+        match lines.next().await.expect("header") {
+            Some(protocol::SyncRecord::Header { cursor, .. }) => cursor,
+            other => panic!("a header first, not {other:?}"),
+        }
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    let ready = Arc::new(AtomicU64::new(0));
+    match transport {
+        Transport::Http => {
+            for _ in 0..followers {
+                let (shared, http, ready, mut stopped) = (
+                    shared.clone(),
+                    setup.http.clone(),
+                    ready.clone(),
+                    stopped.clone(),
+                );
+                let url = format!("{}/v1/sync/stream?cursor={head}", setup.plane.url);
+                let key = setup.key.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut response = http.get(url).bearer_auth(key).send().await.expect("stream");
+                    assert!(response.status().is_success(), "{}", response.status());
+                    ready.fetch_add(1, Ordering::Relaxed);
+                    let mut partial = Vec::new();
+                    loop {
+                        tokio::select! {
+                            chunk = response.chunk() => match chunk.expect("chunk") {
+                                Some(bytes) => shared.seen_lines(&mut partial, &bytes),
+                                None => return,
+                            },
+                            _ = stopped.changed() => return,
+                        }
+                    }
+                }));
+            }
+        }
+        Transport::Nats => {
+            let feed = client.sync_nats().await.expect("the NATS feed");
+            let mut connection = None;
+            for index in 0..followers {
+                if index % PER_CONNECTION == 0 {
+                    connection = Some(async_nats::connect(&setup.nats_url).await.expect("NATS"));
+                }
+                let nats = connection.clone().expect("connection");
+                let (shared, ready, mut stopped, feed) =
+                    (shared.clone(), ready.clone(), stopped.clone(), feed.clone());
+                tasks.push(tokio::spawn(async move {
+                    let context = async_nats::jetstream::new(nats);
+                    let stream = context.get_stream(&feed.stream).await.expect("stream");
+                    let consumer = stream
+                        .create_consumer(pull::OrderedConfig {
+                            deliver_policy: DeliverPolicy::New,
+                            filter_subject: feed.subject.clone(),
+                            ..pull::OrderedConfig::default()
+                        })
+                        .await
+                        .expect("consumer");
+                    let mut messages = consumer.messages().await.expect("messages");
+                    ready.fetch_add(1, Ordering::Relaxed);
+                    loop {
+                        tokio::select! {
+                            message = messages.next() => match message {
+                                Some(Ok(message)) => {
+                                    for line in message.payload.split(|byte| *byte == b'\n') {
+                                        shared.seen(line);
+                                    }
+                                }
+                                Some(Err(error)) => eprintln!("follower: {error}"),
+                                None => return,
+                            },
+                            _ = stopped.changed() => return,
+                        }
+                    }
+                }));
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while ready.load(Ordering::Relaxed) < u64::try_from(followers).expect("count") {
+        assert!(
+            Instant::now() < deadline,
+            "followers did not connect in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The writer: `rate` grants a second, paced in 10 ms ticks, each to a new end user.
+    let cpu_before = cpu_time(setup.plane_pid());
+    let nats_pid = nats_server_pid();
+    let nats_before = nats_pid.map(cpu_time).unwrap_or_default();
+    let own_before = cpu_time(std::process::id());
+    let started = Instant::now();
+    let per_tick = usize::try_from(rate / 100).expect("rate").max(1);
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut writes = tokio::task::JoinSet::new();
+    let mut sent = 0usize;
+    while sent < changes {
+        ticker.tick().await;
+        for _ in 0..per_tick.min(changes - sent) {
+            let index = offset + sent;
+            let (client, shared) = (client.clone(), shared.clone());
+            writes.spawn(async move {
+                shared.sent_us[index].store(shared.now_us().max(1), Ordering::Release);
+                client
+                    .grant(&e2e::from(serde_json::json!({
+                        "end_user_id": format!("c{index}"), "amount": 1,
+                    })))
+                    .await
+                    .expect("grant");
+            });
+            sent += 1;
+        }
+        while writes.try_join_next().is_some() {}
+    }
+    while writes.join_next().await.is_some() {}
+    let wrote_in = started.elapsed();
+    // Delivered: every follower holds every change (or 20 s pass).
+    let expected = u64::try_from(changes * followers).expect("expected");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while shared.received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if std::env::var("QS_FANOUT_DEBUG").is_ok() {
+        eprintln!(
+            "received {} of {expected}",
+            shared.received.load(Ordering::Relaxed)
+        );
+    }
+    let cpu = cpu_time(setup.plane_pid()).saturating_sub(cpu_before);
+    let nats_cpu = nats_pid
+        .map(cpu_time)
+        .unwrap_or_default()
+        .saturating_sub(nats_before);
+    let own_cpu = cpu_time(std::process::id()).saturating_sub(own_before);
+    let _ = stop.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let received = shared.received.load(Ordering::Relaxed);
+    #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
+    let cpu_per_change_us = cpu.as_secs_f64() * 1e6 / changes as f64;
+    println!(
+        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s |",
+        match transport {
+            Transport::Http => "HTTP streams",
+            Transport::Nats => "NATS JetStream",
+        },
+        wrote_in.as_secs_f64(),
+        {
+            #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
+            let share = received as f64 * 100.0 / expected as f64;
+            share
+        },
+        shared.percentile_ms(0.50),
+        shared.percentile_ms(0.99),
+        shared.percentile_ms(1.0),
+        nats_cpu.as_secs_f64(),
+        own_cpu.as_secs_f64(),
+    );
+}
+
+/// The NATS server's process id, where it runs on this machine.
+fn nats_server_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (name.trim() == "nats-server").then_some(pid)
+        })
+}
+
+impl Setup {
+    fn plane_pid(&self) -> u32 {
+        self.plane.id()
+    }
+}

@@ -1,0 +1,136 @@
+//! A proxy following the feed over NATS JetStream when NATS goes away and comes back: it
+//! follows the HTTP stream meanwhile and misses nothing, the control plane publishes what
+//! NATS missed once it is back, and the proxy returns to NATS. The test runs a NATS server
+//! of its own (Debian's `nats-server`, on a free port) so that it can stop it.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use e2e::{ControlPlane, Proxy, ROUTES, Upstream, eventually, proxy_config};
+
+/// `nats-server` on this machine, or `None` to skip (CI has it).
+fn nats_server() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file());
+    if found.is_none() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI must have nats-server installed"
+        );
+    }
+    found
+}
+
+/// A NATS server with JetStream, killed when dropped.
+struct NatsServer {
+    child: Child,
+}
+
+impl NatsServer {
+    async fn start(binary: &Path, port: u16, store: &Path) -> NatsServer {
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let server = NatsServer { child };
+        let url = format!("nats://127.0.0.1:{port}");
+        eventually("NATS to answer", Duration::from_secs(20), || async {
+            async_nats::connect(&url).await.ok().map(|_| ())
+        })
+        .await;
+        server
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_follows_http_while_nats_is_down_and_returns_to_it() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let store = dir.path().join("jetstream");
+    let url = format!("nats://127.0.0.1:{port}");
+    let nats = NatsServer::start(&binary, port, &store).await;
+    let plane = ControlPlane::start_publishing(dir.path(), &url).await;
+    let upstream = Upstream::start().await;
+    let config = proxy_config(
+        &plane,
+        upstream.address,
+        &dir.path().join("proxy"),
+        &format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n"),
+    );
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    let over_nats = |expected: bool| {
+        let proxy = &proxy;
+        async move { (proxy.running.replica.follows_over_nats() == expected).then_some(()) }
+    };
+    eventually(
+        "the proxy to follow over NATS",
+        Duration::from_secs(20),
+        || over_nats(true),
+    )
+    .await;
+    plane.grant("before", 5).await;
+    proxy.sees("before").await;
+
+    // NATS goes away: the proxy follows the HTTP stream and misses nothing.
+    drop(nats);
+    plane.grant("while_down", 7).await;
+    proxy.sees("while_down").await;
+    eventually("the proxy to use HTTP", Duration::from_secs(30), || {
+        over_nats(false)
+    })
+    .await;
+    plane.grant("while_down", 1).await;
+
+    // NATS is back (its stream kept on disk): the control plane publishes what it missed,
+    // and the proxy follows over NATS again (it retries every 30 s).
+    let _nats = NatsServer::start(&binary, port, &store).await;
+    eventually(
+        "the proxy to return to NATS",
+        Duration::from_secs(60),
+        || over_nats(true),
+    )
+    .await;
+    plane.grant("after", 3).await;
+    proxy.sees("after").await;
+    let id = ledger::EndUserId::new("while_down").expect("id");
+    eventually(
+        "the proxy to hold the newest state",
+        Duration::from_secs(10),
+        || async {
+            let state = proxy.running.replica.user(&id)?;
+            let total: i64 = state
+                .blocks()
+                .iter()
+                .map(|block| block.remaining.get())
+                .sum();
+            (total == 8).then_some(())
+        },
+    )
+    .await;
+    proxy.running.shutdown().await;
+}
