@@ -58,6 +58,9 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(Arc::new(store))
 }
 
+/// How long a shutdown waits for the NATS feed publisher to stop.
+const PUBLISHER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves the API on `listener` until `shutdown` resolves, then stops taking requests,
 /// finishes the ones in flight (up to the configured grace) and stops the jobs.
 ///
@@ -70,7 +73,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (stop_jobs, jobs_stopped) = tokio::sync::watch::channel(false);
     connect_nats(&state).await?;
-    let publisher = tokio::spawn(nats::run(state.clone(), jobs_stopped.clone()));
+    let mut publisher = tokio::spawn(nats::run(state.clone(), jobs_stopped.clone()));
     let jobs = tokio::spawn(jobs::run(state.clone(), jobs_stopped.clone()));
     let deliveries = tokio::spawn(webhooks::run(Arc::clone(state.deliveries()), jobs_stopped));
     let app = http::app(state.clone());
@@ -92,8 +95,15 @@ pub async fn run(
     if let Err(error) = deliveries.await {
         tracing::error!(%error, "the webhook worker panicked");
     }
-    if let Err(error) = publisher.await {
-        tracing::error!(%error, "the NATS feed publisher panicked");
+    // A publisher waiting on a NATS server that is down does not hold the shutdown up:
+    // whatever it had not published, the next process's sweep publishes.
+    match tokio::time::timeout(PUBLISHER_GRACE, &mut publisher).await {
+        Ok(Err(error)) => tracing::error!(%error, "the NATS feed publisher panicked"),
+        Ok(Ok(())) => {}
+        Err(_) => {
+            tracing::warn!("the NATS feed publisher did not stop in time; stopping it");
+            publisher.abort();
+        }
     }
     served?;
     Ok(())

@@ -3,8 +3,9 @@
 //! thousands of proxies follow it from NATS rather than each holding a stream to a
 //! replica. The wire format is `protocol::NatsFeed`'s.
 //!
-//! Every process publishes what it commits, at once (the environments it marked in
-//! `AppState::notify_changes`), and once a second sweeps every environment's feed head,
+//! Every process publishes what it commits, within `LINGER` (the environments it marked in
+//! `AppState::notify_changes`; consecutive positions share a message), and once a second
+//! sweeps every environment's feed head,
 //! publishing whatever no process has (a commit whose process died before publishing it,
 //! or anything committed while NATS was down). Messages are published with the stream's
 //! last sequence as the expected one: two processes publishing one environment never
@@ -30,6 +31,10 @@ use crate::service::AppState;
 use crate::service::feed::{FeedLine, line};
 use crate::store::{Env, EnvHead};
 
+/// How long the publisher lets commits gather after one woke it: at a high change rate a
+/// message carries the positions of this long (NATS's cost is per message delivered, to
+/// every follower), for this much more lag.
+const LINGER: Duration = Duration::from_millis(10);
 /// How often every environment's head is looked at (and its heartbeat sent).
 const SWEEP: Duration = Duration::from_secs(1);
 /// Feed positions read at a time.
@@ -189,7 +194,12 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             continue;
         }
         tokio::select! {
-            _ = changed.changed() => {}
+            _ = changed.changed() => {
+                tokio::select! {
+                    () = tokio::time::sleep(LINGER) => {}
+                    _ = stop.changed() => return,
+                }
+            }
             () = tokio::time::sleep_until(next_sweep) => {}
             _ = stop.changed() => return,
         }

@@ -229,6 +229,19 @@ fn main() {
     });
 }
 
+/// Waits (up to a minute) until the control plane is idle: an earlier run's followers
+/// may have left it work (streams to end) that must not be counted in this one.
+async fn settle(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let before = cpu_time(pid);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if cpu_time(pid).saturating_sub(before) <= Duration::from_millis(20) {
+            return;
+        }
+    }
+}
+
 /// One measured run; `offset` numbers this run's end users after the earlier runs'.
 async fn run(
     setup: &Setup,
@@ -238,6 +251,7 @@ async fn run(
     changes: usize,
     offset: usize,
 ) {
+    settle(setup.plane_pid()).await;
     let shared = Arc::new(Shared::new(offset + changes));
     let client = client::Client::new(&setup.plane.url, &setup.key).expect("client");
     // Every follower starts at the feed's head.
