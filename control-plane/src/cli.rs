@@ -129,8 +129,8 @@ pub fn main() -> anyhow::Result<()> {
             Command::Tenant {
                 command: TenantCommand::Create { name, print },
             } => {
-                let store = crate::open_store(&config).await?;
-                let state = crate::state(config, store, Arc::new(SystemClock), None);
+                let store = crate::serve::open_store(&config).await?;
+                let state = crate::serve::state(config, store, Arc::new(SystemClock), None);
                 let created = crate::http::tenancy::create_tenant(&state, &name)
                     .await
                     .map_err(|error| anyhow::anyhow!("{error}"))?;
@@ -211,16 +211,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
-    let store = crate::open_store(&config).await?;
+    let store = crate::serve::open_store(&config).await?;
     let grace = config.shutdown_grace;
-    let state = crate::state(config, store, Arc::new(SystemClock), Some(metrics));
+    let state = crate::serve::state(config, store, Arc::new(SystemClock), Some(metrics));
     println!("QuotaStack control plane listening on http://{address}");
     println!("  create a tenant and its keys:  quotastack-control-plane tenant create --name acme");
     println!(
         "  (or POST /v1/operator/tenants with the operator token; API described at http://{address}/openapi.json)"
     );
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::run(state, listener, async move {
+    let server = tokio::spawn(crate::serve::run(state, listener, async move {
         let _ = stopped.await;
     }));
     shutdown_signal().await;

@@ -27,9 +27,10 @@ const LAYERS: &[(&str, u8)] = &[
     ("jobs", 6),
     ("nats", 6),
     ("http", 7),
-    ("cli", 8),
-    ("lib", 8),
-    ("main", 8),
+    ("serve", 8),
+    ("cli", 9),
+    ("lib", 9),
+    ("main", 9),
 ];
 
 fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {

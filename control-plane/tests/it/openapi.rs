@@ -72,6 +72,7 @@ store_test! {
         ("post", "/v1/webhook-endpoints/{id}/test"),
         ("get", "/v1/sync/snapshot"),
         ("get", "/v1/sync/stream"),
+        ("get", "/v1/sync/nats"),
     ];
     for (method, path) in expected {
         assert!(
