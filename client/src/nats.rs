@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream};
-use protocol::{NATS_MORE, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
+use protocol::{NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
 use tokio_stream::StreamExt;
 
 /// Why following over NATS stopped.
@@ -39,17 +39,26 @@ fn nats(error: impl std::fmt::Display) -> NatsError {
 pub struct NatsLines {
     messages: pull::Ordered,
     beats: async_nats::Subscriber,
+    taken: Taken,
+}
+
+/// What a follower has taken from the stream: the rules of `protocol::NatsFeed`, apart
+/// from NATS itself.
+#[derive(Debug, Default)]
+struct Taken {
     /// Records of messages taken, not yet returned.
     pending: VecDeque<SyncRecord>,
     /// The last position taken completely.
     cursor: i64,
+    /// The position whose parts are being taken (a split position), if any.
+    partial: Option<i64>,
 }
 
 impl std::fmt::Debug for NatsLines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsLines")
-            .field("cursor", &self.cursor)
-            .field("pending", &self.pending.len())
+            .field("cursor", &self.taken.cursor)
+            .field("pending", &self.taken.pending.len())
             .finish_non_exhaustive()
     }
 }
@@ -81,7 +90,17 @@ impl NatsLines {
                 }
                 sequence
             }
-            None => held.last_sequence.saturating_add(1),
+            None => {
+                // Nothing after the cursor is kept: fine, unless the feed was purged past
+                // it (an idle environment whose stream aged to empty).
+                if feed.purged_through > cursor {
+                    return Err(NatsError::CursorExpired {
+                        cursor,
+                        previous: feed.purged_through,
+                    });
+                }
+                held.last_sequence.saturating_add(1)
+            }
         };
         let consumer = stream
             .create_consumer(pull::OrderedConfig {
@@ -95,8 +114,11 @@ impl NatsLines {
         Ok(NatsLines {
             messages,
             beats,
-            pending: VecDeque::new(),
-            cursor,
+            taken: Taken {
+                pending: VecDeque::new(),
+                cursor,
+                partial: None,
+            },
         })
     }
 
@@ -110,27 +132,29 @@ impl NatsLines {
     /// following broke (follow again from the cursor).
     pub async fn next(&mut self) -> Result<SyncRecord, NatsError> {
         loop {
-            if let Some(record) = self.pending.pop_front() {
+            if let Some(record) = self.taken.pending.pop_front() {
                 return Ok(record);
             }
             tokio::select! {
                 message = self.messages.next() => {
                     let message = message.ok_or(NatsError::Closed)?.map_err(nats)?;
-                    self.take(message.headers.as_ref(), &message.payload)?;
+                    self.taken.take(message.headers.as_ref(), &message.payload)?;
                 }
                 beat = self.beats.next() => {
                     let beat = beat.ok_or(NatsError::Closed)?;
                     if let Ok(SyncRecord::Heartbeat { cursor, now }) =
                         serde_json::from_slice::<SyncRecord>(&beat.payload)
-                        && cursor <= self.cursor
+                        && cursor <= self.taken.cursor
                     {
-                        return Ok(SyncRecord::Heartbeat { cursor: self.cursor, now });
+                        return Ok(SyncRecord::Heartbeat { cursor: self.taken.cursor, now });
                     }
                 }
             }
         }
     }
+}
 
+impl Taken {
     /// Takes one message: its records queue up unless this follower has them already.
     fn take(
         &mut self,
@@ -149,6 +173,17 @@ impl NatsLines {
                 previous,
             });
         }
+        // A later part of a split position without its first: the first is gone.
+        match header(headers, NATS_PART)? {
+            Some(0) => self.partial = Some(position),
+            Some(_) if self.partial != Some(position) => {
+                return Err(NatsError::CursorExpired {
+                    cursor: self.cursor,
+                    previous: position,
+                });
+            }
+            _ => {}
+        }
         for line in payload.split(|byte| *byte == b'\n') {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -166,6 +201,7 @@ impl NatsLines {
         let more = headers.is_some_and(|headers| headers.get(NATS_MORE).is_some());
         if !more {
             self.cursor = position;
+            self.partial = None;
         }
         Ok(())
     }
@@ -216,4 +252,102 @@ async fn first_after(
     }
     let (_, previous) = read(high).await?;
     Ok(Some((high, previous)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::*;
+
+    fn headers(position: i64, previous: i64, part: Option<(i64, bool)>) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(NATS_POSITION, position.to_string().as_str());
+        headers.insert(NATS_PREVIOUS, previous.to_string().as_str());
+        if let Some((part, more)) = part {
+            headers.insert(NATS_PART, part.to_string().as_str());
+            if more {
+                headers.insert(NATS_MORE, "1");
+            }
+        }
+        headers
+    }
+
+    fn clock(cursor: i64) -> String {
+        format!("{{\"type\":\"clock\",\"cursor\":{cursor},\"clock_offset_ms\":{cursor}}}\n")
+    }
+
+    fn cursors(taken: &mut Taken) -> Vec<i64> {
+        taken
+            .pending
+            .drain(..)
+            .filter_map(|record| record.cursor())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_is_taken_from_the_follower_s_cursor_on() {
+        // A run of positions 3..=6; position 5 is shared by two lines (the first carries 4).
+        let body = [clock(3), clock(4), clock(5), clock(6)].concat();
+        let mut fresh = Taken {
+            cursor: 2,
+            ..Taken::default()
+        };
+        fresh
+            .take(Some(&headers(6, 2, None)), body.as_bytes())
+            .unwrap();
+        assert_eq!(cursors(&mut fresh), [3, 4, 5, 6]);
+        assert_eq!(fresh.cursor, 6);
+        // A follower that stopped inside the run (at 4, say mid-position 5) gets from its
+        // cursor on: the line at its own cursor may belong to the next position.
+        let mut resumed = Taken {
+            cursor: 4,
+            ..Taken::default()
+        };
+        resumed
+            .take(Some(&headers(6, 2, None)), body.as_bytes())
+            .unwrap();
+        assert_eq!(cursors(&mut resumed), [4, 5, 6]);
+        // A message at or before the cursor is skipped whole.
+        resumed
+            .take(Some(&headers(6, 2, None)), body.as_bytes())
+            .unwrap();
+        assert!(resumed.pending.is_empty());
+    }
+
+    #[test]
+    fn gaps_are_told_as_expired_cursors() {
+        let mut behind = Taken {
+            cursor: 2,
+            ..Taken::default()
+        };
+        let gap = behind.take(Some(&headers(9, 5, None)), clock(9).as_bytes());
+        assert!(matches!(
+            gap,
+            Err(NatsError::CursorExpired {
+                cursor: 2,
+                previous: 5
+            })
+        ));
+        // A split position: its parts move the cursor only at the last.
+        let mut split = Taken {
+            cursor: 5,
+            ..Taken::default()
+        };
+        split
+            .take(Some(&headers(7, 5, Some((0, true)))), clock(6).as_bytes())
+            .unwrap();
+        assert_eq!(split.cursor, 5);
+        split
+            .take(Some(&headers(7, 5, Some((1, false)))), clock(7).as_bytes())
+            .unwrap();
+        assert_eq!(split.cursor, 7);
+        // A later part without the first (aged out of the stream) is a gap too.
+        let mut lost = Taken {
+            cursor: 5,
+            ..Taken::default()
+        };
+        let gap = lost.take(Some(&headers(7, 5, Some((1, false)))), clock(7).as_bytes());
+        assert!(matches!(gap, Err(NatsError::CursorExpired { .. })));
+    }
 }

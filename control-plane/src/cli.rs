@@ -261,8 +261,15 @@ async fn shutdown_signal() {
 }
 
 fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // async-nats logs the server's address, credentials included, at debug: kept at info
+    // unless the level names it.
+    if !config.log_level.contains("async_nats")
+        && let Ok(directive) = "async_nats=info".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -24,7 +24,7 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
-use protocol::{NATS_MORE, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
+use protocol::{NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
 use tokio::sync::watch;
 
 use crate::service::AppState;
@@ -64,6 +64,7 @@ pub fn feed_names(env: &Env) -> NatsFeed {
         stream: format!("QS_FEED_{tenant}_{environment}"),
         subject: format!("qs.feed.{tenant}.{environment}"),
         heartbeat_subject: format!("qs.beat.{tenant}.{environment}"),
+        purged_through: 0,
     }
 }
 
@@ -371,11 +372,36 @@ impl Publisher {
         previous: i64,
         lines: &[FeedLine],
     ) -> Result<(), Failure> {
-        let bodies = bodies(lines);
+        let mut bodies = bodies(lines);
+        let mut previous = previous;
+        // Room for the headers under the server's limit on a message.
+        let limit = self
+            .client
+            .server_info()
+            .max_payload
+            .saturating_sub(8 * 1024);
+        if bodies.iter().any(|body| body.len() > limit) {
+            // A line NATS cannot carry (an enormous state or catalog): an empty message
+            // whose previous position is its own tells every follower behind it to take a
+            // new snapshot over HTTP, which carries it.
+            metrics::counter!("quotastack_nats_oversize_total").increment(1);
+            tracing::warn!(
+                position,
+                limit,
+                "a feed record is larger than NATS's max_payload; followers re-snapshot over HTTP"
+            );
+            bodies = vec![Bytes::new()];
+            previous = position;
+        }
         let parts = bodies.len();
         for (part, body) in bodies.into_iter().enumerate() {
             let more = part.saturating_add(1) < parts;
-            let id = if parts == 1 {
+            let id = if at.sequence == 0 && part == 0 {
+                // The stream's first message: two processes publishing into a new stream
+                // are told apart by this id (NATS 2.9 does not check an expected last
+                // sequence of 0), the second answered `duplicate` and reloading.
+                "first".to_owned()
+            } else if parts == 1 {
                 position.to_string()
             } else {
                 format!("{position}.{part}")
@@ -383,6 +409,9 @@ impl Publisher {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(NATS_POSITION, position.to_string().as_str());
             headers.insert(NATS_PREVIOUS, previous.to_string().as_str());
+            if parts > 1 {
+                headers.insert(NATS_PART, part.to_string().as_str());
+            }
             if more {
                 headers.insert(NATS_MORE, "1");
             }
@@ -404,9 +433,13 @@ impl Publisher {
                 }
                 Err(error) => return Err(nats_failure(error)),
             };
-            if ack.duplicate {
+            if ack.duplicate && at.sequence == 0 {
+                // Another process published the stream's first message.
                 return Err(Failure::Raced);
             }
+            // A duplicate is this message stored before (a part published again after a
+            // failure, or an answer that was lost): go on after it. Had the stream moved
+            // on, the next publication's expected sequence fails and the stream reloads.
             at.sequence = ack.sequence;
         }
         at.position = position;

@@ -139,6 +139,10 @@ pub struct NatsFeed {
     pub subject: String,
     /// The plain subject of its heartbeats.
     pub heartbeat_subject: String,
+    /// Changes up to this position are no longer kept (as the HTTP stream's 410 says): a
+    /// follower behind it must take a new snapshot, even where the stream is empty.
+    #[serde(default)]
+    pub purged_through: i64,
 }
 
 /// The header naming a feed message's position.
@@ -148,3 +152,6 @@ pub const NATS_PREVIOUS: &str = "Qs-Previous";
 /// The header on every message of a position split over several but its last: the
 /// follower's cursor reaches the position only with the last.
 pub const NATS_MORE: &str = "Qs-More";
+/// The header numbering the parts of a position split over several messages (from 0): a
+/// follower that meets a later part without the first has lost lines and re-snapshots.
+pub const NATS_PART: &str = "Qs-Part";

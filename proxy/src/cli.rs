@@ -29,11 +29,17 @@ struct Cli {
 /// An invalid configuration or a failure to start.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut filter = tracing_subscriber::EnvFilter::try_from_env("QS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // async-nats logs the server's address, credentials included, at debug: kept at info
+    // unless QS_LOG names it.
+    if !std::env::var("QS_LOG").is_ok_and(|level| level.contains("async_nats"))
+        && let Ok(directive) = "async_nats=info".parse()
+    {
+        filter = filter.add_directive(directive);
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .try_init()
         .ok();
     let config = crate::Config::load(&cli.config)

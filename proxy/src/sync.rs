@@ -130,7 +130,17 @@ async fn session(
     match nats.open(client, cursor).await {
         Ok((lines, connection)) => {
             replica.set_over_nats(true);
-            follow_nats(replica, client, lines, &connection).await
+            let Err(reason) = follow_nats(replica, client, lines, &connection).await else {
+                return Ok(());
+            };
+            // NATS stopped delivering (silent, disconnected or broken; a control plane
+            // whose publisher is stuck looks the same): the HTTP stream for a while.
+            replica.set_over_nats(false);
+            tracing::warn!(%reason, "the feed over NATS stopped; following the HTTP stream meanwhile");
+            let Some(cursor) = replica.cursor() else {
+                return Err(reason);
+            };
+            follow_http_for_a_while(replica, client, cursor).await
         }
         Err(Unavailable::Expired) => {
             tracing::warn!(
@@ -143,12 +153,21 @@ async fn session(
         Err(Unavailable::Fallback(reason)) => {
             replica.set_over_nats(false);
             tracing::warn!(%reason, "cannot follow the feed over NATS; following the HTTP stream meanwhile");
-            match tokio::time::timeout(NATS_RETRY, follow_http(replica, client, cursor)).await {
-                Ok(outcome) => outcome,
-                // Time to try NATS again, from the cursor the HTTP stream reached.
-                Err(_) => Ok(()),
-            }
+            follow_http_for_a_while(replica, client, cursor).await
         }
+    }
+}
+
+/// Follows the HTTP stream for `NATS_RETRY`, then returns so that NATS is tried again
+/// from the cursor the HTTP stream reached.
+async fn follow_http_for_a_while(
+    replica: &Replica,
+    client: &client::Client,
+    cursor: i64,
+) -> Result<(), String> {
+    match tokio::time::timeout(NATS_RETRY, follow_http(replica, client, cursor)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Ok(()),
     }
 }
 

@@ -159,7 +159,9 @@ pub async fn nats(State(state): State<AppState>, caller: Caller) -> Result<Respo
             .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         return Ok(response);
     }
-    Ok(axum::Json(crate::nats::feed_names(&caller.env)).into_response())
+    let mut feed = crate::nats::feed_names(&caller.env);
+    feed.purged_through = state.store().purged_through(&caller.env).await?;
+    Ok(axum::Json(feed).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -202,8 +202,9 @@ pub struct ChangeRecord {
     pub end_user_id: Option<EndUserId>,
 }
 
-/// An environment, the position of the newest change in its feed (0 before any) and its
-/// test clock's offset: what the NATS publisher looks over.
+/// An environment, the position of the newest change in its feed (or the purge
+/// watermark, when that is later; 0 before any) and its test clock's offset: what the
+/// NATS publisher looks over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvHead {
     pub env: super::Env,

@@ -706,6 +706,20 @@ store_test! {
         matches!(expired, Err(client::nats::NatsError::CursorExpired { .. })),
         "an expired cursor is told to re-snapshot: {expired:?}"
     );
+    // An idle environment whose stream aged to empty and whose feed was purged: a
+    // follower behind the purge is told so, though the stream holds nothing to compare.
+    stream.purge().await.expect("purge all");
+    harness
+        .state
+        .store()
+        .purge_changes(ledger::Timestamp::from_millis(i64::MAX / 2))
+        .await
+        .expect("purge the feed");
+    let expired = nats_lines(&harness, key, &client, follower.cursor).await;
+    assert!(
+        matches!(expired, Err(client::nats::NatsError::CursorExpired { .. })),
+        "behind the purge, even on an empty stream: {expired:?}"
+    );
     let mut fresh = Follower::snapshot(&harness, key).await;
     assert_eq!(fresh.cursor, head);
     fresh.follow(&harness, key, head, None, &Transport::Nats(client.clone())).await;

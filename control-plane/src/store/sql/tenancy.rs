@@ -114,13 +114,16 @@ impl<S: Sql> TenancyStore for S {
     }
 
     async fn env_heads(&self, after: Option<&Env>, limit: u32) -> StoreResult<Vec<EnvHead>> {
-        // One index probe per environment for its newest change.
+        // One index probe per environment for its newest change; the purge watermark
+        // counts as the head where everything since was purged (an idle environment).
         let rows = self
             .fetch_all(
                 Side::Read,
                 "SELECT e.tenant_id, e.environment, e.clock_offset_ms,
                    COALESCE((SELECT MAX(c.seq) FROM changes c
-                     WHERE c.tenant_id = e.tenant_id AND c.environment = e.environment), 0) AS head
+                     WHERE c.tenant_id = e.tenant_id AND c.environment = e.environment), 0) AS head,
+                   COALESCE((SELECT w.purged_through FROM change_watermarks w
+                     WHERE w.tenant_id = e.tenant_id AND w.environment = e.environment), 0) AS purged
                  FROM environments e
                  WHERE e.tenant_id > $1 OR (e.tenant_id = $1 AND e.environment > $2)
                  ORDER BY e.tenant_id, e.environment LIMIT $3",
@@ -138,7 +141,7 @@ impl<S: Sql> TenancyStore for S {
                         tenant_id: row.text("tenant_id")?,
                         environment: row.environment()?,
                     },
-                    head: row.int("head")?,
+                    head: row.int("head")?.max(row.int("purged")?),
                     clock_offset_ms: row.int("clock_offset_ms")?,
                 })
             })
