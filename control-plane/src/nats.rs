@@ -17,7 +17,7 @@
 //! environment's time, which a follower that has applied up to that head takes as "fresh
 //! as of now".
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::context::PublishErrorKind;
@@ -146,8 +146,9 @@ struct Publisher {
     context: jetstream::Context,
     /// Each environment's stream as this process last knew it.
     published: HashMap<Env, Published>,
-    /// Environments with more to publish, in turn.
+    /// Environments with more to publish, in turn (and the same as a set).
     queue: VecDeque<Env>,
+    queued: HashSet<Env>,
 }
 
 /// Publishes until `stop` turns true. Returns at once where NATS is not configured.
@@ -163,10 +164,30 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
         context,
         published: HashMap::new(),
         queue: VecDeque::new(),
+        queued: HashSet::new(),
     };
     let mut changed = state.subscribe_changes();
     let mut next_sweep = tokio::time::Instant::now();
+    let mut connected = true;
     loop {
+        // While NATS is unreachable nothing is tried (one line in the log, not one per
+        // environment per second); the sweep after it is back publishes what it missed.
+        if publisher.client.connection_state() != async_nats::connection::State::Connected {
+            if connected {
+                tracing::warn!("NATS is unreachable; the change feed is published once it is back");
+                connected = false;
+            }
+            publisher.published.clear();
+            tokio::select! {
+                () = tokio::time::sleep(SWEEP) => {}
+                _ = stop.changed() => return,
+            }
+            continue;
+        }
+        if !connected {
+            tracing::info!("NATS is reachable again; publishing the change feed");
+            connected = true;
+        }
         for env in state.take_feed_dirty() {
             publisher.enqueue(env);
         }
@@ -178,6 +199,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             }
         }
         if let Some(env) = publisher.queue.pop_front() {
+            publisher.queued.remove(&env);
             match publisher.publish(&env).await {
                 Ok(true) => publisher.enqueue(env),
                 Ok(false) => {}
@@ -209,7 +231,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
 
 impl Publisher {
     fn enqueue(&mut self, env: Env) {
-        if !self.queue.contains(&env) {
+        if self.queued.insert(env.clone()) {
             self.queue.push_back(env);
         }
     }

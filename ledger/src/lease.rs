@@ -142,6 +142,17 @@ fn lease_ttl(ttl_secs: i64) -> Result<Span, Refusal> {
     Ok(Span::from_secs(ttl_secs)?)
 }
 
+impl LeaseReport {
+    /// The report's own values are in range (the checks every report passes before its
+    /// lease is looked at).
+    ///
+    /// # Errors
+    /// `Refusal::Invalid` naming the field.
+    pub fn check(&self) -> Result<(), Refusal> {
+        check_report(self)
+    }
+}
+
 fn check_report(report: &LeaseReport) -> Result<(), Refusal> {
     if report.sequence == 0 {
         return Err(Refusal::Invalid {

@@ -35,7 +35,21 @@ struct NatsServer {
 
 impl NatsServer {
     async fn start(binary: &Path, port: u16, store: &Path) -> NatsServer {
-        let child = Command::new(binary)
+        NatsServer::start_with(binary, port, store, None).await
+    }
+
+    /// The same, with a configuration file of its own (`max_payload`, say).
+    async fn start_with(
+        binary: &Path,
+        port: u16,
+        store: &Path,
+        config: Option<&Path>,
+    ) -> NatsServer {
+        let mut command = Command::new(binary);
+        if let Some(config) = config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
             .stdin(Stdio::null())
@@ -130,6 +144,72 @@ async fn a_proxy_follows_http_while_nats_is_down_and_returns_to_it() {
                 .sum();
             (total == 8).then_some(())
         },
+    )
+    .await;
+    proxy.running.shutdown().await;
+}
+
+// A record larger than the NATS server's `max_payload` does not stall the feed: the
+// control plane publishes a marker that sends followers to a new snapshot over HTTP,
+// which carries it, and the proxy goes on following over NATS after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_too_large_for_nats_reaches_the_proxy_through_a_snapshot() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("nats.conf");
+    // 16 KiB: the publisher keeps 8 KiB for headers, so a state over 8 KiB is too large.
+    std::fs::write(&config, "max_payload: 16384\n").expect("config");
+    let url = format!("nats://127.0.0.1:{port}");
+    let _nats =
+        NatsServer::start_with(&binary, port, &dir.path().join("jetstream"), Some(&config)).await;
+    let plane = ControlPlane::start_publishing(dir.path(), &url).await;
+    let upstream = Upstream::start().await;
+    let proxy = Proxy::start(&proxy_config(
+        &plane,
+        upstream.address,
+        &dir.path().join("proxy"),
+        &format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n"),
+    ))
+    .await;
+    proxy.ready().await;
+    eventually(
+        "the proxy to follow over NATS",
+        Duration::from_secs(20),
+        || async { proxy.running.replica.follows_over_nats().then_some(()) },
+    )
+    .await;
+    // Each grant is a block of its own: 150 of them make a state of well over 8 KiB.
+    for _ in 0..150 {
+        plane.grant("large", 1).await;
+    }
+    plane.grant("small", 2).await;
+    let large = ledger::EndUserId::new("large").expect("id");
+    eventually(
+        "the large state to reach the proxy",
+        Duration::from_secs(30),
+        || async {
+            // Through the snapshot the marker asked for, not a fallback to HTTP (which
+            // would also take the 10 s a silent feed needs to be noticed).
+            assert!(
+                proxy.running.replica.follows_over_nats(),
+                "the proxy kept to NATS"
+            );
+            let state = proxy.running.replica.user(&large)?;
+            (state.blocks().len() == 150).then_some(())
+        },
+    )
+    .await;
+    proxy.sees("small").await;
+    eventually(
+        "the proxy to follow over NATS again",
+        Duration::from_secs(60),
+        || async { proxy.running.replica.follows_over_nats().then_some(()) },
     )
     .await;
     proxy.running.shutdown().await;

@@ -81,7 +81,7 @@ fn wire_block(
 }
 
 /// `POST /v1/credits/blocks/{id}/void`: forfeits a block's unheld remainder.
-#[utoipa::path(post, path = "/v1/credits/blocks/{id}/void", tag = "credits", request_body = VoidBlock,
+#[utoipa::path(post, path = "/v1/credits/blocks/{id}/void", tag = "credits", request_body = Option<VoidBlock>,
     params(("id" = String, Path, description = "Block id (blk_…)")),
     responses((status = 200, body = Block), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn void_block(

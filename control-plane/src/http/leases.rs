@@ -115,6 +115,8 @@ async fn report_or_release(
     require_holder(&caller)?;
     let request: ReportLease = parse_json(&incoming.headers, &incoming.body, false)?;
     let (id, report) = (parse_lease_id(&id)?, request.to_ledger());
+    // Values out of range are refused before the lease is looked for.
+    report.check().map_err(ApiError::Refused)?;
     let (state, env) = (&state, &caller.env);
     Ok(
         idempotency::run_claiming(state, env, &incoming, |key| async move {
@@ -195,12 +197,44 @@ pub async fn batch(
             format!("must hold 1 to {LEASE_BATCH_MAX} operations"),
         ));
     }
+    check_batch(&batch)?;
     let (state, env) = (&state, &caller.env);
     Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let results = apply_batch(state, env, &batch).await?;
         Done::json(StatusCode::OK, &LeaseBatchAnswer { results })
     })
     .await)
+}
+
+/// A batch whose operations do not have the documented shape (values out of range) is
+/// refused whole, naming the operation's field: only what the state decides (a lease not
+/// found, nothing left to hold) is answered per operation.
+fn check_batch(batch: &LeaseBatch) -> Result<(), ApiError> {
+    for (index, operation) in batch.operations.iter().enumerate() {
+        let (field, detail) = match operation {
+            LeaseOperation::Create(create) => match create.to_ledger() {
+                Ok(_) => continue,
+                Err(error) => (error.field.clone(), error.to_string()),
+            },
+            LeaseOperation::Report(step) | LeaseOperation::Release(step) => {
+                match step.report().to_ledger().check() {
+                    Ok(()) => continue,
+                    Err(refusal) => {
+                        let field = match &refusal {
+                            ledger::Refusal::Invalid { field, .. } => (*field).to_owned(),
+                            _ => "operations".to_owned(),
+                        };
+                        (field, refusal.to_string())
+                    }
+                }
+            }
+        };
+        return Err(ApiError::Invalid {
+            field: format!("operations[{index}].{field}"),
+            detail,
+        });
+    }
+    Ok(())
 }
 
 /// A batch operation's problem, its field named within the batch.

@@ -228,6 +228,30 @@ store_test! {
     assert_eq!(too_many.status, StatusCode::UNPROCESSABLE_ENTITY);
     let unknown = harness.post("/v1/leases/batch", &key, json!({"operations": [{"op": "steal", "lease_id": first}]})).await;
     assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    // Values out of the documented range refuse the whole batch, naming the operation's
+    // field, before any lease is looked for (one unknown lease here).
+    let mut out_of_range = step("release", "lse_00000000000000000000000000", 1, 1);
+    out_of_range["ttl_seconds"] = json!(-1);
+    let refused = harness
+        .post("/v1/leases/batch", &key, json!({"operations": [step("report", &first, 9, 1), out_of_range]}))
+        .await;
+    assert_eq!(
+        (refused.status, refused.body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("operations[1].ttl_seconds")),
+        "{}", refused.body
+    );
+    let single = harness
+        .post(
+            "/v1/leases/lse_00000000000000000000000000/report",
+            &key,
+            json!({"sequence": 1, "units": 2_000_000_000_000_u64}),
+        )
+        .await;
+    assert_eq!(
+        (single.status, single.body["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("units")),
+        "checked before the (unknown) lease is looked for: {}", single.body
+    );
     let reader = harness
         .ok("/v1/api-keys", &admin, json!({"name": "reader", "scopes": ["read"]}), 201)
         .await["secret"]
