@@ -326,9 +326,10 @@ pub trait FeedStore: Send + Sync {
     }
 }
 
-/// The store of the event log, webhook endpoints and their deliveries.
+/// The store of the event log and webhook endpoints, as read and written alike by both
+/// sqlx backends (written once, `store/sql/endpoints.rs`).
 #[async_trait]
-pub trait WebhookStore: Send + Sync {
+pub trait EndpointStore: Send + Sync {
     async fn events(
         &self,
         env: &Env,
@@ -341,6 +342,13 @@ pub trait WebhookStore: Send + Sync {
     async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>>;
     async fn update_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<bool>;
     async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool>;
+    /// How many deliveries are pending and due by `due_by`, leased or not.
+    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64>;
+}
+
+/// The store of webhook deliveries: queued, claimed by workers, attempted.
+#[async_trait]
+pub trait WebhookStore: Send + Sync {
     /// Writes an event that concerns no end user (a test ping) with a delivery to one
     /// endpoint only.
     async fn insert_ping(
@@ -364,8 +372,6 @@ pub trait WebhookStore: Send + Sync {
         lease: DeliveryLease,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>>;
-    /// How many deliveries are pending and due by `due_by`, leased or not.
-    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64>;
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()>;
 }
 
@@ -401,6 +407,7 @@ pub trait Store:
     + LedgerStore
     + JobStore
     + FeedStore
+    + EndpointStore
     + WebhookStore
     + IdempotencyStore
     + fmt::Debug
@@ -414,6 +421,7 @@ impl<T> Store for T where
         + LedgerStore
         + JobStore
         + FeedStore
+        + EndpointStore
         + WebhookStore
         + IdempotencyStore
         + fmt::Debug

@@ -125,6 +125,9 @@ struct Slot {
     unreachable_backoff: Duration,
     /// A lease is being taken.
     acquiring: bool,
+    /// The replica's version of the end user when the creation being tried was sent: a
+    /// refusal ("nothing left") holds until the replica shows a newer one.
+    acquire_seen: Option<u64>,
     /// The request id of the creation being tried: kept until the control plane answers
     /// it, so a retry after a lost answer finds the lease the first try made.
     acquire_request: Option<String>,
@@ -149,6 +152,7 @@ impl Slot {
             seen_available: Credits::ZERO,
             exhausted_until: None,
             exhausted_at_version: None,
+            acquire_seen: None,
             unreachable_until: None,
             unreachable_backoff: Duration::ZERO,
             acquiring: false,
@@ -1048,6 +1052,8 @@ impl Leases {
         for (key, item) in work {
             match &item {
                 Work::Acquire { amount, request_id } => {
+                    let seen = context.replica.version(&key.0);
+                    self.with_slot(&key, |slot| slot.acquire_seen = seen);
                     operations.push(self.create_operation(&key, *amount, request_id));
                     spent_keys.push(Vec::new());
                     costs.push(Credits::ZERO);
@@ -1195,7 +1201,10 @@ impl Leases {
                         Some(402 | 403 | 404 | 422) => {
                             slot.acquire_request = None;
                             slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
-                            slot.exhausted_at_version = Some(version.unwrap_or(0));
+                            // As of the state the creation was sent on: the replica's
+                            // version now may already include a grant made meanwhile.
+                            slot.exhausted_at_version =
+                                Some(slot.acquire_seen.or(version).unwrap_or(0));
                         }
                         _ => {
                             tracing::debug!(?status, "taking a lease failed");
@@ -1280,9 +1289,13 @@ impl Leases {
                         }
                     } else if top_up.is_some() && slot.wanted > room {
                         // Topped up as far as the balance goes, and a request still needs
-                        // more: nothing is left for it.
+                        // more: nothing is left for it, as of the state the control plane
+                        // decided on. A replica version past that one (a grant made
+                        // meanwhile, which the replica may show already) ends the spell;
+                        // the replica's own version at this moment could include that
+                        // grant and keep the proxy refusing credits it has.
                         slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
-                        slot.exhausted_at_version = Some(version.unwrap_or(0));
+                        slot.exhausted_at_version = Some(included.or(version).unwrap_or(0));
                     }
                     if slot.wanted <= room {
                         slot.wanted = Credits::ZERO;

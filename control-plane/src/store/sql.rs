@@ -7,6 +7,7 @@
 //! order (a later one may repeat an earlier one).
 
 mod catalog;
+mod endpoints;
 mod jobs;
 mod tenancy;
 
@@ -66,10 +67,11 @@ pub(crate) trait Sql: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<u64, sqlx::Error>;
 
     /// Runs `statements` in order in one write transaction: all of them commit or none.
+    /// Answers how many rows each changed.
     async fn transaction(
         &self,
         statements: &[(&'static str, Vec<Arg<'_>>)],
-    ) -> Result<(), sqlx::Error>;
+    ) -> Result<Vec<u64>, sqlx::Error>;
 }
 
 /// Binds `args` to `query` in order (for the backends' `Sql` implementations).

@@ -227,14 +227,17 @@ impl Sql for SqliteStore {
     async fn transaction(
         &self,
         statements: &[(&'static str, Vec<Arg<'_>>)],
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<u64>, sqlx::Error> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut changed = Vec::with_capacity(statements.len());
         for (sql, args) in statements {
-            bind_args!(sqlx::query(*sql), args)
+            let result = bind_args!(sqlx::query(*sql), args)
                 .execute(&mut *tx)
                 .await?;
+            changed.push(result.rows_affected());
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(changed)
     }
 }
 

@@ -16,9 +16,9 @@ use super::end_users::lock_state;
 use super::write::{insert_change, take_positions};
 use crate::store::{
     ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryLease,
-    EndpointRecord, EntryFilter, Env, EnvRecord, Environment, FeedStore, IdempotencyAnswer,
-    IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore, StoreError, StoreResult,
-    TenancyStore, TenantRecord, WebhookStore, user_key,
+    EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedStore,
+    IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore,
+    StoreError, StoreResult, TenancyStore, TenantRecord, WebhookStore, user_key,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);

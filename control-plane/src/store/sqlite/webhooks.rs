@@ -8,121 +8,11 @@ use sqlx::{Row, Sqlite, Transaction};
 use super::{SqliteStore, corrupt};
 use crate::store::columns::EndpointColumns;
 use crate::store::{
-    AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, EventRecord, StoreResult,
-    WebhookStore,
+    AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, StoreResult, WebhookStore,
 };
 
 #[async_trait]
 impl WebhookStore for SqliteStore {
-    async fn events(
-        &self,
-        env: &Env,
-        after_seq: Option<i64>,
-        limit: u32,
-    ) -> StoreResult<Vec<EventRecord>> {
-        let rows = sqlx::query(
-            "SELECT seq, body FROM events WHERE tenant_id = ? AND environment = ? AND (? IS NULL OR seq > ?) ORDER BY seq LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(after_seq)
-        .bind(after_seq)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter().map(crate::store::columns::event).collect()
-    }
-
-    async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
-        let row = sqlx::query(
-            "SELECT seq, body FROM events WHERE id = ? AND tenant_id = ? AND environment = ?",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut event: protocol::Event = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
-        let attempts = sqlx::query("SELECT endpoint_id, attempt, status, response_status, at FROM webhook_attempts WHERE event_id = ? ORDER BY at, attempt")
-            .bind(id)
-            .fetch_all(&self.reader)
-            .await?;
-        for attempt in &attempts {
-            event.deliveries.push(protocol::Delivery {
-                endpoint_id: attempt.try_get("endpoint_id")?,
-                attempt: u32::try_from(attempt.try_get::<i64, _>("attempt")?)
-                    .map_err(|_| corrupt("attempt"))?,
-                status: attempt.try_get("status")?,
-                response_status: attempt
-                    .try_get::<Option<i64>, _>("response_status")?
-                    .and_then(|status| u16::try_from(status).ok()),
-                at: Timestamp::from_millis(attempt.try_get("at")?).into(),
-            });
-        }
-        Ok(Some(EventRecord {
-            seq: row.try_get("seq")?,
-            event,
-        }))
-    }
-
-    async fn insert_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO webhook_endpoints (id, tenant_id, environment, url, event_types, secret, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&record.id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&record.url)
-        .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
-        .bind(&record.secret)
-        .bind(record.created_at.as_millis())
-        .bind(record.updated_at.as_millis())
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>> {
-        let mut connection = self.reader.acquire().await?;
-        live_endpoints(&mut connection, env).await
-    }
-
-    async fn update_endpoint(&self, env: &Env, record: &EndpointRecord) -> StoreResult<bool> {
-        let result = sqlx::query(
-            "UPDATE webhook_endpoints SET url = ?, event_types = ?, updated_at = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND deleted_at IS NULL",
-        )
-        .bind(&record.url)
-        .bind(record.event_types.as_ref().map(serde_json::to_string).transpose()?)
-        .bind(record.updated_at.as_millis())
-        .bind(&record.id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .execute(&self.writer)
-        .await?;
-        Ok(result.rows_affected() > 0)
-    }
-
-    async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let result = sqlx::query("UPDATE webhook_endpoints SET deleted_at = ? WHERE id = ? AND tenant_id = ? AND environment = ? AND deleted_at IS NULL")
-            .bind(at.as_millis())
-            .bind(id)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .execute(&mut *tx)
-            .await?;
-        // Nothing more goes to a deleted endpoint.
-        sqlx::query("UPDATE webhook_deliveries SET status = 'failed' WHERE endpoint_id = ? AND tenant_id = ? AND environment = ? AND status = 'pending'")
-            .bind(id)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(result.rows_affected() > 0)
-    }
-
     async fn insert_ping(
         &self,
         env: &Env,
@@ -220,18 +110,6 @@ impl WebhookStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(jobs)
-    }
-
-    async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64> {
-        let count: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM webhook_deliveries WHERE tenant_id = ? AND environment = ? AND status = 'pending' AND next_attempt_at <= ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(due_by.as_millis())
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
