@@ -67,6 +67,28 @@ impl NatsServer {
     }
 }
 
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+/// A control plane in `dir` publishing its feed to the NATS server at `url`, and a ready
+/// proxy told to follow it there.
+async fn publishing(dir: &Path, url: &str) -> (ControlPlane, Upstream, Proxy) {
+    let plane = ControlPlane::start_publishing(dir, url).await;
+    let upstream = Upstream::start().await;
+    let config = proxy_config(
+        &plane,
+        upstream.address,
+        &dir.join("proxy"),
+        &format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n"),
+    );
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    (plane, upstream, proxy)
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -79,24 +101,12 @@ async fn a_proxy_follows_http_while_nats_is_down_and_returns_to_it() {
     let Some(binary) = nats_server() else {
         return;
     };
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("address").port()
-    };
+    let port = free_port();
     let dir = tempfile::tempdir().expect("dir");
     let store = dir.path().join("jetstream");
     let url = format!("nats://127.0.0.1:{port}");
     let nats = NatsServer::start(&binary, port, &store).await;
-    let plane = ControlPlane::start_publishing(dir.path(), &url).await;
-    let upstream = Upstream::start().await;
-    let config = proxy_config(
-        &plane,
-        upstream.address,
-        &dir.path().join("proxy"),
-        &format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n"),
-    );
-    let proxy = Proxy::start(&config).await;
-    proxy.ready().await;
+    let (plane, _upstream, proxy) = publishing(dir.path(), &url).await;
     let over_nats = |expected: bool| {
         let proxy = &proxy;
         async move { (proxy.running.replica.follows_over_nats() == expected).then_some(()) }
@@ -157,10 +167,7 @@ async fn a_record_too_large_for_nats_reaches_the_proxy_through_a_snapshot() {
     let Some(binary) = nats_server() else {
         return;
     };
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("address").port()
-    };
+    let port = free_port();
     let dir = tempfile::tempdir().expect("dir");
     let config = dir.path().join("nats.conf");
     // 16 KiB: the publisher keeps 8 KiB for headers, so a state over 8 KiB is too large.
@@ -168,16 +175,7 @@ async fn a_record_too_large_for_nats_reaches_the_proxy_through_a_snapshot() {
     let url = format!("nats://127.0.0.1:{port}");
     let _nats =
         NatsServer::start_with(&binary, port, &dir.path().join("jetstream"), Some(&config)).await;
-    let plane = ControlPlane::start_publishing(dir.path(), &url).await;
-    let upstream = Upstream::start().await;
-    let proxy = Proxy::start(&proxy_config(
-        &plane,
-        upstream.address,
-        &dir.path().join("proxy"),
-        &format!("{ROUTES}\n[sync]\nnats_url = \"{url}\"\n"),
-    ))
-    .await;
-    proxy.ready().await;
+    let (plane, _upstream, proxy) = publishing(dir.path(), &url).await;
     eventually(
         "the proxy to follow over NATS",
         Duration::from_secs(20),
