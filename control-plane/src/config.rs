@@ -52,6 +52,16 @@ struct RawConfig {
     webhooks: RawWebhooks,
     #[serde(default)]
     sync: RawSync,
+    #[serde(default)]
+    console: RawConsole,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    session_secret: Option<Secret>,
+    session_hours: Option<u64>,
+    secure_cookies: Option<bool>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -206,6 +216,22 @@ pub struct Config {
     /// HTTP stream (`sync.nats_url`; `None`: HTTP only). It may carry credentials, so it
     /// never prints.
     pub nats_url: Option<Secret>,
+    /// The console's sessions (`[console]`, docs/console.md).
+    pub console: ConsoleConfig,
+}
+
+/// How the console signs its sessions in.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// Signs session cookies (`console.session_secret`, at least 32 characters). Unset,
+    /// each process draws its own at start: sessions end with a restart and hold on one
+    /// replica only.
+    pub session_secret: Option<Secret>,
+    /// How long a session lasts from sign-in (default 8 hours).
+    pub session_length: Duration,
+    /// Whether cookies are marked `Secure` even when a request does not say it came over
+    /// TLS (`X-Forwarded-Proto: https` marks them so anyway).
+    pub secure_cookies: bool,
 }
 
 /// Values given on the command line or in the environment, which win over the file.
@@ -381,8 +407,30 @@ impl Config {
             streams_per_key: raw.sync.streams_per_key.unwrap_or(1000).clamp(1, 100_000),
             stream_max: secs(raw.sync.stream_max_secs, 3600, 1..=7 * 86_400),
             nats_url: nats_url(raw.sync.nats_url)?,
+            console: console(raw.console)?,
         })
     }
+}
+
+/// `[console]`: the session secret at least 32 characters when set.
+fn console(raw: RawConsole) -> Result<ConsoleConfig, ConfigError> {
+    if let Some(secret) = &raw.session_secret
+        && secret.expose().len() < 32
+    {
+        return Err(invalid(
+            "console.session_secret",
+            "must be at least 32 characters",
+        ));
+    }
+    Ok(ConsoleConfig {
+        session_secret: raw.session_secret,
+        session_length: secs(
+            raw.session_hours.map(|hours| hours.saturating_mul(3600)),
+            8 * 3600,
+            300..=7 * 86_400,
+        ),
+        secure_cookies: raw.secure_cookies.unwrap_or(false),
+    })
 }
 
 /// `sync.nats_url`, checked to be a NATS server address (an empty string is unset).

@@ -126,7 +126,14 @@ fn document(openapi: &utoipa::openapi::OpenApi) -> serde_json::Value {
 
 /// The whole application: the API, operational endpoints and middleware.
 pub fn app(state: AppState) -> Router {
+    app_with(state, Router::new())
+}
+
+/// The application with `extra` routes beside the API's (the console), under the same
+/// middleware.
+pub fn app_with(state: AppState, extra: Router<AppState>) -> Router {
     let (router, openapi) = api_router().split_for_parts();
+    let router = router.merge(extra);
     let openapi_json = document(&openapi);
     let limit = state.config().body_limit_bytes;
     let request_id = HeaderName::from_static("x-request-id");

@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod error;
 mod group;
 pub mod http;

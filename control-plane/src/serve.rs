@@ -53,7 +53,7 @@ pub async fn run(
         Arc::clone(state.deliveries()),
         jobs_stopped,
     ));
-    let app = crate::http::app(state.clone());
+    let app = crate::http::app_with(state.clone(), crate::console::router(&state));
     tracing::info!(address = %listener.local_addr()?, "control plane listening");
     let closing = state.clone();
     // The peer address reaches the handlers (failed authentications are limited per

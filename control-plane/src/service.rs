@@ -22,7 +22,7 @@ mod callers;
 pub mod feed;
 mod mutate;
 
-pub use callers::{Caller, StreamGuard};
+pub use callers::{Caller, OpenStream, StreamGuard};
 use mutate::retry_transient;
 pub use mutate::{ClaimHold, KeyHold};
 
@@ -57,6 +57,9 @@ struct Inner {
     due_failures: crate::backoff::DueFailures,
     /// Open sync streams per API key id.
     streams: Mutex<HashMap<String, usize>>,
+    /// Every open sync stream, by a number of its own.
+    open_streams: Mutex<HashMap<u64, callers::OpenStream>>,
+    stream_ids: std::sync::atomic::AtomicU64,
     /// Bumped by every revocation in this process (streams check their keys at once).
     revocations: tokio::sync::watch::Sender<u64>,
     /// Which end user a lease belongs to (it never changes), so a report finds its end
@@ -132,6 +135,8 @@ impl AppState {
                 groups: Arc::default(),
                 due_failures: crate::backoff::DueFailures::default(),
                 streams: Mutex::default(),
+                open_streams: Mutex::default(),
+                stream_ids: std::sync::atomic::AtomicU64::new(0),
                 revocations: tokio::sync::watch::Sender::new(0),
                 lease_owners: Mutex::new(lru::LruCache::new(
                     std::num::NonZeroUsize::new(LEASE_OWNERS_REMEMBERED)

@@ -24,8 +24,9 @@ pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, LeaseAsk, answer_leas
 pub use options::{DatabaseUrl, Synchronous};
 pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryJob,
-    DeliveryLease, EndpointRecord, EntryFilter, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, LeaseFilter, StoredBlock, TenantRecord, UsageKeyRecord, wire_event,
+    DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord, EntryFilter, EnvHead,
+    EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, StoredBlock,
+    TenantRecord, UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
     BlockRow, CLAIM_LEASE_MS, EntryRow, StateRow, changed_leases, changed_reservations,
@@ -346,6 +347,30 @@ pub trait EndpointStore: Send + Sync {
     async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64>;
 }
 
+/// What the console reads beyond the API's own reads (written once,
+/// `store/sql/console.rs`).
+#[async_trait]
+pub trait ConsoleStore: Send + Sync {
+    /// End users newest change first (ties by id), those whose id starts with `prefix`
+    /// where given, after `after` (the previous page's last row).
+    async fn recent_end_users(
+        &self,
+        env: &Env,
+        prefix: Option<&str>,
+        after: Option<&EndUserCursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserRow>>;
+    /// An end user's newest events first.
+    async fn end_user_events(
+        &self,
+        env: &Env,
+        end_user: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>>;
+    /// The environment's newest webhook deliveries first.
+    async fn recent_deliveries(&self, env: &Env, limit: u32) -> StoreResult<Vec<DeliveryRow>>;
+}
+
 /// The store of webhook deliveries: queued, claimed by workers, attempted.
 #[async_trait]
 pub trait WebhookStore: Send + Sync {
@@ -408,6 +433,7 @@ pub trait Store:
     + JobStore
     + FeedStore
     + EndpointStore
+    + ConsoleStore
     + WebhookStore
     + IdempotencyStore
     + fmt::Debug
@@ -422,6 +448,7 @@ impl<T> Store for T where
         + JobStore
         + FeedStore
         + EndpointStore
+        + ConsoleStore
         + WebhookStore
         + IdempotencyStore
         + fmt::Debug

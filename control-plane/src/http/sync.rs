@@ -208,8 +208,8 @@ pub async fn stream(
     let open = state.open_stream(&caller)?;
     let (sender, receiver) = mpsc::channel(BUFFER_LINES);
     tokio::spawn(async move {
-        let _open = open;
-        if let Err(error) = follow(&state, &caller, query.cursor, &sender).await {
+        open.at(query.cursor);
+        if let Err(error) = follow(&state, &caller, query.cursor, &sender, &open).await {
             tracing::debug!(%error, "change stream ended");
         }
     });
@@ -221,6 +221,7 @@ async fn follow(
     caller: &Caller,
     mut cursor: i64,
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
+    open: &crate::service::StreamGuard,
 ) -> Result<(), ApiError> {
     let env = &caller.env;
     let ends_at = tokio::time::Instant::now() + state.config().stream_max;
@@ -257,6 +258,7 @@ async fn follow(
                     .map_err(|_| ApiError::Internal("the reader went away".into()))?;
             }
             cursor = read.last;
+            open.at(cursor);
             continue;
         }
         if tokio::time::Instant::now() >= next_heartbeat {

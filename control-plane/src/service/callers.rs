@@ -31,15 +31,43 @@ impl Caller {
     }
 }
 
-/// An open sync stream, counted against its key until dropped.
+/// An open sync stream, counted against its key until dropped, and listed (with the
+/// feed position it has sent up to) for the console's proxies page.
 #[derive(Debug)]
 pub struct StreamGuard {
     state: AppState,
     key_id: String,
+    id: u64,
+    cursor: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// A sync stream open on this process, as the console shows it.
+#[derive(Debug, Clone)]
+pub struct OpenStream {
+    pub env: Env,
+    pub key_id: String,
+    /// When it opened (real clock).
+    pub opened_at: Timestamp,
+    /// The feed position it has sent up to.
+    pub cursor: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl StreamGuard {
+    /// Records that the stream has sent everything up to feed position `cursor`.
+    pub fn at(&self, cursor: i64) {
+        self.cursor
+            .store(cursor, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.state
+            .inner
+            .open_streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.id);
         let mut streams = self
             .state
             .inner
@@ -81,11 +109,70 @@ impl AppState {
                 return Err(error);
             }
         };
+        self.admit(record)
+    }
+
+    /// The caller of a console session made with the key whose hash is `key_hash`: the
+    /// key must still work (not revoked), and the environment's rate limit applies as
+    /// to any request.
+    ///
+    /// # Errors
+    /// `Unauthorized` for a key that no longer works, `RateLimited`, or store failures.
+    pub async fn resume(&self, key_hash: &[u8; 32]) -> Result<Caller, ApiError> {
+        let now = self.real_now();
+        let record = match self.inner.keys.get(key_hash, now) {
+            Some(auth::cache::Cached::Found(record)) => Some(record),
+            Some(auth::cache::Cached::Missing) => None,
+            None => {
+                let record = self.store().api_key_by_hash(key_hash).await?;
+                self.inner.keys.put(*key_hash, record.clone(), now);
+                record
+            }
+        };
+        match record {
+            Some(record)
+                if record.revoked_at.is_none()
+                    && auth::hashes_equal(&record.key_hash, key_hash) =>
+            {
+                self.admit(record)
+            }
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+
+    /// The operator acting in `env` through the console: every scope, the environment's
+    /// rate limit.
+    ///
+    /// # Errors
+    /// `RateLimited`.
+    pub fn operator_in(&self, env: Env) -> Result<Caller, ApiError> {
+        self.limit(&env)?;
+        Ok(Caller {
+            env,
+            key_id: "operator".into(),
+            key_hash: [0; 32],
+            scopes: vec!["*".into()],
+        })
+    }
+
+    /// A known key's caller, within its environment's rate limit.
+    fn admit(&self, record: ApiKeyRecord) -> Result<Caller, ApiError> {
         let env = Env {
             tenant_id: record.tenant_id,
             environment: record.environment,
         };
-        if let Err(not_until) = self.inner.limiter.check_key(&env) {
+        self.limit(&env)?;
+        Ok(Caller {
+            env,
+            key_id: record.id,
+            key_hash: record.key_hash,
+            scopes: record.scopes,
+        })
+    }
+
+    /// The environment's rate limit (SPEC 2).
+    fn limit(&self, env: &Env) -> Result<(), ApiError> {
+        if let Err(not_until) = self.inner.limiter.check_key(env) {
             let wait = not_until.wait_time_from(governor::clock::Clock::now(
                 &governor::clock::DefaultClock::default(),
             ));
@@ -93,12 +180,7 @@ impl AppState {
                 retry_after_secs: wait.as_secs().max(1),
             });
         }
-        Ok(Caller {
-            env,
-            key_id: record.id,
-            key_hash: record.key_hash,
-            scopes: record.scopes,
-        })
+        Ok(())
     }
 
     /// Whether the key `caller` authenticated with still works (not revoked): asked of
@@ -137,10 +219,43 @@ impl AppState {
             return Err(ApiError::TooManyStreams { limit });
         }
         *open = open.saturating_add(1);
+        drop(streams);
+        let id = self
+            .inner
+            .stream_ids
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cursor = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(-1));
+        self.inner
+            .open_streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(
+                id,
+                OpenStream {
+                    env: caller.env.clone(),
+                    key_id: caller.key_id.clone(),
+                    opened_at: self.real_now(),
+                    cursor: std::sync::Arc::clone(&cursor),
+                },
+            );
         Ok(StreamGuard {
             state: self.clone(),
             key_id: caller.key_id.clone(),
+            id,
+            cursor,
         })
+    }
+
+    /// The sync streams of `env` open on this process.
+    pub fn open_streams(&self, env: &Env) -> Vec<OpenStream> {
+        self.inner
+            .open_streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .filter(|stream| &stream.env == env)
+            .cloned()
+            .collect()
     }
 
     /// The live key record a secret names, from the cache or the store.

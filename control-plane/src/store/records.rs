@@ -212,6 +212,37 @@ pub struct EnvHead {
     pub clock_offset_ms: i64,
 }
 
+/// An end user as the console lists them: the state and when it last changed.
+#[derive(Debug, Clone)]
+pub struct EndUserRow {
+    pub state: ledger::EndUserState,
+    /// Milliseconds since the epoch (the real clock of the write).
+    pub updated_at: i64,
+}
+
+/// Where a page of [`EndUserRow`]s ends: the last row's `updated_at` and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndUserCursor {
+    pub updated_at: i64,
+    pub end_user_id: String,
+}
+
+/// A webhook delivery with its event's type and its last attempt's outcome.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub endpoint_id: String,
+    pub event_id: String,
+    pub event_type: Option<String>,
+    pub event_at: Option<Timestamp>,
+    /// `pending`, `succeeded` or `failed`.
+    pub status: String,
+    pub attempts: u32,
+    pub next_attempt_at: Timestamp,
+    pub last_response_status: Option<u16>,
+    pub last_error: Option<String>,
+}
+
 /// A stored event with its position in the environment's log.
 #[derive(Debug, Clone)]
 pub struct EventRecord {

@@ -7,6 +7,7 @@
 //! order (a later one may repeat an earlier one).
 
 mod catalog;
+mod console;
 mod endpoints;
 mod jobs;
 mod tenancy;

@@ -27,10 +27,11 @@ const LAYERS: &[(&str, u8)] = &[
     ("jobs", 6),
     ("nats", 6),
     ("http", 7),
-    ("serve", 8),
-    ("cli", 9),
-    ("lib", 9),
-    ("main", 9),
+    ("console", 8),
+    ("serve", 9),
+    ("cli", 10),
+    ("lib", 10),
+    ("main", 10),
 ];
 
 fn rust_files(dir: &Path, found: &mut Vec<PathBuf>) {

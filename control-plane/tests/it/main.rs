@@ -9,6 +9,7 @@ mod api;
 mod catalog_apply;
 mod clock_walk;
 mod concurrency;
+mod console;
 mod errors;
 mod hardening;
 mod isolation;

@@ -209,7 +209,10 @@ impl Harness {
             .expect("store opens");
         let state = AppState::new(config, store, Arc::new(clock.clone()), None);
         Harness {
-            app: control_plane::http::app(state.clone()),
+            app: control_plane::http::app_with(
+                state.clone(),
+                control_plane::console::router(&state),
+            ),
             state,
             clock,
             _storage: None,

@@ -1,0 +1,403 @@
+//! The console: server-rendered pages at `/console` for the people who run billing
+//! (docs/console.md). Reads come from the service and the store under the signed-in
+//! key's environment; every change goes through the API's own handlers, in process
+//! (`api`), so a console action is validated, authorised, idempotent and audited exactly
+//! as the same API call.
+//!
+//! No script runs: every page reads without JavaScript, actions are plain forms (each
+//! with the session's CSRF token), charts are SVG drawn here.
+
+mod chart;
+mod layout;
+mod pages;
+pub mod session;
+mod users;
+
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use ledger::Timestamp;
+use maud::Markup;
+use tower::ServiceExt;
+
+use crate::error::ApiError;
+use crate::http::extract::Delegated;
+use crate::service::{AppState, Caller};
+use crate::store::Env;
+use session::{Claims, Principal, Signer};
+
+/// Signed-out sessions remembered per process (their cookies are refused here until
+/// they would have ended anyway).
+const SIGNED_OUT_KEPT: usize = 10_000;
+
+/// The largest answer read back from an in-process API call.
+const API_ANSWER_MAX: usize = 4 << 20;
+
+/// What every console handler shares.
+#[derive(Debug)]
+pub struct Console {
+    /// The API's routes, called in process for every change.
+    api: Router,
+    signer: Signer,
+    signed_out: Mutex<lru::LruCache<String, ()>>,
+}
+
+/// The console's routes, to merge beside the API's (`http::app_with`).
+pub fn router(state: &AppState) -> Router<AppState> {
+    let config = &state.config().console;
+    if config.session_secret.is_none() {
+        tracing::info!(
+            "console.session_secret is not set: console sessions hold on this process only and end when it stops"
+        );
+    }
+    let console = Arc::new(Console {
+        api: crate::http::api_router()
+            .split_for_parts()
+            .0
+            .with_state(state.clone()),
+        signer: Signer::new(
+            config
+                .session_secret
+                .as_ref()
+                .map(crate::config::Secret::expose),
+        ),
+        signed_out: Mutex::new(lru::LruCache::new(
+            std::num::NonZeroUsize::new(SIGNED_OUT_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
+        )),
+    });
+    Router::new()
+        .route(
+            "/console",
+            get(|| async { Redirect::to("/console/end-users") }),
+        )
+        .route(
+            "/console/",
+            get(|| async { Redirect::to("/console/end-users") }),
+        )
+        .route("/console/style.css", get(layout::stylesheet))
+        .route("/console/login", get(pages::login_form).post(pages::login))
+        .route("/console/logout", post(pages::logout))
+        .route("/console/end-users", get(users::list))
+        .route("/console/end-users/{id}", get(users::page))
+        .route("/console/end-users/{id}/grant", post(users::grant))
+        .route("/console/end-users/{id}/adjust", post(users::adjust))
+        .route(
+            "/console/subscriptions/{id}/{action}",
+            get(users::confirm_action).post(users::subscription_action),
+        )
+        .route("/console/explain", get(pages::explain))
+        .route("/console/catalog", get(pages::catalog))
+        .route("/console/webhooks", get(pages::webhooks))
+        .route("/console/events/{id}/redeliver", post(pages::redeliver))
+        .route("/console/proxies", get(pages::proxies))
+        .route("/console/clock/advance", post(pages::advance_clock))
+        .layer(axum::middleware::map_response(secure_headers))
+        .layer(axum::Extension(console))
+}
+
+/// Headers every console answer carries: no script, no framing, nothing cached, no
+/// referrer leaving the console.
+async fn secure_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    headers
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Why a console request did not get its page.
+#[derive(Debug)]
+pub enum Failure {
+    /// No session, or one that ended: to the sign-in page.
+    SignIn,
+    /// A problem to show, as the API would have answered it.
+    Problem {
+        status: StatusCode,
+        title: String,
+        detail: String,
+    },
+}
+
+impl Failure {
+    pub fn bad_request(detail: impl Into<String>) -> Failure {
+        Failure::Problem {
+            status: StatusCode::BAD_REQUEST,
+            title: "Bad request".into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<ApiError> for Failure {
+    fn from(error: ApiError) -> Failure {
+        if matches!(error, ApiError::Unauthorized) {
+            return Failure::SignIn;
+        }
+        if let ApiError::Internal(message) = &error {
+            tracing::error!(error = %message, "console: internal error");
+        }
+        let problem = error.problem();
+        Failure::Problem {
+            status: StatusCode::from_u16(problem.status)
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            title: problem.title,
+            detail: problem.detail,
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for Failure {
+    fn from(error: crate::store::StoreError) -> Failure {
+        Failure::from(ApiError::from(error))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        match self {
+            Failure::SignIn => Redirect::to("/console/login").into_response(),
+            Failure::Problem {
+                status,
+                title,
+                detail,
+            } => (
+                status,
+                layout::bare(&title, &layout::problem(&title, &detail)),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// The result of a console handler.
+pub type Page = Result<Response, Failure>;
+
+/// A signed-in console request: who, where, and the session's CSRF token.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub caller: Caller,
+    pub console: Arc<Console>,
+    pub claims: Claims,
+    pub csrf: String,
+    pub operator: bool,
+    pub state: AppState,
+}
+
+impl Session {
+    pub fn env(&self) -> &Env {
+        &self.caller.env
+    }
+
+    /// Refuses a form whose CSRF token is not this session's.
+    ///
+    /// # Errors
+    /// 403 naming the missing or wrong token.
+    pub fn check_csrf(&self, token: Option<&str>) -> Result<(), Failure> {
+        match token {
+            Some(token) if self.console.signer.csrf_matches(&self.claims.nonce, token) => Ok(()),
+            _ => Err(Failure::Problem {
+                status: StatusCode::FORBIDDEN,
+                title: "Forbidden".into(),
+                detail: "the form's CSRF token is missing or is not this session's; reload the page and try again".into(),
+            }),
+        }
+    }
+
+    /// Calls the API in process as this session's caller; answers the JSON body of a
+    /// success.
+    ///
+    /// # Errors
+    /// The API's problem (status, title, detail) for an error answer.
+    pub async fn api(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&serde_json::Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<serde_json::Value, Failure> {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(key) = idempotency_key {
+            request = request.header("idempotency-key", key);
+        }
+        let body = match body {
+            Some(value) => {
+                request = request.header(header::CONTENT_TYPE, "application/json");
+                Body::from(serde_json::to_vec(value).unwrap_or_default())
+            }
+            None => Body::empty(),
+        };
+        let mut request = request
+            .body(body)
+            .map_err(|error| Failure::from(ApiError::Internal(error.to_string())))?;
+        request
+            .extensions_mut()
+            .insert(Delegated(self.caller.clone()));
+        let response = match self.console.api.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), API_ANSWER_MAX)
+            .await
+            .map_err(|error| Failure::from(ApiError::Internal(error.to_string())))?;
+        let value: serde_json::Value = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+        };
+        if status.is_success() {
+            return Ok(value);
+        }
+        let text = |name: &str| {
+            value
+                .get(name)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Err(Failure::Problem {
+            status,
+            title: text("title"),
+            detail: text("detail"),
+        })
+    }
+
+    /// The environment's "now" (its test clock, on a test key).
+    ///
+    /// # Errors
+    /// Store failures reading the catalog view.
+    pub async fn now(&self) -> Result<Timestamp, Failure> {
+        let view = self.state.view(self.env()).await?;
+        Ok(self.state.env_now(&view))
+    }
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = Failure;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Session, Failure> {
+        let console = parts
+            .extensions
+            .get::<Arc<Console>>()
+            .cloned()
+            .ok_or_else(|| Failure::from(ApiError::Internal("console state missing".into())))?;
+        let cookie = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find_map(|value| session::cookie(value, session::COOKIE))
+            .ok_or(Failure::SignIn)?;
+        let claims = console
+            .signer
+            .open(cookie, state.real_now().as_millis())
+            .ok_or(Failure::SignIn)?;
+        if console
+            .signed_out
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&claims.nonce)
+        {
+            return Err(Failure::SignIn);
+        }
+        let (caller, operator) = match &claims.principal {
+            Principal::Key { hash } => {
+                let hash = session::unhex32(hash).ok_or(Failure::SignIn)?;
+                (state.resume(&hash).await?, false)
+            }
+            Principal::Operator {
+                hash,
+                tenant,
+                environment,
+            } => {
+                let configured = state
+                    .config()
+                    .operator_token
+                    .as_ref()
+                    .ok_or(Failure::SignIn)?;
+                let expected = crate::auth::hash_key(configured.expose());
+                let presented = session::unhex32(hash).ok_or(Failure::SignIn)?;
+                if !crate::auth::hashes_equal(&expected, &presented) {
+                    return Err(Failure::SignIn);
+                }
+                let environment =
+                    crate::store::Environment::parse(environment).ok_or(Failure::SignIn)?;
+                let env = Env {
+                    tenant_id: tenant.clone(),
+                    environment,
+                };
+                (state.operator_in(env)?, true)
+            }
+        };
+        let csrf = console.signer.csrf(&claims.nonce);
+        Ok(Session {
+            caller,
+            console,
+            claims,
+            csrf,
+            operator,
+            state: state.clone(),
+        })
+    }
+}
+
+/// Whether the console's cookies get `Secure`: by configuration, or because the request
+/// says it came over TLS.
+fn secure(state: &AppState, headers: &axum::http::HeaderMap) -> bool {
+    state.config().console.secure_cookies
+        || headers
+            .get("x-forwarded-proto")
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|proto| proto.eq_ignore_ascii_case("https"))
+}
+
+/// The `Set-Cookie` value that starts a session (or, with `None`, ends it).
+fn set_cookie(value: Option<(&str, u64)>, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    match value {
+        Some((value, max_age)) => format!(
+            "{}={value}; Path=/console; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+            session::COOKIE
+        ),
+        None => format!(
+            "{}=; Path=/console; HttpOnly; SameSite=Strict; Max-Age=0{secure}",
+            session::COOKIE
+        ),
+    }
+}
+
+/// A 303 to `to` (after a form).
+fn see_other(to: &str) -> Response {
+    Redirect::to(to).into_response()
+}
+
+/// Renders a page with the session's frame.
+fn render(session: &Session, title: &str, now: Timestamp, body: Markup) -> Response {
+    layout::page(session, title, now, body).into_response()
+}
+
+/// Percent-encodes a path segment or query value.
+fn encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}

@@ -1,0 +1,116 @@
+//! The console's reads ([`ConsoleStore`]) on either sqlx backend: end users by recent
+//! activity, an end user's events, and webhook deliveries newest first.
+
+use async_trait::async_trait;
+
+use super::{Arg, Side, Sql};
+use crate::store::columns::{Columns, corrupt, event, parse_state};
+use crate::store::{
+    ConsoleStore, DeliveryRow, EndUserCursor, EndUserRow, Env, EventRecord, StoreResult,
+};
+
+#[async_trait]
+impl<S: Sql> ConsoleStore for S {
+    async fn recent_end_users(
+        &self,
+        env: &Env,
+        prefix: Option<&str>,
+        after: Option<&EndUserCursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserRow>> {
+        // Newest first through `end_users_recent`; ties (one instant) by id. The prefix
+        // is compared as a leading substring, so no character of it is a pattern.
+        let rows = self
+            .fetch_all(
+                Side::Read,
+                "SELECT end_user_id, state, updated_at FROM end_users
+                 WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
+                   AND ($3 IS NULL OR substr(end_user_id, 1, length($3)) = $3)
+                   AND ($4 IS NULL OR updated_at < $4 OR (updated_at = $4 AND end_user_id > $5))
+                 ORDER BY updated_at DESC, end_user_id
+                 LIMIT $6",
+                &[
+                    Arg::Text(&env.tenant_id),
+                    Arg::Text(env.environment.as_str()),
+                    Arg::TextOpt(prefix),
+                    Arg::IntOpt(after.map(|cursor| cursor.updated_at)),
+                    Arg::Text(after.map_or("", |cursor| cursor.end_user_id.as_str())),
+                    Arg::Int(i64::from(limit)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(EndUserRow {
+                    state: parse_state(&row.text("state")?)?,
+                    updated_at: row.int("updated_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn end_user_events(
+        &self,
+        env: &Env,
+        end_user: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<EventRecord>> {
+        let rows = self
+            .fetch_all(
+                Side::Read,
+                "SELECT seq, body FROM events
+                 WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3
+                 ORDER BY seq DESC LIMIT $4",
+                &[
+                    Arg::Text(&env.tenant_id),
+                    Arg::Text(env.environment.as_str()),
+                    Arg::Text(end_user),
+                    Arg::Int(i64::from(limit)),
+                ],
+            )
+            .await?;
+        rows.iter().map(event).collect()
+    }
+
+    async fn recent_deliveries(&self, env: &Env, limit: u32) -> StoreResult<Vec<DeliveryRow>> {
+        let rows = self
+            .fetch_all(
+                Side::Read,
+                "SELECT d.id, d.endpoint_id, d.event_id, d.status, d.attempts, d.next_attempt_at,
+                        e.type AS event_type, e.created_at AS event_at,
+                        (SELECT a.response_status FROM webhook_attempts a
+                          WHERE a.delivery_id = d.id ORDER BY a.attempt DESC LIMIT 1) AS last_response,
+                        (SELECT a.error FROM webhook_attempts a
+                          WHERE a.delivery_id = d.id ORDER BY a.attempt DESC LIMIT 1) AS last_error
+                   FROM webhook_deliveries d
+                   LEFT JOIN events e ON e.id = d.event_id
+                  WHERE d.tenant_id = $1 AND d.environment = $2
+                  ORDER BY d.id DESC LIMIT $3",
+                &[
+                    Arg::Text(&env.tenant_id),
+                    Arg::Text(env.environment.as_str()),
+                    Arg::Int(i64::from(limit)),
+                ],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeliveryRow {
+                    id: row.int("id")?,
+                    endpoint_id: row.text("endpoint_id")?,
+                    event_id: row.text("event_id")?,
+                    event_type: row.text_opt("event_type")?,
+                    event_at: row.time_opt("event_at")?,
+                    status: row.text("status")?,
+                    attempts: u32::try_from(row.int("attempts")?)
+                        .map_err(|_| corrupt("delivery attempts"))?,
+                    next_attempt_at: row.time("next_attempt_at")?,
+                    last_response_status: row
+                        .int_opt("last_response")?
+                        .and_then(|status| u16::try_from(status).ok()),
+                    last_error: row.text_opt("last_error")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,210 @@
+//! The console through the router, in process: sign-in, sessions, CSRF, environments,
+//! and every page answering for an end user with history. The real-browser tests are in
+//! `tests/tests/console.rs`.
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::BodyExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+use crate::support::{Harness, store_test};
+
+/// A console answer: status, `Location`, `Set-Cookie` and the page.
+#[derive(Debug)]
+struct Seen {
+    status: StatusCode,
+    location: Option<String>,
+    cookie: Option<String>,
+    html: String,
+}
+
+async fn console(
+    harness: &Harness,
+    method: Method,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+) -> Seen {
+    let mut request = Request::builder().method(method).uri(path);
+    if let Some(cookie) = cookie {
+        request = request.header(header::COOKIE, cookie);
+    }
+    let body = match form {
+        Some(form) => {
+            request = request.header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            Body::from(form.to_owned())
+        }
+        None => Body::empty(),
+    };
+    let response = harness
+        .app
+        .clone()
+        .oneshot(request.body(body).expect("request"))
+        .await
+        .expect("response");
+    let header_text = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (status, location, cookie) = (
+        response.status(),
+        header_text(header::LOCATION),
+        header_text(header::SET_COOKIE),
+    );
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    Seen {
+        status,
+        location,
+        cookie,
+        html: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+fn encode(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// Signs in with `key`; answers the session's `Cookie` header value.
+async fn sign_in(harness: &Harness, key: &str) -> String {
+    let seen = console(
+        harness,
+        Method::POST,
+        "/console/login",
+        None,
+        Some(&format!("key={}", encode(key))),
+    )
+    .await;
+    assert_eq!(seen.status, StatusCode::SEE_OTHER, "{}", seen.html);
+    let cookie = seen.cookie.expect("a session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    cookie.split(';').next().expect("name=value").to_owned()
+}
+
+/// The CSRF token in a page's forms.
+fn csrf(html: &str) -> String {
+    let at = html
+        .find("name=\"csrf\" value=\"")
+        .expect("a form with a CSRF token")
+        + "name=\"csrf\" value=\"".len();
+    html[at..].split('"').next().expect("token").to_owned()
+}
+
+// Signed out, every page sends to the sign-in page; a wrong key is refused there; a
+// key signs in and sees its environment, marked.
+store_test! {
+    async fn sessions_sign_in_and_out(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let seen = console(&harness, Method::GET, "/console/end-users", None, None).await;
+    assert_eq!((seen.status, seen.location.as_deref()), (StatusCode::SEE_OTHER, Some("/console/login")));
+    let seen = console(&harness, Method::POST, "/console/login", None, Some("key=qs_test_not-a-key")).await;
+    assert_eq!(seen.status, StatusCode::UNAUTHORIZED);
+    assert!(seen.html.contains("not known"), "{}", seen.html);
+    let forged = console(&harness, Method::GET, "/console/end-users", Some("qs_console=e30.AAAA"), None).await;
+    assert_eq!(forged.location.as_deref(), Some("/console/login"));
+
+    let cookie = sign_in(&harness, &tenant.test).await;
+    let page = console(&harness, Method::GET, "/console/end-users", Some(&cookie), None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.html.contains("class=\"env test\""), "the environment is shown");
+    let token = csrf(&page.html);
+    // Sign-out needs the session's token; then the same cookie no longer works.
+    let refused = console(&harness, Method::POST, "/console/logout", Some(&cookie), Some("csrf=wrong")).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    let out = console(&harness, Method::POST, "/console/logout", Some(&cookie), Some(&format!("csrf={token}"))).await;
+    assert_eq!(out.location.as_deref(), Some("/console/login"));
+    assert!(out.cookie.expect("cleared").contains("Max-Age=0"));
+    let after = console(&harness, Method::GET, "/console/end-users", Some(&cookie), None).await;
+    assert_eq!(after.location.as_deref(), Some("/console/login"), "a signed-out session is refused");
+
+    // A revoked key ends its sessions.
+    let cookie = sign_in(&harness, &tenant.live).await;
+    let keys = harness.get("/v1/api-keys", &tenant.live).await;
+    let own = keys.body["data"].as_array().expect("keys").iter()
+        .find(|key| key["environment"] == "live").expect("the live key")["id"].as_str().expect("id").to_owned();
+    let second = harness.ok("/v1/api-keys", &tenant.live, json!({"name": "spare", "scopes": ["*"]}), 201).await;
+    let revoked = harness.send(Method::POST, &format!("/v1/api-keys/{own}/revoke"), second["secret"].as_str(), None, &[]).await;
+    assert!(revoked.status.is_success(), "{}", revoked.body);
+    let after = console(&harness, Method::GET, "/console/end-users", Some(&cookie), None).await;
+    assert_eq!(after.location.as_deref(), Some("/console/login"));
+    }
+}
+
+// Every page answers for an end user with history; a form without the session's CSRF
+// token is refused and changes nothing; with it, a grant lands once even when the same
+// form is sent twice.
+store_test! {
+    async fn pages_and_forms(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = &tenant.test;
+    harness.catalog(key).await;
+    harness.ok("/v1/credits/grants", key, json!({"end_user_id": "user-1", "amount": 100}), 201).await;
+    let used = harness.send(Method::POST, "/v1/usage", Some(key), Some(json!({"end_user_id": "user-1", "feature_key": "api_calls", "units": 30})), &[("idempotency-key", "u1")]).await;
+    assert!(used.status.is_success(), "{}", used.body);
+    let cookie = sign_in(&harness, key).await;
+    let page = console(&harness, Method::GET, "/console/end-users/user-1", Some(&cookie), None).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.html);
+    assert!(page.html.contains("<meter min=\"0\" max=\"100\" value=\"70\""), "the block's bar: {}", page.html);
+    assert!(page.html.contains("id=\"balance-chart\""));
+    for path in ["/console/end-users", "/console/end-users?q=user", "/console/explain?end_user=user-1&feature=api_calls&units=500",
+                 "/console/catalog", "/console/webhooks", "/console/proxies", "/console/end-users/user-1?type=debit",
+                 "/console/subscriptions/sub_x/pause"] {
+        let seen = console(&harness, Method::GET, path, Some(&cookie), None).await;
+        let expected = if path.contains("sub_x") { StatusCode::NOT_FOUND } else { StatusCode::OK };
+        assert_eq!(seen.status, expected, "{path}: {}", seen.html);
+    }
+    let explain = console(&harness, Method::GET, "/console/explain?end_user=user-1&feature=api_calls&units=500", Some(&cookie), None).await;
+    assert!(explain.html.contains("insufficient_balance"), "{}", explain.html);
+    let listed = console(&harness, Method::GET, "/console/end-users?q=user-", Some(&cookie), None).await;
+    assert!(listed.html.contains("/console/end-users/user-1"));
+    let none = console(&harness, Method::GET, "/console/end-users?q=nobody", Some(&cookie), None).await;
+    assert!(!none.html.contains("/console/end-users/user-1"));
+
+    let token = csrf(&page.html);
+    let grant = "amount=5&source=manual&idempotency_key=console-form-1";
+    let refused = console(&harness, Method::POST, "/console/end-users/user-1/grant", Some(&cookie), Some(grant)).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert!(refused.html.contains("CSRF"));
+    let form = format!("{grant}&csrf={token}");
+    for _ in 0..2 {
+        let done = console(&harness, Method::POST, "/console/end-users/user-1/grant", Some(&cookie), Some(&form)).await;
+        assert_eq!(done.location.as_deref(), Some("/console/end-users/user-1?notice=granted"), "{}", done.html);
+    }
+    let balance = harness.get("/v1/credits/balance?end_user_id=user-1", key).await;
+    assert_eq!(balance.body["available"], 75, "one grant of 5 for the two sends: {}", balance.body);
+    let bad = console(&harness, Method::POST, "/console/end-users/user-1/grant", Some(&cookie), Some(&format!("amount=-3&csrf={token}"))).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "the API's own validation: {}", bad.html);
+    assert!(bad.html.contains("amount"), "{}", bad.html);
+    }
+}
+
+// A live session never sees test data, and the other way round.
+store_test! {
+    async fn environments_are_apart(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": "only-in-test", "amount": 7}), 201).await;
+    harness.ok("/v1/credits/grants", &tenant.live, json!({"end_user_id": "only-in-live", "amount": 9}), 201).await;
+    let live = sign_in(&harness, &tenant.live).await;
+    let test = sign_in(&harness, &tenant.test).await;
+    let live_list = console(&harness, Method::GET, "/console/end-users", Some(&live), None).await.html;
+    let test_list = console(&harness, Method::GET, "/console/end-users", Some(&test), None).await.html;
+    assert!(live_list.contains("only-in-live") && !live_list.contains("only-in-test"));
+    assert!(test_list.contains("only-in-test") && !test_list.contains("only-in-live"));
+    let peek = console(&harness, Method::GET, "/console/end-users/only-in-test", Some(&live), None).await.html;
+    assert!(peek.contains("Nothing has happened to this end user yet"), "{peek}");
+    assert!(live_list.contains("class=\"env live\""));
+    }
+}
