@@ -48,6 +48,8 @@ pub struct ControlPlane {
     pub url: String,
     /// The tenant's sandbox key (all scopes).
     pub key: String,
+    /// The tenant's live key (all scopes), where this control plane created the tenant.
+    pub live_key: Option<String>,
     pub client: client::Client,
     database: control_plane::config::DatabaseUrl,
     /// Where it publishes the feed on NATS, if anywhere.
@@ -128,14 +130,14 @@ impl ControlPlane {
             Arc::new(control_plane::clock::SystemClock),
             None,
         );
-        let key = match key {
-            Some(key) => key,
+        let (key, live_key) = match key {
+            Some(key) => (key, None),
             None => {
-                control_plane::http::tenancy::create_tenant(&state, "e2e")
+                let keys = control_plane::http::tenancy::create_tenant(&state, "e2e")
                     .await
                     .expect("tenant")
-                    .api_keys
-                    .test
+                    .api_keys;
+                (keys.test, Some(keys.live))
             }
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -154,6 +156,7 @@ impl ControlPlane {
             address,
             url,
             key,
+            live_key,
             client,
             database,
             nats,

@@ -38,6 +38,7 @@ pub fn page(session: &Session, title: &str, now: Timestamp, body: Markup) -> Mar
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · QuotaStack" }
                 link rel="stylesheet" href="/console/style.css";
+                link rel="icon" href="data:,";
             }
             body class=(environment.as_str()) {
                 header {
@@ -92,6 +93,7 @@ pub fn bare(title: &str, body: &Markup) -> Markup {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · QuotaStack" }
                 link rel="stylesheet" href="/console/style.css";
+                link rel="icon" href="data:,";
             }
             body { main { (body) } }
         }

@@ -64,13 +64,9 @@ pub async fn login(
     let client = connect.map(|Extension(ConnectInfo(address))| address.ip());
     let principal = match signed_in(&state, client, &form).await {
         Ok(principal) => principal,
-        Err(message) => {
-            return (
-                axum::http::StatusCode::UNAUTHORIZED,
-                login_page(Some(&message)),
-            )
-                .into_response();
-        }
+        // The form again with the reason, as a page (200): a browser logs a 4xx page
+        // load as an error, and the refusal is the page's content, not a fault.
+        Err(message) => return login_page(Some(&message)).into_response(),
     };
     let length = state.config().console.session_length;
     let claims = Claims {
