@@ -24,8 +24,8 @@ pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, LeaseAsk, answer_leas
 pub use options::{DatabaseUrl, Synchronous};
 pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryJob,
-    DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord, EntryFilter, EnvHead,
-    EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, StoredBlock,
+    DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord, EntryFilter, EntryPoint,
+    EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, StoredBlock,
     TenantRecord, UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
@@ -253,6 +253,14 @@ pub trait LedgerStore: Send + Sync {
         env: &Env,
         filter: &EntryFilter,
     ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>>;
+    /// The end user's newest `limit` entries, newest first, with only the figures a
+    /// chart needs.
+    async fn entry_points(
+        &self,
+        env: &Env,
+        end_user: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<EntryPoint>>;
     async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>>;
     async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>>;
     /// Leases by end user and/or holder, in id order.

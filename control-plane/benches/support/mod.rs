@@ -1,5 +1,5 @@
-//! What the store benchmarks (P4, P5) share: a release control plane through its router
-//! in process, on a durable database, with one tenant and the `api_calls` feature.
+//! What the store benchmarks (P4, P5, the console's) share: a release control plane
+//! through its router (the API and the console) in process, on a durable database, with one tenant and the `api_calls` feature.
 
 use std::sync::Arc;
 
@@ -102,7 +102,7 @@ pub async fn setup(
     configure(&mut config);
     let store = control_plane::open_store(&config).await.expect("store");
     let state = AppState::new(config, store, Arc::new(SystemClock), None);
-    let app = control_plane::http::app(state.clone());
+    let app = control_plane::http::app_with(state.clone(), control_plane::console::router(&state));
     let key = control_plane::http::tenancy::create_tenant(&state, "bench")
         .await
         .expect("tenant")

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::layout::{notice, time, time_opt};
 use super::{Failure, Page, Session, chart, encode, render, see_other};
 use crate::catalog::CatalogView;
-use crate::store::{EndUserCursor, EntryFilter};
+use crate::store::{EndUserCursor, EntryFilter, EntryPoint};
 
 /// End users per page of the list.
 const LIST_PAGE: u32 = 50;
@@ -194,9 +194,10 @@ pub async fn page(
         (blocks(&session, &user, now))
         section.card {
             h2 { "Balance, last 30 days" }
-            (chart::balance(&days.0, &days.1, &days.2))
+            (chart::balance(&days.days, &days.first, &days.last))
             h2 { "Credits used per day" }
-            (chart::usage(&days.0, &days.1, &days.2))
+            (chart::usage(&days.days, &days.first, &days.last))
+            @if days.cut { p.muted { "Drawn from the newest " (CHART_ENTRIES_MAX) " entries." } }
         }
         (subscriptions(&user, &view))
         (holds(&user))
@@ -314,56 +315,81 @@ fn features(keys: Option<&[FeatureKey]>) -> String {
     )
 }
 
-/// Each of the last 30 days (UTC) with its closing balance and credits used, and the
-/// first and last day's labels.
+/// The last 30 days (UTC) drawn: each day's closing balance and credits used, the
+/// first and last day's labels, and whether the history was cut at
+/// [`CHART_ENTRIES_MAX`] entries.
+struct Days {
+    days: Vec<chart::Day>,
+    first: String,
+    last: String,
+    cut: bool,
+}
+
 async fn chart_days(
     session: &Session,
     end_user: &EndUserId,
     now: Timestamp,
-) -> Result<(Vec<chart::Day>, String, String), Failure> {
+) -> Result<Days, Failure> {
     let today = now.as_millis().div_euclid(DAY_MS);
     let first_day = today.saturating_sub(i64::try_from(CHART_DAYS).unwrap_or(30) - 1);
-    let start = Timestamp::from_millis(first_day.saturating_mul(DAY_MS));
-    let store = session.state.store();
-    let filter = |from: Option<Timestamp>, to: Option<Timestamp>, limit: u32| EntryFilter {
-        end_user_id: Some(end_user.to_string()),
-        entry_type: None,
-        from,
-        to,
-        before_seq: None,
-        limit,
-    };
-    // Newest first: the window's entries, and the last one before it (the opening
-    // balance).
-    let window = store
-        .entries(session.env(), &filter(Some(start), None, CHART_ENTRIES_MAX))
+    // Newest first, the figures only (no entry is parsed whole).
+    let points = session
+        .state
+        .store()
+        .entry_points(session.env(), end_user.as_str(), CHART_ENTRIES_MAX)
         .await?;
-    let before = store
-        .entries(session.env(), &filter(None, Some(start), 1))
-        .await?;
+    let cut = points.len() == usize::try_from(CHART_ENTRIES_MAX).unwrap_or(usize::MAX);
+    Ok(Days {
+        days: bucket(&points, first_day, cut),
+        first: day_label(first_day),
+        last: day_label(today),
+        cut,
+    })
+}
+
+/// Buckets entries (newest first) into the days from `first_day`: each day's closing
+/// balance is the last entry's `balance_after` at or before its end, and its use the
+/// credits debited and committed in it. The balance before the first day is the newest
+/// older entry's; with none, zero when the history is whole (`cut` false), else the
+/// oldest entry read's.
+fn bucket(points: &[EntryPoint], first_day: i64, cut: bool) -> Vec<chart::Day> {
+    let start = first_day.saturating_mul(DAY_MS);
+    let opening = points
+        .iter()
+        .find(|point| point.created_at.as_millis() < start)
+        .or_else(|| points.last().filter(|_| cut))
+        .map_or(0, |point| point.balance_after);
+    // Entries may be stamped out of seq order (usage carries its own time), so the
+    // window's are sorted by time, then seq.
+    let mut window: Vec<_> = points
+        .iter()
+        .filter(|point| point.created_at.as_millis() >= start)
+        .collect();
+    window.sort_by_key(|point| (point.created_at, point.seq));
+    let mut entries = window.into_iter().peekable();
+    let mut balance = opening;
     let mut days = vec![chart::Day::default(); CHART_DAYS];
-    let mut balance = before.first().map_or(0, |(_, entry)| entry.balance_after);
-    let mut entries = window.iter().rev().map(|(_, entry)| entry).peekable();
     for (index, day) in days.iter_mut().enumerate() {
         let end = first_day
             .saturating_add(i64::try_from(index).unwrap_or(0))
             .saturating_add(1)
             .saturating_mul(DAY_MS);
-        while let Some(entry) = entries.next_if(|entry| entry.created_at.0.as_millis() < end) {
-            balance = entry.balance_after;
-            if matches!(entry.entry_type.as_str(), "debit" | "commit") {
-                day.used = day.used.saturating_add(entry.amount.saturating_abs());
+        while let Some(point) = entries.next_if(|point| point.created_at.as_millis() < end) {
+            balance = point.balance_after;
+            if matches!(point.entry_type.as_str(), "debit" | "commit") {
+                day.used = day.used.saturating_add(point.amount.saturating_abs());
             }
         }
         day.balance = balance;
     }
-    let label = |day: i64| {
-        time(Timestamp::from_millis(day.saturating_mul(DAY_MS)))
-            .chars()
-            .take(10)
-            .collect::<String>()
-    };
-    Ok((days, label(first_day), label(today)))
+    days
+}
+
+fn day_label(day: i64) -> String {
+    time(Timestamp::from_millis(day.saturating_mul(DAY_MS)))
+        .chars()
+        .take(10)
+        .collect()
 }
 
 /// The end user's subscriptions with the actions their state allows.
@@ -707,4 +733,74 @@ pub async fn subscription_action(
         "/console/end-users/{}?notice={done}",
         encode(end_user)
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(
+        seq: i64,
+        day: i64,
+        hour: i64,
+        entry_type: &str,
+        amount: i64,
+        balance_after: i64,
+    ) -> EntryPoint {
+        EntryPoint {
+            seq,
+            entry_type: entry_type.into(),
+            created_at: Timestamp::from_millis(day * DAY_MS + hour * 3_600_000),
+            amount,
+            balance_after,
+        }
+    }
+
+    // Days close on their last entry's balance, carry it over quiet days, count debits
+    // and commits as use, and open on the newest entry before the window.
+    #[test]
+    fn days_close_on_their_last_entry() {
+        let first = 100;
+        let points = vec![
+            point(5, first + 2, 9, "debit", 4, 86),
+            point(4, first + 2, 8, "commit", -10, 90),
+            point(3, first, 1, "grant", 50, 100),
+            point(2, first - 3, 0, "debit", 5, 50),
+            point(1, first - 4, 0, "grant", 55, 55),
+        ];
+        let days = bucket(&points, first, false);
+        assert_eq!(days.len(), CHART_DAYS);
+        assert_eq!(
+            days[0],
+            chart::Day {
+                balance: 100,
+                used: 0
+            }
+        );
+        assert_eq!(
+            days[1],
+            chart::Day {
+                balance: 100,
+                used: 0
+            }
+        );
+        assert_eq!(
+            days[2],
+            chart::Day {
+                balance: 86,
+                used: 14
+            }
+        );
+        assert_eq!(days[29].balance, 86);
+        // Nothing before the window: zero when the history is whole, else the oldest read.
+        let recent = &points[..2];
+        assert_eq!(bucket(recent, first, false)[0].balance, 0);
+        assert_eq!(bucket(recent, first, true)[0].balance, 90);
+        // Out of seq order in time: the later stamp closes the day.
+        let skewed = vec![
+            point(9, first, 5, "debit", 1, 7),
+            point(8, first, 6, "debit", 1, 8),
+        ];
+        assert_eq!(bucket(&skewed, first, false)[0].balance, 8);
+    }
 }

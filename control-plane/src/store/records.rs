@@ -227,6 +227,16 @@ pub struct EndUserCursor {
     pub end_user_id: String,
 }
 
+/// An entry's figures, for charts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryPoint {
+    pub seq: i64,
+    pub entry_type: String,
+    pub created_at: Timestamp,
+    pub amount: i64,
+    pub balance_after: i64,
+}
+
 /// A webhook delivery with its event's type and its last attempt's outcome.
 #[derive(Debug, Clone)]
 pub struct DeliveryRow {

@@ -208,3 +208,35 @@ store_test! {
     assert!(live_list.contains("class=\"env live\""));
     }
 }
+
+// The chart's figures read by the store (cut from the body's text on PostgreSQL, by
+// SQLite's JSON functions) equal the entries read whole, whatever the ids and metadata
+// hold.
+store_test! {
+    async fn entry_points_match_the_entries(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = &tenant.test;
+    harness.catalog(key).await;
+    let user = r#"odd "amount":7, "balance_after":9 user"#;
+    harness.ok("/v1/credits/grants", key, json!({"end_user_id": user, "amount": 100, "metadata": {"amount": 5, "balance_after": 1}}), 201).await;
+    for units in [3, 5, 20] {
+        let used = harness.send(Method::POST, "/v1/usage", Some(key),
+            Some(json!({"end_user_id": user, "feature_key": "api_calls", "units": units, "metadata": {"\"amount\":": 1}})),
+            &[("idempotency-key", &format!("p{units}"))]).await;
+        assert!(used.status.is_success(), "{}", used.body);
+    }
+    harness.ok("/v1/credits/adjustments", key, json!({"end_user_id": user, "amount": -4, "reason": "\"balance_after\":3"}), 201).await;
+    let env = control_plane::store::Env { tenant_id: tenant.id.clone(), environment: control_plane::store::Environment::Test };
+    let points = harness.state.store().entry_points(&env, user, 100).await.expect("points");
+    let filter = control_plane::store::EntryFilter { end_user_id: Some(user.to_owned()), entry_type: None, from: None, to: None, before_seq: None, limit: 100 };
+    let entries = harness.state.store().entries(&env, &filter).await.expect("entries");
+    assert!(entries.len() >= 5, "{entries:?}");
+    let whole: Vec<_> = entries.iter().map(|(seq, entry)| (*seq, entry.entry_type.clone(), entry.created_at.0, entry.amount, entry.balance_after)).collect();
+    let cut: Vec<_> = points.iter().map(|point| (point.seq, point.entry_type.clone(), point.created_at, point.amount, point.balance_after)).collect();
+    assert_eq!(cut, whole);
+    let two = harness.state.store().entry_points(&env, user, 2).await.expect("points");
+    assert_eq!(two.len(), 2, "at most the limit, newest first");
+    assert_eq!(two[0].seq, whole[0].0);
+    }
+}
