@@ -128,26 +128,7 @@ impl SqliteStore {
         }
         // The walk reads no body: a filtered listing may pass thousands of entries to
         // find a page, and only the page's bodies are read and parsed.
-        let bodies = sqlx::query(
-            "SELECT seq, body FROM entries WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
-        )
-        .bind(serde_json::to_string(&found)?)
-        .fetch_all(&mut *connection)
-        .await?;
-        if bodies.len() != found.len() {
-            return Err(corrupt(format!(
-                "entries of end user `{end_user}` vanished while read"
-            )));
-        }
-        bodies
-            .iter()
-            .map(|row| {
-                Ok((
-                    row.try_get("seq")?,
-                    serde_json::from_str(row.try_get::<&str, _>("body")?)?,
-                ))
-            })
-            .collect()
+        bodies_of(&mut connection, end_user, &found).await
     }
 
     /// The newest `limit` entries of `end_user` as the console's charts need them,
@@ -267,6 +248,34 @@ impl SqliteStore {
 /// end user's (the cursor a previous page gave), otherwise at the newest entry. Returns
 /// the first link to read, and the cursor still to apply as a filter (one that is not
 /// this end user's entry).
+/// The entries numbered `seqs` (of `end_user`), newest first.
+async fn bodies_of(
+    connection: &mut SqliteConnection,
+    end_user: &str,
+    seqs: &[i64],
+) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
+    let bodies = sqlx::query(
+        "SELECT seq, body FROM entries WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
+    )
+    .bind(serde_json::to_string(seqs)?)
+    .fetch_all(&mut *connection)
+    .await?;
+    if bodies.len() != seqs.len() {
+        return Err(corrupt(format!(
+            "entries of end user `{end_user}` vanished while read"
+        )));
+    }
+    bodies
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("seq")?,
+                serde_json::from_str(row.try_get::<&str, _>("body")?)?,
+            ))
+        })
+        .collect()
+}
+
 async fn chain_start(
     connection: &mut SqliteConnection,
     env: &Env,
