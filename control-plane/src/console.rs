@@ -97,8 +97,30 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/console/events/{id}/redeliver", post(pages::redeliver))
         .route("/console/proxies", get(pages::proxies))
         .route("/console/clock/advance", post(pages::advance_clock))
+        .layer(axum::middleware::from_fn(same_origin_forms))
         .layer(axum::middleware::map_response(secure_headers))
         .layer(axum::Extension(console))
+}
+
+/// Refuses a form posted from another site, where the browser says so
+/// (`Sec-Fetch-Site`): beside each form's CSRF token and the `SameSite=Strict` cookie,
+/// this also covers the sign-in form, which has no session to bind a token to.
+async fn same_origin_forms(request: Request, next: axum::middleware::Next) -> Response {
+    let foreign = request.method() == Method::POST
+        && request
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|site| !matches!(site, "same-origin" | "none"));
+    if foreign {
+        return Failure::Problem {
+            status: StatusCode::FORBIDDEN,
+            title: "Forbidden".into(),
+            detail: "the console takes forms only from its own pages".into(),
+        }
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Headers every console answer carries: no script, no framing, nothing cached, no

@@ -378,6 +378,22 @@ async fn the_console_in_a_browser() {
         photograph(&browser, page).await;
     }
 
+    // The test clock moves from the header.
+    let clock = text_of(&browser, "#clock").await;
+    click(&browser, "#advance-clock").await;
+    let moved = e2e::eventually("the clock to move", Duration::from_secs(10), || async {
+        let now = browser
+            .find(Locator::Css("#clock"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (now != clock).then_some(now)
+    })
+    .await;
+    assert!(moved.contains("Test clock"), "{moved}");
+
     // A form posted without its CSRF token is refused (the session's cookie, no token).
     let cookies = browser.get_all_cookies().await.expect("cookies");
     let session = cookies

@@ -118,15 +118,15 @@ async fn signed_in(
     }
     let token =
         text("operator_token").ok_or("Enter an API key, or the operator token with a tenant.")?;
-    let configured = state
-        .config()
-        .operator_token
-        .as_ref()
-        .ok_or("This server has no operator token configured.")?;
-    let (expected, presented) = (auth::hash_key(configured.expose()), auth::hash_key(token));
-    if !auth::hashes_equal(&expected, &presented) {
-        return Err("That operator token is wrong.".into());
-    }
+    state
+        .check_operator_token(token, client)
+        .map_err(|error| match error {
+            ApiError::Unauthorized => {
+                "That operator token is wrong, or none is configured.".to_owned()
+            }
+            other => other.to_string(),
+        })?;
+    let presented = auth::hash_key(token);
     let tenant = text("tenant").ok_or("Enter the tenant id to act in.")?;
     let environment = Environment::parse(text("environment").unwrap_or("test"))
         .ok_or("The environment is test or live.")?;

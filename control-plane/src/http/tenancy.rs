@@ -70,18 +70,13 @@ pub async fn create_tenant(state: &AppState, name: &str) -> Result<TenantCreated
     responses((status = 201, body = TenantCreated), (status = 401, body = Problem)))]
 pub async fn operator_create_tenant(
     State(state): State<AppState>,
+    connect: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let token = state
-        .config()
-        .operator_token
-        .clone()
-        .ok_or(ApiError::Unauthorized)?;
+    let client = connect.map(|axum::Extension(axum::extract::ConnectInfo(address))| address.ip());
     let presented = presented_key(&headers).ok_or(ApiError::Unauthorized)?;
-    if !auth::hashes_equal(&auth::hash_key(&presented), &auth::hash_key(token.expose())) {
-        return Err(ApiError::Unauthorized);
-    }
+    state.check_operator_token(&presented, client)?;
     let request: CreateTenant = parse_json(&headers, &body, false)?;
     let created = create_tenant(&state, &request.name).await?;
     Ok((StatusCode::CREATED, Json(created)).into_response())

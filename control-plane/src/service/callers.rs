@@ -112,6 +112,40 @@ impl AppState {
         self.admit(record)
     }
 
+    /// Checks a presented operator token against the configured one, counting a wrong
+    /// one against the client's address as a failed key is (past its budget: 429
+    /// without comparing).
+    ///
+    /// # Errors
+    /// `Unauthorized` (no token configured, or a wrong one), `RateLimited`.
+    pub fn check_operator_token(
+        &self,
+        presented: &str,
+        client: Option<std::net::IpAddr>,
+    ) -> Result<(), ApiError> {
+        let now = self.real_now();
+        if let Some(retry_after_secs) =
+            client.and_then(|client| self.inner.failed_auth.refused(client, now))
+        {
+            return Err(ApiError::RateLimited { retry_after_secs });
+        }
+        let configured = self
+            .config()
+            .operator_token
+            .as_ref()
+            .ok_or(ApiError::Unauthorized)?;
+        if auth::hashes_equal(
+            &auth::hash_key(presented),
+            &auth::hash_key(configured.expose()),
+        ) {
+            return Ok(());
+        }
+        if let Some(client) = client {
+            self.inner.failed_auth.failed(client, now);
+        }
+        Err(ApiError::Unauthorized)
+    }
+
     /// The caller of a console session made with the key whose hash is `key_hash`: the
     /// key must still work (not revoked), and the environment's rate limit applies as
     /// to any request.

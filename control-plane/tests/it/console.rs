@@ -26,7 +26,21 @@ async fn console(
     cookie: Option<&str>,
     form: Option<&str>,
 ) -> Seen {
+    console_with(harness, method, path, cookie, form, &[]).await
+}
+
+async fn console_with(
+    harness: &Harness,
+    method: Method,
+    path: &str,
+    cookie: Option<&str>,
+    form: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Seen {
     let mut request = Request::builder().method(method).uri(path);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
     if let Some(cookie) = cookie {
         request = request.header(header::COOKIE, cookie);
     }
@@ -238,5 +252,51 @@ store_test! {
     let two = harness.state.store().entry_points(&env, user, 2).await.expect("points");
     assert_eq!(two.len(), 2, "at most the limit, newest first");
     assert_eq!(two[0].seq, whole[0].0);
+    }
+}
+
+// The operator signs in to one tenant's environment with the token (a wrong token is
+// refused and counted against the address); forms from another site are refused; the
+// cookie is `Secure` behind TLS; no page carries a script; the test clock moves from the
+// console on a test key and is not offered on a live one.
+store_test! {
+    async fn operator_origin_tls_and_clock(backend) {
+    let mut config = control_plane::config::Config::for_tests();
+    config.operator_token = Some(control_plane::config::Secret::new("an-operator-token-for-tests"));
+    let harness = Harness::start_with(backend, config).await;
+    let tenant = harness.tenant("acme").await;
+    let wrong = console(&harness, Method::POST, "/console/login", None,
+        Some(&format!("operator_token=wrong-token-entirely&tenant={}&environment=live", tenant.id))).await;
+    assert!(wrong.cookie.is_none() && wrong.html.contains("operator token is wrong"), "{}", wrong.html);
+    let unknown = console(&harness, Method::POST, "/console/login", None,
+        Some("operator_token=an-operator-token-for-tests&tenant=ten_nobody&environment=live")).await;
+    assert!(unknown.cookie.is_none() && unknown.html.contains("no tenant"), "{}", unknown.html);
+    let operator = console(&harness, Method::POST, "/console/login", None,
+        Some(&format!("operator_token=an-operator-token-for-tests&tenant={}&environment=live", tenant.id))).await;
+    let cookie = operator.cookie.expect("an operator session");
+    let cookie = cookie.split(';').next().expect("cookie");
+    let page = console(&harness, Method::GET, "/console/end-users", Some(cookie), None).await;
+    assert!(page.html.contains("class=\"env live\"") && page.html.contains("operator"), "{}", page.html);
+    assert!(!page.html.contains("/console/clock/advance"), "no test clock on live");
+
+    let cross = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
+        &[("sec-fetch-site", "cross-site")]).await;
+    assert_eq!((cross.status, cross.cookie.is_none()), (StatusCode::FORBIDDEN, true));
+    let tls = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
+        &[("x-forwarded-proto", "https"), ("sec-fetch-site", "same-origin")]).await;
+    assert!(tls.cookie.as_deref().is_some_and(|cookie| cookie.contains("; Secure")), "{tls:?}");
+
+    let test = sign_in(&harness, &tenant.test).await;
+    for path in ["/console/end-users", "/console/end-users/someone", "/console/explain", "/console/catalog", "/console/webhooks", "/console/proxies", "/console/login"] {
+        let seen = console(&harness, Method::GET, path, Some(&test), None).await;
+        assert!(!seen.html.to_lowercase().contains("<script"), "{path} reads without script");
+    }
+    let page = console(&harness, Method::GET, "/console/end-users", Some(&test), None).await;
+    let before = harness.get("/v1/test-clock", &tenant.test).await.body["offset_seconds"].as_i64().expect("offset");
+    let moved = console_with(&harness, Method::POST, "/console/clock/advance", Some(&test),
+        Some(&format!("seconds=86400&csrf={}", csrf(&page.html))), &[("referer", "http://x/console/webhooks")]).await;
+    assert_eq!(moved.location.as_deref(), Some("/console/webhooks"), "{}", moved.html);
+    let after = harness.get("/v1/test-clock", &tenant.test).await.body["offset_seconds"].as_i64().expect("offset");
+    assert_eq!(after - before, 86_400);
     }
 }
