@@ -322,14 +322,15 @@ async fn the_console_in_a_browser() {
     // Pause and resume the subscription, each behind its confirmation.
     for (action, status) in [("pause", "paused"), ("resume", "active")] {
         click(&browser, &format!("#{action}-{subscription}")).await;
-        browser
+        let confirm = browser
             .wait()
             .for_element(Locator::Css("#confirm"))
             .await
-            .expect("a confirmation")
-            .click()
-            .await
-            .expect("confirm");
+            .expect("a confirmation");
+        if action == "pause" {
+            photograph(&browser, "confirm").await;
+        }
+        confirm.click().await.expect("confirm");
         let shown = text_of(
             &browser,
             &format!("tr[data-subscription='{subscription}'] td.status"),
@@ -445,6 +446,32 @@ async fn the_console_in_a_browser() {
         .await
         .expect("nothing of the test end user in live");
     photograph(&browser, "live").await;
+    // And the other way round: a live end user is not in the test environment.
+    let live_client = client::Client::new(&plane.url, &live_key).expect("client");
+    live_client
+        .grant(&e2e::from(json!({"end_user_id": "only-live", "amount": 5})))
+        .await
+        .expect("grant");
+    browser
+        .goto(&format!("{base}/console/end-users"))
+        .await
+        .expect("list");
+    assert!(
+        text_of(&browser, "#end-users").await.contains("only-live"),
+        "the live session lists it"
+    );
+    click(&browser, "#sign-out").await;
+    browser
+        .wait()
+        .for_element(Locator::Css("#login-form"))
+        .await
+        .expect("signed out");
+
+    sign_in(&browser, &plane, &plane.key).await;
+    assert!(
+        !text_of(&browser, "#end-users").await.contains("only-live"),
+        "a test key sees no live end user"
+    );
     click(&browser, "#sign-out").await;
     browser
         .wait()
