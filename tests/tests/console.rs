@@ -218,6 +218,15 @@ async fn sign_in(browser: &Client, plane: &ControlPlane, key: &str) {
         .expect("the end users list");
 }
 
+async fn sign_out(browser: &Client) {
+    click(browser, "#sign-out").await;
+    browser
+        .wait()
+        .for_element(Locator::Css("#login-form"))
+        .await
+        .expect("signed out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_browser() {
     let dir = tempfile::tempdir().expect("dir");
@@ -419,12 +428,7 @@ async fn the_console_in_a_browser() {
     );
 
     // Sign out; a live key sees nothing of the test environment.
-    click(&browser, "#sign-out").await;
-    browser
-        .wait()
-        .for_element(Locator::Css("#login-form"))
-        .await
-        .expect("signed out");
+    sign_out(&browser).await;
     let live_key = plane.live_key.clone().expect("the tenant's live key");
     sign_in(&browser, &plane, &live_key).await;
     assert_eq!(
@@ -460,24 +464,14 @@ async fn the_console_in_a_browser() {
         text_of(&browser, "#end-users").await.contains("only-live"),
         "the live session lists it"
     );
-    click(&browser, "#sign-out").await;
-    browser
-        .wait()
-        .for_element(Locator::Css("#login-form"))
-        .await
-        .expect("signed out");
+    sign_out(&browser).await;
 
     sign_in(&browser, &plane, &plane.key).await;
     assert!(
         !text_of(&browser, "#end-users").await.contains("only-live"),
         "a test key sees no live end user"
     );
-    click(&browser, "#sign-out").await;
-    browser
-        .wait()
-        .for_element(Locator::Css("#login-form"))
-        .await
-        .expect("signed out");
+    sign_out(&browser).await;
 
     // No error in the browser's console all along.
     let log = browser.issue_cmd(BrowserLog).await.expect("browser log");

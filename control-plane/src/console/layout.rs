@@ -33,13 +33,7 @@ pub fn page(session: &Session, title: &str, now: Timestamp, body: Markup) -> Mar
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · QuotaStack" }
-                link rel="stylesheet" href="/console/style.css";
-                link rel="icon" href="data:,";
-            }
+            (head(title))
             body class=(environment.as_str()) {
                 header {
                     span.brand { "QuotaStack" }
@@ -83,18 +77,25 @@ pub fn page(session: &Session, title: &str, now: Timestamp, body: Markup) -> Mar
     }
 }
 
+/// Every page's `<head>`: the stylesheet, and an empty icon (no request for one).
+fn head(title: &str) -> Markup {
+    html! {
+        head {
+            meta charset="utf-8";
+            meta name="viewport" content="width=device-width, initial-scale=1";
+            title { (title) " · QuotaStack" }
+            link rel="stylesheet" href="/console/style.css";
+            link rel="icon" href="data:,";
+        }
+    }
+}
+
 /// A page without the frame (sign-in, problems before a session).
 pub fn bare(title: &str, body: &Markup) -> Markup {
     html! {
         (DOCTYPE)
         html lang="en" {
-            head {
-                meta charset="utf-8";
-                meta name="viewport" content="width=device-width, initial-scale=1";
-                title { (title) " · QuotaStack" }
-                link rel="stylesheet" href="/console/style.css";
-                link rel="icon" href="data:,";
-            }
+            (head(title))
             body { main { (body) } }
         }
     }

@@ -176,6 +176,17 @@ pub(crate) fn endpoint(row: &impl Columns, names: EndpointColumns) -> StoreResul
     })
 }
 
+/// An entry's figures for charts (`seq, type, created_at, amount, balance_after`).
+pub(crate) fn entry_point(row: &impl Columns) -> StoreResult<crate::store::EntryPoint> {
+    Ok(crate::store::EntryPoint {
+        seq: row.int("seq")?,
+        entry_type: row.text("type")?,
+        created_at: row.time("created_at")?,
+        amount: row.int("amount")?,
+        balance_after: row.int("balance_after")?,
+    })
+}
+
 /// An event's row (`seq`, `body`).
 pub(crate) fn event(row: &impl Columns) -> StoreResult<EventRecord> {
     Ok(EventRecord {

@@ -163,15 +163,7 @@ impl LedgerStore for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                Ok(EntryPoint {
-                    seq: row.try_get("seq")?,
-                    entry_type: row.try_get("type")?,
-                    created_at: Timestamp::from_millis(row.try_get("created_at")?),
-                    amount: row.try_get("amount")?,
-                    balance_after: row.try_get("balance_after")?,
-                })
-            })
+            .map(crate::store::columns::entry_point)
             .collect()
     }
 

@@ -167,13 +167,7 @@ impl SqliteStore {
                         "the chain of end user `{end_user}` holds another end user's entry"
                     )));
                 }
-                Ok(EntryPoint {
-                    seq: row.try_get("seq")?,
-                    entry_type: row.try_get("type")?,
-                    created_at: Timestamp::from_millis(row.try_get("created_at")?),
-                    amount: row.try_get("amount")?,
-                    balance_after: row.try_get("balance_after")?,
-                })
+                crate::store::columns::entry_point(row)
             })
             .collect()
     }
