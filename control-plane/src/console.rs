@@ -34,7 +34,7 @@ use session::{Claims, Principal, Signer};
 
 /// Signed-out sessions remembered per process (their cookies are refused here until
 /// they would have ended anyway).
-const SIGNED_OUT_KEPT: usize = 10_000;
+const SIGNED_OUT_KEPT: usize = 100_000;
 
 /// The largest answer read back from an in-process API call.
 const API_ANSWER_MAX: usize = 4 << 20;
@@ -45,7 +45,44 @@ pub struct Console {
     /// The API's routes, called in process for every change.
     api: Router,
     signer: Signer,
-    signed_out: Mutex<lru::LruCache<String, ()>>,
+    signed_out: SignedOut,
+}
+
+/// Sessions signed out on this process, each kept until it would have ended: their
+/// cookies are refused here even if copied. Bounded: past [`SIGNED_OUT_KEPT`], ended
+/// ones are dropped, then the tenth that ends soonest (they end soon anyway).
+#[derive(Debug, Default)]
+pub struct SignedOut {
+    /// Nonce → when the session ends (ms, real clock).
+    ends: Mutex<std::collections::HashMap<String, i64>>,
+}
+
+impl SignedOut {
+    fn insert(&self, nonce: &str, ends_ms: i64, now_ms: i64) {
+        let mut ends = self
+            .ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ends.len() >= SIGNED_OUT_KEPT {
+            ends.retain(|_, end| *end > now_ms);
+        }
+        if ends.len() >= SIGNED_OUT_KEPT {
+            // A tenth at once, so that a full map costs one pass per many sign-outs.
+            let mut times: Vec<i64> = ends.values().copied().collect();
+            let tenth = times.len() / 10;
+            let (_, threshold, _) = times.select_nth_unstable(tenth);
+            let threshold = *threshold;
+            ends.retain(|_, end| *end > threshold);
+        }
+        ends.insert(nonce.to_owned(), ends_ms);
+    }
+
+    fn contains(&self, nonce: &str) -> bool {
+        self.ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(nonce)
+    }
 }
 
 /// The console's routes, to merge beside the API's (`http::app_with`).
@@ -67,9 +104,7 @@ pub fn router(state: &AppState) -> Router<AppState> {
                 .as_ref()
                 .map(crate::config::Secret::expose),
         ),
-        signed_out: Mutex::new(lru::LruCache::new(
-            std::num::NonZeroUsize::new(SIGNED_OUT_KEPT).unwrap_or(std::num::NonZeroUsize::MIN),
-        )),
+        signed_out: SignedOut::default(),
     });
     Router::new()
         .route(
@@ -103,15 +138,21 @@ pub fn router(state: &AppState) -> Router<AppState> {
 }
 
 /// Refuses a form posted from another site, where the browser says so
-/// (`Sec-Fetch-Site`): beside each form's CSRF token and the `SameSite=Strict` cookie,
+/// (`Sec-Fetch-Site`, or else an `Origin` that is not this host): beside each form's CSRF token and the `SameSite=Strict` cookie,
 /// this also covers the sign-in form, which has no session to bind a token to.
 async fn same_origin_forms(request: Request, next: axum::middleware::Next) -> Response {
+    let headers = request.headers();
+    let text = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
     let foreign = request.method() == Method::POST
-        && request
-            .headers()
-            .get("sec-fetch-site")
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|site| !matches!(site, "same-origin" | "none"));
+        && match (text("sec-fetch-site"), text("origin")) {
+            (Some(site), _) => !matches!(site, "same-origin" | "none"),
+            // Browsers without Fetch Metadata still say where a form came from.
+            (None, Some(origin)) => {
+                let host = origin.split_once("://").map_or(origin, |(_, host)| host);
+                text("host").is_none_or(|own| !own.eq_ignore_ascii_case(host))
+            }
+            (None, None) => false,
+        };
     if foreign {
         return Failure::Problem {
             status: StatusCode::FORBIDDEN,
@@ -231,6 +272,20 @@ impl Session {
         &self.caller.env
     }
 
+    /// Whether the session's key has `scope` (the operator has every scope).
+    pub fn may(&self, scope: crate::auth::Scope) -> bool {
+        crate::auth::allows(&self.caller.scopes, scope)
+    }
+
+    /// Refuses a page the API would refuse this key: reads need `read`, webhooks and
+    /// proxies `admin`, as their endpoints do.
+    ///
+    /// # Errors
+    /// 403 naming the scope.
+    pub fn require(&self, scope: crate::auth::Scope) -> Result<(), Failure> {
+        self.caller.require(scope).map_err(Failure::from)
+    }
+
     /// Refuses a form whose CSRF token is not this session's.
     ///
     /// # Errors
@@ -335,12 +390,7 @@ impl FromRequestParts<AppState> for Session {
             .signer
             .open(cookie, state.real_now().as_millis())
             .ok_or(Failure::SignIn)?;
-        if console
-            .signed_out
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&claims.nonce)
-        {
+        if console.signed_out.contains(&claims.nonce) {
             return Err(Failure::SignIn);
         }
         let (caller, operator) = match &claims.principal {
@@ -349,18 +399,20 @@ impl FromRequestParts<AppState> for Session {
                 (state.resume(&hash).await?, false)
             }
             Principal::Operator {
-                hash,
+                tag,
                 tenant,
                 environment,
             } => {
+                // Rotating the token ends every operator session.
                 let configured = state
                     .config()
                     .operator_token
                     .as_ref()
                     .ok_or(Failure::SignIn)?;
-                let expected = crate::auth::hash_key(configured.expose());
-                let presented = session::unhex32(hash).ok_or(Failure::SignIn)?;
-                if !crate::auth::hashes_equal(&expected, &presented) {
+                if !console
+                    .signer
+                    .operator_tag_matches(tag, configured.expose())
+                {
                     return Err(Failure::SignIn);
                 }
                 let environment =
@@ -419,7 +471,57 @@ fn render(session: &Session, title: &str, now: Timestamp, body: Markup) -> Respo
     layout::page(session, title, now, body).into_response()
 }
 
-/// Percent-encodes a path segment or query value.
+/// Percent-encodes a query value (form encoding: a space is `+`).
 fn encode(text: &str) -> String {
     url::form_urlencoded::byte_serialize(text.as_bytes()).collect()
+}
+
+/// What a path segment keeps as it is (RFC 3986's unreserved characters); everything
+/// else is percent-encoded, a space as `%20` (a `+` in a path is a plus).
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+/// Percent-encodes one path segment (an end user id, say).
+fn segment(text: &str) -> String {
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Signed-out sessions stay refused until they end; past the bound, ended ones go
+    // first, then those that end soonest, never the newest.
+    #[test]
+    fn signed_out_sessions_are_bounded() {
+        let signed_out = SignedOut::default();
+        signed_out.insert("a", 100, 0);
+        assert!(signed_out.contains("a") && !signed_out.contains("b"));
+        for index in 0..SIGNED_OUT_KEPT {
+            let ends = i64::try_from(index)
+                .unwrap_or(i64::MAX)
+                .saturating_add(1_000);
+            signed_out.insert(&format!("n{index}"), ends, 50);
+        }
+        signed_out.insert("last", 10_000_000, 200);
+        let len = signed_out.ends.lock().map(|ends| ends.len()).unwrap_or(0);
+        assert!(len <= SIGNED_OUT_KEPT, "{len}");
+        assert!(!signed_out.contains("a"), "ended, dropped first");
+        assert!(!signed_out.contains("n0"), "the soonest to end went next");
+        assert!(
+            signed_out.contains("last")
+                && signed_out.contains(&format!("n{}", SIGNED_OUT_KEPT - 1))
+        );
+    }
+
+    // Path segments keep only unreserved characters; a space is %20, never `+`.
+    #[test]
+    fn segments_are_percent_encoded() {
+        assert_eq!(segment("john doe+1/2"), "john%20doe%2B1%2F2");
+        assert_eq!(segment("user-1_a.b~c"), "user-1_a.b~c");
+        assert_eq!(encode("a b"), "a+b");
+    }
 }

@@ -38,6 +38,9 @@ struct Inner {
     catalog_generation: std::sync::atomic::AtomicU64,
     keys: auth::cache::KeyCache,
     failed_auth: auth::cache::FailedAuth,
+    /// Wrong operator tokens per client address: a budget of their own, so that bad API
+    /// keys from an address (a load balancer's, say) never lock the operator out.
+    failed_operator: auth::cache::FailedAuth,
     limiter: DefaultKeyedRateLimiter<Env>,
     metrics: Option<PrometheusHandle>,
     /// Webhook delivery (the worker's handle).
@@ -125,6 +128,7 @@ impl AppState {
                 catalog_generation: std::sync::atomic::AtomicU64::new(0),
                 keys: auth::cache::KeyCache::new(key_cache),
                 failed_auth: auth::cache::FailedAuth::new(&key_cache),
+                failed_operator: auth::cache::FailedAuth::new(&key_cache),
                 limiter,
                 metrics,
                 deliveries,

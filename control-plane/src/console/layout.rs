@@ -6,6 +6,7 @@ use ledger::Timestamp;
 use maud::{DOCTYPE, Markup, html};
 
 use super::Session;
+use crate::auth::Scope;
 use crate::store::Environment;
 
 const STYLESHEET: &str = include_str!("style.css");
@@ -40,11 +41,15 @@ pub fn page(session: &Session, title: &str, now: Timestamp, body: Markup) -> Mar
                     span.env.(environment.as_str()) id="environment" { (environment.as_str()) }
                     span.mono.muted { (session.env().tenant_id) }
                     nav {
-                        a href="/console/end-users" { "End users" }
-                        a href="/console/explain" { "Explain" }
-                        a href="/console/catalog" { "Catalog" }
-                        a href="/console/webhooks" { "Webhooks" }
-                        a href="/console/proxies" { "Proxies" }
+                        @if session.may(Scope::Read) {
+                            a href="/console/end-users" { "End users" }
+                            a href="/console/explain" { "Explain" }
+                            a href="/console/catalog" { "Catalog" }
+                        }
+                        @if session.may(Scope::Admin) {
+                            a href="/console/webhooks" { "Webhooks" }
+                            a href="/console/proxies" { "Proxies" }
+                        }
                     }
                     div.right {
                         span.muted id="clock" title="The environment's time" {

@@ -62,8 +62,8 @@ pub async fn login(
     Form(form): Form<Fields>,
 ) -> Response {
     let client = connect.map(|Extension(ConnectInfo(address))| address.ip());
-    let principal = match signed_in(&state, client, &form).await {
-        Ok(principal) => principal,
+    let (principal, landing) = match signed_in(&state, &console.signer, client, &form).await {
+        Ok(signed) => signed,
         // The form again with the reason, as a page (200): a browser logs a 4xx page
         // load as an error, and the refusal is the page's content, not a fault.
         Err(message) => return login_page(Some(&message)).into_response(),
@@ -81,7 +81,7 @@ pub async fn login(
         Some((&console.signer.seal(&claims), length.as_secs())),
         secure(&state, &headers),
     );
-    let mut response = see_other("/console/end-users");
+    let mut response = see_other(landing);
     if let Ok(value) = HeaderValue::from_str(&cookie) {
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
@@ -91,9 +91,10 @@ pub async fn login(
 /// Who the sign-in form names, or why not (a message for the form).
 async fn signed_in(
     state: &AppState,
+    signer: &super::session::Signer,
     client: Option<std::net::IpAddr>,
     form: &Fields,
-) -> Result<Principal, String> {
+) -> Result<(Principal, &'static str), String> {
     let text = |name: &str| {
         form.get(name)
             .map(|value| value.trim())
@@ -103,30 +104,27 @@ async fn signed_in(
         let caller = state
             .authenticate(key, client)
             .await
-            .map_err(|error| match error {
-                ApiError::Unauthorized => "That key is not known, or was revoked.".to_owned(),
-                other => other.to_string(),
-            })?;
-        if !(auth::allows(&caller.scopes, Scope::Admin)
-            || auth::allows(&caller.scopes, Scope::Read))
-        {
+            .map_err(|error| refusal(error, "That key is not known, or was revoked."))?;
+        let landing = if auth::allows(&caller.scopes, Scope::Read) {
+            "/console/end-users"
+        } else if auth::allows(&caller.scopes, Scope::Admin) {
+            "/console/webhooks"
+        } else {
             return Err("That key has neither the admin nor the read scope.".into());
-        }
-        return Ok(Principal::Key {
+        };
+        let principal = Principal::Key {
             hash: hex(&caller.key_hash),
-        });
+        };
+        return Ok((principal, landing));
     }
     let token =
         text("operator_token").ok_or("Enter an API key, or the operator token with a tenant.")?;
-    state
-        .check_operator_token(token, client)
-        .map_err(|error| match error {
-            ApiError::Unauthorized => {
-                "That operator token is wrong, or none is configured.".to_owned()
-            }
-            other => other.to_string(),
-        })?;
-    let presented = auth::hash_key(token);
+    state.check_operator_token(token, client).map_err(|error| {
+        refusal(
+            error,
+            "That operator token is wrong, or none is configured.",
+        )
+    })?;
     let tenant = text("tenant").ok_or("Enter the tenant id to act in.")?;
     let environment = Environment::parse(text("environment").unwrap_or("test"))
         .ok_or("The environment is test or live.")?;
@@ -138,27 +136,42 @@ async fn signed_in(
         .store()
         .list_api_keys(&env)
         .await
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| refusal(error.into(), ""))?;
     if keys.is_empty() {
         return Err(format!("There is no tenant `{tenant}`."));
     }
-    Ok(Principal::Operator {
-        hash: hex(&presented),
+    let principal = Principal::Operator {
+        tag: signer.operator_tag(token),
         tenant: tenant.to_owned(),
         environment: environment.as_str().to_owned(),
-    })
+    };
+    Ok((principal, "/console/end-users"))
+}
+
+/// What the sign-in form says for a refusal: `unauthorized` for a wrong credential, the
+/// wait for too many failures, and nothing of the server's own faults (they are logged).
+fn refusal(error: ApiError, unauthorized: &str) -> String {
+    match error {
+        ApiError::Unauthorized => unauthorized.to_owned(),
+        ApiError::RateLimited { retry_after_secs } => format!(
+            "Too many failed attempts from this address; try again in {retry_after_secs} s."
+        ),
+        other => {
+            tracing::warn!(error = %other, "console sign-in failed");
+            "Signing in failed on the server; try again shortly.".to_owned()
+        }
+    }
 }
 
 /// `POST /console/logout`: the cookie is cleared, and this process refuses it from now
 /// on even if it was copied.
 pub async fn logout(session: Session, headers: HeaderMap, Form(form): Form<Fields>) -> Page {
     session.check_csrf(form.get("csrf").map(String::as_str))?;
-    session
-        .console
-        .signed_out
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .put(session.claims.nonce.clone(), ());
+    session.console.signed_out.insert(
+        &session.claims.nonce,
+        session.claims.expires_ms,
+        session.state.real_now().as_millis(),
+    );
     let mut response = see_other("/console/login");
     if let Ok(value) = HeaderValue::from_str(&set_cookie(None, secure(&session.state, &headers))) {
         response.headers_mut().insert(header::SET_COOKIE, value);
@@ -179,6 +192,7 @@ pub struct ExplainQuery {
 /// `GET /console/explain`: the check's answer for an end user, feature and units, with
 /// its reason, the blocks that would burn in order, and what the plan allows.
 pub async fn explain(session: Session, Query(query): Query<ExplainQuery>) -> Page {
+    session.require(Scope::Read)?;
     let view = session.state.view(session.env()).await?;
     let now = session.state.env_now(&view);
     let end_user = query
@@ -305,6 +319,7 @@ fn burn_order<'a>(
 /// `GET /console/catalog`: features with pricing, plans and their variants with grant
 /// templates (read only: the catalog is code, `quotastack apply`).
 pub async fn catalog(session: Session) -> Page {
+    session.require(Scope::Read)?;
     let view = session.state.view(session.env()).await?;
     let now = session.state.env_now(&view);
     let json = |value: &dyn erased::Json| value.json();
@@ -362,6 +377,7 @@ pub struct NoticeQuery {
 
 /// `GET /console/webhooks`: endpoints and the newest deliveries, each redeliverable.
 pub async fn webhooks(session: Session, Query(query): Query<NoticeQuery>) -> Page {
+    session.require(Scope::Admin)?;
     let view = session.state.view(session.env()).await?;
     let now = session.state.env_now(&view);
     let store = session.state.store();
@@ -397,7 +413,7 @@ pub async fn webhooks(session: Session, Query(query): Query<NoticeQuery>) -> Pag
                             td { (delivery.last_response_status.map_or_else(String::new, |status| status.to_string()))
                                  @if let Some(error) = &delivery.last_error { " " span.muted { (error) } } }
                             td { @if delivery.status == "pending" { (time(delivery.next_attempt_at)) } }
-                            td { form.inline method="post" action={"/console/events/" (super::encode(&delivery.event_id)) "/redeliver"} {
+                            td { form.inline method="post" action={"/console/events/" (super::segment(&delivery.event_id)) "/redeliver"} {
                                 input type="hidden" name="csrf" value=(session.csrf);
                                 button.secondary type="submit" { "Redeliver" }
                             } }
@@ -417,7 +433,7 @@ pub async fn redeliver(session: Session, Path(id): Path<String>, Form(form): For
     session
         .api(
             Method::POST,
-            &format!("/v1/events/{}/redeliver", super::encode(&id)),
+            &format!("/v1/events/{}/redeliver", super::segment(&id)),
             None,
             None,
         )
@@ -431,6 +447,7 @@ const LEASES_SHOWN: u32 = 500;
 /// `GET /console/proxies`: the sync streams open on this server with how far behind
 /// the feed each is, and the credits leased per holder.
 pub async fn proxies(session: Session) -> Page {
+    session.require(Scope::Admin)?;
     let (state, env) = (&session.state, session.env());
     let view = state.view(env).await?;
     let now = state.env_now(&view);

@@ -26,9 +26,11 @@ const COOKIE_LEN_MAX: usize = 1024;
 pub enum Principal {
     /// An API key, by its hash (hex).
     Key { hash: String },
-    /// The operator token (its hash, hex), acting in one tenant's environment.
+    /// The operator token (its keyed tag, [`Signer::operator_tag`]: the cookie is
+    /// signed, not encrypted, and a bare hash of a weak token could be guessed from it),
+    /// acting in one tenant's environment.
     Operator {
-        hash: String,
+        tag: String,
         tenant: String,
         /// `live` or `test`.
         environment: String,
@@ -110,6 +112,20 @@ impl Signer {
         }
         let claims: Claims = serde_json::from_slice(&payload).ok()?;
         (claims.expires_ms > now_ms).then_some(claims)
+    }
+
+    /// The operator token's tag in a session (hex): an HMAC under this signer's key.
+    pub fn operator_tag(&self, token: &str) -> String {
+        hex(&self.mac(b"operator", token.as_bytes()))
+    }
+
+    /// Whether `tag` is `token`'s.
+    pub fn operator_tag_matches(&self, tag: &str, token: &str) -> bool {
+        let expected = self.operator_tag(token);
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            expected.as_bytes(),
+            tag.as_bytes(),
+        ))
     }
 
     /// The CSRF token of the session named by `nonce`.

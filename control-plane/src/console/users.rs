@@ -11,7 +11,7 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::layout::{notice, time, time_opt};
-use super::{Failure, Page, Session, chart, encode, render, see_other};
+use super::{Failure, Page, Session, chart, encode, render, see_other, segment};
 use crate::catalog::CatalogView;
 use crate::store::{EndUserCursor, EntryFilter, EntryPoint};
 
@@ -41,6 +41,7 @@ pub struct ListQuery {
 
 /// `GET /console/end-users`: newest activity first, searchable by id prefix.
 pub async fn list(session: Session, Query(query): Query<ListQuery>) -> Page {
+    session.require(crate::auth::Scope::Read)?;
     let prefix = query.q.as_deref().map(str::trim).filter(|q| !q.is_empty());
     if let Some(prefix) = prefix
         && (prefix.len() > PREFIX_MAX || prefix.chars().any(char::is_control))
@@ -76,7 +77,7 @@ pub async fn list(session: Session, Query(query): Query<ListQuery>) -> Page {
                     @let user = &row.state;
                     @let (plan, status) = plan_and_status(user, &view);
                     tr {
-                        td { a.mono href={"/console/end-users/" (encode(user.end_user_id().as_str()))} { (user.end_user_id()) } }
+                        td { a.mono href={"/console/end-users/" (segment(user.end_user_id().as_str()))} { (user.end_user_id()) } }
                         td.num { (figure(user.available(None, now).map(ledger::Credits::get))) }
                         td.num { (figure(user.held(None).map(ledger::Credits::get))) }
                         td.num { (figure(user.total_debt(None).map(ledger::Credits::get))) }
@@ -153,6 +154,7 @@ pub async fn page(
     Path(id): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Page {
+    session.require(crate::auth::Scope::Read)?;
     let end_user = protocol::end_user_id("end_user_id", &id)
         .map_err(|error| Failure::bad_request(error.to_string()))?;
     let entry_type = query.entry_type.filter(|value| !value.is_empty());
@@ -459,7 +461,7 @@ fn ledger_table(
     rows: &[(i64, protocol::LedgerEntry)],
     entry_type: Option<&str>,
 ) -> Markup {
-    let base = format!("/console/end-users/{}", encode(end_user.as_str()));
+    let base = format!("/console/end-users/{}", segment(end_user.as_str()));
     let older = (rows.len() == usize::try_from(LEDGER_PAGE).unwrap_or(usize::MAX))
         .then(|| rows.last().map(|(seq, _)| *seq))
         .flatten();
@@ -512,7 +514,7 @@ fn events_table(events: &[crate::store::EventRecord]) -> Markup {
 /// The grant and adjustment forms, each with a fresh idempotency key: a form sent twice
 /// (a double click, a resubmission) grants once.
 fn forms(session: &Session, end_user: &EndUserId) -> Markup {
-    let base = format!("/console/end-users/{}", encode(end_user.as_str()));
+    let base = format!("/console/end-users/{}", segment(end_user.as_str()));
     html! {
         section.card {
             h2 { "Grant credits" }
@@ -601,7 +603,7 @@ pub async fn grant(session: Session, Path(id): Path<String>, Form(form): Form<Fi
         .await?;
     Ok(see_other(&format!(
         "/console/end-users/{}?notice=granted",
-        encode(&id)
+        segment(&id)
     )))
 }
 
@@ -625,7 +627,7 @@ pub async fn adjust(session: Session, Path(id): Path<String>, Form(form): Form<F
         .await?;
     Ok(see_other(&format!(
         "/console/end-users/{}?notice=adjusted",
-        encode(&id)
+        segment(&id)
     )))
 }
 
@@ -648,7 +650,7 @@ pub async fn confirm_action(session: Session, Path((id, action)): Path<(String, 
     let subscription = session
         .api(
             Method::GET,
-            &format!("/v1/subscriptions/{}", encode(&id)),
+            &format!("/v1/subscriptions/{}", segment(&id)),
             None,
             None,
         )
@@ -662,7 +664,7 @@ pub async fn confirm_action(session: Session, Path((id, action)): Path<(String, 
     let body = html! {
         section.card {
             p { "Really " strong { (action) } " subscription " span.mono { (id) } " of end user " span.mono { (end_user) } "?" }
-            form method="post" action={"/console/subscriptions/" (encode(&id)) "/" (action)} id="confirm-form" {
+            form method="post" action={"/console/subscriptions/" (segment(&id)) "/" (action)} id="confirm-form" {
                 input type="hidden" name="csrf" value=(session.csrf);
                 input type="hidden" name="idempotency_key" value=(fresh_key());
                 @if action == "cancel" || action == "change" {
@@ -677,7 +679,7 @@ pub async fn confirm_action(session: Session, Path((id, action)): Path<(String, 
                     } } " "
                 }
                 button type="submit" id="confirm" { "Confirm " (action) }
-                " " a href={"/console/end-users/" (encode(&end_user))} { "Back" }
+                " " a href={"/console/end-users/" (segment(&end_user))} { "Back" }
             }
         }
     };
@@ -716,7 +718,7 @@ pub async fn subscription_action(
     let answer = session
         .api(
             Method::POST,
-            &format!("/v1/subscriptions/{}/{action}", encode(&id)),
+            &format!("/v1/subscriptions/{}/{action}", segment(&id)),
             body.as_ref(),
             field(&form, "idempotency_key"),
         )
@@ -731,7 +733,7 @@ pub async fn subscription_action(
     };
     Ok(see_other(&format!(
         "/console/end-users/{}?notice={done}",
-        encode(end_user)
+        segment(end_user)
     )))
 }
 

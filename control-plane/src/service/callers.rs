@@ -113,8 +113,8 @@ impl AppState {
     }
 
     /// Checks a presented operator token against the configured one, counting a wrong
-    /// one against the client's address as a failed key is (past its budget: 429
-    /// without comparing).
+    /// one against the client's address in a budget of the operator's own (past it: 429
+    /// without comparing). Failed API keys do not spend it.
     ///
     /// # Errors
     /// `Unauthorized` (no token configured, or a wrong one), `RateLimited`.
@@ -125,7 +125,7 @@ impl AppState {
     ) -> Result<(), ApiError> {
         let now = self.real_now();
         if let Some(retry_after_secs) =
-            client.and_then(|client| self.inner.failed_auth.refused(client, now))
+            client.and_then(|client| self.inner.failed_operator.refused(client, now))
         {
             return Err(ApiError::RateLimited { retry_after_secs });
         }
@@ -141,7 +141,7 @@ impl AppState {
             return Ok(());
         }
         if let Some(client) = client {
-            self.inner.failed_auth.failed(client, now);
+            self.inner.failed_operator.failed(client, now);
         }
         Err(ApiError::Unauthorized)
     }
@@ -347,5 +347,6 @@ impl AppState {
     /// budget (the scheduler calls this every pass).
     pub fn housekeep_auth(&self) {
         self.inner.failed_auth.housekeep();
+        self.inner.failed_operator.housekeep();
     }
 }

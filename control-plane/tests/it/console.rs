@@ -204,6 +204,31 @@ store_test! {
     }
 }
 
+// Pages need the scopes their endpoints need: a read key reads end users but not
+// webhooks or proxies, and is not offered them. An end user id with a space and a plus
+// links to itself, not to another end user.
+store_test! {
+    async fn scopes_and_odd_ids(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let reader = harness.ok("/v1/api-keys", &tenant.test, json!({"name": "support", "scopes": ["read"]}), 201).await;
+    let cookie = sign_in(&harness, reader["secret"].as_str().expect("secret")).await;
+    let list = console(&harness, Method::GET, "/console/end-users", Some(&cookie), None).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(!list.html.contains("/console/webhooks"), "no link to what it may not see");
+    for path in ["/console/webhooks", "/console/proxies"] {
+        let seen = console(&harness, Method::GET, path, Some(&cookie), None).await;
+        assert_eq!(seen.status, StatusCode::FORBIDDEN, "{path}: {}", seen.html);
+    }
+    let odd = "john doe+1";
+    harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": odd, "amount": 12}), 201).await;
+    let list = console(&harness, Method::GET, "/console/end-users", Some(&cookie), None).await;
+    assert!(list.html.contains("/console/end-users/john%20doe%2B1"), "{}", list.html);
+    let page = console(&harness, Method::GET, "/console/end-users/john%20doe%2B1", Some(&cookie), None).await;
+    assert!(page.html.contains("id=\"available\">12<"), "{}", page.html);
+    }
+}
+
 // A live session never sees test data, and the other way round.
 store_test! {
     async fn environments_are_apart(backend) {
@@ -282,6 +307,12 @@ store_test! {
     let cross = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
         &[("sec-fetch-site", "cross-site")]).await;
     assert_eq!((cross.status, cross.cookie.is_none()), (StatusCode::FORBIDDEN, true));
+    let elsewhere = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
+        &[("origin", "https://evil.example"), ("host", "console.example")]).await;
+    assert_eq!(elsewhere.status, StatusCode::FORBIDDEN, "an Origin of another host");
+    let here = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
+        &[("origin", "https://console.example"), ("host", "console.example")]).await;
+    assert!(here.cookie.is_some(), "an Origin of this host signs in");
     let tls = console_with(&harness, Method::POST, "/console/login", None, Some(&format!("key={}", encode(&tenant.test))),
         &[("x-forwarded-proto", "https"), ("sec-fetch-site", "same-origin")]).await;
     assert!(tls.cookie.as_deref().is_some_and(|cookie| cookie.contains("; Secure")), "{tls:?}");
@@ -298,5 +329,37 @@ store_test! {
     assert_eq!(moved.location.as_deref(), Some("/console/webhooks"), "{}", moved.html);
     let after = harness.get("/v1/test-clock", &tenant.test).await.body["offset_seconds"].as_i64().expect("offset");
     assert_eq!(after - before, 86_400);
+    }
+}
+
+// The end user list pages through everyone newest first, without a gap or a repeat, with
+// and without a search; a search finds only ids that start with it.
+store_test! {
+    async fn end_user_pages(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    for index in 0..7 {
+        harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": format!("ab-{index}"), "amount": 1}), 201).await;
+        harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": format!("zz-{index}"), "amount": 1}), 201).await;
+    }
+    let env = control_plane::store::Env { tenant_id: tenant.id.clone(), environment: control_plane::store::Environment::Test };
+    let store = harness.state.store();
+    for (prefix, expected) in [(None, 14), (Some("ab-"), 7), (Some("zz-6"), 1), (Some("q"), 0)] {
+        let mut seen: Vec<String> = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.recent_end_users(&env, prefix, after.as_ref(), 3).await.expect("page");
+            for row in &page {
+                assert!(prefix.is_none_or(|prefix| row.state.end_user_id().as_str().starts_with(prefix)));
+                seen.push(row.state.end_user_id().to_string());
+            }
+            let Some(last) = page.last().filter(|_| page.len() == 3) else { break };
+            after = Some(control_plane::store::EndUserCursor { updated_at: last.updated_at, end_user_id: last.state.end_user_id().to_string() });
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (expected, expected), "{prefix:?}: {seen:?}");
+    }
     }
 }

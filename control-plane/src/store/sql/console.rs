@@ -9,6 +9,9 @@ use crate::store::{
     ConsoleStore, DeliveryRow, EndUserCursor, EndUserRow, Env, EventRecord, StoreResult,
 };
 
+/// The most end users a prefix search considers (the first in id order).
+pub(crate) const PREFIX_MATCHES: i64 = 10_000;
+
 #[async_trait]
 impl<S: Sql> ConsoleStore for S {
     async fn recent_end_users(
@@ -18,27 +21,72 @@ impl<S: Sql> ConsoleStore for S {
         after: Option<&EndUserCursor>,
         limit: u32,
     ) -> StoreResult<Vec<EndUserRow>> {
-        // Newest first through `end_users_recent`; ties (one instant) by id. The prefix
-        // is compared as a leading substring, so no character of it is a pattern.
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT end_user_id, state, updated_at FROM end_users
-                 WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
-                   AND ($3 IS NULL OR substr(end_user_id, 1, length($3)) = $3)
-                   AND ($4 IS NULL OR updated_at < $4 OR (updated_at = $4 AND end_user_id > $5))
-                 ORDER BY updated_at DESC, end_user_id
-                 LIMIT $6",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::TextOpt(prefix),
-                    Arg::IntOpt(after.map(|cursor| cursor.updated_at)),
-                    Arg::Text(after.map_or("", |cursor| cursor.end_user_id.as_str())),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+        let (tenant, environment) = (
+            Arg::Text(&env.tenant_id),
+            Arg::Text(env.environment.as_str()),
+        );
+        let limit = Arg::Int(i64::from(limit));
+        // Newest first, ties (one instant) by id; a page resumes after the last row.
+        let rows = match (prefix, after) {
+            // `end_users_recent` from its newest end, or from the cursor on (a range).
+            (None, None) => {
+                self.fetch_all(
+                    Side::Read,
+                    "SELECT end_user_id, state, updated_at FROM end_users
+                     WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
+                     ORDER BY updated_at DESC, end_user_id LIMIT $3",
+                    &[tenant, environment, limit],
+                )
+                .await?
+            }
+            (None, Some(cursor)) => {
+                self.fetch_all(
+                    Side::Read,
+                    "SELECT end_user_id, state, updated_at FROM end_users
+                     WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
+                       AND updated_at <= $3 AND (updated_at < $3 OR end_user_id > $4)
+                     ORDER BY updated_at DESC, end_user_id LIMIT $5",
+                    &[
+                        tenant,
+                        environment,
+                        Arg::Int(cursor.updated_at),
+                        Arg::Text(&cursor.end_user_id),
+                        limit,
+                    ],
+                )
+                .await?
+            }
+            // A search reads the ids that start with the prefix through the primary key
+            // (a range), at most PREFIX_MATCHES of them in id order, and sorts those by
+            // recency: its cost is bounded whatever the environment's size.
+            (Some(prefix), cursor) => {
+                let upper = format!("{prefix}\u{10FFFF}");
+                self.fetch_all(
+                    Side::Read,
+                    "SELECT u.end_user_id, u.state, u.updated_at
+                       FROM (SELECT end_user_id FROM end_users
+                              WHERE tenant_id = $1 AND environment = $2
+                                AND end_user_id >= $3 AND end_user_id < $4
+                              ORDER BY end_user_id LIMIT $5) AS m
+                       JOIN end_users AS u
+                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = m.end_user_id
+                      WHERE u.state IS NOT NULL
+                        AND ($6 IS NULL OR u.updated_at < $6 OR (u.updated_at = $6 AND u.end_user_id > $7))
+                      ORDER BY u.updated_at DESC, u.end_user_id LIMIT $8",
+                    &[
+                        tenant,
+                        environment,
+                        Arg::Text(prefix),
+                        Arg::Text(&upper),
+                        Arg::Int(PREFIX_MATCHES),
+                        Arg::IntOpt(cursor.map(|cursor| cursor.updated_at)),
+                        Arg::Text(cursor.map_or("", |cursor| cursor.end_user_id.as_str())),
+                        limit,
+                    ],
+                )
+                .await?
+            }
+        };
         rows.iter()
             .map(|row| {
                 Ok(EndUserRow {

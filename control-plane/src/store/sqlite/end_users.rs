@@ -238,10 +238,6 @@ impl SqliteStore {
     }
 }
 
-/// Where a walk down `end_user`'s chain starts: after the cursor's entry when it is this
-/// end user's (the cursor a previous page gave), otherwise at the newest entry. Returns
-/// the first link to read, and the cursor still to apply as a filter (one that is not
-/// this end user's entry).
 /// The entries numbered `seqs` (of `end_user`), newest first.
 async fn bodies_of(
     connection: &mut SqliteConnection,
@@ -270,6 +266,10 @@ async fn bodies_of(
         .collect()
 }
 
+/// Where a walk down `end_user`'s chain starts: after the cursor's entry when it is this
+/// end user's (the cursor a previous page gave), otherwise at the newest entry. Returns
+/// the first link to read, and the cursor still to apply as a filter (one that is not
+/// this end user's entry).
 async fn chain_start(
     connection: &mut SqliteConnection,
     env: &Env,
