@@ -359,7 +359,7 @@ pub trait EndpointStore: Send + Sync {
 /// `store/sql/console.rs`).
 #[async_trait]
 pub trait ConsoleStore: Send + Sync {
-    /// End users newest change first (ties by id), those whose id starts with `prefix`
+    /// End users newest minute of change first (ties by id), those whose id starts with `prefix`
     /// where given, after `after` (the previous page's last row).
     async fn recent_end_users(
         &self,

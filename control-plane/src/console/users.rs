@@ -34,7 +34,7 @@ const PREFIX_MAX: usize = 256;
 pub struct ListQuery {
     #[serde(default)]
     q: Option<String>,
-    /// `<updated_at>:<end user id>` of the previous page's last row.
+    /// `<active minute>:<end user id>` of the previous page's last row.
     #[serde(default)]
     after: Option<String>,
 }
@@ -61,7 +61,7 @@ pub async fn list(session: Session, Query(query): Query<ListQuery>) -> Page {
     let next = (rows.len() == usize::try_from(LIST_PAGE).unwrap_or(usize::MAX))
         .then(|| rows.last())
         .flatten()
-        .map(|row| format!("{}:{}", row.updated_at, row.state.end_user_id()));
+        .map(|row| format!("{}:{}", row.active_minute, row.state.end_user_id()));
     let body = html! {
         form method="get" action="/console/end-users" {
             input type="search" name="q" id="search" placeholder="End user id starts with…" value=(prefix.unwrap_or(""));
@@ -97,16 +97,16 @@ pub async fn list(session: Session, Query(query): Query<ListQuery>) -> Page {
     Ok(render(&session, "End users", now, body))
 }
 
-/// Reads a list cursor (`<updated_at>:<id>`).
+/// Reads a list cursor (`<active minute>:<id>`).
 fn parse_cursor(text: &str) -> Result<EndUserCursor, Failure> {
     let (at, id) = text
         .split_once(':')
         .ok_or_else(|| Failure::bad_request("after: is not a cursor from this list"))?;
-    let updated_at = at
+    let active_minute = at
         .parse()
         .map_err(|_| Failure::bad_request("after: is not a cursor from this list"))?;
     Ok(EndUserCursor {
-        updated_at,
+        active_minute,
         end_user_id: id.to_owned(),
     })
 }
@@ -170,25 +170,33 @@ pub async fn page(
     let view = state.view(env).await?;
     let now = state.env_now(&view);
     let user = state.state(env, &end_user, now).await?;
-    let ledger = state
-        .store()
-        .entries(
-            env,
-            &EntryFilter {
-                end_user_id: Some(end_user.to_string()),
-                entry_type: entry_type.clone(),
-                from: None,
-                to: None,
-                before_seq: query.before,
-                limit: LEDGER_PAGE,
-            },
-        )
-        .await?;
-    let days = chart_days(&session, &end_user, now).await?;
-    let events = state
-        .store()
-        .end_user_events(env, end_user.as_str(), EVENTS_SHOWN)
-        .await?;
+    // The ledger's page, the charts' figures and the events are read side by side (each
+    // on a reader of its own).
+    let filter = EntryFilter {
+        end_user_id: Some(end_user.to_string()),
+        entry_type: entry_type.clone(),
+        from: None,
+        to: None,
+        before_seq: query.before,
+        limit: LEDGER_PAGE,
+    };
+    let (ledger, days, events) = tokio::try_join!(
+        async {
+            state
+                .store()
+                .entries(env, &filter)
+                .await
+                .map_err(Failure::from)
+        },
+        chart_days(&session, &end_user, now),
+        async {
+            state
+                .store()
+                .end_user_events(env, end_user.as_str(), EVENTS_SHOWN)
+                .await
+                .map_err(Failure::from)
+        },
+    )?;
     let body = html! {
         (notice(query.notice.as_deref()))
         @if user.version() == 0 { p.muted id="unknown" { "Nothing has happened to this end user yet." } }

@@ -216,14 +216,16 @@ pub struct EnvHead {
 #[derive(Debug, Clone)]
 pub struct EndUserRow {
     pub state: ledger::EndUserState,
-    /// Milliseconds since the epoch (the real clock of the write).
+    /// Milliseconds since the epoch (the clock of the write).
     pub updated_at: i64,
+    /// `updated_at` to the minute: what the list is ordered by.
+    pub active_minute: i64,
 }
 
-/// Where a page of [`EndUserRow`]s ends: the last row's `updated_at` and id.
+/// Where a page of [`EndUserRow`]s ends: the last row's `active_minute` and id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndUserCursor {
-    pub updated_at: i64,
+    pub active_minute: i64,
     pub end_user_id: String,
 }
 

@@ -354,12 +354,30 @@ store_test! {
                 seen.push(row.state.end_user_id().to_string());
             }
             let Some(last) = page.last().filter(|_| page.len() == 3) else { break };
-            after = Some(control_plane::store::EndUserCursor { updated_at: last.updated_at, end_user_id: last.state.end_user_id().to_string() });
+            after = Some(control_plane::store::EndUserCursor { active_minute: last.active_minute, end_user_id: last.state.end_user_id().to_string() });
         }
         let mut unique = seen.clone();
         unique.sort();
         unique.dedup();
         assert_eq!((seen.len(), unique.len()), (expected, expected), "{prefix:?}: {seen:?}");
     }
+    }
+}
+
+// The list follows activity across minutes: an end user written again in a later minute
+// moves to the top (the activity table is kept by triggers on every backend).
+store_test! {
+    async fn activity_moves_end_users_up(backend) {
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let env = control_plane::store::Env { tenant_id: tenant.id.clone(), environment: control_plane::store::Environment::Test };
+    for end_user in ["first", "second", "first"] {
+        harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": end_user, "amount": 1}), 201).await;
+        harness.clock.advance_ms(120_000);
+    }
+    let page = harness.state.store().recent_end_users(&env, None, None, 10).await.expect("page");
+    let order: Vec<String> = page.iter().map(|row| row.state.end_user_id().to_string()).collect();
+    assert_eq!(order, ["first", "second"]);
+    assert!(page[0].active_minute > page[1].active_minute);
     }
 }

@@ -26,15 +26,23 @@ impl<S: Sql> ConsoleStore for S {
             Arg::Text(env.environment.as_str()),
         );
         let limit = Arg::Int(i64::from(limit));
-        // Newest first, ties (one instant) by id; a page resumes after the last row.
+        // Newest minute of activity first, ties (one minute) by id; a page resumes after
+        // the last row.
         let rows = match (prefix, after) {
-            // `end_users_recent` from its newest end, or from the cursor on (a range).
+            // `end_user_activity_recent` from its newest end, or from the cursor on (a
+            // range); each statement takes its page of ids first, then their states by
+            // primary key, so that no plan joins more than a page.
             (None, None) => {
                 self.fetch_all(
                     Side::Read,
-                    "SELECT end_user_id, state, updated_at FROM end_users
-                     WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
-                     ORDER BY updated_at DESC, end_user_id LIMIT $3",
+                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
+                       FROM (SELECT end_user_id, active_minute FROM end_user_activity
+                              WHERE tenant_id = $1 AND environment = $2
+                              ORDER BY active_minute DESC, end_user_id LIMIT $3) AS a
+                       JOIN end_users AS u
+                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
+                      WHERE u.state IS NOT NULL
+                      ORDER BY a.active_minute DESC, a.end_user_id",
                     &[tenant, environment, limit],
                 )
                 .await?
@@ -42,14 +50,19 @@ impl<S: Sql> ConsoleStore for S {
             (None, Some(cursor)) => {
                 self.fetch_all(
                     Side::Read,
-                    "SELECT end_user_id, state, updated_at FROM end_users
-                     WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
-                       AND updated_at <= $3 AND (updated_at < $3 OR end_user_id > $4)
-                     ORDER BY updated_at DESC, end_user_id LIMIT $5",
+                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
+                       FROM (SELECT end_user_id, active_minute FROM end_user_activity
+                              WHERE tenant_id = $1 AND environment = $2
+                                AND active_minute <= $3 AND (active_minute < $3 OR end_user_id > $4)
+                              ORDER BY active_minute DESC, end_user_id LIMIT $5) AS a
+                       JOIN end_users AS u
+                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
+                      WHERE u.state IS NOT NULL
+                      ORDER BY a.active_minute DESC, a.end_user_id",
                     &[
                         tenant,
                         environment,
-                        Arg::Int(cursor.updated_at),
+                        Arg::Int(cursor.active_minute),
                         Arg::Text(&cursor.end_user_id),
                         limit,
                     ],
@@ -63,23 +76,25 @@ impl<S: Sql> ConsoleStore for S {
                 let upper = format!("{prefix}\u{10FFFF}");
                 self.fetch_all(
                     Side::Read,
-                    "SELECT u.end_user_id, u.state, u.updated_at
-                       FROM (SELECT end_user_id FROM end_users
-                              WHERE tenant_id = $1 AND environment = $2
-                                AND end_user_id >= $3 AND end_user_id < $4
-                              ORDER BY end_user_id LIMIT $5) AS m
+                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
+                       FROM (SELECT end_user_id, active_minute
+                               FROM (SELECT end_user_id, active_minute FROM end_user_activity
+                                      WHERE tenant_id = $1 AND environment = $2
+                                        AND end_user_id >= $3 AND end_user_id < $4
+                                      ORDER BY end_user_id LIMIT $5) AS m
+                              WHERE $6 IS NULL OR active_minute < $6 OR (active_minute = $6 AND end_user_id > $7)
+                              ORDER BY active_minute DESC, end_user_id LIMIT $8) AS a
                        JOIN end_users AS u
-                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = m.end_user_id
+                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
                       WHERE u.state IS NOT NULL
-                        AND ($6 IS NULL OR u.updated_at < $6 OR (u.updated_at = $6 AND u.end_user_id > $7))
-                      ORDER BY u.updated_at DESC, u.end_user_id LIMIT $8",
+                      ORDER BY a.active_minute DESC, a.end_user_id",
                     &[
                         tenant,
                         environment,
                         Arg::Text(prefix),
                         Arg::Text(&upper),
                         Arg::Int(PREFIX_MATCHES),
-                        Arg::IntOpt(cursor.map(|cursor| cursor.updated_at)),
+                        Arg::IntOpt(cursor.map(|cursor| cursor.active_minute)),
                         Arg::Text(cursor.map_or("", |cursor| cursor.end_user_id.as_str())),
                         limit,
                     ],
@@ -92,6 +107,7 @@ impl<S: Sql> ConsoleStore for S {
                 Ok(EndUserRow {
                     state: parse_state(&row.text("state")?)?,
                     updated_at: row.int("updated_at")?,
+                    active_minute: row.int("active_minute")?,
                 })
             })
             .collect()
