@@ -201,7 +201,7 @@ pub async fn page(
         (notice(query.notice.as_deref()))
         @if user.version() == 0 { p.muted id="unknown" { "Nothing has happened to this end user yet." } }
         (summary(&user, &view, now))
-        (blocks(&session, &user, now))
+        (blocks(&user, now))
         section.card {
             h2 { "Balance, last 30 days" }
             (chart::balance(&days.days, &days.first, &days.last))
@@ -274,8 +274,7 @@ pub fn access(user: &EndUserState, view: &CatalogView, key: &FeatureKey, now: Ti
 }
 
 /// The blocks in burn order, each with its remaining/amount bar.
-fn blocks(session: &Session, user: &EndUserState, now: Timestamp) -> Markup {
-    let _ = session;
+fn blocks(user: &EndUserState, now: Timestamp) -> Markup {
     html! {
         section.card {
             h2 { "Blocks, in burn order" }
