@@ -135,6 +135,10 @@ pub struct Lease {
     /// first includes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// In an answer to a creation, report or release: the feature's credits available to
+    /// the end user beside every hold, as of `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub available: Option<i64>,
     /// In an answer to a report: its sequence was taken before, and nothing changed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replayed: bool,
@@ -165,6 +169,7 @@ impl From<&ledger::Lease> for Lease {
             created_at: lease.created_at.into(),
             ended_at: lease.ended_at.map(WireTime),
             version: None,
+            available: None,
             replayed: false,
             beyond_hold: None,
             topped_up: None,
@@ -173,14 +178,44 @@ impl From<&ledger::Lease> for Lease {
 }
 
 impl Lease {
-    /// The answer to a report.
-    pub fn reported(reported: &ledger::LeaseReported, version: u64) -> Lease {
+    /// The answer to a creation (`replayed`: a repeated request id found the earlier
+    /// lease), as of the end user's state `user` after it at `now`.
+    pub fn created(
+        lease: &ledger::Lease,
+        user: &ledger::EndUserState,
+        now: ledger::Timestamp,
+        replayed: bool,
+    ) -> Lease {
         Lease {
-            version: Some(version),
+            replayed,
+            ..Lease::as_of(lease, user, now)
+        }
+    }
+
+    /// The answer to a report or a release, as of the end user's state `user` after it
+    /// at `now`.
+    pub fn reported(
+        reported: &ledger::LeaseReported,
+        user: &ledger::EndUserState,
+        now: ledger::Timestamp,
+    ) -> Lease {
+        Lease {
             replayed: reported.replayed,
             beyond_hold: Some(reported.beyond_hold.get()),
             topped_up: Some(reported.topped_up.get()),
-            ..Lease::from(&reported.lease)
+            ..Lease::as_of(&reported.lease, user, now)
+        }
+    }
+
+    /// `lease` with the version of `user` and what its feature has free there at `now`.
+    fn as_of(lease: &ledger::Lease, user: &ledger::EndUserState, now: ledger::Timestamp) -> Lease {
+        Lease {
+            version: Some(user.version()),
+            available: user
+                .available(Some(&lease.feature_key), now)
+                .ok()
+                .map(ledger::Credits::get),
+            ..Lease::from(lease)
         }
     }
 }

@@ -749,10 +749,12 @@ impl Gate {
                 let held = ledger::LeaseId::parse(spend.lease())
                     .and_then(|id| state.lease(id))
                     .map_or(Credits::ZERO, |lease| lease.held);
-                let balance = available
-                    .checked_add(held)
-                    .unwrap_or(Credits::MAX)
-                    .saturating_sub_floor(spend.outstanding_after);
+                let balance = spend.balance_by_answer.unwrap_or_else(|| {
+                    available
+                        .checked_add(held)
+                        .unwrap_or(Credits::MAX)
+                        .saturating_sub_floor(spend.outstanding_after)
+                });
                 admitted.balance_after = Some(balance.get());
                 admitted.as_of = Some(spend.answered_at);
                 admitted.spend = Some(spend);

@@ -41,8 +41,11 @@ const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
 const IDLE_MAX: Duration = Duration::from_secs(120);
 /// Below this many `min_credits` free, leases shrink to one request's cost.
 const LOW_WATER_LEASES: i64 = 4;
-/// After a refusal (nothing left), how long before a lease is asked for again.
+/// After repeated refusals (nothing left), the longest a slot goes without asking the
+/// control plane again (see `Exhausted`).
 const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
+/// The pause after the second refusal in a row; it doubles up to `EXHAUSTED_RETRY`.
+const EXHAUSTED_FIRST_PAUSE: Duration = Duration::from_millis(2);
 /// How long a batch waits for requests still writing spend under a report's sequence
 /// before leaving that report for the next batch.
 const WRITING_WAIT: Duration = Duration::from_millis(20);
@@ -99,11 +102,68 @@ struct Held {
     ended: bool,
     /// When the control plane last answered about it (the replica's clock).
     answered_at: Timestamp,
+    /// The end user's state version of that answer and the feature's free credits
+    /// beside the holds in it (an answer newer than the replica's state tells the end
+    /// user's balance better).
+    answered: Option<(u64, Credits)>,
 }
 
 impl Held {
     fn usable(&self, now: Instant) -> bool {
         !self.ended && now < self.usable_until
+    }
+}
+
+/// The control plane's last word on a slot was "nothing left" (a creation or a top-up
+/// refused). A refusal answers every request that arrived before its ask went out: those
+/// are refused. A request that arrived later asks again (its ask reflects every grant
+/// acknowledged before it arrived), except within a pause after repeated refusals (none
+/// after the first, then 2 ms doubling to `EXHAUSTED_RETRY`), which bounds what an end
+/// user with nothing left costs the control plane, or until the replica shows a newer
+/// state of the end user than the one refused (a grant), which ends the spell.
+#[derive(Debug, Default)]
+struct Exhausted {
+    asked: Option<Instant>,
+    until: Option<Instant>,
+    at_version: Option<u64>,
+    pause: Duration,
+}
+
+impl Exhausted {
+    /// The ask that went out at `asked` (on the replica's `version`) was refused at `now`.
+    fn refused(&mut self, asked: Instant, now: Instant, version: u64) {
+        self.asked = Some(asked);
+        self.until = Some(now + self.pause);
+        self.at_version = Some(version);
+        self.pause = self
+            .pause
+            .saturating_mul(2)
+            .clamp(EXHAUSTED_FIRST_PAUSE, EXHAUSTED_RETRY);
+    }
+
+    /// Credits came (a lease, a top-up, a newer state of the end user): the spell ends.
+    fn clear(&mut self) {
+        *self = Exhausted::default();
+    }
+
+    /// Ends the spell when the replica's `version` of the end user is newer than the one
+    /// refused (credits may have come back: a grant, a release).
+    fn outdated_by(&mut self, version: Option<u64>) {
+        if let (Some(refused_at), Some(shown)) = (self.at_version, version)
+            && shown > refused_at
+        {
+            self.clear();
+        }
+    }
+
+    /// Whether a request that arrived at `arrived` is refused without asking again.
+    fn refuses(&self, arrived: Instant, now: Instant) -> bool {
+        self.asked.is_some_and(|asked| asked >= arrived) || self.pausing(now)
+    }
+
+    /// Whether asking again must wait.
+    fn pausing(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
     }
 }
 
@@ -116,10 +176,11 @@ struct Slot {
     wanted: Credits,
     /// Free credits the replica showed at the last decision (sizes leases).
     seen_available: Credits,
-    /// The control plane said nothing is left; until then, or until the replica shows a
-    /// newer state of the end user than `exhausted_at_version`.
-    exhausted_until: Option<Instant>,
-    exhausted_at_version: Option<u64>,
+    /// The control plane said nothing is left.
+    exhausted: Exhausted,
+    /// When the creation or top-up under way went out (a refusal answers the requests
+    /// that arrived before it).
+    asked_at: Option<Instant>,
     /// The control plane could not be reached.
     unreachable_until: Option<Instant>,
     unreachable_backoff: Duration,
@@ -150,8 +211,8 @@ impl Slot {
             retired: Vec::new(),
             wanted: Credits::ZERO,
             seen_available: Credits::ZERO,
-            exhausted_until: None,
-            exhausted_at_version: None,
+            exhausted: Exhausted::default(),
+            asked_at: None,
             acquire_seen: None,
             unreachable_until: None,
             unreachable_backoff: Duration::ZERO,
@@ -249,6 +310,10 @@ pub struct Spend {
     pub outstanding_after: Credits,
     /// When the control plane last answered about the lease (for `x-quota-as-of`).
     pub answered_at: Timestamp,
+    /// What the end user can still spend by the control plane's last answer about the
+    /// lease, when that answer is newer than the state the decision was made on (its
+    /// free credits then, plus the lease's room after this request).
+    pub balance_by_answer: Option<Credits>,
     done: bool,
 }
 
@@ -420,7 +485,8 @@ impl Leases {
         };
         loop {
             let now = Instant::now();
-            let (notify, reason) = match self.try_take(&key, cost, available, version, now) {
+            let (notify, reason) = match self.try_take(&key, cost, available, version, started, now)
+            {
                 Ok(taken) => return answered(waited, taken),
                 Err(short) => short,
             };
@@ -438,7 +504,7 @@ impl Leases {
             tokio::pin!(notified);
             notified.as_mut().enable();
             // Look once more now that a wake-up cannot be missed.
-            match self.try_take(&key, cost, available, version, Instant::now()) {
+            match self.try_take(&key, cost, available, version, started, Instant::now()) {
                 Ok(taken) => return answered(waited, taken),
                 Err(_) => {
                     let _ = tokio::time::timeout(
@@ -458,6 +524,7 @@ impl Leases {
         cost: Credits,
         available: Credits,
         version: Option<u64>,
+        arrived: Instant,
         now: Instant,
     ) -> Result<Taken, (Arc<Notify>, &'static str)> {
         self.with_slot_or_new(key, now, |slot| {
@@ -488,6 +555,10 @@ impl Leases {
                     room_after: held.room,
                     outstanding_after: unshown,
                     answered_at: held.answered_at,
+                    balance_by_answer: held
+                        .answered
+                        .filter(|(answered, _)| *answered > shown)
+                        .map(|(_, free)| free.checked_add(held.room).unwrap_or(Credits::MAX)),
                     done: false,
                 };
                 slot.note_spend(now);
@@ -495,13 +566,8 @@ impl Leases {
             }
             // Credits may have come back since the refusal (a grant, a release): the
             // replica shows a newer state of the end user.
-            if let (Some(refused_at), Some(shown)) = (slot.exhausted_at_version, version)
-                && shown > refused_at
-            {
-                slot.exhausted_until = None;
-                slot.exhausted_at_version = None;
-            }
-            if slot.exhausted_until.is_some_and(|until| now < until) {
+            slot.exhausted.outdated_by(version);
+            if slot.exhausted.refuses(arrived, now) {
                 return Ok(Taken::Exhausted);
             }
             if slot.unreachable_until.is_some_and(|until| now < until) {
@@ -908,8 +974,8 @@ impl Leases {
 /// not backing off (nothing left, or the control plane unreachable) and none is under way.
 /// The request id is kept until an answer comes, so a retry is the same request.
 fn acquire(slot: &mut Slot, now: Instant, amount: Credits) -> Option<Work> {
-    let blocked = slot.exhausted_until.is_some_and(|until| now < until)
-        || slot.unreachable_until.is_some_and(|until| now < until);
+    let blocked =
+        slot.exhausted.pausing(now) || slot.unreachable_until.is_some_and(|until| now < until);
     if !slot.wanted.is_positive() || blocked || slot.acquiring {
         return None;
     }
@@ -947,6 +1013,7 @@ impl Leases {
             amount: Some(answer.amount),
             active: answer.status == "active" && !release,
             version: answer.version,
+            available: answer.available,
         }
     }
 }
@@ -1053,7 +1120,10 @@ impl Leases {
             match &item {
                 Work::Acquire { amount, request_id } => {
                     let seen = context.replica.version(&key.0);
-                    self.with_slot(&key, |slot| slot.acquire_seen = seen);
+                    self.with_slot(&key, |slot| {
+                        slot.acquire_seen = seen;
+                        slot.asked_at = Some(Instant::now());
+                    });
                     operations.push(self.create_operation(&key, *amount, request_id));
                     spent_keys.push(Vec::new());
                     costs.push(Credits::ZERO);
@@ -1079,6 +1149,9 @@ impl Leases {
                             continue;
                         }
                     };
+                    if top_up.is_some() {
+                        self.with_slot(&key, |slot| slot.asked_at = Some(Instant::now()));
+                    }
                     metrics::counter!("qs_proxy_lease_calls_total", "call" => if *release { "release" } else { "report" }).increment(1);
                     let body =
                         report_body(*sequence, &spends, *top_up, *release, self.config.ttl_secs);
@@ -1169,8 +1242,7 @@ impl Leases {
                     slot.acquiring = false;
                     slot.acquire_request = None;
                     slot.wanted = Credits::ZERO;
-                    slot.exhausted_until = None;
-                    slot.exhausted_at_version = None;
+                    slot.exhausted.clear();
                     slot.unreachable_until = None;
                     slot.unreachable_backoff = Duration::ZERO;
                     slot.lease = Some(Held {
@@ -1189,6 +1261,7 @@ impl Leases {
                         reporting: false,
                         ended: false,
                         answered_at,
+                        answered: lease.version.zip(lease.available.map(Credits::new)),
                     });
                     slot.notify.notify_waiters();
                 });
@@ -1200,11 +1273,13 @@ impl Leases {
                     match status {
                         Some(402 | 403 | 404 | 422) => {
                             slot.acquire_request = None;
-                            slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
                             // As of the state the creation was sent on: the replica's
                             // version now may already include a grant made meanwhile.
-                            slot.exhausted_at_version =
-                                Some(slot.acquire_seen.or(version).unwrap_or(0));
+                            slot.exhausted.refused(
+                                slot.asked_at.unwrap_or(now),
+                                now,
+                                slot.acquire_seen.or(version).unwrap_or(0),
+                            );
                         }
                         _ => {
                             tracing::debug!(?status, "taking a lease failed");
@@ -1245,10 +1320,14 @@ impl Leases {
                     amount,
                     active,
                     version: included,
+                    available,
                 } => {
                     held.unacked = None;
                     held.last_report = now;
                     held.answered_at = answered_at;
+                    if let (Some(_), Some(free)) = (amount, available) {
+                        held.answered = Some((included.unwrap_or(0), Credits::new(free)));
+                    }
                     held.outstanding = held.outstanding.saturating_sub_floor(cost);
                     // Whether or not the replica shows it yet: a decision made on the
                     // state before it may still be on its way to `try_take`.
@@ -1294,8 +1373,16 @@ impl Leases {
                         // meanwhile, which the replica may show already) ends the spell;
                         // the replica's own version at this moment could include that
                         // grant and keep the proxy refusing credits it has.
-                        slot.exhausted_until = Some(now + EXHAUSTED_RETRY);
-                        slot.exhausted_at_version = Some(included.or(version).unwrap_or(0));
+                        slot.exhausted.refused(
+                            slot.asked_at.unwrap_or(now),
+                            now,
+                            included.or(version).unwrap_or(0),
+                        );
+                        // The requests waiting are refused by it; asking again is for
+                        // requests that come later (not a report per batch meanwhile).
+                        slot.wanted = Credits::ZERO;
+                    } else if top_up.is_some() {
+                        slot.exhausted.clear();
                     }
                     if slot.wanted <= room {
                         slot.wanted = Credits::ZERO;
@@ -1402,6 +1489,7 @@ impl Leases {
                     amount: None,
                     active: true,
                     version: None,
+                    available: None,
                 };
             }
             for missing in expected..sequence {
@@ -1540,12 +1628,14 @@ impl Leases {
 #[derive(Debug)]
 enum Reported {
     /// Taken: its cost, the lease's hold after it (unknown when only replayed), whether
-    /// the lease is still active, and the state version that includes it.
+    /// the lease is still active, the state version that includes it and what the
+    /// feature had free beside the holds in that state.
     Done {
         cost: Credits,
         amount: Option<i64>,
         active: bool,
         version: Option<u64>,
+        available: Option<i64>,
     },
     /// The lease is gone; its spend went to the usage outbox.
     Gone,

@@ -140,6 +140,73 @@ async fn a_grant_at_the_control_plane_is_honoured_within_a_deadline() {
     proxy.running.shutdown().await;
 }
 
+/// The README's walkthrough, many times over: spend a balance to 402, top up, and the
+/// very next request is admitted with the balance after the top-up, whether or not the
+/// proxy's replica shows the grant yet (a refusal remembered from before the grant must
+/// not outlive it: the lease asked for after the request arrived sees the grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_is_spendable_on_the_next_request() {
+    let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;
+    let feature = ledger::FeatureKey::new("api_calls").expect("a feature key");
+    for round in 0..12 {
+        let end_user = format!("topup-{round}");
+        let id = ledger::EndUserId::new(&end_user).expect("an end user id");
+        plane.grant(&end_user, 3).await;
+        proxy.sees(&end_user).await;
+        for expected in ["2", "1", "0"] {
+            let response = proxy
+                .send(Method::POST, "/work", Some(&end_user), &[])
+                .await;
+            assert_eq!(response.status(), StatusCode::OK, "round {round}");
+            assert_eq!(
+                response.headers()["x-quota-balance"],
+                expected,
+                "round {round}"
+            );
+        }
+        assert_eq!(
+            status(&proxy, "/work", Some(&end_user)).await,
+            StatusCode::PAYMENT_REQUIRED,
+            "round {round}: the fourth call is refused"
+        );
+        plane.grant(&end_user, 10).await;
+        // Odd rounds go at once, even rounds once the replica shows the grant.
+        if round % 2 == 1 {
+            let response = proxy
+                .send(Method::POST, "/work", Some(&end_user), &[])
+                .await;
+            let status = response.status();
+            let balance = response.headers().get("x-quota-balance").cloned();
+            let body = response.text().await.unwrap_or_default();
+            assert_eq!(status, StatusCode::OK, "round {round} at once: {body}");
+            assert_eq!(balance.unwrap(), "9", "round {round} at once");
+            continue;
+        }
+        eventually(
+            "the top-up to reach the proxy's replica",
+            Duration::from_secs(10),
+            || async {
+                let state = proxy.running.replica.user(&id)?;
+                let free = state
+                    .available(Some(&feature), proxy.running.replica.now())
+                    .ok()?;
+                let held = state.held(Some(&feature)).ok()?;
+                (free.checked_add(held).ok()?.get() >= 10).then_some(())
+            },
+        )
+        .await;
+        let response = proxy
+            .send(Method::POST, "/work", Some(&end_user), &[])
+            .await;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.text().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::OK, "round {round}: {body}");
+        assert_eq!(headers["x-quota-balance"], "9", "round {round}");
+    }
+    proxy.running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_then_commit_charges_the_actual_and_an_upstream_error_releases_the_hold() {
     let (_dir, plane, _upstream, proxy) = setup(ROUTES).await;

@@ -63,12 +63,9 @@ pub async fn create(
                     move |user, cx, _| {
                         let (lease, changes) =
                             Changes::from_applied(user.take_lease(cx, request.clone())?);
-                        let answer = Lease {
-                            version: Some(user.version()),
-                            // A repeated `request_id`: the earlier lease, nothing held.
-                            replayed: changes.entries.is_empty(),
-                            ..Lease::from(&lease)
-                        };
+                        // A repeated `request_id`: the earlier lease, nothing held.
+                        let replayed = changes.entries.is_empty();
+                        let answer = Lease::created(&lease, user, cx.now, replayed);
                         Ok((answer, changes))
                     },
                 )
@@ -134,7 +131,7 @@ async fn report_or_release(
                             Step::Release => user.release_lease(cx, id, report)?,
                         };
                         let (reported, changes) = Changes::from_applied(applied);
-                        Ok((Lease::reported(&reported, user.version()), changes))
+                        Ok((Lease::reported(&reported, user, cx.now), changes))
                     },
                 )
                 .await?;
@@ -341,11 +338,7 @@ fn apply_operations(
         let applied = match operation {
             Prepared::Create(request) => user.take_lease(cx, request.clone()).map(|applied| {
                 let (lease, changes) = Changes::from_applied(applied);
-                let answer = Lease {
-                    version: Some(user.version()),
-                    replayed: changes.entries.is_empty(),
-                    ..Lease::from(&lease)
-                };
+                let answer = Lease::created(&lease, user, cx.now, changes.entries.is_empty());
                 (StatusCode::CREATED, answer, changes)
             }),
             Prepared::Step(step, id, report) => {
@@ -357,7 +350,7 @@ fn apply_operations(
                     let (reported, changes) = Changes::from_applied(applied);
                     (
                         StatusCode::OK,
-                        Lease::reported(&reported, user.version()),
+                        Lease::reported(&reported, user, cx.now),
                         changes,
                     )
                 })

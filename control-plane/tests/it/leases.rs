@@ -58,8 +58,10 @@ store_test! {
     assert!(id.starts_with("lse_"));
     assert_eq!(created["amount"], 60);
     assert!(created["version"].as_u64().is_some());
+    assert_eq!(created["available"], 40, "free beside the holds, as of the answer");
     let partial = lease(&harness, &key, 500, 300).await;
     assert_eq!(partial["amount"], 40, "only what was left");
+    assert_eq!(partial["available"], 0);
     let nothing = harness
         .post("/v1/leases", &key, json!({"end_user_id": "u1", "feature_key": "api_calls", "holder": "proxy-b", "amount": 5, "ttl_seconds": 60}))
         .await;
@@ -99,6 +101,7 @@ store_test! {
     // Release: a final report, then the rest goes back.
     let released = harness.ok(&format!("/v1/leases/{id}/release"), &key, report(5, 8), 200).await;
     assert_eq!((released["status"].as_str(), released["amount"].as_i64()), (Some("released"), Some(0)));
+    assert_eq!(released["available"], 30, "what the release gave back");
     let shown = balance(&harness, &admin).await;
     assert_eq!((shown["available"].as_i64(), shown["held"].as_i64()), (Some(30), Some(40)), "100 - 30 spent, 40 still in the other lease");
     }
