@@ -7,6 +7,7 @@
 //! RFC 3339 strings in UTC; amounts are integers; ids are prefixed strings.
 
 mod catalog;
+pub mod clock;
 mod credits;
 mod events;
 mod leases;

@@ -21,8 +21,13 @@ use crate::config::{Config, OnUnavailable, Unmatched};
 use crate::identity::{Identity, IdentityError};
 use crate::leases::{Leases, Spend, Taken};
 use crate::outbox::{Op, Outbox, Record};
-use crate::replica::{Freshness, Replica};
+use crate::pending::PendingSpend;
+use crate::replica::Replica;
 use crate::routes::{Route, Routes, UnitsRule};
+
+mod verdict;
+
+pub use verdict::{Inputs, Outcome, verdict};
 
 /// What the hot path needs from the configuration (swapped whole on reload).
 #[derive(Debug)]
@@ -160,8 +165,8 @@ struct Admitted {
     end_user: EndUserId,
     feature: FeatureKey,
     units: Units,
-    /// Credits added to local pending at admission.
-    pending: Credits,
+    /// Credits added to local pending at admission (given back unless recorded).
+    pending: PendingSpend,
     source: &'static str,
     balance_after: Option<i64>,
     resets_at: Option<Timestamp>,
@@ -177,6 +182,35 @@ struct Admitted {
     recorded: bool,
     /// Set on reserve routes' admissions decided on a fresh replica.
     priced_on: Option<PricedOn>,
+}
+
+impl Admitted {
+    /// An admission of `units` of `feature` for `end_user` on `route`, decided by
+    /// `source`; the answer's balance and reset are set by the caller.
+    fn new(
+        route: &Route,
+        end_user: &EndUserId,
+        feature: FeatureKey,
+        units: Units,
+        pending: PendingSpend,
+        source: &'static str,
+    ) -> Admitted {
+        Admitted {
+            end_user: end_user.clone(),
+            feature,
+            units,
+            pending,
+            source,
+            balance_after: None,
+            resets_at: None,
+            hold: None,
+            spend: None,
+            as_of: None,
+            charge_upstream_errors: route.charge_upstream_errors,
+            recorded: false,
+            priced_on: None,
+        }
+    }
 }
 
 /// Per request.
@@ -321,13 +355,9 @@ impl Gate {
                 // The hold is in the control plane's state now, from the version
                 // the answer names: the local estimate stops counting once the
                 // replica shows it.
-                self.replica.pending.confirm(
-                    end_user,
-                    admitted.pending,
-                    reservation.version,
-                    || self.replica.version(end_user),
-                );
-                admitted.pending = Credits::ZERO;
+                admitted
+                    .pending
+                    .confirm(reservation.version, || self.replica.version(end_user));
                 Ok(Some(reservation.id))
             }
             Err(error) if !answers_the_client(&error) => {
@@ -349,7 +379,6 @@ impl Gate {
                     tracing::error!(%error, "could not queue the release of a reservation without answer (it will expire)");
                 }
                 if route.on_unavailable == OnUnavailable::Closed {
-                    self.replica.pending.reduce(end_user, admitted.pending);
                     let problem = Problem::new(
                         503,
                         "quota_unavailable",
@@ -361,12 +390,9 @@ impl Gate {
                 tracing::warn!(%error, "reservation failed; failing open, the actual will be recorded as usage");
                 Ok(None)
             }
-            Err(client::Error::Api { problem, .. }) => {
-                self.replica.pending.reduce(end_user, admitted.pending);
-                Err(*problem)
-            }
+            // Refused: the admission (and its pending spend) is dropped.
+            Err(client::Error::Api { problem, .. }) => Err(*problem),
             Err(error) => {
-                self.replica.pending.reduce(end_user, admitted.pending);
                 let problem = Problem::new(
                     502,
                     "control_plane_error",
@@ -423,21 +449,16 @@ impl Gate {
         (op, basis)
     }
 
-    /// Whether a decision is the lease's to make: leases are on, the route is not
-    /// reserve-then-commit, the feature blocks at zero, the request costs credits, and
-    /// the replica either allows it or refuses it for the balance alone.
-    fn gated_by_lease(&self, route: &Route, decision: &ledger::Decision) -> bool {
-        self.leases.enabled()
-            && !matches!(route.units, UnitsRule::Reserve(_))
-            && decision.overage == Some(ledger::OveragePolicy::Block)
-            && decision.cost.is_some_and(Credits::is_positive)
-            && (decision.allowed
-                || decision.reason == Some(ledger::DenyReason::InsufficientBalance))
-    }
-
     /// The decision from the replica (or the failure policy), with local spend reserved.
     /// `use_leases: false` decides from the replica and local spend alone (the control
     /// plane cannot be reached for a lease, but the replica is still fresh).
+    ///
+    /// The state is read under the end user's pending lock, which the replica also holds
+    /// while it installs a new state and clears the pending spend that state includes: a
+    /// decision sees the state and the pending spend of one moment, so never a state
+    /// without a cost that pending no longer holds (a cost the stream shows before its
+    /// acknowledgement arrives counts twice for that moment: the error is towards
+    /// refusing).
     fn decide(
         &self,
         live: &Live,
@@ -447,138 +468,95 @@ impl Gate {
         use_leases: bool,
     ) -> Verdict {
         let Some(feature) = route.feature.clone() else {
-            return Verdict::Refuse(Problem::new(
-                500,
-                "internal",
-                "Route has no feature",
-                "a gated route must name a feature",
-            ));
+            return Verdict::Refuse(verdict::no_feature());
         };
         let freshness = self.replica.freshness(live.max_staleness);
         let catalog = self.replica.catalog();
         let now = self.replica.now();
-        let admitted = |pending: Credits, source, balance_after, resets_at| Admitted {
-            end_user: end_user.clone(),
-            feature: feature.clone(),
-            units,
-            pending,
-            source,
-            balance_after,
-            resets_at,
-            hold: None,
-            spend: None,
-            as_of: None,
-            charge_upstream_errors: route.charge_upstream_errors,
-            recorded: false,
-            priced_on: None,
-        };
-        if let (Freshness::Fresh, Some(view)) = (freshness, catalog.as_ref()) {
-            // The state is read under the end user's pending lock, which the replica also
-            // holds while it installs a new state and clears the pending spend that state
-            // includes: a decision sees the state and the pending spend of one moment, so
-            // never a state without a cost that pending no longer holds (a cost the stream
-            // shows before its acknowledgement arrives counts twice for that moment: the
-            // error is towards refusing).
-            return self.replica.pending.admit(end_user, |pending| {
+        let leases = use_leases && self.leases.enabled();
+        let ((outcome, state, pending_before), pending) =
+            self.replica.pending.admit_spend(end_user, |pending| {
                 let state = self
                     .replica
                     .user(end_user)
                     .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
-                match state.decide(&view.catalog, &feature, units, pending, now) {
-                    // Gated by balance: the lease decides, not the replica's balance
-                    // (which no longer shows what this proxy's lease holds).
-                    Ok(decision) if use_leases && self.gated_by_lease(route, &decision) => (
-                        Verdict::Lease(LeaseAsk {
-                            cost: decision.cost.unwrap_or(Credits::ZERO),
-                            available: decision.balance.unwrap_or(Credits::ZERO),
-                            version: Some(state.version()),
-                            stale: None,
-                            admitted: admitted(Credits::ZERO, "replica", None, decision.resets_at),
-                            state: Arc::clone(&state),
-                        }),
-                        None,
-                    ),
-                    Ok(decision) if decision.allowed => {
-                        let cost = decision.cost.unwrap_or(Credits::ZERO);
-                        let balance_after = decision
-                            .balance
-                            .map(|balance| balance.saturating_sub_floor(cost).get());
-                        decision_metric("allowed", "replica");
-                        let mut admitted =
-                            admitted(cost, "replica", balance_after, decision.resets_at);
-                        if matches!(route.units, UnitsRule::Reserve(_))
-                            && let Some(balance) = decision.balance
-                        {
-                            admitted.priced_on = Some(PricedOn {
-                                state: Arc::clone(&state),
-                                balance,
-                                pending,
-                                now,
-                            });
-                        }
-                        (Verdict::Admit(admitted), Some(cost))
-                    }
-                    Ok(decision) => {
-                        decision_metric("denied", "replica");
-                        (Verdict::Refuse(denial(&decision, &feature)), None)
-                    }
-                    Err(refusal) => {
-                        decision_metric("error", "replica");
-                        (Verdict::Refuse(decision_failed(&refusal, &feature)), None)
-                    }
-                }
+                let inputs = Inputs {
+                    freshness,
+                    catalog: catalog.as_deref().map(|view| &view.catalog),
+                    state: &state,
+                    pending,
+                    now,
+                    leases,
+                };
+                let outcome = verdict(&inputs, route, units);
+                let cost = outcome.pending_cost();
+                ((outcome, state, pending), cost)
             });
-        }
-        // Stale or still loading: a lease this proxy holds still admits within its room;
-        // beyond it, the route's failure policy.
-        let why = if freshness == Freshness::Loading {
-            "the proxy has not loaded its replica yet"
-        } else {
-            "the control plane has been unreachable longer than max_staleness"
+        let admitted = |pending, source| {
+            Admitted::new(route, end_user, feature.clone(), units, pending, source)
         };
-        if let Some(view) = catalog.as_ref() {
-            let state = self
-                .replica
-                .user(end_user)
-                .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
-            if let Ok(decision) = state.decide(&view.catalog, &feature, units, Credits::ZERO, now)
-                && use_leases
-                && self.gated_by_lease(route, &decision)
-            {
-                return Verdict::Lease(LeaseAsk {
-                    cost: decision.cost.unwrap_or(Credits::ZERO),
-                    available: decision.balance.unwrap_or(Credits::ZERO),
-                    version: Some(state.version()),
-                    stale: Some(why),
-                    admitted: admitted(Credits::ZERO, "replica", None, decision.resets_at),
-                    state: Arc::clone(&state),
-                });
+        match outcome {
+            Outcome::Admit {
+                cost,
+                balance,
+                resets_at,
+            } => {
+                decision_metric("allowed", "replica");
+                let mut admitted = admitted(pending, "replica");
+                admitted.balance_after =
+                    balance.map(|balance| balance.saturating_sub_floor(cost).get());
+                admitted.resets_at = resets_at;
+                if matches!(route.units, UnitsRule::Reserve(_))
+                    && let Some(balance) = balance
+                {
+                    admitted.priced_on = Some(PricedOn {
+                        state,
+                        balance,
+                        pending: pending_before,
+                        now,
+                    });
+                }
+                Verdict::Admit(admitted)
             }
+            Outcome::Refuse { problem, outcome } => {
+                decision_metric(outcome, "replica");
+                Verdict::Refuse(*problem)
+            }
+            Outcome::Lease {
+                cost,
+                available,
+                resets_at,
+                stale,
+            } => {
+                let mut admitted = admitted(pending, "replica");
+                admitted.resets_at = resets_at;
+                Verdict::Lease(LeaseAsk {
+                    admitted,
+                    cost,
+                    available,
+                    version: Some(state.version()),
+                    state,
+                    stale,
+                })
+            }
+            Outcome::Fallback { why, cost } => self.fallback(route, end_user, units, why, cost),
         }
-        self.fallback(route, end_user, units, why, &admitted)
     }
 
-    /// The route's failure policy: closed answers 503; open admits (within the outage
-    /// budget), counting what the request would cost by the last known catalog as
-    /// pending.
+    /// The route's failure policy (`why`: the replica cannot decide): closed answers 503;
+    /// open admits (within the outage budget), counting `cost` (what the request would
+    /// cost by the last known catalog) as pending.
     fn fallback(
         &self,
         route: &Route,
         end_user: &EndUserId,
         units: Units,
         why: &'static str,
-        admitted: &dyn Fn(Credits, &'static str, Option<i64>, Option<Timestamp>) -> Admitted,
+        cost: Credits,
     ) -> Verdict {
         let Some(feature) = route.feature.clone() else {
-            return Verdict::Refuse(Problem::new(
-                500,
-                "internal",
-                "Route has no feature",
-                "a gated route must name a feature",
-            ));
+            return Verdict::Refuse(verdict::no_feature());
         };
-        let catalog = self.replica.catalog();
-        let now = self.replica.now();
         if route.on_unavailable == OnUnavailable::Closed {
             decision_metric("unavailable", "fallback");
             tracing::debug!(route = route.index, %end_user, why, "failing closed");
@@ -602,24 +580,12 @@ impl Gate {
                 ),
             ));
         }
-        // What the request would cost by the last known catalog, counted as pending.
-        let cost = catalog
-            .as_ref()
-            .and_then(|view| {
-                let state = self
-                    .replica
-                    .user(end_user)
-                    .unwrap_or_else(|| Arc::new(EndUserState::new(end_user.clone(), now)));
-                state
-                    .decide(&view.catalog, &feature, units, Credits::ZERO, now)
-                    .ok()
-            })
-            .and_then(|decision| decision.cost)
-            .unwrap_or(Credits::ZERO);
-        self.replica.pending.add(end_user, cost);
+        let pending = self.replica.pending.hold(end_user, cost);
         decision_metric("allowed", "fallback");
         tracing::debug!(route = route.index, %end_user, why, "failing open");
-        Verdict::Admit(admitted(cost, "fallback", None, None))
+        Verdict::Admit(Admitted::new(
+            route, end_user, feature, units, pending, "fallback",
+        ))
     }
 }
 
@@ -789,24 +755,7 @@ impl Gate {
             }
             Taken::Unavailable | Taken::Late => {
                 let why = stale.unwrap_or("the control plane could not be reached for a lease");
-                let feature = admitted.feature.clone();
-                let charge_upstream_errors = admitted.charge_upstream_errors;
-                let make = |pending, source, balance_after, resets_at| Admitted {
-                    end_user: end_user.clone(),
-                    feature: feature.clone(),
-                    units,
-                    pending,
-                    source,
-                    balance_after,
-                    resets_at,
-                    hold: None,
-                    spend: None,
-                    as_of: None,
-                    charge_upstream_errors,
-                    recorded: false,
-                    priced_on: None,
-                };
-                self.fallback(route, end_user, units, why, &make)
+                self.fallback(route, end_user, units, why, cost)
             }
         }
     }
@@ -820,44 +769,6 @@ fn answers_the_client(error: &client::Error) -> bool {
         error.status().map(|status| status.as_u16()),
         Some(400 | 402 | 403 | 404 | 422)
     )
-}
-
-fn denial(decision: &ledger::Decision, feature: &FeatureKey) -> Problem {
-    match decision.reason {
-        Some(ledger::DenyReason::InsufficientBalance) | None => {
-            let mut problem = Problem::new(
-                402,
-                "insufficient_balance",
-                "Insufficient balance",
-                format!("not enough credits for {feature}"),
-            );
-            problem.needed = decision.cost.map(Credits::get);
-            problem.available = decision.balance.map(Credits::get);
-            problem
-        }
-        Some(reason) => Problem::new(
-            403,
-            reason.as_str(),
-            "Not allowed",
-            format!("{feature} is not available: {}", reason.as_str()),
-        ),
-    }
-}
-
-/// The answer when the engine could not decide: the route's feature is not in the
-/// catalog (404), or the decision failed (500).
-fn decision_failed(refusal: &ledger::Refusal, feature: &ledger::FeatureKey) -> Problem {
-    if let ledger::Refusal::FeatureNotFound(_) = refusal {
-        let mut problem = Problem::new(
-            404,
-            "feature_not_found",
-            "Feature not found",
-            format!("the route's feature {feature} is not in the catalog"),
-        );
-        problem.field = Some("feature_key".into());
-        return problem;
-    }
-    Problem::new(500, "internal", "Decision failed", refusal.to_string())
 }
 
 #[async_trait]
@@ -1044,15 +955,12 @@ impl ProxyHttp for Gate {
                 let charged = !matches!(op, Op::Release { .. });
                 if !charged {
                     // A release frees the hold: nothing stays pending for it.
-                    self.replica
-                        .pending
-                        .reduce(&admitted.end_user, admitted.pending);
-                    admitted.pending = Credits::ZERO;
+                    admitted.pending.give_back();
                 }
                 let record = Record {
                     key,
                     end_user_id: admitted.end_user.to_string(),
-                    pending: admitted.pending.get(),
+                    pending: admitted.pending.cost().get(),
                     op,
                 };
                 if let Err(error) = self.outbox.push(&record).await {
@@ -1062,12 +970,11 @@ impl ProxyHttp for Gate {
                         "usage could not be recorded",
                     ));
                 }
+                admitted.pending.hand_on();
                 admitted.recorded = true;
             }
             None => {
-                self.replica
-                    .pending
-                    .reduce(&admitted.end_user, admitted.pending);
+                admitted.pending.give_back();
                 admitted.recorded = true;
             }
         }
@@ -1092,10 +999,8 @@ impl ProxyHttp for Gate {
             return;
         }
         // Admitted but no upstream answer reached us (upstream down, client gone): no
-        // charge; a control-plane hold is released.
-        self.replica
-            .pending
-            .reduce(&admitted.end_user, admitted.pending);
+        // charge (the pending spend goes back with the admission); a control-plane hold
+        // is released.
         if let Some(Hold {
             reservation_id: Some(id),
             ..

@@ -24,4 +24,4 @@ pub mod server;
 pub mod sync;
 
 pub use config::Config;
-pub use server::{Running, install_metrics, start};
+pub use server::{Running, install_metrics, start, start_with_clock};

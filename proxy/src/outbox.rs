@@ -26,23 +26,15 @@ mod quarantine;
 
 pub use quarantine::{QuarantineEntry, Quarantined, ReplayError};
 
-fn acked_entry(record: &Record, needed: u64) -> Result<OutboxEntry, String> {
+fn acked_entry(record: &Record, needed: u64, at_ms: i64) -> Result<OutboxEntry, String> {
     let acked = Acked {
         end_user_id: record.end_user_id.clone(),
         cost: record.pending,
         needed,
-        at_ms: wall_ms(),
+        at_ms,
     };
     let json = serde_json::to_vec(&acked).map_err(|error| error.to_string())?;
     Ok((record.key.as_bytes().to_vec(), json))
-}
-
-fn wall_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
-        .unwrap_or(0)
 }
 
 /// Whether an answer means "try again later" rather than "this will never pass": 5xx,
@@ -432,7 +424,9 @@ impl Outbox {
                             || replica.version(end_user),
                         )
                     {
-                        round.acked.push(acked_entry(record, needed)?);
+                        round
+                            .acked
+                            .push(acked_entry(record, needed, replica.wall_ms())?);
                     }
                     metrics::counter!("qs_proxy_usage_shipped_total").increment(1);
                     round.done.push(key.clone());
@@ -553,7 +547,7 @@ impl Outbox {
                     )
                 {
                     self.disk
-                        .acked_put(&[acked_entry(record, needed)?])
+                        .acked_put(&[acked_entry(record, needed, replica.wall_ms())?])
                         .map_err(|error| error.to_string())?;
                 }
                 Ok(Resolution::Done)

@@ -16,23 +16,16 @@
 //! for the moment until the replica catches up.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use ledger::{Credits, EndUserId};
+use protocol::clock::{Clock, SystemClock};
 
 /// The longest a confirmed cost waits for the replica.
 pub const CONFIRMED_TTL: Duration = Duration::from_secs(5);
 
 const SHARDS: usize = 64;
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
-        .unwrap_or(0)
-}
 
 fn ttl_ms() -> i64 {
     i64::try_from(CONFIRMED_TTL.as_millis()).unwrap_or(i64::MAX)
@@ -63,13 +56,13 @@ impl UserPending {
 #[derive(Debug)]
 pub struct Pending {
     shards: Vec<Mutex<HashMap<EndUserId, UserPending>>>,
+    /// The proxy's clock (wall time of acknowledgements; the replica reads it too).
+    clock: Arc<dyn Clock>,
 }
 
 impl Default for Pending {
     fn default() -> Pending {
-        Pending {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-        }
+        Pending::new(Arc::new(SystemClock))
     }
 }
 
@@ -83,6 +76,22 @@ fn shard_of(end_user: &EndUserId) -> usize {
 }
 
 impl Pending {
+    pub fn new(clock: Arc<dyn Clock>) -> Pending {
+        Pending {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            clock,
+        }
+    }
+
+    /// The proxy's clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    fn wall_ms(&self) -> i64 {
+        self.clock.now().as_millis()
+    }
+
     fn with<T>(
         &self,
         end_user: &EndUserId,
@@ -125,6 +134,44 @@ impl Pending {
         self.admit(end_user, |_| ((), Some(cost)));
     }
 
+    /// [`Pending::admit`] for a request: the cost added is held by a [`PendingSpend`],
+    /// given back when the request drops it unrecorded.
+    pub fn admit_spend<T>(
+        self: &Arc<Self>,
+        end_user: &EndUserId,
+        decide: impl FnOnce(Credits) -> (T, Option<Credits>),
+    ) -> (T, PendingSpend) {
+        let mut added = Credits::ZERO;
+        let answer = self.admit(end_user, |current| {
+            let (answer, cost) = decide(current);
+            added = cost
+                .filter(|cost| cost.is_positive())
+                .unwrap_or(Credits::ZERO);
+            (answer, cost)
+        });
+        (answer, self.spend(end_user, added))
+    }
+
+    /// Adds `cost` for a request (admitted by its route's failure policy), held by a
+    /// [`PendingSpend`].
+    pub fn hold(self: &Arc<Self>, end_user: &EndUserId, cost: Credits) -> PendingSpend {
+        self.add(end_user, cost);
+        self.spend(end_user, cost.max(Credits::ZERO))
+    }
+
+    /// A request's hold on nothing (a lease decides its cost, or it costs nothing).
+    pub fn nothing(self: &Arc<Self>, end_user: &EndUserId) -> PendingSpend {
+        self.spend(end_user, Credits::ZERO)
+    }
+
+    fn spend(self: &Arc<Self>, end_user: &EndUserId, cost: Credits) -> PendingSpend {
+        PendingSpend {
+            pending: Arc::clone(self),
+            end_user: end_user.clone(),
+            cost,
+        }
+    }
+
     /// Lowers an unconfirmed cost (a reservation committed for less than its estimate).
     pub fn reduce(&self, end_user: &EndUserId, by: Credits) {
         self.with(end_user, |map| {
@@ -153,7 +200,7 @@ impl Pending {
         version: Option<u64>,
         held_version: impl FnOnce() -> Option<u64>,
     ) -> Option<u64> {
-        let now = wall_ms();
+        let now = self.wall_ms();
         self.with(end_user, |map| {
             let entry = map.get_mut(end_user)?;
             let held_version = held_version();
@@ -177,7 +224,7 @@ impl Pending {
         if !cost.is_positive() {
             return;
         }
-        let now = wall_ms();
+        let now = self.wall_ms();
         self.with(end_user, |map| {
             map.entry(end_user.clone())
                 .or_default()
@@ -222,6 +269,51 @@ impl Pending {
                 !entry.is_empty()
             });
         }
+    }
+}
+
+/// A request's share of its end user's pending spend: given back when dropped (the
+/// request was refused after all, not charged, or could not be recorded), unless it was
+/// handed on to an outbox record (the outbox confirms or drops it) or confirmed (the
+/// control plane acknowledged it).
+#[derive(Debug)]
+pub struct PendingSpend {
+    pending: Arc<Pending>,
+    end_user: EndUserId,
+    cost: Credits,
+}
+
+impl PendingSpend {
+    /// The credits still held.
+    pub fn cost(&self) -> Credits {
+        self.cost
+    }
+
+    /// The outbox now holds the cost (its record names it): nothing is given back here.
+    pub fn hand_on(&mut self) {
+        self.cost = Credits::ZERO;
+    }
+
+    /// The control plane acknowledged the cost in its state from `version` on (see
+    /// [`Pending::confirm`]).
+    pub fn confirm(&mut self, version: Option<u64>, held_version: impl FnOnce() -> Option<u64>) {
+        let cost = std::mem::replace(&mut self.cost, Credits::ZERO);
+        self.pending
+            .confirm(&self.end_user, cost, version, held_version);
+    }
+
+    /// Gives the cost back now.
+    pub fn give_back(&mut self) {
+        let cost = std::mem::replace(&mut self.cost, Credits::ZERO);
+        if cost.is_positive() {
+            self.pending.reduce(&self.end_user, cost);
+        }
+    }
+}
+
+impl Drop for PendingSpend {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
 
@@ -291,10 +383,11 @@ mod tests {
 
     #[test]
     fn confirmed_costs_expire_only_while_the_stream_is_heard() {
-        let pending = Pending::default();
+        let clock = protocol::clock::ManualClock::new(ledger::Timestamp::from_millis(1_000_000));
+        let pending = Pending::new(Arc::new(clock.clone()));
         pending.add(&user(), Credits::new(8));
         pending.confirm(&user(), Credits::new(8), None, || Some(1));
-        let acknowledged = wall_ms();
+        let acknowledged = clock.now().as_millis();
         // The stream silent since before the acknowledgement: kept, however long.
         pending.expire(acknowledged.saturating_sub(60_000));
         assert_eq!(pending.total(&user()), Credits::new(8));
@@ -304,6 +397,41 @@ mod tests {
         // Heard from well after, without the state showing it: dropped.
         pending.expire(acknowledged.saturating_add(ttl_ms()).saturating_add(1_000));
         assert_eq!(pending.total(&user()), Credits::ZERO);
+    }
+
+    #[test]
+    fn a_request_spend_goes_back_when_dropped_unless_handed_on_or_confirmed() {
+        let pending = Arc::new(Pending::default());
+        let (admitted, spend) =
+            pending.admit_spend(&user(), |current| (current, Some(Credits::new(5))));
+        assert_eq!((admitted, spend.cost()), (Credits::ZERO, Credits::new(5)));
+        assert_eq!(pending.total(&user()), Credits::new(5));
+        drop(spend);
+        assert_eq!(pending.total(&user()), Credits::ZERO, "dropped: given back");
+
+        let (_, refused) = pending.admit_spend(&user(), |_| ((), None));
+        assert_eq!(refused.cost(), Credits::ZERO);
+        drop(refused);
+
+        let mut recorded = pending.hold(&user(), Credits::new(3));
+        recorded.hand_on();
+        drop(recorded);
+        assert_eq!(
+            pending.total(&user()),
+            Credits::new(3),
+            "the outbox holds it now"
+        );
+
+        let mut confirmed = pending.hold(&user(), Credits::new(2));
+        confirmed.confirm(Some(9), || Some(4));
+        drop(confirmed);
+        assert_eq!(
+            pending.total(&user()),
+            Credits::new(5),
+            "confirmed: counted until the replica shows version 9"
+        );
+        pending.install(&user(), 9, || ());
+        assert_eq!(pending.total(&user()), Credits::new(3));
     }
 
     #[test]

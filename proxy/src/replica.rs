@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use ledger::{Catalog, EndUserId, EndUserState, Timestamp};
@@ -108,14 +108,6 @@ pub enum ApplyError {
     Disk(#[from] DiskError),
     #[error("invalid record: {0}")]
     Invalid(String),
-}
-
-fn wall_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .ok()
-        .and_then(|elapsed| i64::try_from(elapsed.as_millis()).ok())
-        .unwrap_or(0)
 }
 
 fn catalog_view(snapshot: &CatalogSnapshot) -> Result<CatalogView, ApplyError> {
@@ -227,7 +219,7 @@ impl Replica {
         if heard == 0 {
             return None;
         }
-        let silent = wall_now_ms().saturating_sub(heard).max(0);
+        let silent = self.wall_ms().saturating_sub(heard).max(0);
         Some(Duration::from_millis(u64::try_from(silent).unwrap_or(0)))
     }
 
@@ -241,6 +233,12 @@ impl Replica {
         }
     }
 
+    /// The proxy's wall clock in milliseconds (the clock its pending spend uses: the
+    /// system clock, or a test's).
+    pub fn wall_ms(&self) -> i64 {
+        self.pending.clock().now().as_millis()
+    }
+
     /// The control plane's clock as of its last message, for `x-quota-as-of`.
     pub fn as_of(&self) -> Timestamp {
         Timestamp::from_millis(self.as_of_ms.load(Ordering::Acquire))
@@ -249,7 +247,8 @@ impl Replica {
     /// The environment's now: the wall clock plus the test clock's offset.
     pub fn now(&self) -> Timestamp {
         Timestamp::from_millis(
-            wall_now_ms().saturating_add(self.clock_offset_ms.load(Ordering::Acquire)),
+            self.wall_ms()
+                .saturating_add(self.clock_offset_ms.load(Ordering::Acquire)),
         )
     }
 
@@ -313,7 +312,7 @@ impl Replica {
     }
 
     fn apply_record(&self, record: SyncRecord) -> Result<(), ApplyError> {
-        let heard = wall_now_ms().max(1);
+        let heard = self.wall_ms().max(1);
         let mut dirty = self.lock_dirty();
         match record {
             SyncRecord::Header {
@@ -476,7 +475,7 @@ impl Replica {
     /// The keys of acknowledged costs the in-memory states include (or that are over a
     /// day old: the state they wait for is not coming).
     fn acked_shown(&self, acked: &[crate::disk::OutboxEntry]) -> Vec<Vec<u8>> {
-        let too_old = wall_now_ms().saturating_sub(24 * 3600 * 1000);
+        let too_old = self.wall_ms().saturating_sub(24 * 3600 * 1000);
         acked
             .iter()
             .filter(|(_, json)| {

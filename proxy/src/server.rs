@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use pingora::apps::ServerApp;
 use pingora::server::configuration::ServerConf;
+use protocol::clock::{Clock, SystemClock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -197,11 +198,24 @@ fn serve_admin(
 /// # Errors
 /// The data directory, a listener or the control-plane client cannot be set up.
 pub async fn start(config: Config, metrics: Option<PrometheusHandle>) -> anyhow::Result<Running> {
+    start_with_clock(config, metrics, Arc::new(SystemClock)).await
+}
+
+/// [`start`] on a given wall clock (tests move it; nothing in the proxy reads the system
+/// clock but through it).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_with_clock(
+    config: Config,
+    metrics: Option<PrometheusHandle>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
     config.validate()?;
     let live = Arc::new(ArcSwap::from_pointee(Live::from_config(&config)?));
     let disk = Disk::open(&config.data_dir, config.cache_mb)
         .with_context(|| format!("data_dir {}", config.data_dir.display()))?;
-    let pending = Arc::new(Pending::default());
+    let pending = Arc::new(Pending::new(clock));
     let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
     let flusher = Flusher::new();
     let outbox = Arc::new(Outbox::new(

@@ -8,7 +8,7 @@ use ledger::{Credits, EndUserId};
 use protocol::{Problem, WireTime};
 use serde::{Deserialize, Serialize};
 
-use super::{Outbox, Record, gauge_of, wall_ms};
+use super::{Outbox, Record, gauge_of};
 use crate::disk::{DiskError, OutboxEntry};
 use crate::replica::Replica;
 
@@ -70,7 +70,7 @@ impl Outbox {
         if refused.is_empty() {
             return Ok(());
         }
-        let quarantined_at = WireTime(ledger::Timestamp::from_millis(wall_ms()));
+        let quarantined_at = WireTime(ledger::Timestamp::from_millis(replica.wall_ms()));
         let mut entries = Vec::with_capacity(refused.len());
         let mut spends = Vec::with_capacity(refused.len());
         for (key, record, problem) in refused {
