@@ -21,6 +21,7 @@ pub mod pending;
 pub mod replica;
 pub mod routes;
 pub mod server;
+pub mod spend_log;
 pub mod sync;
 
 pub use config::Config;

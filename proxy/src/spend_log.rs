@@ -1,0 +1,521 @@
+//! The lease spend log: what each admitted request spent from a lease, appended before
+//! its response goes out, as one fixed-size record in an append-only segment file (no
+//! sled write, read and delete per request). Reports read the totals per (lease,
+//! sequence) from memory; once the control plane has taken a report, an acknowledgement
+//! record is appended and the segments whose every spend is acknowledged are deleted,
+//! oldest first. Nothing is deleted that the control plane has not acknowledged.
+//!
+//! # Records
+//!
+//! 48 bytes, little-endian: CRC-32 of the other 44 bytes, a kind (1 spend, 2
+//! acknowledgement), three zero bytes, the lease's ULID (16 bytes), the report sequence,
+//! the units and the cost (8 bytes each; an acknowledgement carries zeros). A record is
+//! whole or it is not there: reading a segment stops at the first record that is short
+//! or fails its checksum (a write torn by a crash: the request it belonged to was never
+//! answered). A run never appends to a segment an earlier run wrote: it starts a new one,
+//! so a torn tail is never followed by good records.
+//!
+//! # Durability
+//!
+//! Every append is a `write` to the segment file, so a killed process loses nothing it
+//! answered; [`SpendLog::sync`] makes what was written durable against power loss (one
+//! `fdatasync` shared by every request waiting on it: group commit, driven by the
+//! proxy's [`crate::disk::Flusher`]). A segment is synced before the log moves to the
+//! next one.
+//!
+//! # Bounds
+//!
+//! The log holds at most `max_bytes` (`usage.spend_log_max_mb`): an append past it fails
+//! with a clear error instead of filling the disk, as does an append the disk refuses.
+//! A failed append leaves the segment as it was (a partial record is cut off).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ledger::{Credits, LeaseId};
+
+use crate::disk::DiskError;
+
+/// Bytes per record.
+pub const RECORD_BYTES: usize = 48;
+const RECORD_LEN: u64 = 48;
+/// A segment is closed (synced) and a new one started past this size.
+const SEGMENT_BYTES: u64 = 4 << 20;
+
+const SPEND: u8 = 1;
+const ACK: u8 = 2;
+
+/// One request's spend from a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spent {
+    pub units: u64,
+    pub cost: Credits,
+}
+
+/// What a report of (lease, sequence) carries: the sums of its spends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub units: u64,
+    pub cost: Credits,
+    pub requests: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Record {
+    Spend {
+        lease: u128,
+        sequence: u64,
+        spent: Spent,
+    },
+    Ack {
+        lease: u128,
+        sequence: u64,
+    },
+}
+
+impl Record {
+    fn encode(&self) -> [u8; RECORD_BYTES] {
+        let mut bytes = [0u8; RECORD_BYTES];
+        let (kind, lease, sequence, units, cost) = match *self {
+            Record::Spend {
+                lease,
+                sequence,
+                spent,
+            } => (SPEND, lease, sequence, spent.units, spent.cost.get()),
+            Record::Ack { lease, sequence } => (ACK, lease, sequence, 0, 0),
+        };
+        bytes[4] = kind;
+        bytes[8..24].copy_from_slice(&lease.to_le_bytes());
+        bytes[24..32].copy_from_slice(&sequence.to_le_bytes());
+        bytes[32..40].copy_from_slice(&units.to_le_bytes());
+        bytes[40..48].copy_from_slice(&cost.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[4..]);
+        bytes[..4].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
+    /// `None`: not a whole, valid record.
+    fn decode(bytes: &[u8]) -> Option<Record> {
+        let bytes: &[u8; RECORD_BYTES] = bytes.try_into().ok()?;
+        let crc = u32::from_le_bytes(bytes[..4].try_into().ok()?);
+        if crc != crc32fast::hash(&bytes[4..]) || bytes[5..8] != [0, 0, 0] {
+            return None;
+        }
+        let lease = u128::from_le_bytes(bytes[8..24].try_into().ok()?);
+        let sequence = u64::from_le_bytes(bytes[24..32].try_into().ok()?);
+        let units = u64::from_le_bytes(bytes[32..40].try_into().ok()?);
+        let cost = i64::from_le_bytes(bytes[40..48].try_into().ok()?);
+        match bytes[4] {
+            SPEND => Some(Record::Spend {
+                lease,
+                sequence,
+                spent: Spent {
+                    units,
+                    cost: Credits::new(cost),
+                },
+            }),
+            ACK => Some(Record::Ack { lease, sequence }),
+            _ => None,
+        }
+    }
+}
+
+/// The unacknowledged spend of one (lease, sequence), and how many of its records each
+/// segment holds.
+#[derive(Debug, Default)]
+struct Open {
+    totals: Totals,
+    segments: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+struct Segment {
+    bytes: u64,
+    /// Spend records not acknowledged yet.
+    live: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    /// The segment appends go to.
+    file: File,
+    current: u64,
+    segments: BTreeMap<u64, Segment>,
+    open: HashMap<(u128, u64), Open>,
+    total_bytes: u64,
+    /// A failed append could not be cut back: the next append starts a new segment.
+    broken: bool,
+}
+
+/// The spend log of one proxy (`data_dir/spend`).
+#[derive(Debug)]
+pub struct SpendLog {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// A segment is closed past this size (4 MiB, or a quarter of `max_bytes` when
+    /// that is less, so settled segments can free space before the log is full).
+    segment_bytes: u64,
+    inner: Mutex<Inner>,
+}
+
+fn segment_path(dir: &Path, number: u64) -> PathBuf {
+    dir.join(format!("spend-{number:016}.log"))
+}
+
+fn io_error(what: &str, path: &Path, error: &std::io::Error) -> DiskError {
+    DiskError::new(format!("{what} {}: {error}", path.display()))
+}
+
+fn lease_bits(lease: &str) -> Result<u128, DiskError> {
+    LeaseId::parse(lease)
+        .map(|id| id.0.0)
+        .ok_or_else(|| DiskError::new(format!("`{lease}` is not a lease id")))
+}
+
+fn lease_text(bits: u128) -> String {
+    LeaseId(ledger::Ulid(bits)).to_string()
+}
+
+impl SpendLog {
+    /// Opens the log in `dir` (created if missing): reads every segment, keeps what is
+    /// not acknowledged, deletes segments with nothing left, and starts a new segment.
+    ///
+    /// # Errors
+    /// The directory or a segment cannot be read or created.
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<SpendLog, DiskError> {
+        std::fs::create_dir_all(dir).map_err(|error| io_error("creating", dir, &error))?;
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(|error| io_error("reading", dir, &error))? {
+            let entry = entry.map_err(|error| io_error("reading", dir, &error))?;
+            let name = entry.file_name();
+            let number = name
+                .to_str()
+                .and_then(|name| name.strip_prefix("spend-"))
+                .and_then(|name| name.strip_suffix(".log"))
+                .and_then(|digits| digits.parse::<u64>().ok());
+            if let Some(number) = number {
+                numbers.push(number);
+            }
+        }
+        numbers.sort_unstable();
+        let mut segments = BTreeMap::new();
+        let mut open: HashMap<(u128, u64), Open> = HashMap::new();
+        let mut total_bytes = 0u64;
+        for &number in &numbers {
+            let path = segment_path(dir, number);
+            let mut bytes = Vec::new();
+            File::open(&path)
+                .and_then(|mut file| file.read_to_end(&mut bytes))
+                .map_err(|error| io_error("reading", &path, &error))?;
+            let mut segment = Segment {
+                bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+                live: 0,
+            };
+            let mut whole = 0usize;
+            for chunk in bytes.chunks(RECORD_BYTES) {
+                let Some(record) = Record::decode(chunk) else {
+                    break;
+                };
+                whole = whole.saturating_add(1);
+                match record {
+                    Record::Spend {
+                        lease,
+                        sequence,
+                        spent,
+                    } => {
+                        add(open.entry((lease, sequence)).or_default(), number, spent);
+                        segment.live = segment.live.saturating_add(1);
+                    }
+                    Record::Ack { lease, sequence } => {
+                        if let Some(done) = open.remove(&(lease, sequence)) {
+                            settle(&mut segments, &mut segment, number, &done);
+                        }
+                    }
+                }
+            }
+            let read = whole.saturating_mul(RECORD_BYTES);
+            if read < bytes.len() {
+                let cut = bytes.len().saturating_sub(read);
+                tracing::warn!(segment = %path.display(), bytes = cut, "the spend log ends in a torn record (a crash mid-write); it is ignored");
+                metrics::counter!("qs_proxy_spend_log_torn_total").increment(1);
+            }
+            total_bytes = total_bytes.saturating_add(segment.bytes);
+            segments.insert(number, segment);
+        }
+        let current = numbers.last().map_or(1, |last| last.saturating_add(1));
+        let file = create_segment(dir, current)?;
+        segments.insert(current, Segment::default());
+        let quarter = (max_bytes / 4 / RECORD_LEN)
+            .max(1)
+            .saturating_mul(RECORD_LEN);
+        let log = SpendLog {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            segment_bytes: SEGMENT_BYTES.min(quarter),
+            inner: Mutex::new(Inner {
+                file,
+                current,
+                segments,
+                open,
+                total_bytes,
+                broken: false,
+            }),
+        };
+        log.with(|inner| log.drop_settled(inner));
+        Ok(log)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut guard = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    /// Appends one request's spend under `lease`'s report `sequence` (in the kernel
+    /// when this returns: a killed process loses nothing; durable after the next
+    /// [`SpendLog::sync`]).
+    ///
+    /// # Errors
+    /// The log is full (`max_bytes`), or the disk refused the write.
+    pub fn append(&self, lease: &str, sequence: u64, spent: Spent) -> Result<(), DiskError> {
+        let lease = lease_bits(lease)?;
+        let record = Record::Spend {
+            lease,
+            sequence,
+            spent,
+        };
+        self.with(|inner| {
+            self.write(inner, &record, true)?;
+            add(
+                inner.open.entry((lease, sequence)).or_default(),
+                inner.current,
+                spent,
+            );
+            if let Some(segment) = inner.segments.get_mut(&inner.current) {
+                segment.live = segment.live.saturating_add(1);
+            }
+            Ok(())
+        })
+    }
+
+    /// Appends `record` to the current segment (`bounded`: refused past `max_bytes`;
+    /// an acknowledgement is not, it is what frees space).
+    fn write(&self, inner: &mut Inner, record: &Record, bounded: bool) -> Result<(), DiskError> {
+        if bounded && inner.total_bytes.saturating_add(RECORD_LEN) > self.max_bytes {
+            metrics::counter!("qs_proxy_spend_log_full_total").increment(1);
+            return Err(DiskError::new(format!(
+                "the spend log is full ({} bytes of {} allowed by usage.spend_log_max_mb): the control plane has not acknowledged older spend",
+                inner.total_bytes, self.max_bytes
+            )));
+        }
+        let full_segment = inner
+            .segments
+            .get(&inner.current)
+            .is_some_and(|segment| segment.bytes >= self.segment_bytes);
+        if full_segment || inner.broken {
+            self.rotate(inner)?;
+        }
+        let bytes = record.encode();
+        if let Err(error) = inner.file.write_all(&bytes) {
+            let path = segment_path(&self.dir, inner.current);
+            let length = inner
+                .segments
+                .get(&inner.current)
+                .map_or(0, |segment| segment.bytes);
+            // Cut off whatever part of the record went in; failing that, never append
+            // to this segment again.
+            if inner.file.set_len(length).is_err() {
+                inner.broken = true;
+            }
+            metrics::counter!("qs_proxy_spend_log_write_errors_total").increment(1);
+            return Err(io_error("appending to", &path, &error));
+        }
+        if let Some(segment) = inner.segments.get_mut(&inner.current) {
+            segment.bytes = segment.bytes.saturating_add(RECORD_LEN);
+        }
+        inner.total_bytes = inner.total_bytes.saturating_add(RECORD_LEN);
+        Ok(())
+    }
+
+    /// Closes the current segment (synced) and starts the next.
+    fn rotate(&self, inner: &mut Inner) -> Result<(), DiskError> {
+        let path = segment_path(&self.dir, inner.current);
+        inner
+            .file
+            .sync_data()
+            .map_err(|error| io_error("syncing", &path, &error))?;
+        let next = inner.current.saturating_add(1);
+        inner.file = create_segment(&self.dir, next)?;
+        inner.current = next;
+        inner.broken = false;
+        inner.segments.insert(next, Segment::default());
+        self.drop_settled(inner);
+        Ok(())
+    }
+
+    /// Makes every append so far durable (the current segment's `fdatasync`; earlier
+    /// segments were synced when the log moved on).
+    ///
+    /// # Errors
+    /// The disk refused the sync.
+    pub fn sync(&self) -> Result<(), DiskError> {
+        let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
+        let path = segment_path(&self.dir, current);
+        file.and_then(|file| file.sync_data())
+            .map_err(|error| io_error("syncing", &path, &error))
+    }
+
+    /// The totals of `lease`'s report `sequence` not yet acknowledged.
+    ///
+    /// # Errors
+    /// `lease` is not a lease id.
+    pub fn totals(&self, lease: &str, sequence: u64) -> Result<Totals, DiskError> {
+        let lease = lease_bits(lease)?;
+        Ok(self.with(|inner| {
+            inner
+                .open
+                .get(&(lease, sequence))
+                .map_or(Totals::default(), |open| open.totals)
+        }))
+    }
+
+    /// The control plane took `lease`'s report `sequence`: its spend leaves the log
+    /// (segments with nothing left are deleted, oldest first).
+    ///
+    /// # Errors
+    /// The acknowledgement could not be appended (the spend is kept, and reported again
+    /// after a restart: the control plane answers it as a replay).
+    pub fn acknowledge(&self, lease: &str, sequence: u64) -> Result<(), DiskError> {
+        let lease = lease_bits(lease)?;
+        self.with(|inner| {
+            if !inner.open.contains_key(&(lease, sequence)) {
+                return Ok(());
+            }
+            self.write(inner, &Record::Ack { lease, sequence }, false)?;
+            if let Some(done) = inner.open.remove(&(lease, sequence)) {
+                for (number, count) in &done.segments {
+                    if let Some(segment) = inner.segments.get_mut(number) {
+                        segment.live = segment.live.saturating_sub(*count);
+                    }
+                }
+            }
+            // Everything acknowledged: a fresh segment, so the old ones can go (nothing
+            // in them needs to survive, so no sync).
+            if inner.open.is_empty() {
+                let next = inner.current.saturating_add(1);
+                inner.file = create_segment(&self.dir, next)?;
+                inner.current = next;
+                inner.broken = false;
+                inner.segments.insert(next, Segment::default());
+            }
+            self.drop_settled(inner);
+            Ok(())
+        })
+    }
+
+    /// Deletes the oldest segments while nothing in them is unacknowledged (never the
+    /// current one). Oldest first: an acknowledgement is always in the segment of its
+    /// spend or a later one, so a kept segment's spend keeps its acknowledgement.
+    fn drop_settled(&self, inner: &mut Inner) {
+        while let Some((&number, segment)) = inner.segments.first_key_value() {
+            if number == inner.current || segment.live > 0 {
+                break;
+            }
+            let bytes = segment.bytes;
+            let path = segment_path(&self.dir, number);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(%error, segment = %path.display(), "cannot delete a settled spend log segment");
+                    break;
+                }
+            }
+            inner.segments.remove(&number);
+            inner.total_bytes = inner.total_bytes.saturating_sub(bytes);
+        }
+    }
+
+    /// Every lease with unacknowledged spend, and its sequences, ascending.
+    pub fn index(&self) -> Vec<(String, Vec<u64>)> {
+        let mut by_lease: BTreeMap<u128, Vec<u64>> = BTreeMap::new();
+        self.with(|inner| {
+            for (lease, sequence) in inner.open.keys() {
+                by_lease.entry(*lease).or_default().push(*sequence);
+            }
+        });
+        by_lease
+            .into_iter()
+            .map(|(lease, mut sequences)| {
+                sequences.sort_unstable();
+                (lease_text(lease), sequences)
+            })
+            .collect()
+    }
+
+    /// Spend records not yet acknowledged.
+    pub fn len(&self) -> u64 {
+        self.with(|inner| {
+            inner.open.values().fold(0u64, |total, open| {
+                total.saturating_add(open.totals.requests)
+            })
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.with(|inner| inner.open.is_empty())
+    }
+
+    /// Bytes the log's segments take on disk.
+    pub fn bytes(&self) -> u64 {
+        self.with(|inner| inner.total_bytes)
+    }
+}
+
+fn create_segment(dir: &Path, number: u64) -> Result<File, DiskError> {
+    let path = segment_path(dir, number);
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(|error| io_error("creating", &path, &error))?;
+    // The new name must survive a crash as well as what is written under it.
+    if let Ok(directory) = File::open(dir) {
+        let _ = directory.sync_all();
+    }
+    Ok(file)
+}
+
+fn add(open: &mut Open, segment: u64, spent: Spent) {
+    open.totals.units = open.totals.units.saturating_add(spent.units);
+    open.totals.cost = open
+        .totals
+        .cost
+        .checked_add(spent.cost)
+        .unwrap_or(Credits::MAX);
+    open.totals.requests = open.totals.requests.saturating_add(1);
+    match open.segments.last_mut() {
+        Some((number, count)) if *number == segment => *count = count.saturating_add(1),
+        _ => open.segments.push((segment, 1)),
+    }
+}
+
+/// While reading segment `number` (not yet in `segments`): `done`'s records leave the
+/// live counts of the segments that hold them.
+fn settle(segments: &mut BTreeMap<u64, Segment>, reading: &mut Segment, number: u64, done: &Open) {
+    for (held_in, count) in &done.segments {
+        if *held_in == number {
+            reading.live = reading.live.saturating_sub(*count);
+        } else if let Some(segment) = segments.get_mut(held_in) {
+            segment.live = segment.live.saturating_sub(*count);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
