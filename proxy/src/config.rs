@@ -242,6 +242,12 @@ pub struct UsageConfig {
     /// Whether an upstream 5xx answer is charged (routes may override).
     #[serde(default)]
     pub charge_upstream_errors: bool,
+    /// The most disk the lease spend log may take (`data_dir/spend`, KiB; 256 MiB by
+    /// default, about 5.6 million requests' spend not yet reported): past it,
+    /// lease spend cannot be recorded and requests gated by a lease are refused (503)
+    /// until the control plane acknowledges older spend.
+    #[serde(default = "default_spend_log_max_kb")]
+    pub spend_log_max_kb: u64,
 }
 
 impl Default for UsageConfig {
@@ -252,8 +258,13 @@ impl Default for UsageConfig {
             batch_size: default_batch_size(),
             ship_interval_ms: default_ship_interval(),
             charge_upstream_errors: false,
+            spend_log_max_kb: default_spend_log_max_kb(),
         }
     }
+}
+
+fn default_spend_log_max_kb() -> u64 {
+    256 << 10
 }
 
 fn default_flush_interval() -> u64 {
@@ -559,6 +570,12 @@ impl Config {
             return Err(invalid(
                 "usage.batch_size",
                 format!("must be 1 to {}", protocol::BATCH_EVENTS_MAX),
+            ));
+        }
+        if !(1..=1 << 30).contains(&self.usage.spend_log_max_kb) {
+            return Err(invalid(
+                "usage.spend_log_max_kb",
+                "must be 1 to 1073741824 (1 TiB)",
             ));
         }
         if self.usage.flush_interval_ms == 0 || self.usage.ship_interval_ms == 0 {

@@ -604,8 +604,28 @@ impl Disk {
     }
 }
 
-/// Group commit for the outbox: a writer bumps the written count and waits until a flush
-/// that started after its write has finished. One flush serves everyone waiting.
+/// What a [`Flusher`] makes durable: sled (the outbox), or the spend log.
+pub trait Flush: Send + Sync + 'static {
+    /// # Errors
+    /// The disk refused the flush.
+    fn flush(&self) -> Result<(), DiskError>;
+}
+
+impl Flush for Disk {
+    fn flush(&self) -> Result<(), DiskError> {
+        Disk::flush(self)
+    }
+}
+
+impl Flush for crate::spend_log::SpendLog {
+    fn flush(&self) -> Result<(), DiskError> {
+        self.sync()
+    }
+}
+
+/// Group commit (for the outbox, and for the spend log): a writer bumps the written count
+/// and waits until a flush that started after its write has finished. One flush serves
+/// everyone waiting.
 #[derive(Debug)]
 pub struct Flusher {
     written: AtomicU64,
@@ -656,7 +676,7 @@ impl Flusher {
     /// The flushing loop: on demand (sync durability) and every `interval` regardless.
     pub async fn run(
         self: Arc<Self>,
-        disk: Disk,
+        disk: Arc<dyn Flush>,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
@@ -675,13 +695,13 @@ impl Flusher {
         }
     }
 
-    async fn flush_once(&self, disk: &Disk) {
+    async fn flush_once(&self, disk: &Arc<dyn Flush>) {
         let target = self.written.load(Ordering::Acquire);
         if *self.flushed.borrow() >= target {
             return;
         }
         let started = std::time::Instant::now();
-        let disk = disk.clone();
+        let disk = Arc::clone(disk);
         let outcome = tokio::task::spawn_blocking(move || disk.flush()).await;
         metrics::histogram!("qs_proxy_flush_seconds").record(started.elapsed().as_secs_f64());
         match outcome {
@@ -804,7 +824,7 @@ mod tests {
         tokio::spawn(
             flusher
                 .clone()
-                .run(disk.clone(), Duration::from_secs(3600), stop),
+                .run(Arc::new(disk.clone()), Duration::from_secs(3600), stop),
         );
         let mut tasks = Vec::new();
         for n in 0..32u32 {

@@ -701,6 +701,23 @@ impl Gate {
             state,
             stale,
         } = ask;
+        if !self.leases.can_record() {
+            // The spend log is at its bound (the control plane has not acknowledged
+            // older spend): a lease spend could not be recorded. The route's policy:
+            // closed refuses before the upstream; open lets the replica decide without
+            // a lease, its usage going through the outbox.
+            decision_metric("spend_log_full", "lease");
+            tracing::warn!(%end_user, "the lease spend log is full (usage.spend_log_max_kb)");
+            if route.on_unavailable == OnUnavailable::Closed {
+                return Verdict::Refuse(Problem::new(
+                    503,
+                    "usage_log_full",
+                    "Usage log full",
+                    "the proxy cannot record more lease spend until the control plane acknowledges what it holds (usage.spend_log_max_kb)",
+                ));
+            }
+            return self.decide(live, route, end_user, units, false);
+        }
         match self
             .leases
             .take(end_user, &admitted.feature, cost, available, version)

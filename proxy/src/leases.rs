@@ -3,11 +3,11 @@
 //!
 //! A request takes its cost from the slot's `room` under the slot's lock (no network
 //! call, no disk wait); when the room is short it waits up to `leases.wait_ms` for the
-//! background to take a lease or top one up. What an admitted request spent is written
-//! to sled's `lease_spend` tree under the report sequence that is open at that moment
-//! (durable before the response in `sync` durability) and reported from there, so a
-//! report's content is fixed by what is on disk: after a crash the same sequence is sent
-//! with the same content, and the control plane counts it once.
+//! background to take a lease or top one up. What an admitted request spent is appended
+//! to the spend log ([`crate::spend_log`]) under the report sequence that is open at that
+//! moment (durable before the response in `sync` durability) and reported from there, so
+//! a report's content is fixed by what is on disk: after a crash the same sequence is
+//! sent with the same content, and the control plane counts it once.
 //!
 //! The background (`run`) takes leases sized from the observed rate, reports spend every
 //! `leases.report_interval_ms` (each report tops the lease up when its room runs low and
@@ -23,9 +23,10 @@ use protocol::{CreateLease, LeaseBatch, LeaseBatchResult, LeaseOperation, LeaseS
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::config::{Durability, LeaseConfig};
-use crate::disk::{Disk, DiskError, Flusher, LeaseMeta, LeaseSpend, LeaseSpendKey};
+use crate::disk::{Disk, DiskError, Flusher, LeaseMeta};
 use crate::outbox::{Op, Outbox, Record};
 use crate::replica::Replica;
+use crate::spend_log::{SpendLog, Spent, Totals};
 
 type SlotKey = (EndUserId, FeatureKey);
 
@@ -386,7 +387,11 @@ impl Drop for Spend {
 pub struct Leases {
     holder: Holder,
     config: LeaseConfig,
+    /// Which end user and feature each lease is for.
     disk: Disk,
+    /// What requests spent, until reported.
+    spend_log: Arc<SpendLog>,
+    /// Group commit for the spend log.
     flusher: Arc<Flusher>,
     durability: Durability,
     shards: Vec<Mutex<HashMap<SlotKey, Slot>>>,
@@ -413,6 +418,7 @@ impl Leases {
         holder: Holder,
         config: LeaseConfig,
         disk: Disk,
+        spend_log: Arc<SpendLog>,
         flusher: Arc<Flusher>,
         durability: Durability,
     ) -> Leases {
@@ -420,6 +426,7 @@ impl Leases {
             holder,
             config,
             disk,
+            spend_log,
             flusher,
             durability,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -607,23 +614,18 @@ impl Leases {
         units: u64,
         cost: Credits,
     ) -> Result<(), DiskError> {
-        let key = LeaseSpendKey {
-            lease: lease.to_owned(),
-            sequence,
-            id: ulid::Ulid::new().to_bytes(),
-        };
-        self.disk.lease_spend_put(
-            &key,
-            LeaseSpend {
-                units,
-                cost: cost.get(),
-            },
-        )?;
+        self.spend_log
+            .append(lease, sequence, Spent { units, cost })?;
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
             self.flusher.durable(ticket).await?;
         }
         Ok(())
+    }
+
+    /// Whether a spend can be recorded now (the spend log has room).
+    pub fn can_record(&self) -> bool {
+        self.spend_log.has_room()
     }
 
     /// Credits parked in this proxy's leases, and how many leases it holds.
@@ -704,9 +706,17 @@ impl Leases {
                 Vec::new()
             }
         };
+        // And any lease with spend in the log that sled does not name (its record did
+        // not reach the disk): reported all the same.
+        let mut remembered: Vec<String> = remembered.into_iter().map(|(lease, _)| lease).collect();
+        for (lease, _) in self.spend_log.index() {
+            if !remembered.contains(&lease) {
+                remembered.push(lease);
+            }
+        }
         let recovery = tokio::spawn(Arc::clone(&self).recover_until_done(
             context.clone(),
-            remembered.into_iter().map(|(lease, _)| lease).collect(),
+            remembered,
             stop.clone(),
         ));
         // Two lanes, each with one batch in flight at most: urgent work (acquisitions,
@@ -1000,14 +1010,12 @@ impl Leases {
     /// leaves the disk, and the slot learns the lease's new hold and state.
     fn reported(
         &self,
-        keys: &[Vec<u8>],
+        (lease, sequence): (&str, u64),
         cost: Credits,
         answer: &protocol::Lease,
         release: bool,
     ) -> Reported {
-        if let Err(error) = self.disk.lease_spend_remove(keys) {
-            tracing::error!(%error, "cannot remove reported spend");
-        }
+        self.acknowledge(lease, sequence);
         Reported::Done {
             cost,
             amount: Some(answer.amount),
@@ -1113,7 +1121,6 @@ impl Leases {
     async fn perform(&self, context: &Context, work: Vec<(SlotKey, Work)>) {
         let work = self.settled_writes(work).await;
         let mut operations = Vec::with_capacity(work.len());
-        let mut spent_keys = Vec::with_capacity(work.len());
         let mut costs = Vec::with_capacity(work.len());
         let mut ready = Vec::with_capacity(work.len());
         for (key, item) in work {
@@ -1125,7 +1132,6 @@ impl Leases {
                         slot.asked_at = Some(Instant::now());
                     });
                     operations.push(self.create_operation(&key, *amount, request_id));
-                    spent_keys.push(Vec::new());
                     costs.push(Credits::ZERO);
                 }
                 Work::Report {
@@ -1134,8 +1140,8 @@ impl Leases {
                     top_up,
                     release,
                 } => {
-                    let (keys, spends) = match self.disk.lease_spend_of(lease, *sequence) {
-                        Ok(found) => found,
+                    let totals = match self.spend_log.totals(lease, *sequence) {
+                        Ok(totals) => totals,
                         Err(error) => {
                             tracing::error!(%error, lease, "cannot read a lease's spend");
                             self.settle_report(
@@ -1154,7 +1160,7 @@ impl Leases {
                     }
                     metrics::counter!("qs_proxy_lease_calls_total", "call" => if *release { "release" } else { "report" }).increment(1);
                     let body =
-                        report_body(*sequence, &spends, *top_up, *release, self.config.ttl_secs);
+                        report_body(*sequence, totals, *top_up, *release, self.config.ttl_secs);
                     costs.push(Credits::new(body.cost));
                     let step = LeaseStep::new(lease.clone(), body);
                     operations.push(if *release {
@@ -1162,7 +1168,6 @@ impl Leases {
                     } else {
                         LeaseOperation::Report(step)
                     });
-                    spent_keys.push(keys);
                 }
             }
             ready.push((key, item));
@@ -1171,12 +1176,8 @@ impl Leases {
             return;
         }
         let mut results = send_batch(context, operations, ready.len()).await;
-        for ((((key, item), result), keys), cost) in ready
-            .into_iter()
-            .zip(results.iter_mut())
-            .zip(spent_keys)
-            .zip(costs)
-        {
+        self.remember_new_leases(&ready, &results).await;
+        for (((key, item), result), cost) in ready.into_iter().zip(results.iter_mut()).zip(costs) {
             let result = result.take();
             match item {
                 Work::Acquire { .. } => {
@@ -1198,7 +1199,7 @@ impl Leases {
                         Some(LeaseBatchResult {
                             lease: Some(answer),
                             ..
-                        }) => self.reported(&keys, cost, &answer, release),
+                        }) => self.reported((&lease, sequence), cost, &answer, release),
                         Some(result) if needs_repair(&result) => {
                             self.send_report(context, &lease, sequence, top_up, release)
                                 .await
@@ -1212,13 +1213,50 @@ impl Leases {
     }
     /// Settles a slot with the answer to its lease creation: the lease, or the status
     /// the control plane refused it with (`None`: no answer).
+    /// Writes which end user and feature each lease the batch created is for, durable
+    /// (one sled flush) before any request can spend from them: after a crash, the
+    /// spend log's records of a lease are reported (or turned into usage) through this.
+    async fn remember_new_leases(
+        &self,
+        ready: &[(SlotKey, Work)],
+        results: &[Option<LeaseBatchResult>],
+    ) {
+        let mut remembered = 0usize;
+        for ((key, item), result) in ready.iter().zip(results) {
+            if let (
+                Work::Acquire { .. },
+                Some(LeaseBatchResult {
+                    lease: Some(lease), ..
+                }),
+            ) = (item, result)
+            {
+                let meta = LeaseMeta {
+                    end_user_id: key.0.to_string(),
+                    feature_key: key.1.to_string(),
+                };
+                match self.disk.lease_put(&lease.id, &meta) {
+                    Ok(()) => remembered = remembered.saturating_add(1),
+                    Err(error) => tracing::error!(%error, "cannot remember a lease on disk"),
+                }
+            }
+        }
+        if remembered > 0 {
+            let disk = self.disk.clone();
+            match tokio::task::spawn_blocking(move || disk.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "cannot flush new leases to disk"),
+                Err(error) => tracing::error!(%error, "the lease flush task failed"),
+            }
+        }
+    }
+
     fn settle_acquire(
         &self,
         context: &Context,
         key: &SlotKey,
         answer: Result<protocol::Lease, Option<u16>>,
     ) {
-        let (end_user, feature) = key;
+        let end_user = &key.0;
         let now = Instant::now();
         match answer {
             Ok(lease) if lease.status != "active" => {
@@ -1230,13 +1268,6 @@ impl Leases {
                 });
             }
             Ok(lease) => {
-                let meta = LeaseMeta {
-                    end_user_id: end_user.to_string(),
-                    feature_key: feature.to_string(),
-                };
-                if let Err(error) = self.disk.lease_put(&lease.id, &meta) {
-                    tracing::error!(%error, "cannot remember a lease on disk");
-                }
                 let answered_at = context.replica.now();
                 self.with_slot(key, |slot| {
                     slot.acquiring = false;
@@ -1462,14 +1493,14 @@ impl Leases {
         top_up: Option<Credits>,
         release: bool,
     ) -> Reported {
-        let (keys, spends) = match self.disk.lease_spend_of(lease, sequence) {
-            Ok(found) => found,
+        let totals = match self.spend_log.totals(lease, sequence) {
+            Ok(totals) => totals,
             Err(error) => {
                 tracing::error!(%error, lease, "cannot read a lease's spend");
                 return Reported::Later;
             }
         };
-        let body = report_body(sequence, &spends, top_up, release, self.config.ttl_secs);
+        let body = report_body(sequence, totals, top_up, release, self.config.ttl_secs);
         let cost = Credits::new(body.cost);
         let mut answer = call(context, lease, &body, release).await;
         metrics::counter!("qs_proxy_lease_calls_total", "call" => if release { "release" } else { "report" }).increment(1);
@@ -1481,9 +1512,7 @@ impl Leases {
         {
             if expected > sequence {
                 // This sequence was taken before (its answer was lost).
-                if let Err(error) = self.disk.lease_spend_remove(&keys) {
-                    tracing::error!(%error, "cannot remove reported spend");
-                }
+                self.acknowledge(lease, sequence);
                 return Reported::Done {
                     cost,
                     amount: None,
@@ -1493,7 +1522,13 @@ impl Leases {
                 };
             }
             for missing in expected..sequence {
-                let empty = report_body(missing, &[], None, false, self.config.ttl_secs);
+                let empty = report_body(
+                    missing,
+                    Totals::default(),
+                    None,
+                    false,
+                    self.config.ttl_secs,
+                );
                 if call(context, lease, &empty, false).await.is_err() {
                     return Reported::Later;
                 }
@@ -1504,14 +1539,14 @@ impl Leases {
         if let Err(error) = &answer
             && error.code() == Some("lease_not_active")
         {
-            let plain = report_body(sequence, &spends, None, true, self.config.ttl_secs);
+            let plain = report_body(sequence, totals, None, true, self.config.ttl_secs);
             answer = call(context, lease, &plain, release).await;
         }
         match answer {
-            Ok(lease_answer) => self.reported(&keys, cost, &lease_answer, release),
+            Ok(lease_answer) => self.reported((lease, sequence), cost, &lease_answer, release),
             Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
                 // The lease is gone (ended more than an hour ago): its spend is charged
-                // as plain usage, once (the keys name lease, sequence and record).
+                // as plain usage, once (the keys name lease and sequence).
                 match self.to_usage(context, lease).await {
                     Ok(()) => Reported::Gone,
                     Err(error) => {
@@ -1527,46 +1562,43 @@ impl Leases {
         }
     }
 
-    /// Moves every spend record of `lease` into the usage outbox, keyed so that each is
-    /// charged once however often this runs.
+    /// Moves the spend of `lease` into the usage outbox, one usage event per report
+    /// sequence (its units summed), keyed by lease and sequence so that each is charged
+    /// once however often this runs.
     async fn to_usage(&self, context: &Context, lease: &str) -> Result<(), DiskError> {
         let Some(meta) = self.disk.lease_get(lease)? else {
             return Err(DiskError::new(format!(
                 "lease {lease} has spend but no end user on disk"
             )));
         };
-        let sequences = self
-            .disk
-            .lease_spend_index()?
-            .into_iter()
-            .find(|(id, _)| id == lease)
-            .map(|(_, sequences)| sequences)
-            .unwrap_or_default();
-        for sequence in sequences {
-            let (keys, spends) = self.disk.lease_spend_of(lease, sequence)?;
-            for (key, spend) in keys.iter().zip(&spends) {
-                let suffix: String = key
-                    .iter()
-                    .rev()
-                    .take(16)
-                    .map(|byte| format!("{byte:02x}"))
-                    .collect();
+        for sequence in self.spend_log.sequences_of(lease)? {
+            let totals = self.spend_log.totals(lease, sequence)?;
+            if totals.requests > 0 {
                 let record = Record {
-                    key: format!("{lease}-{sequence}-{suffix}"),
+                    key: format!("{lease}-{sequence}"),
                     end_user_id: meta.end_user_id.clone(),
                     pending: 0,
                     op: Op::Usage {
                         feature_key: meta.feature_key.clone(),
-                        units: spend.units.max(1),
+                        units: totals.units.max(1),
                         timestamp_ms: context.replica.now().as_millis(),
                     },
                 };
                 context.outbox.push(&record).await?;
             }
-            self.disk.lease_spend_remove(&keys)?;
+            self.spend_log.acknowledge(lease, sequence)?;
         }
         self.disk.lease_forget(lease)?;
         Ok(())
+    }
+
+    /// The control plane took (or had taken) `lease`'s report `sequence`: its spend
+    /// leaves the log. Should the acknowledgement not go in, the spend stays and is
+    /// sent again after a restart, where the control plane answers it as a replay.
+    fn acknowledge(&self, lease: &str, sequence: u64) {
+        if let Err(error) = self.spend_log.acknowledge(lease, sequence) {
+            tracing::error!(%error, lease, sequence, "cannot acknowledge reported spend");
+        }
     }
 
     /// After a restart: every lease a previous run remembered has its spend reported
@@ -1574,17 +1606,12 @@ impl Leases {
     /// released. Stops at the first lease the control plane does not take (the caller
     /// tries again).
     async fn recover(&self, context: &Context, remembered: &[String]) -> Result<(), DiskError> {
-        let index = self.disk.lease_spend_index()?;
         for lease in remembered {
+            let sequences = self.spend_log.sequences_of(lease)?;
             // Done by an earlier attempt.
-            if self.disk.lease_get(lease)?.is_none() {
+            if self.disk.lease_get(lease)?.is_none() && sequences.is_empty() {
                 continue;
             }
-            let sequences = index
-                .iter()
-                .find(|(id, _)| id == lease)
-                .map(|(_, sequences)| sequences.clone())
-                .unwrap_or_default();
             let taken = match context.client.get_lease(lease).await {
                 Ok(found) => found.sequence,
                 Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
@@ -1596,17 +1623,22 @@ impl Leases {
                 }
             };
             let mut next = taken.saturating_add(1);
+            let mut gone = false;
             for sequence in sequences {
                 if sequence <= taken {
-                    let (keys, _) = self.disk.lease_spend_of(lease, sequence)?;
-                    self.disk.lease_spend_remove(&keys)?;
+                    self.spend_log.acknowledge(lease, sequence)?;
                     continue;
                 }
                 match self
                     .send_report(context, lease, sequence, None, false)
                     .await
                 {
-                    Reported::Done { .. } | Reported::Gone => next = sequence.saturating_add(1),
+                    Reported::Done { .. } => next = sequence.saturating_add(1),
+                    // Turned into usage, and forgotten.
+                    Reported::Gone => {
+                        gone = true;
+                        break;
+                    }
                     Reported::Later => {
                         return Err(DiskError::new(format!(
                             "lease {lease}: the control plane did not take report {sequence}"
@@ -1614,7 +1646,7 @@ impl Leases {
                     }
                 }
             }
-            if self.disk.lease_get(lease)?.is_some() {
+            if !gone {
                 let _ = self.send_report(context, lease, next, None, true).await;
                 self.disk.lease_forget(lease)?;
             }
@@ -1645,22 +1677,16 @@ enum Reported {
 
 fn report_body(
     sequence: u64,
-    spends: &[LeaseSpend],
+    totals: Totals,
     top_up: Option<Credits>,
     plain: bool,
     ttl_secs: u64,
 ) -> ReportLease {
-    let units = spends
-        .iter()
-        .fold(0u64, |total, spend| total.saturating_add(spend.units));
-    let cost = spends
-        .iter()
-        .fold(0i64, |total, spend| total.saturating_add(spend.cost));
     ReportLease {
         sequence,
-        units,
-        cost,
-        requests: u64::try_from(spends.len()).unwrap_or(u64::MAX),
+        units: totals.units,
+        cost: totals.cost.get(),
+        requests: totals.requests,
         top_up: if plain {
             None
         } else {

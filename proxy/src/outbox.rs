@@ -190,12 +190,6 @@ impl Outbox {
         self.depth.load(Ordering::Acquire)
     }
 
-    /// Usage not yet acknowledged, in all: the outbox's records and what requests spent
-    /// from leases and no report has covered yet (walks the lease spend: for scrapes).
-    pub fn unacknowledged(&self) -> usize {
-        self.depth().saturating_add(self.disk.lease_spend_len())
-    }
-
     /// Records in the quarantine.
     pub fn quarantine_depth(&self) -> usize {
         self.quarantine_depth.load(Ordering::Acquire)

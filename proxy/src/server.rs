@@ -22,12 +22,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
-use crate::disk::{Disk, Flusher};
+use crate::disk::{Disk, Flush, Flusher};
 use crate::gate::{Gate, InFlightCount, Live, OutageBudgets};
 use crate::leases::Leases;
 use crate::outbox::Outbox;
 use crate::pending::Pending;
 use crate::replica::{Freshness, Replica};
+use crate::spend_log::SpendLog;
 
 mod admin;
 
@@ -40,6 +41,7 @@ pub struct Running {
     pub admin_address: SocketAddr,
     pub replica: Arc<Replica>,
     pub outbox: Arc<Outbox>,
+    pub spend_log: Arc<SpendLog>,
     live: Arc<ArcSwap<Live>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -54,6 +56,8 @@ struct Background {
     leases: Arc<Leases>,
     disk: Disk,
     flusher: Arc<Flusher>,
+    spend_log: Arc<SpendLog>,
+    spend_flusher: Arc<Flusher>,
     replica: Arc<Replica>,
     outbox: Arc<Outbox>,
     client: client::Client,
@@ -82,7 +86,12 @@ impl Background {
         runtime.block_on(async move {
             let tasks = [
                 tokio::spawn(self.flusher.run(
-                    self.disk,
+                    Arc::new(self.disk),
+                    self.flush_interval,
+                    self.stopped.clone(),
+                )),
+                tokio::spawn(self.spend_flusher.run(
+                    Arc::clone(&self.spend_log) as Arc<dyn Flush>,
                     self.flush_interval,
                     self.stopped.clone(),
                 )),
@@ -123,6 +132,67 @@ impl Background {
             }
         });
     }
+}
+
+/// Usage not yet acknowledged by the control plane, in all: the outbox's records and the
+/// lease spend no report has covered yet.
+pub fn unacknowledged(outbox: &Outbox, spend_log: &SpendLog) -> usize {
+    outbox
+        .depth()
+        .saturating_add(usize::try_from(spend_log.len()).unwrap_or(usize::MAX))
+}
+
+/// The proxy's listener and its admin listener.
+async fn listeners(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let admin_listener = TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
+    Ok((listener, admin_listener))
+}
+
+/// The lease spend log in `data_dir/spend`, with what an older version left in sled.
+fn open_spend_log(config: &Config, disk: &Disk) -> anyhow::Result<Arc<SpendLog>> {
+    let spend_log = SpendLog::open(
+        &config.data_dir.join("spend"),
+        config.usage.spend_log_max_kb.saturating_mul(1 << 10),
+    )
+    .context("opening the lease spend log")?;
+    migrate_sled_spend(disk, &spend_log).context("moving lease spend out of sled")?;
+    Ok(Arc::new(spend_log))
+}
+
+/// Lease spend an older version kept in sled moves to the spend log once (appended,
+/// then removed from sled), so an upgrade loses no unreported spend.
+fn migrate_sled_spend(disk: &Disk, spend_log: &SpendLog) -> anyhow::Result<()> {
+    let mut moved = 0usize;
+    for (lease, sequences) in disk.lease_spend_index()? {
+        for sequence in sequences {
+            let (keys, spends) = disk.lease_spend_of(&lease, sequence)?;
+            for spend in &spends {
+                spend_log.append(
+                    &lease,
+                    sequence,
+                    crate::spend_log::Spent {
+                        units: spend.units,
+                        cost: ledger::Credits::new(spend.cost),
+                    },
+                )?;
+            }
+            spend_log.sync()?;
+            disk.lease_spend_remove(&keys)?;
+            moved = moved.saturating_add(spends.len());
+        }
+    }
+    if moved > 0 {
+        tracing::info!(
+            records = moved,
+            "moved lease spend from sled to the spend log"
+        );
+    }
+    Ok(())
 }
 
 /// Counts what the previous run left: usage still to ship, and acknowledged usage the
@@ -232,11 +302,14 @@ pub async fn start_with_clock(
     let (stop_background, background_stopped) = watch::channel(false);
     let outage = Arc::new(OutageBudgets::default());
     let holder = crate::leases::holder_id(&config.data_dir).context("the proxy's holder id")?;
+    let spend_log = open_spend_log(&config, &disk)?;
+    let spend_flusher = Flusher::new();
     let leases = Arc::new(Leases::new(
         holder,
         config.leases.clone(),
         disk.clone(),
-        flusher.clone(),
+        spend_log.clone(),
+        spend_flusher.clone(),
         config.usage.durability,
     ));
     let background = {
@@ -244,6 +317,8 @@ pub async fn start_with_clock(
             leases: leases.clone(),
             disk: disk.clone(),
             flusher: flusher.clone(),
+            spend_log: spend_log.clone(),
+            spend_flusher,
             replica: replica.clone(),
             outbox: outbox.clone(),
             client: background_client,
@@ -271,14 +346,8 @@ pub async fn start_with_clock(
         in_flight: in_flight.clone(),
         leases,
     };
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let address = listener.local_addr()?;
-    let admin_listener = TcpListener::bind(&config.admin_listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.admin_listen))?;
-    let admin_address = admin_listener.local_addr()?;
+    let (listener, admin_listener) = listeners(&config).await?;
+    let (address, admin_address) = (listener.local_addr()?, admin_listener.local_addr()?);
     let server_conf = Arc::new(ServerConf::default());
     let app = Arc::new(pingora::proxy::http_proxy(&server_conf, gate));
     tasks.push(tokio::spawn(serve_pingora(
@@ -290,6 +359,7 @@ pub async fn start_with_clock(
     let admin = Admin {
         replica: replica.clone(),
         outbox: outbox.clone(),
+        spend_log: spend_log.clone(),
         metrics,
         max_staleness: config.max_staleness(),
     };
@@ -301,6 +371,7 @@ pub async fn start_with_clock(
         admin_address,
         replica,
         outbox,
+        spend_log,
         live,
         stop,
         tasks,
@@ -477,4 +548,35 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("metric buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{LeaseSpend, LeaseSpendKey};
+
+    /// An upgrade from a version that kept lease spend in sled loses none of it: it moves
+    /// to the spend log, once.
+    #[test]
+    fn lease_spend_left_in_sled_moves_to_the_spend_log_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let lease = ledger::LeaseId(ledger::Ulid(42)).to_string();
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        for (sequence, id, cost) in [(1u64, 1u8, 2i64), (1, 2, 3), (2, 3, 5)] {
+            let key = LeaseSpendKey {
+                lease: lease.clone(),
+                sequence,
+                id: [id; 16],
+            };
+            disk.lease_spend_put(&key, LeaseSpend { units: 1, cost })
+                .expect("put");
+        }
+        let log = SpendLog::open(&dir.path().join("spend"), 1 << 20).expect("log");
+        migrate_sled_spend(&disk, &log).expect("migrate");
+        migrate_sled_spend(&disk, &log).expect("a second start moves nothing");
+        assert_eq!(log.totals(&lease, 1).expect("totals").cost.get(), 5);
+        assert_eq!(log.totals(&lease, 2).expect("totals").cost.get(), 5);
+        assert_eq!(log.len(), 3);
+        assert_eq!(disk.lease_spend_len(), 0);
+    }
 }

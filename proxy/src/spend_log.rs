@@ -25,7 +25,7 @@
 //!
 //! # Bounds
 //!
-//! The log holds at most `max_bytes` (`usage.spend_log_max_mb`): an append past it fails
+//! The log holds at most `max_bytes` (`usage.spend_log_max_kb`): an append past it fails
 //! with a clear error instead of filling the disk, as does an append the disk refuses.
 //! A failed append leaves the segment as it was (a partial record is cut off).
 
@@ -309,7 +309,7 @@ impl SpendLog {
         if bounded && inner.total_bytes.saturating_add(RECORD_LEN) > self.max_bytes {
             metrics::counter!("qs_proxy_spend_log_full_total").increment(1);
             return Err(DiskError::new(format!(
-                "the spend log is full ({} bytes of {} allowed by usage.spend_log_max_mb): the control plane has not acknowledged older spend",
+                "the spend log is full ({} bytes of {} allowed by usage.spend_log_max_kb): the control plane has not acknowledged older spend",
                 inner.total_bytes, self.max_bytes
             )));
         }
@@ -458,6 +458,24 @@ impl SpendLog {
             .collect()
     }
 
+    /// The report sequences of `lease` with unacknowledged spend, ascending.
+    ///
+    /// # Errors
+    /// `lease` is not a lease id.
+    pub fn sequences_of(&self, lease: &str) -> Result<Vec<u64>, DiskError> {
+        let bits = lease_bits(lease)?;
+        let mut sequences: Vec<u64> = self.with(|inner| {
+            inner
+                .open
+                .keys()
+                .filter(|(held, _)| *held == bits)
+                .map(|(_, sequence)| *sequence)
+                .collect()
+        });
+        sequences.sort_unstable();
+        Ok(sequences)
+    }
+
     /// Spend records not yet acknowledged.
     pub fn len(&self) -> u64 {
         self.with(|inner| {
@@ -465,6 +483,11 @@ impl SpendLog {
                 total.saturating_add(open.totals.requests)
             })
         })
+    }
+
+    /// Whether one more spend fits under `max_bytes`.
+    pub fn has_room(&self) -> bool {
+        self.with(|inner| inner.total_bytes.saturating_add(RECORD_LEN) <= self.max_bytes)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -476,10 +476,19 @@ impl Proxy {
         send(&self.http, &self.url, method, path, end_user, headers).await
     }
 
+    /// Waits until the outbox's records are acknowledged (lease spend aside).
+    pub async fn drained_outbox(&self) {
+        eventually("the outbox to drain", Duration::from_secs(20), || async {
+            (self.running.outbox.depth() == 0).then_some(())
+        })
+        .await;
+    }
+
     /// Waits until the outbox is empty.
     pub async fn drained(&self) {
         eventually("the outbox to drain", Duration::from_secs(20), || async {
-            (self.running.outbox.unacknowledged() == 0).then_some(())
+            (proxy::server::unacknowledged(&self.running.outbox, &self.running.spend_log) == 0)
+                .then_some(())
         })
         .await;
     }

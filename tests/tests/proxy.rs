@@ -793,3 +793,62 @@ async fn a_proxy_told_to_use_nats_follows_http_while_it_cannot() {
         );
     }
 }
+
+/// A full spend log (`usage.spend_log_max_kb`, here 1 KiB: 21 records, with no report due
+/// for a minute): a route that fails closed refuses with 503 `usage_log_full` before the
+/// upstream; one that fails open is decided by the replica and recorded in the outbox.
+/// Nothing logged is lost: once the proxy stops (its leases' final reports), every
+/// admitted request is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        "{ROUTES}\n[leases]\nwait_ms = 5000\nttl_secs = 600\nreport_interval_ms = 60000\nmin_credits = 1000\nidle_release_secs = 600\n"
+    );
+    let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), &extra)
+        .replace("[usage]\n", "[usage]\nspend_log_max_kb = 1\n");
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    plane.grant("full", 10_000).await;
+    proxy.sees("full").await;
+
+    let mut admitted = 0u64;
+    let mut refused_closed = None;
+    for _ in 0..40 {
+        let response = proxy.send(Method::POST, "/closed", Some("full"), &[]).await;
+        match response.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                let problem: serde_json::Value = response.json().await.expect("problem");
+                refused_closed = Some(problem);
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let problem = refused_closed.expect("the closed route is refused once the log is full");
+    assert_eq!(problem["code"], "usage_log_full");
+    assert!(
+        (15..=21).contains(&admitted),
+        "about 21 records fit in 1 KiB: {admitted}"
+    );
+    // The open route: admitted by the replica, its usage in the outbox.
+    for _ in 0..5 {
+        let response = proxy.send(Method::POST, "/work", Some("full"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["x-quota-source"], "replica");
+        admitted += 1;
+    }
+    proxy.drained_outbox().await;
+    proxy.running.shutdown().await;
+    eventually(
+        "every admitted request to be charged",
+        Duration::from_secs(20),
+        || async {
+            (e2e::charged(&plane, "full").await == i64::try_from(admitted).ok()?).then_some(())
+        },
+    )
+    .await;
+}

@@ -18,6 +18,7 @@ use crate::replica::{Freshness, Replica};
 pub(super) struct Admin {
     pub(super) replica: Arc<Replica>,
     pub(super) outbox: Arc<Outbox>,
+    pub(super) spend_log: Arc<crate::spend_log::SpendLog>,
     pub(super) metrics: Option<PrometheusHandle>,
     pub(super) max_staleness: Duration,
 }
@@ -42,7 +43,7 @@ async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn metrics_endpoint(State(admin): State<Admin>) -> impl IntoResponse {
-    let depth = admin.outbox.unacknowledged();
+    let depth = super::unacknowledged(&admin.outbox, &admin.spend_log);
     let quarantined = admin.outbox.quarantine_depth();
     // Exact at the moment of reading (housekeeping only refreshes them every 250 ms), so
     // `qs_proxy_outbox_depth 0` means everything admitted so far has been shipped and
