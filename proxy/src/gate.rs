@@ -25,8 +25,10 @@ use crate::pending::PendingSpend;
 use crate::replica::Replica;
 use crate::routes::{Route, Routes, UnitsRule};
 
+mod meters;
 mod verdict;
 
+pub use meters::Meters;
 pub use verdict::{Inputs, Outcome, verdict};
 
 /// What the hot path needs from the configuration (swapped whole on reload).
@@ -93,6 +95,8 @@ pub struct Gate {
     pub in_flight: Arc<InFlightCount>,
     /// The leases this proxy spends from on features gated by balance (SPEC 12.1).
     pub leases: Arc<Leases>,
+    /// Per-request metrics, registered once.
+    pub meters: Meters,
 }
 
 /// Requests being handled, and a wake-up for whoever waits for none.
@@ -243,11 +247,6 @@ async fn answer(session: &mut Session, problem: &Problem) -> pingora::Result<boo
         .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
-}
-
-fn decision_metric(outcome: &'static str, source: &'static str) {
-    metrics::counter!("qs_proxy_decisions_total", "outcome" => outcome, "source" => source)
-        .increment(1);
 }
 
 /// What the decision step concluded.
@@ -501,7 +500,7 @@ impl Gate {
                 balance,
                 resets_at,
             } => {
-                decision_metric("allowed", "replica");
+                self.meters.decision("allowed", "replica");
                 let mut admitted = admitted(pending, "replica");
                 admitted.balance_after =
                     balance.map(|balance| balance.saturating_sub_floor(cost).get());
@@ -519,7 +518,7 @@ impl Gate {
                 Verdict::Admit(admitted)
             }
             Outcome::Refuse { problem, outcome } => {
-                decision_metric(outcome, "replica");
+                self.meters.decision(outcome, "replica");
                 Verdict::Refuse(*problem)
             }
             Outcome::Lease {
@@ -558,7 +557,7 @@ impl Gate {
             return Verdict::Refuse(verdict::no_feature());
         };
         if route.on_unavailable == OnUnavailable::Closed {
-            decision_metric("unavailable", "fallback");
+            self.meters.decision("unavailable", "fallback");
             tracing::debug!(route = route.index, %end_user, why, "failing closed");
             return Verdict::Refuse(Problem::new(
                 503,
@@ -570,7 +569,7 @@ impl Gate {
         if let Some(budget) = route.outage_budget
             && !self.outage.take(route.index, end_user, units.get(), budget)
         {
-            decision_metric("outage_budget_spent", "fallback");
+            self.meters.decision("outage_budget_spent", "fallback");
             return Verdict::Refuse(Problem::new(
                 503,
                 "outage_budget_exhausted",
@@ -581,7 +580,7 @@ impl Gate {
             ));
         }
         let pending = self.replica.pending.hold(end_user, cost);
-        decision_metric("allowed", "fallback");
+        self.meters.decision("allowed", "fallback");
         tracing::debug!(route = route.index, %end_user, why, "failing open");
         Verdict::Admit(Admitted::new(
             route, end_user, feature, units, pending, "fallback",
@@ -678,7 +677,7 @@ impl Gate {
         let as_of = admitted.as_of.map_or(self.replica.as_of(), |as_of| {
             as_of.max(self.replica.as_of())
         });
-        upstream_response.insert_header("x-quota-as-of", as_of.to_string())?;
+        upstream_response.insert_header("x-quota-as-of", self.meters.as_of(as_of))?;
         Ok(())
     }
 
@@ -706,7 +705,7 @@ impl Gate {
             // older spend): a lease spend could not be recorded. The route's policy:
             // closed refuses before the upstream; open lets the replica decide without
             // a lease, its usage going through the outbox.
-            decision_metric("spend_log_full", "lease");
+            self.meters.decision("spend_log_full", "lease");
             tracing::warn!(%end_user, "the lease spend log is full (usage.spend_log_max_kb)");
             if route.on_unavailable == OnUnavailable::Closed {
                 return Verdict::Refuse(Problem::new(
@@ -724,7 +723,7 @@ impl Gate {
             .await
         {
             Taken::Spent(spend) => {
-                decision_metric("allowed", "lease");
+                self.meters.decision("allowed", "lease");
                 // What the end user can still spend: the replica's free credits, plus
                 // what it shows this lease holding, less what this proxy spent from the
                 // lease and has not had acknowledged (whether or not the replica shows
@@ -744,7 +743,7 @@ impl Gate {
                 Verdict::Admit(admitted)
             }
             Taken::Exhausted => {
-                decision_metric("denied", "lease");
+                self.meters.decision("denied", "lease");
                 let mut problem = Problem::new(
                     402,
                     "insufficient_balance",
@@ -756,7 +755,7 @@ impl Gate {
                 Verdict::Refuse(problem)
             }
             Taken::Late if stale.is_none() => {
-                decision_metric("lease_late", "lease");
+                self.meters.decision("lease_late", "lease");
                 Verdict::Refuse(Problem::new(
                     503,
                     "lease_pending",
@@ -805,7 +804,7 @@ impl ProxyHttp for Gate {
         let live = self.live.load_full();
         // Routes see, and the upstream is sent, the path in normal form.
         if let Err(detail) = normalise_request(session.req_header_mut()) {
-            decision_metric("invalid_path", "none");
+            self.meters.decision("invalid_path", "none");
             let problem = Problem::new(400, "invalid_path", "Invalid path", detail);
             return answer(session, &problem).await;
         }
@@ -831,7 +830,7 @@ impl ProxyHttp for Gate {
         let end_user = match live.identity.end_user(&header.headers) {
             Ok(end_user) => end_user,
             Err(error @ IdentityError::Repeated(_)) => {
-                decision_metric("no_identity", "none");
+                self.meters.decision("no_identity", "none");
                 let problem = Problem::new(
                     400,
                     "ambiguous_identity",
@@ -841,7 +840,7 @@ impl ProxyHttp for Gate {
                 return answer(session, &problem).await;
             }
             Err(error) => {
-                decision_metric("no_identity", "none");
+                self.meters.decision("no_identity", "none");
                 let problem =
                     Problem::new(401, "unauthenticated", "No end user", error.to_string());
                 return answer(session, &problem).await;
@@ -854,7 +853,9 @@ impl ProxyHttp for Gate {
         };
         let started = Instant::now();
         let verdict = self.decide(&live, route, &end_user, units, true);
-        metrics::histogram!("qs_proxy_decision_seconds").record(started.elapsed().as_secs_f64());
+        self.meters
+            .decision_seconds
+            .record(started.elapsed().as_secs_f64());
         let verdict = match verdict {
             Verdict::Lease(ask) => {
                 self.spend_from_lease(&live, route, &end_user, units, ask)
@@ -1008,7 +1009,9 @@ impl ProxyHttp for Gate {
         let status = session
             .response_written()
             .map_or(0, |response| response.status.as_u16());
-        metrics::histogram!("qs_proxy_request_seconds").record(ctx.started.elapsed().as_secs_f64());
+        self.meters
+            .request_seconds
+            .record(ctx.started.elapsed().as_secs_f64());
         let Some(admitted) = ctx.admitted.as_mut() else {
             return;
         };

@@ -76,7 +76,7 @@ pub fn holder_id(dir: &std::path::Path) -> Result<Holder, DiskError> {
 /// One lease of a slot.
 #[derive(Debug)]
 struct Held {
-    id: String,
+    id: Arc<str>,
     /// Credits this proxy may still spend from it.
     room: Credits,
     /// Admitted and not yet covered by an acknowledged report.
@@ -247,7 +247,7 @@ impl Slot {
         self.lease
             .iter_mut()
             .chain(self.retired.iter_mut())
-            .find(|held| held.id == id)
+            .find(|held| &*held.id == id)
     }
 
     /// Credits per second, over the last few seconds.
@@ -302,7 +302,7 @@ pub enum Taken {
 pub struct Spend {
     leases: Arc<Leases>,
     key: SlotKey,
-    lease: String,
+    lease: Arc<str>,
     cost: Credits,
     /// What the lease has left after this request.
     pub room_after: Credits,
@@ -368,7 +368,7 @@ impl Spend {
             // Not on disk: the spend goes back to the lease (the request is refused).
             leases.give_back(&self.key, &self.lease, self.cost, false);
         }
-        metrics::counter!("qs_proxy_lease_spend_total").increment(1);
+        leases.spent.increment(1);
         written
     }
 }
@@ -399,6 +399,8 @@ pub struct Leases {
     /// Signalled when the last write of spend under a report's sequence finishes (a
     /// batch may be waiting to send that report: `settled_writes`).
     written: Notify,
+    /// `qs_proxy_lease_spend_total`, registered once.
+    spent: metrics::Counter,
 }
 
 fn shard_of(key: &SlotKey) -> usize {
@@ -432,6 +434,7 @@ impl Leases {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             wake: Notify::new(),
             written: Notify::new(),
+            spent: metrics::counter!("qs_proxy_lease_spend_total"),
         }
     }
 
@@ -960,7 +963,7 @@ impl Leases {
                     held.reporting = true;
                     let sequence = next_sequence(held);
                     let report = Work::Report {
-                        lease: held.id.clone(),
+                        lease: held.id.to_string(),
                         sequence,
                         top_up,
                         release: false,
@@ -1032,7 +1035,7 @@ fn final_report(held: &mut Held) -> Work {
     held.reporting = true;
     let release = held.unacked.is_none();
     Work::Report {
-        lease: held.id.clone(),
+        lease: held.id.to_string(),
         sequence: next_sequence(held),
         top_up: None,
         release,
@@ -1277,7 +1280,7 @@ impl Leases {
                     slot.unreachable_until = None;
                     slot.unreachable_backoff = Duration::ZERO;
                     slot.lease = Some(Held {
-                        id: lease.id.clone(),
+                        id: Arc::from(lease.id.as_str()),
                         room: credits_of(lease.amount),
                         outstanding: Credits::ZERO,
                         confirmed: Vec::new(),
@@ -1390,10 +1393,10 @@ impl Leases {
                     slot.unreachable_until = None;
                     slot.unreachable_backoff = Duration::ZERO;
                     if release {
-                        if slot.lease.as_ref().is_some_and(|held| held.id == lease) {
+                        if slot.lease.as_ref().is_some_and(|held| &*held.id == lease) {
                             slot.lease = None;
                         }
-                        slot.retired.retain(|held| held.id != lease);
+                        slot.retired.retain(|held| &*held.id != lease);
                         if let Err(error) = self.disk.lease_forget(lease) {
                             tracing::warn!(%error, "cannot forget a released lease on disk");
                         }
@@ -1423,10 +1426,10 @@ impl Leases {
                     held.ended = true;
                     held.room = Credits::ZERO;
                     held.unacked = None;
-                    if slot.lease.as_ref().is_some_and(|held| held.id == lease) {
+                    if slot.lease.as_ref().is_some_and(|held| &*held.id == lease) {
                         slot.lease = None;
                     }
-                    slot.retired.retain(|held| held.id != lease);
+                    slot.retired.retain(|held| &*held.id != lease);
                 }
                 Reported::Later => {
                     slot.unreachable_backoff = (slot.unreachable_backoff.saturating_mul(2))

@@ -345,6 +345,7 @@ pub async fn start_with_clock(
         outage: outage.clone(),
         in_flight: in_flight.clone(),
         leases,
+        meters: crate::gate::Meters::new(),
     };
     let (listener, admin_listener) = listeners(&config).await?;
     let (address, admin_address) = (listener.local_addr()?, admin_listener.local_addr()?);
