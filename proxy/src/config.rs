@@ -326,7 +326,7 @@ impl Default for LeaseConfig {
 }
 
 fn default_lease_ttl() -> u64 {
-    30
+    60
 }
 fn default_lease_horizon() -> u64 {
     5
@@ -341,10 +341,10 @@ fn default_lease_wait() -> u64 {
     100
 }
 fn default_lease_report() -> u64 {
-    5_000
+    15_000
 }
 fn default_lease_idle() -> u64 {
-    10
+    60
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -414,7 +414,7 @@ ship_interval_ms = 50
         leases = if extra.contains("[leases]") {
             ""
         } else {
-            "[leases]\nwait_ms = 5000\n"
+            "[leases]\nwait_ms = 5000\nreport_interval_ms = 2000\n"
         },
     )
 }
