@@ -42,6 +42,8 @@ const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
 const IDLE_MAX: Duration = Duration::from_secs(120);
 /// Below this many `min_credits` free, leases shrink to one request's cost.
 const LOW_WATER_LEASES: i64 = 4;
+/// Below that, how long unused room is kept before it goes back.
+const LOW_WATER_IDLE: Duration = Duration::from_secs(1);
 /// After repeated refusals (nothing left), the longest a slot goes without asking the
 /// control plane again (see `Exhausted`).
 const EXHAUSTED_RETRY: Duration = Duration::from_millis(250);
@@ -918,11 +920,18 @@ impl Leases {
                 }
                 // A lease with no room left admits nothing until a top-up: it is kept for
                 // `idle_release_secs` only (keeping it longer would cost an extension
-                // at the control plane for nothing).
-                let keep = if held.room.is_positive() {
-                    slot_idle
-                } else {
+                // at the control plane for nothing). Near the end of the end user's
+                // balance, room nobody here is using goes back within a second: it may
+                // be all another proxy's requests are waiting for (a lease taken for a
+                // request that stopped waiting, say).
+                let low_water = slot.seen_available.get()
+                    < self.config.min_credits.saturating_mul(LOW_WATER_LEASES);
+                let keep = if !held.room.is_positive() {
                     idle
+                } else if low_water {
+                    LOW_WATER_IDLE.min(slot_idle)
+                } else {
+                    slot_idle
                 };
                 let unused = now.saturating_duration_since(slot.last_used) >= keep;
                 let expired = now >= held.usable_until;
