@@ -40,6 +40,9 @@ const EXPIRY_MARGIN: Duration = Duration::from_secs(2);
 const CONFIRMED_KEPT: Duration = Duration::from_secs(10);
 /// The longest a slow but regular slot keeps an unused lease (see `idle_after`).
 const IDLE_MAX: Duration = Duration::from_secs(120);
+/// A lease takes at most this fraction (1/n) of what the replica shows free, so that
+/// proxies asking one after another near the end of a balance get similar shares.
+const FREE_SHARE: i64 = 8;
 /// Below this many `min_credits` free, leases shrink to one request's cost.
 const LOW_WATER_LEASES: i64 = 4;
 /// Below that, how long unused room is kept before it goes back.
@@ -873,7 +876,7 @@ impl Leases {
         }
         credits_of(
             sized
-                .min(free.saturating_div(2).max(wanted))
+                .min(free.saturating_div(FREE_SHARE).max(wanted))
                 .max(wanted)
                 .max(1),
         )
