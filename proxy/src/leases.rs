@@ -1760,4 +1760,129 @@ mod tests {
         slot.note_spend(start + Duration::from_secs(600));
         assert_eq!(idle_after(idle, &slot), IDLE_MAX, "bounded");
     }
+    fn leases(dir: &std::path::Path) -> Leases {
+        let disk = Disk::open(dir, 8).expect("disk");
+        let spend_log = Arc::new(SpendLog::open(&dir.join("spend"), 1 << 20).expect("spend log"));
+        Leases::new(
+            Holder::new("prx_test").expect("holder"),
+            LeaseConfig::default(),
+            disk,
+            spend_log,
+            Flusher::new(),
+            Durability::Interval,
+        )
+    }
+
+    fn held(room: i64, now: Instant) -> Held {
+        Held {
+            id: Arc::from("lse_01J00000000000000000000000"),
+            room: Credits::new(room),
+            outstanding: Credits::ZERO,
+            confirmed: Vec::new(),
+            in_flight: 0,
+            open: 1,
+            unacked: None,
+            writing: BTreeMap::new(),
+            usable_until: now + Duration::from_secs(60),
+            last_report: now,
+            reporting: false,
+            ended: false,
+            answered_at: Timestamp::from_millis(0),
+            answered: None,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_sized_to_the_rate_but_takes_at_most_an_eighth_of_what_is_free() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = leases(dir.path());
+        let now = Instant::now();
+        let mut slot = Slot::new(now);
+        slot.rate_per_second = 10_000;
+        slot.seen_available = Credits::new(1_000_000);
+        assert_eq!(
+            leases.target(&mut slot, now),
+            Credits::new(50_000),
+            "five seconds at the rate"
+        );
+        slot.seen_available = Credits::new(1_000);
+        assert_eq!(
+            leases.target(&mut slot, now),
+            Credits::new(125),
+            "an eighth"
+        );
+        slot.wanted = Credits::new(300);
+        assert_eq!(
+            leases.target(&mut slot, now),
+            Credits::new(300),
+            "never less than a waiting request needs"
+        );
+        slot.seen_available = Credits::new(30);
+        slot.wanted = Credits::new(2);
+        assert_eq!(
+            leases.target(&mut slot, now),
+            Credits::new(2),
+            "below four times min_credits free: exactly what waits"
+        );
+    }
+
+    #[test]
+    fn near_the_end_of_a_balance_unused_room_goes_back_after_a_second() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = leases(dir.path());
+        let start = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        for (free, expect_release) in [(30, true), (1_000, false)] {
+            leases.with_slot_or_new(&key, start, |slot| {
+                slot.lease = Some(held(3, start));
+                slot.seen_available = Credits::new(free);
+                slot.last_used = start;
+            });
+            let planned = leases.plan(start + Duration::from_secs(2), false, Lanes::ALL);
+            let released = planned
+                .routine
+                .iter()
+                .any(|(_, work)| matches!(work, Work::Report { release: true, .. }));
+            assert_eq!(released, expect_release, "{free} free");
+            leases.with_slot(&key, |slot| {
+                slot.lease = None;
+                slot.retired.clear();
+            });
+        }
+    }
+
+    #[test]
+    fn a_refusal_answers_the_requests_before_its_ask_and_pauses_only_when_repeated() {
+        let start = Instant::now();
+        let later = |millis| start + Duration::from_millis(millis);
+        let mut exhausted = Exhausted::default();
+        // The ask went out at 10 ms and was refused at 12 ms, on version 4.
+        exhausted.refused(later(10), later(12), 4);
+        assert!(
+            exhausted.refuses(later(5), later(12)),
+            "arrived before the ask"
+        );
+        assert!(
+            !exhausted.refuses(later(11), later(12)),
+            "after it: asks again"
+        );
+        // Refused again: a pause of 2 ms, then 4 ms.
+        exhausted.refused(later(13), later(14), 4);
+        assert!(exhausted.refuses(later(15), later(15)), "within the pause");
+        assert!(!exhausted.refuses(later(15), later(16)), "after it");
+        exhausted.refused(later(17), later(18), 4);
+        assert!(exhausted.pausing(later(21)));
+        assert!(!exhausted.pausing(later(22)));
+        // A newer state of the end user (a grant) ends the spell.
+        exhausted.outdated_by(Some(4));
+        assert!(
+            exhausted.pausing(later(21)),
+            "the same version: still refused"
+        );
+        exhausted.outdated_by(Some(5));
+        assert!(!exhausted.refuses(later(1), later(19)));
+    }
 }
