@@ -318,7 +318,7 @@ impl SpendLog {
             .get(&inner.current)
             .is_some_and(|segment| segment.bytes >= self.segment_bytes);
         if full_segment || inner.broken {
-            self.rotate(inner)?;
+            self.rotate(inner, true)?;
         }
         let bytes = record.encode();
         if let Err(error) = inner.file.write_all(&bytes) {
@@ -342,13 +342,16 @@ impl SpendLog {
         Ok(())
     }
 
-    /// Closes the current segment (synced) and starts the next.
-    fn rotate(&self, inner: &mut Inner) -> Result<(), DiskError> {
-        let path = segment_path(&self.dir, inner.current);
-        inner
-            .file
-            .sync_data()
-            .map_err(|error| io_error("syncing", &path, &error))?;
+    /// Closes the current segment (synced first when `sync`: something in it must
+    /// survive) and starts the next; settled segments go.
+    fn rotate(&self, inner: &mut Inner, sync: bool) -> Result<(), DiskError> {
+        if sync {
+            let path = segment_path(&self.dir, inner.current);
+            inner
+                .file
+                .sync_data()
+                .map_err(|error| io_error("syncing", &path, &error))?;
+        }
         let next = inner.current.saturating_add(1);
         inner.file = create_segment(&self.dir, next)?;
         inner.current = next;
@@ -407,14 +410,11 @@ impl SpendLog {
             // Everything acknowledged: a fresh segment, so the old ones can go (nothing
             // in them needs to survive, so no sync).
             if inner.open.is_empty() {
-                let next = inner.current.saturating_add(1);
-                inner.file = create_segment(&self.dir, next)?;
-                inner.current = next;
-                inner.broken = false;
-                inner.segments.insert(next, Segment::default());
+                self.rotate(inner, false)
+            } else {
+                self.drop_settled(inner);
+                Ok(())
             }
-            self.drop_settled(inner);
-            Ok(())
         })
     }
 
