@@ -668,8 +668,8 @@ impl Flusher {
             .map(|done| *done >= ticket);
         match outcome {
             Ok(true) => Ok(()),
-            Ok(false) => Err(DiskError("the outbox could not be flushed to disk".into())),
-            Err(_) => Err(DiskError("the outbox flusher stopped".into())),
+            Ok(false) => Err(DiskError("usage could not be flushed to disk".into())),
+            Err(_) => Err(DiskError("the usage flusher stopped".into())),
         }
     }
 
@@ -710,7 +710,7 @@ impl Flusher {
                 self.flushed.send_modify(|done| *done = (*done).max(target));
             }
             Ok(Err(error)) => {
-                tracing::error!(%error, "outbox flush failed");
+                tracing::error!(%error, "usage flush failed (outbox or spend log)");
                 self.fail();
             }
             Err(error) => {

@@ -728,8 +728,8 @@ impl Gate {
                 // what it shows this lease holding, less what this proxy spent from the
                 // lease and has not had acknowledged (whether or not the replica shows
                 // the lease yet, this counts each credit once).
-                let held = ledger::LeaseId::parse(spend.lease())
-                    .and_then(|id| state.lease(id))
+                let held = state
+                    .lease(spend.lease_id())
                     .map_or(Credits::ZERO, |lease| lease.held);
                 let balance = spend.balance_by_answer.unwrap_or_else(|| {
                     available

@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ledger::{Credits, EndUserId, FeatureKey, Holder, Timestamp};
+use ledger::{Credits, EndUserId, FeatureKey, Holder, LeaseId, Timestamp};
 use protocol::{CreateLease, LeaseBatch, LeaseBatchResult, LeaseOperation, LeaseStep, ReportLease};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 
@@ -82,6 +82,8 @@ pub fn holder_id(dir: &std::path::Path) -> Result<Holder, DiskError> {
 #[derive(Debug)]
 struct Held {
     id: Arc<str>,
+    /// `id` parsed once (the request path names the lease by it).
+    lease_id: LeaseId,
     /// Credits this proxy may still spend from it.
     room: Credits,
     /// Admitted and not yet covered by an acknowledged report.
@@ -308,6 +310,7 @@ pub struct Spend {
     leases: Arc<Leases>,
     key: SlotKey,
     lease: Arc<str>,
+    lease_id: LeaseId,
     cost: Credits,
     /// What the lease has left after this request.
     pub room_after: Credits,
@@ -329,8 +332,8 @@ impl Spend {
     }
 
     /// The lease it was taken from.
-    pub fn lease(&self) -> &str {
-        &self.lease
+    pub fn lease_id(&self) -> LeaseId {
+        self.lease_id
     }
 
     /// Writes what the request spent (durable before this returns in `sync`
@@ -352,7 +355,7 @@ impl Spend {
             .ok_or_else(|| DiskError::new("the lease of an admitted request vanished".into()))?;
         self.done = true;
         let written = leases
-            .write_spend(&self.lease, sequence, units, self.cost)
+            .write_spend(self.lease_id, sequence, units, self.cost)
             .await;
         let settled = leases.with_slot(&self.key, |slot| {
             if let Some(held) = slot.held_mut(&self.lease)
@@ -566,6 +569,7 @@ impl Leases {
                     leases: Arc::clone(self),
                     key: key.clone(),
                     lease: held.id.clone(),
+                    lease_id: held.lease_id,
                     cost,
                     room_after: held.room,
                     outstanding_after: unshown,
@@ -617,13 +621,13 @@ impl Leases {
 
     async fn write_spend(
         &self,
-        lease: &str,
+        lease: LeaseId,
         sequence: u64,
         units: u64,
         cost: Credits,
     ) -> Result<(), DiskError> {
         self.spend_log
-            .append(lease, sequence, Spent { units, cost })?;
+            .append_id(lease, sequence, Spent { units, cost })?;
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
             self.flusher.durable(ticket).await?;
@@ -1283,6 +1287,17 @@ impl Leases {
                 });
             }
             Ok(lease) => {
+                let Some(lease_id) = LeaseId::parse(&lease.id) else {
+                    tracing::error!(
+                        lease = lease.id,
+                        "the control plane answered a lease id that is not one; not used"
+                    );
+                    self.with_slot(key, |slot| {
+                        slot.acquiring = false;
+                        slot.acquire_request = None;
+                    });
+                    return;
+                };
                 let answered_at = context.replica.now();
                 self.with_slot(key, |slot| {
                     slot.acquiring = false;
@@ -1293,6 +1308,7 @@ impl Leases {
                     slot.unreachable_backoff = Duration::ZERO;
                     slot.lease = Some(Held {
                         id: Arc::from(lease.id.as_str()),
+                        lease_id,
                         room: credits_of(lease.amount),
                         outstanding: Credits::ZERO,
                         confirmed: Vec::new(),
@@ -1776,6 +1792,7 @@ mod tests {
     fn held(room: i64, now: Instant) -> Held {
         Held {
             id: Arc::from("lse_01J00000000000000000000000"),
+            lease_id: LeaseId::parse("lse_01J00000000000000000000000").expect("a lease id"),
             room: Credits::new(room),
             outstanding: Credits::ZERO,
             confirmed: Vec::new(),

@@ -283,7 +283,15 @@ impl SpendLog {
     /// # Errors
     /// The log is full (`max_bytes`), or the disk refused the write.
     pub fn append(&self, lease: &str, sequence: u64, spent: Spent) -> Result<(), DiskError> {
-        let lease = lease_bits(lease)?;
+        self.append_id(LeaseId(ledger::Ulid(lease_bits(lease)?)), sequence, spent)
+    }
+
+    /// [`SpendLog::append`] for a lease id already parsed (the request path).
+    ///
+    /// # Errors
+    /// As [`SpendLog::append`].
+    pub fn append_id(&self, lease: LeaseId, sequence: u64, spent: Spent) -> Result<(), DiskError> {
+        let lease = lease.0.0;
         let record = Record::Spend {
             lease,
             sequence,
