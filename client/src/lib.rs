@@ -37,6 +37,7 @@ pub mod nats;
 
 use std::time::Duration;
 
+use protocol::frames::{Frame, FrameReader};
 use protocol::{
     AdvanceTestClock, AdvancedTestClock, ApiKey, Balance, Block, CancelSubscription,
     ChangeSubscription, CommitReservation, CreateAdjustment, CreateApiKey, CreateFeature,
@@ -795,11 +796,16 @@ impl Client {
     }
 
     async fn lines(&self, url: Url) -> Result<SyncLines, Error> {
-        // No overall timeout: a stream stays open; heartbeats show it is alive.
+        // No overall timeout: a stream stays open; heartbeats show it is alive. Frames are
+        // asked for; a control plane that answers NDJSON is read as NDJSON.
         let response = self
             .http
             .get(url)
             .bearer_auth(&self.key)
+            .header(
+                reqwest::header::ACCEPT,
+                format!("{}, {}", protocol::frames::FEED_FRAMES, protocol::NDJSON),
+            )
             .timeout(Duration::from_secs(365 * 24 * 3600))
             .send()
             .await
@@ -809,40 +815,83 @@ impl Client {
             let bytes = response.bytes().await.map_err(Error::Transport)?;
             return Err(problem(status, &bytes));
         }
+        let framed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with(protocol::frames::FEED_FRAMES));
         Ok(SyncLines {
             response,
             buffer: Vec::new(),
+            frames: framed.then(FrameReader::new),
         })
     }
 }
 
-/// NDJSON records of a snapshot or stream, read as they arrive.
+/// The records of a snapshot or stream, read as they arrive (binary frames, or NDJSON
+/// from a control plane that sends no frames).
 #[derive(Debug)]
 pub struct SyncLines {
     response: reqwest::Response,
     buffer: Vec<u8>,
+    frames: Option<FrameReader>,
 }
 
 impl SyncLines {
     /// The next record, or `None` when the server closed the body.
     ///
     /// # Errors
-    /// `Transport` when the connection broke; `Decode` for a line that is not a record.
+    /// `Transport` when the connection broke; `Decode` for bytes that are not a record.
     pub async fn next(&mut self) -> Result<Option<SyncRecord>, Error> {
+        match self.next_frame().await? {
+            Some(frame) => frame
+                .into_record()
+                .map(Some)
+                .map_err(|error| Error::Decode(error.to_string())),
+            None => Ok(None),
+        }
+    }
+
+    /// The next record with an end user's state still encoded (decode it with
+    /// `EndUserFrame::parts` only if it is newer than the one held), or `None` when the
+    /// server closed the body.
+    ///
+    /// # Errors
+    /// As [`SyncLines::next`].
+    pub async fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
         loop {
-            if let Some(position) = self.buffer.iter().position(|byte| *byte == b'\n') {
+            if let Some(reader) = &mut self.frames {
+                if let Some(frame) = reader
+                    .next_frame()
+                    .map_err(|error| Error::Decode(error.to_string()))?
+                {
+                    return Ok(Some(frame));
+                }
+            } else if let Some(position) = self.buffer.iter().position(|byte| *byte == b'\n') {
                 let line: Vec<u8> = self.buffer.drain(..=position).collect();
                 let text = line.strip_suffix(b"\n").unwrap_or(&line);
                 if text.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
                 return serde_json::from_slice(text)
-                    .map(Some)
+                    .map(|record: SyncRecord| Some(Frame::Record(record)))
                     .map_err(|error| Error::Decode(format!("sync record: {error}")));
             }
             match self.response.chunk().await.map_err(Error::Transport)? {
-                Some(chunk) => self.buffer.extend_from_slice(&chunk),
-                None => return Ok(None),
+                Some(chunk) => match &mut self.frames {
+                    Some(reader) => reader.push(&chunk),
+                    None => self.buffer.extend_from_slice(&chunk),
+                },
+                None => {
+                    if self
+                        .frames
+                        .as_ref()
+                        .is_some_and(|reader| !reader.is_empty())
+                    {
+                        return Err(Error::Decode("the body ended inside a frame".into()));
+                    }
+                    return Ok(None);
+                }
             }
         }
     }

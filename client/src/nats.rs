@@ -8,7 +8,10 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream};
-use protocol::{NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
+use protocol::frames::{FEED_FRAMES, Frame};
+use protocol::{
+    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord,
+};
 use tokio_stream::StreamExt;
 
 /// Why following over NATS stopped.
@@ -47,7 +50,7 @@ pub struct NatsLines {
 #[derive(Debug, Default)]
 struct Taken {
     /// Records of messages taken, not yet returned.
-    pending: VecDeque<SyncRecord>,
+    pending: VecDeque<Frame>,
     /// The last position taken completely.
     cursor: i64,
     /// The position whose parts are being taken (a split position), if any.
@@ -130,7 +133,7 @@ impl NatsLines {
     /// # Errors
     /// `CursorExpired` on a gap (take a new snapshot); `Nats`, `Closed` or `Decode` when
     /// following broke (follow again from the cursor).
-    pub async fn next(&mut self) -> Result<SyncRecord, NatsError> {
+    pub async fn next(&mut self) -> Result<Frame, NatsError> {
         loop {
             if let Some(record) = self.taken.pending.pop_front() {
                 return Ok(record);
@@ -146,7 +149,8 @@ impl NatsLines {
                         serde_json::from_slice::<SyncRecord>(&beat.payload)
                         && cursor <= self.taken.cursor
                     {
-                        return Ok(SyncRecord::Heartbeat { cursor: self.taken.cursor, now });
+                        let beat = SyncRecord::Heartbeat { cursor: self.taken.cursor, now };
+                        return Ok(Frame::Record(beat));
                     }
                 }
             }
@@ -184,20 +188,25 @@ impl Taken {
             }
             _ => {}
         }
-        for line in payload.split(|byte| *byte == b'\n') {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let record: SyncRecord = serde_json::from_slice(line)
-                .map_err(|error| NatsError::Decode(format!("a record at {position}: {error}")))?;
-            // A message holds a run of positions; those this follower had (a cursor below
-            // its own) are skipped. A line at its own cursor may belong to the position
-            // after it (see `SyncRecord` cursors of shared positions): applied again.
-            if record.cursor().is_some_and(|cursor| cursor < self.cursor) {
-                continue;
-            }
-            self.pending.push_back(record);
-        }
+        let framed = headers
+            .and_then(|headers| headers.get(NATS_ENCODING))
+            .is_some_and(|encoding| encoding.as_str() == FEED_FRAMES);
+        let records = if framed {
+            protocol::frames::frames(payload)
+                .map_err(|error| NatsError::Decode(format!("at {position}: {error}")))?
+        } else {
+            ndjson(payload)
+                .map_err(|error| NatsError::Decode(format!("a record at {position}: {error}")))?
+        };
+        // A message holds a run of positions; those this follower had (a cursor below its
+        // own) are skipped. A record at its own cursor may belong to the position after it
+        // (see `SyncRecord` cursors of shared positions): applied again.
+        let cursor = self.cursor;
+        self.pending.extend(
+            records
+                .into_iter()
+                .filter(|record| record.cursor().is_none_or(|at| at >= cursor)),
+        );
         let more = headers.is_some_and(|headers| headers.get(NATS_MORE).is_some());
         if !more {
             self.cursor = position;
@@ -205,6 +214,15 @@ impl Taken {
         }
         Ok(())
     }
+}
+
+/// The records of a message published as NDJSON lines (before frames existed).
+fn ndjson(payload: &[u8]) -> Result<Vec<Frame>, serde_json::Error> {
+    payload
+        .split(|byte| *byte == b'\n')
+        .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+        .map(|line| serde_json::from_slice::<SyncRecord>(line).map(Frame::Record))
+        .collect()
 }
 
 fn header(headers: Option<&async_nats::HeaderMap>, name: &str) -> Result<Option<i64>, NatsError> {
@@ -313,6 +331,37 @@ mod tests {
             .take(Some(&headers(6, 2, None)), body.as_bytes())
             .unwrap();
         assert!(resumed.pending.is_empty());
+    }
+
+    #[test]
+    fn a_framed_run_is_taken_like_lines() {
+        let body: Vec<u8> = (3..=6)
+            .flat_map(|cursor| {
+                protocol::frames::record_frame(&SyncRecord::Clock {
+                    cursor,
+                    clock_offset_ms: cursor,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut framed = headers(6, 2, None);
+        framed.insert(NATS_ENCODING, FEED_FRAMES);
+        let mut resumed = Taken {
+            cursor: 4,
+            ..Taken::default()
+        };
+        resumed.take(Some(&framed), &body).unwrap();
+        assert_eq!(cursors(&mut resumed), [4, 5, 6]);
+        assert_eq!(resumed.cursor, 6);
+        // Frames in a message not marked as frames are not lines: an error, not a guess.
+        let mut unmarked = Taken {
+            cursor: 2,
+            ..Taken::default()
+        };
+        assert!(matches!(
+            unmarked.take(Some(&headers(6, 2, None)), &body),
+            Err(NatsError::Decode(_))
+        ));
     }
 
     #[test]

@@ -24,11 +24,13 @@ use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
-use protocol::{NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord};
+use protocol::{
+    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord,
+};
 use tokio::sync::watch;
 
 use crate::service::AppState;
-use crate::service::feed::{FeedLine, line};
+use crate::service::feed::{Encoding, FeedLine, line};
 use crate::store::{Env, EnvHead};
 
 /// How long the publisher lets commits gather after one woke it: at a high change rate a
@@ -269,10 +271,13 @@ impl Publisher {
         let env_now = now
             .checked_add(ledger::Span::from_millis(head.clock_offset_ms))
             .unwrap_or(now);
-        let beat = line(&SyncRecord::Heartbeat {
-            cursor: head.head,
-            now: env_now.into(),
-        })
+        let beat = line(
+            &SyncRecord::Heartbeat {
+                cursor: head.head,
+                now: env_now.into(),
+            },
+            Encoding::Json,
+        )
         .map_err(nats_failure)?;
         self.client
             .publish(feed_names(&head.env).heartbeat_subject, beat)
@@ -348,7 +353,7 @@ impl Publisher {
         for _ in 0..PAGES_PER_TURN {
             let read = self
                 .state
-                .feed_lines(env, at.position, PAGE_LEN)
+                .feed_lines(env, at.position, PAGE_LEN, Encoding::Frames)
                 .await
                 .map_err(|error| Failure::Store(error.to_string()))?;
             let Some(read) = read else {
@@ -431,6 +436,7 @@ impl Publisher {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(NATS_POSITION, position.to_string().as_str());
             headers.insert(NATS_PREVIOUS, previous.to_string().as_str());
+            headers.insert(NATS_ENCODING, protocol::frames::FEED_FRAMES);
             if parts > 1 {
                 headers.insert(NATS_PART, part.to_string().as_str());
             }

@@ -93,8 +93,8 @@ pub struct StreamedState {
     /// The feed position this state includes at least (the change it was read for).
     pub includes: i64,
     pub version: u64,
-    /// `ledger::StateParts` as JSON.
-    pub state: Arc<serde_json::value::RawValue>,
+    /// The state, encoded once per encoding the streams ask for.
+    pub state: Arc<feed::EncodedState>,
 }
 
 /// The state every handler and job shares. Cheap to clone.

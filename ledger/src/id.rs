@@ -63,21 +63,50 @@ macro_rules! prefixed_id {
             }
         }
 
+        /// Text (`<prefix><ulid>`) in human-readable formats (JSON), the ULID's 16 bytes
+        /// in binary ones (the feed's frames).
         #[cfg(feature = "serde")]
         impl serde::Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_str(self)
+                if serializer.is_human_readable() {
+                    serializer.collect_str(self)
+                } else {
+                    serializer.serialize_bytes(&self.0.to_bytes())
+                }
             }
         }
 
         #[cfg(feature = "serde")]
         impl<'de> serde::Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<$name, D::Error> {
-                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-                text.parse().map_err(serde::de::Error::custom)
+                if deserializer.is_human_readable() {
+                    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                    text.parse().map_err(serde::de::Error::custom)
+                } else {
+                    deserializer.deserialize_bytes(UlidBytes).map($name)
+                }
             }
         }
     };
+}
+
+/// Reads a ULID from its 16 bytes (binary formats).
+#[cfg(feature = "serde")]
+struct UlidBytes;
+
+#[cfg(feature = "serde")]
+impl serde::de::Visitor<'_> for UlidBytes {
+    type Value = Ulid;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the 16 bytes of a ULID")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Ulid, E> {
+        <[u8; 16]>::try_from(bytes)
+            .map(Ulid::from_bytes)
+            .map_err(|_| E::invalid_length(bytes.len(), &self))
+    }
 }
 
 /// Serde for validated names: strings on the wire, checked on the way in.

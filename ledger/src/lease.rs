@@ -82,10 +82,7 @@ pub struct Lease {
     pub ended_at: Option<Timestamp>,
     /// The holder's name for the request that created it: a creation repeating it (the
     /// holder lost the answer) finds this lease instead of holding more.
-    #[cfg_attr(
-        feature = "serde",
-        serde(default, skip_serializing_if = "Option::is_none")
-    )]
+    #[cfg_attr(feature = "serde", serde(default))]
     pub request_id: Option<String>,
 }
 

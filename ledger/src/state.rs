@@ -138,11 +138,9 @@ pub struct StateParts {
     pub debt: BTreeMap<FeatureKey, Credits>,
     pub counters: BTreeMap<FeatureKey, UsageCounter>,
     pub subscriptions: Vec<Subscription>,
-    /// Absent in states stored before leases existed.
-    #[cfg_attr(
-        feature = "serde",
-        serde(default, skip_serializing_if = "Vec::is_empty")
-    )]
+    /// Absent in states stored before leases existed. (Always written: binary formats
+    /// have no absent fields.)
+    #[cfg_attr(feature = "serde", serde(default))]
     pub leases: Vec<crate::lease::Lease>,
     pub totals: Totals,
     pub advanced_to: Timestamp,

@@ -10,6 +10,7 @@ mod catalog;
 pub mod clock;
 mod credits;
 mod events;
+pub mod frames;
 mod leases;
 mod problem;
 mod subscriptions;

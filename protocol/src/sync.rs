@@ -1,5 +1,6 @@
 //! The replication protocol between the control plane and proxies (`/v1/sync/*`): NDJSON
-//! records, one JSON object a line.
+//! records, one JSON object a line, or the same records in binary frames
+//! ([`crate::frames`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -122,7 +123,9 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// (`GET /v1/sync/nats`, when `sync.nats_url` is set).
 ///
 /// Each message of `stream` holds the records of a run of consecutive feed positions, as
-/// the lines the HTTP stream would send for them (NDJSON), with two headers:
+/// the binary frames the HTTP stream would send for them (`frames::FEED_FRAMES`, named by
+/// the [`NATS_ENCODING`] header; a message without it holds NDJSON lines, as published
+/// before frames existed), with two headers:
 /// [`NATS_POSITION`], the run's last position, and [`NATS_PREVIOUS`], the position of the
 /// message before it in the stream. Positions rise with the stream's sequence; a follower
 /// at cursor `c` resumes at the first message whose position is above `c` (skipping its
@@ -145,6 +148,9 @@ pub struct NatsFeed {
     pub purged_through: i64,
 }
 
+/// The header naming a feed message's encoding: `frames::FEED_FRAMES`. Absent: NDJSON
+/// lines.
+pub const NATS_ENCODING: &str = "Qs-Encoding";
 /// The header naming a feed message's position.
 pub const NATS_POSITION: &str = "Qs-Position";
 /// The header naming the position of the message before it in the stream.

@@ -179,7 +179,8 @@ pub type OutboxEntry = (Vec<u8>, Vec<u8>);
 pub enum ReplicaWrite {
     User {
         end_user_id: String,
-        json: Vec<u8>,
+        /// The state as `replica::stored_state` writes it.
+        state: Vec<u8>,
     },
     Catalog(Vec<u8>),
     Clock(i64),
@@ -266,8 +267,8 @@ impl Disk {
         let mut batch = sled::Batch::default();
         for write in writes {
             match write {
-                ReplicaWrite::User { end_user_id, json } => {
-                    batch.insert(user_key(end_user_id), json.as_slice());
+                ReplicaWrite::User { end_user_id, state } => {
+                    batch.insert(user_key(end_user_id), state.as_slice());
                 }
                 ReplicaWrite::Catalog(json) => batch.insert(CATALOG, json.as_slice()),
                 ReplicaWrite::Clock(offset) => batch.insert(CLOCK, &offset.to_be_bytes()),
@@ -739,7 +740,7 @@ mod tests {
             disk.write_replica(&[
                 ReplicaWrite::User {
                     end_user_id: "u1".into(),
-                    json: b"{}".to_vec(),
+                    state: b"{}".to_vec(),
                 },
                 ReplicaWrite::Cursor(42),
                 ReplicaWrite::Clock(-5),

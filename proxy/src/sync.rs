@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::SyncRecord;
+use protocol::frames::Frame;
 use tokio::sync::watch;
 
 use crate::replica::Replica;
@@ -228,7 +229,7 @@ async fn follow_http(
         Err(error) => return Err(error.to_string()),
     };
     loop {
-        let record = tokio::time::timeout(READ_TIMEOUT, lines.next())
+        let record = tokio::time::timeout(READ_TIMEOUT, lines.next_frame())
             .await
             .map_err(|_| "the stream went silent".to_owned())?
             .map_err(|error| error.to_string())?;
@@ -239,9 +240,9 @@ async fn follow_http(
     }
 }
 
-fn apply(replica: &Replica, record: SyncRecord) -> Result<(), String> {
-    if let SyncRecord::EndUser { cursor, .. } = &record {
-        metrics::gauge!("qs_proxy_replica_cursor").set(f64_of(*cursor));
+fn apply(replica: &Replica, record: Frame) -> Result<(), String> {
+    if let Frame::EndUser(frame) = &record {
+        metrics::gauge!("qs_proxy_replica_cursor").set(f64_of(frame.cursor));
     }
     replica.apply(record).map_err(|error| error.to_string())
 }
@@ -263,15 +264,15 @@ async fn snapshot(replica: &Replica, client: &client::Client) -> Result<i64, Str
         .map_err(|error| error.to_string())?;
     let mut cursor = None;
     loop {
-        let record = tokio::time::timeout(READ_TIMEOUT, lines.next())
+        let record = tokio::time::timeout(READ_TIMEOUT, lines.next_frame())
             .await
             .map_err(|_| "the snapshot went silent".to_owned())?
             .map_err(|error| error.to_string())?
             .ok_or_else(|| "the snapshot ended without its end line".to_owned())?;
-        if let SyncRecord::Header { cursor: at, .. } = &record {
+        if let Frame::Record(SyncRecord::Header { cursor: at, .. }) = &record {
             cursor = Some(*at);
         }
-        let end = matches!(record, SyncRecord::End { .. });
+        let end = matches!(record, Frame::Record(SyncRecord::End { .. }));
         apply(replica, record)?;
         if end {
             let cursor = cursor.ok_or_else(|| "the snapshot had no header".to_owned())?;

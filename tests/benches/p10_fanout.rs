@@ -10,11 +10,12 @@
 //! The control plane is a process of its own (the `e2e-control-plane` binary, SQLite file,
 //! `sync.nats_url` set), so its CPU time is its own (`/proc/<pid>/stat`). The followers
 //! are lightweight and in this process: each holds its own HTTP stream, or its own
-//! JetStream ordered consumer (on one NATS connection per 50 followers), and only finds
-//! each change's end user in the bytes it receives (no JSON parse): the bench measures the
-//! transport, not the proxy's replica. Each change is a grant to a new end user, so every
-//! change is one record; the lag is from the grant's request being sent (so it includes
-//! the write's own latency) until a follower holds its line. Both sides share the
+//! JetStream ordered consumer (on one NATS connection per 50 followers), takes the feed in
+//! binary frames (`protocol::frames`, as proxies do) and reads each change's head (its end
+//! user), not its state: the bench measures the transport, not the proxy's replica. Each
+//! change is a grant to a new end user, so every change is one record; the lag is from the
+//! grant's request being sent (so it includes the write's own latency) until a follower
+//! holds its frame. Both sides share the
 //! machine's two cores, as do the NATS server's.
 
 #![allow(
@@ -31,6 +32,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use e2e::ControlPlaneProcess;
 use e2e::bench::cpu_time;
+use protocol::frames::{Frame, FrameReader};
 use tokio_stream::StreamExt;
 
 const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_e2e-control-plane");
@@ -72,51 +74,50 @@ impl Shared {
 
     /// Records the lag of each whole line in `bytes` (the part after the last newline is
     /// left in `partial` for the next call).
-    fn seen_lines(&self, partial: &mut Vec<u8>, bytes: &[u8]) {
-        partial.extend_from_slice(bytes);
-        let Some(end) = partial.iter().rposition(|byte| *byte == b'\n') else {
-            return;
-        };
-        for line in partial[..end].split(|byte| *byte == b'\n') {
-            self.seen(line);
+    /// Takes the frames `bytes` completes (an HTTP stream's chunk).
+    fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
+        reader.push(bytes);
+        while let Some(frame) = reader.next_frame().expect("a frame") {
+            self.seen(&frame);
         }
-        partial.drain(..=end);
     }
 
-    /// Finds the line's end user (`"end_user_id":"c<n>"`, its first mention: the state
-    /// names it again) and records its lag.
-    fn seen(&self, line: &[u8]) {
-        const NEEDLE: &[u8] = b"\"end_user_id\":\"c";
-        let now = self.now_us();
-        let rest = line;
-        if let Some(at) = rest
-            .windows(NEEDLE.len())
-            .position(|window| window == NEEDLE)
-        {
-            let rest = &rest[at + NEEDLE.len()..];
-            let digits = rest.iter().take_while(|byte| byte.is_ascii_digit()).count();
-            let Some(index) = std::str::from_utf8(&rest[..digits])
-                .ok()
-                .and_then(|text| text.parse::<usize>().ok())
-            else {
-                return;
-            };
-            let Some(sent) = self
-                .sent_us
-                .get(index)
-                .map(|sent| sent.load(Ordering::Acquire))
-            else {
-                return;
-            };
-            if sent == 0 {
-                return;
-            }
-            let bucket = usize::try_from(now.saturating_sub(sent) / BUCKET_US)
-                .unwrap_or(BUCKETS - 1)
-                .min(BUCKETS - 1);
-            self.lags[bucket].fetch_add(1, Ordering::Relaxed);
-            self.received.fetch_add(1, Ordering::Relaxed);
+    /// Takes every frame of a NATS message.
+    fn seen_message(&self, payload: &[u8]) {
+        for frame in protocol::frames::frames(payload).expect("frames") {
+            self.seen(&frame);
         }
+    }
+
+    /// Records the lag of an end user's frame (`c<n>`), read from its head: the state
+    /// stays undecoded, as a proxy holding that version leaves it.
+    fn seen(&self, frame: &Frame) {
+        let now = self.now_us();
+        let Frame::EndUser(frame) = frame else {
+            return;
+        };
+        let Some(index) = frame
+            .end_user_id
+            .strip_prefix('c')
+            .and_then(|digits| digits.parse::<usize>().ok())
+        else {
+            return;
+        };
+        let Some(sent) = self
+            .sent_us
+            .get(index)
+            .map(|sent| sent.load(Ordering::Acquire))
+        else {
+            return;
+        };
+        if sent == 0 {
+            return;
+        }
+        let bucket = usize::try_from(now.saturating_sub(sent) / BUCKET_US)
+            .unwrap_or(BUCKETS - 1)
+            .min(BUCKETS - 1);
+        self.lags[bucket].fetch_add(1, Ordering::Relaxed);
+        self.received.fetch_add(1, Ordering::Relaxed);
     }
 
     fn percentile_ms(&self, fraction: f64) -> f64 {
@@ -277,14 +278,20 @@ async fn run(
                 let url = format!("{}/v1/sync/stream?cursor={head}", setup.plane.url);
                 let key = setup.key.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut response = http.get(url).bearer_auth(key).send().await.expect("stream");
+                    let mut response = http
+                        .get(url)
+                        .bearer_auth(key)
+                        .header("accept", protocol::frames::FEED_FRAMES)
+                        .send()
+                        .await
+                        .expect("stream");
                     assert!(response.status().is_success(), "{}", response.status());
                     ready.fetch_add(1, Ordering::Relaxed);
-                    let mut partial = Vec::new();
+                    let mut reader = FrameReader::new();
                     loop {
                         tokio::select! {
                             chunk = response.chunk() => match chunk.expect("chunk") {
-                                Some(bytes) => shared.seen_lines(&mut partial, &bytes),
+                                Some(bytes) => shared.seen_chunk(&mut reader, &bytes),
                                 None => return,
                             },
                             _ = stopped.changed() => return,
@@ -319,11 +326,7 @@ async fn run(
                     loop {
                         tokio::select! {
                             message = messages.next() => match message {
-                                Some(Ok(message)) => {
-                                    for line in message.payload.split(|byte| *byte == b'\n') {
-                                        shared.seen(line);
-                                    }
-                                }
+                                Some(Ok(message)) => shared.seen_message(&message.payload),
                                 Some(Err(error)) => eprintln!("follower: {error}"),
                                 None => return,
                             },

@@ -1,12 +1,13 @@
 //! Replication for proxies (scope `sync`): a streamed snapshot of an environment, then a
-//! long-lived NDJSON stream of every change after a cursor, with heartbeats.
+//! long-lived stream of every change after a cursor, with heartbeats. NDJSON by default;
+//! binary frames (`protocol::frames`) for a follower whose `Accept` names them.
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use protocol::{NatsFeed, Problem, SyncRecord};
 use serde::Deserialize;
@@ -16,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::extract::parse_query;
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::service::feed::{catalog_snapshot, heard, line};
+use crate::service::feed::{Encoding, catalog_snapshot, heard, line};
 use crate::service::{AppState, Caller};
 
 /// How often an idle stream says it is alive.
@@ -32,11 +33,14 @@ const BUFFER_LINES: usize = 256;
 /// End users read per page of a snapshot, and feed entries per read of a stream.
 const PAGE_LEN: u32 = 500;
 
-fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
+fn records_body(
+    receiver: mpsc::Receiver<Result<Bytes, Infallible>>,
+    encoding: Encoding,
+) -> Response {
     let mut response = Body::from_stream(ReceiverStream::new(receiver)).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(protocol::NDJSON),
+        HeaderValue::from_static(encoding.media_type()),
     );
     response
         .headers_mut()
@@ -49,9 +53,14 @@ fn ndjson(receiver: mpsc::Receiver<Result<Bytes, Infallible>>) -> Response {
 /// the header's cursor afterwards: a state newer than the cursor may appear in both;
 /// versions say which is newest.
 #[utoipa::path(get, path = "/v1/sync/snapshot", tag = "sync",
-    responses((status = 200, description = "NDJSON lines of SyncRecord", content_type = "application/x-ndjson"), (status = 403, body = Problem)))]
-pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<Response, ApiError> {
+    responses((status = 200, description = "NDJSON lines of SyncRecord, or binary frames of them where `Accept` names application/vnd.quotastack.feed-frames", content_type = "application/x-ndjson"), (status = 403, body = Problem)))]
+pub async fn snapshot(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Sync)?;
+    let encoding = accepted(&headers);
     let open = state.open_stream(&caller)?;
     let env = caller.env.clone();
     // The cursor is read first: anything committed later is in the stream after it.
@@ -70,12 +79,27 @@ pub async fn snapshot(State(state): State<AppState>, caller: Caller) -> Result<R
     };
     tokio::spawn(async move {
         let _open = open;
-        let sent = send_snapshot(&state, &caller, cursor, [header, catalog], &sender);
+        let sent = send_snapshot(
+            &state,
+            &caller,
+            cursor,
+            [header, catalog],
+            &sender,
+            encoding,
+        );
         if let Err(error) = sent.await {
             tracing::warn!(%error, "snapshot stream ended early");
         }
     });
-    Ok(ndjson(receiver))
+    Ok(records_body(receiver, encoding))
+}
+
+fn accepted(headers: &HeaderMap) -> Encoding {
+    Encoding::accepted(
+        headers
+            .get(header::ACCEPT)
+            .and_then(|value| value.to_str().ok()),
+    )
 }
 
 async fn send_snapshot(
@@ -84,10 +108,11 @@ async fn send_snapshot(
     cursor: i64,
     first: [SyncRecord; 2],
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
+    encoding: Encoding,
 ) -> Result<(), ApiError> {
     let send = |record: SyncRecord| async move {
         sender
-            .send(Ok(line(&record)?))
+            .send(Ok(line(&record, encoding)?))
             .await
             .map_err(|_| ApiError::Internal("the reader went away".into()))
     };
@@ -179,14 +204,16 @@ pub struct StreamQuery {
 /// The server ends a stream after `sync.stream_max_secs` (default an hour), and when its
 /// key is revoked; the follower reconnects from its cursor.
 #[utoipa::path(get, path = "/v1/sync/stream", tag = "sync", params(StreamQuery),
-    responses((status = 200, description = "NDJSON lines of SyncRecord, open until the client leaves", content_type = "application/x-ndjson"),
+    responses((status = 200, description = "NDJSON lines of SyncRecord (or binary frames of them where `Accept` names application/vnd.quotastack.feed-frames), open until the client leaves", content_type = "application/x-ndjson"),
         (status = 410, body = Problem)))]
 pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,
     uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Sync)?;
+    let encoding = accepted(&headers);
     let query: StreamQuery = parse_query(&uri)?;
     if query.cursor < 0 {
         return Err(ApiError::bad_request("cursor", "must not be negative"));
@@ -209,11 +236,12 @@ pub async fn stream(
     let (sender, receiver) = mpsc::channel(BUFFER_LINES);
     tokio::spawn(async move {
         open.at(query.cursor);
-        if let Err(error) = follow(&state, &caller, query.cursor, &sender, &open).await {
+        let following = follow(&state, &caller, query.cursor, &sender, &open, encoding);
+        if let Err(error) = following.await {
             tracing::debug!(%error, "change stream ended");
         }
     });
-    Ok(ndjson(receiver))
+    Ok(records_body(receiver, encoding))
 }
 
 async fn follow(
@@ -222,6 +250,7 @@ async fn follow(
     mut cursor: i64,
     sender: &mpsc::Sender<Result<Bytes, Infallible>>,
     open: &crate::service::StreamGuard,
+    encoding: Encoding,
 ) -> Result<(), ApiError> {
     let env = &caller.env;
     let ends_at = tokio::time::Instant::now() + state.config().stream_max;
@@ -233,7 +262,7 @@ async fn follow(
     let mut closing = state.closing();
     let send = |record: SyncRecord| async move {
         sender
-            .send(Ok(line(&record)?))
+            .send(Ok(line(&record, encoding)?))
             .await
             .map_err(|_| ApiError::Internal("the reader went away".into()))
     };
@@ -250,7 +279,7 @@ async fn follow(
             }
             recheck_at = tokio::time::Instant::now() + KEY_RECHECK;
         }
-        if let Some(read) = state.feed_lines(env, cursor, PAGE_LEN).await? {
+        if let Some(read) = state.feed_lines(env, cursor, PAGE_LEN, encoding).await? {
             for line in read.lines {
                 sender
                     .send(Ok(line.bytes))

@@ -1,10 +1,10 @@
 //! The change feed as followers receive it: a read of the feed after a cursor turned into
-//! NDJSON lines of `SyncRecord`s. Written once for both transports, the HTTP change
-//! stream (`http/sync.rs`) and the NATS publisher (`nats.rs`), so a follower gets the
-//! same bytes over either.
+//! records, as NDJSON lines or as binary frames (`protocol::frames`). Written once for
+//! both transports, the HTTP change stream (`http/sync.rs`) and the NATS publisher
+//! (`nats.rs`), so a follower gets the same bytes over either.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::body::Bytes;
 use ledger::EndUserId;
@@ -16,9 +16,46 @@ use crate::catalog::CatalogView;
 use crate::error::ApiError;
 use crate::store::Env;
 
-/// One line of the feed: a record's bytes (newline included) and the feed position of the
-/// change it is for. Several lines may share a position; each but the last of them carries
-/// the position before it as its cursor (see [`AppState::feed_lines`]).
+/// How a follower takes the feed's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// NDJSON lines of `SyncRecord` (`application/x-ndjson`), for people and scripts.
+    Json,
+    /// Binary frames (`protocol::FEED_FRAMES`), for proxies and the NATS feed.
+    Frames,
+}
+
+impl Encoding {
+    /// The encoding an `Accept` header asks for: frames where it names their media type,
+    /// else JSON.
+    #[must_use]
+    pub fn accepted(accept: Option<&str>) -> Encoding {
+        match accept {
+            Some(accept)
+                if accept
+                    .split(',')
+                    .any(|range| range.trim().starts_with(protocol::frames::FEED_FRAMES)) =>
+            {
+                Encoding::Frames
+            }
+            _ => Encoding::Json,
+        }
+    }
+
+    /// The media type of a body in this encoding.
+    #[must_use]
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Encoding::Json => protocol::NDJSON,
+            Encoding::Frames => protocol::frames::FEED_FRAMES,
+        }
+    }
+}
+
+/// One record of the feed in a follower's encoding (a line, newline included, or a frame)
+/// and the feed position of the change it is for. Several may share a position; each but
+/// the last of them carries the position before it as its cursor (see
+/// [`AppState::feed_lines`]).
 #[derive(Debug, Clone)]
 pub struct FeedLine {
     pub position: i64,
@@ -30,6 +67,44 @@ pub struct FeedLine {
 pub struct FeedRead {
     pub lines: Vec<FeedLine>,
     pub last: i64,
+}
+
+/// An end user's state read for the feed, encoded at most once per encoding however many
+/// streams send it.
+#[derive(Debug)]
+pub struct EncodedState {
+    parts: ledger::StateParts,
+    json: OnceLock<Box<serde_json::value::RawValue>>,
+    binary: OnceLock<Vec<u8>>,
+}
+
+impl EncodedState {
+    #[must_use]
+    pub fn new(parts: ledger::StateParts) -> EncodedState {
+        EncodedState {
+            parts,
+            json: OnceLock::new(),
+            binary: OnceLock::new(),
+        }
+    }
+
+    fn json(&self) -> Result<&serde_json::value::RawValue, ApiError> {
+        if let Some(json) = self.json.get() {
+            return Ok(json);
+        }
+        let json = serde_json::value::to_raw_value(&self.parts)
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        Ok(self.json.get_or_init(|| json))
+    }
+
+    fn binary(&self) -> Result<&[u8], ApiError> {
+        if let Some(binary) = self.binary.get() {
+            return Ok(binary);
+        }
+        let binary = protocol::frames::encode_state(&self.parts)
+            .map_err(|error| ApiError::Internal(error.to_string()))?;
+        Ok(self.binary.get_or_init(|| binary))
+    }
 }
 
 /// Resolves when another process announced a commit; never where the store hears of
@@ -64,14 +139,21 @@ pub fn catalog_snapshot(view: &CatalogView) -> CatalogSnapshot {
     }
 }
 
-/// A record as one NDJSON line.
+/// A record in `encoding`: one NDJSON line or one frame.
 ///
 /// # Errors
 /// `Internal` when it does not serialise (it always does).
-pub fn line(record: &SyncRecord) -> Result<Bytes, ApiError> {
-    let mut bytes =
-        serde_json::to_vec(record).map_err(|error| ApiError::Internal(error.to_string()))?;
-    bytes.push(b'\n');
+pub fn line(record: &SyncRecord, encoding: Encoding) -> Result<Bytes, ApiError> {
+    let bytes = match encoding {
+        Encoding::Json => {
+            let mut bytes = serde_json::to_vec(record)
+                .map_err(|error| ApiError::Internal(error.to_string()))?;
+            bytes.push(b'\n');
+            bytes
+        }
+        Encoding::Frames => protocol::frames::record_frame(record)
+            .map_err(|error| ApiError::Internal(error.to_string()))?,
+    };
     Ok(Bytes::from(bytes))
 }
 
@@ -89,16 +171,29 @@ fn end_user_line(
     cursor: i64,
     end_user: &EndUserId,
     streamed: &StreamedState,
+    encoding: Encoding,
 ) -> Result<Bytes, ApiError> {
-    let record = EndUserLine {
-        cursor,
-        end_user_id: end_user.as_str(),
-        version: streamed.version,
-        state: &streamed.state,
+    let bytes = match encoding {
+        Encoding::Json => {
+            let record = EndUserLine {
+                cursor,
+                end_user_id: end_user.as_str(),
+                version: streamed.version,
+                state: streamed.state.json()?,
+            };
+            let mut bytes = serde_json::to_vec(&record)
+                .map_err(|error| ApiError::Internal(error.to_string()))?;
+            bytes.push(b'\n');
+            bytes
+        }
+        Encoding::Frames => protocol::frames::end_user_frame(
+            cursor,
+            end_user.as_str(),
+            streamed.version,
+            streamed.state.binary()?,
+        )
+        .map_err(|error| ApiError::Internal(error.to_string()))?,
     };
-    let mut bytes =
-        serde_json::to_vec(&record).map_err(|error| ApiError::Internal(error.to_string()))?;
-    bytes.push(b'\n');
     Ok(Bytes::from(bytes))
 }
 
@@ -117,6 +212,7 @@ impl AppState {
         env: &Env,
         cursor: i64,
         limit: u32,
+        encoding: Encoding,
     ) -> Result<Option<FeedRead>, ApiError> {
         let changes = self.changes_after(env, cursor, limit).await?;
         let Some(last) = changes.last() else {
@@ -145,7 +241,7 @@ impl AppState {
                     if let Some(streamed) = self.state_for_feed(env, end_user, position).await? {
                         lines.push(FeedLine {
                             position,
-                            bytes: end_user_line(cursor, end_user, &streamed)?,
+                            bytes: end_user_line(cursor, end_user, &streamed, encoding)?,
                         });
                     }
                 }
@@ -162,11 +258,11 @@ impl AppState {
                     };
                     lines.push(FeedLine {
                         position,
-                        bytes: line(&catalog)?,
+                        bytes: line(&catalog, encoding)?,
                     });
                     lines.push(FeedLine {
                         position,
-                        bytes: line(&clock)?,
+                        bytes: line(&clock, encoding)?,
                     });
                 }
             }
@@ -196,14 +292,10 @@ impl AppState {
             return Ok(None);
         };
         let version = user.version();
-        let json = serde_json::to_string(&user.into_parts())
-            .map_err(|error| ApiError::Internal(error.to_string()))?;
-        let raw = serde_json::value::RawValue::from_string(json)
-            .map_err(|error| ApiError::Internal(error.to_string()))?;
         let streamed = StreamedState {
             includes: at,
             version,
-            state: Arc::from(raw),
+            state: Arc::new(EncodedState::new(user.into_parts())),
         };
         self.remember_streamed_state(env, end_user, streamed.clone());
         Ok(Some(streamed))
@@ -220,11 +312,10 @@ mod tests {
         let user = ledger::EndUserState::new(end_user.clone(), ledger::Timestamp::from_millis(5));
         let version = user.version();
         let parts = user.into_parts();
-        let json = serde_json::to_string(&parts).expect("state");
         let streamed = StreamedState {
             includes: 7,
             version,
-            state: Arc::from(serde_json::value::RawValue::from_string(json).expect("raw")),
+            state: Arc::new(EncodedState::new(parts.clone())),
         };
         let record = SyncRecord::EndUser {
             cursor: 6,
@@ -232,9 +323,24 @@ mod tests {
             version,
             state: parts,
         };
+        for encoding in [Encoding::Json, Encoding::Frames] {
+            assert_eq!(
+                end_user_line(6, &end_user, &streamed, encoding).expect("line"),
+                line(&record, encoding).expect("line"),
+                "{encoding:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_are_taken_only_where_accept_names_them() {
+        let frames = protocol::frames::FEED_FRAMES;
+        assert_eq!(Encoding::accepted(None), Encoding::Json);
+        assert_eq!(Encoding::accepted(Some("*/*")), Encoding::Json);
+        assert_eq!(Encoding::accepted(Some(frames)), Encoding::Frames);
         assert_eq!(
-            end_user_line(6, &end_user, &streamed).expect("line"),
-            line(&record).expect("line")
+            Encoding::accepted(Some(&format!("application/x-ndjson;q=0.5, {frames}"))),
+            Encoding::Frames
         );
     }
 }

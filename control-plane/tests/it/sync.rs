@@ -14,29 +14,54 @@ use tower::ServiceExt;
 use crate::support::Harness;
 use crate::support::store_test;
 
-/// Reads NDJSON records from a streamed response body as they arrive.
+/// Reads records from a streamed response body as they arrive: NDJSON lines, or binary
+/// frames where they were asked for.
 struct Lines {
     body: Body,
     buffer: Vec<u8>,
+    frames: Option<protocol::frames::FrameReader>,
 }
 
 impl Lines {
     async fn open(harness: &Harness, path: &str, key: &str) -> (StatusCode, Lines) {
-        let request = Request::get(path)
-            .header("authorization", format!("Bearer {key}"))
-            .body(Body::empty())
-            .expect("request");
+        Lines::open_as(harness, path, key, false).await
+    }
+
+    async fn open_as(
+        harness: &Harness,
+        path: &str,
+        key: &str,
+        frames: bool,
+    ) -> (StatusCode, Lines) {
+        let mut request = Request::get(path).header("authorization", format!("Bearer {key}"));
+        if frames {
+            request = request.header("accept", protocol::frames::FEED_FRAMES);
+        }
+        let request = request.body(Body::empty()).expect("request");
         let response = harness
             .app
             .clone()
             .oneshot(request)
             .await
             .expect("response");
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|value| value.to_str().expect("text").to_owned());
+        if response.status() == StatusCode::OK {
+            let expected = if frames {
+                protocol::frames::FEED_FRAMES
+            } else {
+                protocol::NDJSON
+            };
+            assert_eq!(content_type.as_deref(), Some(expected));
+        }
         (
             response.status(),
             Lines {
                 body: response.into_body(),
                 buffer: Vec::new(),
+                frames: frames.then(protocol::frames::FrameReader::new),
             },
         )
     }
@@ -44,7 +69,11 @@ impl Lines {
     /// The next record, or `None` when the body ended.
     async fn next(&mut self) -> Option<SyncRecord> {
         loop {
-            if let Some(position) = self.buffer.iter().position(|byte| *byte == b'\n') {
+            if let Some(reader) = &mut self.frames {
+                if let Some(frame) = reader.next_frame().expect("a frame") {
+                    return Some(frame.into_record().expect("a record"));
+                }
+            } else if let Some(position) = self.buffer.iter().position(|byte| *byte == b'\n') {
                 let line: Vec<u8> = self.buffer.drain(..=position).collect();
                 return Some(
                     serde_json::from_slice(&line[..line.len() - 1]).expect("a sync record"),
@@ -54,7 +83,10 @@ impl Lines {
                 .await
                 .expect("a record within 10 s")?;
             if let Ok(data) = frame.expect("frame").into_data() {
-                self.buffer.extend_from_slice(&data);
+                match &mut self.frames {
+                    Some(reader) => reader.push(&data),
+                    None => self.buffer.extend_from_slice(&data),
+                }
             }
         }
     }
@@ -109,7 +141,11 @@ impl Follower {
     }
 
     async fn snapshot(harness: &Harness, key: &str) -> Follower {
-        let (status, mut lines) = Lines::open(harness, "/v1/sync/snapshot", key).await;
+        Follower::snapshot_as(harness, key, false).await
+    }
+
+    async fn snapshot_as(harness: &Harness, key: &str, frames: bool) -> Follower {
+        let (status, mut lines) = Lines::open_as(harness, "/v1/sync/snapshot", key, frames).await;
         assert_eq!(status, StatusCode::OK);
         let mut follower = Follower::default();
         while let Some(record) = lines.next().await {
@@ -133,7 +169,14 @@ impl Follower {
         transport: &Transport,
     ) {
         match transport {
-            Transport::Http => self.follow_http(harness, key, until, stop_after).await,
+            Transport::Http => {
+                self.follow_http(harness, key, until, stop_after, false)
+                    .await
+            }
+            Transport::HttpFrames => {
+                self.follow_http(harness, key, until, stop_after, true)
+                    .await
+            }
             Transport::Nats(client) => {
                 let mut lines = nats_lines(harness, key, client, self.cursor)
                     .await
@@ -145,7 +188,7 @@ impl Follower {
                             .await
                             .expect("a record within 10 s")
                             .expect("the NATS feed stays open");
-                    self.apply(record);
+                    self.apply(record.into_record().expect("a record"));
                     seen += 1;
                     if stop_after.is_some_and(|limit| seen >= limit) {
                         return;
@@ -161,11 +204,13 @@ impl Follower {
         key: &str,
         until: i64,
         stop_after: Option<usize>,
+        frames: bool,
     ) {
-        let (status, mut lines) = Lines::open(
+        let (status, mut lines) = Lines::open_as(
             harness,
             &format!("/v1/sync/stream?cursor={}", self.cursor),
             key,
+            frames,
         )
         .await;
         assert_eq!(status, StatusCode::OK);
@@ -184,7 +229,10 @@ impl Follower {
 /// How a follower receives the feed after its snapshot.
 #[derive(Debug, Clone)]
 enum Transport {
+    /// The HTTP stream in NDJSON.
     Http,
+    /// The HTTP stream in binary frames (as proxies take it).
+    HttpFrames,
     Nats(async_nats::Client),
 }
 
@@ -202,8 +250,9 @@ async fn nats_lines(
 }
 
 /// Stamps each `async fn name(backend, transport) { … }` out once per store and per feed
-/// transport: over HTTP always, over NATS when `QS_TEST_NATS_URL` is set (the harness
-/// publishes to it, and the tenant's streams are deleted afterwards).
+/// transport: over HTTP always (in NDJSON and in frames), over NATS when
+/// `QS_TEST_NATS_URL` is set (the harness publishes to it, and the tenant's streams are
+/// deleted afterwards).
 macro_rules! feed_test {
     ($(async fn $name:ident($backend:ident, $harness:ident, $transport:ident) $body:block)*) => {$(
         mod $name {
@@ -216,40 +265,59 @@ macro_rules! feed_test {
                 $transport: &Transport,
             ) -> crate::support::Tenant $body
 
-            async fn over(backend: &crate::support::Backend, nats: bool) {
+            /// `kind`: "http", "frames" (the HTTP stream in frames) or "nats".
+            async fn over(backend: &crate::support::Backend, kind: &str) {
                 let harness = Harness::start(backend).await;
-                if !nats {
-                    case(backend, &harness, &Transport::Http).await;
-                    return;
+                match kind {
+                    "http" => {
+                        case(backend, &harness, &Transport::Http).await;
+                    }
+                    "frames" => {
+                        case(backend, &harness, &Transport::HttpFrames).await;
+                    }
+                    _ => {
+                        let Some(url) = crate::support::nats_url() else { return };
+                        let publishing = harness.publish_to_nats(&url).await;
+                        let transport = Transport::Nats(publishing.client.clone());
+                        let tenant = case(backend, &harness, &transport).await;
+                        crate::support::delete_streams(&publishing.client, &tenant).await;
+                    }
                 }
-                let Some(url) = crate::support::nats_url() else { return };
-                let publishing = harness.publish_to_nats(&url).await;
-                let transport = Transport::Nats(publishing.client.clone());
-                let tenant = case(backend, &harness, &transport).await;
-                crate::support::delete_streams(&publishing.client, &tenant).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_http() {
-                over(&crate::support::Backend::Sqlite, false).await;
+                over(&crate::support::Backend::Sqlite, "http").await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite_frames() {
+                over(&crate::support::Backend::Sqlite, "frames").await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite_nats() {
-                over(&crate::support::Backend::Sqlite, true).await;
+                over(&crate::support::Backend::Sqlite, "nats").await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres_http() {
                 if let Some(backend) = crate::support::Backend::postgres() {
-                    over(&backend, false).await;
+                    over(&backend, "http").await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres_frames() {
+                if let Some(backend) = crate::support::Backend::postgres() {
+                    over(&backend, "frames").await;
                 }
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres_nats() {
                 if let Some(backend) = crate::support::Backend::postgres() {
-                    over(&backend, true).await;
+                    over(&backend, "nats").await;
                 }
             }
         }
@@ -264,7 +332,7 @@ feed_test! {
     for user in 0..5 {
         harness.grant(key, &format!("early_{user}"), 50).await;
     }
-    let mut follower = Follower::snapshot(harness, key).await;
+    let mut follower = Follower::snapshot_as(harness, key, matches!(transport, Transport::HttpFrames)).await;
     assert!(follower.catalog_seen);
     assert_eq!(follower.users.len(), 5);
     let mut mid_follower: Option<Follower> = None;
@@ -417,7 +485,7 @@ feed_test! {
     for user in 0..USERS {
         harness.grant(key, &format!("user_{user}"), 100).await;
     }
-    let follower = Follower::snapshot(harness, key).await;
+    let follower = Follower::snapshot_as(harness, key, matches!(transport, Transport::HttpFrames)).await;
     let events: Vec<_> = (0..USERS)
         .map(|user| json!({"end_user_id": format!("user_{user}"), "feature_key": "api_calls", "units": 1 + user, "idempotency_key": format!("event-{user}")}))
         .collect();
@@ -664,7 +732,9 @@ store_test! {
     let first = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
         .await
         .expect("a heartbeat within 10 s")
-        .expect("a record");
+        .expect("a record")
+        .into_record()
+        .expect("decodes");
     assert_eq!(
         first,
         SyncRecord::Heartbeat { cursor: follower.cursor, now: match &first {
@@ -677,7 +747,9 @@ store_test! {
         let record = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
             .await
             .expect("the clock change within 10 s")
-            .expect("a record");
+            .expect("a record")
+            .into_record()
+            .expect("decodes");
         if let SyncRecord::Clock { clock_offset_ms, .. } = record {
             break clock_offset_ms;
         }
@@ -727,7 +799,9 @@ store_test! {
     let beat = tokio::time::timeout(std::time::Duration::from_secs(10), at_head.next())
         .await
         .expect("a heartbeat within 10 s")
-        .expect("a record");
+        .expect("a record")
+        .into_record()
+        .expect("decodes");
     assert!(matches!(beat, SyncRecord::Heartbeat { cursor, .. } if cursor == head));
     crate::support::delete_streams(&client, &tenant).await;
     }

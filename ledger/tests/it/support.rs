@@ -241,6 +241,11 @@ impl World {
         let parts: ledger::StateParts = serde_json::from_str(&stored).expect("state deserializes");
         let loaded = EndUserState::from_parts(parts).expect("stored state passes the invariants");
         assert_eq!(loaded, self.state, "state survives a serde round trip");
+        // The binary form the change feed's frames carry (ids as bytes, every field).
+        let binary = postcard::to_allocvec(&self.state.clone().into_parts()).expect("postcard");
+        let parts: ledger::StateParts = postcard::from_bytes(&binary).expect("postcard reads");
+        let loaded = EndUserState::from_parts(parts).expect("binary state passes the invariants");
+        assert_eq!(loaded, self.state, "state survives a binary round trip");
     }
 
     /// Moves the clock to `to` and runs due work.
