@@ -3,7 +3,7 @@
 //! thousands of proxies follow it from NATS rather than each holding a stream to a
 //! replica. The wire format is `protocol::NatsFeed`'s.
 //!
-//! Every process publishes what it commits, within `LINGER` (the environments it marked in
+//! Every process publishes what it commits, within `sync.nats_linger_ms` (the environments it marked in
 //! `AppState::notify_changes`; consecutive positions share a message), and once a second
 //! sweeps every environment's feed head,
 //! publishing whatever no process has (a commit whose process died before publishing it,
@@ -33,10 +33,6 @@ use crate::service::AppState;
 use crate::service::feed::{Encoding, FeedLine, line};
 use crate::store::{Env, EnvHead};
 
-/// How long the publisher lets commits gather after one woke it: at a high change rate a
-/// message carries the positions of this long (NATS's cost is per message delivered, to
-/// every follower), for this much more lag.
-const LINGER: Duration = Duration::from_millis(10);
 /// How often every environment's head is looked at (and its heartbeat sent).
 const SWEEP: Duration = Duration::from_secs(1);
 /// Feed positions read at a time.
@@ -66,6 +62,7 @@ pub fn feed_names(env: &Env) -> NatsFeed {
         stream: format!("QS_FEED_{tenant}_{environment}"),
         subject: format!("qs.feed.{tenant}.{environment}"),
         heartbeat_subject: format!("qs.beat.{tenant}.{environment}"),
+        live_subject: format!("qs.live.{tenant}.{environment}"),
         purged_through: 0,
     }
 }
@@ -169,6 +166,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
         queued: HashSet::new(),
     };
     let mut changed = state.subscribe_changes();
+    let linger = state.config().nats_linger;
     let mut next_sweep = tokio::time::Instant::now();
     let mut connected = true;
     loop {
@@ -221,7 +219,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = changed.changed() => {
                 tokio::select! {
-                    () = tokio::time::sleep(LINGER) => {}
+                    () = tokio::time::sleep(linger) => {}
                     _ = stop.changed() => return,
                 }
             }
@@ -349,7 +347,7 @@ impl Publisher {
     }
 
     async fn publish_pages(&self, env: &Env, at: &mut Published) -> Result<bool, Failure> {
-        let subject = feed_names(env).subject;
+        let names = feed_names(env);
         for _ in 0..PAGES_PER_TURN {
             let read = self
                 .state
@@ -375,14 +373,14 @@ impl Publisher {
                     at.position
                 };
                 first = false;
-                self.publish_position(&subject, at, position, previous, lines)
+                self.publish_position(&names, at, position, previous, lines)
                     .await?;
             }
             if read.last > at.position {
                 // The read's last positions had nothing to send (an end user no longer
                 // stored): an empty message moves followers past them.
                 let previous = at.position.max(purged.min(read.last.saturating_sub(1)));
-                self.publish_position(&subject, at, read.last, previous, &[])
+                self.publish_position(&names, at, read.last, previous, &[])
                     .await?;
             }
         }
@@ -391,9 +389,10 @@ impl Publisher {
 
     /// Publishes a run of positions' lines (`position` is its last), split over several
     /// messages when one position's lines are large (each but the last marked `Qs-More`).
+    /// Each message, once the stream stored it, goes out on the live subject too.
     async fn publish_position(
         &self,
-        subject: &str,
+        names: &NatsFeed,
         at: &mut Published,
         position: i64,
         previous: i64,
@@ -444,13 +443,13 @@ impl Publisher {
                 headers.insert(NATS_MORE, "1");
             }
             let message = PublishMessage::build()
-                .payload(body)
-                .headers(headers)
+                .payload(body.clone())
+                .headers(headers.clone())
                 .message_id(id)
                 .expected_last_sequence(at.sequence);
             let acked = self
                 .context
-                .send_publish(subject.to_owned(), message)
+                .send_publish(names.subject.clone(), message)
                 .await
                 .map_err(nats_failure)?
                 .await;
@@ -469,6 +468,17 @@ impl Publisher {
             // failure, or an answer that was lost): go on after it. Had the stream moved
             // on, the next publication's expected sequence fails and the stream reloads.
             at.sequence = ack.sequence;
+            // Live only after the stream holds it: a follower that finds a gap reads the
+            // stream, which then has everything the live subject showed. A live message
+            // lost here is a gap to its followers, nothing more.
+            if let Err(error) = self
+                .client
+                .publish_with_headers(names.live_subject.clone(), headers, body)
+                .await
+            {
+                metrics::counter!("quotastack_nats_errors_total").increment(1);
+                tracing::debug!(%error, "publishing a live feed message failed");
+            }
         }
         at.position = position;
         metrics::counter!("quotastack_nats_published_total").increment(1);
@@ -563,6 +573,7 @@ mod tests {
         assert_eq!(names.stream, "QS_FEED_ten_01ABC_live");
         assert_eq!(names.subject, "qs.feed.ten_01ABC.live");
         assert_eq!(names.heartbeat_subject, "qs.beat.ten_01ABC.live");
+        assert_eq!(names.live_subject, "qs.live.ten_01ABC.live");
         // Ids with characters a subject cannot hold are encoded, not trimmed.
         assert_eq!(token("a.b"), "x612e62");
         assert_ne!(token("a.b"), token("a*b"));

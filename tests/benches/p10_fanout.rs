@@ -5,12 +5,14 @@
 //! Run: `cargo bench -p e2e --bench p10_fanout`. Knobs: `QS_FANOUT_FOLLOWERS` (counts
 //! to run, default `10,1000`), `QS_FANOUT_TRANSPORTS` (default `http,nats`), `QS_FANOUT_RATE` (changes per second, default 1,000),
 //! `QS_FANOUT_SECS` (default 30), `QS_FANOUT_NATS_URL` (default
-//! `nats://127.0.0.1:4222`).
+//! `nats://127.0.0.1:4222`), `QS_FANOUT_LINGER_MS` (the control plane's
+//! `sync.nats_linger_ms`, default 10).
 //!
 //! The control plane is a process of its own (the `e2e-control-plane` binary, SQLite file,
 //! `sync.nats_url` set), so its CPU time is its own (`/proc/<pid>/stat`). The followers
-//! are lightweight and in this process: each holds its own HTTP stream, or its own
-//! JetStream ordered consumer (on one NATS connection per 50 followers), takes the feed in
+//! are lightweight and in this process: each holds its own HTTP stream, or follows NATS
+//! as a proxy does (`client::nats::NatsLines`: the stream from its cursor, then the live
+//! subject; one NATS connection per 50 followers), takes the feed in
 //! binary frames (`protocol::frames`, as proxies do) and reads each change's head (its end
 //! user), not its state: the bench measures the transport, not the proxy's replica. Each
 //! change is a grant to a new end user, so every change is one record; the lag is from the
@@ -29,11 +31,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use e2e::ControlPlaneProcess;
 use e2e::bench::cpu_time;
 use protocol::frames::{Frame, FrameReader};
-use tokio_stream::StreamExt;
 
 const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_e2e-control-plane");
 /// Lag histogram resolution and range: 0.1 ms buckets up to 20 s.
@@ -78,13 +78,6 @@ impl Shared {
     fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
         reader.push(bytes);
         while let Some(frame) = reader.next_frame().expect("a frame") {
-            self.seen(&frame);
-        }
-    }
-
-    /// Takes every frame of a NATS message.
-    fn seen_message(&self, payload: &[u8]) {
-        for frame in protocol::frames::frames(payload).expect("frames") {
             self.seen(&frame);
         }
     }
@@ -168,6 +161,7 @@ fn main() {
     let rate: u64 = knob("QS_FANOUT_RATE", 1000);
     let secs: u64 = knob("QS_FANOUT_SECS", 30);
     let nats_url: String = knob("QS_FANOUT_NATS_URL", "nats://127.0.0.1:4222".to_owned());
+    let linger_ms: u64 = knob("QS_FANOUT_LINGER_MS", 10);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -179,7 +173,7 @@ fn main() {
         std::fs::write(
             &config,
             format!(
-                "[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\n[database]\nsynchronous = \"normal\"\n[sync]\nstreams_per_key = 100000\nnats_url = \"{nats_url}\"\n"
+                "[rate_limit]\nrequests_per_second = 1000000\nburst = 1000000\n[database]\nsynchronous = \"normal\"\n[sync]\nstreams_per_key = 100000\nnats_url = \"{nats_url}\"\nnats_linger_ms = {linger_ms}\n"
             ),
         )
         .expect("config");
@@ -204,7 +198,7 @@ fn main() {
                 .expect("http"),
         };
         println!(
-            "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower"
+            "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower; NATS linger {linger_ms} ms"
         );
         println!(
             "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | control-plane CPU per change | NATS server CPU | followers' CPU |"
@@ -311,24 +305,19 @@ async fn run(
                 let (shared, ready, mut stopped, feed) =
                     (shared.clone(), ready.clone(), stopped.clone(), feed.clone());
                 tasks.push(tokio::spawn(async move {
-                    let context = async_nats::jetstream::new(nats);
-                    let stream = context.get_stream(&feed.stream).await.expect("stream");
-                    let consumer = stream
-                        .create_consumer(pull::OrderedConfig {
-                            deliver_policy: DeliverPolicy::New,
-                            filter_subject: feed.subject.clone(),
-                            ..pull::OrderedConfig::default()
-                        })
+                    // As a proxy follows: from its cursor, through the stream, then live.
+                    let mut lines = client::nats::NatsLines::open(&nats, &feed, head)
                         .await
-                        .expect("consumer");
-                    let mut messages = consumer.messages().await.expect("messages");
+                        .expect("the NATS feed opens");
                     ready.fetch_add(1, Ordering::Relaxed);
                     loop {
                         tokio::select! {
-                            message = messages.next() => match message {
-                                Some(Ok(message)) => shared.seen_message(&message.payload),
-                                Some(Err(error)) => eprintln!("follower: {error}"),
-                                None => return,
+                            frame = lines.next() => match frame {
+                                Ok(frame) => shared.seen(&frame),
+                                Err(error) => {
+                                    eprintln!("follower: {error}");
+                                    return;
+                                }
                             },
                             _ = stopped.changed() => return,
                         }

@@ -687,6 +687,86 @@ store_test! {
     }
 }
 
+// A follower that is caught up reads the live subject; live messages are plain NATS and
+// may be lost (a slow follower's are dropped). One that meets a message naming a position
+// it never saw, or whose heartbeats run ahead of it, reads the gap from the stream.
+store_test! {
+    async fn a_follower_that_loses_live_messages_reads_them_from_the_stream(backend) {
+    let Some(url) = crate::support::nats_url() else { return };
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    let publishing = harness.publish_to_nats(&url).await;
+    let client = publishing.client.clone();
+    let head_of = || async { harness.state.store().last_change(&env(&tenant)).await.expect("head") };
+    let stream_name = control_plane::nats::feed_names(&env(&tenant)).stream;
+    let context = async_nats::jetstream::new(client.clone());
+    // The position of the stream's last message, once the stream exists.
+    let last_published = || async {
+        let mut stream = context.get_stream(&stream_name).await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let message = stream.get_raw_message(last).await.ok()?;
+        message.headers.get(protocol::NATS_POSITION)?.as_str().parse::<i64>().ok()
+    };
+    let published = |head: i64| async move {
+        crate::support::eventually_value("the stream holds the head", || async {
+            (last_published().await == Some(head)).then_some(())
+        })
+        .await;
+    };
+    published(head_of().await).await;
+    let mut follower = Follower::snapshot(&harness, key).await;
+    // This follower listens live where nobody publishes: every live message is lost.
+    let answer = harness.get("/v1/sync/nats", key).await;
+    let mut feed: protocol::NatsFeed = serde_json::from_value(answer.body).expect("a NATS feed");
+    assert!(!feed.live_subject.is_empty(), "the control plane publishes live");
+    feed.live_subject = format!("{}.lost", feed.live_subject);
+    let mut lines = client::nats::NatsLines::open(&client, &feed, follower.cursor)
+        .await
+        .expect("the NATS feed opens");
+    // Two changes in two messages; the second is then shown live: it names the first's
+    // position, which this follower never saw.
+    harness.grant(key, "u1", 5).await;
+    published(head_of().await).await;
+    harness.grant(key, "u2", 7).await;
+    let head = head_of().await;
+    published(head).await;
+    let mut stream = context
+        .get_stream(&feed.stream)
+        .await
+        .expect("the stream");
+    let last = stream.info().await.expect("info").state.last_sequence;
+    let message = stream.get_raw_message(last).await.expect("the last message");
+    client
+        .publish_with_headers(feed.live_subject.clone(), message.headers, message.payload)
+        .await
+        .expect("publish");
+    client.flush().await.expect("flush");
+    while follower.cursor < head {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+            .await
+            .expect("a record within 10 s")
+            .expect("the NATS feed stays open");
+        follower.apply(record.into_record().expect("a record"));
+    }
+    assert_states_match(&harness, &tenant, &follower, 2).await;
+    // Nothing live at all from here: a change still arrives, once heartbeats show the
+    // head ahead of the follower.
+    harness.grant(key, "u1", 1).await;
+    let head = head_of().await;
+    while follower.cursor < head {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+            .await
+            .expect("a record within 10 s")
+            .expect("the NATS feed stays open");
+        follower.apply(record.into_record().expect("a record"));
+    }
+    assert_states_match(&harness, &tenant, &follower, 2).await;
+    crate::support::delete_streams(&client, &tenant).await;
+    }
+}
+
 // What was committed while no process published (NATS down, or every replica restarted)
 // is published once a publisher runs again: nothing committed is left behind.
 store_test! {
