@@ -40,17 +40,8 @@ fn nats(error: impl std::fmt::Display) -> NatsError {
 
 /// A follower's view of one environment's feed on NATS, from a cursor on.
 pub struct NatsLines {
-    source: Source,
-    stream: stream::Stream,
-    subject: String,
-    purged_through: i64,
-    /// The live subject's messages (none from a control plane that publishes none).
-    live: Option<async_nats::Subscriber>,
+    messages: pull::Ordered,
     beats: async_nats::Subscriber,
-    /// Heartbeats in a row whose head this follower had not reached while its cursor
-    /// stood at `stuck_at`.
-    beats_ahead: u32,
-    stuck_at: i64,
     taken: Taken,
 }
 
@@ -87,48 +78,14 @@ impl NatsLines {
         cursor: i64,
     ) -> Result<NatsLines, NatsError> {
         let context = jetstream::new(client.clone());
-        // Heartbeats and live messages are heard from before the stream is read, so none
-        // is missed between: whatever the stream stores after the read is also live.
+        // Heartbeats are heard from before the stream is read, so none is missed between.
         let beats = client
             .subscribe(feed.heartbeat_subject.clone())
             .await
             .map_err(nats)?;
-        let live = if feed.live_subject.is_empty() {
-            None
-        } else {
-            Some(
-                client
-                    .subscribe(feed.live_subject.clone())
-                    .await
-                    .map_err(nats)?,
-            )
-        };
-        let stream = context.get_stream(&feed.stream).await.map_err(nats)?;
-        let mut lines = NatsLines {
-            source: Source::Behind,
-            stream,
-            subject: feed.subject.clone(),
-            purged_through: feed.purged_through,
-            live,
-            beats,
-            beats_ahead: 0,
-            stuck_at: cursor,
-            taken: Taken {
-                pending: VecDeque::new(),
-                cursor,
-                partial: None,
-            },
-        };
-        lines.catch_up().await?;
-        Ok(lines)
-    }
-
-    /// Reads the stream from the cursor on: with an ordered consumer through what it holds
-    /// now, then (where the control plane publishes live) from the live subject.
-    async fn catch_up(&mut self) -> Result<(), NatsError> {
-        let cursor = self.taken.cursor;
-        let held = self.stream.info().await.map_err(nats)?.state.clone();
-        let next = first_after(&self.stream, &held, cursor).await?;
+        let mut stream = context.get_stream(&feed.stream).await.map_err(nats)?;
+        let held = stream.info().await.map_err(nats)?.state.clone();
+        let next = first_after(&stream, &held, cursor).await?;
         let start_sequence = match next {
             Some((sequence, previous)) => {
                 if previous > cursor {
@@ -139,168 +96,69 @@ impl NatsLines {
             None => {
                 // Nothing after the cursor is kept: fine, unless the feed was purged past
                 // it (an idle environment whose stream aged to empty).
-                if self.purged_through > cursor {
+                if feed.purged_through > cursor {
                     return Err(NatsError::CursorExpired {
                         cursor,
-                        previous: self.purged_through,
+                        previous: feed.purged_through,
                     });
-                }
-                if self.live.is_some() {
-                    self.source = Source::Live;
-                    return Ok(());
                 }
                 held.last_sequence.saturating_add(1)
             }
         };
-        let consumer = self
-            .stream
+        let consumer = stream
             .create_consumer(pull::OrderedConfig {
                 deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
-                filter_subject: self.subject.clone(),
+                filter_subject: feed.subject.clone(),
                 ..pull::OrderedConfig::default()
             })
             .await
             .map_err(nats)?;
         let messages = consumer.messages().await.map_err(nats)?;
-        self.taken.partial = None;
-        self.source = Source::Stored {
-            messages: Box::new(messages),
-            through: held.last_sequence,
-        };
-        Ok(())
+        Ok(NatsLines {
+            messages,
+            beats,
+            taken: Taken {
+                pending: VecDeque::new(),
+                cursor,
+                partial: None,
+            },
+        })
     }
 
     /// The next record: the changes in feed order, and a heartbeat (carrying this
     /// follower's own cursor) whenever the control plane says the feed's head is one this
     /// follower has reached. Cancel-safe: a record not yet returned stays queued for the
-    /// next call, and a catch-up cut short starts again.
+    /// next call.
     ///
     /// # Errors
-    /// `CursorExpired` on a gap the stream cannot fill (take a new snapshot); `Nats`,
-    /// `Closed` or `Decode` when following broke (follow again from the cursor).
+    /// `CursorExpired` on a gap (take a new snapshot); `Nats`, `Closed` or `Decode` when
+    /// following broke (follow again from the cursor).
     pub async fn next(&mut self) -> Result<Frame, NatsError> {
         loop {
             if let Some(record) = self.taken.pending.pop_front() {
                 return Ok(record);
             }
-            if matches!(self.source, Source::Behind) {
-                self.catch_up().await?;
-                continue;
-            }
-            let event = match &mut self.source {
-                Source::Stored { messages, .. } => tokio::select! {
-                    message = messages.next() => Event::Stored(message),
-                    beat = self.beats.next() => Event::Beat(beat),
-                },
-                Source::Live => {
-                    let Some(live) = self.live.as_mut() else {
-                        self.source = Source::Behind;
-                        continue;
-                    };
-                    tokio::select! {
-                        message = live.next() => Event::Live(message),
-                        beat = self.beats.next() => Event::Beat(beat),
-                    }
-                }
-                Source::Behind => continue,
-            };
-            match event {
-                Event::Stored(message) => {
+            tokio::select! {
+                message = self.messages.next() => {
                     let message = message.ok_or(NatsError::Closed)?.map_err(nats)?;
-                    self.taken
-                        .take(message.headers.as_ref(), &message.payload)?;
-                    let sequence = message.info().map_err(nats)?.stream_sequence;
-                    if let Source::Stored { through, .. } = &self.source
-                        && sequence >= *through
-                        && self.live.is_some()
-                    {
-                        // Everything stored since the stream was read is also live.
-                        self.source = Source::Live;
-                    }
+                    self.taken.take(message.headers.as_ref(), &message.payload)?;
                 }
-                Event::Live(message) => {
-                    let message = message.ok_or(NatsError::Closed)?;
-                    if self.taken.gap(message.headers.as_ref())? {
-                        // A live message was lost (a slow follower's are dropped): the
-                        // stream has them.
-                        self.source = Source::Behind;
-                        continue;
-                    }
-                    self.taken
-                        .take(message.headers.as_ref(), &message.payload)?;
-                }
-                Event::Beat(beat) => {
+                beat = self.beats.next() => {
                     let beat = beat.ok_or(NatsError::Closed)?;
-                    let Ok(SyncRecord::Heartbeat { cursor, now }) =
+                    if let Ok(SyncRecord::Heartbeat { cursor, now }) =
                         serde_json::from_slice::<SyncRecord>(&beat.payload)
-                    else {
-                        continue;
-                    };
-                    if cursor <= self.taken.cursor {
-                        self.beats_ahead = 0;
-                        let beat = SyncRecord::Heartbeat {
-                            cursor: self.taken.cursor,
-                            now,
-                        };
+                        && cursor <= self.taken.cursor
+                    {
+                        let beat = SyncRecord::Heartbeat { cursor: self.taken.cursor, now };
                         return Ok(Frame::Record(beat));
-                    }
-                    // The head is past this follower. Normal while changes are on their
-                    // way; but when its cursor has not moved for two heartbeats more, the
-                    // last live messages were lost: read the stream.
-                    if self.stuck_at == self.taken.cursor {
-                        self.beats_ahead = self.beats_ahead.saturating_add(1);
-                    } else {
-                        self.stuck_at = self.taken.cursor;
-                        self.beats_ahead = 1;
-                    }
-                    if self.beats_ahead > 2 && matches!(self.source, Source::Live) {
-                        self.beats_ahead = 0;
-                        self.source = Source::Behind;
                     }
                 }
             }
         }
     }
-}
-
-/// Where a follower takes its messages from.
-enum Source {
-    /// The stream, through `through` (its last sequence when it was read).
-    Stored {
-        messages: Box<pull::Ordered>,
-        through: u64,
-    },
-    /// The live subject: caught up.
-    Live,
-    /// A gap to fill from the stream before anything else.
-    Behind,
-}
-
-/// What a follower heard.
-#[allow(clippy::large_enum_variant)] // One lives on the stack per message, briefly.
-enum Event {
-    Stored(Option<Result<jetstream::Message, pull::OrderedError>>),
-    Live(Option<async_nats::Message>),
-    Beat(Option<async_nats::Message>),
 }
 
 impl Taken {
-    /// Whether a live message shows that messages before it were missed (a message at or
-    /// before the cursor is no gap: it is skipped).
-    fn gap(&self, headers: Option<&async_nats::HeaderMap>) -> Result<bool, NatsError> {
-        let position = header(headers, NATS_POSITION)?
-            .ok_or_else(|| NatsError::Decode("a message without a position".into()))?;
-        if position <= self.cursor {
-            return Ok(false);
-        }
-        let previous = header(headers, NATS_PREVIOUS)?.unwrap_or(0);
-        let lost_part = match header(headers, NATS_PART)? {
-            Some(0) | None => false,
-            Some(_) => self.partial != Some(position),
-        };
-        Ok(previous > self.cursor || lost_part)
-    }
-
     /// Takes one message: its records queue up unless this follower has them already.
     fn take(
         &mut self,
@@ -504,29 +362,6 @@ mod tests {
             unmarked.take(Some(&headers(6, 2, None)), &body),
             Err(NatsError::Decode(_))
         ));
-    }
-
-    #[test]
-    fn a_live_message_after_a_lost_one_is_a_gap() {
-        let taken = Taken {
-            cursor: 5,
-            ..Taken::default()
-        };
-        // Next in line, or already had: no gap.
-        assert!(!taken.gap(Some(&headers(7, 5, None))).unwrap());
-        assert!(!taken.gap(Some(&headers(5, 3, None))).unwrap());
-        assert!(!taken.gap(Some(&headers(4, 9, None))).unwrap());
-        // The message before it was lost.
-        assert!(taken.gap(Some(&headers(9, 7, None))).unwrap());
-        // A later part of a position whose first part was lost.
-        assert!(taken.gap(Some(&headers(7, 5, Some((1, false))))).unwrap());
-        assert!(!taken.gap(Some(&headers(7, 5, Some((0, true))))).unwrap());
-        let mid = Taken {
-            cursor: 5,
-            partial: Some(7),
-            ..Taken::default()
-        };
-        assert!(!mid.gap(Some(&headers(7, 5, Some((1, false))))).unwrap());
     }
 
     #[test]

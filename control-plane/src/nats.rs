@@ -62,7 +62,6 @@ pub fn feed_names(env: &Env) -> NatsFeed {
         stream: format!("QS_FEED_{tenant}_{environment}"),
         subject: format!("qs.feed.{tenant}.{environment}"),
         heartbeat_subject: format!("qs.beat.{tenant}.{environment}"),
-        live_subject: format!("qs.live.{tenant}.{environment}"),
         purged_through: 0,
     }
 }
@@ -389,7 +388,6 @@ impl Publisher {
 
     /// Publishes a run of positions' lines (`position` is its last), split over several
     /// messages when one position's lines are large (each but the last marked `Qs-More`).
-    /// Each message, once the stream stored it, goes out on the live subject too.
     async fn publish_position(
         &self,
         names: &NatsFeed,
@@ -443,8 +441,8 @@ impl Publisher {
                 headers.insert(NATS_MORE, "1");
             }
             let message = PublishMessage::build()
-                .payload(body.clone())
-                .headers(headers.clone())
+                .payload(body)
+                .headers(headers)
                 .message_id(id)
                 .expected_last_sequence(at.sequence);
             let acked = self
@@ -468,17 +466,6 @@ impl Publisher {
             // failure, or an answer that was lost): go on after it. Had the stream moved
             // on, the next publication's expected sequence fails and the stream reloads.
             at.sequence = ack.sequence;
-            // Live only after the stream holds it: a follower that finds a gap reads the
-            // stream, which then has everything the live subject showed. A live message
-            // lost here is a gap to its followers, nothing more.
-            if let Err(error) = self
-                .client
-                .publish_with_headers(names.live_subject.clone(), headers, body)
-                .await
-            {
-                metrics::counter!("quotastack_nats_errors_total").increment(1);
-                tracing::debug!(%error, "publishing a live feed message failed");
-            }
         }
         at.position = position;
         metrics::counter!("quotastack_nats_published_total").increment(1);
@@ -573,7 +560,6 @@ mod tests {
         assert_eq!(names.stream, "QS_FEED_ten_01ABC_live");
         assert_eq!(names.subject, "qs.feed.ten_01ABC.live");
         assert_eq!(names.heartbeat_subject, "qs.beat.ten_01ABC.live");
-        assert_eq!(names.live_subject, "qs.live.ten_01ABC.live");
         // Ids with characters a subject cannot hold are encoded, not trimmed.
         assert_eq!(token("a.b"), "x612e62");
         assert_ne!(token("a.b"), token("a*b"));

@@ -142,13 +142,6 @@ pub struct NatsFeed {
     pub subject: String,
     /// The plain subject of its heartbeats.
     pub heartbeat_subject: String,
-    /// The plain subject (not kept) each message is also published on once the stream
-    /// has stored it, with the same headers: a follower that is caught up reads it, which
-    /// costs NATS far less per follower than a JetStream consumer, and goes back to the
-    /// stream on a gap (a message whose previous position is above its cursor). Empty
-    /// where the control plane publishes nothing live.
-    #[serde(default)]
-    pub live_subject: String,
     /// Changes up to this position are no longer kept (as the HTTP stream's 410 says): a
     /// follower behind it must take a new snapshot, even where the stream is empty.
     #[serde(default)]

@@ -10,9 +10,8 @@
 //!
 //! The control plane is a process of its own (the `e2e-control-plane` binary, SQLite file,
 //! `sync.nats_url` set), so its CPU time is its own (`/proc/<pid>/stat`). The followers
-//! are lightweight and in this process: each holds its own HTTP stream, or follows NATS
-//! as a proxy does (`client::nats::NatsLines`: the stream from its cursor, then the live
-//! subject; one NATS connection per 50 followers), takes the feed in
+//! are lightweight and in this process: each holds its own HTTP stream, or its own
+//! JetStream ordered consumer (on one NATS connection per 50 followers), takes the feed in
 //! binary frames (`protocol::frames`, as proxies do) and reads each change's head (its end
 //! user), not its state: the bench measures the transport, not the proxy's replica. Each
 //! change is a grant to a new end user, so every change is one record; the lag is from the
@@ -31,9 +30,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use e2e::ControlPlaneProcess;
 use e2e::bench::cpu_time;
 use protocol::frames::{Frame, FrameReader};
+use tokio_stream::StreamExt;
 
 const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_e2e-control-plane");
 /// Lag histogram resolution and range: 0.1 ms buckets up to 20 s.
@@ -78,6 +79,13 @@ impl Shared {
     fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
         reader.push(bytes);
         while let Some(frame) = reader.next_frame().expect("a frame") {
+            self.seen(&frame);
+        }
+    }
+
+    /// Takes every frame of a NATS message.
+    fn seen_message(&self, payload: &[u8]) {
+        for frame in protocol::frames::frames(payload).expect("frames") {
             self.seen(&frame);
         }
     }
@@ -305,19 +313,24 @@ async fn run(
                 let (shared, ready, mut stopped, feed) =
                     (shared.clone(), ready.clone(), stopped.clone(), feed.clone());
                 tasks.push(tokio::spawn(async move {
-                    // As a proxy follows: from its cursor, through the stream, then live.
-                    let mut lines = client::nats::NatsLines::open(&nats, &feed, head)
+                    let context = async_nats::jetstream::new(nats);
+                    let stream = context.get_stream(&feed.stream).await.expect("stream");
+                    let consumer = stream
+                        .create_consumer(pull::OrderedConfig {
+                            deliver_policy: DeliverPolicy::New,
+                            filter_subject: feed.subject.clone(),
+                            ..pull::OrderedConfig::default()
+                        })
                         .await
-                        .expect("the NATS feed opens");
+                        .expect("consumer");
+                    let mut messages = consumer.messages().await.expect("messages");
                     ready.fetch_add(1, Ordering::Relaxed);
                     loop {
                         tokio::select! {
-                            frame = lines.next() => match frame {
-                                Ok(frame) => shared.seen(&frame),
-                                Err(error) => {
-                                    eprintln!("follower: {error}");
-                                    return;
-                                }
+                            message = messages.next() => match message {
+                                Some(Ok(message)) => shared.seen_message(&message.payload),
+                                Some(Err(error)) => eprintln!("follower: {error}"),
+                                None => return,
                             },
                             _ = stopped.changed() => return,
                         }
