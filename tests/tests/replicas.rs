@@ -162,7 +162,12 @@ async fn record_once(
 
 /// Every end user's version as a snapshot of `client`'s environment shows it.
 async fn snapshot_versions(client: &client::Client) -> BTreeMap<String, u64> {
-    let mut lines = client.sync_snapshot().await.expect("snapshot");
+    let mut lines = client
+        .clone()
+        .sync_frames(true)
+        .sync_snapshot()
+        .await
+        .expect("snapshot");
     let mut versions = BTreeMap::new();
     while let Some(record) = lines.next().await.expect("a record") {
         match record {
