@@ -1,7 +1,7 @@
-//! The change feed in binary frames: what proxies read (`Accept:`
-//! [`FEED_FRAMES`] on `/v1/sync/snapshot` and `/v1/sync/stream`, and every message of the
-//! NATS feed). The same records as the NDJSON lines of [`SyncRecord`], smaller and
-//! cheaper to read where it matters: an end user's state.
+//! The change feed in binary frames: what a follower gets from `/v1/sync/snapshot` and
+//! `/v1/sync/stream` where its `Accept` names [`FEED_FRAMES`], and what every message of
+//! the NATS feed holds. The same records as the NDJSON lines of [`SyncRecord`], smaller
+//! and cheaper to read where it matters: an end user's state.
 //!
 //! A feed in frames is a run of frames, each a 4-byte little-endian length `n`
 //! (1..=[`FRAME_MAX`]) and `n` bytes of [postcard]: either an end user's change (its

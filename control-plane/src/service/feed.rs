@@ -21,7 +21,8 @@ use crate::store::Env;
 pub enum Encoding {
     /// NDJSON lines of `SyncRecord` (`application/x-ndjson`), for people and scripts.
     Json,
-    /// Binary frames (`protocol::FEED_FRAMES`), for proxies and the NATS feed.
+    /// Binary frames (`protocol::frames::FEED_FRAMES`), for followers that ask (and the
+    /// NATS feed).
     Frames,
 }
 
