@@ -209,25 +209,30 @@ impl FrameReader {
     /// are not a feed in frames (or were corrupted), so nothing after can be trusted.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let rest = self.buffer.get(self.start..).unwrap_or_default();
-        let Some((prefix, body)) = rest.split_first_chunk::<LENGTH_BYTES>() else {
-            return Ok(None);
-        };
-        let length = usize::try_from(u32::from_le_bytes(*prefix)).map_err(FrameError::new)?;
-        if length == 0 || length > FRAME_MAX {
-            return Err(FrameError::new(format!(
-                "a length of {length} bytes (1..={FRAME_MAX} expected)"
-            )));
-        }
-        let Some(body) = body.get(..length) else {
+        let Some((body, taken)) = split_frame(rest)? else {
             return Ok(None);
         };
         let frame = decode(body)?;
-        self.start = self
-            .start
-            .saturating_add(LENGTH_BYTES)
-            .saturating_add(length);
+        self.start = self.start.saturating_add(taken);
         Ok(Some(frame))
     }
+}
+
+/// The body of the whole frame `bytes` start with and how many bytes it takes, or `None`
+/// while it is incomplete.
+fn split_frame(bytes: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
+    let Some((prefix, body)) = bytes.split_first_chunk::<LENGTH_BYTES>() else {
+        return Ok(None);
+    };
+    let length = usize::try_from(u32::from_le_bytes(*prefix)).map_err(FrameError::new)?;
+    if length == 0 || length > FRAME_MAX {
+        return Err(FrameError::new(format!(
+            "a length of {length} bytes (1..={FRAME_MAX} expected)"
+        )));
+    }
+    Ok(body
+        .get(..length)
+        .map(|body| (body, LENGTH_BYTES.saturating_add(length))))
 }
 
 fn decode(body: &[u8]) -> Result<Frame, FrameError> {
@@ -262,16 +267,13 @@ fn decode(body: &[u8]) -> Result<Frame, FrameError> {
 /// # Errors
 /// As [`FrameReader::next_frame`], and a frame cut short.
 pub fn frames(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
-    let mut reader = FrameReader {
-        buffer: bytes.to_vec(),
-        start: 0,
-    };
+    let mut rest = bytes;
     let mut out = Vec::new();
-    while let Some(frame) = reader.next_frame()? {
-        out.push(frame);
-    }
-    if !reader.is_empty() {
-        return Err(FrameError::new("the last frame is cut short"));
+    while !rest.is_empty() {
+        let (body, taken) =
+            split_frame(rest)?.ok_or_else(|| FrameError::new("the last frame is cut short"))?;
+        out.push(decode(body)?);
+        rest = rest.get(taken..).unwrap_or_default();
     }
     Ok(out)
 }
