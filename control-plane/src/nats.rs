@@ -3,10 +3,10 @@
 //! thousands of proxies follow it from NATS rather than each holding a stream to a
 //! replica. The wire format is `protocol::NatsFeed`'s.
 //!
-//! Every process publishes what it commits, within `sync.nats_linger_ms` (the environments it marked in
-//! `AppState::notify_changes`; consecutive positions share a message), and once a second
-//! sweeps every environment's feed head,
-//! publishing whatever no process has (a commit whose process died before publishing it,
+//! Every process publishes what it commits, within `sync.nats_linger_ms` (the
+//! environments it marked in `AppState::notify_changes`; consecutive positions share a
+//! message), and once a second sweeps every environment's feed head, publishing whatever
+//! no process has (a commit whose process died before publishing it,
 //! or anything committed while NATS was down). Messages are published with the stream's
 //! last sequence as the expected one: two processes publishing one environment never
 //! interleave or skip, the loser reloads where the stream is and goes on from there. The
