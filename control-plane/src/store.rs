@@ -8,6 +8,28 @@
 //! entries, blocks, events and idempotency record — happens in one database transaction,
 //! and mutations of one end user are serialised.
 
+/// `bind!(query; a, b)` is `query.bind(a).bind(b)`: a statement's values in order, on
+/// one line.
+macro_rules! bind {
+    ($query:expr; $($value:expr),* $(,)?) => {
+        $query$(.bind($value))*
+    };
+}
+
+/// `columns!(rows, |row| ids: row.id, names: row.name)` declares one `Vec` a column
+/// (`ids`, `names`) and fills them from `rows` in order: the arrays a PostgreSQL
+/// `UNNEST` statement binds.
+#[allow(unused_macros)]
+macro_rules! columns {
+    ($rows:expr, |$row:pat_param| $($column:ident: $value:expr),+ $(,)?) => {
+        let rows = $rows;
+        $(let mut $column = Vec::with_capacity(rows.len());)+
+        for $row in rows {
+            $($column.push($value);)+
+        }
+    };
+}
+
 pub(crate) mod columns;
 mod key_leases;
 mod options;
@@ -19,14 +41,15 @@ pub mod postgres;
 
 pub mod sqlite;
 
+pub use key_leases::LeaseAsk;
 pub use key_leases::answered_elsewhere;
-pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, LeaseAsk, answer_leases, queue_lease};
+pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, answer_leases, queue_lease};
 pub use options::{DatabaseUrl, Synchronous};
 pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryJob,
     DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord, EntryFilter, EntryPoint,
-    EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, StoredBlock,
-    TenantRecord, UsageKeyRecord, wire_event,
+    EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, Mutation,
+    StoredBlock, SubscriptionFilter, TenantRecord, UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
     BlockRow, CLAIM_LEASE_MS, EntryRow, StateRow, changed_leases, changed_reservations,
@@ -224,14 +247,8 @@ pub trait LedgerStore: Send + Sync {
     /// runs `operation` with which claims it holds, and persists the new state with its
     /// changes in one transaction. Nothing is written when `operation` fails, nor when it
     /// reports no changes.
-    async fn mutate(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-        now: Timestamp,
-        claims: &[Claim],
-        operation: &mut ClaimingFn<'_>,
-    ) -> StoreResult<()>;
+    async fn mutate(&self, target: Mutation<'_>, operation: &mut ClaimingFn<'_>)
+    -> StoreResult<()>;
     /// Several end users' operations in one transaction (a usage batch): everything
     /// commits or nothing does. End users are locked in id order; each appears once. An
     /// operation may run more than once (see [`MutateFn`]).
@@ -241,13 +258,6 @@ pub trait LedgerStore: Send + Sync {
         now: Timestamp,
         items: &mut [(EndUserId, &mut MutateFn<'_>)],
     ) -> StoreResult<()>;
-    async fn load_state(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-    ) -> StoreResult<Option<EndUserState>>;
-
-    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>>;
     async fn entries(
         &self,
         env: &Env,
@@ -261,6 +271,19 @@ pub trait LedgerStore: Send + Sync {
         end_user: &str,
         limit: u32,
     ) -> StoreResult<Vec<EntryPoint>>;
+}
+
+/// Reads of the records mutations write, one by id or a page in id order (written once
+/// for both backends, `store/sql/records.rs`).
+#[async_trait]
+pub trait RecordStore: Send + Sync {
+    /// The end user's state; `None` for one never stored.
+    async fn load_state(
+        &self,
+        env: &Env,
+        end_user: &EndUserId,
+    ) -> StoreResult<Option<EndUserState>>;
+    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>>;
     async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>>;
     async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>>;
     /// Leases by end user and/or holder, in id order.
@@ -269,9 +292,7 @@ pub trait LedgerStore: Send + Sync {
     async fn subscriptions(
         &self,
         env: &Env,
-        end_user: Option<&str>,
-        after_id: Option<&str>,
-        limit: u32,
+        filter: SubscriptionFilter<'_>,
     ) -> StoreResult<Vec<Subscription>>;
 }
 
@@ -353,6 +374,9 @@ pub trait EndpointStore: Send + Sync {
     async fn delete_endpoint(&self, env: &Env, id: &str, at: Timestamp) -> StoreResult<bool>;
     /// How many deliveries are pending and due by `due_by`, leased or not.
     async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64>;
+    /// Queues the event again for every live endpoint that wants it; returns how many.
+    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize>;
+    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()>;
 }
 
 /// What the console reads beyond the API's own reads (written once,
@@ -391,8 +415,6 @@ pub trait WebhookStore: Send + Sync {
         endpoint_id: &str,
         now: Timestamp,
     ) -> StoreResult<()>;
-    /// Queues the event again for every live endpoint that wants it; returns how many.
-    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize>;
     /// Claims up to `limit` deliveries due by `due_by` (the environment's clock), each the
     /// oldest pending one of its endpoint and end user (so a failing event holds back only
     /// that end user's later events), and not leased at `lease.now`; leases them until
@@ -405,21 +427,13 @@ pub trait WebhookStore: Send + Sync {
         lease: DeliveryLease,
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>>;
-    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()>;
 }
 
 /// The store of idempotency keys and usage event keys.
 #[async_trait]
 pub trait IdempotencyStore: Send + Sync {
-    async fn idempotency_begin(
-        &self,
-        env: &Env,
-        key: &str,
-        fingerprint: &[u8; 32],
-        now: Timestamp,
-        lease_ms: i64,
-        keep_until: Timestamp,
-    ) -> StoreResult<IdempotencyBegin>;
+    /// Takes the key's lease for a request, or answers what holds it.
+    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin>;
     async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()>;
     async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()>;
     /// The stored usage event keys among `keys`, by key.
@@ -432,37 +446,23 @@ pub trait IdempotencyStore: Send + Sync {
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64>;
 }
 
-/// Everything the control plane stores, one capability per trait (each backend
-/// implements them in one file per capability: `store/sqlite/*.rs`, `store/postgres/*.rs`).
-pub trait Store:
-    TenancyStore
-    + CatalogStore
-    + LedgerStore
-    + JobStore
-    + FeedStore
-    + EndpointStore
-    + ConsoleStore
-    + WebhookStore
-    + IdempotencyStore
-    + fmt::Debug
-    + 'static
-{
+/// `Store` and its blanket implementation from one list of capabilities.
+macro_rules! store_of {
+    ($($capability:ident),+ $(,)?) => {
+        /// Everything the control plane stores, one capability per trait (each backend
+        /// implements them in one file per capability: `store/sqlite/*.rs`,
+        /// `store/postgres/*.rs`, or once for both in `store/sql/*.rs`).
+        pub trait Store: $($capability +)+ fmt::Debug + 'static {}
+
+        impl<T> Store for T where T: $($capability +)+ fmt::Debug + 'static {}
+    };
 }
 
-impl<T> Store for T where
-    T: TenancyStore
-        + CatalogStore
-        + LedgerStore
-        + JobStore
-        + FeedStore
-        + EndpointStore
-        + ConsoleStore
-        + WebhookStore
-        + IdempotencyStore
-        + fmt::Debug
-        + 'static
-{
-}
+#[rustfmt::skip]
+store_of![
+    TenancyStore, CatalogStore, LedgerStore, RecordStore, JobStore, FeedStore, EndpointStore,
+    ConsoleStore, WebhookStore, IdempotencyStore,
+];
 
 #[cfg(test)]
 pub(crate) mod testing;

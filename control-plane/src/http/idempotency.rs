@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::service::{AppState, ClaimHold, KeyHold};
+use crate::store::LeaseAsk;
 use crate::store::{Claim, Env, IdempotencyAnswer, IdempotencyBegin};
 
 /// What an operation answered.
@@ -250,14 +251,14 @@ async fn take(state: &AppState, env: &Env, asked: &Asked) -> Result<Taken, ApiEr
         let now = state.real_now();
         match state
             .store()
-            .idempotency_begin(
+            .idempotency_begin(LeaseAsk {
                 env,
-                &asked.key,
-                &asked.fingerprint,
+                key: &asked.key,
+                fingerprint: &asked.fingerprint,
                 now,
-                LEASE_MILLIS,
-                asked.keep_until(now),
-            )
+                lease_ms: LEASE_MILLIS,
+                keep_until: asked.keep_until(now),
+            })
             .await?
         {
             IdempotencyBegin::Started => return Ok(Taken::Run),

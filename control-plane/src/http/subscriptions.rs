@@ -18,7 +18,7 @@ use crate::auth::Scope;
 use crate::catalog::CatalogView;
 use crate::error::ApiError;
 use crate::service::{AppState, Caller};
-use crate::store::{Annotations, Changes, Env, Environment};
+use crate::store::{Annotations, Changes, Env, Environment, SubscriptionFilter};
 
 /// A variant named by id, `<plan>/<variant>` or an unambiguous key, not archived.
 fn resolve_variant(view: &CatalogView, field: &str, text: &str) -> Result<VariantId, ApiError> {
@@ -153,9 +153,11 @@ pub async fn list(
         .store()
         .subscriptions(
             &caller.env,
-            query.end_user_id.as_deref(),
-            query.cursor.as_deref(),
-            limit,
+            SubscriptionFilter {
+                end_user_id: query.end_user_id.as_deref(),
+                after: query.cursor.as_deref(),
+                limit,
+            },
         )
         .await?;
     let view = state.view(&caller.env).await?;

@@ -12,6 +12,7 @@ use crate::catalog::CatalogView;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
 use crate::group;
+use crate::store::Mutation;
 use crate::store::{Annotations, Changes, Claim, Env, IdempotencyAnswer, StoreError, StoreResult};
 
 /// How an operation holds its request's idempotency key.
@@ -229,7 +230,15 @@ impl AppState {
                     };
                 let outcome = self
                     .store()
-                    .mutate(env, end_user, now, &claims, &mut run)
+                    .mutate(
+                        Mutation {
+                            env,
+                            end_user,
+                            now,
+                            claims: &claims,
+                        },
+                        &mut run,
+                    )
                     .await;
                 outcome.map_err(|error| mutation_error(error, declined))
             }

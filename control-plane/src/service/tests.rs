@@ -14,6 +14,7 @@ use super::{AppState, ClaimHold, KeyHold};
 use crate::clock::ManualClock;
 use crate::config::{Config, DatabaseUrl, Overrides};
 use crate::error::ApiError;
+use crate::store::LeaseAsk;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Annotations, Changes, Claim, Env, Environment, StoreError};
 
@@ -295,7 +296,7 @@ async fn claims_in_a_group_run_once_and_keep_their_answers() {
     let now = state.real_now();
     let leased = state
         .store()
-        .idempotency_begin(&env, "held", &[1; 32], now, 30_000, now)
+        .idempotency_begin(LeaseAsk::new(&env, "held", &[1; 32], now, 30_000, now))
         .await
         .expect("lease");
     assert!(matches!(leased, crate::store::IdempotencyBegin::Started));
@@ -355,7 +356,7 @@ async fn claims_in_a_group_run_once_and_keep_their_answers() {
         async move {
             state
                 .store()
-                .idempotency_begin(&env, key, &[1; 32], now, 30_000, now)
+                .idempotency_begin(LeaseAsk::new(&env, key, &[1; 32], now, 30_000, now))
                 .await
                 .expect("begin")
         }

@@ -9,13 +9,35 @@ use super::{Env, StoreError, StoreResult};
 /// What an idempotency lease asks for: the key, the request's fingerprint, when, how
 /// long the lease holds, and how long the key is kept.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct LeaseAsk<'a> {
-    pub(crate) env: &'a Env,
-    pub(crate) key: &'a str,
-    pub(crate) fingerprint: &'a [u8; 32],
-    pub(crate) now: Timestamp,
-    pub(crate) lease_ms: i64,
-    pub(crate) keep_until: Timestamp,
+pub struct LeaseAsk<'a> {
+    pub env: &'a Env,
+    pub key: &'a str,
+    pub fingerprint: &'a [u8; 32],
+    pub now: Timestamp,
+    pub lease_ms: i64,
+    pub keep_until: Timestamp,
+}
+
+impl<'a> LeaseAsk<'a> {
+    /// An ask with its parts in the order the struct names them.
+    #[must_use]
+    pub fn new(
+        env: &'a Env,
+        key: &'a str,
+        fingerprint: &'a [u8; 32],
+        now: Timestamp,
+        lease_ms: i64,
+        keep_until: Timestamp,
+    ) -> LeaseAsk<'a> {
+        LeaseAsk {
+            env,
+            key,
+            fingerprint,
+            now,
+            lease_ms,
+            keep_until,
+        }
+    }
 }
 
 /// Queues a lease on `queues` under `key`, starting a drainer with `start` when the
@@ -57,12 +79,12 @@ pub(crate) async fn queue_lease<K: Eq + std::hash::Hash + Clone>(
 /// arrive together in one transaction).
 #[derive(Debug)]
 pub(crate) struct Lease {
-    pub(crate) env: Env,
-    pub(crate) key: String,
-    pub(crate) fingerprint: [u8; 32],
-    pub(crate) now: Timestamp,
-    pub(crate) lease_ms: i64,
-    pub(crate) keep_until: Timestamp,
+    pub env: Env,
+    pub key: String,
+    pub fingerprint: [u8; 32],
+    pub now: Timestamp,
+    pub lease_ms: i64,
+    pub keep_until: Timestamp,
     pub(crate) reply: tokio::sync::oneshot::Sender<StoreResult<IdempotencyBegin>>,
 }
 

@@ -52,7 +52,7 @@ use super::{Env, Lease, StoreError, StoreResult};
 
 use crate::queues::Queues;
 use crate::store::columns::{corrupt, parse_state, unique_violation};
-use crate::store::sql::{Arg, Side, Sql, bind_args};
+use crate::store::sql::Side;
 
 mod end_users;
 mod feed;
@@ -115,62 +115,21 @@ fn state_of(row: Option<PgRow>) -> StoreResult<Option<EndUserState>> {
         .transpose()
 }
 
-/// The statements both sqlx backends share run here, on the pool.
-#[async_trait::async_trait]
-impl Sql for PostgresStore {
-    type Row = PgRow;
+crate::store::sql::sqlx_backend!(
+    PostgresStore,
+    PgRow,
+    "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+);
 
-    const CATALOG_INSERT: &'static str = "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-
-    async fn fetch_all(
-        &self,
-        _: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<Self::Row>, sqlx::Error> {
-        bind_args!(sqlx::query(sql), args)
-            .fetch_all(&self.pool)
-            .await
+impl PostgresStore {
+    /// The statements both sqlx backends share run on the pool, reads and writes alike.
+    fn pool_for(&self, _: Side) -> &PgPool {
+        &self.pool
     }
 
-    async fn fetch_optional(
-        &self,
-        _: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Option<Self::Row>, sqlx::Error> {
-        bind_args!(sqlx::query(sql), args)
-            .fetch_optional(&self.pool)
-            .await
-    }
-
-    async fn execute(
-        &self,
-        _: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<u64, sqlx::Error> {
-        let done = bind_args!(sqlx::query(sql), args)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn transaction(
-        &self,
-        statements: &[(&'static str, Vec<Arg<'_>>)],
-    ) -> Result<Vec<u64>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let mut changed = Vec::with_capacity(statements.len());
-        for (sql, args) in statements {
-            let result = bind_args!(sqlx::query(*sql), args)
-                .execute(&mut *tx)
-                .await?;
-            changed.push(result.rows_affected());
-        }
-        tx.commit().await?;
-        Ok(changed)
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Postgres>, sqlx::Error> {
+        self.pool.begin().await
     }
 }
 

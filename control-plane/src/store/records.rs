@@ -69,6 +69,24 @@ pub struct UsageKeyRecord {
     pub keep_until: Timestamp,
 }
 
+/// One end user's mutation: where, who, when, and the idempotency keys it claims.
+#[derive(Debug, Clone, Copy)]
+pub struct Mutation<'a> {
+    pub env: &'a super::Env,
+    pub end_user: &'a EndUserId,
+    pub now: Timestamp,
+    pub claims: &'a [Claim],
+}
+
+/// Which subscriptions a listing wants: a page in id order, of one end user or all.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SubscriptionFilter<'a> {
+    pub end_user_id: Option<&'a str>,
+    /// Subscriptions with an id after this one (the cursor).
+    pub after: Option<&'a str>,
+    pub limit: u32,
+}
+
 /// Which leases a listing wants: an end user's, a holder's, or both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LeaseFilter {

@@ -8,12 +8,15 @@
 
 mod catalog;
 mod console;
-mod endpoints;
+pub(crate) mod endpoints;
+pub(crate) mod feed;
 mod jobs;
+mod records;
 mod tenancy;
 
 use async_trait::async_trait;
 
+use super::Env;
 use super::columns::Columns;
 
 /// Where a statement runs: SQLite reads on its pool of readers and writes on its one
@@ -48,22 +51,25 @@ pub(crate) trait Sql: Send + Sync + std::fmt::Debug + 'static {
     async fn fetch_all(
         &self,
         side: Side,
-        sql: &'static str,
+        sql: impl sqlx::SqlSafeStr + Send,
         args: &[Arg<'_>],
     ) -> Result<Vec<Self::Row>, sqlx::Error>;
 
+    /// The one row a statement finds, if any (statements that find at most one).
     async fn fetch_optional(
         &self,
         side: Side,
-        sql: &'static str,
+        sql: impl sqlx::SqlSafeStr + Send,
         args: &[Arg<'_>],
-    ) -> Result<Option<Self::Row>, sqlx::Error>;
+    ) -> Result<Option<Self::Row>, sqlx::Error> {
+        Ok(self.fetch_all(side, sql, args).await?.into_iter().next())
+    }
 
     /// Runs a statement; answers how many rows it changed.
     async fn execute(
         &self,
         side: Side,
-        sql: &'static str,
+        sql: impl sqlx::SqlSafeStr + Send,
         args: &[Arg<'_>],
     ) -> Result<u64, sqlx::Error>;
 
@@ -93,3 +99,64 @@ macro_rules! bind_args {
     }};
 }
 pub(crate) use bind_args;
+
+/// An environment's two key columns as `$1` and `$2`, then `rest`: how most statements
+/// begin.
+pub(crate) fn scoped<'a>(env: &'a Env, rest: &[Arg<'a>]) -> Vec<Arg<'a>> {
+    let mut args = Vec::with_capacity(rest.len().saturating_add(2));
+    args.extend([
+        Arg::Text(&env.tenant_id),
+        Arg::Text(env.environment.as_str()),
+    ]);
+    args.extend_from_slice(rest);
+    args
+}
+
+/// [`Sql`] for a sqlx backend, written once: the backend brings `pool_for(side)` (where
+/// a statement runs) and `begin_write()` (a write transaction), as inherent methods.
+macro_rules! sqlx_backend {
+    ($store:ty, $row:ty, $catalog_insert:expr) => {
+        #[async_trait::async_trait]
+        impl $crate::store::sql::Sql for $store {
+            type Row = $row;
+
+            const CATALOG_INSERT: &'static str = $catalog_insert;
+
+            async fn fetch_all(
+                &self,
+                side: $crate::store::sql::Side,
+                sql: impl sqlx::SqlSafeStr + Send,
+                args: &[$crate::store::sql::Arg<'_>],
+            ) -> Result<Vec<$row>, sqlx::Error> {
+                $crate::store::sql::bind_args!(sqlx::query(sql), args)
+                    .fetch_all(self.pool_for(side))
+                    .await
+            }
+
+            async fn execute(
+                &self,
+                side: $crate::store::sql::Side,
+                sql: impl sqlx::SqlSafeStr + Send,
+                args: &[$crate::store::sql::Arg<'_>],
+            ) -> Result<u64, sqlx::Error> {
+                let query = $crate::store::sql::bind_args!(sqlx::query(sql), args);
+                Ok(query.execute(self.pool_for(side)).await?.rows_affected())
+            }
+
+            async fn transaction(
+                &self,
+                statements: &[(&'static str, Vec<$crate::store::sql::Arg<'_>>)],
+            ) -> Result<Vec<u64>, sqlx::Error> {
+                let mut tx = self.begin_write().await?;
+                let mut changed = Vec::with_capacity(statements.len());
+                for (sql, args) in statements {
+                    let query = $crate::store::sql::bind_args!(sqlx::query(*sql), args);
+                    changed.push(query.execute(&mut *tx).await?.rows_affected());
+                }
+                tx.commit().await?;
+                Ok(changed)
+            }
+        }
+    };
+}
+pub(crate) use sqlx_backend;

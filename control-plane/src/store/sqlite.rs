@@ -15,7 +15,7 @@ use super::{Lease, StoreError, StoreResult};
 
 use crate::queues::Queues;
 use crate::store::columns::{corrupt, parse_state};
-use crate::store::sql::{Arg, Side, Sql, bind_args};
+use crate::store::sql::Side;
 
 use crate::store::{DatabaseUrl, Synchronous};
 
@@ -181,72 +181,25 @@ impl SqliteStore {
     }
 }
 
-/// The statements both sqlx backends share run here: reads on the readers, writes on
-/// the writer.
-#[async_trait::async_trait]
-impl Sql for SqliteStore {
-    type Row = sqlx::sqlite::SqliteRow;
-
-    const CATALOG_INSERT: &'static str = "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at, seq)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM catalog))";
-
-    async fn fetch_all(
-        &self,
-        side: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Vec<Self::Row>, sqlx::Error> {
-        bind_args!(sqlx::query(sql), args)
-            .fetch_all(self.pool_for(side))
-            .await
-    }
-
-    async fn fetch_optional(
-        &self,
-        side: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<Option<Self::Row>, sqlx::Error> {
-        bind_args!(sqlx::query(sql), args)
-            .fetch_optional(self.pool_for(side))
-            .await
-    }
-
-    async fn execute(
-        &self,
-        side: Side,
-        sql: &'static str,
-        args: &[Arg<'_>],
-    ) -> Result<u64, sqlx::Error> {
-        let done = bind_args!(sqlx::query(sql), args)
-            .execute(self.pool_for(side))
-            .await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn transaction(
-        &self,
-        statements: &[(&'static str, Vec<Arg<'_>>)],
-    ) -> Result<Vec<u64>, sqlx::Error> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let mut changed = Vec::with_capacity(statements.len());
-        for (sql, args) in statements {
-            let result = bind_args!(sqlx::query(*sql), args)
-                .execute(&mut *tx)
-                .await?;
-            changed.push(result.rows_affected());
-        }
-        tx.commit().await?;
-        Ok(changed)
-    }
-}
+crate::store::sql::sqlx_backend!(
+    SqliteStore,
+    sqlx::sqlite::SqliteRow,
+    "INSERT INTO catalog (id, tenant_id, environment, kind, key, parent_id, body, archived, created_at, seq)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, (SELECT COALESCE(MAX(seq), 0) + 1 FROM catalog))"
+);
 
 impl SqliteStore {
+    /// The statements both sqlx backends share run here: reads on the readers, writes on
+    /// the writer.
     fn pool_for(&self, side: Side) -> &SqlitePool {
         match side {
             Side::Read => &self.reader,
             Side::Write => &self.writer,
         }
+    }
+
+    async fn begin_write(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
+        self.writer.begin_with("BEGIN IMMEDIATE").await
     }
 }
 

@@ -2,6 +2,7 @@
 
 use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
+use crate::store::Mutation;
 use crate::store::{Changes, Env, IdempotencyBegin, Store, StoreError, StoreResult};
 
 /// Each answer's kind, for comparing a batch of lease answers at a glance.
@@ -47,7 +48,15 @@ pub(crate) async fn grant(
 ) {
     let mut run = |state: &mut EndUserState, _: &[bool]| grant_to(state, amount, at);
     store
-        .mutate(env, end_user, at, &[], &mut run)
+        .mutate(
+            Mutation {
+                env,
+                end_user,
+                now: at,
+                claims: &[],
+            },
+            &mut run,
+        )
         .await
         .expect("grant");
 }

@@ -249,7 +249,7 @@ store_test! {
 // rolls back with a retryable error, and a retry replays the stored answer.
 store_test! {
     async fn an_answer_is_never_stored_twice(backend) {
-    use control_plane::store::{Env, Environment, IdempotencyAnswer, IdempotencyBegin};
+    use control_plane::store::{Env, Environment, IdempotencyAnswer, IdempotencyBegin, LeaseAsk};
     let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.clone();
@@ -258,7 +258,7 @@ store_test! {
     let env = Env { tenant_id: tenant.id.clone(), environment: Environment::Test };
     let store = harness.state.store();
     let now = harness.state.real_now();
-    let begun = store.idempotency_begin(&env, "k1", &[7; 32], now, 30_000, now).await.expect("begin");
+    let begun = store.idempotency_begin(LeaseAsk::new(&env, "k1", &[7; 32], now, 30_000, now)).await.expect("begin");
     assert!(matches!(begun, IdempotencyBegin::Started));
     // The retry that took the key over answered first.
     store
@@ -286,7 +286,7 @@ store_test! {
 // unknown feature) is still stored as the key's answer and replayed.
 store_test! {
     async fn a_claim_defers_to_a_lease_and_refusals_stay_stored(backend) {
-    use control_plane::store::{Env, Environment, IdempotencyAnswer};
+    use control_plane::store::{Env, Environment, IdempotencyAnswer, LeaseAsk};
     let harness = Harness::start(backend).await;
     let tenant = harness.tenant("acme").await;
     let key = tenant.test.clone();
@@ -310,7 +310,7 @@ store_test! {
     };
     let now = harness.state.real_now();
     let store = harness.state.store();
-    let begun = store.idempotency_begin(&env, "held", &fingerprint, now, 30_000, now).await.expect("lease");
+    let begun = store.idempotency_begin(LeaseAsk::new(&env, "held", &fingerprint, now, 30_000, now)).await.expect("lease");
     assert!(matches!(begun, control_plane::store::IdempotencyBegin::Started));
 
     let waiting = {

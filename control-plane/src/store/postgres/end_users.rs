@@ -4,27 +4,29 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
+use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::{PgConnection, Row};
 
 use super::write::{Rows, persist};
-use super::{PostgresStore, end_user_id, limit, parse_state, state_of};
+use super::{PostgresStore, limit, parse_state, state_of};
 use crate::store::{
-    Annotations, CLAIM_LEASE_MS, Claim, ClaimingFn, EntryFilter, EntryPoint, Env, LeaseFilter,
-    LedgerStore, MutateFn, StoreError, StoreResult, StoredBlock, claimed_flags, claims_to_insert,
-    unchanged, user_key,
+    CLAIM_LEASE_MS, Claim, ClaimingFn, EntryFilter, EntryPoint, Env, LedgerStore, MutateFn,
+    Mutation, StoreError, StoreResult, claimed_flags, claims_to_insert, unchanged, user_key,
 };
 
 #[async_trait]
 impl LedgerStore for PostgresStore {
     async fn mutate(
         &self,
-        env: &Env,
-        end_user: &EndUserId,
-        now: Timestamp,
-        claims: &[Claim],
+        target: Mutation<'_>,
         operation: &mut ClaimingFn<'_>,
     ) -> StoreResult<()> {
+        let Mutation {
+            env,
+            end_user,
+            now,
+            claims,
+        } = target;
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let old = lock_state(&mut tx, env, end_user, now)
             .await?
@@ -92,49 +94,6 @@ impl LedgerStore for PostgresStore {
         Ok(())
     }
 
-    async fn load_state(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-    ) -> StoreResult<Option<EndUserState>> {
-        let row = sqlx::query(
-            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        state_of(row)
-    }
-
-    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
-        let row = sqlx::query(
-            "SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = $1 AND tenant_id = $2 AND environment = $3",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
-        let metadata = row
-            .try_get::<Option<String>, _>("metadata")?
-            .map(|text| serde_json::from_str(&text))
-            .transpose()?;
-        let owner: String = row.try_get("end_user_id")?;
-        Ok(Some(StoredBlock {
-            end_user_id: end_user_id(&owner)?,
-            block,
-            annotations: Annotations {
-                idempotency_key: None,
-                metadata,
-                external_payment_id: row.try_get("external_payment_id")?,
-            },
-        }))
-    }
-
     async fn entry_points(
         &self,
         env: &Env,
@@ -148,18 +107,14 @@ impl LedgerStore for PostgresStore {
         // inside a string value would have its quotes escaped), as is the first
         // `"balance_after":` (before `metadata`); each number ends at a comma. The
         // store tests compare these with the entries read whole.
-        let rows = sqlx::query(
+        let rows = bind!(sqlx::query(
             "SELECT seq, type, created_at,
                     split_part(split_part(body, '\"amount\":', 2), ',', 1)::BIGINT AS amount,
                     split_part(split_part(body, '\"balance_after\":', 2), ',', 1)::BIGINT AS balance_after
                FROM entries WHERE tenant_id = $1 AND environment = $2 AND user_key = $3 AND end_user_id = $4
               ORDER BY seq DESC LIMIT $5",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(user_key(env, end_user))
-        .bind(end_user)
-        .bind(i64::from(limit))
+        ); &env.tenant_id, env.environment.as_str(), user_key(env, end_user), end_user,
+            i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -175,33 +130,29 @@ impl LedgerStore for PostgresStore {
         // Two texts rather than `($3 IS NULL OR end_user_id = $3)`, which a generic plan
         // could not serve from the end user's index.
         let query = match &filter.end_user_id {
-            Some(end_user) => sqlx::query(
+            Some(end_user) => bind!(sqlx::query(
                 "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
                    AND user_key = $3 AND end_user_id = $4 AND ($5::TEXT IS NULL OR type = $5)
                    AND ($6::BIGINT IS NULL OR created_at >= $6) AND ($7::BIGINT IS NULL OR created_at < $7)
                    AND seq < $8
                  ORDER BY seq DESC LIMIT $9",
-            )
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(user_key(env, end_user))
+            ); &env.tenant_id, env.environment.as_str(), user_key(env, end_user))
             .bind(end_user),
-            None => sqlx::query(
+            None => bind!(sqlx::query(
                 "SELECT seq, body FROM entries WHERE tenant_id = $1 AND environment = $2
                    AND ($3::TEXT IS NULL OR type = $3)
                    AND ($4::BIGINT IS NULL OR created_at >= $4) AND ($5::BIGINT IS NULL OR created_at < $5)
                    AND seq < $6
                  ORDER BY seq DESC LIMIT $7",
-            )
-            .bind(&env.tenant_id)
+            ); &env.tenant_id)
             .bind(env.environment.as_str()),
         };
-        let rows = query
-            .bind(&filter.entry_type)
-            .bind(filter.from.map(Timestamp::as_millis))
-            .bind(filter.to.map(Timestamp::as_millis))
-            .bind(filter.before_seq.unwrap_or(i64::MAX))
-            .bind(limit(filter.limit))
+        let (from, to) = (
+            filter.from.map(Timestamp::as_millis),
+            filter.to.map(Timestamp::as_millis),
+        );
+        let before = filter.before_seq.unwrap_or(i64::MAX);
+        let rows = bind!(query; &filter.entry_type, from, to, before, limit(filter.limit))
             .fetch_all(&self.pool)
             .await?;
         rows.iter()
@@ -211,105 +162,6 @@ impl LedgerStore for PostgresStore {
                     serde_json::from_str(&row.try_get::<String, _>("body")?)?,
                 ))
             })
-            .collect()
-    }
-
-    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
-        let row = sqlx::query(
-            "SELECT body FROM reservations WHERE id = $1 AND tenant_id = $2 AND environment = $3",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
-        let row = sqlx::query(
-            "SELECT body FROM leases WHERE id = $1 AND tenant_id = $2 AND environment = $3",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
-        // Fixed fragments only; every value is bound, in the order the fragments name.
-        let mut sql =
-            String::from("SELECT body FROM leases WHERE tenant_id = $1 AND environment = $2");
-        let mut binds: Vec<&str> = Vec::new();
-        for (column, value) in [
-            (" AND end_user_id = ", &filter.end_user_id),
-            (" AND holder = ", &filter.holder),
-            (" AND id > ", &filter.after),
-        ] {
-            if let Some(value) = value {
-                sql.push_str(column);
-                sql.push_str(&format!("${}", binds.len() + 3));
-                binds.push(value);
-            }
-        }
-        if filter.active_only {
-            sql.push_str(" AND status = 'active'");
-        }
-        sql.push_str(" ORDER BY id LIMIT ");
-        sql.push_str(&format!("${}", binds.len() + 3));
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str());
-        for value in binds {
-            query = query.bind(value);
-        }
-        let rows = query
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .collect()
-    }
-
-    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
-        let row = sqlx::query(
-            "SELECT body FROM subscriptions WHERE id = $1 AND tenant_id = $2 AND environment = $3",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn subscriptions(
-        &self,
-        env: &Env,
-        end_user: Option<&str>,
-        after_id: Option<&str>,
-        limit_len: u32,
-    ) -> StoreResult<Vec<Subscription>> {
-        let rows = sqlx::query(
-            "SELECT body FROM subscriptions WHERE tenant_id = $1 AND environment = $2
-               AND ($3::TEXT IS NULL OR end_user_id = $3) AND ($4::TEXT IS NULL OR id > $4)
-             ORDER BY id LIMIT $5",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(after_id)
-        .bind(limit(limit_len))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
             .collect()
     }
 }
@@ -325,29 +177,19 @@ pub(super) async fn lock_state(
     now: Timestamp,
 ) -> StoreResult<Option<EndUserState>> {
     const LOCK: &str = "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3 FOR UPDATE";
-    let row = sqlx::query(LOCK)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user.as_str())
+    let row = bind!(sqlx::query(LOCK); &env.tenant_id, env.environment.as_str(), end_user.as_str())
         .fetch_optional(&mut *connection)
         .await?;
     if row.is_some() {
         return state_of(row);
     }
-    sqlx::query(
+    bind!(sqlx::query(
         "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
          VALUES ($1, $2, $3, NULL, 0, $4) ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(end_user.as_str())
-    .bind(now.as_millis())
+    ); &env.tenant_id, env.environment.as_str(), end_user.as_str(), now.as_millis())
     .execute(&mut *connection)
     .await?;
-    let row = sqlx::query(LOCK)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user.as_str())
+    let row = bind!(sqlx::query(LOCK); &env.tenant_id, env.environment.as_str(), end_user.as_str())
         .fetch_optional(&mut *connection)
         .await?;
     if row.is_none() {
@@ -368,21 +210,17 @@ async fn lock_states(
     ids: &[&str],
     now: Timestamp,
 ) -> StoreResult<BTreeMap<String, Option<EndUserState>>> {
-    sqlx::query(
+    bind!(sqlx::query(
         "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, updated_at)
          SELECT $1, $2, u.id, NULL, 0, $4 FROM UNNEST($3::text[]) WITH ORDINALITY AS u(id, position)
          ORDER BY u.position
          ON CONFLICT (tenant_id, environment, end_user_id) DO NOTHING",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(ids)
-    .bind(now.as_millis())
+    ); &env.tenant_id, env.environment.as_str(), ids, now.as_millis())
     .execute(&mut *connection)
     .await?;
     // One index probe and lock per end user, in `ids` order (see `usage_keys` for why
     // not a join: that one hashed every end user of the environment).
-    let rows = sqlx::query(
+    let rows = bind!(sqlx::query(
         "SELECT e.end_user_id, e.state FROM UNNEST($3::text[]) WITH ORDINALITY AS k(id, position)
          CROSS JOIN LATERAL (
              SELECT end_user_id, state FROM end_users
@@ -390,10 +228,7 @@ async fn lock_states(
              LIMIT 1 FOR UPDATE
          ) AS e
          ORDER BY k.position",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(ids)
+    ); &env.tenant_id, env.environment.as_str(), ids)
     .fetch_all(&mut *connection)
     .await?;
     if rows.len() != ids.len() {
@@ -437,20 +272,14 @@ async fn claim_keys(
         .iter()
         .map(|claim| claim.keep_until.as_millis())
         .collect();
-    let taken: std::collections::HashSet<String> = sqlx::query_scalar(
+    let taken: std::collections::HashSet<String> = bind!(sqlx::query_scalar(
         "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
          SELECT $1, $2, c.key, c.fingerprint, c.locked_until, c.keep_until
          FROM UNNEST($3::text[], $4::bytea[], $5::int8[], $6::int8[]) WITH ORDINALITY
            AS c(key, fingerprint, locked_until, keep_until, position)
          ORDER BY c.position
          ON CONFLICT DO NOTHING RETURNING key",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(keys)
-    .bind(fingerprints)
-    .bind(locked)
-    .bind(keep)
+    ); &env.tenant_id, env.environment.as_str(), keys, fingerprints, locked, keep)
     .fetch_all(&mut *connection)
     .await?
     .into_iter()

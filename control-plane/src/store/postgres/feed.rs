@@ -5,8 +5,8 @@ use ledger::{EndUserState, Timestamp};
 use sqlx::Row;
 
 use super::write::{insert_change, take_positions};
-use super::{PostgresStore, corrupt, end_user_id, limit, parse_state};
-use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
+use super::{PostgresStore, corrupt, end_user_id, limit};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult, sql};
 
 #[async_trait]
 impl FeedStore for PostgresStore {
@@ -16,13 +16,9 @@ impl FeedStore for PostgresStore {
         cursor: i64,
         limit_len: u32,
     ) -> StoreResult<Vec<ChangeRecord>> {
-        let rows = sqlx::query(
+        let rows = bind!(sqlx::query(
             "SELECT seq, end_user_id FROM changes WHERE tenant_id = $1 AND environment = $2 AND seq > $3 ORDER BY seq LIMIT $4",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(cursor)
-        .bind(limit(limit_len))
+        ); &env.tenant_id, env.environment.as_str(), cursor, limit(limit_len))
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -40,29 +36,11 @@ impl FeedStore for PostgresStore {
     }
 
     async fn last_change(&self, env: &Env) -> StoreResult<i64> {
-        let row = sqlx::query(
-            "SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE tenant_id = $1 AND environment = $2",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_one(&self.pool)
-        .await?;
-        let last: i64 = row.try_get("seq")?;
-        Ok(last.max(self.purged_through(env).await?))
+        sql::feed::last_change(self, env).await
     }
 
     async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
-        let row = sqlx::query(
-            "SELECT purged_through FROM change_watermarks WHERE tenant_id = $1 AND environment = $2",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row
-            .map(|row| row.try_get("purged_through"))
-            .transpose()?
-            .unwrap_or(0))
+        sql::feed::purged_through(self, env).await
     }
 
     fn announce_commit(&self) {
@@ -85,28 +63,15 @@ impl FeedStore for PostgresStore {
         &self,
         env: &Env,
         after: Option<&str>,
-        limit_len: u32,
+        limit: u32,
     ) -> StoreResult<Vec<EndUserState>> {
-        let rows = sqlx::query(
-            "SELECT state FROM end_users WHERE tenant_id = $1 AND environment = $2 AND state IS NOT NULL
-               AND ($3::TEXT IS NULL OR end_user_id > $3)
-             ORDER BY end_user_id LIMIT $4",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(after)
-        .bind(limit(limit_len))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| parse_state(&row.try_get::<String, _>("state")?))
-            .collect()
+        sql::feed::end_user_states(self, env, after, limit).await
     }
 
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
         // One statement, so the watermark is exactly the newest position deleted in each
         // environment (a change committed meanwhile is either deleted and counted, or kept).
-        let row = sqlx::query(
+        let row = bind!(sqlx::query(
             "WITH deleted AS (
                  DELETE FROM changes WHERE created_at < $1 RETURNING tenant_id, environment, seq
              ), marked AS (
@@ -117,8 +82,7 @@ impl FeedStore for PostgresStore {
                  RETURNING 1
              )
              SELECT COUNT(*) AS deleted FROM deleted",
-        )
-        .bind(before.as_millis())
+        ); before.as_millis())
         .fetch_one(&self.pool)
         .await?;
         u64::try_from(row.try_get::<i64, _>("deleted")?).map_err(|_| corrupt("deleted count"))

@@ -20,26 +20,10 @@ const IDEMPOTENCY_ATTEMPTS_MAX: u32 = 3;
 
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
-    async fn idempotency_begin(
-        &self,
-        env: &Env,
-        key: &str,
-        fingerprint: &[u8; 32],
-        now: Timestamp,
-        lease_ms: i64,
-        keep_until: Timestamp,
-    ) -> StoreResult<IdempotencyBegin> {
+    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
         // Leases of one environment that arrive together are taken in one transaction, by
         // a task of its own (see `take_leases`).
-        let ask = LeaseAsk {
-            env,
-            key,
-            fingerprint,
-            now,
-            lease_ms,
-            keep_until,
-        };
-        queue_lease(&self.leases, env.clone(), ask, |guard| {
+        queue_lease(&self.leases, ask.env.clone(), ask, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
         })
@@ -52,12 +36,9 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
-        sqlx::query(
+        bind!(sqlx::query(
             "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = $3 AND status IS NULL",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(key)
+        ); &env.tenant_id, env.environment.as_str(), key)
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -68,7 +49,7 @@ impl IdempotencyStore for PostgresStore {
         env: &Env,
         keys: &[String],
     ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>> {
-        let rows = sqlx::query(
+        let rows = bind!(sqlx::query(
             // One index probe per key, whatever the statistics say: a `LIMIT` keeps the
             // lateral subquery from being flattened into a join, which on a young
             // table's statistics (the environment's range estimated at a few rows) was
@@ -80,10 +61,7 @@ impl IdempotencyStore for PostgresStore {
                  SELECT * FROM usage_keys
                  WHERE tenant_id = $1 AND environment = $2 AND key = k.key LIMIT 1
              ) AS u",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(keys)
+        ); &env.tenant_id, env.environment.as_str(), keys)
         .fetch_all(&self.pool)
         .await?;
         let mut found = std::collections::BTreeMap::new();
@@ -104,14 +82,14 @@ impl IdempotencyStore for PostgresStore {
     }
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
-        let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < $1")
-            .bind(now.as_millis())
-            .execute(&self.pool)
-            .await?;
-        let usage = sqlx::query("DELETE FROM usage_keys WHERE keep_until < $1")
-            .bind(now.as_millis())
-            .execute(&self.pool)
-            .await?;
+        let idempotency =
+            bind!(sqlx::query("DELETE FROM idempotency WHERE keep_until < $1"); now.as_millis())
+                .execute(&self.pool)
+                .await?;
+        let usage =
+            bind!(sqlx::query("DELETE FROM usage_keys WHERE keep_until < $1"); now.as_millis())
+                .execute(&self.pool)
+                .await?;
         Ok(idempotency
             .rows_affected()
             .saturating_add(usage.rows_affected()))
@@ -125,28 +103,20 @@ async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<
     let locked_until = lease.now.as_millis().saturating_add(lease.lease_ms);
     // Of two first requests, one inserts; the other's insert waits for it to commit and
     // then does nothing, and the row is read below.
-    let inserted = sqlx::query(
+    let inserted = bind!(sqlx::query(
         "INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until)
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, environment, key) DO NOTHING",
-    )
-    .bind(&lease.env.tenant_id)
-    .bind(lease.env.environment.as_str())
-    .bind(&lease.key)
-    .bind(lease.fingerprint.as_slice())
-    .bind(locked_until)
-    .bind(lease.keep_until.as_millis())
+    ); &lease.env.tenant_id, lease.env.environment.as_str(), &lease.key,
+        lease.fingerprint.as_slice(), locked_until, lease.keep_until.as_millis())
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() > 0 {
         return Ok(Some(IdempotencyBegin::Started));
     }
-    let row = sqlx::query(
+    let row = bind!(sqlx::query(
         "SELECT fingerprint, status, body, locked_until FROM idempotency
          WHERE tenant_id = $1 AND environment = $2 AND key = $3",
-    )
-    .bind(&lease.env.tenant_id)
-    .bind(lease.env.environment.as_str())
-    .bind(&lease.key)
+    ); &lease.env.tenant_id, lease.env.environment.as_str(), &lease.key)
     .fetch_optional(&mut *tx)
     .await?;
     let Some(row) = row else { return Ok(None) };
@@ -170,15 +140,10 @@ async fn take_lease(tx: &mut PgConnection, lease: &Lease) -> StoreResult<Option<
     // on keys it inserts or takes over: holding the key of a lease-path request whose
     // answer a group transaction is about to store, while waiting for a key that group
     // claimed, would be a deadlock.
-    let taken = sqlx::query(
+    let taken = bind!(sqlx::query(
         "UPDATE idempotency SET locked_until = $1 WHERE tenant_id = $2 AND environment = $3 AND key = $4
            AND status IS NULL AND locked_until = $5",
-    )
-    .bind(locked_until)
-    .bind(&lease.env.tenant_id)
-    .bind(lease.env.environment.as_str())
-    .bind(&lease.key)
-    .bind(holder_until)
+    ); locked_until, &lease.env.tenant_id, lease.env.environment.as_str(), &lease.key, holder_until)
     .execute(&mut *tx)
     .await?;
     if taken.rows_affected() == 0 {

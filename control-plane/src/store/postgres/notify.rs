@@ -94,9 +94,7 @@ async fn announcer(pool: PgPool, instance: String, mut announced: watch::Receive
     // `changed` marks what it saw as seen: announcements made while a NOTIFY is sent are
     // covered by the next one.
     while announced.changed().await.is_ok() {
-        let sent = sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(&instance)
+        let sent = bind!(sqlx::query("SELECT pg_notify($1, $2)"); CHANNEL, &instance)
             .execute(&pool)
             .await;
         if let Err(error) = sent {

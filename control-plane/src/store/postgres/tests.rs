@@ -14,11 +14,12 @@ use sqlx::PgPool;
 use super::PostgresStore;
 use super::end_users::lock_state;
 use super::write::{insert_change, take_positions};
+use crate::store::LeaseAsk;
 use crate::store::{
     ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryLease,
     EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedStore,
-    IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore,
-    StoreError, StoreResult, TenancyStore, TenantRecord, WebhookStore, user_key,
+    IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore, Mutation,
+    RecordStore, StoreError, StoreResult, TenancyStore, TenantRecord, WebhookStore, user_key,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -205,10 +206,9 @@ async fn a_later_position_cannot_commit_before_an_earlier_one() {
     // B is blocked on A's lock: it cannot commit position first_seq + 1 yet.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let waiting: i64 = sqlx::query_scalar(
+        let waiting: i64 = bind!(sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
-        )
-        .bind(first_pid)
+        ); first_pid)
         .fetch_one(&store.pool)
         .await
         .expect("pg_stat_activity");
@@ -548,7 +548,15 @@ async fn a_refusal_writes_nothing() {
         Err(StoreError::Declined)
     };
     let result = store
-        .mutate(&env, &user("nobody"), T0, &[], &mut refuse)
+        .mutate(
+            Mutation {
+                env: &env,
+                end_user: &user("nobody"),
+                now: T0,
+                claims: &[],
+            },
+            &mut refuse,
+        )
         .await;
     assert!(matches!(result, Err(StoreError::Declined)));
     assert!(
@@ -581,7 +589,7 @@ async fn idempotency_keys_start_once() {
         let (store, env) = (store.clone(), env.clone());
         tasks.push(tokio::spawn(async move {
             store
-                .idempotency_begin(&env, "k", &[1; 32], T0, 10_000, keep)
+                .idempotency_begin(LeaseAsk::new(&env, "k", &[1; 32], T0, 10_000, keep))
                 .await
                 .expect("begin")
         }));
@@ -596,13 +604,13 @@ async fn idempotency_keys_start_once() {
     }
     assert_eq!(started, 1);
     let mismatch = store
-        .idempotency_begin(&env, "k", &[2; 32], T0, 10_000, keep)
+        .idempotency_begin(LeaseAsk::new(&env, "k", &[2; 32], T0, 10_000, keep))
         .await
         .expect("begin");
     assert!(matches!(mismatch, IdempotencyBegin::Mismatch));
     let later = Timestamp::from_millis(T0.as_millis() + 10_001);
     let taken = store
-        .idempotency_begin(&env, "k", &[1; 32], later, 10_000, keep)
+        .idempotency_begin(LeaseAsk::new(&env, "k", &[1; 32], later, 10_000, keep))
         .await
         .expect("begin");
     assert!(
@@ -620,7 +628,7 @@ async fn idempotency_keys_start_once() {
         .expect("finish");
     store.idempotency_abandon(&env, "k").await.expect("abandon");
     match store
-        .idempotency_begin(&env, "k", &[1; 32], later, 10_000, keep)
+        .idempotency_begin(LeaseAsk::new(&env, "k", &[1; 32], later, 10_000, keep))
         .await
         .expect("begin")
     {
@@ -630,7 +638,7 @@ async fn idempotency_keys_start_once() {
         other => panic!("expected a replay, got {other:?}"),
     }
     store
-        .idempotency_begin(&env, "gone", &[1; 32], T0, 10_000, keep)
+        .idempotency_begin(LeaseAsk::new(&env, "gone", &[1; 32], T0, 10_000, keep))
         .await
         .expect("begin");
     store
@@ -639,7 +647,7 @@ async fn idempotency_keys_start_once() {
         .expect("abandon");
     assert!(matches!(
         store
-            .idempotency_begin(&env, "gone", &[3; 32], T0, 10_000, keep)
+            .idempotency_begin(LeaseAsk::new(&env, "gone", &[3; 32], T0, 10_000, keep))
             .await
             .expect("begin"),
         IdempotencyBegin::Started

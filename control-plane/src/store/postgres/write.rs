@@ -2,7 +2,9 @@
 //! statements, then the environment's feed and event positions.
 
 use ledger::{EndUserState, Timestamp};
-use sqlx::{PgConnection, Row};
+use sqlx::postgres::PgArguments;
+use sqlx::query::Query;
+use sqlx::{PgConnection, Postgres, Row};
 
 use super::webhooks::live_endpoints;
 use super::{corrupt, unique_violation};
@@ -17,14 +19,10 @@ pub(super) async fn finish_idempotency(
     env: &Env,
     answer: &IdempotencyAnswer,
 ) -> StoreResult<()> {
-    sqlx::query(
+    bind!(sqlx::query(
         "UPDATE idempotency SET status = $1, body = $2 WHERE tenant_id = $3 AND environment = $4 AND key = $5",
-    )
-    .bind(i64::from(answer.status))
-    .bind(answer.body.as_slice())
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(&answer.key)
+    ); i64::from(answer.status), answer.body.as_slice(), &env.tenant_id, env.environment.as_str(),
+        &answer.key)
     .execute(connection)
     .await?;
     Ok(())
@@ -118,16 +116,21 @@ impl Rows {
         env: &Env,
         now: Timestamp,
     ) -> StoreResult<()> {
-        write_end_users(connection, env, self.end_users, now).await?;
-        write_blocks(connection, env, self.blocks).await?;
-        write_entries(connection, env, self.entries).await?;
-        write_usage_keys(connection, env, self.usage_keys).await?;
-        answer_keys(connection, env, self.idempotency).await?;
-        release_keys(connection, env, self.released).await?;
-        write_held(connection, env, Held::Reservations, self.reservations).await?;
-        write_held(connection, env, Held::Leases, self.leases).await?;
-        write_held(connection, env, Held::Subscriptions, self.subscriptions).await?;
-        append_to_feeds(connection, env, &self.events, &self.changes, now).await
+        let mut writer = Writer {
+            connection,
+            env,
+            now,
+        };
+        writer.end_users(self.end_users).await?;
+        writer.blocks(self.blocks).await?;
+        writer.entries(self.entries).await?;
+        writer.usage_keys(self.usage_keys).await?;
+        writer.answer_keys(self.idempotency).await?;
+        writer.release_keys(self.released).await?;
+        writer.held(Held::Reservations, self.reservations).await?;
+        writer.held(Held::Leases, self.leases).await?;
+        writer.held(Held::Subscriptions, self.subscriptions).await?;
+        writer.feeds(&self.events, &self.changes).await
     }
 }
 
@@ -162,253 +165,275 @@ pub(super) async fn persist(
     rows.flush(connection, env, now).await
 }
 
-/// The new states, one upsert.
-async fn write_end_users(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<StateRow>,
+/// Writes a transaction's staged rows, each kind with one statement.
+struct Writer<'c> {
+    connection: &'c mut PgConnection,
+    env: &'c Env,
     now: Timestamp,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    let (ids, states, versions, due): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = unzip4(rows);
-    sqlx::query(
-        "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at)
-         SELECT $1, $2, u.id, u.state, u.version, u.due, $7
-         FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[]) AS u(id, state, version, due)
-         ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
-           state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(ids)
-    .bind(states)
-    .bind(versions)
-    .bind(due)
-    .bind(now.as_millis())
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
 }
 
-/// New and changed blocks, one upsert.
-async fn write_blocks(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<BlockRow>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
+impl Writer<'_> {
+    /// Runs a statement in the transaction.
+    async fn run(&mut self, query: Query<'_, Postgres, PgArguments>) -> StoreResult<()> {
+        query.execute(&mut *self.connection).await?;
+        Ok(())
     }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut users = Vec::with_capacity(rows.len());
-    let mut bodies = Vec::with_capacity(rows.len());
-    let mut metadata = Vec::with_capacity(rows.len());
-    let mut payments = Vec::with_capacity(rows.len());
-    let mut created = Vec::with_capacity(rows.len());
-    for row in rows {
-        ids.push(row.id);
-        users.push(row.end_user);
-        bodies.push(row.body);
-        metadata.push(row.metadata);
-        payments.push(row.external_payment_id);
-        created.push(row.created_at);
-    }
-    sqlx::query(
-        "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
-         SELECT b.id, $1, $2, b.end_user_id, b.body, b.metadata, b.payment, b.created_at
-         FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
-           AS b(id, end_user_id, body, metadata, payment, created_at)
-         ON CONFLICT (id) DO UPDATE SET body = excluded.body",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(ids)
-    .bind(users)
-    .bind(bodies)
-    .bind(metadata)
-    .bind(payments)
-    .bind(created)
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
-}
 
-/// The entries, numbered per end user in the order written.
-async fn write_entries(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<EntryRow>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut users = Vec::with_capacity(rows.len());
-    let mut types = Vec::with_capacity(rows.len());
-    let mut created = Vec::with_capacity(rows.len());
-    let mut bodies = Vec::with_capacity(rows.len());
-    let mut keys = Vec::with_capacity(rows.len());
-    for (id, user, entry_type, at, body) in rows {
-        keys.push(user_key(env, &user));
-        ids.push(id);
-        users.push(user);
-        types.push(entry_type);
-        created.push(at);
-        bodies.push(body);
-    }
-    // In array order: one end user's entries are numbered in the order written.
-    sqlx::query(
-        "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body)
-         SELECT e.id, $1, $2, e.end_user_id, e.user_key, e.type, e.created_at, e.body
-         FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[]) WITH ORDINALITY
-           AS e(id, end_user_id, user_key, type, created_at, body, position)
-         ORDER BY e.position",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(ids)
-    .bind(users)
-    .bind(keys)
-    .bind(types)
-    .bind(created)
-    .bind(bodies)
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
-}
-
-/// The usage event keys a batch recorded.
-async fn write_usage_keys(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<UsageKeyRecord>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    let mut keys = Vec::with_capacity(rows.len());
-    let mut fingerprints = Vec::with_capacity(rows.len());
-    let mut entry_ids = Vec::with_capacity(rows.len());
-    let mut results = Vec::with_capacity(rows.len());
-    let mut keep = Vec::with_capacity(rows.len());
-    for key in rows {
-        keys.push(key.key);
-        fingerprints.push(key.fingerprint.to_vec());
-        entry_ids.push(key.entry_id);
-        results.push(key.result);
-        keep.push(key.keep_until.as_millis());
-    }
-    sqlx::query(
-        "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
-         SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
-         FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
-           AS k(key, fingerprint, entry_id, result, keep_until)",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(keys)
-    .bind(fingerprints)
-    .bind(entry_ids)
-    .bind(results)
-    .bind(keep)
-    .execute(&mut *connection)
-    .await
-    .map_err(|error| {
-        // Another batch recorded the key first: the whole batch rolls back and a
-        // retry finds the key as a duplicate.
-        if unique_violation(&error) {
-            StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-        } else {
-            StoreError::from(error)
+    /// The new states, one upsert.
+    async fn end_users(&mut self, rows: Vec<StateRow>) -> StoreResult<()> {
+        let (env, now) = (self.env, self.now);
+        if rows.is_empty() {
+            return Ok(());
         }
-    })?;
-    Ok(())
-}
+        let (ids, states, versions, due): (Vec<_>, Vec<_>, Vec<_>, Vec<_>) = unzip4(rows);
+        let query = bind!(sqlx::query(
+            "INSERT INTO end_users (tenant_id, environment, end_user_id, state, version, next_due_at, updated_at)
+             SELECT $1, $2, u.id, u.state, u.version, u.due, $7
+             FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::int8[]) AS u(id, state, version, due)
+             ON CONFLICT (tenant_id, environment, end_user_id) DO UPDATE SET
+               state = excluded.state, version = excluded.version, next_due_at = excluded.next_due_at, updated_at = excluded.updated_at",
+        ); &env.tenant_id, env.environment.as_str(), ids, states, versions, due, now.as_millis());
+        self.run(query).await
+    }
 
-/// The idempotency answers, each to a key that must still be unanswered.
-async fn answer_keys(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<IdempotencyAnswer>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
+    /// New and changed blocks, one upsert.
+    async fn blocks(&mut self, rows: Vec<BlockRow>) -> StoreResult<()> {
+        let env = self.env;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        columns!(rows, |row|
+            ids: row.id, users: row.end_user, bodies: row.body, metadata: row.metadata,
+            payments: row.external_payment_id, created: row.created_at,
+        );
+        let query = bind!(sqlx::query(
+            "INSERT INTO blocks (id, tenant_id, environment, end_user_id, body, metadata, external_payment_id, created_at)
+             SELECT b.id, $1, $2, b.end_user_id, b.body, b.metadata, b.payment, b.created_at
+             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
+               AS b(id, end_user_id, body, metadata, payment, created_at)
+             ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        ); &env.tenant_id, env.environment.as_str(), ids, users, bodies, metadata, payments,
+            created);
+        self.run(query).await
     }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    let mut keys = Vec::with_capacity(rows.len());
-    let mut statuses = Vec::with_capacity(rows.len());
-    let mut bodies = Vec::with_capacity(rows.len());
-    for answer in rows {
-        keys.push(answer.key);
-        statuses.push(i64::from(answer.status));
-        bodies.push(answer.body);
-    }
-    // Fenced: every key must still be unanswered. If another request answered one
-    // first (a lease that expired while this operation waited, and a retry that
-    // took the key over), the transaction rolls back with a retryable error
-    // rather than apply the request twice; a retry then replays the answer.
-    let expected = keys.len();
-    let first_key = keys.first().cloned().unwrap_or_default();
-    // Each key's row found by one index probe (and locked) in a lateral subquery,
-    // then updated by its row address: joined straight to `UNNEST`, the update
-    // was planned, on a young table's statistics, as a scan of every key of the
-    // environment (~10 ms at 50,000 keys, and growing).
-    let updated = sqlx::query(
-        "WITH t AS (
-             SELECT x.tid, a.status, a.body
-             FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
-             CROSS JOIN LATERAL (
-                 SELECT ctid AS tid FROM idempotency
-                 WHERE tenant_id = $1 AND environment = $2 AND key = a.key AND status IS NULL
-                 LIMIT 1 FOR UPDATE
-             ) AS x
-         )
-         UPDATE idempotency AS i SET status = t.status, body = t.body FROM t WHERE i.ctid = t.tid",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(keys)
-    .bind(statuses)
-    .bind(bodies)
-    .execute(&mut *connection)
-    .await?;
-    if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
-        return Err(crate::store::answered_elsewhere(&first_key));
-    }
-    Ok(())
-}
 
-/// Claimed keys given back: their operations were refused without a stored answer.
-async fn release_keys(
-    connection: &mut PgConnection,
-    env: &Env,
-    rows: Vec<String>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
+    /// The entries, numbered per end user in the order written.
+    async fn entries(&mut self, rows: Vec<EntryRow>) -> StoreResult<()> {
+        let env = self.env;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        columns!(rows, |(id, user, entry_type, at, body)|
+            keys: user_key(env, &user), ids: id, users: user, types: entry_type, created: at,
+            bodies: body,
+        );
+        // In array order: one end user's entries are numbered in the order written.
+        let query = bind!(sqlx::query(
+            "INSERT INTO entries (id, tenant_id, environment, end_user_id, user_key, type, created_at, body)
+             SELECT e.id, $1, $2, e.end_user_id, e.user_key, e.type, e.created_at, e.body
+             FROM UNNEST($3::text[], $4::text[], $5::int4[], $6::text[], $7::int8[], $8::text[]) WITH ORDINALITY
+               AS e(id, end_user_id, user_key, type, created_at, body, position)
+             ORDER BY e.position",
+        ); &env.tenant_id, env.environment.as_str(), ids, users, keys, types, created, bodies);
+        self.run(query).await
     }
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    sqlx::query(
-        "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3) AND status IS NULL",
-    )
-    .bind(tenant)
-    .bind(environment)
-    .bind(rows)
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
+
+    /// The usage event keys a batch recorded.
+    async fn usage_keys(&mut self, rows: Vec<UsageKeyRecord>) -> StoreResult<()> {
+        let (connection, env) = (&mut *self.connection, self.env);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        columns!(rows, |key|
+            keys: key.key, fingerprints: key.fingerprint.to_vec(), entry_ids: key.entry_id,
+            results: key.result, keep: key.keep_until.as_millis(),
+        );
+        bind!(sqlx::query(
+            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+             SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
+             FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
+               AS k(key, fingerprint, entry_id, result, keep_until)",
+        ); &env.tenant_id, env.environment.as_str(), keys, fingerprints, entry_ids, results, keep)
+        .execute(&mut *connection)
+        .await
+        .map_err(|error| {
+            // Another batch recorded the key first: the whole batch rolls back and a
+            // retry finds the key as a duplicate.
+            if unique_violation(&error) {
+                StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
+            } else {
+                StoreError::from(error)
+            }
+        })?;
+        Ok(())
+    }
+
+    /// The idempotency answers, each to a key that must still be unanswered.
+    async fn answer_keys(&mut self, rows: Vec<IdempotencyAnswer>) -> StoreResult<()> {
+        let (connection, env) = (&mut *self.connection, self.env);
+        if rows.is_empty() {
+            return Ok(());
+        }
+        columns!(rows, |answer|
+            keys: answer.key, statuses: i64::from(answer.status), bodies: answer.body,
+        );
+        // Fenced: every key must still be unanswered. If another request answered one
+        // first (a lease that expired while this operation waited, and a retry that
+        // took the key over), the transaction rolls back with a retryable error
+        // rather than apply the request twice; a retry then replays the answer.
+        let expected = keys.len();
+        let first_key = keys.first().cloned().unwrap_or_default();
+        // Each key's row found by one index probe (and locked) in a lateral subquery,
+        // then updated by its row address: joined straight to `UNNEST`, the update
+        // was planned, on a young table's statistics, as a scan of every key of the
+        // environment (~10 ms at 50,000 keys, and growing).
+        let updated = bind!(sqlx::query(
+            "WITH t AS (
+                 SELECT x.tid, a.status, a.body
+                 FROM UNNEST($3::text[], $4::int8[], $5::bytea[]) AS a(key, status, body)
+                 CROSS JOIN LATERAL (
+                     SELECT ctid AS tid FROM idempotency
+                     WHERE tenant_id = $1 AND environment = $2 AND key = a.key AND status IS NULL
+                     LIMIT 1 FOR UPDATE
+                 ) AS x
+             )
+             UPDATE idempotency AS i SET status = t.status, body = t.body FROM t WHERE i.ctid = t.tid",
+        ); &env.tenant_id, env.environment.as_str(), keys, statuses, bodies)
+        .execute(&mut *connection)
+        .await?;
+        if usize::try_from(updated.rows_affected()).ok() != Some(expected) {
+            return Err(crate::store::answered_elsewhere(&first_key));
+        }
+        Ok(())
+    }
+
+    /// Claimed keys given back: their operations were refused without a stored answer.
+    async fn release_keys(&mut self, rows: Vec<String>) -> StoreResult<()> {
+        let env = self.env;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let query = bind!(sqlx::query(
+            "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = ANY($3) AND status IS NULL",
+        ); &env.tenant_id, env.environment.as_str(), rows);
+        self.run(query).await
+    }
+
+    /// Upserts `rows` into `table`'s table with one `UNNEST` statement. `rows` holds each id
+    /// once: a transaction stages each end user once.
+    async fn held(&mut self, table: Held, rows: Vec<HeldRow>) -> StoreResult<()> {
+        let env = self.env;
+        if rows.is_empty() {
+            return Ok(());
+        }
+        columns!(rows, |row|
+            ids: row.id, users: row.end_user, holders: row.holder.unwrap_or_default(),
+            statuses: row.status, bodies: row.body,
+        );
+        let query = bind!(sqlx::query(table.upsert()); &env.tenant_id, env.environment.as_str(),
+            ids, users, statuses, bodies);
+        let query = match table {
+            Held::Leases => query.bind(holders),
+            Held::Reservations | Held::Subscriptions => query,
+        };
+        self.run(query).await
+    }
+
+    /// The last step of a mutation: the events (with a delivery for every live endpoint that
+    /// wants each) and a change-feed entry for every end user whose state changed, numbered
+    /// from the environment's feed head, which stays locked until commit.
+    /// The deliveries of new events, (endpoint, event id, event position, end user) each,
+    /// pending from `now`, in order.
+    async fn deliveries(&mut self, deliveries: Vec<(&str, &str, i64, &str)>) -> StoreResult<()> {
+        let (env, now) = (self.env, self.now);
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        columns!(deliveries, |(endpoint, event, seq, end_user)|
+            endpoint_ids: endpoint, event_ids: event, event_seqs: seq, delivery_users: end_user,
+        );
+        let query = bind!(sqlx::query(
+            "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+             SELECT $1, $2, d.endpoint_id, d.event_id, d.event_seq, d.end_user_id, 'pending', $7
+             FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY
+               AS d(endpoint_id, event_id, event_seq, end_user_id, position)
+             ORDER BY d.position",
+        ); &env.tenant_id, env.environment.as_str(), endpoint_ids, event_ids, event_seqs,
+            delivery_users, now.as_millis());
+        self.run(query).await
+    }
+
+    async fn feeds(
+        &mut self,
+        events: &[(protocol::Event, String)],
+        changed: &[String],
+    ) -> StoreResult<()> {
+        let (env, now) = (self.env, self.now);
+        if events.is_empty() && changed.is_empty() {
+            return Ok(());
+        }
+        let endpoints = if events.is_empty() {
+            Vec::new()
+        } else {
+            live_endpoints(self.connection, env).await?
+        };
+        let count = i64::try_from(events.len()).map_err(|_| corrupt("too many events"))?;
+        let change_count = i64::try_from(changed.len()).map_err(|_| corrupt("too many changes"))?;
+        let heads = take_positions(self.connection, env, count, change_count).await?;
+        if !events.is_empty() {
+            let first = heads.first_event(count)?;
+            let mut seqs = Vec::with_capacity(events.len());
+            let mut ids = Vec::with_capacity(events.len());
+            let mut users = Vec::with_capacity(events.len());
+            let mut types = Vec::with_capacity(events.len());
+            let mut created = Vec::with_capacity(events.len());
+            let mut bodies = Vec::with_capacity(events.len());
+            // (endpoint, event id, seq, end user)
+            let mut deliveries: Vec<(&str, &str, i64, &str)> = Vec::new();
+            let mut seq = first;
+            for (wire, end_user) in events {
+                seqs.push(seq);
+                ids.push(wire.id.as_str());
+                users.push(end_user.as_str());
+                types.push(wire.event_type.as_str());
+                created.push(wire.created_at.0.as_millis());
+                bodies.push(serde_json::to_string(wire)?);
+                for endpoint in endpoints
+                    .iter()
+                    .filter(|endpoint| endpoint.wants(&wire.event_type))
+                {
+                    deliveries.push((&endpoint.id, &wire.id, seq, end_user));
+                }
+                seq = seq
+                    .checked_add(1)
+                    .ok_or_else(|| corrupt("event position"))?;
+            }
+            bind!(sqlx::query(
+                "INSERT INTO events (seq, id, tenant_id, environment, end_user_id, type, created_at, body)
+                 SELECT e.seq, e.id, $1, $2, e.end_user_id, e.type, e.created_at, e.body
+                 FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])
+                   AS e(seq, id, end_user_id, type, created_at, body)",
+            ); &env.tenant_id, env.environment.as_str(), seqs, ids, users, types, created, bodies)
+            .execute(&mut *self.connection)
+            .await?;
+            self.deliveries(deliveries).await?;
+        }
+        if !changed.is_empty() {
+            let first = heads
+                .last_change
+                .checked_sub(change_count)
+                .and_then(|before| before.checked_add(1))
+                .ok_or_else(|| corrupt("change position"))?;
+            bind!(sqlx::query(
+                "INSERT INTO changes (seq, tenant_id, environment, kind, end_user_id, created_at)
+                 SELECT $3 + c.position - 1, $1, $2, 'end_user', c.end_user_id, $5
+                 FROM UNNEST($4::text[]) WITH ORDINALITY AS c(end_user_id, position)",
+            ); &env.tenant_id, env.environment.as_str(), first, changed, now.as_millis())
+            .execute(&mut *self.connection)
+            .await?;
+        }
+        Ok(())
+    }
 }
 
 /// A row of an object an end user holds (a reservation, lease or subscription) that is
@@ -476,175 +501,6 @@ impl Held {
     }
 }
 
-/// Upserts `rows` into `table`'s table with one `UNNEST` statement. `rows` holds each id
-/// once: a transaction stages each end user once.
-async fn write_held(
-    connection: &mut PgConnection,
-    env: &Env,
-    table: Held,
-    rows: Vec<HeldRow>,
-) -> StoreResult<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut users = Vec::with_capacity(rows.len());
-    let mut holders = Vec::with_capacity(rows.len());
-    let mut statuses = Vec::with_capacity(rows.len());
-    let mut bodies = Vec::with_capacity(rows.len());
-    for row in rows {
-        ids.push(row.id);
-        users.push(row.end_user);
-        holders.push(row.holder.unwrap_or_default());
-        statuses.push(row.status);
-        bodies.push(row.body);
-    }
-    let query = sqlx::query(table.upsert())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(ids)
-        .bind(users)
-        .bind(statuses)
-        .bind(bodies);
-    let query = match table {
-        Held::Leases => query.bind(holders),
-        Held::Reservations | Held::Subscriptions => query,
-    };
-    query.execute(&mut *connection).await?;
-    Ok(())
-}
-
-/// The last step of a mutation: the events (with a delivery for every live endpoint that
-/// wants each) and a change-feed entry for every end user whose state changed, numbered
-/// from the environment's feed head, which stays locked until commit.
-/// The deliveries of new events, (endpoint, event id, event position, end user) each,
-/// pending from `now`, in order.
-async fn write_deliveries(
-    connection: &mut PgConnection,
-    env: &Env,
-    deliveries: Vec<(&str, &str, i64, &str)>,
-    now: Timestamp,
-) -> StoreResult<()> {
-    if deliveries.is_empty() {
-        return Ok(());
-    }
-    let mut endpoint_ids = Vec::with_capacity(deliveries.len());
-    let mut event_ids = Vec::with_capacity(deliveries.len());
-    let mut event_seqs = Vec::with_capacity(deliveries.len());
-    let mut delivery_users = Vec::with_capacity(deliveries.len());
-    for (endpoint, event, seq, end_user) in deliveries {
-        endpoint_ids.push(endpoint);
-        event_ids.push(event);
-        event_seqs.push(seq);
-        delivery_users.push(end_user);
-    }
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
-         SELECT $1, $2, d.endpoint_id, d.event_id, d.event_seq, d.end_user_id, 'pending', $7
-         FROM UNNEST($3::text[], $4::text[], $5::int8[], $6::text[]) WITH ORDINALITY
-           AS d(endpoint_id, event_id, event_seq, end_user_id, position)
-         ORDER BY d.position",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(endpoint_ids)
-    .bind(event_ids)
-    .bind(event_seqs)
-    .bind(delivery_users)
-    .bind(now.as_millis())
-    .execute(&mut *connection)
-    .await?;
-    Ok(())
-}
-
-async fn append_to_feeds(
-    connection: &mut PgConnection,
-    env: &Env,
-    events: &[(protocol::Event, String)],
-    changed: &[String],
-    now: Timestamp,
-) -> StoreResult<()> {
-    if events.is_empty() && changed.is_empty() {
-        return Ok(());
-    }
-    let endpoints = if events.is_empty() {
-        Vec::new()
-    } else {
-        live_endpoints(connection, env).await?
-    };
-    let count = i64::try_from(events.len()).map_err(|_| corrupt("too many events"))?;
-    let change_count = i64::try_from(changed.len()).map_err(|_| corrupt("too many changes"))?;
-    let heads = take_positions(connection, env, count, change_count).await?;
-    let tenant = env.tenant_id.as_str();
-    let environment = env.environment.as_str();
-    if !events.is_empty() {
-        let first = heads.first_event(count)?;
-        let mut seqs = Vec::with_capacity(events.len());
-        let mut ids = Vec::with_capacity(events.len());
-        let mut users = Vec::with_capacity(events.len());
-        let mut types = Vec::with_capacity(events.len());
-        let mut created = Vec::with_capacity(events.len());
-        let mut bodies = Vec::with_capacity(events.len());
-        // (endpoint, event id, seq, end user)
-        let mut deliveries: Vec<(&str, &str, i64, &str)> = Vec::new();
-        let mut seq = first;
-        for (wire, end_user) in events {
-            seqs.push(seq);
-            ids.push(wire.id.as_str());
-            users.push(end_user.as_str());
-            types.push(wire.event_type.as_str());
-            created.push(wire.created_at.0.as_millis());
-            bodies.push(serde_json::to_string(wire)?);
-            for endpoint in endpoints
-                .iter()
-                .filter(|endpoint| endpoint.wants(&wire.event_type))
-            {
-                deliveries.push((&endpoint.id, &wire.id, seq, end_user));
-            }
-            seq = seq
-                .checked_add(1)
-                .ok_or_else(|| corrupt("event position"))?;
-        }
-        sqlx::query(
-            "INSERT INTO events (seq, id, tenant_id, environment, end_user_id, type, created_at, body)
-             SELECT e.seq, e.id, $1, $2, e.end_user_id, e.type, e.created_at, e.body
-             FROM UNNEST($3::int8[], $4::text[], $5::text[], $6::text[], $7::int8[], $8::text[])
-               AS e(seq, id, end_user_id, type, created_at, body)",
-        )
-        .bind(tenant)
-        .bind(environment)
-        .bind(seqs)
-        .bind(ids)
-        .bind(users)
-        .bind(types)
-        .bind(created)
-        .bind(bodies)
-        .execute(&mut *connection)
-        .await?;
-        write_deliveries(connection, env, deliveries, now).await?;
-    }
-    if !changed.is_empty() {
-        let first = heads
-            .last_change
-            .checked_sub(change_count)
-            .and_then(|before| before.checked_add(1))
-            .ok_or_else(|| corrupt("change position"))?;
-        sqlx::query(
-            "INSERT INTO changes (seq, tenant_id, environment, kind, end_user_id, created_at)
-             SELECT $3 + c.position - 1, $1, $2, 'end_user', c.end_user_id, $5
-             FROM UNNEST($4::text[]) WITH ORDINALITY AS c(end_user_id, position)",
-        )
-        .bind(tenant)
-        .bind(environment)
-        .bind(first)
-        .bind(changed)
-        .bind(now.as_millis())
-        .execute(&mut *connection)
-        .await?;
-    }
-    Ok(())
-}
-
 /// An environment's feed head after a transaction took its positions.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct FeedHeads {
@@ -674,17 +530,13 @@ pub(super) async fn take_positions(
     events: i64,
     changes: i64,
 ) -> StoreResult<FeedHeads> {
-    let row = sqlx::query(
+    let row = bind!(sqlx::query(
         "INSERT INTO feed_heads (tenant_id, environment, last_event_seq, last_change_seq) VALUES ($1, $2, $3, $4)
          ON CONFLICT (tenant_id, environment) DO UPDATE SET
            last_event_seq = feed_heads.last_event_seq + excluded.last_event_seq,
            last_change_seq = feed_heads.last_change_seq + excluded.last_change_seq
          RETURNING last_event_seq, last_change_seq",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(events)
-    .bind(changes)
+    ); &env.tenant_id, env.environment.as_str(), events, changes)
     .fetch_one(connection)
     .await?;
     Ok(FeedHeads {
@@ -702,18 +554,11 @@ pub(super) async fn insert_wire_event(
     wire: &protocol::Event,
     end_user: Option<&str>,
 ) -> StoreResult<()> {
-    sqlx::query(
+    bind!(sqlx::query(
         "INSERT INTO events (seq, id, tenant_id, environment, end_user_id, type, created_at, body)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-    )
-    .bind(seq)
-    .bind(&wire.id)
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(end_user)
-    .bind(&wire.event_type)
-    .bind(wire.created_at.0.as_millis())
-    .bind(serde_json::to_string(wire)?)
+    ); seq, &wire.id, &env.tenant_id, env.environment.as_str(), end_user, &wire.event_type,
+        wire.created_at.0.as_millis(), serde_json::to_string(wire)?)
     .execute(connection)
     .await?;
     Ok(())
@@ -727,15 +572,10 @@ pub(super) async fn insert_change(
     end_user: Option<&str>,
     at: Timestamp,
 ) -> StoreResult<()> {
-    sqlx::query(
+    bind!(sqlx::query(
         "INSERT INTO changes (seq, tenant_id, environment, kind, end_user_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(seq)
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(if end_user.is_some() { "end_user" } else { "catalog" })
-    .bind(end_user)
-    .bind(at.as_millis())
+    ); seq, &env.tenant_id, env.environment.as_str(),
+        if end_user.is_some() { "end_user" } else { "catalog" }, end_user, at.as_millis())
     .execute(connection)
     .await?;
     Ok(())

@@ -3,9 +3,9 @@
 use async_trait::async_trait;
 use ledger::Timestamp;
 
-use super::{Arg, Side, Sql};
+use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::{Columns, EndpointColumns, corrupt, endpoint, event};
-use crate::store::{EndpointRecord, EndpointStore, Env, EventRecord, StoreResult};
+use crate::store::{AttemptRecord, EndpointRecord, EndpointStore, Env, EventRecord, StoreResult};
 
 #[async_trait]
 impl<S: Sql> EndpointStore for S {
@@ -177,4 +177,90 @@ impl<S: Sql> EndpointStore for S {
         let pending = row.map(|row| row.int("pending")).transpose()?.unwrap_or(0);
         Ok(u64::try_from(pending).unwrap_or(0))
     }
+
+    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize> {
+        let sql = "SELECT seq, end_user_id, type FROM events
+                   WHERE tenant_id = $1 AND environment = $2 AND id = $3";
+        let args = scoped(env, &[Arg::Text(event_id)]);
+        let Some(row) = self.fetch_optional(Side::Read, sql, &args).await? else {
+            return Ok(0);
+        };
+        let (seq, end_user, event_type) = (
+            row.int("seq")?,
+            row.text_opt("end_user_id")?,
+            row.text("type")?,
+        );
+        // A delivery queued for an endpoint deleted meanwhile is never claimed (claims
+        // join live endpoints), so the endpoints need not be read in the transaction.
+        let endpoints = self.endpoints(env).await?;
+        let deliveries: Vec<_> = endpoints
+            .iter()
+            .filter(|endpoint| endpoint.wants(&event_type))
+            .map(|endpoint| {
+                let delivery = [
+                    Arg::Text(&endpoint.id),
+                    Arg::Text(event_id),
+                    Arg::Int(seq),
+                    Arg::TextOpt(end_user.as_deref()),
+                    Arg::Int(now.as_millis()),
+                ];
+                (DELIVERY_INSERT, scoped(env, &delivery))
+            })
+            .collect();
+        if !deliveries.is_empty() {
+            self.transaction(&deliveries).await?;
+        }
+        Ok(deliveries.len())
+    }
+
+    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
+        let status = match (attempt.succeeded, attempt.retry_at) {
+            (true, _) => "succeeded",
+            (false, Some(_)) => "pending",
+            (false, None) => "failed",
+        };
+        let delivery = Arg::Int(attempt.delivery_id);
+        let changed = self
+            .transaction(&[
+                (
+                    "INSERT INTO webhook_attempts
+                       (delivery_id, endpoint_id, event_id, attempt, status, response_status, error, at)
+                     SELECT id, endpoint_id, event_id, $2, $3, $4, $5, $6
+                       FROM webhook_deliveries WHERE id = $1",
+                    vec![
+                        delivery,
+                        Arg::Int(i64::from(attempt.attempt)),
+                        Arg::Text(if attempt.succeeded { "succeeded" } else { "failed" }),
+                        Arg::IntOpt(attempt.response_status.map(i64::from)),
+                        Arg::TextOpt(attempt.error.as_deref()),
+                        Arg::Int(attempt.at.as_millis()),
+                    ],
+                ),
+                (
+                    "UPDATE webhook_deliveries SET status = $1, attempts = $2,
+                       next_attempt_at = COALESCE($3, next_attempt_at), locked_until = 0
+                     WHERE id = $4",
+                    vec![
+                        Arg::Text(status),
+                        Arg::Int(i64::from(attempt.attempt)),
+                        Arg::IntOpt(attempt.retry_at.map(Timestamp::as_millis)),
+                        delivery,
+                    ],
+                ),
+            ])
+            .await?;
+        if changed.first() == Some(&0) {
+            return Err(corrupt(format!(
+                "webhook delivery {} is not stored",
+                attempt.delivery_id
+            )));
+        }
+        Ok(())
+    }
 }
+
+/// A delivery of an event to an endpoint, pending from `$7`: tenant, environment,
+/// endpoint, event id, event position, end user.
+pub(crate) const DELIVERY_INSERT: &str = "INSERT INTO webhook_deliveries
+      (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+    VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)";

@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, HashSet};
 
 use async_trait::async_trait;
-use ledger::{Block, EndUserId, EndUserState, Reservation, Subscription, Timestamp};
+use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::{Row, SqliteConnection};
 
-use super::{CHAIN_STEPS, SqliteStore, corrupt, parse_state, read, write};
+use super::{CHAIN_STEPS, SqliteStore, corrupt, read, write};
 use crate::store::{
-    Annotations, Changes, Claim, ClaimingFn, EntryFilter, EntryPoint, Env, LeaseFilter,
-    LedgerStore, MutateFn, StoreError, StoreResult, StoredBlock, stage_rows,
+    Changes, ClaimingFn, EntryFilter, EntryPoint, Env, LedgerStore, MutateFn, Mutation, StoreError,
+    StoreResult, stage_rows,
 };
 
 /// How far behind the change feed's newest position a kept state may be to be used: the
@@ -60,7 +60,7 @@ impl SqliteStore {
             if found.len() >= limit {
                 break;
             }
-            let rows = sqlx::query(
+            let rows = bind!(sqlx::query(
                 "WITH RECURSIVE chain(seq) AS (
                      SELECT ?
                      UNION ALL
@@ -71,9 +71,7 @@ impl SqliteStore {
                  SELECT e.seq, e.prev_seq, e.end_user_id, e.tenant_id, e.environment, e.type, e.created_at
                    FROM chain JOIN entries AS e ON e.seq = chain.seq
                   ORDER BY e.seq DESC",
-            )
-            .bind(start)
-            .bind(steps)
+            ); start, steps)
             .fetch_all(&mut *connection)
             .await?;
             if rows.is_empty() {
@@ -139,7 +137,7 @@ impl SqliteStore {
         end_user: &str,
         limit: u32,
     ) -> StoreResult<Vec<EntryPoint>> {
-        let rows = sqlx::query(
+        let rows = bind!(sqlx::query(
             "WITH RECURSIVE chain(seq) AS (
                  SELECT last_entry_seq FROM end_users
                   WHERE tenant_id = ? AND environment = ? AND end_user_id = ? AND last_entry_seq IS NOT NULL
@@ -153,11 +151,7 @@ impl SqliteStore {
                     json_extract(e.body, '$.balance_after') AS balance_after
                FROM chain JOIN entries AS e ON e.seq = chain.seq
               ORDER BY e.seq DESC",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(i64::from(limit))
+        ); &env.tenant_id, env.environment.as_str(), end_user, i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
@@ -244,10 +238,9 @@ async fn bodies_of(
     end_user: &str,
     seqs: &[i64],
 ) -> StoreResult<Vec<(i64, protocol::LedgerEntry)>> {
-    let bodies = sqlx::query(
+    let bodies = bind!(sqlx::query(
         "SELECT seq, body FROM entries WHERE seq IN (SELECT value FROM json_each(?)) ORDER BY seq DESC",
-    )
-    .bind(serde_json::to_string(seqs)?)
+    ); serde_json::to_string(seqs)?)
     .fetch_all(&mut *connection)
     .await?;
     if bodies.len() != seqs.len() {
@@ -279,13 +272,9 @@ async fn chain_start(
     let mut before = filter.before_seq;
     let mut next = None;
     if let Some(cursor) = before {
-        let found: Option<Option<i64>> = sqlx::query_scalar(
+        let found: Option<Option<i64>> = bind!(sqlx::query_scalar(
             "SELECT prev_seq FROM entries WHERE seq = ? AND tenant_id = ? AND environment = ? AND end_user_id = ?",
-        )
-        .bind(cursor)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
+        ); cursor, &env.tenant_id, env.environment.as_str(), end_user)
         .fetch_optional(&mut *connection)
         .await?;
         if let Some(prev) = found {
@@ -311,12 +300,15 @@ async fn chain_start(
 impl LedgerStore for SqliteStore {
     async fn mutate(
         &self,
-        env: &Env,
-        end_user: &EndUserId,
-        now: Timestamp,
-        claims: &[Claim],
+        target: Mutation<'_>,
         operation: &mut ClaimingFn<'_>,
     ) -> StoreResult<()> {
+        let Mutation {
+            env,
+            end_user,
+            now,
+            claims,
+        } = target;
         let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
         self.direct.transaction(|tx| {
             let (old, head) = write::load_state(tx, env, end_user.as_str())?
@@ -429,47 +421,6 @@ impl LedgerStore for SqliteStore {
         Ok(())
     }
 
-    async fn load_state(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-    ) -> StoreResult<Option<EndUserState>> {
-        let row = sqlx::query("SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND end_user_id = ?")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(end_user.as_str())
-            .fetch_optional(&self.reader)
-            .await?;
-        row.map(|row| parse_state(&row.try_get::<String, _>("state")?))
-            .transpose()
-    }
-
-    async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
-        let row = sqlx::query("SELECT end_user_id, body, metadata, external_payment_id FROM blocks WHERE id = ? AND tenant_id = ? AND environment = ?")
-            .bind(id)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .fetch_optional(&self.reader)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let block: Block = serde_json::from_str(&row.try_get::<String, _>("body")?)?;
-        let metadata = row
-            .try_get::<Option<String>, _>("metadata")?
-            .map(|text| serde_json::from_str(&text))
-            .transpose()?;
-        let owner: String = row.try_get("end_user_id")?;
-        Ok(Some(StoredBlock {
-            end_user_id: EndUserId::new(&owner)
-                .map_err(|error| corrupt(format!("end user id `{owner}`: {error}")))?,
-            block,
-            annotations: Annotations {
-                idempotency_key: None,
-                metadata,
-                external_payment_id: row.try_get("external_payment_id")?,
-            },
-        }))
-    }
-
     async fn entry_points(
         &self,
         env: &Env,
@@ -487,16 +438,12 @@ impl LedgerStore for SqliteStore {
         if let Some(end_user) = &filter.end_user_id {
             return self.entries_of(env, end_user, filter).await;
         }
-        let rows = sqlx::query(ENVIRONMENT_ENTRIES)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(filter.before_seq.unwrap_or(i64::MAX))
-            .bind(&filter.entry_type)
-            .bind(filter.from.map(Timestamp::as_millis))
-            .bind(filter.to.map(Timestamp::as_millis))
-            .bind(filter.limit)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows = bind!(sqlx::query(ENVIRONMENT_ENTRIES); &env.tenant_id,
+            env.environment.as_str(), filter.before_seq.unwrap_or(i64::MAX), &filter.entry_type,
+            filter.from.map(Timestamp::as_millis), filter.to.map(Timestamp::as_millis),
+            filter.limit)
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok((
@@ -504,107 +451,6 @@ impl LedgerStore for SqliteStore {
                     serde_json::from_str(&row.try_get::<String, _>("body")?)?,
                 ))
             })
-            .collect()
-    }
-
-    async fn reservation(&self, env: &Env, id: &str) -> StoreResult<Option<Reservation>> {
-        let row = sqlx::query(
-            "SELECT body FROM reservations WHERE id = ? AND tenant_id = ? AND environment = ?",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn lease(&self, env: &Env, id: &str) -> StoreResult<Option<ledger::Lease>> {
-        let row = sqlx::query(
-            "SELECT body FROM leases WHERE id = ? AND tenant_id = ? AND environment = ?",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn leases(&self, env: &Env, filter: &LeaseFilter) -> StoreResult<Vec<ledger::Lease>> {
-        // Fixed fragments only; every value is bound, in the order the fragments name.
-        let mut sql =
-            String::from("SELECT body FROM leases WHERE tenant_id = ? AND environment = ?");
-        let mut binds: Vec<&str> = Vec::new();
-        for (column, value) in [
-            (" AND end_user_id = ", &filter.end_user_id),
-            (" AND holder = ", &filter.holder),
-            (" AND id > ", &filter.after),
-        ] {
-            if let Some(value) = value {
-                sql.push_str(column);
-                sql.push('?');
-                binds.push(value);
-            }
-        }
-        if filter.active_only {
-            sql.push_str(" AND status = 'active'");
-        }
-        sql.push_str(" ORDER BY id LIMIT ");
-        sql.push('?');
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str());
-        for value in binds {
-            query = query.bind(value);
-        }
-        let rows = query
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .collect()
-    }
-
-    async fn subscription(&self, env: &Env, id: &str) -> StoreResult<Option<Subscription>> {
-        let row = sqlx::query(
-            "SELECT body FROM subscriptions WHERE id = ? AND tenant_id = ? AND environment = ?",
-        )
-        .bind(id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        row.map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
-            .transpose()
-    }
-
-    async fn subscriptions(
-        &self,
-        env: &Env,
-        end_user: Option<&str>,
-        after_id: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<Subscription>> {
-        let rows = sqlx::query(
-            "SELECT body FROM subscriptions WHERE tenant_id = ? AND environment = ?
-               AND (? IS NULL OR end_user_id = ?) AND (? IS NULL OR id > ?)
-             ORDER BY id LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(end_user)
-        .bind(after_id)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|row| Ok(serde_json::from_str(&row.try_get::<String, _>("body")?)?))
             .collect()
     }
 }

@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use ledger::{EndUserId, EndUserState, Timestamp};
 use sqlx::Row;
 
-use super::{SqliteStore, corrupt, parse_state};
-use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
+use super::{SqliteStore, corrupt};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult, sql};
 
 #[async_trait]
 impl FeedStore for SqliteStore {
@@ -15,11 +15,8 @@ impl FeedStore for SqliteStore {
         cursor: i64,
         limit: u32,
     ) -> StoreResult<Vec<ChangeRecord>> {
-        let rows = sqlx::query("SELECT seq, end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq LIMIT ?")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(cursor)
-            .bind(limit)
+        let rows = bind!(sqlx::query("SELECT seq, end_user_id, end_user_ids FROM changes WHERE tenant_id = ? AND environment = ? AND seq > ? ORDER BY seq LIMIT ?");
+            &env.tenant_id, env.environment.as_str(), cursor, limit)
             .fetch_all(&self.reader)
             .await?;
         let end_user = |id: String| {
@@ -50,27 +47,11 @@ impl FeedStore for SqliteStore {
     }
 
     async fn last_change(&self, env: &Env) -> StoreResult<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE tenant_id = ? AND environment = ?")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .fetch_one(&self.reader)
-            .await?;
-        let last: i64 = row.try_get("seq")?;
-        Ok(last.max(self.purged_through(env).await?))
+        sql::feed::last_change(self, env).await
     }
 
     async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
-        let row = sqlx::query(
-            "SELECT purged_through FROM change_watermarks WHERE tenant_id = ? AND environment = ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row
-            .map(|row| row.try_get("purged_through"))
-            .transpose()?
-            .unwrap_or(0))
+        sql::feed::purged_through(self, env).await
     }
 
     async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
@@ -84,35 +65,22 @@ impl FeedStore for SqliteStore {
         after: Option<&str>,
         limit: u32,
     ) -> StoreResult<Vec<EndUserState>> {
-        let rows = sqlx::query(
-            "SELECT state FROM end_users WHERE tenant_id = ? AND environment = ? AND (? IS NULL OR end_user_id > ?) ORDER BY end_user_id LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(after)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|row| parse_state(&row.try_get::<String, _>("state")?))
-            .collect()
+        sql::feed::end_user_states(self, env, after, limit).await
     }
 
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
+        bind!(sqlx::query(
             "INSERT INTO change_watermarks (tenant_id, environment, purged_through)
              SELECT tenant_id, environment, MAX(seq) FROM changes WHERE created_at < ? GROUP BY tenant_id, environment
              ON CONFLICT (tenant_id, environment) DO UPDATE SET purged_through = MAX(purged_through, excluded.purged_through)",
-        )
-        .bind(before.as_millis())
+        ); before.as_millis())
         .execute(&mut *tx)
         .await?;
-        let deleted = sqlx::query("DELETE FROM changes WHERE created_at < ?")
-            .bind(before.as_millis())
-            .execute(&mut *tx)
-            .await?;
+        let deleted =
+            bind!(sqlx::query("DELETE FROM changes WHERE created_at < ?"); before.as_millis())
+                .execute(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(deleted.rows_affected())
     }
@@ -125,12 +93,9 @@ async fn insert_change(
     end_user: Option<&str>,
     at: Timestamp,
 ) -> StoreResult<()> {
-    sqlx::query("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, ?, ?, ?)")
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(if end_user.is_some() { "end_user" } else { "catalog" })
-        .bind(end_user)
-        .bind(at.as_millis())
+    bind!(sqlx::query("INSERT INTO changes (tenant_id, environment, kind, end_user_id, created_at) VALUES (?, ?, ?, ?, ?)");
+        &env.tenant_id, env.environment.as_str(),
+        if end_user.is_some() { "end_user" } else { "catalog" }, end_user, at.as_millis())
         .execute(connection)
         .await?;
     Ok(())

@@ -53,26 +53,10 @@ impl SqliteStore {
 
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
-    async fn idempotency_begin(
-        &self,
-        env: &Env,
-        key: &str,
-        fingerprint: &[u8; 32],
-        now: Timestamp,
-        lease_ms: i64,
-        keep_until: Timestamp,
-    ) -> StoreResult<IdempotencyBegin> {
+    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
         // Leases that arrive together are taken in one transaction on the writer (by a
         // task of its own, so a caller that goes away cannot leave the writer changed; see
         // `take_leases`).
-        let ask = LeaseAsk {
-            env,
-            key,
-            fingerprint,
-            now,
-            lease_ms,
-            keep_until,
-        };
         queue_lease(&self.leases, (), ask, |guard| {
             let store = self.clone();
             tokio::spawn(async move { store.drain_leases(guard).await });
@@ -86,10 +70,8 @@ impl IdempotencyStore for SqliteStore {
     }
 
     async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(key)
+        bind!(sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL");
+            &env.tenant_id, env.environment.as_str(), key)
             .execute(&self.writer)
             .await?;
         Ok(())
@@ -104,18 +86,17 @@ impl IdempotencyStore for SqliteStore {
     }
 
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64> {
-        let idempotency = sqlx::query("DELETE FROM idempotency WHERE keep_until < ?")
-            .bind(now.as_millis())
-            .execute(&self.writer)
-            .await?;
+        let idempotency =
+            bind!(sqlx::query("DELETE FROM idempotency WHERE keep_until < ?"); now.as_millis())
+                .execute(&self.writer)
+                .await?;
         // Oldest first, by rowid (no index on keep_until, migration 0007): up to the
         // first key still kept.
-        let usage = sqlx::query(
+        let usage = bind!(sqlx::query(
             "DELETE FROM usage_keys WHERE keep_until < ?1 AND rowid < COALESCE(
                  (SELECT rowid FROM usage_keys WHERE keep_until >= ?1 ORDER BY rowid LIMIT 1),
                  (SELECT MAX(rowid) + 1 FROM usage_keys))",
-        )
-        .bind(now.as_millis())
+        ); now.as_millis())
         .execute(&self.writer)
         .await?;
         // A key kept longer than the keys after it (the retention was shortened since,
@@ -124,21 +105,16 @@ impl IdempotencyStore for SqliteStore {
         // reads the next `sweep_rows` keys each time, from where the last one stopped,
         // round and round, so every expired key goes within a round.
         let from = self.sweep.load(std::sync::atomic::Ordering::Relaxed);
-        let reached: Option<i64> = sqlx::query_scalar(
+        let reached: Option<i64> = bind!(sqlx::query_scalar(
             "SELECT MAX(rowid) FROM (SELECT rowid FROM usage_keys WHERE rowid > ? ORDER BY rowid LIMIT ?)",
-        )
-        .bind(from)
-        .bind(self.sweep_rows)
+        ); from, self.sweep_rows)
         .fetch_one(&self.writer)
         .await?;
         let swept = match reached {
             Some(to) => {
-                let swept = sqlx::query(
+                let swept = bind!(sqlx::query(
                     "DELETE FROM usage_keys WHERE rowid > ? AND rowid <= ? AND keep_until < ?",
-                )
-                .bind(from)
-                .bind(to)
-                .bind(now.as_millis())
+                ); from, to, now.as_millis())
                 .execute(&self.writer)
                 .await?
                 .rows_affected();
@@ -198,10 +174,8 @@ async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<Ide
         keep_until,
         ..
     } = lease;
-    let row = sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?")
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(key)
+    let row = bind!(sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?");
+        &env.tenant_id, env.environment.as_str(), key)
         .fetch_optional(&mut *tx)
         .await?;
     let locked_until = now.as_millis().saturating_add(*lease_ms);
@@ -222,21 +196,14 @@ async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<Ide
             return Ok(IdempotencyBegin::InFlight);
         }
         // The first holder died without finishing: take the key over.
-        sqlx::query("UPDATE idempotency SET locked_until = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
-            .bind(locked_until)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(key)
+        bind!(sqlx::query("UPDATE idempotency SET locked_until = ? WHERE tenant_id = ? AND environment = ? AND key = ?");
+            locked_until, &env.tenant_id, env.environment.as_str(), key)
             .execute(&mut *tx)
             .await?;
     } else {
-        sqlx::query("INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?)")
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .bind(key)
-            .bind(fingerprint.as_slice())
-            .bind(locked_until)
-            .bind(keep_until.as_millis())
+        bind!(sqlx::query("INSERT INTO idempotency (tenant_id, environment, key, fingerprint, locked_until, keep_until) VALUES (?, ?, ?, ?, ?, ?)");
+            &env.tenant_id, env.environment.as_str(), key, fingerprint.as_slice(), locked_until,
+            keep_until.as_millis())
             .execute(&mut *tx)
             .await?;
     }
@@ -248,12 +215,9 @@ async fn finish_idempotency(
     env: &Env,
     answer: &IdempotencyAnswer,
 ) -> StoreResult<()> {
-    sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ?")
-        .bind(i64::from(answer.status))
-        .bind(answer.body.as_slice())
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(&answer.key)
+    bind!(sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ?");
+        i64::from(answer.status), answer.body.as_slice(), &env.tenant_id, env.environment.as_str(),
+        &answer.key)
         .execute(connection)
         .await?;
     Ok(())

@@ -9,9 +9,11 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
 use super::end_users::ENVIRONMENT_ENTRIES;
 use super::{CHAIN_STEPS, SqliteStore, cache};
+use crate::store::LeaseAsk;
 use crate::store::{
     Changes, DatabaseUrl, EntryFilter, Env, Environment, FeedStore, IdempotencyAnswer,
-    IdempotencyBegin, IdempotencyStore, Lease, LedgerStore, StoreError, StoreResult, Synchronous,
+    IdempotencyBegin, IdempotencyStore, Lease, LedgerStore, RecordStore, StoreError, StoreResult,
+    Synchronous,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -74,7 +76,7 @@ async fn the_writer_fsyncs_again_after_a_lease() {
         let (store, env) = (store.clone(), env.clone());
         async move {
             store
-                .idempotency_begin(&env, "k", &fingerprint, T0, 30_000, T0)
+                .idempotency_begin(LeaseAsk::new(&env, "k", &fingerprint, T0, 30_000, T0))
                 .await
                 .expect("begin")
         }
@@ -372,10 +374,9 @@ async fn a_long_chain_is_walked_with_filters_and_cursors() {
     // The environment-wide listing (its runs of entries) against the table, with
     // cursors in and between runs and filters, for both environments.
     for (on, name) in [(&env, "live"), (&sandbox, "test")] {
-        let all: Vec<(i64, String, i64)> = sqlx::query_as(
+        let all: Vec<(i64, String, i64)> = bind!(sqlx::query_as(
             "SELECT seq, type, created_at FROM entries WHERE environment = ? ORDER BY seq DESC",
-        )
-        .bind(name)
+        ); name)
         .fetch_all(&store.reader)
         .await
         .expect("all");
@@ -538,16 +539,15 @@ async fn a_broken_chain_is_reported() {
         .expect("newest");
     let mut filter = by_user("u1");
     filter.entry_type = Some("debit".into());
-    sqlx::query("UPDATE entries SET prev_seq = ? WHERE seq = (SELECT MIN(seq) FROM entries)")
-        .bind(newest)
+    bind!(sqlx::query("UPDATE entries SET prev_seq = ? WHERE seq = (SELECT MIN(seq) FROM entries)");
+        newest)
         .execute(&store.writer)
         .await
         .expect("loop made");
     let error = store.entries(&env, &filter).await.expect_err("a loop");
     assert!(error.to_string().contains("newer"), "{error}");
 
-    sqlx::query("UPDATE end_users SET last_entry_seq = ?")
-        .bind(newest.saturating_add(100))
+    bind!(sqlx::query("UPDATE end_users SET last_entry_seq = ?"); newest.saturating_add(100))
         .execute(&store.writer)
         .await
         .expect("dangling head");
@@ -748,9 +748,8 @@ async fn usage_keys_are_purged_oldest_first() {
     let (_directory, _, mut store) = file_store().await;
     store.sweep_rows = 2;
     for (key, keep_until) in [("a", 10), ("b", 30), ("c", 20), ("d", 40), ("e", 15)] {
-        sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES ('t', 'live', ?, x'00', 'led', '{}', ?)")
-            .bind(key)
-            .bind(keep_until)
+        bind!(sqlx::query("INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES ('t', 'live', ?, x'00', 'led', '{}', ?)");
+            key, keep_until)
             .execute(&store.writer)
             .await
             .expect("key");

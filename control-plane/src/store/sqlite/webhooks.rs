@@ -7,9 +7,8 @@ use sqlx::{Row, Sqlite, Transaction};
 
 use super::{SqliteStore, corrupt};
 use crate::store::columns::EndpointColumns;
-use crate::store::{
-    AttemptRecord, DeliveryJob, DeliveryLease, EndpointRecord, Env, StoreResult, WebhookStore,
-};
+use crate::store::sql::endpoints::DELIVERY_INSERT;
+use crate::store::{DeliveryJob, DeliveryLease, Env, StoreResult, WebhookStore};
 
 #[async_trait]
 impl WebhookStore for SqliteStore {
@@ -22,45 +21,12 @@ impl WebhookStore for SqliteStore {
     ) -> StoreResult<()> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let seq = insert_wire_event(&mut tx, env, event, None).await?;
-        insert_delivery(&mut tx, env, endpoint_id, &event.id, seq, None, now).await?;
+        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint_id,
+            &event.id, seq, None::<&str>, now.as_millis())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn redeliver(&self, env: &Env, event_id: &str, now: Timestamp) -> StoreResult<usize> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query("SELECT seq, end_user_id, type FROM events WHERE id = ? AND tenant_id = ? AND environment = ?")
-            .bind(event_id)
-            .bind(&env.tenant_id)
-            .bind(env.environment.as_str())
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return Ok(0) };
-        let (seq, end_user, event_type): (i64, Option<String>, String) = (
-            row.try_get("seq")?,
-            row.try_get("end_user_id")?,
-            row.try_get("type")?,
-        );
-        let mut queued = 0usize;
-        for endpoint in live_endpoints(&mut tx, env)
-            .await?
-            .iter()
-            .filter(|endpoint| endpoint.wants(&event_type))
-        {
-            insert_delivery(
-                &mut tx,
-                env,
-                &endpoint.id,
-                event_id,
-                seq,
-                end_user.as_deref(),
-                now,
-            )
-            .await?;
-            queued = queued.saturating_add(1);
-        }
-        tx.commit().await?;
-        Ok(queued)
     }
 
     async fn claim_deliveries(
@@ -71,7 +37,7 @@ impl WebhookStore for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = sqlx::query(
+        let rows = bind!(sqlx::query(
             "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
                     w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
              FROM webhook_deliveries d
@@ -83,22 +49,17 @@ impl WebhookStore for SqliteStore {
                  WHERE earlier.endpoint_id = d.endpoint_id AND earlier.end_user_id IS d.end_user_id
                    AND earlier.status = 'pending' AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
              ORDER BY d.event_seq LIMIT ?",
-        )
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(due_by.as_millis())
-        .bind(lease.now.as_millis())
-        .bind(limit)
+        ); &env.tenant_id, env.environment.as_str(), due_by.as_millis(), lease.now.as_millis(),
+            limit)
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in &rows {
             let delivery_id: i64 = row.try_get("id")?;
-            sqlx::query("UPDATE webhook_deliveries SET locked_until = ? WHERE id = ?")
-                .bind(lease.until.as_millis())
-                .bind(delivery_id)
-                .execute(&mut *tx)
-                .await?;
+            bind!(sqlx::query("UPDATE webhook_deliveries SET locked_until = ? WHERE id = ?");
+                lease.until.as_millis(), delivery_id)
+            .execute(&mut *tx)
+            .await?;
             jobs.push(DeliveryJob {
                 delivery_id,
                 attempts: u32::try_from(row.try_get::<i64, _>("attempts")?)
@@ -111,41 +72,6 @@ impl WebhookStore for SqliteStore {
         tx.commit().await?;
         Ok(jobs)
     }
-
-    async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let row = sqlx::query("SELECT endpoint_id, event_id FROM webhook_deliveries WHERE id = ?")
-            .bind(attempt.delivery_id)
-            .fetch_one(&mut *tx)
-            .await?;
-        let (endpoint_id, event_id): (String, String) =
-            (row.try_get("endpoint_id")?, row.try_get("event_id")?);
-        sqlx::query("INSERT INTO webhook_attempts (delivery_id, endpoint_id, event_id, attempt, status, response_status, error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
-            .bind(attempt.delivery_id)
-            .bind(&endpoint_id)
-            .bind(&event_id)
-            .bind(i64::from(attempt.attempt))
-            .bind(if attempt.succeeded { "succeeded" } else { "failed" })
-            .bind(attempt.response_status.map(i64::from))
-            .bind(&attempt.error)
-            .bind(attempt.at.as_millis())
-            .execute(&mut *tx)
-            .await?;
-        let status = match (attempt.succeeded, attempt.retry_at) {
-            (true, _) => "succeeded",
-            (false, Some(_)) => "pending",
-            (false, None) => "failed",
-        };
-        sqlx::query("UPDATE webhook_deliveries SET status = ?, attempts = ?, next_attempt_at = COALESCE(?, next_attempt_at), locked_until = 0 WHERE id = ?")
-            .bind(status)
-            .bind(i64::from(attempt.attempt))
-            .bind(attempt.retry_at.map(Timestamp::as_millis))
-            .bind(attempt.delivery_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
-    }
 }
 
 /// Appends an event to the environment's log and returns its position.
@@ -156,55 +82,10 @@ async fn insert_wire_event(
     end_user: Option<&str>,
 ) -> StoreResult<i64> {
     let created_at = wire.created_at.0;
-    let result = sqlx::query("INSERT INTO events (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)")
-        .bind(&wire.id)
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .bind(end_user)
-        .bind(&wire.event_type)
-        .bind(created_at.as_millis())
-        .bind(serde_json::to_string(wire)?)
+    let result = bind!(sqlx::query("INSERT INTO events (id, tenant_id, environment, end_user_id, type, created_at, body) VALUES (?, ?, ?, ?, ?, ?, ?)");
+        &wire.id, &env.tenant_id, env.environment.as_str(), end_user, &wire.event_type,
+        created_at.as_millis(), serde_json::to_string(wire)?)
         .execute(&mut **tx)
         .await?;
     Ok(result.last_insert_rowid())
-}
-
-/// Queues one event for one endpoint, due at once.
-async fn insert_delivery(
-    tx: &mut Transaction<'_, Sqlite>,
-    env: &Env,
-    endpoint_id: &str,
-    event_id: &str,
-    seq: i64,
-    end_user: Option<&str>,
-    now: Timestamp,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
-    )
-    .bind(&env.tenant_id)
-    .bind(env.environment.as_str())
-    .bind(endpoint_id)
-    .bind(event_id)
-    .bind(seq)
-    .bind(end_user)
-    .bind(now.as_millis())
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-/// The environment's endpoints that are not deleted.
-pub(super) async fn live_endpoints(
-    connection: &mut sqlx::SqliteConnection,
-    env: &Env,
-) -> StoreResult<Vec<EndpointRecord>> {
-    let rows = sqlx::query("SELECT * FROM webhook_endpoints WHERE tenant_id = ? AND environment = ? AND deleted_at IS NULL ORDER BY created_at, id")
-        .bind(&env.tenant_id)
-        .bind(env.environment.as_str())
-        .fetch_all(connection)
-        .await?;
-    rows.iter()
-        .map(|row| crate::store::columns::endpoint(row, EndpointColumns::TABLE))
-        .collect()
 }
