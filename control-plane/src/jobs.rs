@@ -19,7 +19,8 @@ use tokio::time::Instant;
 
 use crate::error::ApiError;
 use crate::service::AppState;
-use crate::store::{Annotations, Changes, Env};
+use crate::service::Change;
+use crate::store::{Changes, Env};
 
 /// Pieces of due work (windows, expiries, renewals) one scheduler transaction runs for one
 /// end user; an end user further behind is caught up over several transactions.
@@ -138,18 +139,10 @@ pub async fn run_due(state: &AppState, env: &Env, deadline: Instant) -> Result<D
 /// work (the end user stays due when more is left, and the next batch goes on).
 async fn advance_one(state: &AppState, env: &Env, end_user: &EndUserId) -> Result<(), ApiError> {
     state
-        .mutate(
-            env,
-            end_user,
-            None,
-            Annotations::default(),
-            200,
-            |user, cx, _| {
-                let (_, changes) =
-                    Changes::from_applied(user.advance_bounded(cx, CHUNK_STEPS_MAX)?);
-                Ok(((), changes))
-            },
-        )
+        .mutate(Change::new(env, end_user, None), |user, cx, _| {
+            let (_, changes) = Changes::from_applied(user.advance_bounded(cx, CHUNK_STEPS_MAX)?);
+            Ok(((), changes))
+        })
         .await
 }
 

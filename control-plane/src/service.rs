@@ -24,7 +24,7 @@ mod mutate;
 
 pub use callers::{Caller, OpenStream, StreamGuard};
 use mutate::retry_transient;
-pub use mutate::{ClaimHold, KeyHold};
+pub use mutate::{Change, ClaimHold, KeyHold};
 
 #[derive(Debug)]
 struct Inner {

@@ -327,19 +327,8 @@ pub trait FeedStore: Send + Sync {
         cursor: i64,
         limit: u32,
     ) -> StoreResult<Vec<ChangeRecord>>;
-    /// The newest change's position (0 before any).
-    async fn last_change(&self, env: &Env) -> StoreResult<i64>;
-    /// Changes up to this position were purged (0 when none were).
-    async fn purged_through(&self, env: &Env) -> StoreResult<i64>;
     /// Records a catalog or settings change.
     async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()>;
-    /// End users with stored state, by id after `after`, with their states.
-    async fn end_user_states(
-        &self,
-        env: &Env,
-        after: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<EndUserState>>;
     /// Deletes feed entries older than `before`, moving each environment's watermark.
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64>;
 
@@ -354,6 +343,23 @@ pub trait FeedStore: Send + Sync {
     fn commits_elsewhere(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         None
     }
+}
+
+/// The change feed's reads that both backends run alike (written once,
+/// `store/sql/feed.rs`).
+#[async_trait]
+pub trait FeedReadStore: Send + Sync {
+    /// The newest change's position (0 before any).
+    async fn last_change(&self, env: &Env) -> StoreResult<i64>;
+    /// Changes up to this position were purged (0 when none were).
+    async fn purged_through(&self, env: &Env) -> StoreResult<i64>;
+    /// End users with stored state, by id after `after`, with their states.
+    async fn end_user_states(
+        &self,
+        env: &Env,
+        after: Option<&str>,
+        limit: u32,
+    ) -> StoreResult<Vec<EndUserState>>;
 }
 
 /// The store of the event log and webhook endpoints, as read and written alike by both
@@ -408,12 +414,12 @@ pub trait ConsoleStore: Send + Sync {
 pub trait WebhookStore: Send + Sync {
     /// Writes an event that concerns no end user (a test ping) with a delivery to one
     /// endpoint only.
+    /// The delivery is pending from the event's `created_at`.
     async fn insert_ping(
         &self,
         env: &Env,
         event: &protocol::Event,
-        endpoint_id: &str,
-        now: Timestamp,
+        endpoint: &str,
     ) -> StoreResult<()>;
     /// Claims up to `limit` deliveries due by `due_by` (the environment's clock), each the
     /// oldest pending one of its endpoint and end user (so a failing event holds back only
@@ -434,8 +440,6 @@ pub trait WebhookStore: Send + Sync {
 pub trait IdempotencyStore: Send + Sync {
     /// Takes the key's lease for a request, or answers what holds it.
     async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin>;
-    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()>;
-    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()>;
     /// The stored usage event keys among `keys`, by key.
     async fn usage_keys(
         &self,
@@ -444,6 +448,16 @@ pub trait IdempotencyStore: Send + Sync {
     ) -> StoreResult<std::collections::BTreeMap<String, UsageKeyRecord>>;
     /// Deletes idempotency records and usage keys kept past their time.
     async fn purge_expired(&self, now: Timestamp) -> StoreResult<u64>;
+}
+
+/// Idempotency keys answered or given back, alike on both backends (written once,
+/// `store/sql/idempotency.rs`).
+#[async_trait]
+pub trait IdempotencyAnswerStore: Send + Sync {
+    /// Stores the answer to the request that holds the key.
+    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()>;
+    /// Gives back a key whose request stored no answer.
+    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()>;
 }
 
 /// `Store` and its blanket implementation from one list of capabilities.
@@ -460,8 +474,8 @@ macro_rules! store_of {
 
 #[rustfmt::skip]
 store_of![
-    TenancyStore, CatalogStore, LedgerStore, RecordStore, JobStore, FeedStore, EndpointStore,
-    ConsoleStore, WebhookStore, IdempotencyStore,
+    TenancyStore, CatalogStore, LedgerStore, RecordStore, JobStore, FeedStore, FeedReadStore,
+    EndpointStore, ConsoleStore, WebhookStore, IdempotencyStore, IdempotencyAnswerStore,
 ];
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The catalog (SPEC 10.1): features, plans, variants and settings.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ledger::{PlanId, VariantId};
@@ -10,7 +10,7 @@ use protocol::{
     UpdateSettings, Variant,
 };
 
-use super::extract::parse_json;
+use super::extract::{Act, Call, parse_json};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
@@ -110,11 +110,8 @@ where
 /// `POST /v1/features`.
 #[utoipa::path(post, path = "/v1/features", tag = "catalog", request_body = CreateFeature,
     responses((status = 201, body = Feature), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn create_feature(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn create_feature(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     let request = parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)?;
     request.to_ledger()?;
     let (state_ref, env) = (&state, &caller.env);
@@ -151,11 +148,8 @@ pub async fn create_feature(
 
 /// `GET /v1/features`.
 #[utoipa::path(get, path = "/v1/features", tag = "catalog", responses((status = 200, body = Page<Feature>)))]
-pub async fn list_features(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Page<Feature>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn list_features(call: Call) -> Result<Json<Page<Feature>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     Ok(Json(Page {
         data: view.features.iter().map(feature_wire).collect(),
@@ -166,12 +160,8 @@ pub async fn list_features(
 /// `GET /v1/features/{id_or_key}`.
 #[utoipa::path(get, path = "/v1/features/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     responses((status = 200, body = Feature), (status = 404, body = Problem)))]
-pub async fn get_feature(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Feature>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get_feature(call: Call, Path(id): Path<String>) -> Result<Json<Feature>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     let record = view
         .features
@@ -188,12 +178,8 @@ pub async fn get_feature(
 #[utoipa::path(put, path = "/v1/features/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     request_body = CreateFeature,
     responses((status = 200, body = Feature), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn replace_feature(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn replace_feature(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     let request = parse_json::<CreateFeature>(&incoming.headers, &incoming.body, false)?;
     request.to_ledger()?;
     let (state_ref, env) = (&state, &caller.env);
@@ -236,11 +222,8 @@ pub async fn replace_feature(
 /// `POST /v1/plans`.
 #[utoipa::path(post, path = "/v1/plans", tag = "catalog", request_body = CreatePlan,
     responses((status = 201, body = Plan), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn create_plan(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn create_plan(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     let request = parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
     Ok(catalog_write(
@@ -278,11 +261,8 @@ pub async fn create_plan(
 
 /// `GET /v1/plans`.
 #[utoipa::path(get, path = "/v1/plans", tag = "catalog", responses((status = 200, body = Page<Plan>)))]
-pub async fn list_plans(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Page<Plan>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn list_plans(call: Call) -> Result<Json<Page<Plan>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     Ok(Json(Page {
         data: view
@@ -297,12 +277,8 @@ pub async fn list_plans(
 /// `GET /v1/plans/{id_or_key}`.
 #[utoipa::path(get, path = "/v1/plans/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     responses((status = 200, body = Plan), (status = 404, body = Problem)))]
-pub async fn get_plan(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Plan>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get_plan(call: Call, Path(id): Path<String>) -> Result<Json<Plan>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     let record = view
         .find_plan(&id)
@@ -316,12 +292,8 @@ pub async fn get_plan(
 #[utoipa::path(put, path = "/v1/plans/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     request_body = CreatePlan,
     responses((status = 200, body = Plan), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn replace_plan(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn replace_plan(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     let request = parse_json::<CreatePlan>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
     Ok(
@@ -366,12 +338,8 @@ pub async fn replace_plan(
 /// `POST /v1/plans/{id_or_key}/variants`.
 #[utoipa::path(post, path = "/v1/plans/{id_or_key}/variants", tag = "catalog", params(("id_or_key" = String, Path)), request_body = CreateVariant,
     responses((status = 201, body = Variant), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn create_variant(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(plan): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn create_variant(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, plan, incoming) = act.into_parts();
     let request = parse_json::<CreateVariant>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
     Ok(catalog_write(
@@ -430,11 +398,11 @@ pub async fn create_variant(
     params(("plan" = String, Path), ("variant" = String, Path)),
     responses((status = 200, body = Variant), (status = 404, body = Problem)))]
 pub async fn archive_variant(
-    State(state): State<AppState>,
-    caller: Caller,
+    call: Call,
     Path((plan, variant)): Path<(String, String)>,
     incoming: Incoming,
 ) -> Response {
+    let Call { state, caller } = call;
     let (state_ref, env) = (&state, &caller.env);
     catalog_write(&state, &caller, &incoming, StatusCode::OK, || async move {
         let view = state_ref.view(env).await?;
@@ -465,22 +433,16 @@ pub async fn archive_variant(
 
 /// `GET /v1/settings`.
 #[utoipa::path(get, path = "/v1/settings", tag = "catalog", responses((status = 200, body = Settings)))]
-pub async fn get_settings(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Settings>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get_settings(call: Call) -> Result<Json<Settings>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     Ok(Json(state.view(&caller.env).await?.env.settings.clone()))
 }
 
 /// `PATCH /v1/settings`: the free plan variant and the low-balance threshold.
 #[utoipa::path(patch, path = "/v1/settings", tag = "catalog", request_body = UpdateSettings,
     responses((status = 200, body = Settings), (status = 400, body = Problem)))]
-pub async fn update_settings(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn update_settings(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     let request = parse_json::<UpdateSettings>(&incoming.headers, &incoming.body, false)?;
     let (state_ref, env) = (&state, &caller.env);
     Ok(

@@ -1,32 +1,26 @@
 //! Grants, voids, adjustments, balances and the ledger (SPEC 8, 3).
 
 use axum::Json;
-use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::{EndUserState, Refusal};
 use protocol::{
     Balance, Block, CreateAdjustment, CreateGrant, LedgerEntry, Page, Problem, VoidBlock,
 };
-use serde::Deserialize;
 
-use super::extract::{parse_json, parse_query};
+use super::extract::{Act, Call, parse_json, parse_query, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller};
+use crate::service::Change;
 use crate::store::{Annotations, Changes, EntryFilter};
 
 /// `POST /v1/credits/grants`: turns a confirmed payment (or a gift) into a block.
 #[utoipa::path(post, path = "/v1/credits/grants", tag = "credits", request_body = CreateGrant,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry")),
     responses((status = 201, body = Block), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn create_grant(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn create_grant(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     let request: CreateGrant = parse_json(&incoming.headers, &incoming.body, false)?;
     let (end_user, grant) = request.to_ledger()?;
     let (state, env, request, end_user, grant) = (&state, &caller.env, &request, &end_user, &grant);
@@ -40,11 +34,9 @@ pub async fn create_grant(
             };
             let block = state
                 .mutate(
-                    env,
-                    end_user,
-                    key.as_ref(),
-                    annotations,
-                    201,
+                    Change::new(env, end_user, key.as_ref())
+                        .created()
+                        .annotated(annotations),
                     move |user, cx, _| {
                         let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
                         Ok((wire_block(user, &changes, id, &request)?, changes))
@@ -84,12 +76,8 @@ fn wire_block(
 #[utoipa::path(post, path = "/v1/credits/blocks/{id}/void", tag = "credits", request_body = Option<VoidBlock>,
     params(("id" = String, Path, description = "Block id (blk_…)")),
     responses((status = 200, body = Block), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn void_block(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn void_block(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     caller.require(Scope::Write)?;
     let request: VoidBlock = parse_json(&incoming.headers, &incoming.body, true)?;
     if let Some(reason) = &request.reason {
@@ -117,11 +105,7 @@ pub async fn void_block(
             };
             let block = state
                 .mutate(
-                    env,
-                    &end_user,
-                    key.as_ref(),
-                    void_annotations,
-                    200,
+                    Change::new(env, &end_user, key.as_ref()).annotated(void_annotations),
                     move |user, cx, _| {
                         let applied =
                             user.void_block(cx, block_id)
@@ -159,12 +143,8 @@ pub async fn void_block(
 /// `POST /v1/credits/adjustments`: a signed manual correction.
 #[utoipa::path(post, path = "/v1/credits/adjustments", tag = "credits", request_body = CreateAdjustment,
     responses((status = 201, body = protocol::Adjustment), (status = 400, body = Problem), (status = 402, body = Problem)))]
-pub async fn create_adjustment(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn create_adjustment(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     let request: CreateAdjustment = parse_json(&incoming.headers, &incoming.body, false)?;
     let (end_user, adjust) = request.to_ledger()?;
     let (state, env, request, end_user, adjust) =
@@ -179,11 +159,9 @@ pub async fn create_adjustment(
             };
             let answer = state
                 .mutate(
-                    env,
-                    end_user,
-                    key.as_ref(),
-                    annotations,
-                    201,
+                    Change::new(env, end_user, key.as_ref())
+                        .created()
+                        .annotated(annotations),
                     move |user, cx, _| {
                         let (created, changes) =
                             Changes::from_applied(user.adjust(cx, adjust.clone())?);
@@ -217,30 +195,19 @@ pub async fn create_adjustment(
     )
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct BalanceQuery {
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: String,
-    #[serde(default)]
-    #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
-    pub feature_key: Option<String>,
+query_params! {
+    pub struct BalanceQuery {
+        end_user_id: String,
+        #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
+        pub feature_key: Option<String>,
+    }
 }
 
 /// `GET /v1/credits/balance`: totals and every live block in burn order.
 #[utoipa::path(get, path = "/v1/credits/balance", tag = "credits", params(BalanceQuery),
     responses((status = 200, body = Balance), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn balance(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Balance>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn balance(call: Call, uri: Uri) -> Result<Json<Balance>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: BalanceQuery = parse_query(&uri)?;
     let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
     let feature = query
@@ -261,17 +228,10 @@ pub async fn balance(
         // Due work (an expiry, a new window) is done for real before answering, so the
         // blocks shown are the ones that will be stored.
         state
-            .mutate(
-                env,
-                &end_user,
-                None,
-                Annotations::default(),
-                200,
-                |user, cx, _| {
-                    let (_, changes) = Changes::from_applied(user.advance(cx)?);
-                    Ok(((), changes))
-                },
-            )
+            .mutate(Change::new(env, &end_user, None), |user, cx, _| {
+                let (_, changes) = Changes::from_applied(user.advance(cx)?);
+                Ok(((), changes))
+            })
             .await?;
         user = state.state(env, &end_user, now).await?;
     }
@@ -300,35 +260,20 @@ pub async fn balance(
     }))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct LedgerQuery {
-    #[serde(default)]
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: Option<String>,
-    /// `grant`, `debit`, `hold`, `commit`, `release`, `expire`, `void`, `adjust`, `settle`.
-    #[serde(default, rename = "type")]
-    #[param(pattern = r"^(grant|debit|hold|commit|release|expire|void|adjust|settle)$")]
-    pub entry_type: Option<String>,
-    /// Entries created at or after this instant.
-    #[serde(default)]
-    #[param(value_type = Option<String>, format = DateTime)]
-    pub from: Option<protocol::WireTime>,
-    /// Entries created before this instant.
-    #[serde(default)]
-    #[param(value_type = Option<String>, format = DateTime)]
-    pub to: Option<protocol::WireTime>,
-    #[serde(default)]
-    #[param(min_length = 1)]
-    pub cursor: Option<String>,
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
+query_params! {
+    pub struct LedgerQuery {
+        end_user_id: Option<String>,
+        /// `grant`, `debit`, `hold`, `commit`, `release`, `expire`, `void`, `adjust`, `settle`.
+        #[serde(rename = "type")]
+        #[param(pattern = r"^(grant|debit|hold|commit|release|expire|void|adjust|settle)$")]
+        pub entry_type: Option<String>,
+        /// Entries created at or after this instant.
+        #[param(value_type = Option<String>, format = DateTime)]
+        pub from: Option<protocol::WireTime>,
+        /// Entries created before this instant.
+        #[param(value_type = Option<String>, format = DateTime)]
+        pub to: Option<protocol::WireTime>,
+    } paged
 }
 
 const ENTRY_TYPES: [&str; 9] = [
@@ -366,12 +311,8 @@ pub fn seq_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
 /// `GET /v1/ledger`: entries, newest first.
 #[utoipa::path(get, path = "/v1/ledger", tag = "credits", params(LedgerQuery),
     responses((status = 200, body = Page<LedgerEntry>), (status = 400, body = Problem)))]
-pub async fn ledger(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Page<LedgerEntry>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn ledger(call: Call, uri: Uri) -> Result<Json<Page<LedgerEntry>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: LedgerQuery = parse_query(&uri)?;
     if let Some(end_user) = &query.end_user_id {
         protocol::end_user_id("end_user_id", end_user)?;

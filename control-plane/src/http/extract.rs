@@ -1,11 +1,13 @@
 //! Extractors that answer in the API's own problem shape: the authenticated caller, JSON
 //! bodies and query strings.
 
-use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequestParts, Path};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Request, header};
 use serde::de::DeserializeOwned;
 
+use super::idempotency::Incoming;
 use crate::error::ApiError;
 use crate::service::{AppState, Caller};
 
@@ -43,6 +45,78 @@ impl OptionalFromRequestParts<AppState> for Caller {
         <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state)
             .await
             .map(Some)
+    }
+}
+
+/// What an API handler starts from: the application's state and the caller its key
+/// authenticated.
+#[derive(Debug)]
+pub struct Call {
+    pub state: AppState,
+    pub caller: Caller,
+}
+
+impl Call {
+    /// The state and the caller, when the caller's key carries `scope`.
+    ///
+    /// # Errors
+    /// 403 naming the scope otherwise.
+    pub fn scoped(self, scope: crate::auth::Scope) -> Result<(AppState, Caller), ApiError> {
+        self.caller.require(scope)?;
+        Ok((self.state, self.caller))
+    }
+}
+
+impl FromRequestParts<AppState> for Call {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Call, ApiError> {
+        let caller =
+            <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state).await?;
+        Ok(Call {
+            state: state.clone(),
+            caller,
+        })
+    }
+}
+
+/// A request that acts on the one object its path names (`POST /v1/…/{id}/…`): the
+/// state, the caller, the object's id and the request as idempotency sees it.
+#[derive(Debug)]
+pub struct Act {
+    pub state: AppState,
+    pub caller: Caller,
+    pub id: String,
+    pub incoming: Incoming,
+}
+
+impl Act {
+    /// The state, the caller, the object's id and the request.
+    pub fn into_parts(self) -> (AppState, Caller, String, Incoming) {
+        (self.state, self.caller, self.id, self.incoming)
+    }
+}
+
+impl FromRequest<AppState> for Act {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request<Body>, state: &AppState) -> Result<Act, ApiError> {
+        let (mut parts, body) = request.into_parts();
+        let Call { state, caller } = Call::from_request_parts(&mut parts, state).await?;
+        let Path(id) =
+            <Path<String> as FromRequestParts<AppState>>::from_request_parts(&mut parts, &state)
+                .await
+                .map_err(|rejection| ApiError::BadRequest {
+                    field: None,
+                    detail: rejection.body_text(),
+                })?;
+        let incoming = Incoming::from_request(Request::from_parts(parts, body), &state).await?;
+        Ok(Act {
+            state,
+            caller,
+            id,
+            incoming,
+        })
     }
 }
 
@@ -212,3 +286,47 @@ pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, ApiE
             detail: format!("invalid query: {}", rejection.body_text()),
         })
 }
+
+/// A query string's parameters, written with the API's rules once: unknown parameters
+/// are refused, `end_user_id` (the first field, required or optional) carries the end
+/// user id's constraints, and a struct followed by `paged` ends with the paging
+/// parameters `cursor` and `limit` (1 to 500).
+macro_rules! query_params {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { end_user_id: $end_user:ty, $($body:tt)* } paged
+    ) => {
+        $crate::http::extract::query_params!(
+            $(#[$meta])*
+            pub struct $name {
+                end_user_id: $end_user,
+                $($body)*
+                /// Where the previous page ended (its `next_cursor`).
+                #[param(min_length = 1)]
+                pub cursor: Option<String>,
+                /// How many at most, 1 to 500.
+                #[param(minimum = 1, maximum = 500)]
+                pub limit: Option<u32>,
+            }
+        );
+    };
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            end_user_id: $end_user:ty,
+            $($(#[$field_meta:meta])* pub $field:ident: $field_type:ty,)*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+        #[into_params(parameter_in = Query)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            /// The end user's id.
+            #[param(min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1F\x7F-\x9F]+$")]
+            pub end_user_id: $end_user,
+            $($(#[$field_meta])* pub $field: $field_type,)*
+        }
+    };
+}
+pub(crate) use query_params;

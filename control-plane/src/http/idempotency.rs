@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
+use super::extract::parse_json;
 use crate::error::ApiError;
 use crate::service::{AppState, ClaimHold, KeyHold};
 use crate::store::LeaseAsk;
@@ -105,6 +106,26 @@ pub struct Incoming {
     pub uri: Uri,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+impl Incoming {
+    /// The body as JSON (see [`parse_json`]); an empty body reads as `{}` when `empty_ok`.
+    ///
+    /// # Errors
+    /// As [`parse_json`].
+    pub fn json<T: serde::de::DeserializeOwned>(&self, empty_ok: bool) -> Result<T, ApiError> {
+        parse_json(&self.headers, &self.body, empty_ok)
+    }
+
+    /// The body of an action that takes no options: empty, or a JSON object (its fields
+    /// are not read).
+    ///
+    /// # Errors
+    /// As [`parse_json`].
+    pub fn no_options(&self) -> Result<(), ApiError> {
+        self.json::<serde_json::Map<String, serde_json::Value>>(true)
+            .map(drop)
+    }
 }
 
 impl FromRequest<AppState> for Incoming {

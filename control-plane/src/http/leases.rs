@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::LeaseId;
@@ -15,15 +15,15 @@ use protocol::{
     CreateLease, LEASE_BATCH_MAX, Lease, LeaseBatch, LeaseBatchAnswer, LeaseBatchResult,
     LeaseOperation, Page, Problem, ReportLease,
 };
-use serde::Deserialize;
 
 use super::credits::page_limit;
-use super::extract::{parse_json, parse_query};
+use super::extract::{Act, Call, parse_json, parse_query, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
+use crate::service::Change;
 use crate::service::{AppState, Caller};
-use crate::store::{Annotations, Changes, Env, LeaseFilter};
+use crate::store::{Changes, Env, LeaseFilter};
 
 /// A proxy's key: `sync` and `write`.
 fn require_holder(caller: &Caller) -> Result<(), ApiError> {
@@ -41,11 +41,8 @@ fn require_reader(caller: &Caller) -> Result<(), ApiError> {
 /// `POST /v1/leases`: holds as much of `amount` as is available for `holder`.
 #[utoipa::path(post, path = "/v1/leases", tag = "leases", request_body = CreateLease,
     responses((status = 201, body = Lease), (status = 402, body = Problem), (status = 403, body = Problem), (status = 422, body = Problem)))]
-pub async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     require_holder(&caller)?;
     let request: CreateLease = parse_json(&incoming.headers, &incoming.body, false)?;
     let (end_user, request) = request.to_ledger()?;
@@ -55,11 +52,7 @@ pub async fn create(
             let request = request.clone();
             let lease = state
                 .mutate(
-                    env,
-                    end_user,
-                    key.as_ref(),
-                    Annotations::default(),
-                    201,
+                    Change::new(env, end_user, key.as_ref()).created(),
                     move |user, cx, _| {
                         let (lease, changes) =
                             Changes::from_applied(user.take_lease(cx, request.clone())?);
@@ -102,13 +95,8 @@ enum Step {
     Release,
 }
 
-async fn report_or_release(
-    state: AppState,
-    caller: Caller,
-    id: String,
-    incoming: Incoming,
-    step: Step,
-) -> Result<Response, ApiError> {
+async fn report_or_release(act: Act, step: Step) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     require_holder(&caller)?;
     let request: ReportLease = parse_json(&incoming.headers, &incoming.body, false)?;
     let (id, report) = (parse_lease_id(&id)?, request.to_ledger());
@@ -120,11 +108,7 @@ async fn report_or_release(
             let end_user = owner(state, env, id).await?;
             let lease = state
                 .mutate(
-                    env,
-                    &end_user,
-                    key.as_ref(),
-                    Annotations::default(),
-                    200,
+                    Change::new(env, &end_user, key.as_ref()),
                     move |user, cx, _| {
                         let applied = match step {
                             Step::Report => user.report_lease(cx, id, report)?,
@@ -146,25 +130,15 @@ async fn report_or_release(
 /// Exactly once by `sequence`; a gap answers 409 `sequence_gap` with `expected`.
 #[utoipa::path(post, path = "/v1/leases/{id}/report", tag = "leases", params(("id" = String, Path)), request_body = ReportLease,
     responses((status = 200, body = Lease), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn report(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    report_or_release(state, caller, id, incoming, Step::Report).await
+pub async fn report(act: Act) -> Result<Response, ApiError> {
+    report_or_release(act, Step::Report).await
 }
 
 /// `POST /v1/leases/{id}/release`: a final report, then the rest of the hold goes back.
 #[utoipa::path(post, path = "/v1/leases/{id}/release", tag = "leases", params(("id" = String, Path)), request_body = ReportLease,
     responses((status = 200, body = Lease), (status = 404, body = Problem), (status = 409, body = Problem), (status = 422, body = Problem)))]
-pub async fn release(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    report_or_release(state, caller, id, incoming, Step::Release).await
+pub async fn release(act: Act) -> Result<Response, ApiError> {
+    report_or_release(act, Step::Release).await
 }
 
 /// One operation of a batch, checked and ready for its end user's transaction.
@@ -181,11 +155,8 @@ enum Prepared {
 /// releases by their sequence; an `Idempotency-Key` covers the whole batch.
 #[utoipa::path(post, path = "/v1/leases/batch", tag = "leases", request_body = LeaseBatch,
     responses((status = 200, body = LeaseBatchAnswer), (status = 400, body = Problem), (status = 403, body = Problem)))]
-pub async fn batch(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn batch(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     require_holder(&caller)?;
     let batch: LeaseBatch = parse_json(&incoming.headers, &incoming.body, false)?;
     if batch.operations.is_empty() || batch.operations.len() > LEASE_BATCH_MAX {
@@ -371,11 +342,8 @@ fn apply_operations(
 /// `GET /v1/leases/{id}`.
 #[utoipa::path(get, path = "/v1/leases/{id}", tag = "leases", params(("id" = String, Path)),
     responses((status = 200, body = Lease), (status = 404, body = Problem)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Lease>, ApiError> {
+pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Lease>, ApiError> {
+    let Call { state, caller } = call;
     require_reader(&caller)?;
     let id = parse_lease_id(&id)?;
     let lease = state
@@ -386,43 +354,24 @@ pub async fn get(
     Ok(Json(Lease::from(&lease)))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// One end user's leases.
-    #[serde(default)]
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: Option<String>,
-    /// One holder's leases (a proxy's).
-    #[serde(default)]
-    #[param(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:-]+$")]
-    pub holder: Option<String>,
-    /// `active` for active ones only.
-    #[serde(default)]
-    #[param(pattern = r"^active$")]
-    pub status: Option<String>,
-    #[serde(default)]
-    #[param(min_length = 1)]
-    pub cursor: Option<String>,
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
+query_params! {
+    pub struct ListQuery {
+        end_user_id: Option<String>,
+        /// One holder's leases (a proxy's).
+        #[param(min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:-]+$")]
+        pub holder: Option<String>,
+        /// `active` for active ones only.
+        #[param(pattern = r"^active$")]
+        pub status: Option<String>,
+    } paged
 }
 
 /// `GET /v1/leases?end_user_id=…&holder=…`: leases in id order, by end user and/or
 /// holder (one of them is needed).
 #[utoipa::path(get, path = "/v1/leases", tag = "leases", params(ListQuery),
     responses((status = 200, body = Page<Lease>), (status = 422, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Page<Lease>>, ApiError> {
+pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<Lease>>, ApiError> {
+    let Call { state, caller } = call;
     require_reader(&caller)?;
     let query: ListQuery = parse_query(&uri)?;
     if let Some(end_user) = &query.end_user_id {

@@ -1,28 +1,25 @@
 //! Reservations (SPEC 7): hold, get, commit, release, extend.
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::Path;
+use axum::http::StatusCode;
 use axum::response::Response;
 use ledger::{Refusal, ReservationId, ReservationStatus};
 use protocol::{CommitReservation, CreateReservation, ExtendReservation, Problem, Reservation};
 
-use super::extract::parse_json;
+use super::extract::{Act, Call, parse_json};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller};
-use crate::store::{Annotations, Changes, Env};
+use crate::service::AppState;
+use crate::service::Change;
+use crate::store::{Changes, Env};
 
 /// `POST /v1/reservations`: holds credits for a long job.
 #[utoipa::path(post, path = "/v1/reservations", tag = "reservations", request_body = CreateReservation,
     responses((status = 201, body = Reservation), (status = 400, body = Problem), (status = 402, body = Problem)))]
-pub async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     let request: CreateReservation = parse_json(&incoming.headers, &incoming.body, false)?;
     let (end_user, request) = request.to_ledger()?;
     let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
@@ -31,11 +28,7 @@ pub async fn create(
             let request = request.clone();
             let reservation = state
                 .mutate(
-                    env,
-                    end_user,
-                    key.as_ref(),
-                    Annotations::default(),
-                    201,
+                    Change::new(env, end_user, key.as_ref()).created(),
                     move |user, cx, _| {
                         let (reservation, changes) =
                             Changes::from_applied(user.reserve(cx, request.clone())?);
@@ -78,12 +71,8 @@ async fn stored(
 /// `GET /v1/reservations/{id}`.
 #[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations", params(("id" = String, Path)),
     responses((status = 200, body = Reservation), (status = 404, body = Problem)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Reservation>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Reservation>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let reservation = stored(&state, &caller.env, parse_reservation_id(&id)?).await?;
     Ok(Json(Reservation::from(&reservation)))
 }
@@ -97,14 +86,12 @@ enum Resolve {
 }
 
 async fn resolve(
-    state: AppState,
-    caller: Caller,
-    id: String,
-    incoming: Incoming,
-    parse: fn(&HeaderMap, &[u8]) -> Result<Resolve, ApiError>,
+    act: Act,
+    parse: fn(&Incoming) -> Result<Resolve, ApiError>,
 ) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     caller.require(Scope::Write)?;
-    let action = parse(&incoming.headers, &incoming.body)?;
+    let action = parse(&incoming)?;
     let id = parse_reservation_id(&id)?;
     let (state, env, action) = (&state, &caller.env, &action);
     Ok(
@@ -116,11 +103,7 @@ async fn resolve(
             }
             let reservation = state
                 .mutate(
-                    env,
-                    &current.end_user_id,
-                    key.as_ref(),
-                    Annotations::default(),
-                    200,
+                    Change::new(env, &current.end_user_id, key.as_ref()),
                     move |user, cx, _| {
                         let applied = match action {
                             Resolve::Commit(size) => user.commit(cx, id, size),
@@ -152,14 +135,9 @@ fn not_active(id: ReservationId, status: ReservationStatus) -> ApiError {
 /// `POST /v1/reservations/{id}/commit`: debits the actual cost and releases the rest.
 #[utoipa::path(post, path = "/v1/reservations/{id}/commit", tag = "reservations", params(("id" = String, Path)), request_body = Option<CommitReservation>,
     responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn commit(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    resolve(state, caller, id, incoming, |headers, body| {
-        let request: CommitReservation = parse_json(headers, body, true)?;
+pub async fn commit(act: Act) -> Result<Response, ApiError> {
+    resolve(act, |request| {
+        let request: CommitReservation = request.json(true)?;
         Ok(Resolve::Commit(request.to_ledger()?))
     })
     .await
@@ -168,14 +146,9 @@ pub async fn commit(
 /// `POST /v1/reservations/{id}/release`: releases everything held.
 #[utoipa::path(post, path = "/v1/reservations/{id}/release", tag = "reservations", params(("id" = String, Path)),
     responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn release(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    resolve(state, caller, id, incoming, |headers, body| {
-        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+pub async fn release(act: Act) -> Result<Response, ApiError> {
+    resolve(act, |request| {
+        request.no_options()?;
         Ok(Resolve::Release)
     })
     .await
@@ -184,14 +157,9 @@ pub async fn release(
 /// `POST /v1/reservations/{id}/extend`: a heartbeat for long jobs.
 #[utoipa::path(post, path = "/v1/reservations/{id}/extend", tag = "reservations", params(("id" = String, Path)), request_body = ExtendReservation,
     responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn extend(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    resolve(state, caller, id, incoming, |headers, body| {
-        let request: ExtendReservation = parse_json(headers, body, false)?;
+pub async fn extend(act: Act) -> Result<Response, ApiError> {
+    resolve(act, |request| {
+        let request: ExtendReservation = request.json(false)?;
         Ok(Resolve::Extend(request.ttl_seconds))
     })
     .await

@@ -1,24 +1,24 @@
 //! Subscriptions (SPEC 10.2) and the test clock (SPEC 10.3).
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::extract::Path;
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::{CancelAt, ChangeAt, Refusal, SubscriptionId, VariantId};
 use protocol::{
     AdvancePending, AdvanceTestClock, AdvancedTestClock, CancelSubscription, ChangeSubscription,
     CreateSubscription, Page, Problem, RenewSubscription, Subscription, TestClock, WhenWire,
 };
-use serde::Deserialize;
 
 use super::credits::page_limit;
-use super::extract::{parse_json, parse_query};
+use super::extract::{Act, Call, parse_json, parse_query, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller};
-use crate::store::{Annotations, Changes, Env, Environment, SubscriptionFilter};
+use crate::service::AppState;
+use crate::service::Change;
+use crate::store::{Changes, Env, Environment, SubscriptionFilter};
 
 /// A variant named by id, `<plan>/<variant>` or an unambiguous key, not archived.
 fn resolve_variant(view: &CatalogView, field: &str, text: &str) -> Result<VariantId, ApiError> {
@@ -47,12 +47,8 @@ fn wire(view: &CatalogView, subscription: &ledger::Subscription) -> Subscription
 /// `POST /v1/subscriptions`.
 #[utoipa::path(post, path = "/v1/subscriptions", tag = "subscriptions", request_body = CreateSubscription,
     responses((status = 201, body = Subscription), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     let request: CreateSubscription = parse_json(&incoming.headers, &incoming.body, false)?;
     let end_user = request.end_user()?;
     let (state, env, request, end_user) = (&state, &caller.env, &request, &end_user);
@@ -67,11 +63,7 @@ pub async fn create(
             };
             let subscription = state
                 .mutate(
-                    env,
-                    end_user,
-                    key.as_ref(),
-                    Annotations::default(),
-                    201,
+                    Change::new(env, end_user, key.as_ref()).created(),
                     move |user, cx, view| {
                         let (subscription, changes) =
                             Changes::from_applied(user.subscribe(cx, subscribe.clone())?);
@@ -92,12 +84,8 @@ fn parse_subscription_id(id: &str) -> Result<SubscriptionId, ApiError> {
 /// `GET /v1/subscriptions/{id}`.
 #[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Subscription>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Subscription>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let id = parse_subscription_id(&id)?;
     let subscription = state
         .store()
@@ -108,34 +96,17 @@ pub async fn get(
     Ok(Json(wire(&view, &subscription)))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    #[serde(default)]
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: Option<String>,
-    #[serde(default)]
-    #[param(min_length = 1)]
-    pub cursor: Option<String>,
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 500)]
-    pub limit: Option<u32>,
+query_params! {
+    pub struct ListQuery {
+        end_user_id: Option<String>,
+    } paged
 }
 
 /// `GET /v1/subscriptions`: ordered by id, optionally for one end user.
 #[utoipa::path(get, path = "/v1/subscriptions", tag = "subscriptions", params(ListQuery),
     responses((status = 200, body = Page<Subscription>), (status = 400, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Page<Subscription>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<Subscription>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: ListQuery = parse_query(&uri)?;
     if let Some(end_user) = &query.end_user_id {
         protocol::end_user_id("end_user_id", end_user)?;
@@ -193,14 +164,12 @@ impl Lifecycle {
 }
 
 async fn lifecycle(
-    state: AppState,
-    caller: Caller,
-    id: String,
-    incoming: Incoming,
-    parse: fn(&HeaderMap, &[u8]) -> Result<Lifecycle, ApiError>,
+    act: Act,
+    parse: fn(&Incoming) -> Result<Lifecycle, ApiError>,
 ) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     caller.require(Scope::Write)?;
-    let operation = parse(&incoming.headers, &incoming.body)?;
+    let operation = parse(&incoming)?;
     let id = parse_subscription_id(&id)?;
     let (state, env, operation) = (&state, &caller.env, &operation);
     Ok(
@@ -230,11 +199,7 @@ async fn lifecycle(
             };
             let subscription = state
                 .mutate(
-                    env,
-                    &current.end_user_id,
-                    key.as_ref(),
-                    Annotations::default(),
-                    200,
+                    Change::new(env, &current.end_user_id, key.as_ref()),
                     move |user, cx, view| {
                         let applied = match (&operation, target) {
                             (Lifecycle::Renew(periods), _) => user.renew(cx, id, *periods),
@@ -277,14 +242,9 @@ fn when(at: WhenWire) -> (CancelAt, ChangeAt) {
 /// `POST /v1/subscriptions/{id}/renew`: records payment for coming periods.
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/renew", tag = "subscriptions", params(("id" = String, Path)), request_body = Option<RenewSubscription>,
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn renew(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    lifecycle(state, caller, id, incoming, |headers, body| {
-        let request: RenewSubscription = parse_json(headers, body, true)?;
+pub async fn renew(act: Act) -> Result<Response, ApiError> {
+    lifecycle(act, |request| {
+        let request: RenewSubscription = request.json(true)?;
         Ok(Lifecycle::Renew(request.periods))
     })
     .await
@@ -293,14 +253,9 @@ pub async fn renew(
 /// `POST /v1/subscriptions/{id}/pause`.
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/pause", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn pause(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    lifecycle(state, caller, id, incoming, |headers, body| {
-        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+pub async fn pause(act: Act) -> Result<Response, ApiError> {
+    lifecycle(act, |request| {
+        request.no_options()?;
         Ok(Lifecycle::Pause)
     })
     .await
@@ -309,14 +264,9 @@ pub async fn pause(
 /// `POST /v1/subscriptions/{id}/resume`.
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/resume", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn resume(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    lifecycle(state, caller, id, incoming, |headers, body| {
-        let _: serde_json::Map<String, serde_json::Value> = parse_json(headers, body, true)?;
+pub async fn resume(act: Act) -> Result<Response, ApiError> {
+    lifecycle(act, |request| {
+        request.no_options()?;
         Ok(Lifecycle::Resume)
     })
     .await
@@ -325,14 +275,9 @@ pub async fn resume(
 /// `POST /v1/subscriptions/{id}/cancel`.
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/cancel", tag = "subscriptions", params(("id" = String, Path)), request_body = Option<CancelSubscription>,
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn cancel(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    lifecycle(state, caller, id, incoming, |headers, body| {
-        let request: CancelSubscription = parse_json(headers, body, true)?;
+pub async fn cancel(act: Act) -> Result<Response, ApiError> {
+    lifecycle(act, |request| {
+        let request: CancelSubscription = request.json(true)?;
         Ok(Lifecycle::Cancel(
             when(request.at).0,
             request.revoke_credits,
@@ -344,14 +289,9 @@ pub async fn cancel(
 /// `POST /v1/subscriptions/{id}/change`: upgrade (now by default) or downgrade (at period end).
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/change", tag = "subscriptions", params(("id" = String, Path)), request_body = ChangeSubscription,
     responses((status = 200, body = Subscription), (status = 400, body = Problem), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn change(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    lifecycle(state, caller, id, incoming, |headers, body| {
-        let request: ChangeSubscription = parse_json(headers, body, false)?;
+pub async fn change(act: Act) -> Result<Response, ApiError> {
+    lifecycle(act, |request| {
+        let request: ChangeSubscription = request.json(false)?;
         Ok(Lifecycle::Change(
             request.plan_variant_id,
             request.at.map(|at| when(at).1),
@@ -369,11 +309,8 @@ fn test_clock(view: &CatalogView, state: &AppState) -> TestClock {
 
 /// `GET /v1/test-clock`: the environment's instant (`live` always shows the real clock).
 #[utoipa::path(get, path = "/v1/test-clock", tag = "test clock", responses((status = 200, body = TestClock)))]
-pub async fn get_clock(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<TestClock>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get_clock(call: Call) -> Result<Json<TestClock>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     Ok(Json(test_clock(&view, &state)))
 }
@@ -389,12 +326,8 @@ pub const ADVANCE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2
 /// every job due in between before answering.
 #[utoipa::path(post, path = "/v1/test-clock/advance", tag = "test clock", request_body = AdvanceTestClock,
     responses((status = 200, body = AdvancedTestClock), (status = 400, body = Problem), (status = 409, body = Problem)))]
-pub async fn advance_clock(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn advance_clock(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     if caller.env.environment != Environment::Test {
         return Err(ApiError::Conflict(
             "the live environment always uses the real clock; use a qs_test_ key".into(),

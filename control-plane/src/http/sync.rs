@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::extract::parse_query;
+use super::extract::{Call, parse_query};
 use crate::auth::Scope;
 use crate::error::ApiError;
 use crate::service::feed::{Encoding, catalog_snapshot, heard, line};
@@ -54,12 +54,8 @@ fn records_body(
 /// versions say which is newest.
 #[utoipa::path(get, path = "/v1/sync/snapshot", tag = "sync",
     responses((status = 200, description = "NDJSON lines of SyncRecord, or binary frames of them where `Accept` names application/vnd.quotastack.feed-frames", content_type = "application/x-ndjson"), (status = 403, body = Problem)))]
-pub async fn snapshot(
-    State(state): State<AppState>,
-    caller: Caller,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Sync)?;
+pub async fn snapshot(call: Call, headers: HeaderMap) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Sync)?;
     let encoding = accepted(&headers);
     let open = state.open_stream(&caller)?;
     let env = caller.env.clone();
@@ -206,13 +202,8 @@ pub struct StreamQuery {
 #[utoipa::path(get, path = "/v1/sync/stream", tag = "sync", params(StreamQuery),
     responses((status = 200, description = "NDJSON lines of SyncRecord (or binary frames of them where `Accept` names application/vnd.quotastack.feed-frames), open until the client leaves", content_type = "application/x-ndjson"),
         (status = 410, body = Problem)))]
-pub async fn stream(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Sync)?;
+pub async fn stream(call: Call, uri: Uri, headers: HeaderMap) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Sync)?;
     let encoding = accepted(&headers);
     let query: StreamQuery = parse_query(&uri)?;
     if query.cursor < 0 {

@@ -11,13 +11,13 @@ use protocol::{
 use serde::Deserialize;
 
 use super::credits::{page_limit, seq_cursor};
-use super::extract::{parse_json, parse_query, presented_key};
+use super::extract::{Act, Call, parse_json, parse_query, presented_key};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::{self, Scope};
 use crate::clock::UlidSource;
 use crate::error::ApiError;
 use crate::limits;
-use crate::service::{AppState, Caller};
+use crate::service::AppState;
 use crate::store::{ApiKeyRecord, Environment, TenantRecord};
 
 /// Creates a tenant with one all-scope key per environment: the operator endpoint and
@@ -99,12 +99,8 @@ fn key_wire(record: &ApiKeyRecord, secret: Option<String>) -> ApiKey {
 /// `POST /v1/api-keys`: a new key for the caller's tenant and environment.
 #[utoipa::path(post, path = "/v1/api-keys", tag = "keys", request_body = CreateApiKey,
     responses((status = 201, body = ApiKey), (status = 400, body = Problem), (status = 403, body = Problem)))]
-pub async fn create_key(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn create_key(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Admin)?;
     let request: CreateApiKey = parse_json(&incoming.headers, &incoming.body, false)?;
     let scopes = auth::validate_scopes(&request.scopes)
         .map_err(|message| ApiError::bad_request("scopes", message))?;
@@ -164,11 +160,8 @@ pub async fn create_key(
 
 /// `GET /v1/api-keys`: keys of the caller's environment, without secrets.
 #[utoipa::path(get, path = "/v1/api-keys", tag = "keys", responses((status = 200, body = Page<ApiKey>)))]
-pub async fn list_keys(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Page<ApiKey>>, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn list_keys(call: Call) -> Result<Json<Page<ApiKey>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Admin)?;
     let keys = state.store().list_api_keys(&caller.env).await?;
     Ok(Json(Page {
         data: keys.iter().map(|record| key_wire(record, None)).collect(),
@@ -180,26 +173,19 @@ pub async fn list_keys(
 /// replicas within seconds).
 #[utoipa::path(post, path = "/v1/api-keys/{id}/revoke", tag = "keys", params(("id" = String, Path)),
     responses((status = 200, body = ApiKey), (status = 404, body = Problem), (status = 409, body = Problem)))]
-pub async fn revoke_key(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Response {
-    if let Err(error) = caller.require(Scope::Admin) {
-        return error.into_response();
-    }
+pub async fn revoke_key(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
+    caller.require(Scope::Admin)?;
     // A key never revokes itself: the environment always keeps a key that can manage
     // keys, so a tenant cannot lock itself out by accident.
     if id == caller.key_id {
-        return ApiError::Conflict(
+        return Err(ApiError::Conflict(
             "a key cannot revoke itself: revoke it with another key that has the admin scope"
                 .into(),
-        )
-        .into_response();
+        ));
     }
     let (state, env, id) = (&state, &caller.env, &id);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let record = state
             .store()
             .revoke_api_key(env, id, state.real_now())
@@ -208,7 +194,7 @@ pub async fn revoke_key(
         state.forget_key(&record.key_hash);
         Done::json(StatusCode::OK, &key_wire(&record, None))
     })
-    .await
+    .await)
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -226,12 +212,8 @@ pub struct EventsQuery {
 /// `GET /v1/events`: the environment's log, oldest first, resumable by cursor.
 #[utoipa::path(get, path = "/v1/events", tag = "events", params(EventsQuery),
     responses((status = 200, body = Page<Event>), (status = 400, body = Problem)))]
-pub async fn list_events(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Page<Event>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn list_events(call: Call, uri: Uri) -> Result<Json<Page<Event>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: EventsQuery = parse_query(&uri)?;
     let limit = page_limit(query.limit)?;
     let records = state
@@ -253,12 +235,8 @@ pub async fn list_events(
 /// `GET /v1/events/{id}`.
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events", params(("id" = String, Path)),
     responses((status = 200, body = Event), (status = 404, body = Problem)))]
-pub async fn get_event(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Event>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn get_event(call: Call, Path(id): Path<String>) -> Result<Json<Event>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let record = state
         .store()
         .event(&caller.env, &id)

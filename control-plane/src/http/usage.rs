@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::{Credits, EndUserId, Refusal};
@@ -11,26 +10,22 @@ use protocol::{
     BatchResult, BatchStatus, DecisionSource, EntitlementCheck, Page, Problem, RecordUsage,
     UsageBatch, UsageBatchRecorded, UsageRecorded,
 };
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::extract::{parse_json, parse_query};
+use super::extract::{Call, parse_json, parse_query, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
-use crate::service::{AppState, Caller};
+use crate::service::AppState;
+use crate::service::Change;
 use crate::store::{Annotations, Changes, UsageKeyRecord};
 
 /// `POST /v1/usage`: records usage that happened.
 #[utoipa::path(post, path = "/v1/usage", tag = "usage", request_body = RecordUsage,
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes the event exactly-once (kept 35 days)")),
     responses((status = 201, body = UsageRecorded), (status = 400, body = Problem), (status = 402, body = Problem), (status = 404, body = Problem)))]
-pub async fn record_usage(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Write)?;
+pub async fn record_usage(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Write)?;
     let request: RecordUsage = parse_json(&incoming.headers, &incoming.body, false)?;
     if request.idempotency_key.is_some() {
         return Err(ApiError::bad_request(
@@ -55,11 +50,9 @@ pub async fn record_usage(
             let who = end_user.clone();
             let answer = state
                 .mutate(
-                    env,
-                    &end_user,
-                    key.as_ref(),
-                    annotations,
-                    201,
+                    Change::new(env, &end_user, key.as_ref())
+                        .created()
+                        .annotated(annotations),
                     move |user, cx, _| {
                         let (outcome, changes) =
                             Changes::from_applied(user.record_usage(cx, usage.clone())?);
@@ -162,11 +155,8 @@ struct Prepared {
 /// key. Each end user's events are applied in one transaction.
 #[utoipa::path(post, path = "/v1/usage/batch", tag = "usage", request_body = UsageBatch,
     responses((status = 200, body = UsageBatchRecorded), (status = 400, body = Problem)))]
-pub async fn record_batch(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
+pub async fn record_batch(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let Call { state, caller } = call;
     if !(crate::auth::allows(&caller.scopes, Scope::Write)
         || crate::auth::allows(&caller.scopes, Scope::Sync))
     {
@@ -419,33 +409,22 @@ fn duplicate_of(index: usize, original: &str) -> BatchResult {
     }
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct CheckQuery {
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: String,
-    #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
-    pub feature_key: String,
-    /// Default 1.
-    #[serde(default)]
-    #[param(minimum = 1, maximum = 1_000_000_000_000_u64)]
-    pub units: Option<u64>,
+query_params! {
+    pub struct CheckQuery {
+        end_user_id: String,
+        #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
+        pub feature_key: String,
+        /// Default 1.
+        #[param(minimum = 1, maximum = 1_000_000_000_000_u64)]
+        pub units: Option<u64>,
+    }
 }
 
 /// `GET /v1/entitlements/check`: may the end user do `units` of the feature now?
 #[utoipa::path(get, path = "/v1/entitlements/check", tag = "entitlements", params(CheckQuery),
     responses((status = 200, body = EntitlementCheck), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn check(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<EntitlementCheck>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn check(call: Call, uri: Uri) -> Result<Json<EntitlementCheck>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: CheckQuery = parse_query(&uri)?;
     let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
     let feature = protocol::feature_key("feature_key", &query.feature_key)?;
@@ -467,27 +446,17 @@ pub async fn check(
     )))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    #[param(
-        min_length = 1,
-        max_length = 256,
-        pattern = r"^[^\x00-\x1F\x7F-\x9F]+$"
-    )]
-    pub end_user_id: String,
+query_params! {
+    pub struct ListQuery {
+        end_user_id: String,
+    }
 }
 
 /// `GET /v1/entitlements`: every feature's answer for one end user (for UIs).
 #[utoipa::path(get, path = "/v1/entitlements", tag = "entitlements", params(ListQuery),
     responses((status = 200, body = Page<EntitlementCheck>), (status = 400, body = Problem)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-    uri: Uri,
-) -> Result<Json<Page<EntitlementCheck>>, ApiError> {
-    caller.require(Scope::Read)?;
+pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<EntitlementCheck>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Read)?;
     let query: ListQuery = parse_query(&uri)?;
     let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
     let view = state.view(&caller.env).await?;

@@ -1,18 +1,18 @@
 //! Webhook endpoints and redelivery (SPEC 11).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use protocol::{CreateWebhookEndpoint, Page, Problem, UpdateWebhookEndpoint, WebhookEndpoint};
 
-use super::extract::parse_json;
+use super::extract::{Act, Call, parse_json};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::clock::UlidSource;
 use crate::error::ApiError;
 use crate::limits;
-use crate::service::{AppState, Caller};
+use crate::service::AppState;
 use crate::store::{EndpointRecord, Env};
 use crate::webhooks;
 
@@ -58,12 +58,8 @@ async fn find(state: &AppState, env: &Env, id: &str) -> Result<EndpointRecord, A
 /// `POST /v1/webhook-endpoints`: the secret is shown once.
 #[utoipa::path(post, path = "/v1/webhook-endpoints", tag = "webhooks", request_body = CreateWebhookEndpoint,
     responses((status = 201, body = WebhookEndpoint), (status = 400, body = Problem)))]
-pub async fn create(
-    State(state): State<AppState>,
-    caller: Caller,
-    incoming: Incoming,
-) -> Result<Response, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
+    let (state, caller) = call.scoped(Scope::Admin)?;
     let request: CreateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
     webhooks::validate_url(&request.url, state.config().webhooks_allow_private)
         .map_err(|message| ApiError::bad_request("url", message))?;
@@ -96,11 +92,8 @@ pub async fn create(
 
 /// `GET /v1/webhook-endpoints`.
 #[utoipa::path(get, path = "/v1/webhook-endpoints", tag = "webhooks", responses((status = 200, body = Page<WebhookEndpoint>)))]
-pub async fn list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn list(call: Call) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Admin)?;
     let endpoints = state.store().endpoints(&caller.env).await?;
     Ok(Json(Page {
         data: endpoints.iter().map(|record| wire(record, None)).collect(),
@@ -111,24 +104,16 @@ pub async fn list(
 /// `GET /v1/webhook-endpoints/{id}`.
 #[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)),
     responses((status = 200, body = WebhookEndpoint), (status = 404, body = Problem)))]
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<WebhookEndpoint>, ApiError> {
-    caller.require(Scope::Admin)?;
+pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<WebhookEndpoint>, ApiError> {
+    let (state, caller) = call.scoped(Scope::Admin)?;
     Ok(Json(wire(&find(&state, &caller.env, &id).await?, None)))
 }
 
 /// `PATCH /v1/webhook-endpoints/{id}`.
 #[utoipa::path(patch, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)), request_body = UpdateWebhookEndpoint,
     responses((status = 200, body = WebhookEndpoint), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn update(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Result<Json<WebhookEndpoint>, ApiError> {
+pub async fn update(act: Act) -> Result<Json<WebhookEndpoint>, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
     caller.require(Scope::Admin)?;
     let request: UpdateWebhookEndpoint = parse_json(&incoming.headers, &incoming.body, false)?;
     let mut record = find(&state, &caller.env, &id).await?;
@@ -151,17 +136,11 @@ pub async fn update(
 /// `DELETE /v1/webhook-endpoints/{id}`: pending deliveries to it are dropped.
 #[utoipa::path(delete, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = Problem)))]
-pub async fn delete(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Response {
-    if let Err(error) = caller.require(Scope::Admin) {
-        return error.into_response();
-    }
+pub async fn delete(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
+    caller.require(Scope::Admin)?;
     let (state, env, id) = (&state, &caller.env, &id);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         if state
             .store()
             .delete_endpoint(env, id, state.real_now())
@@ -172,24 +151,18 @@ pub async fn delete(
             Err(ApiError::NotFound(format!("webhook endpoint `{id}`")))
         }
     })
-    .await
+    .await)
 }
 
 /// `POST /v1/webhook-endpoints/{id}/test`: sends a `webhook.test` event to this endpoint
 /// now and answers the event (its delivery attempt included).
 #[utoipa::path(post, path = "/v1/webhook-endpoints/{id}/test", tag = "webhooks", params(("id" = String, Path)),
     responses((status = 200, body = protocol::Event), (status = 404, body = Problem)))]
-pub async fn test(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Response {
-    if let Err(error) = caller.require(Scope::Admin) {
-        return error.into_response();
-    }
+pub async fn test(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
+    caller.require(Scope::Admin)?;
     let (state, env, id) = (&state, &caller.env, &id);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let endpoint = find(state, env, id).await?;
         let view = state.view(env).await?;
         let now = state.env_now(&view);
@@ -201,10 +174,7 @@ pub async fn test(
             data: serde_json::json!({ "endpoint_id": endpoint.id }),
             deliveries: Vec::new(),
         };
-        state
-            .store()
-            .insert_ping(env, &event, &endpoint.id, now)
-            .await?;
+        state.store().insert_ping(env, &event, &endpoint.id).await?;
         deliver_now(state, env).await?;
         let stored = state
             .store()
@@ -213,24 +183,18 @@ pub async fn test(
             .ok_or_else(|| ApiError::Internal("the test event vanished".into()))?;
         Done::json(StatusCode::OK, &stored.event)
     })
-    .await
+    .await)
 }
 
 /// `POST /v1/events/{id}/redeliver`: queues the event again for every endpoint that
 /// wants it, and tries at once.
 #[utoipa::path(post, path = "/v1/events/{id}/redeliver", tag = "events", params(("id" = String, Path)),
     responses((status = 202, body = protocol::Event), (status = 404, body = Problem)))]
-pub async fn redeliver(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    incoming: Incoming,
-) -> Response {
-    if let Err(error) = caller.require(Scope::Admin) {
-        return error.into_response();
-    }
+pub async fn redeliver(act: Act) -> Result<Response, ApiError> {
+    let (state, caller, id, incoming) = act.into_parts();
+    caller.require(Scope::Admin)?;
     let (state, env, id) = (&state, &caller.env, &id);
-    idempotency::run(state, env, &incoming, |_key| async move {
+    Ok(idempotency::run(state, env, &incoming, |_key| async move {
         let view = state.view(env).await?;
         state
             .store()
@@ -249,7 +213,7 @@ pub async fn redeliver(
             .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
         Done::json(StatusCode::ACCEPTED, &stored.event)
     })
-    .await
+    .await)
 }
 
 /// Attempts `env`'s deliveries due now, once each, within one attempt's timeout (what the

@@ -15,6 +15,50 @@ use crate::group;
 use crate::store::Mutation;
 use crate::store::{Annotations, Changes, Claim, Env, IdempotencyAnswer, StoreError, StoreResult};
 
+/// What an end-user operation changes and how its answer is kept: the end user, the
+/// request's idempotency key (if any), the annotations of what it creates and the HTTP
+/// status its answer is stored with.
+#[derive(Debug, Clone)]
+pub struct Change<'a> {
+    pub env: &'a Env,
+    pub end_user: &'a EndUserId,
+    pub idempotency: Option<&'a KeyHold>,
+    pub annotations: Annotations,
+    pub status: u16,
+}
+
+impl<'a> Change<'a> {
+    /// A change answered 200, with no annotations.
+    #[must_use]
+    pub fn new(env: &'a Env, end_user: &'a EndUserId, idempotency: Option<&'a KeyHold>) -> Self {
+        Change {
+            env,
+            end_user,
+            idempotency,
+            annotations: Annotations::default(),
+            status: 200,
+        }
+    }
+
+    /// Answered 201: the operation created something.
+    #[must_use]
+    pub fn created(self) -> Self {
+        Change {
+            status: 201,
+            ..self
+        }
+    }
+
+    /// What it creates carries `annotations`.
+    #[must_use]
+    pub fn annotated(self, annotations: Annotations) -> Self {
+        Change {
+            annotations,
+            ..self
+        }
+    }
+}
+
 /// How an operation holds its request's idempotency key.
 #[derive(Debug, Clone)]
 pub enum KeyHold {
@@ -121,21 +165,20 @@ impl AppState {
     ///
     /// # Errors
     /// The operation's refusal, or store failures; nothing of it is written then.
-    pub async fn mutate<T, F>(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-        idempotency: Option<&KeyHold>,
-        annotations: Annotations,
-        status: u16,
-        operation: F,
-    ) -> Result<T, ApiError>
+    pub async fn mutate<T, F>(&self, change: Change<'_>, operation: F) -> Result<T, ApiError>
     where
         T: serde::Serialize + Send + 'static,
         F: FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
             + Send
             + 'static,
     {
+        let Change {
+            env,
+            end_user,
+            idempotency,
+            annotations,
+            status,
+        } = change;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let member = Box::new(Operation {
             operation: Some(operation),

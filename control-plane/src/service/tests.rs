@@ -14,9 +14,10 @@ use super::{AppState, ClaimHold, KeyHold};
 use crate::clock::ManualClock;
 use crate::config::{Config, DatabaseUrl, Overrides};
 use crate::error::ApiError;
+use crate::service::Change;
 use crate::store::LeaseAsk;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Annotations, Changes, Claim, Env, Environment, StoreError};
+use crate::store::{Changes, Claim, Env, Environment, StoreError};
 
 // A transient failure is retried up to twice; a third one, or any other failure, is
 // the answer.
@@ -77,11 +78,7 @@ fn grant(
     tokio::spawn(async move {
         state
             .mutate(
-                &env,
-                &end_user,
-                None,
-                Annotations::default(),
-                201,
+                Change::new(&env, &end_user, None).created(),
                 move |user, cx, _| {
                     let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;
                     Ok(((), Changes::from_applied(applied).1))
@@ -259,11 +256,7 @@ fn claiming(
     tokio::spawn(async move {
         let outcome = state
             .mutate(
-                &env,
-                &end_user,
-                Some(&KeyHold::Claim(hold.clone())),
-                Annotations::default(),
-                201,
+                Change::new(&env, &end_user, Some(&KeyHold::Claim(hold.clone()))).created(),
                 move |user, cx, _| {
                     let amount = outcome?;
                     let applied = user.grant(cx, GrantRequest::new(Credits::new(amount)))?;

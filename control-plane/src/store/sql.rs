@@ -9,7 +9,8 @@
 mod catalog;
 mod console;
 pub(crate) mod endpoints;
-pub(crate) mod feed;
+mod feed;
+mod idempotency;
 mod jobs;
 mod records;
 mod tenancy;

@@ -269,7 +269,7 @@ store_test! {
     let end_user = ledger::EndUserId::new("u1").expect("id");
     let late = harness
         .state
-        .mutate(&env, &end_user, Some(&control_plane::service::KeyHold::Leased("k1".into())), Default::default(), 201, |user, cx, _| {
+        .mutate(control_plane::service::Change::new(&env, &end_user, Some(&control_plane::service::KeyHold::Leased("k1".into()))).created(), |user, cx, _| {
             let applied = user.adjust(cx, ledger::AdjustRequest { amount: ledger::Credits::new(-10), feature_keys: None })?;
             Ok(((), control_plane::store::Changes::from_applied(applied).1))
         })

@@ -1,12 +1,12 @@
 //! PostgreSQL: the change feed ([`FeedStore`](crate::store::FeedStore)).
 
 use async_trait::async_trait;
-use ledger::{EndUserState, Timestamp};
+use ledger::Timestamp;
 use sqlx::Row;
 
 use super::write::{insert_change, take_positions};
 use super::{PostgresStore, corrupt, end_user_id, limit};
-use crate::store::{ChangeRecord, Env, FeedStore, StoreResult, sql};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
 
 #[async_trait]
 impl FeedStore for PostgresStore {
@@ -35,14 +35,6 @@ impl FeedStore for PostgresStore {
             .collect()
     }
 
-    async fn last_change(&self, env: &Env) -> StoreResult<i64> {
-        sql::feed::last_change(self, env).await
-    }
-
-    async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
-        sql::feed::purged_through(self, env).await
-    }
-
     fn announce_commit(&self) {
         self.commits.announce();
     }
@@ -57,15 +49,6 @@ impl FeedStore for PostgresStore {
         insert_change(&mut tx, env, heads.last_change, None, at).await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn end_user_states(
-        &self,
-        env: &Env,
-        after: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<EndUserState>> {
-        sql::feed::end_user_states(self, env, after, limit).await
     }
 
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {

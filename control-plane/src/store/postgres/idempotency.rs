@@ -5,12 +5,11 @@ use async_trait::async_trait;
 use ledger::Timestamp;
 use sqlx::{PgConnection, Row};
 
-use super::write::finish_idempotency;
 use super::{PostgresStore, corrupt};
 use crate::queues::DrainGuard;
 use crate::store::{
-    Env, IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease,
-    LeaseAsk, StoreError, StoreResult, UsageKeyRecord, answer_leases, queue_lease,
+    Env, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease, LeaseAsk, StoreError,
+    StoreResult, UsageKeyRecord, answer_leases, queue_lease,
 };
 
 /// How many times `idempotency_begin` looks again when the row it conflicted with is
@@ -28,20 +27,6 @@ impl IdempotencyStore for PostgresStore {
             tokio::spawn(async move { store.drain_leases(guard).await });
         })
         .await
-    }
-
-    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
-        let mut connection = self.pool.acquire().await?;
-        finish_idempotency(&mut connection, env, answer).await
-    }
-
-    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
-        bind!(sqlx::query(
-            "DELETE FROM idempotency WHERE tenant_id = $1 AND environment = $2 AND key = $3 AND status IS NULL",
-        ); &env.tenant_id, env.environment.as_str(), key)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     async fn usage_keys(

@@ -17,9 +17,10 @@ use super::write::{insert_change, take_positions};
 use crate::store::LeaseAsk;
 use crate::store::{
     ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryLease,
-    EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedStore,
-    IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, JobStore, Lease, LedgerStore, Mutation,
-    RecordStore, StoreError, StoreResult, TenancyStore, TenantRecord, WebhookStore, user_key,
+    EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedReadStore,
+    FeedStore, IdempotencyAnswer, IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore,
+    JobStore, Lease, LedgerStore, Mutation, RecordStore, StoreError, StoreResult, TenancyStore,
+    TenantRecord, WebhookStore, user_key,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);

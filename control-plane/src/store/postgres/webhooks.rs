@@ -17,13 +17,13 @@ impl WebhookStore for PostgresStore {
         &self,
         env: &Env,
         event: &protocol::Event,
-        endpoint_id: &str,
-        now: Timestamp,
+        endpoint: &str,
     ) -> StoreResult<()> {
+        let now = event.created_at.0;
         let mut tx = self.pool.begin().await?;
         let heads = take_positions(&mut tx, env, 1, 0).await?;
         insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
-        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint_id,
+        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
             &event.id, heads.last_event, None::<&str>, now.as_millis())
         .execute(&mut *tx)
         .await?;

@@ -14,20 +14,6 @@ use crate::store::{
     unchanged, user_key,
 };
 
-pub(super) async fn finish_idempotency(
-    connection: &mut PgConnection,
-    env: &Env,
-    answer: &IdempotencyAnswer,
-) -> StoreResult<()> {
-    bind!(sqlx::query(
-        "UPDATE idempotency SET status = $1, body = $2 WHERE tenant_id = $3 AND environment = $4 AND key = $5",
-    ); i64::from(answer.status), answer.body.as_slice(), &env.tenant_id, env.environment.as_str(),
-        &answer.key)
-    .execute(connection)
-    .await?;
-    Ok(())
-}
-
 /// Rows a transaction writes for every operation (end users, blocks, entries, usage
 /// keys, events, change-feed entries), gathered so that each kind is written with one
 /// `UNNEST` statement however many operations and end users the transaction carries.

@@ -1,11 +1,11 @@
 //! SQLite: the change feed ([`FeedStore`](crate::store::FeedStore)).
 
 use async_trait::async_trait;
-use ledger::{EndUserId, EndUserState, Timestamp};
+use ledger::{EndUserId, Timestamp};
 use sqlx::Row;
 
 use super::{SqliteStore, corrupt};
-use crate::store::{ChangeRecord, Env, FeedStore, StoreResult, sql};
+use crate::store::{ChangeRecord, Env, FeedStore, StoreResult};
 
 #[async_trait]
 impl FeedStore for SqliteStore {
@@ -46,26 +46,9 @@ impl FeedStore for SqliteStore {
         Ok(records)
     }
 
-    async fn last_change(&self, env: &Env) -> StoreResult<i64> {
-        sql::feed::last_change(self, env).await
-    }
-
-    async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
-        sql::feed::purged_through(self, env).await
-    }
-
     async fn record_catalog_change(&self, env: &Env, at: Timestamp) -> StoreResult<()> {
         let mut connection = self.writer.acquire().await?;
         insert_change(&mut connection, env, None, at).await
-    }
-
-    async fn end_user_states(
-        &self,
-        env: &Env,
-        after: Option<&str>,
-        limit: u32,
-    ) -> StoreResult<Vec<EndUserState>> {
-        sql::feed::end_user_states(self, env, after, limit).await
     }
 
     async fn purge_changes(&self, before: Timestamp) -> StoreResult<u64> {

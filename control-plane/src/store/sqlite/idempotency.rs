@@ -8,8 +8,8 @@ use sqlx::{Connection, Row, Sqlite, SqliteConnection};
 use super::{SqliteStore, corrupt, read};
 use crate::queues::DrainGuard;
 use crate::store::{
-    Env, IdempotencyAnswer, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease,
-    LeaseAsk, StoreResult, UsageKeyRecord, answer_leases, queue_lease,
+    Env, IdempotencyBegin, IdempotencyStore, LEASES_PER_TRANSACTION, Lease, LeaseAsk, StoreResult,
+    UsageKeyRecord, answer_leases, queue_lease,
 };
 
 impl SqliteStore {
@@ -62,19 +62,6 @@ impl IdempotencyStore for SqliteStore {
             tokio::spawn(async move { store.drain_leases(guard).await });
         })
         .await
-    }
-
-    async fn idempotency_finish(&self, env: &Env, answer: &IdempotencyAnswer) -> StoreResult<()> {
-        let mut connection = self.writer.acquire().await?;
-        finish_idempotency(&mut connection, env, answer).await
-    }
-
-    async fn idempotency_abandon(&self, env: &Env, key: &str) -> StoreResult<()> {
-        bind!(sqlx::query("DELETE FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ? AND status IS NULL");
-            &env.tenant_id, env.environment.as_str(), key)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
     }
 
     async fn usage_keys(
@@ -165,20 +152,13 @@ async fn take_all(
 
 /// Takes (or reports) one idempotency key's lease inside the open transaction `tx`.
 async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<IdempotencyBegin> {
-    let Lease {
-        env,
-        key,
-        fingerprint,
-        now,
-        lease_ms,
-        keep_until,
-        ..
-    } = lease;
+    let (env, key, fingerprint) = (&lease.env, &lease.key, &lease.fingerprint);
+    let (now, lease_ms, keep_until) = (lease.now, lease.lease_ms, lease.keep_until);
     let row = bind!(sqlx::query("SELECT fingerprint, status, body, locked_until FROM idempotency WHERE tenant_id = ? AND environment = ? AND key = ?");
         &env.tenant_id, env.environment.as_str(), key)
         .fetch_optional(&mut *tx)
         .await?;
-    let locked_until = now.as_millis().saturating_add(*lease_ms);
+    let locked_until = now.as_millis().saturating_add(lease_ms);
     if let Some(row) = row {
         let stored: Vec<u8> = row.try_get("fingerprint")?;
         if stored.as_slice() != fingerprint.as_slice() {
@@ -208,17 +188,4 @@ async fn take_lease(tx: &mut SqliteConnection, lease: &Lease) -> StoreResult<Ide
             .await?;
     }
     Ok(IdempotencyBegin::Started)
-}
-
-async fn finish_idempotency(
-    connection: &mut sqlx::SqliteConnection,
-    env: &Env,
-    answer: &IdempotencyAnswer,
-) -> StoreResult<()> {
-    bind!(sqlx::query("UPDATE idempotency SET status = ?, body = ? WHERE tenant_id = ? AND environment = ? AND key = ?");
-        i64::from(answer.status), answer.body.as_slice(), &env.tenant_id, env.environment.as_str(),
-        &answer.key)
-        .execute(connection)
-        .await?;
-    Ok(())
 }

@@ -12,8 +12,8 @@ use super::{CHAIN_STEPS, SqliteStore, cache};
 use crate::store::LeaseAsk;
 use crate::store::{
     Changes, DatabaseUrl, EntryFilter, Env, Environment, FeedStore, IdempotencyAnswer,
-    IdempotencyBegin, IdempotencyStore, Lease, LedgerStore, RecordStore, StoreError, StoreResult,
-    Synchronous,
+    IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore, Lease, LedgerStore, RecordStore,
+    StoreError, StoreResult, Synchronous,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);

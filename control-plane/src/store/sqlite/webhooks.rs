@@ -16,12 +16,12 @@ impl WebhookStore for SqliteStore {
         &self,
         env: &Env,
         event: &protocol::Event,
-        endpoint_id: &str,
-        now: Timestamp,
+        endpoint: &str,
     ) -> StoreResult<()> {
+        let now = event.created_at.0;
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let seq = insert_wire_event(&mut tx, env, event, None).await?;
-        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint_id,
+        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
             &event.id, seq, None::<&str>, now.as_millis())
         .execute(&mut *tx)
         .await?;
