@@ -552,10 +552,7 @@ mod tests {
 
     #[test]
     fn names_are_one_token_per_tenant_and_never_shared() {
-        let env = Env {
-            tenant_id: "ten_01ABC".into(),
-            environment: Environment::Live,
-        };
+        let env = Env::new("ten_01ABC", Environment::Live);
         let names = feed_names(&env);
         assert_eq!(names.stream, "QS_FEED_ten_01ABC_live");
         assert_eq!(names.subject, "qs.feed.ten_01ABC.live");

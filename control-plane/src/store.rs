@@ -100,6 +100,15 @@ pub struct Env {
     pub environment: Environment,
 }
 
+impl Env {
+    pub fn new(tenant_id: impl Into<String>, environment: Environment) -> Env {
+        Env {
+            tenant_id: tenant_id.into(),
+            environment,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness rule was broken (a feature key that exists, say).

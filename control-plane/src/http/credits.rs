@@ -21,32 +21,21 @@ use crate::store::{Annotations, Changes, EntryFilter};
     responses((status = 201, body = Block), (status = 400, body = Problem), (status = 409, body = Problem)))]
 pub async fn create_grant(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
     let (state, caller) = call.scoped(Scope::Write)?;
-    let request: CreateGrant = parse_json(&incoming.headers, &incoming.body, false)?;
+    let request: CreateGrant = incoming.json(false)?;
     let (end_user, grant) = request.to_ledger()?;
-    let (state, env, request, end_user, grant) = (&state, &caller.env, &request, &end_user, &grant);
-    Ok(
-        idempotency::run_claiming(state, env, &incoming, |key| async move {
-            let (request, grant) = (request.clone(), grant.clone());
-            let annotations = Annotations {
-                idempotency_key: None,
-                metadata: request.metadata.clone(),
-                external_payment_id: request.external_payment_id.clone(),
-            };
-            let block = state
-                .mutate(
-                    Change::new(env, end_user, key.as_ref())
-                        .created()
-                        .annotated(annotations),
-                    move |user, cx, _| {
-                        let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
-                        Ok((wire_block(user, &changes, id, &request)?, changes))
-                    },
-                )
-                .await?;
-            Done::stored(StatusCode::CREATED, &block)
-        })
-        .await,
-    )
+    let annotations = Annotations {
+        idempotency_key: None,
+        metadata: request.metadata.clone(),
+        external_payment_id: request.external_payment_id.clone(),
+    };
+    let change = Change::new(&caller.env, &end_user, None)
+        .created()
+        .annotated(annotations);
+    let response = idempotency::run_changing(&state, &incoming, change, move |user, cx, _| {
+        let (id, changes) = Changes::from_applied(user.grant(cx, grant.clone())?);
+        Ok((wire_block(user, &changes, id, &request)?, changes))
+    });
+    Ok(response.await)
 }
 
 /// The granted block as it stands after the operation (settlement may have used some).
@@ -145,54 +134,40 @@ pub async fn void_block(act: Act) -> Result<Response, ApiError> {
     responses((status = 201, body = protocol::Adjustment), (status = 400, body = Problem), (status = 402, body = Problem)))]
 pub async fn create_adjustment(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
     let (state, caller) = call.scoped(Scope::Write)?;
-    let request: CreateAdjustment = parse_json(&incoming.headers, &incoming.body, false)?;
+    let request: CreateAdjustment = incoming.json(false)?;
     let (end_user, adjust) = request.to_ledger()?;
-    let (state, env, request, end_user, adjust) =
-        (&state, &caller.env, &request, &end_user, &adjust);
-    Ok(
-        idempotency::run_claiming(state, env, &incoming, |key| async move {
-            let (adjust, amount) = (adjust.clone(), request.amount);
-            let metadata = Some(serde_json::json!({ "reason": request.reason }));
-            let annotations = Annotations {
-                metadata,
-                ..Annotations::default()
-            };
-            let answer = state
-                .mutate(
-                    Change::new(env, end_user, key.as_ref())
-                        .created()
-                        .annotated(annotations),
-                    move |user, cx, _| {
-                        let (created, changes) =
-                            Changes::from_applied(user.adjust(cx, adjust.clone())?);
-                        let entry = changes
-                            .entries
-                            .iter()
-                            .rev()
-                            .find(|entry| entry.entry_type == ledger::EntryType::Adjust);
-                        let block = created.and_then(|id| {
-                            user.blocks()
-                                .iter()
-                                .chain(&changes.finished_blocks)
-                                .find(|block| block.id == id)
-                                .cloned()
-                        });
-                        let answer = protocol::Adjustment {
-                            id: entry.map(|entry| entry.id.to_string()).unwrap_or_default(),
-                            end_user_id: user.end_user_id().to_string(),
-                            amount,
-                            block: block
-                                .map(|block| Block::new(&block, user.end_user_id(), None, None)),
-                            balance: user.available(None, cx.now)?.get(),
-                        };
-                        Ok((answer, changes))
-                    },
-                )
-                .await?;
-            Done::stored(StatusCode::CREATED, &answer)
-        })
-        .await,
-    )
+    let annotations = Annotations {
+        metadata: Some(serde_json::json!({ "reason": request.reason })),
+        ..Annotations::default()
+    };
+    let change = Change::new(&caller.env, &end_user, None)
+        .created()
+        .annotated(annotations);
+    let amount = request.amount;
+    let response = idempotency::run_changing(&state, &incoming, change, move |user, cx, _| {
+        let (created, changes) = Changes::from_applied(user.adjust(cx, adjust.clone())?);
+        let entry = changes
+            .entries
+            .iter()
+            .rev()
+            .find(|entry| entry.entry_type == ledger::EntryType::Adjust);
+        let block = created.and_then(|id| {
+            user.blocks()
+                .iter()
+                .chain(&changes.finished_blocks)
+                .find(|block| block.id == id)
+                .cloned()
+        });
+        let answer = protocol::Adjustment {
+            id: entry.map(|entry| entry.id.to_string()).unwrap_or_default(),
+            end_user_id: user.end_user_id().to_string(),
+            amount,
+            block: block.map(|block| Block::new(&block, user.end_user_id(), None, None)),
+            balance: user.available(None, cx.now)?.get(),
+        };
+        Ok((answer, changes))
+    });
+    Ok(response.await)
 }
 
 query_params! {

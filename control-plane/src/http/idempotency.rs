@@ -10,11 +10,14 @@ use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, Request};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use ledger::{Cx, EndUserState};
 use sha2::{Digest, Sha256};
 
 use super::extract::parse_json;
+use crate::catalog::CatalogView;
 use crate::error::ApiError;
-use crate::service::{AppState, ClaimHold, KeyHold};
+use crate::service::{AppState, Change, ClaimHold, KeyHold};
+use crate::store::Changes;
 use crate::store::LeaseAsk;
 use crate::store::{Claim, Env, IdempotencyAnswer, IdempotencyBegin};
 
@@ -151,6 +154,38 @@ impl FromRequest<AppState> for Incoming {
             body,
         })
     }
+}
+
+/// One end user's operation under the request's idempotency key, claimed in the
+/// operation's own transaction ([`run_claiming`]): `change` names the end user and the
+/// status the answer is stored with (its key is set here), and the answer is what
+/// `operation` returns.
+pub async fn run_changing<T, F>(
+    state: &AppState,
+    request: &Incoming,
+    change: Change<'_>,
+    operation: F,
+) -> Response
+where
+    T: serde::Serialize + Send + 'static,
+    F: FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+        + Clone
+        + Send
+        + 'static,
+{
+    let status = StatusCode::from_u16(change.status).unwrap_or(StatusCode::OK);
+    run_claiming(state, change.env, request, |key| {
+        let (change, operation) = (change.clone(), operation.clone());
+        async move {
+            let change = Change {
+                idempotency: key.as_ref(),
+                ..change
+            };
+            let value = state.mutate(change, operation).await?;
+            Done::stored(status, &value)
+        }
+    })
+    .await
 }
 
 /// Runs `operation` under the request's idempotency key, if it has one: a lease is

@@ -44,30 +44,20 @@ fn require_reader(caller: &Caller) -> Result<(), ApiError> {
 pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
     let Call { state, caller } = call;
     require_holder(&caller)?;
-    let request: CreateLease = parse_json(&incoming.headers, &incoming.body, false)?;
+    let request: CreateLease = incoming.json(false)?;
     let (end_user, request) = request.to_ledger()?;
-    let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
-    Ok(
-        idempotency::run_claiming(state, env, &incoming, |key| async move {
-            let request = request.clone();
-            let lease = state
-                .mutate(
-                    Change::new(env, end_user, key.as_ref()).created(),
-                    move |user, cx, _| {
-                        let (lease, changes) =
-                            Changes::from_applied(user.take_lease(cx, request.clone())?);
-                        // A repeated `request_id`: the earlier lease, nothing held.
-                        let replayed = changes.entries.is_empty();
-                        let answer = Lease::created(&lease, user, cx.now, replayed);
-                        Ok((answer, changes))
-                    },
-                )
-                .await?;
-            state.remember_lease_owner(env, &lease.id, end_user);
-            Done::stored(StatusCode::CREATED, &lease)
-        })
-        .await,
-    )
+    let change = Change::new(&caller.env, &end_user, None).created();
+    let (owners, env) = (state.clone(), caller.env.clone());
+    let response = idempotency::run_changing(&state, &incoming, change, move |user, cx, _| {
+        let (lease, changes) = Changes::from_applied(user.take_lease(cx, request.clone())?);
+        // A repeated `request_id`: the earlier lease, nothing held.
+        let replayed = changes.entries.is_empty();
+        // Remembered before the commit: an owner noted for a lease that then failed to
+        // commit only sends a lookup of that id to the end user that lacks it (404).
+        owners.remember_lease_owner(&env, &lease.id.to_string(), user.end_user_id());
+        Ok((Lease::created(&lease, user, cx.now, replayed), changes))
+    });
+    Ok(response.await)
 }
 
 fn parse_lease_id(id: &str) -> Result<LeaseId, ApiError> {

@@ -7,7 +7,7 @@ use axum::response::Response;
 use ledger::{Refusal, ReservationId, ReservationStatus};
 use protocol::{CommitReservation, CreateReservation, ExtendReservation, Problem, Reservation};
 
-use super::extract::{Act, Call, parse_json};
+use super::extract::{Act, Call};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
@@ -20,26 +20,14 @@ use crate::store::{Changes, Env};
     responses((status = 201, body = Reservation), (status = 400, body = Problem), (status = 402, body = Problem)))]
 pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError> {
     let (state, caller) = call.scoped(Scope::Write)?;
-    let request: CreateReservation = parse_json(&incoming.headers, &incoming.body, false)?;
+    let request: CreateReservation = incoming.json(false)?;
     let (end_user, request) = request.to_ledger()?;
-    let (state, env, end_user, request) = (&state, &caller.env, &end_user, &request);
-    Ok(
-        idempotency::run_claiming(state, env, &incoming, |key| async move {
-            let request = request.clone();
-            let reservation = state
-                .mutate(
-                    Change::new(env, end_user, key.as_ref()).created(),
-                    move |user, cx, _| {
-                        let (reservation, changes) =
-                            Changes::from_applied(user.reserve(cx, request.clone())?);
-                        Ok((answer(&reservation, user), changes))
-                    },
-                )
-                .await?;
-            Done::stored(StatusCode::CREATED, &reservation)
-        })
-        .await,
-    )
+    let change = Change::new(&caller.env, &end_user, None).created();
+    let response = idempotency::run_changing(&state, &incoming, change, move |user, cx, _| {
+        let (reservation, changes) = Changes::from_applied(user.reserve(cx, request.clone())?);
+        Ok((answer(&reservation, user), changes))
+    });
+    Ok(response.await)
 }
 
 /// The answer to a change of `reservation`, just made to `user`: with the version of
@@ -148,8 +136,7 @@ pub async fn commit(act: Act) -> Result<Response, ApiError> {
     responses((status = 200, body = Reservation), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn release(act: Act) -> Result<Response, ApiError> {
     resolve(act, |request| {
-        request.no_options()?;
-        Ok(Resolve::Release)
+        request.no_options().map(|()| Resolve::Release)
     })
     .await
 }

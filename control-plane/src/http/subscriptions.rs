@@ -255,8 +255,7 @@ pub async fn renew(act: Act) -> Result<Response, ApiError> {
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn pause(act: Act) -> Result<Response, ApiError> {
     lifecycle(act, |request| {
-        request.no_options()?;
-        Ok(Lifecycle::Pause)
+        request.no_options().map(|()| Lifecycle::Pause)
     })
     .await
 }
@@ -266,8 +265,7 @@ pub async fn pause(act: Act) -> Result<Response, ApiError> {
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn resume(act: Act) -> Result<Response, ApiError> {
     lifecycle(act, |request| {
-        request.no_options()?;
-        Ok(Lifecycle::Resume)
+        request.no_options().map(|()| Lifecycle::Resume)
     })
     .await
 }

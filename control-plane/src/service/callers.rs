@@ -191,10 +191,7 @@ impl AppState {
 
     /// A known key's caller, within its environment's rate limit.
     fn admit(&self, record: ApiKeyRecord) -> Result<Caller, ApiError> {
-        let env = Env {
-            tenant_id: record.tenant_id,
-            environment: record.environment,
-        };
+        let env = Env::new(record.tenant_id, record.environment);
         self.limit(&env)?;
         Ok(Caller {
             env,

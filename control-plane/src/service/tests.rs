@@ -120,10 +120,7 @@ impl Held {
             _directory: directory,
             path,
             state: AppState::new(config, Arc::new(store), Arc::new(clock), None),
-            env: Env {
-                tenant_id: tenant.into(),
-                environment: Environment::Test,
-            },
+            env: Env::new(tenant, Environment::Test),
             hot: EndUserId::new("hot").expect("id"),
         }
     }

@@ -3,7 +3,21 @@
 use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
 use crate::store::Mutation;
-use crate::store::{Changes, Env, IdempotencyBegin, Store, StoreError, StoreResult};
+use crate::store::{Changes, Env, IdempotencyBegin, Lease, Store, StoreError, StoreResult};
+
+/// A queued idempotency lease of `key` at `now` (30 s, kept until `now`), whose answer
+/// nobody waits for.
+pub(crate) fn lease(env: &Env, key: &str, fingerprint: u8, now: Timestamp) -> Lease {
+    Lease {
+        env: env.clone(),
+        key: key.into(),
+        fingerprint: [fingerprint; 32],
+        now,
+        lease_ms: 30_000,
+        keep_until: now,
+        reply: tokio::sync::oneshot::channel().0,
+    }
+}
 
 /// Each answer's kind, for comparing a batch of lease answers at a glance.
 pub(crate) fn kinds(answers: &[IdempotencyBegin]) -> Vec<&'static str> {

@@ -465,10 +465,7 @@ store_test! {
     harness.grant(key, "u1", 100).await;
     // The state version an answer names is the end user's state right after it.
     let version_now = || async {
-        let env = control_plane::store::Env {
-            tenant_id: tenant.id.clone(),
-            environment: control_plane::store::Environment::Test,
-        };
+        let env = control_plane::store::Env::new(tenant.id.clone(), control_plane::store::Environment::Test);
         let end_user = ledger::EndUserId::new("u1").expect("end user id");
         harness
             .state

@@ -431,10 +431,7 @@ feed_test! {
 }
 
 fn env(tenant: &crate::support::Tenant) -> control_plane::store::Env {
-    control_plane::store::Env {
-        tenant_id: tenant.id.clone(),
-        environment: control_plane::store::Environment::Test,
-    }
+    control_plane::store::Env::new(tenant.id.clone(), control_plane::store::Environment::Test)
 }
 
 async fn assert_states_match(

@@ -19,7 +19,7 @@ use crate::store::{
     ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryLease,
     EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedReadStore,
     FeedStore, IdempotencyAnswer, IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore,
-    JobStore, Lease, LedgerStore, Mutation, RecordStore, StoreError, StoreResult, TenancyStore,
+    JobStore, LedgerStore, Mutation, RecordStore, StoreError, StoreResult, TenancyStore,
     TenantRecord, WebhookStore, user_key,
 };
 
@@ -102,10 +102,7 @@ async fn store() -> Option<TestStore> {
 }
 
 fn env(tenant: &str) -> Env {
-    Env {
-        tenant_id: tenant.into(),
-        environment: Environment::Test,
-    }
+    Env::new(tenant, Environment::Test)
 }
 
 async fn tenant(store: &PostgresStore, id: &str) -> Env {
@@ -134,15 +131,8 @@ async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i
 async fn a_batch_of_leases_answers_each_in_order() {
     let Some(store) = store().await else { return };
     let env = tenant(&store, "t_batch").await;
-    let lease = |key: &str, fingerprint: u8| Lease {
-        env: env.clone(),
-        key: key.into(),
-        fingerprint: [fingerprint; 32],
-        now: T0,
-        lease_ms: 30_000,
-        keep_until: T0,
-        reply: tokio::sync::oneshot::channel().0,
-    };
+    let lease =
+        |key: &str, fingerprint: u8| crate::store::testing::lease(&env, key, fingerprint, T0);
     store
         .take_leases(&[lease("done", 1)])
         .await
@@ -713,23 +703,7 @@ async fn deliveries_are_claimed_once_and_in_order() {
     claimed.dedup();
     assert_eq!(claimed.len(), count, "no delivery is claimed twice");
     assert_eq!(count, 20, "u0's second event waits for its first");
-    assert!(
-        store
-            .claim_deliveries(
-                &env,
-                T0,
-                DeliveryLease {
-                    now: T0,
-                    until: T0
-                        .checked_add(ledger::Span::from_millis(60_000))
-                        .expect("instant")
-                },
-                100
-            )
-            .await
-            .expect("claim")
-            .is_empty()
-    );
+    assert!(claim(store.clone(), env.clone()).await.is_empty());
 
     let first_of_u0 = claimed[0];
     store
@@ -744,20 +718,7 @@ async fn deliveries_are_claimed_once_and_in_order() {
         })
         .await
         .expect("attempt");
-    let next = store
-        .claim_deliveries(
-            &env,
-            T0,
-            DeliveryLease {
-                now: T0,
-                until: T0
-                    .checked_add(ledger::Span::from_millis(60_000))
-                    .expect("instant"),
-            },
-            100,
-        )
-        .await
-        .expect("claim");
+    let next = claim(store.clone(), env.clone()).await;
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].event.end_user_id.as_deref(), Some("u0"));
     let event = store

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::{Arg, Side, Sql};
+use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::{Columns, catalog_record, unique_violation};
 use crate::store::{CatalogRecord, CatalogStore, Env, EnvRecord, StoreError, StoreResult};
 
@@ -78,11 +78,7 @@ async fn list<S: Sql, T: serde::de::DeserializeOwned>(
             Side::Read,
             "SELECT id, key, parent_id, body, archived, created_at FROM catalog
              WHERE tenant_id = $1 AND environment = $2 AND kind = $3 ORDER BY seq",
-            &[
-                Arg::Text(&env.tenant_id),
-                Arg::Text(env.environment.as_str()),
-                Arg::Text(kind),
-            ],
+            &scoped(env, &[Arg::Text(kind)]),
         )
         .await?;
     rows.iter().map(catalog_record).collect()
@@ -91,13 +87,9 @@ async fn list<S: Sql, T: serde::de::DeserializeOwned>(
 #[async_trait]
 impl<S: Sql> CatalogStore for S {
     async fn env_record(&self, env: &Env) -> StoreResult<EnvRecord> {
-        let row = self
-            .fetch_optional(
-                Side::Read,
-                "SELECT settings, clock_offset_ms FROM environments WHERE tenant_id = $1 AND environment = $2",
-                &[Arg::Text(&env.tenant_id), Arg::Text(env.environment.as_str())],
-            )
-            .await?;
+        let sql = "SELECT settings, clock_offset_ms FROM environments WHERE tenant_id = $1 AND environment = $2";
+        let args = scoped(env, &[]);
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         let Some(row) = row else {
             return Ok(EnvRecord::default());
         };
@@ -113,12 +105,7 @@ impl<S: Sql> CatalogStore for S {
             Side::Write,
             "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (tenant_id, environment) DO UPDATE SET settings = excluded.settings, clock_offset_ms = excluded.clock_offset_ms",
-            &[
-                Arg::Text(&env.tenant_id),
-                Arg::Text(env.environment.as_str()),
-                Arg::Text(&settings),
-                Arg::Int(record.clock_offset_ms),
-            ],
+            &scoped(env, &[Arg::Text(&settings), Arg::Int(record.clock_offset_ms)]),
         )
         .await?;
         Ok(())
@@ -130,11 +117,7 @@ impl<S: Sql> CatalogStore for S {
             Side::Write,
             "INSERT INTO environments (tenant_id, environment, settings) VALUES ($1, $2, $3)
              ON CONFLICT (tenant_id, environment) DO UPDATE SET settings = excluded.settings",
-            &[
-                Arg::Text(&env.tenant_id),
-                Arg::Text(env.environment.as_str()),
-                Arg::Text(&settings),
-            ],
+            &scoped(env, &[Arg::Text(&settings)]),
         )
         .await?;
         Ok(())
@@ -142,20 +125,11 @@ impl<S: Sql> CatalogStore for S {
 
     async fn advance_clock(&self, env: &Env, step_ms: i64) -> StoreResult<i64> {
         let settings = serde_json::to_string(&protocol::Settings::default())?;
-        let row = self
-            .fetch_optional(
-                Side::Write,
-                "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
+        let sql = "INSERT INTO environments (tenant_id, environment, settings, clock_offset_ms) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (tenant_id, environment) DO UPDATE SET clock_offset_ms = environments.clock_offset_ms + excluded.clock_offset_ms
-                 RETURNING clock_offset_ms",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::Text(&settings),
-                    Arg::Int(step_ms),
-                ],
-            )
-            .await?;
+                 RETURNING clock_offset_ms";
+        let args = scoped(env, &[Arg::Text(&settings), Arg::Int(step_ms)]);
+        let row = self.fetch_optional(Side::Write, sql, &args).await?;
         let row =
             row.ok_or_else(|| StoreError::Fatal("the clock's upsert returned no row".into()))?;
         row.int("clock_offset_ms")
@@ -220,19 +194,15 @@ impl<S: Sql> CatalogStore for S {
     }
 
     async fn set_variant_archived(&self, env: &Env, id: &str, archived: bool) -> StoreResult<bool> {
-        let changed = self
-            .execute(
-                Side::Write,
-                "UPDATE catalog SET archived = $1
-                 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND kind = 'variant'",
-                &[
-                    Arg::Flag(archived),
-                    Arg::Text(id),
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                ],
-            )
-            .await?;
+        let sql = "UPDATE catalog SET archived = $1
+                 WHERE id = $2 AND tenant_id = $3 AND environment = $4 AND kind = 'variant'";
+        let args = [
+            Arg::Flag(archived),
+            Arg::Text(id),
+            Arg::Text(&env.tenant_id),
+            Arg::Text(env.environment.as_str()),
+        ];
+        let changed = self.execute(Side::Write, sql, &args).await?;
         Ok(changed > 0)
     }
 }

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 
-use super::{Arg, Side, Sql};
+use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::{Columns, corrupt, event, parse_state};
 use crate::store::{
     ConsoleStore, DeliveryRow, EndUserCursor, EndUserRow, Env, EventRecord, StoreResult,
@@ -119,28 +119,16 @@ impl<S: Sql> ConsoleStore for S {
         end_user: &str,
         limit: u32,
     ) -> StoreResult<Vec<EventRecord>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT seq, body FROM events
+        let sql = "SELECT seq, body FROM events
                  WHERE tenant_id = $1 AND environment = $2 AND end_user_id = $3
-                 ORDER BY seq DESC LIMIT $4",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::Text(end_user),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+                 ORDER BY seq DESC LIMIT $4";
+        let args = scoped(env, &[Arg::Text(end_user), Arg::Int(i64::from(limit))]);
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter().map(event).collect()
     }
 
     async fn recent_deliveries(&self, env: &Env, limit: u32) -> StoreResult<Vec<DeliveryRow>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT d.id, d.endpoint_id, d.event_id, d.status, d.attempts, d.next_attempt_at,
+        let sql = "SELECT d.id, d.endpoint_id, d.event_id, d.status, d.attempts, d.next_attempt_at,
                         e.type AS event_type, e.created_at AS event_at,
                         (SELECT a.response_status FROM webhook_attempts a
                           WHERE a.delivery_id = d.id ORDER BY a.attempt DESC LIMIT 1) AS last_response,
@@ -149,14 +137,9 @@ impl<S: Sql> ConsoleStore for S {
                    FROM webhook_deliveries d
                    LEFT JOIN events e ON e.id = d.event_id
                   WHERE d.tenant_id = $1 AND d.environment = $2
-                  ORDER BY d.id DESC LIMIT $3",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+                  ORDER BY d.id DESC LIMIT $3";
+        let args = scoped(env, &[Arg::Int(i64::from(limit))]);
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter()
             .map(|row| {
                 Ok(DeliveryRow {

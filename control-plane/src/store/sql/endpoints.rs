@@ -15,44 +15,27 @@ impl<S: Sql> EndpointStore for S {
         after_seq: Option<i64>,
         limit: u32,
     ) -> StoreResult<Vec<EventRecord>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT seq, body FROM events WHERE tenant_id = $1 AND environment = $2
-                 AND ($3 IS NULL OR seq > $3) ORDER BY seq LIMIT $4",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::IntOpt(after_seq),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+        let sql = "SELECT seq, body FROM events WHERE tenant_id = $1 AND environment = $2
+                 AND ($3 IS NULL OR seq > $3) ORDER BY seq LIMIT $4";
+        let args = scoped(env, &[Arg::IntOpt(after_seq), Arg::Int(i64::from(limit))]);
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter().map(event).collect()
     }
 
     async fn event(&self, env: &Env, id: &str) -> StoreResult<Option<EventRecord>> {
-        let row = self
-            .fetch_optional(
-                Side::Read,
-                "SELECT seq, body FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3",
-                &[
-                    Arg::Text(id),
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                ],
-            )
-            .await?;
+        let sql =
+            "SELECT seq, body FROM events WHERE id = $1 AND tenant_id = $2 AND environment = $3";
+        let args = [
+            Arg::Text(id),
+            Arg::Text(&env.tenant_id),
+            Arg::Text(env.environment.as_str()),
+        ];
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         let Some(row) = row else { return Ok(None) };
         let mut record = event(&row)?;
-        let attempts = self
-            .fetch_all(
-                Side::Read,
-                "SELECT endpoint_id, attempt, status, response_status, at FROM webhook_attempts
-                 WHERE event_id = $1 ORDER BY at, attempt",
-                &[Arg::Text(id)],
-            )
-            .await?;
+        let sql = "SELECT endpoint_id, attempt, status, response_status, at FROM webhook_attempts
+                 WHERE event_id = $1 ORDER BY at, attempt";
+        let attempts = self.fetch_all(Side::Read, sql, &[Arg::Text(id)]).await?;
         for attempt in &attempts {
             record.event.deliveries.push(protocol::Delivery {
                 endpoint_id: attempt.text("endpoint_id")?,
@@ -93,17 +76,9 @@ impl<S: Sql> EndpointStore for S {
     }
 
     async fn endpoints(&self, env: &Env) -> StoreResult<Vec<EndpointRecord>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND environment = $2
-                 AND deleted_at IS NULL ORDER BY created_at, id",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                ],
-            )
-            .await?;
+        let sql = "SELECT * FROM webhook_endpoints WHERE tenant_id = $1 AND environment = $2
+                 AND deleted_at IS NULL ORDER BY created_at, id";
+        let rows = self.fetch_all(Side::Read, sql, &scoped(env, &[])).await?;
         rows.iter()
             .map(|row| endpoint(row, EndpointColumns::TABLE))
             .collect()
@@ -115,21 +90,17 @@ impl<S: Sql> EndpointStore for S {
             .as_ref()
             .map(serde_json::to_string)
             .transpose()?;
-        let changed = self
-            .execute(
-                Side::Write,
-                "UPDATE webhook_endpoints SET url = $1, event_types = $2, updated_at = $3
-                 WHERE id = $4 AND tenant_id = $5 AND environment = $6 AND deleted_at IS NULL",
-                &[
-                    Arg::Text(&record.url),
-                    Arg::TextOpt(event_types.as_deref()),
-                    Arg::Int(record.updated_at.as_millis()),
-                    Arg::Text(&record.id),
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                ],
-            )
-            .await?;
+        let sql = "UPDATE webhook_endpoints SET url = $1, event_types = $2, updated_at = $3
+                 WHERE id = $4 AND tenant_id = $5 AND environment = $6 AND deleted_at IS NULL";
+        let args = [
+            Arg::Text(&record.url),
+            Arg::TextOpt(event_types.as_deref()),
+            Arg::Int(record.updated_at.as_millis()),
+            Arg::Text(&record.id),
+            Arg::Text(&env.tenant_id),
+            Arg::Text(env.environment.as_str()),
+        ];
+        let changed = self.execute(Side::Write, sql, &args).await?;
         Ok(changed > 0)
     }
 
@@ -162,18 +133,10 @@ impl<S: Sql> EndpointStore for S {
     }
 
     async fn pending_deliveries(&self, env: &Env, due_by: Timestamp) -> StoreResult<u64> {
-        let row = self
-            .fetch_optional(
-                Side::Read,
-                "SELECT COUNT(*) AS pending FROM webhook_deliveries WHERE tenant_id = $1
-                 AND environment = $2 AND status = 'pending' AND next_attempt_at <= $3",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::Int(due_by.as_millis()),
-                ],
-            )
-            .await?;
+        let sql = "SELECT COUNT(*) AS pending FROM webhook_deliveries WHERE tenant_id = $1
+                 AND environment = $2 AND status = 'pending' AND next_attempt_at <= $3";
+        let args = scoped(env, &[Arg::Int(due_by.as_millis())]);
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         let pending = row.map(|row| row.int("pending")).transpose()?.unwrap_or(0);
         Ok(u64::try_from(pending).unwrap_or(0))
     }

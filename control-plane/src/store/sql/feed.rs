@@ -12,9 +12,8 @@ impl<S: Sql> FeedReadStore for S {
     async fn last_change(&self, env: &Env) -> StoreResult<i64> {
         let sql = "SELECT COALESCE(MAX(seq), 0) AS seq FROM changes
                    WHERE tenant_id = $1 AND environment = $2";
-        let row = self
-            .fetch_optional(Side::Read, sql, &scoped(env, &[]))
-            .await?;
+        let args = scoped(env, &[]);
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         let last = row.map(|row| row.int("seq")).transpose()?.unwrap_or(0);
         Ok(last.max(self.purged_through(env).await?))
     }
@@ -22,9 +21,8 @@ impl<S: Sql> FeedReadStore for S {
     async fn purged_through(&self, env: &Env) -> StoreResult<i64> {
         let sql = "SELECT purged_through FROM change_watermarks
                    WHERE tenant_id = $1 AND environment = $2";
-        let row = self
-            .fetch_optional(Side::Read, sql, &scoped(env, &[]))
-            .await?;
+        let args = scoped(env, &[]);
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         Ok(row
             .map(|row| row.int("purged_through"))
             .transpose()?

@@ -3,26 +3,18 @@
 use async_trait::async_trait;
 use ledger::{EndUserId, Timestamp};
 
-use super::{Arg, Side, Sql};
+use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::{Columns, corrupt};
 use crate::store::{Env, JobStore, StoreResult};
 
 #[async_trait]
 impl<T: Sql> JobStore for T {
     async fn environments(&self) -> StoreResult<Vec<(Env, i64)>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT tenant_id, environment, clock_offset_ms FROM environments ORDER BY tenant_id, environment",
-                &[],
-            )
-            .await?;
+        let sql = "SELECT tenant_id, environment, clock_offset_ms FROM environments ORDER BY tenant_id, environment";
+        let rows = self.fetch_all(Side::Read, sql, &[]).await?;
         rows.iter()
             .map(|row| {
-                let env = Env {
-                    tenant_id: row.text("tenant_id")?,
-                    environment: row.environment()?,
-                };
+                let env = Env::new(row.text("tenant_id")?, row.environment()?);
                 Ok((env, row.int("clock_offset_ms")?))
             })
             .collect()
@@ -34,20 +26,14 @@ impl<T: Sql> JobStore for T {
         now: Timestamp,
         limit: u32,
     ) -> StoreResult<Vec<(EndUserId, Timestamp)>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT end_user_id, next_due_at FROM end_users
+        let sql = "SELECT end_user_id, next_due_at FROM end_users
                  WHERE tenant_id = $1 AND environment = $2 AND next_due_at IS NOT NULL AND next_due_at <= $3
-                 ORDER BY next_due_at LIMIT $4",
-                &[
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                    Arg::Int(now.as_millis()),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+                 ORDER BY next_due_at LIMIT $4";
+        let args = scoped(
+            env,
+            &[Arg::Int(now.as_millis()), Arg::Int(i64::from(limit))],
+        );
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter()
             .map(|row| {
                 let id = row.text("end_user_id")?;

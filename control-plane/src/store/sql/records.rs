@@ -43,9 +43,8 @@ impl<S: Sql> RecordStore for S {
     async fn block(&self, env: &Env, id: &str) -> StoreResult<Option<StoredBlock>> {
         let sql = "SELECT end_user_id, body, metadata, external_payment_id FROM blocks
                    WHERE tenant_id = $1 AND environment = $2 AND id = $3";
-        let row = self
-            .fetch_optional(Side::Read, sql, &scoped(env, &[Arg::Text(id)]))
-            .await?;
+        let args = scoped(env, &[Arg::Text(id)]);
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         let Some(row) = row else { return Ok(None) };
         let owner = row.text("end_user_id")?;
         let metadata = row.text_opt("metadata")?;

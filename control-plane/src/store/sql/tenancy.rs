@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use ledger::Timestamp;
 
-use super::{Arg, Side, Sql};
+use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::Columns;
 use crate::store::columns::api_key;
 use crate::store::{
@@ -62,13 +62,9 @@ impl<S: Sql> TenancyStore for S {
     }
 
     async fn api_key_by_hash(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKeyRecord>> {
-        let row = self
-            .fetch_optional(
-                Side::Read,
-                "SELECT * FROM api_keys WHERE key_hash = $1",
-                &[Arg::Bytes(hash.as_slice())],
-            )
-            .await?;
+        let sql = "SELECT * FROM api_keys WHERE key_hash = $1";
+        let args = [Arg::Bytes(hash.as_slice())];
+        let row = self.fetch_optional(Side::Read, sql, &args).await?;
         row.as_ref().map(api_key).transpose()
     }
 
@@ -80,13 +76,9 @@ impl<S: Sql> TenancyStore for S {
     }
 
     async fn list_api_keys(&self, env: &Env) -> StoreResult<Vec<ApiKeyRecord>> {
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT * FROM api_keys WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at, id",
-                &[Arg::Text(&env.tenant_id), Arg::Text(env.environment.as_str())],
-            )
-            .await?;
+        let sql = "SELECT * FROM api_keys WHERE tenant_id = $1 AND environment = $2 ORDER BY created_at, id";
+        let args = scoped(env, &[]);
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter().map(api_key).collect()
     }
 
@@ -97,50 +89,39 @@ impl<S: Sql> TenancyStore for S {
         at: Timestamp,
     ) -> StoreResult<Option<ApiKeyRecord>> {
         // One statement: the row as revoked (the first revocation's time is kept).
-        let row = self
-            .fetch_optional(
-                Side::Write,
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)
-                 WHERE id = $2 AND tenant_id = $3 AND environment = $4 RETURNING *",
-                &[
-                    Arg::Int(at.as_millis()),
-                    Arg::Text(id),
-                    Arg::Text(&env.tenant_id),
-                    Arg::Text(env.environment.as_str()),
-                ],
-            )
-            .await?;
+        let sql = "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $1)
+                 WHERE id = $2 AND tenant_id = $3 AND environment = $4 RETURNING *";
+        let args = [
+            Arg::Int(at.as_millis()),
+            Arg::Text(id),
+            Arg::Text(&env.tenant_id),
+            Arg::Text(env.environment.as_str()),
+        ];
+        let row = self.fetch_optional(Side::Write, sql, &args).await?;
         row.as_ref().map(api_key).transpose()
     }
 
     async fn env_heads(&self, after: Option<&Env>, limit: u32) -> StoreResult<Vec<EnvHead>> {
         // One index probe per environment for its newest change; the purge watermark
         // counts as the head where everything since was purged (an idle environment).
-        let rows = self
-            .fetch_all(
-                Side::Read,
-                "SELECT e.tenant_id, e.environment, e.clock_offset_ms,
+        let sql = "SELECT e.tenant_id, e.environment, e.clock_offset_ms,
                    COALESCE((SELECT MAX(c.seq) FROM changes c
                      WHERE c.tenant_id = e.tenant_id AND c.environment = e.environment), 0) AS head,
                    COALESCE((SELECT w.purged_through FROM change_watermarks w
                      WHERE w.tenant_id = e.tenant_id AND w.environment = e.environment), 0) AS purged
                  FROM environments e
                  WHERE e.tenant_id > $1 OR (e.tenant_id = $1 AND e.environment > $2)
-                 ORDER BY e.tenant_id, e.environment LIMIT $3",
-                &[
-                    Arg::Text(after.map_or("", |env| env.tenant_id.as_str())),
-                    Arg::Text(after.map_or("", |env| env.environment.as_str())),
-                    Arg::Int(i64::from(limit)),
-                ],
-            )
-            .await?;
+                 ORDER BY e.tenant_id, e.environment LIMIT $3";
+        let args = [
+            Arg::Text(after.map_or("", |env| env.tenant_id.as_str())),
+            Arg::Text(after.map_or("", |env| env.environment.as_str())),
+            Arg::Int(i64::from(limit)),
+        ];
+        let rows = self.fetch_all(Side::Read, sql, &args).await?;
         rows.iter()
             .map(|row| {
                 Ok(EnvHead {
-                    env: Env {
-                        tenant_id: row.text("tenant_id")?,
-                        environment: row.environment()?,
-                    },
+                    env: Env::new(row.text("tenant_id")?, row.environment()?),
                     head: row.int("head")?.max(row.int("purged")?),
                     clock_offset_ms: row.int("clock_offset_ms")?,
                 })

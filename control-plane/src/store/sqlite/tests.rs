@@ -12,7 +12,7 @@ use super::{CHAIN_STEPS, SqliteStore, cache};
 use crate::store::LeaseAsk;
 use crate::store::{
     Changes, DatabaseUrl, EntryFilter, Env, Environment, FeedStore, IdempotencyAnswer,
-    IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore, Lease, LedgerStore, RecordStore,
+    IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore, LedgerStore, RecordStore,
     StoreError, StoreResult, Synchronous,
 };
 
@@ -41,19 +41,9 @@ async fn writer_synchronous(store: &SqliteStore) -> i64 {
 #[tokio::test]
 async fn a_batch_of_leases_answers_each_in_order() {
     let (_directory, _, store) = file_store().await;
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Test,
-    };
-    let lease = |key: &str, fingerprint: u8| Lease {
-        env: env.clone(),
-        key: key.into(),
-        fingerprint: [fingerprint; 32],
-        now: T0,
-        lease_ms: 30_000,
-        keep_until: T0,
-        reply: tokio::sync::oneshot::channel().0,
-    };
+    let env = Env::new("t", Environment::Test);
+    let lease =
+        |key: &str, fingerprint: u8| crate::store::testing::lease(&env, key, fingerprint, T0);
     let batch = [lease("a", 1), lease("b", 1), lease("a", 1), lease("a", 2)];
     let answers = store.take_leases(&batch).await.expect("batch");
     let kinds = crate::store::testing::kinds(&answers);
@@ -68,10 +58,7 @@ async fn the_writer_fsyncs_again_after_a_lease() {
     let (_directory, _, store) = file_store().await;
     const FULL: i64 = 2;
     assert_eq!(writer_synchronous(&store).await, FULL);
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Test,
-    };
+    let env = Env::new("t", Environment::Test);
     let begin = |fingerprint: [u8; 32]| {
         let (store, env) = (store.clone(), env.clone());
         async move {
@@ -166,14 +153,8 @@ fn everyone() -> EntryFilter {
 // carries them into a table without the index on their ids.
 #[tokio::test]
 async fn the_migration_chains_entries_written_before_it() {
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
-    let sandbox = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Test,
-    };
+    let env = Env::new("t", Environment::Live);
+    let sandbox = Env::new("t", Environment::Test);
     // Rows as the store wrote them: made by today's store, copied into a database
     // migrated only up to 0004. The two environments' entries interleave.
     let (_made_directory, _, made) = file_store().await;
@@ -313,20 +294,14 @@ async fn a_long_chain_is_walked_with_filters_and_cursors() {
     let store = SqliteStore::open(&url, Synchronous::Normal, 1)
         .await
         .expect("store");
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     // More than one statement's worth of links (CHAIN_STEPS), one millisecond apart.
     let count = 600_i64;
     let (long, other) = (
         EndUserId::new("long").expect("id"),
         EndUserId::new("other").expect("id"),
     );
-    let sandbox = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Test,
-    };
+    let sandbox = Env::new("t", Environment::Test);
     for amount in 1..=count {
         let at = T0
             .checked_add(ledger::Span::from_millis(amount))
@@ -526,10 +501,7 @@ async fn a_long_chain_is_walked_with_filters_and_cursors() {
 #[tokio::test]
 async fn a_broken_chain_is_reported() {
     let (_directory, _, store) = file_store().await;
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     for amount in [1, 2, 3] {
         grant(&store, &env, "u1", amount).await;
     }
@@ -585,10 +557,7 @@ async fn batch_over_a_concurrent_write(
     concurrent: Concurrent,
 ) -> (i64, usize, usize) {
     let (_directory, url, store) = file_store().await;
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     match initial {
         Some(amount) if cached => {
             crate::store::testing::grant_many(&store, &env, &["u1"], amount, T0).await;
@@ -691,10 +660,7 @@ async fn a_batch_reruns_an_operation_whose_state_changed_before_the_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_runs_on_the_states_it_kept() {
     let (_directory, _, store) = file_store().await;
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     for _ in 0..3 {
         crate::store::testing::grant_many(&store, &env, &["u1", "u2"], 2, T0).await;
     }
@@ -733,10 +699,7 @@ async fn a_batch_runs_on_the_states_it_kept() {
         .expect("batch");
     assert!(kept(&store, &env, "u1").is_none());
     // Another environment's end user of the same id is not this one.
-    let other = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Test,
-    };
+    let other = Env::new("t", Environment::Test);
     assert!(kept(&store, &other, "u1").is_none());
 }
 
@@ -786,10 +749,7 @@ async fn a_kept_state_written_over_since_is_not_used() {
     let other = SqliteStore::open(&url, Synchronous::Full, 1)
         .await
         .expect("second store");
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     let batch = |amount: i64| crate::store::testing::grant_many(&store, &env, &["u1"], amount, T0);
     batch(1).await;
     grant(&store, &env, "u1", 10).await;
@@ -806,10 +766,7 @@ async fn a_kept_state_written_over_since_is_not_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_state_is_not_kept() {
     let (_directory, _, store) = file_store().await;
-    let env = Env {
-        tenant_id: "t".into(),
-        environment: Environment::Live,
-    };
+    let env = Env::new("t", Environment::Live);
     // Each grant is a block of its own.
     for _ in 0..64 {
         crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
