@@ -213,6 +213,35 @@ pub struct ApplyPlan {
     pub refused: Vec<String>,
 }
 
+impl ApplyPlan {
+    /// Plans an object the catalog holds already: refused with `refusal` when a field
+    /// that cannot change differs (answers true then), unchanged when no field of
+    /// `fields` (name, differs) differs, otherwise replaced by the step `replace` makes
+    /// of the changed fields' names.
+    fn stored(
+        &mut self,
+        refusal: Option<String>,
+        fields: &[(&'static str, bool)],
+        replace: impl FnOnce(Vec<&'static str>) -> Step,
+    ) -> bool {
+        if let Some(refusal) = refusal {
+            self.refused.push(refusal);
+            return true;
+        }
+        let changed: Vec<&'static str> = fields
+            .iter()
+            .filter(|(_, differs)| *differs)
+            .map(|(name, _)| *name)
+            .collect();
+        if changed.is_empty() {
+            self.unchanged += 1;
+        } else {
+            self.steps.push(replace(changed));
+        }
+        false
+    }
+}
+
 impl fmt::Display for ApplyPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for step in &self.steps {
@@ -257,30 +286,26 @@ pub fn plan(file: &CatalogFile, current: &Current) -> ApplyPlan {
         match existing {
             None => plan.steps.push(Step::CreatePlan(wanted.request())),
             Some(existing) => {
-                if existing.kind != wanted.kind {
-                    plan.refused.push(format!(
+                let refusal = (existing.kind != wanted.kind).then(|| {
+                    format!(
                         "plan {}: its kind can't change; create a plan with a new key instead",
                         wanted.key
-                    ));
+                    )
+                });
+                let fields = [
+                    ("name", existing.name != wanted.name),
+                    ("features", existing.features != wanted.features),
+                    (
+                        "overage_policy",
+                        existing.overage_policy != wanted.overage_policy,
+                    ),
+                ];
+                let body = wanted.request();
+                if plan.stored(refusal, &fields, |changed| Step::ReplacePlan {
+                    body,
+                    changed,
+                }) {
                     continue;
-                }
-                let mut changed = Vec::new();
-                if existing.name != wanted.name {
-                    changed.push("name");
-                }
-                if existing.features != wanted.features {
-                    changed.push("features");
-                }
-                if existing.overage_policy != wanted.overage_policy {
-                    changed.push("overage_policy");
-                }
-                if changed.is_empty() {
-                    plan.unchanged += 1;
-                } else {
-                    plan.steps.push(Step::ReplacePlan {
-                        body: wanted.request(),
-                        changed,
-                    });
                 }
             }
         }
@@ -297,31 +322,25 @@ fn plan_feature(feature: &CreateFeature, current: &Current, plan: &mut ApplyPlan
     match current.features.iter().find(|f| f.key == feature.key) {
         None => plan.steps.push(Step::CreateFeature(feature.clone())),
         Some(existing) => {
-            if existing.feature_type != feature.feature_type {
-                plan.refused.push(format!(
+            let refusal = (existing.feature_type != feature.feature_type).then(|| {
+                format!(
                     "feature {}: its type can't change; create a feature with a new key instead",
                     feature.key
-                ));
-                return;
-            }
-            let mut changed = Vec::new();
-            if existing.name != feature.name {
-                changed.push("name");
-            }
-            if existing.pricing != feature.pricing {
-                changed.push("pricing");
-            }
-            if existing.requires_plan != feature.requires_plan {
-                changed.push("requires_plan");
-            }
-            if changed.is_empty() {
-                plan.unchanged += 1;
-            } else {
-                plan.steps.push(Step::ReplaceFeature {
-                    body: feature.clone(),
-                    changed,
-                });
-            }
+                )
+            });
+            let fields = [
+                ("name", existing.name != feature.name),
+                ("pricing", existing.pricing != feature.pricing),
+                (
+                    "requires_plan",
+                    existing.requires_plan != feature.requires_plan,
+                ),
+            ];
+            let body = feature.clone();
+            plan.stored(refusal, &fields, |changed| Step::ReplaceFeature {
+                body,
+                changed,
+            });
         }
     }
 }

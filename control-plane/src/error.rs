@@ -114,25 +114,18 @@ impl ApiError {
                 Problem::new(404, "not_found", "Not found", format!("{what} not found"))
             }
             ApiError::Refused(refusal) => refusal_problem(refusal),
-            ApiError::ReservationNotActive { status, detail } => {
-                let mut problem = Problem::new(
-                    409,
-                    "reservation_not_active",
-                    "Reservation not active",
-                    detail.clone(),
-                );
-                problem.current_status = Some(status.clone());
-                problem
-            }
-            ApiError::InvalidTransition { status, detail } => {
-                let mut problem = Problem::new(
-                    409,
-                    "invalid_transition",
-                    "Invalid transition",
-                    detail.clone(),
-                );
-                problem.current_status = Some(status.clone());
-                problem
+            ApiError::ReservationNotActive { status, detail }
+            | ApiError::InvalidTransition { status, detail } => {
+                let (code, title) = match self {
+                    ApiError::ReservationNotActive { .. } => {
+                        ("reservation_not_active", "Reservation not active")
+                    }
+                    _ => ("invalid_transition", "Invalid transition"),
+                };
+                Problem {
+                    current_status: Some(status.clone()),
+                    ..Problem::new(409, code, title, detail.clone())
+                }
             }
             ApiError::IdempotencyKeyReused => Problem::new(
                 409,

@@ -282,6 +282,12 @@ impl Publisher {
             .map_err(nats_failure)
     }
 
+    /// The newest position purged from `env`'s feed.
+    async fn purged_through(&self, env: &Env) -> Result<i64, Failure> {
+        let purged = self.state.store().purged_through(env).await;
+        purged.map_err(|error| Failure::Store(error.to_string()))
+    }
+
     /// Where `env`'s stream is (creating it if need be).
     async fn load(&self, env: &Env) -> Result<Published, Failure> {
         let mut stream = ensure_stream(&self.context, env, self.state.config().feed_retention)
@@ -291,12 +297,7 @@ impl Publisher {
         let sequence = info.state.last_sequence;
         if info.state.messages == 0 {
             // Nothing kept: go on from the oldest change the feed still has.
-            let position = self
-                .state
-                .store()
-                .purged_through(env)
-                .await
-                .map_err(|error| Failure::Store(error.to_string()))?;
+            let position = self.purged_through(env).await?;
             return Ok(Published { sequence, position });
         }
         let last = stream
@@ -358,12 +359,7 @@ impl Publisher {
             };
             // Read after the page: a purge before the read shows here, and a follower
             // behind it must re-snapshot.
-            let purged = self
-                .state
-                .store()
-                .purged_through(env)
-                .await
-                .map_err(|error| Failure::Store(error.to_string()))?;
+            let purged = self.purged_through(env).await?;
             let mut first = true;
             for (from, position, lines) in runs(&read.lines) {
                 let previous = if first {

@@ -45,21 +45,24 @@ pub use key_leases::LeaseAsk;
 pub use key_leases::answered_elsewhere;
 pub(crate) use key_leases::{LEASES_PER_TRANSACTION, Lease, answer_leases, queue_lease};
 pub use options::{DatabaseUrl, Synchronous};
+pub(crate) use records::usage_key_taken;
 pub use records::{
-    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryJob,
-    DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord, EntryFilter, EntryPoint,
-    EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin, LeaseFilter, Mutation,
-    StoredBlock, SubscriptionFilter, TenantRecord, UsageKeyRecord, wire_event,
+    Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryClaim,
+    DeliveryJob, DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord,
+    EntryFilter, EntryPoint, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin,
+    LeaseFilter, Mutation, StoredBlock, SubscriptionFilter, TenantRecord, UsageKeyRecord,
+    wire_event,
 };
 pub(crate) use rows::{
-    BlockRow, CLAIM_LEASE_MS, EntryRow, StateRow, changed_leases, changed_reservations,
-    changed_subscriptions, claimed_flags, claims_to_insert, stage_rows, user_key,
+    BlockRow, CLAIM_LEASE_MS, EntryRow, HeldRow, HeldTable, StateRow, claimed_flags,
+    claims_to_insert, held_rows, stage_rows, user_key,
 };
 pub use rows::{Changes, ClaimingFn, MutateFn, unchanged};
 
 use std::fmt;
 
 use async_trait::async_trait;
+use protocol::Event as WireEvent;
 
 use ledger::{EndUserId, EndUserState, Reservation, Subscription, Timestamp};
 
@@ -424,12 +427,7 @@ pub trait WebhookStore: Send + Sync {
     /// Writes an event that concerns no end user (a test ping) with a delivery to one
     /// endpoint only.
     /// The delivery is pending from the event's `created_at`.
-    async fn insert_ping(
-        &self,
-        env: &Env,
-        event: &protocol::Event,
-        endpoint: &str,
-    ) -> StoreResult<()>;
+    async fn insert_ping(&self, env: &Env, event: &WireEvent, endpoint: &str) -> StoreResult<()>;
     /// Claims up to `limit` deliveries due by `due_by` (the environment's clock), each the
     /// oldest pending one of its endpoint and end user (so a failing event holds back only
     /// that end user's later events), and not leased at `lease.now`; leases them until
@@ -438,9 +436,7 @@ pub trait WebhookStore: Send + Sync {
     async fn claim_deliveries(
         &self,
         env: &Env,
-        due_by: Timestamp,
-        lease: DeliveryLease,
-        limit: u32,
+        claim: &DeliveryClaim,
     ) -> StoreResult<Vec<DeliveryJob>>;
 }
 

@@ -18,7 +18,7 @@ use tokio::task::JoinSet;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::{
-    AttemptRecord, DeliveryJob, DeliveryLease, Env, Store, StoreError, StoreResult,
+    AttemptRecord, DeliveryClaim, DeliveryJob, DeliveryLease, Env, Store, StoreError, StoreResult,
 };
 
 /// Delays before each retry (SPEC 11: about 5 s, 30 s, 2 m, 10 m, 30 m, 2 h, 6 h, 12 h);
@@ -155,24 +155,34 @@ pub fn validate_url(text: &str, allow_private: bool) -> Result<url::Url, String>
     Ok(url)
 }
 
-/// A resolver that refuses private addresses, so a host name cannot be pointed at the
-/// internal network after it was accepted (DNS rebinding).
+/// How the delivery clients resolve host names: public addresses only, so a host name
+/// cannot be pointed at the internal network after it was accepted (DNS rebinding); or
+/// nothing at all, for the fallback client that must not reach anything.
 #[derive(Debug, Clone, Copy)]
-struct PublicOnlyResolver;
+enum Resolver {
+    PublicOnly,
+    Nothing,
+}
 
-impl reqwest::dns::Resolve for PublicOnlyResolver {
+impl reqwest::dns::Resolve for Resolver {
     fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
+        let (host, resolver) = (name.as_str().to_owned(), *self);
         Box::pin(async move {
-            let addresses: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let public: Vec<SocketAddr> = addresses
-                .into_iter()
-                .filter(|address| !is_private(address.ip()))
-                .collect();
+            let public: Vec<SocketAddr> = match resolver {
+                Resolver::Nothing => Vec::new(),
+                Resolver::PublicOnly => tokio::net::lookup_host((host.as_str(), 0))
+                    .await?
+                    .filter(|address| !is_private(address.ip()))
+                    .collect(),
+            };
             if public.is_empty() {
-                let error: Box<dyn std::error::Error + Send + Sync> =
-                    format!("{host} resolves to no public address").into();
+                let error: Box<dyn std::error::Error + Send + Sync> = match resolver {
+                    Resolver::Nothing => {
+                        format!("the webhook client is unavailable; not resolving {host}")
+                    }
+                    Resolver::PublicOnly => format!("{host} resolves to no public address"),
+                }
+                .into();
                 return Err(error);
             }
             let iter: reqwest::dns::Addrs = Box::new(public.into_iter());
@@ -197,7 +207,7 @@ pub fn client(timeout: Duration, allow_private: bool) -> Result<reqwest::Client,
     let builder = if allow_private {
         builder
     } else {
-        builder.dns_resolver(Arc::new(PublicOnlyResolver))
+        builder.dns_resolver(Arc::new(Resolver::PublicOnly))
     };
     builder.build()
 }
@@ -231,7 +241,7 @@ impl Deliveries {
                 reqwest::Client::builder()
                     .timeout(config.webhook_timeout)
                     .redirect(reqwest::redirect::Policy::none())
-                    .dns_resolver(Arc::new(NoResolver))
+                    .dns_resolver(Arc::new(Resolver::Nothing))
                     .build()
                     .unwrap_or_default()
             });
@@ -286,21 +296,6 @@ impl Drop for Settling {
     fn drop(&mut self) {
         self.deliveries.lock_settling().remove(&self.env);
         self.deliveries.wake.notify_one();
-    }
-}
-
-/// A resolver that resolves nothing: the fallback client must not reach anything.
-#[derive(Debug, Clone, Copy)]
-struct NoResolver;
-
-impl reqwest::dns::Resolve for NoResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let error: Box<dyn std::error::Error + Send + Sync> =
-                format!("the webhook client is unavailable; not resolving {host}").into();
-            Err(error)
-        })
     }
 }
 
@@ -444,7 +439,14 @@ async fn claim(
         .min(CLAIM_LEN_MAX);
     deliveries
         .store
-        .claim_deliveries(env, due_by, lease, len)
+        .claim_deliveries(
+            env,
+            &DeliveryClaim {
+                due_by,
+                lease,
+                limit: len,
+            },
+        )
         .await
 }
 

@@ -64,6 +64,16 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// The only page: a list that is not paged.
+    pub fn whole(data: impl IntoIterator<Item = T>) -> Page<T> {
+        Page {
+            data: data.into_iter().collect(),
+            next_cursor: None,
+        }
+    }
+}
+
 /// The default and largest page sizes.
 pub const PAGE_LIMIT_DEFAULT: u32 = 50;
 pub const PAGE_LIMIT_MAX: u32 = 500;

@@ -1,6 +1,6 @@
 //! The frame every console page shares, and small rendering helpers.
 
-use axum::http::{HeaderValue, header};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use ledger::Timestamp;
 use maud::{DOCTYPE, Markup, html};
@@ -13,17 +13,11 @@ const STYLESHEET: &str = include_str!("style.css");
 
 /// `GET /console/style.css`.
 pub async fn stylesheet() -> Response {
-    let mut response = STYLESHEET.into_response();
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/css; charset=utf-8"),
-    );
-    headers.insert(
-        header::CACHE_CONTROL,
-        HeaderValue::from_static("public, max-age=300"),
-    );
-    response
+    let headers = [
+        (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+        (header::CACHE_CONTROL, "public, max-age=300"),
+    ];
+    (headers, STYLESHEET).into_response()
 }
 
 /// A page with the signed-in frame: the environment (test in its own colour), the

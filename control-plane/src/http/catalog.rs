@@ -151,10 +151,7 @@ pub async fn create_feature(call: Call, incoming: Incoming) -> Result<Response, 
 pub async fn list_features(call: Call) -> Result<Json<Page<Feature>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
-    Ok(Json(Page {
-        data: view.features.iter().map(feature_wire).collect(),
-        next_cursor: None,
-    }))
+    Ok(Json(Page::whole(view.features.iter().map(feature_wire))))
 }
 
 /// `GET /v1/features/{id_or_key}`.
@@ -169,6 +166,27 @@ pub async fn get_feature(call: Call, Path(id): Path<String>) -> Result<Json<Feat
         .find(|record| record.id == id || record.key == id)
         .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
     Ok(Json(feature_wire(record)))
+}
+
+/// A catalog object replaced in place keeps its key (`key` asked, `current` stored) and
+/// its kind (`fixed`: the field's name, and whether the request changes it).
+fn same_identity(
+    what: &str,
+    key: &str,
+    current: &str,
+    fixed: (&'static str, bool),
+) -> Result<(), ApiError> {
+    if key != current {
+        let detail = format!("must be the {what}'s key `{current}`: keys can't change");
+        return Err(ApiError::bad_request("key", detail));
+    }
+    let (field, changed) = fixed;
+    if changed {
+        let detail =
+            format!("a {what}'s {field} can't change; create a {what} with a new key instead");
+        return Err(ApiError::bad_request(field, detail));
+    }
+    Ok(())
 }
 
 /// `PUT /v1/features/{id_or_key}`: replaces a feature's name, pricing and plan gating
@@ -191,21 +209,13 @@ pub async fn replace_feature(act: Act) -> Result<Response, ApiError> {
                 .iter()
                 .find(|record| record.id == id || record.key == id)
                 .ok_or_else(|| ApiError::NotFound(format!("feature `{id}`")))?;
-            if request.key != current.key {
-                return Err(ApiError::bad_request(
-                    "key",
-                    format!(
-                        "must be the feature's key `{}`: keys can't change",
-                        current.key
-                    ),
-                ));
-            }
-            if request.feature_type != current.body.feature_type {
-                return Err(ApiError::bad_request(
-                    "type",
-                    "a feature's type can't change; create a feature with a new key instead",
-                ));
-            }
+            let kind_changed = request.feature_type != current.body.feature_type;
+            same_identity(
+                "feature",
+                &request.key,
+                &current.key,
+                ("type", kind_changed),
+            )?;
             let record = CatalogRecord {
                 body: request,
                 ..current.clone()
@@ -304,21 +314,8 @@ pub async fn replace_plan(act: Act) -> Result<Response, ApiError> {
                 .ok_or_else(|| ApiError::NotFound(format!("plan `{id}`")))?;
             let plan_id: PlanId = current.id.parse().map_err(ApiError::Internal)?;
             request.to_ledger(plan_id)?;
-            if request.key != current.key {
-                return Err(ApiError::bad_request(
-                    "key",
-                    format!(
-                        "must be the plan's key `{}`: keys can't change",
-                        current.key
-                    ),
-                ));
-            }
-            if request.kind != current.body.kind {
-                return Err(ApiError::bad_request(
-                    "kind",
-                    "a plan's kind can't change; create a plan with a new key instead",
-                ));
-            }
+            let kind_changed = request.kind != current.body.kind;
+            same_identity("plan", &request.key, &current.key, ("kind", kind_changed))?;
             known_features(&view, &request)?;
             let record = CatalogRecord {
                 body: request,

@@ -163,10 +163,9 @@ pub async fn create_key(call: Call, incoming: Incoming) -> Result<Response, ApiE
 pub async fn list_keys(call: Call) -> Result<Json<Page<ApiKey>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Admin)?;
     let keys = state.store().list_api_keys(&caller.env).await?;
-    Ok(Json(Page {
-        data: keys.iter().map(|record| key_wire(record, None)).collect(),
-        next_cursor: None,
-    }))
+    Ok(Json(Page::whole(
+        keys.iter().map(|record| key_wire(record, None)),
+    )))
 }
 
 /// `POST /v1/api-keys/{id}/revoke`: the key stops working at once (in this process; other

@@ -127,6 +127,11 @@ fn event_fingerprint(event: &RecordUsage) -> Result<[u8; 32], ApiError> {
 }
 
 fn error_result(index: usize, error: &ApiError) -> BatchResult {
+    problem_result(index, error.problem())
+}
+
+/// A batch event's answer when it was refused or failed.
+fn problem_result(index: usize, problem: protocol::Problem) -> BatchResult {
     BatchResult {
         index,
         status: BatchStatus::Error,
@@ -135,7 +140,7 @@ fn error_result(index: usize, error: &ApiError) -> BatchResult {
         covered: None,
         debt: None,
         version: None,
-        error: Some(error.problem()),
+        error: Some(problem),
         timestamp_clamped_from: None,
     }
 }
@@ -208,17 +213,7 @@ fn applied_result(index: usize, outcome: Result<UsageRecorded, Problem>) -> Batc
             error: None,
             timestamp_clamped_from: answer.timestamp_clamped_from,
         },
-        Err(problem) => BatchResult {
-            index,
-            status: BatchStatus::Error,
-            id: None,
-            cost: None,
-            covered: None,
-            debt: None,
-            version: None,
-            error: Some(problem),
-            timestamp_clamped_from: None,
-        },
+        Err(problem) => problem_result(index, problem),
     }
 }
 

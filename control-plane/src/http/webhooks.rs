@@ -95,10 +95,9 @@ pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError
 pub async fn list(call: Call) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Admin)?;
     let endpoints = state.store().endpoints(&caller.env).await?;
-    Ok(Json(Page {
-        data: endpoints.iter().map(|record| wire(record, None)).collect(),
-        next_cursor: None,
-    }))
+    Ok(Json(Page::whole(
+        endpoints.iter().map(|record| wire(record, None)),
+    )))
 }
 
 /// `GET /v1/webhook-endpoints/{id}`.

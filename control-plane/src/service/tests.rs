@@ -198,22 +198,13 @@ async fn queued_operations_share_one_transaction() {
     })
     .await;
 
-    let stored = state
-        .store()
-        .load_state(&env, &hot)
-        .await
-        .expect("load")
-        .expect("stored");
+    let stored = crate::store::testing::stored(state.store(), &env, &hot).await;
     let now = state.real_now();
     assert_eq!(
         stored.available(None, now).expect("available"),
         Credits::new(20)
     );
-    let changes = state
-        .store()
-        .changes_after(&env, 0, 100)
-        .await
-        .expect("feed");
+    let changes = feed(&state, &env).await;
     assert_eq!(
         changes.len(),
         2,
@@ -376,22 +367,13 @@ async fn claims_in_a_group_run_once_and_keep_their_answers() {
         ),
         "the classic lease is untouched"
     );
-    let stored = state
-        .store()
-        .load_state(&env, &hot)
-        .await
-        .expect("load")
-        .expect("stored");
+    let stored = crate::store::testing::stored(state.store(), &env, &hot).await;
     assert_eq!(
         stored.available(None, now).expect("available"),
         Credits::new(1 + 5 + 2),
         "only the operations that ran committed"
     );
-    let changes = state
-        .store()
-        .changes_after(&env, 0, 100)
-        .await
-        .expect("feed");
+    let changes = feed(&state, &env).await;
     assert_eq!(
         changes.len(),
         2,
@@ -412,4 +394,13 @@ async fn claims_in_a_group_run_once_and_keep_their_answers() {
         refused.await.expect("task"),
         Err(ApiError::Refused(_))
     ));
+}
+
+/// The environment's change feed from its start (up to 100 positions).
+async fn feed(state: &AppState, env: &Env) -> Vec<crate::store::ChangeRecord> {
+    state
+        .store()
+        .changes_after(env, 0, 100)
+        .await
+        .expect("feed")
 }

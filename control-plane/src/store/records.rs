@@ -78,6 +78,22 @@ pub struct Mutation<'a> {
     pub claims: &'a [Claim],
 }
 
+/// What a batch meets when another batch recorded one of its usage event keys first:
+/// the whole batch rolls back, and a retry finds the key as a duplicate.
+pub(crate) fn usage_key_taken(
+    unique_violation: bool,
+    error: super::StoreError,
+) -> super::StoreError {
+    if unique_violation {
+        super::StoreError::Conflict(
+            "a usage event key of this batch was recorded concurrently; send the batch again"
+                .into(),
+        )
+    } else {
+        error
+    }
+}
+
 /// Which subscriptions a listing wants: a page in id order, of one end user or all.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SubscriptionFilter<'a> {
@@ -184,6 +200,15 @@ impl EndpointRecord {
 pub struct DeliveryLease {
     pub now: Timestamp,
     pub until: Timestamp,
+}
+
+/// What a webhook worker claims: up to `limit` deliveries due by `due_by` (the
+/// environment's clock), leased as `lease` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeliveryClaim {
+    pub due_by: Timestamp,
+    pub lease: DeliveryLease,
+    pub limit: u32,
 }
 
 /// A delivery claimed for one attempt.

@@ -175,66 +175,89 @@ pub(crate) fn stage_rows(
     Ok((state, entries, blocks))
 }
 
-/// The reservations an operation created or changed, live or finished (what a store
-/// writes of them), in the state's order, then the finished ones'.
-pub(crate) fn changed_reservations<'a>(
+/// The tables of objects an end user holds, each a row per object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeldTable {
+    Reservations,
+    Leases,
+    Subscriptions,
+}
+
+/// A row of an object an end user holds (a reservation, lease or subscription) that an
+/// operation created or changed, live or finished.
+#[derive(Debug)]
+pub(crate) struct HeldRow {
+    pub(crate) table: HeldTable,
+    pub(crate) id: String,
+    /// A lease's holder; `None` for the other kinds.
+    pub(crate) holder: Option<String>,
+    pub(crate) status: &'static str,
+    pub(crate) body: String,
+}
+
+/// The objects an operation created or changed, live or finished (what a store writes
+/// of them): by table, each in the state's order, then the finished ones'.
+pub(crate) fn held_rows(
     old: &EndUserState,
-    new: &'a EndUserState,
-    changes: &'a [Changes],
-) -> Vec<&'a ledger::Reservation> {
-    let before: std::collections::BTreeMap<_, _> = old
-        .reservations()
-        .iter()
-        .map(|reservation| (reservation.id, reservation))
-        .collect();
-    new.reservations()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_reservations))
-        .filter(|reservation| {
-            before
-                .get(&reservation.id)
-                .is_none_or(|old| *old != *reservation)
-        })
+    new: &EndUserState,
+    changes: &[Changes],
+) -> StoreResult<Vec<HeldRow>> {
+    let mut rows = Vec::new();
+    // Each kind: its table, its list in a state, its finished ones in `Changes`, and
+    // its holder.
+    macro_rules! rows_of {
+        ($table:ident, $list:ident, $finished:ident, |$item:ident| $holder:expr) => {
+            let finished = changes.iter().flat_map(|part| &part.$finished);
+            for $item in changed(old.$list(), new.$list(), finished, |item| item.id) {
+                let status = $item.status.as_str();
+                rows.push(held(HeldTable::$table, $item.id, $holder, status, $item)?);
+            }
+        };
+    }
+    rows_of!(Reservations, reservations, finished_reservations, |item| {
+        None
+    });
+    rows_of!(Leases, leases, finished_leases, |item| Some(
+        item.holder.as_str()
+    ));
+    rows_of!(
+        Subscriptions,
+        subscriptions,
+        finished_subscriptions,
+        |item| None
+    );
+    Ok(rows)
+}
+
+/// The items of `now` and `finished` that are not in `before` as they are.
+fn changed<'a, T: PartialEq, K: Ord>(
+    before: &[T],
+    now: &'a [T],
+    finished: impl Iterator<Item = &'a T>,
+    id: impl Fn(&T) -> K,
+) -> Vec<&'a T> {
+    let before: std::collections::BTreeMap<K, &T> =
+        before.iter().map(|item| (id(item), item)).collect();
+    now.iter()
+        .chain(finished)
+        .filter(|item| before.get(&id(item)).is_none_or(|old| *old != *item))
         .collect()
 }
 
-/// The leases an operation created or changed, live or finished (what a store writes of
-/// them), in the state's order, then the finished ones'.
-pub(crate) fn changed_leases<'a>(
-    old: &EndUserState,
-    new: &'a EndUserState,
-    changes: &'a [Changes],
-) -> Vec<&'a ledger::Lease> {
-    let before: std::collections::BTreeMap<_, _> =
-        old.leases().iter().map(|lease| (lease.id, lease)).collect();
-    new.leases()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_leases))
-        .filter(|lease| before.get(&lease.id).is_none_or(|old| *old != *lease))
-        .collect()
-}
-
-/// The subscriptions an operation created or changed, live or finished (what a store
-/// writes of them), in the state's order, then the finished ones'.
-pub(crate) fn changed_subscriptions<'a>(
-    old: &EndUserState,
-    new: &'a EndUserState,
-    changes: &'a [Changes],
-) -> Vec<&'a ledger::Subscription> {
-    let before: std::collections::BTreeMap<_, _> = old
-        .subscriptions()
-        .iter()
-        .map(|subscription| (subscription.id, subscription))
-        .collect();
-    new.subscriptions()
-        .iter()
-        .chain(changes.iter().flat_map(|part| &part.finished_subscriptions))
-        .filter(|subscription| {
-            before
-                .get(&subscription.id)
-                .is_none_or(|old| *old != *subscription)
-        })
-        .collect()
+fn held(
+    table: HeldTable,
+    id: impl std::fmt::Display,
+    holder: Option<&str>,
+    status: &'static str,
+    object: &impl serde::Serialize,
+) -> StoreResult<HeldRow> {
+    Ok(HeldRow {
+        table,
+        id: id.to_string(),
+        holder: holder.map(str::to_owned),
+        status,
+        body: serde_json::to_string(object)?,
+    })
 }
 
 /// A mutation that reported no changes must not have changed the state.

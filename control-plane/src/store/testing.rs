@@ -19,6 +19,15 @@ pub(crate) fn lease(env: &Env, key: &str, fingerprint: u8, now: Timestamp) -> Le
     }
 }
 
+/// The end user's stored state (the test fails when there is none).
+pub(crate) async fn stored(store: &dyn Store, env: &Env, end_user: &EndUserId) -> EndUserState {
+    store
+        .load_state(env, end_user)
+        .await
+        .expect("load")
+        .expect("stored")
+}
+
 /// Each answer's kind, for comparing a batch of lease answers at a glance.
 pub(crate) fn kinds(answers: &[IdempotencyBegin]) -> Vec<&'static str> {
     answers

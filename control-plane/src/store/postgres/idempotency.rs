@@ -19,16 +19,6 @@ const IDEMPOTENCY_ATTEMPTS_MAX: u32 = 3;
 
 #[async_trait]
 impl IdempotencyStore for PostgresStore {
-    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
-        // Leases of one environment that arrive together are taken in one transaction, by
-        // a task of its own (see `take_leases`).
-        queue_lease(&self.leases, ask.env.clone(), ask, |guard| {
-            let store = self.clone();
-            tokio::spawn(async move { store.drain_leases(guard).await });
-        })
-        .await
-    }
-
     async fn usage_keys(
         &self,
         env: &Env,
@@ -78,6 +68,16 @@ impl IdempotencyStore for PostgresStore {
         Ok(idempotency
             .rows_affected()
             .saturating_add(usage.rows_affected()))
+    }
+
+    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
+        // Leases of one environment that arrive together are taken in one transaction, by
+        // a task of its own (see `take_leases`).
+        queue_lease(&self.leases, ask.env.clone(), ask, |guard| {
+            let store = self.clone();
+            tokio::spawn(async move { store.drain_leases(guard).await });
+        })
+        .await
     }
 }
 

@@ -16,11 +16,11 @@ use super::end_users::lock_state;
 use super::write::{insert_change, take_positions};
 use crate::store::LeaseAsk;
 use crate::store::{
-    ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryLease,
-    EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment, FeedReadStore,
-    FeedStore, IdempotencyAnswer, IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore,
-    JobStore, LedgerStore, Mutation, RecordStore, StoreError, StoreResult, TenancyStore,
-    TenantRecord, WebhookStore, user_key,
+    ApiKeyRecord, AttemptRecord, CatalogRecord, CatalogStore, Changes, DeliveryClaim,
+    DeliveryLease, EndpointRecord, EndpointStore, EntryFilter, Env, EnvRecord, Environment,
+    FeedReadStore, FeedStore, IdempotencyAnswer, IdempotencyAnswerStore, IdempotencyBegin,
+    IdempotencyStore, JobStore, LedgerStore, Mutation, RecordStore, StoreError, StoreResult,
+    TenancyStore, TenantRecord, WebhookStore, user_key,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -466,11 +466,7 @@ async fn one_end_users_mutations_are_serialised() {
     for task in tasks {
         task.await.expect("task");
     }
-    let state = store
-        .load_state(&env, &user("hot"))
-        .await
-        .expect("load")
-        .expect("stored");
+    let state = crate::store::testing::stored(&**store, &env, &user("hot")).await;
     assert_eq!(state.version(), 30);
     let total: i64 = state
         .blocks()
@@ -522,11 +518,7 @@ async fn only_the_same_end_user_waits() {
     )
     .await
     .expect("the lock is free again");
-    let state = store
-        .load_state(&env, &user("busy"))
-        .await
-        .expect("load")
-        .expect("stored");
+    let state = crate::store::testing::stored(&*store, &env, &user("busy")).await;
     assert_eq!(state.version(), 2, "the abandoned attempt wrote nothing");
 }
 
@@ -676,14 +668,16 @@ async fn deliveries_are_claimed_once_and_in_order() {
         store
             .claim_deliveries(
                 &env,
-                T0,
-                DeliveryLease {
-                    now: T0,
-                    until: T0
-                        .checked_add(ledger::Span::from_millis(60_000))
-                        .expect("instant"),
+                &DeliveryClaim {
+                    due_by: T0,
+                    lease: DeliveryLease {
+                        now: T0,
+                        until: T0
+                            .checked_add(ledger::Span::from_millis(60_000))
+                            .expect("instant"),
+                    },
+                    limit: 100,
                 },
-                100,
             )
             .await
             .expect("claim")

@@ -3,40 +3,21 @@
 
 use async_trait::async_trait;
 use ledger::Timestamp;
+use protocol::Event as WireEvent;
 use sqlx::{PgConnection, Row};
 
 use super::write::{insert_wire_event, take_positions};
 use super::{PostgresStore, corrupt, limit};
 use crate::store::columns::EndpointColumns;
 use crate::store::sql::endpoints::DELIVERY_INSERT;
-use crate::store::{DeliveryJob, DeliveryLease, EndpointRecord, Env, StoreResult, WebhookStore};
+use crate::store::{DeliveryClaim, DeliveryJob, EndpointRecord, Env, StoreResult, WebhookStore};
 
 #[async_trait]
 impl WebhookStore for PostgresStore {
-    async fn insert_ping(
-        &self,
-        env: &Env,
-        event: &protocol::Event,
-        endpoint: &str,
-    ) -> StoreResult<()> {
-        let now = event.created_at.0;
-        let mut tx = self.pool.begin().await?;
-        let heads = take_positions(&mut tx, env, 1, 0).await?;
-        insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
-        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
-            &event.id, heads.last_event, None::<&str>, now.as_millis())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn claim_deliveries(
         &self,
         env: &Env,
-        due_by: Timestamp,
-        lease: DeliveryLease,
-        limit_len: u32,
+        claim: &DeliveryClaim,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.pool.begin().await?;
         // SKIP LOCKED: a delivery another replica is claiming right now is passed over,
@@ -60,8 +41,8 @@ impl WebhookStore for PostgresStore {
                    AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
              ORDER BY d.event_seq, d.id LIMIT $4
              FOR UPDATE OF d SKIP LOCKED",
-        ); &env.tenant_id, env.environment.as_str(), due_by.as_millis(), limit(limit_len),
-            lease.now.as_millis())
+        ); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(), limit(claim.limit),
+            claim.lease.now.as_millis())
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
@@ -78,12 +59,25 @@ impl WebhookStore for PostgresStore {
         if !jobs.is_empty() {
             let ids: Vec<i64> = jobs.iter().map(|job| job.delivery_id).collect();
             bind!(sqlx::query("UPDATE webhook_deliveries SET locked_until = $1 WHERE id = ANY($2)");
-                lease.until.as_millis(), ids)
-                .execute(&mut *tx)
-                .await?;
+                claim.lease.until.as_millis(), ids)
+        .execute(&mut *tx)
+        .await?;
         }
         tx.commit().await?;
         Ok(jobs)
+    }
+
+    async fn insert_ping(&self, env: &Env, event: &WireEvent, endpoint: &str) -> StoreResult<()> {
+        let now = event.created_at.0;
+        let mut tx = self.pool.begin().await?;
+        let heads = take_positions(&mut tx, env, 1, 0).await?;
+        insert_wire_event(&mut tx, env, heads.last_event, event, None).await?;
+        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
+            &event.id, heads.last_event, None::<&str>, now.as_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 

@@ -9,9 +9,8 @@ use sqlx::{PgConnection, Postgres, Row};
 use super::webhooks::live_endpoints;
 use super::{corrupt, unique_violation};
 use crate::store::{
-    BlockRow, Changes, EntryRow, Env, IdempotencyAnswer, StateRow, StoreError, StoreResult,
-    UsageKeyRecord, changed_leases, changed_reservations, changed_subscriptions, stage_rows,
-    unchanged, user_key,
+    BlockRow, Changes, EntryRow, Env, HeldRow, HeldTable, IdempotencyAnswer, StateRow, StoreResult,
+    UsageKeyRecord, held_rows, stage_rows, unchanged, usage_key_taken, user_key,
 };
 
 /// Rows a transaction writes for every operation (end users, blocks, entries, usage
@@ -30,9 +29,8 @@ pub(super) struct Rows {
     events: Vec<(protocol::Event, String)>,
     /// End users whose state changed: one change-feed entry each.
     changes: Vec<String>,
-    reservations: Vec<HeldRow>,
-    leases: Vec<HeldRow>,
-    subscriptions: Vec<HeldRow>,
+    /// New and changed reservations, leases and subscriptions, with their end users.
+    held: Vec<(String, HeldRow)>,
 }
 
 impl Rows {
@@ -64,33 +62,9 @@ impl Rows {
                     .push((crate::store::wire_event(event), end_user.to_owned()));
             }
         }
-        for reservation in changed_reservations(old, new, changes) {
-            self.reservations.push(HeldRow::new(
-                reservation.id.to_string(),
-                end_user,
-                None,
-                reservation.status.as_str(),
-                reservation,
-            )?);
-        }
-        for lease in changed_leases(old, new, changes) {
-            self.leases.push(HeldRow::new(
-                lease.id.to_string(),
-                end_user,
-                Some(lease.holder.as_str()),
-                lease.status.as_str(),
-                lease,
-            )?);
-        }
-        for subscription in changed_subscriptions(old, new, changes) {
-            self.subscriptions.push(HeldRow::new(
-                subscription.id.to_string(),
-                end_user,
-                None,
-                subscription.status.as_str(),
-                subscription,
-            )?);
-        }
+        let held = held_rows(old, new, changes)?;
+        self.held
+            .extend(held.into_iter().map(|row| (end_user.to_owned(), row)));
         Ok(())
     }
 
@@ -113,9 +87,16 @@ impl Rows {
         writer.usage_keys(self.usage_keys).await?;
         writer.answer_keys(self.idempotency).await?;
         writer.release_keys(self.released).await?;
-        writer.held(Held::Reservations, self.reservations).await?;
-        writer.held(Held::Leases, self.leases).await?;
-        writer.held(Held::Subscriptions, self.subscriptions).await?;
+        let mut held = self.held;
+        for table in [
+            HeldTable::Reservations,
+            HeldTable::Leases,
+            HeldTable::Subscriptions,
+        ] {
+            let (rows, rest) = held.into_iter().partition(|(_, row)| row.table == table);
+            held = rest;
+            writer.held(table, rows).await?;
+        }
         writer.feeds(&self.events, &self.changes).await
     }
 }
@@ -242,15 +223,7 @@ impl Writer<'_> {
         ); &env.tenant_id, env.environment.as_str(), keys, fingerprints, entry_ids, results, keep)
         .execute(&mut *connection)
         .await
-        .map_err(|error| {
-            // Another batch recorded the key first: the whole batch rolls back and a
-            // retry finds the key as a duplicate.
-            if unique_violation(&error) {
-                StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-            } else {
-                StoreError::from(error)
-            }
-        })?;
+        .map_err(|error| usage_key_taken(unique_violation(&error), error.into()))?;
         Ok(())
     }
 
@@ -307,20 +280,20 @@ impl Writer<'_> {
 
     /// Upserts `rows` into `table`'s table with one `UNNEST` statement. `rows` holds each id
     /// once: a transaction stages each end user once.
-    async fn held(&mut self, table: Held, rows: Vec<HeldRow>) -> StoreResult<()> {
+    async fn held(&mut self, table: HeldTable, rows: Vec<(String, HeldRow)>) -> StoreResult<()> {
         let env = self.env;
         if rows.is_empty() {
             return Ok(());
         }
-        columns!(rows, |row|
-            ids: row.id, users: row.end_user, holders: row.holder.unwrap_or_default(),
+        columns!(rows, |(user, row)|
+            ids: row.id, users: user, holders: row.holder.unwrap_or_default(),
             statuses: row.status, bodies: row.body,
         );
-        let query = bind!(sqlx::query(table.upsert()); &env.tenant_id, env.environment.as_str(),
+        let query = bind!(sqlx::query(upsert(table)); &env.tenant_id, env.environment.as_str(),
             ids, users, statuses, bodies);
         let query = match table {
-            Held::Leases => query.bind(holders),
-            Held::Reservations | Held::Subscriptions => query,
+            HeldTable::Leases => query.bind(holders),
+            HeldTable::Reservations | HeldTable::Subscriptions => query,
         };
         self.run(query).await
     }
@@ -422,67 +395,28 @@ impl Writer<'_> {
     }
 }
 
-/// A row of an object an end user holds (a reservation, lease or subscription) that is
-/// new or changed, live or finished: written with one statement per table.
-#[derive(Debug)]
-struct HeldRow {
-    id: String,
-    end_user: String,
-    /// A lease's holder; `None` for the other kinds.
-    holder: Option<String>,
-    status: &'static str,
-    body: String,
-}
-
-impl HeldRow {
-    fn new<T: serde::Serialize>(
-        id: String,
-        end_user: &str,
-        holder: Option<&str>,
-        status: &'static str,
-        object: &T,
-    ) -> StoreResult<HeldRow> {
-        Ok(HeldRow {
-            id,
-            end_user: end_user.to_owned(),
-            holder: holder.map(str::to_owned),
-            status,
-            body: serde_json::to_string(object)?,
-        })
-    }
-}
-
-/// The tables of objects an end user holds, each written with one statement.
-#[derive(Debug, Clone, Copy)]
-enum Held {
-    Reservations,
-    Leases,
-    Subscriptions,
-}
-
-impl Held {
-    /// The upsert of a batch: tenant and environment, then one array per column.
-    fn upsert(self) -> &'static str {
-        match self {
-            Held::Reservations => {
-                "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body)
-                 SELECT u.id, $1, $2, u.end_user, u.status, u.body
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
-            }
-            Held::Subscriptions => {
-                "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body)
-                 SELECT u.id, $1, $2, u.end_user, u.status, u.body
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
-            }
-            Held::Leases => {
-                "INSERT INTO leases (id, tenant_id, environment, end_user_id, status, body, holder)
-                 SELECT u.id, $1, $2, u.end_user, u.status, u.body, u.holder
-                 FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-                   AS u(id, end_user, status, body, holder)
-                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
-            }
+/// The upsert of a batch of `table`'s rows: tenant and environment, then one array per
+/// column.
+fn upsert(table: HeldTable) -> &'static str {
+    match table {
+        HeldTable::Reservations => {
+            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body)
+             SELECT u.id, $1, $2, u.end_user, u.status, u.body
+             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+        }
+        HeldTable::Subscriptions => {
+            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body)
+             SELECT u.id, $1, $2, u.end_user, u.status, u.body
+             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[]) AS u(id, end_user, status, body)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+        }
+        HeldTable::Leases => {
+            "INSERT INTO leases (id, tenant_id, environment, end_user_id, status, body, holder)
+             SELECT u.id, $1, $2, u.end_user, u.status, u.body, u.holder
+             FROM UNNEST($3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
+               AS u(id, end_user, status, body, holder)
+             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
         }
     }
 }

@@ -53,17 +53,6 @@ impl SqliteStore {
 
 #[async_trait]
 impl IdempotencyStore for SqliteStore {
-    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
-        // Leases that arrive together are taken in one transaction on the writer (by a
-        // task of its own, so a caller that goes away cannot leave the writer changed; see
-        // `take_leases`).
-        queue_lease(&self.leases, (), ask, |guard| {
-            let store = self.clone();
-            tokio::spawn(async move { store.drain_leases(guard).await });
-        })
-        .await
-    }
-
     async fn usage_keys(
         &self,
         env: &Env,
@@ -117,6 +106,17 @@ impl IdempotencyStore for SqliteStore {
             .rows_affected()
             .saturating_add(usage.rows_affected())
             .saturating_add(swept))
+    }
+
+    async fn idempotency_begin(&self, ask: LeaseAsk<'_>) -> StoreResult<IdempotencyBegin> {
+        // Leases that arrive together are taken in one transaction on the writer (by a
+        // task of its own, so a caller that goes away cannot leave the writer changed; see
+        // `take_leases`).
+        queue_lease(&self.leases, (), ask, |guard| {
+            let store = self.clone();
+            tokio::spawn(async move { store.drain_leases(guard).await });
+        })
+        .await
     }
 }
 

@@ -12,8 +12,8 @@ use super::{CHAIN_STEPS, SqliteStore, cache};
 use crate::store::LeaseAsk;
 use crate::store::{
     Changes, DatabaseUrl, EntryFilter, Env, Environment, FeedStore, IdempotencyAnswer,
-    IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore, LedgerStore, RecordStore,
-    StoreError, StoreResult, Synchronous,
+    IdempotencyAnswerStore, IdempotencyBegin, IdempotencyStore, LedgerStore, StoreError,
+    StoreResult, Synchronous,
 };
 
 const T0: Timestamp = Timestamp::from_millis(1_767_225_600_000);
@@ -122,11 +122,7 @@ async fn stored_and_kept(
     end_user: &str,
 ) -> (EndUserState, Vec<(i64, protocol::LedgerEntry)>) {
     let id = EndUserId::new(end_user).expect("end user id");
-    let state = store
-        .load_state(env, &id)
-        .await
-        .expect("state")
-        .expect("stored");
+    let state = crate::store::testing::stored(store, env, &id).await;
     let entries = store
         .entries(env, &by_user(end_user))
         .await
@@ -685,11 +681,7 @@ async fn a_batch_runs_on_the_states_it_kept() {
         .put_many(&env, current.at, [(planted, current.head)]);
     crate::store::testing::grant_many(&store, &env, &["u1"], 2, T0).await;
     let u1 = EndUserId::new("u1").expect("end user id");
-    let state = store
-        .load_state(&env, &u1)
-        .await
-        .expect("state")
-        .expect("stored");
+    let state = crate::store::testing::stored(&store, &env, &u1).await;
     assert_eq!(state.available(None, T0).expect("available").get(), 108);
     // A batch that writes nothing for an end user forgets its kept state.
     let mut nothing = |_: &mut EndUserState| -> StoreResult<Vec<Changes>> { Ok(Vec::new()) };
@@ -775,11 +767,7 @@ async fn a_large_state_is_not_kept() {
     crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;
     assert!(kept(&store, &env, "u1").is_none());
     let id = EndUserId::new("u1").expect("end user id");
-    let state = store
-        .load_state(&env, &id)
-        .await
-        .expect("state")
-        .expect("stored");
+    let state = crate::store::testing::stored(&store, &env, &id).await;
     assert_eq!(state.blocks().len(), 65);
     // The next batch reads it, and still does not keep it.
     crate::store::testing::grant_many(&store, &env, &["u1"], 1, T0).await;

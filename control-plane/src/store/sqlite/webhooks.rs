@@ -3,38 +3,20 @@
 
 use async_trait::async_trait;
 use ledger::Timestamp;
+use protocol::Event as WireEvent;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{SqliteStore, corrupt};
 use crate::store::columns::EndpointColumns;
 use crate::store::sql::endpoints::DELIVERY_INSERT;
-use crate::store::{DeliveryJob, DeliveryLease, Env, StoreResult, WebhookStore};
+use crate::store::{DeliveryClaim, DeliveryJob, Env, StoreResult, WebhookStore};
 
 #[async_trait]
 impl WebhookStore for SqliteStore {
-    async fn insert_ping(
-        &self,
-        env: &Env,
-        event: &protocol::Event,
-        endpoint: &str,
-    ) -> StoreResult<()> {
-        let now = event.created_at.0;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let seq = insert_wire_event(&mut tx, env, event, None).await?;
-        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
-            &event.id, seq, None::<&str>, now.as_millis())
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     async fn claim_deliveries(
         &self,
         env: &Env,
-        due_by: Timestamp,
-        lease: DeliveryLease,
-        limit: u32,
+        claim: &DeliveryClaim,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let rows = bind!(sqlx::query(
@@ -49,15 +31,16 @@ impl WebhookStore for SqliteStore {
                  WHERE earlier.endpoint_id = d.endpoint_id AND earlier.end_user_id IS d.end_user_id
                    AND earlier.status = 'pending' AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
              ORDER BY d.event_seq LIMIT ?",
-        ); &env.tenant_id, env.environment.as_str(), due_by.as_millis(), lease.now.as_millis(),
-            limit)
+        ); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(),
+            claim.lease.now.as_millis(),
+            claim.limit)
         .fetch_all(&mut *tx)
         .await?;
         let mut jobs = Vec::with_capacity(rows.len());
         for row in &rows {
             let delivery_id: i64 = row.try_get("id")?;
             bind!(sqlx::query("UPDATE webhook_deliveries SET locked_until = ? WHERE id = ?");
-                lease.until.as_millis(), delivery_id)
+                claim.lease.until.as_millis(), delivery_id)
             .execute(&mut *tx)
             .await?;
             jobs.push(DeliveryJob {
@@ -71,6 +54,18 @@ impl WebhookStore for SqliteStore {
         }
         tx.commit().await?;
         Ok(jobs)
+    }
+
+    async fn insert_ping(&self, env: &Env, event: &WireEvent, endpoint: &str) -> StoreResult<()> {
+        let now = event.created_at.0;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let seq = insert_wire_event(&mut tx, env, event, None).await?;
+        bind!(sqlx::query(DELIVERY_INSERT); &env.tenant_id, env.environment.as_str(), endpoint,
+            &event.id, seq, None::<&str>, now.as_millis())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
 }
 

@@ -9,10 +9,9 @@ use ledger::{EndUserState, Timestamp};
 use rusqlite::{OptionalExtension, Transaction, params};
 
 use super::super::{
-    BlockRow, CLAIM_LEASE_MS, Changes, Claim, EndpointRecord, EntryRow, Env, IdempotencyAnswer,
-    StateRow, StoreError, StoreResult, UsageKeyRecord, answered_elsewhere, changed_leases,
-    changed_reservations, changed_subscriptions, claimed_flags, claims_to_insert, stage_rows,
-    unchanged,
+    BlockRow, CLAIM_LEASE_MS, Changes, Claim, EndpointRecord, EntryRow, Env, HeldTable,
+    IdempotencyAnswer, StateRow, StoreResult, UsageKeyRecord, answered_elsewhere, claimed_flags,
+    claims_to_insert, held_rows, stage_rows, unchanged, usage_key_taken,
 };
 use super::direct::unique_violation;
 use super::{corrupt, parse_state};
@@ -193,17 +192,17 @@ fn next_entry_seq(tx: &Transaction<'_>) -> StoreResult<i64> {
 /// over a transaction's operations and written kind by kind.
 #[derive(Debug, Default)]
 pub(super) struct Rows {
-    end_users: Vec<StateRow>,
-    blocks: Vec<BlockRow>,
-    entries: Vec<EntryRow>,
-    usage_keys: Vec<UsageKeyRecord>,
+    /// Each end user's newest entry before this transaction (`None`: it has none yet),
+    /// where its new entries' chain starts.
+    pub(super) heads: HashMap<String, Option<i64>>,
     /// Idempotent answers, stored fenced.
     answers: Vec<IdempotencyAnswer>,
     /// End users whose state changed.
     changes: Vec<String>,
-    /// Each end user's newest entry before this transaction (`None`: it has none yet),
-    /// where its new entries' chain starts.
-    pub(super) heads: HashMap<String, Option<i64>>,
+    end_users: Vec<StateRow>,
+    blocks: Vec<BlockRow>,
+    entries: Vec<EntryRow>,
+    usage_keys: Vec<UsageKeyRecord>,
 }
 
 /// What a transaction's rows left: the change feed's position of its row, if an end
@@ -444,13 +443,7 @@ fn insert_usage_keys(
                     key.result,
                     key.keep_until.as_millis(),
                 ])
-                .map_err(|error| {
-                    if unique_violation(&error) {
-                        StoreError::Conflict("a usage event key of this batch was recorded concurrently; send the batch again".into())
-                    } else {
-                        StoreError::from(error)
-                    }
-                })?;
+                .map_err(|error| usage_key_taken(unique_violation(&error), error.into()))?;
         }
     }
     Ok(())
@@ -503,49 +496,34 @@ pub(super) fn stage_rendered(
     }
     let changes = &*changes;
 
-    for reservation in changed_reservations(old, new, changes) {
-        tx.prepare_cached(
-            "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )?
-        .execute(params![
-            reservation.id.to_string(),
+    for row in held_rows(old, new, changes)? {
+        // `?5` is the holder, which only leases keep.
+        let upsert = match row.table {
+            HeldTable::Reservations => {
+                "INSERT INTO reservations (id, tenant_id, environment, end_user_id, status, body)
+                 VALUES (?1, ?2, ?3, ?4, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+            HeldTable::Leases => {
+                "INSERT INTO leases (id, tenant_id, environment, end_user_id, holder, status, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+            HeldTable::Subscriptions => {
+                "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body)
+                 VALUES (?1, ?2, ?3, ?4, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body"
+            }
+        };
+        let (id, holder, status, body) = (&row.id, &row.holder, row.status, &row.body);
+        tx.prepare_cached(upsert)?.execute(params![
+            id,
             tenant,
             environment,
             end_user,
-            reservation.status.as_str(),
-            serde_json::to_string(reservation)?,
-        ])?;
-    }
-
-    for lease in changed_leases(old, new, changes) {
-        tx.prepare_cached(
-            "INSERT INTO leases (id, tenant_id, environment, end_user_id, holder, status, body) VALUES (?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )?
-        .execute(params![
-            lease.id.to_string(),
-            tenant,
-            environment,
-            end_user,
-            lease.holder.as_str(),
-            lease.status.as_str(),
-            serde_json::to_string(lease)?,
-        ])?;
-    }
-
-    for subscription in changed_subscriptions(old, new, changes) {
-        tx.prepare_cached(
-            "INSERT INTO subscriptions (id, tenant_id, environment, end_user_id, status, body) VALUES (?, ?, ?, ?, ?, ?)
-             ON CONFLICT (id) DO UPDATE SET status = excluded.status, body = excluded.body",
-        )?
-        .execute(params![
-            subscription.id.to_string(),
-            tenant,
-            environment,
-            end_user,
-            subscription.status.as_str(),
-            serde_json::to_string(subscription)?,
+            holder,
+            status,
+            body
         ])?;
     }
 
