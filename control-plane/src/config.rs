@@ -611,6 +611,11 @@ fn parse_database_url(url: &str) -> Result<DatabaseUrl, ConfigError> {
 mod tests {
     use super::*;
 
+    /// The error a configuration file's text is refused with.
+    fn refused(text: &str) -> ConfigError {
+        Config::parse(text, "t.toml", &Overrides::default()).expect_err(text)
+    }
+
     // The shipped file parses and validates as it is.
     #[test]
     fn the_shipped_config_is_valid() {
@@ -650,23 +655,19 @@ mod tests {
         )
         .expect_err("unknown key");
         assert!(unknown.to_string().contains("lisen"), "{unknown}");
-        let listen = Config::parse("[server]\nlisten = \"nowhere\"\n", "t.toml", &none)
-            .expect_err("bad address");
+        let listen = refused("[server]\nlisten = \"nowhere\"\n");
         assert!(listen.to_string().starts_with("server.listen"), "{listen}");
-        let database = Config::parse("[database]\nurl = \"mysql://x\"\n", "t.toml", &none)
-            .expect_err("bad url");
+        let database = refused("[database]\nurl = \"mysql://x\"\n");
         assert!(
             database.to_string().starts_with("database.url"),
             "{database}"
         );
-        let short = Config::parse("[auth]\noperator_token = \"short\"\n", "t.toml", &none)
-            .expect_err("short token");
+        let short = refused("[auth]\noperator_token = \"short\"\n");
         assert!(
             short.to_string().starts_with("auth.operator_token"),
             "{short}"
         );
-        let nats = Config::parse("[sync]\nnats_url = \"nats://a b\"\n", "t.toml", &none)
-            .expect_err("bad NATS address");
+        let nats = refused("[sync]\nnats_url = \"nats://a b\"\n");
         assert!(nats.to_string().starts_with("sync.nats_url"), "{nats}");
         let nats = Config::parse(
             "[sync]\nnats_url = \"nats://feed:hunter2@127.0.0.1:4222\"\n",
@@ -679,8 +680,7 @@ mod tests {
             !format!("{nats:?}").contains("hunter2"),
             "redacted in Debug"
         );
-        let retention = Config::parse("[idempotency]\nretention_hours = 1\n", "t.toml", &none)
-            .expect_err("retention");
+        let retention = refused("[idempotency]\nretention_hours = 1\n");
         assert!(
             retention.to_string().contains("retention_hours"),
             "{retention}"
@@ -720,8 +720,7 @@ mod tests {
         let sized =
             Config::parse("[database]\nmax_connections = 64\n", "t.toml", &none).expect("valid");
         assert_eq!(sized.max_connections, 64);
-        let zero = Config::parse("[database]\nmax_connections = 0\n", "t.toml", &none)
-            .expect_err("zero connections");
+        let zero = refused("[database]\nmax_connections = 0\n");
         assert!(
             zero.to_string().starts_with("database.max_connections"),
             "{zero}"

@@ -65,6 +65,11 @@ impl ApiError {
         }
     }
 
+    /// `value`, or 404 naming `what` (an object looked up by id).
+    pub fn found<T>(value: Option<T>, what: impl std::fmt::Display) -> Result<T, ApiError> {
+        value.ok_or_else(|| ApiError::NotFound(what.to_string()))
+    }
+
     /// A request that does not have the documented shape (400).
     pub fn malformed(field: Option<String>, detail: impl Into<String>) -> ApiError {
         ApiError::BadRequest {

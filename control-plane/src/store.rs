@@ -30,6 +30,20 @@ macro_rules! columns {
     };
 }
 
+/// What a webhook delivery claim reads, before each backend's conditions: the
+/// delivery, its event's body and its endpoint (if not deleted). A literal, for
+/// `concat!`.
+macro_rules! delivery_claim_select {
+    () => {
+        "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
+                w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at,
+                w.updated_at AS endpoint_updated_at
+         FROM webhook_deliveries d
+         JOIN events e ON e.id = d.event_id
+         JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL"
+    };
+}
+
 pub(crate) mod columns;
 mod key_leases;
 mod options;
@@ -48,10 +62,10 @@ pub use options::{DatabaseUrl, Synchronous};
 pub(crate) use records::usage_key_taken;
 pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryClaim,
-    DeliveryJob, DeliveryLease, DeliveryRow, EndUserCursor, EndUserRow, EndpointRecord,
-    EntryFilter, EntryPoint, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer, IdempotencyBegin,
-    LeaseFilter, Mutation, StoredBlock, SubscriptionFilter, TenantRecord, UsageKeyRecord,
-    wire_event,
+    DeliveryJob, DeliveryLease, DeliveryRow, EndUserCursor, EndUserPage, EndUserRow,
+    EndpointRecord, EntryFilter, EntryPoint, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer,
+    IdempotencyBegin, LeaseFilter, Mutation, StoredBlock, SubscriptionFilter, TenantRecord,
+    UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
     BlockRow, CLAIM_LEASE_MS, EntryRow, HeldRow, HeldTable, StateRow, claimed_flags,
@@ -401,14 +415,11 @@ pub trait EndpointStore: Send + Sync {
 /// `store/sql/console.rs`).
 #[async_trait]
 pub trait ConsoleStore: Send + Sync {
-    /// End users newest minute of change first (ties by id), those whose id starts with `prefix`
-    /// where given, after `after` (the previous page's last row).
+    /// End users newest minute of change first (ties by id), a page as `page` says.
     async fn recent_end_users(
         &self,
         env: &Env,
-        prefix: Option<&str>,
-        after: Option<&EndUserCursor>,
-        limit: u32,
+        page: EndUserPage<'_>,
     ) -> StoreResult<Vec<EndUserRow>>;
     /// An end user's newest events first.
     async fn end_user_events(

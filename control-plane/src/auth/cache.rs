@@ -249,11 +249,8 @@ mod tests {
     // misses, and both caches stay at their bound.
     #[test]
     fn found_and_missing_are_bounded_apart() {
-        let limits = KeyCacheLimits {
-            found_len: 4,
-            missing_len: 8,
-            ..KeyCacheLimits::default()
-        };
+        let mut limits = KeyCacheLimits::default();
+        (limits.found_len, limits.missing_len) = (4, 8);
         let cache = KeyCache::new(limits);
         let t0 = Timestamp::from_millis(1_000_000);
         cache.put([1; 32], Some(record("key_1")), t0);

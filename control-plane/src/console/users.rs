@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::layout::{notice, time, time_opt};
 use super::{Failure, Page, Session, chart, encode, render, see_other, segment};
 use crate::catalog::CatalogView;
-use crate::store::{EndUserCursor, EntryFilter, EntryPoint};
+use crate::store::{EndUserCursor, EndUserPage, EntryFilter, EntryPoint};
 
 /// End users per page of the list.
 const LIST_PAGE: u32 = 50;
@@ -56,7 +56,14 @@ pub async fn list(session: Session, Query(query): Query<ListQuery>) -> Page {
     let rows = session
         .state
         .store()
-        .recent_end_users(session.env(), prefix, after.as_ref(), LIST_PAGE)
+        .recent_end_users(
+            session.env(),
+            EndUserPage {
+                prefix,
+                after: after.as_ref(),
+                limit: LIST_PAGE,
+            },
+        )
         .await?;
     let next = (rows.len() == usize::try_from(LIST_PAGE).unwrap_or(usize::MAX))
         .then(|| rows.last())

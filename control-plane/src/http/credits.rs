@@ -8,7 +8,7 @@ use protocol::{
     Balance, Block, CreateAdjustment, CreateGrant, LedgerEntry, Page, Problem, VoidBlock,
 };
 
-use super::extract::{Act, Call, parse_json, parse_query, query_params};
+use super::extract::{Act, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
@@ -79,11 +79,8 @@ pub async fn void_block(act: Act) -> Result<Response, ApiError> {
     let (state, env) = (&state, &caller.env);
     Ok(
         idempotency::run_claiming(state, env, &incoming, |key| async move {
-            let stored = state
-                .store()
-                .block(env, &block_id.to_string())
-                .await?
-                .ok_or_else(|| ApiError::NotFound(format!("block {block_id}")))?;
+            let stored = state.store().block(env, &block_id.to_string()).await?;
+            let stored = ApiError::found(stored, format_args!("block {block_id}"))?;
             let (end_user, annotations) = (stored.end_user_id, stored.annotations);
             // The reason goes on the void's ledger entry.
             let void_annotations = Annotations {
@@ -183,8 +180,7 @@ query_params! {
     responses((status = 200, body = Balance), (status = 400, body = Problem), (status = 404, body = Problem)))]
 pub async fn balance(call: Call, uri: Uri) -> Result<Json<Balance>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let query: BalanceQuery = parse_query(&uri)?;
-    let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
+    let (query, end_user) = BalanceQuery::parse(&uri)?;
     let feature = query
         .feature_key
         .as_deref()
@@ -288,10 +284,7 @@ pub fn seq_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
     responses((status = 200, body = Page<LedgerEntry>), (status = 400, body = Problem)))]
 pub async fn ledger(call: Call, uri: Uri) -> Result<Json<Page<LedgerEntry>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let query: LedgerQuery = parse_query(&uri)?;
-    if let Some(end_user) = &query.end_user_id {
-        protocol::end_user_id("end_user_id", end_user)?;
-    }
+    let (query, _) = LedgerQuery::parse(&uri)?;
     if let Some(entry_type) = &query.entry_type
         && !ENTRY_TYPES.contains(&entry_type.as_str())
     {

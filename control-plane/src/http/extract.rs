@@ -287,6 +287,32 @@ pub fn parse_query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, ApiE
         })
 }
 
+/// An `end_user_id` query parameter, required (`String`) or optional (`Option<String>`),
+/// checked as an end user id.
+pub trait EndUserParam {
+    type Id;
+
+    /// # Errors
+    /// 422 naming `end_user_id` when it is not an end user id.
+    fn check(&self) -> Result<Self::Id, ApiError>;
+}
+
+impl EndUserParam for String {
+    type Id = ledger::EndUserId;
+
+    fn check(&self) -> Result<ledger::EndUserId, ApiError> {
+        Ok(protocol::end_user_id("end_user_id", self)?)
+    }
+}
+
+impl EndUserParam for Option<String> {
+    type Id = Option<ledger::EndUserId>;
+
+    fn check(&self) -> Result<Option<ledger::EndUserId>, ApiError> {
+        self.as_ref().map(EndUserParam::check).transpose()
+    }
+}
+
 /// A query string's parameters, written with the API's rules once: unknown parameters
 /// are refused, `end_user_id` (the first field, required or optional) carries the end
 /// user id's constraints, and a struct followed by `paged` ends with the paging
@@ -326,6 +352,21 @@ macro_rules! query_params {
             #[param(min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1F\x7F-\x9F]+$")]
             pub end_user_id: $end_user,
             $($(#[$field_meta])* pub $field: $field_type,)*
+        }
+
+        impl $name {
+            /// The request's query, with its `end_user_id` checked.
+            ///
+            /// # Errors
+            /// 400 for a query that does not parse, 422 for an end user id that is not
+            /// one.
+            pub fn parse(
+                uri: &axum::http::Uri,
+            ) -> Result<(Self, <$end_user as $crate::http::extract::EndUserParam>::Id), $crate::error::ApiError> {
+                let query: Self = $crate::http::extract::parse_query(uri)?;
+                let end_user = $crate::http::extract::EndUserParam::check(&query.end_user_id)?;
+                Ok((query, end_user))
+            }
         }
     };
 }

@@ -17,7 +17,7 @@ use protocol::{
 };
 
 use super::credits::page_limit;
-use super::extract::{Act, Call, parse_json, parse_query, query_params};
+use super::extract::{Act, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
@@ -69,11 +69,8 @@ async fn owner(state: &AppState, env: &Env, id: LeaseId) -> Result<EndUserId, Ap
     if let Some(end_user) = state.lease_owner(env, id) {
         return Ok(end_user);
     }
-    let lease = state
-        .store()
-        .lease(env, &id.to_string())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("lease {id}")))?;
+    let lease = state.store().lease(env, &id.to_string()).await?;
+    let lease = ApiError::found(lease, format_args!("lease {id}"))?;
     state.remember_lease_owner(env, &id.to_string(), &lease.end_user_id);
     Ok(lease.end_user_id)
 }
@@ -336,11 +333,8 @@ pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Lease>, ApiE
     let Call { state, caller } = call;
     require_reader(&caller)?;
     let id = parse_lease_id(&id)?;
-    let lease = state
-        .store()
-        .lease(&caller.env, &id.to_string())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("lease {id}")))?;
+    let lease = state.store().lease(&caller.env, &id.to_string()).await?;
+    let lease = ApiError::found(lease, format_args!("lease {id}"))?;
     Ok(Json(Lease::from(&lease)))
 }
 
@@ -363,10 +357,7 @@ query_params! {
 pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<Lease>>, ApiError> {
     let Call { state, caller } = call;
     require_reader(&caller)?;
-    let query: ListQuery = parse_query(&uri)?;
-    if let Some(end_user) = &query.end_user_id {
-        protocol::end_user_id("end_user_id", end_user)?;
-    }
+    let (query, _) = ListQuery::parse(&uri)?;
     if let Some(holder) = &query.holder {
         protocol::holder("holder", holder)?;
     }

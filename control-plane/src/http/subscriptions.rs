@@ -11,7 +11,7 @@ use protocol::{
 };
 
 use super::credits::page_limit;
-use super::extract::{Act, Call, parse_json, parse_query, query_params};
+use super::extract::{Act, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
@@ -90,8 +90,8 @@ pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Subscription
     let subscription = state
         .store()
         .subscription(&caller.env, &id.to_string())
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
+        .await?;
+    let subscription = ApiError::found(subscription, format_args!("subscription {id}"))?;
     let view = state.view(&caller.env).await?;
     Ok(Json(wire(&view, &subscription)))
 }
@@ -107,10 +107,7 @@ query_params! {
     responses((status = 200, body = Page<Subscription>), (status = 400, body = Problem)))]
 pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<Subscription>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let query: ListQuery = parse_query(&uri)?;
-    if let Some(end_user) = &query.end_user_id {
-        protocol::end_user_id("end_user_id", end_user)?;
-    }
+    let (query, _) = ListQuery::parse(&uri)?;
     let limit = page_limit(query.limit)?;
     if let Some(cursor) = &query.cursor
         && SubscriptionId::parse(cursor).is_none()
@@ -165,7 +162,7 @@ impl Lifecycle {
 
 async fn lifecycle(
     act: Act,
-    parse: fn(&Incoming) -> Result<Lifecycle, ApiError>,
+    parse: impl FnOnce(&Incoming) -> Result<Lifecycle, ApiError>,
 ) -> Result<Response, ApiError> {
     let (state, caller, id, incoming) = act.into_parts();
     caller.require(Scope::Write)?;
@@ -175,11 +172,8 @@ async fn lifecycle(
     Ok(
         idempotency::run_claiming(state, env, &incoming, |key| async move {
             let operation = operation.clone();
-            let current = state
-                .store()
-                .subscription(env, &id.to_string())
-                .await?
-                .ok_or_else(|| ApiError::NotFound(format!("subscription {id}")))?;
+            let current = state.store().subscription(env, &id.to_string()).await?;
+            let current = ApiError::found(current, format_args!("subscription {id}"))?;
             if current.status.is_terminal() {
                 return Err(ApiError::InvalidTransition {
                     status: current.status.as_str().to_owned(),
@@ -232,6 +226,11 @@ async fn lifecycle(
     )
 }
 
+/// The body of a step that takes no options, read as `step`.
+fn no_options(step: Lifecycle) -> impl FnOnce(&Incoming) -> Result<Lifecycle, ApiError> {
+    move |request| request.no_options().map(|()| step)
+}
+
 fn when(at: WhenWire) -> (CancelAt, ChangeAt) {
     match at {
         WhenWire::PeriodEnd => (CancelAt::PeriodEnd, ChangeAt::PeriodEnd),
@@ -254,20 +253,14 @@ pub async fn renew(act: Act) -> Result<Response, ApiError> {
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/pause", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn pause(act: Act) -> Result<Response, ApiError> {
-    lifecycle(act, |request| {
-        request.no_options().map(|()| Lifecycle::Pause)
-    })
-    .await
+    lifecycle(act, no_options(Lifecycle::Pause)).await
 }
 
 /// `POST /v1/subscriptions/{id}/resume`.
 #[utoipa::path(post, path = "/v1/subscriptions/{id}/resume", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem), (status = 409, body = Problem)))]
 pub async fn resume(act: Act) -> Result<Response, ApiError> {
-    lifecycle(act, |request| {
-        request.no_options().map(|()| Lifecycle::Resume)
-    })
-    .await
+    lifecycle(act, no_options(Lifecycle::Resume)).await
 }
 
 /// `POST /v1/subscriptions/{id}/cancel`.

@@ -163,9 +163,8 @@ pub async fn create_key(call: Call, incoming: Incoming) -> Result<Response, ApiE
 pub async fn list_keys(call: Call) -> Result<Json<Page<ApiKey>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Admin)?;
     let keys = state.store().list_api_keys(&caller.env).await?;
-    Ok(Json(Page::whole(
-        keys.iter().map(|record| key_wire(record, None)),
-    )))
+    let page = Page::whole(keys.iter().map(|record| key_wire(record, None)));
+    Ok(Json(page))
 }
 
 /// `POST /v1/api-keys/{id}/revoke`: the key stops working at once (in this process; other
@@ -188,8 +187,8 @@ pub async fn revoke_key(act: Act) -> Result<Response, ApiError> {
         let record = state
             .store()
             .revoke_api_key(env, id, state.real_now())
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("API key `{id}`")))?;
+            .await?;
+        let record = ApiError::found(record, format_args!("API key `{id}`"))?;
         state.forget_key(&record.key_hash);
         Done::json(StatusCode::OK, &key_wire(&record, None))
     })
@@ -236,10 +235,7 @@ pub async fn list_events(call: Call, uri: Uri) -> Result<Json<Page<Event>>, ApiE
     responses((status = 200, body = Event), (status = 404, body = Problem)))]
 pub async fn get_event(call: Call, Path(id): Path<String>) -> Result<Json<Event>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let record = state
-        .store()
-        .event(&caller.env, &id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+    let record = state.store().event(&caller.env, &id).await?;
+    let record = ApiError::found(record, format_args!("event `{id}`"))?;
     Ok(Json(record.event))
 }

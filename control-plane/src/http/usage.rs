@@ -12,7 +12,7 @@ use protocol::{
 };
 use sha2::{Digest, Sha256};
 
-use super::extract::{Call, parse_json, parse_query, query_params};
+use super::extract::{Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
@@ -407,11 +407,11 @@ fn duplicate_of(index: usize, original: &str) -> BatchResult {
 query_params! {
     pub struct CheckQuery {
         end_user_id: String,
-        #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
-        pub feature_key: String,
-        /// Default 1.
+        /// How many units the end user would use (1 when not given).
         #[param(minimum = 1, maximum = 1_000_000_000_000_u64)]
         pub units: Option<u64>,
+        #[param(pattern = r"^[a-z0-9_.-]{1,64}$")]
+        pub feature_key: String,
     }
 }
 
@@ -420,8 +420,7 @@ query_params! {
     responses((status = 200, body = EntitlementCheck), (status = 400, body = Problem), (status = 404, body = Problem)))]
 pub async fn check(call: Call, uri: Uri) -> Result<Json<EntitlementCheck>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let query: CheckQuery = parse_query(&uri)?;
-    let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
+    let (query, end_user) = CheckQuery::parse(&uri)?;
     let feature = protocol::feature_key("feature_key", &query.feature_key)?;
     let units = protocol::units("units", query.units.unwrap_or(1))?;
     let view = state.view(&caller.env).await?;
@@ -452,8 +451,7 @@ query_params! {
     responses((status = 200, body = Page<EntitlementCheck>), (status = 400, body = Problem)))]
 pub async fn list(call: Call, uri: Uri) -> Result<Json<Page<EntitlementCheck>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
-    let query: ListQuery = parse_query(&uri)?;
-    let end_user = protocol::end_user_id("end_user_id", &query.end_user_id)?;
+    let (_query, end_user) = ListQuery::parse(&uri)?;
     let view = state.view(&caller.env).await?;
     let now = state.env_now(&view);
     let user = state.state(&caller.env, &end_user, now).await?;

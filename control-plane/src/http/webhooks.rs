@@ -95,9 +95,8 @@ pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError
 pub async fn list(call: Call) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
     let (state, caller) = call.scoped(Scope::Admin)?;
     let endpoints = state.store().endpoints(&caller.env).await?;
-    Ok(Json(Page::whole(
-        endpoints.iter().map(|record| wire(record, None)),
-    )))
+    let page = Page::whole(endpoints.iter().map(|record| wire(record, None)));
+    Ok(Json(page))
 }
 
 /// `GET /v1/webhook-endpoints/{id}`.
@@ -205,11 +204,8 @@ pub async fn redeliver(act: Act) -> Result<Response, ApiError> {
             .redeliver(env, id, state.env_now(&view))
             .await?;
         deliver_now(state, env).await?;
-        let stored = state
-            .store()
-            .event(env, id)
-            .await?
-            .ok_or_else(|| ApiError::NotFound(format!("event `{id}`")))?;
+        let stored = state.store().event(env, id).await?;
+        let stored = ApiError::found(stored, format_args!("event `{id}`"))?;
         Done::json(StatusCode::ACCEPTED, &stored.event)
     })
     .await)

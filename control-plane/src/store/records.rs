@@ -272,6 +272,15 @@ pub struct EndUserCursor {
     pub end_user_id: String,
 }
 
+/// Which end users a console page lists: those whose id starts with `prefix` where
+/// given, after `after` (the previous page's last row), at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub struct EndUserPage<'a> {
+    pub prefix: Option<&'a str>,
+    pub after: Option<&'a EndUserCursor>,
+    pub limit: u32,
+}
+
 /// An entry's figures, for charts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryPoint {

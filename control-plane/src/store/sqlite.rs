@@ -53,6 +53,12 @@ mod read;
 mod direct;
 mod write;
 
+/// Work done in one transaction on a direct rusqlite connection (the writer's or a
+/// reader's).
+pub(super) trait Work<T>: FnOnce(&rusqlite::Transaction<'_>) -> StoreResult<T> {}
+
+impl<T, F: FnOnce(&rusqlite::Transaction<'_>) -> StoreResult<T>> Work<T> for F {}
+
 /// Runs blocking `work` from async code: through `block_in_place` on a multi-threaded
 /// runtime, directly elsewhere (a current-thread runtime has no other worker to hand
 /// its tasks to). Not for a `LocalSet` on a multi-threaded runtime, where

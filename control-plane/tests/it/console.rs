@@ -348,7 +348,7 @@ store_test! {
         let mut seen: Vec<String> = Vec::new();
         let mut after = None;
         loop {
-            let page = store.recent_end_users(&env, prefix, after.as_ref(), 3).await.expect("page");
+            let page = store.recent_end_users(&env, control_plane::store::EndUserPage { prefix, after: after.as_ref(), limit: 3 }).await.expect("page");
             for row in &page {
                 assert!(prefix.is_none_or(|prefix| row.state.end_user_id().as_str().starts_with(prefix)));
                 seen.push(row.state.end_user_id().to_string());
@@ -375,7 +375,7 @@ store_test! {
         harness.ok("/v1/credits/grants", &tenant.test, json!({"end_user_id": end_user, "amount": 1}), 201).await;
         harness.clock.advance_ms(120_000);
     }
-    let page = harness.state.store().recent_end_users(&env, None, None, 10).await.expect("page");
+    let page = harness.state.store().recent_end_users(&env, control_plane::store::EndUserPage { prefix: None, after: None, limit: 10 }).await.expect("page");
     let order: Vec<String> = page.iter().map(|row| row.state.end_user_id().to_string()).collect();
     assert_eq!(order, ["first", "second"]);
     assert!(page[0].active_minute > page[1].active_minute);

@@ -441,13 +441,8 @@ async fn feeds_never_skip_under_concurrent_writers() {
         store.last_change(&env).await.expect("last"),
         expected_changes
     );
-    assert!(
-        store
-            .changes_after(&env, change_cursor, 10)
-            .await
-            .expect("changes")
-            .is_empty()
-    );
+    let after = store.changes_after(&env, change_cursor, 10).await;
+    assert!(after.expect("changes").is_empty());
 }
 
 // Concurrent mutations of one end user are serialised: none is lost.

@@ -26,12 +26,9 @@ impl WebhookStore for PostgresStore {
         // rule ignores locks: an earlier pending delivery holds later ones back whether or
         // not it is leased. COALESCE(end_user_id, '') compares like IS NOT DISTINCT FROM
         // (end user ids are never empty) and can use the `webhook_deliveries_order` index.
-        let rows = bind!(sqlx::query(
-            "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
-                    w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
-             FROM webhook_deliveries d
-             JOIN events e ON e.id = d.event_id
-             JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL
+        let rows = bind!(sqlx::query(concat!(
+            delivery_claim_select!(),
+            "
              WHERE d.tenant_id = $1 AND d.environment = $2 AND d.status = 'pending' AND d.next_attempt_at <= $3 AND d.locked_until <= $5
                AND NOT EXISTS (
                  SELECT 1 FROM webhook_deliveries earlier
@@ -40,8 +37,8 @@ impl WebhookStore for PostgresStore {
                    AND earlier.status = 'pending'
                    AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
              ORDER BY d.event_seq, d.id LIMIT $4
-             FOR UPDATE OF d SKIP LOCKED",
-        ); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(), limit(claim.limit),
+             FOR UPDATE OF d SKIP LOCKED"
+        )); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(), limit(claim.limit),
             claim.lease.now.as_millis())
         .fetch_all(&mut *tx)
         .await?;

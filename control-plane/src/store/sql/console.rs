@@ -6,8 +6,24 @@ use async_trait::async_trait;
 use super::{Arg, Side, Sql, scoped};
 use crate::store::columns::{Columns, corrupt, event, parse_state};
 use crate::store::{
-    ConsoleStore, DeliveryRow, EndUserCursor, EndUserRow, Env, EventRecord, StoreResult,
+    ConsoleStore, DeliveryRow, EndUserPage, EndUserRow, Env, EventRecord, StoreResult,
 };
+
+/// The states of the page of end users `$ids` selects (`end_user_id, active_minute`,
+/// newest minute first, by `$1` tenant and `$2` environment), in its order: the page's
+/// ids first, then their states by primary key, so that no plan joins more than a page.
+macro_rules! states_page {
+    ($ids:literal) => {
+        concat!(
+            "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute FROM (",
+            $ids,
+            ") AS a JOIN end_users AS u
+               ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
+             WHERE u.state IS NOT NULL
+             ORDER BY a.active_minute DESC, a.end_user_id"
+        )
+    };
+}
 
 /// The most end users a prefix search considers (the first in id order).
 pub(crate) const PREFIX_MATCHES: i64 = 10_000;
@@ -17,10 +33,13 @@ impl<S: Sql> ConsoleStore for S {
     async fn recent_end_users(
         &self,
         env: &Env,
-        prefix: Option<&str>,
-        after: Option<&EndUserCursor>,
-        limit: u32,
+        page: EndUserPage<'_>,
     ) -> StoreResult<Vec<EndUserRow>> {
+        let EndUserPage {
+            prefix,
+            after,
+            limit,
+        } = page;
         let (tenant, environment) = (
             Arg::Text(&env.tenant_id),
             Arg::Text(env.environment.as_str()),
@@ -35,14 +54,11 @@ impl<S: Sql> ConsoleStore for S {
             (None, None) => {
                 self.fetch_all(
                     Side::Read,
-                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
-                       FROM (SELECT end_user_id, active_minute FROM end_user_activity
+                    states_page!(
+                        "SELECT end_user_id, active_minute FROM end_user_activity
                               WHERE tenant_id = $1 AND environment = $2
-                              ORDER BY active_minute DESC, end_user_id LIMIT $3) AS a
-                       JOIN end_users AS u
-                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
-                      WHERE u.state IS NOT NULL
-                      ORDER BY a.active_minute DESC, a.end_user_id",
+                              ORDER BY active_minute DESC, end_user_id LIMIT $3"
+                    ),
                     &[tenant, environment, limit],
                 )
                 .await?
@@ -50,15 +66,12 @@ impl<S: Sql> ConsoleStore for S {
             (None, Some(cursor)) => {
                 self.fetch_all(
                     Side::Read,
-                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
-                       FROM (SELECT end_user_id, active_minute FROM end_user_activity
+                    states_page!(
+                        "SELECT end_user_id, active_minute FROM end_user_activity
                               WHERE tenant_id = $1 AND environment = $2
                                 AND active_minute <= $3 AND (active_minute < $3 OR end_user_id > $4)
-                              ORDER BY active_minute DESC, end_user_id LIMIT $5) AS a
-                       JOIN end_users AS u
-                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
-                      WHERE u.state IS NOT NULL
-                      ORDER BY a.active_minute DESC, a.end_user_id",
+                              ORDER BY active_minute DESC, end_user_id LIMIT $5"
+                    ),
                     &[
                         tenant,
                         environment,
@@ -76,18 +89,15 @@ impl<S: Sql> ConsoleStore for S {
                 let upper = format!("{prefix}\u{10FFFF}");
                 self.fetch_all(
                     Side::Read,
-                    "SELECT u.end_user_id, u.state, u.updated_at, a.active_minute
-                       FROM (SELECT end_user_id, active_minute
+                    states_page!(
+                        "SELECT end_user_id, active_minute
                                FROM (SELECT end_user_id, active_minute FROM end_user_activity
                                       WHERE tenant_id = $1 AND environment = $2
                                         AND end_user_id >= $3 AND end_user_id < $4
                                       ORDER BY end_user_id LIMIT $5) AS m
                               WHERE $6 IS NULL OR active_minute < $6 OR (active_minute = $6 AND end_user_id > $7)
-                              ORDER BY active_minute DESC, end_user_id LIMIT $8) AS a
-                       JOIN end_users AS u
-                         ON u.tenant_id = $1 AND u.environment = $2 AND u.end_user_id = a.end_user_id
-                      WHERE u.state IS NOT NULL
-                      ORDER BY a.active_minute DESC, a.end_user_id",
+                              ORDER BY active_minute DESC, end_user_id LIMIT $8"
+                    ),
                     &[
                         tenant,
                         environment,

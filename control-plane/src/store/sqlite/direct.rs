@@ -19,7 +19,7 @@ use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Mutex, PoisonError};
 
 use rusqlite::hooks::Wal;
-use rusqlite::{Connection, Transaction, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
 use super::super::{StoreError, StoreResult};
 use crate::store::Synchronous;
@@ -171,10 +171,7 @@ impl Direct {
 
     /// Runs `work` in one `BEGIN IMMEDIATE` transaction, committed if it succeeds and
     /// rolled back otherwise. The caller holds the sqlx writer.
-    pub(super) fn transaction<T>(
-        &self,
-        work: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
-    ) -> StoreResult<T> {
+    pub(super) fn transaction<T>(&self, work: impl super::Work<T>) -> StoreResult<T> {
         super::blocking(|| {
             // A panic inside a transaction rolled it back when it unwound: the
             // connection is clean even if the lock is poisoned.

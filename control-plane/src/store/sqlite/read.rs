@@ -33,10 +33,7 @@ impl Readers {
     }
 
     /// Runs `work` in one read transaction: everything it reads is one snapshot.
-    pub(super) fn read<T>(
-        &self,
-        work: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
-    ) -> StoreResult<T> {
+    pub(super) fn read<T>(&self, work: impl super::Work<T>) -> StoreResult<T> {
         super::blocking(|| {
             let taken = self
                 .idle

@@ -19,19 +19,16 @@ impl WebhookStore for SqliteStore {
         claim: &DeliveryClaim,
     ) -> StoreResult<Vec<DeliveryJob>> {
         let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
-        let rows = bind!(sqlx::query(
-            "SELECT d.id, d.attempts, d.next_attempt_at, d.endpoint_id, e.body AS event_body,
-                    w.url, w.event_types, w.secret, w.created_at AS endpoint_created_at, w.updated_at AS endpoint_updated_at
-             FROM webhook_deliveries d
-             JOIN events e ON e.id = d.event_id
-             JOIN webhook_endpoints w ON w.id = d.endpoint_id AND w.deleted_at IS NULL
+        let rows = bind!(sqlx::query(concat!(
+            delivery_claim_select!(),
+            "
              WHERE d.tenant_id = ? AND d.environment = ? AND d.status = 'pending' AND d.next_attempt_at <= ? AND d.locked_until <= ?
                AND NOT EXISTS (
                  SELECT 1 FROM webhook_deliveries earlier
                  WHERE earlier.endpoint_id = d.endpoint_id AND earlier.end_user_id IS d.end_user_id
                    AND earlier.status = 'pending' AND (earlier.event_seq < d.event_seq OR (earlier.event_seq = d.event_seq AND earlier.id < d.id)))
-             ORDER BY d.event_seq LIMIT ?",
-        ); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(),
+             ORDER BY d.event_seq LIMIT ?"
+        )); &env.tenant_id, env.environment.as_str(), claim.due_by.as_millis(),
             claim.lease.now.as_millis(),
             claim.limit)
         .fetch_all(&mut *tx)
