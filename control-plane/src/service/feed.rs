@@ -27,19 +27,36 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// The encoding an `Accept` header asks for: frames where it names their media type,
-    /// else JSON.
+    /// The encoding an `Accept` header asks for: frames where it names their media type
+    /// with a weight above 0 and at least the weight it gives NDJSON (named, or through
+    /// `*/*` or `application/*`); JSON otherwise, as for no header.
     #[must_use]
     pub fn accepted(accept: Option<&str>) -> Encoding {
-        match accept {
-            Some(accept)
-                if accept
-                    .split(',')
-                    .any(|range| range.trim().starts_with(protocol::frames::FEED_FRAMES)) =>
+        let Some(accept) = accept else {
+            return Encoding::Json;
+        };
+        // Weights in thousandths, as RFC 9110 writes them (at most three decimals).
+        let (mut frames, mut json) = (0_u16, 0_u16);
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let essence = parts.next().unwrap_or_default().trim();
+            let weight = parts
+                .filter_map(|parameter| parameter.split_once('='))
+                .find(|(name, _)| name.trim().eq_ignore_ascii_case("q"))
+                .map_or(1000, |(_, value)| weight(value.trim()));
+            if essence.eq_ignore_ascii_case(protocol::frames::FEED_FRAMES) {
+                frames = frames.max(weight);
+            } else if ["*/*", "application/*", protocol::NDJSON]
+                .iter()
+                .any(|json_range| essence.eq_ignore_ascii_case(json_range))
             {
-                Encoding::Frames
+                json = json.max(weight);
             }
-            _ => Encoding::Json,
+        }
+        if frames > 0 && frames >= json {
+            Encoding::Frames
+        } else {
+            Encoding::Json
         }
     }
 
@@ -50,6 +67,21 @@ impl Encoding {
             Encoding::Json => protocol::NDJSON,
             Encoding::Frames => protocol::frames::FEED_FRAMES,
         }
+    }
+}
+
+/// An `Accept` weight (`q`) in thousandths: `0` to `1` with up to three decimals; one that
+/// does not parse counts as 0 (not acceptable).
+fn weight(text: &str) -> u16 {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if fraction.len() > 3 || !fraction.bytes().all(|byte| byte.is_ascii_digit()) {
+        return 0;
+    }
+    let thousandths = format!("{fraction:0<3}").parse::<u16>().unwrap_or(0);
+    match whole {
+        "0" => thousandths,
+        "1" if thousandths == 0 => 1000,
+        _ => 0,
     }
 }
 
@@ -343,5 +375,31 @@ mod tests {
             Encoding::accepted(Some(&format!("application/x-ndjson;q=0.5, {frames}"))),
             Encoding::Frames
         );
+        // Weights are read: refused, or preferred less than NDJSON, frames are not sent.
+        for accept in [
+            format!("{frames};q=0"),
+            format!("{frames}; q=0.000"),
+            format!("{frames};q=0.2, application/x-ndjson"),
+            format!("{frames};q=0.2, */*;q=0.9"),
+            format!("{frames};q=nonsense"),
+            format!("{frames}-v2"),
+        ] {
+            assert_eq!(
+                Encoding::accepted(Some(&accept)),
+                Encoding::Json,
+                "{accept}"
+            );
+        }
+        for accept in [
+            format!("{frames};q=0.5, */*;q=0.1"),
+            format!("{}; Q=1.0", frames.to_uppercase()),
+            format!("application/x-ndjson;q=0.7, {frames};q=0.7"),
+        ] {
+            assert_eq!(
+                Encoding::accepted(Some(&accept)),
+                Encoding::Frames,
+                "{accept}"
+            );
+        }
     }
 }
