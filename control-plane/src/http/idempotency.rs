@@ -160,20 +160,43 @@ impl FromRequest<AppState> for Incoming {
 /// operation's own transaction ([`run_claiming`]): `change` names the end user and the
 /// status the answer is stored with (its key is set here), and the answer is what
 /// `operation` returns.
-pub async fn run_changing<T, F>(
+pub async fn run_changing<T: serde::Serialize + Send + 'static>(
     state: &AppState,
     request: &Incoming,
     change: Change<'_>,
-    operation: F,
-) -> Response
-where
-    T: serde::Serialize + Send + 'static,
+    operation: impl Operation<T>,
+) -> Response {
+    run_changing_then(state, request, change, operation, |_: &T| ()).await
+}
+
+/// One end user's operation as [`run_changing`] runs it: once per attempt (a clone each).
+pub trait Operation<T>:
+    FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T, F> Operation<T> for F where
     F: FnOnce(&mut EndUserState, &mut Cx<'_>, &CatalogView) -> Result<(T, Changes), ApiError>
         + Clone
         + Send
-        + 'static,
+        + 'static
 {
+}
+
+/// [`run_changing`], calling `committed` with the operation's value once its change has
+/// committed (not for an answer replayed to a retry).
+pub async fn run_changing_then<T: serde::Serialize + Send + 'static>(
+    state: &AppState,
+    request: &Incoming,
+    change: Change<'_>,
+    operation: impl Operation<T>,
+    committed: impl Fn(&T) + Sync,
+) -> Response {
     let status = StatusCode::from_u16(change.status).unwrap_or(StatusCode::OK);
+    let committed = &committed;
     run_claiming(state, change.env, request, |key| {
         let (change, operation) = (change.clone(), operation.clone());
         async move {
@@ -182,6 +205,7 @@ where
                 ..change
             };
             let value = state.mutate(change, operation).await?;
+            committed(&value);
             Done::stored(status, &value)
         }
     })

@@ -9,7 +9,7 @@ use axum::Json;
 use axum::extract::Path;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
-use ledger::LeaseId;
+use ledger::{Cx, EndUserState, LeaseId};
 use ledger::{EndUserId, LeaseReport, LeaseRequest, Refusal};
 use protocol::{
     CreateLease, LEASE_BATCH_MAX, Lease, LeaseBatch, LeaseBatchAnswer, LeaseBatchResult,
@@ -20,6 +20,7 @@ use super::credits::page_limit;
 use super::extract::{Act, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
+use crate::catalog::CatalogView;
 use crate::error::ApiError;
 use crate::service::Change;
 use crate::service::{AppState, Caller};
@@ -47,16 +48,15 @@ pub async fn create(call: Call, incoming: Incoming) -> Result<Response, ApiError
     let request: CreateLease = incoming.json(false)?;
     let (end_user, request) = request.to_ledger()?;
     let change = Change::new(&caller.env, &end_user, None).created();
-    let (owners, env) = (state.clone(), caller.env.clone());
-    let response = idempotency::run_changing(&state, &incoming, change, move |user, cx, _| {
+    let take = move |user: &mut EndUserState, cx: &mut Cx<'_>, _: &CatalogView| {
         let (lease, changes) = Changes::from_applied(user.take_lease(cx, request.clone())?);
         // A repeated `request_id`: the earlier lease, nothing held.
         let replayed = changes.entries.is_empty();
-        // Remembered before the commit: an owner noted for a lease that then failed to
-        // commit only sends a lookup of that id to the end user that lacks it (404).
-        owners.remember_lease_owner(&env, &lease.id.to_string(), user.end_user_id());
         Ok((Lease::created(&lease, user, cx.now, replayed), changes))
-    });
+    };
+    // The owner is remembered once the lease is committed, as the batch path does.
+    let remember = |lease: &Lease| state.remember_lease_owner(&caller.env, &lease.id, &end_user);
+    let response = idempotency::run_changing_then(&state, &incoming, change, take, remember);
     Ok(response.await)
 }
 

@@ -153,8 +153,9 @@ impl<S: Sql> EndpointStore for S {
             row.text_opt("end_user_id")?,
             row.text("type")?,
         );
-        // A delivery queued for an endpoint deleted meanwhile is never claimed (claims
-        // join live endpoints), so the endpoints need not be read in the transaction.
+        // Each delivery is queued only if its endpoint is still live when the write
+        // transaction runs: one deleted since it was read gets none (a pending delivery
+        // to a deleted endpoint would never be claimed, yet be counted as pending).
         let endpoints = self.endpoints(env).await?;
         let deliveries: Vec<_> = endpoints
             .iter()
@@ -167,13 +168,14 @@ impl<S: Sql> EndpointStore for S {
                     Arg::TextOpt(end_user.as_deref()),
                     Arg::Int(now.as_millis()),
                 ];
-                (DELIVERY_INSERT, scoped(env, &delivery))
+                (REDELIVERY_INSERT, scoped(env, &delivery))
             })
             .collect();
-        if !deliveries.is_empty() {
-            self.transaction(&deliveries).await?;
+        if deliveries.is_empty() {
+            return Ok(0);
         }
-        Ok(deliveries.len())
+        let queued = self.transaction(&deliveries).await?.iter().sum::<u64>();
+        Ok(usize::try_from(queued).unwrap_or(usize::MAX))
     }
 
     async fn record_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
@@ -221,6 +223,12 @@ impl<S: Sql> EndpointStore for S {
         Ok(())
     }
 }
+
+/// [`DELIVERY_INSERT`] for an endpoint that is live (not deleted) as the statement runs.
+const REDELIVERY_INSERT: &str = "INSERT INTO webhook_deliveries
+      (tenant_id, environment, endpoint_id, event_id, event_seq, end_user_id, status, next_attempt_at)
+    SELECT $1, $2, id, $4, $5, $6, 'pending', $7 FROM webhook_endpoints
+     WHERE tenant_id = $1 AND environment = $2 AND id = $3 AND deleted_at IS NULL";
 
 /// A delivery of an event to an endpoint, pending from `$7`: tenant, environment,
 /// endpoint, event id, event position, end user.
