@@ -2,9 +2,9 @@
 //! [`Sql`] (where a statement runs, and how its values are bound); the capabilities whose
 //! statements agree are implemented here for every `Sql` backend (`sql/*.rs`).
 //!
-//! Statements use `$n` placeholders: PostgreSQL's, which SQLite accepts too, numbering
-//! them in the order each first appears, so a statement names `$1`, `$2`, … first in that
-//! order (a later one may repeat an earlier one).
+//! Statements use `$n` placeholders: PostgreSQL's, which SQLite accepts too. On both,
+//! sqlx binds `$n` to the n-th value (on SQLite by the parameter's name), so a statement
+//! may name them in any order and repeat one.
 
 mod catalog;
 mod console;
