@@ -21,12 +21,7 @@ impl LedgerStore for PostgresStore {
         target: Mutation<'_>,
         operation: &mut ClaimingFn<'_>,
     ) -> StoreResult<()> {
-        let Mutation {
-            env,
-            end_user,
-            now,
-            claims,
-        } = target;
+        let (env, end_user, now, claims) = (target.env, target.end_user, target.now, target.claims);
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let old = lock_state(&mut tx, env, end_user, now)
             .await?

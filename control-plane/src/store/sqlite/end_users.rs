@@ -303,12 +303,7 @@ impl LedgerStore for SqliteStore {
         target: Mutation<'_>,
         operation: &mut ClaimingFn<'_>,
     ) -> StoreResult<()> {
-        let Mutation {
-            env,
-            end_user,
-            now,
-            claims,
-        } = target;
+        let (env, end_user, now, claims) = (target.env, target.end_user, target.now, target.claims);
         let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
         self.direct.transaction(|tx| {
             let (old, head) = write::load_state(tx, env, end_user.as_str())?
