@@ -19,7 +19,6 @@ macro_rules! bind {
 /// `columns!(rows, |row| ids: row.id, names: row.name)` declares one `Vec` a column
 /// (`ids`, `names`) and fills them from `rows` in order: the arrays a PostgreSQL
 /// `UNNEST` statement binds.
-#[allow(unused_macros)]
 macro_rules! columns {
     ($rows:expr, |$row:pat_param| $($column:ident: $value:expr),+ $(,)?) => {
         let rows = $rows;
