@@ -254,9 +254,10 @@ impl Client {
     }
 
     /// The same client, asking for sync snapshots and streams in binary frames
-    /// (`protocol::frames`) rather than NDJSON. Off by default: in P2/P3 a proxy reading
-    /// frames over HTTP measured slower in `interval` durability than one reading NDJSON,
-    /// for a reason not yet found (docs/BENCHMARKS.md).
+    /// (`protocol::frames`) rather than NDJSON (still accepted, and read as the answer's
+    /// Content-Type says). Off by default, as NDJSON is what a person can read; the proxy
+    /// turns it on (in P2/P3 frames measured the same as NDJSON over HTTP, at about a
+    /// seventh of the bytes: docs/BENCHMARKS.md).
     #[must_use]
     pub fn sync_frames(mut self, on: bool) -> Client {
         self.sync_frames = on;

@@ -248,6 +248,11 @@ pub struct UsageConfig {
     /// until the control plane acknowledges older spend.
     #[serde(default = "default_spend_log_max_kb")]
     pub spend_log_max_kb: u64,
+    /// Requests' usage of one end user, feature and quota window within this many
+    /// milliseconds leaves the proxy as one event (0 to 60,000; 0: one event per
+    /// request). The event is charged at the latest of their timestamps.
+    #[serde(default = "default_aggregate_ms")]
+    pub aggregate_ms: u64,
 }
 
 impl Default for UsageConfig {
@@ -259,9 +264,17 @@ impl Default for UsageConfig {
             ship_interval_ms: default_ship_interval(),
             charge_upstream_errors: false,
             spend_log_max_kb: default_spend_log_max_kb(),
+            aggregate_ms: default_aggregate_ms(),
         }
     }
 }
+
+fn default_aggregate_ms() -> u64 {
+    1000
+}
+
+/// The longest `usage.aggregate_ms` may be.
+pub const AGGREGATE_MS_MAX: u64 = 60_000;
 
 fn default_spend_log_max_kb() -> u64 {
     256 << 10
@@ -578,6 +591,12 @@ impl Config {
                 "must be 1 to 1073741824 (1 TiB)",
             ));
         }
+        if self.usage.aggregate_ms > AGGREGATE_MS_MAX {
+            return Err(invalid(
+                "usage.aggregate_ms",
+                format!("must be 0 to {AGGREGATE_MS_MAX}"),
+            ));
+        }
         if self.usage.flush_interval_ms == 0 || self.usage.ship_interval_ms == 0 {
             return Err(invalid(
                 "usage.flush_interval_ms",
@@ -620,6 +639,7 @@ feature = "chat_messages"
         assert_eq!(config.listen, "127.0.0.1:8081");
         assert_eq!(config.failure.max_staleness_secs, 30);
         assert_eq!(config.usage.durability, Durability::Sync);
+        assert_eq!(config.usage.aggregate_ms, 1000);
         assert_eq!(config.unmatched, Unmatched::Deny);
         let identity = crate::identity::Identity::from_config(&config.identity).expect("valid");
         assert_eq!(identity.forward_header, "x-end-user-id");
@@ -683,6 +703,10 @@ feature = "chat_messages"
             (
                 format!("{MINIMAL}[sync]\nnats_url = \"nats://a b\"\n"),
                 "sync.nats_url",
+            ),
+            (
+                format!("{MINIMAL}[usage]\naggregate_ms = 60001\n"),
+                "usage.aggregate_ms",
             ),
         ];
         for (text, setting) in cases {

@@ -353,6 +353,35 @@ impl Disk {
         Ok(())
     }
 
+    /// The last outbox record's key, if any.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn outbox_last_key(&self) -> Result<Option<Vec<u8>>, DiskError> {
+        Ok(self.outbox.last()?.map(|(key, _)| key.to_vec()))
+    }
+
+    /// Removes the records `removed` and writes `written`, all or nothing (one sled
+    /// batch): how aggregated usage replaces its parts.
+    ///
+    /// # Errors
+    /// sled failures (then nothing changed).
+    pub fn outbox_replace(
+        &self,
+        removed: &[Vec<u8>],
+        written: &[OutboxEntry],
+    ) -> Result<(), DiskError> {
+        let mut batch = sled::Batch::default();
+        for key in removed {
+            batch.remove(key.as_slice());
+        }
+        for (key, json) in written {
+            batch.insert(key.as_slice(), json.as_slice());
+        }
+        self.outbox.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Notes acknowledged records (kept until the stored replica shows them).
     ///
     /// # Errors

@@ -439,11 +439,12 @@ impl Gate {
                 feature_key: admitted.feature.to_string(),
                 units,
             }),
-            (None, false) => Some(Op::Usage {
-                feature_key: admitted.feature.to_string(),
+            (None, false) => Some(Op::request_usage(
+                admitted.feature.to_string(),
                 units,
-                timestamp_ms: self.replica.now().as_millis(),
-            }),
+                self.replica.now().as_millis(),
+                admitted.resets_at.map(Timestamp::as_millis),
+            )),
         };
         (op, basis)
     }
@@ -957,11 +958,12 @@ impl ProxyHttp for Gate {
         let mut basis = None;
         let record = match (&admitted.hold, failed) {
             (None, true) => None,
-            (None, false) => Some(Op::Usage {
-                feature_key: admitted.feature.to_string(),
-                units: admitted.units.get(),
-                timestamp_ms: self.replica.now().as_millis(),
-            }),
+            (None, false) => Some(Op::request_usage(
+                admitted.feature.to_string(),
+                admitted.units.get(),
+                self.replica.now().as_millis(),
+                admitted.resets_at.map(Timestamp::as_millis),
+            )),
             (Some(hold), _) => {
                 let (op, hold_basis) = self.settle_hold(admitted, hold, failed, upstream_response);
                 basis = Some(hold_basis);

@@ -1609,11 +1609,11 @@ impl Leases {
                     key: format!("{lease}-{sequence}"),
                     end_user_id: meta.end_user_id.clone(),
                     pending: 0,
-                    op: Op::Usage {
-                        feature_key: meta.feature_key.clone(),
-                        units: totals.units.max(1),
-                        timestamp_ms: context.replica.now().as_millis(),
-                    },
+                    op: Op::usage(
+                        meta.feature_key.clone(),
+                        totals.units.max(1),
+                        context.replica.now().as_millis(),
+                    ),
                 };
                 context.outbox.push(&record).await?;
             }

@@ -74,6 +74,15 @@ pub enum Op {
         feature_key: String,
         units: u64,
         timestamp_ms: i64,
+        /// When the quota window the usage was admitted in resets, as the replica showed
+        /// it: usage is aggregated only within one window.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        window_ms: Option<i64>,
+        /// A request's usage, never sent yet: it may be aggregated with others into one
+        /// event (under a new key) before it is first sent. Records of older versions,
+        /// lease reports' leftovers and lapsed commits are not.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        aggregable: bool,
     },
     /// Commit a control-plane reservation with the actual units.
     Commit {
@@ -91,6 +100,37 @@ pub enum Op {
         units: u64,
         ttl_seconds: i64,
     },
+}
+
+impl Op {
+    /// Usage sent as it is, under its record's key.
+    pub fn usage(feature_key: String, units: u64, timestamp_ms: i64) -> Op {
+        Op::Usage {
+            feature_key,
+            units,
+            timestamp_ms,
+            window_ms: None,
+            aggregable: false,
+        }
+    }
+
+    /// A request's usage, admitted in the quota window that resets at `window_ms`: it may
+    /// be aggregated with the same end user's other usage of the feature in that window
+    /// (see [`Outbox::aggregating`]).
+    pub fn request_usage(
+        feature_key: String,
+        units: u64,
+        timestamp_ms: i64,
+        window_ms: Option<i64>,
+    ) -> Op {
+        Op::Usage {
+            feature_key,
+            units,
+            timestamp_ms,
+            window_ms,
+            aggregable: true,
+        }
+    }
 }
 
 /// One outbox record: the operation, its idempotency key and the local spend it holds.
@@ -143,6 +183,88 @@ pub struct Outbox {
     /// 413: halved on each 413, doubled back on each accepted batch (`usize::MAX`: the
     /// configured size).
     batch_limit: AtomicUsize,
+    /// The longest a group of aggregated usage may span, first to last timestamp
+    /// (milliseconds; 0: every request's usage is its own event).
+    aggregate_ms: i64,
+    /// The outbox key of the last usage record that may have been sent: only records
+    /// after it are aggregated (a record sent once, its answer lost, must be sent again
+    /// under its own key). It starts past every record on disk at this run's start:
+    /// what an earlier run left may have been sent.
+    sent_through: std::sync::Mutex<[u8; 16]>,
+    /// New records' keys: ULIDs increasing within the run, so the records pushed after
+    /// a send sort after what it sent.
+    keys: Keys,
+}
+
+/// The generator of new records' keys.
+struct Keys(std::sync::Mutex<ulid::Generator>);
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Keys")
+    }
+}
+
+/// Where a run's sent mark starts: past now and past every record on disk (a clock
+/// set back since the last run must not make its records look unsent). Unreadable:
+/// past every key, so nothing is aggregated.
+fn start_mark(disk: &Disk) -> [u8; 16] {
+    let now = ulid::Ulid::new().to_bytes();
+    match disk.outbox_last_key() {
+        Ok(Some(last)) if last.as_slice() > now.as_slice() => {
+            <[u8; 16]>::try_from(last.as_slice()).unwrap_or([u8::MAX; 16])
+        }
+        Ok(_) => now,
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the outbox's last key; usage will not be aggregated this run");
+            [u8::MAX; 16]
+        }
+    }
+}
+
+/// A run of usage records becoming one event: where it starts in the round's list, the
+/// earliest timestamp it holds, and the outbox keys of the records merged into it.
+struct Group {
+    at: usize,
+    earliest_ms: i64,
+    merged: Vec<Vec<u8>>,
+}
+
+/// How much of the outbox's usage one round merges into one event, if it can: the
+/// same end user, feature and quota window, within `span_ms` of the group's earliest,
+/// and within the bounds of one event (`UNITS_MAX` units).
+fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) -> bool {
+    let (
+        Op::Usage {
+            units: total,
+            timestamp_ms: latest,
+            ..
+        },
+        Op::Usage {
+            units,
+            timestamp_ms,
+            ..
+        },
+    ) = (&mut into.op, &record.op)
+    else {
+        return false;
+    };
+    let earliest = group.earliest_ms.min(*timestamp_ms);
+    let last = (*latest).max(*timestamp_ms);
+    let (Some(sum), Some(pending)) = (
+        total.checked_add(*units),
+        into.pending.checked_add(record.pending),
+    ) else {
+        return false;
+    };
+    if sum > ledger::UNITS_MAX || last.checked_sub(earliest).is_none_or(|span| span > span_ms) {
+        return false;
+    }
+    *total = sum;
+    *latest = last;
+    into.pending = pending;
+    group.earliest_ms = earliest;
+    true
 }
 
 impl Outbox {
@@ -154,6 +276,7 @@ impl Outbox {
     ) -> Outbox {
         let depth = AtomicUsize::new(disk.outbox_len());
         let quarantine_depth = AtomicUsize::new(disk.quarantine_len());
+        let sent_through = std::sync::Mutex::new(start_mark(&disk));
         Outbox {
             disk,
             flusher,
@@ -163,7 +286,34 @@ impl Outbox {
             quarantine_depth,
             wake_at: batch_size.max(1),
             batch_limit: AtomicUsize::new(usize::MAX),
+            aggregate_ms: 0,
+            sent_through,
+            keys: Keys(std::sync::Mutex::new(ulid::Generator::new())),
         }
+    }
+
+    /// A new record's outbox key.
+    fn next_key(&self) -> [u8; 16] {
+        let generated = match self.keys.0.lock() {
+            Ok(mut keys) => keys.generate(),
+            Err(_) => Err(ulid::MonotonicError::Overflow),
+        };
+        // A fresh ULID when the generator cannot go on (never `Ulid::default()`: that is
+        // the nil id, the same for every record).
+        generated.unwrap_or_else(|_| ulid::Ulid::new()).to_bytes()
+    }
+
+    /// The same outbox, aggregating requests' usage before it is shipped: records of one
+    /// end user, feature and quota window whose timestamps lie within `span` become one
+    /// event with their units and pending spend summed, at the latest of their
+    /// timestamps, under a new idempotency key. The event replaces them on disk (one
+    /// sled batch, flushed) before it is first sent, so a retry after a crash sends the
+    /// same event again, never its parts. `Duration::ZERO` sends each request's usage as
+    /// its own event.
+    #[must_use]
+    pub fn aggregating(mut self, span: Duration) -> Outbox {
+        self.aggregate_ms = i64::try_from(span.as_millis()).unwrap_or(i64::MAX);
+        self
     }
 
     /// Writes a record; with `sync` durability, returns once it is on disk.
@@ -171,9 +321,8 @@ impl Outbox {
     /// # Errors
     /// Storage failures (the caller must not release the response as if recorded).
     pub async fn push(&self, record: &Record) -> Result<(), DiskError> {
-        let id = ulid::Ulid::new();
         let json = serde_json::to_vec(record)?;
-        self.disk.outbox_put(&id.to_bytes(), &json)?;
+        self.disk.outbox_put(&self.next_key(), &json)?;
         let depth = self.depth.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
@@ -340,6 +489,7 @@ impl Outbox {
                 }
             }
         }
+        let usage = self.aggregate(usage).await?;
         if !usage.is_empty()
             && let Err(error) = self.ship_usage(client, replica, &usage, &mut round).await
         {
@@ -348,6 +498,112 @@ impl Outbox {
         }
         self.settle(replica, round)?;
         Ok(full)
+    }
+
+    /// Merges the round's aggregable usage into one event per group (see
+    /// [`Outbox::aggregating`]) and makes the groups durable before any is sent.
+    ///
+    /// # Errors
+    /// The groups could not be written or flushed (nothing is sent then; the records
+    /// stay as they were, or as the groups, whichever sled kept).
+    async fn aggregate(
+        &self,
+        usage: Vec<(Vec<u8>, Record)>,
+    ) -> Result<Vec<(Vec<u8>, Record)>, String> {
+        if self.aggregate_ms == 0 || usage.len() < 2 {
+            return Ok(usage);
+        }
+        let sent_through = *self
+            .sent_through
+            .lock()
+            .map_err(|_| "the outbox's sent mark is poisoned".to_owned())?;
+        let mut kept: Vec<(Vec<u8>, Record)> = Vec::with_capacity(usage.len());
+        let mut groups: Vec<Group> = Vec::new();
+        let mut open: std::collections::HashMap<(String, String, Option<i64>), usize> =
+            std::collections::HashMap::new();
+        for (key, record) in usage {
+            let group = match &record.op {
+                Op::Usage {
+                    feature_key,
+                    timestamp_ms,
+                    window_ms,
+                    aggregable: true,
+                    ..
+                } if key.as_slice() > sent_through.as_slice() => Some((
+                    (record.end_user_id.clone(), feature_key.clone(), *window_ms),
+                    *timestamp_ms,
+                )),
+                _ => None,
+            };
+            let Some((identity, timestamp_ms)) = group else {
+                kept.push((key, record));
+                continue;
+            };
+            if let Some(&index) = open.get(&identity)
+                && let Some(group) = groups.get_mut(index)
+                && let Some((_, into)) = kept.get_mut(group.at)
+                && merge(into, group, &record, self.aggregate_ms)
+            {
+                group.merged.push(key);
+                continue;
+            }
+            open.insert(identity, groups.len());
+            groups.push(Group {
+                at: kept.len(),
+                earliest_ms: timestamp_ms,
+                merged: Vec::new(),
+            });
+            kept.push((key, record));
+        }
+        let mut removed = Vec::new();
+        let mut written = Vec::new();
+        for group in groups.into_iter().filter(|group| !group.merged.is_empty()) {
+            let Some((key, record)) = kept.get_mut(group.at) else {
+                continue;
+            };
+            record.key = format!("qsa_{}", ulid::Ulid::new());
+            if let Op::Usage { aggregable, .. } = &mut record.op {
+                *aggregable = false;
+            }
+            let json = serde_json::to_vec(&*record).map_err(|error| error.to_string())?;
+            written.push((key.clone(), json));
+            removed.extend(group.merged);
+        }
+        if removed.is_empty() {
+            return Ok(kept);
+        }
+        self.disk
+            .outbox_replace(&removed, &written)
+            .map_err(|error| error.to_string())?;
+        let _ = self
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
+                Some(depth.saturating_sub(removed.len()))
+            });
+        let disk = self.disk.clone();
+        tokio::task::spawn_blocking(move || crate::disk::Flush::flush(&disk))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
+        metrics::counter!("qs_proxy_usage_aggregated_total")
+            .increment(u64::try_from(removed.len()).unwrap_or(u64::MAX));
+        Ok(kept)
+    }
+
+    /// Notes that the records up to `keys`' last may have been sent from now on.
+    fn mark_sent<'k>(&self, keys: impl Iterator<Item = &'k Vec<u8>>) -> Result<(), String> {
+        let mut sent_through = self
+            .sent_through
+            .lock()
+            .map_err(|_| "the outbox's sent mark is poisoned".to_owned())?;
+        for key in keys {
+            if key.as_slice() > sent_through.as_slice()
+                && let Ok(bytes) = <[u8; 16]>::try_from(key.as_slice())
+            {
+                *sent_through = bytes;
+            }
+        }
+        Ok(())
     }
 
     /// Sends one batch of usage records and notes each event's answer in `round`.
@@ -368,6 +624,7 @@ impl Outbox {
                     feature_key,
                     units,
                     timestamp_ms,
+                    ..
                 } => Some(RecordUsage {
                     end_user_id: record.end_user_id.clone(),
                     feature_key: feature_key.clone(),
@@ -380,6 +637,9 @@ impl Outbox {
                 Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => None,
             })
             .collect();
+        // From here on, an answer lost could mean they were recorded: none of them is
+        // aggregated into another event any more.
+        self.mark_sent(usage.iter().map(|(key, _)| key))?;
         let answer = match client.record_usage_batch(&UsageBatch { events }).await {
             Ok(answer) => answer,
             Err(error) => {
@@ -574,11 +834,7 @@ impl Outbox {
                         key: format!("{}-usage", record.key),
                         end_user_id: record.end_user_id.clone(),
                         pending: record.pending,
-                        op: Op::Usage {
-                            feature_key: feature_key.clone(),
-                            units: *units,
-                            timestamp_ms: replica.now().as_millis(),
-                        },
+                        op: Op::usage(feature_key.clone(), *units, replica.now().as_millis()),
                     })
                 }
                 // An earlier try of this commit succeeded and its answer was lost (kept

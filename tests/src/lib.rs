@@ -401,13 +401,18 @@ cache_mb = 8
 url = "{url}"
 api_key = "{key}"
 
-[usage]
-ship_interval_ms = 50
-
+{usage}
 {leases}
 {extra}
 "#,
         data_dir = data_dir.display(),
+        // Shipped often so tests see usage arrive quickly; a test with usage settings of
+        // its own writes the whole table.
+        usage = if extra.contains("[usage]") {
+            ""
+        } else {
+            "[usage]\nship_interval_ms = 50\n"
+        },
         // Correctness tests run many proxies and a control plane on two cores in a debug
         // build: a lease's refill may take longer than production's 100 ms there. A test
         // with lease settings of its own writes the whole table.

@@ -504,11 +504,11 @@ async fn a_refused_event_waits_in_quarantine_until_an_operator_replays_it() {
             key: "qsp_e2e_later".into(),
             end_user_id: "held".into(),
             pending: 0,
-            op: proxy::outbox::Op::Usage {
-                feature_key: "later".into(),
-                units: 2,
-                timestamp_ms: proxy.running.replica.now().as_millis(),
-            },
+            op: proxy::outbox::Op::usage(
+                "later".into(),
+                2,
+                proxy.running.replica.now().as_millis(),
+            ),
         })
         .await
         .expect("pushed");
@@ -851,4 +851,35 @@ async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
         },
     )
     .await;
+}
+
+/// Usage that goes through the outbox (here: leases off) leaves the proxy aggregated:
+/// many requests of one end user and feature become a few `usage/batch` events, and the
+/// control plane charges exactly what was admitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_usage_reaches_the_control_plane_as_a_few_events_charged_exactly() {
+    // The shipper wakes at 50 records (and otherwise only once a minute), so the 50
+    // requests below are shipped in one round.
+    let settings = format!(
+        "[leases]\nenabled = false\n[usage]\nbatch_size = 50\nship_interval_ms = 60000\n{ROUTES}"
+    );
+    let (_dir, plane, _upstream, proxy) = setup(&settings).await;
+    plane.grant("many", 1000).await;
+    proxy.sees("many").await;
+    for _ in 0..50 {
+        assert_eq!(status(&proxy, "/work", Some("many")).await, StatusCode::OK);
+    }
+    proxy.drained().await;
+    assert_eq!(
+        e2e::charged(&plane, "many").await,
+        50,
+        "every request charged once"
+    );
+    let events = plane.entries("many", "debit").await.len();
+    assert!(
+        (1..=10).contains(&events),
+        "50 requests within a few seconds reached the control plane as {events} events"
+    );
+    assert_eq!(plane.available("many").await, 950);
+    proxy.running.shutdown().await;
 }

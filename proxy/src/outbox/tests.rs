@@ -24,6 +24,8 @@ struct Fake {
     url: String,
     calls: Arc<AtomicU32>,
     sizes: Arc<std::sync::Mutex<Vec<usize>>>,
+    /// Every batch call's events, in order.
+    batches: Arc<std::sync::Mutex<Vec<Vec<RecordUsage>>>>,
 }
 
 /// A control plane whose `/v1/usage/batch` answers the given statuses in turn, then
@@ -55,12 +57,14 @@ fn problem_response(problem: &protocol::Problem) -> axum::response::Response {
 async fn fake(answers: Vec<Answer>, ack_version: u64, extra: axum::Router) -> Fake {
     let calls = Arc::new(AtomicU32::new(0));
     let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (counter, seen) = (calls.clone(), sizes.clone());
+    let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (counter, seen, taken) = (calls.clone(), sizes.clone(), batches.clone());
     let app = extra.route(
         "/v1/usage/batch",
         axum::routing::post(move |Json(batch): Json<UsageBatch>| {
             let call = counter.fetch_add(1, Ordering::AcqRel);
             seen.lock().expect("sizes").push(batch.events.len());
+            taken.lock().expect("batches").push(batch.events.clone());
             let answer = answers
                 .get(usize::try_from(call).unwrap_or(usize::MAX))
                 .copied();
@@ -118,7 +122,12 @@ async fn fake(answers: Vec<Answer>, ack_version: u64, extra: axum::Router) -> Fa
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Fake { url, calls, sizes }
+    Fake {
+        url,
+        calls,
+        sizes,
+        batches,
+    }
 }
 
 /// A fresh outbox and replica in `dir`.
@@ -156,11 +165,7 @@ fn usage(key: &str) -> Record {
         key: key.into(),
         end_user_id: "u1".into(),
         pending: 1,
-        op: Op::Usage {
-            feature_key: "api_calls".into(),
-            units: 1,
-            timestamp_ms: 1_780_000_000_000,
-        },
+        op: Op::usage("api_calls".into(), 1, 1_780_000_000_000),
     }
 }
 
@@ -541,4 +546,217 @@ async fn an_unanswered_reservation_that_was_never_made_needs_no_release() {
         .await
         .expect("resolved");
     assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 0));
+}
+
+/// What the aggregation tests start from: `T0`, a moment, and `WINDOW`, when a quota
+/// window resets.
+const T0: i64 = 1_780_000_000_000;
+const WINDOW: i64 = T0 + 3_600_000;
+
+/// A request's usage of `units` of `feature` by `end_user` at `at`, in `window`.
+fn request(
+    key: &str,
+    end_user: &str,
+    feature: &str,
+    units: u64,
+    at: i64,
+    window: Option<i64>,
+) -> Record {
+    Record {
+        key: key.into(),
+        end_user_id: end_user.into(),
+        pending: i64::try_from(units).expect("units"),
+        op: Op::request_usage(feature.into(), units, at, window),
+    }
+}
+
+/// The events of a batch as (key, end user, feature, units, timestamp), sorted.
+fn events(batch: &[RecordUsage]) -> Vec<(String, String, String, u64, i64)> {
+    let mut events: Vec<_> = batch
+        .iter()
+        .map(|event| {
+            (
+                event.idempotency_key.clone().expect("key"),
+                event.end_user_id.clone(),
+                event.feature_key.clone(),
+                event.units,
+                event.timestamp.expect("timestamp").0.as_millis(),
+            )
+        })
+        .collect();
+    events.sort();
+    events
+}
+
+fn aggregating(dir: &std::path::Path) -> (Disk, Replica, Outbox) {
+    let (disk, replica, outbox) = open(dir);
+    (disk, replica, outbox.aggregating(Duration::from_secs(1)))
+}
+
+/// Requests' usage of one end user, feature and quota window within the span leaves as
+/// one event (units and pending summed, at the latest timestamp); another end user,
+/// feature, window, or a moment past the span, is another event. A retry after a lost
+/// answer sends the same events under the same keys.
+#[tokio::test]
+async fn usage_of_one_window_leaves_as_one_event_and_a_retry_sends_the_same() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = aggregating(dir.path());
+    let fake = fake(vec![Answer::Status(503)], 7, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    let records = [
+        request("a1", "u1", "chat", 1, T0, Some(WINDOW)),
+        request("b1", "u2", "chat", 4, T0 + 1, Some(WINDOW)),
+        request("a2", "u1", "chat", 2, T0 + 400, Some(WINDOW)),
+        request("c1", "u1", "chat", 1, T0 + 500, Some(WINDOW + 1)),
+        request("d1", "u1", "tokens", 9, T0 + 600, None),
+        request("a3", "u1", "chat", 3, T0 + 1000, Some(WINDOW)),
+        request("a4", "u1", "chat", 5, T0 + 1001, Some(WINDOW)),
+        request("b2", "u2", "chat", 6, T0 + 900, Some(WINDOW)),
+        request("d2", "u1", "tokens", 1, T0 + 700, None),
+    ];
+    for record in &records {
+        outbox.push(record).await.expect("pushed");
+        replica
+            .pending
+            .add(&user(&record.end_user_id), Credits::new(record.pending));
+    }
+    assert!(
+        outbox.ship_once(&client, &replica, 500).await.is_err(),
+        "503"
+    );
+    assert_eq!(outbox.depth(), 5, "nine records became five events on disk");
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped")
+    );
+    assert_eq!(outbox.depth(), 0);
+    let batches = fake.batches.lock().expect("batches").clone();
+    assert_eq!(batches.len(), 2);
+    assert_eq!(
+        events(&batches[0]),
+        events(&batches[1]),
+        "the retry sends the same events"
+    );
+    let sent: Vec<_> = events(&batches[1])
+        .into_iter()
+        .map(|(key, end_user, feature, units, at)| {
+            assert!(
+                key.starts_with("qsa_") || ["a4", "c1"].contains(&key.as_str()),
+                "{key}"
+            );
+            (end_user, feature, units, at - T0)
+        })
+        .collect();
+    let mut expected = vec![
+        ("u1".to_owned(), "chat".to_owned(), 6, 1000), // a1 + a2 + a3: within a second of a1
+        ("u1".to_owned(), "chat".to_owned(), 5, 1001), // a4: past a1's second
+        ("u1".to_owned(), "chat".to_owned(), 1, 500),  // c1: another window
+        ("u1".to_owned(), "tokens".to_owned(), 10, 700),
+        ("u2".to_owned(), "chat".to_owned(), 10, 900),
+    ];
+    let mut got = sent;
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    // Acknowledged at version 7: every credit still pending until the replica shows it.
+    assert_eq!(replica.pending.total(&user("u1")), Credits::new(22));
+    assert_eq!(replica.pending.total(&user("u2")), Credits::new(10));
+    replica.pending.install(&user("u1"), 7, || ());
+    assert_eq!(replica.pending.total(&user("u1")), Credits::ZERO);
+}
+
+/// A record sent once (its answer lost) is never folded into another event later, and
+/// records an earlier run left (which it may have sent) are shipped as they are; an
+/// event made durable before a crash is sent under its key after it, not its parts.
+#[tokio::test]
+async fn what_may_have_been_sent_is_sent_again_as_it_was() {
+    let dir = tempfile::tempdir().expect("dir");
+    let fake = fake(
+        vec![
+            Answer::Status(503),
+            Answer::Status(503),
+            Answer::Status(503),
+        ],
+        2,
+        axum::Router::new(),
+    )
+    .await;
+    let client = one_try(&fake.url);
+    {
+        let (disk, replica, outbox) = aggregating(dir.path());
+        outbox
+            .push(&request("lone", "u1", "chat", 1, T0, None))
+            .await
+            .expect("pushed");
+        assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
+        // Usage of the same group after the send: not merged into the one sent.
+        outbox
+            .push(&request("next", "u1", "chat", 1, T0 + 1, None))
+            .await
+            .expect("pushed");
+        outbox
+            .push(&request("then", "u1", "chat", 1, T0 + 2, None))
+            .await
+            .expect("pushed");
+        assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
+        assert_eq!(outbox.depth(), 2, "`next` and `then` became one event");
+        disk.flush().expect("flushed");
+        // The process dies here.
+    }
+    {
+        let (disk, replica, outbox) = aggregating(dir.path());
+        assert_eq!(outbox.depth(), 2);
+        outbox
+            .push(&request("after", "u1", "chat", 1, T0 + 3, None))
+            .await
+            .expect("pushed");
+        assert!(outbox.ship_once(&client, &replica, 500).await.is_err());
+        disk.flush().expect("flushed");
+    }
+    let (_disk, replica, outbox) = aggregating(dir.path());
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("shipped")
+    );
+    let batches = fake.batches.lock().expect("batches").clone();
+    let keys = |batch: &[RecordUsage]| -> Vec<String> {
+        events(batch).into_iter().map(|event| event.0).collect()
+    };
+    assert_eq!(keys(&batches[0]), ["lone"]);
+    let merged = keys(&batches[1]);
+    assert_eq!(merged.len(), 2);
+    assert_eq!(merged[0], "lone");
+    assert!(merged[1].starts_with("qsa_"), "{merged:?}");
+    // After the restart: the earlier run's two as they were, and `after` alone.
+    assert_eq!(
+        keys(&batches[2]),
+        ["after".to_owned(), merged[0].clone(), merged[1].clone()]
+    );
+    assert_eq!(keys(&batches[3]), keys(&batches[2]));
+    assert_eq!(outbox.depth(), 0);
+}
+
+/// With aggregation off, each request's usage is its own event.
+#[tokio::test]
+async fn without_aggregation_each_request_is_an_event() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_disk, replica, outbox) = open(dir.path());
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    for (key, at) in [("a", T0), ("b", T0 + 1)] {
+        outbox
+            .push(&request(key, "u1", "chat", 1, at, None))
+            .await
+            .expect("pushed");
+    }
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    let batches = fake.batches.lock().expect("batches").clone();
+    assert_eq!(events(&batches[0]).len(), 2);
 }
