@@ -1,7 +1,6 @@
 //! The catalog (SPEC 10.1): features, plans, variants and settings.
 
 use axum::Json;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ledger::{PlanId, VariantId};
@@ -10,7 +9,7 @@ use protocol::{
     UpdateSettings, Variant,
 };
 
-use super::extract::{Act, Call, parse_json};
+use super::extract::{Act, ApiPath, Call, parse_json};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
@@ -157,7 +156,10 @@ pub async fn list_features(call: Call) -> Result<Json<Page<Feature>>, ApiError> 
 /// `GET /v1/features/{id_or_key}`.
 #[utoipa::path(get, path = "/v1/features/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     responses((status = 200, body = Feature), (status = 404, body = Problem)))]
-pub async fn get_feature(call: Call, Path(id): Path<String>) -> Result<Json<Feature>, ApiError> {
+pub async fn get_feature(
+    call: Call,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Feature>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     let record = view
@@ -287,7 +289,7 @@ pub async fn list_plans(call: Call) -> Result<Json<Page<Plan>>, ApiError> {
 /// `GET /v1/plans/{id_or_key}`.
 #[utoipa::path(get, path = "/v1/plans/{id_or_key}", tag = "catalog", params(("id_or_key" = String, Path)),
     responses((status = 200, body = Plan), (status = 404, body = Problem)))]
-pub async fn get_plan(call: Call, Path(id): Path<String>) -> Result<Json<Plan>, ApiError> {
+pub async fn get_plan(call: Call, ApiPath(id): ApiPath<String>) -> Result<Json<Plan>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let view = state.view(&caller.env).await?;
     let record = view
@@ -396,7 +398,7 @@ pub async fn create_variant(act: Act) -> Result<Response, ApiError> {
     responses((status = 200, body = Variant), (status = 404, body = Problem)))]
 pub async fn archive_variant(
     call: Call,
-    Path((plan, variant)): Path<(String, String)>,
+    ApiPath((plan, variant)): ApiPath<(String, String)>,
     incoming: Incoming,
 ) -> Response {
     let Call { state, caller } = call;

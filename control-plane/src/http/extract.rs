@@ -80,6 +80,30 @@ impl FromRequestParts<AppState> for Call {
     }
 }
 
+/// The path's parameters (`/v1/…/{id}`), refused in the API's problem shape (400
+/// `invalid_request`, naming what was wrong) where axum's own `Path` answers plain text:
+/// an id whose escapes are not UTF-8 (`%FF`), say.
+#[derive(Debug)]
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<ApiPath<T>, ApiError> {
+        let Path(value) = <Path<T> as FromRequestParts<S>>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest {
+                field: None,
+                detail: rejection.body_text(),
+            })?;
+        Ok(ApiPath(value))
+    }
+}
+
 /// A request that acts on the one object its path names (`POST /v1/…/{id}/…`): the
 /// state, the caller, the object's id and the request as idempotency sees it.
 #[derive(Debug)]
@@ -103,13 +127,9 @@ impl FromRequest<AppState> for Act {
     async fn from_request(request: Request<Body>, state: &AppState) -> Result<Act, ApiError> {
         let (mut parts, body) = request.into_parts();
         let Call { state, caller } = Call::from_request_parts(&mut parts, state).await?;
-        let Path(id) =
-            <Path<String> as FromRequestParts<AppState>>::from_request_parts(&mut parts, &state)
-                .await
-                .map_err(|rejection| ApiError::BadRequest {
-                    field: None,
-                    detail: rejection.body_text(),
-                })?;
+        let ApiPath(id) =
+            <ApiPath<String> as FromRequestParts<AppState>>::from_request_parts(&mut parts, &state)
+                .await?;
         let incoming = Incoming::from_request(Request::from_parts(parts, body), &state).await?;
         Ok(Act {
             state,

@@ -6,7 +6,6 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::Path;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::{Cx, EndUserState, LeaseId};
@@ -17,7 +16,7 @@ use protocol::{
 };
 
 use super::credits::page_limit;
-use super::extract::{Act, Call, parse_json, query_params};
+use super::extract::{Act, ApiPath, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
@@ -329,7 +328,7 @@ fn apply_operations(
 /// `GET /v1/leases/{id}`.
 #[utoipa::path(get, path = "/v1/leases/{id}", tag = "leases", params(("id" = String, Path)),
     responses((status = 200, body = Lease), (status = 404, body = Problem)))]
-pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Lease>, ApiError> {
+pub async fn get(call: Call, ApiPath(id): ApiPath<String>) -> Result<Json<Lease>, ApiError> {
     let Call { state, caller } = call;
     require_reader(&caller)?;
     let id = parse_lease_id(&id)?;

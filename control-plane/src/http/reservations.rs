@@ -1,13 +1,12 @@
 //! Reservations (SPEC 7): hold, get, commit, release, extend.
 
 use axum::Json;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::Response;
 use ledger::{Refusal, ReservationId, ReservationStatus};
 use protocol::{CommitReservation, CreateReservation, ExtendReservation, Problem, Reservation};
 
-use super::extract::{Act, Call};
+use super::extract::{Act, ApiPath, Call};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::error::ApiError;
@@ -59,7 +58,7 @@ async fn stored(
 /// `GET /v1/reservations/{id}`.
 #[utoipa::path(get, path = "/v1/reservations/{id}", tag = "reservations", params(("id" = String, Path)),
     responses((status = 200, body = Reservation), (status = 404, body = Problem)))]
-pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Reservation>, ApiError> {
+pub async fn get(call: Call, ApiPath(id): ApiPath<String>) -> Result<Json<Reservation>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let reservation = stored(&state, &caller.env, parse_reservation_id(&id)?).await?;
     Ok(Json(Reservation::from(&reservation)))

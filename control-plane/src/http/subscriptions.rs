@@ -1,7 +1,6 @@
 //! Subscriptions (SPEC 10.2) and the test clock (SPEC 10.3).
 
 use axum::Json;
-use axum::extract::Path;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use ledger::{CancelAt, ChangeAt, Refusal, SubscriptionId, VariantId};
@@ -11,7 +10,7 @@ use protocol::{
 };
 
 use super::credits::page_limit;
-use super::extract::{Act, Call, parse_json, query_params};
+use super::extract::{Act, ApiPath, Call, parse_json, query_params};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::catalog::CatalogView;
@@ -84,7 +83,7 @@ fn parse_subscription_id(id: &str) -> Result<SubscriptionId, ApiError> {
 /// `GET /v1/subscriptions/{id}`.
 #[utoipa::path(get, path = "/v1/subscriptions/{id}", tag = "subscriptions", params(("id" = String, Path)),
     responses((status = 200, body = Subscription), (status = 404, body = Problem)))]
-pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<Subscription>, ApiError> {
+pub async fn get(call: Call, ApiPath(id): ApiPath<String>) -> Result<Json<Subscription>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let id = parse_subscription_id(&id)?;
     let subscription = state

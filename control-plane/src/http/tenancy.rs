@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use protocol::{
@@ -11,7 +11,7 @@ use protocol::{
 use serde::Deserialize;
 
 use super::credits::{page_limit, seq_cursor};
-use super::extract::{Act, Call, parse_json, parse_query, presented_key};
+use super::extract::{Act, ApiPath, Call, parse_json, parse_query, presented_key};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::{self, Scope};
 use crate::clock::UlidSource;
@@ -233,7 +233,7 @@ pub async fn list_events(call: Call, uri: Uri) -> Result<Json<Page<Event>>, ApiE
 /// `GET /v1/events/{id}`.
 #[utoipa::path(get, path = "/v1/events/{id}", tag = "events", params(("id" = String, Path)),
     responses((status = 200, body = Event), (status = 404, body = Problem)))]
-pub async fn get_event(call: Call, Path(id): Path<String>) -> Result<Json<Event>, ApiError> {
+pub async fn get_event(call: Call, ApiPath(id): ApiPath<String>) -> Result<Json<Event>, ApiError> {
     let (state, caller) = call.scoped(Scope::Read)?;
     let record = state.store().event(&caller.env, &id).await?;
     let record = ApiError::found(record, format_args!("event `{id}`"))?;

@@ -1,12 +1,11 @@
 //! Webhook endpoints and redelivery (SPEC 11).
 
 use axum::Json;
-use axum::extract::Path;
 use axum::http::StatusCode;
 use axum::response::Response;
 use protocol::{CreateWebhookEndpoint, Page, Problem, UpdateWebhookEndpoint, WebhookEndpoint};
 
-use super::extract::{Act, Call, parse_json};
+use super::extract::{Act, ApiPath, Call, parse_json};
 use super::idempotency::{self, Done, Incoming};
 use crate::auth::Scope;
 use crate::clock::UlidSource;
@@ -102,7 +101,10 @@ pub async fn list(call: Call) -> Result<Json<Page<WebhookEndpoint>>, ApiError> {
 /// `GET /v1/webhook-endpoints/{id}`.
 #[utoipa::path(get, path = "/v1/webhook-endpoints/{id}", tag = "webhooks", params(("id" = String, Path)),
     responses((status = 200, body = WebhookEndpoint), (status = 404, body = Problem)))]
-pub async fn get(call: Call, Path(id): Path<String>) -> Result<Json<WebhookEndpoint>, ApiError> {
+pub async fn get(
+    call: Call,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<WebhookEndpoint>, ApiError> {
     let (state, caller) = call.scoped(Scope::Admin)?;
     Ok(Json(wire(&find(&state, &caller.env, &id).await?, None)))
 }

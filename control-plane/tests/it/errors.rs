@@ -128,6 +128,27 @@ store_test! {
         (bad_id.status, bad_id.code()),
         (StatusCode::NOT_FOUND, "not_found")
     );
+    // An id whose escapes are not UTF-8: a problem naming the path, on reads and on
+    // actions alike (axum's own extractor would answer plain text).
+    for (method, path) in [
+        (Method::GET, "/v1/reservations/%FF"),
+        (Method::POST, "/v1/plans/p/variants/%FF/archive"),
+        (Method::POST, "/v1/reservations/%FF/release"),
+    ] {
+        let answer = harness
+            .send(method.clone(), path, Some(&key), Some(json!({})), &[])
+            .await;
+        assert_eq!(
+            (answer.status, answer.code(), answer.content_type()),
+            (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "application/problem+json"
+            ),
+            "{method} {path}: {}",
+            answer.body
+        );
+    }
     let route = harness.get("/v1/nothing-here", &key).await;
     assert_eq!(
         (route.status, route.code()),
@@ -152,7 +173,6 @@ store_test! {
         (wrong_key.status, wrong_key.code()),
         (StatusCode::UNAUTHORIZED, "unauthorized")
     );
-    let _ = json!({});
     }
 }
 
