@@ -249,8 +249,9 @@ pub struct UsageConfig {
     #[serde(default = "default_spend_log_max_kb")]
     pub spend_log_max_kb: u64,
     /// Requests' usage of one end user, feature and quota window within this many
-    /// milliseconds leaves the proxy as one event (0 to 60,000; 0: one event per
-    /// request). The event is charged at the latest of their timestamps.
+    /// milliseconds leaves the proxy as one event, once the first is this old (0 to
+    /// 60,000; 0: one event per request, shipped at once). The event is charged at the
+    /// latest of their timestamps.
     #[serde(default = "default_aggregate_ms")]
     pub aggregate_ms: u64,
 }

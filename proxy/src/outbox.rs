@@ -183,14 +183,18 @@ pub struct Outbox {
     /// 413: halved on each 413, doubled back on each accepted batch (`usize::MAX`: the
     /// configured size).
     batch_limit: AtomicUsize,
-    /// The longest a group of aggregated usage may span, first to last timestamp
-    /// (milliseconds; 0: every request's usage is its own event).
+    /// The longest a group of aggregated usage may span, first to last timestamp, and
+    /// how long a group waits for more (milliseconds; 0: every request's usage is its
+    /// own event).
     aggregate_ms: i64,
-    /// The outbox key of the last usage record that may have been sent: only records
-    /// after it are aggregated (a record sent once, its answer lost, must be sent again
-    /// under its own key). It starts past every record on disk at this run's start:
-    /// what an earlier run left may have been sent.
-    sent_through: std::sync::Mutex<[u8; 16]>,
+    /// Past every record on disk at this run's start: what an earlier run left may have
+    /// been sent, so only records after this are aggregated.
+    start_mark: [u8; 16],
+    /// The usage records this run sent that are still in the outbox: a record sent once
+    /// (its answer lost) must be sent again under its own key, never merged.
+    sent: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    /// The last round is under way (shutdown): nothing waits for more.
+    draining: std::sync::atomic::AtomicBool,
     /// New records' keys: ULIDs increasing within the run, so the records pushed after
     /// a send sort after what it sent.
     keys: Keys,
@@ -204,6 +208,10 @@ impl std::fmt::Debug for Keys {
         formatter.write_str("Keys")
     }
 }
+
+/// How many batches' worth of records a round reads when it aggregates (a group can
+/// only take in records it sees).
+const AGGREGATE_READ: usize = 16;
 
 /// Where a run's sent mark starts: past now and past every record on disk (a clock
 /// set back since the last run must not make its records look unsent). Unreadable:
@@ -276,7 +284,7 @@ impl Outbox {
     ) -> Outbox {
         let depth = AtomicUsize::new(disk.outbox_len());
         let quarantine_depth = AtomicUsize::new(disk.quarantine_len());
-        let sent_through = std::sync::Mutex::new(start_mark(&disk));
+        let start_mark = start_mark(&disk);
         Outbox {
             disk,
             flusher,
@@ -287,7 +295,9 @@ impl Outbox {
             wake_at: batch_size.max(1),
             batch_limit: AtomicUsize::new(usize::MAX),
             aggregate_ms: 0,
-            sent_through,
+            start_mark,
+            sent: std::sync::Mutex::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             keys: Keys(std::sync::Mutex::new(ulid::Generator::new())),
         }
     }
@@ -306,13 +316,20 @@ impl Outbox {
     /// The same outbox, aggregating requests' usage before it is shipped: records of one
     /// end user, feature and quota window whose timestamps lie within `span` become one
     /// event with their units and pending spend summed, at the latest of their
-    /// timestamps, under a new idempotency key. The event replaces them on disk (one
+    /// timestamps, under a new idempotency key. A group waits until its earliest record
+    /// is `span` old (at shutdown, not at all), so each end user's usage of a feature
+    /// leaves at most about once per `span`. The event replaces its parts on disk (one
     /// sled batch, flushed) before it is first sent, so a retry after a crash sends the
     /// same event again, never its parts. `Duration::ZERO` sends each request's usage as
-    /// its own event.
+    /// its own event, as soon as the shipper runs.
     #[must_use]
     pub fn aggregating(mut self, span: Duration) -> Outbox {
         self.aggregate_ms = i64::try_from(span.as_millis()).unwrap_or(i64::MAX);
+        if self.aggregate_ms > 0 {
+            // Groups wait for their span: the shipper runs on its interval, woken early
+            // only by a backlog a round could not take in.
+            self.wake_at = self.wake_at.saturating_mul(AGGREGATE_READ);
+        }
         self
     }
 
@@ -348,6 +365,7 @@ impl Outbox {
         self.disk
             .outbox_remove(keys)
             .map_err(|error| error.to_string())?;
+        self.forget_sent(keys);
         let _ = self
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
@@ -363,7 +381,13 @@ impl Outbox {
         self.disk
             .acked_put(&round.acked)
             .map_err(|error| error.to_string())?;
+        let refused: Vec<Vec<u8>> = round
+            .quarantine
+            .iter()
+            .map(|(key, _, _)| key.clone())
+            .collect();
         self.quarantine(replica, round.quarantine)?;
+        self.forget_sent(&refused);
         self.remove(&round.done)
     }
 
@@ -399,6 +423,7 @@ impl Outbox {
                 () = self.wake.notified(), if backoff.is_zero() => {}
                 () = tokio::time::sleep(wait) => {}
                 _ = stop.changed() => {
+                    self.draining.store(true, Ordering::Release);
                     let _ = tokio::time::timeout(Duration::from_secs(2), self.ship_once(&client, &replica, batch_size)).await;
                     return;
                 }
@@ -437,14 +462,19 @@ impl Outbox {
         let limit = batch_size
             .min(self.batch_limit.load(Ordering::Acquire))
             .max(1);
+        let read = if self.aggregate_ms > 0 {
+            limit.saturating_mul(AGGREGATE_READ)
+        } else {
+            limit
+        };
         let head = self
             .disk
-            .outbox_head(limit)
+            .outbox_head(read)
             .map_err(|error| error.to_string())?;
         if head.is_empty() {
             return Ok(false);
         }
-        let full = head.len() >= limit;
+        let full = head.len() >= read;
         let mut usage: Vec<(Vec<u8>, Record)> = Vec::new();
         let mut round = Round::default();
         for (key, json) in head {
@@ -489,19 +519,26 @@ impl Outbox {
                 }
             }
         }
-        let usage = self.aggregate(usage).await?;
+        let (usage, overflow) = self
+            .aggregate(usage, replica.now().as_millis(), limit)
+            .await?;
         if !usage.is_empty()
             && let Err(error) = self.ship_usage(client, replica, &usage, &mut round).await
         {
             self.settle(replica, round)?;
             return Err(error);
         }
+        // Only a round that moved something goes again at once: one that found only
+        // groups still waiting leaves them to the interval.
+        let moved = !usage.is_empty() || !round.done.is_empty() || !round.quarantine.is_empty();
         self.settle(replica, round)?;
-        Ok(full)
+        Ok(moved && (full || overflow))
     }
 
-    /// Merges the round's aggregable usage into one event per group (see
-    /// [`Outbox::aggregating`]) and makes the groups durable before any is sent.
+    /// The usage to send this round, at most `limit` events, and whether more is ready:
+    /// with aggregation on, the round's aggregable usage merged into one event per group
+    /// (see [`Outbox::aggregating`]), groups younger than the span left to wait for more
+    /// (untouched on disk), and the merged groups made durable before any is sent.
     ///
     /// # Errors
     /// The groups could not be written or flushed (nothing is sent then; the records
@@ -509,14 +546,68 @@ impl Outbox {
     async fn aggregate(
         &self,
         usage: Vec<(Vec<u8>, Record)>,
-    ) -> Result<Vec<(Vec<u8>, Record)>, String> {
-        if self.aggregate_ms == 0 || usage.len() < 2 {
-            return Ok(usage);
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<(Vec<(Vec<u8>, Record)>, bool), String> {
+        if self.aggregate_ms == 0 {
+            return Ok((usage, false));
         }
-        let sent_through = *self
-            .sent_through
+        let (mut kept, groups) = self.group(usage)?;
+        let draining = self.draining.load(Ordering::Acquire);
+        let mut waiting = vec![false; kept.len()];
+        let mut merged_into: Vec<Option<Vec<Vec<u8>>>> = vec![None; kept.len()];
+        for group in groups {
+            if let Some(slot) = waiting.get_mut(group.at) {
+                *slot = !draining
+                    && now_ms
+                        .checked_sub(group.earliest_ms)
+                        .is_none_or(|age| age < self.aggregate_ms);
+            }
+            if let Some(slot) = merged_into.get_mut(group.at) {
+                *slot = Some(group.merged);
+            }
+        }
+        let mut ready = Vec::new();
+        let mut overflow = false;
+        let mut removed = Vec::new();
+        let mut written = Vec::new();
+        for ((entry, waits), merged) in kept.drain(..).zip(waiting).zip(merged_into) {
+            if waits {
+                continue;
+            }
+            if ready.len() >= limit {
+                overflow = true;
+                break;
+            }
+            let (key, mut record) = entry;
+            if let Some(merged) = merged.filter(|merged| !merged.is_empty()) {
+                record.key = format!("qsa_{}", ulid::Ulid::new());
+                if let Op::Usage { aggregable, .. } = &mut record.op {
+                    *aggregable = false;
+                }
+                let json = serde_json::to_vec(&record).map_err(|error| error.to_string())?;
+                written.push((key.clone(), json));
+                removed.extend(merged);
+            }
+            ready.push((key, record));
+        }
+        if !removed.is_empty() {
+            self.seal(&removed, &written).await?;
+        }
+        Ok((ready, overflow))
+    }
+
+    /// The round's usage with each group of aggregable records as its first record, the
+    /// others merged into it (in memory), and the groups: where each starts in the list.
+    #[allow(clippy::type_complexity)]
+    fn group(
+        &self,
+        usage: Vec<(Vec<u8>, Record)>,
+    ) -> Result<(Vec<(Vec<u8>, Record)>, Vec<Group>), String> {
+        let sent = self
+            .sent
             .lock()
-            .map_err(|_| "the outbox's sent mark is poisoned".to_owned())?;
+            .map_err(|_| "the outbox's sent set is poisoned".to_owned())?;
         let mut kept: Vec<(Vec<u8>, Record)> = Vec::with_capacity(usage.len());
         let mut groups: Vec<Group> = Vec::new();
         let mut open: std::collections::HashMap<(String, String, Option<i64>), usize> =
@@ -529,7 +620,7 @@ impl Outbox {
                     window_ms,
                     aggregable: true,
                     ..
-                } if key.as_slice() > sent_through.as_slice() => Some((
+                } if key.as_slice() > self.start_mark.as_slice() && !sent.contains(&key) => Some((
                     (record.end_user_id.clone(), feature_key.clone(), *window_ms),
                     *timestamp_ms,
                 )),
@@ -555,25 +646,14 @@ impl Outbox {
             });
             kept.push((key, record));
         }
-        let mut removed = Vec::new();
-        let mut written = Vec::new();
-        for group in groups.into_iter().filter(|group| !group.merged.is_empty()) {
-            let Some((key, record)) = kept.get_mut(group.at) else {
-                continue;
-            };
-            record.key = format!("qsa_{}", ulid::Ulid::new());
-            if let Op::Usage { aggregable, .. } = &mut record.op {
-                *aggregable = false;
-            }
-            let json = serde_json::to_vec(&*record).map_err(|error| error.to_string())?;
-            written.push((key.clone(), json));
-            removed.extend(group.merged);
-        }
-        if removed.is_empty() {
-            return Ok(kept);
-        }
+        Ok((kept, groups))
+    }
+
+    /// Replaces merged records by their groups' events on disk, all or nothing, and
+    /// flushes.
+    async fn seal(&self, removed: &[Vec<u8>], written: &[OutboxEntry]) -> Result<(), String> {
         self.disk
-            .outbox_replace(&removed, &written)
+            .outbox_replace(removed, written)
             .map_err(|error| error.to_string())?;
         let _ = self
             .depth
@@ -587,23 +667,31 @@ impl Outbox {
             .map_err(|error| error.to_string())?;
         metrics::counter!("qs_proxy_usage_aggregated_total")
             .increment(u64::try_from(removed.len()).unwrap_or(u64::MAX));
-        Ok(kept)
+        Ok(())
     }
 
-    /// Notes that the records up to `keys`' last may have been sent from now on.
-    fn mark_sent<'k>(&self, keys: impl Iterator<Item = &'k Vec<u8>>) -> Result<(), String> {
-        let mut sent_through = self
-            .sent_through
+    /// Notes that `keys` may have been sent from now on.
+    fn note_sent<'k>(&self, keys: impl Iterator<Item = &'k Vec<u8>>) -> Result<(), String> {
+        if self.aggregate_ms == 0 {
+            return Ok(());
+        }
+        let mut sent = self
+            .sent
             .lock()
-            .map_err(|_| "the outbox's sent mark is poisoned".to_owned())?;
-        for key in keys {
-            if key.as_slice() > sent_through.as_slice()
-                && let Ok(bytes) = <[u8; 16]>::try_from(key.as_slice())
-            {
-                *sent_through = bytes;
+            .map_err(|_| "the outbox's sent set is poisoned".to_owned())?;
+        sent.extend(keys.cloned());
+        Ok(())
+    }
+
+    /// Records that left the outbox no longer need remembering as sent.
+    fn forget_sent(&self, keys: &[Vec<u8>]) {
+        if let Ok(mut sent) = self.sent.lock()
+            && !sent.is_empty()
+        {
+            for key in keys {
+                sent.remove(key);
             }
         }
-        Ok(())
     }
 
     /// Sends one batch of usage records and notes each event's answer in `round`.
@@ -639,7 +727,7 @@ impl Outbox {
             .collect();
         // From here on, an answer lost could mean they were recorded: none of them is
         // aggregated into another event any more.
-        self.mark_sent(usage.iter().map(|(key, _)| key))?;
+        self.note_sent(usage.iter().map(|(key, _)| key))?;
         let answer = match client.record_usage_batch(&UsageBatch { events }).await {
             Ok(answer) => answer,
             Err(error) => {

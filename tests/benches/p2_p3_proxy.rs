@@ -9,7 +9,9 @@
 //! Run: `scripts/bench-proxy` (installs nginx from Debian if missing, then
 //! `cargo bench -p e2e --bench p2_p3_proxy`). Knobs: `QS_P2_RATE` (open-loop requests/s,
 //! default 1,000), `QS_P3_CONNECTIONS` (closed-loop connections, default 32), `QS_BENCH_SECS`
-//! (seconds per measurement, default 5).
+//! (seconds per measurement, default 5), `QS_P3_LEASES=off` (the gated proxies without
+//! leases: every request's usage goes through the outbox) and `QS_P3_AGGREGATE_MS`
+//! (their `usage.aggregate_ms`; 0 ships one event per request).
 //!
 //! Every proxy is its own process on one worker thread (`e2e-passthrough`: the same pingora
 //! and the same hosting code as the gate; `e2e-proxy`: the gate's command line with
@@ -324,21 +326,25 @@ async fn wait_http(address: &str, path: &str, header: Option<(&str, &str)>) {
     .await;
 }
 
-async fn flush_mean_ms(admin: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name))
-            .and_then(|rest| rest.trim().parse::<f64>().ok())
-    };
+/// A proxy's metrics page (empty when it cannot be read).
+async fn metrics_of(admin: &str) -> String {
+    match reqwest::get(format!("http://{admin}/metrics")).await {
+        Ok(response) => response.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// An unlabelled metric's value on a metrics page.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|rest| rest.trim().parse::<f64>().ok())
+}
+
+fn flush_mean_ms(text: &str) -> Option<f64> {
     let (sum, count) = (
-        value("qs_proxy_flush_seconds_sum ")?,
-        value("qs_proxy_flush_seconds_count ")?,
+        metric(text, "qs_proxy_flush_seconds_sum")?,
+        metric(text, "qs_proxy_flush_seconds_count")?,
     );
     (count > 0.0).then(|| sum / count * 1000.0)
 }
@@ -347,6 +353,16 @@ fn main() {
     let rate = env_or("QS_P2_RATE", 1_000);
     let connections = env_or("QS_P3_CONNECTIONS", 32);
     let secs = env_or("QS_BENCH_SECS", 5);
+    let leases = std::env::var("QS_P3_LEASES").map_or(true, |value| value != "off");
+    let aggregate = std::env::var("QS_P3_AGGREGATE_MS")
+        .ok()
+        .map(|value| {
+            format!(
+                "aggregate_ms = {}\n",
+                value.parse::<u64>().expect("QS_P3_AGGREGATE_MS")
+            )
+        })
+        .unwrap_or_default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -378,6 +394,8 @@ url = "{url}"
 api_key = "{key}"
 [usage]
 durability = "{durability}"
+{aggregate}[leases]
+enabled = {leases}
 [[routes]]
 path = "/"
 feature = "api_calls"
@@ -468,8 +486,17 @@ feature = "api_calls"
         println!("idle gated proxy RSS (after loading {USERS} end users): {:.1} MiB", f64::from(u32::try_from(idle_rss / 1024).unwrap_or(u32::MAX)) / 1024.0);
         for (durability, process) in &gated {
             let admin = process.later("admin (healthz, readyz, metrics) on ").await;
-            if let Some(mean) = flush_mean_ms(&admin).await {
+            let text = metrics_of(&admin).await;
+            if let Some(mean) = flush_mean_ms(&text) {
                 println!("{durability}: mean outbox flush (fsync) {mean:.2} ms");
+            }
+            if !leases {
+                let written = metric(&text, "qs_proxy_outbox_written_total").unwrap_or(0.0);
+                let shipped = metric(&text, "qs_proxy_usage_shipped_total").unwrap_or(0.0);
+                println!(
+                    "{durability}: {written:.0} requests' usage written to the outbox, shipped as {shipped:.0} events ({:.4} per request)",
+                    shipped / written.max(1.0)
+                );
             }
         }
         drop(nginx);

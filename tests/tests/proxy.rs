@@ -858,11 +858,9 @@ async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
 /// control plane charges exactly what was admitted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_usage_reaches_the_control_plane_as_a_few_events_charged_exactly() {
-    // The shipper wakes at 50 records (and otherwise only once a minute), so the 50
-    // requests below are shipped in one round.
-    let settings = format!(
-        "[leases]\nenabled = false\n[usage]\nbatch_size = 50\nship_interval_ms = 60000\n{ROUTES}"
-    );
+    // Each end user's usage of a feature waits up to usage.aggregate_ms (a second) for
+    // more before it leaves.
+    let settings = format!("[leases]\nenabled = false\n{ROUTES}");
     let (_dir, plane, _upstream, proxy) = setup(&settings).await;
     plane.grant("many", 1000).await;
     proxy.sees("many").await;

@@ -760,3 +760,91 @@ async fn without_aggregation_each_request_is_an_event() {
     let batches = fake.batches.lock().expect("batches").clone();
     assert_eq!(events(&batches[0]).len(), 2);
 }
+
+/// An outbox aggregating over a second whose replica runs on a clock the test moves.
+fn aggregating_at(dir: &std::path::Path) -> (protocol::clock::ManualClock, Replica, Outbox) {
+    let clock = protocol::clock::ManualClock::new(ledger::Timestamp::from_millis(T0));
+    let disk = Disk::open(dir, 8).expect("disk");
+    let pending = Arc::new(crate::pending::Pending::new(Arc::new(clock.clone())));
+    let replica = Replica::open(disk.clone(), pending).expect("replica");
+    let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500)
+        .aggregating(Duration::from_secs(1));
+    (clock, replica, outbox)
+}
+
+/// A group waits until its earliest record is a span old, gathering what comes
+/// meanwhile; then it leaves as one event.
+#[tokio::test]
+async fn a_group_waits_for_its_span_then_leaves_as_one_event() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (clock, replica, outbox) = aggregating_at(dir.path());
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    outbox
+        .push(&request("a1", "u1", "chat", 1, T0, None))
+        .await
+        .expect("pushed");
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("round")
+    );
+    clock.advance_ms(300);
+    outbox
+        .push(&request("a2", "u1", "chat", 2, T0 + 300, None))
+        .await
+        .expect("pushed");
+    clock.advance_ms(699);
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 500)
+            .await
+            .expect("round")
+    );
+    assert_eq!(
+        fake.calls.load(Ordering::Acquire),
+        0,
+        "the group is younger than a second"
+    );
+    assert_eq!(outbox.depth(), 2, "waiting records are left as they are");
+    clock.advance_ms(1);
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    let batches = fake.batches.lock().expect("batches").clone();
+    let sent = events(&batches[0]);
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].3, sent[0].4), (3, T0 + 300));
+    assert_eq!(outbox.depth(), 0);
+}
+
+/// At shutdown nothing waits: the last round ships young groups too.
+#[tokio::test]
+async fn the_last_round_at_shutdown_ships_what_was_waiting() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_clock, replica, outbox) = aggregating_at(dir.path());
+    let outbox = Arc::new(outbox);
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    for (key, at) in [("a1", T0), ("a2", T0)] {
+        outbox
+            .push(&request(key, "u1", "chat", 1, at, None))
+            .await
+            .expect("pushed");
+    }
+    let (stop, stopped) = watch::channel(false);
+    let shipper = tokio::spawn(outbox.clone().ship(
+        one_try(&fake.url),
+        Arc::new(replica),
+        500,
+        Duration::from_secs(3600),
+        stopped,
+    ));
+    stop.send(true).expect("stop");
+    shipper.await.expect("shipper");
+    let batches = fake.batches.lock().expect("batches").clone();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(events(&batches[0])[0].3, 2);
+    assert_eq!(outbox.depth(), 0);
+}
