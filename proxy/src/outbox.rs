@@ -195,8 +195,8 @@ pub struct Outbox {
     sent: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     /// The last round is under way (shutdown): nothing waits for more.
     draining: std::sync::atomic::AtomicBool,
-    /// New records' keys: ULIDs increasing within the run, so the records pushed after
-    /// a send sort after what it sent.
+    /// New records' keys: ULIDs increasing within the run, from the generator that made
+    /// the start mark, so every record this run pushes sorts after it.
     keys: Keys,
 }
 
@@ -216,8 +216,7 @@ const AGGREGATE_READ: usize = 16;
 /// Where a run's sent mark starts: past now and past every record on disk (a clock
 /// set back since the last run must not make its records look unsent). Unreadable:
 /// past every key, so nothing is aggregated.
-fn start_mark(disk: &Disk) -> [u8; 16] {
-    let now = ulid::Ulid::new().to_bytes();
+fn start_mark(disk: &Disk, now: [u8; 16]) -> [u8; 16] {
     match disk.outbox_last_key() {
         Ok(Some(last)) if last.as_slice() > now.as_slice() => {
             <[u8; 16]>::try_from(last.as_slice()).unwrap_or([u8::MAX; 16])
@@ -284,7 +283,11 @@ impl Outbox {
     ) -> Outbox {
         let depth = AtomicUsize::new(disk.outbox_len());
         let quarantine_depth = AtomicUsize::new(disk.quarantine_len());
-        let start_mark = start_mark(&disk);
+        // The mark comes from the generator new keys come from, so every record pushed
+        // in this run sorts after it.
+        let mut keys = ulid::Generator::new();
+        let now = keys.generate().unwrap_or_else(|_| ulid::Ulid::new());
+        let start_mark = start_mark(&disk, now.to_bytes());
         Outbox {
             disk,
             flusher,
@@ -298,7 +301,7 @@ impl Outbox {
             start_mark,
             sent: std::sync::Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
-            keys: Keys(std::sync::Mutex::new(ulid::Generator::new())),
+            keys: Keys(std::sync::Mutex::new(keys)),
         }
     }
 
