@@ -195,6 +195,8 @@ pub struct Outbox {
     sent: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     /// The last round is under way (shutdown): nothing waits for more.
     draining: std::sync::atomic::AtomicBool,
+    /// A seal was written to sled but may not be on disk yet.
+    unflushed_seal: std::sync::atomic::AtomicBool,
     /// New records' keys: ULIDs increasing within the run, from the generator that made
     /// the start mark, so every record this run pushes sorts after it.
     keys: Keys,
@@ -301,6 +303,7 @@ impl Outbox {
             start_mark,
             sent: std::sync::Mutex::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            unflushed_seal: std::sync::atomic::AtomicBool::new(false),
             keys: Keys(std::sync::Mutex::new(keys)),
         }
     }
@@ -522,9 +525,18 @@ impl Outbox {
                 }
             }
         }
-        let (usage, overflow) = self
+        let (usage, overflow) = match self
             .aggregate(usage, replica.now().as_millis(), limit)
-            .await?;
+            .await
+        {
+            Ok(ready) => ready,
+            Err(error) => {
+                // Reservation steps resolved above must not be resolved (and
+                // confirmed) again.
+                self.settle(replica, round)?;
+                return Err(error);
+            }
+        };
         if !usage.is_empty()
             && let Err(error) = self.ship_usage(client, replica, &usage, &mut round).await
         {
@@ -555,16 +567,23 @@ impl Outbox {
         if self.aggregate_ms == 0 {
             return Ok((usage, false));
         }
+        if self.unflushed_seal.load(Ordering::Acquire) {
+            // An earlier seal reached sled but not the disk: nothing goes out before it
+            // does (a crash would bring back its parts, to be sent under their keys).
+            self.flush().await?;
+        }
         let (mut kept, groups) = self.group(usage)?;
         let draining = self.draining.load(Ordering::Acquire);
         let mut waiting = vec![false; kept.len()];
         let mut merged_into: Vec<Option<Vec<Vec<u8>>>> = vec![None; kept.len()];
         for group in groups {
             if let Some(slot) = waiting.get_mut(group.at) {
+                // A group dated after now (a clock set back) does not wait for the
+                // clock to catch up.
                 *slot = !draining
                     && now_ms
                         .checked_sub(group.earliest_ms)
-                        .is_none_or(|age| age < self.aggregate_ms);
+                        .is_some_and(|age| (0..self.aggregate_ms).contains(&age));
             }
             if let Some(slot) = merged_into.get_mut(group.at) {
                 *slot = Some(group.merged);
@@ -655,6 +674,7 @@ impl Outbox {
     /// Replaces merged records by their groups' events on disk, all or nothing, and
     /// flushes.
     async fn seal(&self, removed: &[Vec<u8>], written: &[OutboxEntry]) -> Result<(), String> {
+        self.unflushed_seal.store(true, Ordering::Release);
         self.disk
             .outbox_replace(removed, written)
             .map_err(|error| error.to_string())?;
@@ -663,13 +683,19 @@ impl Outbox {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
                 Some(depth.saturating_sub(removed.len()))
             });
+        metrics::counter!("qs_proxy_usage_aggregated_total")
+            .increment(u64::try_from(removed.len()).unwrap_or(u64::MAX));
+        self.flush().await
+    }
+
+    /// Flushes the outbox to disk (after a seal).
+    async fn flush(&self) -> Result<(), String> {
         let disk = self.disk.clone();
         tokio::task::spawn_blocking(move || crate::disk::Flush::flush(&disk))
             .await
             .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
-        metrics::counter!("qs_proxy_usage_aggregated_total")
-            .increment(u64::try_from(removed.len()).unwrap_or(u64::MAX));
+        self.unflushed_seal.store(false, Ordering::Release);
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use ledger::{Credits, EndUserId};
 use protocol::{Problem, WireTime};
 use serde::{Deserialize, Serialize};
 
-use super::{Outbox, Record, gauge_of};
+use super::{Op, Outbox, Record, gauge_of};
 use crate::disk::{DiskError, OutboxEntry};
 use crate::replica::Replica;
 
@@ -73,7 +73,11 @@ impl Outbox {
         let quarantined_at = WireTime(ledger::Timestamp::from_millis(replica.wall_ms()));
         let mut entries = Vec::with_capacity(refused.len());
         let mut spends = Vec::with_capacity(refused.len());
-        for (key, record, problem) in refused {
+        for (key, mut record, problem) in refused {
+            // It was sent: replayed, it goes again under its own key, never merged.
+            if let Op::Usage { aggregable, .. } = &mut record.op {
+                *aggregable = false;
+            }
             if let Ok(end_user) = EndUserId::new(&record.end_user_id) {
                 spends.push((end_user, Credits::new(record.pending)));
             }

@@ -848,3 +848,126 @@ async fn the_last_round_at_shutdown_ships_what_was_waiting() {
     assert_eq!(events(&batches[0])[0].3, 2);
     assert_eq!(outbox.depth(), 0);
 }
+
+/// A group dated after now (the clock was set back) does not wait for the clock to
+/// catch up.
+#[tokio::test]
+async fn usage_dated_after_now_does_not_wait() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_clock, replica, outbox) = aggregating_at(dir.path());
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    for key in ["f1", "f2"] {
+        outbox
+            .push(&request(key, "u1", "chat", 1, T0 + 600_000, None))
+            .await
+            .expect("pushed");
+    }
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    let batches = fake.batches.lock().expect("batches").clone();
+    assert_eq!(batches.len(), 1);
+    assert_eq!(events(&batches[0])[0].3, 2, "merged, and sent at once");
+}
+
+/// A record refused and quarantined was sent: replayed, it goes under its own key,
+/// never merged with newer usage.
+#[tokio::test]
+async fn a_replayed_record_is_sent_as_it_was() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_clock, replica, outbox) = aggregating_at(dir.path());
+    let fake = fake(vec![Answer::EventError(400)], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    outbox
+        .push(&request("bad1", "u1", "chat", 1, T0 - 5_000, None))
+        .await
+        .expect("pushed");
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("round");
+    assert_eq!((outbox.depth(), outbox.quarantine_depth()), (0, 1));
+    assert_eq!(outbox.replay(&replica, None).expect("replayed"), 1);
+    outbox
+        .push(&request("x1", "u1", "chat", 1, T0 - 4_000, None))
+        .await
+        .expect("pushed");
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    let batches = fake.batches.lock().expect("batches").clone();
+    let keys: Vec<String> = events(&batches[1])
+        .into_iter()
+        .map(|event| event.0)
+        .collect();
+    assert_eq!(keys, ["bad1", "x1"]);
+    assert_eq!(outbox.depth(), 0);
+}
+
+/// A group never holds more than one event may (`UNITS_MAX` units): what would pass it
+/// starts a group of its own.
+#[tokio::test]
+async fn a_group_never_passes_the_units_one_event_may_hold() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_clock, replica, outbox) = aggregating_at(dir.path());
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    for (key, units) in [("big", ledger::UNITS_MAX - 1), ("two", 2), ("one", 1)] {
+        let mut record = request(key, "u1", "chat", units, T0 - 5_000, None);
+        record.pending = 1;
+        outbox.push(&record).await.expect("pushed");
+    }
+    outbox
+        .ship_once(&client, &replica, 500)
+        .await
+        .expect("shipped");
+    let batches = fake.batches.lock().expect("batches").clone();
+    let mut units: Vec<u64> = events(&batches[0])
+        .into_iter()
+        .map(|event| event.3)
+        .collect();
+    units.sort_unstable();
+    assert_eq!(units, [3, ledger::UNITS_MAX - 1]);
+}
+
+/// A round sends at most a batch of events and says more are ready; what it sent and
+/// got acknowledged is forgotten.
+#[tokio::test]
+async fn a_round_sends_at_most_a_batch_and_says_when_more_is_ready() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (_clock, replica, outbox) = aggregating_at(dir.path());
+    let fake = fake(vec![], 2, axum::Router::new()).await;
+    let client = one_try(&fake.url);
+    for end_user in ["u1", "u2", "u3"] {
+        for key in ["a", "b"] {
+            outbox
+                .push(&request(
+                    &format!("{end_user}{key}"),
+                    end_user,
+                    "chat",
+                    1,
+                    T0 - 5_000,
+                    None,
+                ))
+                .await
+                .expect("pushed");
+        }
+    }
+    assert!(
+        outbox.ship_once(&client, &replica, 2).await.expect("first"),
+        "more is ready"
+    );
+    assert!(
+        !outbox
+            .ship_once(&client, &replica, 2)
+            .await
+            .expect("second")
+    );
+    let sizes = fake.sizes.lock().expect("sizes").clone();
+    assert_eq!(sizes, [2, 1]);
+    assert_eq!(outbox.depth(), 0);
+    assert!(outbox.sent.lock().expect("sent").is_empty());
+}
