@@ -231,6 +231,9 @@ fn start_mark(disk: &Disk, now: [u8; 16]) -> [u8; 16] {
     }
 }
 
+/// An outbox record under its outbox (sled) key.
+type Keyed = (Vec<u8>, Record);
+
 /// A run of usage records becoming one event: where it starts in the round's list, the
 /// earliest timestamp it holds, and the outbox keys of the records merged into it.
 struct Group {
@@ -239,9 +242,10 @@ struct Group {
     merged: Vec<Vec<u8>>,
 }
 
-/// How much of the outbox's usage one round merges into one event, if it can: the
-/// same end user, feature and quota window, within `span_ms` of the group's earliest,
-/// and within the bounds of one event (`UNITS_MAX` units).
+/// Merges `record` into its group's event `into` where it may (the caller has matched
+/// end user, feature and quota window): the group then still spans at most `span_ms`
+/// from its earliest timestamp, and holds no more than one event may (`UNITS_MAX`
+/// units; pending spend within `i64`). `false`: nothing changed.
 fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) -> bool {
     let (
         Op::Usage {
@@ -481,7 +485,7 @@ impl Outbox {
             return Ok(false);
         }
         let full = head.len() >= read;
-        let mut usage: Vec<(Vec<u8>, Record)> = Vec::new();
+        let mut usage: Vec<Keyed> = Vec::new();
         let mut round = Round::default();
         for (key, json) in head {
             let record: Record = match serde_json::from_slice(&json) {
@@ -560,10 +564,10 @@ impl Outbox {
     /// stay as they were, or as the groups, whichever sled kept).
     async fn aggregate(
         &self,
-        usage: Vec<(Vec<u8>, Record)>,
+        usage: Vec<Keyed>,
         now_ms: i64,
         limit: usize,
-    ) -> Result<(Vec<(Vec<u8>, Record)>, bool), String> {
+    ) -> Result<(Vec<Keyed>, bool), String> {
         if self.aggregate_ms == 0 {
             return Ok((usage, false));
         }
@@ -621,16 +625,12 @@ impl Outbox {
 
     /// The round's usage with each group of aggregable records as its first record, the
     /// others merged into it (in memory), and the groups: where each starts in the list.
-    #[allow(clippy::type_complexity)]
-    fn group(
-        &self,
-        usage: Vec<(Vec<u8>, Record)>,
-    ) -> Result<(Vec<(Vec<u8>, Record)>, Vec<Group>), String> {
+    fn group(&self, usage: Vec<Keyed>) -> Result<(Vec<Keyed>, Vec<Group>), String> {
         let sent = self
             .sent
             .lock()
             .map_err(|_| "the outbox's sent set is poisoned".to_owned())?;
-        let mut kept: Vec<(Vec<u8>, Record)> = Vec::with_capacity(usage.len());
+        let mut kept: Vec<Keyed> = Vec::with_capacity(usage.len());
         let mut groups: Vec<Group> = Vec::new();
         let mut open: std::collections::HashMap<(String, String, Option<i64>), usize> =
             std::collections::HashMap::new();
@@ -731,7 +731,7 @@ impl Outbox {
         &self,
         client: &client::Client,
         replica: &Replica,
-        usage: &[(Vec<u8>, Record)],
+        usage: &[Keyed],
         round: &mut Round,
     ) -> Result<(), String> {
         let events: Vec<RecordUsage> = usage
