@@ -4,10 +4,12 @@
 //! control plane, and records usage durably and asynchronously through an outbox.
 //!
 //! The request path (`gate`): identity → route → `ledger` decision against the replica
-//! minus local pending spend → forward or answer 401/402/403/503. When the upstream's
-//! response header arrives, the usage goes into the sled outbox and (in `sync`
-//! durability) is flushed before the response is released. The shipper sends the outbox
-//! to `/v1/usage/batch` with per-event idempotency keys.
+//! minus local pending spend (or a lease, for features gated by balance) → forward or
+//! answer 401/402/403/503. When the upstream's response header arrives, the usage is
+//! written before the response is released (flushed first in `sync` durability): a
+//! lease's spend to the spend log, reported per lease; anything else to the sled
+//! outbox, shipped to `/v1/usage/batch` with idempotency keys, one end user's usage of a
+//! feature aggregated per `usage.aggregate_ms`.
 
 pub mod cli;
 pub mod config;
