@@ -1,8 +1,8 @@
 //! Everything the proxy keeps on disk, behind one small type so the storage engine (sled
 //! 0.34, whose stable line is unmaintained) can be swapped without touching the rest.
 //!
-//! Four trees: `replica` (end user states, the catalog, the clock offset and the cursor,
-//! written together in one atomic batch per change), `outbox` (usage not yet
+//! Four trees: `replica` (end user states in buckets, the catalog, the clock offset and
+//! the cursor, written together in one atomic batch per change), `outbox` (usage not yet
 //! acknowledged by the control plane, keyed by a time-ordered id), `acked` (acknowledged
 //! costs the stored replica does not show yet) and `quarantine` (outbox records the
 //! control plane refused for good, with the refusal, kept under their outbox key until an
@@ -83,7 +83,15 @@ const CATALOG: &[u8] = b"m/catalog";
 const CLOCK: &[u8] = b"m/clock";
 const COMPLETE: &[u8] = b"m/complete";
 const HEARD: &[u8] = b"m/heard";
-const USER_PREFIX: &[u8] = b"u/";
+const FORMAT: &[u8] = b"m/format";
+const BUCKET_PREFIX: &[u8] = b"b/";
+
+/// The replica tree's layout, stored with every write: a copy in another layout (an
+/// earlier build's one key per end user in JSON, or a later change to the encoded
+/// state) is dropped at start for a new snapshot rather than misread. Bump it whenever
+/// the layout or `ledger::StateParts`' encoding changes (`replica`'s tests pin the
+/// encoding of a known state).
+pub const REPLICA_FORMAT: u8 = 2;
 
 /// A cost the control plane acknowledged, kept on disk until the stored replica shows the
 /// state `needed` (so a crash in between does not forget it).
@@ -177,10 +185,10 @@ pub type OutboxEntry = (Vec<u8>, Vec<u8>);
 /// One change to the replica, applied atomically with the cursor.
 #[derive(Debug, Clone)]
 pub enum ReplicaWrite {
-    User {
-        end_user_id: String,
-        /// The state as `replica::stored_state` writes it.
-        state: Vec<u8>,
+    /// A bucket of end user states, as `replica` encodes it.
+    Bucket {
+        bucket: u16,
+        bytes: Vec<u8>,
     },
     Catalog(Vec<u8>),
     Clock(i64),
@@ -194,18 +202,21 @@ pub enum ReplicaWrite {
 /// What a restart finds on disk.
 #[derive(Debug, Default)]
 pub struct Stored {
+    /// The tree holds a copy in another layout ([`REPLICA_FORMAT`]): nothing else was
+    /// read.
+    pub outdated: bool,
     pub complete: bool,
     pub cursor: Option<i64>,
     pub clock_offset_ms: i64,
     pub heard_ms: Option<i64>,
     pub catalog: Option<Vec<u8>>,
-    pub users: Vec<(String, Vec<u8>)>,
+    /// The buckets of end user states.
+    pub buckets: Vec<Vec<u8>>,
 }
 
-fn user_key(end_user_id: &str) -> Vec<u8> {
-    let mut key = USER_PREFIX.to_vec();
-    key.extend_from_slice(end_user_id.as_bytes());
-    key
+fn bucket_key(bucket: u16) -> [u8; 4] {
+    let [high, low] = bucket.to_be_bytes();
+    [BUCKET_PREFIX[0], BUCKET_PREFIX[1], high, low]
 }
 
 fn i64_of(bytes: &[u8]) -> Option<i64> {
@@ -267,8 +278,8 @@ impl Disk {
         let mut batch = sled::Batch::default();
         for write in writes {
             match write {
-                ReplicaWrite::User { end_user_id, state } => {
-                    batch.insert(user_key(end_user_id), state.as_slice());
+                ReplicaWrite::Bucket { bucket, bytes } => {
+                    batch.insert(&bucket_key(*bucket), bytes.as_slice());
                 }
                 ReplicaWrite::Catalog(json) => batch.insert(CATALOG, json.as_slice()),
                 ReplicaWrite::Clock(offset) => batch.insert(CLOCK, &offset.to_be_bytes()),
@@ -277,6 +288,7 @@ impl Disk {
                 ReplicaWrite::Heard(at) => batch.insert(HEARD, &at.to_be_bytes()),
             }
         }
+        batch.insert(FORMAT, &[REPLICA_FORMAT]);
         self.replica.apply_batch(batch)?;
         Ok(())
     }
@@ -295,7 +307,15 @@ impl Disk {
     /// # Errors
     /// sled failures.
     pub fn load_replica(&self) -> Result<Stored, DiskError> {
+        let format = self.replica.get(FORMAT)?;
+        if format.as_deref() != Some(&[REPLICA_FORMAT][..]) {
+            return Ok(Stored {
+                outdated: !self.replica.is_empty(),
+                ..Stored::default()
+            });
+        }
         let mut stored = Stored {
+            outdated: false,
             complete: self
                 .replica
                 .get(COMPLETE)?
@@ -308,14 +328,30 @@ impl Disk {
                 .unwrap_or(0),
             heard_ms: self.replica.get(HEARD)?.and_then(|value| i64_of(&value)),
             catalog: self.replica.get(CATALOG)?.map(|value| value.to_vec()),
-            users: Vec::new(),
+            buckets: Vec::new(),
         };
-        for item in self.replica.scan_prefix(USER_PREFIX) {
-            let (key, value) = item?;
-            let id = String::from_utf8_lossy(&key[USER_PREFIX.len()..]).into_owned();
-            stored.users.push((id, value.to_vec()));
+        for item in self.replica.scan_prefix(BUCKET_PREFIX) {
+            let (_, value) = item?;
+            stored.buckets.push(value.to_vec());
         }
         Ok(stored)
+    }
+
+    /// Writes one raw key to the replica tree (tests of other layouts).
+    #[cfg(test)]
+    pub(crate) fn replica_raw_insert(&self, key: &[u8], value: &[u8]) {
+        self.replica.insert(key, value).expect("insert");
+    }
+
+    /// One bucket of end user states, if stored.
+    ///
+    /// # Errors
+    /// sled failures.
+    pub fn replica_bucket(&self, bucket: u16) -> Result<Option<Vec<u8>>, DiskError> {
+        Ok(self
+            .replica
+            .get(bucket_key(bucket))?
+            .map(|value| value.to_vec()))
     }
 
     /// Adds an outbox record under a time-ordered key.
@@ -767,9 +803,9 @@ mod tests {
         {
             let disk = Disk::open(dir.path(), 8).expect("open");
             disk.write_replica(&[
-                ReplicaWrite::User {
-                    end_user_id: "u1".into(),
-                    state: b"{}".to_vec(),
+                ReplicaWrite::Bucket {
+                    bucket: 7,
+                    bytes: b"seven".to_vec(),
                 },
                 ReplicaWrite::Cursor(42),
                 ReplicaWrite::Clock(-5),
@@ -783,7 +819,36 @@ mod tests {
         assert!(stored.complete);
         assert_eq!(stored.cursor, Some(42));
         assert_eq!(stored.clock_offset_ms, -5);
-        assert_eq!(stored.users, vec![("u1".to_owned(), b"{}".to_vec())]);
+        assert!(!stored.outdated);
+        assert_eq!(stored.buckets, vec![b"seven".to_vec()]);
+        assert_eq!(
+            disk.replica_bucket(7).expect("read"),
+            Some(b"seven".to_vec())
+        );
+        assert_eq!(disk.replica_bucket(8).expect("read"), None);
+    }
+
+    #[test]
+    fn a_replica_in_another_layout_is_reported_outdated_and_not_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("open");
+        assert!(!disk.load_replica().expect("load").outdated, "empty");
+        // The layout before buckets: one JSON key per end user, no format key.
+        disk.replica
+            .insert(b"u/u1", b"{}".as_slice())
+            .expect("insert");
+        disk.replica
+            .insert(CURSOR, &42_i64.to_be_bytes())
+            .expect("insert");
+        disk.replica.insert(COMPLETE, &[1]).expect("insert");
+        let stored = disk.load_replica().expect("load");
+        assert!(stored.outdated);
+        assert!(!stored.complete);
+        assert_eq!(stored.cursor, None);
+        disk.replica
+            .insert(FORMAT, &[REPLICA_FORMAT.wrapping_add(1)])
+            .expect("insert");
+        assert!(disk.load_replica().expect("load").outdated);
     }
 
     #[test]

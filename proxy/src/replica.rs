@@ -1,10 +1,18 @@
 //! The proxy's copy of its environment: every end user's live state, the catalog and the
 //! clock offset, as of a feed cursor. sled holds the durable copy; the hot path reads the
-//! in-memory index only.
+//! in-memory [`index`] only.
+//!
+//! The durable copy groups end users in [`BUCKETS`] sled keys by a stable hash of their
+//! id, each key holding its end users' encoded states: sled 0.34 keeps about a kilobyte
+//! of memory per key of its own, which one key per end user made the largest part of the
+//! proxy's memory at a million end users (docs/BENCHMARKS.md, P8). A change rewrites its
+//! bucket (a few kilobytes at a million end users).
 
-use std::collections::HashMap;
+mod index;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -36,7 +44,7 @@ pub struct CatalogView {
 /// The in-memory index and its durable copy.
 #[derive(Debug)]
 pub struct Replica {
-    users: RwLock<HashMap<EndUserId, Arc<EndUserState>>>,
+    users: index::Index,
     catalog: ArcSwapOption<CatalogView>,
     clock_offset_ms: AtomicI64,
     cursor: AtomicI64,
@@ -59,13 +67,17 @@ pub struct Replica {
     pub pending: Arc<Pending>,
 }
 
-/// End users written to sled per batch.
-const PERSIST_CHUNK: usize = 5_000;
+/// Buckets written to sled per batch.
+const PERSIST_BUCKETS: usize = 512;
 
 /// What the durable copy lacks.
 #[derive(Debug, Default)]
 struct Dirty {
-    users: HashMap<EndUserId, Arc<EndUserState>>,
+    /// End users whose state in the index is newer than the stored one.
+    users: HashSet<EndUserId>,
+    /// The stored copy was cleared for a snapshot: every end user is written (a set of
+    /// a million ids would cost more memory than the index).
+    all_users: bool,
     catalog: Option<Vec<u8>>,
     clock: Option<i64>,
     cursor: Option<i64>,
@@ -79,7 +91,8 @@ impl Dirty {
     }
 
     fn is_empty(&self) -> bool {
-        self.users.is_empty()
+        !self.all_users
+            && self.users.is_empty()
             && self.catalog.is_none()
             && self.clock.is_none()
             && self.cursor.is_none()
@@ -87,9 +100,31 @@ impl Dirty {
             && self.complete.is_none()
     }
 
+    /// The writes of everything but the end users (they go last, with the final chunk).
+    fn meta(&self) -> Vec<ReplicaWrite> {
+        let mut writes = Vec::new();
+        if let Some(json) = &self.catalog {
+            writes.push(ReplicaWrite::Catalog(json.clone()));
+        }
+        if let Some(offset) = self.clock {
+            writes.push(ReplicaWrite::Clock(offset));
+        }
+        if let Some(cursor) = self.cursor {
+            writes.push(ReplicaWrite::Cursor(cursor));
+        }
+        if let Some(heard) = self.heard {
+            writes.push(ReplicaWrite::Heard(heard));
+        }
+        if let Some(complete) = self.complete {
+            writes.push(ReplicaWrite::Complete(complete));
+        }
+        writes
+    }
+
     /// Lays `newer` over `self`.
     fn merge(&mut self, newer: Dirty) {
         self.users.extend(newer.users);
+        self.all_users |= newer.all_users;
         if newer.catalog.is_some() {
             self.catalog = newer.catalog;
         }
@@ -111,17 +146,36 @@ pub enum ApplyError {
     Invalid(String),
 }
 
-/// An end user's state as the durable copy keeps it: JSON. (Postcard, the feed's encoding,
-/// was tried: a third of the bytes, but sled 0.34 then held about 5.9 KB of memory per
-/// end user at a million instead of 1.8 KB; docs/decisions.md.)
-fn stored_state(state: &EndUserState) -> Result<Vec<u8>, ApplyError> {
-    serde_json::to_vec(&state.clone().into_parts())
-        .map_err(|error| ApplyError::Invalid(error.to_string()))
+/// Sled keys the durable copy spreads end users over (a power of two up to 65,536).
+pub const BUCKETS: u32 = 1 << 14;
+
+/// The bucket of an end user: the low 14 bits of the CRC-32 of their id (stable across
+/// runs and builds: the stored copy depends on it).
+fn bucket_of(end_user_id: &str) -> u16 {
+    let [low, high, ..] = crc32fast::hash(end_user_id.as_bytes()).to_le_bytes();
+    u16::from_le_bytes([low, high & 0x3f])
 }
 
-/// A stored state back.
-fn stored_parts(bytes: &[u8]) -> Result<ledger::StateParts, String> {
-    serde_json::from_slice(bytes).map_err(|error| error.to_string())
+/// A bucket's end users as the durable copy keeps them: postcard of their encoded states
+/// ([`index::encode`]), in id order.
+fn encode_bucket(states: &BTreeMap<String, Box<[u8]>>) -> Result<Vec<u8>, ApplyError> {
+    let entries: Vec<&[u8]> = states.values().map(AsRef::as_ref).collect();
+    postcard::to_allocvec(&entries).map_err(|error| ApplyError::Invalid(error.to_string()))
+}
+
+/// A stored bucket's encoded states, by end user.
+fn decode_bucket(bytes: &[u8]) -> Result<BTreeMap<String, Box<[u8]>>, ApplyError> {
+    let entries: Vec<Vec<u8>> = postcard::from_bytes(bytes)
+        .map_err(|error| ApplyError::Invalid(format!("stored bucket: {error}")))?;
+    entries
+        .into_iter()
+        .map(|entry| {
+            let id = index::id_of(&entry)
+                .ok_or_else(|| ApplyError::Invalid("stored state without an id".into()))?
+                .to_owned();
+            Ok((id, entry.into_boxed_slice()))
+        })
+        .collect()
 }
 
 fn catalog_view(snapshot: &CatalogSnapshot) -> Result<CatalogView, ApplyError> {
@@ -144,7 +198,7 @@ impl Replica {
     /// Unreadable storage.
     pub fn open(disk: Disk, pending: Arc<Pending>) -> Result<Replica, ApplyError> {
         let replica = Replica {
-            users: RwLock::new(HashMap::new()),
+            users: index::Index::default(),
             catalog: ArcSwapOption::empty(),
             clock_offset_ms: AtomicI64::new(0),
             cursor: AtomicI64::new(-1),
@@ -159,7 +213,12 @@ impl Replica {
             pending,
         };
         let stored = replica.disk.load_replica()?;
-        if stored.complete
+        if stored.outdated {
+            tracing::warn!(
+                "the stored replica is in another build's layout: dropping it for a new snapshot"
+            );
+            replica.disk.clear_replica()?;
+        } else if stored.complete
             && let (Some(cursor), Some(catalog)) = (stored.cursor, stored.catalog.as_deref())
         {
             let snapshot: CatalogSnapshot = serde_json::from_slice(catalog)
@@ -167,19 +226,13 @@ impl Replica {
             replica
                 .catalog
                 .store(Some(Arc::new(catalog_view(&snapshot)?)));
-            let mut users = HashMap::with_capacity(stored.users.len());
-            for (id, bytes) in stored.users {
-                let parts = stored_parts(&bytes)
-                    .map_err(|error| ApplyError::Invalid(format!("stored user {id}: {error}")))?;
-                let mut state = EndUserState::from_parts(parts)
-                    .map_err(|error| ApplyError::Invalid(error.to_string()))?;
-                state.shrink_to_fit();
-                users.insert(state.end_user_id().clone(), Arc::new(state));
+            for bucket in &stored.buckets {
+                for (id, bytes) in decode_bucket(bucket)? {
+                    replica.users.load(bytes).map_err(|error| {
+                        ApplyError::Invalid(format!("stored user {id}: {error}"))
+                    })?;
+                }
             }
-            *replica
-                .users
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = users;
             replica.cursor.store(cursor, Ordering::Release);
             replica
                 .clock_offset_ms
@@ -270,25 +323,30 @@ impl Replica {
         self.catalog.load_full()
     }
 
-    /// The end user's state (cheap: an `Arc` clone under a read lock).
+    /// The end user's state (cheap for an end user in use: an `Arc` clone under a read
+    /// lock; otherwise decoded from the compact form, no disk).
     pub fn user(&self, end_user: &EndUserId) -> Option<Arc<EndUserState>> {
-        self.users
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(end_user)
-            .cloned()
+        self.users.get(end_user)
     }
 
-    /// The version of the end user's state held, if any.
+    /// The version of the end user's state held, if any (without decoding it).
     pub fn version(&self, end_user: &EndUserId) -> Option<u64> {
-        self.user(end_user).map(|state| state.version())
+        self.users.version(end_user)
     }
 
     pub fn user_count(&self) -> usize {
-        self.users
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .len()
+        self.users.len()
+    }
+
+    /// End users whose state is held decoded (in use lately).
+    pub fn decoded_count(&self) -> usize {
+        self.users.decoded_len()
+    }
+
+    /// Forgets the decoded states of end users not seen since the last call (they stay
+    /// in the compact form): called periodically. Returns how many were forgotten.
+    pub fn sweep(&self) -> usize {
+        self.users.sweep()
     }
 
     /// Starts a fresh snapshot: forgets the durable copy (memory keeps serving until the
@@ -298,7 +356,10 @@ impl Replica {
     /// Storage failures.
     pub fn begin_snapshot(&self) -> Result<(), ApplyError> {
         let mut dirty = self.lock_dirty();
-        *dirty = Dirty::default();
+        *dirty = Dirty {
+            all_users: true,
+            ..Dirty::default()
+        };
         self.snapshotting.store(true, Ordering::Release);
         self.resnapshot.store(false, Ordering::Release);
         self.disk.clear_replica()?;
@@ -415,26 +476,29 @@ impl Replica {
             let mut state = EndUserState::from_parts(state()?)
                 .map_err(|error| ApplyError::Invalid(error.to_string()))?;
             state.shrink_to_fit();
-            Some(Arc::new(state))
+            if state.end_user_id() != &end_user {
+                return Err(ApplyError::Invalid(format!(
+                    "the state for {end_user} names {}",
+                    state.end_user_id()
+                )));
+            }
+            let bytes =
+                index::encode(&state).map_err(|error| ApplyError::Invalid(error.to_string()))?;
+            Some((Arc::new(state), bytes))
         } else {
             metrics::counter!("qs_proxy_replica_versions_skipped_total").increment(1);
             None
         };
         let mut dirty = self.lock_dirty();
-        if let Some(state) = state {
-            let replaced = self.pending.install(&end_user, version, || {
-                self.users
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .insert(end_user.clone(), state.clone())
-            });
+        if let Some((state, bytes)) = state {
+            let replaced = self
+                .pending
+                .install(&end_user, version, || self.users.insert(state, bytes));
             // The old state is freed outside the end user's lock.
             drop(replaced);
-            dirty.users.insert(end_user, state);
-        } else if self.snapshotting.load(Ordering::Acquire)
-            && let Some(held) = self.user(&end_user)
-        {
-            dirty.users.insert(end_user, held);
+            if !dirty.all_users {
+                dirty.users.insert(end_user);
+            }
         }
         dirty.advance(cursor);
         self.advance_cursor(cursor);
@@ -446,15 +510,20 @@ impl Replica {
     /// Writes what changed since the last call to sled in one atomic batch: the end users'
     /// newest states with the cursor they are consistent with. A crash loses at most what
     /// changed since, and a restart resumes the stream from the stored cursor. Returns how
-    /// many end users were written.
+    /// many end users were written. During a snapshot nothing is written until its end
+    /// line has been applied (the copy is not usable before, and writing as it arrives
+    /// would rewrite every bucket once per call).
     ///
     /// # Errors
     /// Storage failures (the changes are kept for the next call).
     pub fn persist(&self) -> Result<usize, ApplyError> {
+        if self.snapshotting.load(Ordering::Acquire) {
+            return Ok(0);
+        }
         let acked = self.disk.acked_all()?;
         let (taken, shown) = {
             let mut dirty = self.lock_dirty();
-            // Under the lock, memory is exactly what this call will have stored: the
+            // Under the lock, memory is at least what this call will have stored: the
             // acknowledged costs its states include can be forgotten once it is written.
             let shown = self.acked_shown(&acked);
             (std::mem::take(&mut *dirty), shown)
@@ -463,58 +532,106 @@ impl Replica {
             self.disk.acked_remove(&shown)?;
             return Ok(0);
         }
-        // End users go in chunks (a snapshot of a million must not be one giant batch);
+        let written = if taken.all_users {
+            self.write_all(&taken)
+        } else {
+            self.write_dirty(&taken)
+        };
+        if let Err(error) = written {
+            // Put it all back under anything newer, so the next call writes it.
+            let mut dirty = self.lock_dirty();
+            let newer = std::mem::replace(&mut *dirty, taken);
+            dirty.merge(newer);
+            return Err(error);
+        }
+        self.disk.acked_remove(&shown)?;
+        Ok(if taken.all_users {
+            self.user_count()
+        } else {
+            taken.users.len()
+        })
+    }
+
+    /// Writes every end user the index holds (after a snapshot: the stored copy was
+    /// cleared), a range of buckets at a time, then the rest.
+    fn write_all(&self, taken: &Dirty) -> Result<(), ApplyError> {
+        let chunk = u32::try_from(PERSIST_BUCKETS).unwrap_or(BUCKETS);
+        let mut first = 0u32;
+        while first < BUCKETS {
+            let end = first.saturating_add(chunk).min(BUCKETS);
+            let mut buckets: BTreeMap<u16, BTreeMap<String, Box<[u8]>>> = BTreeMap::new();
+            for bytes in self.users.encoded_where(|id| {
+                let bucket = u32::from(bucket_of(id));
+                bucket >= first && bucket < end
+            }) {
+                let id = index::id_of(&bytes)
+                    .ok_or_else(|| ApplyError::Invalid("indexed state without an id".into()))?
+                    .to_owned();
+                buckets.entry(bucket_of(&id)).or_default().insert(id, bytes);
+            }
+            let mut writes = Vec::with_capacity(buckets.len().saturating_add(6));
+            for (bucket, states) in &buckets {
+                writes.push(ReplicaWrite::Bucket {
+                    bucket: *bucket,
+                    bytes: encode_bucket(states)?,
+                });
+            }
+            if end == BUCKETS {
+                writes.extend(taken.meta());
+            }
+            self.disk.write_replica(&writes)?;
+            first = end;
+        }
+        Ok(())
+    }
+
+    /// Writes `taken`'s end users (each bucket read, changed and written whole: the
+    /// states the index holds now, which are at least as new as those marked) and then
+    /// the rest.
+    fn write_dirty(&self, taken: &Dirty) -> Result<(), ApplyError> {
+        let mut buckets: BTreeMap<u16, Vec<&EndUserId>> = BTreeMap::new();
+        for end_user in &taken.users {
+            buckets
+                .entry(bucket_of(end_user.as_str()))
+                .or_default()
+                .push(end_user);
+        }
+        // Buckets go in chunks (a snapshot of a million must not be one giant batch);
         // the cursor and the completion mark go last, with the final chunk. A crash
         // between chunks leaves states newer than the stored cursor, which is harmless:
         // the stream is replayed from the cursor and versions keep the newest.
-        let count = taken.users.len();
-        let users: Vec<(&EndUserId, &Arc<EndUserState>)> = taken.users.iter().collect();
-        let mut chunks = users.chunks(PERSIST_CHUNK).peekable();
-        let mut written = 0usize;
+        let buckets: Vec<(u16, Vec<&EndUserId>)> = buckets.into_iter().collect();
+        let mut chunks = buckets.chunks(PERSIST_BUCKETS).peekable();
         loop {
             let chunk = chunks.next().unwrap_or_default();
             let last = chunks.peek().is_none();
             let mut writes = Vec::with_capacity(chunk.len().saturating_add(6));
-            for (end_user, state) in chunk {
-                writes.push(ReplicaWrite::User {
-                    end_user_id: end_user.to_string(),
-                    state: stored_state(state)?,
+            for (bucket, end_users) in chunk {
+                let mut states = match self.disk.replica_bucket(*bucket)? {
+                    Some(bytes) => decode_bucket(&bytes).inspect_err(|error| {
+                        tracing::error!(bucket, %error, "a stored bucket is unreadable; taking a new snapshot");
+                        self.resnapshot.store(true, Ordering::Release);
+                    })?,
+                    None => BTreeMap::new(),
+                };
+                for end_user in end_users {
+                    if let Some(bytes) = self.users.encoded(end_user) {
+                        states.insert(end_user.to_string(), bytes);
+                    }
+                }
+                writes.push(ReplicaWrite::Bucket {
+                    bucket: *bucket,
+                    bytes: encode_bucket(&states)?,
                 });
             }
             if last {
-                if let Some(json) = &taken.catalog {
-                    writes.push(ReplicaWrite::Catalog(json.clone()));
-                }
-                if let Some(offset) = taken.clock {
-                    writes.push(ReplicaWrite::Clock(offset));
-                }
-                if let Some(cursor) = taken.cursor {
-                    writes.push(ReplicaWrite::Cursor(cursor));
-                }
-                if let Some(heard) = taken.heard {
-                    writes.push(ReplicaWrite::Heard(heard));
-                }
-                if let Some(complete) = taken.complete {
-                    writes.push(ReplicaWrite::Complete(complete));
-                }
+                writes.extend(taken.meta());
             }
-            if let Err(error) = self.disk.write_replica(&writes) {
-                drop(chunks);
-                drop(users);
-                // Put it all back under anything newer, so the next call writes it.
-                let mut dirty = self.lock_dirty();
-                let newer = std::mem::replace(&mut *dirty, taken);
-                dirty.merge(newer);
-                return Err(error.into());
-            }
-            written = written.saturating_add(chunk.len());
+            self.disk.write_replica(&writes)?;
             if last {
-                break;
+                return Ok(());
             }
         }
-        debug_assert_eq!(written, count);
-        self.disk.acked_remove(&shown)?;
-        Ok(count)
     }
 
     /// The keys of acknowledged costs the in-memory states include (or that are over a
@@ -616,11 +733,140 @@ mod tests {
     }
 
     #[test]
-    fn a_stored_state_reads_back() {
+    fn a_stored_bucket_reads_back() {
         let catalog = snapshot_json().to_ledger().expect("catalog");
+        let states: BTreeMap<String, Box<[u8]>> = ["u1", "u2", "u3"]
+            .iter()
+            .map(|id| {
+                let state = user(id, 10, &catalog);
+                ((*id).to_owned(), index::encode(&state).expect("encode"))
+            })
+            .collect();
+        let bytes = encode_bucket(&states).expect("encode");
+        assert_eq!(decode_bucket(&bytes).expect("decode"), states);
+        assert!(decode_bucket(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// The stored copy depends on which bucket an end user falls in: it must not change
+    /// between builds.
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        // zlib.crc32(b"u1") & 0x3fff, computed apart from this code.
+        assert_eq!(bucket_of("u1"), 8054);
+        let mut seen = HashSet::new();
+        for n in 0..100_000 {
+            let bucket = bucket_of(&format!("user-{n}"));
+            assert!(u32::from(bucket) < BUCKETS);
+            seen.insert(bucket);
+        }
+        assert!(
+            seen.len() > 16_000,
+            "{} of {BUCKETS} buckets used",
+            seen.len()
+        );
+    }
+
+    #[test]
+    fn many_end_users_persist_across_buckets_and_reload() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let states: Vec<EndUserState> = (0..3_000)
+            .map(|n| user(&format!("user-{n}"), n + 1, &catalog))
+            .collect();
+        {
+            let replica = open(dir.path());
+            snapshot(&replica, 5, &states);
+            assert_eq!(replica.persist().expect("persist"), 3_000);
+        }
+        let replica = open(dir.path());
+        assert!(replica.is_loaded());
+        assert_eq!(replica.user_count(), 3_000);
+        assert_eq!(replica.decoded_count(), 0, "loaded in the compact form");
+        for (n, state) in states.iter().enumerate() {
+            let held = replica.user(state.end_user_id()).expect("held");
+            assert_eq!(
+                held.available(None, Timestamp::from_millis(1_780_000_000_001))
+                    .expect("sum"),
+                ledger::Credits::new(i64::try_from(n).expect("small") + 1),
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_written_during_a_snapshot_until_its_end() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let replica = open(dir.path());
+        replica.begin_snapshot().expect("begin");
+        replica
+            .apply(SyncRecord::Header {
+                cursor: 3,
+                clock_offset_ms: 0,
+                now: WireTime(Timestamp::from_millis(1)),
+            })
+            .expect("header");
         let state = user("u1", 10, &catalog);
-        let stored = stored_state(&state).expect("stored");
-        assert_eq!(stored_parts(&stored), Ok(state.into_parts()));
+        replica
+            .apply(SyncRecord::EndUser {
+                cursor: 3,
+                end_user_id: "u1".into(),
+                version: state.version(),
+                state: state.into_parts(),
+            })
+            .expect("user");
+        assert_eq!(replica.persist().expect("persist"), 0);
+        assert_eq!(
+            replica.disk.replica_bucket(bucket_of("u1")).expect("read"),
+            None
+        );
+        replica
+            .apply(SyncRecord::End { end_users: 1 })
+            .expect("end");
+        replica.finish_snapshot(3);
+        assert_eq!(replica.persist().expect("persist"), 1);
+        assert!(
+            replica
+                .disk
+                .replica_bucket(bucket_of("u1"))
+                .expect("read")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_state_that_names_another_end_user_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let replica = open(dir.path());
+        snapshot(&replica, 1, &[]);
+        let state = user("u2", 10, &catalog);
+        assert!(matches!(
+            replica.apply(SyncRecord::EndUser {
+                cursor: 2,
+                end_user_id: "u1".into(),
+                version: state.version(),
+                state: state.into_parts(),
+            }),
+            Err(ApplyError::Invalid(_))
+        ));
+        assert_eq!(replica.user_count(), 0);
+    }
+
+    #[test]
+    fn a_copy_in_an_older_layout_is_dropped_for_a_new_snapshot() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let disk = Disk::open(dir.path(), 8).expect("disk");
+            disk.replica_raw_insert(b"u/u1", b"{}");
+            disk.replica_raw_insert(b"m/complete", &[1]);
+        }
+        let replica = open(dir.path());
+        assert!(!replica.is_loaded());
+        assert_eq!(replica.cursor(), None);
+        drop(replica);
+        let disk = Disk::open(dir.path(), 8).expect("disk");
+        let stored = disk.load_replica().expect("load");
+        assert!(!stored.outdated, "cleared");
     }
 
     #[test]

@@ -476,7 +476,12 @@ async fn persist(replica: Arc<Replica>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-/// Periodic work: expire confirmed pending, clear outage budgets once fresh, gauges.
+/// How often the replica forgets the decoded states of end users not seen since the
+/// last time (they stay in the compact form).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Periodic work: expire confirmed pending, clear outage budgets once fresh, forget
+/// decoded states not in use, gauges.
 async fn housekeeping(
     replica: Arc<Replica>,
     outage: Arc<OutageBudgets>,
@@ -485,12 +490,25 @@ async fn housekeeping(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut was = Freshness::Loading;
+    let mut swept = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(250)) => {}
             _ = stopped.wait_for(|stop| *stop) => return,
         }
         replica.pending.expire(replica.last_heard_ms());
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = tokio::time::Instant::now();
+            let sweeper = replica.clone();
+            // Off the runtime: a sweep walks every decoded state.
+            match tokio::task::spawn_blocking(move || sweeper.sweep()).await {
+                Ok(forgotten) => {
+                    metrics::counter!("qs_proxy_replica_states_forgotten_total")
+                        .increment(u64::try_from(forgotten).unwrap_or(u64::MAX));
+                }
+                Err(error) => tracing::error!(%error, "the replica sweep failed"),
+            }
+        }
         let now = replica.freshness(live.load().max_staleness);
         if now != was {
             if now == Freshness::Fresh {
@@ -515,6 +533,9 @@ async fn housekeeping(
         ));
         metrics::gauge!("qs_proxy_replica_end_users").set(f64::from(
             u32::try_from(replica.user_count()).unwrap_or(u32::MAX),
+        ));
+        metrics::gauge!("qs_proxy_replica_decoded_end_users").set(f64::from(
+            u32::try_from(replica.decoded_count()).unwrap_or(u32::MAX),
         ));
     }
 }

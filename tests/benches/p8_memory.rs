@@ -4,10 +4,12 @@
 //! Run: `cargo bench -p e2e --bench p8_memory` (knob `QS_P8_SIZES`, default
 //! `100000,1000000`). Each size runs in a fresh child process: its RSS is read after an
 //! empty replica is opened, then after `N` end users (one credit block each, the common
-//! shape) were applied through `Replica::apply` (sled with an 8 MiB cache, and the
-//! in-memory index). Per end user = (after − before) / N. A second figure loads the same
-//! states into a bare `HashMap<EndUserId, Arc<EndUserState>>` without sled, to separate the
-//! index's own cost from sled's.
+//! shape) were applied through `Replica::apply` as a snapshot and persisted (sled with an
+//! 8 MiB cache, and the in-memory index, which holds states compactly until they are
+//! used). Per end user = (after − before) / N. A second figure loads the same states,
+//! decoded, into a bare `HashMap<EndUserId, Arc<EndUserState>>` without sled: what every
+//! end user cost when the index held them all decoded, and what an end user in use costs
+//! now.
 
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,7 +57,7 @@ fn main() {
         .map(|size| size.trim().parse().expect("a size"))
         .collect();
     println!("P8: memory per replicated end user (one credit block each)");
-    println!("| end users | replica (sled + index) | index alone (HashMap of states) |");
+    println!("| end users | replica (sled + index) | states decoded (HashMap, no sled) |");
     println!("|---|---|---|");
     let exe = std::env::current_exe().expect("exe");
     for users in sizes {

@@ -118,7 +118,9 @@ pub fn user_state(
     state
 }
 
-/// A replica on a temporary sled directory holding `users` end users (`u0`, `u1`, …).
+/// A replica on a temporary sled directory holding `users` end users (`u0`, `u1`, …),
+/// loaded the way the follower loads a snapshot: `begin_snapshot`, then each end user as
+/// the binary frame the feed sends, the end line, and one persist.
 pub fn loaded_replica(
     dir: &std::path::Path,
     users: usize,
@@ -132,6 +134,7 @@ pub fn loaded_replica(
     let snapshot = catalog();
     let ledger_catalog = snapshot.to_ledger().expect("catalog");
     let now = replica.now();
+    replica.begin_snapshot().expect("begin");
     replica
         .apply(SyncRecord::Header {
             cursor: 1,
@@ -145,15 +148,21 @@ pub fn loaded_replica(
             catalog: snapshot,
         })
         .expect("catalog");
+    // One end user's state, given each end user's id: what the feed would carry.
+    let template = user_state("u0", 1_000_000, &ledger_catalog, now).into_parts();
     for index in 0..users {
-        let state = user_state(&format!("u{index}"), 1_000_000, &ledger_catalog, now);
+        let id = format!("u{index}");
+        let mut parts = template.clone();
+        parts.end_user_id = ledger::EndUserId::new(&id).expect("id");
         replica
-            .apply(SyncRecord::EndUser {
-                cursor: 1,
-                end_user_id: format!("u{index}"),
-                version: state.version(),
-                state: state.into_parts(),
-            })
+            .apply(protocol::frames::Frame::EndUser(
+                protocol::frames::EndUserFrame {
+                    cursor: 1,
+                    end_user_id: id,
+                    version: parts.version,
+                    state: protocol::frames::encode_state(&parts).expect("frame"),
+                },
+            ))
             .expect("user");
     }
     replica
