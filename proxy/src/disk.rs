@@ -78,11 +78,16 @@ impl std::fmt::Debug for Disk {
 }
 
 /// Keys of the replica tree.
-const CURSOR: &[u8] = b"m/cursor";
-const CATALOG: &[u8] = b"m/catalog";
-const CLOCK: &[u8] = b"m/clock";
-const COMPLETE: &[u8] = b"m/complete";
-const HEARD: &[u8] = b"m/heard";
+/// Keys of the replica tree. The layout's own names (`r/`): an older build, which reads
+/// `m/cursor` and `m/complete` and knows nothing of `m/format`, finds no complete copy
+/// in a tree this layout wrote and takes a snapshot (clearing the tree) instead of
+/// serving a copy without its end users; and what it writes cannot move this layout's
+/// cursor past its states if the newer build comes back.
+const CURSOR: &[u8] = b"r/cursor";
+const CATALOG: &[u8] = b"r/catalog";
+const CLOCK: &[u8] = b"r/clock";
+const COMPLETE: &[u8] = b"r/complete";
+const HEARD: &[u8] = b"r/heard";
 const FORMAT: &[u8] = b"m/format";
 const BUCKET_PREFIX: &[u8] = b"b/";
 
@@ -821,6 +826,9 @@ mod tests {
         assert_eq!(stored.clock_offset_ms, -5);
         assert!(!stored.outdated);
         assert_eq!(stored.buckets, vec![b"seven".to_vec()]);
+        // What an older build reads to decide its copy is complete is not there.
+        assert_eq!(disk.replica.get(b"m/complete").expect("read"), None);
+        assert_eq!(disk.replica.get(b"m/cursor").expect("read"), None);
         assert_eq!(
             disk.replica_bucket(7).expect("read"),
             Some(b"seven".to_vec())
@@ -838,9 +846,9 @@ mod tests {
             .insert(b"u/u1", b"{}".as_slice())
             .expect("insert");
         disk.replica
-            .insert(CURSOR, &42_i64.to_be_bytes())
+            .insert(b"m/cursor", &42_i64.to_be_bytes())
             .expect("insert");
-        disk.replica.insert(COMPLETE, &[1]).expect("insert");
+        disk.replica.insert(b"m/complete", &[1]).expect("insert");
         let stored = disk.load_replica().expect("load");
         assert!(stored.outdated);
         assert!(!stored.complete);

@@ -57,6 +57,11 @@ pub struct Replica {
     disk: Disk,
     /// Changes applied in memory and not yet written to sled.
     dirty: std::sync::Mutex<Dirty>,
+    /// The durable copy's generation: `begin_snapshot` bumps it as it clears the copy,
+    /// and a persist writes each batch under this lock only while the generation it
+    /// started with holds (a persist still writing the last snapshot's end users must
+    /// not land them, or its completion mark, in the copy a new snapshot cleared).
+    generation: std::sync::Mutex<u64>,
     /// Between `begin_snapshot` and the snapshot's end line: every end user is written,
     /// even one whose version memory holds already (the durable copy was cleared).
     snapshotting: AtomicBool,
@@ -207,6 +212,7 @@ impl Replica {
             loaded: AtomicBool::new(false),
             disk,
             dirty: std::sync::Mutex::new(Dirty::default()),
+            generation: std::sync::Mutex::new(0),
             snapshotting: AtomicBool::new(false),
             resnapshot: AtomicBool::new(false),
             over_nats: AtomicBool::new(false),
@@ -355,6 +361,8 @@ impl Replica {
     /// # Errors
     /// Storage failures.
     pub fn begin_snapshot(&self) -> Result<(), ApplyError> {
+        let mut generation = self.lock_generation();
+        *generation = generation.wrapping_add(1);
         let mut dirty = self.lock_dirty();
         *dirty = Dirty {
             all_users: true,
@@ -364,6 +372,23 @@ impl Replica {
         self.resnapshot.store(false, Ordering::Release);
         self.disk.clear_replica()?;
         Ok(())
+    }
+
+    fn lock_generation(&self) -> std::sync::MutexGuard<'_, u64> {
+        self.generation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes one batch if the durable copy is still of `generation`; `false` when a
+    /// snapshot has cleared it since.
+    fn write_batch(&self, generation: u64, writes: &[ReplicaWrite]) -> Result<bool, ApplyError> {
+        let held = self.lock_generation();
+        if *held != generation {
+            return Ok(false);
+        }
+        self.disk.write_replica(writes)?;
+        Ok(true)
     }
 
     fn lock_dirty(&self) -> std::sync::MutexGuard<'_, Dirty> {
@@ -517,6 +542,7 @@ impl Replica {
     /// # Errors
     /// Storage failures (the changes are kept for the next call).
     pub fn persist(&self) -> Result<usize, ApplyError> {
+        let generation = *self.lock_generation();
         if self.snapshotting.load(Ordering::Acquire) {
             return Ok(0);
         }
@@ -533,16 +559,17 @@ impl Replica {
             return Ok(0);
         }
         let written = if taken.all_users {
-            self.write_all(&taken)
+            self.write_all(&taken, generation)
         } else {
-            self.write_dirty(&taken)
+            self.write_dirty(&taken, generation)
         };
-        if let Err(error) = written {
-            // Put it all back under anything newer, so the next call writes it.
+        if !matches!(written, Ok(true)) {
+            // Failed, or a snapshot began meanwhile: put it all back under anything
+            // newer, so a later call writes it.
             let mut dirty = self.lock_dirty();
             let newer = std::mem::replace(&mut *dirty, taken);
             dirty.merge(newer);
-            return Err(error);
+            return written.map(|_| 0);
         }
         self.disk.acked_remove(&shown)?;
         Ok(if taken.all_users {
@@ -554,7 +581,7 @@ impl Replica {
 
     /// Writes every end user the index holds (after a snapshot: the stored copy was
     /// cleared), a range of buckets at a time, then the rest.
-    fn write_all(&self, taken: &Dirty) -> Result<(), ApplyError> {
+    fn write_all(&self, taken: &Dirty, generation: u64) -> Result<bool, ApplyError> {
         let chunk = u32::try_from(PERSIST_BUCKETS).unwrap_or(BUCKETS);
         let mut first = 0u32;
         while first < BUCKETS {
@@ -579,16 +606,18 @@ impl Replica {
             if end == BUCKETS {
                 writes.extend(taken.meta());
             }
-            self.disk.write_replica(&writes)?;
+            if !self.write_batch(generation, &writes)? {
+                return Ok(false);
+            }
             first = end;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes `taken`'s end users (each bucket read, changed and written whole: the
     /// states the index holds now, which are at least as new as those marked) and then
     /// the rest.
-    fn write_dirty(&self, taken: &Dirty) -> Result<(), ApplyError> {
+    fn write_dirty(&self, taken: &Dirty, generation: u64) -> Result<bool, ApplyError> {
         let mut buckets: BTreeMap<u16, Vec<&EndUserId>> = BTreeMap::new();
         for end_user in &taken.users {
             buckets
@@ -627,9 +656,11 @@ impl Replica {
             if last {
                 writes.extend(taken.meta());
             }
-            self.disk.write_replica(&writes)?;
+            if !self.write_batch(generation, &writes)? {
+                return Ok(false);
+            }
             if last {
-                return Ok(());
+                return Ok(true);
             }
         }
     }
@@ -831,6 +862,29 @@ mod tests {
                 .expect("read")
                 .is_some()
         );
+    }
+
+    /// A persist still writing the last snapshot's end users when a new snapshot clears
+    /// the copy must land nothing in it (least of all a completion mark).
+    #[test]
+    fn a_persist_overtaken_by_a_new_snapshot_writes_nothing_into_it() {
+        let dir = tempfile::tempdir().expect("dir");
+        let catalog = snapshot_json().to_ledger().expect("catalog");
+        let replica = open(dir.path());
+        snapshot(&replica, 4, &[user("u1", 10, &catalog)]);
+        let generation = *replica.lock_generation();
+        let taken = std::mem::take(&mut *replica.lock_dirty());
+        assert!(taken.all_users);
+        replica.begin_snapshot().expect("begin");
+        assert!(!replica.write_all(&taken, generation).expect("no error"));
+        assert!(!replica.write_dirty(&taken, generation).expect("no error"));
+        assert_eq!(
+            replica.disk.replica_bucket(bucket_of("u1")).expect("read"),
+            None
+        );
+        let stored = replica.disk.load_replica().expect("load");
+        assert!(!stored.complete);
+        assert_eq!(stored.cursor, None);
     }
 
     #[test]

@@ -207,7 +207,8 @@ impl Index {
             .collect()
     }
 
-    /// Holds `bytes` (made by [`encode`] from `state`) as the end user's state. The
+    /// Holds `bytes` (made by [`encode`] from `state`) as the end user's state, unless
+    /// the one held is newer (two appliers racing cannot put an older state back). The
     /// decoded state replaces a decoded one held (an end user in use stays quick); an
     /// end user not in use is held encoded only.
     pub fn insert(&self, state: Arc<EndUserState>, bytes: Box<[u8]>) -> Replaced {
@@ -220,6 +221,14 @@ impl Index {
             |held| id_of(held) == Some(id),
             |held| self.hash(id_of(held).unwrap_or_default()),
         ) {
+            hashbrown::hash_table::Entry::Occupied(entry)
+                if version_of(entry.get()) > Some(state.version()) =>
+            {
+                return Replaced {
+                    _encoded: Some(bytes),
+                    _decoded: Some(state),
+                };
+            }
             hashbrown::hash_table::Entry::Occupied(mut entry) => {
                 Some(std::mem::replace(entry.get_mut(), bytes))
             }

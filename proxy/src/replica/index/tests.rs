@@ -103,6 +103,16 @@ fn a_newer_state_replaces_a_decoded_one_and_stays_encoded_otherwise() {
 }
 
 #[test]
+fn an_older_state_never_replaces_a_newer_one() {
+    let index = Index::default();
+    insert(&index, state("u1", 3));
+    index.get(&id("u1")).expect("decoded");
+    insert(&index, state("u1", 2));
+    assert_eq!(index.version(&id("u1")), Some(3));
+    assert_eq!(index.get(&id("u1")).expect("held").version(), 3);
+}
+
+#[test]
 fn beyond_the_bound_states_are_decoded_for_each_use_and_not_kept() {
     let index = Index::with_decoded_max(2);
     for n in 0..5 {
