@@ -248,6 +248,13 @@ pub struct UsageConfig {
     /// until the control plane acknowledges older spend.
     #[serde(default = "default_spend_log_max_kb")]
     pub spend_log_max_kb: u64,
+    /// The most disk the usage log may take (`data_dir/usage`, KiB; 64 MiB by default):
+    /// requests' usage outside leases waits there until the shipper moves it to the
+    /// outbox, every `ship_interval_ms` or so. Past it (the local store refusing writes
+    /// for a long while), such usage cannot be recorded: routes failing closed refuse
+    /// (503), routes failing open admit without the record (logged and counted).
+    #[serde(default = "default_usage_log_max_kb")]
+    pub usage_log_max_kb: u64,
     /// Requests' usage of one end user, feature and quota window within this many
     /// milliseconds leaves the proxy as one event, once the first is this old (0 to
     /// 60,000; 0: one event per request, shipped at once). The event is charged at the
@@ -265,6 +272,7 @@ impl Default for UsageConfig {
             ship_interval_ms: default_ship_interval(),
             charge_upstream_errors: false,
             spend_log_max_kb: default_spend_log_max_kb(),
+            usage_log_max_kb: default_usage_log_max_kb(),
             aggregate_ms: default_aggregate_ms(),
         }
     }
@@ -279,6 +287,10 @@ pub const AGGREGATE_MS_MAX: u64 = 60_000;
 
 fn default_spend_log_max_kb() -> u64 {
     256 << 10
+}
+
+fn default_usage_log_max_kb() -> u64 {
+    64 << 10
 }
 
 fn default_flush_interval() -> u64 {
@@ -590,6 +602,12 @@ impl Config {
             return Err(invalid(
                 "usage.spend_log_max_kb",
                 "must be 1 to 1073741824 (1 TiB)",
+            ));
+        }
+        if !(64..=1 << 30).contains(&self.usage.usage_log_max_kb) {
+            return Err(invalid(
+                "usage.usage_log_max_kb",
+                "must be 64 to 1073741824 (1 TiB)",
             ));
         }
         if self.usage.aggregate_ms > AGGREGATE_MS_MAX {

@@ -7,12 +7,16 @@
 //! costs the stored replica does not show yet) and `quarantine` (outbox records the
 //! control plane refused for good, with the refusal, kept under their outbox key until an
 //! operator replays them). A record moves between `outbox` and `quarantine` in one sled
-//! transaction: it is always in exactly one of them.
+//! transaction: it is always in exactly one of them. Records reach `outbox` from the
+//! usage log (`crate::usage_log`) in one transaction with the log position they reach
+//! (`usage_log` tree), so a crash leaves a record counted in exactly one of the two.
 //!
 //! sled keeps writes in memory until a flush; a killed process loses what was not
 //! flushed. The replica does not need every write on disk (it resumes from whatever
-//! cursor was stored with the states), but the outbox does: [`Flusher`] shares one flush
-//! among all writers waiting at the same time (group commit).
+//! cursor was stored with the states); the outbox flushes after each hand-on from the
+//! usage log, before the log deletes what it handed on. Requests wait on the logs'
+//! syncs, never sled's: [`Flusher`] shares one sync among all writers waiting at the
+//! same time (group commit).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -53,6 +57,9 @@ fn transaction_error(error: TransactionError<()>) -> DiskError {
     }
 }
 
+/// The key of the usage log's handed-on position.
+const HANDED_ON: &[u8] = b"handed_on";
+
 /// The proxy's sled database.
 #[derive(Clone)]
 pub struct Disk {
@@ -66,6 +73,9 @@ pub struct Disk {
     /// What requests spent from leases, not yet acknowledged: keyed by lease id, report
     /// sequence and a time-ordered id (see [`LeaseSpendKey`]).
     lease_spend: sled::Tree,
+    /// Where the usage log was handed on to the outbox up to (`handed_on`), written in
+    /// the transaction that wrote those records to the outbox.
+    usage_log: sled::Tree,
     /// The leases this proxy holds or held with spend left to report: id → end user and
     /// feature (to charge that spend as usage if the lease is gone).
     leases: sled::Tree,
@@ -264,6 +274,7 @@ impl Disk {
         let quarantine = db.open_tree("quarantine")?;
         let lease_spend = db.open_tree("lease_spend")?;
         let leases = db.open_tree("leases")?;
+        let usage_log = db.open_tree("usage_log")?;
         Ok(Disk {
             db,
             replica,
@@ -271,6 +282,7 @@ impl Disk {
             acked,
             quarantine,
             lease_spend,
+            usage_log,
             leases,
         })
     }
@@ -366,6 +378,40 @@ impl Disk {
     pub fn outbox_put(&self, key: &[u8], json: &[u8]) -> Result<(), DiskError> {
         self.outbox.insert(key, json)?;
         Ok(())
+    }
+
+    /// Writes records the usage log held to the outbox, with the log position they reach
+    /// (`handed_on`), in one transaction: a crash leaves both or neither.
+    ///
+    /// # Errors
+    /// sled failures (then nothing was written).
+    pub fn outbox_absorb(
+        &self,
+        records: &[crate::usage_log::Logged],
+        handed_on: crate::usage_log::Position,
+    ) -> Result<(), DiskError> {
+        (&self.outbox, &self.usage_log)
+            .transaction(|(outbox, usage_log)| {
+                for record in records {
+                    outbox.insert(&record.key[..], record.json.as_slice())?;
+                }
+                usage_log.insert(HANDED_ON, &handed_on.to_bytes()[..])?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })
+            .map_err(transaction_error)
+    }
+
+    /// How far the usage log has been handed on to the outbox (`None`: never).
+    ///
+    /// # Errors
+    /// sled failures, or a position that is not one.
+    pub fn usage_log_handed_on(&self) -> Result<Option<crate::usage_log::Position>, DiskError> {
+        match self.usage_log.get(HANDED_ON)? {
+            None => Ok(None),
+            Some(bytes) => crate::usage_log::Position::from_bytes(&bytes)
+                .map(Some)
+                .ok_or_else(|| DiskError("corrupt usage log position".into())),
+        }
     }
 
     /// Up to `limit` outbox records in key order.
@@ -675,7 +721,7 @@ impl Disk {
     }
 }
 
-/// What a [`Flusher`] makes durable: sled (the outbox), or the spend log.
+/// What a [`Flusher`] makes durable: the outbox's usage log, or the spend log (or sled).
 pub trait Flush: Send + Sync + 'static {
     /// # Errors
     /// The disk refused the flush.
@@ -688,13 +734,20 @@ impl Flush for Disk {
     }
 }
 
+impl Flush for crate::outbox::Outbox {
+    /// The outbox's records go to its usage log first.
+    fn flush(&self) -> Result<(), DiskError> {
+        self.log().sync()
+    }
+}
+
 impl Flush for crate::spend_log::SpendLog {
     fn flush(&self) -> Result<(), DiskError> {
         self.sync()
     }
 }
 
-/// Group commit (for the outbox, and for the spend log): a writer bumps the written count
+/// Group commit (for the usage log, and for the spend log): a writer bumps the written count
 /// and waits until a flush that started after its write has finished. One flush serves
 /// everyone waiting.
 #[derive(Debug)]

@@ -182,6 +182,9 @@ struct Admitted {
     /// newer than the replica.
     as_of: Option<Timestamp>,
     charge_upstream_errors: bool,
+    /// The route fails open: usage that cannot be recorded (the usage log full or the
+    /// disk refusing it) does not hold back the answer, it is logged and counted.
+    fails_open: bool,
     /// The usage (or reservation step) is in the outbox.
     recorded: bool,
     /// Set on reserve routes' admissions decided on a fresh replica.
@@ -211,6 +214,7 @@ impl Admitted {
             spend: None,
             as_of: None,
             charge_upstream_errors: route.charge_upstream_errors,
+            fails_open: route.on_unavailable == OnUnavailable::Open,
             recorded: false,
             priced_on: None,
         }
@@ -877,6 +881,16 @@ impl ProxyHttp for Gate {
                 return answer(session, &problem).await;
             }
         };
+        if admitted.spend.is_none() && !self.outbox.can_record() {
+            // The usage log is at its bound (the local store has not taken what it
+            // holds): this request's usage could not be recorded. Closed refuses before
+            // the upstream; open lets it through, its usage logged and counted as lost.
+            self.meters.decision("usage_log_full", admitted.source);
+            tracing::warn!(%end_user, "the usage log is full (usage.usage_log_max_kb)");
+            if !admitted.fails_open {
+                return answer(session, &verdict::usage_log_full()).await;
+            }
+        }
         if let Some(reserve) = reserve {
             let reservation_id = match self
                 .reserve_hold(route, &end_user, units, reserve, &mut admitted)
@@ -983,14 +997,30 @@ impl ProxyHttp for Gate {
                     pending: admitted.pending.cost().get(),
                     op,
                 };
-                if let Err(error) = self.outbox.push(&record).await {
-                    tracing::error!(%error, "could not record usage; refusing to release the response");
-                    return Err(pingora::Error::explain(
-                        pingora::ErrorType::InternalError,
-                        "usage could not be recorded",
-                    ));
+                match self.outbox.push(&record).await {
+                    Ok(()) => admitted.pending.hand_on(),
+                    Err(error) if admitted.fails_open => {
+                        // Failing open: the answer goes out, the usage is lost, and
+                        // said so where an operator looks.
+                        metrics::counter!("qs_proxy_usage_unrecorded_total").increment(1);
+                        tracing::error!(
+                            %error,
+                            end_user = %admitted.end_user,
+                            feature = %admitted.feature,
+                            units = admitted.units.get(),
+                            key = %record.key,
+                            "could not record usage; the route fails open, so the response is released and this usage is lost"
+                        );
+                        admitted.pending.give_back();
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "could not record usage; refusing to release the response");
+                        return Err(pingora::Error::explain(
+                            pingora::ErrorType::InternalError,
+                            "usage could not be recorded",
+                        ));
+                    }
                 }
-                admitted.pending.hand_on();
                 admitted.recorded = true;
             }
             None => {

@@ -7,9 +7,10 @@
 //! minus local pending spend (or a lease, for features gated by balance) → forward or
 //! answer 401/402/403/503. When the upstream's response header arrives, the usage is
 //! written before the response is released (flushed first in `sync` durability): a
-//! lease's spend to the spend log, reported per lease; anything else to the sled
-//! outbox, shipped to `/v1/usage/batch` with idempotency keys, one end user's usage of a
-//! feature aggregated per `usage.aggregate_ms`.
+//! lease's spend to the spend log, reported per lease; anything else to the usage log,
+//! handed on to the sled outbox once per shipping round and shipped to
+//! `/v1/usage/batch` with idempotency keys, one end user's usage of a feature
+//! aggregated per `usage.aggregate_ms`.
 
 pub mod cli;
 pub mod config;
@@ -22,9 +23,11 @@ pub mod path;
 pub mod pending;
 pub mod replica;
 pub mod routes;
+pub mod segments;
 pub mod server;
 pub mod spend_log;
 pub mod sync;
+pub mod usage_log;
 
 pub use config::Config;
 pub use server::{Running, install_metrics, start, start_with_clock};

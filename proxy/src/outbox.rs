@@ -1,8 +1,9 @@
-//! The usage outbox: every admitted request's usage goes to sled (flushed before the
-//! response is released, in `sync` durability) and a shipper sends it to the control
-//! plane in batches with per-event idempotency keys, deleting records only once
-//! acknowledged. While the control plane is down, or refuses a whole batch, records wait
-//! and the shipper backs off.
+//! The usage outbox: every admitted request's usage (or reservation step) is appended
+//! to the usage log (synced before the response is released, in `sync` durability); the
+//! shipper hands the log on to sled once per round, in one transaction, and sends what
+//! sled holds to the control plane in batches with per-event idempotency keys, deleting
+//! records only once acknowledged. While the control plane is down, or refuses a whole
+//! batch, records wait and the shipper backs off.
 //!
 //! Admitted usage is never deleted unacknowledged: a record the control plane refuses
 //! for good (one event of a batch, or a reservation step) moves to the quarantine with
@@ -21,6 +22,7 @@ use tokio::sync::{Notify, watch};
 use crate::config::Durability;
 use crate::disk::{Acked, Disk, DiskError, Flusher, OutboxEntry};
 use crate::replica::Replica;
+use crate::usage_log::{Position, UsageLog};
 
 mod quarantine;
 
@@ -169,10 +171,13 @@ enum Resolution {
 #[derive(Debug)]
 pub struct Outbox {
     disk: Disk,
+    /// Where requests' records go first (one append each), to be handed on to sled in
+    /// batches by the shipper.
+    log: UsageLog,
     flusher: Arc<Flusher>,
     durability: Durability,
     wake: Notify,
-    /// Records on disk (sled's own count walks the whole tree).
+    /// Records in the log and in sled (sled's own count walks the whole tree).
     depth: AtomicUsize,
     /// Records in the quarantine.
     quarantine_depth: AtomicUsize,
@@ -231,6 +236,31 @@ fn start_mark(disk: &Disk, now: [u8; 16]) -> [u8; 16] {
     }
 }
 
+/// Records the usage log hands on to sled per transaction.
+const HAND_ON_CHUNK: usize = 1024;
+
+/// Moves every record waiting in `log` to the outbox in sled, with the log position
+/// reached, a chunk per transaction: the position to let the log delete up to once sled
+/// has flushed (`None`: nothing waited). A chunk sled refuses goes back to the log.
+///
+/// # Errors
+/// sled refused a chunk (the chunks before it are in sled).
+fn hand_on(disk: &Disk, log: &UsageLog) -> Result<Option<Position>, DiskError> {
+    let mut reached = None;
+    loop {
+        let chunk = log.take(HAND_ON_CHUNK);
+        let Some(last) = chunk.last() else {
+            return Ok(reached);
+        };
+        let end = last.end;
+        if let Err(error) = disk.outbox_absorb(&chunk, end) {
+            log.give_back(chunk);
+            return Err(error);
+        }
+        reached = Some(end);
+    }
+}
+
 /// An outbox record under its outbox (sled) key.
 type Keyed = (Vec<u8>, Record);
 
@@ -281,12 +311,30 @@ fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) ->
 }
 
 impl Outbox {
-    pub fn new(
+    /// Opens the outbox on `disk`, its usage log in `log_dir` (at most `log_max_bytes`):
+    /// what the log holds that sled does not (a previous run's last records) is handed
+    /// on to sled first, so the outbox starts with everything in sled.
+    ///
+    /// # Errors
+    /// The log cannot be opened, or sled refused its records.
+    pub fn open(
         disk: Disk,
+        log_dir: &std::path::Path,
+        log_max_bytes: u64,
         flusher: Arc<Flusher>,
         durability: Durability,
         batch_size: usize,
-    ) -> Outbox {
+    ) -> Result<Outbox, DiskError> {
+        let log = UsageLog::open(log_dir, log_max_bytes, disk.usage_log_handed_on()?)?;
+        let left = log.waiting();
+        if let Some(handed_on) = hand_on(&disk, &log)? {
+            disk.flush()?;
+            log.handed_on(handed_on);
+            tracing::info!(
+                records = left,
+                "usage the previous run logged moved to the outbox"
+            );
+        }
         let depth = AtomicUsize::new(disk.outbox_len());
         let quarantine_depth = AtomicUsize::new(disk.quarantine_len());
         // The mark comes from the generator new keys come from, so every record pushed
@@ -294,8 +342,9 @@ impl Outbox {
         let mut keys = ulid::Generator::new();
         let now = keys.generate().unwrap_or_else(|_| ulid::Ulid::new());
         let start_mark = start_mark(&disk, now.to_bytes());
-        Outbox {
+        Ok(Outbox {
             disk,
+            log,
             flusher,
             durability,
             wake: Notify::new(),
@@ -309,7 +358,7 @@ impl Outbox {
             draining: std::sync::atomic::AtomicBool::new(false),
             unflushed_seal: std::sync::atomic::AtomicBool::new(false),
             keys: Keys(std::sync::Mutex::new(keys)),
-        }
+        })
     }
 
     /// A new record's outbox key.
@@ -343,13 +392,14 @@ impl Outbox {
         self
     }
 
-    /// Writes a record; with `sync` durability, returns once it is on disk.
+    /// Appends a record to the usage log; with `sync` durability, returns once it is on
+    /// disk.
     ///
     /// # Errors
     /// Storage failures (the caller must not release the response as if recorded).
     pub async fn push(&self, record: &Record) -> Result<(), DiskError> {
         let json = serde_json::to_vec(record)?;
-        self.disk.outbox_put(&self.next_key(), &json)?;
+        self.log.append(self.next_key(), &json)?;
         let depth = self.depth.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
@@ -358,6 +408,32 @@ impl Outbox {
         metrics::counter!("qs_proxy_outbox_written_total").increment(1);
         if depth >= self.wake_at {
             self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Whether the usage log can take one more record (see `usage.usage_log_max_kb`).
+    pub fn can_record(&self) -> bool {
+        self.log.has_room()
+    }
+
+    /// The usage log (what the outbox's flusher syncs).
+    pub fn log(&self) -> &UsageLog {
+        &self.log
+    }
+
+    /// Hands what the usage log holds on to sled (flushed), then lets the log delete it.
+    ///
+    /// # Errors
+    /// sled refused the records or the flush (they stay in the log for the next round).
+    async fn take_in(&self) -> Result<(), String> {
+        if self.log.waiting() == 0 {
+            return Ok(());
+        }
+        let handed_on = hand_on(&self.disk, &self.log).map_err(|error| error.to_string())?;
+        if let Some(handed_on) = handed_on {
+            self.flush().await?;
+            self.log.handed_on(handed_on);
         }
         Ok(())
     }
@@ -469,6 +545,7 @@ impl Outbox {
         replica: &Replica,
         batch_size: usize,
     ) -> Result<bool, String> {
+        self.take_in().await?;
         let limit = batch_size
             .min(self.batch_limit.load(Ordering::Acquire))
             .max(1);

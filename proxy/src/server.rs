@@ -54,7 +54,6 @@ pub struct Running {
 /// replication follower and persister, and housekeeping.
 struct Background {
     leases: Arc<Leases>,
-    disk: Disk,
     flusher: Arc<Flusher>,
     spend_log: Arc<SpendLog>,
     spend_flusher: Arc<Flusher>,
@@ -86,7 +85,7 @@ impl Background {
         runtime.block_on(async move {
             let tasks = [
                 tokio::spawn(self.flusher.run(
-                    Arc::new(self.disk),
+                    Arc::clone(&self.outbox) as Arc<dyn Flush>,
                     self.flush_interval,
                     self.stopped.clone(),
                 )),
@@ -153,17 +152,25 @@ async fn listeners(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)
     Ok((listener, admin_listener))
 }
 
-/// The usage outbox in sled, as `usage` configures it.
-fn open_outbox(config: &Config, disk: &Disk, flusher: &Arc<Flusher>) -> Arc<Outbox> {
-    Arc::new(
-        Outbox::new(
-            disk.clone(),
-            flusher.clone(),
-            config.usage.durability,
-            config.usage.batch_size,
-        )
-        .aggregating(Duration::from_millis(config.usage.aggregate_ms)),
+/// The usage outbox in sled, its usage log in `data_dir/usage`, as `usage` configures
+/// them.
+fn open_outbox(
+    config: &Config,
+    disk: &Disk,
+    flusher: &Arc<Flusher>,
+) -> anyhow::Result<Arc<Outbox>> {
+    let outbox = Outbox::open(
+        disk.clone(),
+        &config.data_dir.join("usage"),
+        config.usage.usage_log_max_kb.saturating_mul(1 << 10),
+        flusher.clone(),
+        config.usage.durability,
+        config.usage.batch_size,
     )
+    .context("opening the usage log")?;
+    Ok(Arc::new(outbox.aggregating(Duration::from_millis(
+        config.usage.aggregate_ms,
+    ))))
 }
 
 /// The lease spend log in `data_dir/spend`, with what an older version left in sled.
@@ -306,7 +313,7 @@ pub async fn start_with_clock(
     let pending = Arc::new(Pending::new(clock));
     let replica = Arc::new(Replica::open(disk.clone(), pending).context("loading the replica")?);
     let flusher = Flusher::new();
-    let outbox = open_outbox(&config, &disk, &flusher);
+    let outbox = open_outbox(&config, &disk, &flusher)?;
     restore(&outbox, &replica)?;
     let (client, background_client) = clients(&config)?;
     // Two stops: the front (listeners) first, so requests in flight finish with the
@@ -328,7 +335,6 @@ pub async fn start_with_clock(
     let background = {
         let work = Background {
             leases: leases.clone(),
-            disk: disk.clone(),
             flusher: flusher.clone(),
             spend_log: spend_log.clone(),
             spend_flusher,

@@ -30,14 +30,18 @@
 //! A failed append leaves the segment as it was (a partial record is cut off).
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ledger::{Credits, LeaseId};
 
 use crate::disk::DiskError;
+use crate::segments::{self, io_error};
+
+/// Segment files are `spend-{number}.log`.
+const PREFIX: &str = "spend";
 
 /// Bytes per record.
 pub const RECORD_BYTES: usize = 48;
@@ -161,14 +165,6 @@ pub struct SpendLog {
     inner: Mutex<Inner>,
 }
 
-fn segment_path(dir: &Path, number: u64) -> PathBuf {
-    dir.join(format!("spend-{number:016}.log"))
-}
-
-fn io_error(what: &str, path: &Path, error: &std::io::Error) -> DiskError {
-    DiskError::new(format!("{what} {}: {error}", path.display()))
-}
-
 fn lease_bits(lease: &str) -> Result<u128, DiskError> {
     LeaseId::parse(lease)
         .map(|id| id.0.0)
@@ -186,30 +182,12 @@ impl SpendLog {
     /// # Errors
     /// The directory or a segment cannot be read or created.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<SpendLog, DiskError> {
-        std::fs::create_dir_all(dir).map_err(|error| io_error("creating", dir, &error))?;
-        let mut numbers = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|error| io_error("reading", dir, &error))? {
-            let entry = entry.map_err(|error| io_error("reading", dir, &error))?;
-            let name = entry.file_name();
-            let number = name
-                .to_str()
-                .and_then(|name| name.strip_prefix("spend-"))
-                .and_then(|name| name.strip_suffix(".log"))
-                .and_then(|digits| digits.parse::<u64>().ok());
-            if let Some(number) = number {
-                numbers.push(number);
-            }
-        }
-        numbers.sort_unstable();
+        let numbers = segments::list(dir, PREFIX)?;
         let mut segments = BTreeMap::new();
         let mut open: HashMap<(u128, u64), Open> = HashMap::new();
         let mut total_bytes = 0u64;
         for &number in &numbers {
-            let path = segment_path(dir, number);
-            let mut bytes = Vec::new();
-            File::open(&path)
-                .and_then(|mut file| file.read_to_end(&mut bytes))
-                .map_err(|error| io_error("reading", &path, &error))?;
+            let bytes = segments::read(dir, PREFIX, number)?;
             let mut segment = Segment {
                 bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
                 live: 0,
@@ -239,6 +217,7 @@ impl SpendLog {
             let read = whole.saturating_mul(RECORD_BYTES);
             if read < bytes.len() {
                 let cut = bytes.len().saturating_sub(read);
+                let path = segments::path(dir, PREFIX, number);
                 tracing::warn!(segment = %path.display(), bytes = cut, "the spend log ends in a torn record (a crash mid-write); it is ignored");
                 metrics::counter!("qs_proxy_spend_log_torn_total").increment(1);
             }
@@ -246,7 +225,7 @@ impl SpendLog {
             segments.insert(number, segment);
         }
         let current = numbers.last().map_or(1, |last| last.saturating_add(1));
-        let file = create_segment(dir, current)?;
+        let file = segments::create(dir, PREFIX, current)?;
         segments.insert(current, Segment::default());
         let quarter = (max_bytes / 4 / RECORD_LEN)
             .max(1)
@@ -330,7 +309,7 @@ impl SpendLog {
         }
         let bytes = record.encode();
         if let Err(error) = inner.file.write_all(&bytes) {
-            let path = segment_path(&self.dir, inner.current);
+            let path = segments::path(&self.dir, PREFIX, inner.current);
             let length = inner
                 .segments
                 .get(&inner.current)
@@ -354,14 +333,14 @@ impl SpendLog {
     /// survive) and starts the next; settled segments go.
     fn rotate(&self, inner: &mut Inner, sync: bool) -> Result<(), DiskError> {
         if sync {
-            let path = segment_path(&self.dir, inner.current);
+            let path = segments::path(&self.dir, PREFIX, inner.current);
             inner
                 .file
                 .sync_data()
                 .map_err(|error| io_error("syncing", &path, &error))?;
         }
         let next = inner.current.saturating_add(1);
-        inner.file = create_segment(&self.dir, next)?;
+        inner.file = segments::create(&self.dir, PREFIX, next)?;
         inner.current = next;
         inner.broken = false;
         inner.segments.insert(next, Segment::default());
@@ -376,7 +355,7 @@ impl SpendLog {
     /// The disk refused the sync.
     pub fn sync(&self) -> Result<(), DiskError> {
         let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
-        let path = segment_path(&self.dir, current);
+        let path = segments::path(&self.dir, PREFIX, current);
         file.and_then(|file| file.sync_data())
             .map_err(|error| io_error("syncing", &path, &error))
     }
@@ -435,14 +414,9 @@ impl SpendLog {
                 break;
             }
             let bytes = segment.bytes;
-            let path = segment_path(&self.dir, number);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(%error, segment = %path.display(), "cannot delete a settled spend log segment");
-                    break;
-                }
+            if let Err(error) = segments::remove(&self.dir, PREFIX, number) {
+                tracing::warn!(%error, "cannot delete a settled spend log segment");
+                break;
             }
             inner.segments.remove(&number);
             inner.total_bytes = inner.total_bytes.saturating_sub(bytes);
@@ -506,20 +480,6 @@ impl SpendLog {
     pub fn bytes(&self) -> u64 {
         self.with(|inner| inner.total_bytes)
     }
-}
-
-fn create_segment(dir: &Path, number: u64) -> Result<File, DiskError> {
-    let path = segment_path(dir, number);
-    let file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .map_err(|error| io_error("creating", &path, &error))?;
-    // The new name must survive a crash as well as what is written under it.
-    if let Ok(directory) = File::open(dir) {
-        let _ = directory.sync_all();
-    }
-    Ok(file)
 }
 
 fn add(open: &mut Open, segment: u64, spent: Spent) {

@@ -33,12 +33,11 @@ async fn sigkill_mid_load_with_aggregated_usage_loses_nothing_and_doubles_nothin
     sigkill_mid_load("sync", false).await;
 }
 
-/// The same in `interval` durability: the outbox (sled) keeps what it has not flushed in
-/// the process, so a kill may lose the last `flush_interval_ms` (100 ms) of answered
-/// usage, the bounded window SPEC 12 allows for this mode (lease spend, written to the
-/// kernel per request, loses none). Nothing is doubled.
+/// The same in `interval` durability: a request's usage is in the usage log (written to
+/// the kernel, not yet synced) when its response goes out, so a killed process loses
+/// none, as with lease spend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_load_with_aggregated_usage_in_interval_durability() {
+async fn sigkill_mid_load_with_aggregated_usage_in_interval_durability_loses_nothing() {
     sigkill_mid_load("interval", false).await;
 }
 
@@ -71,7 +70,6 @@ async fn sigkill_mid_load(durability: &str, leases: bool) {
     .await;
     // That probe was a 2xx too.
     let ok = Arc::new(AtomicU64::new(1));
-    let started = std::time::Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..WORKERS {
@@ -103,7 +101,6 @@ async fn sigkill_mid_load(durability: &str, leases: bool) {
     )
     .await;
     proxy.kill();
-    let loaded_for = started.elapsed();
     stop.store(true, Ordering::Release);
     for worker in workers {
         worker.await.expect("worker");
@@ -124,22 +121,10 @@ async fn sigkill_mid_load(durability: &str, leases: bool) {
     }
     eprintln!("{succeeded} requests got a 2xx before the kill; {charged} were charged");
     restarted.kill();
-    if leases || durability == "sync" {
-        assert!(
-            charged >= succeeded,
-            "lost usage: {succeeded} requests got a 2xx, {charged} were charged"
-        );
-    } else {
-        // At most what was answered in the last flush interval: allow five of them at
-        // the load's mean rate.
-        let rate = f64::from(u32::try_from(succeeded).expect("count")) / loaded_for.as_secs_f64();
-        let window = (rate * 0.5).ceil();
-        let lost = f64::from(u32::try_from(succeeded.saturating_sub(charged)).expect("count"));
-        assert!(
-            lost <= window,
-            "lost usage beyond the flush window: {succeeded} requests got a 2xx, {charged} were charged ({rate:.0}/s)"
-        );
-    }
+    assert!(
+        charged >= succeeded,
+        "lost usage ({durability}, leases {leases}): {succeeded} requests got a 2xx, {charged} were charged"
+    );
     assert!(
         charged <= succeeded + WORKERS,
         "doubled usage: {succeeded} requests got a 2xx, {charged} were charged (at most {WORKERS} were in flight)"

@@ -853,6 +853,71 @@ async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
     .await;
 }
 
+/// A full usage log (`usage.usage_log_max_kb`, here 64 KiB: about 300 requests' usage,
+/// with no shipping round due for a minute; leases off, so usage goes through the
+/// outbox): a route that fails closed refuses with 503 `usage_log_full` before the
+/// upstream; one that fails open answers, its usage recorded while the log takes it and
+/// lost (logged and counted) once it does not. Nothing logged is lost: once the proxy
+/// stops (its last round hands the log on to sled and ships), every recorded request is
+/// charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_usage_log_fails_each_route_by_its_policy_and_loses_nothing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let plane = ControlPlane::start(dir.path()).await;
+    let upstream = Upstream::start().await;
+    let extra = format!(
+        "{ROUTES}\n[leases]\nenabled = false\n[usage]\nusage_log_max_kb = 64\nship_interval_ms = 60000\n"
+    );
+    let config = proxy_config(&plane, upstream.address, &dir.path().join("proxy"), &extra);
+    let proxy = Proxy::start(&config).await;
+    proxy.ready().await;
+    plane.grant("full", 10_000).await;
+    proxy.sees("full").await;
+
+    let mut admitted = 0usize;
+    let mut refused_closed = None;
+    for _ in 0..1000 {
+        let response = proxy.send(Method::POST, "/closed", Some("full"), &[]).await;
+        match response.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                let problem: serde_json::Value = response.json().await.expect("problem");
+                refused_closed = Some(problem);
+                break;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    let problem = refused_closed.expect("the closed route is refused once the log is full");
+    assert_eq!(problem["code"], "usage_log_full");
+    assert!(
+        (200..=400).contains(&admitted),
+        "about 300 records fit in 64 KiB: {admitted}"
+    );
+    assert_eq!(proxy.running.outbox.depth(), admitted);
+    // The open route answers; past the log's last bytes its usage is lost.
+    let open = 40usize;
+    for _ in 0..open {
+        let response = proxy.send(Method::POST, "/work", Some("full"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let recorded = proxy.running.outbox.depth();
+    assert!(
+        (admitted..admitted + open).contains(&recorded),
+        "some of the open route's usage was recorded, not all: {recorded} of {}",
+        admitted + open
+    );
+    proxy.running.shutdown().await;
+    eventually(
+        "every recorded request to be charged",
+        Duration::from_secs(20),
+        || async {
+            (e2e::charged(&plane, "full").await == i64::try_from(recorded).ok()?).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Usage that goes through the outbox (here: leases off) leaves the proxy aggregated:
 /// many requests of one end user and feature become a few `usage/batch` events, and the
 /// control plane charges exactly what was admitted.

@@ -136,6 +136,17 @@ pub fn no_feature() -> Problem {
     )
 }
 
+/// The answer on a route failing closed when the usage log cannot take the request's
+/// usage (`usage.usage_log_max_kb`).
+pub fn usage_log_full() -> Problem {
+    Problem::new(
+        503,
+        "usage_log_full",
+        "Usage log full",
+        "the proxy cannot record more usage until its local store takes what the usage log holds (usage.usage_log_max_kb)",
+    )
+}
+
 fn lease(decision: &Decision, stale: Option<&'static str>) -> Outcome {
     Outcome::Lease {
         cost: decision.cost.unwrap_or(Credits::ZERO),

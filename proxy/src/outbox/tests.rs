@@ -130,11 +130,24 @@ async fn fake(answers: Vec<Answer>, ack_version: u64, extra: axum::Router) -> Fa
     }
 }
 
+/// The outbox on `disk`, its usage log in `dir/usage`.
+fn outbox_at(disk: Disk, dir: &std::path::Path) -> Outbox {
+    Outbox::open(
+        disk,
+        &dir.join("usage"),
+        1 << 20,
+        Flusher::new(),
+        Durability::Interval,
+        500,
+    )
+    .expect("outbox")
+}
+
 /// A fresh outbox and replica in `dir`.
 fn open(dir: &std::path::Path) -> (Disk, Replica, Outbox) {
     let disk = Disk::open(dir, 8).expect("disk");
     let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-    let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
+    let outbox = outbox_at(disk.clone(), dir);
     (disk, replica, outbox)
 }
 
@@ -174,7 +187,7 @@ async fn usage_waits_through_rate_limits_and_key_rotations_then_ships_once() {
     let dir = tempfile::tempdir().expect("dir");
     let disk = Disk::open(dir.path(), 8).expect("disk");
     let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-    let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+    let outbox = outbox_at(disk, dir.path());
     let (url, calls) = fake_control_plane(vec![429, 401, 503]).await;
     let client = client::Client::new(&url, "qs_test_k")
         .expect("client")
@@ -366,7 +379,7 @@ async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it()
     {
         let disk = Disk::open(dir.path(), 8).expect("disk");
         let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-        let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500);
+        let outbox = outbox_at(disk, dir.path());
         outbox.push(&usage("k1")).await.expect("pushed");
         replica.pending.add(&user, Credits::new(1));
         outbox
@@ -379,7 +392,7 @@ async fn acknowledged_spend_survives_a_crash_until_the_stored_replica_shows_it()
     }
     let disk = Disk::open(dir.path(), 8).expect("disk");
     let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
-    let outbox = Outbox::new(disk.clone(), Flusher::new(), Durability::Interval, 500);
+    let outbox = outbox_at(disk.clone(), dir.path());
     assert_eq!(outbox.restore_acked(&replica).expect("restored"), 1);
     assert_eq!(
         replica.pending.total(&user),
@@ -767,8 +780,7 @@ fn aggregating_at(dir: &std::path::Path) -> (protocol::clock::ManualClock, Repli
     let disk = Disk::open(dir, 8).expect("disk");
     let pending = Arc::new(crate::pending::Pending::new(Arc::new(clock.clone())));
     let replica = Replica::open(disk.clone(), pending).expect("replica");
-    let outbox = Outbox::new(disk, Flusher::new(), Durability::Interval, 500)
-        .aggregating(Duration::from_secs(1));
+    let outbox = outbox_at(disk, dir).aggregating(Duration::from_secs(1));
     (clock, replica, outbox)
 }
 
@@ -970,4 +982,127 @@ async fn a_round_sends_at_most_a_batch_and_says_when_more_is_ready() {
     assert_eq!(sizes, [2, 1]);
     assert_eq!(outbox.depth(), 0);
     assert!(outbox.sent.lock().expect("sent").is_empty());
+}
+
+/// Usage files in `dir/usage`.
+fn usage_segments(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir.join("usage"))
+        .expect("usage dir")
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .is_ok_and(|entry| entry.path().extension().is_some_and(|ext| ext == "log"))
+        })
+        .count()
+}
+
+/// A request's record goes to the usage log, not sled; what a run logged and never
+/// handed on (it was killed) is in the outbox when the next run opens it, once, and
+/// ships from there.
+#[tokio::test]
+async fn what_a_killed_run_logged_reaches_the_outbox_at_the_next_start_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    {
+        let (disk, replica, outbox) = open(dir.path());
+        for key in ["k1", "k2", "k3"] {
+            admit(&outbox, &replica, key, "u1").await;
+        }
+        assert_eq!(outbox.depth(), 3);
+        assert_eq!(disk.outbox_len(), 0, "nothing in sled on the request path");
+        // Killed: nothing handed on.
+    }
+    for _ in 0..2 {
+        let (disk, replica, outbox) = open(dir.path());
+        assert_eq!(disk.outbox_len(), 3, "in sled once, however often it opens");
+        assert_eq!(outbox.depth(), 3);
+        assert_eq!(outbox.restore_pending(&replica).expect("restore"), 3);
+        assert_eq!(outbox.log().waiting(), 0);
+    }
+    let (_disk, replica, outbox) = open(dir.path());
+    let (url, calls) = fake_control_plane(vec![]).await;
+    outbox
+        .ship_once(&one_try(&url), &replica, 500)
+        .await
+        .expect("shipped");
+    assert_eq!(calls.load(Ordering::Acquire), 1);
+    assert_eq!(outbox.depth(), 0);
+}
+
+/// A round hands the log on to sled before it calls the control plane, so records wait
+/// in sled through an outage; once handed on, a reopen does not bring them back from
+/// the log (no double count), and the log's old segments are gone.
+#[tokio::test]
+async fn a_round_hands_the_log_on_even_when_the_control_plane_is_down() {
+    let dir = tempfile::tempdir().expect("dir");
+    {
+        let (disk, replica, outbox) = open(dir.path());
+        for key in ["k1", "k2"] {
+            admit(&outbox, &replica, key, "u1").await;
+        }
+        let (url, _calls) = fake_control_plane(vec![503]).await;
+        assert!(
+            outbox
+                .ship_once(&one_try(&url), &replica, 500)
+                .await
+                .is_err()
+        );
+        assert_eq!(disk.outbox_len(), 2, "handed on before the call");
+        assert_eq!(outbox.log().waiting(), 0);
+        assert_eq!(outbox.depth(), 2);
+        admit(&outbox, &replica, "k3", "u1").await;
+        assert_eq!(outbox.depth(), 3);
+    }
+    let (disk, replica, outbox) = open(dir.path());
+    assert_eq!(disk.outbox_len(), 3, "two from sled, one from the log");
+    assert_eq!(outbox.restore_pending(&replica).expect("restore"), 3);
+    assert_eq!(usage_segments(dir.path()), 1, "only the new run's segment");
+}
+
+/// A full usage log refuses a record with a clear error; nothing it holds is lost, and
+/// a round makes room again.
+#[tokio::test]
+async fn a_full_usage_log_refuses_clearly_and_a_round_makes_room() {
+    let dir = tempfile::tempdir().expect("dir");
+    let disk = Disk::open(dir.path(), 8).expect("disk");
+    let replica = Replica::open(disk.clone(), Arc::default()).expect("replica");
+    let outbox = Outbox::open(
+        disk.clone(),
+        &dir.path().join("usage"),
+        16 << 10,
+        Flusher::new(),
+        Durability::Interval,
+        500,
+    )
+    .expect("outbox");
+    let mut pushed = 0usize;
+    while outbox.can_record() {
+        admit(&outbox, &replica, &format!("k{pushed}"), "u1").await;
+        pushed += 1;
+        assert!(pushed < 1000, "the bound never applied");
+    }
+    let mut record = usage("over");
+    record.end_user_id = "u1".into();
+    // Past `can_record`, appends go on until the bound itself.
+    let error = loop {
+        match outbox.push(&record).await {
+            Ok(()) => pushed += 1,
+            Err(error) => break error,
+        }
+        assert!(pushed < 1000, "the bound never applied");
+    };
+    assert!(error.to_string().contains("usage log is full"), "{error}");
+    assert_eq!(outbox.depth(), pushed, "nothing held is lost");
+    let (url, _calls) = fake_control_plane(vec![503]).await;
+    assert!(
+        outbox
+            .ship_once(&one_try(&url), &replica, 500)
+            .await
+            .is_err()
+    );
+    assert_eq!(disk.outbox_len(), pushed, "all of it in sled");
+    assert!(outbox.can_record(), "room again");
+    outbox
+        .push(&record)
+        .await
+        .expect("pushed once there is room");
 }
