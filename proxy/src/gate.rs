@@ -505,6 +505,9 @@ impl Gate {
                 balance,
                 resets_at,
             } => {
+                if let Some(problem) = self.unrecordable(route, end_user) {
+                    return Verdict::Refuse(problem);
+                }
                 self.meters.decision("allowed", "replica");
                 let mut admitted = admitted(pending, "replica");
                 admitted.balance_after =
@@ -545,6 +548,23 @@ impl Gate {
             }
             Outcome::Fallback { why, cost } => self.fallback(route, end_user, units, why, cost),
         }
+    }
+
+    /// `Some`: the usage log is at its bound (the local store has not taken what it
+    /// holds), so a request admitted here could not record its usage, and the route
+    /// fails closed: refused before the upstream. A route failing open goes on (its
+    /// usage recorded if the log still takes it, else logged and counted as lost).
+    fn unrecordable(&self, route: &Route, end_user: &EndUserId) -> Option<Problem> {
+        if self.outbox.can_record() {
+            return None;
+        }
+        metrics::counter!("qs_proxy_usage_log_full_total").increment(1);
+        tracing::warn!(%end_user, "the usage log is full (usage.usage_log_max_kb)");
+        if route.on_unavailable == OnUnavailable::Open {
+            return None;
+        }
+        self.meters.decision("usage_log_full", "replica");
+        Some(verdict::usage_log_full())
     }
 
     /// The route's failure policy (`why`: the replica cannot decide): closed answers 503;
@@ -881,16 +901,6 @@ impl ProxyHttp for Gate {
                 return answer(session, &problem).await;
             }
         };
-        if admitted.spend.is_none() && !self.outbox.can_record() {
-            // The usage log is at its bound (the local store has not taken what it
-            // holds): this request's usage could not be recorded. Closed refuses before
-            // the upstream; open lets it through, its usage logged and counted as lost.
-            self.meters.decision("usage_log_full", admitted.source);
-            tracing::warn!(%end_user, "the usage log is full (usage.usage_log_max_kb)");
-            if !admitted.fails_open {
-                return answer(session, &verdict::usage_log_full()).await;
-            }
-        }
         if let Some(reserve) = reserve {
             let reservation_id = match self
                 .reserve_hold(route, &end_user, units, reserve, &mut admitted)
@@ -997,8 +1007,24 @@ impl ProxyHttp for Gate {
                     pending: admitted.pending.cost().get(),
                     op,
                 };
-                match self.outbox.push(&record).await {
-                    Ok(()) => admitted.pending.hand_on(),
+                match self.outbox.append(&record) {
+                    Ok(ticket) => {
+                        // In the log (a killed process keeps it): it will be charged.
+                        admitted.pending.hand_on();
+                        admitted.recorded = true;
+                        if let Err(error) = self.outbox.durable(ticket).await {
+                            if !admitted.fails_open {
+                                tracing::error!(%error, key = %record.key, "could not sync recorded usage; refusing to release the response");
+                                return Err(pingora::Error::explain(
+                                    pingora::ErrorType::InternalError,
+                                    "usage could not be made durable",
+                                ));
+                            }
+                            // Failing open: released; a power loss (not a killed
+                            // process) could lose this record.
+                            tracing::warn!(%error, key = %record.key, "recorded usage could not be synced; the route fails open, so the response is released");
+                        }
+                    }
                     Err(error) if admitted.fails_open => {
                         // Failing open: the answer goes out, the usage is lost, and
                         // said so where an operator looks.

@@ -173,7 +173,10 @@ pub struct Outbox {
     disk: Disk,
     /// Where requests' records go first (one append each), to be handed on to sled in
     /// batches by the shipper.
-    log: UsageLog,
+    log: Arc<UsageLog>,
+    /// Held while records move from the log to sled: one hand-on at a time, so the
+    /// position stored in sled only moves forward.
+    handing_on: tokio::sync::Mutex<()>,
     flusher: Arc<Flusher>,
     durability: Durability,
     wake: Notify,
@@ -344,7 +347,8 @@ impl Outbox {
         let start_mark = start_mark(&disk, now.to_bytes());
         Ok(Outbox {
             disk,
-            log,
+            log: Arc::new(log),
+            handing_on: tokio::sync::Mutex::new(()),
             flusher,
             durability,
             wake: Notify::new(),
@@ -398,16 +402,33 @@ impl Outbox {
     /// # Errors
     /// Storage failures (the caller must not release the response as if recorded).
     pub async fn push(&self, record: &Record) -> Result<(), DiskError> {
+        let ticket = self.append(record)?;
+        self.durable(ticket).await
+    }
+
+    /// Appends a record to the usage log (in the kernel: a killed process keeps it);
+    /// [`Outbox::durable`] with the ticket waits for it to be on disk.
+    ///
+    /// # Errors
+    /// The log is full or the disk refused the append: the record is not there.
+    pub fn append(&self, record: &Record) -> Result<u64, DiskError> {
         let json = serde_json::to_vec(record)?;
         self.log.append(self.next_key(), &json)?;
         let depth = self.depth.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        let ticket = self.flusher.wrote();
-        if self.durability == Durability::Sync {
-            self.flusher.durable(ticket).await?;
-        }
         metrics::counter!("qs_proxy_outbox_written_total").increment(1);
         if depth >= self.wake_at {
             self.wake.notify_one();
+        }
+        Ok(self.flusher.wrote())
+    }
+
+    /// With `sync` durability, waits until the append `ticket` is on disk.
+    ///
+    /// # Errors
+    /// The sync failed: the record was appended but may not survive a power loss.
+    pub async fn durable(&self, ticket: u64) -> Result<(), DiskError> {
+        if self.durability == Durability::Sync {
+            self.flusher.durable(ticket).await?;
         }
         Ok(())
     }
@@ -422,20 +443,50 @@ impl Outbox {
         &self.log
     }
 
-    /// Hands what the usage log holds on to sled (flushed), then lets the log delete it.
+    /// Hands what the usage log holds on to sled (flushed), then lets the log delete it;
+    /// off the runtime's thread (sled's transactions block).
     ///
     /// # Errors
     /// sled refused the records or the flush (they stay in the log for the next round).
     async fn take_in(&self) -> Result<(), String> {
+        let _one_at_a_time = self.handing_on.lock().await;
         if self.log.waiting() == 0 {
             return Ok(());
         }
-        let handed_on = hand_on(&self.disk, &self.log).map_err(|error| error.to_string())?;
+        let (disk, log) = (self.disk.clone(), Arc::clone(&self.log));
+        let handed_on = tokio::task::spawn_blocking(move || hand_on(&disk, &log))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?;
         if let Some(handed_on) = handed_on {
             self.flush().await?;
             self.log.handed_on(handed_on);
         }
         Ok(())
+    }
+
+    /// Hands the usage log on to sled every `interval`, whether or not the control plane
+    /// answers (shipping backs off in an outage; the log must not fill meanwhile). Once
+    /// more at `stop`.
+    pub async fn hand_on_loop(
+        self: Arc<Self>,
+        interval: Duration,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {
+                    if let Err(error) = self.take_in().await {
+                        tracing::error!(%error, "could not hand the usage log on to the outbox at shutdown; the next start will");
+                    }
+                    return;
+                }
+            }
+            if let Err(error) = self.take_in().await {
+                tracing::warn!(%error, waiting = self.log.waiting(), "could not hand the usage log on to the outbox; will retry");
+            }
+        }
     }
 
     pub fn depth(&self) -> usize {

@@ -109,6 +109,11 @@ impl Background {
                     },
                     self.stopped.clone(),
                 )),
+                tokio::spawn(
+                    self.outbox
+                        .clone()
+                        .hand_on_loop(self.ship_interval, self.stopped.clone()),
+                ),
                 tokio::spawn(self.outbox.clone().ship(
                     self.client,
                     self.replica.clone(),

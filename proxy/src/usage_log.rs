@@ -21,7 +21,9 @@
 //! Every append is a `write` to the segment file, so a killed process loses nothing it
 //! answered; [`UsageLog::sync`] makes what was written durable against power loss (one
 //! `fdatasync` shared by every request waiting on it, through the outbox's
-//! [`crate::disk::Flusher`]). A segment is synced before the log moves to the next.
+//! [`crate::disk::Flusher`]). A segment is synced before the log moves to the next
+//! (unless everything in it was handed on already). That sync, every 4 MiB, is taken
+//! by the append that crosses the size, under the log's lock.
 //!
 //! # Bounds
 //!
@@ -51,7 +53,8 @@ pub const KEY_BYTES: usize = 16;
 const PAYLOAD_MAX: usize = 64 << 10;
 /// A segment is closed (synced) and a new one started past this size.
 const SEGMENT_BYTES: u64 = 4 << 20;
-/// What [`UsageLog::has_room`] keeps free for one more record.
+/// What [`UsageLog::has_room`] keeps free for one more record (the proxy's records are
+/// a few hundred bytes: ids and keys are bounded well below this).
 const ROOM: u64 = 4 << 10;
 
 /// A place in the log: bytes into a segment. The end of a record is where everything up
@@ -177,9 +180,9 @@ pub struct UsageLog {
 }
 
 impl UsageLog {
-    /// Opens the log in `dir` (created if missing): deletes the segments before
-    /// `handed_on` (the position sled holds: everything up to it is there), reads the
-    /// records after it as waiting, and starts a new segment.
+    /// Opens the log in `dir` (created if missing): reads the records after
+    /// `handed_on` (the position sled holds: everything up to it is there) as waiting,
+    /// deletes the segments with none, and starts a new segment.
     ///
     /// # Errors
     /// The directory or a segment cannot be read, created or deleted.
@@ -199,6 +202,7 @@ impl UsageLog {
                 continue;
             }
             let bytes = segments::read(dir, PREFIX, number)?;
+            let before = waiting.len();
             let mut at = 0usize;
             while let Some(Frame { key, json, length }) = bytes.get(at..).and_then(decode) {
                 at = at.saturating_add(length);
@@ -219,6 +223,11 @@ impl UsageLog {
                 let cut = bytes.len().saturating_sub(at);
                 tracing::warn!(segment = %path.display(), bytes = cut, "the usage log ends in a torn record (a crash mid-write); it is ignored");
                 metrics::counter!("qs_proxy_usage_log_torn_total").increment(1);
+            }
+            if waiting.len() == before {
+                // Nothing in it waits (handed on, empty, or only a torn tail).
+                segments::remove(dir, PREFIX, number)?;
+                continue;
             }
             let size = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
             total_bytes = total_bytes.saturating_add(size);

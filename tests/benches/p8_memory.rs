@@ -18,6 +18,10 @@ use std::sync::Arc;
 
 use e2e::bench::{catalog, loaded_replica, rss_bytes, user_state};
 
+/// The proxy binary's allocator: memory per end user is the allocator's as much as ours.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn child(users: usize, bare: bool) {
     let before = rss_bytes(None);
     if bare {

@@ -854,8 +854,8 @@ async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
 }
 
 /// A full usage log (`usage.usage_log_max_kb`, here 64 KiB: about 300 requests' usage,
-/// with no shipping round due for a minute; leases off, so usage goes through the
-/// outbox): a route that fails closed refuses with 503 `usage_log_full` before the
+/// with no shipping round or hand-on to sled due for a minute, as if sled refused
+/// writes; leases off, so usage goes through the outbox): a route that fails closed refuses with 503 `usage_log_full` before the
 /// upstream; one that fails open answers, its usage recorded while the log takes it and
 /// lost (logged and counted) once it does not. Nothing logged is lost: once the proxy
 /// stops (its last round hands the log on to sled and ships), every recorded request is

@@ -8,7 +8,7 @@ use arc_swap::ArcSwapOption;
 use ledger::Timestamp;
 
 /// Every (outcome, source) the gate counts decisions under.
-const DECISIONS: [(&str, &str); 14] = [
+const DECISIONS: [(&str, &str); 13] = [
     ("allowed", "replica"),
     ("denied", "replica"),
     ("error", "replica"),
@@ -17,7 +17,6 @@ const DECISIONS: [(&str, &str); 14] = [
     ("lease_late", "lease"),
     ("spend_log_full", "lease"),
     ("usage_log_full", "replica"),
-    ("usage_log_full", "fallback"),
     ("allowed", "fallback"),
     ("unavailable", "fallback"),
     ("outage_budget_spent", "fallback"),

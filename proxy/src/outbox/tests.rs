@@ -1106,3 +1106,26 @@ async fn a_full_usage_log_refuses_clearly_and_a_round_makes_room() {
         .await
         .expect("pushed once there is room");
 }
+
+/// The hand-on loop moves the log to sled on its interval while nothing ships (the
+/// control plane down), and once more when it stops.
+#[tokio::test]
+async fn the_hand_on_loop_runs_without_the_control_plane_and_at_stop() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (disk, replica, outbox) = open(dir.path());
+    let outbox = Arc::new(outbox);
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(Arc::clone(&outbox).hand_on_loop(Duration::from_millis(10), stopped));
+    admit(&outbox, &replica, "k1", "u1").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while disk.outbox_len() < 1 {
+        assert!(std::time::Instant::now() < deadline, "never handed on");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(outbox.log().waiting(), 0);
+    stop.send(true).expect("stop");
+    admit(&outbox, &replica, "k2", "u1").await;
+    task.await.expect("loop");
+    assert_eq!(disk.outbox_len(), 2, "handed on at stop");
+    assert_eq!(outbox.depth(), 2);
+}

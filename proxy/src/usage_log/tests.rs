@@ -317,3 +317,23 @@ proptest! {
         prop_assert_eq!(all, model);
     }
 }
+
+/// A start keeps only segments with records waiting: restarts without usage (a proxy
+/// whose requests all spend from leases) leave one empty segment, not one per start.
+#[test]
+fn restarts_without_usage_do_not_pile_up_segments() {
+    let dir = tempfile::tempdir().expect("dir");
+    for _ in 0..5 {
+        let log = UsageLog::open(dir.path(), MB, None).expect("open");
+        assert_eq!(log.waiting(), 0);
+    }
+    assert_eq!(segments(dir.path()).len(), 1);
+    let log = UsageLog::open(dir.path(), MB, None).expect("open");
+    log.append(key(1), &json(1)).expect("append");
+    let end = log.take(1)[0].end;
+    drop(log);
+    // Handed on: the segment holding it goes at the next start.
+    let log = UsageLog::open(dir.path(), MB, Some(end)).expect("open");
+    assert_eq!(log.waiting(), 0);
+    assert_eq!(segments(dir.path()).len(), 1);
+}

@@ -4,6 +4,10 @@
 
 #![allow(clippy::print_stdout)]
 
+/// The gated proxy's allocator, so the two differ only in the gate.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
