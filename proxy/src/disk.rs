@@ -380,20 +380,21 @@ impl Disk {
         Ok(())
     }
 
-    /// Writes records the usage log held to the outbox, with the log position they reach
-    /// (`handed_on`), in one transaction: a crash leaves both or neither.
+    /// Writes records the usage log held (`(outbox key, record json)`) to the outbox,
+    /// with the log position they reach (`handed_on`), in one transaction: a crash
+    /// leaves both or neither.
     ///
     /// # Errors
     /// sled failures (then nothing was written).
     pub fn outbox_absorb(
         &self,
-        records: &[crate::usage_log::Logged],
+        records: &[([u8; 16], Vec<u8>)],
         handed_on: crate::usage_log::Position,
     ) -> Result<(), DiskError> {
         (&self.outbox, &self.usage_log)
             .transaction(|(outbox, usage_log)| {
-                for record in records {
-                    outbox.insert(&record.key[..], record.json.as_slice())?;
+                for (key, json) in records {
+                    outbox.insert(&key[..], json.as_slice())?;
                 }
                 usage_log.insert(HANDED_ON, &handed_on.to_bytes()[..])?;
                 Ok::<(), ConflictableTransactionError<()>>(())

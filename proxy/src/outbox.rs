@@ -22,7 +22,7 @@ use tokio::sync::{Notify, watch};
 use crate::config::Durability;
 use crate::disk::{Acked, Disk, DiskError, Flusher, OutboxEntry};
 use crate::replica::Replica;
-use crate::usage_log::{Position, UsageLog};
+use crate::usage_log::{Logged, Position, UsageLog};
 
 mod quarantine;
 
@@ -85,6 +85,10 @@ pub enum Op {
         /// lease reports' leftovers and lapsed commits are not.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         aggregable: bool,
+        /// The earliest timestamp of the requests merged into this record, when it holds
+        /// several (the group's span runs from here to `timestamp_ms`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ms: Option<i64>,
     },
     /// Commit a control-plane reservation with the actual units.
     Commit {
@@ -113,6 +117,7 @@ impl Op {
             timestamp_ms,
             window_ms: None,
             aggregable: false,
+            since_ms: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl Op {
             timestamp_ms,
             window_ms,
             aggregable: true,
+            since_ms: None,
         }
     }
 }
@@ -203,7 +209,9 @@ pub struct Outbox {
     sent: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     /// The last round is under way (shutdown): nothing waits for more.
     draining: std::sync::atomic::AtomicBool,
-    /// A seal was written to sled but may not be on disk yet.
+    /// A seal, or records handed on from the usage log, were written to sled but may
+    /// not be on disk yet: nothing is read to be sent before they are (a crash would
+    /// bring back their parts, to be sent under their keys).
     unflushed_seal: std::sync::atomic::AtomicBool,
     /// New records' keys: ULIDs increasing within the run, from the generator that made
     /// the start mark, so every record this run pushes sorts after it.
@@ -242,25 +250,35 @@ fn start_mark(disk: &Disk, now: [u8; 16]) -> [u8; 16] {
 /// Records the usage log hands on to sled per transaction.
 const HAND_ON_CHUNK: usize = 1024;
 
+/// What one hand-on did: the position to let the log delete up to once sled has
+/// flushed (`None`: nothing went in), how many records were merged away, and the
+/// failure that stopped it, if one did (the chunks before it are in sled).
+#[derive(Debug, Default)]
+struct HandedOn {
+    reached: Option<Position>,
+    merged: usize,
+    error: Option<DiskError>,
+}
+
 /// Moves every record waiting in `log` to the outbox in sled, with the log position
-/// reached, a chunk per transaction: the position to let the log delete up to once sled
-/// has flushed (`None`: nothing waited). A chunk sled refuses goes back to the log.
-///
-/// # Errors
-/// sled refused a chunk (the chunks before it are in sled).
-fn hand_on(disk: &Disk, log: &UsageLog) -> Result<Option<Position>, DiskError> {
-    let mut reached = None;
+/// reached, a chunk per transaction, each chunk's usage merged first (`span_ms` > 0; see
+/// [`premerge`]). A chunk sled refuses goes back to the log, and the hand-on stops there.
+fn hand_on(disk: &Disk, log: &UsageLog, span_ms: i64) -> HandedOn {
+    let mut done = HandedOn::default();
     loop {
         let chunk = log.take(HAND_ON_CHUNK);
         let Some(last) = chunk.last() else {
-            return Ok(reached);
+            return done;
         };
         let end = last.end;
-        if let Err(error) = disk.outbox_absorb(&chunk, end) {
+        let (records, merged) = premerge(&chunk, span_ms);
+        if let Err(error) = disk.outbox_absorb(&records, end) {
             log.give_back(chunk);
-            return Err(error);
+            done.error = Some(error);
+            return done;
         }
-        reached = Some(end);
+        done.reached = Some(end);
+        done.merged = done.merged.saturating_add(merged);
     }
 }
 
@@ -284,6 +302,7 @@ fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) ->
         Op::Usage {
             units: total,
             timestamp_ms: latest,
+            since_ms: since,
             ..
         },
         Op::Usage {
@@ -295,7 +314,7 @@ fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) ->
     else {
         return false;
     };
-    let earliest = group.earliest_ms.min(*timestamp_ms);
+    let earliest = group.earliest_ms.min(earliest_of(&record.op));
     let last = (*latest).max(*timestamp_ms);
     let (Some(sum), Some(pending)) = (
         total.checked_add(*units),
@@ -308,9 +327,97 @@ fn merge(into: &mut Record, group: &mut Group, record: &Record, span_ms: i64) ->
     }
     *total = sum;
     *latest = last;
+    *since = Some(earliest);
     into.pending = pending;
     group.earliest_ms = earliest;
     true
+}
+
+/// The earliest timestamp a usage record holds (its own, or that of the first request
+/// merged into it).
+fn earliest_of(op: &Op) -> i64 {
+    match op {
+        Op::Usage {
+            timestamp_ms,
+            since_ms,
+            ..
+        } => since_ms.map_or(*timestamp_ms, |since| since.min(*timestamp_ms)),
+        Op::Commit { .. } | Op::Release { .. } | Op::Unreserve { .. } => i64::MAX,
+    }
+}
+
+/// What a request's usage may be merged with: the end user, the feature and the quota
+/// window; `None` for anything that may not be merged.
+fn aggregation_identity(record: &Record) -> Option<(String, String, Option<i64>)> {
+    match &record.op {
+        Op::Usage {
+            feature_key,
+            window_ms,
+            aggregable: true,
+            ..
+        } => Some((record.end_user_id.clone(), feature_key.clone(), *window_ms)),
+        _ => None,
+    }
+}
+
+/// A usage log record on its way to sled: its outbox key and its JSON.
+type LogEntry = ([u8; 16], Vec<u8>);
+
+/// A record being merged: its key, the record when it could be read, its bytes unless
+/// it changed.
+type Merging<'a> = ([u8; 16], Option<Record>, Option<&'a [u8]>);
+
+/// Merges a chunk of the usage log's records before they reach sled (`span_ms` > 0):
+/// each end user's aggregable usage of a feature and window within the span becomes one
+/// record, under the key of the first (so it sorts where that one did), still
+/// aggregable, its earliest timestamp kept in `since_ms`. What cannot be read or merged
+/// passes as it was. Returns the records for sled and how many were merged away.
+fn premerge(chunk: &[Logged], span_ms: i64) -> (Vec<LogEntry>, usize) {
+    if span_ms == 0 {
+        let records = chunk
+            .iter()
+            .map(|logged| (logged.key, logged.json.clone()))
+            .collect();
+        return (records, 0);
+    }
+    let mut out: Vec<Merging<'_>> = Vec::with_capacity(chunk.len());
+    let mut groups: Vec<Group> = Vec::new();
+    let mut open: std::collections::HashMap<(String, String, Option<i64>), usize> =
+        std::collections::HashMap::new();
+    let mut merged = 0usize;
+    for logged in chunk {
+        let record = serde_json::from_slice::<Record>(&logged.json).ok();
+        let identity = record.as_ref().and_then(aggregation_identity);
+        let (Some(record), Some(identity)) = (record, identity) else {
+            out.push((logged.key, None, Some(&logged.json)));
+            continue;
+        };
+        if let Some(&index) = open.get(&identity)
+            && let Some(group) = groups.get_mut(index)
+            && let Some((_, Some(into), bytes)) = out.get_mut(group.at)
+            && merge(into, group, &record, span_ms)
+        {
+            *bytes = None;
+            merged = merged.saturating_add(1);
+            continue;
+        }
+        open.insert(identity, groups.len());
+        groups.push(Group {
+            at: out.len(),
+            earliest_ms: earliest_of(&record.op),
+            merged: Vec::new(),
+        });
+        out.push((logged.key, Some(record), Some(&logged.json)));
+    }
+    let records = out
+        .into_iter()
+        .filter_map(|(key, record, bytes)| match (bytes, record) {
+            (Some(bytes), _) => Some((key, bytes.to_vec())),
+            (None, Some(record)) => serde_json::to_vec(&record).ok().map(|json| (key, json)),
+            (None, None) => None,
+        })
+        .collect();
+    (records, merged)
 }
 
 impl Outbox {
@@ -330,7 +437,11 @@ impl Outbox {
     ) -> Result<Outbox, DiskError> {
         let log = UsageLog::open(log_dir, log_max_bytes, disk.usage_log_handed_on()?)?;
         let left = log.waiting();
-        if let Some(handed_on) = hand_on(&disk, &log)? {
+        let done = hand_on(&disk, &log, 0);
+        if let Some(error) = done.error {
+            return Err(error);
+        }
+        if let Some(handed_on) = done.reached {
             disk.flush()?;
             log.handed_on(handed_on);
             tracing::info!(
@@ -453,16 +564,28 @@ impl Outbox {
         if self.log.waiting() == 0 {
             return Ok(());
         }
-        let (disk, log) = (self.disk.clone(), Arc::clone(&self.log));
-        let handed_on = tokio::task::spawn_blocking(move || hand_on(&disk, &log))
+        let (disk, log, span_ms) = (self.disk.clone(), Arc::clone(&self.log), self.aggregate_ms);
+        self.unflushed_seal.store(true, Ordering::Release);
+        let done = tokio::task::spawn_blocking(move || hand_on(&disk, &log, span_ms))
             .await
-            .map_err(|error| error.to_string())?
             .map_err(|error| error.to_string())?;
-        if let Some(handed_on) = handed_on {
+        if done.merged > 0 {
+            let _ = self
+                .depth
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
+                    Some(depth.saturating_sub(done.merged))
+                });
+            metrics::counter!("qs_proxy_usage_aggregated_total")
+                .increment(u64::try_from(done.merged).unwrap_or(u64::MAX));
+        }
+        if let Some(handed_on) = done.reached {
             self.flush().await?;
             self.log.handed_on(handed_on);
         }
-        Ok(())
+        match done.error {
+            Some(error) => Err(error.to_string()),
+            None => Ok(()),
+        }
     }
 
     /// Hands the usage log on to sled every `interval`, whether or not the control plane
@@ -605,10 +728,17 @@ impl Outbox {
         } else {
             limit
         };
-        let head = self
-            .disk
-            .outbox_head(read)
-            .map_err(|error| error.to_string())?;
+        let head = {
+            // No hand-on half done (its records in sled, not yet flushed) while the
+            // round reads what to send.
+            let _no_hand_on = self.handing_on.lock().await;
+            if self.unflushed_seal.load(Ordering::Acquire) {
+                self.flush().await?;
+            }
+            self.disk
+                .outbox_head(read)
+                .map_err(|error| error.to_string())?
+        };
         if head.is_empty() {
             return Ok(false);
         }
@@ -763,20 +893,9 @@ impl Outbox {
         let mut open: std::collections::HashMap<(String, String, Option<i64>), usize> =
             std::collections::HashMap::new();
         for (key, record) in usage {
-            let group = match &record.op {
-                Op::Usage {
-                    feature_key,
-                    timestamp_ms,
-                    window_ms,
-                    aggregable: true,
-                    ..
-                } if key.as_slice() > self.start_mark.as_slice() && !sent.contains(&key) => Some((
-                    (record.end_user_id.clone(), feature_key.clone(), *window_ms),
-                    *timestamp_ms,
-                )),
-                _ => None,
-            };
-            let Some((identity, timestamp_ms)) = group else {
+            let group = aggregation_identity(&record)
+                .filter(|_| key.as_slice() > self.start_mark.as_slice() && !sent.contains(&key));
+            let Some(identity) = group else {
                 kept.push((key, record));
                 continue;
             };
@@ -791,7 +910,7 @@ impl Outbox {
             open.insert(identity, groups.len());
             groups.push(Group {
                 at: kept.len(),
-                earliest_ms: timestamp_ms,
+                earliest_ms: earliest_of(&record.op),
                 merged: Vec::new(),
             });
             kept.push((key, record));

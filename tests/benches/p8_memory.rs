@@ -48,6 +48,8 @@ fn child(users: usize, bare: bool) {
 }
 
 fn main() {
+    // As the proxy binary starts.
+    proxy::cli::no_huge_pages();
     let args: Vec<String> = std::env::args().collect();
     if let (Some(mode), Some(users)) = (args.get(1), args.get(2))
         && (mode == "replica-child" || mode == "bare-child")

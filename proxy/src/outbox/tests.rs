@@ -655,8 +655,10 @@ async fn usage_of_one_window_leaves_as_one_event_and_a_retry_sends_the_same() {
     let sent: Vec<_> = events(&batches[1])
         .into_iter()
         .map(|(key, end_user, feature, units, at)| {
+            // Merged as the log was handed on (under the group's first key) or when
+            // the round sealed groups (a new `qsa_` key); alone under its own.
             assert!(
-                key.starts_with("qsa_") || ["a4", "c1"].contains(&key.as_str()),
+                key.starts_with("qsa_") || ["a1", "a4", "b1", "c1", "d1"].contains(&key.as_str()),
                 "{key}"
             );
             (end_user, feature, units, at - T0)
@@ -743,7 +745,8 @@ async fn what_may_have_been_sent_is_sent_again_as_it_was() {
     let merged = keys(&batches[1]);
     assert_eq!(merged.len(), 2);
     assert_eq!(merged[0], "lone");
-    assert!(merged[1].starts_with("qsa_"), "{merged:?}");
+    // `next` and `then`, merged as the log was handed on, under the first one's key.
+    assert_eq!(merged[1], "next", "{merged:?}");
     // After the restart: the earlier run's two as they were, and `after` alone.
     assert_eq!(
         keys(&batches[2]),
@@ -1128,4 +1131,79 @@ async fn the_hand_on_loop_runs_without_the_control_plane_and_at_stop() {
     task.await.expect("loop");
     assert_eq!(disk.outbox_len(), 2, "handed on at stop");
     assert_eq!(outbox.depth(), 2);
+}
+
+fn logged(n: u8, record: &Record) -> crate::usage_log::Logged {
+    crate::usage_log::Logged {
+        key: [n; 16],
+        json: serde_json::to_vec(record).expect("json"),
+        end: crate::usage_log::Position {
+            segment: 1,
+            offset: u64::from(n),
+        },
+    }
+}
+
+/// Handing the log on merges each end user's usage of a feature and window within the
+/// span into the group's first record (its key, its place), keeping the earliest
+/// timestamp; anything else passes as it was, and a span of 0 merges nothing.
+#[test]
+fn the_hand_on_merges_usage_into_the_first_record_of_each_group() {
+    let commit = commit("c");
+    let records = [
+        request("a1", "u1", "chat", 1, T0 + 10, Some(WINDOW)),
+        request("b1", "u2", "chat", 4, T0, Some(WINDOW)),
+        request("a2", "u1", "chat", 2, T0, Some(WINDOW)),
+        commit.clone(),
+        request("w1", "u1", "chat", 1, T0, Some(WINDOW + 1)),
+        request("a3", "u1", "chat", 3, T0 + 1010, Some(WINDOW)),
+        usage("plain"),
+    ];
+    let mut chunk: Vec<_> = (0u8..).zip(&records).map(|(n, r)| logged(n, r)).collect();
+    chunk.push(crate::usage_log::Logged {
+        key: [99; 16],
+        json: b"not json".to_vec(),
+        end: crate::usage_log::Position {
+            segment: 1,
+            offset: 99,
+        },
+    });
+    let (unmerged, none) = premerge(&chunk, 0);
+    assert_eq!(none, 0);
+    assert_eq!(unmerged.len(), chunk.len());
+
+    let (merged, count) = premerge(&chunk, 1000);
+    assert_eq!(count, 1, "a2 joined a1; a3 is past a2's second");
+    let keys: Vec<u8> = merged.iter().map(|(key, _)| key[0]).collect();
+    assert_eq!(keys, [0, 1, 3, 4, 5, 6, 99]);
+    let read =
+        |index: usize| -> Record { serde_json::from_slice(&merged[index].1).expect("a record") };
+    let mut first = records[0].clone();
+    first.pending = 3;
+    first.op = Op::Usage {
+        feature_key: "chat".into(),
+        units: 3,
+        timestamp_ms: T0 + 10,
+        window_ms: Some(WINDOW),
+        aggregable: true,
+        since_ms: Some(T0),
+    };
+    assert_eq!(
+        read(0),
+        first,
+        "a1 + a2 under a1's key, from a2's timestamp"
+    );
+    assert_eq!(read(1), records[1]);
+    assert_eq!(read(2), commit);
+    assert_eq!(read(3), records[4], "another window");
+    assert_eq!(
+        read(4),
+        records[5],
+        "past the span from the group's earliest"
+    );
+    assert_eq!(read(5), records[6], "not aggregable");
+    assert_eq!(
+        merged[6].1, b"not json",
+        "unreadable, passed on for the round to drop"
+    );
 }
