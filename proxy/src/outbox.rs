@@ -565,10 +565,14 @@ impl Outbox {
             return Ok(());
         }
         let (disk, log, span_ms) = (self.disk.clone(), Arc::clone(&self.log), self.aggregate_ms);
-        self.unflushed_seal.store(true, Ordering::Release);
         let done = tokio::task::spawn_blocking(move || hand_on(&disk, &log, span_ms))
             .await
             .map_err(|error| error.to_string())?;
+        if done.reached.is_some() {
+            // Marked after the writes: a flush that began before them cleared the
+            // mark first (see `flush`).
+            self.unflushed_seal.store(true, Ordering::Release);
+        }
         if done.merged > 0 {
             let _ = self
                 .depth
@@ -921,10 +925,11 @@ impl Outbox {
     /// Replaces merged records by their groups' events on disk, all or nothing, and
     /// flushes.
     async fn seal(&self, removed: &[Vec<u8>], written: &[OutboxEntry]) -> Result<(), String> {
-        self.unflushed_seal.store(true, Ordering::Release);
         self.disk
             .outbox_replace(removed, written)
             .map_err(|error| error.to_string())?;
+        // Set after the write: a flush that began before it cleared the mark first.
+        self.unflushed_seal.store(true, Ordering::Release);
         let _ = self
             .depth
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |depth| {
@@ -935,15 +940,20 @@ impl Outbox {
         self.flush().await
     }
 
-    /// Flushes the outbox to disk (after a seal).
+    /// Flushes the outbox to disk (after a seal or a hand-on). The unflushed mark is
+    /// cleared before the flush starts (whatever set it before then, it covers; a
+    /// write marked later stays marked) and set again if the flush fails.
     async fn flush(&self) -> Result<(), String> {
-        let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || crate::disk::Flush::flush(&disk))
-            .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?;
         self.unflushed_seal.store(false, Ordering::Release);
-        Ok(())
+        let disk = self.disk.clone();
+        let flushed = tokio::task::spawn_blocking(move || crate::disk::Flush::flush(&disk))
+            .await
+            .map_err(|error| error.to_string())
+            .and_then(|flushed| flushed.map_err(|error| error.to_string()));
+        if flushed.is_err() {
+            self.unflushed_seal.store(true, Ordering::Release);
+        }
+        flushed
     }
 
     /// Notes that `keys` may have been sent from now on.
