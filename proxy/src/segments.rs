@@ -82,3 +82,58 @@ pub fn remove(dir: &Path, prefix: &str, number: u64) -> Result<(), DiskError> {
         Err(error) => Err(io_error("deleting", &path, &error)),
     }
 }
+
+/// Appends `bytes` to segment `number` (open as `file`, `length` bytes long before).
+/// A failed write is cut off (whatever part of it went in); when even that fails,
+/// `broken` is set: the caller must not append to this segment again.
+///
+/// # Errors
+/// The disk refused the write (the segment is as it was, or `broken`).
+pub fn append(
+    dir: &Path,
+    prefix: &str,
+    number: u64,
+    file: &mut File,
+    length: u64,
+    bytes: &[u8],
+    broken: &mut bool,
+) -> Result<(), DiskError> {
+    use std::io::Write;
+    file.write_all(bytes).map_err(|error| {
+        if file.set_len(length).is_err() {
+            *broken = true;
+        }
+        io_error("appending to", &path(dir, prefix, number), &error)
+    })
+}
+
+/// Syncs `file`, the handle of segment `number` (`fdatasync`), naming the segment when
+/// that fails.
+///
+/// # Errors
+/// The handle could not be had, or the disk refused the sync.
+pub fn sync(
+    dir: &Path,
+    prefix: &str,
+    number: u64,
+    file: std::io::Result<File>,
+) -> Result<(), DiskError> {
+    file.and_then(|file| file.sync_data())
+        .map_err(|error| io_error("syncing", &path(dir, prefix, number), &error))
+}
+
+/// The segment files in `dir`, oldest first (for tests).
+#[cfg(test)]
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<_> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}

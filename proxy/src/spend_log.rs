@@ -31,7 +31,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -307,20 +306,21 @@ impl SpendLog {
         if full_segment || inner.broken {
             self.rotate(inner, true)?;
         }
-        let bytes = record.encode();
-        if let Err(error) = inner.file.write_all(&bytes) {
-            let path = segments::path(&self.dir, PREFIX, inner.current);
-            let length = inner
-                .segments
-                .get(&inner.current)
-                .map_or(0, |segment| segment.bytes);
-            // Cut off whatever part of the record went in; failing that, never append
-            // to this segment again.
-            if inner.file.set_len(length).is_err() {
-                inner.broken = true;
-            }
+        let length = inner
+            .segments
+            .get(&inner.current)
+            .map_or(0, |segment| segment.bytes);
+        if let Err(error) = segments::append(
+            &self.dir,
+            PREFIX,
+            inner.current,
+            &mut inner.file,
+            length,
+            &record.encode(),
+            &mut inner.broken,
+        ) {
             metrics::counter!("qs_proxy_spend_log_write_errors_total").increment(1);
-            return Err(io_error("appending to", &path, &error));
+            return Err(error);
         }
         if let Some(segment) = inner.segments.get_mut(&inner.current) {
             segment.bytes = segment.bytes.saturating_add(RECORD_LEN);
@@ -355,9 +355,7 @@ impl SpendLog {
     /// The disk refused the sync.
     pub fn sync(&self) -> Result<(), DiskError> {
         let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
-        let path = segments::path(&self.dir, PREFIX, current);
-        file.and_then(|file| file.sync_data())
-            .map_err(|error| io_error("syncing", &path, &error))
+        segments::sync(&self.dir, PREFIX, current, file)
     }
 
     /// The totals of `lease`'s report `sequence` not yet acknowledged.

@@ -35,7 +35,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -298,18 +297,20 @@ impl UsageLog {
                     json.len()
                 )));
             }
-            let written = inner.file.write_all(&frame);
-            inner.scratch = frame;
             let before = inner.segments.get(&inner.current).copied().unwrap_or(0);
+            let written = segments::append(
+                &self.dir,
+                PREFIX,
+                inner.current,
+                &mut inner.file,
+                before,
+                &frame,
+                &mut inner.broken,
+            );
+            inner.scratch = frame;
             if let Err(error) = written {
-                // Cut off whatever part of the record went in; failing that, never
-                // append to this segment again.
-                if inner.file.set_len(before).is_err() {
-                    inner.broken = true;
-                }
                 metrics::counter!("qs_proxy_usage_log_write_errors_total").increment(1);
-                let path = segments::path(&self.dir, PREFIX, inner.current);
-                return Err(io_error("appending to", &path, &error));
+                return Err(error);
             }
             let after = before.saturating_add(length);
             inner.segments.insert(inner.current, after);
@@ -350,9 +351,7 @@ impl UsageLog {
     /// The disk refused the sync.
     pub fn sync(&self) -> Result<(), DiskError> {
         let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
-        let path = segments::path(&self.dir, PREFIX, current);
-        file.and_then(|file| file.sync_data())
-            .map_err(|error| io_error("syncing", &path, &error))
+        segments::sync(&self.dir, PREFIX, current, file)
     }
 
     /// Takes up to `limit` of the oldest records not handed on yet (to be written to

@@ -794,6 +794,25 @@ async fn a_proxy_told_to_use_nats_follows_http_while_it_cannot() {
     }
 }
 
+/// Sends `full`'s requests to the route that fails closed until one is refused (at most
+/// `most`): that refusal must be 503 `usage_log_full`. Answers how many were admitted.
+async fn closed_until_full(proxy: &Proxy, most: usize) -> usize {
+    let mut admitted = 0usize;
+    for _ in 0..most {
+        let response = proxy.send(Method::POST, "/closed", Some("full"), &[]).await;
+        match response.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                let problem: serde_json::Value = response.json().await.expect("problem");
+                assert_eq!(problem["code"], "usage_log_full", "{problem}");
+                return admitted;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    panic!("the closed route was never refused ({admitted} admitted): the log never filled");
+}
+
 /// A full spend log (`usage.spend_log_max_kb`, here 1 KiB: 21 records, with no report due
 /// for a minute): a route that fails closed refuses with 503 `usage_log_full` before the
 /// upstream; one that fails open is decided by the replica and recorded in the outbox.
@@ -814,22 +833,7 @@ async fn a_full_spend_log_fails_each_route_by_its_policy_and_loses_nothing() {
     plane.grant("full", 10_000).await;
     proxy.sees("full").await;
 
-    let mut admitted = 0u64;
-    let mut refused_closed = None;
-    for _ in 0..40 {
-        let response = proxy.send(Method::POST, "/closed", Some("full"), &[]).await;
-        match response.status() {
-            StatusCode::OK => admitted += 1,
-            StatusCode::SERVICE_UNAVAILABLE => {
-                let problem: serde_json::Value = response.json().await.expect("problem");
-                refused_closed = Some(problem);
-                break;
-            }
-            other => panic!("unexpected {other}"),
-        }
-    }
-    let problem = refused_closed.expect("the closed route is refused once the log is full");
-    assert_eq!(problem["code"], "usage_log_full");
+    let mut admitted = closed_until_full(&proxy, 40).await;
     assert!(
         (15..=21).contains(&admitted),
         "about 21 records fit in 1 KiB: {admitted}"
@@ -874,22 +878,7 @@ async fn a_full_usage_log_fails_each_route_by_its_policy_and_loses_nothing() {
     plane.grant("full", 10_000).await;
     proxy.sees("full").await;
 
-    let mut admitted = 0usize;
-    let mut refused_closed = None;
-    for _ in 0..1000 {
-        let response = proxy.send(Method::POST, "/closed", Some("full"), &[]).await;
-        match response.status() {
-            StatusCode::OK => admitted += 1,
-            StatusCode::SERVICE_UNAVAILABLE => {
-                let problem: serde_json::Value = response.json().await.expect("problem");
-                refused_closed = Some(problem);
-                break;
-            }
-            other => panic!("unexpected {other}"),
-        }
-    }
-    let problem = refused_closed.expect("the closed route is refused once the log is full");
-    assert_eq!(problem["code"], "usage_log_full");
+    let admitted = closed_until_full(&proxy, 1000).await;
     assert!(
         (200..=400).contains(&admitted),
         "about 300 records fit in 64 KiB: {admitted}"

@@ -987,6 +987,19 @@ async fn a_round_sends_at_most_a_batch_and_says_when_more_is_ready() {
     assert!(outbox.sent.lock().expect("sent").is_empty());
 }
 
+/// A shipping round against a control plane that answers 503: it fails (after handing
+/// the usage log on to sled).
+async fn ship_into_an_outage(outbox: &Outbox, replica: &Replica) {
+    let (url, _calls) = fake_control_plane(vec![503]).await;
+    assert!(
+        outbox
+            .ship_once(&one_try(&url), replica, 500)
+            .await
+            .is_err(),
+        "the round fails while the control plane answers 503"
+    );
+}
+
 /// Usage files in `dir/usage`.
 fn usage_segments(dir: &std::path::Path) -> usize {
     std::fs::read_dir(dir.join("usage"))
@@ -1042,13 +1055,7 @@ async fn a_round_hands_the_log_on_even_when_the_control_plane_is_down() {
         for key in ["k1", "k2"] {
             admit(&outbox, &replica, key, "u1").await;
         }
-        let (url, _calls) = fake_control_plane(vec![503]).await;
-        assert!(
-            outbox
-                .ship_once(&one_try(&url), &replica, 500)
-                .await
-                .is_err()
-        );
+        ship_into_an_outage(&outbox, &replica).await;
         assert_eq!(disk.outbox_len(), 2, "handed on before the call");
         assert_eq!(outbox.log().waiting(), 0);
         assert_eq!(outbox.depth(), 2);
@@ -1095,13 +1102,7 @@ async fn a_full_usage_log_refuses_clearly_and_a_round_makes_room() {
     };
     assert!(error.to_string().contains("usage log is full"), "{error}");
     assert_eq!(outbox.depth(), pushed, "nothing held is lost");
-    let (url, _calls) = fake_control_plane(vec![503]).await;
-    assert!(
-        outbox
-            .ship_once(&one_try(&url), &replica, 500)
-            .await
-            .is_err()
-    );
+    ship_into_an_outage(&outbox, &replica).await;
     assert_eq!(disk.outbox_len(), pushed, "all of it in sled");
     assert!(outbox.can_record(), "room again");
     outbox

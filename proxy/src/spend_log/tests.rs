@@ -29,13 +29,7 @@ fn totals(units: u64, cost: i64, requests: u64) -> Totals {
 
 /// The segment files in `dir`, oldest first.
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found: Vec<_> = std::fs::read_dir(dir)
-        .expect("dir")
-        .map(|entry| entry.expect("entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
-        .collect();
-    found.sort();
-    found
+    crate::segments::files(dir)
 }
 
 #[test]

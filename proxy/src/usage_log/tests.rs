@@ -34,13 +34,7 @@ fn expected(numbers: impl IntoIterator<Item = u8>) -> Vec<([u8; KEY_BYTES], Vec<
 
 /// The segment files in `dir`, oldest first.
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut found: Vec<_> = std::fs::read_dir(dir)
-        .expect("dir")
-        .map(|entry| entry.expect("entry").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
-        .collect();
-    found.sort();
-    found
+    crate::segments::files(dir)
 }
 
 fn cut(file: &Path, length: u64) {
