@@ -1,10 +1,11 @@
 //! The usage log: what each admitted request records through the outbox (its usage, or
 //! a reservation's commit or release), appended before its response goes out, as one
 //! framed record in an append-only segment file instead of a sled insert per request.
-//! The outbox's shipper hands what the log holds on to sled in one batch per round,
-//! together with the log position it reached (one sled transaction, flushed), and only
-//! then are the segments before that position deleted: a record is in the log, in sled,
-//! or in both (then the position in sled says which copy counts), never in neither.
+//! The outbox hands what the log holds on to sled every shipping interval (merged per
+//! end user, feature and window where usage is aggregated), together with the log
+//! position it reached (one sled transaction per chunk, then a flush), and only then
+//! are the segments that position covers deleted: a record is in the log, in sled, or
+//! in both (then the position in sled says which copy counts), never in neither.
 //!
 //! # Records
 //!
@@ -30,8 +31,8 @@
 //! The log holds at most `max_bytes` (`usage.usage_log_max_kb`): an append past it fails
 //! with a clear error instead of filling the disk, as does an append the disk refuses.
 //! A failed append leaves the segment as it was (a partial record is cut off). The log
-//! only holds what the shipper has not handed on yet (one round's worth, or what
-//! arrived while sled refused writes) plus the segment being written.
+//! only holds what has not been handed on yet (one interval's worth, or what arrived
+//! while sled refused writes) plus the segment being written.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
