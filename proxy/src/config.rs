@@ -727,6 +727,14 @@ feature = "chat_messages"
                 format!("{MINIMAL}[usage]\naggregate_ms = 60001\n"),
                 "usage.aggregate_ms",
             ),
+            (
+                format!("{MINIMAL}[usage]\nusage_log_max_kb = 63\n"),
+                "usage.usage_log_max_kb",
+            ),
+            (
+                format!("{MINIMAL}[usage]\nusage_log_max_kb = 1073741825\n"),
+                "usage.usage_log_max_kb",
+            ),
         ];
         for (text, setting) in cases {
             let error = check(&text).expect_err(setting);

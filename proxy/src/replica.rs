@@ -733,17 +733,21 @@ mod tests {
         Replica::open(Disk::open(dir, 8).expect("disk"), Arc::default()).expect("replica")
     }
 
-    fn snapshot(replica: &Replica, cursor: i64, users: &[EndUserState]) {
-        let catalog = snapshot_json();
+    /// Begins a snapshot at `cursor`: its header applied, nothing else yet.
+    fn begin(replica: &Replica, cursor: i64, now_ms: i64) {
         replica.begin_snapshot().expect("begin");
-        let now = WireTime(Timestamp::from_millis(1_780_000_000_000));
         replica
             .apply(SyncRecord::Header {
                 cursor,
                 clock_offset_ms: 0,
-                now,
+                now: WireTime(Timestamp::from_millis(now_ms)),
             })
             .expect("header");
+    }
+
+    fn snapshot(replica: &Replica, cursor: i64, users: &[EndUserState]) {
+        let catalog = snapshot_json();
+        begin(replica, cursor, 1_780_000_000_000);
         replica
             .apply(SyncRecord::Catalog { cursor, catalog })
             .expect("catalog");
@@ -828,14 +832,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let catalog = snapshot_json().to_ledger().expect("catalog");
         let replica = open(dir.path());
-        replica.begin_snapshot().expect("begin");
-        replica
-            .apply(SyncRecord::Header {
-                cursor: 3,
-                clock_offset_ms: 0,
-                now: WireTime(Timestamp::from_millis(1)),
-            })
-            .expect("header");
+        begin(&replica, 3, 1);
         let state = user("u1", 10, &catalog);
         replica
             .apply(SyncRecord::EndUser {
@@ -997,14 +994,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         {
             let replica = open(dir.path());
-            replica.begin_snapshot().expect("begin");
-            replica
-                .apply(SyncRecord::Header {
-                    cursor: 3,
-                    clock_offset_ms: 0,
-                    now: WireTime(Timestamp::from_millis(1)),
-                })
-                .expect("header");
+            begin(&replica, 3, 1);
             replica.persist().expect("persist");
         }
         let replica = open(dir.path());
