@@ -267,15 +267,25 @@ fn decode(body: &[u8]) -> Result<Frame, FrameError> {
 /// # Errors
 /// As [`FrameReader::next_frame`], and a frame cut short.
 pub fn frames(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
-    let mut rest = bytes;
     let mut out = Vec::new();
+    each_frame(bytes, |frame| out.push(frame))?;
+    Ok(out)
+}
+
+/// Hands each frame of `bytes` to `take` in order, as [`frames`] returns them, without
+/// gathering them first. On an error, the frames before it have been handed over.
+///
+/// # Errors
+/// As [`frames`].
+pub fn each_frame(bytes: &[u8], mut take: impl FnMut(Frame)) -> Result<(), FrameError> {
+    let mut rest = bytes;
     while !rest.is_empty() {
         let (body, taken) =
             split_frame(rest)?.ok_or_else(|| FrameError::new("the last frame is cut short"))?;
-        out.push(decode(body)?);
+        take(decode(body)?);
         rest = rest.get(taken..).unwrap_or_default();
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -180,6 +180,7 @@ async fn follow_nats(
 ) -> Result<(), String> {
     let mut check = tokio::time::interval(NATS_CHECK);
     let mut heard = tokio::time::Instant::now();
+    let mut catch_ups = 0;
     loop {
         // `NatsLines::next` is cancel-safe: a record it had not returned yet stays queued.
         let record = tokio::select! {
@@ -196,6 +197,11 @@ async fn follow_nats(
             }
         };
         heard = tokio::time::Instant::now();
+        if lines.catch_ups() > catch_ups {
+            metrics::counter!("qs_proxy_nats_catch_ups_total")
+                .increment(lines.catch_ups().saturating_sub(catch_ups));
+            catch_ups = lines.catch_ups();
+        }
         match record {
             Ok(record) => apply(replica, record)?,
             Err(client::nats::NatsError::CursorExpired { cursor, .. }) => {

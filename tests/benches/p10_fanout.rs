@@ -10,9 +10,10 @@
 //!
 //! The control plane is a process of its own (the `e2e-control-plane` binary, SQLite file,
 //! `sync.nats_url` set), so its CPU time is its own (`/proc/<pid>/stat`). The followers
-//! are lightweight and in this process: each holds its own HTTP stream, or its own
-//! JetStream ordered consumer (on one NATS connection per 50 followers), takes the feed in
-//! binary frames (`protocol::frames`, as proxies do) and reads each change's head (its end
+//! are lightweight and in this process: each holds its own HTTP stream, or follows NATS
+//! as a proxy does (`client::nats::NatsLines`: the live subject, catching up from the
+//! stream on a gap; one NATS connection per 50 followers), takes the feed in binary
+//! frames (`protocol::frames`, as proxies do) and reads each change's head (its end
 //! user), not its state: the bench measures the transport, not the proxy's replica. Each
 //! change is a grant to a new end user, so every change is one record; the lag is from the
 //! grant's request being sent (so it includes the write's own latency) until a follower
@@ -30,11 +31,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use e2e::ControlPlaneProcess;
 use e2e::bench::cpu_time;
 use protocol::frames::{Frame, FrameReader};
-use tokio_stream::StreamExt;
+
+/// The proxy's allocator (its binary sets the same), so the followers cost what a
+/// proxy's follower does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const CONTROL_PLANE: &str = env!("CARGO_BIN_EXE_e2e-control-plane");
 /// Lag histogram resolution and range: 0.1 ms buckets up to 20 s.
@@ -57,6 +61,8 @@ struct Shared {
     sent_us: Vec<AtomicU64>,
     lags: Vec<AtomicU64>,
     received: AtomicU64,
+    /// Catch-ups from the stream the NATS followers made (live messages they lost).
+    catch_ups: AtomicU64,
 }
 
 impl Shared {
@@ -66,6 +72,7 @@ impl Shared {
             sent_us: (0..changes).map(|_| AtomicU64::new(0)).collect(),
             lags: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
             received: AtomicU64::new(0),
+            catch_ups: AtomicU64::new(0),
         }
     }
 
@@ -79,13 +86,6 @@ impl Shared {
     fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
         reader.push(bytes);
         while let Some(frame) = reader.next_frame().expect("a frame") {
-            self.seen(&frame);
-        }
-    }
-
-    /// Takes every frame of a NATS message.
-    fn seen_message(&self, payload: &[u8]) {
-        for frame in protocol::frames::frames(payload).expect("frames") {
             self.seen(&frame);
         }
     }
@@ -209,9 +209,9 @@ fn main() {
             "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower; NATS linger {linger_ms} ms"
         );
         println!(
-            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | control-plane CPU per change | NATS server CPU | followers' CPU |"
+            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let transports: Vec<Transport> = std::env::var("QS_FANOUT_TRANSPORTS")
             .unwrap_or_else(|_| "http,nats".into())
             .split(',')
@@ -313,26 +313,23 @@ async fn run(
                 let (shared, ready, mut stopped, feed) =
                     (shared.clone(), ready.clone(), stopped.clone(), feed.clone());
                 tasks.push(tokio::spawn(async move {
-                    let context = async_nats::jetstream::new(nats);
-                    let stream = context.get_stream(&feed.stream).await.expect("stream");
-                    let consumer = stream
-                        .create_consumer(pull::OrderedConfig {
-                            deliver_policy: DeliverPolicy::New,
-                            filter_subject: feed.subject.clone(),
-                            ..pull::OrderedConfig::default()
-                        })
+                    let mut lines = client::nats::NatsLines::open(&nats, &feed, head)
                         .await
-                        .expect("consumer");
-                    let mut messages = consumer.messages().await.expect("messages");
+                        .expect("the NATS feed opens");
                     ready.fetch_add(1, Ordering::Relaxed);
                     loop {
                         tokio::select! {
-                            message = messages.next() => match message {
-                                Some(Ok(message)) => shared.seen_message(&message.payload),
-                                Some(Err(error)) => eprintln!("follower: {error}"),
-                                None => return,
+                            frame = lines.next() => match frame {
+                                Ok(frame) => shared.seen(&frame),
+                                Err(error) => {
+                                    eprintln!("follower: {error}");
+                                    return;
+                                }
                             },
-                            _ = stopped.changed() => return,
+                            _ = stopped.changed() => {
+                                shared.catch_ups.fetch_add(lines.catch_ups(), Ordering::Relaxed);
+                                return;
+                            }
                         }
                     }
                 }));
@@ -404,7 +401,7 @@ async fn run(
     #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
     let cpu_per_change_us = cpu.as_secs_f64() * 1e6 / changes as f64;
     println!(
-        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s |",
+        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
         match transport {
             Transport::Http => "HTTP streams",
             Transport::Nats => "NATS JetStream",
@@ -420,6 +417,10 @@ async fn run(
         shared.percentile_ms(1.0),
         nats_cpu.as_secs_f64(),
         own_cpu.as_secs_f64(),
+        match transport {
+            Transport::Http => "–".to_owned(),
+            Transport::Nats => shared.catch_ups.load(Ordering::Relaxed).to_string(),
+        },
     );
 }
 

@@ -804,6 +804,73 @@ store_test! {
     }
 }
 
+// A follower that loses live messages (as a slow consumer's overflow or a reconnect
+// would) catches up from the stream and ends with exactly the stored state: when the
+// lost messages were the last before a quiet spell (heartbeats reveal them), and when
+// the next live message shows the gap.
+store_test! {
+    async fn a_follower_that_loses_live_messages_catches_up_from_the_stream(backend) {
+    let Some(url) = crate::support::nats_url() else { return };
+    let harness = Harness::start(backend).await;
+    let tenant = harness.tenant("acme").await;
+    let key = tenant.test.as_str();
+    harness.catalog(key).await;
+    let publishing = harness.publish_to_nats(&url).await;
+    let mut follower = Follower::snapshot(&harness, key).await;
+    let mut lines = nats_lines(&harness, key, &publishing.client, follower.cursor)
+        .await
+        .expect("opens");
+    // One message per grant: each waits until the stream holds the last.
+    let grant_each = |users: std::ops::Range<usize>| {
+        let (harness, client, tenant) = (&harness, &publishing.client, &tenant);
+        async move {
+            for user in users {
+                harness.grant(key, &format!("u{user}"), 5).await;
+                let head = harness.state.store().last_change(&env(tenant)).await.expect("head");
+                crate::support::eventually_value("the stream holds the head", || async {
+                    (stream_chain(client, tenant).await.last().map(|link| link.0) == Some(head))
+                        .then_some(())
+                })
+                .await;
+            }
+            harness.state.store().last_change(&env(tenant)).await.expect("head")
+        }
+    };
+    lines.lose_live(10);
+    let head = grant_each(0..10).await;
+    read_until(&mut lines, &mut follower, |f| f.cursor >= head).await;
+    assert_eq!(follower.cursor, head, "every lost change was caught up");
+    assert_eq!(lines.catch_ups(), 1, "one catch-up, after the heartbeats");
+    assert_states_match(&harness, &tenant, &follower, 10).await;
+
+    // Three lost, then two heard: the first heard goes on from a position not taken.
+    lines.lose_live(3);
+    let head = grant_each(10..15).await;
+    read_until(&mut lines, &mut follower, |f| f.cursor >= head).await;
+    assert_eq!(follower.cursor, head, "every lost change was caught up");
+    assert_eq!(lines.catch_ups(), 2);
+    assert_states_match(&harness, &tenant, &follower, 15).await;
+    crate::support::delete_streams(&publishing.client, &tenant).await;
+    }
+}
+
+/// Applies records from `lines` until `done` holds of the follower.
+async fn read_until(
+    lines: &mut client::nats::NatsLines,
+    follower: &mut Follower,
+    done: impl Fn(&Follower) -> bool,
+) {
+    while !done(follower) {
+        let record = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next())
+            .await
+            .unwrap_or_else(|_| panic!("a record within 10 s: {lines:?} {}", follower.cursor))
+            .expect("the NATS feed stays open")
+            .into_record()
+            .expect("decodes");
+        follower.apply(record);
+    }
+}
+
 // Without `sync.nats_url` the control plane says so, and proxies keep to HTTP.
 #[tokio::test]
 async fn without_nats_the_feed_says_it_is_http_only() {
