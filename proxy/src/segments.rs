@@ -1,6 +1,11 @@
 //! Numbered segment files of an append-only log (`{prefix}-{number:016}.log` in one
 //! directory), shared by the lease spend log and the usage log: listing them, naming
-//! them, creating the next one durably.
+//! them, creating the next one, syncing what was written.
+//!
+//! Nothing here syncs on an append's path: a log that moves on to a new segment keeps
+//! the closed one's handle ([`Unsynced`]), and its next [`sync`] makes the closed
+//! segments, the new names in the directory and the current segment durable, in that
+//! order, before it returns.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -51,23 +56,106 @@ pub fn read(dir: &Path, prefix: &str, number: u64) -> Result<Vec<u8>, DiskError>
 }
 
 /// Creates segment `number` for appending (it must not exist: a run never appends to a
-/// segment an earlier run wrote, so a torn tail is never followed by good records), and
-/// syncs the directory so the new name survives a crash as well as what is written
-/// under it.
+/// segment an earlier run wrote, so a torn tail is never followed by good records). Its
+/// name is durable after the log's next [`sync`] (note it with [`Unsynced::created`]).
 ///
 /// # Errors
 /// The file cannot be created.
 pub fn create(dir: &Path, prefix: &str, number: u64) -> Result<File, DiskError> {
     let path = path(dir, prefix, number);
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .create_new(true)
         .append(true)
         .open(&path)
-        .map_err(|error| io_error("creating", &path, &error))?;
-    if let Ok(directory) = File::open(dir) {
-        let _ = directory.sync_all();
+        .map_err(|error| io_error("creating", &path, &error))
+}
+
+/// What a log's next [`sync`] must make durable besides its current segment: the
+/// segments it closed with appends not yet synced (their handles), and whether it
+/// created segments whose names the directory has not made durable.
+#[derive(Debug, Default)]
+pub struct Unsynced {
+    closed: Vec<(u64, File)>,
+    names: bool,
+}
+
+impl Unsynced {
+    /// Segment `number`, open as `file`, was closed with appends that must survive.
+    pub fn closed(&mut self, number: u64, file: File) {
+        self.closed.push((number, file));
     }
-    Ok(file)
+
+    /// A segment was created.
+    pub fn created(&mut self) {
+        self.names = true;
+    }
+
+    /// Segment `number` was deleted: nothing in it needs syncing any more.
+    pub fn forget(&mut self, number: u64) {
+        self.closed.retain(|(closed, _)| *closed != number);
+    }
+
+    /// Takes back what a failed sync did not make durable (before anything noted since).
+    fn put_back(&mut self, mut failed: Unsynced) {
+        failed.closed.append(&mut self.closed);
+        self.closed = failed.closed;
+        self.names |= failed.names;
+    }
+}
+
+/// Makes every append to a log so far durable. `syncing` serializes the log's syncs (a
+/// second must not return before the segments the first took are synced); `take` gives,
+/// under the log's lock, what is unsynced (left empty behind), the current segment's
+/// number and a handle to it; `inner` is that lock again, to put back what a failed
+/// sync left.
+///
+/// # Errors
+/// The disk refused a sync (everything unsynced stays noted for the next one).
+pub fn sync<I>(
+    dir: &Path,
+    prefix: &str,
+    syncing: &std::sync::Mutex<()>,
+    inner: &std::sync::Mutex<I>,
+    take: impl FnOnce(&mut I) -> (Unsynced, u64, std::io::Result<File>),
+    unsynced: impl FnOnce(&mut I) -> &mut Unsynced,
+) -> Result<(), DiskError> {
+    let _one_at_a_time = syncing
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lock = || {
+        inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let (pending, number, file) = take(&mut lock());
+    let synced = sync_taken(dir, prefix, &pending, number, file);
+    if synced.is_err() {
+        unsynced(&mut lock()).put_back(pending);
+    }
+    synced
+}
+
+fn sync_taken(
+    dir: &Path,
+    prefix: &str,
+    pending: &Unsynced,
+    number: u64,
+    file: std::io::Result<File>,
+) -> Result<(), DiskError> {
+    for (closed, handle) in &pending.closed {
+        handle
+            .sync_data()
+            .map_err(|error| io_error("syncing", &path(dir, prefix, *closed), &error))?;
+    }
+    if pending.names {
+        // A file system that cannot sync a directory (some network ones) is not an
+        // error here, as it never was; the segments' contents still are synced.
+        if let Ok(directory) = File::open(dir) {
+            let _ = directory.sync_all();
+        }
+    }
+    file.and_then(|file| file.sync_data())
+        .map_err(|error| io_error("syncing", &path(dir, prefix, number), &error))
 }
 
 /// Deletes segment `number`; one already gone counts as deleted.
@@ -107,21 +195,6 @@ pub fn append(
     })
 }
 
-/// Syncs `file`, the handle of segment `number` (`fdatasync`), naming the segment when
-/// that fails.
-///
-/// # Errors
-/// The handle could not be had, or the disk refused the sync.
-pub fn sync(
-    dir: &Path,
-    prefix: &str,
-    number: u64,
-    file: std::io::Result<File>,
-) -> Result<(), DiskError> {
-    file.and_then(|file| file.sync_data())
-        .map_err(|error| io_error("syncing", &path(dir, prefix, number), &error))
-}
-
 /// The segment files in `dir`, oldest first (for tests).
 #[cfg(test)]
 pub fn files(dir: &Path) -> Vec<PathBuf> {
@@ -136,4 +209,60 @@ pub fn files(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default();
     found.sort();
     found
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::*;
+
+    fn numbers(unsynced: &Unsynced) -> Vec<u64> {
+        unsynced.closed.iter().map(|(number, _)| *number).collect()
+    }
+
+    #[test]
+    fn what_a_failed_sync_took_goes_back_before_what_came_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Unsynced::default();
+        for number in 1..=3 {
+            log.closed(number, create(dir.path(), "t", number).unwrap());
+        }
+        log.created();
+        log.forget(2);
+        assert_eq!(numbers(&log), [1, 3], "a deleted segment needs no sync");
+        let taken = std::mem::take(&mut log);
+        assert!(
+            !log.names && log.closed.is_empty(),
+            "taking leaves nothing behind"
+        );
+        log.closed(4, create(dir.path(), "t", 4).unwrap());
+        log.put_back(taken);
+        assert_eq!(numbers(&log), [1, 3, 4]);
+        assert!(log.names);
+    }
+
+    #[test]
+    fn a_sync_makes_closed_segments_and_the_current_one_durable_and_empties_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner =
+            std::sync::Mutex::new((Unsynced::default(), create(dir.path(), "t", 2).unwrap()));
+        {
+            let mut guard = inner.lock().unwrap();
+            guard.0.closed(1, create(dir.path(), "t", 1).unwrap());
+            guard.0.created();
+        }
+        let syncing = std::sync::Mutex::new(());
+        sync(
+            dir.path(),
+            "t",
+            &syncing,
+            &inner,
+            |(unsynced, file)| (std::mem::take(unsynced), 2, file.try_clone()),
+            |(unsynced, _)| unsynced,
+        )
+        .unwrap();
+        let guard = inner.lock().unwrap();
+        assert!(guard.0.closed.is_empty() && !guard.0.names);
+    }
 }

@@ -37,7 +37,7 @@ use std::sync::Mutex;
 use ledger::{Credits, LeaseId};
 
 use crate::disk::DiskError;
-use crate::segments::{self, io_error};
+use crate::segments;
 
 /// Segment files are `spend-{number}.log`.
 const PREFIX: &str = "spend";
@@ -151,6 +151,8 @@ struct Inner {
     total_bytes: u64,
     /// A failed append could not be cut back: the next append starts a new segment.
     broken: bool,
+    /// Closed segments and new names the next sync makes durable.
+    unsynced: segments::Unsynced,
 }
 
 /// The spend log of one proxy (`data_dir/spend`).
@@ -162,6 +164,8 @@ pub struct SpendLog {
     /// that is less, so settled segments can free space before the log is full).
     segment_bytes: u64,
     inner: Mutex<Inner>,
+    /// Held through a sync: one at a time (see `segments::sync`).
+    syncing: Mutex<()>,
 }
 
 fn lease_bits(lease: &str) -> Result<u128, DiskError> {
@@ -225,6 +229,8 @@ impl SpendLog {
         }
         let current = numbers.last().map_or(1, |last| last.saturating_add(1));
         let file = segments::create(dir, PREFIX, current)?;
+        let mut unsynced = segments::Unsynced::default();
+        unsynced.created();
         segments.insert(current, Segment::default());
         let quarter = (max_bytes / 4 / RECORD_LEN)
             .max(1)
@@ -240,7 +246,9 @@ impl SpendLog {
                 open,
                 total_bytes,
                 broken: false,
+                unsynced,
             }),
+            syncing: Mutex::new(()),
         };
         log.with(|inner| log.drop_settled(inner));
         Ok(log)
@@ -329,18 +337,17 @@ impl SpendLog {
         Ok(())
     }
 
-    /// Closes the current segment (synced first when `sync`: something in it must
-    /// survive) and starts the next; settled segments go.
-    fn rotate(&self, inner: &mut Inner, sync: bool) -> Result<(), DiskError> {
-        if sync {
-            let path = segments::path(&self.dir, PREFIX, inner.current);
-            inner
-                .file
-                .sync_data()
-                .map_err(|error| io_error("syncing", &path, &error))?;
-        }
+    /// Closes the current segment and starts the next; settled segments go. `keep`: what
+    /// is in the closed one must survive, so the next [`SpendLog::sync`] syncs it (not
+    /// this, on a request's path).
+    fn rotate(&self, inner: &mut Inner, keep: bool) -> Result<(), DiskError> {
         let next = inner.current.saturating_add(1);
-        inner.file = segments::create(&self.dir, PREFIX, next)?;
+        let file = segments::create(&self.dir, PREFIX, next)?;
+        let closed = std::mem::replace(&mut inner.file, file);
+        if keep {
+            inner.unsynced.closed(inner.current, closed);
+        }
+        inner.unsynced.created();
         inner.current = next;
         inner.broken = false;
         inner.segments.insert(next, Segment::default());
@@ -348,14 +355,23 @@ impl SpendLog {
         Ok(())
     }
 
-    /// Makes every append so far durable (the current segment's `fdatasync`; earlier
-    /// segments were synced when the log moved on).
+    /// Makes every append so far durable: segments closed since the last sync, new
+    /// names in the directory, then the current segment (`fdatasync`).
     ///
     /// # Errors
-    /// The disk refused the sync.
+    /// The disk refused a sync.
     pub fn sync(&self) -> Result<(), DiskError> {
-        let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
-        segments::sync(&self.dir, PREFIX, current, file)
+        segments::sync(
+            &self.dir,
+            PREFIX,
+            &self.syncing,
+            &self.inner,
+            |inner| {
+                let pending = std::mem::take(&mut inner.unsynced);
+                (pending, inner.current, inner.file.try_clone())
+            },
+            |inner| &mut inner.unsynced,
+        )
     }
 
     /// The totals of `lease`'s report `sequence` not yet acknowledged.
@@ -416,6 +432,7 @@ impl SpendLog {
                 tracing::warn!(%error, "cannot delete a settled spend log segment");
                 break;
             }
+            inner.unsynced.forget(number);
             inner.segments.remove(&number);
             inner.total_bytes = inner.total_bytes.saturating_sub(bytes);
         }

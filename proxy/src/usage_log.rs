@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::disk::DiskError;
-use crate::segments::{self, io_error};
+use crate::segments;
 
 /// Segment files are `usage-{number}.log`.
 const PREFIX: &str = "usage";
@@ -166,6 +166,8 @@ struct Inner {
     broken: bool,
     /// The frame being written (kept to reuse its allocation).
     scratch: Vec<u8>,
+    /// Closed segments and new names the next sync makes durable.
+    unsynced: segments::Unsynced,
 }
 
 /// The usage log of one proxy (`data_dir/usage`).
@@ -177,6 +179,8 @@ pub struct UsageLog {
     /// that is less, so handed-on segments can free space before the log is full).
     segment_bytes: u64,
     inner: Mutex<Inner>,
+    /// Held through a sync: one at a time (see `segments::sync`).
+    syncing: Mutex<()>,
 }
 
 impl UsageLog {
@@ -242,6 +246,8 @@ impl UsageLog {
             .max(handed_on.segment)
             .saturating_add(1);
         let file = segments::create(dir, PREFIX, current)?;
+        let mut unsynced = segments::Unsynced::default();
+        unsynced.created();
         sizes.insert(current, 0);
         Ok(UsageLog {
             dir: dir.to_path_buf(),
@@ -255,7 +261,9 @@ impl UsageLog {
                 waiting,
                 broken: false,
                 scratch: Vec::new(),
+                unsynced,
             }),
+            syncing: Mutex::new(()),
         })
     }
 
@@ -329,30 +337,37 @@ impl UsageLog {
         })
     }
 
-    /// Closes the current segment (synced: what is in it must survive) and starts the
-    /// next.
+    /// Closes the current segment and starts the next. What is in the closed one must
+    /// survive: the next [`UsageLog::sync`] syncs it (not this, on a request's path).
     fn rotate(&self, inner: &mut Inner) -> Result<(), DiskError> {
-        let path = segments::path(&self.dir, PREFIX, inner.current);
-        inner
-            .file
-            .sync_data()
-            .map_err(|error| io_error("syncing", &path, &error))?;
         let next = inner.current.saturating_add(1);
-        inner.file = segments::create(&self.dir, PREFIX, next)?;
+        let file = segments::create(&self.dir, PREFIX, next)?;
+        let closed = std::mem::replace(&mut inner.file, file);
+        inner.unsynced.closed(inner.current, closed);
+        inner.unsynced.created();
         inner.current = next;
         inner.broken = false;
         inner.segments.insert(next, 0);
         Ok(())
     }
 
-    /// Makes every append so far durable (the current segment's `fdatasync`; earlier
-    /// segments were synced when the log moved on).
+    /// Makes every append so far durable: segments closed since the last sync, new
+    /// names in the directory, then the current segment (`fdatasync`).
     ///
     /// # Errors
-    /// The disk refused the sync.
+    /// The disk refused a sync.
     pub fn sync(&self) -> Result<(), DiskError> {
-        let (file, current) = self.with(|inner| (inner.file.try_clone(), inner.current));
-        segments::sync(&self.dir, PREFIX, current, file)
+        segments::sync(
+            &self.dir,
+            PREFIX,
+            &self.syncing,
+            &self.inner,
+            |inner| {
+                let pending = std::mem::take(&mut inner.unsynced);
+                (pending, inner.current, inner.file.try_clone())
+            },
+            |inner| &mut inner.unsynced,
+        )
     }
 
     /// Takes up to `limit` of the oldest records not handed on yet (to be written to
@@ -387,6 +402,7 @@ impl UsageLog {
                     tracing::warn!(%error, "cannot delete a handed-on usage log segment");
                     break;
                 }
+                inner.unsynced.forget(number);
                 inner.segments.remove(&number);
                 inner.total_bytes = inner.total_bytes.saturating_sub(bytes);
             }
@@ -410,6 +426,7 @@ impl UsageLog {
         let old = inner.current;
         let next = old.saturating_add(1);
         inner.file = segments::create(&self.dir, PREFIX, next)?;
+        inner.unsynced.created();
         inner.current = next;
         inner.broken = false;
         inner.segments.insert(next, 0);
