@@ -38,9 +38,15 @@ fn nats(error: impl std::fmt::Display) -> NatsError {
     NatsError::Nats(error.to_string())
 }
 
-/// Live messages held while a catch-up runs, at most: past it they are dropped, and the
-/// gap they leave starts another catch-up once this one ends.
-const HELD_MAX: usize = 4096;
+/// Bytes of live messages held while a catch-up runs, at most: past it they are dropped,
+/// and the gap they leave starts another catch-up once this one ends.
+const HELD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// How long heartbeats must name a head past the cursor, the cursor not moving and
+/// nothing left to take, before a follower catches up from the stream.
+const BEHIND_FOR: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A catch-up being set up: the first message past the cursor found, its consumer made.
+type Starting = tokio::task::JoinHandle<Result<Option<pull::Ordered>, NatsError>>;
 
 /// A follower's view of one environment's feed on NATS, from a cursor on.
 ///
@@ -52,30 +58,44 @@ const HELD_MAX: usize = 4096;
 /// message names a `previous` position it does not have: a message lost to a slow
 /// consumer or a reconnect), an ordered JetStream consumer reads the stream from the
 /// cursor until nothing is pending, while live messages wait in order (up to
-/// `HELD_MAX`); then live again. A follower that heard nothing for two heartbeats that
-/// each named a head past its cursor catches up too (a lost last message before a quiet
-/// spell). Every message passes the same rules ([`Taken`]), so duplicates are skipped and
-/// a gap is never applied over.
+/// `HELD_BYTES_MAX`); then live again. The parts of a split position are taken from the
+/// stream only (a part heard live starts a catch-up), where they are in order and
+/// every one was stored. A follower whose heartbeats name a head past its cursor for
+/// `BEHIND_FOR` while it has nothing to take catches up too (a lost last message before a
+/// quiet spell). Every message passes the same rules ([`Taken`]), so duplicates are
+/// skipped and a gap is never applied over.
 pub struct NatsLines {
     stream: stream::Stream,
     subject: String,
     live: async_nats::Subscriber,
     beats: async_nats::Subscriber,
+    /// A catch-up being set up, and why (a task: a cancelled `next` does not restart it).
+    starting: Option<(Starting, Behind)>,
     /// The ordered consumer of a catch-up under way.
     catching_up: Option<pull::Ordered>,
-    /// A catch-up to start, and why (kept across a cancelled `next`).
+    /// A catch-up to start, and why.
     wanted: Option<Behind>,
-    /// Live messages heard during a catch-up, taken after it in order.
+    /// Live messages heard during a catch-up, taken after it in order, and their bytes.
     held: VecDeque<async_nats::Message>,
-    /// The head a heartbeat named past this follower's cursor, with nothing taken since.
-    beat_ahead: Option<i64>,
+    held_bytes: usize,
+    /// Since when heartbeats have named a head past the cursor, and the cursor then.
+    behind_since: Option<(tokio::time::Instant, i64)>,
     /// The feed's purge point when this follower opened.
     purged_through: i64,
     catch_ups: u64,
-    /// Live messages still to drop as if never heard (tests of lost messages).
+    /// Live messages at or before this position are dropped as if never heard (tests of
+    /// lost messages).
     #[cfg(feature = "test-support")]
-    to_lose: usize,
+    lose_through: i64,
     taken: Taken,
+}
+
+impl Drop for NatsLines {
+    fn drop(&mut self) {
+        if let Some((task, _)) = &self.starting {
+            task.abort();
+        }
+    }
 }
 
 /// Why a follower catches up.
@@ -87,6 +107,10 @@ enum Behind {
     /// A live message went on from `previous`, past the cursor: the stream must hold what
     /// lies between, or the cursor has expired.
     Gap { previous: i64 },
+    /// A part of a split position was heard live (the first held message): its parts
+    /// are read from the stream. If the stream holds nothing past the cursor yet, that
+    /// message is dropped (the stream will have it).
+    Part,
 }
 
 /// What a follower has taken from the stream: the rules of `protocol::NatsFeed`, apart
@@ -97,8 +121,9 @@ struct Taken {
     pending: VecDeque<Frame>,
     /// The last position taken completely.
     cursor: i64,
-    /// The position whose parts are being taken (a split position), if any.
-    partial: Option<i64>,
+    /// The position whose parts are being taken (a split position), and the last part
+    /// taken, if any.
+    partial: Option<(i64, i64)>,
 }
 
 /// Why a message could not be taken.
@@ -117,6 +142,7 @@ impl std::fmt::Debug for NatsLines {
         f.debug_struct("NatsLines")
             .field("cursor", &self.taken.cursor)
             .field("pending", &self.taken.pending.len())
+            .field("starting", &self.starting.is_some())
             .field("catching_up", &self.catching_up.is_some())
             .field("held", &self.held.len())
             .finish_non_exhaustive()
@@ -125,6 +151,7 @@ impl std::fmt::Debug for NatsLines {
 
 /// What `NatsLines::next` heard.
 enum Heard {
+    Started(Box<Result<Result<Option<pull::Ordered>, NatsError>, tokio::task::JoinError>>),
     CaughtUp(Option<Result<Box<jetstream::Message>, String>>),
     Live(Option<async_nats::Message>),
     Beat(Option<async_nats::Message>),
@@ -150,94 +177,76 @@ impl NatsLines {
             .map_err(nats)?;
         let live = client.subscribe(feed.subject.clone()).await.map_err(nats)?;
         let stream = context.get_stream(&feed.stream).await.map_err(nats)?;
-        let mut lines = NatsLines {
+        let catching_up = start_catch_up(
+            stream.clone(),
+            feed.subject.clone(),
+            cursor,
+            Behind::Maybe,
+            feed.purged_through,
+        )
+        .await?;
+        Ok(NatsLines {
             stream,
             subject: feed.subject.clone(),
             live,
             beats,
-            catching_up: None,
-            wanted: Some(Behind::Maybe),
+            starting: None,
+            catching_up,
+            wanted: None,
             held: VecDeque::new(),
-            beat_ahead: None,
+            held_bytes: 0,
+            behind_since: None,
             purged_through: feed.purged_through,
             catch_ups: 0,
             #[cfg(feature = "test-support")]
-            to_lose: 0,
+            lose_through: i64::MIN,
             taken: Taken {
                 pending: VecDeque::new(),
                 cursor,
                 partial: None,
             },
-        };
-        lines.catch_up().await?;
-        // Opening is not counted: only the catch-ups following needed.
-        lines.catch_ups = 0;
-        Ok(lines)
+        })
     }
 
     /// How many times this follower has caught up from the stream since it opened (a
-    /// lost live message, or a gap heartbeats revealed).
+    /// lost live message, a split position, or a gap heartbeats revealed).
     #[must_use]
     pub fn catch_ups(&self) -> u64 {
         self.catch_ups
     }
 
-    /// Drops the next `messages` heard live, as a slow consumer's overflow or a
-    /// reconnect would (feature `test-support`).
+    /// Drops the live messages whose position is at or before `position` as if never
+    /// heard, as a slow consumer's overflow or a reconnect would (feature
+    /// `test-support`).
     #[cfg(feature = "test-support")]
-    pub fn lose_live(&mut self, messages: usize) {
-        self.to_lose = messages;
+    pub fn lose_live_through(&mut self, position: i64) {
+        self.lose_through = position;
     }
 
-    /// Starts the catch-up `wanted` asks for, from the cursor: an ordered consumer from
-    /// the first message past it, or nothing when the stream holds none (yet).
-    async fn catch_up(&mut self) -> Result<(), NatsError> {
-        let Some(why) = self.wanted else {
-            return Ok(());
-        };
-        let cursor = self.taken.cursor;
-        let held = self.stream.info().await.map_err(nats)?.state.clone();
-        match first_after(&self.stream, &held, cursor).await? {
-            Some((start_sequence, previous)) => {
-                if previous > cursor {
-                    return Err(NatsError::CursorExpired { cursor, previous });
-                }
-                let consumer = self
-                    .stream
-                    .create_consumer(pull::OrderedConfig {
-                        deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
-                        filter_subject: self.subject.clone(),
-                        ..pull::OrderedConfig::default()
-                    })
-                    .await
-                    .map_err(nats)?;
-                self.catching_up = Some(consumer.messages().await.map_err(nats)?);
-                self.catch_ups = self.catch_ups.saturating_add(1);
-            }
-            None => {
-                // Nothing after the cursor is kept. Fine, unless a live message went on
-                // from past it, or the feed was purged past it (an idle environment
-                // whose stream aged to empty).
-                if let Behind::Gap { previous } = why {
-                    return Err(NatsError::CursorExpired { cursor, previous });
-                }
-                if self.purged_through > cursor {
-                    return Err(NatsError::CursorExpired {
-                        cursor,
-                        previous: self.purged_through,
-                    });
-                }
-            }
+    fn hold(&mut self, message: async_nats::Message) {
+        let bytes = message.payload.len();
+        if self.held_bytes.saturating_add(bytes) <= HELD_BYTES_MAX {
+            self.held_bytes = self.held_bytes.saturating_add(bytes);
+            self.held.push_back(message);
         }
-        self.wanted = None;
-        self.beat_ahead = None;
-        Ok(())
+    }
+
+    fn unhold(&mut self) -> Option<async_nats::Message> {
+        let message = self.held.pop_front()?;
+        self.held_bytes = self.held_bytes.saturating_sub(message.payload.len());
+        Some(message)
+    }
+
+    /// Puts `message` back first in line, to be taken once a catch-up is done.
+    fn hold_first(&mut self, message: async_nats::Message) {
+        self.held_bytes = self.held_bytes.saturating_add(message.payload.len());
+        self.held.push_front(message);
     }
 
     /// The next record: the changes in feed order, and a heartbeat (carrying this
     /// follower's own cursor) whenever the control plane says the feed's head is one this
     /// follower has reached. Cancel-safe: a record not yet returned stays queued for the
-    /// next call.
+    /// next call, and a catch-up being set up goes on.
     ///
     /// # Errors
     /// `CursorExpired` on a gap the stream cannot fill (take a new snapshot); `Nats`,
@@ -247,18 +256,31 @@ impl NatsLines {
             if let Some(record) = self.taken.pending.pop_front() {
                 return Ok(record);
             }
-            if self.catching_up.is_none() {
-                if self.wanted.is_some() {
-                    self.catch_up().await?;
+            if self.catching_up.is_none() && self.starting.is_none() {
+                if let Some(why) = self.wanted.take() {
+                    let task = tokio::spawn(start_catch_up(
+                        self.stream.clone(),
+                        self.subject.clone(),
+                        self.taken.cursor,
+                        why,
+                        self.purged_through,
+                    ));
+                    self.starting = Some((task, why));
                     continue;
                 }
-                if let Some(message) = self.held.pop_front() {
+                if let Some(message) = self.unhold() {
                     self.take_live(message)?;
                     continue;
                 }
             }
             let heard = {
-                let catching_up = &mut self.catching_up;
+                let (starting, catching_up) = (&mut self.starting, &mut self.catching_up);
+                let started = async {
+                    match starting {
+                        Some((task, _)) => task.await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let caught_up = async {
                     match catching_up {
                         Some(messages) => messages.next().await.map(|message| {
@@ -268,12 +290,14 @@ impl NatsLines {
                     }
                 };
                 tokio::select! {
+                    started = started => Heard::Started(Box::new(started)),
                     message = caught_up => Heard::CaughtUp(message),
                     message = self.live.next() => Heard::Live(message),
                     beat = self.beats.next() => Heard::Beat(beat),
                 }
             };
             match heard {
+                Heard::Started(started) => self.started(*started)?,
                 Heard::CaughtUp(message) => {
                     let message = message.ok_or(NatsError::Closed)?.map_err(NatsError::Nats)?;
                     let pending = message.info().map_err(nats)?.pending;
@@ -287,61 +311,145 @@ impl NatsLines {
                 Heard::Live(message) => {
                     let message = message.ok_or(NatsError::Closed)?;
                     #[cfg(feature = "test-support")]
-                    if self.to_lose > 0 {
-                        self.to_lose = self.to_lose.saturating_sub(1);
+                    if header(message.headers.as_ref(), NATS_POSITION)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|position| position <= self.lose_through)
+                    {
                         continue;
                     }
-                    if self.catching_up.is_some() {
-                        if self.held.len() < HELD_MAX {
-                            self.held.push_back(message);
-                        }
+                    if self.catching_up.is_some() || self.starting.is_some() {
+                        self.hold(message);
                     } else {
                         self.take_live(message)?;
                     }
                 }
                 Heard::Beat(beat) => {
                     let beat = beat.ok_or(NatsError::Closed)?;
-                    let Ok(SyncRecord::Heartbeat { cursor: head, now }) =
-                        serde_json::from_slice::<SyncRecord>(&beat.payload)
-                    else {
-                        continue;
-                    };
-                    if head <= self.taken.cursor {
-                        self.beat_ahead = None;
-                        let beat = SyncRecord::Heartbeat {
-                            cursor: self.taken.cursor,
-                            now,
-                        };
-                        return Ok(Frame::Record(beat));
+                    if let Some(fresh) = self.beat(&beat.payload) {
+                        return Ok(fresh);
                     }
-                    let idle = self.catching_up.is_none() && self.held.is_empty();
-                    if idle
-                        && self
-                            .beat_ahead
-                            .is_some_and(|ahead| ahead > self.taken.cursor)
-                    {
-                        self.wanted = Some(Behind::Maybe);
-                    }
-                    self.beat_ahead = Some(head);
                 }
             }
         }
     }
 
-    /// Takes a message heard live; one that goes on from past the cursor waits (first in
-    /// line) for a catch-up to fill the gap.
-    fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
-        match self.taken.take(message.headers.as_ref(), &message.payload) {
-            Ok(()) => {
-                self.beat_ahead = None;
-                Ok(())
+    /// A catch-up's setup finished: its consumer is read from now on (or, with nothing
+    /// past the cursor in the stream, nothing is).
+    fn started(
+        &mut self,
+        started: Result<Result<Option<pull::Ordered>, NatsError>, tokio::task::JoinError>,
+    ) -> Result<(), NatsError> {
+        let why = self.starting.take().map(|(_, why)| why);
+        let consumer =
+            started.map_err(|error| NatsError::Nats(format!("catching up: {error}")))??;
+        self.behind_since = None;
+        match consumer {
+            Some(consumer) => {
+                self.catching_up = Some(consumer);
+                self.catch_ups = self.catch_ups.saturating_add(1);
             }
+            None if why == Some(Behind::Part) => {
+                self.unhold();
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// A heartbeat: "fresh now" (returned) when this follower has reached the head it
+    /// names; else, once it has named a head past the cursor for `BEHIND_FOR` while the
+    /// cursor did not move and nothing waits to be taken, a catch-up.
+    fn beat(&mut self, payload: &[u8]) -> Option<Frame> {
+        let Ok(SyncRecord::Heartbeat { cursor: head, now }) =
+            serde_json::from_slice::<SyncRecord>(payload)
+        else {
+            return None;
+        };
+        let cursor = self.taken.cursor;
+        if head <= cursor {
+            self.behind_since = None;
+            return Some(Frame::Record(SyncRecord::Heartbeat { cursor, now }));
+        }
+        let idle = self.catching_up.is_none() && self.starting.is_none() && self.held.is_empty();
+        match self.behind_since {
+            Some((since, at)) if at == cursor => {
+                if idle && since.elapsed() >= BEHIND_FOR {
+                    self.wanted = Some(Behind::Maybe);
+                    self.behind_since = None;
+                }
+            }
+            _ => self.behind_since = Some((tokio::time::Instant::now(), cursor)),
+        }
+        None
+    }
+
+    /// Takes a message heard live. One that goes on from past the cursor waits (first in
+    /// line) for a catch-up to fill the gap; so does a part of a split position not
+    /// taken yet, whose parts are read from the stream.
+    fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
+        let headers = message.headers.as_ref();
+        let part = header(headers, NATS_PART).ok().flatten().is_some();
+        let new = header(headers, NATS_POSITION)
+            .ok()
+            .flatten()
+            .is_some_and(|position| position > self.taken.cursor);
+        if part && new {
+            self.hold_first(message);
+            self.wanted = Some(Behind::Part);
+            return Ok(());
+        }
+        match self.taken.take(headers, &message.payload) {
+            Ok(()) => Ok(()),
             Err(Untaken::Gap { previous }) => {
-                self.held.push_front(message);
+                self.hold_first(message);
                 self.wanted = Some(Behind::Gap { previous });
                 Ok(())
             }
             Err(Untaken::Decode(reason)) => Err(NatsError::Decode(reason)),
+        }
+    }
+}
+
+/// Sets up a catch-up from `cursor`: an ordered consumer from the first message of the
+/// stream past it, or `None` when the stream holds none (yet).
+async fn start_catch_up(
+    mut stream: stream::Stream,
+    subject: String,
+    cursor: i64,
+    why: Behind,
+    purged_through: i64,
+) -> Result<Option<pull::Ordered>, NatsError> {
+    let held = stream.info().await.map_err(nats)?.state.clone();
+    match first_after(&stream, &held, cursor).await? {
+        Some((start_sequence, previous)) => {
+            if previous > cursor {
+                return Err(NatsError::CursorExpired { cursor, previous });
+            }
+            let consumer = stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence { start_sequence },
+                    filter_subject: subject,
+                    ..pull::OrderedConfig::default()
+                })
+                .await
+                .map_err(nats)?;
+            Ok(Some(consumer.messages().await.map_err(nats)?))
+        }
+        None => {
+            // Nothing after the cursor is kept. Fine, unless a live message went on from
+            // past it, or the feed was purged past it (an idle environment whose stream
+            // aged to empty).
+            if let Behind::Gap { previous } = why {
+                return Err(NatsError::CursorExpired { cursor, previous });
+            }
+            if purged_through > cursor {
+                return Err(NatsError::CursorExpired {
+                    cursor,
+                    previous: purged_through,
+                });
+            }
+            Ok(None)
         }
     }
 }
@@ -375,13 +483,17 @@ impl Taken {
         if previous > self.cursor {
             return Err(Untaken::Gap { previous });
         }
-        // A later part of a split position without its first: the first is missing.
+        // A part of a split position that does not follow the part before it (a later
+        // part without the first, or with one missing between): a gap.
         match header(headers, NATS_PART).map_err(decode)? {
-            Some(0) => self.partial = Some(position),
-            Some(_) if self.partial != Some(position) => {
-                return Err(Untaken::Gap { previous: position });
-            }
-            _ => {}
+            Some(0) => self.partial = Some((position, 0)),
+            Some(part) => match self.partial {
+                Some((at, last)) if at == position && part == last.saturating_add(1) => {
+                    self.partial = Some((position, part));
+                }
+                _ => return Err(Untaken::Gap { previous: position }),
+            },
+            None => {}
         }
         let framed = headers
             .and_then(|headers| headers.get(NATS_ENCODING))
@@ -609,5 +721,26 @@ mod tests {
         };
         let gap = lost.take(Some(&headers(7, 5, Some((1, false)))), clock(7).as_bytes());
         assert!(matches!(gap, Err(Untaken::Gap { previous: 7 })));
+        // A part missing between two others is a gap, and the last part then moves
+        // nothing; the position published again from its first part is taken.
+        let mut middle = Taken {
+            cursor: 5,
+            ..Taken::default()
+        };
+        middle
+            .take(Some(&headers(7, 5, Some((0, true)))), clock(6).as_bytes())
+            .unwrap();
+        let gap = middle.take(Some(&headers(7, 5, Some((2, false)))), clock(7).as_bytes());
+        assert!(matches!(gap, Err(Untaken::Gap { previous: 7 })));
+        assert_eq!(middle.cursor, 5);
+        for (part, more) in [(0, true), (1, true), (2, false)] {
+            middle
+                .take(
+                    Some(&headers(7, 5, Some((part, more)))),
+                    clock(7).as_bytes(),
+                )
+                .unwrap();
+        }
+        assert_eq!(middle.cursor, 7);
     }
 }

@@ -806,8 +806,8 @@ store_test! {
 
 // A follower that loses live messages (as a slow consumer's overflow or a reconnect
 // would) catches up from the stream and ends with exactly the stored state: when the
-// lost messages were the last before a quiet spell (heartbeats reveal them), and when
-// the next live message shows the gap.
+// lost messages were the last before a quiet spell (heartbeats reveal them, after
+// three seconds), and when the next live message shows the gap (at once).
 store_test! {
     async fn a_follower_that_loses_live_messages_catches_up_from_the_stream(backend) {
     let Some(url) = crate::support::nats_url() else { return };
@@ -824,6 +824,7 @@ store_test! {
     let grant_each = |users: std::ops::Range<usize>| {
         let (harness, client, tenant) = (&harness, &publishing.client, &tenant);
         async move {
+            let mut heads = Vec::new();
             for user in users {
                 harness.grant(key, &format!("u{user}"), 5).await;
                 let head = harness.state.store().last_change(&env(tenant)).await.expect("head");
@@ -832,21 +833,30 @@ store_test! {
                         .then_some(())
                 })
                 .await;
+                heads.push(head);
             }
-            harness.state.store().last_change(&env(tenant)).await.expect("head")
+            heads
         }
     };
-    lines.lose_live(10);
-    let head = grant_each(0..10).await;
+    // Every message lost: only heartbeats say the follower is behind.
+    let heads = grant_each(0..10).await;
+    let head = *heads.last().expect("a head");
+    lines.lose_live_through(head);
     read_until(&mut lines, &mut follower, |f| f.cursor >= head).await;
     assert_eq!(follower.cursor, head, "every lost change was caught up");
     assert_eq!(lines.catch_ups(), 1, "one catch-up, after the heartbeats");
     assert_states_match(&harness, &tenant, &follower, 10).await;
 
     // Three lost, then two heard: the first heard goes on from a position not taken.
-    lines.lose_live(3);
-    let head = grant_each(10..15).await;
+    let heads = grant_each(10..15).await;
+    lines.lose_live_through(heads[2]);
+    let head = *heads.last().expect("a head");
+    let started = std::time::Instant::now();
     read_until(&mut lines, &mut follower, |f| f.cursor >= head).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "the gap was filled at once, not after the heartbeats"
+    );
     assert_eq!(follower.cursor, head, "every lost change was caught up");
     assert_eq!(lines.catch_ups(), 2);
     assert_states_match(&harness, &tenant, &follower, 15).await;
