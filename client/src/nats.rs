@@ -389,12 +389,14 @@ impl NatsLines {
     /// taken yet, whose parts are read from the stream.
     fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
         let headers = message.headers.as_ref();
-        let part = header(headers, NATS_PART).ok().flatten().is_some();
-        let new = header(headers, NATS_POSITION)
-            .ok()
-            .flatten()
-            .is_some_and(|position| position > self.taken.cursor);
-        if part && new {
+        let part = headers.is_some_and(|headers| headers.get(NATS_PART).is_some());
+        let new = || {
+            header(headers, NATS_POSITION)
+                .ok()
+                .flatten()
+                .is_some_and(|position| position > self.taken.cursor)
+        };
+        if part && new() {
             self.hold_first(message);
             self.wanted = Some(Behind::Part);
             return Ok(());
