@@ -103,21 +103,26 @@ impl Unsynced {
     }
 }
 
+/// The state of a log that [`sync`] needs: what is unsynced, and the segment appends go
+/// to.
+pub trait Synced {
+    fn unsynced(&mut self) -> &mut Unsynced;
+    /// The current segment's number and file.
+    fn current(&self) -> (u64, &File);
+}
+
 /// Makes every append to a log so far durable. `syncing` serializes the log's syncs (a
-/// second must not return before the segments the first took are synced); `take` gives,
-/// under the log's lock, what is unsynced (left empty behind), the current segment's
-/// number and a handle to it; `inner` is that lock again, to put back what a failed
-/// sync left.
+/// second must not return before the segments the first took are synced); `inner` is
+/// the log's state, locked only to take what is unsynced (and a handle to the current
+/// segment) and to put back what a failed sync left.
 ///
 /// # Errors
 /// The disk refused a sync (everything unsynced stays noted for the next one).
-pub fn sync<I>(
+pub fn sync<I: Synced>(
     dir: &Path,
     prefix: &str,
     syncing: &std::sync::Mutex<()>,
     inner: &std::sync::Mutex<I>,
-    take: impl FnOnce(&mut I) -> (Unsynced, u64, std::io::Result<File>),
-    unsynced: impl FnOnce(&mut I) -> &mut Unsynced,
 ) -> Result<(), DiskError> {
     let _one_at_a_time = syncing
         .lock()
@@ -127,10 +132,15 @@ pub fn sync<I>(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     };
-    let (pending, number, file) = take(&mut lock());
+    let (pending, number, file) = {
+        let mut inner = lock();
+        let pending = std::mem::take(inner.unsynced());
+        let (number, file) = inner.current();
+        (pending, number, file.try_clone())
+    };
     let synced = sync_taken(dir, prefix, &pending, number, file);
     if synced.is_err() {
-        unsynced(&mut lock()).put_back(pending);
+        lock().unsynced().put_back(pending);
     }
     synced
 }
@@ -217,6 +227,18 @@ mod tests {
 
     use super::*;
 
+    struct Log(Unsynced, File);
+
+    impl Synced for Log {
+        fn unsynced(&mut self) -> &mut Unsynced {
+            &mut self.0
+        }
+
+        fn current(&self) -> (u64, &File) {
+            (2, &self.1)
+        }
+    }
+
     fn numbers(unsynced: &Unsynced) -> Vec<u64> {
         unsynced.closed.iter().map(|(number, _)| *number).collect()
     }
@@ -245,23 +267,15 @@ mod tests {
     #[test]
     fn a_sync_makes_closed_segments_and_the_current_one_durable_and_empties_the_list() {
         let dir = tempfile::tempdir().unwrap();
-        let inner =
-            std::sync::Mutex::new((Unsynced::default(), create(dir.path(), "t", 2).unwrap()));
+        let current = create(dir.path(), "t", 2).unwrap();
+        let inner = std::sync::Mutex::new(Log(Unsynced::default(), current));
         {
             let mut guard = inner.lock().unwrap();
             guard.0.closed(1, create(dir.path(), "t", 1).unwrap());
             guard.0.created();
         }
         let syncing = std::sync::Mutex::new(());
-        sync(
-            dir.path(),
-            "t",
-            &syncing,
-            &inner,
-            |(unsynced, file)| (std::mem::take(unsynced), 2, file.try_clone()),
-            |(unsynced, _)| unsynced,
-        )
-        .unwrap();
+        sync(dir.path(), "t", &syncing, &inner).unwrap();
         let guard = inner.lock().unwrap();
         assert!(guard.0.closed.is_empty() && !guard.0.names);
     }

@@ -155,6 +155,16 @@ struct Inner {
     unsynced: segments::Unsynced,
 }
 
+impl segments::Synced for Inner {
+    fn unsynced(&mut self) -> &mut segments::Unsynced {
+        &mut self.unsynced
+    }
+
+    fn current(&self) -> (u64, &File) {
+        (self.current, &self.file)
+    }
+}
+
 /// The spend log of one proxy (`data_dir/spend`).
 #[derive(Debug)]
 pub struct SpendLog {
@@ -361,17 +371,7 @@ impl SpendLog {
     /// # Errors
     /// The disk refused a sync.
     pub fn sync(&self) -> Result<(), DiskError> {
-        segments::sync(
-            &self.dir,
-            PREFIX,
-            &self.syncing,
-            &self.inner,
-            |inner| {
-                let pending = std::mem::take(&mut inner.unsynced);
-                (pending, inner.current, inner.file.try_clone())
-            },
-            |inner| &mut inner.unsynced,
-        )
+        segments::sync(&self.dir, PREFIX, &self.syncing, &self.inner)
     }
 
     /// The totals of `lease`'s report `sequence` not yet acknowledged.

@@ -170,6 +170,16 @@ struct Inner {
     unsynced: segments::Unsynced,
 }
 
+impl segments::Synced for Inner {
+    fn unsynced(&mut self) -> &mut segments::Unsynced {
+        &mut self.unsynced
+    }
+
+    fn current(&self) -> (u64, &File) {
+        (self.current, &self.file)
+    }
+}
+
 /// The usage log of one proxy (`data_dir/usage`).
 #[derive(Debug)]
 pub struct UsageLog {
@@ -357,17 +367,7 @@ impl UsageLog {
     /// # Errors
     /// The disk refused a sync.
     pub fn sync(&self) -> Result<(), DiskError> {
-        segments::sync(
-            &self.dir,
-            PREFIX,
-            &self.syncing,
-            &self.inner,
-            |inner| {
-                let pending = std::mem::take(&mut inner.unsynced);
-                (pending, inner.current, inner.file.try_clone())
-            },
-            |inner| &mut inner.unsynced,
-        )
+        segments::sync(&self.dir, PREFIX, &self.syncing, &self.inner)
     }
 
     /// Takes up to `limit` of the oldest records not handed on yet (to be written to
