@@ -890,7 +890,7 @@ impl SyncLines {
                     continue;
                 }
                 return serde_json::from_slice(text)
-                    .map(|record: SyncRecord| Some(Frame::Record(record)))
+                    .map(|record: SyncRecord| Some(Frame::from(record)))
                     .map_err(|error| Error::Decode(format!("sync record: {error}")));
             }
             match self.response.chunk().await.map_err(Error::Transport)? {

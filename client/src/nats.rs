@@ -369,7 +369,7 @@ impl NatsLines {
         let cursor = self.taken.cursor;
         if head <= cursor {
             self.behind_since = None;
-            return Some(Frame::Record(SyncRecord::Heartbeat { cursor, now }));
+            return Some(Frame::from(SyncRecord::Heartbeat { cursor, now }));
         }
         let idle = self.catching_up.is_none() && self.starting.is_none() && self.held.is_empty();
         match self.behind_since {
@@ -472,7 +472,7 @@ impl Taken {
     fn take(
         &mut self,
         headers: Option<&async_nats::HeaderMap>,
-        payload: &[u8],
+        payload: &bytes::Bytes,
     ) -> Result<(), Untaken> {
         let decode = |error: NatsError| Untaken::Decode(error.to_string());
         let position = header(headers, NATS_POSITION)
@@ -538,7 +538,7 @@ fn ndjson(payload: &[u8]) -> Result<Vec<Frame>, serde_json::Error> {
     payload
         .split(|byte| *byte == b'\n')
         .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
-        .map(|line| serde_json::from_slice::<SyncRecord>(line).map(Frame::Record))
+        .map(|line| serde_json::from_slice::<SyncRecord>(line).map(Frame::from))
         .collect()
 }
 
@@ -623,14 +623,12 @@ mod tests {
     #[test]
     fn a_run_is_taken_from_the_follower_s_cursor_on() {
         // A run of positions 3..=6; position 5 is shared by two lines (the first carries 4).
-        let body = [clock(3), clock(4), clock(5), clock(6)].concat();
+        let body = bytes::Bytes::from([clock(3), clock(4), clock(5), clock(6)].concat());
         let mut fresh = Taken {
             cursor: 2,
             ..Taken::default()
         };
-        fresh
-            .take(Some(&headers(6, 2, None)), body.as_bytes())
-            .unwrap();
+        fresh.take(Some(&headers(6, 2, None)), &body).unwrap();
         assert_eq!(cursors(&mut fresh), [3, 4, 5, 6]);
         assert_eq!(fresh.cursor, 6);
         // A follower that stopped inside the run (at 4, say mid-position 5) gets from its
@@ -639,20 +637,16 @@ mod tests {
             cursor: 4,
             ..Taken::default()
         };
-        resumed
-            .take(Some(&headers(6, 2, None)), body.as_bytes())
-            .unwrap();
+        resumed.take(Some(&headers(6, 2, None)), &body).unwrap();
         assert_eq!(cursors(&mut resumed), [4, 5, 6]);
         // A message at or before the cursor is skipped whole.
-        resumed
-            .take(Some(&headers(6, 2, None)), body.as_bytes())
-            .unwrap();
+        resumed.take(Some(&headers(6, 2, None)), &body).unwrap();
         assert!(resumed.pending.is_empty());
     }
 
     #[test]
     fn a_framed_run_is_taken_like_lines() {
-        let body: Vec<u8> = (3..=6)
+        let body: bytes::Bytes = (3..=6)
             .flat_map(|cursor| {
                 protocol::frames::record_frame(&SyncRecord::Clock {
                     cursor,
@@ -700,7 +694,7 @@ mod tests {
             cursor: 2,
             ..Taken::default()
         };
-        let gap = behind.take(Some(&headers(9, 5, None)), clock(9).as_bytes());
+        let gap = behind.take(Some(&headers(9, 5, None)), &clock(9).into());
         assert!(matches!(gap, Err(Untaken::Gap { previous: 5 })));
         assert_eq!(behind.cursor, 2, "nothing taken past a gap");
         // A split position: its parts move the cursor only at the last.
@@ -709,11 +703,11 @@ mod tests {
             ..Taken::default()
         };
         split
-            .take(Some(&headers(7, 5, Some((0, true)))), clock(6).as_bytes())
+            .take(Some(&headers(7, 5, Some((0, true)))), &clock(6).into())
             .unwrap();
         assert_eq!(split.cursor, 5);
         split
-            .take(Some(&headers(7, 5, Some((1, false)))), clock(7).as_bytes())
+            .take(Some(&headers(7, 5, Some((1, false)))), &clock(7).into())
             .unwrap();
         assert_eq!(split.cursor, 7);
         // A later part without the first (aged out of the stream) is a gap too.
@@ -721,7 +715,7 @@ mod tests {
             cursor: 5,
             ..Taken::default()
         };
-        let gap = lost.take(Some(&headers(7, 5, Some((1, false)))), clock(7).as_bytes());
+        let gap = lost.take(Some(&headers(7, 5, Some((1, false)))), &clock(7).into());
         assert!(matches!(gap, Err(Untaken::Gap { previous: 7 })));
         // A part missing between two others is a gap, and the last part then moves
         // nothing; the position published again from its first part is taken.
@@ -730,17 +724,14 @@ mod tests {
             ..Taken::default()
         };
         middle
-            .take(Some(&headers(7, 5, Some((0, true)))), clock(6).as_bytes())
+            .take(Some(&headers(7, 5, Some((0, true)))), &clock(6).into())
             .unwrap();
-        let gap = middle.take(Some(&headers(7, 5, Some((2, false)))), clock(7).as_bytes());
+        let gap = middle.take(Some(&headers(7, 5, Some((2, false)))), &clock(7).into());
         assert!(matches!(gap, Err(Untaken::Gap { previous: 7 })));
         assert_eq!(middle.cursor, 5);
         for (part, more) in [(0, true), (1, true), (2, false)] {
             middle
-                .take(
-                    Some(&headers(7, 5, Some((part, more)))),
-                    clock(7).as_bytes(),
-                )
+                .take(Some(&headers(7, 5, Some((part, more)))), &clock(7).into())
                 .unwrap();
         }
         assert_eq!(middle.cursor, 7);

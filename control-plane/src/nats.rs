@@ -11,7 +11,9 @@
 //! last sequence as the expected one: two processes publishing one environment never
 //! interleave or skip, the loser reloads where the stream is and goes on from there. The
 //! position is the message id too, so a republish within the duplicate window is dropped.
-//! Only what the feed shows is published, so nothing uncommitted is.
+//! Only what the feed shows is published, so nothing uncommitted is. While NATS is
+//! unreachable nothing is tried; the client's `Connected` event (the first connection,
+//! made in the background, and every reconnect) wakes the publisher at once.
 //!
 //! The sweep also sends each environment's heartbeat (plain NATS): the feed's head and the
 //! environment's time, which a follower that has applied up to that head takes as "fresh
@@ -179,6 +181,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             publisher.published.clear();
             tokio::select! {
                 () = tokio::time::sleep(SWEEP) => {}
+                () = state.nats_connected().notified() => {}
                 _ = stop.changed() => return,
             }
             continue;

@@ -97,9 +97,18 @@ pub async fn connect_nats(state: &AppState) -> anyhow::Result<()> {
     let Some(url) = state.config().nats_url.as_ref() else {
         return Ok(());
     };
+    let connected = state.clone();
     let client = async_nats::ConnectOptions::new()
         .name("quotastack-control-plane")
         .retry_on_initial_connect()
+        .event_callback(move |event| {
+            let state = connected.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    state.nats_connected().notify_one();
+                }
+            }
+        })
         .connect(url.expose())
         .await?;
     state.attach_nats(client);

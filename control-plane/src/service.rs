@@ -52,6 +52,9 @@ struct Inner {
     feed_dirty: Mutex<std::collections::HashSet<Env>>,
     /// The NATS connection, where `sync.nats_url` is set and the server connected it.
     nats: std::sync::OnceLock<async_nats::Client>,
+    /// Told each time the NATS connection is made (first or again), so the publisher
+    /// goes on at once rather than at its next look.
+    nats_connected: tokio::sync::Notify,
     /// Turns true when the server starts shutting down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
@@ -135,6 +138,7 @@ impl AppState {
                 changes: tokio::sync::watch::Sender::new(0),
                 feed_dirty: Mutex::default(),
                 nats: std::sync::OnceLock::new(),
+                nats_connected: tokio::sync::Notify::new(),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
                 due_failures: crate::backoff::DueFailures::default(),
@@ -405,6 +409,11 @@ impl AppState {
     /// Gives the server its NATS connection (once; later calls are ignored).
     pub fn attach_nats(&self, client: async_nats::Client) {
         let _ = self.inner.nats.set(client);
+    }
+
+    /// Told when the NATS connection is made, first or again.
+    pub fn nats_connected(&self) -> &tokio::sync::Notify {
+        &self.inner.nats_connected
     }
 
     /// The NATS connection, where the feed is published there.

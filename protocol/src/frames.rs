@@ -12,6 +12,7 @@
 //!
 //! [postcard]: https://docs.rs/postcard
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::SyncRecord;
@@ -54,8 +55,9 @@ enum Wire<'a> {
 pub enum Frame {
     /// An end user's change; its state decoded on demand.
     EndUser(EndUserFrame),
-    /// Any other record (or an end user's change already decoded).
-    Record(SyncRecord),
+    /// Any other record (or an end user's change already decoded), boxed: the feed is
+    /// mostly end users' frames, and a frame is moved several times on its way.
+    Record(Box<SyncRecord>),
 }
 
 /// An end user's change as a frame carries it.
@@ -64,8 +66,9 @@ pub struct EndUserFrame {
     pub cursor: i64,
     pub end_user_id: String,
     pub version: u64,
-    /// `ledger::StateParts` in postcard (see [`encode_state`]).
-    pub state: Vec<u8>,
+    /// `ledger::StateParts` in postcard (see [`encode_state`]): a slice of the message
+    /// it came in where that was one buffer (a NATS message), not a copy.
+    pub state: Bytes,
 }
 
 impl EndUserFrame {
@@ -96,7 +99,7 @@ impl Frame {
     /// A state that does not decode.
     pub fn into_record(self) -> Result<SyncRecord, FrameError> {
         match self {
-            Frame::Record(record) => Ok(record),
+            Frame::Record(record) => Ok(*record),
             Frame::EndUser(frame) => Ok(SyncRecord::EndUser {
                 state: frame.parts()?,
                 cursor: frame.cursor,
@@ -109,7 +112,7 @@ impl Frame {
 
 impl From<SyncRecord> for Frame {
     fn from(record: SyncRecord) -> Frame {
-        Frame::Record(record)
+        Frame::Record(Box::new(record))
     }
 }
 
@@ -212,7 +215,7 @@ impl FrameReader {
         let Some((body, taken)) = split_frame(rest)? else {
             return Ok(None);
         };
-        let frame = decode(body)?;
+        let frame = decode(body, Bytes::copy_from_slice)?;
         self.start = self.start.saturating_add(taken);
         Ok(Some(frame))
     }
@@ -235,7 +238,9 @@ fn split_frame(bytes: &[u8]) -> Result<Option<(&[u8], usize)>, FrameError> {
         .map(|body| (body, LENGTH_BYTES.saturating_add(length))))
 }
 
-fn decode(body: &[u8]) -> Result<Frame, FrameError> {
+/// `state_of` turns an end user's state, a slice of `body`, into the bytes the frame
+/// keeps.
+fn decode(body: &[u8], state_of: impl FnOnce(&[u8]) -> Bytes) -> Result<Frame, FrameError> {
     let (wire, rest) = postcard::take_from_bytes::<Wire<'_>>(body).map_err(FrameError::new)?;
     if !rest.is_empty() {
         return Err(FrameError::new(format!(
@@ -244,10 +249,10 @@ fn decode(body: &[u8]) -> Result<Frame, FrameError> {
         )));
     }
     Ok(match wire {
-        Wire::Json(json) => Frame::Record(
+        Wire::Json(json) => Frame::Record(Box::new(
             serde_json::from_slice(json)
                 .map_err(|error| FrameError::new(format!("a record: {error}")))?,
-        ),
+        )),
         Wire::EndUser {
             cursor,
             end_user_id,
@@ -257,7 +262,7 @@ fn decode(body: &[u8]) -> Result<Frame, FrameError> {
             cursor,
             end_user_id: end_user_id.to_owned(),
             version,
-            state: state.to_vec(),
+            state: state_of(state),
         }),
     })
 }
@@ -266,7 +271,7 @@ fn decode(body: &[u8]) -> Result<Frame, FrameError> {
 ///
 /// # Errors
 /// As [`FrameReader::next_frame`], and a frame cut short.
-pub fn frames(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
+pub fn frames(bytes: &Bytes) -> Result<Vec<Frame>, FrameError> {
     let mut out = Vec::new();
     each_frame(bytes, |frame| out.push(frame))?;
     Ok(out)
@@ -277,12 +282,12 @@ pub fn frames(bytes: &[u8]) -> Result<Vec<Frame>, FrameError> {
 ///
 /// # Errors
 /// As [`frames`].
-pub fn each_frame(bytes: &[u8], mut take: impl FnMut(Frame)) -> Result<(), FrameError> {
-    let mut rest = bytes;
+pub fn each_frame(bytes: &Bytes, mut take: impl FnMut(Frame)) -> Result<(), FrameError> {
+    let mut rest: &[u8] = bytes;
     while !rest.is_empty() {
         let (body, taken) =
             split_frame(rest)?.ok_or_else(|| FrameError::new("the last frame is cut short"))?;
-        take(decode(body)?);
+        take(decode(body, |state| bytes.slice_ref(state))?);
         rest = rest.get(taken..).unwrap_or_default();
     }
     Ok(())
@@ -339,7 +344,7 @@ mod tests {
         for record in records() {
             bytes.extend(record_frame(&record).expect("frame"));
         }
-        let read: Vec<SyncRecord> = frames(&bytes)
+        let read: Vec<SyncRecord> = frames(&bytes.into())
             .expect("frames")
             .into_iter()
             .map(|frame| frame.into_record().expect("record"))
@@ -350,7 +355,10 @@ mod tests {
     #[test]
     fn an_end_user_s_head_reads_without_its_state() {
         let bytes = record_frame(&records()[1]).expect("frame");
-        let read: [Frame; 1] = frames(&bytes).expect("frames").try_into().expect("one");
+        let read: [Frame; 1] = frames(&bytes.into())
+            .expect("frames")
+            .try_into()
+            .expect("one");
         let [Frame::EndUser(frame)] = read else {
             panic!("not an end user's frame");
         };
@@ -401,7 +409,7 @@ mod tests {
         assert!(reader.next_frame().is_err());
 
         let cut = record_frame(&records()[1]).expect("frame");
-        assert!(frames(&cut[..cut.len() - 1]).is_err());
+        assert!(frames(&Bytes::copy_from_slice(&cut[..cut.len() - 1])).is_err());
     }
 
     #[test]

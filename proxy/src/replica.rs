@@ -404,7 +404,7 @@ impl Replica {
     /// Records that do not validate.
     pub fn apply(&self, record: impl Into<Frame>) -> Result<(), ApplyError> {
         let applied = match record.into() {
-            Frame::Record(record) => self.apply_record(record),
+            Frame::Record(record) => self.apply_record(*record),
             Frame::EndUser(frame) => {
                 self.apply_end_user(frame.cursor, &frame.end_user_id, frame.version, || {
                     frame
@@ -932,7 +932,7 @@ mod tests {
                 cursor: 8,
                 end_user_id: "u1".into(),
                 version,
-                state: b"not a state".to_vec(),
+                state: bytes::Bytes::from_static(b"not a state"),
             })
         };
         replica

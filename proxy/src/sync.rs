@@ -275,10 +275,12 @@ async fn snapshot(replica: &Replica, client: &client::Client) -> Result<i64, Str
             .map_err(|_| "the snapshot went silent".to_owned())?
             .map_err(|error| error.to_string())?
             .ok_or_else(|| "the snapshot ended without its end line".to_owned())?;
-        if let Frame::Record(SyncRecord::Header { cursor: at, .. }) = &record {
-            cursor = Some(*at);
+        if let Frame::Record(header) = &record
+            && let SyncRecord::Header { cursor: at, .. } = **header
+        {
+            cursor = Some(at);
         }
-        let end = matches!(record, Frame::Record(SyncRecord::End { .. }));
+        let end = matches!(&record, Frame::Record(end) if matches!(**end, SyncRecord::End { .. }));
         apply(replica, record)?;
         if end {
             let cursor = cursor.ok_or_else(|| "the snapshot had no header".to_owned())?;

@@ -16,9 +16,10 @@
 //! frames (`protocol::frames`, as proxies do) and reads each change's head (its end
 //! user), not its state: the bench measures the transport, not the proxy's replica. Each
 //! change is a grant to a new end user, so every change is one record; the lag is from the
-//! grant's request being sent (so it includes the write's own latency) until a follower
-//! holds its frame. Both sides share the
-//! machine's two cores, as do the NATS server's.
+//! grant's request being sent (so it includes the write's own latency, shown on its own
+//! as "write p50 / p99") until a follower holds its frame. The writer runs on a thread
+//! and runtime of its own, so the followers' backlog delays neither its sends nor its
+//! answers. Both sides share the machine's two cores, as do the NATS server's.
 
 #![allow(
     clippy::print_stdout,
@@ -59,7 +60,9 @@ fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
 struct Shared {
     start: Instant,
     sent_us: Vec<AtomicU64>,
-    lags: Vec<AtomicU64>,
+    lags: Histogram,
+    /// Each grant's own latency, from its send to its answer.
+    writes: Histogram,
     received: AtomicU64,
     /// Catch-ups from the stream the NATS followers made (live messages they lost).
     catch_ups: AtomicU64,
@@ -70,7 +73,8 @@ impl Shared {
         Shared {
             start: Instant::now(),
             sent_us: (0..changes).map(|_| AtomicU64::new(0)).collect(),
-            lags: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            lags: Histogram::new(),
+            writes: Histogram::new(),
             received: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
         }
@@ -114,16 +118,29 @@ impl Shared {
         if sent == 0 {
             return;
         }
-        let bucket = usize::try_from(now.saturating_sub(sent) / BUCKET_US)
+        self.lags.record(now.saturating_sub(sent));
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts of durations in `BUCKET_US` buckets up to `BUCKETS` of them.
+struct Histogram(Vec<AtomicU64>);
+
+impl Histogram {
+    fn new() -> Histogram {
+        Histogram((0..BUCKETS).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    fn record(&self, us: u64) {
+        let bucket = usize::try_from(us / BUCKET_US)
             .unwrap_or(BUCKETS - 1)
             .min(BUCKETS - 1);
-        self.lags[bucket].fetch_add(1, Ordering::Relaxed);
-        self.received.fetch_add(1, Ordering::Relaxed);
+        self.0[bucket].fetch_add(1, Ordering::Relaxed);
     }
 
     fn percentile_ms(&self, fraction: f64) -> f64 {
         let counts: Vec<u64> = self
-            .lags
+            .0
             .iter()
             .map(|count| count.load(Ordering::Relaxed))
             .collect();
@@ -196,6 +213,10 @@ fn main() {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         let key = String::from_utf8(output.stdout).expect("utf-8").trim().to_owned();
         let plane = ControlPlaneProcess::spawn(CONTROL_PLANE, &config, &database);
+        // As the proxy's binary does (and after the control plane started, which keeps
+        // its own setting): without it, mimalloc's arenas fault in and zero 2 MiB pages
+        // under this churn, an eighth of the followers' time.
+        proxy::cli::no_huge_pages();
         let setup = Setup {
             plane,
             key,
@@ -209,9 +230,9 @@ fn main() {
             "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower; NATS linger {linger_ms} ms"
         );
         println!(
-            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
+            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | write p50 / p99 | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let transports: Vec<Transport> = std::env::var("QS_FANOUT_TRANSPORTS")
             .unwrap_or_else(|_| "http,nats".into())
             .split(',')
@@ -349,32 +370,13 @@ async fn run(
     let nats_pid = nats_server_pid();
     let nats_before = nats_pid.map(cpu_time).unwrap_or_default();
     let own_before = cpu_time(std::process::id());
-    let started = Instant::now();
-    let per_tick = usize::try_from(rate / 100).expect("rate").max(1);
-    let mut ticker = tokio::time::interval(Duration::from_millis(10));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut writes = tokio::task::JoinSet::new();
-    let mut sent = 0usize;
-    while sent < changes {
-        ticker.tick().await;
-        for _ in 0..per_tick.min(changes - sent) {
-            let index = offset + sent;
-            let (client, shared) = (client.clone(), shared.clone());
-            writes.spawn(async move {
-                shared.sent_us[index].store(shared.now_us().max(1), Ordering::Release);
-                client
-                    .grant(&e2e::from(serde_json::json!({
-                        "end_user_id": format!("c{index}"), "amount": 1,
-                    })))
-                    .await
-                    .expect("grant");
-            });
-            sent += 1;
-        }
-        while writes.try_join_next().is_some() {}
-    }
-    while writes.join_next().await.is_some() {}
-    let wrote_in = started.elapsed();
+    let writer = {
+        let (url, key, shared) = (setup.plane.url.clone(), setup.key.clone(), shared.clone());
+        std::thread::spawn(move || write(&url, &key, &shared, rate, changes, offset))
+    };
+    let wrote_in = tokio::task::spawn_blocking(move || writer.join().expect("the writer"))
+        .await
+        .expect("the writer");
     // Delivered: every follower holds every change (or 20 s pass).
     let expected = u64::try_from(changes * followers).expect("expected");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -401,7 +403,7 @@ async fn run(
     #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
     let cpu_per_change_us = cpu.as_secs_f64() * 1e6 / changes as f64;
     println!(
-        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
+        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
         match transport {
             Transport::Http => "HTTP streams",
             Transport::Nats => "NATS JetStream",
@@ -412,9 +414,11 @@ async fn run(
             let share = received as f64 * 100.0 / expected as f64;
             share
         },
-        shared.percentile_ms(0.50),
-        shared.percentile_ms(0.99),
-        shared.percentile_ms(1.0),
+        shared.lags.percentile_ms(0.50),
+        shared.lags.percentile_ms(0.99),
+        shared.lags.percentile_ms(1.0),
+        shared.writes.percentile_ms(0.50),
+        shared.writes.percentile_ms(0.99),
         nats_cpu.as_secs_f64(),
         own_cpu.as_secs_f64(),
         match transport {
@@ -422,6 +426,55 @@ async fn run(
             Transport::Nats => shared.catch_ups.load(Ordering::Relaxed).to_string(),
         },
     );
+}
+
+/// The writer: `rate` grants a second, paced in 10 ms ticks, each to a new end user; how
+/// long they took. On a runtime of its own, as the API's clients are not on the
+/// followers' machine: on theirs, a grant's send and its answer would wait behind the
+/// followers' work, and the lag measured from the send with them.
+fn write(
+    url: &str,
+    key: &str,
+    shared: &Arc<Shared>,
+    rate: u64,
+    changes: usize,
+    offset: usize,
+) -> Duration {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the writer's runtime");
+    runtime.block_on(async move {
+        let client = client::Client::new(url, key).expect("client");
+        let started = Instant::now();
+        let per_tick = usize::try_from(rate / 100).expect("rate").max(1);
+        let mut ticker = tokio::time::interval(Duration::from_millis(10));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut writes = tokio::task::JoinSet::new();
+        let mut sent = 0usize;
+        while sent < changes {
+            ticker.tick().await;
+            for _ in 0..per_tick.min(changes - sent) {
+                let index = offset + sent;
+                let (client, shared) = (client.clone(), shared.clone());
+                writes.spawn(async move {
+                    let sent = shared.now_us().max(1);
+                    shared.sent_us[index].store(sent, Ordering::Release);
+                    client
+                        .grant(&e2e::from(serde_json::json!({
+                            "end_user_id": format!("c{index}"), "amount": 1,
+                        })))
+                        .await
+                        .expect("grant");
+                    shared.writes.record(shared.now_us().saturating_sub(sent));
+                });
+                sent += 1;
+            }
+            while writes.try_join_next().is_some() {}
+        }
+        while writes.join_next().await.is_some() {}
+        started.elapsed()
+    })
 }
 
 /// The NATS server's process id, where it runs on this machine.

@@ -160,7 +160,9 @@ pub fn loaded_replica(
                     cursor: 1,
                     end_user_id: id,
                     version: parts.version,
-                    state: protocol::frames::encode_state(&parts).expect("frame"),
+                    state: protocol::frames::encode_state(&parts)
+                        .expect("frame")
+                        .into(),
                 },
             ))
             .expect("user");
