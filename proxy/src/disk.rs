@@ -19,13 +19,13 @@
 //! same time (group commit).
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 /// A failure of the local store.
 #[derive(Debug, thiserror::Error)]
@@ -751,13 +751,27 @@ impl Flush for crate::spend_log::SpendLog {
 /// Group commit (for the usage log, and for the spend log): a writer bumps the written count
 /// and waits until a flush that started after its write has finished. One flush serves
 /// everyone waiting.
+///
+/// The flushes run on a thread of their own ([`Flusher::run`] starts it): a request in
+/// `sync` durability waits for a wake-up, an fsync and a wake-up, never for its turn on
+/// the background runtime behind a feed record being applied or a report being sent.
 #[derive(Debug)]
 pub struct Flusher {
     written: AtomicU64,
     flushed: watch::Sender<u64>,
-    wake: Notify,
+    wake: Mutex<Wake>,
+    woken: Condvar,
     /// The last flush failed: waiters get an error instead of waiting for ever.
     failed: std::sync::atomic::AtomicBool,
+}
+
+/// What the flushing thread is asked, under [`Flusher::wake`].
+#[derive(Debug, Default)]
+struct Wake {
+    /// A writer waits for a flush.
+    wanted: bool,
+    /// Flush once more and end.
+    stop: bool,
 }
 
 impl Flusher {
@@ -765,9 +779,19 @@ impl Flusher {
         Arc::new(Flusher {
             written: AtomicU64::new(0),
             flushed: watch::Sender::new(0),
-            wake: Notify::new(),
+            wake: Mutex::new(Wake::default()),
+            woken: Condvar::new(),
             failed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    fn asked(&self) -> MutexGuard<'_, Wake> {
+        self.wake.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn ask(&self, ask: impl FnOnce(&mut Wake)) {
+        ask(&mut self.asked());
+        self.woken.notify_one();
     }
 
     /// Notes a write; the returned ticket is durable once [`Flusher::durable`] returns.
@@ -786,7 +810,7 @@ impl Flusher {
         if *flushed.borrow() >= ticket {
             return Ok(());
         }
-        self.wake.notify_one();
+        self.ask(|wake| wake.wanted = true);
         let outcome = flushed
             .wait_for(|done| *done >= ticket || self.failed.load(Ordering::Acquire))
             .await
@@ -798,48 +822,86 @@ impl Flusher {
         }
     }
 
-    /// The flushing loop: on demand (sync durability) and every `interval` regardless.
+    /// Flushes on demand (sync durability) and every `interval` regardless, on a thread
+    /// of its own, until `stop` turns (or its sender goes): then a last flush, and
+    /// whoever still waits gets an error.
     pub async fn run(
         self: Arc<Self>,
         disk: Arc<dyn Flush>,
         interval: Duration,
         mut stop: watch::Receiver<bool>,
     ) {
-        loop {
-            tokio::select! {
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(interval) => {}
-                _ = stop.changed() => {
-                    self.flush_once(&disk).await;
-                    // Anyone still waiting (or writing) now gets an error, not a hang.
-                    self.fail();
-                    return;
-                }
+        let flusher = Arc::clone(&self);
+        let thread = std::thread::Builder::new()
+            .name("qs-flush".into())
+            .spawn(move || flusher.flush_loop(&disk, interval));
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(error) => {
+                tracing::error!(%error, "cannot start the usage flushing thread");
+                self.fail();
+                return;
             }
-            self.flush_once(&disk).await;
+        };
+        let _ = stop.changed().await;
+        self.ask(|wake| wake.stop = true);
+        if tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .is_err()
+        {
+            tracing::error!("the usage flushing thread did not end cleanly");
         }
     }
 
-    async fn flush_once(&self, disk: &Arc<dyn Flush>) {
+    fn flush_loop(&self, disk: &Arc<dyn Flush>, interval: Duration) {
+        /// Should the thread die (a panic in a flush), its waiters and every later
+        /// writer get an error rather than wait for a flush that never comes.
+        struct FailOnPanic<'a>(&'a Flusher);
+        impl Drop for FailOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.fail();
+                }
+            }
+        }
+        let _guard = FailOnPanic(self);
+        loop {
+            let stop = {
+                let mut asked = self.asked();
+                if !asked.wanted && !asked.stop {
+                    asked = self
+                        .woken
+                        .wait_timeout(asked, interval)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                asked.wanted = false;
+                asked.stop
+            };
+            self.flush_once(disk);
+            if stop {
+                // Anyone still waiting (or writing) now gets an error, not a hang.
+                self.fail();
+                return;
+            }
+        }
+    }
+
+    fn flush_once(&self, disk: &Arc<dyn Flush>) {
         let target = self.written.load(Ordering::Acquire);
         if *self.flushed.borrow() >= target {
             return;
         }
         let started = std::time::Instant::now();
-        let disk = Arc::clone(disk);
-        let outcome = tokio::task::spawn_blocking(move || disk.flush()).await;
+        let outcome = disk.flush();
         metrics::histogram!("qs_proxy_flush_seconds").record(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 self.failed.store(false, Ordering::Release);
                 self.flushed.send_modify(|done| *done = (*done).max(target));
             }
-            Ok(Err(error)) => {
-                tracing::error!(%error, "usage flush failed (outbox or spend log)");
-                self.fail();
-            }
             Err(error) => {
-                tracing::error!(%error, "outbox flush task failed");
+                tracing::error!(%error, "usage flush failed (outbox or spend log)");
                 self.fail();
             }
         }
@@ -996,5 +1058,54 @@ mod tests {
             task.await.expect("writer");
         }
         assert!(*flusher.flushed.borrow() >= 32);
+    }
+
+    /// A disk that refuses every flush.
+    struct Refusing;
+
+    impl Flush for Refusing {
+        fn flush(&self) -> Result<(), DiskError> {
+            Err(DiskError("the disk is full".into()))
+        }
+    }
+
+    /// A refused flush answers its waiters with an error; once stopped, the thread has
+    /// ended and a writer gets an error rather than a wait for a flush that never comes.
+    #[tokio::test]
+    async fn a_refused_flush_and_a_stopped_flusher_answer_with_errors() {
+        let flusher = Flusher::new();
+        let (stop_tx, stop) = watch::channel(false);
+        let running = tokio::spawn(flusher.clone().run(
+            Arc::new(Refusing),
+            Duration::from_secs(3600),
+            stop,
+        ));
+        let ticket = flusher.wrote();
+        assert!(
+            flusher.durable(ticket).await.is_err(),
+            "refused, not waited on"
+        );
+
+        let dir = tempfile::tempdir().expect("dir");
+        let disk = Disk::open(dir.path(), 8).expect("open");
+        let flusher = Flusher::new();
+        let (stop_tx_2, stop_2) = watch::channel(false);
+        let stopping = tokio::spawn(flusher.clone().run(
+            Arc::new(disk),
+            Duration::from_secs(3600),
+            stop_2,
+        ));
+        let ticket = flusher.wrote();
+        flusher
+            .durable(ticket)
+            .await
+            .expect("flushed while running");
+        stop_tx_2.send(true).expect("stop");
+        stopping.await.expect("the flusher ends once stopped");
+        let ticket = flusher.wrote();
+        assert!(flusher.durable(ticket).await.is_err(), "stopped: an error");
+
+        stop_tx.send(true).expect("stop");
+        running.await.expect("the refusing flusher ends too");
     }
 }

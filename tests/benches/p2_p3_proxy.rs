@@ -349,6 +349,20 @@ fn flush_mean_ms(text: &str) -> Option<f64> {
     (count > 0.0).then(|| sum / count * 1000.0)
 }
 
+/// The bucket bound (ms) at or below which 99% of the flushes took, from the histogram's
+/// cumulative buckets.
+fn flush_p99_ms(text: &str) -> Option<f64> {
+    let count = metric(text, "qs_proxy_flush_seconds_count")?;
+    text.lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("qs_proxy_flush_seconds_bucket{le=\"")?;
+            let (bound, rest) = rest.split_once("\"}")?;
+            Some((bound.parse::<f64>().ok()?, rest.trim().parse::<f64>().ok()?))
+        })
+        .find(|(_, below)| *below >= count * 0.99)
+        .map(|(bound, _)| bound * 1000.0)
+}
+
 fn main() {
     let rate = env_or("QS_P2_RATE", 1_000);
     let connections = env_or("QS_P3_CONNECTIONS", 32);
@@ -488,7 +502,11 @@ feature = "api_calls"
             let admin = process.later("admin (healthz, readyz, metrics) on ").await;
             let text = metrics_of(&admin).await;
             if let Some(mean) = flush_mean_ms(&text) {
-                println!("{durability}: mean outbox flush (fsync) {mean:.2} ms");
+                let p99 = flush_p99_ms(&text)
+                    .map_or_else(|| "unknown".to_owned(), |p99| format!("{p99} ms"));
+                println!(
+                    "{durability}: mean outbox flush (fsync) {mean:.2} ms, 99% of flushes within {p99}"
+                );
             }
             if !leases {
                 let written = metric(&text, "qs_proxy_outbox_written_total").unwrap_or(0.0);
