@@ -37,6 +37,10 @@ use crate::store::{Env, EnvHead};
 
 /// How often every environment's head is looked at (and its heartbeat sent).
 const SWEEP: Duration = Duration::from_secs(1);
+/// After the client tells of a connection, how often and how many times its state is
+/// looked at until it shows it.
+const CONNECTED_CHECK: Duration = Duration::from_millis(5);
+const CONNECTED_CHECKS: u32 = 40;
 /// Feed positions read at a time.
 const PAGE_LEN: u32 = 500;
 /// Pages one environment publishes before the others get their turn.
@@ -179,10 +183,23 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
                 connected = false;
             }
             publisher.published.clear();
-            tokio::select! {
-                () = tokio::time::sleep(SWEEP) => {}
-                () = state.nats_connected().notified() => {}
+            let told = tokio::select! {
+                () = tokio::time::sleep(SWEEP) => false,
+                () = state.nats_connected().notified() => true,
                 _ = stop.changed() => return,
+            };
+            // The client tells of the connection a moment before its state shows it.
+            for _ in 0..CONNECTED_CHECKS {
+                if !told
+                    || publisher.client.connection_state()
+                        == async_nats::connection::State::Connected
+                {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(CONNECTED_CHECK) => {}
+                    _ = stop.changed() => return,
+                }
             }
             continue;
         }

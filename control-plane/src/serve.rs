@@ -97,15 +97,17 @@ pub async fn connect_nats(state: &AppState) -> anyhow::Result<()> {
     let Some(url) = state.config().nats_url.as_ref() else {
         return Ok(());
     };
-    let connected = state.clone();
+    // Only the notifier: a state held by the client's callback would keep the state, and
+    // the client it holds, alive for ever.
+    let connected = Arc::clone(state.nats_connected());
     let client = async_nats::ConnectOptions::new()
         .name("quotastack-control-plane")
         .retry_on_initial_connect()
         .event_callback(move |event| {
-            let state = connected.clone();
+            let connected = Arc::clone(&connected);
             async move {
                 if matches!(event, async_nats::Event::Connected) {
-                    state.nats_connected().notify_one();
+                    connected.notify_one();
                 }
             }
         })

@@ -54,7 +54,7 @@ struct Inner {
     nats: std::sync::OnceLock<async_nats::Client>,
     /// Told each time the NATS connection is made (first or again), so the publisher
     /// goes on at once rather than at its next look.
-    nats_connected: tokio::sync::Notify,
+    nats_connected: Arc<tokio::sync::Notify>,
     /// Turns true when the server starts shutting down: long-lived streams end.
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
@@ -138,7 +138,7 @@ impl AppState {
                 changes: tokio::sync::watch::Sender::new(0),
                 feed_dirty: Mutex::default(),
                 nats: std::sync::OnceLock::new(),
-                nats_connected: tokio::sync::Notify::new(),
+                nats_connected: Arc::default(),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
                 due_failures: crate::backoff::DueFailures::default(),
@@ -411,8 +411,9 @@ impl AppState {
         let _ = self.inner.nats.set(client);
     }
 
-    /// Told when the NATS connection is made, first or again.
-    pub fn nats_connected(&self) -> &tokio::sync::Notify {
+    /// Told when the NATS connection is made, first or again (shared with the client's
+    /// event callback, which must not hold the state: the state holds the client).
+    pub fn nats_connected(&self) -> &Arc<tokio::sync::Notify> {
         &self.inner.nats_connected
     }
 

@@ -761,8 +761,11 @@ pub struct Flusher {
     flushed: watch::Sender<u64>,
     wake: Mutex<Wake>,
     woken: Condvar,
-    /// The last flush failed: waiters get an error instead of waiting for ever.
-    failed: std::sync::atomic::AtomicBool,
+    /// The writes up to this ticket were in a flush that failed: their waiters get an
+    /// error instead of waiting for ever (later writes wait for the next flush).
+    failed_through: AtomicU64,
+    /// The flusher has ended (or never started): every waiter gets an error.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 /// What the flushing thread is asked, under [`Flusher::wake`].
@@ -781,7 +784,8 @@ impl Flusher {
             flushed: watch::Sender::new(0),
             wake: Mutex::new(Wake::default()),
             woken: Condvar::new(),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            failed_through: AtomicU64::new(0),
+            ended: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -812,7 +816,11 @@ impl Flusher {
         }
         self.ask(|wake| wake.wanted = true);
         let outcome = flushed
-            .wait_for(|done| *done >= ticket || self.failed.load(Ordering::Acquire))
+            .wait_for(|done| {
+                *done >= ticket
+                    || self.failed_through.load(Ordering::Acquire) >= ticket
+                    || self.ended.load(Ordering::Acquire)
+            })
             .await
             .map(|done| *done >= ticket);
         match outcome {
@@ -839,32 +847,21 @@ impl Flusher {
             Ok(thread) => thread,
             Err(error) => {
                 tracing::error!(%error, "cannot start the usage flushing thread");
-                self.fail();
+                self.end();
                 return;
             }
         };
         let _ = stop.changed().await;
         self.ask(|wake| wake.stop = true);
-        if tokio::task::spawn_blocking(move || thread.join())
-            .await
-            .is_err()
-        {
+        if !matches!(
+            tokio::task::spawn_blocking(move || thread.join()).await,
+            Ok(Ok(()))
+        ) {
             tracing::error!("the usage flushing thread did not end cleanly");
         }
     }
 
     fn flush_loop(&self, disk: &Arc<dyn Flush>, interval: Duration) {
-        /// Should the thread die (a panic in a flush), its waiters and every later
-        /// writer get an error rather than wait for a flush that never comes.
-        struct FailOnPanic<'a>(&'a Flusher);
-        impl Drop for FailOnPanic<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    self.0.fail();
-                }
-            }
-        }
-        let _guard = FailOnPanic(self);
         loop {
             let stop = {
                 let mut asked = self.asked();
@@ -881,7 +878,7 @@ impl Flusher {
             self.flush_once(disk);
             if stop {
                 // Anyone still waiting (or writing) now gets an error, not a hang.
-                self.fail();
+                self.end();
                 return;
             }
         }
@@ -893,23 +890,34 @@ impl Flusher {
             return;
         }
         let started = std::time::Instant::now();
-        let outcome = disk.flush();
+        // A panic in a flush is a failed flush: its waiters get an error and the thread
+        // goes on.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| disk.flush()));
         metrics::histogram!("qs_proxy_flush_seconds").record(started.elapsed().as_secs_f64());
         match outcome {
-            Ok(()) => {
-                self.failed.store(false, Ordering::Release);
+            Ok(Ok(())) => {
                 self.flushed.send_modify(|done| *done = (*done).max(target));
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 tracing::error!(%error, "usage flush failed (outbox or spend log)");
-                self.fail();
+                self.fail_through(target);
+            }
+            Err(_) => {
+                tracing::error!("usage flush panicked (outbox or spend log)");
+                self.fail_through(target);
             }
         }
     }
 
-    /// Wakes every waiter with an error (they see `failed`).
-    fn fail(&self) {
-        self.failed.store(true, Ordering::Release);
+    /// Wakes the waiters of writes up to `target` with an error.
+    fn fail_through(&self, target: u64) {
+        self.failed_through.fetch_max(target, Ordering::AcqRel);
+        self.flushed.send_modify(|_| {});
+    }
+
+    /// Wakes every waiter, now and later, with an error.
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
         self.flushed.send_modify(|_| {});
     }
 }
@@ -1058,6 +1066,42 @@ mod tests {
             task.await.expect("writer");
         }
         assert!(*flusher.flushed.borrow() >= 32);
+    }
+
+    /// A disk whose first flush panics and whose next ones succeed.
+    #[derive(Default)]
+    struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+    impl Flush for PanicsOnce {
+        fn flush(&self) -> Result<(), DiskError> {
+            assert!(
+                self.0.swap(true, Ordering::AcqRel),
+                "the first flush panics"
+            );
+            Ok(())
+        }
+    }
+
+    /// A panic in a flush fails its waiters, and the flusher goes on: a later write waits
+    /// for the next flush rather than inherit the failure.
+    #[tokio::test]
+    async fn a_panicking_flush_fails_its_waiters_and_the_flusher_goes_on() {
+        let flusher = Flusher::new();
+        let (stop_tx, stop) = watch::channel(false);
+        let running = tokio::spawn(flusher.clone().run(
+            Arc::new(PanicsOnce::default()),
+            Duration::from_secs(3600),
+            stop,
+        ));
+        let ticket = flusher.wrote();
+        assert!(flusher.durable(ticket).await.is_err(), "the panicked flush");
+        let ticket = flusher.wrote();
+        flusher
+            .durable(ticket)
+            .await
+            .expect("a later write waits for the next flush, which succeeds");
+        stop_tx.send(true).expect("stop");
+        running.await.expect("ends");
     }
 
     /// A disk that refuses every flush.

@@ -50,8 +50,9 @@ pub struct Running {
 }
 
 /// Everything off the request path, run on its own thread and single-threaded runtime so
-/// the request workers only serve requests: the outbox flusher and shipper, the
-/// replication follower and persister, and housekeeping.
+/// the request workers only serve requests: the outbox shipper, the replication follower
+/// and persister, and housekeeping. The two flushers wait for their stop here and sync
+/// on threads of their own (`Flusher::run`).
 struct Background {
     leases: Arc<Leases>,
     flusher: Arc<Flusher>,

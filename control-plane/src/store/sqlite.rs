@@ -155,12 +155,17 @@ impl SqliteStore {
             // of this many; at 50 (its default) a batch's few hundred rows cost a
             // thread switch every 50.
             .row_buffer_size(ROW_CHANNEL);
+        // No ping before each acquire (sqlx's default): a connection to a local file does
+        // not go stale, and the ping is a round trip to the connection's thread on every
+        // write (the writer is acquired for each end-user transaction) and read.
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.clone())
             .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(read_connections)
+            .test_before_acquire(false)
             .connect_with(options.read_only(true))
             .await?;
         sqlx::migrate!("./migrations/sqlite")
