@@ -71,7 +71,8 @@ pub struct EndUserFrame {
     pub end_user_id: String,
     pub version: u64,
     /// `ledger::StateParts` in postcard (see [`encode_state`]): a slice of the message
-    /// it came in where that was one buffer (a NATS message), not a copy.
+    /// it came in where that was one buffer (a NATS message), not a copy. A slice keeps
+    /// its whole buffer alive: copy it before keeping it for long.
     pub state: Bytes,
 }
 
