@@ -1046,13 +1046,7 @@ mod tests {
     async fn concurrent_writers_share_flushes() {
         let dir = tempfile::tempdir().expect("dir");
         let disk = Disk::open(dir.path(), 8).expect("open");
-        let flusher = Flusher::new();
-        let (_stop_tx, stop) = watch::channel(false);
-        tokio::spawn(
-            flusher
-                .clone()
-                .run(Arc::new(disk.clone()), Duration::from_secs(3600), stop),
-        );
+        let (flusher, _stop, _running) = running(Arc::new(disk.clone()));
         let mut tasks = Vec::new();
         for n in 0..32u32 {
             let (disk, flusher) = (disk.clone(), flusher.clone());
@@ -1066,6 +1060,21 @@ mod tests {
             task.await.expect("writer");
         }
         assert!(*flusher.flushed.borrow() >= 32);
+    }
+
+    /// A flusher of `disk` running (hourly interval flushes: the tests' waits are
+    /// answered by flushes on demand), what stops it, and its task.
+    fn running(
+        disk: Arc<dyn Flush>,
+    ) -> (
+        Arc<Flusher>,
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let flusher = Flusher::new();
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(flusher.clone().run(disk, Duration::from_secs(3600), stop));
+        (flusher, stop_tx, task)
     }
 
     /// A disk whose first flush panics and whose next ones succeed.
@@ -1086,13 +1095,7 @@ mod tests {
     /// for the next flush rather than inherit the failure.
     #[tokio::test]
     async fn a_panicking_flush_fails_its_waiters_and_the_flusher_goes_on() {
-        let flusher = Flusher::new();
-        let (stop_tx, stop) = watch::channel(false);
-        let running = tokio::spawn(flusher.clone().run(
-            Arc::new(PanicsOnce::default()),
-            Duration::from_secs(3600),
-            stop,
-        ));
+        let (flusher, stop_tx, task) = running(Arc::new(PanicsOnce::default()));
         let ticket = flusher.wrote();
         assert!(flusher.durable(ticket).await.is_err(), "the panicked flush");
         let ticket = flusher.wrote();
@@ -1101,7 +1104,7 @@ mod tests {
             .await
             .expect("a later write waits for the next flush, which succeeds");
         stop_tx.send(true).expect("stop");
-        running.await.expect("ends");
+        task.await.expect("ends");
     }
 
     /// A disk that refuses every flush.
@@ -1113,43 +1116,34 @@ mod tests {
         }
     }
 
-    /// A refused flush answers its waiters with an error; once stopped, the thread has
-    /// ended and a writer gets an error rather than a wait for a flush that never comes.
+    /// A refused flush answers its waiters with an error rather than a wait.
     #[tokio::test]
-    async fn a_refused_flush_and_a_stopped_flusher_answer_with_errors() {
-        let flusher = Flusher::new();
-        let (stop_tx, stop) = watch::channel(false);
-        let running = tokio::spawn(flusher.clone().run(
-            Arc::new(Refusing),
-            Duration::from_secs(3600),
-            stop,
-        ));
+    async fn a_refused_flush_answers_with_an_error() {
+        let (flusher, stop_tx, task) = running(Arc::new(Refusing));
         let ticket = flusher.wrote();
         assert!(
             flusher.durable(ticket).await.is_err(),
             "refused, not waited on"
         );
+        stop_tx.send(true).expect("stop");
+        task.await.expect("the refusing flusher ends too");
+    }
 
+    /// Once stopped, the thread has ended and a writer gets an error rather than a wait
+    /// for a flush that never comes.
+    #[tokio::test]
+    async fn a_stopped_flusher_answers_with_errors() {
         let dir = tempfile::tempdir().expect("dir");
         let disk = Disk::open(dir.path(), 8).expect("open");
-        let flusher = Flusher::new();
-        let (stop_tx_2, stop_2) = watch::channel(false);
-        let stopping = tokio::spawn(flusher.clone().run(
-            Arc::new(disk),
-            Duration::from_secs(3600),
-            stop_2,
-        ));
+        let (flusher, stop_tx, task) = running(Arc::new(disk));
         let ticket = flusher.wrote();
         flusher
             .durable(ticket)
             .await
             .expect("flushed while running");
-        stop_tx_2.send(true).expect("stop");
-        stopping.await.expect("the flusher ends once stopped");
+        stop_tx.send(true).expect("stop");
+        task.await.expect("the flusher ends once stopped");
         let ticket = flusher.wrote();
         assert!(flusher.durable(ticket).await.is_err(), "stopped: an error");
-
-        stop_tx.send(true).expect("stop");
-        running.await.expect("the refusing flusher ends too");
     }
 }

@@ -84,8 +84,6 @@ impl Shared {
         u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    /// Records the lag of each whole line in `bytes` (the part after the last newline is
-    /// left in `partial` for the next call).
     /// Takes the frames `bytes` completes (an HTTP stream's chunk).
     fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
         reader.push(bytes);
