@@ -1025,16 +1025,10 @@ fn idle_after(idle: Duration, slot: &Slot) -> Duration {
 }
 
 impl Leases {
-    /// The control plane took a report (`answer` is the lease after it): its spend
-    /// leaves the disk, and the slot learns the lease's new hold and state.
-    fn reported(
-        &self,
-        (lease, sequence): (&str, u64),
-        cost: Credits,
-        answer: &protocol::Lease,
-        release: bool,
-    ) -> Reported {
-        self.acknowledge(lease, sequence);
+    /// The control plane took a report (`answer` is the lease after it): what the slot
+    /// learns (the lease's new hold and state). Its spend leaves the disk once the slot
+    /// has learnt it ([`Leases::settle_report`]).
+    fn reported(cost: Credits, answer: &protocol::Lease, release: bool) -> Reported {
         Reported::Done {
             cost,
             amount: Some(answer.amount),
@@ -1166,7 +1160,7 @@ impl Leases {
                             self.settle_report(
                                 context,
                                 &key,
-                                lease,
+                                (lease, *sequence),
                                 *top_up,
                                 *release,
                                 Reported::Later,
@@ -1218,14 +1212,14 @@ impl Leases {
                         Some(LeaseBatchResult {
                             lease: Some(answer),
                             ..
-                        }) => self.reported((&lease, sequence), cost, &answer, release),
+                        }) => Self::reported(cost, &answer, release),
                         Some(result) if needs_repair(&result) => {
                             self.send_report(context, &lease, sequence, top_up, release)
                                 .await
                         }
                         _ => Reported::Later,
                     };
-                    self.settle_report(context, &key, &lease, top_up, release, outcome);
+                    self.settle_report(context, &key, (&lease, sequence), top_up, release, outcome);
                 }
             }
         }
@@ -1357,16 +1351,21 @@ impl Leases {
         }
     }
 
-    /// Settles a slot with what became of a report (or release) of `lease`.
+    /// Settles a slot with what became of a report (or release) `sequence` of `lease`;
+    /// a report taken then leaves the spend log. In that order: until the slot has
+    /// taken a report's cost off its outstanding spend (and noted it confirmed), the
+    /// spend log still holds it, so nothing that waits for the log to empty (a drain,
+    /// `qs_proxy_outbox_depth 0`) sees a moment where decisions count it twice.
     fn settle_report(
         &self,
         context: &Context,
         key: &SlotKey,
-        lease: &str,
+        (lease, sequence): (&str, u64),
         top_up: Option<Credits>,
         release: bool,
         outcome: Reported,
     ) {
+        let taken = matches!(outcome, Reported::Done { .. });
         let now = Instant::now();
         let answered_at = context.replica.now();
         let version = context.replica.version(&key.0);
@@ -1425,9 +1424,6 @@ impl Leases {
                             slot.lease = None;
                         }
                         slot.retired.retain(|held| &*held.id != lease);
-                        if let Err(error) = self.disk.lease_forget(lease) {
-                            tracing::warn!(%error, "cannot forget a released lease on disk");
-                        }
                     } else if top_up.is_some() && slot.wanted > room {
                         // Topped up as far as the balance goes, and a request still needs
                         // more: nothing is left for it, as of the state the control plane
@@ -1467,6 +1463,14 @@ impl Leases {
             }
             slot.notify.notify_waiters();
         });
+        if taken {
+            self.acknowledge(lease, sequence);
+            // Forgotten only once its spend is off the log: a restart in between still
+            // finds the lease and reports it (the control plane answers a replay).
+            if release && let Err(error) = self.disk.lease_forget(lease) {
+                tracing::warn!(%error, "cannot forget a released lease on disk");
+            }
+        }
     }
 
     /// Waits (up to `WRITING_WAIT`) for requests still writing spend under a report's
@@ -1543,7 +1547,6 @@ impl Leases {
         {
             if expected > sequence {
                 // This sequence was taken before (its answer was lost).
-                self.acknowledge(lease, sequence);
                 return Reported::Done {
                     cost,
                     amount: None,
@@ -1574,7 +1577,7 @@ impl Leases {
             answer = call(context, lease, &plain, release).await;
         }
         match answer {
-            Ok(lease_answer) => self.reported((lease, sequence), cost, &lease_answer, release),
+            Ok(lease_answer) => Self::reported(cost, &lease_answer, release),
             Err(error) if error.status().is_some_and(|status| status.as_u16() == 404) => {
                 // The lease is gone (ended more than an hour ago): its spend is charged
                 // as plain usage, once (the keys name lease and sequence).
@@ -1664,7 +1667,10 @@ impl Leases {
                     .send_report(context, lease, sequence, None, false)
                     .await
                 {
-                    Reported::Done { .. } => next = sequence.saturating_add(1),
+                    Reported::Done { .. } => {
+                        self.spend_log.acknowledge(lease, sequence)?;
+                        next = sequence.saturating_add(1);
+                    }
                     // Turned into usage, and forgotten.
                     Reported::Gone => {
                         gone = true;
@@ -1678,7 +1684,11 @@ impl Leases {
                 }
             }
             if !gone {
-                let _ = self.send_report(context, lease, next, None, true).await;
+                if let Reported::Done { .. } =
+                    self.send_report(context, lease, next, None, true).await
+                {
+                    self.spend_log.acknowledge(lease, next)?;
+                }
                 self.disk.lease_forget(lease)?;
             }
             tracing::info!(lease, "reported and released a lease a previous run held");

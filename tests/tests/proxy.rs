@@ -935,3 +935,46 @@ async fn requests_usage_reaches_the_control_plane_as_a_few_events_charged_exactl
     assert_eq!(plane.available("many").await, 950);
     proxy.running.shutdown().await;
 }
+
+// A lease's report taken by the control plane leaves the spend log only once the proxy
+// has taken its cost off the lease's outstanding spend: whenever nothing is left
+// unacknowledged, the next answer's balance is exact (before, a drain could see the log
+// empty a moment before that, and the next decision counted the reported spend twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_drain_every_answers_balance_is_exact() {
+    let (_dir, plane, _upstream, proxy) = setup(&format!(
+        "[leases]\nwait_ms = 5000\nreport_interval_ms = 10\n{ROUTES}"
+    ))
+    .await;
+    plane.grant("exact", 1_000).await;
+    proxy.sees("exact").await;
+    let balance_of = |response: &reqwest::Response| -> i64 {
+        response.headers()["x-quota-balance"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("a number")
+    };
+    let first = proxy.send(Method::POST, "/work", Some("exact"), &[]).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let mut balance = balance_of(&first);
+    for round in 0..100 {
+        // Polled as tightly as the runtime allows, to land in any gap between the
+        // acknowledgement and what decisions count.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while proxy::server::unacknowledged(&proxy.running.outbox, &proxy.running.spend_log) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: never drained"
+            );
+            tokio::task::yield_now().await;
+        }
+        let response = proxy.send(Method::POST, "/work", Some("exact"), &[]).await;
+        assert_eq!(response.status(), StatusCode::OK, "round {round}");
+        let now = balance_of(&response);
+        assert_eq!(balance - now, 1, "round {round}: one credit a request");
+        balance = now;
+    }
+    proxy.drained().await;
+    assert_eq!(e2e::charged(&plane, "exact").await, 101);
+}
