@@ -389,7 +389,7 @@ impl NatsLines {
     /// taken yet, whose parts are read from the stream.
     fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
         let headers = message.headers.as_ref();
-        let part = headers.is_some_and(|headers| headers.get(NATS_PART).is_some());
+        let part = value_of(headers, NATS_PART).is_some();
         let new = || {
             header(headers, NATS_POSITION)
                 .ok()
@@ -497,9 +497,7 @@ impl Taken {
             },
             None => {}
         }
-        let framed = headers
-            .and_then(|headers| headers.get(NATS_ENCODING))
-            .is_some_and(|encoding| encoding.as_str() == FEED_FRAMES);
+        let framed = value_of(headers, NATS_ENCODING) == Some(FEED_FRAMES);
         // A message holds a run of positions; those this follower had (a cursor below its
         // own) are skipped. A record at its own cursor may belong to the position after it
         // (see `SyncRecord` cursors of shared positions): applied again. A message is taken
@@ -524,7 +522,7 @@ impl Taken {
             self.pending.truncate(before);
             return Err(error);
         }
-        let more = headers.is_some_and(|headers| headers.get(NATS_MORE).is_some());
+        let more = value_of(headers, NATS_MORE).is_some();
         if !more {
             self.cursor = position;
             self.partial = None;
@@ -543,15 +541,25 @@ fn ndjson(payload: &[u8]) -> Result<Vec<Frame>, serde_json::Error> {
 }
 
 fn header(headers: Option<&async_nats::HeaderMap>, name: &str) -> Result<Option<i64>, NatsError> {
-    headers
-        .and_then(|headers| headers.get(name))
+    value_of(headers, name)
         .map(|value| {
             value
-                .as_str()
                 .parse()
                 .map_err(|_| NatsError::Decode(format!("a bad `{name}` header")))
         })
         .transpose()
+}
+
+/// The (first) value of header `name`, found by a walk over the message's few headers:
+/// `HeaderMap::get` builds a `HeaderName` from the `&str` (checked against every
+/// standard name, then copied) and hashes it, for every header of every message, which
+/// cost a follower of 1,000 changes a second more than decoding the frames.
+fn value_of<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
+    headers?
+        .iter()
+        .find(|(header, _)| AsRef::<str>::as_ref(*header) == name)
+        .and_then(|(_, values)| values.first())
+        .map(async_nats::HeaderValue::as_str)
 }
 
 /// The first message whose position is after `cursor` (positions rise with the stream's

@@ -15,11 +15,20 @@
 //! stream on a gap; one NATS connection per 50 followers), takes the feed in binary
 //! frames (`protocol::frames`, as proxies do) and reads each change's head (its end
 //! user), not its state: the bench measures the transport, not the proxy's replica. Each
-//! change is a grant to a new end user, so every change is one record; the lag is from the
-//! grant's request being sent (so it includes the write's own latency, shown on its own
-//! as "write p50 / p99") until a follower holds its frame. The writer runs on a thread
-//! and runtime of its own, so the followers' backlog delays neither its sends nor its
-//! answers. Both sides share the machine's two cores, as do the NATS server's.
+//! change is a grant to a new end user, so every change is one record. Two lags:
+//! - from commit (the measure): from the time the control plane's operation ran
+//!   at (the state's `advanced_to`, read on the same machine's clock in milliseconds, so
+//!   at or before the commit: an upper bound, by at most a millisecond of rounding) until
+//!   a follower holds the frame. Decoding each state costs what a proxy pays only for end
+//!   users it holds, so a sample of the followers does it (every one up to 50, then every
+//!   `followers / 50`-th), all others reading the head alone;
+//! - from the grant's request being sent, on every follower: it adds the write's own
+//!   latency before the commit (the API's queueing and transaction), shown on its own as
+//!   "write p50 / p99".
+//!
+//! The writer runs on a thread and runtime of its own, so the followers' backlog delays
+//! neither its sends nor its answers. Both sides share the machine's two cores, as do the
+//! NATS server's.
 
 #![allow(
     clippy::print_stdout,
@@ -55,12 +64,17 @@ fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Followers that decode each state for its commit time, at most.
+const SAMPLED: usize = 50;
+
 /// What every follower shares: when each change was sent (µs since `start`, 0: not yet)
-/// and the lag histogram.
+/// and the lag histograms.
 struct Shared {
     start: Instant,
     sent_us: Vec<AtomicU64>,
     lags: Histogram,
+    /// From each change's commit (its state's `advanced_to`), on the sampled followers.
+    commit_lags: Histogram,
     /// Each grant's own latency, from its send to its answer.
     writes: Histogram,
     received: AtomicU64,
@@ -74,6 +88,7 @@ impl Shared {
             start: Instant::now(),
             sent_us: (0..changes).map(|_| AtomicU64::new(0)).collect(),
             lags: Histogram::new(),
+            commit_lags: Histogram::new(),
             writes: Histogram::new(),
             received: AtomicU64::new(0),
             catch_ups: AtomicU64::new(0),
@@ -85,20 +100,31 @@ impl Shared {
     }
 
     /// Takes the frames `bytes` completes (an HTTP stream's chunk).
-    fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8]) {
+    fn seen_chunk(&self, reader: &mut FrameReader, bytes: &[u8], sampled: bool) {
         reader.push(bytes);
         while let Some(frame) = reader.next_frame().expect("a frame") {
-            self.seen(&frame);
+            self.seen(&frame, sampled);
         }
     }
 
-    /// Records the lag of an end user's frame (`c<n>`), read from its head: the state
-    /// stays undecoded, as a proxy holding that version leaves it.
-    fn seen(&self, frame: &Frame) {
+    /// Records the lag of an end user's frame (`c<n>`) from its send, read from its
+    /// head: the state stays undecoded, as a proxy holding that version leaves it. A
+    /// sampled follower decodes the state too, for the lag from its commit.
+    fn seen(&self, frame: &Frame, sampled: bool) {
         let now = self.now_us();
         let Frame::EndUser(frame) = frame else {
             return;
         };
+        if sampled {
+            let committed_ms = frame.parts().expect("a state").advanced_to.as_millis();
+            let wall_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_micros();
+            let committed_us = u128::try_from(committed_ms).expect("after 1970") * 1000;
+            self.commit_lags
+                .record(u64::try_from(wall_us.saturating_sub(committed_us)).unwrap_or(u64::MAX));
+        }
         let Some(index) = frame
             .end_user_id
             .strip_prefix('c')
@@ -225,12 +251,12 @@ fn main() {
                 .expect("http"),
         };
         println!(
-            "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from the write's send to the follower; NATS linger {linger_ms} ms"
+            "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from commit (sampled followers) and from the write's send (all); NATS linger {linger_ms} ms"
         );
         println!(
-            "| followers | transport | changes | delivered | lag p50 | lag p99 | lag max≈ | write p50 / p99 | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
+            "| followers | transport | changes | delivered | from commit p50 / p99 | from send p50 | from send p99 | from send max≈ | write p50 / p99 | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let transports: Vec<Transport> = std::env::var("QS_FANOUT_TRANSPORTS")
             .unwrap_or_else(|_| "http,nats".into())
             .split(',')
@@ -249,6 +275,11 @@ fn main() {
             }
         }
     });
+}
+
+/// Whether follower `index` of `followers` decodes states for the lag from commit.
+fn is_sampled(index: usize, followers: usize) -> bool {
+    index.is_multiple_of((followers / SAMPLED).max(1))
 }
 
 /// Waits (up to a minute) until the control plane is idle: an earlier run's followers
@@ -289,7 +320,8 @@ async fn run(
     let ready = Arc::new(AtomicU64::new(0));
     match transport {
         Transport::Http => {
-            for _ in 0..followers {
+            for index in 0..followers {
+                let sampled = is_sampled(index, followers);
                 let (shared, http, ready, mut stopped) = (
                     shared.clone(),
                     setup.http.clone(),
@@ -312,7 +344,7 @@ async fn run(
                     loop {
                         tokio::select! {
                             chunk = response.chunk() => match chunk.expect("chunk") {
-                                Some(bytes) => shared.seen_chunk(&mut reader, &bytes),
+                                Some(bytes) => shared.seen_chunk(&mut reader, &bytes, sampled),
                                 None => return,
                             },
                             _ = stopped.changed() => return,
@@ -329,6 +361,7 @@ async fn run(
                     connection = Some(async_nats::connect(&setup.nats_url).await.expect("NATS"));
                 }
                 let nats = connection.clone().expect("connection");
+                let sampled = is_sampled(index, followers);
                 let (shared, ready, mut stopped, feed) =
                     (shared.clone(), ready.clone(), stopped.clone(), feed.clone());
                 tasks.push(tokio::spawn(async move {
@@ -339,7 +372,7 @@ async fn run(
                     loop {
                         tokio::select! {
                             frame = lines.next() => match frame {
-                                Ok(frame) => shared.seen(&frame),
+                                Ok(frame) => shared.seen(&frame, sampled),
                                 Err(error) => {
                                     eprintln!("follower: {error}");
                                     return;
@@ -401,7 +434,7 @@ async fn run(
     #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
     let cpu_per_change_us = cpu.as_secs_f64() * 1e6 / changes as f64;
     println!(
-        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
+        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} / {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
         match transport {
             Transport::Http => "HTTP streams",
             Transport::Nats => "NATS JetStream",
@@ -412,6 +445,8 @@ async fn run(
             let share = received as f64 * 100.0 / expected as f64;
             share
         },
+        shared.commit_lags.percentile_ms(0.50),
+        shared.commit_lags.percentile_ms(0.99),
         shared.lags.percentile_ms(0.50),
         shared.lags.percentile_ms(0.99),
         shared.lags.percentile_ms(1.0),
