@@ -41,6 +41,10 @@ fn nats(error: impl std::fmt::Display) -> NatsError {
 /// Bytes of live messages held while a catch-up runs, at most: past it they are dropped,
 /// and the gap they leave starts another catch-up once this one ends.
 const HELD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Live messages held while a catch-up runs, at most, whatever their size: a message
+/// with an empty payload (the publisher's own "nothing to send", or a hostile one with
+/// large headers) counts nothing against `HELD_BYTES_MAX`.
+const HELD_MESSAGES_MAX: usize = 65_536;
 /// How long heartbeats must name a head past the cursor, the cursor not moving and
 /// nothing left to take, before a follower catches up from the stream.
 const BEHIND_FOR: std::time::Duration = std::time::Duration::from_secs(3);
@@ -58,9 +62,10 @@ type Starting = tokio::task::JoinHandle<Result<Option<pull::Ordered>, NatsError>
 /// message names a `previous` position it does not have: a message lost to a slow
 /// consumer or a reconnect), an ordered JetStream consumer reads the stream from the
 /// cursor until nothing is pending, while live messages wait in order (up to
-/// `HELD_BYTES_MAX`); then live again. The parts of a split position are taken from the
-/// stream only (a part heard live starts a catch-up), where they are in order and
-/// every one was stored. A follower whose heartbeats name a head past its cursor for
+/// `HELD_BYTES_MAX` and `HELD_MESSAGES_MAX`); then live again. The parts of a split
+/// position are read from the stream, where they are in order and every one was stored
+/// (a part heard live starts a catch-up), but for the next part of a position a
+/// catch-up ended in the middle of, which is taken as heard. A follower whose heartbeats name a head past its cursor for
 /// `BEHIND_FOR` while it has nothing to take catches up too (a lost last message before a
 /// quiet spell). Every message passes the same rules ([`Taken`]), so duplicates are
 /// skipped and a gap is never applied over.
@@ -225,7 +230,9 @@ impl NatsLines {
 
     fn hold(&mut self, message: async_nats::Message) {
         let bytes = message.payload.len();
-        if self.held_bytes.saturating_add(bytes) <= HELD_BYTES_MAX {
+        if self.held_bytes.saturating_add(bytes) <= HELD_BYTES_MAX
+            && self.held.len() < HELD_MESSAGES_MAX
+        {
             self.held_bytes = self.held_bytes.saturating_add(bytes);
             self.held.push_back(message);
         }
@@ -386,20 +393,21 @@ impl NatsLines {
 
     /// Takes a message heard live. One that goes on from past the cursor waits (first in
     /// line) for a catch-up to fill the gap; so does a part of a split position not
-    /// taken yet, whose parts are read from the stream.
+    /// taken yet, whose parts are read from the stream ([`live_part`]).
     fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
         let headers = message.headers.as_ref();
-        let part = value_of(headers, NATS_PART).is_some();
-        let new = || {
-            header(headers, NATS_POSITION)
-                .ok()
-                .flatten()
-                .is_some_and(|position| position > self.taken.cursor)
-        };
-        if part && new() {
-            self.hold_first(message);
-            self.wanted = Some(Behind::Part);
-            return Ok(());
+        let position = header(headers, NATS_POSITION).ok().flatten();
+        let part = header(headers, NATS_PART).ok().flatten();
+        if let (Some(position), Some(part)) = (position, part) {
+            match live_part(self.taken.cursor, self.taken.partial, position, part) {
+                LivePart::Take => {}
+                LivePart::Drop => return Ok(()),
+                LivePart::CatchUp => {
+                    self.hold_first(message);
+                    self.wanted = Some(Behind::Part);
+                    return Ok(());
+                }
+            }
         }
         match self.taken.take(headers, &message.payload) {
             Ok(()) => Ok(()),
@@ -410,6 +418,33 @@ impl NatsLines {
             }
             Err(Untaken::Decode(reason)) => Err(NatsError::Decode(reason)),
         }
+    }
+}
+
+/// What a follower does with part `part` of split position `position` heard live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LivePart {
+    /// At or before the cursor (skipped by [`Taken::take`]), or the next part of the
+    /// position the follower is in the middle of: taken as heard.
+    Take,
+    /// A part of that position it has taken already (from the stream): dropped.
+    Drop,
+    /// A part of a position it has not started: its parts are read from the stream.
+    CatchUp,
+}
+
+/// [`LivePart`] for a follower at `cursor`, in the middle of `partial` (position, last
+/// part taken). Without `Drop`, a catch-up that ended part-way through a position (the
+/// rest not published yet) handed the part it was started for back as new, and the
+/// follower caught up again, and again, for as long as the rest took.
+fn live_part(cursor: i64, partial: Option<(i64, i64)>, position: i64, part: i64) -> LivePart {
+    if position <= cursor {
+        return LivePart::Take;
+    }
+    match partial {
+        Some((at, last)) if at == position && part <= last => LivePart::Drop,
+        Some((at, last)) if at == position && part == last.saturating_add(1) => LivePart::Take,
+        _ => LivePart::CatchUp,
     }
 }
 
@@ -694,6 +729,39 @@ mod tests {
             unmarked.take(Some(&headers(6, 2, None)), &body),
             Err(Untaken::Decode(_))
         ));
+    }
+
+    #[test]
+    fn a_live_part_is_taken_dropped_or_read_from_the_stream() {
+        // Not started: the position's parts come from the stream.
+        assert_eq!(live_part(5, None, 7, 0), LivePart::CatchUp);
+        assert_eq!(live_part(5, None, 7, 1), LivePart::CatchUp);
+        // A catch-up took part 0 and ended there (the rest not published yet): the live
+        // part 0 it was started for is dropped, not caught up for again; part 1 heard
+        // live is taken as heard; a part further on (one lost between) is read from the
+        // stream.
+        assert_eq!(live_part(5, Some((7, 0)), 7, 0), LivePart::Drop);
+        assert_eq!(live_part(5, Some((7, 0)), 7, 1), LivePart::Take);
+        assert_eq!(live_part(5, Some((7, 0)), 7, 2), LivePart::CatchUp);
+        assert_eq!(live_part(5, Some((7, 2)), 7, 1), LivePart::Drop);
+        // A part of another position than the one in the middle of.
+        assert_eq!(live_part(5, Some((7, 0)), 9, 0), LivePart::CatchUp);
+        // At or before the cursor: `Taken::take` skips it.
+        assert_eq!(live_part(7, None, 7, 3), LivePart::Take);
+        // And what "taken as heard" does with the next part: the cursor reaches the
+        // position with its last.
+        let mut taken = Taken {
+            cursor: 5,
+            ..Taken::default()
+        };
+        taken
+            .take(Some(&headers(7, 5, Some((0, true)))), &clock(6).into())
+            .unwrap();
+        assert_eq!(live_part(taken.cursor, taken.partial, 7, 1), LivePart::Take);
+        taken
+            .take(Some(&headers(7, 5, Some((1, false)))), &clock(7).into())
+            .unwrap();
+        assert_eq!(taken.cursor, 7);
     }
 
     #[test]

@@ -434,6 +434,8 @@ impl Publisher {
             previous = position;
         }
         let parts = bodies.len();
+        // Names this publication's parts apart from any other's (below).
+        let attempt: u64 = if parts > 1 { rand::random() } else { 0 };
         for (part, body) in bodies.into_iter().enumerate() {
             let more = part.saturating_add(1) < parts;
             let id = if at.sequence == 0 && part == 0 {
@@ -444,7 +446,19 @@ impl Publisher {
             } else if parts == 1 {
                 position.to_string()
             } else {
-                format!("{position}.{part}")
+                // A part is named by this publication too. A position published again
+                // after a failure part-way through (the stream's last message a part
+                // with `Qs-More`), or by another replica racing this one, is read afresh
+                // and may split at other boundaries: ids of its position and part
+                // number alone would have the stream drop the new parts that share a
+                // number with the old ones and keep the rest, and a follower would take
+                // the old first parts with the new last ones and miss what lay between.
+                // Named so, a part is never taken for another publication's: the
+                // expected last sequence orders them (a racing replica's part is
+                // refused, and it reloads), and after a failure the new parts all go
+                // after the old ones; a follower starts the position again at the new
+                // part 0 (applying a record twice changes nothing).
+                format!("{position}.{part}.{attempt:016x}")
             };
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(NATS_POSITION, position.to_string().as_str());
@@ -478,8 +492,8 @@ impl Publisher {
                 // Another process published the stream's first message.
                 return Err(Failure::Raced);
             }
-            // A duplicate is this message stored before (a part published again after a
-            // failure, or an answer that was lost): go on after it. Had the stream moved
+            // A duplicate is this message stored before (a whole position published
+            // again after a failure, or an answer that was lost): go on after it. Had the stream moved
             // on, the next publication's expected sequence fails and the stream reloads.
             at.sequence = ack.sequence;
         }

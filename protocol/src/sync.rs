@@ -131,7 +131,9 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// at cursor `c` resumes at the first message whose position is above `c` (skipping its
 /// lines whose cursor is below `c`), and must take a new snapshot when that message's
 /// previous position is above `c` (what lay between is no longer kept). The message id
-/// (`Nats-Msg-Id`) is the position, so a republish is deduplicated.
+/// (`Nats-Msg-Id`) is the position, so a republish is deduplicated (the parts of a split
+/// position are named by their publication too: one published again after a failure is
+/// stored whole after the old parts, and a follower starts it again at its part 0).
 /// `heartbeat_subject` carries a `SyncRecord::Heartbeat` every couple of seconds (plain
 /// NATS, not kept): its cursor is the last position published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

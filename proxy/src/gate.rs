@@ -19,7 +19,7 @@ use protocol::{CreateReservation, Problem};
 
 use crate::config::{Config, OnUnavailable, Unmatched};
 use crate::identity::{Identity, IdentityError};
-use crate::leases::{Leases, Spend, Taken};
+use crate::leases::{Leases, Spend, Taken, Unrecorded};
 use crate::outbox::{Op, Outbox, Record};
 use crate::pending::PendingSpend;
 use crate::replica::Replica;
@@ -706,6 +706,41 @@ impl Gate {
         Ok(())
     }
 
+    /// A request spent from a lease, answered by the upstream: its spend on disk under
+    /// the lease's open report (flushed before the response in `sync` durability), or
+    /// given back when not charged (`failed`).
+    async fn record_lease_spend(
+        &self,
+        admitted: &mut Admitted,
+        spend: Spend,
+        failed: bool,
+        upstream_response: &mut ResponseHeader,
+    ) -> pingora::Result<()> {
+        let recorded = if failed {
+            drop(spend);
+            Ok(())
+        } else {
+            spend.record(admitted.units.get()).await
+        };
+        match recorded {
+            Ok(()) => {}
+            // In the spend log (it will be charged), but the `sync` flush failed: as
+            // for the outbox, a route failing open releases the response.
+            Err(Unrecorded::NotDurable(error)) if admitted.fails_open => {
+                tracing::warn!(%error, end_user = %admitted.end_user, "recorded lease spend could not be synced; the route fails open, so the response is released");
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not record lease spend; refusing to release the response");
+                return Err(pingora::Error::explain(
+                    pingora::ErrorType::InternalError,
+                    "usage could not be recorded",
+                ));
+            }
+        }
+        admitted.recorded = true;
+        self.quota_headers(admitted, upstream_response)
+    }
+
     /// Takes the request's cost from the end user's lease (waiting briefly for a refill):
     /// admitted, refused when the control plane says nothing is left, or the failure
     /// policy when no lease could be had in time.
@@ -965,18 +1000,9 @@ impl ProxyHttp for Gate {
         }
         let failed = upstream_response.status.is_server_error() && !admitted.charge_upstream_errors;
         if let Some(spend) = admitted.spend.take() {
-            // Spent from a lease: on disk under the lease's open report (flushed before
-            // the response in `sync` durability), or given back when not charged.
-            if !failed && let Err(error) = spend.record(admitted.units.get()).await {
-                tracing::error!(%error, "could not record lease spend; refusing to release the response");
-                return Err(pingora::Error::explain(
-                    pingora::ErrorType::InternalError,
-                    "usage could not be recorded",
-                ));
-            }
-            admitted.recorded = true;
-            self.quota_headers(admitted, upstream_response)?;
-            return Ok(());
+            return self
+                .record_lease_spend(admitted, spend, failed, upstream_response)
+                .await;
         }
         let key = format!("qsp_{}", ulid::Ulid::new());
         let mut basis = None;

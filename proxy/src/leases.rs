@@ -340,8 +340,12 @@ impl Spend {
     /// durability), to be reported under the lease's open sequence.
     ///
     /// # Errors
-    /// The local store failed (the response must not go out as if recorded).
-    pub async fn record(mut self, units: u64) -> Result<(), DiskError> {
+    /// [`Unrecorded::NotWritten`]: the spend log refused the record; the cost went back
+    /// to the lease and nothing is charged. [`Unrecorded::NotDurable`]: the record is in
+    /// the log (a killed process keeps it, and it will be reported and charged) but the
+    /// `sync` flush failed, so a power loss could lose it; the caller decides, by the
+    /// route's failure policy, whether the response goes out.
+    pub async fn record(mut self, units: u64) -> Result<(), Unrecorded> {
         let leases = Arc::clone(&self.leases);
         let sequence = leases
             .with_slot(&self.key, |slot| {
@@ -352,7 +356,11 @@ impl Spend {
                 Some(sequence)
             })
             .flatten()
-            .ok_or_else(|| DiskError::new("the lease of an admitted request vanished".into()))?;
+            .ok_or_else(|| {
+                Unrecorded::NotWritten(DiskError::new(
+                    "the lease of an admitted request vanished".into(),
+                ))
+            })?;
         self.done = true;
         let written = leases
             .write_spend(self.lease_id, sequence, units, self.cost)
@@ -372,12 +380,32 @@ impl Spend {
         if settled == Some(true) {
             leases.written.notify_waiters();
         }
-        if written.is_err() {
-            // Not on disk: the spend goes back to the lease (the request is refused).
+        if let Err(Unrecorded::NotWritten(_)) = &written {
+            // Not in the log: the spend goes back to the lease (the request is refused).
+            // A record in the log stays charged whatever else fails: it is reported,
+            // and the report's cost comes off the outstanding spend then.
             leases.give_back(&self.key, &self.lease, self.cost, false);
         }
         leases.spent.increment(1);
         written
+    }
+}
+
+/// Why a lease spend is not recorded as a `sync` request needs it.
+#[derive(Debug)]
+pub enum Unrecorded {
+    /// Not in the spend log: not charged.
+    NotWritten(DiskError),
+    /// In the spend log (charged) but not flushed to disk.
+    NotDurable(DiskError),
+}
+
+impl std::fmt::Display for Unrecorded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unrecorded::NotWritten(error) => write!(f, "not written: {error}"),
+            Unrecorded::NotDurable(error) => write!(f, "written but not flushed: {error}"),
+        }
     }
 }
 
@@ -625,12 +653,16 @@ impl Leases {
         sequence: u64,
         units: u64,
         cost: Credits,
-    ) -> Result<(), DiskError> {
+    ) -> Result<(), Unrecorded> {
         self.spend_log
-            .append_id(lease, sequence, Spent { units, cost })?;
+            .append_id(lease, sequence, Spent { units, cost })
+            .map_err(Unrecorded::NotWritten)?;
         let ticket = self.flusher.wrote();
         if self.durability == Durability::Sync {
-            self.flusher.durable(ticket).await?;
+            self.flusher
+                .durable(ticket)
+                .await
+                .map_err(Unrecorded::NotDurable)?;
         }
         Ok(())
     }
@@ -1463,13 +1495,16 @@ impl Leases {
             }
             slot.notify.notify_waiters();
         });
-        if taken {
-            self.acknowledge(lease, sequence);
-            // Forgotten only once its spend is off the log: a restart in between still
-            // finds the lease and reports it (the control plane answers a replay).
-            if release && let Err(error) = self.disk.lease_forget(lease) {
-                tracing::warn!(%error, "cannot forget a released lease on disk");
-            }
+        // A released lease is forgotten only once its spend is off the log: a restart
+        // in between (or after an acknowledgement that did not go in) still finds the
+        // lease and its end user, and reports the spend (the control plane answers a
+        // replay).
+        if taken
+            && self.acknowledge(lease, sequence)
+            && release
+            && let Err(error) = self.disk.lease_forget(lease)
+        {
+            tracing::warn!(%error, "cannot forget a released lease on disk");
         }
     }
 
@@ -1555,14 +1590,12 @@ impl Leases {
                     available: None,
                 };
             }
+            // Plain (no extension): a lease that has ended (expired while this proxy was
+            // away, say) refuses an extension, and its missing reports must still go in
+            // for the spend after them to.
             for missing in expected..sequence {
-                let empty = report_body(
-                    missing,
-                    Totals::default(),
-                    None,
-                    false,
-                    self.config.ttl_secs,
-                );
+                let empty =
+                    report_body(missing, Totals::default(), None, true, self.config.ttl_secs);
                 if call(context, lease, &empty, false).await.is_err() {
                     return Reported::Later;
                 }
@@ -1629,9 +1662,13 @@ impl Leases {
     /// The control plane took (or had taken) `lease`'s report `sequence`: its spend
     /// leaves the log. Should the acknowledgement not go in, the spend stays and is
     /// sent again after a restart, where the control plane answers it as a replay.
-    fn acknowledge(&self, lease: &str, sequence: u64) {
-        if let Err(error) = self.spend_log.acknowledge(lease, sequence) {
-            tracing::error!(%error, lease, sequence, "cannot acknowledge reported spend");
+    fn acknowledge(&self, lease: &str, sequence: u64) -> bool {
+        match self.spend_log.acknowledge(lease, sequence) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, lease, sequence, "cannot acknowledge reported spend");
+                false
+            }
         }
     }
 
@@ -1879,6 +1916,83 @@ mod tests {
                 slot.retired.clear();
             });
         }
+    }
+
+    /// A disk whose every flush fails (a full or failing disk).
+    struct Refusing;
+
+    impl crate::disk::Flush for Refusing {
+        fn flush(&self) -> Result<(), DiskError> {
+            Err(DiskError::new("the disk is full".into()))
+        }
+    }
+
+    /// In `sync` durability: a spend the log took but whose flush failed stays charged
+    /// (the log reports it; the lease keeps it as outstanding, its room spent), where
+    /// one the log refused goes back to the lease. Before, both went back, and the
+    /// report of the first then took its cost off the outstanding spend a second time.
+    #[tokio::test]
+    async fn a_spend_in_the_log_stays_charged_when_its_flush_fails() {
+        let dir = tempfile::tempdir().expect("dir");
+        let flusher = Flusher::new();
+        let (stop_tx, stop) = watch::channel(false);
+        let flushing = tokio::spawn(flusher.clone().run(
+            Arc::new(Refusing),
+            Duration::from_secs(3600),
+            stop,
+        ));
+        let now = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        for (log_bytes, written) in [(1 << 20, true), (0, false)] {
+            let spend_log = Arc::new(
+                SpendLog::open(&dir.path().join(format!("spend-{log_bytes}")), log_bytes)
+                    .expect("spend log"),
+            );
+            let leases = Arc::new(Leases::new(
+                Holder::new("prx_test").expect("holder"),
+                LeaseConfig::default(),
+                Disk::open(&dir.path().join(format!("disk-{log_bytes}")), 8).expect("disk"),
+                Arc::clone(&spend_log),
+                Arc::clone(&flusher),
+                Durability::Sync,
+            ));
+            leases.with_slot_or_new(&key, now, |slot| slot.lease = Some(held(10, now)));
+            let Ok(Taken::Spent(spend)) =
+                leases.try_take(&key, Credits::new(3), Credits::new(100), None, now, now)
+            else {
+                panic!("the lease has room");
+            };
+            let outcome = spend.record(1).await;
+            let (outstanding, room) = leases
+                .with_slot(&key, |slot| {
+                    let held = slot.lease.as_ref().expect("held");
+                    (held.outstanding.get(), held.room.get())
+                })
+                .expect("slot");
+            let logged = spend_log
+                .totals("lse_01J00000000000000000000000", 1)
+                .expect("totals")
+                .cost
+                .get();
+            if written {
+                assert!(
+                    matches!(outcome, Err(Unrecorded::NotDurable(_))),
+                    "{outcome:?}"
+                );
+                assert_eq!((outstanding, room, logged), (3, 7, 3), "charged");
+            } else {
+                assert!(
+                    matches!(outcome, Err(Unrecorded::NotWritten(_))),
+                    "{outcome:?}"
+                );
+                assert_eq!((outstanding, room, logged), (0, 10, 0), "given back");
+            }
+        }
+        stop_tx.send(true).expect("stop");
+        flushing.await.expect("the flusher ends");
     }
 
     #[test]
