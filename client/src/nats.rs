@@ -10,7 +10,8 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, stream};
 use protocol::frames::{FEED_FRAMES, Frame};
 use protocol::{
-    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord,
+    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NATS_PUBLICATION, NatsFeed,
+    SyncRecord,
 };
 use tokio_stream::StreamExt;
 
@@ -126,9 +127,37 @@ struct Taken {
     pending: VecDeque<Frame>,
     /// The last position taken completely.
     cursor: i64,
-    /// The position whose parts are being taken (a split position), and the last part
-    /// taken, if any.
-    partial: Option<(i64, i64)>,
+    /// The split position whose parts are being taken, if any.
+    partial: Option<Partial>,
+}
+
+/// A split position part-way taken: its position, the last part taken, and the
+/// publication the parts came from ([`NATS_PUBLICATION`]; `None` where the publisher
+/// did not name one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Partial {
+    position: i64,
+    last: i64,
+    publication: Option<u64>,
+}
+
+impl Partial {
+    /// Whether part `part` of `publication` at `position` is the next one to take.
+    fn next_is(&self, position: i64, part: i64, publication: Option<u64>) -> bool {
+        self.position == position
+            && self.publication == publication
+            && part == self.last.saturating_add(1)
+    }
+
+    /// Whether it is one taken already.
+    fn has(&self, position: i64, part: i64, publication: Option<u64>) -> bool {
+        self.position == position && self.publication == publication && part <= self.last
+    }
+}
+
+/// The publication a part names (hex), if any; a value that is not one is none.
+fn publication_of(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
+    value_of(headers, NATS_PUBLICATION).and_then(|value| u64::from_str_radix(value, 16).ok())
 }
 
 /// Why a message could not be taken.
@@ -399,7 +428,12 @@ impl NatsLines {
         let position = header(headers, NATS_POSITION).ok().flatten();
         let part = header(headers, NATS_PART).ok().flatten();
         if let (Some(position), Some(part)) = (position, part) {
-            match live_part(self.taken.cursor, self.taken.partial, position, part) {
+            let publication = publication_of(headers);
+            match live_part(
+                self.taken.cursor,
+                self.taken.partial,
+                (position, part, publication),
+            ) {
                 LivePart::Take => {}
                 LivePart::Drop => return Ok(()),
                 LivePart::CatchUp => {
@@ -421,29 +455,37 @@ impl NatsLines {
     }
 }
 
-/// What a follower does with part `part` of split position `position` heard live.
+/// What a follower does with a part of a split position heard live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LivePart {
     /// At or before the cursor (skipped by [`Taken::take`]), or the next part of the
-    /// position the follower is in the middle of: taken as heard.
+    /// publication of the position the follower is in the middle of: taken as heard.
     Take,
-    /// A part of that position it has taken already (from the stream): dropped.
+    /// A part of that publication it has taken already (from the stream): dropped.
     Drop,
-    /// A part of a position it has not started: its parts are read from the stream.
+    /// A part of a position (or a publication of it) it has not started: its parts are
+    /// read from the stream, in order.
     CatchUp,
 }
 
-/// [`LivePart`] for a follower at `cursor`, in the middle of `partial` (position, last
-/// part taken). Without `Drop`, a catch-up that ended part-way through a position (the
-/// rest not published yet) handed the part it was started for back as new, and the
-/// follower caught up again, and again, for as long as the rest took.
-fn live_part(cursor: i64, partial: Option<(i64, i64)>, position: i64, part: i64) -> LivePart {
+/// [`LivePart`] for a follower at `cursor`, `partial` part-way through a split position,
+/// hearing part `part` of `publication` at `position`. Without `Drop`, a catch-up that
+/// ended part-way through a position (the rest not published yet) handed the part it
+/// was started for back as new, and the follower caught up again, and again, for as
+/// long as the rest took. Parts of another publication (the position published again,
+/// split otherwise, or a racing replica's refused parts, which subscribers still hear)
+/// are never taken after this one's: that would take some lines twice and others never.
+fn live_part(
+    cursor: i64,
+    partial: Option<Partial>,
+    (position, part, publication): (i64, i64, Option<u64>),
+) -> LivePart {
     if position <= cursor {
         return LivePart::Take;
     }
     match partial {
-        Some((at, last)) if at == position && part <= last => LivePart::Drop,
-        Some((at, last)) if at == position && part == last.saturating_add(1) => LivePart::Take,
+        Some(partial) if partial.has(position, part, publication) => LivePart::Drop,
+        Some(partial) if partial.next_is(position, part, publication) => LivePart::Take,
         _ => LivePart::CatchUp,
     }
 }
@@ -521,12 +563,20 @@ impl Taken {
             return Err(Untaken::Gap { previous });
         }
         // A part of a split position that does not follow the part before it (a later
-        // part without the first, or with one missing between): a gap.
+        // part without the first, with one missing between, or of another publication
+        // of the position): a gap. A part 0 starts the position (again).
+        let publication = publication_of(headers);
         match header(headers, NATS_PART).map_err(decode)? {
-            Some(0) => self.partial = Some((position, 0)),
-            Some(part) => match self.partial {
-                Some((at, last)) if at == position && part == last.saturating_add(1) => {
-                    self.partial = Some((position, part));
+            Some(0) => {
+                self.partial = Some(Partial {
+                    position,
+                    last: 0,
+                    publication,
+                });
+            }
+            Some(part) => match &mut self.partial {
+                Some(partial) if partial.next_is(position, part, publication) => {
+                    partial.last = part;
                 }
                 _ => return Err(Untaken::Gap { previous: position }),
             },
@@ -731,35 +781,69 @@ mod tests {
         ));
     }
 
+    /// The headers of part `part` of position 7 (after 5) in publication `publication`.
+    fn part_of(part: i64, more: bool, publication: u64) -> async_nats::HeaderMap {
+        let mut headers = headers(7, 5, Some((part, more)));
+        headers.insert(NATS_PUBLICATION, format!("{publication:016x}").as_str());
+        headers
+    }
+
     #[test]
     fn a_live_part_is_taken_dropped_or_read_from_the_stream() {
+        let (a, b) = (Some(0xa), Some(0xb));
+        let partial = |last, publication| {
+            Some(Partial {
+                position: 7,
+                last,
+                publication,
+            })
+        };
         // Not started: the position's parts come from the stream.
-        assert_eq!(live_part(5, None, 7, 0), LivePart::CatchUp);
-        assert_eq!(live_part(5, None, 7, 1), LivePart::CatchUp);
+        assert_eq!(live_part(5, None, (7, 0, a)), LivePart::CatchUp);
+        assert_eq!(live_part(5, None, (7, 1, a)), LivePart::CatchUp);
         // A catch-up took part 0 and ended there (the rest not published yet): the live
         // part 0 it was started for is dropped, not caught up for again; part 1 heard
         // live is taken as heard; a part further on (one lost between) is read from the
         // stream.
-        assert_eq!(live_part(5, Some((7, 0)), 7, 0), LivePart::Drop);
-        assert_eq!(live_part(5, Some((7, 0)), 7, 1), LivePart::Take);
-        assert_eq!(live_part(5, Some((7, 0)), 7, 2), LivePart::CatchUp);
-        assert_eq!(live_part(5, Some((7, 2)), 7, 1), LivePart::Drop);
+        assert_eq!(live_part(5, partial(0, a), (7, 0, a)), LivePart::Drop);
+        assert_eq!(live_part(5, partial(0, a), (7, 1, a)), LivePart::Take);
+        assert_eq!(live_part(5, partial(0, a), (7, 2, a)), LivePart::CatchUp);
+        assert_eq!(live_part(5, partial(2, a), (7, 1, a)), LivePart::Drop);
+        // Another publication of the position (published again and split otherwise, or
+        // a racing replica's refused parts, which subscribers hear all the same): never
+        // taken after this one's parts, nor dropped as taken; read from the stream.
+        assert_eq!(live_part(5, partial(0, a), (7, 1, b)), LivePart::CatchUp);
+        assert_eq!(live_part(5, partial(0, a), (7, 0, b)), LivePart::CatchUp);
         // A part of another position than the one in the middle of.
-        assert_eq!(live_part(5, Some((7, 0)), 9, 0), LivePart::CatchUp);
+        assert_eq!(live_part(5, partial(0, a), (9, 0, a)), LivePart::CatchUp);
         // At or before the cursor: `Taken::take` skips it.
-        assert_eq!(live_part(7, None, 7, 3), LivePart::Take);
-        // And what "taken as heard" does with the next part: the cursor reaches the
-        // position with its last.
+        assert_eq!(live_part(7, None, (7, 3, a)), LivePart::Take);
+
+        // What `Taken::take` does with parts: one publication's parts in order complete
+        // the position; a part of another publication after them is a gap; a part 0
+        // starts the position again.
         let mut taken = Taken {
             cursor: 5,
             ..Taken::default()
         };
         taken
-            .take(Some(&headers(7, 5, Some((0, true)))), &clock(6).into())
+            .take(Some(&part_of(0, true, 0xa)), &clock(6).into())
             .unwrap();
-        assert_eq!(live_part(taken.cursor, taken.partial, 7, 1), LivePart::Take);
+        assert_eq!(
+            live_part(taken.cursor, taken.partial, (7, 1, a)),
+            LivePart::Take
+        );
         taken
-            .take(Some(&headers(7, 5, Some((1, false)))), &clock(7).into())
+            .take(Some(&part_of(0, true, 0xb)), &clock(6).into())
+            .unwrap();
+        let mixed = taken.take(Some(&part_of(1, false, 0xa)), &clock(7).into());
+        assert!(matches!(mixed, Err(Untaken::Gap { previous: 7 })));
+        assert_eq!(
+            taken.cursor, 5,
+            "not past the position on a mix of publications"
+        );
+        taken
+            .take(Some(&part_of(1, false, 0xb)), &clock(7).into())
             .unwrap();
         assert_eq!(taken.cursor, 7);
     }

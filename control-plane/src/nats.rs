@@ -27,7 +27,8 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, stream};
 use axum::body::Bytes;
 use protocol::{
-    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NatsFeed, SyncRecord,
+    NATS_ENCODING, NATS_MORE, NATS_PART, NATS_POSITION, NATS_PREVIOUS, NATS_PUBLICATION, NatsFeed,
+    SyncRecord,
 };
 use tokio::sync::watch;
 
@@ -456,7 +457,8 @@ impl Publisher {
                 // Named so, a part is never taken for another publication's: the
                 // expected last sequence orders them (a racing replica's part is
                 // refused, and it reloads), and after a failure the new parts all go
-                // after the old ones; a follower starts the position again at the new
+                // after the old ones. A follower takes a position's parts from one
+                // publication (`NATS_PUBLICATION`) and starts again at a new one's
                 // part 0 (applying a record twice changes nothing).
                 format!("{position}.{part}.{attempt:016x}")
             };
@@ -466,6 +468,7 @@ impl Publisher {
             headers.insert(NATS_ENCODING, protocol::frames::FEED_FRAMES);
             if parts > 1 {
                 headers.insert(NATS_PART, part.to_string().as_str());
+                headers.insert(NATS_PUBLICATION, format!("{attempt:016x}").as_str());
             }
             if more {
                 headers.insert(NATS_MORE, "1");

@@ -132,8 +132,9 @@ pub const NDJSON: &str = "application/x-ndjson";
 /// lines whose cursor is below `c`), and must take a new snapshot when that message's
 /// previous position is above `c` (what lay between is no longer kept). The message id
 /// (`Nats-Msg-Id`) is the position, so a republish is deduplicated (the parts of a split
-/// position are named by their publication too: one published again after a failure is
-/// stored whole after the old parts, and a follower starts it again at its part 0).
+/// position are named by their publication too, [`NATS_PUBLICATION`]: one published
+/// again after a failure is stored whole after the old parts, and a follower takes a
+/// position's parts from one publication only).
 /// `heartbeat_subject` carries a `SyncRecord::Heartbeat` every couple of seconds (plain
 /// NATS, not kept): its cursor is the last position published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -163,3 +164,10 @@ pub const NATS_MORE: &str = "Qs-More";
 /// The header numbering the parts of a position split over several messages (from 0): a
 /// follower that meets a later part without the first has lost lines and re-snapshots.
 pub const NATS_PART: &str = "Qs-Part";
+/// The header naming the publication the parts of a split position belong to (hex): a
+/// position published again (after a failure part-way through, or by a replica racing
+/// another, whose refused parts subscribers still hear live) may split at other
+/// boundaries, so a follower takes a position's parts from one publication only, and a
+/// part of another is a gap. Absent (publishers before it): all parts are one
+/// publication's.
+pub const NATS_PUBLICATION: &str = "Qs-Publication";

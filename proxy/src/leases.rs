@@ -1495,13 +1495,17 @@ impl Leases {
             }
             slot.notify.notify_waiters();
         });
-        // A released lease is forgotten only once its spend is off the log: a restart
-        // in between (or after an acknowledgement that did not go in) still finds the
-        // lease and its end user, and reports the spend (the control plane answers a
-        // replay).
+        // A released lease is forgotten only once all its spend is off the log: a
+        // restart in between (or after an acknowledgement that did not go in, this one
+        // or an earlier report's) still finds the lease and its end user, and reports
+        // the spend (the control plane answers a replay).
         if taken
             && self.acknowledge(lease, sequence)
             && release
+            && self
+                .spend_log
+                .sequences_of(lease)
+                .is_ok_and(|left| left.is_empty())
             && let Err(error) = self.disk.lease_forget(lease)
         {
             tracing::warn!(%error, "cannot forget a released lease on disk");

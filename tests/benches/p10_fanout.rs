@@ -20,8 +20,8 @@
 //!   at (the state's `advanced_to`, read on the same machine's clock in milliseconds, so
 //!   at or before the commit: an upper bound, by at most a millisecond of rounding) until
 //!   a follower holds the frame. Decoding each state costs what a proxy pays only for end
-//!   users it holds, so a sample of the followers does it (every one up to 50, then every
-//!   `followers / 50`-th), all others reading the head alone;
+//!   users it holds, so a sample of at most 50 followers does it (every one up to 50,
+//!   then every `⌈followers / 50⌉`-th), all others reading the head alone;
 //! - from the grant's request being sent, on every follower: it adds the write's own
 //!   latency before the commit (the API's queueing and transaction), shown on its own as
 //!   "write p50 / p99".
@@ -115,16 +115,6 @@ impl Shared {
         let Frame::EndUser(frame) = frame else {
             return;
         };
-        if sampled {
-            let committed_ms = frame.parts().expect("a state").advanced_to.as_millis();
-            let wall_us = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .expect("after 1970")
-                .as_micros();
-            let committed_us = u128::try_from(committed_ms).expect("after 1970") * 1000;
-            self.commit_lags
-                .record(u64::try_from(wall_us.saturating_sub(committed_us)).unwrap_or(u64::MAX));
-        }
         let Some(index) = frame
             .end_user_id
             .strip_prefix('c')
@@ -144,6 +134,16 @@ impl Shared {
         }
         self.lags.record(now.saturating_sub(sent));
         self.received.fetch_add(1, Ordering::Relaxed);
+        if sampled {
+            let committed_ms = frame.parts().expect("a state").advanced_to.as_millis();
+            let wall_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_micros();
+            let committed_us = u128::try_from(committed_ms).expect("after 1970") * 1000;
+            self.commit_lags
+                .record(u64::try_from(wall_us.saturating_sub(committed_us)).unwrap_or(u64::MAX));
+        }
     }
 }
 
@@ -277,9 +277,10 @@ fn main() {
     });
 }
 
-/// Whether follower `index` of `followers` decodes states for the lag from commit.
+/// Whether follower `index` of `followers` decodes states for the lag from commit (at
+/// most `SAMPLED` of them).
 fn is_sampled(index: usize, followers: usize) -> bool {
-    index.is_multiple_of((followers / SAMPLED).max(1))
+    index.is_multiple_of(followers.div_ceil(SAMPLED).max(1))
 }
 
 /// Waits (up to a minute) until the control plane is idle: an earlier run's followers
