@@ -212,3 +212,114 @@ async fn a_record_too_large_for_nats_reaches_the_proxy_through_a_snapshot() {
     .await;
     proxy.running.shutdown().await;
 }
+
+// A feed position larger than a NATS message's body (512 KiB: here one usage batch of
+// 1,000 end users, one position on SQLite) is published in parts: the proxy takes every
+// end user's new state from them, and goes on following over NATS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_split_over_several_messages_reaches_the_proxy_whole() {
+    let Some(binary) = nats_server() else {
+        return;
+    };
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("nats://127.0.0.1:{port}");
+    let _nats = NatsServer::start(&binary, port, &dir.path().join("jetstream")).await;
+    let (plane, _upstream, proxy) = publishing(dir.path(), &url).await;
+    eventually(
+        "the proxy to follow over NATS",
+        Duration::from_secs(20),
+        || async { proxy.running.replica.follows_over_nats().then_some(()) },
+    )
+    .await;
+    // 1,000 end users with long ids (each record carries its id twice) and two blocks
+    // each: their records together are well over 512 KiB.
+    let ids: Vec<String> = (0..1000)
+        .map(|n| format!("{n:04}-{}", "x".repeat(240)))
+        .collect();
+    for chunk in ids.chunks(25) {
+        let mut grants = tokio::task::JoinSet::new();
+        for id in chunk {
+            for amount in [10, 20] {
+                let (client, id) = (plane.client.clone(), id.clone());
+                grants.spawn(async move {
+                    client
+                        .grant(&e2e::from(
+                            serde_json::json!({"end_user_id": id, "amount": amount}),
+                        ))
+                        .await
+                        .expect("grant");
+                });
+            }
+        }
+        while let Some(granted) = grants.join_next().await {
+            granted.expect("a grant task");
+        }
+    }
+    let remaining = |id: &str| {
+        let id = ledger::EndUserId::new(id).expect("id");
+        proxy.running.replica.user(&id).map(|state| {
+            state
+                .blocks()
+                .iter()
+                .map(|block| block.remaining.get())
+                .sum::<i64>()
+        })
+    };
+    eventually(
+        "every end user at the proxy",
+        Duration::from_secs(60),
+        || async { ids.iter().all(|id| remaining(id) == Some(30)).then_some(()) },
+    )
+    .await;
+
+    // One batch, one transaction, one feed position for all of them.
+    let events: Vec<serde_json::Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            serde_json::json!({
+                "end_user_id": id, "feature_key": "api_calls", "units": 1,
+                "idempotency_key": format!("split-{n}"),
+            })
+        })
+        .collect();
+    plane
+        .client
+        .record_usage_batch(&e2e::from(serde_json::json!({ "events": events })))
+        .await
+        .expect("the batch");
+
+    // Every end user's new state reaches the proxy, over NATS.
+    eventually(
+        "every end user's state after the batch at the proxy",
+        Duration::from_secs(60),
+        || async { ids.iter().all(|id| remaining(id) == Some(29)).then_some(()) },
+    )
+    .await;
+    assert!(
+        proxy.running.replica.follows_over_nats(),
+        "the proxy kept to NATS"
+    );
+    // And that position was published in parts (what this test is about).
+    let feed = plane.client.sync_nats().await.expect("the NATS feed");
+    let nats = async_nats::connect(&url).await.expect("NATS");
+    let mut stream = async_nats::jetstream::new(nats)
+        .get_stream(&feed.stream)
+        .await
+        .expect("the stream");
+    let state = stream.info().await.expect("info").state.clone();
+    let mut parts = 0;
+    for sequence in state.first_sequence..=state.last_sequence {
+        let message = stream.get_raw_message(sequence).await.expect("a message");
+        if message.headers.get(protocol::NATS_PART).is_some() {
+            assert!(
+                message.headers.get(protocol::NATS_PUBLICATION).is_some(),
+                "a part names its publication"
+            );
+            parts += 1;
+        }
+    }
+    assert!(parts >= 2, "the batch's position was split ({parts} parts)");
+    proxy.running.shutdown().await;
+}
