@@ -624,6 +624,11 @@ async fn stream_chain(
         .expect("the stream");
     let held = stream.info().await.expect("info").state.clone();
     let mut chain = Vec::new();
+    // A stream just made holds nothing yet (its first and last sequence are 0, and
+    // asking for message 0 is a bad request).
+    if held.messages == 0 {
+        return chain;
+    }
     for sequence in held.first_sequence..=held.last_sequence {
         let message = stream.get_raw_message(sequence).await.expect("a message");
         let header = |name: &str| {
