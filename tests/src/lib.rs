@@ -516,6 +516,15 @@ pub async fn charged_via(client: &client::Client, end_user: &str) -> i64 {
     total
 }
 
+/// The `x-quota-balance` a proxy's answer carries.
+pub fn balance_header(response: &reqwest::Response) -> i64 {
+    response.headers()["x-quota-balance"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("a number")
+}
+
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(20))

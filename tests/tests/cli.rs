@@ -102,13 +102,6 @@ async fn sighup_reloads_routes_without_dropping_connections() {
         .pool_max_idle_per_host(1)
         .build()
         .expect("client");
-    let balance_after = |response: &reqwest::Response| -> i64 {
-        response.headers()["x-quota-balance"]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("a number")
-    };
     let call = || {
         http.post(format!("{address}/work"))
             .header("x-end-user-id", "hup")
@@ -129,7 +122,7 @@ async fn sighup_reloads_routes_without_dropping_connections() {
             .filter(|response| response.status() == StatusCode::OK)
     })
     .await;
-    let mut balance = balance_after(&first);
+    let mut balance = e2e::balance_header(&first);
 
     // The admin endpoints.
     assert_eq!(
@@ -186,7 +179,7 @@ async fn sighup_reloads_routes_without_dropping_connections() {
             .await
             .expect("the connection survives the reload");
         assert_eq!(response.status(), StatusCode::OK);
-        let now = balance_after(&response);
+        let now = e2e::balance_header(&response);
         // Pending spend makes each answer exact: 1 before the reload, 5 after.
         let spent = balance - now;
         assert!(spent == 1 || spent == 5, "spent {spent}");
@@ -206,5 +199,5 @@ async fn sighup_reloads_routes_without_dropping_connections() {
     hup(proxy.id());
     let response = measured().await.expect("still serving");
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(balance - balance_after(&response), 5);
+    assert_eq!(balance - e2e::balance_header(&response), 5);
 }

@@ -74,7 +74,7 @@ fn free_port() -> u16 {
 }
 
 /// A control plane in `dir` publishing its feed to the NATS server at `url`, and a ready
-/// proxy told to follow it there.
+/// proxy following it there.
 async fn publishing(dir: &Path, url: &str) -> (ControlPlane, Upstream, Proxy) {
     let plane = ControlPlane::start_publishing(dir, url).await;
     let upstream = Upstream::start().await;
@@ -86,6 +86,12 @@ async fn publishing(dir: &Path, url: &str) -> (ControlPlane, Upstream, Proxy) {
     );
     let proxy = Proxy::start(&config).await;
     proxy.ready().await;
+    eventually(
+        "the proxy to follow over NATS",
+        Duration::from_secs(20),
+        || async { proxy.running.replica.follows_over_nats().then_some(()) },
+    )
+    .await;
     (plane, upstream, proxy)
 }
 
@@ -111,12 +117,6 @@ async fn a_proxy_follows_http_while_nats_is_down_and_returns_to_it() {
         let proxy = &proxy;
         async move { (proxy.running.replica.follows_over_nats() == expected).then_some(()) }
     };
-    eventually(
-        "the proxy to follow over NATS",
-        Duration::from_secs(20),
-        || over_nats(true),
-    )
-    .await;
     plane.grant("before", 5).await;
     proxy.sees("before").await;
 
@@ -176,12 +176,6 @@ async fn a_record_too_large_for_nats_reaches_the_proxy_through_a_snapshot() {
     let _nats =
         NatsServer::start_with(&binary, port, &dir.path().join("jetstream"), Some(&config)).await;
     let (plane, _upstream, proxy) = publishing(dir.path(), &url).await;
-    eventually(
-        "the proxy to follow over NATS",
-        Duration::from_secs(20),
-        || async { proxy.running.replica.follows_over_nats().then_some(()) },
-    )
-    .await;
     // Each grant is a block of its own: 150 of them make a state of well over 8 KiB.
     for _ in 0..150 {
         plane.grant("large", 1).await;
@@ -226,12 +220,6 @@ async fn a_position_split_over_several_messages_reaches_the_proxy_whole() {
     let url = format!("nats://127.0.0.1:{port}");
     let _nats = NatsServer::start(&binary, port, &dir.path().join("jetstream")).await;
     let (plane, _upstream, proxy) = publishing(dir.path(), &url).await;
-    eventually(
-        "the proxy to follow over NATS",
-        Duration::from_secs(20),
-        || async { proxy.running.replica.follows_over_nats().then_some(()) },
-    )
-    .await;
     // 1,000 end users with long ids (each record carries its id twice) and two blocks
     // each: their records together are well over 512 KiB.
     let ids: Vec<String> = (0..1000)

@@ -948,16 +948,9 @@ async fn after_a_drain_every_answers_balance_is_exact() {
     .await;
     plane.grant("exact", 1_000).await;
     proxy.sees("exact").await;
-    let balance_of = |response: &reqwest::Response| -> i64 {
-        response.headers()["x-quota-balance"]
-            .to_str()
-            .expect("ascii")
-            .parse()
-            .expect("a number")
-    };
     let first = proxy.send(Method::POST, "/work", Some("exact"), &[]).await;
     assert_eq!(first.status(), StatusCode::OK);
-    let mut balance = balance_of(&first);
+    let mut balance = e2e::balance_header(&first);
     for round in 0..100 {
         // Polled as tightly as the runtime allows, to land in any gap between the
         // acknowledgement and what decisions count.
@@ -971,7 +964,7 @@ async fn after_a_drain_every_answers_balance_is_exact() {
         }
         let response = proxy.send(Method::POST, "/work", Some("exact"), &[]).await;
         assert_eq!(response.status(), StatusCode::OK, "round {round}");
-        let now = balance_of(&response);
+        let now = e2e::balance_header(&response);
         assert_eq!(balance - now, 1, "round {round}: one credit a request");
         balance = now;
     }
