@@ -155,9 +155,60 @@ impl Partial {
     }
 }
 
-/// The publication a part names (hex), if any; a value that is not one is none.
-fn publication_of(headers: Option<&async_nats::HeaderMap>) -> Option<u64> {
-    value_of(headers, NATS_PUBLICATION).and_then(|value| u64::from_str_radix(value, 16).ok())
+/// What a message's headers say, read in one walk over them: a message is looked at
+/// for up to nine of these, and each lookup by name walked every header and compared
+/// names (10 % of a follower's CPU at 1,000 changes a second, docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
+struct Heads {
+    /// Each number as read: `Err` names a header whose value is not one.
+    position: Result<Option<i64>, &'static str>,
+    previous: Result<Option<i64>, &'static str>,
+    part: Result<Option<i64>, &'static str>,
+    /// The publication a part names (hex), if any; a value that is not one is none.
+    publication: Option<u64>,
+    /// Whether the payload is frames (`FEED_FRAMES`) rather than NDJSON lines.
+    framed: bool,
+    /// Whether more parts of the position follow.
+    more: bool,
+}
+
+impl Heads {
+    /// Reads `headers` (the first value of each name counts).
+    fn read(headers: Option<&async_nats::HeaderMap>) -> Heads {
+        let mut heads = Heads {
+            position: Ok(None),
+            previous: Ok(None),
+            part: Ok(None),
+            publication: None,
+            framed: false,
+            more: false,
+        };
+        let Some(headers) = headers else {
+            return heads;
+        };
+        let number =
+            |name: &'static str, value: &str| value.parse::<i64>().map(Some).map_err(|_| name);
+        for (name, values) in headers.iter() {
+            let Some(value) = values.first().map(async_nats::HeaderValue::as_str) else {
+                continue;
+            };
+            match AsRef::<str>::as_ref(name) {
+                NATS_POSITION => heads.position = number(NATS_POSITION, value),
+                NATS_PREVIOUS => heads.previous = number(NATS_PREVIOUS, value),
+                NATS_PART => heads.part = number(NATS_PART, value),
+                NATS_PUBLICATION => heads.publication = u64::from_str_radix(value, 16).ok(),
+                NATS_ENCODING => heads.framed = value == FEED_FRAMES,
+                NATS_MORE => heads.more = true,
+                _ => {}
+            }
+        }
+        heads
+    }
+}
+
+/// A header that is not a number, as the error that says so.
+fn bad_header(name: &str) -> NatsError {
+    NatsError::Decode(format!("a bad `{name}` header"))
 }
 
 /// Why a message could not be taken.
@@ -347,7 +398,8 @@ impl NatsLines {
                 Heard::Live(message) => {
                     let message = message.ok_or(NatsError::Closed)?;
                     #[cfg(feature = "test-support")]
-                    if header(message.headers.as_ref(), NATS_POSITION)
+                    if Heads::read(message.headers.as_ref())
+                        .position
                         .ok()
                         .flatten()
                         .is_some_and(|position| position <= self.lose_through)
@@ -424,15 +476,12 @@ impl NatsLines {
     /// line) for a catch-up to fill the gap; so does a part of a split position not
     /// taken yet, whose parts are read from the stream ([`live_part`]).
     fn take_live(&mut self, message: async_nats::Message) -> Result<(), NatsError> {
-        let headers = message.headers.as_ref();
-        let position = header(headers, NATS_POSITION).ok().flatten();
-        let part = header(headers, NATS_PART).ok().flatten();
-        if let (Some(position), Some(part)) = (position, part) {
-            let publication = publication_of(headers);
+        let heads = Heads::read(message.headers.as_ref());
+        if let (Ok(Some(position)), Ok(Some(part))) = (heads.position, heads.part) {
             match live_part(
                 self.taken.cursor,
                 self.taken.partial,
-                (position, part, publication),
+                (position, part, heads.publication),
             ) {
                 LivePart::Take => {}
                 LivePart::Drop => return Ok(()),
@@ -443,7 +492,7 @@ impl NatsLines {
                 }
             }
         }
-        match self.taken.take(headers, &message.payload) {
+        match self.taken.take_read(&heads, &message.payload) {
             Ok(()) => Ok(()),
             Err(Untaken::Gap { previous }) => {
                 self.hold_first(message);
@@ -551,11 +600,17 @@ impl Taken {
         headers: Option<&async_nats::HeaderMap>,
         payload: &bytes::Bytes,
     ) -> Result<(), Untaken> {
-        let decode = |error: NatsError| Untaken::Decode(error.to_string());
-        let position = header(headers, NATS_POSITION)
+        self.take_read(&Heads::read(headers), payload)
+    }
+
+    /// [`Taken::take`] of a message whose headers were read already.
+    fn take_read(&mut self, heads: &Heads, payload: &bytes::Bytes) -> Result<(), Untaken> {
+        let decode = |name: &str| Untaken::Decode(bad_header(name).to_string());
+        let position = heads
+            .position
             .map_err(decode)?
             .ok_or_else(|| Untaken::Decode("a message without a position".into()))?;
-        let previous = header(headers, NATS_PREVIOUS).map_err(decode)?.unwrap_or(0);
+        let previous = heads.previous.map_err(decode)?.unwrap_or(0);
         if position <= self.cursor {
             return Ok(());
         }
@@ -565,8 +620,8 @@ impl Taken {
         // A part of a split position that does not follow the part before it (a later
         // part without the first, with one missing between, or of another publication
         // of the position): a gap. A part 0 starts the position (again).
-        let publication = publication_of(headers);
-        match header(headers, NATS_PART).map_err(decode)? {
+        let publication = heads.publication;
+        match heads.part.map_err(decode)? {
             Some(0) => {
                 self.partial = Some(Partial {
                     position,
@@ -582,7 +637,7 @@ impl Taken {
             },
             None => {}
         }
-        let framed = value_of(headers, NATS_ENCODING) == Some(FEED_FRAMES);
+        let framed = heads.framed;
         // A message holds a run of positions; those this follower had (a cursor below its
         // own) are skipped. A record at its own cursor may belong to the position after it
         // (see `SyncRecord` cursors of shared positions): applied again. A message is taken
@@ -607,7 +662,7 @@ impl Taken {
             self.pending.truncate(before);
             return Err(error);
         }
-        let more = value_of(headers, NATS_MORE).is_some();
+        let more = heads.more;
         if !more {
             self.cursor = position;
             self.partial = None;
@@ -625,28 +680,6 @@ fn ndjson(payload: &[u8]) -> Result<Vec<Frame>, serde_json::Error> {
         .collect()
 }
 
-fn header(headers: Option<&async_nats::HeaderMap>, name: &str) -> Result<Option<i64>, NatsError> {
-    value_of(headers, name)
-        .map(|value| {
-            value
-                .parse()
-                .map_err(|_| NatsError::Decode(format!("a bad `{name}` header")))
-        })
-        .transpose()
-}
-
-/// The (first) value of header `name`, found by a walk over the message's few headers:
-/// `HeaderMap::get` builds a `HeaderName` from the `&str` (checked against every
-/// standard name, then copied) and hashes it, for every header of every message, which
-/// cost a follower of 1,000 changes a second more than decoding the frames.
-fn value_of<'a>(headers: Option<&'a async_nats::HeaderMap>, name: &str) -> Option<&'a str> {
-    headers?
-        .iter()
-        .find(|(header, _)| AsRef::<str>::as_ref(*header) == name)
-        .and_then(|(_, values)| values.first())
-        .map(async_nats::HeaderValue::as_str)
-}
-
 /// The first message whose position is after `cursor` (positions rise with the stream's
 /// sequence): its sequence and previous position, or `None` when every message is at or
 /// before `cursor`. A binary search, a few reads however long the stream.
@@ -660,9 +693,12 @@ async fn first_after(
     }
     let read = |sequence: u64| async move {
         let message = stream.get_raw_message(sequence).await.map_err(nats)?;
-        let position = header(Some(&message.headers), NATS_POSITION)?
+        let heads = Heads::read(Some(&message.headers));
+        let position = heads
+            .position
+            .map_err(bad_header)?
             .ok_or_else(|| NatsError::Decode(format!("message {sequence} has no position")))?;
-        let previous = header(Some(&message.headers), NATS_PREVIOUS)?.unwrap_or(0);
+        let previous = heads.previous.map_err(bad_header)?.unwrap_or(0);
         Ok::<_, NatsError>((position, previous))
     };
     let (mut low, mut high) = (held.first_sequence, held.last_sequence);
@@ -895,5 +931,41 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(middle.cursor, 7);
+    }
+
+    #[test]
+    fn a_message_s_headers_are_read_in_one_walk() {
+        let mut all = headers(7, 5, Some((2, true)));
+        all.insert(NATS_PUBLICATION, "00000000000000ff");
+        all.insert(NATS_ENCODING, FEED_FRAMES);
+        all.insert("Nats-Msg-Id", "7.2.00000000000000ff");
+        let heads = Heads::read(Some(&all));
+        assert_eq!(heads.position, Ok(Some(7)));
+        assert_eq!(heads.previous, Ok(Some(5)));
+        assert_eq!(heads.part, Ok(Some(2)));
+        assert_eq!(heads.publication, Some(0xff));
+        assert!(heads.framed && heads.more);
+
+        let none = Heads::read(None);
+        assert_eq!(none.position, Ok(None));
+        assert!(!none.framed && !none.more && none.publication.is_none());
+
+        // A value that is not a number names its header when the message is taken; a
+        // publication that is not hex is none; another encoding is lines.
+        let mut bad = async_nats::HeaderMap::new();
+        bad.insert(NATS_POSITION, "7");
+        bad.insert(NATS_PREVIOUS, "five");
+        bad.insert(NATS_PUBLICATION, "not hex");
+        bad.insert(NATS_ENCODING, "application/x-ndjson");
+        let heads = Heads::read(Some(&bad));
+        assert_eq!(heads.previous, Err(NATS_PREVIOUS));
+        assert_eq!(heads.publication, None);
+        assert!(!heads.framed);
+        let mut taken = Taken::default();
+        match taken.take(Some(&bad), &clock(7).into()) {
+            Err(Untaken::Decode(reason)) => assert!(reason.contains(NATS_PREVIOUS), "{reason}"),
+            other => panic!("a decode error, not {other:?}"),
+        }
+        assert_eq!(taken.cursor, 0);
     }
 }
