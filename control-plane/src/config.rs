@@ -217,9 +217,10 @@ pub struct Config {
     /// HTTP stream (`sync.nats_url`; `None`: HTTP only). It may carry credentials, so it
     /// never prints.
     pub nats_url: Option<Secret>,
-    /// How long the NATS publisher lets commits gather after one woke it
-    /// (`sync.nats_linger_ms`, 0..=1000, default 10): fewer, larger messages (NATS's cost
-    /// is per message delivered to every follower) for this much more lag.
+    /// How long the NATS publisher lets commits gather before each publication, after
+    /// one woke it or after the last publication caught up (`sync.nats_linger_ms`,
+    /// 0..=1000, default 10): fewer, larger messages (NATS's and a follower's cost is
+    /// mostly per message delivered to every follower) for this much more lag.
     pub nats_linger: Duration,
     /// The console's sessions (`[console]`, docs/console.md).
     pub console: ConsoleConfig,

@@ -3,11 +3,12 @@
 //! thousands of proxies follow it from NATS rather than each holding a stream to a
 //! replica. The wire format is `protocol::NatsFeed`'s.
 //!
-//! Every process publishes what it commits, within `sync.nats_linger_ms` (the
-//! environments it marked in `AppState::notify_changes`; consecutive positions share a
-//! message), and once a second sweeps every environment's feed head, publishing whatever
-//! no process has (a commit whose process died before publishing it,
-//! or anything committed while NATS was down). Messages are published with the stream's
+//! Every process publishes what it commits (the environments it marked in
+//! `AppState::notify_changes`; consecutive positions share a message), letting commits
+//! gather for `sync.nats_linger_ms` before each publication, also under a steady load;
+//! and once a second it sweeps every environment's feed head, publishing whatever no
+//! process has (a commit whose process died before publishing it, or anything committed
+//! while NATS was down). Messages are published with the stream's
 //! last sequence as the expected one: two processes publishing one environment never
 //! interleave or skip, the loser reloads where the stream is and goes on from there. The
 //! position is the message id too, so a republish within the duplicate window is dropped.
@@ -208,9 +209,6 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             tracing::info!("NATS is reachable again; publishing the change feed");
             connected = true;
         }
-        for env in state.take_feed_dirty() {
-            publisher.enqueue(env);
-        }
         if tokio::time::Instant::now() >= next_sweep {
             next_sweep = tokio::time::Instant::now() + SWEEP;
             if let Err(error) = publisher.sweep().await {
@@ -236,6 +234,12 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             }
             continue;
         }
+        // Caught up: commits gather for `linger` before the next publication, also when
+        // they kept coming while this one was published (the change is marked already,
+        // so the wait is the linger alone). Taking them at once instead published a
+        // message per publication's round trip under a steady load whatever the linger
+        // (60-70 a second at 1,000 changes a second, P10), and each message costs the
+        // NATS server and every follower the same however few changes it carries.
         tokio::select! {
             _ = changed.changed() => {
                 tokio::select! {
@@ -245,6 +249,9 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             }
             () = tokio::time::sleep_until(next_sweep) => {}
             _ = stop.changed() => return,
+        }
+        for env in state.take_feed_dirty() {
+            publisher.enqueue(env);
         }
     }
 }
@@ -398,6 +405,11 @@ impl Publisher {
                 let previous = at.position.max(purged.min(read.last.saturating_sub(1)));
                 self.publish_position(&names, at, read.last, previous, &[])
                     .await?;
+            }
+            if !read.full {
+                // Caught up with the feed as it was read: what was committed since waits
+                // for the linger (see `run`), not for another read straight away.
+                return Ok(false);
             }
         }
         Ok(true)

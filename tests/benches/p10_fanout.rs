@@ -254,9 +254,9 @@ fn main() {
             "P10 fan-out: {rate} changes/s for {secs} s; followers {counts:?}; lag from commit (sampled followers) and from the write's send (all); NATS linger {linger_ms} ms"
         );
         println!(
-            "| followers | transport | changes | delivered | from commit p50 / p99 | from send p50 | from send p99 | from send max≈ | write p50 / p99 | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups |"
+            "| followers | transport | changes | delivered | from commit p50 / p99 | from send p50 | from send p99 | from send max≈ | write p50 / p99 | control-plane CPU per change | NATS server CPU | followers' CPU | catch-ups | feed messages a second |"
         );
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let transports: Vec<Transport> = std::env::var("QS_FANOUT_TRANSPORTS")
             .unwrap_or_else(|_| "http,nats".into())
             .split(',')
@@ -314,6 +314,20 @@ async fn run(
         match lines.next().await.expect("header") {
             Some(protocol::SyncRecord::Header { cursor, .. }) => cursor,
             other => panic!("a header first, not {other:?}"),
+        }
+    };
+    // The NATS feed's stream, whose messages published over the run are counted.
+    let stream = match transport {
+        Transport::Http => None,
+        Transport::Nats => {
+            let feed = client.sync_nats().await.expect("the NATS feed");
+            let nats = async_nats::connect(&setup.nats_url).await.expect("NATS");
+            Some(
+                async_nats::jetstream::new(nats)
+                    .get_stream(&feed.stream)
+                    .await
+                    .expect("the feed's stream"),
+            )
         }
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -398,6 +412,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The writer: `rate` grants a second, paced in 10 ms ticks, each to a new end user.
+    let sequence_before = last_sequence(stream.as_ref()).await;
     let cpu_before = cpu_time(setup.plane_pid());
     let nats_pid = nats_server_pid();
     let nats_before = nats_pid.map(cpu_time).unwrap_or_default();
@@ -427,6 +442,9 @@ async fn run(
         .unwrap_or_default()
         .saturating_sub(nats_before);
     let own_cpu = cpu_time(std::process::id()).saturating_sub(own_before);
+    let published = last_sequence(stream.as_ref())
+        .await
+        .saturating_sub(sequence_before);
     let _ = stop.send(true);
     for task in tasks {
         let _ = task.await;
@@ -435,7 +453,7 @@ async fn run(
     #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
     let cpu_per_change_us = cpu.as_secs_f64() * 1e6 / changes as f64;
     println!(
-        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} / {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} |",
+        "| {followers} | {} | {changes} in {:.1} s | {:.1} % | {:.1} / {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} ms | {cpu_per_change_us:.0} µs | {:.1} s | {:.1} s | {} | {} |",
         match transport {
             Transport::Http => "HTTP streams",
             Transport::Nats => "NATS JetStream",
@@ -459,7 +477,31 @@ async fn run(
             Transport::Http => "–".to_owned(),
             Transport::Nats => shared.catch_ups.load(Ordering::Relaxed).to_string(),
         },
+        match transport {
+            Transport::Http => "–".to_owned(),
+            Transport::Nats => {
+                #[allow(clippy::as_conversions, clippy::cast_precision_loss)]
+                let per_second = published as f64 / wrote_in.as_secs_f64();
+                format!("{per_second:.0}")
+            }
+        },
     );
+}
+
+/// The stream's last sequence (0 without a stream): the messages published to it so far.
+async fn last_sequence(stream: Option<&async_nats::jetstream::stream::Stream>) -> u64 {
+    match stream {
+        Some(stream) => {
+            let mut stream = stream.clone();
+            stream
+                .info()
+                .await
+                .expect("stream info")
+                .state
+                .last_sequence
+        }
+        None => 0,
+    }
 }
 
 /// The writer: `rate` grants a second, paced in 10 ms ticks, each to a new end user; how

@@ -100,6 +100,8 @@ pub struct FeedLine {
 pub struct FeedRead {
     pub lines: Vec<FeedLine>,
     pub last: i64,
+    /// The read stopped at its limit: more may follow `last` already.
+    pub full: bool,
 }
 
 /// An end user's state read for the feed, encoded at most once per encoding however many
@@ -303,6 +305,7 @@ impl AppState {
         Ok(Some(FeedRead {
             lines,
             last: last.seq,
+            full: changes.len() >= usize::try_from(limit).unwrap_or(usize::MAX),
         }))
     }
 
