@@ -5,7 +5,7 @@
 //!
 //! Every process publishes what it commits (the environments it marked in
 //! `AppState::notify_changes`; consecutive positions share a message), letting commits
-//! gather for `sync.nats_linger_ms` before each publication, also under a steady load;
+//! gather for `sync.nats_linger_ms` whenever it has caught up, also under a steady load;
 //! and once a second it sweeps every environment's feed head, publishing whatever no
 //! process has (a commit whose process died before publishing it, or anything committed
 //! while NATS was down). Messages are published with the stream's
@@ -209,6 +209,13 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
             tracing::info!("NATS is reachable again; publishing the change feed");
             connected = true;
         }
+        if !publisher.queue.is_empty() {
+            // Busy (a backlog, a reload, other environments queued): other environments'
+            // commits join the queue at once, as they wait their turn anyway.
+            for env in state.take_feed_dirty() {
+                publisher.enqueue(env);
+            }
+        }
         if tokio::time::Instant::now() >= next_sweep {
             next_sweep = tokio::time::Instant::now() + SWEEP;
             if let Err(error) = publisher.sweep().await {
@@ -406,7 +413,7 @@ impl Publisher {
                 self.publish_position(&names, at, read.last, previous, &[])
                     .await?;
             }
-            if !read.full {
+            if !read.maybe_more {
                 // Caught up with the feed as it was read: what was committed since waits
                 // for the linger (see `run`), not for another read straight away.
                 return Ok(false);

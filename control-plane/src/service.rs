@@ -183,6 +183,20 @@ impl AppState {
         cursor: i64,
         limit: u32,
     ) -> Result<Arc<Vec<crate::store::ChangeRecord>>, ApiError> {
+        Ok(self.changes_after_read(env, cursor, limit).await?.0)
+    }
+
+    /// [`AppState::changes_after`], and whether this call read the store itself (`false`:
+    /// the page of an earlier read, which may end before the last commit).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn changes_after_read(
+        &self,
+        env: &Env,
+        cursor: i64,
+        limit: u32,
+    ) -> Result<(Arc<Vec<crate::store::ChangeRecord>>, bool), ApiError> {
         let key = (env.clone(), cursor, limit);
         let page: FeedPage = {
             let mut pages = self
@@ -211,14 +225,15 @@ impl AppState {
             }
         };
         if !records.is_empty() {
-            return Ok(records);
+            return Ok((records, read_here));
         }
         self.forget_feed_page(&key, &page);
         if read_here {
-            return Ok(records);
+            return Ok((records, true));
         }
-        Ok(Arc::new(
-            self.store().changes_after(env, cursor, limit).await?,
+        Ok((
+            Arc::new(self.store().changes_after(env, cursor, limit).await?),
+            true,
         ))
     }
 

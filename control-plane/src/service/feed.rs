@@ -100,8 +100,10 @@ pub struct FeedLine {
 pub struct FeedRead {
     pub lines: Vec<FeedLine>,
     pub last: i64,
-    /// The read stopped at its limit: more may follow `last` already.
-    pub full: bool,
+    /// More may follow `last` already: the read stopped at its limit, or it was the
+    /// page of an earlier read (shared by this process's streams), which may end before
+    /// the last commit.
+    pub maybe_more: bool,
 }
 
 /// An end user's state read for the feed, encoded at most once per encoding however many
@@ -249,7 +251,7 @@ impl AppState {
         limit: u32,
         encoding: Encoding,
     ) -> Result<Option<FeedRead>, ApiError> {
-        let changes = self.changes_after(env, cursor, limit).await?;
+        let (changes, read_here) = self.changes_after_read(env, cursor, limit).await?;
         let Some(last) = changes.last() else {
             return Ok(None);
         };
@@ -305,7 +307,10 @@ impl AppState {
         Ok(Some(FeedRead {
             lines,
             last: last.seq,
-            full: changes.len() >= usize::try_from(limit).unwrap_or(usize::MAX),
+            // `limit` counts positions and a position may hold several records (one
+            // per end user it changed), so this may say "more" of a page that holds
+            // them all: one more read, never a commit left behind.
+            maybe_more: !read_here || changes.len() >= usize::try_from(limit).unwrap_or(usize::MAX),
         }))
     }
 

@@ -405,32 +405,52 @@ async fn feed(state: &AppState, env: &Env) -> Vec<crate::store::ChangeRecord> {
         .expect("feed")
 }
 
-// A read of the feed says whether it stopped at its limit: the NATS publisher reads on at
-// once only then, and lets later commits gather for its linger otherwise.
+// A read of the feed says when more may follow it: the NATS publisher reads on at once
+// only then, and lets later commits gather for its linger otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_feed_read_says_when_it_stopped_at_its_limit() {
-    let held = Held::new("t_feed_full").await;
-    for index in 0..3 {
+async fn a_feed_read_says_when_more_may_follow_it() {
+    let held = Held::new("t_feed_more").await;
+    let grant_to = |index: usize| {
         let end_user = EndUserId::new(&format!("u{index}")).expect("id");
         grant(&held.state, &held.env, &end_user, 1)
-            .await
-            .expect("join")
-            .expect("grant");
+    };
+    for index in 0..3 {
+        grant_to(index).await.expect("join").expect("grant");
     }
     let encoding = super::feed::Encoding::Frames;
     let read = |limit| held.state.feed_lines(&held.env, 0, limit, encoding);
     let two = read(2).await.expect("read").expect("changes");
-    assert!(two.full, "two of three changes");
+    assert!(two.maybe_more, "two of three changes");
     assert_eq!(two.lines.len(), 2);
-    let all = read(10).await.expect("read").expect("changes");
-    assert!(!all.full, "every change, under the limit");
-    assert_eq!(all.lines.len(), 3);
     let exact = read(3).await.expect("read").expect("changes");
-    assert!(exact.full, "a read that reaches its limit may have more after it");
+    assert!(
+        exact.maybe_more,
+        "a read that reaches its limit may have more after it"
+    );
+    let all = read(10).await.expect("read").expect("changes");
+    assert!(!all.maybe_more, "every change, under the limit");
+    assert_eq!(all.lines.len(), 3);
     let after = held
         .state
         .feed_lines(&held.env, all.last, 10, encoding)
         .await
         .expect("read");
     assert!(after.is_none(), "nothing after the last change");
+    // A commit after that read: the same read again is the page the streams of this
+    // process share, which ends before it; it says more may follow.
+    grant_to(3).await.expect("join").expect("grant");
+    let shared = read(10).await.expect("read").expect("changes");
+    assert_eq!(shared.lines.len(), 3, "the shared page");
+    assert!(
+        shared.maybe_more,
+        "a shared page may end before the last commit"
+    );
+    let rest = held
+        .state
+        .feed_lines(&held.env, shared.last, 10, encoding)
+        .await
+        .expect("read")
+        .expect("the commit after the shared page");
+    assert_eq!(rest.lines.len(), 1);
+    assert!(!rest.maybe_more);
 }
