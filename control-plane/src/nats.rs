@@ -245,7 +245,7 @@ pub async fn run(state: AppState, mut stop: watch::Receiver<bool>) {
         // they kept coming while this one was published (the change is marked already,
         // so the wait is the linger alone). Taking them at once instead published a
         // message per publication's round trip under a steady load whatever the linger
-        // (60-70 a second at 1,000 changes a second, P10), and each message costs the
+        // (51-68 a second at 1,000 changes a second, P10), and each message costs the
         // NATS server and every follower the same however few changes it carries.
         tokio::select! {
             _ = changed.changed() => {
