@@ -9,6 +9,11 @@
 //! the store). The baseline is the same server with `database.group_commit_max = 1`
 //! (every debit its own transaction); the grouped run uses the default (64). Each run
 //! starts from a fresh database and checks the end user's final balance to the credit.
+//!
+//! A third pair of runs spreads the same debitors over 32 end users, one each, without
+//! keys: nothing to group per end user, so what the default gains there is SQLite's
+//! transactions shared among end users (`group.rs`; PostgreSQL commits each end user's
+//! group on its own, concurrently).
 
 // A benchmark program: it prints its report and panics on setup failures.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
@@ -25,20 +30,37 @@ use support::{env_or, send, setup};
 const DEBITORS: u64 = 32;
 const GRANT: u64 = 1_000_000_000;
 
-/// Debits per second with `group_commit_max`, after checking the final balance.
-async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed: bool) -> f64 {
+/// The end user debitor `debitor` debits: the hot one, or one of its own (`spread`).
+fn end_user(debitor: u64, spread: bool) -> String {
+    if spread {
+        format!("user_{debitor}")
+    } else {
+        "hot".into()
+    }
+}
+
+/// Debits per second with `group_commit_max`, after checking the final balances.
+async fn run(
+    database: DatabaseUrl,
+    group_commit_max: usize,
+    debits: u64,
+    (keyed, spread): (bool, bool),
+) -> f64 {
     let (app, key) = setup(database, |config| {
         config.max_connections = 64;
         config.group_commit_max = group_commit_max;
     })
     .await;
-    send(
-        &app,
-        &key,
-        Request::post("/v1/credits/grants"),
-        Some(json!({"end_user_id": "hot", "amount": GRANT})),
-    )
-    .await;
+    let users = if spread { DEBITORS } else { 1 };
+    for debitor in 0..users {
+        send(
+            &app,
+            &key,
+            Request::post("/v1/credits/grants"),
+            Some(json!({"end_user_id": end_user(debitor, spread), "amount": GRANT})),
+        )
+        .await;
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
     for debitor in 0..DEBITORS {
@@ -49,7 +71,9 @@ async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed:
                 if keyed {
                     request = request.header("idempotency-key", format!("debit-{debitor}-{index}"));
                 }
-                let body = json!({"end_user_id": "hot", "feature_key": "api_calls", "units": 1});
+                let body = json!({
+                    "end_user_id": end_user(debitor, spread), "feature_key": "api_calls", "units": 1,
+                });
                 send(&app, &key, request, Some(body)).await;
             }
         }));
@@ -59,28 +83,37 @@ async fn run(database: DatabaseUrl, group_commit_max: usize, debits: u64, keyed:
     }
     let seconds = started.elapsed().as_secs_f64();
     let total = DEBITORS * debits;
-    let balance = send(
-        &app,
-        &key,
-        Request::get("/v1/credits/balance?end_user_id=hot"),
-        None,
-    )
-    .await;
-    assert_eq!(
-        balance["available"].as_u64(),
-        Some(GRANT - total),
-        "the final balance is exact"
-    );
+    for debitor in 0..users {
+        let balance = send(
+            &app,
+            &key,
+            Request::get(format!(
+                "/v1/credits/balance?end_user_id={}",
+                end_user(debitor, spread)
+            )),
+            None,
+        )
+        .await;
+        assert_eq!(
+            balance["available"].as_u64(),
+            Some(GRANT - total / users),
+            "the final balance is exact"
+        );
+    }
     total as f64 / seconds
 }
 
 async fn measure(label: &str, database: impl Fn() -> DatabaseUrl) {
     let debits = env_or("QS_P5_DEBITS", 100);
-    for (keyed, what) in [(false, "no keys"), (true, "an Idempotency-Key each")] {
-        let naive = run(database(), 1, debits, keyed).await;
-        let grouped = run(database(), 64, debits, keyed).await;
+    for (keyed, spread, what) in [
+        (false, false, "on one end user, no keys"),
+        (true, false, "on one end user, an Idempotency-Key each"),
+        (false, true, "on an end user each, no keys"),
+    ] {
+        let naive = run(database(), 1, debits, (keyed, spread)).await;
+        let grouped = run(database(), 64, debits, (keyed, spread)).await;
         println!(
-            "P5 {label}, {what}: {DEBITORS} debitors on one end user: one commit per debit {naive:.0} debits/s; group commit {grouped:.0} debits/s; ratio {:.1}x (final balances exact)",
+            "P5 {label}, {DEBITORS} debitors {what}: one commit per debit {naive:.0} debits/s; group commit {grouped:.0} debits/s; ratio {:.1}x (final balances exact)",
             grouped / naive
         );
     }

@@ -169,7 +169,8 @@ pub struct Config {
     /// mutation holds one for its transaction, so this bounds concurrent writes.
     pub max_connections: u32,
     /// The most concurrent operations on one end user that one transaction carries
-    /// (group commit; default 64, 1 turns it off).
+    /// (group commit; default 64, 1 turns it off), and the most end users' groups of
+    /// one environment that share a transaction.
     pub group_commit_max: usize,
     /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
     pub operator_token: Option<Secret>,

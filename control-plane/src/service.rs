@@ -59,6 +59,9 @@ struct Inner {
     closing: tokio::sync::watch::Sender<bool>,
     /// Queued mutations per end user (group commit).
     groups: Arc<group::Groups>,
+    /// End users' groups waiting for a transaction they share, per environment (where
+    /// the store shares them).
+    batches: Arc<group::Batches>,
     /// End users whose due work failed, for the scheduler's backoff.
     due_failures: crate::backoff::DueFailures,
     /// Open sync streams per API key id.
@@ -141,6 +144,7 @@ impl AppState {
                 nats_connected: Arc::default(),
                 closing: tokio::sync::watch::Sender::new(false),
                 groups: Arc::default(),
+                batches: Arc::default(),
                 due_failures: crate::backoff::DueFailures::default(),
                 streams: Mutex::default(),
                 open_streams: Mutex::default(),

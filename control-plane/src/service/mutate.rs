@@ -228,70 +228,136 @@ impl AppState {
             };
             last = members.len();
             let (env, end_user) = &guard.key;
-            self.commit_group(env, end_user, members).await;
+            if self.store().shares_transactions() {
+                self.commit_shared(env, end_user, members).await;
+            } else {
+                self.commit_groups(env, vec![(end_user.clone(), members)])
+                    .await;
+            }
         }
         guard.finished = true;
     }
 
-    async fn commit_group(
-        &self,
-        env: &Env,
-        end_user: &EndUserId,
-        mut members: Vec<Box<dyn group::Member>>,
-    ) {
-        let outcome = match self.view(env).await {
-            Ok(view) => {
-                let now = self.env_now(&view);
+    /// Queues the end user's group for a transaction shared with other end users'
+    /// groups of its environment and waits until it has committed or failed (its members
+    /// are answered by then). The first group queued starts the environment's drainer;
+    /// groups that queue while its transaction runs share the next one.
+    async fn commit_shared(&self, env: &Env, end_user: &EndUserId, members: Members) {
+        let (done, committed) = tokio::sync::oneshot::channel();
+        let pending = group::Pending {
+            end_user: end_user.clone(),
+            members,
+            done,
+        };
+        if self.inner.batches.push(env, pending) {
+            let guard = crate::queues::DrainGuard {
+                queues: Arc::clone(&self.inner.batches),
+                key: env.clone(),
+                fail: group::fail_pending,
+                finished: false,
+            };
+            let state = self.clone();
+            tokio::spawn(async move { state.drain_shared(guard).await });
+        }
+        // An error: the drainer went away, and its guard answered the members.
+        let _ = committed.await;
+    }
+
+    /// Commits the environment's queued groups, up to `database.group_commit_max` end
+    /// users a transaction, until none are left.
+    async fn drain_shared(&self, mut guard: crate::queues::DrainGuard<Env, group::Pending>) {
+        let max = self.config().group_commit_max;
+        while let Some(pending) = guard.queues.take(&guard.key, max) {
+            let mut groups = Vec::with_capacity(pending.len());
+            let mut done = Vec::with_capacity(pending.len());
+            for group in pending {
+                groups.push((group.end_user, group.members));
+                done.push(group.done);
+            }
+            self.commit_groups(&guard.key, groups).await;
+            for done in done {
+                let _ = done.send(());
+            }
+        }
+        guard.finished = true;
+    }
+
+    /// Commits each end user's group of operations (see `group.rs`) through
+    /// [`LedgerStore::mutate_each`](crate::store::LedgerStore::mutate_each): each
+    /// commits or fails on its own, and every member is answered.
+    async fn commit_groups(&self, env: &Env, groups: Vec<(EndUserId, Members)>) {
+        let view = match self.view(env).await {
+            Ok(view) => view,
+            Err(error) => {
+                for member in groups.into_iter().flat_map(|(_, members)| members) {
+                    member.finish(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        let now = self.env_now(&view);
+        metrics::histogram!("quotastack_transaction_end_users")
+            .record(u32::try_from(groups.len()).map_or(f64::MAX, f64::from));
+        let mut slots: Vec<Slot> = groups
+            .into_iter()
+            .map(|(end_user, members)| {
                 metrics::histogram!("quotastack_group_commit_operations")
                     .record(u32::try_from(members.len()).map_or(f64::MAX, f64::from));
-                let claims: Vec<Claim> = members
+                let claims = members
                     .iter()
                     .filter_map(|member| member.claim().cloned())
                     .collect();
-                let mut declined = None;
-                let mut run =
-                    |state: &mut EndUserState, claimed: &[bool]| -> StoreResult<Vec<Changes>> {
-                        let mut flags = claimed.iter();
-                        let runnable: Vec<bool> = members
-                            .iter()
-                            .map(|member| {
-                                member.claim().is_none() || flags.next().copied().unwrap_or(false)
-                            })
-                            .collect();
-                        let mut ids = UlidSource::at(now);
-                        let mut cx = Cx {
-                            now,
-                            catalog: &view.catalog,
-                            ids: &mut ids,
-                        };
-                        group::apply(&mut members, &runnable, state, &mut cx, &view).map_err(
-                            |refusal| {
-                                declined = Some(refusal);
-                                StoreError::Declined
-                            },
-                        )
-                    };
-                let outcome = self
-                    .store()
-                    .mutate(
-                        Mutation {
-                            env,
-                            end_user,
-                            now,
-                            claims: &claims,
-                        },
-                        &mut run,
-                    )
-                    .await;
-                outcome.map_err(|error| mutation_error(error, declined))
+                Slot {
+                    end_user,
+                    claims,
+                    members,
+                    declined: None,
+                }
+            })
+            .collect();
+        let outcome = {
+            let mut targets = Vec::with_capacity(slots.len());
+            let mut runs: Vec<Box<crate::store::ClaimingFn<'_>>> = Vec::with_capacity(slots.len());
+            for slot in &mut slots {
+                targets.push(Mutation {
+                    env,
+                    end_user: &slot.end_user,
+                    now,
+                    claims: &slot.claims,
+                });
+                runs.push(Box::new(group_run(
+                    &mut slot.members,
+                    &mut slot.declined,
+                    &view,
+                    now,
+                )));
             }
-            Err(error) => Err(error),
+            let mut each: Vec<(Mutation<'_>, &mut crate::store::ClaimingFn<'_>)> = targets
+                .into_iter()
+                .zip(runs.iter_mut().map(|run| &mut **run))
+                .collect();
+            self.store().mutate_each(&mut each).await
         };
-        if outcome.is_ok() {
+        let outcomes: Vec<Result<(), ApiError>> = match outcome {
+            Ok(outcomes) => outcomes
+                .into_iter()
+                .zip(&mut slots)
+                .map(|(outcome, slot)| {
+                    outcome.map_err(|error| mutation_error(error, slot.declined.take()))
+                })
+                .collect(),
+            Err(error) => {
+                let error = ApiError::from(error);
+                slots.iter().map(|_| Err(error.clone())).collect()
+            }
+        };
+        if outcomes.iter().any(Result::is_ok) {
             self.notify_changes(env);
         }
-        for member in members {
-            member.finish(outcome.clone());
+        for (slot, outcome) in slots.into_iter().zip(outcomes) {
+            for member in slot.members {
+                member.finish(outcome.clone());
+            }
         }
     }
 
@@ -411,6 +477,46 @@ impl AppState {
 
 /// How many times a drainer yields, at most, for the next group to gather.
 const GATHER_YIELDS: usize = 16;
+
+/// An end user's queued operations, as one group commits them.
+type Members = Vec<Box<dyn group::Member>>;
+
+/// One end user's group in a transaction: the keys its members claim, and the refusal
+/// of the operation that declined, if one did.
+struct Slot {
+    end_user: EndUserId,
+    claims: Vec<Claim>,
+    members: Members,
+    declined: Option<ApiError>,
+}
+
+/// The store's operation for one end user's group: runs the members the store's claims
+/// let run (see `group::apply`), each on the state its predecessors left; a refusal
+/// that fails the whole group is kept in `declined`.
+fn group_run<'a>(
+    members: &'a mut Members,
+    declined: &'a mut Option<ApiError>,
+    view: &'a CatalogView,
+    now: Timestamp,
+) -> impl FnMut(&mut EndUserState, &[bool]) -> StoreResult<Vec<Changes>> + Send + 'a {
+    move |state: &mut EndUserState, claimed: &[bool]| {
+        let mut flags = claimed.iter();
+        let runnable: Vec<bool> = members
+            .iter()
+            .map(|member| member.claim().is_none() || flags.next().copied().unwrap_or(false))
+            .collect();
+        let mut ids = UlidSource::at(now);
+        let mut cx = Cx {
+            now,
+            catalog: &view.catalog,
+            ids: &mut ids,
+        };
+        group::apply(members, &runnable, state, &mut cx, view).map_err(|refusal| {
+            *declined = Some(refusal);
+            StoreError::Declined
+        })
+    }
+}
 
 /// A caller's operation waiting in its end user's group commit.
 struct Operation<T, F> {

@@ -224,6 +224,84 @@ async fn queued_operations_share_one_transaction() {
     assert_eq!(entries.len(), 20);
 }
 
+// While the database is busy, groups of many end users queue for their environment's
+// next transaction; when it frees, they commit in one, each group on its own: a refused
+// one among them (a lone zero grant, which fails its whole group) leaves nothing
+// behind, and the others commit around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_users_groups_share_one_transaction() {
+    let held = Held::new("t_shared").await;
+    let (state, env) = (held.state.clone(), held.env.clone());
+    let (blocker, first) = held.lock().await;
+    let users: Vec<EndUserId> = (0..20)
+        .map(|index| EndUserId::new(&format!("user_{index}")).expect("id"))
+        .collect();
+    let mut queued = Vec::new();
+    for (index, end_user) in users.iter().enumerate() {
+        // A zero grant is refused.
+        queued.push(grant(
+            &state,
+            &env,
+            end_user,
+            if index == 7 { 0 } else { 2 },
+        ));
+    }
+    until(
+        "every end user's group queued for the next transaction",
+        || state.inner.batches.queued(&env) == Some(20),
+    )
+    .await;
+    Held::unlock(blocker).await;
+
+    first.await.expect("task").expect("first commits");
+    for (index, task) in queued.into_iter().enumerate() {
+        match task.await.expect("task") {
+            Ok(()) => assert_ne!(index, 7),
+            Err(ApiError::Refused(_)) if index == 7 => {}
+            Err(error) => panic!("operation {index}: {error}"),
+        }
+    }
+    until("the environment's drainer ends", || {
+        state.inner.batches.queued(&env).is_none()
+    })
+    .await;
+
+    let now = state.real_now();
+    for (index, end_user) in users.iter().enumerate() {
+        let stored = state
+            .store()
+            .load_state(&env, end_user)
+            .await
+            .expect("load");
+        match stored {
+            None => assert_eq!(index, 7, "{end_user} was not stored"),
+            Some(stored) => {
+                assert_ne!(index, 7, "the refused grant left a state");
+                assert_eq!(
+                    stored.available(None, now).expect("available"),
+                    Credits::new(2)
+                );
+            }
+        }
+    }
+    let mut fed: Vec<Option<EndUserId>> = feed(&state, &env)
+        .await
+        .into_iter()
+        .map(|change| change.end_user_id)
+        .collect();
+    fed.sort();
+    let mut expected = vec![Some(held.hot.clone())];
+    expected.extend(
+        users
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != 7)
+            .map(|(_, end_user)| Some(end_user.clone())),
+    );
+    expected.sort();
+    assert_eq!(fed, expected, "one record each");
+}
+
 /// An operation under a claim on `key` (fingerprint `[1; 32]`): a grant of `outcome`'s
 /// amount, or `outcome`'s refusal.
 fn claiming(

@@ -2,8 +2,10 @@
 
 use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
-use crate::store::Mutation;
-use crate::store::{Changes, Env, IdempotencyBegin, Lease, Store, StoreError, StoreResult};
+use crate::store::{
+    Changes, Claim, ClaimingFn, Env, IdempotencyBegin, Lease, Mutation, Store, StoreError,
+    StoreResult,
+};
 
 /// A queued idempotency lease of `key` at `now` (30 s, kept until `now`), whose answer
 /// nobody waits for.
@@ -110,4 +112,138 @@ pub(crate) async fn grant_many(
         .mutate_many(env, at, &mut items)
         .await
         .expect("grants");
+}
+
+/// Three end users' mutations in one `Store::mutate_each`, each claiming a key: the
+/// middle one changes its state and claims its key, then refuses. The store answers
+/// each on its own: the refused one leaves nothing (no state, no claim, no feed
+/// record), and the others commit around it, whether the store shares one transaction
+/// among them (SQLite, a savepoint each) or not.
+#[allow(clippy::too_many_lines)] // a scenario reads top to bottom as one story
+pub(crate) async fn each_mutation_commits_or_fails_alone(
+    store: &dyn Store,
+    env: &Env,
+    at: Timestamp,
+) {
+    let id = |name: &str| EndUserId::new(name).expect("end user id");
+    let users = [id("first"), id("refused"), id("last")];
+    let claim = |key: &str| Claim {
+        key: key.into(),
+        fingerprint: [1; 32],
+        now: at,
+        keep_until: at
+            .checked_add(ledger::Span::from_millis(3_600_000))
+            .expect("an hour later"),
+    };
+    let claims = [
+        vec![claim("k_first")],
+        vec![claim("k_refused")],
+        vec![claim("k_last")],
+    ];
+    let flags = std::sync::Mutex::new(Vec::new());
+    let note = |claimed: &[bool]| {
+        flags.lock().expect("flags").push(claimed.to_vec());
+    };
+    let mut first = |state: &mut EndUserState, claimed: &[bool]| {
+        note(claimed);
+        grant_to(state, 5, at)
+    };
+    let mut refused = |state: &mut EndUserState, claimed: &[bool]| {
+        note(claimed);
+        grant_to(state, 1, at)?;
+        Err(StoreError::Declined)
+    };
+    let mut last = |state: &mut EndUserState, claimed: &[bool]| {
+        note(claimed);
+        grant_to(state, 7, at)
+    };
+    let target = |index: usize| Mutation {
+        env,
+        end_user: &users[index],
+        now: at,
+        claims: &claims[index],
+    };
+    let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
+        (target(0), &mut first),
+        (target(1), &mut refused),
+        (target(2), &mut last),
+    ];
+    let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
+    drop(each);
+    assert!(
+        matches!(
+            outcomes.as_slice(),
+            [Ok(()), Err(StoreError::Declined), Ok(())]
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        *flags.lock().expect("flags"),
+        [[true], [true], [true]],
+        "each claimed its key"
+    );
+    let balance = |state: &EndUserState| state.available(None, at).expect("available");
+    assert_eq!(
+        balance(&stored(store, env, &users[0]).await),
+        Credits::new(5)
+    );
+    assert_eq!(
+        balance(&stored(store, env, &users[2]).await),
+        Credits::new(7)
+    );
+    assert!(
+        store
+            .load_state(env, &users[1])
+            .await
+            .expect("load")
+            .is_none(),
+        "the refused end user's state was rolled back"
+    );
+    let fed: Vec<Option<EndUserId>> = store
+        .changes_after(env, 0, 100)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|change| change.end_user_id)
+        .collect();
+    assert_eq!(fed, [Some(users[0].clone()), Some(users[2].clone())]);
+
+    // The refused one's claim went with it; the committed ones' hold.
+    flags.lock().expect("flags").clear();
+    let mut unchanged = |_: &mut EndUserState, claimed: &[bool]| {
+        note(claimed);
+        Ok(Vec::new())
+    };
+    let again = [vec![claim("k_first")], vec![claim("k_refused")]];
+    let mut other = |_: &mut EndUserState, claimed: &[bool]| {
+        note(claimed);
+        Ok(Vec::new())
+    };
+    let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
+        (
+            Mutation {
+                env,
+                end_user: &users[0],
+                now: at,
+                claims: &again[0],
+            },
+            &mut unchanged,
+        ),
+        (
+            Mutation {
+                env,
+                end_user: &users[1],
+                now: at,
+                claims: &again[1],
+            },
+            &mut other,
+        ),
+    ];
+    let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
+    drop(each);
+    assert!(
+        matches!(outcomes.as_slice(), [Ok(()), Ok(())]),
+        "{outcomes:?}"
+    );
+    assert_eq!(*flags.lock().expect("flags"), [[false], [true]]);
 }

@@ -46,6 +46,90 @@ impl LedgerStore for PostgresStore {
         Ok(())
     }
 
+    fn shares_transactions(&self) -> bool {
+        true
+    }
+
+    /// One transaction: every end user's row locked first (in id order, one
+    /// statement), then each one's keys claimed and its operation run (in a savepoint of
+    /// its own when it claims keys, so that one that fails gives them back), then every
+    /// committed one's rows written together, the feed head last: the lock order of
+    /// `mutate_many`, and one feed-head lock and one commit for all of them. Mutations
+    /// of different environments or times, or an end user twice, run one by one.
+    async fn mutate_each(
+        &self,
+        each: &mut [(Mutation<'_>, &mut ClaimingFn<'_>)],
+    ) -> StoreResult<Vec<StoreResult<()>>> {
+        let Some(((first, _), rest)) = each.split_first() else {
+            return Ok(Vec::new());
+        };
+        let (env, now) = (first.env, first.now);
+        let mut order: Vec<usize> = (0..each.len()).collect();
+        order.sort_by(|a, b| each[*a].0.end_user.cmp(each[*b].0.end_user));
+        let shared = rest
+            .iter()
+            .all(|(target, _)| target.env == env && target.now == now)
+            && order
+                .windows(2)
+                .all(|pair| each[pair[0]].0.end_user != each[pair[1]].0.end_user);
+        if !shared {
+            let mut outcomes = Vec::with_capacity(each.len());
+            for (target, operation) in each.iter_mut() {
+                outcomes.push(self.mutate(*target, &mut **operation).await);
+            }
+            return Ok(outcomes);
+        }
+        let ids: Vec<&str> = order
+            .iter()
+            .map(|index| each[*index].0.end_user.as_str())
+            .collect();
+        let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
+        let mut stored = lock_states(&mut tx, env, &ids, now).await?;
+        let mut outcomes: Vec<StoreResult<()>> = each.iter().map(|_| Ok(())).collect();
+        let mut rows = Rows::default();
+        for index in order {
+            let (target, operation) = &mut each[index];
+            let old = stored
+                .remove(target.end_user.as_str())
+                .flatten()
+                .unwrap_or_else(|| EndUserState::new(target.end_user.clone(), now));
+            let saved = !target.claims.is_empty();
+            if saved {
+                sqlx::query("SAVEPOINT end_user").execute(&mut *tx).await?;
+            }
+            let mut staged = Rows::default();
+            let outcome = match claim_keys(&mut tx, env, target.claims).await {
+                Ok(claimed) => {
+                    let mut state = old.clone();
+                    operation(&mut state, &claimed)
+                        .and_then(|changes| staged.stage(&old, &state, &changes))
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(()) => rows.absorb(staged),
+                Err(error) => {
+                    if saved {
+                        sqlx::query("ROLLBACK TO SAVEPOINT end_user")
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    if let Some(slot) = outcomes.get_mut(index) {
+                        *slot = Err(error);
+                    }
+                }
+            }
+            if saved {
+                sqlx::query("RELEASE SAVEPOINT end_user")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        rows.flush(&mut tx, env, now).await?;
+        tx.commit().await.map_err(StoreError::from)?;
+        Ok(outcomes)
+    }
+
     async fn mutate_many(
         &self,
         env: &Env,

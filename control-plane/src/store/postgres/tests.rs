@@ -124,6 +124,15 @@ async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i
     crate::store::testing::grant(store, env, end_user, amount, T0).await;
 }
 
+// Several end users' mutations answered each on its own (one transaction each here):
+// a refused one leaves nothing, the others commit.
+#[tokio::test]
+async fn each_mutation_commits_or_fails_alone() {
+    let Some(store) = store().await else { return };
+    let env = tenant(&store, "t_each").await;
+    crate::store::testing::each_mutation_commits_or_fails_alone(&*store, &env, T0).await;
+}
+
 // One batch of leases answers each as if they had come one by one: a key repeated
 // later in the batch finds the first one's lease, a different request with it is a
 // mismatch, an answered key replays.

@@ -68,6 +68,30 @@ impl Rows {
         Ok(())
     }
 
+    /// Takes over everything `other` staged, after what this one holds.
+    pub(super) fn absorb(&mut self, other: Rows) {
+        let Rows {
+            end_users,
+            blocks,
+            entries,
+            usage_keys,
+            idempotency,
+            released,
+            events,
+            changes,
+            held,
+        } = other;
+        self.end_users.extend(end_users);
+        self.blocks.extend(blocks);
+        self.entries.extend(entries);
+        self.usage_keys.extend(usage_keys);
+        self.idempotency.extend(idempotency);
+        self.released.extend(released);
+        self.events.extend(events);
+        self.changes.extend(changes);
+        self.held.extend(held);
+    }
+
     /// Writes everything staged; the event log and change feed last (see the module
     /// comment).
     pub(super) async fn flush(

@@ -296,6 +296,26 @@ async fn chain_start(
     Ok((next, before))
 }
 
+/// One end user's mutation inside `tx`: loads its state, claims the keys, runs the
+/// operation and writes what it changed.
+fn write_mutation(
+    tx: &rusqlite::Transaction<'_>,
+    target: Mutation<'_>,
+    operation: &mut ClaimingFn<'_>,
+) -> StoreResult<()> {
+    let (env, end_user, now, claims) = (target.env, target.end_user, target.now, target.claims);
+    let (old, head) = write::load_state(tx, env, end_user.as_str())?
+        .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
+    let claimed = write::claim_keys(tx, env, claims)?;
+    let mut state = old.clone();
+    let mut changes = operation(&mut state, &claimed)?;
+    let mut rows = write::Rows::default();
+    rows.heads.insert(end_user.to_string(), head);
+    write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
+    rows.flush(tx, env, now)?;
+    Ok(())
+}
+
 #[async_trait]
 impl LedgerStore for SqliteStore {
     async fn mutate(
@@ -303,19 +323,40 @@ impl LedgerStore for SqliteStore {
         target: Mutation<'_>,
         operation: &mut ClaimingFn<'_>,
     ) -> StoreResult<()> {
-        let (env, end_user, now, claims) = (target.env, target.end_user, target.now, target.claims);
+        let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
+        self.direct
+            .transaction(|tx| write_mutation(tx, target, operation))
+    }
+
+    fn shares_transactions(&self) -> bool {
+        true
+    }
+
+    /// One transaction, each mutation in a savepoint: one that fails is rolled back to
+    /// its savepoint and the others go on. An error that ended the whole transaction
+    /// (SQLite rolls back by itself on a full disk, say) fails them all.
+    async fn mutate_each(
+        &self,
+        each: &mut [(Mutation<'_>, &mut ClaimingFn<'_>)],
+    ) -> StoreResult<Vec<StoreResult<()>>> {
         let _writer = self.writer.acquire().await.map_err(StoreError::from)?;
         self.direct.transaction(|tx| {
-            let (old, head) = write::load_state(tx, env, end_user.as_str())?
-                .unwrap_or_else(|| (EndUserState::new(end_user.clone(), now), None));
-            let claimed = write::claim_keys(tx, env, claims)?;
-            let mut state = old.clone();
-            let mut changes = operation(&mut state, &claimed)?;
-            let mut rows = write::Rows::default();
-            rows.heads.insert(end_user.to_string(), head);
-            write::stage(tx, env, (&old, &state, &mut changes), now, &mut rows)?;
-            rows.flush(tx, env, now)?;
-            Ok(())
+            let mut outcomes = Vec::with_capacity(each.len());
+            for (target, operation) in each.iter_mut() {
+                tx.prepare_cached("SAVEPOINT end_user")?.execute([])?;
+                let outcome = write_mutation(tx, *target, &mut **operation);
+                if let Err(error) = outcome {
+                    if tx.is_autocommit() {
+                        return Err(error);
+                    }
+                    tx.prepare_cached("ROLLBACK TO end_user")?.execute([])?;
+                    outcomes.push(Err(error));
+                } else {
+                    outcomes.push(Ok(()));
+                }
+                tx.prepare_cached("RELEASE end_user")?.execute([])?;
+            }
+            Ok(outcomes)
         })
     }
 
