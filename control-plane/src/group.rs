@@ -15,15 +15,15 @@
 //! transaction fails, every operation of the group gets the failure and nothing of any of
 //! them is written.
 //!
-//! Where the store has one writer (SQLite), groups of different end users share
-//! transactions too: a drainer hands its group to its environment's queue and waits;
-//! that queue's own drainer takes every group queued (up to `database.group_commit_max`
-//! end users) and commits them in one transaction, each group in a savepoint of its
-//! own, so a group that fails is rolled back alone while the others commit. One commit
-//! (its WAL pages, its lock hand-offs) then serves many end users, where it used to
-//! serve one. An end user's next group waits until its last one is answered, so each
-//! end user's operations still commit in order. PostgreSQL, where end users' groups
-//! commit in parallel on several connections, keeps one transaction per group.
+//! Groups of different end users share transactions too: a drainer hands its group to
+//! its environment's queue and waits; that queue's own drainer takes the groups queued
+//! (as many as carry up to `database.group_commit_max` operations together) and
+//! commits them in one transaction (`LedgerStore::mutate_each`), each group committed
+//! or failed on its own (SQLite: a savepoint each; PostgreSQL: see its store). One
+//! commit (SQLite: one fsync; PostgreSQL: one turn at the environment's feed head,
+//! which serialises its commits) then serves many end users, where it used to serve
+//! one. An end user's next group waits until its last one is answered, so each end
+//! user's operations still commit in order.
 //!
 //! The drainer runs as its own task, so a caller that goes away (a client hanging up)
 //! cannot cancel a transaction that carries other callers' operations: an operation once
@@ -69,10 +69,8 @@ pub(crate) trait Member: Send {
 pub(crate) type Groups = Queues<(Env, EndUserId), Box<dyn Member>>;
 
 /// One end user's group waiting for a transaction it shares with other end users'
-/// groups of its environment (where the store shares transactions: SQLite's one writer
-/// commits many end users' groups in one transaction, each in a savepoint, rather than
-/// one commit each). `done` is told once its members are answered, so the end user's
-/// next group follows this one.
+/// groups of its environment. `done` is told once its members are answered, so the
+/// end user's next group follows this one.
 pub(crate) struct Pending {
     pub(crate) end_user: EndUserId,
     pub(crate) members: Vec<Box<dyn Member>>,

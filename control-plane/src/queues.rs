@@ -66,6 +66,32 @@ impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
         Some(queue.drain(..count).collect())
     }
 
+    /// Queued members, oldest first, while their `weight`s add up to at most `max` (at
+    /// least one, whatever it weighs); `None` (and the drainer ends) when there are none.
+    pub(crate) fn take_weighed(
+        &self,
+        key: &K,
+        max: usize,
+        weight: impl Fn(&M) -> usize,
+    ) -> Option<Vec<M>> {
+        let mut queues = self.lock();
+        let queue = queues.get_mut(key)?;
+        if queue.is_empty() {
+            queues.remove(key);
+            return None;
+        }
+        let mut total = 0_usize;
+        let count = queue
+            .iter()
+            .take_while(|member| {
+                total = total.saturating_add(weight(member));
+                total <= max
+            })
+            .count()
+            .max(1);
+        Some(queue.drain(..count).collect())
+    }
+
     /// Forgets `key`'s queue and returns what it held: for a drainer that did not end
     /// normally (its task panicked), so the next push starts a new one.
     pub(crate) fn abandon(&self, key: &K) -> Vec<M> {
@@ -97,5 +123,28 @@ impl<K: Eq + std::hash::Hash + Clone, M> Drop for DrainGuard<K, M> {
                 (self.fail)(member);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Queues;
+
+    // A drainer takes members while their weights fit the bound, and a member heavier
+    // than the bound alone.
+    #[test]
+    fn members_are_taken_while_their_weights_fit() {
+        let queues: Queues<&str, usize> = Queues::default();
+        assert!(queues.push(&"k", 3));
+        for weight in [4, 2, 70, 1] {
+            assert!(!queues.push(&"k", weight));
+        }
+        let take = || queues.take_weighed(&"k", 8, |weight| *weight);
+        assert_eq!(take(), Some(vec![3, 4]));
+        assert_eq!(take(), Some(vec![2]), "70 would not fit beside it");
+        assert_eq!(take(), Some(vec![70]), "alone, however heavy");
+        assert_eq!(take(), Some(vec![1]));
+        assert_eq!(take(), None, "and the drainer ends");
+        assert_eq!(queues.queued(&"k"), None);
     }
 }

@@ -265,7 +265,8 @@ pub trait CatalogStore: Send + Sync {
     async fn set_variant_archived(&self, env: &Env, id: &str, archived: bool) -> StoreResult<bool>;
 }
 
-/// The store of end users' state and the history it produced: one end user's mutation is one transaction.
+/// The store of end users' state and the history it produced: one end user's mutation
+/// is all or nothing (a transaction, or its own part of one shared with others).
 #[async_trait]
 pub trait LedgerStore: Send + Sync {
     /// Loads (and locks) the end user's state (a new one if unknown), claims `claims`,
@@ -274,31 +275,18 @@ pub trait LedgerStore: Send + Sync {
     /// reports no changes.
     async fn mutate(&self, target: Mutation<'_>, operation: &mut ClaimingFn<'_>)
     -> StoreResult<()>;
-    /// Whether [`LedgerStore::mutate_each`] shares one transaction among end users (a
-    /// store with one writer, whose commits cost more than the work between them), so
-    /// that the service gathers groups of several end users for it. Otherwise each end
-    /// user's group commits on its own, concurrently with the others'.
-    fn shares_transactions(&self) -> bool {
-        false
-    }
-    /// Several end users' mutations (as [`LedgerStore::mutate`] runs one), each
-    /// committed or failed on its own: one per end user, each end user at most once.
-    /// Returns each one's outcome, in order; `Err` when none of them was written (the
-    /// shared transaction failed). Where [`LedgerStore::shares_transactions`], they run
-    /// in one transaction, each in a savepoint of its own; by default, one by one.
+    /// Several end users' mutations (as [`LedgerStore::mutate`] runs one) in one
+    /// transaction, each committed or failed on its own: one per end user, each end
+    /// user at most once. Returns each one's outcome, in order. The service commits
+    /// the groups of an environment's end users that wait together this way: one
+    /// commit (SQLite: one fsync; PostgreSQL: one turn at the feed head) for all.
     ///
     /// # Errors
     /// A failure of the shared transaction: nothing of any of them was written.
     async fn mutate_each(
         &self,
         each: &mut [(Mutation<'_>, &mut ClaimingFn<'_>)],
-    ) -> StoreResult<Vec<StoreResult<()>>> {
-        let mut outcomes = Vec::with_capacity(each.len());
-        for (target, operation) in each.iter_mut() {
-            outcomes.push(self.mutate(*target, &mut **operation).await);
-        }
-        Ok(outcomes)
-    }
+    ) -> StoreResult<Vec<StoreResult<()>>>;
     /// Several end users' operations in one transaction (a usage batch): everything
     /// commits or nothing does. End users are locked in id order; each appears once. An
     /// operation may run more than once (see [`MutateFn`]).

@@ -228,12 +228,7 @@ impl AppState {
             };
             last = members.len();
             let (env, end_user) = &guard.key;
-            if self.store().shares_transactions() {
-                self.commit_shared(env, end_user, members).await;
-            } else {
-                self.commit_groups(env, vec![(end_user.clone(), members)])
-                    .await;
-            }
+            self.commit_shared(env, end_user, members).await;
         }
         guard.finished = true;
     }
@@ -263,11 +258,15 @@ impl AppState {
         let _ = committed.await;
     }
 
-    /// Commits the environment's queued groups, up to `database.group_commit_max` end
-    /// users a transaction, until none are left.
+    /// Commits the environment's queued groups, as many a transaction as carry up to
+    /// `database.group_commit_max` operations together (a larger group alone), until
+    /// none are left: the bound on how long one transaction holds SQLite's one writer.
     async fn drain_shared(&self, mut guard: crate::queues::DrainGuard<Env, group::Pending>) {
         let max = self.config().group_commit_max;
-        while let Some(pending) = guard.queues.take(&guard.key, max) {
+        while let Some(pending) = guard
+            .queues
+            .take_weighed(&guard.key, max, |group| group.members.len())
+        {
             let mut groups = Vec::with_capacity(pending.len());
             let mut done = Vec::with_capacity(pending.len());
             for group in pending {
@@ -511,7 +510,18 @@ fn group_run<'a>(
             catalog: &view.catalog,
             ids: &mut ids,
         };
-        group::apply(members, &runnable, state, &mut cx, view).map_err(|refusal| {
+        // A panic fails this group alone, not every group of its shared transaction.
+        let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group::apply(members, &runnable, state, &mut cx, view)
+        }))
+        .map_err(|_| {
+            tracing::error!(
+                end_user = %state.end_user_id(),
+                "an operation panicked; nothing of its end user's group is written"
+            );
+            StoreError::Fatal("an operation panicked; nothing of it was written".into())
+        })?;
+        applied.map_err(|refusal| {
             *declined = Some(refusal);
             StoreError::Declined
         })

@@ -126,8 +126,10 @@ impl Held {
     }
 
     /// Takes SQLite's write lock on another connection and starts a grant of 1 to
-    /// `hot`; returns once the grant's transaction waits for the lock (busy_timeout),
-    /// so everything sent after it queues.
+    /// `hot`; returns once the grant's transaction waits for the lock (busy_timeout):
+    /// its end user's drainer and its environment's have both taken it, so everything
+    /// sent after it queues (the next groups of `hot` under `hot`, other end users'
+    /// groups under the environment).
     async fn lock(
         &self,
     ) -> (
@@ -143,6 +145,10 @@ impl Held {
             .expect("lock");
         let first = grant(&self.state, &self.env, &self.hot, 1);
         self.queued(0).await;
+        until("the environment's drainer took the grant", || {
+            self.state.inner.batches.queued(&self.env) == Some(0)
+        })
+        .await;
         (blocker, first)
     }
 

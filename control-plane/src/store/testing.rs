@@ -3,8 +3,8 @@
 use ledger::{Catalog, Credits, Cx, EndUserId, EndUserState, GrantRequest, Timestamp};
 
 use crate::store::{
-    Changes, Claim, ClaimingFn, Env, IdempotencyBegin, Lease, Mutation, Store, StoreError,
-    StoreResult,
+    Changes, Claim, ClaimingFn, Env, IdempotencyAnswer, IdempotencyBegin, Lease, Mutation, Store,
+    StoreError, StoreResult,
 };
 
 /// A queued idempotency lease of `key` at `now` (30 s, kept until `now`), whose answer
@@ -144,9 +144,19 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
     let note = |claimed: &[bool]| {
         flags.lock().expect("flags").push(claimed.to_vec());
     };
+    let answer = |key: &str| IdempotencyAnswer {
+        key: key.into(),
+        status: 201,
+        body: b"{}".to_vec(),
+    };
+    // Answered, so that a later answer to the same key finds it taken.
     let mut first = |state: &mut EndUserState, claimed: &[bool]| {
         note(claimed);
-        grant_to(state, 5, at)
+        let mut changes = grant_to(state, 5, at)?;
+        if let Some(last) = changes.last_mut() {
+            last.idempotency = Some(answer("k_first"));
+        }
+        Ok(changes)
     };
     let mut refused = |state: &mut EndUserState, claimed: &[bool]| {
         note(claimed);
@@ -246,4 +256,62 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
         "{outcomes:?}"
     );
     assert_eq!(*flags.lock().expect("flags"), [[false], [true]]);
+
+    // A group that fails after its rows were staged (SQLite: written): its answer
+    // finds its key answered already. It leaves nothing; the one after it commits.
+    let (late, after) = (id("late"), id("after"));
+    let mut answered_twice = |state: &mut EndUserState, _: &[bool]| {
+        let mut changes = grant_to(state, 3, at)?;
+        if let Some(last) = changes.last_mut() {
+            last.idempotency = Some(answer("k_first"));
+        }
+        Ok(changes)
+    };
+    let mut grant_after = |state: &mut EndUserState, _: &[bool]| grant_to(state, 4, at);
+    let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
+        (
+            Mutation {
+                env,
+                end_user: &late,
+                now: at,
+                claims: &[],
+            },
+            &mut answered_twice,
+        ),
+        (
+            Mutation {
+                env,
+                end_user: &after,
+                now: at,
+                claims: &[],
+            },
+            &mut grant_after,
+        ),
+    ];
+    let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
+    drop(each);
+    assert!(
+        matches!(outcomes.as_slice(), [Err(error), Ok(())] if error.is_transient()),
+        "{outcomes:?}"
+    );
+    assert!(
+        store.load_state(env, &late).await.expect("load").is_none(),
+        "the late end user's rows were rolled back"
+    );
+    assert_eq!(balance(&stored(store, env, &after).await), Credits::new(4));
+    let fed: Vec<Option<EndUserId>> = store
+        .changes_after(env, 0, 100)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|change| change.end_user_id)
+        .collect();
+    assert_eq!(
+        fed,
+        [
+            Some(users[0].clone()),
+            Some(users[2].clone()),
+            Some(after.clone())
+        ]
+    );
 }

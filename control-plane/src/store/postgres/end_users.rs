@@ -46,16 +46,15 @@ impl LedgerStore for PostgresStore {
         Ok(())
     }
 
-    fn shares_transactions(&self) -> bool {
-        true
-    }
-
     /// One transaction: every end user's row locked first (in id order, one
-    /// statement), then each one's keys claimed and its operation run (in a savepoint of
-    /// its own when it claims keys, so that one that fails gives them back), then every
-    /// committed one's rows written together, the feed head last: the lock order of
-    /// `mutate_many`, and one feed-head lock and one commit for all of them. Mutations
-    /// of different environments or times, or an end user twice, run one by one.
+    /// statement), then every group's keys claimed (in key order, one statement), then
+    /// each group's operation run, and what of it may meet another transaction's
+    /// writes (usage event keys, fenced idempotency answers) written in a savepoint of
+    /// its own, so that such a failure is that group's alone; then every committed
+    /// group's other rows written together, the feed head last: the lock order of
+    /// `mutate_many`, and one feed-head lock and one commit for all of them. A group
+    /// that fails gives its claimed keys back. Mutations of different environments or
+    /// times, or an end user twice, run one by one.
     async fn mutate_each(
         &self,
         each: &mut [(Mutation<'_>, &mut ClaimingFn<'_>)],
@@ -85,44 +84,53 @@ impl LedgerStore for PostgresStore {
             .collect();
         let mut tx = self.pool.begin().await.map_err(StoreError::from)?;
         let mut stored = lock_states(&mut tx, env, &ids, now).await?;
+        // Every group's keys in one statement, in key order (as lease batches take
+        // theirs), so that transactions claiming the same keys never wait on each other
+        // in a circle. A group that fails gives its claims back.
+        let claims: Vec<Claim> = order
+            .iter()
+            .flat_map(|index| each[*index].0.claims.iter().cloned())
+            .collect();
+        let mut flags = claim_keys(&mut tx, env, &claims).await?.into_iter();
         let mut outcomes: Vec<StoreResult<()>> = each.iter().map(|_| Ok(())).collect();
         let mut rows = Rows::default();
         for index in order {
             let (target, operation) = &mut each[index];
+            let claimed: Vec<bool> = flags.by_ref().take(target.claims.len()).collect();
             let old = stored
                 .remove(target.end_user.as_str())
                 .flatten()
                 .unwrap_or_else(|| EndUserState::new(target.end_user.clone(), now));
-            let saved = !target.claims.is_empty();
-            if saved {
-                sqlx::query("SAVEPOINT end_user").execute(&mut *tx).await?;
-            }
+            let mut state = old.clone();
             let mut staged = Rows::default();
-            let outcome = match claim_keys(&mut tx, env, target.claims).await {
-                Ok(claimed) => {
-                    let mut state = old.clone();
-                    operation(&mut state, &claimed)
-                        .and_then(|changes| staged.stage(&old, &state, &changes))
+            let mut outcome = operation(&mut state, &claimed)
+                .and_then(|changes| staged.stage(&old, &state, &changes));
+            if outcome.is_ok() && staged.has_contended() {
+                // What another transaction may have written first, in a savepoint of
+                // its own: its failure is this group's alone.
+                sqlx::query("SAVEPOINT end_user").execute(&mut *tx).await?;
+                outcome = staged.write_contended(&mut tx, env, now).await;
+                if outcome.is_err() {
+                    sqlx::query("ROLLBACK TO SAVEPOINT end_user")
+                        .execute(&mut *tx)
+                        .await?;
                 }
-                Err(error) => Err(error),
-            };
+                sqlx::query("RELEASE SAVEPOINT end_user")
+                    .execute(&mut *tx)
+                    .await?;
+            }
             match outcome {
                 Ok(()) => rows.absorb(staged),
                 Err(error) => {
-                    if saved {
-                        sqlx::query("ROLLBACK TO SAVEPOINT end_user")
-                            .execute(&mut *tx)
-                            .await?;
+                    for (claim, held) in target.claims.iter().zip(&claimed) {
+                        if *held {
+                            rows.release(claim.key.clone());
+                        }
                     }
                     if let Some(slot) = outcomes.get_mut(index) {
                         *slot = Err(error);
                     }
                 }
-            }
-            if saved {
-                sqlx::query("RELEASE SAVEPOINT end_user")
-                    .execute(&mut *tx)
-                    .await?;
             }
         }
         rows.flush(&mut tx, env, now).await?;

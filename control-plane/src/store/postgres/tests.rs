@@ -124,8 +124,9 @@ async fn grant(store: &PostgresStore, env: &Env, end_user: &EndUserId, amount: i
     crate::store::testing::grant(store, env, end_user, amount, T0).await;
 }
 
-// Several end users' mutations answered each on its own (one transaction each here):
-// a refused one leaves nothing, the others commit.
+// Several end users' mutations in one transaction, each answered on its own: a refused
+// one, or one whose answer finds its key answered already, leaves nothing and gives its
+// claim back; the others commit.
 #[tokio::test]
 async fn each_mutation_commits_or_fails_alone() {
     let Some(store) = store().await else { return };

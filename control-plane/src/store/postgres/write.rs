@@ -68,6 +68,39 @@ impl Rows {
         Ok(())
     }
 
+    /// Whether any staged row may meet another transaction's write: a usage event key
+    /// (unique) or an idempotency answer (fenced: its key must still be unanswered).
+    pub(super) fn has_contended(&self) -> bool {
+        !self.usage_keys.is_empty() || !self.idempotency.is_empty()
+    }
+
+    /// Writes the staged rows [`Rows::has_contended`] names and takes them out, so
+    /// that a group sharing a transaction with others can fail on them alone (in a
+    /// savepoint); [`Rows::flush`] writes the rest.
+    pub(super) async fn write_contended(
+        &mut self,
+        connection: &mut PgConnection,
+        env: &Env,
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        let mut writer = Writer {
+            connection,
+            env,
+            now,
+        };
+        writer
+            .usage_keys(std::mem::take(&mut self.usage_keys))
+            .await?;
+        writer
+            .answer_keys(std::mem::take(&mut self.idempotency))
+            .await
+    }
+
+    /// Gives back a claimed key (deleted at the flush while still unanswered).
+    pub(super) fn release(&mut self, key: String) {
+        self.released.push(key);
+    }
+
     /// Takes over everything `other` staged, after what this one holds.
     pub(super) fn absorb(&mut self, other: Rows) {
         let Rows {

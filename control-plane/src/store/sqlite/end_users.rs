@@ -328,10 +328,6 @@ impl LedgerStore for SqliteStore {
             .transaction(|tx| write_mutation(tx, target, operation))
     }
 
-    fn shares_transactions(&self) -> bool {
-        true
-    }
-
     /// One transaction, each mutation in a savepoint: one that fails is rolled back to
     /// its savepoint and the others go on. An error that ended the whole transaction
     /// (SQLite rolls back by itself on a full disk, say) fails them all.
