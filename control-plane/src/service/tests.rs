@@ -308,6 +308,78 @@ async fn end_users_groups_share_one_transaction() {
     assert_eq!(fed, expected, "one record each");
 }
 
+// An operation that panics in a shared transaction fails its own group alone: the
+// end users beside it commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_operation_fails_its_group_alone() {
+    let held = Held::new("t_panic").await;
+    let (state, env) = (held.state.clone(), held.env.clone());
+    let (blocker, first) = held.lock().await;
+    let (before, panicking, after) = (
+        EndUserId::new("before").expect("id"),
+        EndUserId::new("panicking").expect("id"),
+        EndUserId::new("after").expect("id"),
+    );
+    let granted_before = grant(&state, &env, &before, 3);
+    until("the first group queued", || {
+        state.inner.batches.queued(&env) == Some(1)
+    })
+    .await;
+    let failing = {
+        let (state, env, end_user) = (state.clone(), env.clone(), panicking.clone());
+        tokio::spawn(async move {
+            state
+                .mutate(
+                    Change::new(&env, &end_user, None),
+                    |_, _, _| -> Result<((), Changes), ApiError> {
+                        panic!("an operation that panics")
+                    },
+                )
+                .await
+        })
+    };
+    until("the panicking group queued", || {
+        state.inner.batches.queued(&env) == Some(2)
+    })
+    .await;
+    let granted_after = grant(&state, &env, &after, 4);
+    until("all three queued for one transaction", || {
+        state.inner.batches.queued(&env) == Some(3)
+    })
+    .await;
+    Held::unlock(blocker).await;
+
+    first.await.expect("task").expect("the held grant commits");
+    granted_before
+        .await
+        .expect("task")
+        .expect("the group before commits");
+    granted_after
+        .await
+        .expect("task")
+        .expect("the group after commits");
+    let failed = failing
+        .await
+        .expect("the caller's task itself does not panic");
+    assert!(matches!(failed, Err(ApiError::Internal(_))), "{failed:?}");
+    let now = state.real_now();
+    for (end_user, amount) in [(&before, 3), (&after, 4)] {
+        let stored = crate::store::testing::stored(state.store(), &env, end_user).await;
+        assert_eq!(
+            stored.available(None, now).expect("available"),
+            Credits::new(amount)
+        );
+    }
+    assert!(
+        state
+            .store()
+            .load_state(&env, &panicking)
+            .await
+            .expect("load")
+            .is_none()
+    );
+}
+
 /// An operation under a claim on `key` (fingerprint `[1; 32]`): a grant of `outcome`'s
 /// amount, or `outcome`'s refusal.
 fn claiming(
