@@ -63,8 +63,8 @@ pub use records::{
     Annotations, ApiKeyRecord, AttemptRecord, CatalogRecord, ChangeRecord, Claim, DeliveryClaim,
     DeliveryJob, DeliveryLease, DeliveryRow, EndUserCursor, EndUserPage, EndUserRow,
     EndpointRecord, EntryFilter, EntryPoint, EnvHead, EnvRecord, EventRecord, IdempotencyAnswer,
-    IdempotencyBegin, LeaseFilter, Mutation, StoredBlock, SubscriptionFilter, TenantRecord,
-    UsageKeyRecord, wire_event,
+    IdempotencyBegin, LEASE_REPORT_FINGERPRINT, LeaseFilter, Mutation, StoredBlock,
+    SubscriptionFilter, TenantRecord, UsageKeyRecord, wire_event,
 };
 pub(crate) use rows::{
     BlockRow, CLAIM_LEASE_MS, EntryRow, HeldRow, HeldTable, StateRow, claimed_flags,

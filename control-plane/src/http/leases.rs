@@ -92,6 +92,7 @@ async fn report_or_release(act: Act, step: Step) -> Result<Response, ApiError> {
     Ok(
         idempotency::run_claiming(state, env, &incoming, |key| async move {
             let end_user = owner(state, env, id).await?;
+            let keep_until = report_keys_kept_until(state)?;
             let lease = state
                 .mutate(
                     Change::new(env, &end_user, key.as_ref()),
@@ -100,7 +101,8 @@ async fn report_or_release(act: Act, step: Step) -> Result<Response, ApiError> {
                             Step::Report => user.report_lease(cx, id, report)?,
                             Step::Release => user.release_lease(cx, id, report)?,
                         };
-                        let (reported, changes) = Changes::from_applied(applied);
+                        let (reported, mut changes) = Changes::from_applied(applied);
+                        remember_report(&mut changes, (id, &report, &reported), keep_until);
                         Ok((Lease::reported(&reported, user, cx.now), changes))
                     },
                 )
@@ -109,6 +111,42 @@ async fn report_or_release(act: Act, step: Step) -> Result<Response, ApiError> {
         })
         .await,
     )
+}
+
+/// How long a taken report's key is remembered: as long as usage event keys
+/// (`idempotency.usage_retention_days`), by the real clock as they are purged.
+fn report_keys_kept_until(state: &AppState) -> Result<ledger::Timestamp, ApiError> {
+    Ok(state.real_now().checked_add(ledger::Span::from_millis(
+        i64::try_from(state.config().usage_key_retention.as_millis()).unwrap_or(i64::MAX),
+    ))?)
+}
+
+/// Remembers a report taken anew with requests in it under the usage event key a proxy
+/// gives that report's spend when it finds the lease gone (`{lease}-{sequence}`,
+/// `to_usage` in proxy/src/leases.rs): a report taken whose answer never reached the
+/// proxy's disk is sent again after a restart, and if the lease ended more than an hour
+/// before (ended leases are kept that long) the proxy charges it as usage instead; that
+/// event then answers as a duplicate rather than charging the spend a second time.
+fn remember_report(
+    changes: &mut Changes,
+    (id, report, reported): (LeaseId, &LeaseReport, &ledger::LeaseReported),
+    keep_until: ledger::Timestamp,
+) {
+    if reported.replayed || report.requests == 0 {
+        return;
+    }
+    let result = serde_json::json!({
+        "lease_id": id.to_string(),
+        "sequence": report.sequence,
+        "cost": report.cost.get(),
+    });
+    changes.usage_keys.push(crate::store::UsageKeyRecord {
+        key: format!("{id}-{}", report.sequence),
+        fingerprint: crate::store::LEASE_REPORT_FINGERPRINT,
+        entry_id: String::new(),
+        result: result.to_string(),
+        keep_until,
+    });
 }
 
 /// `POST /v1/leases/{id}/report`: what the holder spent since its last report (`cost`
@@ -212,6 +250,7 @@ async fn apply_batch(
 ) -> Result<Vec<LeaseBatchResult>, ApiError> {
     let mut results: Vec<Option<LeaseBatchResult>> = vec![None; batch.operations.len()];
     let mut groups: BTreeMap<EndUserId, Vec<(usize, Prepared)>> = BTreeMap::new();
+    let keep_until = report_keys_kept_until(state)?;
     for (index, operation) in batch.operations.iter().enumerate() {
         let prepared = match operation {
             LeaseOperation::Create(create) => create
@@ -246,7 +285,7 @@ async fn apply_batch(
             let apply = move |user: &mut ledger::EndUserState,
                               cx: &mut ledger::Cx<'_>,
                               _: &crate::catalog::CatalogView| {
-                apply_operations(user, cx, &operations)
+                apply_operations(user, cx, &operations, keep_until)
             };
             (end_user, apply)
         })
@@ -288,6 +327,7 @@ fn apply_operations(
     user: &mut ledger::EndUserState,
     cx: &mut ledger::Cx<'_>,
     operations: &[(usize, Prepared)],
+    keep_until: ledger::Timestamp,
 ) -> Result<(Outcomes, Vec<Changes>), ApiError> {
     let mut all = Vec::with_capacity(operations.len());
     let mut outcomes = Vec::with_capacity(operations.len());
@@ -304,7 +344,8 @@ fn apply_operations(
                     Step::Release => user.release_lease(cx, *id, *report),
                 };
                 applied.map(|applied| {
-                    let (reported, changes) = Changes::from_applied(applied);
+                    let (reported, mut changes) = Changes::from_applied(applied);
+                    remember_report(&mut changes, (*id, report, &reported), keep_until);
                     (
                         StatusCode::OK,
                         Lease::reported(&reported, user, cx.now),

@@ -267,7 +267,10 @@ async fn apply_batch(
         }
         first_in_batch.insert(key.clone(), (index, fingerprint));
         if let Some(stored) = recorded_keys.get(&key) {
-            results[index] = Some(if stored.fingerprint == fingerprint {
+            // A lease report's key: the proxy charges that report's spend as usage
+            // when it finds the lease gone, and the report was taken already.
+            let reported = stored.fingerprint == crate::store::LEASE_REPORT_FINGERPRINT;
+            results[index] = Some(if stored.fingerprint == fingerprint || reported {
                 duplicate_of(index, &stored.result)
             } else {
                 error_result(index, &ApiError::IdempotencyKeyReused)

@@ -57,6 +57,12 @@ pub struct Annotations {
     pub external_payment_id: Option<String>,
 }
 
+/// The fingerprint of a usage key that names a lease report (`{lease}-{sequence}`)
+/// rather than a usage event: the key a proxy gives that report's spend as usage when
+/// it finds the lease gone. An event with such a key answers as a duplicate whatever
+/// its own fingerprint (no SHA-256 of an event is all zeros in practice).
+pub const LEASE_REPORT_FINGERPRINT: [u8; 32] = [0; 32];
+
 /// A usage event key kept for batch deduplication (SPEC 9: 35 days).
 #[derive(Debug, Clone)]
 pub struct UsageKeyRecord {

@@ -134,6 +134,71 @@ store_test! {
     }
 }
 
+// A report taken is remembered under the usage key a proxy gives its spend when it
+// finds the lease gone (`{lease}-{sequence}`, proxy/src/leases.rs `to_usage`): a proxy
+// whose record of the answer never reached its disk, back after the ended lease was
+// forgotten, sends that report's spend as usage, which answers as a duplicate rather
+// than charging it twice. Reports through a batch are remembered alike; a report with
+// no requests in it is not (the proxy sends no usage for it).
+store_test! {
+    async fn a_taken_report_is_not_charged_again_as_usage(backend) {
+    let harness = Harness::start(backend).await;
+    let admin = harness.tenant("acme").await.test;
+    harness.catalog(&admin).await;
+    let key = proxy_key(&harness, &admin).await;
+    harness.grant(&admin, "u1", 100).await;
+    let single = lease(&harness, &key, 30, 60).await["id"].as_str().expect("id").to_owned();
+    let batched = lease(&harness, &key, 30, 60).await["id"].as_str().expect("id").to_owned();
+    let path = format!("/v1/leases/{single}/report");
+    harness.ok(&path, &key, report(1, 10), 200).await;
+    assert_eq!(
+        harness.ok(&path, &key, report(1, 10), 200).await["replayed"],
+        true,
+        "a repeat remembers nothing twice"
+    );
+    harness
+        .ok(&path, &key, json!({"sequence": 2, "units": 0, "cost": 0, "requests": 0}), 200)
+        .await;
+    let answer = harness
+        .ok("/v1/leases/batch", &key, json!({"operations": [
+            {"op": "report", "lease_id": batched, "sequence": 1, "units": 4, "cost": 4, "requests": 4},
+        ]}), 200)
+        .await;
+    assert_eq!(answer["results"][0]["status"], 200, "{answer}");
+    harness.ok(&format!("/v1/leases/{single}/release"), &key, report(3, 0), 200).await;
+    harness.ok(&format!("/v1/leases/{batched}/release"), &key, report(2, 0), 200).await;
+    assert_eq!(harness.available(&admin, "u1").await, 86, "100 - 10 - 4");
+
+    // Past the hour an ended lease is kept: gone.
+    harness.advance(&admin, 3_700).await;
+    let gone = harness.post(&path, &key, report(3, 0)).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+
+    // What the proxy sends then, one event per sequence its log holds spend for.
+    let event = |lease: &str, sequence: u64, units: u64| json!({
+        "end_user_id": "u1", "feature_key": "api_calls", "units": units,
+        "idempotency_key": format!("{lease}-{sequence}"),
+    });
+    let charged = harness
+        .ok("/v1/usage/batch", &key, json!({"events": [
+            event(&single, 1, 10), event(&batched, 1, 4), event(&single, 2, 1),
+        ]}), 200)
+        .await;
+    let statuses: Vec<&str> = charged["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["status"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(statuses, ["duplicate", "duplicate", "created"], "{charged}");
+    assert_eq!(
+        harness.available(&admin, "u1").await,
+        85,
+        "the two taken reports are not charged again; the event with no report is"
+    );
+    }
+}
+
 // Taking, reporting and releasing need `sync` and `write`; reading `read` or `sync`.
 store_test! {
     async fn leases_need_a_proxys_scopes(backend) {
