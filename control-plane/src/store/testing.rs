@@ -114,6 +114,17 @@ pub(crate) async fn grant_many(
         .expect("grants");
 }
 
+/// The end users the environment's change feed names, from its start (up to 100).
+async fn fed_end_users(store: &dyn Store, env: &Env) -> Vec<Option<EndUserId>> {
+    store
+        .changes_after(env, 0, 100)
+        .await
+        .expect("feed")
+        .into_iter()
+        .map(|change| change.end_user_id)
+        .collect()
+}
+
 /// Three end users' mutations in one `Store::mutate_each`, each claiming a key: the
 /// middle one changes its state and claims its key, then refuses. The store answers
 /// each on its own: the refused one leaves nothing (no state, no claim, no feed
@@ -209,13 +220,7 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
             .is_none(),
         "the refused end user's state was rolled back"
     );
-    let fed: Vec<Option<EndUserId>> = store
-        .changes_after(env, 0, 100)
-        .await
-        .expect("feed")
-        .into_iter()
-        .map(|change| change.end_user_id)
-        .collect();
+    let fed = fed_end_users(store, env).await;
     assert_eq!(fed, [Some(users[0].clone()), Some(users[2].clone())]);
 
     // The refused one's claim went with it; the committed ones' hold.
@@ -299,13 +304,7 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
         "the late end user's rows were rolled back"
     );
     assert_eq!(balance(&stored(store, env, &after).await), Credits::new(4));
-    let fed: Vec<Option<EndUserId>> = store
-        .changes_after(env, 0, 100)
-        .await
-        .expect("feed")
-        .into_iter()
-        .map(|change| change.end_user_id)
-        .collect();
+    let fed = fed_end_users(store, env).await;
     assert_eq!(
         fed,
         [
