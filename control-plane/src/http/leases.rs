@@ -126,13 +126,16 @@ fn report_keys_kept_until(state: &AppState) -> Result<ledger::Timestamp, ApiErro
 /// `to_usage` in proxy/src/leases.rs): a report taken whose answer never reached the
 /// proxy's disk is sent again after a restart, and if the lease ended more than an hour
 /// before (ended leases are kept that long) the proxy charges it as usage instead; that
-/// event then answers as a duplicate rather than charging the spend a second time.
+/// event then answers as a duplicate rather than charging the spend a second time. A
+/// key the tenant's own usage events took first stays theirs (the store ignores this
+/// one then).
 fn remember_report(
     changes: &mut Changes,
     (id, report, reported): (LeaseId, &LeaseReport, &ledger::LeaseReported),
     keep_until: ledger::Timestamp,
 ) {
-    if reported.replayed || report.requests == 0 {
+    let spent = report.requests > 0 || report.units > 0 || report.cost.is_positive();
+    if reported.replayed || !spent {
         return;
     }
     let result = serde_json::json!({

@@ -139,7 +139,8 @@ store_test! {
 // whose record of the answer never reached its disk, back after the ended lease was
 // forgotten, sends that report's spend as usage, which answers as a duplicate rather
 // than charging it twice. Reports through a batch are remembered alike; a report with
-// no requests in it is not (the proxy sends no usage for it).
+// no requests in it is not (the proxy sends no usage for it). A key of that form the
+// tenant's own events took first stays theirs, and the report is taken all the same.
 store_test! {
     async fn a_taken_report_is_not_charged_again_as_usage(backend) {
     let harness = Harness::start(backend).await;
@@ -165,9 +166,18 @@ store_test! {
         ]}), 200)
         .await;
     assert_eq!(answer["results"][0]["status"], 200, "{answer}");
+    let event = |lease: &str, sequence: u64, units: u64| json!({
+        "end_user_id": "u1", "feature_key": "api_calls", "units": units,
+        "idempotency_key": format!("{lease}-{sequence}"),
+    });
+    let own = harness
+        .ok("/v1/usage/batch", &key, json!({"events": [event(&batched, 2, 1)]}), 200)
+        .await;
+    assert_eq!(own["results"][0]["status"], "created");
+    harness.ok(&format!("/v1/leases/{batched}/report"), &key, report(2, 2), 200).await;
     harness.ok(&format!("/v1/leases/{single}/release"), &key, report(3, 0), 200).await;
-    harness.ok(&format!("/v1/leases/{batched}/release"), &key, report(2, 0), 200).await;
-    assert_eq!(harness.available(&admin, "u1").await, 86, "100 - 10 - 4");
+    harness.ok(&format!("/v1/leases/{batched}/release"), &key, report(3, 0), 200).await;
+    assert_eq!(harness.available(&admin, "u1").await, 83, "100 - 10 - 4 - 1 - 2");
 
     // Past the hour an ended lease is kept: gone.
     harness.advance(&admin, 3_700).await;
@@ -175,13 +185,9 @@ store_test! {
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
 
     // What the proxy sends then, one event per sequence its log holds spend for.
-    let event = |lease: &str, sequence: u64, units: u64| json!({
-        "end_user_id": "u1", "feature_key": "api_calls", "units": units,
-        "idempotency_key": format!("{lease}-{sequence}"),
-    });
     let charged = harness
         .ok("/v1/usage/batch", &key, json!({"events": [
-            event(&single, 1, 10), event(&batched, 1, 4), event(&single, 2, 1),
+            event(&single, 1, 10), event(&batched, 1, 4), event(&single, 2, 1), event(&batched, 2, 2),
         ]}), 200)
         .await;
     let statuses: Vec<&str> = charged["results"]
@@ -190,11 +196,15 @@ store_test! {
         .iter()
         .map(|result| result["status"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(statuses, ["duplicate", "duplicate", "created"], "{charged}");
+    assert_eq!(statuses, ["duplicate", "duplicate", "created", "error"], "{charged}");
+    assert_eq!(
+        charged["results"][3]["error"]["code"], "idempotency_key_reused",
+        "the tenant's own event holds that key"
+    );
     assert_eq!(
         harness.available(&admin, "u1").await,
-        85,
-        "the two taken reports are not charged again; the event with no report is"
+        82,
+        "the taken reports are not charged again; the event with no report is"
     );
     }
 }

@@ -262,8 +262,21 @@ impl Writer<'_> {
         self.run(query).await
     }
 
-    /// The usage event keys a batch recorded.
+    /// The usage event keys a batch recorded, and lease reports' keys (only
+    /// remembered: one the tenant's own events took first stays theirs).
     async fn usage_keys(&mut self, rows: Vec<UsageKeyRecord>) -> StoreResult<()> {
+        let (reports, events): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .partition(|key| key.fingerprint == crate::store::LEASE_REPORT_FINGERPRINT);
+        self.insert_usage_keys(events, false).await?;
+        self.insert_usage_keys(reports, true).await
+    }
+
+    async fn insert_usage_keys(
+        &mut self,
+        rows: Vec<UsageKeyRecord>,
+        reports: bool,
+    ) -> StoreResult<()> {
         let (connection, env) = (&mut *self.connection, self.env);
         if rows.is_empty() {
             return Ok(());
@@ -272,15 +285,26 @@ impl Writer<'_> {
             keys: key.key, fingerprints: key.fingerprint.to_vec(), entry_ids: key.entry_id,
             results: key.result, keep: key.keep_until.as_millis(),
         );
-        bind!(sqlx::query(
-            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
-             SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
-             FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
-               AS k(key, fingerprint, entry_id, result, keep_until)",
-        ); &env.tenant_id, env.environment.as_str(), keys, fingerprints, entry_ids, results, keep)
-        .execute(&mut *connection)
-        .await
-        .map_err(|error| usage_key_taken(unique_violation(&error), error.into()))?;
+        let query = if reports {
+            sqlx::query(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+                 SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
+                 FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
+                   AS k(key, fingerprint, entry_id, result, keep_until)
+                 ON CONFLICT DO NOTHING",
+            )
+        } else {
+            sqlx::query(
+                "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until)
+                 SELECT $1, $2, k.key, k.fingerprint, k.entry_id, k.result, k.keep_until
+                 FROM UNNEST($3::text[], $4::bytea[], $5::text[], $6::text[], $7::int8[])
+                   AS k(key, fingerprint, entry_id, result, keep_until)",
+            )
+        };
+        bind!(query; &env.tenant_id, env.environment.as_str(), keys, fingerprints, entry_ids, results, keep)
+            .execute(&mut *connection)
+            .await
+            .map_err(|error| usage_key_taken(unique_violation(&error), error.into()))?;
         Ok(())
     }
 

@@ -432,7 +432,17 @@ fn insert_usage_keys(
         let mut statement = tx.prepare_cached(
             "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )?;
+        // A lease report's key is only remembered: one the tenant's own events took
+        // first stays theirs.
+        let mut report = tx.prepare_cached(
+            "INSERT INTO usage_keys (tenant_id, environment, key, fingerprint, entry_id, result, keep_until) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )?;
         for key in usage_keys {
+            let statement = if key.fingerprint == crate::store::LEASE_REPORT_FINGERPRINT {
+                &mut report
+            } else {
+                &mut statement
+            };
             statement
                 .execute(params![
                     tenant,
