@@ -69,9 +69,14 @@ impl Rows {
     }
 
     /// Whether any staged row may meet another transaction's write: a usage event key
-    /// (unique) or an idempotency answer (fenced: its key must still be unanswered).
+    /// (unique) or an idempotency answer (fenced: its key must still be unanswered). A
+    /// lease report's key cannot (it is only remembered where it is free).
     pub(super) fn has_contended(&self) -> bool {
-        !self.usage_keys.is_empty() || !self.idempotency.is_empty()
+        !self.idempotency.is_empty()
+            || self
+                .usage_keys
+                .iter()
+                .any(|key| key.fingerprint != crate::store::LEASE_REPORT_FINGERPRINT)
     }
 
     /// Writes the staged rows [`Rows::has_contended`] names and takes them out, so
