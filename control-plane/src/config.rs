@@ -168,9 +168,9 @@ pub struct Config {
     /// The most connections the PostgreSQL pool opens (default 16). Every in-flight
     /// mutation holds one for its transaction, so this bounds concurrent writes.
     pub max_connections: u32,
-    /// The most concurrent operations on one end user that one transaction carries
-    /// (group commit; default 64, 1 turns it off), and the most end users' groups of
-    /// one environment that share a transaction.
+    /// The most concurrent operations one transaction carries, of one end user (group
+    /// commit) and of an environment's end users together (default 64; 1 turns both
+    /// off).
     pub group_commit_max: usize,
     /// Authorises `POST /v1/operator/tenants`; `None` disables the endpoint.
     pub operator_token: Option<Secret>,

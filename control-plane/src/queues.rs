@@ -56,14 +56,7 @@ impl<K: Eq + std::hash::Hash + Clone, M> Queues<K, M> {
     /// Up to `max` queued members, oldest first; `None` (and the drainer ends) when there
     /// are none.
     pub(crate) fn take(&self, key: &K, max: usize) -> Option<Vec<M>> {
-        let mut queues = self.lock();
-        let queue = queues.get_mut(key)?;
-        if queue.is_empty() {
-            queues.remove(key);
-            return None;
-        }
-        let count = max.max(1).min(queue.len());
-        Some(queue.drain(..count).collect())
+        self.take_weighed(key, max, |_| 1)
     }
 
     /// Queued members, oldest first, while their `weight`s add up to at most `max` (at

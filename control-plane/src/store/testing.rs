@@ -73,15 +73,7 @@ pub(crate) async fn grant(
 ) {
     let mut run = |state: &mut EndUserState, _: &[bool]| grant_to(state, amount, at);
     store
-        .mutate(
-            Mutation {
-                env,
-                end_user,
-                now: at,
-                claims: &[],
-            },
-            &mut run,
-        )
+        .mutate(mutation(env, end_user, &[], at), &mut run)
         .await
         .expect("grant");
 }
@@ -112,6 +104,21 @@ pub(crate) async fn grant_many(
         .mutate_many(env, at, &mut items)
         .await
         .expect("grants");
+}
+
+/// A mutation of `end_user` at `at`, claiming `claims`.
+fn mutation<'a>(
+    env: &'a Env,
+    end_user: &'a EndUserId,
+    claims: &'a [Claim],
+    at: Timestamp,
+) -> Mutation<'a> {
+    Mutation {
+        env,
+        end_user,
+        now: at,
+        claims,
+    }
 }
 
 /// The end users the environment's change feed names, from its start (up to 100).
@@ -178,16 +185,10 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
         note(claimed);
         grant_to(state, 7, at)
     };
-    let target = |index: usize| Mutation {
-        env,
-        end_user: &users[index],
-        now: at,
-        claims: &claims[index],
-    };
     let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
-        (target(0), &mut first),
-        (target(1), &mut refused),
-        (target(2), &mut last),
+        (mutation(env, &users[0], &claims[0], at), &mut first),
+        (mutation(env, &users[1], &claims[1], at), &mut refused),
+        (mutation(env, &users[2], &claims[2], at), &mut last),
     ];
     let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
     drop(each);
@@ -235,24 +236,8 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
         Ok(Vec::new())
     };
     let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
-        (
-            Mutation {
-                env,
-                end_user: &users[0],
-                now: at,
-                claims: &again[0],
-            },
-            &mut unchanged,
-        ),
-        (
-            Mutation {
-                env,
-                end_user: &users[1],
-                now: at,
-                claims: &again[1],
-            },
-            &mut other,
-        ),
+        (mutation(env, &users[0], &again[0], at), &mut unchanged),
+        (mutation(env, &users[1], &again[1], at), &mut other),
     ];
     let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
     drop(each);
@@ -274,24 +259,8 @@ pub(crate) async fn each_mutation_commits_or_fails_alone(
     };
     let mut grant_after = |state: &mut EndUserState, _: &[bool]| grant_to(state, 4, at);
     let mut each: Vec<(Mutation<'_>, &mut ClaimingFn<'_>)> = vec![
-        (
-            Mutation {
-                env,
-                end_user: &late,
-                now: at,
-                claims: &[],
-            },
-            &mut answered_twice,
-        ),
-        (
-            Mutation {
-                env,
-                end_user: &after,
-                now: at,
-                claims: &[],
-            },
-            &mut grant_after,
-        ),
+        (mutation(env, &late, &[], at), &mut answered_twice),
+        (mutation(env, &after, &[], at), &mut grant_after),
     ];
     let outcomes = store.mutate_each(&mut each).await.expect("the transaction");
     drop(each);
