@@ -159,7 +159,9 @@ impl EndUserState {
 
     /// The earliest piece of due work, by instant and then by [`Due`] order.
     fn next_due_item(&self, catalog: &Catalog) -> Result<Option<(Timestamp, Due)>, Refusal> {
-        let mut candidates: Vec<(Timestamp, Due)> = Vec::new();
+        // The least so far (no list: a decision asks this on every request).
+        let mut next: Option<(Timestamp, Due)> = None;
+        let mut candidates = Candidates(&mut next);
         for reservation in &self.reservations {
             if reservation.status == ReservationStatus::Active {
                 candidates.push((
@@ -220,6 +222,17 @@ impl EndUserState {
                 | SubscriptionStatus::Expired => {}
             }
         }
-        Ok(candidates.into_iter().min())
+        Ok(next)
+    }
+}
+
+/// Keeps the least `(instant, due work)` pushed.
+struct Candidates<'a>(&'a mut Option<(Timestamp, Due)>);
+
+impl Candidates<'_> {
+    fn push(&mut self, candidate: (Timestamp, Due)) {
+        if self.0.as_ref().is_none_or(|least| candidate < *least) {
+            *self.0 = Some(candidate);
+        }
     }
 }

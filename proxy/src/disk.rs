@@ -814,6 +814,7 @@ impl Flusher {
         if *flushed.borrow() >= ticket {
             return Ok(());
         }
+        let asked = std::time::Instant::now();
         self.ask(|wake| wake.wanted = true);
         let outcome = flushed
             .wait_for(|done| {
@@ -823,6 +824,9 @@ impl Flusher {
             })
             .await
             .map(|done| *done >= ticket);
+        // What `sync` durability adds to a request: the rest of a flush under way (it
+        // may not cover this write), its own, and the wake-ups either side.
+        metrics::histogram!("qs_proxy_flush_wait_seconds").record(asked.elapsed().as_secs_f64());
         match outcome {
             Ok(true) => Ok(()),
             Ok(false) => Err(DiskError("usage could not be flushed to disk".into())),

@@ -693,7 +693,7 @@ impl Gate {
         upstream_response: &mut ResponseHeader,
     ) -> pingora::Result<()> {
         if let Some(balance) = admitted.balance_after {
-            upstream_response.insert_header("x-quota-balance", balance.to_string())?;
+            upstream_response.insert_header("x-quota-balance", http::HeaderValue::from(balance))?;
         }
         if let Some(resets_at) = admitted.resets_at {
             upstream_response.insert_header("x-quota-resets-at", resets_at.to_string())?;

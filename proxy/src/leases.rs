@@ -210,6 +210,8 @@ struct Slot {
     last_spent: Option<Instant>,
     gap: Duration,
     notify: Arc<Notify>,
+    /// In [`Leases::asked`]: requests wait here, and the planner has not looked since.
+    asked: bool,
 }
 
 impl Slot {
@@ -233,6 +235,7 @@ impl Slot {
             last_spent: None,
             gap: Duration::ZERO,
             notify: Arc::new(Notify::new()),
+            asked: false,
         }
     }
 
@@ -432,6 +435,10 @@ pub struct Leases {
     durability: Durability,
     shards: Vec<Mutex<HashMap<SlotKey, Slot>>>,
     wake: Notify,
+    /// The slots whose requests wait for a lease or a top-up (set by `try_take`): a
+    /// wake-up plans these alone, so the cost of a wake-up does not grow with the number
+    /// of slots; every slot is planned once per [`TICK`].
+    asked: Mutex<Vec<SlotKey>>,
     /// Signalled when the last write of spend under a report's sequence finishes (a
     /// batch may be waiting to send that report: `settled_writes`).
     written: Notify,
@@ -469,6 +476,7 @@ impl Leases {
             durability,
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             wake: Notify::new(),
+            asked: Mutex::new(Vec::new()),
             written: Notify::new(),
             spent: metrics::counter!("qs_proxy_lease_spend_total"),
         }
@@ -621,6 +629,13 @@ impl Leases {
                 return Ok(Taken::Unavailable);
             }
             slot.wanted = slot.wanted.max(cost);
+            if !slot.asked {
+                slot.asked = true;
+                self.asked
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(key.clone());
+            }
             let why = if slot.lease.as_ref().is_some_and(|held| held.usable(now)) {
                 "short"
             } else {
@@ -768,6 +783,9 @@ impl Leases {
         let urgent_lane = Arc::new(Semaphore::new(1));
         let routine_lane = Arc::new(Semaphore::new(1));
         let mut running = tokio::task::JoinSet::new();
+        let mut last_full = Instant::now()
+            .checked_sub(TICK)
+            .unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
                 () = self.wake.notified() => {}
@@ -791,7 +809,18 @@ impl Leases {
                 urgent: urgent.is_some(),
                 routine: routine.is_some(),
             };
-            let planned = self.plan(Instant::now(), false, lanes);
+            // Every slot once per tick; in between, a wake-up plans the slots whose
+            // requests asked (when the urgent lane is free: else they wait for it).
+            let now = Instant::now();
+            let full = now.saturating_duration_since(last_full) >= TICK;
+            let planned = if full {
+                last_full = now;
+                self.plan(now, false, lanes)
+            } else if lanes.urgent {
+                self.plan_asked(now)
+            } else {
+                Planned::default()
+            };
             for (permit, work, lane) in [
                 (urgent, planned.urgent, &urgent_lane),
                 (routine, planned.routine, &routine_lane),
@@ -806,7 +835,9 @@ impl Leases {
                     leases.perform_lane(&context, work, permit, &lane).await;
                 });
             }
-            self.gauges();
+            if full {
+                self.gauges();
+            }
         }
         // Shutdown: what is running finishes, then every lease is released.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -920,10 +951,13 @@ impl Leases {
 
     /// What each slot needs now (`shutdown`: release everything).
     fn plan(&self, now: Instant, shutdown: bool, lanes: Lanes) -> Planned {
-        let report_every = Duration::from_millis(self.config.report_interval_ms);
+        let mut planned = Planned::default();
         let idle = Duration::from_secs(self.config.idle_release_secs);
-        let mut urgent = Vec::new();
-        let mut work = Vec::new();
+        // Every slot is looked at below: what was asked is planned with the rest.
+        self.asked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         for shard in &self.shards {
             let mut guard = shard
                 .lock()
@@ -935,98 +969,136 @@ impl Leases {
                     || now.saturating_duration_since(slot.last_used) < idle_after(idle, slot)
             });
             for (key, slot) in guard.iter_mut() {
-                let target = self.target(slot, now);
-                let slot_idle = idle_after(idle, slot);
-                // Retired leases: report what is left, then forget them.
-                for held in &mut slot.retired {
-                    if !lanes.routine
-                        || held.reporting
-                        || held.in_flight > 0
-                        || !held.writing.is_empty()
-                    {
-                        continue;
-                    }
-                    work.push((key.clone(), final_report(held)));
-                }
-                let Some(held) = slot.lease.as_mut() else {
-                    if lanes.urgent && !shutdown {
-                        urgent.extend(acquire(slot, now, target).map(|work| (key.clone(), work)));
-                    }
-                    continue;
-                };
-                if held.reporting {
-                    continue;
-                }
-                // A lease with no room left admits nothing until a top-up: it is kept for
-                // `idle_release_secs` only (keeping it longer would cost an extension
-                // at the control plane for nothing). Near the end of the end user's
-                // balance, room nobody here is using goes back within a second: it may
-                // be all another proxy's requests are waiting for (a lease taken for a
-                // request that stopped waiting, say).
-                let low_water = slot.seen_available.get()
-                    < self.config.min_credits.saturating_mul(LOW_WATER_LEASES);
-                let keep = if !held.room.is_positive() {
-                    idle
-                } else if low_water {
-                    LOW_WATER_IDLE.min(slot_idle)
-                } else {
-                    slot_idle
-                };
-                let unused = now.saturating_duration_since(slot.last_used) >= keep;
-                let expired = now >= held.usable_until;
-                let ending = shutdown || (unused && held.in_flight == 0) || held.ended || expired;
-                if ending && !lanes.routine {
-                    continue;
-                }
-                if ending {
-                    // Release: no new admissions; the final report waits for what is in
-                    // flight (requests still at the upstream record under it).
-                    held.ended = true;
-                    if held.in_flight == 0 {
-                        work.push((key.clone(), final_report(held)));
-                    } else if let Some(held) = slot.lease.take() {
-                        slot.retired.push(held);
-                    }
-                    continue;
-                }
-                let low =
-                    held.room.get().saturating_mul(2) < target.get() || slot.wanted > held.room;
-                // Spend waiting to be reported, for long enough (an unused lease makes no
-                // calls until it needs extending or goes idle).
-                let due = held.outstanding.is_positive()
-                    && now.saturating_duration_since(held.last_report) >= report_every;
-                let stretched = held
-                    .usable_until
-                    .saturating_duration_since(now)
-                    .as_secs()
-                    .saturating_mul(2)
-                    < self.config.ttl_secs;
-                // Requests wait for this report's top-up: it goes in the urgent lane.
-                let waiting = slot.wanted > held.room;
-                let lane_open = if waiting { lanes.urgent } else { lanes.routine };
-                if lane_open && (low || due || stretched || held.unacked.is_some()) {
-                    let top_up = low
-                        .then(|| target.saturating_sub_floor(held.room))
-                        .filter(|top_up| top_up.is_positive());
-                    held.reporting = true;
-                    let sequence = next_sequence(held);
-                    let report = Work::Report {
-                        lease: held.id.to_string(),
-                        sequence,
-                        top_up,
-                        release: false,
-                    };
-                    if waiting {
-                        urgent.push((key.clone(), report));
-                    } else {
-                        work.push((key.clone(), report));
-                    }
-                }
+                self.plan_slot(key, slot, now, shutdown, lanes, &mut planned);
             }
         }
-        Planned {
+        planned
+    }
+
+    /// The urgent work of the slots whose requests asked since the last plan (an
+    /// acquisition or a top-up they wait for), without looking at any other slot.
+    fn plan_asked(&self, now: Instant) -> Planned {
+        let asked = std::mem::take(
+            &mut *self
+                .asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut planned = Planned::default();
+        let urgent_only = Lanes {
+            urgent: true,
+            routine: false,
+        };
+        for key in asked {
+            let shard = &self.shards[shard_of(&key) % self.shards.len()];
+            let mut guard = shard
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(slot) = guard.get_mut(&key) {
+                self.plan_slot(&key, slot, now, false, urgent_only, &mut planned);
+            }
+        }
+        planned
+    }
+
+    /// What one slot needs now, added to `planned` in the lanes that are open.
+    fn plan_slot(
+        &self,
+        key: &SlotKey,
+        slot: &mut Slot,
+        now: Instant,
+        shutdown: bool,
+        lanes: Lanes,
+        planned: &mut Planned,
+    ) {
+        let report_every = Duration::from_millis(self.config.report_interval_ms);
+        let idle = Duration::from_secs(self.config.idle_release_secs);
+        let Planned {
             urgent,
             routine: work,
+        } = planned;
+        slot.asked = false;
+        let target = self.target(slot, now);
+        let slot_idle = idle_after(idle, slot);
+        // Retired leases: report what is left, then forget them.
+        for held in &mut slot.retired {
+            if !lanes.routine || held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
+                continue;
+            }
+            work.push((key.clone(), final_report(held)));
+        }
+        let Some(held) = slot.lease.as_mut() else {
+            if lanes.urgent && !shutdown {
+                urgent.extend(acquire(slot, now, target).map(|work| (key.clone(), work)));
+            }
+            return;
+        };
+        if held.reporting {
+            return;
+        }
+        // A lease with no room left admits nothing until a top-up: it is kept for
+        // `idle_release_secs` only (keeping it longer would cost an extension
+        // at the control plane for nothing). Near the end of the end user's
+        // balance, room nobody here is using goes back within a second: it may
+        // be all another proxy's requests are waiting for (a lease taken for a
+        // request that stopped waiting, say).
+        let low_water =
+            slot.seen_available.get() < self.config.min_credits.saturating_mul(LOW_WATER_LEASES);
+        let keep = if !held.room.is_positive() {
+            idle
+        } else if low_water {
+            LOW_WATER_IDLE.min(slot_idle)
+        } else {
+            slot_idle
+        };
+        let unused = now.saturating_duration_since(slot.last_used) >= keep;
+        let expired = now >= held.usable_until;
+        let ending = shutdown || (unused && held.in_flight == 0) || held.ended || expired;
+        if ending && !lanes.routine {
+            return;
+        }
+        if ending {
+            // Release: no new admissions; the final report waits for what is in
+            // flight (requests still at the upstream record under it).
+            held.ended = true;
+            if held.in_flight == 0 {
+                work.push((key.clone(), final_report(held)));
+            } else if let Some(held) = slot.lease.take() {
+                slot.retired.push(held);
+            }
+            return;
+        }
+        let low = held.room.get().saturating_mul(2) < target.get() || slot.wanted > held.room;
+        // Spend waiting to be reported, for long enough (an unused lease makes no
+        // calls until it needs extending or goes idle).
+        let due = held.outstanding.is_positive()
+            && now.saturating_duration_since(held.last_report) >= report_every;
+        let stretched = held
+            .usable_until
+            .saturating_duration_since(now)
+            .as_secs()
+            .saturating_mul(2)
+            < self.config.ttl_secs;
+        // Requests wait for this report's top-up: it goes in the urgent lane.
+        let waiting = slot.wanted > held.room;
+        let lane_open = if waiting { lanes.urgent } else { lanes.routine };
+        if lane_open && (low || due || stretched || held.unacked.is_some()) {
+            let top_up = low
+                .then(|| target.saturating_sub_floor(held.room))
+                .filter(|top_up| top_up.is_positive());
+            held.reporting = true;
+            let sequence = next_sequence(held);
+            let report = Work::Report {
+                lease: held.id.to_string(),
+                sequence,
+                top_up,
+                release: false,
+            };
+            if waiting {
+                urgent.push((key.clone(), report));
+            } else {
+                work.push((key.clone(), report));
+            }
         }
     }
 }
@@ -1920,6 +1992,63 @@ mod tests {
                 slot.retired.clear();
             });
         }
+    }
+
+    /// A wake-up plans the slots whose requests asked, and no other: its cost does not
+    /// grow with the number of slots. The tick's plan still looks at every slot.
+    #[test]
+    fn a_wake_up_plans_only_the_slots_whose_requests_wait() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = Arc::new(leases(dir.path()));
+        let now = Instant::now();
+        let key = |user: &str| -> SlotKey {
+            (
+                EndUserId::new(user).expect("id"),
+                FeatureKey::new("api_calls").expect("feature"),
+            )
+        };
+        let (waiting, quiet) = (key("u_waiting"), key("u_quiet"));
+        // A slot that would want a lease, but no request of its waits now.
+        leases.with_slot_or_new(&quiet, now, |slot| slot.wanted = Credits::new(5));
+        // A request finds no lease: it asks.
+        let asked = leases.try_take(
+            &waiting,
+            Credits::new(5),
+            Credits::new(1_000),
+            None,
+            now,
+            now,
+        );
+        assert!(asked.is_err(), "no lease yet: the request waits");
+        let again = leases.try_take(
+            &waiting,
+            Credits::new(5),
+            Credits::new(1_000),
+            None,
+            now,
+            now,
+        );
+        assert!(again.is_err());
+        let planned = leases.plan_asked(now);
+        let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, [&waiting], "the asking slot alone, once");
+        assert!(
+            matches!(planned.urgent[0].1, Work::Acquire { .. }),
+            "{planned:?}"
+        );
+        assert!(planned.routine.is_empty());
+        assert!(
+            leases.plan_asked(now).urgent.is_empty(),
+            "asked once, planned once"
+        );
+        // The tick's plan finds the other slot.
+        let planned = leases.plan(now, false, Lanes::ALL);
+        let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
+        assert_eq!(
+            keys,
+            [&quiet],
+            "the waiting slot's acquisition is under way"
+        );
     }
 
     /// A disk whose every flush fails (a full or failing disk).

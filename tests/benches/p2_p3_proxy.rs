@@ -349,17 +349,40 @@ fn flush_mean_ms(text: &str) -> Option<f64> {
     (count > 0.0).then(|| sum / count * 1000.0)
 }
 
-/// The bucket bound (ms) at or below which 99% of the flushes took, from the histogram's
-/// cumulative buckets.
-fn flush_p99_ms(text: &str) -> Option<f64> {
-    let count = metric(text, "qs_proxy_flush_seconds_count")?;
+/// The flush histogram's cumulative buckets: (bound in seconds, flushes at or below).
+fn flush_buckets(text: &str) -> Vec<(f64, f64)> {
+    buckets(text, "qs_proxy_flush_seconds")
+}
+
+/// A histogram's cumulative buckets: (bound in seconds, observations at or below).
+fn buckets(text: &str, histogram: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{histogram}_bucket{{le=\"");
     text.lines()
         .filter_map(|line| {
-            let rest = line.strip_prefix("qs_proxy_flush_seconds_bucket{le=\"")?;
+            let rest = line.strip_prefix(prefix.as_str())?;
             let (bound, rest) = rest.split_once("\"}")?;
             Some((bound.parse::<f64>().ok()?, rest.trim().parse::<f64>().ok()?))
         })
-        .find(|(_, below)| *below >= count * 0.99)
+        .collect()
+}
+
+/// The bucket bound (ms) at or below which 99% of the observations fell, from cumulative
+/// buckets (`before`'s counts taken off: the observations between two readings).
+fn flush_p99_ms(after: &[(f64, f64)], before: &[(f64, f64)]) -> Option<f64> {
+    let between: Vec<(f64, f64)> = after
+        .iter()
+        .map(|&(bound, below)| {
+            let earlier = before
+                .iter()
+                .find(|(known, _)| *known == bound)
+                .map_or(0.0, |(_, below)| *below);
+            (bound, below - earlier)
+        })
+        .collect();
+    let count = between.iter().map(|(_, below)| *below).fold(0.0, f64::max);
+    (count > 0.0)
+        .then(|| between.iter().find(|(_, below)| *below >= count * 0.99))
+        .flatten()
         .map(|(bound, _)| bound * 1000.0)
 }
 
@@ -452,12 +475,35 @@ feature = "api_calls"
                 gated: true,
             });
         }
-        let mut figures = Vec::new();
+        let mut admins = Vec::new();
         for target in &targets {
+            let process = gated.iter().find(|(_, process)| process.pid() == target.pid);
+            admins.push(match process {
+                Some((_, process)) => Some(process.later("admin (healthz, readyz, metrics) on ").await),
+                None => None,
+            });
+        }
+        let mut figures = Vec::new();
+        // Per gated target: the bounds 99% of its flushes, and of its requests' waits for
+        // one, fell within during the open loop.
+        let mut open_flush_p99 = Vec::new();
+        let mut open_wait_p99 = Vec::new();
+        for (target, admin) in targets.iter().zip(&admins) {
             // Warm the connections and the replica.
             let _ = closed_loop(target, connections, 1).await;
             let (throughput, cpu_us, errors) = closed_loop(target, connections, secs).await;
+            let before = match admin {
+                Some(admin) => metrics_of(admin).await,
+                None => String::new(),
+            };
             let (p50_us, p99_us, open_errors) = open_loop(target, rate, secs).await;
+            let after = match admin {
+                Some(admin) => metrics_of(admin).await,
+                None => String::new(),
+            };
+            open_flush_p99.push(flush_p99_ms(&flush_buckets(&after), &flush_buckets(&before)));
+            let waits = |text: &str| buckets(text, "qs_proxy_flush_wait_seconds");
+            open_wait_p99.push(flush_p99_ms(&waits(&after), &waits(&before)));
             figures.push(Figures { throughput, cpu_us, p50_us, p99_us, errors: errors + open_errors });
         }
         let direct = (figures[0].p50_us, figures[0].p99_us);
@@ -497,12 +543,30 @@ feature = "api_calls"
                     .unwrap_or_default()
             );
         }
+        // `sync` at most one shared flush over `interval` (P2): the gap at p99 beside the
+        // bound 99% of the `sync` proxy's flushes fell within during the same open loop.
+        let at = |name: &str| targets.iter().position(|target| target.name == name);
+        if let (Some(interval), Some(sync)) = (at("gated, durability interval"), at("gated, durability sync")) {
+            let gap = figures[sync].p99_us.saturating_sub(figures[interval].p99_us);
+            let gap_ms = f64::from(u32::try_from(gap).unwrap_or(u32::MAX)) / 1000.0;
+            let bound = |p99: Option<f64>| p99.map_or_else(|| "unknown".to_owned(), |p99| format!("{p99} ms"));
+            println!(
+                "sync over interval at p99: {gap_ms:.3} ms; in that open loop 99% of the sync proxy's flushes took within {}, and 99% of its requests' waits for a flush within {}: {}",
+                bound(open_flush_p99[sync]),
+                bound(open_wait_p99[sync]),
+                match open_flush_p99[sync] {
+                    Some(flush) if gap_ms <= flush => "within one flush",
+                    Some(_) => "more than one flush",
+                    None => "no flush measured",
+                }
+            );
+        }
         println!("idle gated proxy RSS (after loading {USERS} end users): {:.1} MiB", f64::from(u32::try_from(idle_rss / 1024).unwrap_or(u32::MAX)) / 1024.0);
         for (durability, process) in &gated {
             let admin = process.later("admin (healthz, readyz, metrics) on ").await;
             let text = metrics_of(&admin).await;
             if let Some(mean) = flush_mean_ms(&text) {
-                let p99 = flush_p99_ms(&text)
+                let p99 = flush_p99_ms(&flush_buckets(&text), &[])
                     .map_or_else(|| "unknown".to_owned(), |p99| format!("{p99} ms"));
                 println!(
                     "{durability}: mean outbox flush (fsync) {mean:.2} ms, 99% of flushes within {p99}"

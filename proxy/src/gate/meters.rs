@@ -1,6 +1,8 @@
 //! The gate's per-request metrics as handles registered once: a labelled macro call looks
 //! its series up in the registry on every request. And `x-quota-as-of`, formatted once
-//! per instant rather than per request.
+//! per instant rather than per request (a few instants at once: an answer's instant is
+//! the newer of the replica's and its lease's, so requests of different end users
+//! alternate between several).
 
 use std::sync::Arc;
 
@@ -29,9 +31,13 @@ pub struct Meters {
     decisions: Vec<(&'static str, &'static str, metrics::Counter)>,
     pub decision_seconds: metrics::Histogram,
     pub request_seconds: metrics::Histogram,
-    /// The last `x-quota-as-of` formatted, and the instant it is for.
-    as_of: ArcSwapOption<(Timestamp, http::HeaderValue)>,
+    /// `x-quota-as-of` values formatted lately, each with the instant it is for, in the
+    /// place its instant's milliseconds pick.
+    as_of: [ArcSwapOption<(Timestamp, http::HeaderValue)>; AS_OF_PLACES],
 }
+
+/// How many `x-quota-as-of` values are kept formatted.
+const AS_OF_PLACES: usize = 16;
 
 impl Default for Meters {
     fn default() -> Meters {
@@ -55,7 +61,7 @@ impl Meters {
                 .collect(),
             decision_seconds: metrics::histogram!("qs_proxy_decision_seconds"),
             request_seconds: metrics::histogram!("qs_proxy_request_seconds"),
-            as_of: ArcSwapOption::empty(),
+            as_of: std::array::from_fn(|_| ArcSwapOption::empty()),
         }
     }
 
@@ -77,14 +83,16 @@ impl Meters {
     /// `x-quota-as-of` for `at` (RFC 3339), formatted only when `at` differs from the
     /// last one asked for.
     pub fn as_of(&self, at: Timestamp) -> http::HeaderValue {
-        if let Some(cached) = self.as_of.load().as_ref()
+        let place = usize::try_from(at.as_millis().rem_euclid(16)).unwrap_or(0) % AS_OF_PLACES;
+        let place = &self.as_of[place];
+        if let Some(cached) = place.load().as_ref()
             && cached.0 == at
         {
             return cached.1.clone();
         }
         let value = http::HeaderValue::from_str(&at.to_string())
             .unwrap_or_else(|_| http::HeaderValue::from_static("unknown"));
-        self.as_of.store(Some(Arc::new((at, value.clone()))));
+        place.store(Some(Arc::new((at, value.clone()))));
         value
     }
 }
@@ -101,6 +109,11 @@ mod tests {
         assert_eq!(meters.as_of(first), "2026-05-28T20:26:40Z");
         let later = Timestamp::from_millis(1_780_000_000_500);
         assert_eq!(meters.as_of(later), "2026-05-28T20:26:40.5Z");
+        assert_eq!(meters.as_of(first), "2026-05-28T20:26:40Z", "both kept");
+        // Two instants in one place: the newer asked replaces the other.
+        let same_place = Timestamp::from_millis(1_780_000_000_016);
+        assert_eq!(meters.as_of(same_place), "2026-05-28T20:26:40.016Z");
+        assert_eq!(meters.as_of(first), "2026-05-28T20:26:40Z");
         meters.decision("allowed", "replica");
         meters.decision("not_listed", "none");
     }
