@@ -953,11 +953,14 @@ impl Leases {
     fn plan(&self, now: Instant, shutdown: bool, lanes: Lanes) -> Planned {
         let mut planned = Planned::default();
         let idle = Duration::from_secs(self.config.idle_release_secs);
-        // Every slot is looked at below: what was asked is planned with the rest.
-        self.asked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        // Every slot is looked at below: what was asked is planned with the rest (when
+        // the urgent lane is free; else it stays asked for the lane's next plan).
+        if lanes.urgent {
+            self.asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
         for shard in &self.shards {
             let mut guard = shard
                 .lock()
@@ -1017,7 +1020,9 @@ impl Leases {
             urgent,
             routine: work,
         } = planned;
-        slot.asked = false;
+        if lanes.urgent {
+            slot.asked = false;
+        }
         let target = self.target(slot, now);
         let slot_idle = idle_after(idle, slot);
         // Retired leases: report what is left, then forget them.
@@ -2041,6 +2046,24 @@ mod tests {
             leases.plan_asked(now).urgent.is_empty(),
             "asked once, planned once"
         );
+        // A plan while the urgent lane is busy leaves what is asked for its next plan.
+        leases.with_slot(&waiting, |slot| slot.acquiring = false);
+        let _ = leases.try_take(
+            &waiting,
+            Credits::new(5),
+            Credits::new(1_000),
+            None,
+            now,
+            now,
+        );
+        let routine_only = Lanes {
+            urgent: false,
+            routine: true,
+        };
+        assert!(leases.plan(now, false, routine_only).urgent.is_empty());
+        let planned = leases.plan_asked(now);
+        let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, [&waiting], "still asked after a routine-only plan");
         // The tick's plan finds the other slot.
         let planned = leases.plan(now, false, Lanes::ALL);
         let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
