@@ -629,13 +629,7 @@ impl Leases {
                 return Ok(Taken::Unavailable);
             }
             slot.wanted = slot.wanted.max(cost);
-            if !slot.asked {
-                slot.asked = true;
-                self.asked
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(key.clone());
-            }
+            self.ask(key, slot);
             let why = if slot.lease.as_ref().is_some_and(|held| held.usable(now)) {
                 "short"
             } else {
@@ -643,6 +637,18 @@ impl Leases {
             };
             Err((Arc::clone(&slot.notify), why))
         })
+    }
+
+    /// Notes that requests wait on `slot` (under its shard's lock): the next wake-up of
+    /// the background plans it.
+    fn ask(&self, key: &SlotKey, slot: &mut Slot) {
+        if !slot.asked {
+            slot.asked = true;
+            self.asked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(key.clone());
+        }
     }
 
     /// Puts an admitted request's cost back (it was not charged, or not recorded).
@@ -817,7 +823,7 @@ impl Leases {
                 last_full = now;
                 self.plan(now, false, lanes)
             } else if lanes.urgent {
-                self.plan_asked(now)
+                self.plan_asked(now, lanes)
             } else {
                 Planned::default()
             };
@@ -978,9 +984,10 @@ impl Leases {
         planned
     }
 
-    /// The urgent work of the slots whose requests asked since the last plan (an
-    /// acquisition or a top-up they wait for), without looking at any other slot.
-    fn plan_asked(&self, now: Instant) -> Planned {
+    /// The work of the slots whose requests asked since the last plan (an acquisition
+    /// or a top-up they wait for; the release of a lease that ended, when the routine
+    /// lane is free), without looking at any other slot. Called with the urgent lane.
+    fn plan_asked(&self, now: Instant, lanes: Lanes) -> Planned {
         let asked = std::mem::take(
             &mut *self
                 .asked
@@ -988,17 +995,13 @@ impl Leases {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         );
         let mut planned = Planned::default();
-        let urgent_only = Lanes {
-            urgent: true,
-            routine: false,
-        };
         for key in asked {
             let shard = &self.shards[shard_of(&key) % self.shards.len()];
             let mut guard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(slot) = guard.get_mut(&key) {
-                self.plan_slot(&key, slot, now, false, urgent_only, &mut planned);
+                self.plan_slot(&key, slot, now, false, lanes, &mut planned);
             }
         }
         planned
@@ -1020,6 +1023,7 @@ impl Leases {
             urgent,
             routine: work,
         } = planned;
+        let asked = slot.asked;
         if lanes.urgent {
             slot.asked = false;
         }
@@ -1060,6 +1064,11 @@ impl Leases {
         let expired = now >= held.usable_until;
         let ending = shutdown || (unused && held.in_flight == 0) || held.ended || expired;
         if ending && !lanes.routine {
+            // The release waits for the routine lane; requests waiting here stay asked,
+            // so the next wake-up with that lane free releases it (and they re-ask).
+            if asked && lanes.urgent {
+                self.ask(key, slot);
+            }
             return;
         }
         if ending {
@@ -1387,6 +1396,8 @@ impl Leases {
                 self.with_slot(key, |slot| {
                     slot.acquiring = false;
                     slot.acquire_request = None;
+                    // Whoever waits asks again (and the next wake-up plans the slot).
+                    slot.notify.notify_waiters();
                 });
             }
             Ok(lease) => {
@@ -1398,6 +1409,7 @@ impl Leases {
                     self.with_slot(key, |slot| {
                         slot.acquiring = false;
                         slot.acquire_request = None;
+                        slot.notify.notify_waiters();
                     });
                     return;
                 };
@@ -1627,6 +1639,9 @@ impl Leases {
                         if let Some(held) = slot.held_mut(lease) {
                             held.reporting = false;
                         }
+                        // A top-up left for the next batch: whoever waits for it asks
+                        // again.
+                        slot.notify.notify_waiters();
                     });
                     false
                 }
@@ -2034,7 +2049,7 @@ mod tests {
             now,
         );
         assert!(again.is_err());
-        let planned = leases.plan_asked(now);
+        let planned = leases.plan_asked(now, Lanes::ALL);
         let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
         assert_eq!(keys, [&waiting], "the asking slot alone, once");
         assert!(
@@ -2043,7 +2058,7 @@ mod tests {
         );
         assert!(planned.routine.is_empty());
         assert!(
-            leases.plan_asked(now).urgent.is_empty(),
+            leases.plan_asked(now, Lanes::ALL).urgent.is_empty(),
             "asked once, planned once"
         );
         // A plan while the urgent lane is busy leaves what is asked for its next plan.
@@ -2061,7 +2076,7 @@ mod tests {
             routine: true,
         };
         assert!(leases.plan(now, false, routine_only).urgent.is_empty());
-        let planned = leases.plan_asked(now);
+        let planned = leases.plan_asked(now, Lanes::ALL);
         let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
         assert_eq!(keys, [&waiting], "still asked after a routine-only plan");
         // The tick's plan finds the other slot.
@@ -2071,6 +2086,41 @@ mod tests {
             keys,
             [&quiet],
             "the waiting slot's acquisition is under way"
+        );
+    }
+
+    /// A request waiting on a lease that ended: its release waits for the routine lane,
+    /// and the slot stays asked until a wake-up with that lane free releases it.
+    #[test]
+    fn an_asked_slot_whose_lease_ended_is_released_when_the_routine_lane_is_free() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = Arc::new(leases(dir.path()));
+        let now = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u_ended").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        leases.with_slot_or_new(&key, now, |slot| {
+            let mut lease = held(0, now);
+            lease.ended = true;
+            slot.lease = Some(lease);
+        });
+        let asked = leases.try_take(&key, Credits::new(5), Credits::new(1_000), None, now, now);
+        assert!(
+            asked.is_err(),
+            "an ended lease admits nothing: the request waits"
+        );
+        let urgent_only = Lanes {
+            urgent: true,
+            routine: false,
+        };
+        let planned = leases.plan_asked(now, urgent_only);
+        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
+        let planned = leases.plan_asked(now, Lanes::ALL);
+        assert!(
+            planned.routine.iter().any(|(planned, work)| planned == &key
+                && matches!(work, Work::Report { release: true, .. })),
+            "still asked, and released once the routine lane is free: {planned:?}"
         );
     }
 

@@ -551,7 +551,7 @@ feature = "api_calls"
             let gap_ms = f64::from(u32::try_from(gap).unwrap_or(u32::MAX)) / 1000.0;
             let bound = |p99: Option<f64>| p99.map_or_else(|| "unknown".to_owned(), |p99| format!("{p99} ms"));
             println!(
-                "sync over interval at p99: {gap_ms:.3} ms; in that open loop 99% of the sync proxy's flushes took within {}, and 99% of its requests' waits for a flush within {}: {}",
+                "sync over interval at p99: {gap_ms:.3} ms; in that open loop 99% of the sync proxy's flushes took within {}, and 99% of the waits of its requests that waited for a flush within {}: {}",
                 bound(open_flush_p99[sync]),
                 bound(open_wait_p99[sync]),
                 match open_flush_p99[sync] {

@@ -83,7 +83,8 @@ impl Meters {
     /// `x-quota-as-of` for `at` (RFC 3339), formatted only when `at` differs from the
     /// last one asked for.
     pub fn as_of(&self, at: Timestamp) -> http::HeaderValue {
-        let place = usize::try_from(at.as_millis().rem_euclid(16)).unwrap_or(0) % AS_OF_PLACES;
+        let places = i64::try_from(AS_OF_PLACES).unwrap_or(1);
+        let place = usize::try_from(at.as_millis().rem_euclid(places)).unwrap_or(0);
         let place = &self.as_of[place];
         if let Some(cached) = place.load().as_ref()
             && cached.0 == at
