@@ -2030,25 +2030,19 @@ mod tests {
         let (waiting, quiet) = (key("u_waiting"), key("u_quiet"));
         // A slot that would want a lease, but no request of its waits now.
         leases.with_slot_or_new(&quiet, now, |slot| slot.wanted = Credits::new(5));
-        // A request finds no lease: it asks.
-        let asked = leases.try_take(
-            &waiting,
-            Credits::new(5),
-            Credits::new(1_000),
-            None,
-            now,
-            now,
-        );
-        assert!(asked.is_err(), "no lease yet: the request waits");
-        let again = leases.try_take(
-            &waiting,
-            Credits::new(5),
-            Credits::new(1_000),
-            None,
-            now,
-            now,
-        );
-        assert!(again.is_err());
+        // A request finds no lease: it asks (twice: asked once).
+        let request = || {
+            leases.try_take(
+                &waiting,
+                Credits::new(5),
+                Credits::new(1_000),
+                None,
+                now,
+                now,
+            )
+        };
+        assert!(request().is_err(), "no lease yet: the request waits");
+        assert!(request().is_err());
         let planned = leases.plan_asked(now, Lanes::ALL);
         let keys: Vec<&SlotKey> = planned.urgent.iter().map(|(key, _)| key).collect();
         assert_eq!(keys, [&waiting], "the asking slot alone, once");
@@ -2063,14 +2057,7 @@ mod tests {
         );
         // A plan while the urgent lane is busy leaves what is asked for its next plan.
         leases.with_slot(&waiting, |slot| slot.acquiring = false);
-        let _ = leases.try_take(
-            &waiting,
-            Credits::new(5),
-            Credits::new(1_000),
-            None,
-            now,
-            now,
-        );
+        let _ = request();
         let routine_only = Lanes {
             urgent: false,
             routine: true,
