@@ -160,8 +160,7 @@ impl EndUserState {
     /// The earliest piece of due work, by instant and then by [`Due`] order.
     fn next_due_item(&self, catalog: &Catalog) -> Result<Option<(Timestamp, Due)>, Refusal> {
         // The least so far (no list: a decision asks this on every request).
-        let mut next: Option<(Timestamp, Due)> = None;
-        let mut candidates = Candidates(&mut next);
+        let mut candidates = Least(None);
         for reservation in &self.reservations {
             if reservation.status == ReservationStatus::Active {
                 candidates.push((
@@ -222,17 +221,17 @@ impl EndUserState {
                 | SubscriptionStatus::Expired => {}
             }
         }
-        Ok(next)
+        Ok(candidates.0)
     }
 }
 
-/// Keeps the least `(instant, due work)` pushed.
-struct Candidates<'a>(&'a mut Option<(Timestamp, Due)>);
+/// The least `(instant, due work)` pushed.
+struct Least(Option<(Timestamp, Due)>);
 
-impl Candidates<'_> {
+impl Least {
     fn push(&mut self, candidate: (Timestamp, Due)) {
         if self.0.as_ref().is_none_or(|least| candidate < *least) {
-            *self.0 = Some(candidate);
+            self.0 = Some(candidate);
         }
     }
 }

@@ -81,7 +81,7 @@ impl Meters {
     }
 
     /// `x-quota-as-of` for `at` (RFC 3339), formatted only when `at` differs from the
-    /// last one asked for.
+    /// instant kept in its place.
     pub fn as_of(&self, at: Timestamp) -> http::HeaderValue {
         let places = i64::try_from(AS_OF_PLACES).unwrap_or(1);
         let place = usize::try_from(at.as_millis().rem_euclid(places)).unwrap_or(0);
