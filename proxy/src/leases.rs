@@ -26,7 +26,7 @@ use crate::config::{Durability, LeaseConfig};
 use crate::disk::{Disk, DiskError, Flusher, LeaseMeta};
 use crate::outbox::{Op, Outbox, Record};
 use crate::replica::Replica;
-use crate::spend_log::{SpendLog, Spent, Totals};
+use crate::spend_log::{Queued, SpendLog, Spent, Totals};
 
 type SlotKey = (EndUserId, FeatureKey);
 
@@ -365,32 +365,81 @@ impl Spend {
                 ))
             })?;
         self.done = true;
-        let written = leases
-            .write_spend(self.lease_id, sequence, units, self.cost)
-            .await;
-        let settled = leases.with_slot(&self.key, |slot| {
-            if let Some(held) = slot.held_mut(&self.lease)
-                && let Some(count) = held.writing.get_mut(&sequence)
+        let mut writing = Writing {
+            spend: &self,
+            sequence,
+            queued: None,
+        };
+        let spent = Spent {
+            units,
+            cost: self.cost,
+        };
+        let written = match leases.spend_log.queue(self.lease_id, sequence, spent) {
+            Ok(queued) => {
+                writing.queued = Some(queued);
+                // The other requests answered in this pass of the scheduler queue theirs
+                // meanwhile: the first back writes them all.
+                tokio::task::yield_now().await;
+                writing
+                    .queued
+                    .take()
+                    .map_or(Ok(()), Queued::write)
+                    .map_err(Unrecorded::NotWritten)
+            }
+            Err(error) => Err(Unrecorded::NotWritten(error)),
+        };
+        let written = match written {
+            Ok(()) => leases.flushed(leases.flusher.wrote()).await,
+            Err(error) => {
+                // Not in the log: the spend goes back to the lease (the request is
+                // refused). A record in the log stays charged whatever else fails: it
+                // is reported, and the report's cost comes off the outstanding spend.
+                leases.give_back(&self.key, &self.lease, self.cost, false);
+                Err(error)
+            }
+        };
+        drop(writing);
+        leases.spent.increment(1);
+        written
+    }
+}
+
+/// A spend being written under its lease's report `sequence`: the report waits until it
+/// drops. Dropped with its record still queued (the request was dropped meanwhile), it
+/// writes the record first, so a report never goes without a spend that will be in the
+/// log.
+struct Writing<'a> {
+    spend: &'a Spend,
+    sequence: u64,
+    queued: Option<Queued<'a>>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let spend = self.spend;
+        if let Some(queued) = self.queued.take()
+            && let Err(error) = queued.write()
+        {
+            tracing::error!(%error, "the lease spend of a dropped request could not be written; it goes back to the lease");
+            spend
+                .leases
+                .give_back(&spend.key, &spend.lease, spend.cost, false);
+        }
+        let settled = spend.leases.with_slot(&spend.key, |slot| {
+            if let Some(held) = slot.held_mut(&spend.lease)
+                && let Some(count) = held.writing.get_mut(&self.sequence)
             {
                 *count = count.saturating_sub(1);
                 if *count == 0 {
-                    held.writing.remove(&sequence);
+                    held.writing.remove(&self.sequence);
                     return true;
                 }
             }
             false
         });
         if settled == Some(true) {
-            leases.written.notify_waiters();
+            spend.leases.written.notify_waiters();
         }
-        if let Err(Unrecorded::NotWritten(_)) = &written {
-            // Not in the log: the spend goes back to the lease (the request is refused).
-            // A record in the log stays charged whatever else fails: it is reported,
-            // and the report's cost comes off the outstanding spend then.
-            leases.give_back(&self.key, &self.lease, self.cost, false);
-        }
-        leases.spent.increment(1);
-        written
     }
 }
 
@@ -668,17 +717,8 @@ impl Leases {
         });
     }
 
-    async fn write_spend(
-        &self,
-        lease: LeaseId,
-        sequence: u64,
-        units: u64,
-        cost: Credits,
-    ) -> Result<(), Unrecorded> {
-        self.spend_log
-            .append_id(lease, sequence, Spent { units, cost })
-            .map_err(Unrecorded::NotWritten)?;
-        let ticket = self.flusher.wrote();
+    /// In `sync` durability, waits until the spend log's write `ticket` is on disk.
+    async fn flushed(&self, ticket: u64) -> Result<(), Unrecorded> {
         if self.durability == Durability::Sync {
             self.flusher
                 .durable(ticket)
@@ -2186,6 +2226,72 @@ mod tests {
         }
         stop_tx.send(true).expect("stop");
         flushing.await.expect("the flusher ends");
+    }
+
+    /// Requests answered in one pass record their spends together (one write for all),
+    /// and a request dropped after queueing its spend (a client gone, a shutdown) still
+    /// has it written before its report may go: charged, and no sequence left waiting.
+    #[tokio::test(flavor = "current_thread")]
+    async fn spends_recorded_together_or_dropped_midway_are_all_in_the_log() {
+        let dir = tempfile::tempdir().expect("dir");
+        let spend_log =
+            Arc::new(SpendLog::open(&dir.path().join("spend"), 1 << 20).expect("spend log"));
+        let leases = Arc::new(Leases::new(
+            Holder::new("prx_test").expect("holder"),
+            LeaseConfig::default(),
+            Disk::open(&dir.path().join("disk"), 8).expect("disk"),
+            Arc::clone(&spend_log),
+            Flusher::new(),
+            Durability::Interval,
+        ));
+        let now = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        leases.with_slot_or_new(&key, now, |slot| slot.lease = Some(held(100, now)));
+        let take =
+            || match leases.try_take(&key, Credits::new(2), Credits::new(500), None, now, now) {
+                Ok(Taken::Spent(spend)) => spend,
+                other => panic!("the lease has room: {other:?}"),
+            };
+        let recorded = record_side_by_side([take(), take(), take(), take()]).await;
+        assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+        let logged = |sequence| {
+            spend_log
+                .totals("lse_01J00000000000000000000000", sequence)
+                .expect("totals")
+        };
+        assert_eq!((logged(1).requests, logged(1).cost.get()), (4, 8));
+
+        // Dropped while its spend waits in the queue.
+        let mut recording = Box::pin(take().record(1));
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        assert!(
+            recording.as_mut().poll(&mut context).is_pending(),
+            "queued, yielding to the others of its pass"
+        );
+        drop(recording);
+        assert_eq!((logged(1).requests, logged(1).cost.get()), (5, 10));
+        let (outstanding, room, writing) = leases
+            .with_slot(&key, |slot| {
+                let held = slot.lease.as_ref().expect("held");
+                (held.outstanding.get(), held.room.get(), held.writing.len())
+            })
+            .expect("slot");
+        assert_eq!(
+            (outstanding, room, writing),
+            (10, 90, 0),
+            "charged, and settled"
+        );
+    }
+
+    /// Records every spend side by side on this task.
+    async fn record_side_by_side(spends: [Spend; 4]) -> Vec<Result<(), Unrecorded>> {
+        let [a, b, c, d] = spends;
+        let (a, b, c, d) = tokio::join!(a.record(1), b.record(1), c.record(1), d.record(1));
+        vec![a, b, c, d]
     }
 
     #[test]

@@ -17,8 +17,12 @@
 //!
 //! # Durability
 //!
-//! Every append is a `write` to the segment file, so a killed process loses nothing it
-//! answered; [`SpendLog::sync`] makes what was written durable against power loss (one
+//! Every spend is in the segment file (a `write`) before its request is answered, so a
+//! killed process loses nothing it answered. Requests answered in one pass of the
+//! scheduler share that `write`: each queues its record ([`SpendLog::queue`]), lets the
+//! others of the pass run, and the first to come back writes every record queued
+//! ([`Queued::write`]; a record whose request was dropped meanwhile is written as the
+//! guard drops). [`SpendLog::sync`] makes what was written durable against power loss (one
 //! `fdatasync` shared by every request waiting on it: group commit, driven by the
 //! proxy's [`crate::disk::Flusher`]). A segment is synced before the log moves to the
 //! next one.
@@ -32,7 +36,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ledger::{Credits, LeaseId};
 
@@ -141,6 +145,64 @@ struct Segment {
     live: u64,
 }
 
+/// Spends queued for the next write (see [`SpendLog::queue`]).
+#[derive(Debug, Default)]
+struct Queue {
+    /// Their records, encoded.
+    bytes: Vec<u8>,
+    spends: Vec<(u128, u64, Spent)>,
+    /// The outcome every record in the queue shares.
+    batch: Arc<Batch>,
+}
+
+/// One write's worth of queued spends: whether it went in, once it was tried.
+#[derive(Debug, Default)]
+struct Batch {
+    outcome: OnceLock<Result<(), String>>,
+}
+
+impl Batch {
+    fn outcome(&self) -> Option<Result<(), DiskError>> {
+        self.outcome
+            .get()
+            .map(|outcome| outcome.clone().map_err(DiskError::new))
+    }
+}
+
+/// A spend queued for the log: [`Queued::write`] writes it (with whatever else is
+/// queued); dropped unwritten, it is written then, so a request dropped between the two
+/// is still charged for what it was answered, or not answered, with.
+#[derive(Debug)]
+#[must_use = "a queued spend is written by `write` or as it drops"]
+pub struct Queued<'a> {
+    log: &'a SpendLog,
+    batch: Option<Arc<Batch>>,
+}
+
+impl Queued<'_> {
+    /// Writes the queued spends, this one among them, unless another request already
+    /// did (in the kernel when this returns: a killed process loses nothing).
+    ///
+    /// # Errors
+    /// The disk refused the write: no spend of the batch is in the log.
+    pub fn write(mut self) -> Result<(), DiskError> {
+        match self.batch.take() {
+            Some(batch) => self.log.write_batch(&batch),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take()
+            && let Err(error) = self.log.write_batch(&batch)
+        {
+            tracing::error!(%error, "a queued lease spend of a dropped request could not be written");
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     /// The segment appends go to.
@@ -153,6 +215,8 @@ struct Inner {
     broken: bool,
     /// Closed segments and new names the next sync makes durable.
     unsynced: segments::Unsynced,
+    /// Spends queued for the next write.
+    queue: Queue,
 }
 
 impl segments::Synced for Inner {
@@ -176,6 +240,9 @@ pub struct SpendLog {
     inner: Mutex<Inner>,
     /// Held through a sync: one at a time (see `segments::sync`).
     syncing: Mutex<()>,
+    /// `qs_proxy_spend_log_writes_total`: writes to the log (one carries every spend
+    /// queued since the last; an acknowledgement is a write of its own).
+    writes: metrics::Counter,
 }
 
 fn lease_bits(lease: &str) -> Result<u128, DiskError> {
@@ -257,8 +324,10 @@ impl SpendLog {
                 total_bytes,
                 broken: false,
                 unsynced,
+                queue: Queue::default(),
             }),
             syncing: Mutex::new(()),
+            writes: metrics::counter!("qs_proxy_spend_log_writes_total"),
         };
         log.with(|inner| log.drop_settled(inner));
         Ok(log)
@@ -282,41 +351,114 @@ impl SpendLog {
         self.append_id(LeaseId(ledger::Ulid(lease_bits(lease)?)), sequence, spent)
     }
 
-    /// [`SpendLog::append`] for a lease id already parsed (the request path).
+    /// [`SpendLog::append`] for a lease id already parsed.
     ///
     /// # Errors
     /// As [`SpendLog::append`].
     pub fn append_id(&self, lease: LeaseId, sequence: u64, spent: Spent) -> Result<(), DiskError> {
+        self.queue(lease, sequence, spent)?.write()
+    }
+
+    /// Queues one request's spend for the next write (the request path): the caller
+    /// lets the other requests of the scheduler's pass run, then [`Queued::write`]s, so
+    /// one `write` carries every spend they queued meanwhile.
+    ///
+    /// # Errors
+    /// The log is full (`max_bytes`, counting what is queued).
+    pub fn queue(
+        &self,
+        lease: LeaseId,
+        sequence: u64,
+        spent: Spent,
+    ) -> Result<Queued<'_>, DiskError> {
         let lease = lease.0.0;
         let record = Record::Spend {
             lease,
             sequence,
             spent,
         };
-        self.with(|inner| {
-            self.write(inner, &record, true)?;
-            add(
-                inner.open.entry((lease, sequence)).or_default(),
-                inner.current,
-                spent,
-            );
-            if let Some(segment) = inner.segments.get_mut(&inner.current) {
-                segment.live = segment.live.saturating_add(1);
+        let batch = self.with(|inner| {
+            let queued = u64::try_from(inner.queue.bytes.len()).unwrap_or(u64::MAX);
+            let after = inner
+                .total_bytes
+                .saturating_add(queued)
+                .saturating_add(RECORD_LEN);
+            if after > self.max_bytes {
+                metrics::counter!("qs_proxy_spend_log_full_total").increment(1);
+                return Err(DiskError::new(format!(
+                    "the spend log is full ({} bytes of {} allowed by usage.spend_log_max_kb): the control plane has not acknowledged older spend",
+                    inner.total_bytes.saturating_add(queued),
+                    self.max_bytes
+                )));
             }
-            Ok(())
+            inner.queue.bytes.extend_from_slice(&record.encode());
+            inner.queue.spends.push((lease, sequence, spent));
+            Ok(Arc::clone(&inner.queue.batch))
+        })?;
+        Ok(Queued {
+            log: self,
+            batch: Some(batch),
         })
     }
 
-    /// Appends `record` to the current segment (`bounded`: refused past `max_bytes`;
-    /// an acknowledgement is not, it is what frees space).
-    fn write(&self, inner: &mut Inner, record: &Record, bounded: bool) -> Result<(), DiskError> {
-        if bounded && inner.total_bytes.saturating_add(RECORD_LEN) > self.max_bytes {
-            metrics::counter!("qs_proxy_spend_log_full_total").increment(1);
-            return Err(DiskError::new(format!(
-                "the spend log is full ({} bytes of {} allowed by usage.spend_log_max_kb): the control plane has not acknowledged older spend",
-                inner.total_bytes, self.max_bytes
-            )));
+    /// Writes the queue `batch` belongs to, unless it was written already.
+    fn write_batch(&self, batch: &Arc<Batch>) -> Result<(), DiskError> {
+        if let Some(outcome) = batch.outcome() {
+            return outcome;
         }
+        self.with(|inner| {
+            // Not written yet, so it is the batch queued now (batches are written in
+            // order, each taking the whole queue).
+            if batch.outcome.get().is_none() {
+                self.write_queue(inner);
+            }
+        });
+        batch.outcome().unwrap_or_else(|| {
+            Err(DiskError::new(
+                "a queued lease spend was not written".into(),
+            ))
+        })
+    }
+
+    /// Writes every queued spend in one `write` and settles its batch.
+    fn write_queue(&self, inner: &mut Inner) {
+        let batch = std::mem::take(&mut inner.queue.batch);
+        let bytes = std::mem::take(&mut inner.queue.bytes);
+        let spends = std::mem::take(&mut inner.queue.spends);
+        // Bounded when queued (an acknowledgement since may have taken the room, but it
+        // also settled spend: the log never grows past its bound by more than a queue).
+        let outcome = if bytes.is_empty() {
+            Ok(())
+        } else {
+            self.write(inner, &bytes)
+        };
+        if outcome.is_ok() {
+            for &(lease, sequence, spent) in &spends {
+                add(
+                    inner.open.entry((lease, sequence)).or_default(),
+                    inner.current,
+                    spent,
+                );
+            }
+            if let Some(segment) = inner.segments.get_mut(&inner.current) {
+                let count = u64::try_from(spends.len()).unwrap_or(u64::MAX);
+                segment.live = segment.live.saturating_add(count);
+            }
+        }
+        let _ = batch
+            .outcome
+            .set(outcome.map_err(|error| error.to_string()));
+        // The buffers keep their room for the next queue.
+        let (mut bytes, mut spends) = (bytes, spends);
+        bytes.clear();
+        spends.clear();
+        inner.queue.bytes = bytes;
+        inner.queue.spends = spends;
+    }
+
+    /// Appends `bytes` (whole records) to the current segment, starting a new segment
+    /// first when this one is full or broken.
+    fn write(&self, inner: &mut Inner, bytes: &[u8]) -> Result<(), DiskError> {
         let full_segment = inner
             .segments
             .get(&inner.current)
@@ -334,16 +476,18 @@ impl SpendLog {
             inner.current,
             &mut inner.file,
             length,
-            &record.encode(),
+            bytes,
             &mut inner.broken,
         ) {
             metrics::counter!("qs_proxy_spend_log_write_errors_total").increment(1);
             return Err(error);
         }
+        self.writes.increment(1);
+        let written = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         if let Some(segment) = inner.segments.get_mut(&inner.current) {
-            segment.bytes = segment.bytes.saturating_add(RECORD_LEN);
+            segment.bytes = segment.bytes.saturating_add(written);
         }
-        inner.total_bytes = inner.total_bytes.saturating_add(RECORD_LEN);
+        inner.total_bytes = inner.total_bytes.saturating_add(written);
         Ok(())
     }
 
@@ -400,7 +544,7 @@ impl SpendLog {
             if !inner.open.contains_key(&(lease, sequence)) {
                 return Ok(());
             }
-            self.write(inner, &Record::Ack { lease, sequence }, false)?;
+            self.write(inner, &Record::Ack { lease, sequence }.encode())?;
             if let Some(done) = inner.open.remove(&(lease, sequence)) {
                 for (number, count) in &done.segments {
                     if let Some(segment) = inner.segments.get_mut(number) {
@@ -484,7 +628,14 @@ impl SpendLog {
 
     /// Whether one more spend fits under `max_bytes`.
     pub fn has_room(&self) -> bool {
-        self.with(|inner| inner.total_bytes.saturating_add(RECORD_LEN) <= self.max_bytes)
+        self.with(|inner| {
+            let queued = u64::try_from(inner.queue.bytes.len()).unwrap_or(u64::MAX);
+            inner
+                .total_bytes
+                .saturating_add(queued)
+                .saturating_add(RECORD_LEN)
+                <= self.max_bytes
+        })
     }
 
     pub fn is_empty(&self) -> bool {

@@ -572,6 +572,14 @@ feature = "api_calls"
                     "{durability}: mean outbox flush (fsync) {mean:.2} ms, 99% of flushes within {p99}"
                 );
             }
+            if leases {
+                let spends = metric(&text, "qs_proxy_lease_spend_total").unwrap_or(0.0);
+                let writes = metric(&text, "qs_proxy_spend_log_writes_total").unwrap_or(0.0);
+                println!(
+                    "{durability}: {spends:.0} lease spends in {writes:.0} spend log writes ({:.2} per write)",
+                    spends / writes.max(1.0)
+                );
+            }
             if !leases {
                 let written = metric(&text, "qs_proxy_outbox_written_total").unwrap_or(0.0);
                 let shipped = metric(&text, "qs_proxy_usage_shipped_total").unwrap_or(0.0);

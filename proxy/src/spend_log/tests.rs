@@ -196,6 +196,62 @@ fn segments_roll_over_and_go_only_when_everything_in_them_is_acknowledged() {
     assert_eq!(segments(dir.path()).len(), 1);
 }
 
+fn id(n: u8) -> ledger::LeaseId {
+    ledger::LeaseId::parse(&lease(n)).expect("a lease id")
+}
+
+/// Requests answered in one pass queue their spends and share one write: the first
+/// `write` puts every queued record in the file, the others find theirs there. Nothing
+/// queued counts before it is written, and the bound counts what is queued.
+#[test]
+fn queued_spends_share_one_write_and_count_only_once_written() {
+    let dir = tempfile::tempdir().expect("dir");
+    let max = u64::try_from(8 * RECORD_BYTES).expect("fits");
+    let log = SpendLog::open(dir.path(), max).expect("open");
+    let first = log.queue(id(1), 1, spent(1, 2)).expect("queue");
+    let second = log.queue(id(1), 1, spent(3, 4)).expect("queue");
+    let third = log.queue(id(2), 1, spent(5, 6)).expect("queue");
+    assert_eq!(log.bytes(), 0, "queued, not written");
+    assert_eq!(log.totals(&lease(1), 1).expect("totals"), Totals::default());
+    second.write().expect("one write for the three");
+    let three = u64::try_from(3 * RECORD_BYTES).expect("fits");
+    assert_eq!(log.bytes(), three);
+    assert_eq!(log.totals(&lease(1), 1).expect("totals"), totals(4, 6, 2));
+    assert_eq!(log.totals(&lease(2), 1).expect("totals"), totals(5, 6, 1));
+    first.write().expect("already written");
+    third.write().expect("already written");
+    assert_eq!(log.bytes(), three, "written once");
+    // Eight records fit: five more can be queued, the sixth is refused before any write.
+    let queued: Vec<_> = (0..5)
+        .map(|_| log.queue(id(3), 1, spent(1, 1)).expect("room"))
+        .collect();
+    assert!(!log.has_room());
+    let error = log
+        .queue(id(3), 1, spent(1, 1))
+        .expect_err("full with the queue");
+    assert!(error.to_string().contains("spend log is full"), "{error}");
+    drop(queued);
+    assert_eq!(log.totals(&lease(3), 1).expect("totals"), totals(5, 5, 5));
+    log.sync().expect("sync");
+    drop(log);
+    let log = SpendLog::open(dir.path(), max).expect("reopen");
+    assert_eq!(log.len(), 8);
+}
+
+/// A spend whose request was dropped between queueing and writing is written as its
+/// guard drops: it was taken from the lease, so it is reported and charged.
+#[test]
+fn a_queued_spend_dropped_unwritten_is_written() {
+    let dir = tempfile::tempdir().expect("dir");
+    {
+        let log = SpendLog::open(dir.path(), MB).expect("open");
+        drop(log.queue(id(1), 4, spent(2, 9)).expect("queue"));
+        assert_eq!(log.totals(&lease(1), 4).expect("totals"), totals(2, 9, 1));
+    }
+    let log = SpendLog::open(dir.path(), MB).expect("reopen");
+    assert_eq!(log.totals(&lease(1), 4).expect("totals"), totals(2, 9, 1));
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Append {
@@ -208,7 +264,20 @@ enum Step {
         lease: u8,
         sequence: u64,
     },
+    /// Spends queued together, then written by one of them (or by dropping them all).
+    Batch {
+        spends: Vec<(u8, u64, u64, i64)>,
+        writer: usize,
+        dropped: bool,
+    },
     Reopen,
+}
+
+fn add(model: &mut BTreeMap<(String, u64), Totals>, n: u8, sequence: u64, units: u64, cost: i64) {
+    let entry = model.entry((lease(n), sequence)).or_default();
+    entry.units += units;
+    entry.cost = entry.cost.checked_add(Credits::new(cost)).expect("small");
+    entry.requests += 1;
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -217,6 +286,12 @@ fn step() -> impl Strategy<Value = Step> {
             Step::Append { lease, sequence, units, cost }
         }),
         3 => (0u8..3, 1u64..4).prop_map(|(lease, sequence)| Step::Ack { lease, sequence }),
+        2 => (
+            proptest::collection::vec((0u8..3, 1u64..4, 0u64..5, 0i64..7), 1..6),
+            0usize..6,
+            any::<bool>(),
+        )
+            .prop_map(|(spends, writer, dropped)| Step::Batch { spends, writer, dropped }),
         1 => Just(Step::Reopen),
     ]
 }
@@ -236,11 +311,22 @@ proptest! {
             match step {
                 Step::Append { lease: n, sequence, units, cost } => {
                     if log.append(&lease(n), sequence, spent(units, cost)).is_ok() {
-                        let entry = model.entry((lease(n), sequence)).or_default();
-                        entry.units += units;
-                        entry.cost = entry.cost.checked_add(Credits::new(cost)).expect("small");
-                        entry.requests += 1;
+                        add(&mut model, n, sequence, units, cost);
                     }
+                }
+                Step::Batch { spends, writer, dropped } => {
+                    let mut queued = Vec::new();
+                    for (n, sequence, units, cost) in spends {
+                        if let Ok(spend) = log.queue(id(n), sequence, spent(units, cost)) {
+                            queued.push(spend);
+                            add(&mut model, n, sequence, units, cost);
+                        }
+                    }
+                    if !dropped && !queued.is_empty() {
+                        let spend = queued.remove(writer % queued.len());
+                        spend.write().expect("write");
+                    }
+                    drop(queued);
                 }
                 Step::Ack { lease: n, sequence } => {
                     log.acknowledge(&lease(n), sequence).expect("ack");
