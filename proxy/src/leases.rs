@@ -55,8 +55,13 @@ const EXHAUSTED_FIRST_PAUSE: Duration = Duration::from_millis(2);
 /// How long a batch waits for requests still writing spend under a report's sequence
 /// before leaving that report for the next batch.
 const WRITING_WAIT: Duration = Duration::from_millis(20);
-/// How often the background looks at the slots when nothing wakes it.
+/// How often the background plans the slots whose requests asked when nothing wakes it
+/// (a slot whose acquisition waits out a pause stays asked).
 const TICK: Duration = Duration::from_millis(25);
+/// The longest between two plans of every slot (for what comes due with time alone:
+/// reports, extensions, idle releases); shorter when `leases.report_interval_ms` is
+/// short. What requests cause (a lease to take, room running low) asks at once.
+const FULL_PLAN_MAX: Duration = Duration::from_millis(250);
 
 /// The proxy's stable instance id, kept in its data directory: leases are held by it.
 ///
@@ -210,8 +215,12 @@ struct Slot {
     last_spent: Option<Instant>,
     gap: Duration,
     notify: Arc<Notify>,
-    /// In [`Leases::asked`]: requests wait here, and the planner has not looked since.
+    /// In [`Leases::asked`]: requests wait here, or took the room below half the
+    /// target, and the planner has not looked since.
     asked: bool,
+    /// The lease size the last plan aimed at: a request leaving less than half of it
+    /// in the room asks for a top-up.
+    target: Credits,
 }
 
 impl Slot {
@@ -236,6 +245,7 @@ impl Slot {
             gap: Duration::ZERO,
             notify: Arc::new(Notify::new()),
             asked: false,
+            target: Credits::ZERO,
         }
     }
 
@@ -484,9 +494,10 @@ pub struct Leases {
     durability: Durability,
     shards: Vec<Mutex<HashMap<SlotKey, Slot>>>,
     wake: Notify,
-    /// The slots whose requests wait for a lease or a top-up (set by `try_take`): a
-    /// wake-up plans these alone, so the cost of a wake-up does not grow with the number
-    /// of slots; every slot is planned once per [`TICK`].
+    /// The slots whose requests wait for a lease or a top-up, or took the room low (set
+    /// by `try_take`): a wake-up or a [`TICK`] plans these alone, so its cost does not
+    /// grow with the number of slots; every slot is planned at most [`FULL_PLAN_MAX`]
+    /// apart.
     asked: Mutex<Vec<SlotKey>>,
     /// Signalled when the last write of spend under a report's sequence finishes (a
     /// batch may be waiting to send that report: `settled_writes`).
@@ -665,6 +676,13 @@ impl Leases {
                         .map(|(_, free)| free.checked_add(held.room).unwrap_or(Credits::MAX)),
                     done: false,
                 };
+                // Less than half the target left, and no report under way to top it up:
+                // the planner hears of it now, not at its next look at every slot.
+                let low = held.room.get().saturating_mul(2) < slot.target.get() && !held.reporting;
+                if low && !slot.asked {
+                    self.ask(key, slot);
+                    self.wake.notify_one();
+                }
                 slot.note_spend(now);
                 return Ok(Taken::Spent(spend));
             }
@@ -829,8 +847,10 @@ impl Leases {
         let urgent_lane = Arc::new(Semaphore::new(1));
         let routine_lane = Arc::new(Semaphore::new(1));
         let mut running = tokio::task::JoinSet::new();
+        let full_every =
+            (Duration::from_millis(self.config.report_interval_ms) / 2).clamp(TICK, FULL_PLAN_MAX);
         let mut last_full = Instant::now()
-            .checked_sub(TICK)
+            .checked_sub(full_every)
             .unwrap_or_else(Instant::now);
         loop {
             tokio::select! {
@@ -855,10 +875,11 @@ impl Leases {
                 urgent: urgent.is_some(),
                 routine: routine.is_some(),
             };
-            // Every slot once per tick; in between, a wake-up plans the slots whose
-            // requests asked (when the urgent lane is free: else they wait for it).
+            // Every slot every `full_every`; in between, a wake-up or a tick plans the
+            // slots whose requests asked (when the urgent lane is free: else they wait
+            // for it).
             let now = Instant::now();
-            let full = now.saturating_duration_since(last_full) >= TICK;
+            let full = now.saturating_duration_since(last_full) >= full_every;
             let planned = if full {
                 last_full = now;
                 self.plan(now, false, lanes)
@@ -1068,6 +1089,7 @@ impl Leases {
             slot.asked = false;
         }
         let target = self.target(slot, now);
+        slot.target = target;
         let slot_idle = idle_after(idle, slot);
         // Retired leases: report what is left, then forget them.
         for held in &mut slot.retired {
@@ -1078,7 +1100,15 @@ impl Leases {
         }
         let Some(held) = slot.lease.as_mut() else {
             if lanes.urgent && !shutdown {
-                urgent.extend(acquire(slot, now, target).map(|work| (key.clone(), work)));
+                match acquire(slot, now, target) {
+                    Some(work) => urgent.push((key.clone(), work)),
+                    // Waiting out a pause (nothing left, or the control plane away):
+                    // asked again at the next tick, not at the next plan of every slot.
+                    None if asked && slot.wanted.is_positive() && !slot.acquiring => {
+                        self.ask(key, slot);
+                    }
+                    None => {}
+                }
             }
             return;
         };
@@ -1136,7 +1166,14 @@ impl Leases {
         // Requests wait for this report's top-up: it goes in the urgent lane.
         let waiting = slot.wanted > held.room;
         let lane_open = if waiting { lanes.urgent } else { lanes.routine };
-        if lane_open && (low || due || stretched || held.unacked.is_some()) {
+        let needed = low || due || stretched || held.unacked.is_some();
+        if needed && !lane_open && asked && lanes.urgent {
+            // A top-up asked for while the routine lane is busy: asked again, so the
+            // lane's next plan sends it.
+            self.ask(key, slot);
+            return;
+        }
+        if lane_open && needed {
             let top_up = low
                 .then(|| target.saturating_sub_floor(held.room))
                 .filter(|top_up| top_up.is_positive());
@@ -2114,6 +2151,59 @@ mod tests {
             [&quiet],
             "the waiting slot's acquisition is under way"
         );
+    }
+
+    /// A request leaving less than half the target in the room asks for a top-up then
+    /// (not at the next plan of every slot, up to `FULL_PLAN_MAX` away), once, and not
+    /// while a report is under way; a routine lane busy at the plan keeps it asked.
+    #[test]
+    fn a_request_taking_the_room_low_asks_for_a_top_up() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = Arc::new(leases(dir.path()));
+        let now = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        leases.with_slot_or_new(&key, now, |slot| {
+            slot.lease = Some(held(20, now));
+            slot.target = Credits::new(20);
+        });
+        let take = || match leases.try_take(
+            &key,
+            Credits::new(5),
+            Credits::new(1_000_000),
+            None,
+            now,
+            now,
+        ) {
+            Ok(Taken::Spent(spend)) => spend,
+            other => panic!("the lease has room: {other:?}"),
+        };
+        let asked = || !leases.asked.lock().expect("asked").is_empty();
+        let mut spends = vec![take(), take()];
+        assert!(!asked(), "10 of 20 left: not low yet");
+        spends.push(take());
+        assert!(asked(), "5 of 20 left: low");
+        let routine_busy = Lanes {
+            urgent: true,
+            routine: false,
+        };
+        let planned = leases.plan_asked(now, routine_busy);
+        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
+        assert!(asked(), "kept for the routine lane's next plan");
+        let planned = leases.plan_asked(now, Lanes::ALL);
+        assert!(
+            matches!(
+                planned.routine.as_slice(),
+                [(_, Work::Report { top_up: Some(top_up), .. })] if top_up.is_positive()
+            ),
+            "{planned:?}"
+        );
+        assert!(!asked());
+        spends.push(take());
+        assert!(!asked(), "the report under way tops it up: no second ask");
+        drop(spends);
     }
 
     /// A request waiting on a lease that ended: its release waits for the routine lane,
