@@ -375,6 +375,7 @@ impl Spend {
                 ))
             })?;
         self.done = true;
+        leases.spent.increment(1);
         let mut writing = Writing {
             spend: &self,
             sequence,
@@ -409,7 +410,6 @@ impl Spend {
             }
         };
         drop(writing);
-        leases.spent.increment(1);
         written
     }
 }
@@ -436,16 +436,19 @@ impl Drop for Writing<'_> {
                 .give_back(&spend.key, &spend.lease, spend.cost, false);
         }
         let settled = spend.leases.with_slot(&spend.key, |slot| {
-            if let Some(held) = slot.held_mut(&spend.lease)
-                && let Some(count) = held.writing.get_mut(&self.sequence)
-            {
-                *count = count.saturating_sub(1);
-                if *count == 0 {
-                    held.writing.remove(&self.sequence);
-                    return true;
-                }
+            let Some(held) = slot.held_mut(&spend.lease) else {
+                return false;
+            };
+            let Some(count) = held.writing.get_mut(&self.sequence) else {
+                return false;
+            };
+            *count = count.saturating_sub(1);
+            if *count > 0 {
+                return false;
             }
-            false
+            held.writing.remove(&self.sequence);
+            spend.leases.ask_if_ended(&spend.key, &spend.lease, slot);
+            true
         });
         if settled == Some(true) {
             spend.leases.written.notify_waiters();
@@ -678,7 +681,14 @@ impl Leases {
                 };
                 // Less than half the target left, and no report under way to top it up:
                 // the planner hears of it now, not at its next look at every slot.
-                let low = held.room.get().saturating_mul(2) < slot.target.get() && !held.reporting;
+                // (Not while a failed report waits out its backoff, nor sooner than a
+                // tick after the last report: a top-up granted short leaves the room low,
+                // and the next one waits its turn as it did when a tick found it.)
+                let low = held.room.get().saturating_mul(2) < slot.target.get()
+                    && !held.reporting
+                    && held.unacked.is_none()
+                    && now.saturating_duration_since(held.last_report) >= TICK
+                    && slot.unreachable_until.is_none_or(|until| now >= until);
                 if low && !slot.asked {
                     self.ask(key, slot);
                     self.wake.notify_one();
@@ -730,9 +740,26 @@ impl Leases {
                     held.room = held.room.checked_add(cost).unwrap_or(Credits::MAX);
                 }
             }
+            if in_flight {
+                self.ask_if_ended(key, lease, slot);
+            }
             slot.recent = slot.recent.saturating_sub_floor(cost);
             slot.notify.notify_waiters();
         });
+    }
+
+    /// The last request of ended lease `lease` is done with it (none in flight, none
+    /// writing): the planner hears of it now, so its final report and release go at
+    /// once rather than at the next plan of every slot (the control plane counts its
+    /// room as held until then).
+    fn ask_if_ended(&self, key: &SlotKey, lease: &str, slot: &mut Slot) {
+        let done = slot
+            .held_mut(lease)
+            .is_some_and(|held| held.ended && held.in_flight == 0 && held.writing.is_empty());
+        if done && !slot.asked {
+            self.ask(key, slot);
+            self.wake.notify_one();
+        }
     }
 
     /// In `sync` durability, waits until the spend log's write `ticket` is on disk.
@@ -1061,7 +1088,8 @@ impl Leases {
             let mut guard = shard
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(slot) = guard.get_mut(&key) {
+            // (A key whose slot a full plan has looked at since it asked is left.)
+            if let Some(slot) = guard.get_mut(&key).filter(|slot| slot.asked) {
                 self.plan_slot(&key, slot, now, false, lanes, &mut planned);
             }
         }
@@ -2165,8 +2193,13 @@ mod tests {
             EndUserId::new("u1").expect("id"),
             FeatureKey::new("api_calls").expect("feature"),
         );
+        let before = now
+            .checked_sub(Duration::from_secs(1))
+            .expect("an earlier instant");
         leases.with_slot_or_new(&key, now, |slot| {
-            slot.lease = Some(held(20, now));
+            let mut lease = held(20, now);
+            lease.last_report = before;
+            slot.lease = Some(lease);
             slot.target = Credits::new(20);
         });
         let take = || match leases.try_take(
@@ -2203,7 +2236,70 @@ mod tests {
         assert!(!asked());
         spends.push(take());
         assert!(!asked(), "the report under way tops it up: no second ask");
+        // The report failed: its retry waits out the backoff, and requests taking the
+        // room low meanwhile do not hurry it.
+        leases.with_slot(&key, |slot| {
+            let held = slot.lease.as_mut().expect("held");
+            held.reporting = false;
+            held.room = Credits::new(15);
+            slot.unreachable_until = Some(now + Duration::from_secs(1));
+        });
+        spends.push(take());
+        assert!(!asked(), "backing off");
+        leases.with_slot(&key, |slot| slot.unreachable_until = None);
+        spends.push(take());
+        assert!(
+            !asked(),
+            "the retry of the unacknowledged report is the full plan's"
+        );
+        leases.with_slot(&key, |slot| {
+            let held = slot.lease.as_mut().expect("held");
+            held.unacked = None;
+            held.room = Credits::new(15);
+        });
+        spends.push(take());
+        assert!(asked(), "the report taken, a low room asks again");
         drop(spends);
+    }
+
+    /// The last request of an ended lease finishing with it asks the planner, so the
+    /// lease's final report and release go at once (not at the next plan of every slot).
+    #[tokio::test(flavor = "current_thread")]
+    async fn the_last_write_to_an_ended_lease_asks_for_its_release() {
+        let dir = tempfile::tempdir().expect("dir");
+        let leases = Arc::new(leases(dir.path()));
+        let now = Instant::now();
+        let key: SlotKey = (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        );
+        leases.with_slot_or_new(&key, now, |slot| slot.lease = Some(held(20, now)));
+        let take =
+            || match leases.try_take(&key, Credits::new(1), Credits::new(1_000), None, now, now) {
+                Ok(Taken::Spent(spend)) => spend,
+                other => panic!("the lease has room: {other:?}"),
+            };
+        let (first, second) = (take(), take());
+        // The lease ends (idle, expired) while both requests are at the upstream.
+        leases.with_slot(&key, |slot| {
+            let held = slot.lease.as_mut().expect("held");
+            held.ended = true;
+            let retired = slot.lease.take().expect("held");
+            slot.retired.push(retired);
+        });
+        let asked = || !leases.asked.lock().expect("asked").is_empty();
+        first.record(1).await.expect("recorded");
+        assert!(!asked(), "one request still in flight");
+        drop(second);
+        assert!(asked(), "the last one given back: the release can go");
+        let planned = leases.plan_asked(now, Lanes::ALL);
+        assert!(
+            matches!(
+                planned.routine.as_slice(),
+                [(_, Work::Report { release: true, .. })]
+            ),
+            "{planned:?}"
+        );
     }
 
     /// A request waiting on a lease that ended: its release waits for the routine lane,

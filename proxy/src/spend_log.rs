@@ -155,17 +155,27 @@ struct Queue {
     batch: Arc<Batch>,
 }
 
-/// One write's worth of queued spends: whether it went in, once it was tried.
+/// One write's worth of queued spends: whether they went in, once it was tried.
 #[derive(Debug, Default)]
 struct Batch {
-    outcome: OnceLock<Result<(), String>>,
+    outcome: OnceLock<Written>,
+}
+
+/// How a batch's write went: the first `whole` spends are in the file (all of them
+/// unless `error`).
+#[derive(Debug)]
+struct Written {
+    whole: usize,
+    error: Option<String>,
 }
 
 impl Batch {
-    fn outcome(&self) -> Option<Result<(), DiskError>> {
-        self.outcome
-            .get()
-            .map(|outcome| outcome.clone().map_err(DiskError::new))
+    /// The outcome for the batch's spend number `index`, once written.
+    fn outcome(&self, index: usize) -> Option<Result<(), DiskError>> {
+        self.outcome.get().map(|written| match &written.error {
+            Some(error) if index >= written.whole => Err(DiskError::new(error.clone())),
+            _ => Ok(()),
+        })
     }
 }
 
@@ -177,6 +187,8 @@ impl Batch {
 pub struct Queued<'a> {
     log: &'a SpendLog,
     batch: Option<Arc<Batch>>,
+    /// Its place in the batch.
+    index: usize,
 }
 
 impl Queued<'_> {
@@ -187,7 +199,7 @@ impl Queued<'_> {
     /// The disk refused the write: no spend of the batch is in the log.
     pub fn write(mut self) -> Result<(), DiskError> {
         match self.batch.take() {
-            Some(batch) => self.log.write_batch(&batch),
+            Some(batch) => self.log.write_batch(&batch, self.index),
             None => Ok(()),
         }
     }
@@ -196,7 +208,7 @@ impl Queued<'_> {
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         if let Some(batch) = self.batch.take()
-            && let Err(error) = self.log.write_batch(&batch)
+            && let Err(error) = self.log.write_batch(&batch, self.index)
         {
             tracing::error!(%error, "a queued lease spend of a dropped request could not be written");
         }
@@ -392,18 +404,21 @@ impl SpendLog {
                 )));
             }
             inner.queue.bytes.extend_from_slice(&record.encode());
+            let index = inner.queue.spends.len();
             inner.queue.spends.push((lease, sequence, spent));
-            Ok(Arc::clone(&inner.queue.batch))
+            Ok((Arc::clone(&inner.queue.batch), index))
         })?;
+        let (batch, index) = batch;
         Ok(Queued {
             log: self,
             batch: Some(batch),
+            index,
         })
     }
 
     /// Writes the queue `batch` belongs to, unless it was written already.
-    fn write_batch(&self, batch: &Arc<Batch>) -> Result<(), DiskError> {
-        if let Some(outcome) = batch.outcome() {
+    fn write_batch(&self, batch: &Arc<Batch>, index: usize) -> Result<(), DiskError> {
+        if let Some(outcome) = batch.outcome(index) {
             return outcome;
         }
         self.with(|inner| {
@@ -413,7 +428,7 @@ impl SpendLog {
                 self.write_queue(inner);
             }
         });
-        batch.outcome().unwrap_or_else(|| {
+        batch.outcome(index).unwrap_or_else(|| {
             Err(DiskError::new(
                 "a queued lease spend was not written".into(),
             ))
@@ -427,27 +442,30 @@ impl SpendLog {
         let spends = std::mem::take(&mut inner.queue.spends);
         // Bounded when queued (an acknowledgement since may have taken the room, but it
         // also settled spend: the log never grows past its bound by more than a queue).
-        let outcome = if bytes.is_empty() {
-            Ok(())
-        } else {
-            self.write(inner, &bytes)
+        let written = match self.write(inner, &bytes) {
+            Ok(()) => Written {
+                whole: spends.len(),
+                error: None,
+            },
+            Err((error, whole)) => Written {
+                whole,
+                error: Some(error.to_string()),
+            },
         };
-        if outcome.is_ok() {
-            for &(lease, sequence, spent) in &spends {
-                add(
-                    inner.open.entry((lease, sequence)).or_default(),
-                    inner.current,
-                    spent,
-                );
-            }
-            if let Some(segment) = inner.segments.get_mut(&inner.current) {
-                let count = u64::try_from(spends.len()).unwrap_or(u64::MAX);
-                segment.live = segment.live.saturating_add(count);
-            }
+        // Counted in the segment the write went to (a failed write leaves `current` on it).
+        let counted = spends.get(..written.whole).unwrap_or_default();
+        for &(lease, sequence, spent) in counted {
+            add(
+                inner.open.entry((lease, sequence)).or_default(),
+                inner.current,
+                spent,
+            );
         }
-        let _ = batch
-            .outcome
-            .set(outcome.map_err(|error| error.to_string()));
+        if let Some(segment) = inner.segments.get_mut(&inner.current) {
+            let count = u64::try_from(counted.len()).unwrap_or(u64::MAX);
+            segment.live = segment.live.saturating_add(count);
+        }
+        let _ = batch.outcome.set(written);
         // The buffers keep their room for the next queue.
         let (mut bytes, mut spends) = (bytes, spends);
         bytes.clear();
@@ -458,13 +476,21 @@ impl SpendLog {
 
     /// Appends `bytes` (whole records) to the current segment, starting a new segment
     /// first when this one is full or broken.
-    fn write(&self, inner: &mut Inner, bytes: &[u8]) -> Result<(), DiskError> {
+    ///
+    /// # Errors
+    /// The disk refused the write, and how many whole records of `bytes` are in the file
+    /// all the same: none, unless the disk cut the write short and then refused to cut
+    /// the segment back (`broken`), when those a restart would read count as written.
+    fn write(&self, inner: &mut Inner, bytes: &[u8]) -> Result<(), (DiskError, usize)> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
         let full_segment = inner
             .segments
             .get(&inner.current)
             .is_some_and(|segment| segment.bytes >= self.segment_bytes);
         if full_segment || inner.broken {
-            self.rotate(inner, true)?;
+            self.rotate(inner, true).map_err(|error| (error, 0))?;
         }
         let length = inner
             .segments
@@ -480,7 +506,25 @@ impl SpendLog {
             &mut inner.broken,
         ) {
             metrics::counter!("qs_proxy_spend_log_write_errors_total").increment(1);
-            return Err(error);
+            // Cut short and not cut back: what is in the file stays there (a restart reads
+            // its whole records, up to the torn one). When even its length is unknown,
+            // nothing counts as written: a record counted but missing would be spend
+            // answered and lost, one not counted but read later only charges a request
+            // that was refused while in flight.
+            let landed = if inner.broken {
+                inner
+                    .file
+                    .metadata()
+                    .map_or(0, |metadata| metadata.len().saturating_sub(length))
+            } else {
+                0
+            };
+            if let Some(segment) = inner.segments.get_mut(&inner.current) {
+                segment.bytes = segment.bytes.saturating_add(landed);
+            }
+            inner.total_bytes = inner.total_bytes.saturating_add(landed);
+            let whole = usize::try_from(landed / RECORD_LEN).unwrap_or(0);
+            return Err((error, whole));
         }
         self.writes.increment(1);
         let written = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
@@ -544,7 +588,8 @@ impl SpendLog {
             if !inner.open.contains_key(&(lease, sequence)) {
                 return Ok(());
             }
-            self.write(inner, &Record::Ack { lease, sequence }.encode())?;
+            self.write(inner, &Record::Ack { lease, sequence }.encode())
+                .map_err(|(error, _)| error)?;
             if let Some(done) = inner.open.remove(&(lease, sequence)) {
                 for (number, count) in &done.segments {
                     if let Some(segment) = inner.segments.get_mut(number) {
@@ -617,10 +662,11 @@ impl SpendLog {
         Ok(sequences)
     }
 
-    /// Spend records not yet acknowledged.
+    /// Spend records not yet acknowledged (those queued for the next write included).
     pub fn len(&self) -> u64 {
         self.with(|inner| {
-            inner.open.values().fold(0u64, |total, open| {
+            let queued = u64::try_from(inner.queue.spends.len()).unwrap_or(u64::MAX);
+            inner.open.values().fold(queued, |total, open| {
                 total.saturating_add(open.totals.requests)
             })
         })
@@ -639,7 +685,7 @@ impl SpendLog {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.with(|inner| inner.open.is_empty())
+        self.with(|inner| inner.open.is_empty() && inner.queue.spends.is_empty())
     }
 
     /// Bytes the log's segments take on disk.

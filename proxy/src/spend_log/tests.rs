@@ -3,7 +3,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 
-use super::{RECORD_BYTES, SpendLog, Spent, Totals};
+use super::{Batch, RECORD_BYTES, SpendLog, Spent, Totals, Written};
 use ledger::Credits;
 
 const MB: u64 = 1 << 20;
@@ -250,6 +250,29 @@ fn a_queued_spend_dropped_unwritten_is_written() {
     }
     let log = SpendLog::open(dir.path(), MB).expect("reopen");
     assert_eq!(log.totals(&lease(1), 4).expect("totals"), totals(2, 9, 1));
+}
+
+/// A write the disk cut short and the log could not cut back leaves its first whole
+/// records in the file, which a restart reads: those spends count as written, the rest
+/// of the batch failed.
+#[test]
+fn a_batch_cut_short_fails_only_the_spends_not_in_the_file() {
+    let batch = Batch::default();
+    assert!(batch.outcome(0).is_none(), "not written yet");
+    batch
+        .outcome
+        .set(Written {
+            whole: 2,
+            error: Some("no space left on device".into()),
+        })
+        .expect("set once");
+    assert!(batch.outcome(0).expect("written").is_ok());
+    assert!(batch.outcome(1).expect("written").is_ok());
+    let error = batch
+        .outcome(2)
+        .expect("written")
+        .expect_err("not in the file");
+    assert!(error.to_string().contains("no space left"), "{error}");
 }
 
 #[derive(Debug, Clone)]
