@@ -196,7 +196,9 @@ impl Queued<'_> {
     /// did (in the kernel when this returns: a killed process loses nothing).
     ///
     /// # Errors
-    /// The disk refused the write: no spend of the batch is in the log.
+    /// The disk refused the write: this spend is not in the log (nor is any of the
+    /// batch, unless the disk cut the write short and it could not be cut back: then
+    /// the spends before the cut are, and count).
     pub fn write(mut self) -> Result<(), DiskError> {
         match self.batch.take() {
             Some(batch) => self.log.write_batch(&batch, self.index),
