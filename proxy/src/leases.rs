@@ -680,10 +680,11 @@ impl Leases {
                     done: false,
                 };
                 // Less than half the target left, and no report under way to top it up:
-                // the planner hears of it now, not at its next look at every slot.
-                // (Not while a failed report waits out its backoff, nor sooner than a
-                // tick after the last report: a top-up granted short leaves the room low,
-                // and the next one waits its turn as it did when a tick found it.)
+                // the planner's next tick plans the slot (no wake-up: nothing waits on
+                // it yet), not its next look at every slot. (Not while a failed report
+                // waits out its backoff, nor sooner than a tick after the last report: a
+                // top-up granted short leaves the room low, and the next one waits its
+                // turn as it did when a tick found it.)
                 let low = held.room.get().saturating_mul(2) < slot.target.get()
                     && !held.reporting
                     && held.unacked.is_none()
@@ -691,7 +692,6 @@ impl Leases {
                     && slot.unreachable_until.is_none_or(|until| now >= until);
                 if low && !slot.asked {
                     self.ask(key, slot);
-                    self.wake.notify_one();
                 }
                 slot.note_spend(now);
                 return Ok(Taken::Spent(spend));
@@ -905,8 +905,10 @@ impl Leases {
             // Every slot every `full_every`; in between, a wake-up or a tick plans the
             // slots whose requests asked (when the urgent lane is free: else they wait
             // for it).
+            // A plan of every slot counts only with the routine lane free (what it finds
+            // due is mostly routine; a busy lane ends with a wake-up that runs it).
             let now = Instant::now();
-            let full = now.saturating_duration_since(last_full) >= full_every;
+            let full = lanes.routine && now.saturating_duration_since(last_full) >= full_every;
             let planned = if full {
                 last_full = now;
                 self.plan(now, false, lanes)
@@ -1096,6 +1098,34 @@ impl Leases {
         planned
     }
 
+    /// The final reports of a slot's retired leases that nothing uses any more (they
+    /// are forgotten once taken), in the routine lane.
+    fn plan_retired(
+        &self,
+        key: &SlotKey,
+        slot: &mut Slot,
+        lanes: Lanes,
+        asked: bool,
+        routine: &mut Vec<(SlotKey, Work)>,
+    ) {
+        let mut release_waits = false;
+        for held in &mut slot.retired {
+            if held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
+                continue;
+            }
+            if !lanes.routine {
+                release_waits = true;
+                continue;
+            }
+            routine.push((key.clone(), final_report(held)));
+        }
+        if release_waits && asked && lanes.urgent {
+            // Asked for (its last request finished with it): asked again, so the
+            // routine lane's next plan sends it.
+            self.ask(key, slot);
+        }
+    }
+
     /// What one slot needs now, added to `planned` in the lanes that are open.
     fn plan_slot(
         &self,
@@ -1119,13 +1149,7 @@ impl Leases {
         let target = self.target(slot, now);
         slot.target = target;
         let slot_idle = idle_after(idle, slot);
-        // Retired leases: report what is left, then forget them.
-        for held in &mut slot.retired {
-            if !lanes.routine || held.reporting || held.in_flight > 0 || !held.writing.is_empty() {
-                continue;
-            }
-            work.push((key.clone(), final_report(held)));
-        }
+        self.plan_retired(key, slot, lanes, asked, work);
         let Some(held) = slot.lease.as_mut() else {
             if lanes.urgent && !shutdown {
                 match acquire(slot, now, target) {
@@ -2236,29 +2260,35 @@ mod tests {
         assert!(!asked());
         spends.push(take());
         assert!(!asked(), "the report under way tops it up: no second ask");
-        // The report failed: its retry waits out the backoff, and requests taking the
-        // room low meanwhile do not hurry it.
-        leases.with_slot(&key, |slot| {
-            let held = slot.lease.as_mut().expect("held");
-            held.reporting = false;
-            held.room = Credits::new(15);
-            slot.unreachable_until = Some(now + Duration::from_secs(1));
-        });
+        // The report failed: its retry is the full plan's, after the backoff; requests
+        // taking the room low meanwhile do not hurry it. Each condition alone holds
+        // the ask back.
+        let before_report = before;
+        let set = |unreachable: bool, unacked: Option<u64>, last_report: Instant| {
+            leases.with_slot(&key, |slot| {
+                let held = slot.lease.as_mut().expect("held");
+                held.reporting = false;
+                held.room = Credits::new(15);
+                held.unacked = unacked;
+                held.last_report = last_report;
+                slot.unreachable_until = unreachable.then(|| now + Duration::from_secs(1));
+            });
+        };
+        set(true, None, before_report);
         spends.push(take());
         assert!(!asked(), "backing off");
-        leases.with_slot(&key, |slot| slot.unreachable_until = None);
+        set(false, Some(1), before_report);
         spends.push(take());
         assert!(
             !asked(),
-            "the retry of the unacknowledged report is the full plan's"
+            "an unacknowledged report: its retry is the full plan's"
         );
-        leases.with_slot(&key, |slot| {
-            let held = slot.lease.as_mut().expect("held");
-            held.unacked = None;
-            held.room = Credits::new(15);
-        });
+        set(false, None, now);
         spends.push(take());
-        assert!(asked(), "the report taken, a low room asks again");
+        assert!(!asked(), "within a tick of the last report");
+        set(false, None, before_report);
+        spends.push(take());
+        assert!(asked(), "none of those: a low room asks again");
         drop(spends);
     }
 
@@ -2292,6 +2322,13 @@ mod tests {
         assert!(!asked(), "one request still in flight");
         drop(second);
         assert!(asked(), "the last one given back: the release can go");
+        let routine_busy = Lanes {
+            urgent: true,
+            routine: false,
+        };
+        let planned = leases.plan_asked(now, routine_busy);
+        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
+        assert!(asked(), "kept for the routine lane's next plan");
         let planned = leases.plan_asked(now, Lanes::ALL);
         assert!(
             matches!(
@@ -2441,14 +2478,34 @@ mod tests {
                 Ok(Taken::Spent(spend)) => spend,
                 other => panic!("the lease has room: {other:?}"),
             };
-        let recorded = record_side_by_side([take(), take(), take(), take()]).await;
-        assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
         let logged = |sequence| {
             spend_log
                 .totals("lse_01J00000000000000000000000", sequence)
                 .expect("totals")
         };
+        // Each request queues its spend and yields; the first back writes all four.
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        let mut recording: Vec<_> = (0..4).map(|_| Box::pin(take().record(1))).collect();
+        for record in &mut recording {
+            assert!(record.as_mut().poll(&mut context).is_pending(), "queued");
+        }
+        assert_eq!(spend_log.bytes(), 0, "queued, none written yet");
+        let four = u64::try_from(4 * crate::spend_log::RECORD_BYTES).expect("fits");
+        let mut first = recording.remove(0);
+        assert!(matches!(
+            first.as_mut().poll(&mut context),
+            std::task::Poll::Ready(Ok(()))
+        ));
+        assert_eq!(
+            spend_log.bytes(),
+            four,
+            "the first back wrote every queued spend"
+        );
         assert_eq!((logged(1).requests, logged(1).cost.get()), (4, 8));
+        let recorded = finish_recording(recording).await;
+        assert!(recorded.iter().all(Result::is_ok), "{recorded:?}");
+        assert_eq!(spend_log.bytes(), four, "the others found theirs written");
 
         // Dropped while its spend waits in the queue.
         let mut recording = Box::pin(take().record(1));
@@ -2473,11 +2530,16 @@ mod tests {
         );
     }
 
-    /// Records every spend side by side on this task.
-    async fn record_side_by_side(spends: [Spend; 4]) -> Vec<Result<(), Unrecorded>> {
-        let [a, b, c, d] = spends;
-        let (a, b, c, d) = tokio::join!(a.record(1), b.record(1), c.record(1), d.record(1));
-        vec![a, b, c, d]
+    /// Drives recordings already started to their end, one after the other.
+    async fn finish_recording<F>(recording: Vec<std::pin::Pin<Box<F>>>) -> Vec<F::Output>
+    where
+        F: std::future::Future,
+    {
+        let mut outcomes = Vec::new();
+        for record in recording {
+            outcomes.push(record.await);
+        }
+        outcomes
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //!
 //! The log holds at most `max_bytes` (`usage.spend_log_max_kb`): an append past it fails
 //! with a clear error instead of filling the disk, as does an append the disk refuses.
-//! A failed append leaves the segment as it was (a partial record is cut off).
+//! A failed append leaves the segment as it was (a partial record is cut off); should
+//! the cut itself fail, the whole records before it stay, and count as written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -254,8 +255,8 @@ pub struct SpendLog {
     inner: Mutex<Inner>,
     /// Held through a sync: one at a time (see `segments::sync`).
     syncing: Mutex<()>,
-    /// `qs_proxy_spend_log_writes_total`: writes to the log (one carries every spend
-    /// queued since the last; an acknowledgement is a write of its own).
+    /// `qs_proxy_spend_log_writes_total`: writes of queued spends (each carries every
+    /// spend queued since the last).
     writes: metrics::Counter,
 }
 
@@ -445,10 +446,15 @@ impl SpendLog {
         // Bounded when queued (an acknowledgement since may have taken the room, but it
         // also settled spend: the log never grows past its bound by more than a queue).
         let written = match self.write(inner, &bytes) {
-            Ok(()) => Written {
-                whole: spends.len(),
-                error: None,
-            },
+            Ok(()) => {
+                if !bytes.is_empty() {
+                    self.writes.increment(1);
+                }
+                Written {
+                    whole: spends.len(),
+                    error: None,
+                }
+            }
             Err((error, whole)) => Written {
                 whole,
                 error: Some(error.to_string()),
@@ -528,7 +534,6 @@ impl SpendLog {
             let whole = usize::try_from(landed / RECORD_LEN).unwrap_or(0);
             return Err((error, whole));
         }
-        self.writes.increment(1);
         let written = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
         if let Some(segment) = inner.segments.get_mut(&inner.current) {
             segment.bytes = segment.bytes.saturating_add(written);

@@ -253,10 +253,10 @@ fn a_queued_spend_dropped_unwritten_is_written() {
 }
 
 /// A write the disk cut short and the log could not cut back leaves its first whole
-/// records in the file, which a restart reads: those spends count as written, the rest
-/// of the batch failed.
+/// records in the file, which a restart reads: the batch's outcome says those spends
+/// were written and the rest failed. (The disk failure itself is not simulated here.)
 #[test]
-fn a_batch_cut_short_fails_only_the_spends_not_in_the_file() {
+fn a_batch_outcome_fails_only_the_spends_past_the_whole_records_written() {
     let batch = Batch::default();
     assert!(batch.outcome(0).is_none(), "not written yet");
     batch
