@@ -2081,6 +2081,32 @@ mod tests {
         }
     }
 
+    /// End user `u1`'s slot for `api_calls`.
+    fn u1() -> SlotKey {
+        (
+            EndUserId::new("u1").expect("id"),
+            FeatureKey::new("api_calls").expect("feature"),
+        )
+    }
+
+    /// Whether any slot is asked.
+    fn any_asked(leases: &Leases) -> bool {
+        !leases.asked.lock().expect("asked").is_empty()
+    }
+
+    /// The plan of the asked slots once the routine lane is free, after checking that a
+    /// plan while it is busy sends nothing and keeps them asked.
+    fn planned_once_the_routine_lane_frees(leases: &Leases, now: Instant) -> Planned {
+        let routine_busy = Lanes {
+            urgent: true,
+            routine: false,
+        };
+        let planned = leases.plan_asked(now, routine_busy);
+        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
+        assert!(any_asked(leases), "kept for the routine lane's next plan");
+        leases.plan_asked(now, Lanes::ALL)
+    }
+
     #[test]
     fn a_lease_is_sized_to_the_rate_but_takes_at_most_an_eighth_of_what_is_free() {
         let dir = tempfile::tempdir().expect("dir");
@@ -2120,10 +2146,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let leases = leases(dir.path());
         let start = Instant::now();
-        let key: SlotKey = (
-            EndUserId::new("u1").expect("id"),
-            FeatureKey::new("api_calls").expect("feature"),
-        );
+        let key = u1();
         for (free, expect_release) in [(30, true), (1_000, false)] {
             leases.with_slot_or_new(&key, start, |slot| {
                 slot.lease = Some(held(3, start));
@@ -2213,10 +2236,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let leases = Arc::new(leases(dir.path()));
         let now = Instant::now();
-        let key: SlotKey = (
-            EndUserId::new("u1").expect("id"),
-            FeatureKey::new("api_calls").expect("feature"),
-        );
+        let key = u1();
         let before = now
             .checked_sub(Duration::from_secs(1))
             .expect("an earlier instant");
@@ -2237,19 +2257,12 @@ mod tests {
             Ok(Taken::Spent(spend)) => spend,
             other => panic!("the lease has room: {other:?}"),
         };
-        let asked = || !leases.asked.lock().expect("asked").is_empty();
+        let asked = || any_asked(&leases);
         let mut spends = vec![take(), take()];
         assert!(!asked(), "10 of 20 left: not low yet");
         spends.push(take());
         assert!(asked(), "5 of 20 left: low");
-        let routine_busy = Lanes {
-            urgent: true,
-            routine: false,
-        };
-        let planned = leases.plan_asked(now, routine_busy);
-        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
-        assert!(asked(), "kept for the routine lane's next plan");
-        let planned = leases.plan_asked(now, Lanes::ALL);
+        let planned = planned_once_the_routine_lane_frees(&leases, now);
         assert!(
             matches!(
                 planned.routine.as_slice(),
@@ -2299,10 +2312,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let leases = Arc::new(leases(dir.path()));
         let now = Instant::now();
-        let key: SlotKey = (
-            EndUserId::new("u1").expect("id"),
-            FeatureKey::new("api_calls").expect("feature"),
-        );
+        let key = u1();
         leases.with_slot_or_new(&key, now, |slot| slot.lease = Some(held(20, now)));
         let take =
             || match leases.try_take(&key, Credits::new(1), Credits::new(1_000), None, now, now) {
@@ -2317,19 +2327,12 @@ mod tests {
             let retired = slot.lease.take().expect("held");
             slot.retired.push(retired);
         });
-        let asked = || !leases.asked.lock().expect("asked").is_empty();
+        let asked = || any_asked(&leases);
         first.record(1).await.expect("recorded");
         assert!(!asked(), "one request still in flight");
         drop(second);
         assert!(asked(), "the last one given back: the release can go");
-        let routine_busy = Lanes {
-            urgent: true,
-            routine: false,
-        };
-        let planned = leases.plan_asked(now, routine_busy);
-        assert!(planned.urgent.is_empty() && planned.routine.is_empty());
-        assert!(asked(), "kept for the routine lane's next plan");
-        let planned = leases.plan_asked(now, Lanes::ALL);
+        let planned = planned_once_the_routine_lane_frees(&leases, now);
         assert!(
             matches!(
                 planned.routine.as_slice(),
@@ -2398,10 +2401,7 @@ mod tests {
             stop,
         ));
         let now = Instant::now();
-        let key: SlotKey = (
-            EndUserId::new("u1").expect("id"),
-            FeatureKey::new("api_calls").expect("feature"),
-        );
+        let key = u1();
         for (log_bytes, written) in [(1 << 20, true), (0, false)] {
             let spend_log = Arc::new(
                 SpendLog::open(&dir.path().join(format!("spend-{log_bytes}")), log_bytes)
@@ -2468,10 +2468,7 @@ mod tests {
             Durability::Interval,
         ));
         let now = Instant::now();
-        let key: SlotKey = (
-            EndUserId::new("u1").expect("id"),
-            FeatureKey::new("api_calls").expect("feature"),
-        );
+        let key = u1();
         leases.with_slot_or_new(&key, now, |slot| slot.lease = Some(held(100, now)));
         let take =
             || match leases.try_take(&key, Credits::new(2), Credits::new(500), None, now, now) {
