@@ -363,15 +363,8 @@ impl SpendLog {
     /// # Errors
     /// The log is full (`max_bytes`), or the disk refused the write.
     pub fn append(&self, lease: &str, sequence: u64, spent: Spent) -> Result<(), DiskError> {
-        self.append_id(LeaseId(ledger::Ulid(lease_bits(lease)?)), sequence, spent)
-    }
-
-    /// [`SpendLog::append`] for a lease id already parsed.
-    ///
-    /// # Errors
-    /// As [`SpendLog::append`].
-    pub fn append_id(&self, lease: LeaseId, sequence: u64, spent: Spent) -> Result<(), DiskError> {
-        self.queue(lease, sequence, spent)?.write()
+        self.queue(LeaseId(ledger::Ulid(lease_bits(lease)?)), sequence, spent)?
+            .write()
     }
 
     /// Queues one request's spend for the next write (the request path): the caller
